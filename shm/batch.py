@@ -1,0 +1,199 @@
+"""Token batch: a struct-of-arrays record, written in place into a claimed ring record and read in
+place as numpy views.
+
+Layout (all little-endian, every column 8-byte aligned, ``n`` rows)::
+
+    0    magic u32 b"NPTB" | version u16 | extra u16 (appended columns in use)
+    8    rows u32          | text_bytes u32
+    16   reserved u64
+    24   column directory: MAX_EXTRA entries of 16 bytes, for columns appended later
+         (name 8 bytes ASCII NUL-padded | dtype 2 bytes, e.g. b"f4" | width u16 | offset u32)
+    24 + 16*MAX_EXTRA   base columns, in this order:
+         stream_id u64[n] | seq u64[n] | recv_ns i64[n] | token_id u32[n] | logprob f32[n]
+         | text_end u32[n] | kind u8[n] | text u8[text_bytes]
+    then the appended columns, each ``width`` values of ``dtype`` per row
+
+Token ``i``'s text is ``text[text_end[i-1]:text_end[i]]`` (``text_end[-1]`` taken as 0), UTF-8.
+``logprob`` is NaN when the upstream gave none. ``token_id`` is the upstream's id when it gives one,
+else :func:`stable_token_id` of the token bytes, which sets bit 31 so the two never collide for
+vocabularies under 2**31. Appended columns reserve their directory entry in the fixed header, so a
+stage adds columns to a batch it writes without moving the base columns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+MAGIC = int.from_bytes(b"NPTB", "little")
+VERSION = 1
+MAX_EXTRA = 8
+_FIXED = struct.Struct("<IHHII8x")
+_ENTRY = struct.Struct("<8s2sHI")
+DIRECTORY_OFFSET = _FIXED.size
+COLUMNS_OFFSET = DIRECTORY_OFFSET + MAX_EXTRA * _ENTRY.size
+
+# (name, dtype) of the base columns in layout order; text follows kind.
+BASE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("stream_id", "<u8"),
+    ("seq", "<u8"),
+    ("recv_ns", "<i8"),
+    ("token_id", "<u4"),
+    ("logprob", "<f4"),
+    ("text_end", "<u4"),
+    ("kind", "u1"),
+)
+_DTYPES = {code: np.dtype("<" + code) for code in ("u1", "i1", "u2", "i2", "u4", "i4", "f4", "u8", "i8", "f8")}
+
+
+class Kind(IntEnum):
+    """What a row of a batch is."""
+
+    START = 1
+    TOKEN = 2
+    END = 3
+    ERROR = 4
+
+
+class BatchError(ValueError):
+    """A buffer that does not hold a valid token batch; the message names the field."""
+
+
+def _align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+@dataclass(frozen=True)
+class ExtraColumn:
+    """A column appended after the base ones: ``width`` values of ``dtype`` (e.g. "f4") per row."""
+
+    name: str
+    dtype: str
+    width: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.name.isascii() or not 0 < len(self.name) <= 8:
+            raise BatchError(f"extra column name {self.name!r} must be 1-8 ASCII characters")
+        if self.dtype not in _DTYPES:
+            raise BatchError(f"extra column {self.name!r}: dtype {self.dtype!r} not one of {sorted(_DTYPES)}")
+        if not 0 < self.width < 1 << 16:
+            raise BatchError(f"extra column {self.name!r}: width {self.width} out of range")
+
+
+def _base_offsets(rows: int, text_bytes: int) -> tuple[list[int], int]:
+    """Offsets of the base columns and of the text arena, and the end of the arena."""
+    offsets, at = [], COLUMNS_OFFSET
+    for _, dtype in BASE_COLUMNS:
+        offsets.append(at)
+        at = _align8(at + rows * np.dtype(dtype).itemsize)
+    offsets.append(at)  # text arena
+    return offsets, _align8(at + text_bytes)
+
+
+def batch_size(rows: int, text_bytes: int, extra: tuple[ExtraColumn, ...] = ()) -> int:
+    """Bytes a batch of ``rows`` rows, ``text_bytes`` of text and the ``extra`` columns occupies."""
+    _, at = _base_offsets(rows, text_bytes)
+    for column in extra:
+        at = _align8(at + rows * column.width * _DTYPES[column.dtype].itemsize)
+    return at
+
+
+class BatchColumns:
+    """Numpy views of one batch's columns over the record's memory (zero copy).
+
+    Writable when made by :func:`write_batch` over a claimed record, read-only views of a
+    consumer's record otherwise. Valid only until the record is committed or released.
+    """
+
+    __slots__ = ("extra", "kind", "logprob", "recv_ns", "rows", "seq", "stream_id", "text", "text_end", "token_id")
+
+    def __init__(self, buf: memoryview, rows: int, text_bytes: int, extra: dict[str, tuple[str, int, int]]):
+        offsets, _ = _base_offsets(rows, text_bytes)
+        self.rows = rows
+        for (name, dtype), offset in zip(BASE_COLUMNS, offsets, strict=False):
+            setattr(self, name, np.frombuffer(buf, dtype=dtype, count=rows, offset=offset))
+        self.text = np.frombuffer(buf, dtype=np.uint8, count=text_bytes, offset=offsets[-1])
+        self.extra = {
+            name: np.frombuffer(buf, dtype=_DTYPES[dtype], count=rows * width, offset=offset).reshape(rows, width)
+            if width > 1
+            else np.frombuffer(buf, dtype=_DTYPES[dtype], count=rows, offset=offset)
+            for name, (dtype, width, offset) in extra.items()
+        }
+
+    def token_text(self, i: int) -> str:
+        """Row ``i``'s text, decoded (invalid UTF-8 replaced)."""
+        start = int(self.text_end[i - 1]) if i else 0
+        return self.text[start : int(self.text_end[i])].tobytes().decode("utf-8", "replace")
+
+    def texts(self) -> list[str]:
+        arena = self.text.tobytes()
+        starts = [0, *self.text_end[:-1].tolist()]
+        return [arena[s:e].decode("utf-8", "replace") for s, e in zip(starts, self.text_end.tolist(), strict=True)]
+
+
+def write_batch(buf: memoryview, rows: int, text_bytes: int, extra: tuple[ExtraColumn, ...] = ()) -> BatchColumns:
+    """Lay out a batch header in ``buf`` (a claimed record of at least :func:`batch_size` bytes)
+    and return writable column views to fill in place."""
+    if len(extra) > MAX_EXTRA:
+        raise BatchError(f"{len(extra)} extra columns; a batch has room for {MAX_EXTRA}")
+    need = batch_size(rows, text_bytes, extra)
+    if len(buf) < need:
+        raise BatchError(f"buffer of {len(buf)} bytes too small for a batch needing {need}")
+    _FIXED.pack_into(buf, 0, MAGIC, VERSION, len(extra), rows, text_bytes)
+    _, at = _base_offsets(rows, text_bytes)
+    directory: dict[str, tuple[str, int, int]] = {}
+    for i, column in enumerate(extra):
+        _ENTRY.pack_into(
+            buf, DIRECTORY_OFFSET + i * _ENTRY.size, column.name.encode(), column.dtype.encode(), column.width, at
+        )
+        directory[column.name] = (column.dtype, column.width, at)
+        at = _align8(at + rows * column.width * _DTYPES[column.dtype].itemsize)
+    return BatchColumns(buf, rows, text_bytes, directory)
+
+
+class TokenBatch:
+    """Decode a batch record: validates the header and returns :class:`BatchColumns` views."""
+
+    @staticmethod
+    def decode(buf: memoryview) -> BatchColumns:
+        if len(buf) < COLUMNS_OFFSET:
+            raise BatchError(f"record of {len(buf)} bytes is shorter than a batch header ({COLUMNS_OFFSET})")
+        magic, version, n_extra, rows, text_bytes = _FIXED.unpack_from(buf, 0)
+        if magic != MAGIC:
+            raise BatchError(f"bad batch magic {magic:#010x}")
+        if version != VERSION:
+            raise BatchError(f"batch version {version}, this build reads {VERSION}")
+        if n_extra > MAX_EXTRA:
+            raise BatchError(f"batch claims {n_extra} extra columns, at most {MAX_EXTRA} exist")
+        _, at = _base_offsets(rows, text_bytes)
+        if at > len(buf):
+            raise BatchError(f"batch of {rows} rows and {text_bytes} text bytes overruns its {len(buf)}-byte record")
+        directory: dict[str, tuple[str, int, int]] = {}
+        for i in range(n_extra):
+            raw_name, raw_dtype, width, offset = _ENTRY.unpack_from(buf, DIRECTORY_OFFSET + i * _ENTRY.size)
+            dtype = raw_dtype.decode("ascii", "replace")
+            if dtype not in _DTYPES or offset + rows * width * _DTYPES[dtype].itemsize > len(buf):
+                raise BatchError(f"extra column {i} ({raw_name!r}, {dtype}) overruns the record")
+            directory[raw_name.rstrip(b"\0").decode("ascii", "replace")] = (dtype, width, offset)
+        return BatchColumns(buf, rows, text_bytes, directory)
+
+
+def stable_token_id(token: bytes) -> int:
+    """A token id from the token's bytes, the same in every process and run (unlike ``hash``);
+    bit 31 is set so it cannot collide with an upstream vocabulary id."""
+    return int.from_bytes(hashlib.blake2b(token, digest_size=4).digest(), "little") | 0x80000000
+
+
+def encode_texts(columns: BatchColumns, tokens: list[bytes]) -> None:
+    """Write ``tokens`` into the text arena and ``text_end`` of a batch made by :func:`write_batch`."""
+    at = 0
+    arena = columns.text
+    for i, token in enumerate(tokens):
+        end = at + len(token)
+        arena[at:end] = np.frombuffer(token, dtype=np.uint8)
+        columns.text_end[i] = end
+        at = end

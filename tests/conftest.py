@@ -1,0 +1,71 @@
+"""Every test must leave no process and no shared-memory segment behind: checked here."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+import uuid
+
+import pytest
+
+from shm.naming import PREFIX, SHM_DIR
+
+
+def _our_segments() -> set[str]:
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX + "-")}
+
+
+def _children() -> dict[int, str]:
+    """Live descendants of this test process, except multiprocessing's resource tracker."""
+    parents: dict[int, int] = {}
+    cmdlines: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] == "Z":
+            continue
+        parents[int(entry)] = int(fields[1])
+        cmdlines[int(entry)] = cmdline
+    mine, frontier = {}, {os.getpid()}
+    while frontier:
+        nxt = {pid for pid, ppid in parents.items() if ppid in frontier and pid not in mine}
+        for pid in nxt:
+            mine[pid] = cmdlines[pid]
+        frontier = nxt
+    return {pid: cmd for pid, cmd in mine.items() if "resource_tracker" not in cmd}
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fail a test that leaves a segment or a process behind (and clean up after it)."""
+    before = _our_segments()
+    yield
+    deadline = time.monotonic() + 5
+    while (_children() or _our_segments() - before) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    leaked_procs = _children()
+    leaked_segments = _our_segments() - before
+    for pid in leaked_procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for name in leaked_segments:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(SHM_DIR, name))
+    assert not leaked_procs, f"test left processes behind: {leaked_procs}"
+    assert not leaked_segments, f"test left segments behind: {sorted(leaked_segments)}"
+
+
+@pytest.fixture
+def instance() -> str:
+    """A fresh engine instance id, so tests never see each other's segments."""
+    return "t" + uuid.uuid4().hex[:10]

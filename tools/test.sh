@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install what the tests need (system and Python packages) and run the whole suite.
+# The README's test command and .ci/run both call exactly this script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
+python3 -m ruff check .
+python3 -m pytest "$@"
