@@ -30,3 +30,33 @@ def bench_ipc(as_json: bool, quick: bool, payloads: tuple[int, ...], transports:
     from neuralpipe_bench import ipc
 
     ipc.main(as_json=as_json, quick=quick, payloads=payloads, transports=transports, output=output)
+
+
+@main.command()
+@click.option("--instance", help="Engine instance id (default: every instance found).")
+@click.option("--clean", is_flag=True, help="Remove segments left by dead engine instances (never a live one's).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def check(instance: str | None, clean: bool, as_json: bool) -> None:
+    """Inspect every ring segment read-only; exit 0 healthy, 1 warning, 2 critical."""
+    from engine.check import run_check
+
+    raise SystemExit(run_check(instance=instance, clean=clean, as_json=as_json))
+
+
+@main.group()
+def config() -> None:
+    """Configuration: validate and show the effective config."""
+
+
+@config.command("show")
+@click.option("--config", "path", type=click.Path(exists=True, dir_okay=False), help="TOML config file.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of TOML.")
+def config_show(path: str | None, as_json: bool) -> None:
+    """Print the effective configuration (file, then environment overrides, then defaults)."""
+    from engine.config import ConfigError, load_config, render_config
+
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(render_config(cfg, as_json=as_json), nl=False)
