@@ -32,7 +32,8 @@ Cursors are byte positions that only grow (never wrapped); the index into the da
 Producer stats (written by the producer only)::
 
     640 PRODUCER_PID, 648 PRODUCER_HEARTBEAT_NS, 656 RECORDS_WRITTEN, 664 BACKPRESSURE_EVENTS,
-    672 DROPS
+    672 DROPS, 680 LAST_RECORD (byte offset in the segment of the last committed record's header,
+    0 before the first; lets a restarted producer read back what it published last)
 
 Consumer stats (written by the consumer only)::
 
@@ -87,6 +88,7 @@ PRODUCER_HEARTBEAT_OFFSET = PRODUCER_PID_OFFSET + 8
 RECORDS_WRITTEN_OFFSET = PRODUCER_PID_OFFSET + 16
 BACKPRESSURE_OFFSET = PRODUCER_PID_OFFSET + 24
 DROPS_OFFSET = PRODUCER_PID_OFFSET + 32
+LAST_RECORD_OFFSET = PRODUCER_PID_OFFSET + 40
 
 # consumer stats block
 CONSUMER_PID_OFFSET = 6 * BLOCK

@@ -49,6 +49,7 @@ _W_PRODUCER_HEARTBEAT = d.word(d.PRODUCER_HEARTBEAT_OFFSET)
 _W_RECORDS_WRITTEN = d.word(d.RECORDS_WRITTEN_OFFSET)
 _W_BACKPRESSURE = d.word(d.BACKPRESSURE_OFFSET)
 _W_DROPS = d.word(d.DROPS_OFFSET)
+_W_LAST_RECORD = d.word(d.LAST_RECORD_OFFSET)
 _W_CONSUMER_PID = d.word(d.CONSUMER_PID_OFFSET)
 _W_CONSUMER_HEARTBEAT = d.word(d.CONSUMER_HEARTBEAT_OFFSET)
 _W_RECORDS_READ = d.word(d.RECORDS_READ_OFFSET)
@@ -332,11 +333,43 @@ class Producer(_Side):
             raise RingError(f"record type {record_type} outside [{_TYPE_MIN}, {_TYPE_MAX}]")
         q = self._q
         q[header] = record_type << 32 | self._claim_length
+        q[_W_LAST_RECORD] = header
         q[_W_WRITE] = self._pos = self._claim_end
         self._claim_header = -1
         self._records += 1
         if q[_W_CONSUMER_WAITING]:
             self.data_bell.ring()
+
+    def last_committed(self) -> tuple[int, memoryview] | None:
+        """``(type, view)`` of the last record committed to this ring by any producer, or None.
+
+        A restarted producer reads back what its predecessor published last (its bytes stay in
+        place behind the write cursor until the producer itself wraps over them), e.g. to resume
+        a sequence. Valid until the next claim."""
+        header = self._q[_W_LAST_RECORD]
+        if not header:
+            return None
+        word = self._q[header]
+        index = header * 8 - _HDR
+        return word >> 32, self._data[index + 8 : index + 8 + (word & _LEN_MASK)]
+
+    @property
+    def is_full(self) -> bool:
+        """Whether the last claim found the ring full (the producer is waiting for space)."""
+        return self._full
+
+    def prepare_wait(self) -> bool:
+        """For event loops that poll ``space_bell`` with other fds: declare this producer asleep
+        until the consumer frees space. Returns False when space was freed meanwhile (do not
+        sleep; call :meth:`end_wait`)."""
+        q = self._q
+        q[_W_PRODUCER_WAITING] = 1
+        _fence()
+        return q[_W_READ] + self.capacity <= self._limit
+
+    def end_wait(self) -> None:
+        self._q[_W_PRODUCER_WAITING] = 0
+        self.space_bell.drain()
 
     def abort(self) -> None:
         """Forget the open claim; nothing was published."""
