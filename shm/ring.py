@@ -435,6 +435,7 @@ class Consumer(_Side):
             raise RingError(f"ring {name!r} already has a live consumer (pid {other})")
         q[_W_CONSUMER_PID] = os.getpid()
         self._pos = q[_W_READ]  # position after the last record handed out
+        self._previous = -1  # position before it, for unread()
         self._released = self._pos
         self._available = q[_W_WRITE]
         self._unreleased = 0
@@ -471,9 +472,19 @@ class Consumer(_Side):
             raise RingCorrupt(
                 f"ring {self.name!r}: bad record header at position {pos} (type {record_type}, length {length})"
             )
+        self._previous = self._pos
         self._pos = pos + ((length + 15) & ~7)
         self._unreleased += 1
         return record_type, self._data[index + 8 : index + 8 + length]
+
+    def unread(self) -> None:
+        """Push back the record the last :meth:`try_read` returned (e.g. its output ring was
+        full): the next read returns it again. Only the one last record can be pushed back."""
+        if self._previous < 0:
+            raise RingError(f"ring {self.name!r}: unread without a record read since the last release/unread")
+        self._pos = self._previous
+        self._previous = -1
+        self._unreleased -= 1
 
     def release(self) -> None:
         """Hand every record read so far back to the producer; their views become invalid."""
@@ -481,14 +492,20 @@ class Consumer(_Side):
             return
         q = self._q
         q[_W_READ] = self._released = self._pos
+        self._previous = -1
         self._records += self._unreleased
         self._unreleased = 0
         if q[_W_PRODUCER_WAITING]:
             self.space_bell.ring()
 
+    def available(self) -> int:
+        """Bytes published by the producer that this consumer has not read yet (0: empty)."""
+        return self._q[_W_WRITE] - self._pos
+
     def rewind(self) -> None:
         """Forget records read but not released; the next read returns the first of them again."""
         self._pos = self._released
+        self._previous = -1
         self._unreleased = 0
 
     def read(self, timeout: float | None = None) -> tuple[int, memoryview] | None:

@@ -1,0 +1,123 @@
+"""The contract between the worker runtime and stage code.
+
+A duty-cycle stage (compute, cache, broadcast, the test stages) subclasses :class:`Stage`:
+
+    class Relay(Stage):
+        def start(self, ctx):  self.inp, self.out = ctx.inputs[0], ctx.outputs[0]
+        def do_work(self):     ... move what is there; return how many records it handled
+        def close(self):       ...
+
+The runtime calls ``do_work`` in a loop; a return of 0 means "nothing to do", and the runtime
+then idles with the rings' wait strategy, waking on input data, on output space (when an output
+was full) or on a control message. An asyncio stage (ingest talks HTTP) subclasses
+:class:`AsyncStage` and implements ``async run(ctx)``; the runtime runs it under uvloop next to
+its own control and heartbeat tasks, and ``ctx.wait_readable`` / ``ctx.wait_writable`` wait on
+rings through ``loop.add_reader`` on their doorbells.
+
+Stages persist what must survive their own restart through ``ctx.state_array`` (a file-backed
+array in the engine's runtime directory: it outlives the worker, not the engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engine.logs import JsonLogger
+from shm.ring import Consumer, Producer
+
+
+@dataclass
+class WorkerContext:
+    """What the runtime hands a stage: its rings, params and facilities."""
+
+    name: str
+    params: dict[str, Any]
+    inputs: list[Consumer]
+    outputs: list[Producer]
+    log: JsonLogger
+    state_dir: str
+    incarnation: int
+    draining: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def state_array(self, key: str, dtype: str, shape: int | tuple[int, ...]) -> np.ndarray:
+        """A zero-initialised array that survives restarts of this worker (not of the engine).
+
+        Writes are plain memory stores into a shared file mapping, so they are kept even when
+        the worker is killed with SIGKILL right after."""
+        path = os.path.join(self.state_dir, f"{self.name}.{key}.bin")
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        mode = "r+" if os.path.exists(path) and os.path.getsize(path) == size else "w+"
+        return np.memmap(path, dtype=dtype, mode=mode, shape=shape)
+
+
+class Stage:
+    """A duty-cycle stage. Override ``do_work``; the other hooks are optional."""
+
+    def start(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+
+    def do_work(self) -> int:
+        raise NotImplementedError
+
+    def idle_timeout_s(self) -> float | None:
+        """Longest the runtime may sleep when ``do_work`` found nothing (a source's pacing);
+        None: until a ring or control message wakes it."""
+        return None
+
+    def drained(self) -> bool:
+        """True once a draining stage has nothing left in flight (default: every input empty)."""
+        return all(ring.available() == 0 for ring in self.ctx.inputs)
+
+    def reconfigure(self, params: dict[str, Any]) -> None:
+        self.ctx.params.update(params)
+
+    def stats(self) -> dict[str, Any]:
+        """Stage counters sent with every heartbeat (JSON-serialisable)."""
+        return {}
+
+    def close(self) -> None:
+        """Release what ``start`` took."""
+
+
+class AsyncStage(Stage):
+    """An asyncio stage: implement ``run``, which returns when ``ctx.draining`` or on cancel."""
+
+    async def run(self, ctx: WorkerContext) -> None:
+        raise NotImplementedError
+
+    def do_work(self) -> int:  # pragma: no cover - the async runtime never calls it
+        raise TypeError("an AsyncStage runs through run(), not do_work()")
+
+
+async def wait_readable(consumer: Consumer, timeout: float | None = None) -> bool:
+    """In a stage's event loop: wait until ``consumer`` has a record (True) or ``timeout`` passes."""
+    return await _wait_bell(consumer.prepare_wait, consumer.end_wait, consumer.data_bell.fileno(), timeout)
+
+
+async def wait_writable(producer: Producer, timeout: float | None = None) -> bool:
+    """In a stage's event loop: wait until the consumer of ``producer``'s ring frees space."""
+    return await _wait_bell(producer.prepare_wait, producer.end_wait, producer.space_bell.fileno(), timeout)
+
+
+async def _wait_bell(prepare, end, fd: int, timeout: float | None) -> bool:
+    if not prepare():
+        end()
+        return True
+    loop = asyncio.get_running_loop()
+    rung = loop.create_future()
+    loop.add_reader(fd, lambda: rung.done() or rung.set_result(True))
+    try:
+        await asyncio.wait_for(rung, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+        end()

@@ -1,0 +1,32 @@
+"""AsyncCountingSource: the counting source as an asyncio stage (the shape ingest has), waiting
+for ring space through the doorbell on the event loop. Same params as ``CountingSource``."""
+
+from __future__ import annotations
+
+import asyncio
+
+from engine.stage import AsyncStage, WorkerContext, wait_writable
+from stages.testing import counting
+
+
+class AsyncCountingSource(AsyncStage):
+    async def run(self, ctx: WorkerContext) -> None:
+        out = ctx.outputs[0]
+        streams, batch, rate, total = counting.params(ctx.params)
+        batches = -(-total // batch) if total else None
+        self.k = counting.resume_index(out, streams, batch)
+        pacer = counting.Pacer(rate, batch, self.k)
+        while not ctx.draining:
+            if batches is not None and self.k >= batches:
+                await asyncio.sleep(0.05)
+                continue
+            delay = pacer.wait_s(self.k)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif counting.try_emit(out, self.k, streams, batch):
+                self.k += 1
+            else:
+                await wait_writable(out, timeout=0.1)
+
+    def stats(self) -> dict:
+        return {"batches": getattr(self, "k", 0)}
