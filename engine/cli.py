@@ -60,3 +60,97 @@ def config_show(path: str | None, as_json: bool) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(render_config(cfg, as_json=as_json), nl=False)
+
+
+def _load(path: str | None):
+    from engine.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _emit(obj, as_json: bool, text: str) -> None:
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(text)
+
+
+@main.command()
+@click.option("--config", "path", type=click.Path(exists=True, dir_okay=False), help="TOML config file.")
+@click.option("--detach", is_flag=True, help="Run the supervisor in the background and return once it is up.")
+@click.option("--json", "as_json", is_flag=True, help="With --detach: print the engine's info as JSON.")
+def run(path: str | None, detach: bool, as_json: bool) -> None:
+    """Start the engine (the supervisor and its workers) in the foreground; Ctrl-C stops it."""
+    cfg = _load(path)
+    if detach:
+        from engine.launcher import launch_detached
+
+        info = launch_detached(cfg, path)
+        _emit(info, as_json, f"engine {info['instance']} running (pid {info['pid']}, log {info['log']})")
+        return
+    from engine.supervisor import Supervisor
+
+    raise SystemExit(Supervisor(cfg).run())
+
+
+def _engine(path: str | None, instance: str | None) -> dict:
+    from engine.client import EngineNotFound, find_engine
+
+    cfg = _load(path)
+    try:
+        return find_engine(cfg.engine.resolved_runtime_dir(), instance or cfg.engine.instance or None)
+    except EngineNotFound as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--config", "path", type=click.Path(exists=True, dir_okay=False), help="TOML config file.")
+@click.option("--instance", help="Engine instance id (default: the only one running).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(path: str | None, instance: str | None, as_json: bool) -> None:
+    """Show each worker (pid, state, uptime, restarts, rates), ring occupancy and the PAS."""
+    from engine.client import request
+    from engine.status_view import format_status
+
+    info = _engine(path, instance)
+    try:
+        reply = request(info["control"], "status")
+    except TimeoutError as exc:
+        raise click.ClickException(str(exc)) from None
+    reply.pop("type", None)
+    _emit(reply, as_json, format_status(reply))
+
+
+@main.command()
+@click.option("--config", "path", type=click.Path(exists=True, dir_okay=False), help="TOML config file.")
+@click.option("--instance", help="Engine instance id (default: the only one running).")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the engine to exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def stop(path: str | None, instance: str | None, timeout: float, as_json: bool) -> None:
+    """Drain and stop a running engine; returns once its supervisor has exited."""
+    from engine.client import request
+    from engine.launcher import wait_exit
+
+    info = _engine(path, instance)
+    try:
+        request(info["control"], "shutdown")
+    except TimeoutError as exc:
+        raise click.ClickException(str(exc)) from None
+    stopped = wait_exit(info["pid"], timeout)
+    result = {"instance": info["instance"], "pid": info["pid"], "stopped": stopped}
+    _emit(
+        result,
+        as_json,
+        f"engine {info['instance']} " + ("stopped" if stopped else f"still running after {timeout:g} s"),
+    )
+    if not stopped:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,7 @@ class CountingSource(Stage):
         ctx.log.info("source_started", resume_batch=self.k)
 
     def do_work(self) -> int:
-        sent = 0
+        sent = 0  # batches
         while sent < 64 and not self.ctx.draining:
             if self.batches is not None and self.k >= self.batches:
                 break
@@ -30,7 +30,7 @@ class CountingSource(Stage):
             if not counting.try_emit(self.out, self.k, self.streams, self.batch):
                 break
             self.k += 1
-            sent += self.batch
+            sent += 1
         return sent
 
     def idle_timeout_s(self) -> float | None:

@@ -1,0 +1,51 @@
+"""Human-readable rendering of a supervisor's status reply."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def format_status(st: dict[str, Any]) -> str:
+    pas = st.get("pas") or {}
+    head = (
+        f"engine {st['instance']}  pid {st['pid']}  up {st['uptime_s']:.1f} s"
+        f"  metrics port {st.get('metrics_port')}\n"
+        f"PAS {pas.get('score', float('nan')):.3f} ({pas.get('status', 'n/a')})"
+        f"  integrity {pas.get('integrity', 0):.3f}"
+        f"  stability {pas.get('stability', 0):.3f}  symmetry {pas.get('symmetry', 0):.3f}"
+        f"  consistency {pas.get('consistency', 0):.3f}"
+    )
+    workers = [["worker", "pid", "state", "uptime_s", "restarts", "heartbeat_s", "processed", "rate/s"]]
+    for w in st["workers"]:
+        hb = w["heartbeat_age_s"]
+        workers.append(
+            [
+                w["name"],
+                str(w["pid"] or "-"),
+                w["state"],
+                f"{w['uptime_s']:.1f}",
+                str(w["restarts"]),
+                "-" if hb is None else f"{hb:.2f}",
+                str(w["processed"]),
+                f"{w['rate_per_s']:.0f}",
+            ]
+        )
+    rings = [["ring", "occupancy", "written", "read", "backpressure", "drops", "unblocks"]]
+    for r in st["rings"]:
+        rings.append(
+            [
+                r["name"],
+                f"{r['occupancy']:.1%}",
+                str(r["records_written"]),
+                str(r["records_read"]),
+                str(r["backpressure_events"]),
+                str(r["drops"]),
+                str(r["unblocks"]),
+            ]
+        )
+    return f"{head}\n\n{_table(workers)}\n\n{_table(rings)}"

@@ -1,0 +1,504 @@
+"""The supervisor: owns every segment, socket path and worker process of an engine instance.
+
+It creates the runtime directory and the rings, spawns the workers (``spawn`` start method),
+watches them — process exit through each worker's sentinel fd, hangs through missed heartbeats —
+and restarts them with OTP-like semantics: restart type per worker (permanent / transient /
+temporary), strategy one_for_one or rest_for_one, at most ``intensity`` restarts in ``period_s``
+with exponential back-off, then escalation (stop everything cleanly, exit non-zero with the
+reason). One ``zmq.Poller`` waits on the control ROUTER, the worker sentinels and the signal
+wake-up fd, with a timeout set by the next timer, so an idle supervisor sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import zmq
+
+from engine import control
+from engine.config import Config
+from engine.health import EgressSample, HealthMonitor, Pas, RingSample, WorkerSample
+from engine.logs import JsonLogger
+from engine.metrics import EngineMetrics
+from engine.rundir import InstanceDir, remove_dead_instances
+from engine.worker import RingEnd, WorkerSpec
+from engine.worker import main as worker_main
+from shm.naming import new_instance_id, segment_name
+from shm.registry import list_segments, remove_stale
+from shm.ring import Ring
+
+EXIT_OK = 0
+EXIT_ESCALATED = 3
+STARTUP_GRACE_S = 10.0  # a fresh worker imports its stage before its first heartbeat
+_EGRESS_KEYS = ("messages", "gaps", "duplicates", "batches", "batches_within_budget")
+
+
+class Escalation(Exception):
+    """Restarts exceeded the configured intensity; the supervisor gives up with this reason."""
+
+
+@dataclass
+class WorkerHandle:
+    """The supervisor's view of one worker across its incarnations."""
+
+    name: str
+    spec: WorkerSpec
+    restart: str
+    process: multiprocessing.process.BaseProcess | None = None
+    state: str = "stopped"
+    incarnation: int = 0
+    started: float = 0.0
+    last_heartbeat: float = 0.0
+    restarts: int = 0
+    restart_times: deque[float] = field(default_factory=deque)
+    restart_due: float | None = None
+    processed: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+    exit_code: int | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.exitcode is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.alive else None
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, log: JsonLogger | None = None) -> None:
+        self.cfg = cfg
+        self.log = log or JsonLogger("supervisor", cfg.engine.log_level)
+        self.instance = cfg.engine.instance or new_instance_id()
+        self.mp = multiprocessing.get_context("spawn")
+        self.rings: dict[str, Ring] = {}
+        self.workers: dict[str, WorkerHandle] = {}
+        self.started = time.time()
+        self.stopping = False
+        self.exit_code = EXIT_OK
+        self.reason = ""
+        self.pas: Pas | None = None
+        self.rates: dict[str, float] = {}
+        self._rate_base: dict[str, tuple[float, int]] = {}
+
+    # ---- set-up and tear-down -------------------------------------------------------------
+
+    def _setup(self) -> None:
+        base = self.cfg.engine.resolved_runtime_dir()
+        for name in remove_stale():
+            self.log.warning("stale_segment_removed", segment=name)
+        for name in remove_dead_instances(base):
+            self.log.warning("stale_runtime_dir_removed", instance=name)
+        self.dir = InstanceDir(base, self.instance)
+        self.zmq = zmq.Context()
+        self.router = self.zmq.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker reuses its identity
+        self.router.bind(self.dir.control_endpoint)
+        for ring_name in self.cfg.ring_names():
+            ring_cfg = self.cfg.ring(ring_name)
+            self.rings[ring_name] = Ring.create(
+                segment_name(self.instance, ring_name),
+                ring_cfg.capacity,
+                max_record=ring_cfg.resolved_max_record(),
+                drop_when_full=ring_cfg.full == "drop",
+                doorbell_dir=self.dir.bells,
+            )
+        for name, wcfg in self.cfg.workers.items():
+            self.workers[name] = WorkerHandle(name=name, spec=self._spec(name, wcfg), restart=wcfg.restart)
+        self.health = HealthMonitor(
+            window_s=self.cfg.engine.health_window_s,
+            heartbeat_timeout_s=self.cfg.engine.heartbeat_timeout_s,
+            intensity=self.cfg.supervisor.intensity,
+            latency_budget_ms=self.cfg.engine.latency_budget_ms,
+        )
+        self.metrics = EngineMetrics(self.instance)
+        self.metrics_port = None
+        if self.cfg.engine.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(self.cfg.engine.metrics_host, self.cfg.engine.metrics_port)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self._publish_info("starting")
+
+    def _spec(self, name: str, wcfg) -> WorkerSpec:
+        def ends(ring_names: list[str]) -> tuple[RingEnd, ...]:
+            return tuple(RingEnd(segment_name(self.instance, r), self.cfg.ring(r).wait_strategy()) for r in ring_names)
+
+        return WorkerSpec(
+            name=name,
+            stage=wcfg.stage,
+            inputs=ends(wcfg.inputs),
+            outputs=ends(wcfg.outputs),
+            control_endpoint=self.dir.control_endpoint,
+            state_dir=self.dir.state,
+            supervisor_pid=os.getpid(),
+            heartbeat_interval_s=self.cfg.engine.heartbeat_interval_s,
+            log_level=self.cfg.engine.log_level,
+            params=dict(wcfg.params),
+        )
+
+    def _publish_info(self, state: str) -> None:
+        self.dir.write_info(
+            {
+                "instance": self.instance,
+                "pid": os.getpid(),
+                "control": self.dir.control_endpoint,
+                "metrics_port": self.metrics_port,
+                "metrics_host": self.cfg.engine.metrics_host,
+                "started": self.started,
+                "state": state,
+            }
+        )
+
+    def _teardown(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        self._wake_r.close()
+        self._wake_w.close()
+        self.metrics.close()
+        self.router.close(0)
+        self.zmq.term()
+        for ring in self.rings.values():
+            ring.destroy()
+        self.dir.remove()
+
+    # ---- main loop --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until stopped (signal, ``shutdown`` request) or escalation; returns the exit code."""
+        self._setup()
+        try:
+            self.log.info(
+                "engine_starting",
+                instance=self.instance,
+                runtime_dir=self.dir.path,
+                metrics_port=self.metrics_port,
+                workers=list(self.workers),
+            )
+            for handle in self.workers.values():
+                self._start(handle)
+            self._publish_info("running")
+            self._loop()
+        except Escalation as exc:
+            self.exit_code, self.reason = EXIT_ESCALATED, str(exc)
+            self.log.error("escalation", reason=self.reason)
+        finally:
+            self._stop_all()
+            self._teardown()
+            self.log.info("engine_stopped", instance=self.instance, exit_code=self.exit_code, reason=self.reason)
+        return self.exit_code
+
+    def _loop(self) -> None:
+        interval = self.cfg.engine.health_interval_s
+        next_health = time.monotonic()
+        while not self.stopping:
+            now = time.monotonic()
+            if now >= next_health:
+                self._health_tick(now)
+                next_health = now + interval
+            timeout = min(next_health, self._next_timer(now)) - time.monotonic()
+            events = dict(self.poller.poll(max(0, int(timeout * 1000) + 1)))
+            if self._wake_r.fileno() in events:
+                with contextlib.suppress(BlockingIOError):
+                    self._wake_r.recv(4096)
+            if self.router in events:
+                self._handle_messages()
+            self._reap()
+            self._check_heartbeats(time.monotonic())
+            self._restart_due(time.monotonic())
+
+    def _next_timer(self, now: float) -> float:
+        """The next moment a heartbeat may be overdue or a back-off ends."""
+        timeout = self.cfg.engine.heartbeat_timeout_s
+        due = [now + timeout]
+        for h in self.workers.values():
+            if h.restart_due is not None:
+                due.append(h.restart_due)
+            elif h.alive:
+                due.append(h.last_heartbeat + timeout + 0.001)
+        return min(due)
+
+    def _on_signal(self, signum, _frame) -> None:
+        if not self.stopping:
+            self.log.info("signal_received", signal=signal.Signals(signum).name)
+        self.stopping = True
+
+    # ---- workers ----------------------------------------------------------------------------
+
+    def _start(self, h: WorkerHandle) -> None:
+        h.spec = replace(h.spec, incarnation=h.incarnation)
+        h.process = self.mp.Process(target=worker_main, args=(h.spec,), name=f"neuralpipe-{h.name}", daemon=False)
+        h.process.start()
+        h.started = h.last_heartbeat = time.monotonic()
+        h.state, h.exit_code, h.restart_due = "starting", None, None
+        self.poller.register(h.process.sentinel, zmq.POLLIN)
+        self.log.info("worker_started", worker=h.name, worker_pid=h.process.pid, incarnation=h.incarnation)
+
+    def _reap(self) -> None:
+        """Handle every worker process that exited (its sentinel became readable)."""
+        for h in self.workers.values():
+            if h.process is not None and h.state != "stopped" and h.process.exitcode is not None:
+                self._on_exit(h)
+
+    def _forget_process(self, h: WorkerHandle) -> None:
+        self.poller.unregister(h.process.sentinel)
+        h.process.join()
+        h.exit_code = h.process.exitcode
+        h.process.close()
+        h.process = None
+
+    def _on_exit(self, h: WorkerHandle) -> None:
+        self._forget_process(h)
+        h.state = "stopped"
+        self._unblock_outputs(h)
+        self.log.warning("worker_exited", worker=h.name, exit_code=h.exit_code)
+        if self.stopping or not self._should_restart(h):
+            return
+        victims = [h]
+        if self.cfg.supervisor.strategy == "rest_for_one":
+            order = list(self.workers)
+            victims += [self.workers[n] for n in order[order.index(h.name) + 1 :]]
+            for other in victims[1:]:
+                self._terminate(other, "rest_for_one")
+        for victim in victims:
+            self._schedule_restart(victim)
+
+    def _should_restart(self, h: WorkerHandle) -> bool:
+        if h.restart == "temporary":
+            return False
+        return h.restart == "permanent" or h.exit_code != 0
+
+    def _schedule_restart(self, h: WorkerHandle) -> None:
+        now = time.monotonic()
+        period, intensity = self.cfg.supervisor.period_s, self.cfg.supervisor.intensity
+        while h.restart_times and h.restart_times[0] < now - period:
+            h.restart_times.popleft()
+        if len(h.restart_times) >= intensity:
+            raise Escalation(
+                f"worker {h.name!r} needed more than {intensity} restarts in {period:g} s"
+                f" (last exit code {h.exit_code})"
+            )
+        h.restart_times.append(now)
+        backoff = self.cfg.supervisor.backoff_initial_s * 2 ** (len(h.restart_times) - 1)
+        h.restart_due = now + min(backoff, self.cfg.supervisor.backoff_max_s)
+        h.state = "backoff"
+
+    def _restart_due(self, now: float) -> None:
+        for h in self.workers.values():
+            if h.restart_due is not None and h.restart_due <= now and not self.stopping:
+                h.incarnation += 1
+                h.restarts += 1
+                self._start(h)
+                self.log.info("worker_restarted", worker=h.name, restarts=h.restarts)
+
+    def _unblock_outputs(self, h: WorkerHandle) -> None:
+        """Clear any record the dead worker left half-written in its output rings."""
+        for ring_name in self.cfg.workers[h.name].outputs:
+            ring = self.rings[ring_name]
+            if ring.unblock():
+                self.log.warning("ring_unblocked", ring=ring.name, worker=h.name)
+
+    def _check_heartbeats(self, now: float) -> None:
+        """Kill a worker whose heartbeats stopped (hung, SIGSTOPped); its exit restarts it."""
+        timeout = self.cfg.engine.heartbeat_timeout_s
+        for h in self.workers.values():
+            if not h.alive or h.state == "stopped":
+                continue
+            limit = timeout + (STARTUP_GRACE_S if h.state == "starting" else 0.0)
+            if now - h.last_heartbeat > limit:
+                self.log.error(
+                    "worker_hung", worker=h.name, worker_pid=h.pid, heartbeat_age_s=round(now - h.last_heartbeat, 3)
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(h.process.pid, signal.SIGKILL)
+                h.process.join(1.0)
+                if h.process.exitcode is not None:
+                    self._on_exit(h)
+
+    def _terminate(self, h: WorkerHandle, why: str) -> None:
+        """Stop one worker now: ask, then SIGKILL after the stop timeout."""
+        if not h.alive:
+            h.restart_due = None
+            return
+        self._send(h.name, "stop")
+        h.process.join(self.cfg.engine.stop_timeout_s)
+        if h.process.exitcode is None:
+            self.log.warning("worker_killed", worker=h.name, reason=why)
+            h.process.kill()
+            h.process.join()
+        self._forget_process(h)
+        h.state = "stopped"
+        self._unblock_outputs(h)
+
+    def _stop_all(self) -> None:
+        """Graceful stop: drain workers in topology order, so each finishes what upstream left."""
+        self.stopping = True
+        deadline_s = self.cfg.engine.stop_timeout_s
+        for h in self.workers.values():
+            h.restart_due = None
+            if not h.alive:
+                if h.process is not None:
+                    self._forget_process(h)
+                continue
+            self._send(h.name, "drain")
+            h.state = "draining"
+            h.process.join(deadline_s)
+            if h.process.exitcode is None:
+                self.log.warning("worker_drain_timeout", worker=h.name)
+                h.process.terminate()
+                h.process.join(1.0)
+            if h.process.exitcode is None:
+                h.process.kill()
+                h.process.join()
+            self._forget_process(h)
+            h.state = "stopped"
+            self._unblock_outputs(h)
+
+    # ---- control plane ----------------------------------------------------------------------
+
+    def _send(self, identity: str, msg_type: str, **fields: Any) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self.router.send_multipart([identity.encode(), control.encode(msg_type, **fields)], zmq.NOBLOCK)
+
+    def _handle_messages(self) -> None:
+        while True:
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self.log.warning("bad_control_frames", frames=len(frames))
+                continue
+            identity, frame = frames[0].decode(errors="replace"), frames[1]
+            try:
+                msg = control.decode(frame, control.WORKER_TO_SUPERVISOR | control.CLIENT_REQUESTS)
+            except control.ProtocolError as exc:
+                self.log.warning("bad_control_message", sender=identity, error=str(exc))
+                self._send(identity, "error", message=str(exc))
+                continue
+            handle = self.workers.get(identity)
+            if handle is not None and msg["type"] in control.WORKER_TO_SUPERVISOR:
+                self._on_worker_message(handle, msg)
+            elif msg["type"] == "status":
+                self._send(identity, "status", **self.status())
+            elif msg["type"] == "shutdown":
+                self._send(identity, "ack")
+                self.log.info("shutdown_requested", client=identity)
+                self.stopping = True
+
+    def _on_worker_message(self, h: WorkerHandle, msg: dict[str, Any]) -> None:
+        h.last_heartbeat = time.monotonic()
+        kind = msg["type"]
+        if kind == "heartbeat":
+            if h.state not in ("draining", "stopped", "backoff"):
+                h.state = str(msg.get("state", "running"))
+            h.processed = int(msg.get("processed", 0))
+            h.stats = msg.get("stats") or {}
+        elif kind == "ready":
+            h.state = "running"
+        elif kind == "error":
+            self.log.error("worker_error", worker=h.name, message=msg.get("message"))
+
+    # ---- health and status ------------------------------------------------------------------
+
+    def _samples(self, now: float) -> tuple[list[RingSample], list[WorkerSample], EgressSample]:
+        rings = [RingSample(name, ring.header()) for name, ring in self.rings.items()]
+        workers = []
+        for name, h in self.workers.items():
+            workers.append(
+                WorkerSample(
+                    name=name,
+                    group=name,
+                    state=h.state,
+                    alive=h.alive,
+                    restarts=h.restarts,
+                    heartbeat_age_s=now - h.last_heartbeat if h.alive else 0.0,
+                    processed=h.processed,
+                )
+            )
+        sinks = [h for h in self.workers.values() if not h.spec.outputs]
+        egress = EgressSample(**{k: sum(int(h.stats.get(k, 0)) for h in sinks) for k in _EGRESS_KEYS})
+        return rings, workers, egress
+
+    def _health_tick(self, now: float) -> None:
+        rings, workers, egress = self._samples(now)
+        leaked = sum(1 for s in list_segments() if not s.live)
+        self.pas = self.health.observe(now, rings, workers, egress, leaked_segments=leaked)
+        for w in workers:
+            last = self._rate_base.get(w.name)
+            if last is not None and now > last[0]:
+                self.rates[w.name] = max(0.0, (w.processed - last[1]) / (now - last[0]))
+            self._rate_base[w.name] = (now, w.processed)
+        self.metrics.update(rings, workers, self.pas)
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "instance": self.instance,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "runtime_dir": self.dir.path,
+            "metrics_port": self.metrics_port,
+            "workers": [
+                {
+                    "name": h.name,
+                    "pid": h.pid,
+                    "state": h.state,
+                    "incarnation": h.incarnation,
+                    "uptime_s": round(now - h.started, 3) if h.alive else 0.0,
+                    "restarts": h.restarts,
+                    "heartbeat_age_s": round(now - h.last_heartbeat, 3) if h.alive else None,
+                    "processed": h.processed,
+                    "rate_per_s": round(self.rates.get(h.name, 0.0), 1),
+                    "stats": h.stats,
+                }
+                for h in self.workers.values()
+            ],
+            "rings": [_ring_status(name, ring) for name, ring in self.rings.items()],
+            "pas": None if self.pas is None else _pas_dict(self.pas),
+        }
+
+
+def _ring_status(name: str, ring: Ring) -> dict[str, Any]:
+    hdr = ring.header()
+    return {
+        "name": name,
+        "segment": ring.name,
+        "capacity": hdr.capacity,
+        "used": hdr.used,
+        "occupancy": round(hdr.occupancy, 4),
+        "records_written": hdr.records_written,
+        "records_read": hdr.records_read,
+        "backpressure_events": hdr.backpressure_events,
+        "drops": hdr.drops,
+        "unblocks": hdr.unblocks,
+        "producer_pid": hdr.producer_pid,
+        "consumer_pid": hdr.consumer_pid,
+    }
+
+
+def _pas_dict(pas: Pas) -> dict[str, Any]:
+    return {
+        "score": round(pas.score, 4),
+        "status": pas.status,
+        "integrity": round(pas.integrity, 4),
+        "stability": round(pas.stability, 4),
+        "symmetry": round(pas.symmetry, 4),
+        "consistency": round(pas.consistency, 4),
+    }
