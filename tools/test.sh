@@ -3,6 +3,8 @@
 # The README's test command and .ci/run both call exactly this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# promtool lints the /metrics exposition (tests/test_metrics.py); Debian ships it in `prometheus`.
+command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
 python3 -m ruff check .
 python3 -m pytest "$@"
