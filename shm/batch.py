@@ -131,8 +131,9 @@ class BatchColumns:
 
     def texts(self) -> list[str]:
         arena = self.text.tobytes()
-        starts = [0, *self.text_end[:-1].tolist()]
-        return [arena[s:e].decode("utf-8", "replace") for s, e in zip(starts, self.text_end.tolist(), strict=True)]
+        ends = self.text_end.tolist()
+        starts = [0, *ends[:-1]] if ends else []
+        return [arena[s:e].decode("utf-8", "replace") for s, e in zip(starts, ends, strict=True)]
 
 
 def write_batch(buf: memoryview, rows: int, text_bytes: int, extra: tuple[ExtraColumn, ...] = ()) -> BatchColumns:

@@ -313,7 +313,7 @@ class Producer(_Side):
                     self._full = True
                     q[_W_BACKPRESSURE] += 1
                 return None
-            self._full = False
+        self._full = False
         if size > to_end:
             q[(_HDR + index) >> 3] = _PAD << 32 | (to_end - 8)
             index = 0
@@ -391,6 +391,8 @@ class Producer(_Side):
         claimed: list[memoryview] = []
 
         def has_space() -> bool:
+            if claimed:  # claimed on an earlier check (e.g. the one made while parking)
+                return True
             view = self.try_claim(length)
             if view is None:
                 return False
@@ -550,11 +552,22 @@ def _read_doorbell_dir(buf: memoryview) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
+def _claim_header_offset(capacity: int, write: int, type_at) -> int:
+    """Byte offset in the segment of the header of a claim open at write cursor ``write``: the
+    cursor's own slot, or the start of the data area when the claim wrapped (the cursor's slot
+    then holds the padding record written with it). ``type_at(offset)`` reads a record type."""
+    at = _HDR + (write & (capacity - 1))
+    return _HDR if type_at(at) == _PAD else at
+
+
 def _snapshot(name: str, q: memoryview, buf) -> RingHeader:
     write = q[_W_WRITE]
     capacity = q[_W_CAPACITY]
-    at = _HDR + (write & (capacity - 1))
-    pending = int.from_bytes(buf[at + 4 : at + 8], "little") & _PENDING if at + 8 <= len(buf) else 0
+
+    def type_at(at: int) -> int:
+        return int.from_bytes(buf[at + 4 : at + 8], "little") if at + 8 <= len(buf) else 0
+
+    pending = type_at(_claim_header_offset(capacity, write, type_at)) & _PENDING
     return RingHeader(
         name=name,
         capacity=capacity,
@@ -587,8 +600,7 @@ def unblock(q: memoryview) -> bool:
     The claim was never published, so clearing it loses nothing that any consumer saw; the
     producer's successor resumes at the unchanged write cursor and overwrites the torn bytes.
     """
-    capacity = q[_W_CAPACITY]
-    header = (_HDR + (q[_W_WRITE] & (capacity - 1))) >> 3
+    header = _claim_header_offset(q[_W_CAPACITY], q[_W_WRITE], lambda at: q[at >> 3] >> 32) >> 3
     torn = bool(q[header] >> 32 & _PENDING)
     if torn:
         q[header] = 0
@@ -637,7 +649,14 @@ class Ring:
             raise ValueError(f"doorbell directory path longer than {d.DOORBELL_DIR_LENGTH - 1} bytes")
         for path in _doorbell_paths(doorbell_dir, name):
             create_fifo(path)
-        seg = create_segment(name, d.segment_size(capacity))
+        try:
+            seg = create_segment(name, d.segment_size(capacity))
+        except BaseException:
+            if owns_dir:  # e.g. the segment exists: do not leave our private doorbell dir behind
+                for path in _doorbell_paths(doorbell_dir, name):
+                    os.unlink(path)
+                os.rmdir(doorbell_dir)
+            raise
         buf = seg.buf
         q = buf.cast("Q")
         q[d.word(d.FLAGS_OFFSET)] = (d.FLAG_DROP_WHEN_FULL if drop_when_full else 0) << 32 | d.LAYOUT_VERSION
