@@ -12,16 +12,23 @@ from engine.client import EngineNotFound, find_engine
 from shm.naming import new_instance_id
 
 
+def process_gone(pid: int) -> bool:
+    """True once ``pid`` has exited: no such process, or a zombie its parent has not reaped."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
 def wait_exit(pid: int, timeout_s: float) -> bool:
     """Wait until process ``pid`` is gone; False if it still runs after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
+    while not process_gone(pid):
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.02)
-    return False
+    return True
 
 
 def launch_detached(cfg, config_path: str | None, timeout_s: float = 20.0) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from engine.worker import RingEnd, WorkerSpec
 from engine.worker import main as worker_main
 from shm.naming import new_instance_id, segment_name
 from shm.registry import list_segments, remove_stale
-from shm.ring import Ring
+from shm.ring import Ring, RingCorrupt, read_header
 
 EXIT_OK = 0
 EXIT_ESCALATED = 3
@@ -418,13 +418,13 @@ class Supervisor:
     # ---- health and status ------------------------------------------------------------------
 
     def _samples(self, now: float) -> tuple[list[RingSample], list[WorkerSample], EgressSample]:
-        rings = [RingSample(name, ring.header()) for name, ring in self.rings.items()]
+        rings = [_ring_sample(name, ring) for name, ring in self.rings.items()]
         workers = []
         for name, h in self.workers.items():
             workers.append(
                 WorkerSample(
                     name=name,
-                    group=name,
+                    group=h.spec.stage,  # replicas of one stage share a group
                     state=h.state,
                     alive=h.alive,
                     restarts=h.restarts,
@@ -473,6 +473,14 @@ class Supervisor:
             "rings": [_ring_status(name, ring) for name, ring in self.rings.items()],
             "pas": None if self.pas is None else _pas_dict(self.pas),
         }
+
+
+def _ring_sample(name: str, ring: Ring) -> RingSample:
+    """The ring's header, validated as any reader would see it (a corrupt one scores integrity)."""
+    try:
+        return RingSample(name, read_header(ring.name))
+    except (RingCorrupt, FileNotFoundError) as exc:
+        return RingSample(name, None, str(exc))
 
 
 def _ring_status(name: str, ring: Ring) -> dict[str, Any]:

@@ -1,0 +1,141 @@
+"""Run a real engine (``python -m engine.cli run``) in a subprocess for tests, and wait on it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from engine.client import EngineNotFound, find_engine, request
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Engine:
+    """One engine under test: its config file, runtime directory, log and supervisor process."""
+
+    def __init__(self, tmp_path, config: str, instance: str) -> None:
+        self.base = str(tmp_path / "run")
+        self.instance = instance
+        self.config_path = tmp_path / f"{instance}.toml"
+        self.config_path.write_text(config)
+        self.log_path = tmp_path / f"{instance}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def env(self) -> dict[str, str]:
+        return dict(
+            os.environ, NEURALPIPE_RUNTIME_DIR=self.base, NEURALPIPE_INSTANCE=self.instance, NEURALPIPE_METRICS_PORT="0"
+        )
+
+    def start(self, wait_running: bool = True) -> Engine:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "engine.cli", "run", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=log,
+                env=self.env(),
+            )
+        if wait_running:
+            wait_for(self._running, 30, f"engine {self.instance} to report running")
+        return self
+
+    def _running(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"engine exited with {self.proc.returncode} at start:\n{self.log()}")
+        try:
+            return find_engine(self.base, self.instance).get("state") == "running"
+        except EngineNotFound:
+            return False
+
+    def info(self) -> dict[str, Any]:
+        return find_engine(self.base, self.instance)
+
+    def status(self) -> dict[str, Any]:
+        return request(self.info()["control"], "status", timeout_s=5)
+
+    def worker(self, name: str) -> dict[str, Any]:
+        return next(w for w in self.status()["workers"] if w["name"] == name)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"engine still running after {timeout:g} s:\n{self.log()[-4000:]}") from None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Stop the supervisor with ``sig`` and wait; it drains and cleans up after itself."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        return self.wait_exit(timeout)
+
+    def kill_all(self) -> None:
+        """Last resort for a failed test: kill the supervisor (workers follow it)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def pipeline_config(
+    *,
+    total: int = 0,
+    rate: float = 2000,
+    source_stage: str = "counter",
+    strategy: str = "one_for_one",
+    intensity: int = 10,
+    heartbeat_interval_s: float = 0.1,
+    heartbeat_timeout_s: float = 1.0,
+    capacity: int = 65536,
+    extra: str = "",
+) -> str:
+    """The source -> relay -> sink topology with test-friendly timings."""
+    return f"""
+[engine]
+heartbeat_interval_s = {heartbeat_interval_s}
+heartbeat_timeout_s = {heartbeat_timeout_s}
+health_interval_s = 0.2
+stop_timeout_s = 5.0
+
+[supervisor]
+strategy = "{strategy}"
+intensity = {intensity}
+period_s = 30.0
+backoff_initial_s = 0.01
+backoff_max_s = 0.2
+
+[ring_defaults]
+capacity = {capacity}
+
+[workers.source]
+stage = "{source_stage}"
+outputs = ["source-relay"]
+params = {{ streams = 4, batch = 16, rate = {rate}, total = {total} }}
+
+[workers.relay]
+stage = "relay"
+inputs = ["source-relay"]
+outputs = ["relay-sink"]
+
+[workers.sink]
+stage = "verify"
+inputs = ["relay-sink"]
+params = {{ streams = 4 }}
+{extra}
+"""

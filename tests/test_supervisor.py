@@ -1,0 +1,183 @@
+"""The supervisor with real worker processes and real rings: restarts without loss, hang
+detection, escalation, parent death and clean stops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import orjson
+import pytest
+from engine_harness import Engine, pipeline_config, wait_for
+
+from engine.launcher import process_gone as pid_gone
+from shm.registry import list_segments
+
+
+@pytest.fixture
+def engine_factory(tmp_path, instance):
+    engines: list[Engine] = []
+
+    def make(config: str, suffix: str = "") -> Engine:
+        engine = Engine(tmp_path, config, instance + suffix)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.kill_all()
+    for engine in engines:  # a killed supervisor leaves its segments: clean them as the next run would
+        for seg in list_segments(engine.instance):
+            os.unlink(f"/dev/shm/{seg.name}")
+
+
+def sink_stats(engine: Engine) -> dict:
+    return engine.worker("sink")["stats"]
+
+
+def restarted(engine: Engine, name: str, old_pid: int, restarts: int):
+    """The worker's status once it has been restarted ``restarts`` times and runs again."""
+    w = engine.worker(name)
+    if w["restarts"] >= restarts and w["pid"] not in (None, old_pid) and w["state"] == "running":
+        return w
+    return None
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("source_stage", ["counter", "async_counter"])
+def test_kill_each_role_loses_and_duplicates_nothing(engine_factory, source_stage):
+    total = 120_000
+    engine = engine_factory(pipeline_config(total=total, rate=25_000, source_stage=source_stage)).start()
+    try:
+        for name in ("source", "relay", "sink"):
+            before = sink_stats(engine).get("messages", 0)
+            wait_for(lambda b=before: sink_stats(engine).get("messages", 0) > b + 2000, 20, "tokens flowing")
+            victim = engine.worker(name)
+            os.kill(victim["pid"], signal.SIGKILL)
+            wait_for(lambda n=name, v=victim: restarted(engine, n, v["pid"], v["restarts"] + 1), 20, f"{name} restart")
+        stats = wait_for(
+            lambda: (s := sink_stats(engine)).get("messages", 0) >= total and s,
+            60,
+            f"all {total} tokens at the sink",
+        )
+        assert stats["messages"] == total, stats
+        assert stats["gaps"] == 0, stats
+        assert stats["foreign"] == 0, stats
+        assert engine.stop() == 0
+    finally:
+        engine.kill_all()
+    log = engine.log()
+    assert log.count('"event":"worker_restarted"') == 3
+
+
+@pytest.mark.timeout(60)
+def test_sigstop_hang_is_detected_and_recovered(engine_factory):
+    engine = engine_factory(pipeline_config(rate=5000, heartbeat_interval_s=0.05, heartbeat_timeout_s=0.5)).start()
+    relay = wait_for(lambda: (w := engine.worker("relay"))["state"] == "running" and w, 10, "relay running")
+    os.kill(relay["pid"], signal.SIGSTOP)
+    started = time.monotonic()
+    new = wait_for(lambda: restarted(engine, "relay", relay["pid"], 1), 10, "hung relay replaced")
+    detected_after = time.monotonic() - started
+    assert pid_gone(relay["pid"])
+    assert new["pid"] != relay["pid"]
+    flowing = sink_stats(engine)["messages"]
+    wait_for(lambda: sink_stats(engine)["messages"] > flowing + 500, 10, "tokens flowing after the restart")
+    assert '"event":"worker_hung"' in engine.log()
+    assert detected_after < 5
+    assert sink_stats(engine)["gaps"] == 0
+    assert engine.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_crash_loop_escalates_and_stops_cleanly(engine_factory):
+    config = pipeline_config(intensity=2).replace('stage = "relay"', 'stage = "stages.testing.missing:Nope"')
+    engine = engine_factory(config).start(wait_running=False)
+    code = engine.wait_exit(30)
+    assert code == 3
+    log = engine.log()
+    escalation = next(orjson.loads(line) for line in log.splitlines() if '"event":"escalation"' in line)
+    assert "relay" in escalation["reason"] and "2 restarts" in escalation["reason"]
+    assert log.count('"event":"worker_restarted"') == 2
+    assert not os.path.exists(os.path.join(engine.base, engine.instance))
+    assert list_segments(engine.instance) == []
+
+
+@pytest.mark.timeout(60)
+def test_supervisor_sigkill_takes_workers_down_and_next_run_cleans(engine_factory):
+    first = engine_factory(pipeline_config(), "a").start()
+    pids = [w["pid"] for w in first.status()["workers"]]
+    first.proc.kill()
+    first.proc.wait()
+    killed = time.monotonic()
+    wait_for(lambda: all(pid_gone(p) for p in pids), 1.0, "every worker to die with its supervisor")
+    assert time.monotonic() - killed < 1.0
+    stale = list_segments(first.instance)
+    assert stale and not any(s.live for s in stale)
+
+    second = engine_factory(pipeline_config(), "b").start()
+    assert list_segments(first.instance) == []
+    assert '"event":"stale_segment_removed"' in second.log()
+    assert second.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_rest_for_one_restarts_the_stages_after_the_failed_one(engine_factory):
+    engine = engine_factory(pipeline_config(strategy="rest_for_one")).start()
+    before = {w["name"]: w for w in engine.status()["workers"]}
+    os.kill(before["relay"]["pid"], signal.SIGKILL)
+    wait_for(lambda: restarted(engine, "relay", before["relay"]["pid"], 1), 15, "relay restart")
+    wait_for(lambda: restarted(engine, "sink", before["sink"]["pid"], 1), 15, "sink restart (rest_for_one)")
+    assert engine.worker("source")["pid"] == before["source"]["pid"]
+    assert engine.worker("source")["restarts"] == 0
+    assert engine.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_status_metrics_and_stop_through_the_cli(engine_factory):
+    engine = engine_factory(pipeline_config(rate=4000)).start()
+    wait_for(lambda: engine.status().get("pas"), 10, "a PAS")
+    cli = [sys.executable, "-m", "engine.cli"]
+    out = subprocess.run([*cli, "status", "--json"], env=engine.env(), capture_output=True, timeout=20, check=True)
+    status = orjson.loads(out.stdout)
+    assert {w["name"] for w in status["workers"]} == {"source", "relay", "sink"}
+    assert all(w["pid"] and w["state"] == "running" for w in status["workers"])
+    assert {r["name"] for r in status["rings"]} == {"source-relay", "relay-sink"}
+    assert 0.0 <= status["pas"]["score"] <= 1.0
+
+    text = subprocess.run([*cli, "status"], env=engine.env(), capture_output=True, timeout=20, check=True).stdout
+    assert b"PAS" in text and b"relay-sink" in text
+
+    port = engine.info()["metrics_port"]
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "neuralpipe_pas_score" in body and 'ring="source-relay"' in body
+
+    out = subprocess.run([*cli, "stop", "--json"], env=engine.env(), capture_output=True, timeout=60, check=True)
+    assert orjson.loads(out.stdout)["stopped"] is True
+    assert engine.wait_exit(10) == 0
+    assert not os.path.exists(os.path.join(engine.base, engine.instance))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signals_stop_cleanly(engine_factory, sig):
+    engine = engine_factory(pipeline_config()).start()
+    pids = [w["pid"] for w in engine.status()["workers"]]
+    assert engine.stop(sig) == 0
+    assert all(pid_gone(p) for p in pids)
+    assert list_segments(engine.instance) == []
+    assert '"event":"engine_stopped"' in engine.log()
+
+
+@pytest.mark.timeout(30)
+def test_bad_config_is_refused_with_the_key_named(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[supervisor]\nstrategy = "all_for_none"\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "run", "--config", str(bad)], capture_output=True, timeout=20
+    )
+    assert out.returncode != 0
+    assert b"supervisor.strategy" in out.stderr
