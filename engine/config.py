@@ -1,0 +1,514 @@
+"""Configuration: one TOML file, validated at start; every value has a default; env overrides.
+
+Precedence, highest first: environment (``NEURALPIPE_*``, see ``ENV_OVERRIDES``), the file, the
+built-in defaults (which include a demo topology, so no file is needed). Every error names where
+the bad value came from (file or environment variable), its key path and the reason::
+
+    config.toml: workers.relay.restart: must be one of permanent, transient, temporary (got 'always')
+
+The models are pydantic v2, strict (TOML is typed: ``capacity = "4096"`` is an error, not a
+conversion), frozen and closed (unknown keys are errors, so a typo never silently means "default").
+Stage modules are never imported here: ``engine`` must not depend on ``stages``; a stage reference
+is only checked for its shape and resolved by the worker that runs it. See docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shm import descriptor as d
+from shm.naming import NameError_, check_ring
+from shm.wait import WaitStrategy
+
+STAGE_ALIASES = {
+    "counter": "stages.testing.counter:CountingSource",
+    "relay": "stages.testing.relay:Relay",
+    "verify": "stages.testing.verify:VerifyingSink",
+    "async_counter": "stages.testing.async_counter:AsyncCountingSource",
+}
+
+# Environment variable -> (section, key) it overrides. Only what operators change per host.
+ENV_OVERRIDES = {
+    "NEURALPIPE_INSTANCE": ("engine", "instance"),
+    "NEURALPIPE_RUNTIME_DIR": ("engine", "runtime_dir"),
+    "NEURALPIPE_METRICS_HOST": ("engine", "metrics_host"),
+    "NEURALPIPE_METRICS_PORT": ("engine", "metrics_port"),
+    "NEURALPIPE_LOG_LEVEL": ("engine", "log_level"),
+}
+_ENV_INTEGERS = {"NEURALPIPE_METRICS_PORT"}
+
+_INSTANCE = re.compile(r"[A-Za-z0-9_]{1,32}")
+_STAGE_REF = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class ConfigError(Exception):
+    """An unusable configuration. ``str()`` is one line per problem; ``problems`` lists them."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _KeyedError(ValueError):
+    """A validator's error about a key below the one being validated (``path`` is relative).
+
+    pydantic places model-level validator errors at the model's own location; this carries the
+    precise key so the message can name it."""
+
+    def __init__(self, path: tuple[str | int, ...], reason: str) -> None:
+        super().__init__(reason)
+        self.path = path
+        self.reason = reason
+
+
+# -- reusable field types -------------------------------------------------------------------------
+
+
+def _power_of_two_capacity(value: int) -> int:
+    if not d.MIN_CAPACITY <= value <= d.MAX_CAPACITY or value & (value - 1):
+        raise ValueError(f"must be a power of two in {d.MIN_CAPACITY}..2**40 (got {value})")
+    return value
+
+
+def _park_timeout(value: float) -> float:
+    if not 0 < value <= 60:
+        raise ValueError(f"must be in (0, 60] seconds (got {value})")
+    return value
+
+
+def _ring_name(value: str) -> str:
+    try:
+        return check_ring(value)
+    except NameError_ as exc:
+        raise ValueError(str(exc)) from None
+
+
+Capacity = Annotated[int, AfterValidator(_power_of_two_capacity)]
+ParkTimeout = Annotated[float, AfterValidator(_park_timeout)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+WaitKind = Literal["spin", "yield", "block"]
+FullPolicy = Literal["block", "drop"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+# -- sections -------------------------------------------------------------------------------------
+
+
+class EngineConfig(_Model):
+    instance: str = ""
+    runtime_dir: str = ""
+    metrics_host: str = Field("127.0.0.1", min_length=1)
+    metrics_port: int = 9464
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    heartbeat_interval_s: float = Field(0.2, gt=0)
+    heartbeat_timeout_s: float = 2.0
+    stop_timeout_s: float = Field(5.0, gt=0)
+    health_interval_s: float = Field(1.0, gt=0)
+    health_window_s: float = 60.0
+    latency_budget_ms: float = Field(50.0, gt=0)
+
+    @field_validator("instance")
+    @classmethod
+    def _instance(cls, value: str) -> str:
+        if value and not _INSTANCE.fullmatch(value):
+            raise ValueError(f'must be "" (random per run) or 1-32 characters of [A-Za-z0-9_] (got {value!r})')
+        return value
+
+    @field_validator("runtime_dir")
+    @classmethod
+    def _runtime_dir(cls, value: str) -> str:
+        # Relative paths would depend on the cwd of whoever runs `status`/`stop` later.
+        if value and not os.path.isabs(value):
+            raise ValueError(f'must be "" (default) or an absolute path (got {value!r})')
+        return value
+
+    @field_validator("metrics_port")
+    @classmethod
+    def _metrics_port(cls, value: int) -> int:
+        if not -1 <= value <= 65535:
+            raise ValueError(f"must be 1..65535, 0 (any free port) or -1 (disabled) (got {value})")
+        return value
+
+    @model_validator(mode="after")
+    def _relations(self) -> EngineConfig:
+        if self.heartbeat_timeout_s < 2 * self.heartbeat_interval_s:
+            raise _KeyedError(
+                ("heartbeat_timeout_s",),
+                f"must be >= 2 x heartbeat_interval_s = {2 * self.heartbeat_interval_s:g} "
+                f"(got {self.heartbeat_timeout_s:g})",
+            )
+        if self.health_window_s < self.health_interval_s:
+            raise _KeyedError(
+                ("health_window_s",),
+                f"must be >= health_interval_s = {self.health_interval_s:g} (got {self.health_window_s:g})",
+            )
+        return self
+
+    def resolved_runtime_dir(self, env: Mapping[str, str] | None = None) -> str:
+        """The base runtime directory: ``runtime_dir``, else $XDG_RUNTIME_DIR/neuralpipe, else
+        /tmp/neuralpipe-<uid>."""
+        if self.runtime_dir:
+            return self.runtime_dir
+        xdg = (os.environ if env is None else env).get("XDG_RUNTIME_DIR", "")
+        if xdg:
+            return os.path.join(xdg, "neuralpipe")
+        return f"/tmp/neuralpipe-{os.getuid()}"
+
+
+class SupervisorConfig(_Model):
+    strategy: Literal["one_for_one", "rest_for_one"] = "one_for_one"
+    intensity: NonNegativeInt = 5
+    period_s: float = Field(30.0, gt=0)
+    backoff_initial_s: float = Field(0.01, ge=0)
+    backoff_max_s: float = 2.0
+
+    @model_validator(mode="after")
+    def _relations(self) -> SupervisorConfig:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise _KeyedError(
+                ("backoff_max_s",),
+                f"must be >= backoff_initial_s = {self.backoff_initial_s:g} (got {self.backoff_max_s:g})",
+            )
+        return self
+
+
+def _max_record_limit(capacity: int) -> int:
+    return d.default_max_record(capacity) * 2  # capacity // 2 - 16, what Ring.create accepts
+
+
+class RingConfig(_Model):
+    """The effective settings of one ring."""
+
+    capacity: Capacity = 1 << 20
+    max_record: NonNegativeInt = 0
+    wait: WaitKind = "block"
+    full: FullPolicy = "block"
+    spins: NonNegativeInt = 200
+    yields: NonNegativeInt = 20
+    park_timeout_s: ParkTimeout = 0.05
+
+    @model_validator(mode="after")
+    def _relations(self) -> RingConfig:
+        limit = _max_record_limit(self.capacity)
+        if self.max_record > limit:
+            raise _KeyedError(
+                ("max_record",),
+                f"must be 0 (capacity // 4 - 8) or 1..{limit} for capacity {self.capacity} (got {self.max_record})",
+            )
+        return self
+
+    def resolved_max_record(self) -> int:
+        """The largest record payload in bytes (``max_record``, or the default for 0)."""
+        return self.max_record or d.default_max_record(self.capacity)
+
+    def wait_strategy(self) -> WaitStrategy:
+        return WaitStrategy(self.wait, spins=self.spins, yields=self.yields, park_timeout_s=self.park_timeout_s)
+
+
+class RingOverride(_Model):
+    """Per-ring settings under ``[rings.<name>]``: each key left out falls back to ``[ring_defaults]``.
+
+    A separate model (not ``RingConfig``) because relations such as max_record vs capacity can only
+    be checked once merged with the defaults; ``Config.ring(name)`` does that."""
+
+    capacity: Capacity | None = None
+    max_record: NonNegativeInt | None = None
+    wait: WaitKind | None = None
+    full: FullPolicy | None = None
+    spins: NonNegativeInt | None = None
+    yields: NonNegativeInt | None = None
+    park_timeout_s: ParkTimeout | None = None
+
+
+class WorkerConfig(_Model):
+    stage: str
+    restart: Literal["permanent", "transient", "temporary"] = "permanent"
+    inputs: list[Annotated[str, AfterValidator(_ring_name)]] = []
+    outputs: list[Annotated[str, AfterValidator(_ring_name)]] = []
+    params: dict[str, Any] = {}
+
+    @field_validator("stage")
+    @classmethod
+    def _stage(cls, value: str) -> str:
+        value = STAGE_ALIASES.get(value, value)
+        if not _STAGE_REF.fullmatch(value):
+            raise ValueError(f"must be one of {', '.join(STAGE_ALIASES)} or 'package.module:ClassName' (got {value!r})")
+        return value
+
+    @field_validator("inputs", "outputs")
+    @classmethod
+    def _no_repeats(cls, value: list[str]) -> list[str]:
+        seen = set()
+        for ring in value:
+            if ring in seen:
+                raise ValueError(f"ring {ring!r} listed twice")
+            seen.add(ring)
+        return value
+
+
+def _default_workers() -> dict[str, WorkerConfig]:
+    """The embedded demo topology: counter -> relay -> verifying sink."""
+    return {
+        "source": WorkerConfig(
+            stage="counter", outputs=["source-relay"], params={"streams": 4, "batch": 16, "rate": 2000, "total": 0}
+        ),
+        "relay": WorkerConfig(stage="relay", inputs=["source-relay"], outputs=["relay-sink"]),
+        "sink": WorkerConfig(stage="verify", inputs=["relay-sink"]),
+    }
+
+
+class Config(_Model):
+    engine: EngineConfig = EngineConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    ring_defaults: RingConfig = RingConfig()
+    rings: dict[str, RingOverride] = {}
+    # Insertion order is the topology order (rest_for_one restarts the workers after a failed one).
+    workers: dict[str, WorkerConfig] = Field(default_factory=_default_workers)
+
+    @field_validator("rings", "workers")
+    @classmethod
+    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            try:
+                check_ring(name)
+            except NameError_ as exc:
+                raise _KeyedError((name,), str(exc).replace("ring name", "name")) from None
+        return value
+
+    @model_validator(mode="after")
+    def _topology(self) -> Config:
+        if not self.workers:
+            raise _KeyedError(("workers",), "at least one worker is required")
+        producers = _ends(self.workers, "outputs")
+        consumers = _ends(self.workers, "inputs")
+        for name, worker in self.workers.items():
+            both = set(worker.inputs) & set(worker.outputs)
+            if both:
+                ring = sorted(both)[0]
+                raise _KeyedError(("workers", name, "outputs"), f"ring {ring!r} is also an input of this worker")
+        _check_one_each(producers, consumers, "outputs", "producer", "inputs")
+        _check_one_each(consumers, producers, "inputs", "consumer", "outputs")
+        for ring in self.rings:
+            if ring not in producers and ring not in consumers:
+                raise _KeyedError(("rings", ring), "ring is used by no worker (in no worker's inputs or outputs)")
+            self._merged_ring(ring)
+        return self
+
+    def _merged_ring(self, name: str) -> RingConfig:
+        override = self.rings.get(name)
+        if override is None:
+            return self.ring_defaults
+        merged = self.ring_defaults.model_dump() | override.model_dump(exclude_none=True)
+        try:
+            return RingConfig.model_validate(merged)
+        except ValidationError as exc:
+            loc, reason = _describe(exc.errors()[0])
+            raise _KeyedError(("rings", name, *loc), reason) from None
+
+    def ring(self, name: str) -> RingConfig:
+        """The effective settings of ring ``name``: its ``[rings.<name>]`` over ``[ring_defaults]``."""
+        if name not in self.ring_names():
+            raise KeyError(f"ring {name!r} is not in the topology")
+        return self._merged_ring(name)
+
+    def ring_names(self) -> list[str]:
+        """Every ring of the topology, in the order of the workers that produce them."""
+        return [ring for worker in self.workers.values() for ring in worker.outputs]
+
+
+def _ends(workers: Mapping[str, WorkerConfig], side: str) -> dict[str, list[str]]:
+    """ring -> names of the workers that list it in ``side`` (inputs or outputs)."""
+    ends: dict[str, list[str]] = {}
+    for name, worker in workers.items():
+        for ring in getattr(worker, side):
+            ends.setdefault(ring, []).append(name)
+    return ends
+
+
+def _check_one_each(
+    ends: dict[str, list[str]], others: dict[str, list[str]], side: str, role: str, other_side: str
+) -> None:
+    """Each ring in ``ends`` has exactly one worker on this side and at least one on the other
+    (exactly one there is checked by the mirrored call)."""
+    for ring, names in ends.items():
+        if len(names) > 1:
+            raise _KeyedError(
+                ("workers", names[1], side),
+                f"ring {ring!r} already has the {role} {names[0]!r} (a ring has exactly one {role})",
+            )
+        if ring not in others:
+            missing = "consumer" if role == "producer" else "producer"
+            raise _KeyedError(
+                ("workers", names[0], side), f"ring {ring!r} has no {missing} (no worker lists it in {other_side})"
+            )
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read, override and validate the configuration; raises :class:`ConfigError`.
+
+    ``path`` None means no file (the built-in defaults and demo topology); ``env`` defaults to
+    ``os.environ``. A file without ``[workers]`` gets the demo topology too."""
+    data = _read_toml(path) if path is not None else {}
+    from_env = _apply_env(data, os.environ if env is None else env)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        source = path if path is not None else "defaults"
+        raise ConfigError([_message(error, source, from_env) for error in exc.errors()]) from None
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:  # its message ends with "(at line L, column C)"
+        raise ConfigError([f"{path}: TOML syntax error: {exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}"]) from None
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[tuple[str, str], str]:
+    """Write the environment overrides into ``data``; returns key path -> variable, for messages.
+
+    An empty variable counts as unset (the usual convention of env files and containers)."""
+    from_env: dict[tuple[str, str], str] = {}
+    for var, (section, key) in ENV_OVERRIDES.items():
+        raw = env.get(var, "")
+        if not raw:
+            continue
+        value: str | int = raw
+        if var in _ENV_INTEGERS:
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ConfigError([f"{var}: {section}.{key}: must be an integer (got {raw!r})"]) from None
+        table = data.setdefault(section, {})
+        if isinstance(table, dict):  # else the file's own error about the section is reported
+            table[key] = value
+            from_env[(section, key)] = var
+    return from_env
+
+
+def _message(error: Any, source: str, from_env: Mapping[tuple[str, str], str]) -> str:
+    loc, reason = _describe(error)
+    source = from_env.get(tuple(loc[:2]), source)
+    return f"{source}: {_key_path(loc)}: {reason}" if loc else f"{source}: {reason}"
+
+
+_TYPE_NAMES = {
+    "int": "an integer",
+    "float": "a number",
+    "string": "a string",
+    "bool": "true or false",
+    "list": "an array",
+    "dict": "a table",
+    "model": "a table",
+}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _describe(error: Any) -> tuple[tuple[str | int, ...], str]:
+    """(key path, reason) of one pydantic error, in the words of a TOML file's author."""
+    kind, loc, ctx = error["type"], tuple(error["loc"]), error.get("ctx") or {}
+    got = f" (got {_short(error['input'])})"
+    if isinstance(ctx.get("error"), _KeyedError):
+        return loc + ctx["error"].path, ctx["error"].reason
+    if kind == "value_error":
+        return loc, str(ctx.get("error", error["msg"]))
+    if kind == "extra_forbidden":
+        return loc, "unknown key" + _suggestion(loc)
+    if kind == "missing":
+        return loc, "required key is missing"
+    if kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", ctx["expected"])
+        return loc, f"must be one of {', '.join(choices)}" + got
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        return loc, f"must be {_BOUNDS[kind]} {bound:g}" + got
+    if kind == "finite_number":
+        return loc, "must be a finite number" + got
+    if kind == "string_too_short":
+        return loc, "must not be empty"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        wanted = _TYPE_NAMES.get(kind.split("_")[0], kind)
+        return loc, f"must be {wanted}" + got
+    return loc, error["msg"] + got
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _suggestion(loc: tuple[str | int, ...]) -> str:
+    """A close known key, for typos: ``(did you mean 'heartbeat_interval_s'?)``."""
+    model = _model_at(loc[:-1])
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The model class that validates the table at ``loc`` (dict levels skip their keys)."""
+    model: type[BaseModel] = Config
+    parts = list(loc)
+    while parts:
+        field = model.model_fields.get(parts.pop(0))
+        if field is None:
+            return None
+        annotation = field.annotation
+        if getattr(annotation, "__origin__", None) is dict:
+            annotation = annotation.__args__[1]
+            if not parts:
+                return None
+            parts.pop(0)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _key_path(loc: tuple[str | int, ...]) -> str:
+    """Dotted TOML key path, quoting parts that are not bare keys (ring names may hold dots);
+    array items as ``[index]``."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += ("." if path else "") + (part if _BARE_KEY.fullmatch(part) else json.dumps(part))
+    return path
+
+
+# -- rendering ------------------------------------------------------------------------------------
+
+
+def render_config(cfg: Config, as_json: bool = False) -> str:
+    """The configuration as TOML, which :func:`load_config` reads back to an equal Config, or as
+    JSON for tools.
+
+    ``[rings]`` shows the overrides as written; every other ring uses ``[ring_defaults]``."""
+    if as_json:  # mode="json": TOML dates and times in params become ISO strings
+        return json.dumps(cfg.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
+    import tomli_w
+
+    return tomli_w.dumps(cfg.model_dump(exclude_none=True))
