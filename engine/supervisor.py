@@ -332,12 +332,13 @@ class Supervisor:
                     self._on_exit(h)
 
     def _terminate(self, h: WorkerHandle, why: str) -> None:
-        """Stop one worker now: ask, then SIGKILL after the stop timeout."""
+        """Stop one worker now (rest_for_one): SIGTERM, which a worker obeys at once even before
+        it has connected its control socket, then SIGKILL after a second."""
+        h.restart_due = None
         if not h.alive:
-            h.restart_due = None
             return
-        self._send(h.name, "stop")
-        h.process.join(self.cfg.engine.stop_timeout_s)
+        h.process.terminate()
+        h.process.join(1.0)
         if h.process.exitcode is None:
             self.log.warning("worker_killed", worker=h.name, reason=why)
             h.process.kill()

@@ -33,7 +33,9 @@ Producer stats (written by the producer only)::
 
     640 PRODUCER_PID, 648 PRODUCER_HEARTBEAT_NS, 656 RECORDS_WRITTEN, 664 BACKPRESSURE_EVENTS,
     672 DROPS, 680 LAST_RECORD (byte offset in the segment of the last committed record's header,
-    0 before the first; lets a restarted producer read back what it published last)
+    0 before the first; lets a restarted producer read back what it published last),
+    688 CLAIM (write cursor + 1 where the producer holds an open claim; a claim is open exactly
+    when CLAIM == WRITE_CURSOR + 1, so a commit, which moves the cursor, closes it for free)
 
 Consumer stats (written by the consumer only)::
 
@@ -53,10 +55,10 @@ Records in the data area are 8-byte aligned::
     | length u32 (payload bytes)| type u32                  | payload (length bytes) | pad |
     +---------------------------+---------------------------+------------------------+-----+
 
-The 8-byte record header is read and written as one u64: ``type << 32 | length``. ``TYPE_PADDING``
-fills the tail of the data area when a record would not fit before the wrap. A claimed but not
-yet committed record carries ``TYPE_PENDING_BIT`` in its type; it is never visible to the consumer
-because the write cursor only moves past it on commit.
+The 8-byte record header is read and written as one u64: ``type << 32 | length``, at commit,
+before the write cursor moves past the record; a claimed but uncommitted record is thus never
+visible. ``TYPE_PADDING`` fills the tail of the data area when a record would not fit before the
+wrap.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ RECORDS_WRITTEN_OFFSET = PRODUCER_PID_OFFSET + 16
 BACKPRESSURE_OFFSET = PRODUCER_PID_OFFSET + 24
 DROPS_OFFSET = PRODUCER_PID_OFFSET + 32
 LAST_RECORD_OFFSET = PRODUCER_PID_OFFSET + 40
+CLAIM_OFFSET = PRODUCER_PID_OFFSET + 48
 
 # consumer stats block
 CONSUMER_PID_OFFSET = 6 * BLOCK
@@ -110,9 +113,8 @@ FLAG_DROP_WHEN_FULL = 1
 RECORD_ALIGNMENT = 8
 RECORD_HEADER_SIZE = 8
 TYPE_PADDING = 1
-TYPE_PENDING_BIT = 1 << 31
 TYPE_MIN_USER = 16
-TYPE_MAX_USER = TYPE_PENDING_BIT - 1
+TYPE_MAX_USER = (1 << 31) - 1
 LENGTH_MASK = 0xFFFFFFFF
 
 MIN_CAPACITY = 4096

@@ -55,6 +55,8 @@ def list_segments(instance: str | None = None, grace_s: float = 5.0) -> list[Seg
             locked = owner_alive(name)
         except FileNotFoundError:
             continue  # removed while we looked
+        except PermissionError:
+            locked = True  # another user's segment: never ours to judge or remove
         age = now - st.st_mtime
         live = locked or (age < grace_s and not _has_magic(path))
         found.append(SegmentInfo(name, parsed[0], parsed[1], st.st_size, live, age))

@@ -50,6 +50,7 @@ _W_RECORDS_WRITTEN = d.word(d.RECORDS_WRITTEN_OFFSET)
 _W_BACKPRESSURE = d.word(d.BACKPRESSURE_OFFSET)
 _W_DROPS = d.word(d.DROPS_OFFSET)
 _W_LAST_RECORD = d.word(d.LAST_RECORD_OFFSET)
+_W_CLAIM = d.word(d.CLAIM_OFFSET)
 _W_CONSUMER_PID = d.word(d.CONSUMER_PID_OFFSET)
 _W_CONSUMER_HEARTBEAT = d.word(d.CONSUMER_HEARTBEAT_OFFSET)
 _W_RECORDS_READ = d.word(d.RECORDS_READ_OFFSET)
@@ -58,7 +59,6 @@ _W_UNBLOCKS = d.word(d.UNBLOCKS_OFFSET)
 
 _HDR = d.HEADER_SIZE
 _PAD = d.TYPE_PADDING
-_PENDING = d.TYPE_PENDING_BIT
 _LEN_MASK = d.LENGTH_MASK
 _TYPE_MIN = d.TYPE_MIN_USER
 _TYPE_MAX = d.TYPE_MAX_USER
@@ -318,7 +318,7 @@ class Producer(_Side):
             q[(_HDR + index) >> 3] = _PAD << 32 | (to_end - 8)
             index = 0
         header = (_HDR + index) >> 3
-        q[header] = _PENDING << 32 | length
+        q[_W_CLAIM] = pos + 1  # lets the owner see a claim left open by a producer that died
         self._claim_header = header
         self._claim_end = end
         self._claim_length = length
@@ -374,7 +374,7 @@ class Producer(_Side):
     def abort(self) -> None:
         """Forget the open claim; nothing was published."""
         if self._claim_header >= 0:
-            self._q[self._claim_header] = 0
+            self._q[_W_CLAIM] = 0
             self._claim_header = -1
 
     def claim(self, length: int, timeout: float | None = None) -> memoryview | None:
@@ -552,25 +552,11 @@ def _read_doorbell_dir(buf: memoryview) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def _claim_header_offset(capacity: int, write: int, type_at) -> int:
-    """Byte offset in the segment of the header of a claim open at write cursor ``write``: the
-    cursor's own slot, or the start of the data area when the claim wrapped (the cursor's slot
-    then holds the padding record written with it). ``type_at(offset)`` reads a record type."""
-    at = _HDR + (write & (capacity - 1))
-    return _HDR if type_at(at) == _PAD else at
-
-
 def _snapshot(name: str, q: memoryview, buf) -> RingHeader:
     write = q[_W_WRITE]
-    capacity = q[_W_CAPACITY]
-
-    def type_at(at: int) -> int:
-        return int.from_bytes(buf[at + 4 : at + 8], "little") if at + 8 <= len(buf) else 0
-
-    pending = type_at(_claim_header_offset(capacity, write, type_at)) & _PENDING
     return RingHeader(
         name=name,
-        capacity=capacity,
+        capacity=q[_W_CAPACITY],
         max_record=q[_W_MAX_RECORD],
         drop_when_full=bool(q[d.word(d.FLAGS_OFFSET)] >> 32 & d.FLAG_DROP_WHEN_FULL),
         created_ns=q[_W_CREATED],
@@ -589,7 +575,7 @@ def _snapshot(name: str, q: memoryview, buf) -> RingHeader:
         unblocks=q[_W_UNBLOCKS],
         consumer_waiting=bool(q[_W_CONSUMER_WAITING]),
         producer_waiting=bool(q[_W_PRODUCER_WAITING]),
-        pending_claim=bool(pending),
+        pending_claim=q[_W_CLAIM] == write + 1,
         doorbell_dir=_read_doorbell_dir(buf),
     )
 
@@ -600,10 +586,9 @@ def unblock(q: memoryview) -> bool:
     The claim was never published, so clearing it loses nothing that any consumer saw; the
     producer's successor resumes at the unchanged write cursor and overwrites the torn bytes.
     """
-    header = _claim_header_offset(q[_W_CAPACITY], q[_W_WRITE], lambda at: q[at >> 3] >> 32) >> 3
-    torn = bool(q[header] >> 32 & _PENDING)
+    torn = q[_W_CLAIM] == q[_W_WRITE] + 1
     if torn:
-        q[header] = 0
+        q[_W_CLAIM] = 0
         q[_W_UNBLOCKS] += 1
     q[_W_PRODUCER_PID] = 0
     q[_W_PRODUCER_WAITING] = 0
