@@ -152,5 +152,38 @@ def stop(path: str | None, instance: str | None, timeout: float, as_json: bool) 
         raise SystemExit(1)
 
 
+def _worker_command(command: str, path: str | None, instance: str | None, worker: str, as_json: bool) -> None:
+    from engine.client import request
+
+    info = _engine(path, instance)
+    try:
+        reply = request(info["control"], command, worker=worker)
+    except TimeoutError as exc:
+        raise click.ClickException(str(exc)) from None
+    if reply["type"] == "error":
+        raise click.ClickException(reply.get("message", "refused"))
+    _emit({"worker": worker, command: True}, as_json, f"{worker}: {command} sent")
+
+
+@main.command()
+@click.argument("worker")
+@click.option("--config", "path", type=click.Path(exists=True, dir_okay=False), help="TOML config file.")
+@click.option("--instance", help="Engine instance id (default: the only one running).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def pause(worker: str, path: str | None, instance: str | None, as_json: bool) -> None:
+    """Pause a worker: it stops processing (its input ring fills) but keeps its heartbeats."""
+    _worker_command("pause", path, instance, worker, as_json)
+
+
+@main.command()
+@click.argument("worker")
+@click.option("--config", "path", type=click.Path(exists=True, dir_okay=False), help="TOML config file.")
+@click.option("--instance", help="Engine instance id (default: the only one running).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def resume(worker: str, path: str | None, instance: str | None, as_json: bool) -> None:
+    """Resume a paused worker."""
+    _worker_command("resume", path, instance, worker, as_json)
+
+
 if __name__ == "__main__":
     main()

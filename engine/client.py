@@ -34,7 +34,7 @@ def find_engine(base: str, instance: str | None = None) -> dict[str, Any]:
     return running[0]
 
 
-def request(endpoint: str, msg_type: str, timeout_s: float = 3.0) -> dict[str, Any]:
+def request(endpoint: str, msg_type: str, timeout_s: float = 3.0, **fields: Any) -> dict[str, Any]:
     """Send one request to the supervisor's control ROUTER and return its reply."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
@@ -42,7 +42,7 @@ def request(endpoint: str, msg_type: str, timeout_s: float = 3.0) -> dict[str, A
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(endpoint)
-        sock.send(control.encode(msg_type))
+        sock.send(control.encode(msg_type, **fields))
         if not sock.poll(int(timeout_s * 1000)):
             raise TimeoutError(f"supervisor at {endpoint} did not answer {msg_type!r} within {timeout_s:g} s")
         return control.decode(sock.recv(), control.REPLIES)

@@ -26,6 +26,9 @@ Client -> supervisor, answered on the same socket:
 
     status     {}          -> status {instance, pid, uptime_s, workers: [...], rings: [...], pas}
     shutdown   {}          -> ack {} ; the supervisor then drains and stops
+    pause      {worker}    -> ack {} ; forwarded to the worker (resume likewise)
+    resume     {worker}    -> ack {}
+    (a request the supervisor cannot serve is answered error {message})
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ MAX_MESSAGE_BYTES = 1 << 20
 
 WORKER_TO_SUPERVISOR = frozenset({"hello", "ready", "heartbeat", "error"})
 SUPERVISOR_TO_WORKER = frozenset({"pause", "resume", "drain", "stop", "reconfigure"})
-CLIENT_REQUESTS = frozenset({"status", "shutdown"})
+CLIENT_REQUESTS = frozenset({"status", "shutdown", "pause", "resume"})
 REPLIES = frozenset({"status", "ack", "error"})
 ALL_TYPES = WORKER_TO_SUPERVISOR | SUPERVISOR_TO_WORKER | CLIENT_REQUESTS | REPLIES
 

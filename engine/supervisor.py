@@ -402,6 +402,18 @@ class Supervisor:
                 self._send(identity, "ack")
                 self.log.info("shutdown_requested", client=identity)
                 self.stopping = True
+            elif msg["type"] in ("pause", "resume"):
+                self._forward(identity, msg)
+
+    def _forward(self, client: str, msg: dict[str, Any]) -> None:
+        """Pass a client's pause/resume to the named worker."""
+        target = self.workers.get(str(msg.get("worker")))
+        if target is None or not target.alive:
+            self._send(client, "error", message=f"no running worker named {msg.get('worker')!r}")
+            return
+        self._send(target.name, msg["type"])
+        self._send(client, "ack")
+        self.log.info("worker_" + msg["type"], worker=target.name, client=client)
 
     def _on_worker_message(self, h: WorkerHandle, msg: dict[str, Any]) -> None:
         h.last_heartbeat = time.monotonic()

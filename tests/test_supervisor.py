@@ -181,3 +181,21 @@ def test_bad_config_is_refused_with_the_key_named(tmp_path):
     )
     assert out.returncode != 0
     assert b"supervisor.strategy" in out.stderr
+
+
+@pytest.mark.timeout(60)
+def test_pause_and_resume_a_worker(engine_factory):
+    engine = engine_factory(pipeline_config(rate=4000)).start()
+    wait_for(lambda: engine.worker("relay")["processed"] > 10, 10, "relay processing")
+    cli = [sys.executable, "-m", "engine.cli"]
+    subprocess.run([*cli, "pause", "relay"], env=engine.env(), capture_output=True, timeout=20, check=True)
+    wait_for(lambda: engine.worker("relay")["state"] == "paused", 5, "relay paused")
+    frozen = engine.worker("relay")["processed"]
+    backlog = wait_for(lambda: (r := engine.status()["rings"][0])["used"] > 0 and r, 5, "input ring filling")
+    assert engine.worker("relay")["processed"] == frozen
+    assert backlog["name"] == "source-relay"
+    subprocess.run([*cli, "resume", "relay"], env=engine.env(), capture_output=True, timeout=20, check=True)
+    wait_for(lambda: engine.worker("relay")["processed"] > frozen, 5, "relay processing again")
+    refused = subprocess.run([*cli, "pause", "nobody"], env=engine.env(), capture_output=True, timeout=20)
+    assert refused.returncode != 0 and b"no running worker named 'nobody'" in refused.stderr
+    assert engine.stop() == 0
