@@ -191,7 +191,7 @@ class _Side:
             data_path, space_path = _doorbell_paths(doorbell_dir, name)
             self.data_bell, self.space_bell = Doorbell(data_path), Doorbell(space_path)
         elif wait.blocks:
-            self.close()
+            _Side.close(self)  # not the subclass's close: that side was never set up
             raise RingError(f"ring {name!r} has no doorbell directory; wait strategy {wait.kind!r} needs one")
 
     def heartbeat(self) -> None:
@@ -268,7 +268,7 @@ class Producer(_Side):
         q = self._q
         other = q[_W_PRODUCER_PID]
         if other and other != os.getpid() and _pid_alive(other):
-            self.close()
+            _Side.close(self)  # detach only: the live producer's header words are not ours to touch
             raise RingError(f"ring {name!r} already has a live producer (pid {other})")
         if other:
             unblock(q)
@@ -433,7 +433,7 @@ class Consumer(_Side):
         q = self._q
         other = q[_W_CONSUMER_PID]
         if other and other != os.getpid() and _pid_alive(other):
-            self.close()
+            _Side.close(self)  # detach only: the live consumer's header words are not ours to touch
             raise RingError(f"ring {name!r} already has a live consumer (pid {other})")
         q[_W_CONSUMER_PID] = os.getpid()
         self._pos = q[_W_READ]  # position after the last record handed out
