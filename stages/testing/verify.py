@@ -5,7 +5,8 @@ and measures end-to-end latency from each batch's ``recv_ns``.
 Its state (next expected sequence per stream, counters) lives in ``ctx.state_array``, written
 before the input is released, so a sink killed at any point resumes without miscounting.
 
-Params: ``streams`` (largest stream id + 1 it accepts, 4096), ``latency_budget_ms`` (50).
+Params: ``streams`` (largest stream id + 1 it accepts, 4096), ``latency_budget_ms`` (50),
+``progress_every_s`` (2; how often it logs ``sink_progress``).
 Stats (sent with heartbeats, and the engine's egress numbers for PAS): ``messages`` tokens
 delivered once, ``duplicates`` tokens dropped as already seen, ``gaps`` tokens missing,
 ``batches``, ``batches_within_budget``, ``foreign`` rows with a stream id out of range.
@@ -31,6 +32,8 @@ class VerifyingSink(Stage):
         self.budget_ns = int(float(ctx.params.get("latency_budget_ms", 50)) * 1e6)
         self.next_seq = ctx.state_array("next_seq", "u8", self.streams)
         self.counts = ctx.state_array("counts", "u8", len(_COUNTERS))
+        self.progress_every_s = float(ctx.params.get("progress_every_s", 2.0))
+        self._progress = (time.monotonic(), int(self.counts[0]))
 
     def do_work(self) -> int:
         handled = 0
@@ -43,7 +46,24 @@ class VerifyingSink(Stage):
             view.release()
             handled += 1
         self.inp.release()  # after the state above is written: a restart never double counts
+        self._report_progress()
         return handled
+
+    def _report_progress(self) -> None:
+        """Log delivered tokens and their rate now and then, so a person sees tokens flowing."""
+        now = time.monotonic()
+        since, before = self._progress
+        if now - since < self.progress_every_s:
+            return
+        delivered = int(self.counts[0])
+        self._progress = (now, delivered)
+        self.ctx.log.info(
+            "sink_progress",
+            tokens=delivered,
+            tokens_per_s=round((delivered - before) / (now - since)),
+            gaps=int(self.counts[2]),
+            duplicates_dropped=int(self.counts[1]),
+        )
 
     def check(self, batch) -> None:
         counts, next_seq = self.counts, self.next_seq
