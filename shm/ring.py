@@ -465,17 +465,25 @@ class Consumer(_Side):
         word = q[(_HDR + index) >> 3]
         record_type = word >> 32
         if record_type == _PAD:
+            if index + (word & _LEN_MASK) + 8 != self.capacity:
+                raise RingCorrupt(
+                    f"ring {self.name!r}: bad padding at position {pos} (length {word & _LEN_MASK}) "
+                    "does not end at the end of the data area"
+                )
             pos += (word & _LEN_MASK) + 8
             index = 0
             word = q[_HDR >> 3]
             record_type = word >> 32
         length = word & _LEN_MASK
-        if record_type < _TYPE_MIN or length > self.max_record:
+        end = pos + ((length + 15) & ~7)
+        # a valid record ends at or before any write cursor value published after its start
+        if not _TYPE_MIN <= record_type <= _TYPE_MAX or length > self.max_record or end > self._available:
             raise RingCorrupt(
-                f"ring {self.name!r}: bad record header at position {pos} (type {record_type}, length {length})"
+                f"ring {self.name!r}: bad record header at position {pos} (type {record_type}, length {length}, "
+                f"write cursor {self._available})"
             )
         self._previous = self._pos
-        self._pos = pos + ((length + 15) & ~7)
+        self._pos = end
         self._unreleased += 1
         return record_type, self._data[index + 8 : index + 8 + length]
 
