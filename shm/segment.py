@@ -84,5 +84,8 @@ def close_segment(seg: shared_memory.SharedMemory) -> None:
         seg.close()
     except BufferError:
         with contextlib.suppress(OSError):
+            # the mmap, alive with the views, holds a dup of the descriptor and thus the lock
+            fcntl.flock(seg._fd, fcntl.LOCK_UN)
+        with contextlib.suppress(OSError):
             os.close(seg._fd)
         seg._fd, seg._buf, seg._mmap = -1, None, None
