@@ -15,6 +15,9 @@ import os
 import select
 
 
+_PIPE_CAPACITY = 1 << 16  # Linux's default pipe buffer
+
+
 def create_fifo(path: str) -> None:
     """Make the FIFO at ``path`` (mode 0600); an existing FIFO there is reused."""
     try:
@@ -45,10 +48,12 @@ class Doorbell:
             os.write(self.fd, b"\x01")
 
     def drain(self) -> None:
-        """Consume pending rings so the next poll blocks until a new one."""
+        """Consume pending rings so the next poll blocks until a new one. One read of the pipe's
+        whole capacity suffices (a second would only cost a syscall and an EAGAIN): a ring
+        written just after only makes the next poll return at once, and the caller re-checks
+        its ring anyway."""
         with contextlib.suppress(BlockingIOError):
-            while os.read(self.fd, 4096):
-                pass
+            os.read(self.fd, _PIPE_CAPACITY)
 
     def wait(self, timeout_s: float) -> bool:
         """Block until rung or ``timeout_s`` passes; True when rung."""

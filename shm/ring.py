@@ -214,7 +214,7 @@ class _Side:
             if deadline is not None:
                 timeout = min(timeout, max(0.0, deadline - time.monotonic()))
             rung = bell.wait(timeout)
-            if not rung and ready() and self.role == "consumer":
+            if not rung and self.role == "consumer" and ready():
                 q[_W_LOST_WAKEUPS] += 1
         finally:
             q[flag_word] = 0
@@ -227,14 +227,17 @@ class _Side:
         while True:
             if ready():
                 return True
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
             spins += 1
+            # the clock costs more than a spin: look at it every 64 spins (and after parking)
+            if deadline is not None and spins & 63 == 0 and time.monotonic() >= deadline:
+                return False
             if spins <= wait.spins:
                 continue
             if wait.blocks and spins > wait.spins + wait.yields:
                 self.heartbeat()
                 self._park(flag_word, ready, bell, deadline)
+                if deadline is not None and time.monotonic() >= deadline:
+                    return ready()
             elif wait.kind != "spin":
                 os.sched_yield()
 
