@@ -14,7 +14,6 @@ import errno
 import os
 import select
 
-
 _PIPE_CAPACITY = 1 << 16  # Linux's default pipe buffer
 
 

@@ -204,9 +204,7 @@ class _Side:
     def _park(self, flag_word: int, ready, bell: Doorbell, deadline: float | None) -> None:
         """Sleep on ``bell`` until ``ready()`` or the deadline; the other side rings only while
         ``flag_word`` is set, so the fast path never makes a system call."""
-        q = self._q
-        q[flag_word] = 1
-        _fence()
+        self._declare_waiting(flag_word, bell)
         try:
             if ready():
                 return
@@ -215,10 +213,18 @@ class _Side:
                 timeout = min(timeout, max(0.0, deadline - time.monotonic()))
             rung = bell.wait(timeout)
             if not rung and self.role == "consumer" and ready():
-                q[_W_LOST_WAKEUPS] += 1
+                self._q[_W_LOST_WAKEUPS] += 1
         finally:
-            q[flag_word] = 0
-            bell.drain()
+            self._q[flag_word] = 0
+
+    def _declare_waiting(self, flag_word: int, bell: Doorbell) -> None:
+        """Raise our waiting flag, then forget old rings; the caller then re-checks its ring
+        before sleeping. The fence orders the flag store before that check (the one store-load
+        pair x86 may reorder); draining here, not after waking, keeps a syscall off the wake path.
+        A ring that comes between the drain and the check is harmless: the check sees the data."""
+        self._q[flag_word] = 1
+        _fence()
+        bell.drain()
 
     def _wait_until(self, ready, flag_word: int, bell: Doorbell | None, deadline: float | None) -> bool:
         """Idle with this ring's wait strategy until ``ready()``; False at the deadline."""
@@ -365,14 +371,11 @@ class Producer(_Side):
         """For event loops that poll ``space_bell`` with other fds: declare this producer asleep
         until the consumer frees space. Returns False when space was freed meanwhile (do not
         sleep; call :meth:`end_wait`)."""
-        q = self._q
-        q[_W_PRODUCER_WAITING] = 1
-        _fence()
-        return q[_W_READ] + self.capacity <= self._limit
+        self._declare_waiting(_W_PRODUCER_WAITING, self.space_bell)
+        return self._q[_W_READ] + self.capacity <= self._limit
 
     def end_wait(self) -> None:
         self._q[_W_PRODUCER_WAITING] = 0
-        self.space_bell.drain()
 
     def abort(self) -> None:
         """Forget the open claim; nothing was published."""
@@ -541,14 +544,11 @@ class Consumer(_Side):
         """For event loops that poll ``data_bell`` with other fds: declare this consumer asleep.
 
         Returns False when data arrived meanwhile (do not sleep; call :meth:`end_wait`)."""
-        q = self._q
-        q[_W_CONSUMER_WAITING] = 1
-        _fence()
-        return q[_W_WRITE] <= self._pos
+        self._declare_waiting(_W_CONSUMER_WAITING, self.data_bell)
+        return self._q[_W_WRITE] <= self._pos
 
     def end_wait(self) -> None:
         self._q[_W_CONSUMER_WAITING] = 0
-        self.data_bell.drain()
 
     def close(self) -> None:
         if getattr(self, "_q", None) is not None:
