@@ -40,10 +40,16 @@ class WorkerContext:
     inputs: list[Consumer]
     outputs: list[Producer]
     log: JsonLogger
+    runtime_dir: str
     state_dir: str
     incarnation: int
     draining: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def endpoint(self, name: str) -> str:
+        """``ipc://`` endpoint for a socket this worker binds, inside the supervisor's runtime
+        directory (the supervisor owns the path and removes it with the directory)."""
+        return f"ipc://{os.path.join(self.runtime_dir, name)}.sock"
 
     def state_array(self, key: str, dtype: str, shape: int | tuple[int, ...]) -> np.ndarray:
         """A zero-initialised array that survives restarts of this worker (not of the engine).

@@ -145,6 +145,7 @@ class Supervisor:
             inputs=ends(wcfg.inputs),
             outputs=ends(wcfg.outputs),
             control_endpoint=self.dir.control_endpoint,
+            runtime_dir=self.dir.path,
             state_dir=self.dir.state,
             supervisor_pid=os.getpid(),
             heartbeat_interval_s=self.cfg.engine.heartbeat_interval_s,
@@ -161,6 +162,7 @@ class Supervisor:
                 "metrics_port": self.metrics_port,
                 "metrics_host": self.cfg.engine.metrics_host,
                 "started": self.started,
+                "runtime_dir": self.dir.path,
                 "state": state,
             }
         )

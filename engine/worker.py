@@ -52,6 +52,7 @@ class WorkerSpec:
     inputs: tuple[RingEnd, ...]
     outputs: tuple[RingEnd, ...]
     control_endpoint: str
+    runtime_dir: str
     state_dir: str
     supervisor_pid: int
     incarnation: int = 0
@@ -105,6 +106,7 @@ class _Runtime:
             inputs=self.inputs,
             outputs=self.outputs,
             log=self.log,
+            runtime_dir=spec.runtime_dir,
             state_dir=spec.state_dir,
             incarnation=spec.incarnation,
         )
