@@ -32,6 +32,26 @@ def bench_ipc(as_json: bool, quick: bool, payloads: tuple[int, ...], transports:
     ipc.main(as_json=as_json, quick=quick, payloads=payloads, transports=transports, output=output)
 
 
+@bench.command("recovery")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quick", is_flag=True, help="3 kills: a smoke run, not a measurement.")
+def bench_recovery(as_json: bool, quick: bool) -> None:
+    """Kill workers of a real engine with SIGKILL: time to detect, respawn and flow again."""
+    from neuralpipe_bench import recovery
+
+    recovery.main(as_json=as_json, quick=quick)
+
+
+@bench.command("idle")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quick", is_flag=True, help="A 2 s idle window and 3 checks: a smoke run, not a measurement.")
+def bench_idle(as_json: bool, quick: bool) -> None:
+    """CPU use of an idle engine's processes, and how long `neuralpipe check` takes."""
+    from neuralpipe_bench import idle
+
+    idle.main(as_json=as_json, quick=quick)
+
+
 @main.command()
 @click.option("--instance", help="Engine instance id (default: every instance found).")
 @click.option("--clean", is_flag=True, help="Remove segments left by dead engine instances (never a live one's).")
@@ -183,6 +203,38 @@ def pause(worker: str, path: str | None, instance: str | None, as_json: bool) ->
 def resume(worker: str, path: str | None, instance: str | None, as_json: bool) -> None:
     """Resume a paused worker."""
     _worker_command("resume", path, instance, worker, as_json)
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--model", default="", help="Model name to route by (default: any upstream's).")
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=None, help="Sampling temperature (0 = deterministic).")
+@click.option("--config", "path", type=click.Path(exists=True, dir_okay=False), help="TOML config file.")
+@click.option("--instance", help="Engine instance id (default: the only one running).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def submit(
+    prompt: str,
+    model: str,
+    max_tokens: int,
+    temperature: float | None,
+    path: str | None,
+    instance: str | None,
+    as_json: bool,
+) -> None:
+    """Submit a chat prompt to the engine's ingest; prints the new stream id at once."""
+    from engine.requests import RequestClient, RequestError, ingest_endpoint
+
+    info = _engine(path, instance)
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+    if temperature is not None:
+        body["temperature"] = temperature
+    try:
+        with RequestClient(ingest_endpoint(info["runtime_dir"])) as client:
+            stream_id = client.submit(body)
+    except (RequestError, TimeoutError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _emit({"stream_id": stream_id}, as_json, f"stream {stream_id}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ STAGE_ALIASES = {
     "relay": "stages.testing.relay:Relay",
     "verify": "stages.testing.verify:VerifyingSink",
     "async_counter": "stages.testing.async_counter:AsyncCountingSource",
+    "ingest": "stages.ingest.stage:Ingest",
 }
 
 # Environment variable -> (section, key) it overrides. Only what operators change per host.

@@ -1,0 +1,161 @@
+"""Generation requests: the wire protocol of the ingest ROUTER, its validation, and a client.
+
+The ingest worker binds a ROUTER at ``ipc://<runtime dir>/<instance>/ingest.sock``. A client
+connects a DEALER and sends one JSON object per frame:
+
+    submit  {body, endpoint?, client?}   -> accepted {stream_id} | rejected {reason}
+    cancel  {stream_id}                  -> cancelled {stream_id} | rejected {reason}
+
+``body`` is an OpenAI chat/completions request body (``stream`` is forced on); ``endpoint`` is
+"chat" (default) or "completions"; ``client`` names the client identity for rate limits (default:
+the DEALER's identity). The stream id is assigned at once, before any upstream is contacted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any
+
+import orjson
+import zmq
+
+MAX_REQUEST_BYTES = 1 << 20
+MAX_MESSAGES = 512
+MAX_CONTENT_BYTES = 256 * 1024
+MAX_TOKENS_LIMIT = 32768
+ENDPOINTS = ("chat", "completions")
+ROLES = ("system", "user", "assistant", "tool", "developer")
+SOCKET_NAME = "ingest"
+
+
+class RequestError(ValueError):
+    """A request that is not valid; the message names the field and the reason."""
+
+
+def _content_size(content: Any, where: str) -> int:
+    if isinstance(content, str):
+        return len(content.encode())
+    if isinstance(content, list):  # OpenAI content parts: [{"type": "text", "text": ...}, ...]
+        total = 0
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("text", ""), str):
+                raise RequestError(f"{where}[{i}]: content parts must be objects with a string 'text'")
+            total += len(part.get("text", "").encode())
+        return total
+    raise RequestError(f"{where}: must be a string or a list of content parts")
+
+
+def _check_number(body: dict, key: str, low: float, high: float, integer: bool = False) -> None:
+    if key not in body or body[key] is None:
+        return
+    value = body[key]
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+        raise RequestError(f"body.{key}: must be {'an integer' if integer else 'a number'} in [{low}, {high}]")
+
+
+def validate_body(body: Any, endpoint: str) -> dict[str, Any]:
+    """Check an OpenAI request body; return it with ``stream`` forced on."""
+    if endpoint not in ENDPOINTS:
+        raise RequestError(f"endpoint: must be one of {', '.join(ENDPOINTS)} (got {endpoint!r})")
+    if not isinstance(body, dict):
+        raise RequestError("body: must be a JSON object")
+    if not isinstance(body.get("model", ""), str):
+        raise RequestError("body.model: must be a string")
+    if endpoint == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("body.messages: must be a non-empty list")
+        if len(messages) > MAX_MESSAGES:
+            raise RequestError(f"body.messages: {len(messages)} messages, at most {MAX_MESSAGES}")
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, dict) or msg.get("role") not in ROLES:
+                raise RequestError(f"body.messages[{i}].role: must be one of {', '.join(ROLES)}")
+            size = _content_size(msg.get("content", ""), f"body.messages[{i}].content")
+            if size > MAX_CONTENT_BYTES:
+                raise RequestError(f"body.messages[{i}].content: {size} bytes, at most {MAX_CONTENT_BYTES}")
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise RequestError("body.prompt: must be a non-empty string")
+        if len(prompt.encode()) > MAX_CONTENT_BYTES:
+            raise RequestError(f"body.prompt: longer than {MAX_CONTENT_BYTES} bytes")
+    _check_number(body, "max_tokens", 1, MAX_TOKENS_LIMIT, integer=True)
+    _check_number(body, "temperature", 0, 2)
+    _check_number(body, "top_p", 0, 1)
+    _check_number(body, "top_logprobs", 0, 20, integer=True)
+    return {**body, "stream": True}
+
+
+def parse_request(frame: bytes) -> dict[str, Any]:
+    """Decode and validate one request frame; raises :class:`RequestError`."""
+    if len(frame) > MAX_REQUEST_BYTES:
+        raise RequestError(f"request of {len(frame)} bytes exceeds {MAX_REQUEST_BYTES}")
+    try:
+        msg = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(f"request is not JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise RequestError("request must be a JSON object")
+    kind = msg.get("type")
+    if kind == "submit":
+        endpoint = msg.get("endpoint", "chat")
+        msg["body"] = validate_body(msg.get("body"), endpoint)
+        msg["endpoint"] = endpoint
+        if not isinstance(msg.get("client", ""), str):
+            raise RequestError("client: must be a string")
+        return msg
+    if kind == "cancel":
+        if isinstance(msg.get("stream_id"), bool) or not isinstance(msg.get("stream_id"), int):
+            raise RequestError("stream_id: must be an integer")
+        return msg
+    raise RequestError(f"type: must be 'submit' or 'cancel' (got {kind!r})")
+
+
+def ingest_endpoint(runtime_dir: str) -> str:
+    """Where the ingest worker of the engine in ``runtime_dir`` listens."""
+    return f"ipc://{os.path.join(runtime_dir, SOCKET_NAME)}.sock"
+
+
+_ids = itertools.count()
+
+
+class RequestClient:
+    """A small synchronous client: ``submit`` returns the stream id, ``cancel`` cancels."""
+
+    def __init__(self, endpoint: str, identity: str | None = None, timeout_s: float = 5.0) -> None:
+        self.timeout_ms = int(timeout_s * 1000)
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        name = identity or f"client-{os.getpid()}-{next(_ids)}"
+        self._sock.setsockopt(zmq.IDENTITY, name.encode())
+        self._sock.connect(endpoint)
+
+    def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        self._sock.send(orjson.dumps(msg))
+        if not self._sock.poll(self.timeout_ms):
+            raise TimeoutError(f"ingest did not answer within {self.timeout_ms} ms")
+        reply = orjson.loads(self._sock.recv())
+        if reply.get("type") == "rejected":
+            raise RequestError(str(reply.get("reason")))
+        return reply
+
+    def submit(self, body: dict[str, Any], endpoint: str = "chat", client: str | None = None) -> int:
+        msg: dict[str, Any] = {"type": "submit", "body": body, "endpoint": endpoint}
+        if client:
+            msg["client"] = client
+        return int(self._call(msg)["stream_id"])
+
+    def cancel(self, stream_id: int) -> None:
+        self._call({"type": "cancel", "stream_id": stream_id})
+
+    def close(self) -> None:
+        self._sock.close(0)
+
+    def __enter__(self) -> RequestClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

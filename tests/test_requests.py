@@ -1,0 +1,62 @@
+"""Request validation of the ingest protocol: every bad input is refused with the field named."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from engine.requests import MAX_REQUEST_BYTES, RequestError, parse_request, validate_body
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def frame(**msg) -> bytes:
+    return orjson.dumps(msg)
+
+
+def test_valid_submit_forces_streaming_and_defaults_to_chat():
+    msg = parse_request(frame(type="submit", body={**CHAT, "stream": False}))
+    assert msg["endpoint"] == "chat"
+    assert msg["body"]["stream"] is True
+    assert parse_request(frame(type="submit", body={"prompt": "x"}, endpoint="completions"))["body"]["prompt"] == "x"
+
+
+def test_valid_cancel():
+    assert parse_request(frame(type="cancel", stream_id=7))["stream_id"] == 7
+
+
+@pytest.mark.parametrize(
+    ("body", "endpoint", "named"),
+    [
+        ([], "chat", "body: must be a JSON object"),
+        ({"messages": []}, "chat", "body.messages"),
+        ({"messages": [{"role": "king", "content": "x"}]}, "chat", "body.messages[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "chat", "body.messages[0].content"),
+        ({"messages": [{"role": "user", "content": "x" * 300_000}]}, "chat", "body.messages[0].content"),
+        ({**CHAT, "max_tokens": 0}, "chat", "body.max_tokens"),
+        ({**CHAT, "max_tokens": True}, "chat", "body.max_tokens"),
+        ({**CHAT, "temperature": 3}, "chat", "body.temperature"),
+        ({**CHAT, "model": 3}, "chat", "body.model"),
+        ({"prompt": ""}, "completions", "body.prompt"),
+        (CHAT, "embeddings", "endpoint"),
+    ],
+)
+def test_bad_bodies_name_the_field(body, endpoint, named):
+    with pytest.raises(RequestError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        validate_body(body, endpoint)
+
+
+@pytest.mark.parametrize(
+    ("raw", "named"),
+    [
+        (b"{not json", "not JSON"),
+        (b"[1]", "JSON object"),
+        (frame(type="launch"), "type"),
+        (frame(type="cancel", stream_id="7"), "stream_id"),
+        (frame(type="submit", body=CHAT, client=5), "client"),
+        (b'"' + b"x" * MAX_REQUEST_BYTES + b'"', "exceeds"),
+    ],
+)
+def test_bad_frames_are_refused(raw, named):
+    with pytest.raises(RequestError, match=named):
+        parse_request(raw)
