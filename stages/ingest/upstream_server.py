@@ -1,0 +1,670 @@
+"""The embedded upstream: an OpenAI-compatible SSE server over real HTTP (aiohttp.web, uvloop).
+
+It replays the built-in corpus (``stages.ingest.corpus``) at a configurable rate and concurrency,
+deterministically per request, with fault injection configured globally or per request through
+the ``X-Neuralpipe-Fault`` header. It is the upstream ``neuralpipe run`` uses when none is
+configured and the load source of the benchmarks. Endpoints, config and faults:
+``docs/embedded-upstream.md``.
+
+    server = UpstreamServer(UpstreamServerConfig(tokens_per_s=50))
+    url = await server.start()          # "http://127.0.0.1:PORT"
+    ...
+    await server.stop()
+
+or in its own process: ``proc, url = serve_in_process(cfg)``; ``proc.terminate()`` stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import random
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from multiprocessing.connection import Connection
+from typing import Any
+
+import orjson
+import uvloop
+from aiohttp import web
+
+from engine.worker import _die_with_parent
+from stages.ingest import corpus
+
+FAULT_HEADER = "X-Neuralpipe-Fault"
+DEFAULT_MAX_TOKENS = 64
+MAX_COMPLETION_TOKENS = 131_072  # a reply is built whole before it streams: bound its memory
+MAX_TOP_LOGPROBS = 20
+# Tokens that are already due (unpaced, or behind schedule) go out in one write, up to this many:
+# fewer syscalls, and the stream still yields to the others between writes.
+MAX_EVENTS_PER_WRITE = 16
+START_TIMEOUT_S = 30.0
+
+# Non-SSE lines injected by the `garbage` fault: what misbehaving servers really send (llama.cpp's
+# `error:` line, a bare text line, a proxy's HTML). A spec-complete SSE parser ignores all of them.
+GARBAGE_LINES = (
+    b'error: {"code":500,"message":"injected garbage","type":"server_error"}\n\n',
+    b"this line is not server-sent events\n\n",
+    b"<html><body>502 Bad Gateway</body></html>\n\n",
+)
+
+
+@dataclass
+class UpstreamServerConfig:
+    """How the embedded upstream behaves; every field has a default that works out of the box."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port (start() returns the URL)
+    models: tuple[str, ...] = ("neuralpipe-echo",)
+    tokens_per_s: float = 0.0  # per stream; 0 = as fast as possible
+    first_token_delay_s: float = 0.0
+    max_concurrency: int = 1024  # requests in progress; beyond it: 429 with Retry-After
+    keepalive_s: float = 15.0  # SSE comment while a stream waits this long for its next token
+    faults: str = ""  # applied to every request, same syntax as the X-Neuralpipe-Fault header
+
+
+@dataclass
+class UpstreamStats:
+    requests: int = 0
+    active_streams: int = 0  # requests in progress, streaming or not
+    tokens_sent: int = 0
+    faults_injected: int = 0  # one per fault kind applied to a request
+    rejected: int = 0  # 429s over max_concurrency
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+    def response(self) -> web.Response:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        # Clients back off on these; tell them for how long, as real servers do.
+        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
+        return web.json_response(body, status=self.status, headers=headers, dumps=_dumps)
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+# --------------------------------------------------------------------------- faults
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Parsed fault spec: comma-separated ``key=value`` items and flags (docs/embedded-upstream.md)."""
+
+    status: int | None = None  # answer with this HTTP status and an error body
+    first_byte_delay_s: float = 0.0  # wait before sending anything, headers included
+    disconnect_after: int | None = None  # close the connection after this many tokens
+    garbage: int = 0  # non-SSE lines injected before the first N tokens
+    no_done: bool = False  # end the stream without `data: [DONE]`
+    p: float = 1.0  # probability that a request gets these faults
+
+    @classmethod
+    def parse(cls, spec: str) -> Faults:
+        """Parse ``"disconnect_after=10,garbage=3,no_done"``; ValueError names the bad item."""
+        values: dict[str, Any] = {}
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            try:
+                values.update(_parse_fault_item(key, raw.strip(), bool(sep)))
+            except ValueError as exc:
+                raise ValueError(f"bad fault {item!r}: {exc}") from None
+        return cls(**values)
+
+    def merged(self, override: Faults) -> Faults:
+        """These faults with every field ``override`` sets (differs from the default) replacing ours."""
+        default = Faults()
+        changes = {k: v for k, v in asdict(override).items() if v != getattr(default, k)}
+        return replace(self, **changes)
+
+    def kinds(self) -> list[str]:
+        """The fault kinds this spec injects (p is not one)."""
+        default = Faults()
+        return [k for k, v in asdict(self).items() if k != "p" and v != getattr(default, k)]
+
+
+def _parse_fault_item(key: str, raw: str, has_value: bool) -> dict[str, Any]:
+    if key == "no_done":
+        return {"no_done": True}
+    parse = _VALUE_FAULTS.get(key)
+    if parse is None:
+        raise ValueError("unknown fault")
+    if not has_value:
+        raise ValueError("expected key=value")
+    return parse(raw)
+
+
+def _status(raw: str) -> dict[str, Any]:
+    status = int(raw)
+    if not 400 <= status <= 599:
+        raise ValueError("status must be 400..599")
+    return {"status": status}
+
+
+def _probability(raw: str) -> dict[str, Any]:
+    p = float(raw)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError("p must be 0..1")
+    return {"p": p}
+
+
+def _non_negative(value: float) -> Any:
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+_VALUE_FAULTS: dict[str, Callable[[str], dict[str, Any]]] = {
+    "status": _status,
+    "first_byte_delay_ms": lambda raw: {"first_byte_delay_s": _non_negative(float(raw)) / 1000},
+    "disconnect_after": lambda raw: {"disconnect_after": _non_negative(int(raw))},
+    "garbage": lambda raw: {"garbage": _non_negative(int(raw))},
+    "p": _probability,
+}
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """A validated chat or completions request, reduced to what shapes the reply."""
+
+    chat: bool
+    model: str
+    stream: bool
+    include_usage: bool
+    max_tokens: int
+    logprobs: bool
+    top_logprobs: int
+    ignore_eos: bool
+    prompt_tokens: int
+    key: bytes
+
+
+def parse_request(body: Any, chat: bool, models: tuple[str, ...]) -> GenRequest:
+    """Validate an OpenAI request body; raise ApiError (400/404) saying what is wrong."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_body")
+    model = _optional(body, "model", str, models[0])  # lenient: an echo server needs no model name
+    if model not in models:
+        raise ApiError(404, f"The model `{model}` does not exist", code="model_not_found", param="model")
+    content, prompt_text = _chat_messages(body) if chat else _completion_prompt(body)
+    logprobs, top = _chat_logprobs(body) if chat else _completion_logprobs(body)
+    if _optional(body, "n", int, 1) != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    seed = _optional(body, "seed", int, None)
+    stream_options = _optional(body, "stream_options", dict, {})
+    return GenRequest(
+        chat=chat,
+        model=model,
+        stream=_optional(body, "stream", bool, False),
+        include_usage=bool(stream_options.get("include_usage", False)),
+        max_tokens=_max_tokens(body),
+        logprobs=logprobs,
+        top_logprobs=top,
+        ignore_eos=_optional(body, "ignore_eos", bool, False),
+        prompt_tokens=len(corpus.tokenize(prompt_text)),
+        key=corpus.request_key(model, content, seed),
+    )
+
+
+def _optional(body: dict, name: str, kind: type, default: Any) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    # bool is an int in Python; a JSON `true` is not a valid count.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ApiError(400, f"'{name}' must be of type {kind.__name__}", param=name)
+    return value
+
+
+def _chat_messages(body: dict) -> tuple[list, str]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty array", code="missing_messages", param="messages")
+    texts = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ApiError(400, "each message must be an object with a 'role'", param="messages")
+        texts.append(_message_text(message.get("content")))
+    return messages, "\n".join(texts)
+
+
+def _message_text(content: Any) -> str:
+    """Text of a message: a string, or the text parts of a content-part list (or none)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    raise ApiError(400, "message 'content' must be a string or an array of parts", param="messages")
+
+
+def _completion_prompt(body: dict) -> tuple[str, str]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:  # a batch of one prompt
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "'prompt' must be a string (one prompt per request)", code="missing_prompt", param="prompt")
+    return prompt, prompt
+
+
+def _chat_logprobs(body: dict) -> tuple[bool, int]:
+    wanted = _optional(body, "logprobs", bool, False)
+    top = _optional(body, "top_logprobs", int, 0)
+    if top and not wanted:
+        raise ApiError(400, "'top_logprobs' requires 'logprobs': true", param="top_logprobs")
+    return wanted, _top_range(top, "top_logprobs")
+
+
+def _completion_logprobs(body: dict) -> tuple[bool, int]:
+    top = _optional(body, "logprobs", int, None)
+    return top is not None, _top_range(top or 0, "logprobs")
+
+
+def _top_range(top: int, param: str) -> int:
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"'{param}' must be 0..{MAX_TOP_LOGPROBS}", param=param)
+    return top
+
+
+def _max_tokens(body: dict) -> int:
+    value = _optional(body, "max_completion_tokens", int, None)
+    value = _optional(body, "max_tokens", int, DEFAULT_MAX_TOKENS) if value is None else value
+    if not 1 <= value <= MAX_COMPLETION_TOKENS:
+        raise ApiError(400, f"'max_tokens' must be 1..{MAX_COMPLETION_TOKENS}", param="max_tokens")
+    return value
+
+
+# --------------------------------------------------------------------------- response shapes
+
+
+class _Shape:
+    """OpenAI's JSON for one reply, chat (chat.completion[.chunk]) or legacy completions (text_completion)."""
+
+    def __init__(self, req: GenRequest, sample: corpus.Sample) -> None:
+        self.req, self.sample = req, sample
+        self.id = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        # Completions' text_offset: characters of completion text before the next token. A shape
+        # is either streamed token by token or rendered whole, never both, so one counter does.
+        self.offset = 0
+
+    def _envelope(self, obj: str, choices: list) -> dict:
+        out = {"id": self.id, "object": obj, "created": self.created, "model": self.req.model}
+        if self.req.chat:
+            out["system_fingerprint"] = "fp_neuralpipe"
+        out["choices"] = choices
+        if self.req.include_usage:  # OpenAI: every chunk has usage (null) when it is asked for
+            out["usage"] = None
+        return out
+
+    def _chunk(self, choice: dict) -> bytes:
+        obj = "chat.completion.chunk" if self.req.chat else "text_completion"
+        return b"data: " + orjson.dumps(self._envelope(obj, [choice])) + b"\n\n"
+
+    def head(self) -> bytes:
+        """The chunk before the first token: the chat role (completions have none)."""
+        if not self.req.chat:
+            return b""
+        return self._chunk(_chat_choice({"role": "assistant", "content": ""}, None, None))
+
+    def token(self, i: int) -> bytes:
+        tok = self.sample.tokens[i]
+        if self.req.chat:
+            logprobs = {"content": [self._chat_logprob(i)]} if self.req.logprobs else None
+            return self._chunk(_chat_choice({"content": tok}, logprobs, None))
+        logprobs = self._completion_logprobs(i, i + 1) if self.req.logprobs else None
+        return self._chunk({"text": tok, "index": 0, "logprobs": logprobs, "finish_reason": None})
+
+    def finish(self) -> bytes:
+        reason = self.sample.finish_reason
+        if self.req.chat:
+            return self._chunk(_chat_choice({}, None, reason))
+        return self._chunk({"text": "", "index": 0, "logprobs": None, "finish_reason": reason})
+
+    def usage_chunk(self) -> bytes:
+        """The extra chunk stream_options.include_usage asks for: no choices, the usage."""
+        obj = "chat.completion.chunk" if self.req.chat else "text_completion"
+        chunk = self._envelope(obj, [])
+        chunk["usage"] = self.usage()
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    def usage(self) -> dict:
+        completion = len(self.sample.tokens)
+        prompt = self.req.prompt_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def whole(self) -> dict:
+        """The non-streaming response: one chat.completion or text_completion object."""
+        n, text = len(self.sample.tokens), "".join(self.sample.tokens)
+        if self.req.chat:
+            logprobs = {"content": [self._chat_logprob(i) for i in range(n)]} if self.req.logprobs else None
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
+                "finish_reason": self.sample.finish_reason,
+            }
+            obj = "chat.completion"
+        else:
+            logprobs = self._completion_logprobs(0, n) if self.req.logprobs else None
+            choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": self.sample.finish_reason}
+            obj = "text_completion"
+        out = self._envelope(obj, [choice])
+        out["usage"] = self.usage()
+        return out
+
+    def _at(self, i: int) -> tuple[str, float]:
+        return self.sample.tokens[i], self.sample.logprobs[i]
+
+    def _chat_logprob(self, i: int) -> dict:
+        tok, lp = self._at(i)
+        top = corpus.top_logprobs(self.req.key, i, tok, lp, self.req.top_logprobs)
+        return {
+            "token": tok,
+            "logprob": lp,
+            "bytes": list(tok.encode()),
+            "top_logprobs": [{"token": t, "logprob": p, "bytes": list(t.encode())} for t, p in top],
+        }
+
+    def _completion_logprobs(self, start: int, stop: int) -> dict:
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for i in range(start, stop):
+            tok, lp = self._at(i)
+            top = corpus.top_logprobs(self.req.key, i, tok, lp, self.req.top_logprobs)
+            out["tokens"].append(tok)
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append(dict(top))
+            out["text_offset"].append(self.offset)
+            self.offset += len(tok)
+        return out
+
+
+def _chat_choice(delta: dict, logprobs: dict | None, finish_reason: str | None) -> dict:
+    return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class _SseWriter:
+    """Buffers due events into few writes and sends keep-alive comments while a stream waits."""
+
+    def __init__(self, resp: web.StreamResponse, keepalive_s: float) -> None:
+        self.resp, self.keepalive_s = resp, keepalive_s
+        self.loop = asyncio.get_running_loop()
+        self.buffer: list[bytes] = []
+        self.last_write = self.loop.time()
+
+    def add(self, event: bytes) -> None:
+        self.buffer.append(event)
+
+    async def flush(self) -> None:
+        if self.buffer:
+            await self.resp.write(b"".join(self.buffer))
+            self.buffer.clear()
+            self.last_write = self.loop.time()
+        # resp.write only yields when the socket's buffer is full: let the other streams run.
+        await asyncio.sleep(0)
+
+    async def wait_until(self, due: float) -> None:
+        """Sleep until the loop time ``due``; what is buffered goes out first, keep-alives meanwhile."""
+        if self.loop.time() >= due:
+            if len(self.buffer) >= MAX_EVENTS_PER_WRITE:
+                await self.flush()
+            return
+        await self.flush()
+        while (now := self.loop.time()) < due:
+            next_keepalive = self.last_write + self.keepalive_s
+            if now >= next_keepalive:
+                self.add(b": keep-alive\n\n")
+                await self.flush()
+                continue
+            await asyncio.sleep(min(due, next_keepalive) - now)
+
+
+# --------------------------------------------------------------------------- server
+
+
+class UpstreamServer:
+    """The embedded upstream on the running event loop (run it under uvloop)."""
+
+    def __init__(self, cfg: UpstreamServerConfig | None = None) -> None:
+        self.cfg = cfg or UpstreamServerConfig()
+        if not self.cfg.models:
+            raise ValueError("UpstreamServerConfig.models must name at least one model")
+        if self.cfg.keepalive_s <= 0 or self.cfg.max_concurrency < 1 or self.cfg.tokens_per_s < 0:
+            raise ValueError("keepalive_s and max_concurrency must be positive, tokens_per_s >= 0")
+        self.faults = Faults.parse(self.cfg.faults)  # fails here, not on the first request
+        self.stats = UpstreamStats()
+        self._fault_rng = random.Random(0)  # p is drawn from a fixed sequence: runs are repeatable
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        """Listen; return the base URL (``http://127.0.0.1:PORT``)."""
+        app = web.Application()
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        # No access log: one line per request costs more than serving a short stream.
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.cfg.host, self.cfg.port).start()
+        host, port = self._runner.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _request_faults(self, request: web.Request) -> Faults:
+        try:
+            faults = self.faults.merged(Faults.parse(request.headers.get(FAULT_HEADER, "")))
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param=FAULT_HEADER) from None
+        if faults.p < 1.0 and self._fault_rng.random() >= faults.p:
+            return Faults()
+        self.stats.faults_injected += len(faults.kinds())
+        return faults
+
+    async def _apply_early_faults(self, faults: Faults) -> None:
+        """The faults that hit before any byte of the answer: a slow first byte, an error status."""
+        if faults.first_byte_delay_s:
+            await asyncio.sleep(faults.first_byte_delay_s)
+        if faults.status is not None:
+            raise ApiError(faults.status, f"injected fault: status {faults.status}", "server_error", "injected_fault")
+
+    async def _models(self, request: web.Request) -> web.Response:
+        self.stats.requests += 1
+        try:
+            await self._apply_early_faults(self._request_faults(request))
+        except ApiError as err:
+            return err.response()
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "neuralpipe"} for m in self.cfg.models]
+        return web.json_response({"object": "list", "data": data}, dumps=_dumps)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        self.stats.requests += 1
+        if self.stats.active_streams >= self.cfg.max_concurrency:
+            self.stats.rejected += 1
+            return ApiError(429, "too many concurrent requests", "requests", "rate_limit_exceeded").response()
+        self.stats.active_streams += 1
+        try:
+            return await self._serve(request, chat)
+        except ApiError as err:
+            return err.response()
+        finally:
+            self.stats.active_streams -= 1
+
+    async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            body = await request.json(loads=orjson.loads)
+        except ValueError:
+            raise ApiError(400, "request body is not valid JSON", code="invalid_json") from None
+        req = parse_request(body, chat, self.cfg.models)
+        faults = self._request_faults(request)
+        await self._apply_early_faults(faults)
+        shape = _Shape(req, corpus.sample(req.key, req.max_tokens, req.ignore_eos))
+        if req.stream:
+            return await self._stream(request, shape, faults)
+        return await self._whole(request, shape, faults)
+
+    def _token_offset_s(self, i: int) -> float:
+        """When token ``i`` is due, in seconds after the response started."""
+        rate = self.cfg.tokens_per_s
+        return self.cfg.first_token_delay_s + (i / rate if rate > 0 else 0.0)
+
+    async def _whole(self, request: web.Request, shape: _Shape, faults: Faults) -> web.StreamResponse:
+        """Non-streaming: answer once the paced stream would have ended (or drop the connection)."""
+        n = len(shape.sample.tokens)
+        await asyncio.sleep(self._token_offset_s(n - 1))
+        if faults.disconnect_after is not None and faults.disconnect_after < n:
+            _drop_connection(request)
+            # Never sent (the connection is gone); aiohttp needs a response to finish the handler.
+            return web.Response(status=499)
+        self.stats.tokens_sent += n
+        return web.json_response(shape.whole(), dumps=_dumps)
+
+    async def _stream(self, request: web.Request, shape: _Shape, faults: Faults) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionResetError):  # the client went away: nothing left to send
+            await self._send_events(request, resp, shape, faults)
+        return resp
+
+    async def _send_events(self, request: web.Request, resp: web.StreamResponse, shape: _Shape, faults: Faults) -> None:
+        out = _SseWriter(resp, self.cfg.keepalive_s)
+        out.add(shape.head())
+        start = asyncio.get_running_loop().time()
+        for i in range(len(shape.sample.tokens)):
+            if i == faults.disconnect_after:
+                await out.flush()
+                _drop_connection(request)
+                return
+            await out.wait_until(start + self._token_offset_s(i))
+            if i < faults.garbage:
+                out.add(GARBAGE_LINES[i % len(GARBAGE_LINES)])
+            out.add(shape.token(i))
+            self.stats.tokens_sent += 1
+        out.add(shape.finish())
+        if shape.req.include_usage:
+            out.add(shape.usage_chunk())
+        if not faults.no_done:
+            out.add(b"data: [DONE]\n\n")
+        await out.flush()
+        await resp.write_eof()
+
+
+def _drop_connection(request: web.Request) -> None:
+    """Close the TCP connection under a response in progress: the client sees the body cut off."""
+    if request.transport is not None:
+        request.transport.close()
+
+
+# --------------------------------------------------------------------------- own process, CLI
+
+
+async def serve(cfg: UpstreamServerConfig, on_ready: Callable[[str], None]) -> None:
+    """Run a server until SIGTERM or SIGINT; ``on_ready(url)`` is called once it listens."""
+    server = UpstreamServer(cfg)
+    url = await server.start()
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopped.set)
+    try:
+        on_ready(url)
+        await stopped.wait()
+    finally:
+        await server.stop()
+
+
+def _child_main(cfg: UpstreamServerConfig, parent_pid: int, conn: Connection) -> None:
+    _die_with_parent(parent_pid)
+
+    def ready(url: str) -> None:
+        conn.send(url)
+        conn.close()
+
+    uvloop.run(serve(cfg, ready))
+
+
+def serve_in_process(cfg: UpstreamServerConfig) -> tuple[multiprocessing.Process, str]:
+    """Start the server in its own (spawned) process; return it and the base URL once it listens.
+
+    The child dies with this process (PR_SET_PDEATHSIG); ``proc.terminate()`` stops it cleanly."""
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(cfg, os.getpid(), send), name="neuralpipe-upstream", daemon=True)
+    proc.start()
+    send.close()  # ours: so recv sees EOF if the child dies before answering
+    try:
+        if not recv.poll(START_TIMEOUT_S):
+            raise RuntimeError(f"embedded upstream did not start within {START_TIMEOUT_S} s")
+        url = recv.recv()
+    except (EOFError, RuntimeError) as exc:
+        proc.kill()
+        proc.join()
+        raise RuntimeError(f"embedded upstream failed to start (exit code {proc.exitcode})") from exc
+    finally:
+        recv.close()
+    return proc, url
+
+
+def _parse_args(argv: list[str] | None) -> UpstreamServerConfig:
+    parser = argparse.ArgumentParser(prog="python -m stages.ingest.upstream_server", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--rate", type=float, default=0.0, help="tokens/s per stream (0: as fast as possible)")
+    parser.add_argument("--first-token-delay", type=float, default=0.0, metavar="S")
+    parser.add_argument("--max-concurrency", type=int, default=1024)
+    parser.add_argument("--keepalive", type=float, default=15.0, metavar="S")
+    parser.add_argument("--model", action="append", dest="models", help="a model name to serve (repeatable)")
+    parser.add_argument("--faults", default="", help='e.g. "disconnect_after=10,p=0.1" (docs/embedded-upstream.md)')
+    args = parser.parse_args(argv)
+    return UpstreamServerConfig(
+        host=args.host,
+        port=args.port,
+        models=tuple(args.models or UpstreamServerConfig.models),
+        tokens_per_s=args.rate,
+        first_token_delay_s=args.first_token_delay,
+        max_concurrency=args.max_concurrency,
+        keepalive_s=args.keepalive,
+        faults=args.faults,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = _parse_args(argv)
+    uvloop.run(serve(cfg, lambda url: print(f"embedded upstream listening on {url}", flush=True)))
+
+
+if __name__ == "__main__":
+    main()
