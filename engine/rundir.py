@@ -93,8 +93,8 @@ def live_instances(base: str) -> list[dict]:
     with contextlib.suppress(FileNotFoundError):
         for name in sorted(os.listdir(base)):
             path = os.path.join(base, name)
-            if _lock_free(path):
-                continue
+            if not os.path.isdir(path) or _lock_free(path):
+                continue  # a detached engine's log file, or a dead engine's directory
             try:
                 with open(os.path.join(path, INFO_FILE), "rb") as f:
                     found.append(orjson.loads(f.read()))

@@ -199,3 +199,29 @@ def test_pause_and_resume_a_worker(engine_factory):
     refused = subprocess.run([*cli, "pause", "nobody"], env=engine.env(), capture_output=True, timeout=20)
     assert refused.returncode != 0 and b"no running worker named 'nobody'" in refused.stderr
     assert engine.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_run_detach_returns_once_running_and_stop_ends_it(tmp_path, instance):
+    env = dict(os.environ, NEURALPIPE_RUNTIME_DIR=str(tmp_path / "run"), NEURALPIPE_METRICS_PORT="0")
+    config = tmp_path / "engine.toml"
+    config.write_text(pipeline_config())
+    cli = [sys.executable, "-m", "engine.cli"]
+    env["NEURALPIPE_INSTANCE"] = instance
+    out = subprocess.run(
+        [*cli, "run", "--detach", "--json", "--config", str(config)], env=env, capture_output=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    info = orjson.loads(out.stdout)
+    try:
+        assert info["instance"] == instance and info["state"] == "running"
+        assert os.path.exists(info["log"])
+        status = orjson.loads(
+            subprocess.run([*cli, "status", "--json"], env=env, capture_output=True, timeout=20).stdout
+        )
+        assert status["pid"] == info["pid"]
+        stopped = subprocess.run([*cli, "stop", "--json"], env=env, capture_output=True, timeout=60)
+        assert orjson.loads(stopped.stdout)["stopped"] is True
+    finally:
+        if not pid_gone(info["pid"]):
+            os.kill(info["pid"], signal.SIGKILL)
