@@ -1,0 +1,98 @@
+"""`neuralpipe bench recovery` and `neuralpipe bench idle` as a user runs them: quick runs through the
+CLI, the shape of their JSON, and that they leave nothing behind (the autouse fixture checks
+processes and segments) and write no result file."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = ("detect", "respawn", "attach", "flowing")  # after the kill, in this order
+PHASES = (*STEPS, "exit", "reap", "restart_delay", "worker_start", "first_batch")
+
+
+def _bench(name: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "bench", name, "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout)  # one JSON object and nothing else on stdout
+
+
+def _generated_files() -> dict[Path, float]:
+    """What a full run would write, with mtimes: a quick run must touch none of it."""
+    paths = [REPO / "docs" / "recovery.md", *(REPO / "bench" / "results").glob("*.json")]
+    return {path: path.stat().st_mtime for path in paths if path.exists()}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _positive(value: Any) -> bool:
+    return _number(value) and value > 0
+
+
+def _check_machine(result: dict[str, Any]) -> None:
+    assert result["machine"]["cores"] >= 1
+    assert len(result["load_before"]) == 3 and len(result["load_after"]) == 3
+
+
+@pytest.mark.timeout(180)
+def test_recovery_quick_times_each_kill_and_loses_nothing() -> None:
+    before = _generated_files()
+    result = _bench("recovery")
+    _check_machine(result)
+    kills = result["kills"]
+    assert [k["worker"] for k in kills] == ["relay", "sink", "source"]
+    for kill in kills:
+        assert kill["new_pid"] != kill["old_pid"] and kill["new_pid"] > 0, kill
+        times = [kill[f"{step}_ms"] for step in STEPS]
+        assert all(map(_positive, times)) and times == sorted(times), kill
+        assert 0 < kill["dead_ms"] < kill["attach_ms"], kill
+    assert set(result["summary"]) == set(PHASES)
+    for phase, stats in result["summary"].items():
+        assert all(map(_number, stats.values())), (phase, stats)
+        assert stats["median"] <= stats["p99"] <= stats["max"], (phase, stats)
+        # the process is gone and its sentinel readable at about the same moment: only that
+        # difference may come out negative, by the two wake-ups' jitter
+        assert phase == "reap" or stats["median"] > 0, (phase, stats)
+    assert [row["worker"] for row in result["by_worker"]] == ["relay", "sink", "source"]
+    startup = result["startup"]
+    assert _positive(startup["interpreter_ms"]) and _positive(startup["worker_imports_ms"])
+    assert {"numpy", "engine.worker"} <= set(startup["import_ms"])
+    assert all(map(_positive, startup["import_ms"].values()))
+    sink = result["sink"]
+    assert sink["messages"] > 0 and sink["gaps"] == 0 and sink["foreign"] == 0, sink
+    assert result["restarts"] == {"source": 1, "relay": 1, "sink": 1}
+    assert {t["target"] for t in result["targets"]} == {"detect p99", "flowing again p99", "sink gaps"}
+    assert _generated_files() == before
+
+
+@pytest.mark.timeout(180)
+def test_idle_quick_measures_every_process_and_check() -> None:
+    before = _generated_files()
+    result = _bench("idle")
+    _check_machine(result)
+    rows = {row["process"]: row for row in result["processes"]}
+    assert {"supervisor", "source", "relay", "sink", "engine (all)"} <= set(rows)
+    for row in rows.values():
+        assert all(_number(row[key]) and row[key] >= 0 for key in ("cpu_s", "cpu_pct", "wakeups_per_s")), row
+    assert all(rows[name]["pid"] > 0 for name in ("supervisor", "source", "relay", "sink"))
+    assert _positive(rows["engine (all)"]["wakeups_per_s"])  # heartbeats go on while idle
+    check = result["check"]
+    assert check["rings"] == 12 and check["runs"] == 3
+    assert all(map(_positive, [*check["wall_ms"].values(), *check["elapsed_ms"].values()])), check
+    assert check["statuses"] == ["healthy"]
+    assert {t["target"] for t in result["targets"]} == {"idle supervisor CPU", "check wall time (max)"}
+    assert _generated_files() == before
