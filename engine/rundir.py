@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import time
 
 import orjson
 
@@ -103,13 +104,15 @@ def live_instances(base: str) -> list[dict]:
     return sorted(found, key=lambda info: info.get("started", 0))
 
 
-def remove_dead_instances(base: str) -> list[str]:
-    """Remove runtime directories of supervisors that died without cleaning up."""
+def remove_dead_instances(base: str, grace_s: float = 10.0) -> list[str]:
+    """Remove runtime directories of supervisors that died without cleaning up. A directory
+    younger than ``grace_s`` may belong to a supervisor that has not taken its lock yet."""
     removed = []
+    now = time.time()
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(base):
             path = os.path.join(base, name)
-            if os.path.isdir(path) and _lock_free(path):
+            if os.path.isdir(path) and now - os.stat(path).st_mtime > grace_s and _lock_free(path):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(name)
     return removed
