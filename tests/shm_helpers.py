@@ -307,6 +307,12 @@ def read_when_empty(name: str, park_timeout_s: float, conn) -> None:
         consumer.release()
 
 
+def stable_token_ids(tokens: list[bytes]) -> list[int]:
+    from shm.batch import stable_token_id
+
+    return [stable_token_id(token) for token in tokens]
+
+
 def call_and_send(function: Callable, args: tuple, conn) -> None:
     """Send ``function(*args)`` through ``conn`` (``function`` must be importable)."""
     conn.send(function(*args))
