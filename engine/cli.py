@@ -52,6 +52,16 @@ def bench_idle(as_json: bool, quick: bool) -> None:
     idle.main(as_json=as_json, quick=quick)
 
 
+@bench.command("sse")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quick", is_flag=True, help="1,000 events, 2 runs: a smoke run, not a measurement.")
+def bench_sse(as_json: bool, quick: bool) -> None:
+    """SSE parsing: stages.ingest.sse against httpx-sse and sseclient-py (MB/s, events/s, edge cases)."""
+    from neuralpipe_bench import sse
+
+    sse.main(as_json=as_json, quick=quick)
+
+
 @main.command()
 @click.option("--instance", help="Engine instance id (default: every instance found).")
 @click.option("--clean", is_flag=True, help="Remove segments left by dead engine instances (never a live one's).")
