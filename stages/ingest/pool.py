@@ -1,0 +1,361 @@
+"""A pool of OpenAI-compatible upstreams: several servers per model name, health checks
+(``GET /v1/models``), load balancing, retries with back-off before the first token, failover,
+cool-down of failing upstreams, per-upstream concurrency limits and a configurable policy for a
+stream that fails after its first token. All upstreams share one aiohttp session, so
+connections are kept alive and reused. Rules and measurements: docs/upstreams.md.
+
+    pool = UpstreamPool([UpstreamConfig("a", "http://10.0.0.1:8000"), ...], PoolPolicy())
+    await pool.start()
+    async with aclosing(pool.stream(body)) as events:   # "start", "token"..., "end" | "error"
+        async for event in events:
+            ...
+    await pool.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, suppress
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from stages.ingest.openai_client import TokenEvent, UpstreamError, error_event, upstream_tokens
+
+__all__ = ["MID_STREAM_POLICIES", "STRATEGIES", "PoolPolicy", "UpstreamConfig", "UpstreamPool"]
+
+STRATEGIES = ("least_outstanding", "ewma", "round_robin")
+MID_STREAM_POLICIES = ("error", "reissue")
+EWMA_ALPHA = 0.3  # weight of the newest time-to-first-token sample
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    base_url: str
+    models: tuple[str, ...] = ()  # model names it serves; empty: any
+    max_concurrency: int = 64  # streams in flight at once; more wait for a slot
+    weight: float = 1.0  # relative capacity, for least_outstanding and ewma
+    api_key: str = ""  # sent as "Authorization: Bearer ..." when set
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(self.models))  # TOML and JSON give lists
+        if self.max_concurrency < 1 or self.weight <= 0:
+            raise ValueError(f"upstream {self.name!r}: max_concurrency must be >= 1 and weight > 0")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"upstream {self.name!r}: base_url must be an http(s) URL, not {self.base_url!r}")
+
+
+@dataclass(frozen=True)
+class PoolPolicy:
+    strategy: str = "least_outstanding"
+    retries: int = 3  # attempts after the first, before the first token (and for "reissue")
+    backoff_initial_s: float = 0.05
+    backoff_max_s: float = 2.0
+    failures_to_cool_down: int = 3  # consecutive failed requests that take an upstream out
+    cool_down_s: float = 5.0  # then it returns once a health check passes
+    health_interval_s: float = 2.0
+    mid_stream: str = "error"  # "reissue": a deterministic request continues on another upstream
+    health_timeout_s: float = 2.0
+    connect_timeout_s: float = 5.0
+    idle_timeout_s: float = 60.0  # longest silence (keep-alive comments count) inside a stream
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"pool strategy must be one of {STRATEGIES}, not {self.strategy!r}")
+        if self.mid_stream not in MID_STREAM_POLICIES:
+            raise ValueError(f"pool mid_stream must be one of {MID_STREAM_POLICIES}, not {self.mid_stream!r}")
+        if self.retries < 0 or self.failures_to_cool_down < 1:
+            raise ValueError("pool retries must be >= 0 and failures_to_cool_down >= 1")
+
+
+@dataclass(eq=False)
+class _Upstream:
+    """An upstream's configuration and live state (one event loop: no locks)."""
+
+    cfg: UpstreamConfig
+    healthy: bool = True
+    cooling_until: float = 0.0  # time.monotonic(); 0: not cooling down
+    outstanding: int = 0
+    ewma_latency_s: float = 0.0  # time to first token; 0: not measured yet
+    requests: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    headers: dict = field(default_factory=dict)
+
+    def serves(self, model: str | None) -> bool:
+        return not self.cfg.models or model in self.cfg.models
+
+    def usable(self, now: float) -> bool:
+        return self.healthy and now >= self.cooling_until
+
+    def has_slot(self) -> bool:
+        return self.outstanding < self.cfg.max_concurrency
+
+    def record_latency(self, seconds: float) -> None:
+        old = self.ewma_latency_s
+        self.ewma_latency_s = seconds if old == 0.0 else old + EWMA_ALPHA * (seconds - old)
+
+
+@dataclass
+class _Progress:
+    """What one pool stream has delivered, so a re-issued request can skip it."""
+
+    sent: int = 0  # token events yielded to the consumer
+    texts: list[str] | None = None  # their texts, kept only when a reissue may need to check them
+
+
+class UpstreamPool:
+    def __init__(
+        self,
+        upstreams: list[UpstreamConfig],
+        policy: PoolPolicy | None = None,
+        session_factory: Callable[[], aiohttp.ClientSession] | None = None,
+    ) -> None:
+        if not upstreams:
+            raise ValueError("an upstream pool needs at least one upstream")
+        if len({u.name for u in upstreams}) != len(upstreams):
+            raise ValueError("upstream names must be unique")
+        self.policy = policy or PoolPolicy()
+        self._upstreams = [_Upstream(cfg, headers=_auth_headers(cfg)) for cfg in upstreams]
+        self._session_factory = session_factory or self._default_session
+        self._session: aiohttp.ClientSession | None = None
+        self._health_tasks: list[asyncio.Task] = []
+        self._changed = asyncio.Event()  # replaced on every change of slots or health
+        self._rr_next = 0
+
+    def _default_session(self) -> aiohttp.ClientSession:
+        # One connection per stream in flight plus one for the health check; limit=0: no global cap
+        # (the pool's own per-upstream limits decide), keep-alive reuse is the connector's default.
+        per_host = max(u.cfg.max_concurrency for u in self._upstreams) + 1
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, limit_per_host=per_host))
+
+    async def start(self) -> None:
+        """Open the session, run one round of health checks, then keep checking in the background."""
+        self._session = self._session_factory()
+        await asyncio.gather(*(self._check(u) for u in self._upstreams))
+        self._health_tasks = [asyncio.create_task(self._health_loop(u)) for u in self._upstreams]
+
+    async def close(self) -> None:
+        for task in self._health_tasks:
+            task.cancel()
+        for task in self._health_tasks:
+            with suppress(asyncio.CancelledError):
+                await task
+        self._health_tasks = []
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def snapshot(self) -> list[dict]:
+        """Per upstream, for metrics and status (``cooling_down_until`` on time.monotonic())."""
+        return [
+            {
+                "name": u.cfg.name,
+                "healthy": u.healthy,
+                "cooling_down_until": u.cooling_until,
+                "outstanding": u.outstanding,
+                "ewma_latency_s": u.ewma_latency_s,
+                "requests": u.requests,
+                "failures": u.failures,
+            }
+            for u in self._upstreams
+        ]
+
+    def stream(self, body: dict, *, endpoint: str = "chat", deterministic: bool = False) -> AsyncIterator[TokenEvent]:
+        """One "start", the "token" events, then one "end" or one "error" event. Stop early with
+        ``aclose()``: the upstream response is closed and the slot freed."""
+        return self._stream(body, endpoint, deterministic)
+
+    # ------------------------------------------------------------------ one request
+
+    async def _stream(self, body: dict, endpoint: str, deterministic: bool) -> AsyncIterator[TokenEvent]:
+        yield TokenEvent("start", recv_ns=time.monotonic_ns())
+        reissue = deterministic and self.policy.mid_stream == "reissue"
+        progress = _Progress(texts=[] if reissue else None)
+        model = body.get("model")
+        tried: set[_Upstream] = set()
+        failed = 0
+        while True:
+            try:
+                upstream = await self._acquire(model, tried)
+                tried.add(upstream)
+                async with aclosing(self._attempt(upstream, body, endpoint, progress)) as events:
+                    async for event in events:
+                        yield event
+                return
+            except UpstreamError as err:
+                failed += 1
+                final = self._final_error(err, progress, failed, reissue)
+                if final is not None:
+                    yield error_event(final)
+                    return
+            if not self._untried_available(model, tried):
+                await asyncio.sleep(self._backoff_s(failed))
+
+    def _final_error(self, err: UpstreamError, progress: _Progress, failed: int, reissue: bool) -> str | None:
+        """The message that ends the stream, or None to try again."""
+        if not err.retryable:
+            return str(err)
+        if failed > self.policy.retries:
+            return f"{err} (gave up after {failed} attempts)"
+        if progress.sent and not reissue:
+            why = "mid_stream policy 'error'" if self.policy.mid_stream == "error" else "request not deterministic"
+            return f"{err} (after {progress.sent} tokens; not re-issued: {why})"
+        return None
+
+    def _backoff_s(self, failed: int) -> float:
+        """Exponential back-off with jitter: retries of many streams that failed together spread out."""
+        base = min(self.policy.backoff_max_s, self.policy.backoff_initial_s * 2 ** (failed - 1))
+        return base * random.uniform(0.5, 1.0)
+
+    async def _attempt(
+        self, upstream: _Upstream, body: dict, endpoint: str, progress: _Progress
+    ) -> AsyncIterator[TokenEvent]:
+        """One request to ``upstream``, holding its slot (taken by :meth:`_acquire`) until it ends
+        whichever way. The first ``progress.sent`` tokens were delivered by an earlier attempt:
+        they are checked against what was sent and skipped."""
+        skip, seen, began = progress.sent, 0, time.monotonic()
+        tokens = upstream_tokens(
+            self._session,
+            upstream.cfg.base_url,
+            body,
+            endpoint=endpoint,
+            headers=upstream.headers,
+            connect_timeout_s=self.policy.connect_timeout_s,
+            idle_timeout_s=self.policy.idle_timeout_s,
+        )
+        try:
+            async with aclosing(tokens):
+                async for event in tokens:
+                    if event.kind == "token":
+                        if seen == 0:
+                            upstream.record_latency(time.monotonic() - began)
+                        seen += 1
+                        if seen <= skip:
+                            _check_replay(progress, seen - 1, event.text)
+                            continue
+                        progress.sent += 1
+                        if progress.texts is not None:
+                            progress.texts.append(event.text)
+                    elif seen < skip:  # the end of a re-issued stream shorter than what was sent
+                        raise UpstreamError(f"re-issued request ended after {seen} of {skip} tokens", retryable=False)
+                    yield event
+            upstream.consecutive_failures = 0
+        except UpstreamError as err:
+            if err.retryable:
+                self._record_failure(upstream)
+            raise UpstreamError(f"upstream {upstream.cfg.name!r}: {err}", retryable=err.retryable) from None
+        finally:
+            upstream.outstanding -= 1
+            self._notify()
+
+    def _record_failure(self, upstream: _Upstream) -> None:
+        upstream.failures += 1
+        upstream.consecutive_failures += 1
+        if upstream.consecutive_failures >= self.policy.failures_to_cool_down:
+            # Out until the cool-down has passed and then a health check passes.
+            upstream.cooling_until = time.monotonic() + self.policy.cool_down_s
+            upstream.healthy = False
+            upstream.consecutive_failures = 0
+            self._notify()
+
+    # ------------------------------------------------------------------ choosing an upstream
+
+    async def _acquire(self, model: str | None, tried: set[_Upstream]) -> _Upstream:
+        """Pick an upstream for ``model`` and take one of its slots; wait while every usable one
+        is full. Prefers upstreams this request has not tried yet (failover)."""
+        serving = [u for u in self._upstreams if u.serves(model)]
+        if not serving:
+            raise UpstreamError(f"no upstream serves model {model!r}", retryable=False)
+        while True:
+            now = time.monotonic()
+            usable = [u for u in serving if u.usable(now)]
+            if not usable:
+                raise UpstreamError(f"no healthy upstream for model {model!r}", retryable=True)
+            free = [u for u in usable if u.has_slot()]
+            if free:
+                upstream = self._choose([u for u in free if u not in tried] or free)
+                upstream.outstanding += 1
+                upstream.requests += 1
+                return upstream
+            changed = self._changed
+            await changed.wait()
+
+    def _untried_available(self, model: str | None, tried: set[_Upstream]) -> bool:
+        now = time.monotonic()
+        return any(u.serves(model) and u.usable(now) and u not in tried for u in self._upstreams)
+
+    def _choose(self, candidates: list[_Upstream]) -> _Upstream:
+        strategy = self.policy.strategy
+        if strategy == "round_robin":
+            return self._round_robin(candidates)
+        if strategy == "ewma":
+            # Expected wait: latency times the queue it joins. Unmeasured (0) upstreams go first,
+            # which is how a new or returning upstream gets its first sample.
+            return min(candidates, key=lambda u: (u.ewma_latency_s * (u.outstanding + 1) / u.cfg.weight, u.requests))
+        # Fewest requests in flight per unit of weight; ties go to the least used overall, so
+        # sequential requests spread too.
+        return min(candidates, key=lambda u: (u.outstanding / u.cfg.weight, u.requests / u.cfg.weight))
+
+    def _round_robin(self, candidates: list[_Upstream]) -> _Upstream:
+        """The next candidate in configuration order after the last one chosen."""
+        n = len(self._upstreams)
+        for i in range(n):
+            index = (self._rr_next + i) % n
+            if self._upstreams[index] in candidates:
+                self._rr_next = index + 1
+                return self._upstreams[index]
+        raise AssertionError("round robin over no candidates")
+
+    def _notify(self) -> None:
+        """Wake every request waiting for a slot or for an upstream to come back."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # ------------------------------------------------------------------ health
+
+    async def _health_loop(self, upstream: _Upstream) -> None:
+        while True:
+            delay = self.policy.health_interval_s
+            remaining = upstream.cooling_until - time.monotonic()
+            if remaining > 0:  # check as soon as the cool-down ends, not up to an interval later
+                delay = min(delay, remaining)
+            await asyncio.sleep(delay)
+            await self._check(upstream)
+
+    async def _check(self, upstream: _Upstream) -> None:
+        ok = await self._probe(upstream)
+        if ok and time.monotonic() < upstream.cooling_until:
+            return  # healthy again, but the cool-down is not over
+        if ok != upstream.healthy:
+            upstream.healthy = ok
+            self._notify()
+        if ok:
+            upstream.cooling_until = 0.0
+
+    async def _probe(self, upstream: _Upstream) -> bool:
+        """``GET /v1/models`` answers 200 with a model list."""
+        url = upstream.cfg.base_url.rstrip("/") + "/v1/models"
+        timeout = aiohttp.ClientTimeout(total=self.policy.health_timeout_s)
+        try:
+            async with self._session.get(url, headers=upstream.headers, timeout=timeout) as resp:
+                return resp.status == 200 and isinstance((await resp.json(content_type=None)).get("data"), list)
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+            return False
+
+
+def _check_replay(progress: _Progress, index: int, text: str) -> None:
+    """A re-issued deterministic request must repeat what was already sent, or the consumer would
+    get a spliced answer."""
+    if progress.texts is not None and progress.texts[index] != text:
+        raise UpstreamError(
+            f"re-issued request diverged from the tokens already sent at token {index}", retryable=False
+        )
+
+
+def _auth_headers(cfg: UpstreamConfig) -> dict:
+    return {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}

@@ -1,0 +1,318 @@
+"""The upstream pool over real HTTP on loopback: balancing, failover, cool-down, concurrency
+limits, the mid-stream policy and cancellation, against embedded upstreams started in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+
+import pytest
+import uvloop
+from aiohttp import web
+
+from stages.ingest.openai_client import TokenEvent
+from stages.ingest.pool import PoolPolicy, UpstreamConfig, UpstreamPool
+from stages.ingest.upstream_server import UpstreamServer, UpstreamServerConfig
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "seed": 3}
+
+
+def run(coro) -> object:
+    return uvloop.run(asyncio.wait_for(coro, 60))
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def servers(*configs: dict) -> AsyncIterator[list[tuple[UpstreamServer, UpstreamConfig]]]:
+    """Embedded upstreams named u0, u1, ...; each config may carry pool-side keys (max_concurrency)."""
+    started = []
+    try:
+        for i, cfg in enumerate(configs):
+            pool_side = {k: cfg.pop(k) for k in ("max_concurrency",) if k in cfg}
+            server = UpstreamServer(UpstreamServerConfig(**cfg))
+            started.append((server, UpstreamConfig(f"u{i}", await server.start(), **pool_side)))
+        yield started
+    finally:
+        for server, _ in started:
+            await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def pool_of(upstreams: list[UpstreamConfig], **policy) -> AsyncIterator[UpstreamPool]:
+    pool = UpstreamPool(upstreams, PoolPolicy(**policy))
+    await pool.start()
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def collect(pool: UpstreamPool, body: dict = CHAT, **kw) -> list[TokenEvent]:
+    async with aclosing(pool.stream(body, **kw)) as events:
+        return [event async for event in events]
+
+
+def texts(events: list[TokenEvent]) -> list[str]:
+    return [e.text for e in events if e.kind == "token"]
+
+
+def by_name(pool: UpstreamPool) -> dict[str, dict]:
+    return {s["name"]: s for s in pool.snapshot()}
+
+
+async def hold_streams(pool: UpstreamPool, n: int, release: asyncio.Event) -> list[asyncio.Task]:
+    """``n`` streams that each stop at their first token until ``release`` is set."""
+    started = 0
+
+    async def one(seed: int) -> list[TokenEvent]:
+        nonlocal started
+        got = []
+        async with aclosing(pool.stream({**CHAT, "seed": seed})) as events:
+            async for event in events:
+                got.append(event)
+                if event.kind == "token" and len(got) == 2:
+                    started += 1
+                    await release.wait()
+        return got
+
+    tasks = [asyncio.create_task(one(i)) for i in range(n)]
+    await wait_until(lambda: started == n)
+    return tasks
+
+
+def test_least_outstanding_spreads_concurrent_streams():
+    async def scenario():
+        async with servers({}, {}, {}) as ups, pool_of([u for _, u in ups]) as pool:
+            release = asyncio.Event()
+            tasks = await hold_streams(pool, 9, release)
+            outstanding = [s["outstanding"] for s in pool.snapshot()]
+            release.set()
+            results = await asyncio.gather(*tasks)
+            return outstanding, results, pool.snapshot()
+
+    outstanding, results, snapshot = run(scenario())
+    assert outstanding == [3, 3, 3]
+    assert all(events[-1].kind == "end" for events in results)
+    assert [s["outstanding"] for s in snapshot] == [0, 0, 0]
+    assert [s["requests"] for s in snapshot] == [3, 3, 3]
+
+
+def test_round_robin_alternates():
+    async def scenario():
+        async with servers({}, {}) as ups, pool_of([u for _, u in ups], strategy="round_robin") as pool:
+            order = []
+            for _ in range(4):
+                before = by_name(pool)
+                assert (await collect(pool))[-1].kind == "end"
+                after = by_name(pool)
+                order += [name for name in after if after[name]["requests"] > before[name]["requests"]]
+            return order
+
+    assert run(scenario()) == ["u0", "u1", "u0", "u1"]
+
+
+def test_ewma_prefers_the_upstream_with_the_faster_first_token():
+    async def scenario():
+        async with (
+            servers({"first_token_delay_s": 0.2}, {}) as ups,
+            pool_of([u for _, u in ups], strategy="ewma") as pool,
+        ):
+            for _ in range(5):
+                assert (await collect(pool))[-1].kind == "end"
+            return by_name(pool)
+
+    snap = run(scenario())
+    # Each is tried once while unmeasured, then the fast one takes every request.
+    assert snap["u0"]["requests"] == 1 and snap["u1"]["requests"] == 4
+    assert snap["u0"]["ewma_latency_s"] > 0.15 > snap["u1"]["ewma_latency_s"]
+
+
+def test_dead_upstream_fails_over_before_the_first_token():
+    async def scenario():
+        async with servers({}, {}) as ups, pool_of([u for _, u in ups], health_interval_s=60) as pool:
+            await ups[0][0].stop()  # passed its first health check, now refuses connections
+            events = await collect(pool)
+            return events, by_name(pool)
+
+    events, snap = run(scenario())
+    assert events[0].kind == "start" and events[-1].kind == "end"
+    assert len(texts(events)) == 8
+    assert snap["u0"]["failures"] == 1 and snap["u1"]["requests"] == 1
+
+
+def test_model_routing():
+    async def scenario():
+        async with servers({"models": ("m0",)}, {"models": ("m1",)}) as ups:
+            configs = [UpstreamConfig(u.name, u.base_url, models=s.cfg.models) for s, u in ups]
+            async with pool_of(configs) as pool:
+                ok = await collect(pool, {**CHAT, "model": "m1"})
+                unknown = await collect(pool, {**CHAT, "model": "m9"})
+                return ok, unknown, by_name(pool)
+
+    ok, unknown, snap = run(scenario())
+    assert ok[-1].kind == "end" and snap["u1"]["requests"] == 1 and snap["u0"]["requests"] == 0
+    assert unknown[-1].error == "no upstream serves model 'm9'"
+
+
+def test_repeated_failures_cool_down_until_a_health_check_passes():
+    state = {"fail": True, "models_ok": True, "probes": 0}
+
+    async def models(_: web.Request) -> web.Response:
+        state["probes"] += 1
+        return web.json_response({"data": []}, status=200 if state["models_ok"] else 503)
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if state["fail"]:
+            return web.json_response({"error": {"message": "busy"}}, status=503)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices": [{"index": 0, "delta": {"content": "ok"}}]}\n\ndata: [DONE]\n\n')
+        return resp
+
+    async def scenario():
+        app = web.Application()
+        app.router.add_get("/v1/models", models)
+        app.router.add_post("/v1/chat/completions", chat)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = "http://{}:{}".format(*runner.addresses[0][:2])
+        policy = {"retries": 0, "failures_to_cool_down": 3, "cool_down_s": 0.3, "health_interval_s": 0.05}
+        try:
+            async with pool_of([UpstreamConfig("flaky", url)], **policy) as pool:
+                failures = [(await collect(pool))[-1].error for _ in range(3)]
+                cooling = by_name(pool)["flaky"]
+                during = (await collect(pool))[-1].error
+                state.update(fail=False, models_ok=False)
+                await wait_until(lambda: time.monotonic() > cooling["cooling_down_until"])
+                probes = state["probes"]
+                await wait_until(lambda: state["probes"] > probes + 1)
+                still_out = by_name(pool)["flaky"]["healthy"]
+                state["models_ok"] = True
+                await wait_until(lambda: by_name(pool)["flaky"]["healthy"])
+                return failures, cooling, during, still_out, await collect(pool)
+        finally:
+            await runner.cleanup()
+
+    failures, cooling, during, still_out, after = run(scenario())
+    assert failures == ["upstream 'flaky': HTTP 503 Service Unavailable: busy (gave up after 1 attempts)"] * 3
+    assert cooling["healthy"] is False and cooling["cooling_down_until"] > 0 and cooling["failures"] == 3
+    assert during == "no healthy upstream for model None (gave up after 1 attempts)"
+    assert still_out is False  # the cool-down is over, but no health check has passed yet
+    assert texts(after) == ["ok"] and after[-1].kind == "end"
+
+
+def test_per_upstream_concurrency_limit_holds():
+    async def scenario():
+        async with (
+            servers({"tokens_per_s": 200, "max_concurrency": 2}) as ups,
+            pool_of([u for _, u in ups]) as pool,
+        ):
+            server = ups[0][0]
+            peak = 0
+
+            async def one(seed: int) -> list[TokenEvent]:
+                nonlocal peak
+                got = []
+                async for event in pool.stream({**CHAT, "seed": seed}):
+                    peak = max(peak, server.stats.active_streams, pool.snapshot()[0]["outstanding"])
+                    got.append(event)
+                return got
+
+            return await asyncio.gather(*(one(i) for i in range(6))), peak
+
+    results, peak = run(scenario())
+    assert all(events[-1].kind == "end" and len(texts(events)) == 8 for events in results)
+    assert peak == 2
+
+
+def test_mid_stream_failure_is_an_error_under_policy_error():
+    async def scenario():
+        async with servers({"faults": "disconnect_after=3"}, {}) as ups, pool_of([u for _, u in ups]) as pool:
+            return await collect(pool, deterministic=True)
+
+    events = run(scenario())
+    assert len(texts(events)) == 3
+    assert events[-1].kind == "error"
+    assert events[-1].error.startswith("upstream 'u0': connection to ")
+    assert events[-1].error.endswith("(after 3 tokens; not re-issued: mid_stream policy 'error')")
+
+
+@pytest.mark.parametrize("strategy", ["least_outstanding", "round_robin"])
+def test_reissue_continues_on_another_upstream_without_duplicates(strategy):
+    async def scenario():
+        async with servers({"faults": "disconnect_after=3"}, {}) as ups:
+            clean = [u for _, u in ups][1:]
+            async with pool_of(clean) as reference:
+                expected = await collect(reference)
+            async with pool_of([u for _, u in ups], strategy=strategy, mid_stream="reissue") as pool:
+                reissued = await collect(pool, deterministic=True)
+                not_deterministic = await collect(pool)
+                return expected, reissued, not_deterministic, by_name(pool)
+
+    expected, reissued, not_deterministic, snap = run(scenario())
+    assert [e.kind for e in reissued] == ["start"] + ["token"] * 8 + ["end"]
+    assert texts(reissued) == texts(expected)
+    assert snap["u0"]["failures"] >= 1
+    assert not_deterministic[-1].kind == "error"
+    assert "not re-issued: request not deterministic" in not_deterministic[-1].error
+
+
+def test_cancelling_a_stream_closes_the_upstream_connection_and_frees_the_slot():
+    async def scenario():
+        async with servers({"tokens_per_s": 50}) as ups, pool_of([u for _, u in ups]) as pool:
+            server = ups[0][0]
+            stream = pool.stream({**CHAT, "max_tokens": 1000})
+            got = [await anext(stream), await anext(stream)]
+            busy = pool.snapshot()[0]["outstanding"], server.stats.active_streams
+            await stream.aclose()
+            await wait_until(lambda: server.stats.active_streams == 0)
+            return got, busy, pool.snapshot()[0], server.stats.tokens_sent
+
+    got, busy, snap, sent = run(scenario())
+    assert [e.kind for e in got] == ["start", "token"]
+    assert busy == (1, 1)
+    assert snap["outstanding"] == 0 and snap["failures"] == 0
+    assert sent < 100  # the server stopped long before 1000 tokens
+
+
+def test_cancelling_the_consuming_task_frees_the_slot():
+    async def scenario():
+        async with servers({"tokens_per_s": 50}) as ups, pool_of([u for _, u in ups]) as pool:
+            first = asyncio.Event()
+
+            async def consume() -> None:
+                async with aclosing(pool.stream({**CHAT, "max_tokens": 1000})) as events:
+                    async for event in events:
+                        if event.kind == "token":
+                            first.set()
+
+            task = asyncio.create_task(consume())
+            await first.wait()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await wait_until(lambda: ups[0][0].stats.active_streams == 0)
+            return pool.snapshot()[0]["outstanding"]
+
+    assert run(scenario()) == 0
+
+
+def test_bad_policy_and_config_values_are_rejected():
+    with pytest.raises(ValueError, match="strategy"):
+        PoolPolicy(strategy="random")
+    with pytest.raises(ValueError, match="mid_stream"):
+        PoolPolicy(mid_stream="retry")
+    with pytest.raises(ValueError, match="base_url"):
+        UpstreamConfig("x", "localhost:8000")
+    assert UpstreamConfig("x", "http://h", models=["a"]).models == ("a",)  # type: ignore[arg-type]
