@@ -87,7 +87,8 @@ class _Upstream:
     headers: dict = field(default_factory=dict)
 
     def serves(self, model: str | None) -> bool:
-        return not self.cfg.models or model in self.cfg.models
+        # A request that names no model takes the server's default: any upstream will do.
+        return not self.cfg.models or model is None or model in self.cfg.models
 
     def usable(self, now: float) -> bool:
         return self.healthy and now >= self.cooling_until
