@@ -316,3 +316,45 @@ def test_bad_policy_and_config_values_are_rejected():
     with pytest.raises(ValueError, match="base_url"):
         UpstreamConfig("x", "localhost:8000")
     assert UpstreamConfig("x", "http://h", models=["a"]).models == ("a",)  # type: ignore[arg-type]
+
+
+def test_reissue_that_diverges_from_what_was_sent_is_an_error():
+    def chunk(text: str) -> bytes:
+        return b'data: {"choices": [{"index": 0, "delta": {"content": "%s"}}]}\n\n' % text.encode()
+
+    def app(*chunks: bytes) -> web.Application:
+        async def models(_: web.Request) -> web.Response:
+            return web.json_response({"data": []})
+
+        async def chat(request: web.Request) -> web.StreamResponse:
+            await request.read()
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for c in chunks:
+                await resp.write(c)
+            return resp
+
+        application = web.Application()
+        application.router.add_get("/v1/models", models)
+        application.router.add_post("/v1/chat/completions", chat)
+        return application
+
+    async def scenario():
+        runners = [web.AppRunner(app(chunk("a"), chunk("b"))), web.AppRunner(app(chunk("x"), chunk("y")))]
+        urls = []
+        for runner in runners:
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            urls.append("http://{}:{}".format(*runner.addresses[0][:2]))
+        try:
+            configs = [UpstreamConfig(f"u{i}", url) for i, url in enumerate(urls)]
+            async with pool_of(configs, mid_stream="reissue", retries=1) as pool:
+                return await collect(pool, deterministic=True)
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+
+    events = run(scenario())
+    assert texts(events) == ["a", "b"]  # nothing of the other answer is spliced in
+    assert events[-1].kind == "error"
+    assert events[-1].error == "upstream 'u1': re-issued request diverged from the tokens already sent at token 0"

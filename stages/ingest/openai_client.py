@@ -31,7 +31,7 @@ import orjson
 from shm.batch import stable_token_id
 from stages.ingest.sse import SSEParser
 
-__all__ = ["ENDPOINTS", "TokenEvent", "UpstreamError", "stream_completion", "upstream_tokens"]
+__all__ = ["ENDPOINTS", "TokenEvent", "UpstreamError", "error_event", "stream_completion", "upstream_tokens"]
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 ERROR_BODY_LIMIT = 64 * 1024  # an HTML error page can be large; its first bytes name the problem
@@ -100,6 +100,7 @@ async def stream_completion(
 
 
 def error_event(message: str) -> TokenEvent:
+    """The event that ends a failed stream."""
     return TokenEvent("error", error=message, recv_ns=time.monotonic_ns())
 
 

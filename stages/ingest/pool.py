@@ -344,9 +344,12 @@ class UpstreamPool:
         timeout = aiohttp.ClientTimeout(total=self.policy.health_timeout_s)
         try:
             async with self._session.get(url, headers=upstream.headers, timeout=timeout) as resp:
-                return resp.status == 200 and isinstance((await resp.json(content_type=None)).get("data"), list)
-        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+                if resp.status != 200:
+                    return False
+                answer = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):  # ValueError: a body that is not JSON
             return False
+        return isinstance(answer, dict) and isinstance(answer.get("data"), list)
 
 
 def _check_replay(progress: _Progress, index: int, text: str) -> None:
