@@ -168,7 +168,10 @@ class _Side:
     def __init__(self, name: str, wait: WaitStrategy) -> None:
         self.name = name
         self.wait = wait
-        self._seg = attach_segment(name)
+        try:
+            self._seg = attach_segment(name)
+        except ValueError:  # mmap refuses an empty file
+            raise RingCorrupt(f"ring {name!r}: segment of 0 bytes is smaller than a ring header") from None
         buf = self._seg.buf
         q = buf.cast("Q")
         try:
@@ -700,7 +703,10 @@ def read_header(name: str) -> RingHeader:
     """Snapshot ring ``name``'s header through a read-only mapping (no attach, no side effects).
 
     Raises :class:`RingCorrupt` naming the bad field, FileNotFoundError when there is no such ring."""
-    mapping = map_readonly(name)
+    try:
+        mapping = map_readonly(name)
+    except ValueError:  # mmap refuses an empty file: a creator that has not sized it (yet, or ever)
+        raise RingCorrupt(f"ring {name!r}: segment of 0 bytes is smaller than a ring header") from None
     try:
         view = memoryview(mapping)
         q = view[: d.HEADER_SIZE].cast("Q") if len(view) >= d.HEADER_SIZE else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import shm_helpers as h
 
@@ -196,6 +198,19 @@ def test_segment_smaller_than_a_header_is_refused(name: str) -> None:
     finally:
         close_segment(seg)
         remove_segment(name)
+
+
+def test_empty_segment_is_refused(name: str) -> None:
+    """What a creator killed between creating and sizing its segment leaves (and what any
+    reader may see for an instant while a ring is being created)."""
+    path = f"/dev/shm/{name}"
+    open(path, "wb").close()
+    try:
+        for open_ring in (Producer.attach, Consumer.attach, read_header):
+            with pytest.raises(RingCorrupt, match="segment of 0 bytes"):
+                open_ring(name)
+    finally:
+        os.unlink(path)
 
 
 def test_read_header_of_missing_ring(name: str) -> None:

@@ -40,11 +40,15 @@ class RingModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.ring: Ring | None = None
+        self.producer: Producer | None = None
+        self.consumer: Consumer | None = None
 
     @initialize(capacity=st.sampled_from([4096, 8192]), doubled=st.booleans())
     def create(self, capacity: int, doubled: bool) -> None:
         self.capacity = capacity
         self.max_record = d.default_max_record(capacity) * (2 if doubled else 1)
+        self.held: list[tuple[memoryview, bytes]] = []  # views read and not released
+        self.claim: tuple[memoryview, bytes, int] | None = None  # open claim: view, payload, end
         self.ring = Ring.create(self.name, capacity, max_record=self.max_record)
         self.producer = Producer.attach(self.name, SPIN)
         self.consumer = Consumer.attach(self.name, SPIN)
@@ -52,8 +56,6 @@ class RingModel(RuleBasedStateMachine):
         self.read = 0  # model read cursor (released)
         self.published: deque[tuple[int, bytes, int]] = deque()  # committed, not released
         self.n_read = 0  # how many of ``published`` the consumer has read
-        self.held: list[tuple[memoryview, bytes]] = []  # views read and not released
-        self.claim: tuple[memoryview, bytes, int] | None = None  # open claim: view, payload, end
         self.full = False
         self.backpressure = 0
         self.committed = 0
@@ -63,11 +65,12 @@ class RingModel(RuleBasedStateMachine):
         self.payloads = 0
 
     def teardown(self) -> None:
+        self.held = []
+        self.claim = None
+        for side in (self.producer, self.consumer):
+            if side is not None:
+                side.close()
         if self.ring is not None:
-            self.held.clear()
-            self.claim = None
-            self.producer.close()
-            self.consumer.close()
             self.ring.destroy()
 
     # --- model arithmetic ------------------------------------------------------------------
