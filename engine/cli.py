@@ -236,7 +236,9 @@ def submit(
     from engine.requests import RequestClient, RequestError, ingest_endpoint
 
     info = _engine(path, instance)
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+    body: dict = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+    if model:
+        body["model"] = model
     if temperature is not None:
         body["temperature"] = temperature
     try:

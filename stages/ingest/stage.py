@@ -1,0 +1,291 @@
+"""Ingest: the source of every stream. An asyncio worker (uvloop) that takes generation requests
+on its ROUTER, streams them from the upstream pool and writes token batches into its output ring.
+
+Params (all optional):
+    upstreams        list of {name, base_url, models, max_concurrency}; empty: the embedded
+                     upstream is started in a child process (``embedded`` = its config)
+    pool             PoolPolicy fields (strategy, retries, mid_stream, ...)
+    batch_rows       rows per batch record (64)
+    client_requests_per_s, client_burst, client_tokens_per_s, queue_bound   rate limits
+    max_streams      concurrent streams tracked for restart recovery (4096)
+
+Rows: one START row (text: the model), one TOKEN row per token, then one END row (text: JSON
+{finish_reason, usage}) or one ERROR row (text: the reason), with seq 0, 1, 2, ... per stream.
+A stream cut short by a restart of this worker ends with an ERROR row "ingest restarted".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+import orjson
+import zmq
+import zmq.asyncio
+
+from engine.requests import RequestError, parse_request
+from engine.stage import AsyncStage, WorkerContext, wait_writable
+from shm.batch import Kind, batch_size, stable_token_id, write_batch
+from stages.ingest.openai_client import TokenEvent
+from stages.ingest.pool import PoolPolicy, UpstreamConfig, UpstreamPool
+from stages.ingest.ratelimit import KeyedBuckets
+
+RECORD_TYPE = 16
+_KINDS = {"start": Kind.START, "token": Kind.TOKEN, "end": Kind.END, "error": Kind.ERROR}
+_LATENCY_SAMPLES = 4096
+
+
+class Ingest(AsyncStage):
+    async def run(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        p = ctx.params
+        self.out = ctx.outputs[0]
+        self.batch_rows = int(p.get("batch_rows", 64))
+        self.rows: list[tuple] = []
+        self.wake_flusher = asyncio.Event()
+        self.room = asyncio.Event()
+        self.room.set()
+        self.tasks: dict[int, asyncio.Task] = {}
+        self.latency_ns: deque[int] = deque(maxlen=_LATENCY_SAMPLES)
+        self.counts = {"accepted": 0, "rejected": 0, "tokens": 0, "errors": 0, "completed": 0, "cancelled": 0}
+        self._init_state(int(p.get("max_streams", 4096)))
+        self.request_buckets = KeyedBuckets(
+            float(p.get("client_requests_per_s", 100)), float(p.get("client_burst", 20))
+        )
+        self.token_buckets = KeyedBuckets(
+            float(p.get("client_tokens_per_s", 1e6)), float(p.get("client_burst_tokens", 1e5))
+        )
+        self.queue_bound = int(p.get("queue_bound", 64))
+        self.queued: dict[str, int] = {}
+        self.embedded = None
+        upstreams = [UpstreamConfig(**u) for u in p.get("upstreams", [])] or [self._start_embedded(p)]
+        self.pool = UpstreamPool(upstreams, PoolPolicy(**p.get("pool", {})))
+        await self.pool.start()
+        self._recover_lost_streams()
+        flusher = asyncio.create_task(self._flusher())
+        sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(ctx.endpoint("ingest"))
+        ctx.log.info("ingest_ready", endpoint=ctx.endpoint("ingest"), upstreams=[u.base_url for u in upstreams])
+        try:
+            await self._serve(sock)
+        finally:
+            sock.close(0)
+            for task in self.tasks.values():
+                task.cancel()
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            await self._flush_all()
+            flusher.cancel()
+            await self.pool.close()
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    async def _serve(self, sock) -> None:
+        while not (self.ctx.draining and not self.tasks):
+            try:
+                identity, frame = await asyncio.wait_for(sock.recv_multipart(), 0.2)
+            except TimeoutError:
+                continue
+            except ValueError:
+                continue  # not two frames: not a request from a DEALER
+            await sock.send(identity, zmq.SNDMORE)
+            await sock.send(orjson.dumps(self._handle(identity.decode(errors="replace"), frame)))
+
+    def _handle(self, identity: str, frame: bytes) -> dict[str, Any]:
+        try:
+            msg = parse_request(frame)
+        except RequestError as exc:
+            self.counts["rejected"] += 1
+            return {"type": "rejected", "reason": str(exc)}
+        if msg["type"] == "cancel":
+            task = self.tasks.get(msg["stream_id"])
+            if task is None:
+                return {"type": "rejected", "reason": f"no active stream {msg['stream_id']}"}
+            task.cancel()
+            return {"type": "cancelled", "stream_id": msg["stream_id"]}
+        if self.ctx.draining:
+            self.counts["rejected"] += 1
+            return {"type": "rejected", "reason": "ingest is draining: not accepting new requests"}
+        client = msg.get("client") or identity
+        if self.queued.get(client, 0) >= self.queue_bound:
+            self.counts["rejected"] += 1
+            return {
+                "type": "rejected",
+                "reason": f"rate limit: client {client!r} already has {self.queue_bound} requests queued",
+            }
+        stream_id = self._new_stream_id()
+        self.counts["accepted"] += 1
+        self.tasks[stream_id] = asyncio.create_task(self._stream(stream_id, client, msg["body"], msg["endpoint"]))
+        return {"type": "accepted", "stream_id": stream_id}
+
+    # ---- one stream -------------------------------------------------------------------------
+
+    async def _stream(self, sid: int, client: str, body: dict, endpoint: str) -> None:
+        try:
+            await self._admit(client)
+            self._emit(sid, Kind.START, str(body.get("model", "")).encode(), time.monotonic_ns())
+            await self._relay(sid, client, body, endpoint)
+        except asyncio.CancelledError:
+            self.counts["cancelled"] += 1
+            self._emit(sid, Kind.ERROR, b"cancelled", time.monotonic_ns())
+        finally:
+            self.tasks.pop(sid, None)
+            self._free_slot(sid)
+
+    async def _admit(self, client: str) -> None:
+        """Wait for the client's request bucket; the wait is the bounded queue of ``_handle``."""
+        self.queued[client] = self.queued.get(client, 0) + 1
+        try:
+            while not self.request_buckets.try_take(client):
+                await asyncio.sleep(self.request_buckets.wait_time(client))
+        finally:
+            self.queued[client] -= 1
+
+    async def _relay(self, sid: int, client: str, body: dict, endpoint: str) -> None:
+        deterministic = body.get("temperature") == 0 or body.get("seed") is not None
+        # aclosing: a cancelled stream closes its HTTP response, so the upstream sees it go
+        async with contextlib.aclosing(
+            self.pool.stream(body, endpoint=endpoint, deterministic=deterministic)
+        ) as events:
+            async for event in events:
+                if event.kind == "token":
+                    while not self.token_buckets.try_take(client):
+                        await asyncio.sleep(self.token_buckets.wait_time(client))
+                    self._emit_token(sid, event)
+                elif event.kind in ("end", "error"):
+                    self._emit_final(sid, event)
+                    return
+                if not self.room.is_set():
+                    await self.room.wait()  # back-pressure from a full ring reaches the upstream read
+        self._emit(sid, Kind.ERROR, b"upstream stream ended without an end event", time.monotonic_ns())
+
+    def _emit_token(self, sid: int, event: TokenEvent) -> None:
+        text = event.text.encode()
+        self.counts["tokens"] += 1
+        self._emit(sid, Kind.TOKEN, text, event.recv_ns, event.token_id or stable_token_id(text), event.logprob)
+
+    def _emit_final(self, sid: int, event: TokenEvent) -> None:
+        if event.kind == "end":
+            self.counts["completed"] += 1
+            text = orjson.dumps({"finish_reason": event.finish_reason, "usage": event.usage})
+            self._emit(sid, Kind.END, text, event.recv_ns)
+        else:
+            self.counts["errors"] += 1
+            self.ctx.log.warning("stream_error", stream_id=sid, error=event.error)
+            self._emit(sid, Kind.ERROR, event.error.encode(), event.recv_ns)
+
+    def _emit(self, sid: int, kind: int, text: bytes, recv_ns: int, token_id: int = 0, logprob: float = math.nan):
+        slot = self._slot(sid)
+        seq = int(self.active[slot, 1])
+        self.active[slot, 1] = seq + 1
+        self.rows.append((sid, seq, kind, token_id, logprob, recv_ns, text))
+        self.wake_flusher.set()
+        if len(self.rows) >= 8 * self.batch_rows:
+            self.room.clear()
+
+    # ---- writing batches --------------------------------------------------------------------
+
+    async def _flusher(self) -> None:
+        while True:
+            await self.wake_flusher.wait()
+            self.wake_flusher.clear()
+            await self._flush_all()
+
+    async def _flush_all(self) -> None:
+        while self.rows:
+            if not self._write_batch(self.rows[: self.batch_rows]):
+                await wait_writable(self.out, timeout=0.2)
+                continue
+            del self.rows[: self.batch_rows]
+            if len(self.rows) < 4 * self.batch_rows:
+                self.room.set()
+
+    def _write_batch(self, rows: list[tuple]) -> bool:
+        texts = [r[6] for r in rows]
+        text_bytes = sum(map(len, texts))
+        view = self.out.try_claim(batch_size(len(rows), text_bytes))
+        if view is None:
+            return False
+        columns = write_batch(view, len(rows), text_bytes)
+        stream_id, seq, kind, token_id, logprob, recv_ns, _ = zip(*rows, strict=True)
+        columns.stream_id[:] = stream_id
+        columns.seq[:] = seq
+        columns.kind[:] = kind
+        columns.token_id[:] = token_id
+        columns.logprob[:] = logprob
+        columns.recv_ns[:] = recv_ns
+        columns.text_end[:] = np.cumsum([len(t) for t in texts], dtype=np.uint32)
+        columns.text[:] = np.frombuffer(b"".join(texts), dtype=np.uint8)
+        del columns
+        view.release()
+        self.out.commit(RECORD_TYPE)
+        now = time.monotonic_ns()
+        self.latency_ns.extend(now - r[5] for r in rows if r[2] == Kind.TOKEN)
+        return True
+
+    # ---- state that survives a restart of this worker ---------------------------------------
+
+    def _init_state(self, max_streams: int) -> None:
+        self.next_id = self.ctx.state_array("next_stream_id", "u8", 1)
+        # slot -> (stream id + 1, next seq); 0 marks a free slot
+        self.active = self.ctx.state_array("active_streams", "u8", (max_streams, 2))
+        self.slots: dict[int, int] = {}
+
+    def _new_stream_id(self) -> int:
+        sid = int(self.next_id[0]) + 1
+        self.next_id[0] = sid
+        free = np.flatnonzero(self.active[:, 0] == 0)
+        if not len(free):
+            raise RuntimeError("more concurrent streams than max_streams")
+        self.active[free[0]] = (sid + 1, 0)
+        self.slots[sid] = int(free[0])
+        return sid
+
+    def _slot(self, sid: int) -> int:
+        return self.slots[sid]
+
+    def _free_slot(self, sid: int) -> None:
+        slot = self.slots.pop(sid, None)
+        if slot is not None:
+            self.active[slot] = (0, 0)
+
+    def _recover_lost_streams(self) -> None:
+        """Streams a killed predecessor left open end with an explicit error, never silently."""
+        for slot in np.flatnonzero(self.active[:, 0]):
+            sid = int(self.active[slot, 0]) - 1
+            self.slots[sid] = int(slot)
+            self._emit(sid, Kind.ERROR, b"ingest restarted; stream lost", time.monotonic_ns())
+            self._free_slot(sid)
+            self.ctx.log.warning("stream_lost_on_restart", stream_id=sid)
+
+    # ---- embedded upstream ------------------------------------------------------------------
+
+    def _start_embedded(self, p: dict[str, Any]) -> UpstreamConfig:
+        from stages.ingest.upstream_server import UpstreamServerConfig, serve_in_process
+
+        cfg = UpstreamServerConfig(**p.get("embedded", {}))
+        self.embedded, base_url = serve_in_process(cfg)
+        return UpstreamConfig(name="embedded", base_url=base_url, models=())
+
+    # ---- stage hooks ------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        lat = sorted(self.latency_ns) if getattr(self, "latency_ns", None) else []
+        pct = (
+            {f"latency_p{q}_us": round(lat[min(len(lat) - 1, int(len(lat) * q / 100))] / 1e3, 1) for q in (50, 99)}
+            if lat
+            else {}
+        )
+        return {**getattr(self, "counts", {}), "active": len(getattr(self, "tasks", {})), **pct}
+
+    def close(self) -> None:
+        if getattr(self, "embedded", None) is not None:
+            self.embedded.terminate()
+            self.embedded.join(5)
+            with contextlib.suppress(ValueError):
+                self.embedded.close()
