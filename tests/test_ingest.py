@@ -25,7 +25,10 @@ backoff_initial_s = 0.01
 [workers.ingest]
 stage = "ingest"
 outputs = ["ingest-relay"]
-params = {{ client_requests_per_s = {rps}, client_burst = {burst}, queue_bound = {queue}, embedded = {{ tokens_per_s = {rate} }} }}
+params.client_requests_per_s = {rps}
+params.client_burst = {burst}
+params.queue_bound = {queue}
+params.embedded = {{ tokens_per_s = {rate} }}
 
 [workers.relay]
 stage = "relay"
