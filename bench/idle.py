@@ -1,19 +1,18 @@
 """``neuralpipe bench idle``: what an engine with nothing to do costs, and how long
 ``neuralpipe check`` takes.
 
-Idle: a real engine (the counting source -> relay -> verifying sink topology with the engine's
-default timings) whose source stops after one 16-token batch. Once the sink has that batch and a
-settling pause has passed, the harness reads each process's CPU time (utime + stime of
-``/proc/<pid>/stat``, in clock ticks) and its voluntary context switches over all its threads
-(each one is a sleep that ended in a wake-up) at the start and the end of the idle window, and
-reports CPU as a percentage of one core and wake-ups per second. The harness itself sleeps
-meanwhile. A process that busy-polls shows as whole percents and thousands of wake-ups.
+Idle: real engines (a counting source -> relays -> verifying sink chain with the engine's default
+timings: one relay, then eleven), whose source stops after one 16-token batch. Once the sink has
+that batch and a settling pause has passed, the harness reads each process's CPU time (utime +
+stime of ``/proc/<pid>/stat``, in clock ticks) and its voluntary context switches over all its
+threads (each one is a sleep that ended in a wake-up) at the start and the end of the idle window,
+and reports CPU as a percentage of one core and wake-ups per second; it sleeps meanwhile. A
+process that busy-polls shows as whole percents and thousands of wake-ups. Two sizes, because an
+idle supervisor's work grows with the number of workers (each sends heartbeats).
 
-Check: twelve rings are created under a fresh instance id, each with a live producer and consumer
-attached (this process) and a record in it, so every per-segment check has something to look at;
-then ``python -m engine.cli check --json --instance <id>`` runs several times: its wall time as an
-operator sees it (interpreter start and imports included) and the ``elapsed_ms`` it reports for the
-inspection itself.
+Check: on the larger engine, idle, with its twelve rings attached at both ends, ``python -m
+engine.cli check --json --instance <id>`` runs several times: its wall time as an operator sees it
+(interpreter start and imports included) and the ``elapsed_ms`` it reports for the inspection.
 """
 
 from __future__ import annotations
@@ -25,16 +24,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import click
-
-from shm.naming import new_instance_id, segment_name
-from shm.ring import Consumer, Producer, Ring
 
 from . import report
 from .proc import BenchError
@@ -46,7 +40,7 @@ TARGET_CHECK_MS = 1000.0
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TOKENS = 16  # one batch, then the source idles
-RECORD_TYPE = 16  # the first user record type
+RELAYS = (1, 11)  # engine sizes: 3 workers and 2 rings, 13 workers and 12 rings (check runs on this one)
 
 
 @dataclass(frozen=True)
@@ -54,11 +48,10 @@ class Settings:
     idle_s: float  # the measured idle window
     settle_s: float  # after the last token, before the window opens
     check_runs: int
-    check_rings: int
 
 
-FULL = Settings(idle_s=10.0, settle_s=2.0, check_runs=10, check_rings=12)
-QUICK = Settings(idle_s=2.0, settle_s=0.5, check_runs=3, check_rings=12)
+FULL = Settings(idle_s=10.0, settle_s=2.0, check_runs=10)
+QUICK = Settings(idle_s=2.0, settle_s=0.5, check_runs=3)
 
 
 # ---- idle CPU ----------------------------------------------------------------------------------
@@ -83,11 +76,10 @@ def usage(pid: int) -> Usage:
 
 
 def _children(pid: int) -> dict[int, str]:
-    """Child pid -> command line, for the engine's processes other than its workers (the
-    multiprocessing resource tracker)."""
+    """Child pid -> command line of every child of ``pid``."""
     found = {}
     for stat in glob.glob("/proc/[0-9]*/stat"):
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # a process may end while we look
             with open(stat, "rb") as f:
                 ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
             if ppid == pid:
@@ -102,35 +94,32 @@ def _label(cmdline: str) -> str:
 
 
 def engine_processes(engine: BenchEngine) -> dict[str, int]:
-    """Name -> pid of every process of the engine: supervisor, workers, helpers."""
+    """Name -> pid of every process of the engine: supervisor, workers, helpers (the
+    multiprocessing resource tracker)."""
     workers = {name: w["pid"] for name, w in engine.workers().items()}
     helpers = {_label(cmd): pid for pid, cmd in _children(engine.pid).items() if pid not in workers.values()}
     return {"supervisor": engine.pid, **workers, **helpers}
 
 
-def _idle_engine(engine: BenchEngine, settings: Settings) -> None:
+def _wait_idle(engine: BenchEngine, settings: Settings) -> None:
     """Wait until the sink has the source's only batch, then let start-up settle."""
     wait_for(
-        lambda: engine.workers()["sink"]["stats"].get("messages") == TOKENS, 30, f"the sink to get {TOKENS} tokens"
+        lambda: engine.workers()["sink"]["stats"].get("messages") == TOKENS, 60, f"the sink to get {TOKENS} tokens"
     )
     time.sleep(settings.settle_s)
 
 
-def measure_idle(settings: Settings) -> list[dict[str, Any]]:
+def idle_window(engine: BenchEngine, settings: Settings) -> list[dict[str, Any]]:
     """CPU % of a core and wake-ups per second of each engine process over the idle window."""
-    with BenchEngine(topology_toml(rate=2000, total=TOKENS), "idle") as engine:
-        _idle_engine(engine, settings)
-        processes = engine_processes(engine)
-        start, began = {name: usage(pid) for name, pid in processes.items()}, time.monotonic()
-        time.sleep(settings.idle_s)
-        end, elapsed = {name: usage(pid) for name, pid in processes.items()}, time.monotonic() - began
-        if any(w["restarts"] for w in engine.workers().values()):
-            raise BenchError("a worker restarted during the idle window")
-    if engine.exit_code != 0:
-        raise BenchError(f"engine exited with code {engine.exit_code} when stopped")
+    processes = engine_processes(engine)
+    start, began = {name: usage(pid) for name, pid in processes.items()}, time.monotonic()
+    time.sleep(settings.idle_s)
+    end, elapsed = {name: usage(pid) for name, pid in processes.items()}, time.monotonic() - began
+    if any(w["restarts"] for w in engine.workers().values()):
+        raise BenchError("a worker restarted during the idle window")
     rows = [_usage_row(name, processes[name], start[name], end[name], elapsed) for name in processes]
-    total = Usage(sum(r["cpu_s"] for r in rows), sum(r["wakeups"] for r in rows))
-    return [*rows, _usage_row("engine (all)", 0, Usage(0.0, 0), total, elapsed)]
+    workers = [r for r in rows if r["process"] not in ("supervisor", "resource_tracker")]
+    return [*rows, _sum_row("workers (all)", workers, elapsed), _sum_row("engine (all)", rows, elapsed)]
 
 
 def _usage_row(name: str, pid: int, start: Usage, end: Usage, elapsed: float) -> dict[str, Any]:
@@ -145,23 +134,26 @@ def _usage_row(name: str, pid: int, start: Usage, end: Usage, elapsed: float) ->
     }
 
 
+def _sum_row(name: str, rows: list[dict[str, Any]], elapsed: float) -> dict[str, Any]:
+    total = Usage(sum(r["cpu_s"] for r in rows), sum(r["wakeups"] for r in rows))
+    return _usage_row(name, 0, Usage(0.0, 0), total, elapsed)
+
+
+def measure_engine(relays: int, settings: Settings, time_check: bool) -> dict[str, Any]:
+    """Start an engine with ``relays`` relays, let it go idle and measure its processes; with
+    ``time_check``, then time ``neuralpipe check`` against its rings."""
+    with BenchEngine(topology_toml(rate=2000, total=TOKENS, relays=relays), "idle") as engine:
+        _wait_idle(engine, settings)
+        result: dict[str, Any] = {"workers": relays + 2, "rings": relays + 1}
+        result["processes"] = idle_window(engine, settings)
+        if time_check:
+            result["check"] = measure_check(engine.instance, relays + 1, settings.check_runs)
+    if engine.exit_code != 0:
+        raise BenchError(f"engine exited with code {engine.exit_code} when stopped")
+    return result
+
+
 # ---- check -------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def check_rings(count: int) -> Iterator[tuple[str, list[Producer | Consumer]]]:
-    """A fresh instance id with ``count`` rings, each with a producer and a consumer attached (this
-    process) and a record in it; everything is closed and removed on leaving."""
-    instance = "bench" + new_instance_id()
-    with tempfile.TemporaryDirectory(prefix="neuralpipe-bench-bells-") as bells, contextlib.ExitStack() as stack:
-        ends: list[Producer | Consumer] = []
-        for i in range(count):
-            name = segment_name(instance, f"ring{i:02d}")
-            stack.enter_context(Ring.create(name, 1 << 16, doorbell_dir=bells))
-            producer = stack.enter_context(Producer.attach(name))
-            ends += [producer, stack.enter_context(Consumer.attach(name))]
-            producer.write(b"x" * 64, RECORD_TYPE)
-        yield instance, ends
 
 
 def _run_check(instance: str, expected: int) -> dict[str, Any]:
@@ -182,17 +174,13 @@ def _run_check(instance: str, expected: int) -> dict[str, Any]:
     return {"wall_ms": wall_ms, "elapsed_ms": out["elapsed_ms"], "status": out["status"]}
 
 
-def measure_check(settings: Settings) -> dict[str, Any]:
-    """Wall time and reported ``elapsed_ms`` of ``neuralpipe check --json`` over the rings."""
-    runs = []
-    with check_rings(settings.check_rings) as (instance, ends):
-        for _ in range(settings.check_runs):
-            for end in ends:  # fresh heartbeats: no run may find a side stale, however long they take
-                end.heartbeat()
-            runs.append(_run_check(instance, settings.check_rings))
+def measure_check(instance: str, rings: int, count: int) -> dict[str, Any]:
+    """Wall time and reported ``elapsed_ms`` of ``count`` runs of ``neuralpipe check --json`` over
+    an engine's rings."""
+    runs = [_run_check(instance, rings) for _ in range(count)]
     return {
-        "rings": settings.check_rings,
-        "runs": len(runs),
+        "rings": rings,
+        "runs": count,
         "wall_ms": _stats([r["wall_ms"] for r in runs]),
         "elapsed_ms": _stats([r["elapsed_ms"] for r in runs]),
         "statuses": sorted({r["status"] for r in runs}),
@@ -206,42 +194,51 @@ def _stats(values: list[float]) -> dict[str, float]:
 # ---- the run -----------------------------------------------------------------------------------
 
 
-def targets(processes: list[dict[str, Any]], check: dict[str, Any]) -> list[dict[str, Any]]:
-    supervisor = next(p for p in processes if p["process"] == "supervisor")
-    return [
-        {
-            "target": "idle supervisor CPU",
-            "goal": f"< {TARGET_SUPERVISOR_PCT:g} % of a core",
-            "value": supervisor["cpu_pct"],
-            "met": supervisor["cpu_pct"] < TARGET_SUPERVISOR_PCT,
-        },
+def _process(engine: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(p for p in engine["processes"] if p["process"] == name)
+
+
+def targets(engines: list[dict[str, Any]], check: dict[str, Any]) -> list[dict[str, Any]]:
+    found = []
+    for engine in engines:
+        pct = _process(engine, "supervisor")["cpu_pct"]
+        found.append(
+            {
+                "target": f"idle supervisor CPU, {engine['workers']} workers",
+                "goal": f"< {TARGET_SUPERVISOR_PCT:g} % of a core",
+                "value": pct,
+                "met": pct < TARGET_SUPERVISOR_PCT,
+            }
+        )
+    found.append(
         {
             "target": "check wall time (max)",
             "goal": f"< {TARGET_CHECK_MS:g} ms",
             "value": check["wall_ms"]["max"],
             "met": check["wall_ms"]["max"] < TARGET_CHECK_MS,
-        },
-    ]
+        }
+    )
+    return found
 
 
 def main(as_json: bool = False, quick: bool = False) -> dict[str, Any]:
-    """Run both measurements, print a table (or one JSON object) and return the results.
+    """Run both measurements, print tables (or one JSON object) and return the results.
 
     A full run from a checkout also writes bench/results/idle-<machine>.json and the generated
     section of docs/recovery.md."""
     settings = QUICK if quick else FULL
     info, load_before = report.machine(), report.load()
-    processes = measure_idle(settings)
-    check = measure_check(settings)
+    engines = [measure_engine(relays, settings, time_check=relays == RELAYS[-1]) for relays in RELAYS]
+    check = engines[-1].pop("check")
     result = {
         "benchmark": "idle",
         "machine": info,
         "load_before": load_before,
         "load_after": report.load(),
         "settings": asdict(settings),
-        "processes": processes,
+        "engines": engines,
         "check": check,
-        "targets": targets(processes, check),
+        "targets": targets(engines, check),
     }
     _print(result, as_json)
     if not quick and report.in_checkout():
@@ -260,23 +257,50 @@ _COLUMNS: tuple[report.Column, ...] = (
     ("cpu_pct", "% of a core", "{:.3f}"),
     ("wakeups_per_s", "wake-ups/s", "{:.1f}"),
 )
+_SIZE_COLUMNS: tuple[report.Column, ...] = (
+    ("workers", "workers", "{}"),
+    ("supervisor_pct", "supervisor % of a core", "{:.2f}"),
+    ("supervisor_wakeups", "supervisor wake-ups/s", "{:.1f}"),
+    ("workers_pct", "workers (all) %", "{:.2f}"),
+    ("engine_pct", "engine (all) %", "{:.2f}"),
+    ("engine_wakeups", "engine wake-ups/s", "{:.1f}"),
+)
+
+
+def _size_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per engine size: the supervisor against the whole engine."""
+    rows = []
+    for engine in result["engines"]:
+        supervisor, everything = _process(engine, "supervisor"), _process(engine, "engine (all)")
+        rows.append(
+            {
+                "workers": engine["workers"],
+                "supervisor_pct": supervisor["cpu_pct"],
+                "supervisor_wakeups": supervisor["wakeups_per_s"],
+                "workers_pct": _process(engine, "workers (all)")["cpu_pct"],
+                "engine_pct": everything["cpu_pct"],
+                "engine_wakeups": everything["wakeups_per_s"],
+            }
+        )
+    return rows
 
 
 def _check_line(result: dict[str, Any]) -> str:
-    check = result["check"]
+    check, workers = result["check"], result["engines"][-1]["workers"]
     return (
-        f"`neuralpipe check --json` over {check['rings']} live rings, {check['runs']} runs: wall "
-        f"{check['wall_ms']['median']:.0f} ms median ({check['wall_ms']['max']:.0f} ms max, interpreter start "
-        f"and imports included); inspection (its elapsed_ms) {check['elapsed_ms']['median']:.2f} ms median "
-        f"({check['elapsed_ms']['max']:.2f} ms max); status {', '.join(check['statuses'])}."
+        f"`neuralpipe check --json` over the {check['rings']} rings of the idle {workers}-worker "
+        f"engine, {check['runs']} runs: wall {check['wall_ms']['median']:.0f} ms median "
+        f"({check['wall_ms']['max']:.0f} ms max, interpreter start and imports included); inspection (its "
+        f"elapsed_ms) {check['elapsed_ms']['median']:.2f} ms median ({check['elapsed_ms']['max']:.2f} ms max); "
+        f"status {', '.join(check['statuses'])}."
     )
 
 
-def _window_line(result: dict[str, Any]) -> str:
+def _window_line(result: dict[str, Any], engine: dict[str, Any]) -> str:
     settings = result["settings"]
     return (
-        f"Idle engine (source stopped after {TOKENS} tokens, default timings), measured over "
-        f"{settings['idle_s']:g} s after a {settings['settle_s']:g} s pause:"
+        f"Idle engine of {engine['workers']} workers (source stopped after {TOKENS} tokens, default timings), "
+        f"over {settings['idle_s']:g} s after a {settings['settle_s']:g} s pause:"
     )
 
 
@@ -285,14 +309,19 @@ def _verdict(t: dict[str, Any]) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The generated section of docs/recovery.md for this result."""
+    """The generated section of docs/recovery.md for this result: the small engine's processes,
+    then the supervisor's cost by engine size."""
     return "\n".join(
         [
             report.machine_line(result["machine"], result["load_before"], result["load_after"]),
             "",
-            _window_line(result),
+            _window_line(result, result["engines"][0]),
             "",
-            report.markdown_table(result["processes"], _COLUMNS),
+            report.markdown_table(result["engines"][0]["processes"], _COLUMNS),
+            "",
+            "By engine size:",
+            "",
+            report.markdown_table(_size_rows(result), _SIZE_COLUMNS),
             "",
             _check_line(result),
             "",
@@ -308,9 +337,12 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
         click.echo(json.dumps(result))
         return
     click.echo(report.machine_line(result["machine"], result["load_before"], result["load_after"]))
+    for engine in result["engines"]:
+        click.echo()
+        click.echo(_window_line(result, engine))
+        click.echo(report.text_table(engine["processes"], _COLUMNS))
     click.echo()
-    click.echo(_window_line(result))
-    click.echo(report.text_table(result["processes"], _COLUMNS))
+    click.echo(report.text_table(_size_rows(result), _SIZE_COLUMNS))
     click.echo()
     click.echo(_check_line(result))
     for t in result["targets"]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import json
 import os
 import select
@@ -101,24 +102,19 @@ FULL = Settings(kills=30, rate=20_000, settle_s=0.5, timeout_s=15.0, startup_run
 QUICK = Settings(kills=3, rate=20_000, settle_s=0.2, timeout_s=15.0, startup_runs=1)
 
 
-def topology_toml(rate: float, total: int) -> str:
-    """The counting source -> relay -> verifying sink topology, with the engine's defaults."""
-    return f"""
-[workers.source]
-stage = "counter"
-outputs = ["{SOURCE_RING}"]
-params = {{ streams = 4, batch = 16, rate = {rate}, total = {total} }}
-
-[workers.relay]
-stage = "relay"
-inputs = ["{SOURCE_RING}"]
-outputs = ["{SINK_RING}"]
-
-[workers.sink]
-stage = "verify"
-inputs = ["{SINK_RING}"]
-params = {{ streams = 4 }}
-"""
+def topology_toml(rate: float, total: int, relays: int = 1) -> str:
+    """The counting source -> relay (x ``relays``) -> verifying sink chain, with the engine's
+    defaults; each ring is named after the workers at its ends (``source-relay``, ``relay-sink``)."""
+    names = ["source", "relay", *(f"relay{i}" for i in range(2, relays + 1)), "sink"]
+    rings = [f"{a}-{b}" for a, b in itertools.pairwise(names)]
+    sections = [
+        f'[workers.source]\nstage = "counter"\noutputs = ["{rings[0]}"]\n'
+        f"params = {{ streams = 4, batch = 16, rate = {rate}, total = {total} }}\n"
+    ]
+    for name, inp, out in zip(names[1:-1], rings[:-1], rings[1:], strict=True):
+        sections.append(f'[workers.{name}]\nstage = "relay"\ninputs = ["{inp}"]\noutputs = ["{out}"]\n')
+    sections.append(f'[workers.sink]\nstage = "verify"\ninputs = ["{rings[-1]}"]\nparams = {{ streams = 4 }}\n')
+    return "\n".join(sections)
 
 
 def _recovery_toml(settings: Settings) -> str:

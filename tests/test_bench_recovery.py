@@ -84,15 +84,22 @@ def test_idle_quick_measures_every_process_and_check() -> None:
     before = _generated_files()
     result = _bench("idle")
     _check_machine(result)
-    rows = {row["process"]: row for row in result["processes"]}
-    assert {"supervisor", "source", "relay", "sink", "engine (all)"} <= set(rows)
-    for row in rows.values():
-        assert all(_number(row[key]) and row[key] >= 0 for key in ("cpu_s", "cpu_pct", "wakeups_per_s")), row
-    assert all(rows[name]["pid"] > 0 for name in ("supervisor", "source", "relay", "sink"))
-    assert _positive(rows["engine (all)"]["wakeups_per_s"])  # heartbeats go on while idle
+    assert [(e["workers"], e["rings"]) for e in result["engines"]] == [(3, 2), (13, 12)]
+    for engine in result["engines"]:
+        rows = {row["process"]: row for row in engine["processes"]}
+        workers = {"source", "relay", "sink"} | {f"relay{i}" for i in range(2, engine["workers"] - 1)}
+        assert {"supervisor", "workers (all)", "engine (all)"} | workers <= set(rows)
+        for row in rows.values():
+            assert all(_number(row[key]) and row[key] >= 0 for key in ("cpu_s", "cpu_pct", "wakeups_per_s")), row
+        assert all(rows[name]["pid"] > 0 for name in {"supervisor"} | workers)
+        assert _positive(rows["supervisor"]["wakeups_per_s"])  # heartbeats go on while idle
     check = result["check"]
     assert check["rings"] == 12 and check["runs"] == 3
     assert all(map(_positive, [*check["wall_ms"].values(), *check["elapsed_ms"].values()])), check
     assert check["statuses"] == ["healthy"]
-    assert {t["target"] for t in result["targets"]} == {"idle supervisor CPU", "check wall time (max)"}
+    assert [t["target"] for t in result["targets"]] == [
+        "idle supervisor CPU, 3 workers",
+        "idle supervisor CPU, 13 workers",
+        "check wall time (max)",
+    ]
     assert _generated_files() == before
