@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import math
 import time
-from collections import deque
 from typing import Any
 
 import numpy as np
@@ -51,7 +50,8 @@ class Ingest(AsyncStage):
         self.room = asyncio.Event()
         self.room.set()
         self.tasks: dict[int, asyncio.Task] = {}
-        self.latency_ns: deque[int] = deque(maxlen=_LATENCY_SAMPLES)
+        self.latency_ns = np.zeros(_LATENCY_SAMPLES, dtype=np.int64)  # a ring of recent samples
+        self.latency_count = 0
         self.counts = {"accepted": 0, "rejected": 0, "tokens": 0, "errors": 0, "completed": 0, "cancelled": 0}
         self._init_state(int(p.get("max_streams", 4096)))
         self.request_buckets = KeyedBuckets(
@@ -133,9 +133,11 @@ class Ingest(AsyncStage):
         except asyncio.CancelledError:
             self.counts["cancelled"] += 1
             self._emit(sid, Kind.ERROR, b"cancelled", time.monotonic_ns())
+        except Exception as exc:  # a bug here must still end the stream explicitly
+            self.ctx.log.error("stream_failed", stream_id=sid, error=repr(exc))
+            self._emit(sid, Kind.ERROR, f"ingest failed: {exc!r}".encode(), time.monotonic_ns())
         finally:
             self.tasks.pop(sid, None)
-            self._free_slot(sid)
 
     async def _admit(self, client: str) -> None:
         """Wait for the client's request bucket; the wait is the bounded queue of ``_handle``."""
@@ -180,9 +182,8 @@ class Ingest(AsyncStage):
             self._emit(sid, Kind.ERROR, event.error.encode(), event.recv_ns)
 
     def _emit(self, sid: int, kind: int, text: bytes, recv_ns: int, token_id: int = 0, logprob: float = math.nan):
-        slot = self._slot(sid)
-        seq = int(self.active[slot, 1])
-        self.active[slot, 1] = seq + 1
+        seq = self.next_seq[sid]
+        self.next_seq[sid] = seq + 1
         self.rows.append((sid, seq, kind, token_id, logprob, recv_ns, text))
         self.wake_flusher.set()
         if len(self.rows) >= 8 * self.batch_rows:
@@ -224,17 +225,29 @@ class Ingest(AsyncStage):
         del columns
         view.release()
         self.out.commit(RECORD_TYPE)
-        now = time.monotonic_ns()
-        self.latency_ns.extend(now - r[5] for r in rows if r[2] == Kind.TOKEN)
+        self._committed(rows)
+        self._record_latency(time.monotonic_ns(), [r[5] for r in rows if r[2] == Kind.TOKEN])
         return True
+
+    def _record_latency(self, now: int, received: list[int]) -> None:
+        """Keep SSE-event-parsed -> committed-to-ring times of the most recent tokens."""
+        at = self.latency_count % _LATENCY_SAMPLES
+        samples = now - np.asarray(received[-_LATENCY_SAMPLES:], dtype=np.int64)
+        first = samples[: _LATENCY_SAMPLES - at]
+        self.latency_ns[at : at + len(first)] = first
+        self.latency_ns[: len(samples) - len(first)] = samples[len(first) :]
+        self.latency_count += len(samples)
 
     # ---- state that survives a restart of this worker ---------------------------------------
 
     def _init_state(self, max_streams: int) -> None:
         self.next_id = self.ctx.state_array("next_stream_id", "u8", 1)
-        # slot -> (stream id + 1, next seq); 0 marks a free slot
+        # slot -> (stream id + 1, next seq committed to the ring); 0 marks a free slot. A slot is
+        # freed only once the stream's END/ERROR row is committed, so a restart finds every
+        # stream that had not ended in the ring.
         self.active = self.ctx.state_array("active_streams", "u8", (max_streams, 2))
         self.slots: dict[int, int] = {}
+        self.next_seq: dict[int, int] = {}
 
     def _new_stream_id(self) -> int:
         sid = int(self.next_id[0]) + 1
@@ -244,23 +257,29 @@ class Ingest(AsyncStage):
             raise RuntimeError("more concurrent streams than max_streams")
         self.active[free[0]] = (sid + 1, 0)
         self.slots[sid] = int(free[0])
+        self.next_seq[sid] = 0
         return sid
 
-    def _slot(self, sid: int) -> int:
-        return self.slots[sid]
-
-    def _free_slot(self, sid: int) -> None:
-        slot = self.slots.pop(sid, None)
-        if slot is not None:
-            self.active[slot] = (0, 0)
+    def _committed(self, rows: list[tuple]) -> None:
+        """Record in the restart-surviving table how far each stream of a committed batch got."""
+        last: dict[int, tuple[int, int]] = {}
+        for sid, seq, kind, *_ in rows:
+            last[sid] = (seq, kind)
+        for sid, (seq, kind) in last.items():
+            slot = self.slots[sid]
+            if kind in (Kind.END, Kind.ERROR):
+                self.active[slot] = (0, 0)
+                del self.slots[sid], self.next_seq[sid]
+            else:
+                self.active[slot, 1] = seq + 1
 
     def _recover_lost_streams(self) -> None:
         """Streams a killed predecessor left open end with an explicit error, never silently."""
         for slot in np.flatnonzero(self.active[:, 0]):
             sid = int(self.active[slot, 0]) - 1
             self.slots[sid] = int(slot)
+            self.next_seq[sid] = int(self.active[slot, 1])
             self._emit(sid, Kind.ERROR, b"ingest restarted; stream lost", time.monotonic_ns())
-            self._free_slot(sid)
             self.ctx.log.warning("stream_lost_on_restart", stream_id=sid)
 
     # ---- embedded upstream ------------------------------------------------------------------
@@ -275,13 +294,14 @@ class Ingest(AsyncStage):
     # ---- stage hooks ------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        lat = sorted(self.latency_ns) if getattr(self, "latency_ns", None) else []
-        pct = (
-            {f"latency_p{q}_us": round(lat[min(len(lat) - 1, int(len(lat) * q / 100))] / 1e3, 1) for q in (50, 99)}
-            if lat
-            else {}
-        )
-        return {**getattr(self, "counts", {}), "active": len(getattr(self, "tasks", {})), **pct}
+        if not hasattr(self, "counts"):
+            return {}
+        stats = {**self.counts, "active": len(self.tasks)}
+        n = min(self.latency_count, _LATENCY_SAMPLES)
+        if n:  # np.percentile partitions in O(n): cheap enough for the event loop's heartbeat
+            p50, p99 = np.percentile(self.latency_ns[:n], (50, 99)) / 1e3
+            stats |= {"latency_p50_us": round(float(p50), 1), "latency_p99_us": round(float(p99), 1)}
+        return stats
 
     def close(self) -> None:
         if getattr(self, "embedded", None) is not None:
