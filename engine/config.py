@@ -112,7 +112,7 @@ class EngineConfig(_Model):
     metrics_host: str = Field("127.0.0.1", min_length=1)
     metrics_port: int = 9464
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    heartbeat_interval_s: float = Field(0.2, gt=0)
+    heartbeat_interval_s: float = Field(0.5, gt=0)
     heartbeat_timeout_s: float = 2.0
     stop_timeout_s: float = Field(5.0, gt=0)
     health_interval_s: float = Field(1.0, gt=0)

@@ -20,12 +20,9 @@ array in the engine's runtime directory: it outlives the worker, not the engine)
 
 from __future__ import annotations
 
-import asyncio
 import os
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from engine.logs import JsonLogger
 from shm.ring import Consumer, Producer
@@ -51,11 +48,13 @@ class WorkerContext:
         directory (the supervisor owns the path and removes it with the directory)."""
         return f"ipc://{os.path.join(self.runtime_dir, name)}.sock"
 
-    def state_array(self, key: str, dtype: str, shape: int | tuple[int, ...]) -> np.ndarray:
+    def state_array(self, key: str, dtype: str, shape: int | tuple[int, ...]) -> np.ndarray:  # noqa: F821
         """A zero-initialised array that survives restarts of this worker (not of the engine).
 
         Writes are plain memory stores into a shared file mapping, so they are kept even when
         the worker is killed with SIGKILL right after."""
+        import numpy as np  # here, not at the top: workers that keep no state start faster
+
         path = os.path.join(self.state_dir, f"{self.name}.{key}.bin")
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         size = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -113,6 +112,8 @@ async def wait_writable(producer: Producer, timeout: float | None = None) -> boo
 
 
 async def _wait_bell(prepare, end, fd: int, timeout: float | None) -> bool:
+    import asyncio  # only asyncio stages get here; duty-cycle workers never import it
+
     if not prepare():
         end()
         return True

@@ -297,7 +297,7 @@ class Supervisor:
                 f" (last exit code {h.exit_code})"
             )
         h.restart_times.append(now)
-        backoff = self.cfg.supervisor.backoff_initial_s * 2 ** (len(h.restart_times) - 1)
+        backoff = self.cfg.supervisor.backoff_initial_s * 2.0 ** min(len(h.restart_times) - 1, 60)
         h.restart_due = now + min(backoff, self.cfg.supervisor.backoff_max_s)
         h.state = "backoff"
 

@@ -10,10 +10,10 @@ order rather than letting them all die at once).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import importlib
+import math
 import multiprocessing
 import os
 import signal
@@ -56,7 +56,7 @@ class WorkerSpec:
     state_dir: str
     supervisor_pid: int
     incarnation: int = 0
-    heartbeat_interval_s: float = 0.2
+    heartbeat_interval_s: float = 0.5
     log_level: str = "info"
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -223,7 +223,8 @@ class _DutyCycle:
                 ready = True
         try:
             if not ready:
-                events = dict(self.poller.poll(int(timeout * 1000)))
+                # round up: truncating a sub-millisecond timeout to 0 would make a paced source spin
+                events = dict(self.poller.poll(math.ceil(timeout * 1000)))
                 if rt.parent_sentinel is not None and rt.parent_sentinel in events:
                     rt.log.error("supervisor_gone")
                     os._exit(EXIT_ORPHANED)
@@ -236,6 +237,8 @@ class _DutyCycle:
 
 async def _run_async(rt: _Runtime) -> None:
     """Run an :class:`AsyncStage` next to control and heartbeat tasks on one event loop."""
+    import asyncio  # here: duty-cycle workers never need it, and it costs start-up time
+
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
 
