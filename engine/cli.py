@@ -52,6 +52,16 @@ def bench_idle(as_json: bool, quick: bool) -> None:
     idle.main(as_json=as_json, quick=quick)
 
 
+@bench.command("doorbell")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quick", is_flag=True, help="Few wake-ups: a smoke run, not a measurement.")
+def bench_doorbell(as_json: bool, quick: bool) -> None:
+    """Wake-up latency of the candidate doorbells (FIFO, eventfd, zmq PAIR) between two processes."""
+    from neuralpipe_bench import doorbell
+
+    doorbell.main(as_json=as_json, quick=quick)
+
+
 @bench.command("sse")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quick", is_flag=True, help="1,000 events, 2 runs: a smoke run, not a measurement.")
