@@ -14,14 +14,13 @@ read-only and makes a handful of system calls per segment. Verdicts (docs/check.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 from shm.naming import NameError_, check_instance, segment_path
 from shm.registry import SegmentInfo, list_segments, remove_stale
-from shm.ring import RingCorrupt, RingHeader, read_header
+from shm.ring import RingCorrupt, RingHeader, pid_alive, read_header
 
 HEALTHY, WARNING, CRITICAL = "healthy", "warning", "critical"
 EXIT_CODES = {HEALTHY: 0, WARNING: 1, CRITICAL: 2}
@@ -92,18 +91,6 @@ class CheckReport:
         }
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return True
-
-
 def _heartbeat_age(heartbeat_ns: int, now_ns: int) -> float | None:
     # CLOCK_MONOTONIC is system-wide on Linux, so another process's reading is comparable.
     return None if heartbeat_ns == 0 else round(max(0, now_ns - heartbeat_ns) / 1e9, 6)
@@ -124,7 +111,7 @@ def _fill_from_header(report: SegmentReport, h: RingHeader, now_ns: int) -> None
     report.used = h.used
     report.occupancy = round(h.occupancy, 4)
     report.producer_pid, report.consumer_pid = h.producer_pid, h.consumer_pid
-    report.producer_alive, report.consumer_alive = _pid_alive(h.producer_pid), _pid_alive(h.consumer_pid)
+    report.producer_alive, report.consumer_alive = pid_alive(h.producer_pid), pid_alive(h.consumer_pid)
     report.producer_heartbeat_age_s = _heartbeat_age(h.producer_heartbeat_ns, now_ns)
     report.consumer_heartbeat_age_s = _heartbeat_age(h.consumer_heartbeat_ns, now_ns)
     report.records_written, report.records_read = h.records_written, h.records_read

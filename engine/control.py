@@ -57,16 +57,22 @@ def encode(msg_type: str, **fields: Any) -> bytes:
     return orjson.dumps({"type": msg_type, **fields})
 
 
-def decode(frame: bytes, allowed: frozenset[str] = ALL_TYPES) -> dict[str, Any]:
-    """Parse and check one frame; raises :class:`ProtocolError` naming the problem."""
-    if len(frame) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"control message of {len(frame)} bytes exceeds {MAX_MESSAGE_BYTES}")
+def load_object(frame: bytes, max_bytes: int, what: str, error: type[ValueError]) -> dict[str, Any]:
+    """One JSON object from a frame of at most ``max_bytes``; else ``error`` naming ``what``."""
+    if len(frame) > max_bytes:
+        raise error(f"{what} of {len(frame)} bytes exceeds {max_bytes}")
     try:
         msg = orjson.loads(frame)
     except orjson.JSONDecodeError as exc:
-        raise ProtocolError(f"control message is not JSON: {exc}") from None
+        raise error(f"{what} is not JSON: {exc}") from None
     if not isinstance(msg, dict):
-        raise ProtocolError("control message must be a JSON object")
+        raise error(f"{what} must be a JSON object")
+    return msg
+
+
+def decode(frame: bytes, allowed: frozenset[str] = ALL_TYPES) -> dict[str, Any]:
+    """Parse and check one frame; raises :class:`ProtocolError` naming the problem."""
+    msg = load_object(frame, MAX_MESSAGE_BYTES, "control message", ProtocolError)
     msg_type = msg.get("type")
     if msg_type not in allowed:
         raise ProtocolError(f"control message type {msg_type!r} not one of {sorted(allowed)}")

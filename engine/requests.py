@@ -20,6 +20,8 @@ from typing import Any
 import orjson
 import zmq
 
+from engine.control import load_object
+
 MAX_REQUEST_BYTES = 1 << 20
 MAX_MESSAGES = 512
 MAX_CONTENT_BYTES = 256 * 1024
@@ -90,14 +92,7 @@ def validate_body(body: Any, endpoint: str) -> dict[str, Any]:
 
 def parse_request(frame: bytes) -> dict[str, Any]:
     """Decode and validate one request frame; raises :class:`RequestError`."""
-    if len(frame) > MAX_REQUEST_BYTES:
-        raise RequestError(f"request of {len(frame)} bytes exceeds {MAX_REQUEST_BYTES}")
-    try:
-        msg = orjson.loads(frame)
-    except orjson.JSONDecodeError as exc:
-        raise RequestError(f"request is not JSON: {exc}") from None
-    if not isinstance(msg, dict):
-        raise RequestError("request must be a JSON object")
+    msg = load_object(frame, MAX_REQUEST_BYTES, "request", RequestError)
     kind = msg.get("type")
     if kind == "submit":
         endpoint = msg.get("endpoint", "chat")

@@ -134,7 +134,8 @@ def validate_header(name: str, q: memoryview, size: int) -> None:
         raise RingCorrupt(f"ring {name!r}: cursors out of order (write={write}, read={read}, capacity={capacity})")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a pid recorded in a ring header; 0 means none)."""
     if pid <= 0:
         return False
     try:
@@ -279,7 +280,7 @@ class Producer(_Side):
         super().__init__(name, wait or WaitStrategy())
         q = self._q
         other = q[_W_PRODUCER_PID]
-        if other and other != os.getpid() and _pid_alive(other):
+        if other and other != os.getpid() and pid_alive(other):
             _Side.close(self)  # detach only: the live producer's header words are not ours to touch
             raise RingError(f"ring {name!r} already has a live producer (pid {other})")
         if other:
@@ -441,7 +442,7 @@ class Consumer(_Side):
         super().__init__(name, wait or WaitStrategy())
         q = self._q
         other = q[_W_CONSUMER_PID]
-        if other and other != os.getpid() and _pid_alive(other):
+        if other and other != os.getpid() and pid_alive(other):
             _Side.close(self)  # detach only: the live consumer's header words are not ours to touch
             raise RingError(f"ring {name!r} already has a live consumer (pid {other})")
         q[_W_CONSUMER_PID] = os.getpid()
@@ -674,7 +675,7 @@ class Ring:
     def unblock(self) -> bool:
         """Clear a dead producer's open claim (see :func:`unblock`). Refuses while it lives."""
         pid = self._q[_W_PRODUCER_PID]
-        if pid and _pid_alive(pid):
+        if pid and pid_alive(pid):
             raise RingError(f"ring {self.name!r}: producer pid {pid} is alive; unblock only a dead one's claim")
         return unblock(self._q)
 
