@@ -17,6 +17,7 @@ from stages.ingest.openai_client import TokenEvent
 from stages.ingest.pool import PoolPolicy, UpstreamConfig, UpstreamPool
 from stages.ingest.upstream_server import UpstreamServer, UpstreamServerConfig
 
+POOL_SIDE = ("max_concurrency", "requests_per_s", "tokens_per_s")
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "seed": 3}
 
 
@@ -33,11 +34,12 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
 
 @contextlib.asynccontextmanager
 async def servers(*configs: dict) -> AsyncIterator[list[tuple[UpstreamServer, UpstreamConfig]]]:
-    """Embedded upstreams named u0, u1, ...; each config may carry pool-side keys (max_concurrency)."""
+    """Embedded upstreams named u0, u1, ...; each config may carry pool-side keys (max_concurrency,
+    requests_per_s, tokens_per_s)."""
     started = []
     try:
         for i, cfg in enumerate(configs):
-            pool_side = {k: cfg.pop(k) for k in ("max_concurrency",) if k in cfg}
+            pool_side = {k: cfg.pop(k) for k in POOL_SIDE if k in cfg}
             server = UpstreamServer(UpstreamServerConfig(**cfg))
             started.append((server, UpstreamConfig(f"u{i}", await server.start(), **pool_side)))
         yield started
@@ -358,3 +360,45 @@ def test_reissue_that_diverges_from_what_was_sent_is_an_error():
     assert texts(events) == ["a", "b"]  # nothing of the other answer is spliced in
     assert events[-1].kind == "error"
     assert events[-1].error == "upstream 'u1': re-issued request diverged from the tokens already sent at token 0"
+
+
+def test_upstream_request_rate_waits_for_its_bucket():
+    async def scenario():
+        async with servers({"requests_per_s": 4}) as ups, pool_of([u for _, u in ups]) as pool:
+            began = time.monotonic()
+            ends = [(await collect(pool))[-1].kind for _ in range(8)]  # a burst of 4, then 4 per second
+            return ends, time.monotonic() - began
+
+    ends, elapsed = run(scenario())
+    assert ends == ["end"] * 8
+    assert 0.9 <= elapsed < 3.0
+
+
+def test_upstream_over_its_request_rate_is_skipped_while_another_has_room():
+    async def scenario():
+        async with servers({"requests_per_s": 1}, {}) as ups, pool_of([u for _, u in ups]) as pool:
+            began = time.monotonic()
+            for _ in range(6):
+                assert (await collect(pool))[-1].kind == "end"
+            return by_name(pool), time.monotonic() - began
+
+    snapshot, elapsed = run(scenario())
+    assert snapshot["u0"]["requests"] == 1 and snapshot["u1"]["requests"] == 5
+    assert elapsed < 0.9  # nobody waited for u0's bucket
+
+
+def test_upstream_token_rate_slows_its_reads():
+    async def scenario():
+        async with servers({"tokens_per_s": 100}) as ups, pool_of([u for _, u in ups]) as pool:
+            began = time.monotonic()
+            events = await collect(pool, {**CHAT, "max_tokens": 150, "ignore_eos": True})
+            return events, time.monotonic() - began
+
+    events, elapsed = run(scenario())
+    assert len(texts(events)) == 150 and events[-1].kind == "end"
+    assert 0.45 <= elapsed < 3.0  # a burst of 100 tokens, then 50 at 100 per second
+
+
+def test_negative_upstream_rates_are_refused():
+    with pytest.raises(ValueError, match="requests_per_s"):
+        UpstreamConfig("u", "http://127.0.0.1:1", tokens_per_s=-1)

@@ -1,8 +1,9 @@
 """A pool of OpenAI-compatible upstreams: several servers per model name, health checks
 (``GET /v1/models``), load balancing, retries with back-off before the first token, failover,
-cool-down of failing upstreams, per-upstream concurrency limits and a configurable policy for a
-stream that fails after its first token. All upstreams share one aiohttp session, so
-connections are kept alive and reused. Rules and measurements: docs/upstreams.md.
+cool-down of failing upstreams, per-upstream concurrency limits, per-upstream request and token
+rate limits (token buckets) and a configurable policy for a stream that fails after its first
+token. All upstreams share one aiohttp session, so connections are kept alive and reused.
+Rules and measurements: docs/upstreams.md.
 
     pool = UpstreamPool([UpstreamConfig("a", "http://10.0.0.1:8000"), ...], PoolPolicy())
     await pool.start()
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from stages.ingest.openai_client import TokenEvent, UpstreamError, error_event, upstream_tokens
+from stages.ingest.ratelimit import TokenBucket
 
 __all__ = ["MID_STREAM_POLICIES", "STRATEGIES", "PoolPolicy", "UpstreamConfig", "UpstreamPool"]
 
@@ -40,11 +42,15 @@ class UpstreamConfig:
     max_concurrency: int = 64  # streams in flight at once; more wait for a slot
     weight: float = 1.0  # relative capacity, for least_outstanding and ewma
     api_key: str = ""  # sent as "Authorization: Bearer ..." when set
+    requests_per_s: float = 0.0  # new requests per second, burst of one second's worth; 0: unlimited
+    tokens_per_s: float = 0.0  # tokens read per second over all its streams, likewise; 0: unlimited
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))  # TOML and JSON give lists
         if self.max_concurrency < 1 or self.weight <= 0:
             raise ValueError(f"upstream {self.name!r}: max_concurrency must be >= 1 and weight > 0")
+        if self.requests_per_s < 0 or self.tokens_per_s < 0:
+            raise ValueError(f"upstream {self.name!r}: requests_per_s and tokens_per_s must be >= 0")
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"upstream {self.name!r}: base_url must be an http(s) URL, not {self.base_url!r}")
 
@@ -85,6 +91,8 @@ class _Upstream:
     failures: int = 0
     consecutive_failures: int = 0
     headers: dict = field(default_factory=dict)
+    request_bucket: TokenBucket | None = None  # None: unlimited
+    token_bucket: TokenBucket | None = None
 
     def serves(self, model: str | None) -> bool:
         # A request that names no model takes the server's default: any upstream will do.
@@ -95,6 +103,10 @@ class _Upstream:
 
     def has_slot(self) -> bool:
         return self.outstanding < self.cfg.max_concurrency
+
+    def request_wait(self, now: float) -> float:
+        """Seconds until its request bucket allows one more request (0: now)."""
+        return 0.0 if self.request_bucket is None else self.request_bucket.wait_time(1.0, now)
 
     def record_latency(self, seconds: float) -> None:
         old = self.ewma_latency_s
@@ -121,7 +133,15 @@ class UpstreamPool:
         if len({u.name for u in upstreams}) != len(upstreams):
             raise ValueError("upstream names must be unique")
         self.policy = policy or PoolPolicy()
-        self._upstreams = [_Upstream(cfg, headers=_auth_headers(cfg)) for cfg in upstreams]
+        self._upstreams = [
+            _Upstream(
+                cfg,
+                headers=_auth_headers(cfg),
+                request_bucket=_bucket(cfg.requests_per_s),
+                token_bucket=_bucket(cfg.tokens_per_s),
+            )
+            for cfg in upstreams
+        ]
         self._session_factory = session_factory or self._default_session
         self._session: aiohttp.ClientSession | None = None
         self._health_tasks: list[asyncio.Task] = []
@@ -242,6 +262,8 @@ class UpstreamPool:
                         progress.sent += 1
                         if progress.texts is not None:
                             progress.texts.append(event.text)
+                        if upstream.token_bucket is not None:
+                            await _take_token(upstream.token_bucket)
                     elif seen < skip:  # the end of a re-issued stream shorter than what was sent
                         raise UpstreamError(f"re-issued request ended after {seen} of {skip} tokens", retryable=False)
                     yield event
@@ -267,8 +289,9 @@ class UpstreamPool:
     # ------------------------------------------------------------------ choosing an upstream
 
     async def _acquire(self, model: str | None, tried: set[_Upstream]) -> _Upstream:
-        """Pick an upstream for ``model`` and take one of its slots; wait while every usable one
-        is full. Prefers upstreams this request has not tried yet (failover)."""
+        """Pick an upstream for ``model`` and take one of its slots and one request from its
+        bucket; wait while every usable one is full or over its request rate. Prefers upstreams
+        this request has not tried yet (failover)."""
         serving = [u for u in self._upstreams if u.serves(model)]
         if not serving:
             raise UpstreamError(f"no upstream serves model {model!r}", retryable=False)
@@ -278,13 +301,18 @@ class UpstreamPool:
             if not usable:
                 raise UpstreamError(f"no healthy upstream for model {model!r}", retryable=True)
             free = [u for u in usable if u.has_slot()]
-            if free:
-                upstream = self._choose([u for u in free if u not in tried] or free)
+            ready = [u for u in free if u.request_wait(now) == 0.0]
+            if ready:
+                upstream = self._choose([u for u in ready if u not in tried] or ready)
+                if upstream.request_bucket is not None:
+                    upstream.request_bucket.try_take(1.0, now)
                 upstream.outstanding += 1
                 upstream.requests += 1
                 return upstream
-            changed = self._changed
-            await changed.wait()
+            # Wake on a freed slot or a change of health, or when the first bucket refills.
+            refill = min((u.request_wait(now) for u in free), default=None)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), refill)
 
     def _untried_available(self, model: str | None, tried: set[_Upstream]) -> bool:
         now = time.monotonic()
@@ -359,6 +387,18 @@ def _check_replay(progress: _Progress, index: int, text: str) -> None:
         raise UpstreamError(
             f"re-issued request diverged from the tokens already sent at token {index}", retryable=False
         )
+
+
+def _bucket(rate: float) -> TokenBucket | None:
+    """A bucket of ``rate`` per second holding one second's worth (at least one); None for 0."""
+    return TokenBucket(rate, max(rate, 1.0)) if rate > 0 else None
+
+
+async def _take_token(bucket: TokenBucket) -> None:
+    """Wait for one token of an upstream's token rate: the stream reads its response slower, so
+    the upstream is throttled by TCP back-pressure rather than anything being dropped."""
+    while not bucket.try_take():
+        await asyncio.sleep(bucket.wait_time())
 
 
 def _auth_headers(cfg: UpstreamConfig) -> dict:
