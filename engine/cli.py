@@ -72,6 +72,16 @@ def bench_sse(as_json: bool, quick: bool) -> None:
     sse.main(as_json=as_json, quick=quick)
 
 
+@bench.command("ingest")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quick", is_flag=True, help="Short streams: a smoke run, not a measurement.")
+def bench_ingest(as_json: bool, quick: bool) -> None:
+    """Ingest throughput with 1, 100, 1,000 streams from the embedded upstream; added latency p50/p99."""
+    from neuralpipe_bench import ingest
+
+    ingest.main(as_json=as_json, quick=quick)
+
+
 @main.command()
 @click.option("--instance", help="Engine instance id (default: every instance found).")
 @click.option("--clean", is_flag=True, help="Remove segments left by dead engine instances (never a live one's).")

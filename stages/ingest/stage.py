@@ -289,7 +289,8 @@ class Ingest(AsyncStage):
 
         cfg = UpstreamServerConfig(**p.get("embedded", {}))
         self.embedded, base_url = serve_in_process(cfg)
-        return UpstreamConfig(name="embedded", base_url=base_url, models=())
+        # As many streams in flight as the embedded server accepts (the pool's default is 64).
+        return UpstreamConfig(name="embedded", base_url=base_url, models=(), max_concurrency=cfg.max_concurrency)
 
     # ---- stage hooks ------------------------------------------------------------------------
 
