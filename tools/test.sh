@@ -6,6 +6,12 @@ cd "$(dirname "$0")/.."
 # promtool lints the /metrics exposition (tests/test_metrics.py); Debian ships it in `prometheus`.
 command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
+# The llamacpp extra: a real llama.cpp server for tests/test_llamacpp_upstream.py (docs/upstreams.md).
+# llama-cpp-python builds from source (4-5 minutes on 2 cores; pip's wheel cache keeps the build), so
+# the step is skipped when it imports already.
+python3 -c 'import llama_cpp.server.app, gguf' 2>/dev/null \
+    || CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF" \
+        python3 -m pip install --quiet --disable-pip-version-check -e '.[llamacpp]'
 python3 -m ruff check .
 python3 -m ruff format --check .
 python3 -m pytest "$@"
