@@ -93,11 +93,8 @@ def main(as_json: bool = False, quick: bool = False) -> dict[str, Any]:
         click.echo(report.text_table(rows, _COLUMNS))
         for note in result["notes"]:
             click.echo(f"note: {note}")
-    if not quick and report.in_checkout():
-        path = report.RESULTS / f"doorbell-{report.machine_slug(info)}.json"
-        report.write_json(path, result)
-        report.write_section("doorbell", markdown(result))
-        click.echo(f"wrote {path} and {report.DOCS}", err=True)
+    if not quick:
+        report.publish("doorbell", info, result, markdown(result))
     return result
 
 

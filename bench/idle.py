@@ -241,11 +241,8 @@ def main(as_json: bool = False, quick: bool = False) -> dict[str, Any]:
         "targets": targets(engines, check),
     }
     _print(result, as_json)
-    if not quick and report.in_checkout():
-        path = report.RESULTS / f"idle-{report.machine_slug(info)}.json"
-        report.write_json(path, result)
-        report.write_section("idle", markdown(result), path=DOCS)
-        click.echo(f"wrote {path} and {DOCS}", err=True)
+    if not quick:
+        report.publish("idle", info, result, markdown(result), docs=DOCS)
     return result
 
 

@@ -278,11 +278,8 @@ def main(as_json: bool = False, quick: bool = False) -> dict[str, Any]:
     }
     result["targets"] = targets(result)
     _print(result, as_json)
-    if not quick and report.in_checkout():
-        path = report.RESULTS / f"ingest-{report.machine_slug(info)}.json"
-        report.write_json(path, result)
-        report.write_section("ingest", markdown(result), path=DOCS)
-        click.echo(f"wrote {path} and {DOCS}", err=True)
+    if not quick:
+        report.publish("ingest", info, result, markdown(result), docs=DOCS)
     return result
 
 

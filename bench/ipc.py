@@ -167,11 +167,8 @@ def main(
     _print(result, as_json)
     if output:
         report.write_json(Path(output), result)
-    if not quick and len(payloads) == len(PAYLOADS) and transports == TRANSPORTS and report.in_checkout():
-        path = report.RESULTS / f"ipc-{report.machine_slug(info)}.json"
-        report.write_json(path, result)
-        report.write_section("ipc", markdown(result))
-        click.echo(f"wrote {path} and {report.DOCS}", err=True)
+    if not quick and len(payloads) == len(PAYLOADS) and transports == TRANSPORTS:
+        report.publish("ipc", info, result, markdown(result))
     return result
 
 

@@ -535,11 +535,8 @@ def main(as_json: bool = False, quick: bool = False) -> dict[str, Any]:
         "targets": targets(stats, run["sink"]),
     }
     _print(result, as_json)
-    if not quick and report.in_checkout():
-        path = report.RESULTS / f"recovery-{report.machine_slug(info)}.json"
-        report.write_json(path, result)
-        report.write_section("recovery", markdown(result), path=DOCS)
-        click.echo(f"wrote {path} and {DOCS}", err=True)
+    if not quick:
+        report.publish("recovery", info, result, markdown(result), docs=DOCS)
     return result
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +102,14 @@ def write_section(name: str, markdown: str, path: Path = DOCS) -> None:
         path.write_text(pattern.sub(lambda _: block, text))
     else:
         path.write_text(text.rstrip() + "\n\n" + block + "\n")
+
+
+def publish(name: str, info: dict, result: object, markdown: str, docs: Path = DOCS) -> None:
+    """Write a full run's raw JSON to bench/results/<name>-<machine>.json and its table into the
+    generated section ``name`` of ``docs`` (only from a checkout: an installed copy has no docs)."""
+    if not in_checkout():
+        return
+    path = RESULTS / f"{name}-{machine_slug(info)}.json"
+    write_json(path, result)
+    write_section(name, markdown, path=docs)
+    print(f"wrote {path} and {docs}", file=sys.stderr)

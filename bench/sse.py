@@ -308,11 +308,8 @@ def main(as_json: bool = False, quick: bool = False) -> dict[str, Any]:
         "rows": rows,
     }
     _print(result, as_json)
-    if not quick and report.in_checkout():
-        path = report.RESULTS / f"sse-{report.machine_slug(info)}.json"
-        report.write_json(path, result)
-        report.write_section("sse", markdown(result), path=DOCS)
-        click.echo(f"wrote {path} and {DOCS}", err=True)
+    if not quick:
+        report.publish("sse", info, result, markdown(result), docs=DOCS)
     return result
 
 
