@@ -9,8 +9,9 @@ Params (all optional):
     client_requests_per_s, client_burst, client_tokens_per_s, queue_bound   rate limits
     max_streams      concurrent streams tracked for restart recovery (4096)
 
-Rows: one START row (text: the model), one TOKEN row per token, then one END row (text: JSON
-{finish_reason, usage}) or one ERROR row (text: the reason), with seq 0, 1, 2, ... per stream.
+Rows: one START row (text: JSON {model, cached, cache_key}), one TOKEN row per token, then one END
+row (text: JSON {finish_reason, usage}) or one ERROR row (text: the reason), with seq 0, 1, 2, ...
+per stream. The row texts are the contract with later stages (docs/data-plane.md, "Rows of a stream").
 A stream cut short by a restart of this worker ends with an ERROR row "ingest restarted".
 """
 
@@ -127,7 +128,8 @@ class Ingest(AsyncStage):
     async def _stream(self, sid: int, client: str, body: dict, endpoint: str) -> None:
         try:
             await self._admit(client)
-            self._emit(sid, Kind.START, str(body.get("model", "")).encode(), time.monotonic_ns())
+            start = {"model": str(body.get("model", "")), "cached": False, "cache_key": None}
+            self._emit(sid, Kind.START, orjson.dumps(start), time.monotonic_ns())
             await self._relay(sid, client, body, endpoint)
         except asyncio.CancelledError:
             self.counts["cancelled"] += 1
