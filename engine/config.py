@@ -33,6 +33,9 @@ STAGE_ALIASES = {
     "verify": "stages.testing.verify:VerifyingSink",
     "async_counter": "stages.testing.async_counter:AsyncCountingSource",
     "ingest": "stages.ingest.stage:Ingest",
+    "compute": "stages.compute.stage:Compute",
+    "cache": "stages.cache.stage:Cache",
+    "broadcast": "stages.broadcast.stage:Broadcast",
 }
 
 # Environment variable -> (section, key) it overrides. Only what operators change per host.

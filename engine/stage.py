@@ -71,6 +71,12 @@ class Stage:
     def do_work(self) -> int:
         raise NotImplementedError
 
+    def pollables(self) -> list[Any]:
+        """ZMQ sockets or file descriptors of the stage's own (e.g. a ROUTER serving requests) that
+        must wake an idle worker; ``do_work`` then serves them without blocking. Asked once, after
+        ``start``."""
+        return []
+
     def idle_timeout_s(self) -> float | None:
         """Longest the runtime may sleep when ``do_work`` found nothing (a source's pacing);
         None: until a ring or control message wakes it."""

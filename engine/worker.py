@@ -174,6 +174,8 @@ class _DutyCycle:
             self.poller.register(ring.data_bell.fileno(), zmq.POLLIN)
         for ring in rt.outputs:
             self.poller.register(ring.space_bell.fileno(), zmq.POLLIN)
+        for pollable in rt.stage.pollables():
+            self.poller.register(pollable, zmq.POLLIN)
         strategies = [end.wait for end in rt.spec.inputs + rt.spec.outputs]
         self.spins = min((w.spins for w in strategies), default=0)
         self.blocks = all(w.blocks for w in strategies)
