@@ -22,6 +22,7 @@ stage adds columns to a batch it writes without moving the base columns.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from dataclasses import dataclass
@@ -183,6 +184,7 @@ class TokenBatch:
         return BatchColumns(buf, rows, text_bytes, directory)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a vocabulary repeats: a hit costs a tenth of the hash
 def stable_token_id(token: bytes) -> int:
     """A token id from the token's bytes, the same in every process and run (unlike ``hash``);
     bit 31 is set so it cannot collide with an upstream vocabulary id."""

@@ -329,3 +329,24 @@ def test_bench_sse_quick_json() -> None:
     assert ours["wrong"] == [] and ours["events"] == result["settings"]["events"] + 1  # the [DONE] event
     assert rows["httpx-sse"]["events"] == ours["events"]
     assert _generated_files() == before  # a quick run writes no result
+
+
+def test_stop_at_unknown_keeps_the_events_before_the_line_and_parses_nothing_after():
+    parser = SSEParser(stop_at_unknown=True)
+    events = parser.feed(b'data: a\n\nerror: {"code": 500}\ndata: b\n\n')
+    assert [e.data for e in events] == ["a"]
+    assert parser.unknown_line == 'error: {"code": 500}'
+    assert parser.feed(b"data: c\n\n") == []
+
+
+def test_known_fields_and_comments_are_not_unknown_lines():
+    parser = SSEParser(stop_at_unknown=True)
+    events = parser.feed(b": keep-alive\nevent: e\nid: 7\nretry: 10\ndata\ndata: x\n\n")
+    assert [(e.event, e.data, e.id) for e in events] == [("e", "\nx", "7")]
+    assert parser.unknown_line is None
+
+
+def test_the_default_parser_ignores_unknown_fields_as_the_standard_says():
+    parser = SSEParser()
+    assert [e.data for e in parser.feed(b"foo: x\ndata: a\n\n")] == ["a"]
+    assert parser.unknown_line is None

@@ -6,10 +6,14 @@ aiohttp, SSE parsed incrementally, each chunk decoded into :class:`TokenEvent` r
         async for event in events:      # "start", "token"..., then one "end" or one "error"
             ...
 
+Underneath, events travel in lists, one per network read (:func:`upstream_batches`): a read
+often carries several SSE events, and passing each token alone through the generator layers
+above (pool attempt, pool stream, the ingest stage) cost more than parsing it.
+
 Every upstream failure (HTTP error, llama.cpp's ``error:`` line, malformed JSON, a line that is
 not SSE, a stream closed without ``[DONE]``, an idle timeout, a refused connection) ends the
 stream with one "error" event; exceptions are left for programming errors. The pool builds on
-:func:`upstream_tokens`, which raises :class:`UpstreamError` instead, so it can retry and fail
+:func:`upstream_batches`, which raises :class:`UpstreamError` instead, so it can retry and fail
 over. Closing the iterator early closes the HTTP response, so the upstream sees the disconnect.
 The quirks handled, server by server: docs/upstreams.md.
 """
@@ -18,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing, suppress
@@ -31,17 +34,20 @@ import orjson
 from shm.batch import stable_token_id
 from stages.ingest.sse import SSEParser
 
-__all__ = ["ENDPOINTS", "TokenEvent", "UpstreamError", "error_event", "stream_completion", "upstream_tokens"]
+__all__ = [
+    "ENDPOINTS",
+    "TokenEvent",
+    "UpstreamError",
+    "error_event",
+    "flatten",
+    "stream_completion",
+    "upstream_batches",
+]
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 ERROR_BODY_LIMIT = 64 * 1024  # an HTML error page can be large; its first bytes name the problem
 DRAIN_TIMEOUT_S = 1.0  # for the rest of a body after [DONE]
 _SNIPPET = 160  # characters of a bad chunk or body quoted in an error message
-_BOM = b"\xef\xbb\xbf"
-# A line an event stream may hold: blank, a comment, or one of the four fields the SSE standard
-# defines (with or without a colon). Anything else is a line the parser would silently drop:
-# llama.cpp's `error: {...}`, a proxy's HTML, a bare text line. `$` also matches before a CR of CRLF.
-_NON_SSE_LINE = re.compile(rb"^(?!(?:data|event|id|retry)(?::|\r?$)|:|\r?$).*", re.MULTILINE)
 _VLLM_TOKEN_ID = "token_id:"
 
 
@@ -57,7 +63,7 @@ class UpstreamError(Exception):
         self.status = status
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 3x, per token
 class TokenEvent:
     kind: str  # "start" | "token" | "end" | "error"
     text: str = ""
@@ -82,7 +88,7 @@ async def stream_completion(
 ) -> AsyncIterator[TokenEvent]:
     """One "start", the "token" events, then exactly one "end" or one "error" event."""
     yield TokenEvent("start", recv_ns=time.monotonic_ns())
-    tokens = upstream_tokens(
+    batches = upstream_batches(
         session,
         base_url,
         body,
@@ -91,12 +97,19 @@ async def stream_completion(
         connect_timeout_s=connect_timeout_s,
         idle_timeout_s=idle_timeout_s,
     )
-    async with aclosing(tokens):
-        try:
-            async for event in tokens:
+    try:
+        async for event in flatten(batches):
+            yield event
+    except UpstreamError as err:
+        yield error_event(str(err))
+
+
+async def flatten(batches: AsyncIterator[list[TokenEvent]]) -> AsyncIterator[TokenEvent]:
+    """The events of a batch iterator one by one (closing it when this one is closed)."""
+    async with aclosing(batches):
+        async for batch in batches:
+            for event in batch:
                 yield event
-        except UpstreamError as err:
-            yield error_event(str(err))
 
 
 def error_event(message: str) -> TokenEvent:
@@ -104,7 +117,7 @@ def error_event(message: str) -> TokenEvent:
     return TokenEvent("error", error=message, recv_ns=time.monotonic_ns())
 
 
-async def upstream_tokens(
+async def upstream_batches(
     session: aiohttp.ClientSession,
     base_url: str,
     body: dict,
@@ -113,9 +126,10 @@ async def upstream_tokens(
     headers: dict | None = None,
     connect_timeout_s: float = 5,
     idle_timeout_s: float = 60,
-) -> AsyncIterator[TokenEvent]:
-    """The "token" events of one request, then its "end" event; every upstream failure raises
-    :class:`UpstreamError` (with ``before_first_token`` telling whether a token was yielded)."""
+) -> AsyncIterator[list[TokenEvent]]:
+    """The "token" events of one request, then its "end" event, in non-empty lists (one per
+    network read); every upstream failure raises :class:`UpstreamError` (with
+    ``before_first_token`` telling whether a token was yielded)."""
     if endpoint not in ENDPOINTS:
         raise ValueError(f"endpoint must be one of {sorted(ENDPOINTS)}, not {endpoint!r}")
     url = base_url.rstrip("/") + ENDPOINTS[endpoint]
@@ -129,8 +143,8 @@ async def upstream_tokens(
             url, data=orjson.dumps({**body, "stream": True}), headers=request_headers, timeout=timeout
         ) as resp:
             await _check_response(resp)
-            async for event in _read_stream(resp, decoder):
-                yield event
+            async for batch in _read_stream(resp, decoder):
+                yield batch
     except UpstreamError as err:
         err.before_first_token = decoder.tokens == 0
         raise
@@ -205,25 +219,32 @@ def _snippet(text: str) -> str:
     return text if len(text) <= _SNIPPET else text[:_SNIPPET] + "..."
 
 
-async def _read_stream(resp: aiohttp.ClientResponse, decoder: _ChunkDecoder) -> AsyncIterator[TokenEvent]:
-    parser = SSEParser()
-    guard = _LineGuard()
+async def _read_stream(resp: aiohttp.ClientResponse, decoder: _ChunkDecoder) -> AsyncIterator[list[TokenEvent]]:
+    parser = SSEParser(stop_at_unknown=True)
     async for chunk in resp.content.iter_any():
-        bad_at = guard.scan(chunk)
-        # The events before a bad line still count: deliver them, then fail.
-        events = parser.feed(chunk if bad_at < 0 else chunk[:bad_at])
+        # The events before a line that is not SSE or a bad chunk still count: deliver them, then fail.
+        events = parser.feed(chunk)
         if events:
             now = time.monotonic_ns()  # one read: every event in it arrived at the same time
+            batch: list[TokenEvent] = []
             for event in events:
                 if event.data == "[DONE]":
-                    yield decoder.end_event(now)
+                    batch.append(decoder.end_event(now))
+                    yield batch
                     await _drain(resp)
                     return
-                for token in decoder.decode(event.event, event.data, now):
-                    decoder.tokens += 1
-                    yield token
-        if bad_at >= 0:
-            raise guard.error()
+                try:
+                    tokens = decoder.decode(event.event, event.data, now)
+                except UpstreamError:
+                    if batch:
+                        yield batch
+                    raise
+                decoder.tokens += len(tokens)
+                batch += tokens
+            if batch:
+                yield batch
+        if parser.unknown_line is not None:
+            raise _unknown_line_error(parser.unknown_line)
     raise decoder.closed_error()
 
 
@@ -238,45 +259,19 @@ async def _drain(resp: aiohttp.ClientResponse) -> None:
                 left -= len(await resp.content.readany())
 
 
-class _LineGuard:
-    """Finds lines that are not SSE. A spec-complete parser ignores them, which would hide
-    llama.cpp's ``error: {...}`` line (its way to report a failure mid-stream) and a proxy's HTML;
-    only complete lines are checked, an unfinished one waits for the next chunk."""
-
-    def __init__(self) -> None:
-        self._tail = b""  # the unfinished last line of the previous chunks
-        self._first = True
-        self._bad = b""
-
-    def scan(self, chunk: bytes) -> int:
-        """The offset in ``chunk`` of the first line that is not SSE, or -1."""
-        buf = self._tail + chunk
-        skipped = len(self._tail)
-        if self._first and buf:
-            self._first = False
-            if buf.startswith(_BOM):
-                buf, skipped = buf[len(_BOM) :], skipped - len(_BOM)
-        # A lone CR ends a line too (rare); the scan then misses a bad line after it but never
-        # flags a good one, and the tail stays one line long.
-        end = max(buf.rfind(b"\n"), buf.rfind(b"\r")) + 1
-        self._tail = buf[end:]
-        match = _NON_SSE_LINE.search(buf, 0, end)
-        if match is None:
-            return -1
-        self._bad = match.group().rstrip(b"\r")
-        return max(match.start() - skipped, 0)
-
-    def error(self) -> UpstreamError:
-        line = self._bad.decode("utf-8", "replace")
-        name, _, value = line.partition(":")
-        if name == "error":  # llama.cpp: `error: {"code": 500, "message": "...", "type": "server_error"}`
-            try:
-                obj = orjson.loads(value)
-            except orjson.JSONDecodeError:
-                obj = value.strip()
-            code = obj.get("code") if isinstance(obj, dict) else None
-            return UpstreamError(f"upstream error line: {_error_message(obj)}", retryable=_retryable_code(code))
-        return UpstreamError(f"garbage line in the event stream: {_snippet(line)!r}", retryable=True)
+def _unknown_line_error(line: str) -> UpstreamError:
+    """The failure a line that is not SSE reports. A spec-complete parser ignores such lines,
+    which would hide llama.cpp's ``error: {...}`` line (its way to report a failure mid-stream)
+    and a proxy's HTML."""
+    name, _, value = line.partition(":")
+    if name == "error":  # llama.cpp: `error: {"code": 500, "message": "...", "type": "server_error"}`
+        try:
+            obj = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            obj = value.strip()
+        code = obj.get("code") if isinstance(obj, dict) else None
+        return UpstreamError(f"upstream error line: {_error_message(obj)}", retryable=_retryable_code(code))
+    return UpstreamError(f"garbage line in the event stream: {_snippet(line)!r}", retryable=True)
 
 
 class _ChunkDecoder:

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from stages.ingest.openai_client import TokenEvent, UpstreamError, error_event, upstream_tokens
-from stages.ingest.ratelimit import TokenBucket
+from stages.ingest.openai_client import TokenEvent, UpstreamError, error_event, flatten, upstream_batches
+from stages.ingest.ratelimit import TokenBucket, take
 
 __all__ = ["MID_STREAM_POLICIES", "STRATEGIES", "PoolPolicy", "UpstreamConfig", "UpstreamPool"]
 
@@ -189,12 +189,18 @@ class UpstreamPool:
     def stream(self, body: dict, *, endpoint: str = "chat", deterministic: bool = False) -> AsyncIterator[TokenEvent]:
         """One "start", the "token" events, then one "end" or one "error" event. Stop early with
         ``aclose()``: the upstream response is closed and the slot freed."""
+        return flatten(self.stream_batches(body, endpoint=endpoint, deterministic=deterministic))
+
+    def stream_batches(
+        self, body: dict, *, endpoint: str = "chat", deterministic: bool = False
+    ) -> AsyncIterator[list[TokenEvent]]:
+        """The events of :meth:`stream` in non-empty lists, one per network read (the fast path)."""
         return self._stream(body, endpoint, deterministic)
 
     # ------------------------------------------------------------------ one request
 
-    async def _stream(self, body: dict, endpoint: str, deterministic: bool) -> AsyncIterator[TokenEvent]:
-        yield TokenEvent("start", recv_ns=time.monotonic_ns())
+    async def _stream(self, body: dict, endpoint: str, deterministic: bool) -> AsyncIterator[list[TokenEvent]]:
+        yield [TokenEvent("start", recv_ns=time.monotonic_ns())]
         reissue = deterministic and self.policy.mid_stream == "reissue"
         progress = _Progress(texts=[] if reissue else None)
         model = body.get("model")
@@ -204,15 +210,15 @@ class UpstreamPool:
             try:
                 upstream = await self._acquire(model, tried)
                 tried.add(upstream)
-                async with aclosing(self._attempt(upstream, body, endpoint, progress)) as events:
-                    async for event in events:
-                        yield event
+                async with aclosing(self._attempt(upstream, body, endpoint, progress)) as batches:
+                    async for batch in batches:
+                        yield batch
                 return
             except UpstreamError as err:
                 failed += 1
                 final = self._final_error(err, progress, failed, reissue)
                 if final is not None:
-                    yield error_event(final)
+                    yield [error_event(final)]
                     return
             if not self._untried_available(model, tried):
                 await asyncio.sleep(self._backoff_s(failed))
@@ -235,12 +241,12 @@ class UpstreamPool:
 
     async def _attempt(
         self, upstream: _Upstream, body: dict, endpoint: str, progress: _Progress
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncIterator[list[TokenEvent]]:
         """One request to ``upstream``, holding its slot (taken by :meth:`_acquire`) until it ends
         whichever way. The first ``progress.sent`` tokens were delivered by an earlier attempt:
         they are checked against what was sent and skipped."""
         skip, seen, began = progress.sent, 0, time.monotonic()
-        tokens = upstream_tokens(
+        batches = upstream_batches(
             self._session,
             upstream.cfg.base_url,
             body,
@@ -250,23 +256,20 @@ class UpstreamPool:
             idle_timeout_s=self.policy.idle_timeout_s,
         )
         try:
-            async with aclosing(tokens):
-                async for event in tokens:
-                    if event.kind == "token":
-                        if seen == 0:
-                            upstream.record_latency(time.monotonic() - began)
-                        seen += 1
-                        if seen <= skip:
-                            _check_replay(progress, seen - 1, event.text)
-                            continue
-                        progress.sent += 1
-                        if progress.texts is not None:
-                            progress.texts.append(event.text)
-                        if upstream.token_bucket is not None:
-                            await _take_token(upstream.token_bucket)
-                    elif seen < skip:  # the end of a re-issued stream shorter than what was sent
-                        raise UpstreamError(f"re-issued request ended after {seen} of {skip} tokens", retryable=False)
-                    yield event
+            async with aclosing(batches):
+                async for batch in batches:
+                    if seen == 0:
+                        upstream.record_latency(time.monotonic() - began)
+                    before = seen
+                    batch, seen = _fresh_events(batch, progress, seen, skip)
+                    fresh = seen - max(before, skip)
+                    progress.sent += fresh
+                    if upstream.token_bucket is not None and fresh:
+                        # the stream reads its response slower, so the upstream is throttled by
+                        # TCP back-pressure rather than anything being dropped
+                        await take(upstream.token_bucket, fresh)
+                    if batch:
+                        yield batch
             upstream.consecutive_failures = 0
         except UpstreamError as err:
             if err.retryable:
@@ -380,6 +383,26 @@ class UpstreamPool:
         return isinstance(answer, dict) and isinstance(answer.get("data"), list)
 
 
+def _fresh_events(batch: list[TokenEvent], progress: _Progress, seen: int, skip: int) -> tuple[list[TokenEvent], int]:
+    """The events of ``batch`` that an earlier attempt did not deliver (its first ``skip``
+    tokens are checked and dropped), and the count of tokens seen after it."""
+    if seen >= skip and progress.texts is None:  # the usual case: nothing to skip or to keep
+        return batch, seen + sum(event.kind == "token" for event in batch)
+    fresh = []
+    for event in batch:
+        if event.kind == "token":
+            seen += 1
+            if seen <= skip:
+                _check_replay(progress, seen - 1, event.text)
+                continue
+            if progress.texts is not None:
+                progress.texts.append(event.text)
+        elif seen < skip:  # the end of a re-issued stream shorter than what was sent
+            raise UpstreamError(f"re-issued request ended after {seen} of {skip} tokens", retryable=False)
+        fresh.append(event)
+    return fresh, seen
+
+
 def _check_replay(progress: _Progress, index: int, text: str) -> None:
     """A re-issued deterministic request must repeat what was already sent, or the consumer would
     get a spliced answer."""
@@ -392,13 +415,6 @@ def _check_replay(progress: _Progress, index: int, text: str) -> None:
 def _bucket(rate: float) -> TokenBucket | None:
     """A bucket of ``rate`` per second holding one second's worth (at least one); None for 0."""
     return TokenBucket(rate, max(rate, 1.0)) if rate > 0 else None
-
-
-async def _take_token(bucket: TokenBucket) -> None:
-    """Wait for one token of an upstream's token rate: the stream reads its response slower, so
-    the upstream is throttled by TCP back-pressure rather than anything being dropped."""
-    while not bucket.try_take():
-        await asyncio.sleep(bucket.wait_time())
 
 
 def _auth_headers(cfg: UpstreamConfig) -> dict:

@@ -7,10 +7,11 @@ wait is its bounded queue). Time is ``time.monotonic()`` unless a test passes ``
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 
-__all__ = ["KeyedBuckets", "TokenBucket"]
+__all__ = ["KeyedBuckets", "TokenBucket", "take"]
 
 
 class TokenBucket:
@@ -46,6 +47,16 @@ class TokenBucket:
         if n > self.burst:
             return float("inf")
         return max(n - self._refill(now), 0.0) / self.rate
+
+
+async def take(bucket: TokenBucket, n: float) -> None:
+    """Take ``n`` units, sleeping while the bucket is short. More than ``burst`` at once is taken
+    a burst at a time, so a batch of tokens larger than the burst waits instead of never passing."""
+    while n > 0:
+        part = min(n, bucket.burst)
+        while not bucket.try_take(part):
+            await asyncio.sleep(bucket.wait_time(part))
+        n -= part
 
 
 class KeyedBuckets:

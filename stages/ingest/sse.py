@@ -49,9 +49,15 @@ class SSEParser:
     sets one) survive ``close()``, so one parser can go on with the stream of a reconnection, as an
     EventSource does."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_at_unknown: bool = False) -> None:
         self.last_event_id = ""
         self.retry: int | None = None
+        # The standard ignores a line with an unknown field name. With ``stop_at_unknown`` the
+        # parser keeps the first such line in ``unknown_line`` and parses nothing after it (a
+        # client that treats it as a failure, as the OpenAI client does with llama.cpp's
+        # ``error: {...}`` line, gets the events before it and then abandons the stream).
+        self.stop_at_unknown = stop_at_unknown
+        self.unknown_line: str | None = None
         self._reset_stream()
 
     def _reset_stream(self) -> None:
@@ -64,6 +70,8 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[Event]:
         """Parse the next bytes of the stream; return the events that they complete."""
+        if self.unknown_line is not None:
+            return []
         chunk = self._lf_line_ends(chunk)
         end = chunk.rfind(b"\n")
         if end < 0:
@@ -114,12 +122,15 @@ class SSEParser:
                 self._event_type = ""
             elif line.startswith(DATA_PREFIX):
                 data.append(line[_DATA_VALUE:])
-            elif line[0] != ":":  # a line that starts with a colon is a comment
-                self._field(line)
+            elif line[0] != ":" and not self._field(line) and self.stop_at_unknown:  # ":" starts a comment
+                self.unknown_line = line
+                self._partial = []
+                break
         return events
 
-    def _field(self, line: str) -> None:
-        """Process one field line other than the common ``data: `` (those never get here)."""
+    def _field(self, line: str) -> bool:
+        """Process one field line other than the common ``data: `` (those never get here);
+        False for a field name the standard does not know."""
         name, _, value = line.partition(":")  # no colon: the whole line is the name, the value is ""
         if value[:1] == " ":
             value = value[1:]
@@ -135,3 +146,6 @@ class SSEParser:
             # no use to anyone, ignored rather than raised.
             with contextlib.suppress(ValueError):
                 self.retry = int(value)
+        elif name != "retry":
+            return False
+        return True

@@ -33,9 +33,10 @@ from engine.stage import AsyncStage, WorkerContext, wait_writable
 from shm.batch import Kind, batch_size, stable_token_id, write_batch
 from stages.ingest.openai_client import TokenEvent
 from stages.ingest.pool import PoolPolicy, UpstreamConfig, UpstreamPool
-from stages.ingest.ratelimit import KeyedBuckets
+from stages.ingest.ratelimit import KeyedBuckets, take
 
 RECORD_TYPE = 16
+_TOKEN = int(Kind.TOKEN)
 _KINDS = {"start": Kind.START, "token": Kind.TOKEN, "end": Kind.END, "error": Kind.ERROR}
 _LATENCY_SAMPLES = 4096
 
@@ -153,24 +154,30 @@ class Ingest(AsyncStage):
         deterministic = body.get("temperature") == 0 or body.get("seed") is not None
         # aclosing: a cancelled stream closes its HTTP response, so the upstream sees it go
         async with contextlib.aclosing(
-            self.pool.stream(body, endpoint=endpoint, deterministic=deterministic)
-        ) as events:
-            async for event in events:
-                if event.kind == "token":
-                    while not self.token_buckets.try_take(client):
-                        await asyncio.sleep(self.token_buckets.wait_time(client))
-                    self._emit_token(sid, event)
-                elif event.kind in ("end", "error"):
-                    self._emit_final(sid, event)
+            self.pool.stream_batches(body, endpoint=endpoint, deterministic=deterministic)
+        ) as batches:
+            async for batch in batches:  # the events of one network read; an end or error comes last
+                tokens = [event for event in batch if event.kind == "token"]
+                if tokens:
+                    await take(self.token_buckets.bucket(client), len(tokens))
+                    self._emit_tokens(sid, tokens)
+                if batch[-1].kind in ("end", "error"):
+                    self._emit_final(sid, batch[-1])
                     return
                 if not self.room.is_set():
                     await self.room.wait()  # back-pressure from a full ring reaches the upstream read
         self._emit(sid, Kind.ERROR, b"upstream stream ended without an end event", time.monotonic_ns())
 
-    def _emit_token(self, sid: int, event: TokenEvent) -> None:
-        text = event.text.encode()
-        self.counts["tokens"] += 1
-        self._emit(sid, Kind.TOKEN, text, event.recv_ns, event.token_id or stable_token_id(text), event.logprob)
+    def _emit_tokens(self, sid: int, events: list[TokenEvent]) -> None:
+        seq = self.next_seq[sid]
+        self.next_seq[sid] = seq + len(events)
+        self.counts["tokens"] += len(events)
+        rows = self.rows
+        for event in events:
+            text = event.text.encode()
+            rows.append((sid, seq, _TOKEN, event.token_id or stable_token_id(text), event.logprob, event.recv_ns, text))
+            seq += 1
+        self._rows_added()
 
     def _emit_final(self, sid: int, event: TokenEvent) -> None:
         if event.kind == "end":
@@ -186,6 +193,9 @@ class Ingest(AsyncStage):
         seq = self.next_seq[sid]
         self.next_seq[sid] = seq + 1
         self.rows.append((sid, seq, kind, token_id, logprob, recv_ns, text))
+        self._rows_added()
+
+    def _rows_added(self) -> None:
         if len(self.rows) >= self.batch_rows:
             self._write_full_batches()
         if self.rows:
