@@ -121,6 +121,9 @@ class EngineConfig(_Model):
     health_interval_s: float = Field(1.0, gt=0)
     health_window_s: float = 60.0
     latency_budget_ms: float = Field(50.0, gt=0)
+    # What carries records between workers: the shared-memory rings, or (for `neuralpipe bench
+    # pipeline` only: no crash safety, nothing to inspect) multiprocessing.Queue or zmq PUSH/PULL.
+    transport: Literal["shm", "queue", "zmq"] = "shm"
 
     @field_validator("instance")
     @classmethod

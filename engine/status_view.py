@@ -37,6 +37,9 @@ def format_status(st: dict[str, Any]) -> str:
         )
     rings = [["ring", "occupancy", "written", "read", "backpressure", "drops", "unblocks"]]
     for r in st["rings"]:
+        if "occupancy" not in r:  # a queue or zmq ring (bench transports): no header to read
+            rings.append([r["name"], f"n/a ({r.get('transport')})", "n/a", "n/a", "n/a", "n/a", "n/a"])
+            continue
         rings.append(
             [
                 r["name"],

@@ -29,6 +29,7 @@ from engine.health import EgressSample, HealthMonitor, Pas, RingSample, WorkerSa
 from engine.logs import JsonLogger
 from engine.metrics import EngineMetrics
 from engine.rundir import InstanceDir, remove_dead_instances
+from engine.transport import Channel, close_channel, create_channel
 from engine.worker import RingEnd, WorkerSpec
 from engine.worker import main as worker_main
 from shm.naming import new_instance_id, segment_name
@@ -79,7 +80,8 @@ class Supervisor:
         self.log = log or JsonLogger("supervisor", cfg.engine.log_level)
         self.instance = cfg.engine.instance or new_instance_id()
         self.mp = multiprocessing.get_context("spawn")
-        self.rings: dict[str, Ring] = {}
+        self.rings: dict[str, Ring] = {}  # shm transport
+        self.channels: dict[str, Channel] = {}  # queue and zmq transports (bench only)
         self.workers: dict[str, WorkerHandle] = {}
         self.started = time.time()
         self.stopping = False
@@ -103,8 +105,14 @@ class Supervisor:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker reuses its identity
         self.router.bind(self.dir.control_endpoint)
+        kind = self.cfg.engine.transport
         for ring_name in self.cfg.ring_names():
             ring_cfg = self.cfg.ring(ring_name)
+            if kind != "shm":
+                self.channels[ring_name] = create_channel(
+                    kind, ring_name, ring_cfg.capacity, ring_cfg.resolved_max_record(), self.mp, self.dir.path
+                )
+                continue
             self.rings[ring_name] = Ring.create(
                 segment_name(self.instance, ring_name),
                 ring_cfg.capacity,
@@ -137,7 +145,10 @@ class Supervisor:
 
     def _spec(self, name: str, wcfg) -> WorkerSpec:
         def ends(ring_names: list[str]) -> tuple[RingEnd, ...]:
-            return tuple(RingEnd(segment_name(self.instance, r), self.cfg.ring(r).wait_strategy()) for r in ring_names)
+            return tuple(
+                RingEnd(segment_name(self.instance, r), self.cfg.ring(r).wait_strategy(), self.channels.get(r))
+                for r in ring_names
+            )
 
         return WorkerSpec(
             name=name,
@@ -164,6 +175,7 @@ class Supervisor:
                 "started": self.started,
                 "runtime_dir": self.dir.path,
                 "state": state,
+                "transport": self.cfg.engine.transport,
             }
         )
 
@@ -178,6 +190,8 @@ class Supervisor:
         self.zmq.term()
         for ring in self.rings.values():
             ring.destroy()
+        for channel in self.channels.values():
+            close_channel(channel)
         self.dir.remove()
 
     # ---- main loop --------------------------------------------------------------------------
@@ -310,10 +324,11 @@ class Supervisor:
                 self.log.info("worker_restarted", worker=h.name, restarts=h.restarts)
 
     def _unblock_outputs(self, h: WorkerHandle) -> None:
-        """Clear any record the dead worker left half-written in its output rings."""
+        """Clear any record the dead worker left half-written in its output rings (shm only: the
+        other transports have no claim to clear)."""
         for ring_name in self.cfg.workers[h.name].outputs:
-            ring = self.rings[ring_name]
-            if ring.unblock():
+            ring = self.rings.get(ring_name)
+            if ring is not None and ring.unblock():
                 self.log.warning("ring_unblocked", ring=ring.name, worker=h.name)
 
     def _check_heartbeats(self, now: float) -> None:
@@ -470,6 +485,7 @@ class Supervisor:
             "uptime_s": round(time.time() - self.started, 3),
             "runtime_dir": self.dir.path,
             "metrics_port": self.metrics_port,
+            "transport": self.cfg.engine.transport,
             "workers": [
                 {
                     "name": h.name,
@@ -485,7 +501,8 @@ class Supervisor:
                 }
                 for h in self.workers.values()
             ],
-            "rings": [_ring_status(name, ring) for name, ring in self.rings.items()],
+            "rings": [_ring_status(name, ring) for name, ring in self.rings.items()]
+            + [_channel_status(channel) for channel in self.channels.values()],
             "pas": None if self.pas is None else _pas_dict(self.pas),
         }
 
@@ -514,6 +531,11 @@ def _ring_status(name: str, ring: Ring) -> dict[str, Any]:
         "producer_pid": hdr.producer_pid,
         "consumer_pid": hdr.consumer_pid,
     }
+
+
+def _channel_status(channel: Channel) -> dict[str, Any]:
+    """A non-shm ring has no header: only what the supervisor made (occupancy and counters n/a)."""
+    return {"name": channel.name, "transport": channel.kind, "slots": channel.slots}
 
 
 def _pas_dict(pas: Pas) -> dict[str, Any]:

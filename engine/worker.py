@@ -24,10 +24,10 @@ from typing import Any
 
 import zmq
 
-from engine import control
+from engine import control, transport
 from engine.logs import JsonLogger
 from engine.stage import AsyncStage, Stage, WorkerContext
-from shm.ring import Consumer, Producer
+from engine.transport import Channel
 from shm.wait import WaitStrategy
 
 _PR_SET_PDEATHSIG = 1
@@ -37,10 +37,12 @@ EXIT_ORPHANED = 4
 
 @dataclass(frozen=True)
 class RingEnd:
-    """One ring a worker attaches to: full segment name and the wait strategy to use."""
+    """One ring a worker attaches to: full segment name and the wait strategy to use; ``channel``
+    instead of the segment when the engine runs another transport (engine/transport.py)."""
 
     segment: str
     wait: WaitStrategy
+    channel: Channel | None = None
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,8 @@ class _Runtime:
         self.sock.setsockopt(zmq.IDENTITY, spec.name.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(spec.control_endpoint)
-        self.inputs = [Consumer.attach(end.segment, end.wait) for end in spec.inputs]
-        self.outputs = [Producer.attach(end.segment, end.wait) for end in spec.outputs]
+        self.inputs = [transport.attach_consumer(end, self.zmq) for end in spec.inputs]
+        self.outputs = [transport.attach_producer(end, self.zmq) for end in spec.outputs]
         parent = multiprocessing.parent_process()
         self.parent_sentinel = parent.sentinel if parent is not None else None
         self.send("hello", pid=os.getpid(), incarnation=spec.incarnation)
