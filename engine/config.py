@@ -264,6 +264,28 @@ class WorkerConfig(_Model):
         return value
 
 
+class UpstreamEntry(_Model):
+    """One OpenAI-compatible server under ``[[upstreams]]``: what every ingest worker that lists
+    no ``upstreams`` of its own streams from (the fields of the ingest pool's UpstreamConfig,
+    docs/upstreams.md). No entries: ingest starts its embedded upstream."""
+
+    name: str = Field(min_length=1)
+    base_url: str
+    models: list[str] = []
+    max_concurrency: int = Field(64, ge=1)
+    weight: float = Field(1.0, gt=0)
+    api_key: str = ""
+    requests_per_s: float = Field(0.0, ge=0)
+    tokens_per_s: float = Field(0.0, ge=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+            raise ValueError(f"must be an http:// or https:// URL such as http://localhost:1234 (got {value!r})")
+        return value
+
+
 def _default_workers() -> dict[str, WorkerConfig]:
     """The embedded demo topology: counter -> relay -> verifying sink."""
     return {
@@ -282,6 +304,7 @@ class Config(_Model):
     rings: dict[str, RingOverride] = {}
     # Insertion order is the topology order (rest_for_one restarts the workers after a failed one).
     workers: dict[str, WorkerConfig] = Field(default_factory=_default_workers)
+    upstreams: list[UpstreamEntry] = []
 
     @field_validator("rings", "workers")
     @classmethod
@@ -306,6 +329,10 @@ class Config(_Model):
                 raise _KeyedError(("workers", name, "outputs"), f"ring {ring!r} is also an input of this worker")
         _check_one_each(producers, consumers, "outputs", "producer", "inputs")
         _check_one_each(consumers, producers, "inputs", "consumer", "outputs")
+        names = [u.name for u in self.upstreams]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise _KeyedError(("upstreams", i, "name"), f"upstream name {name!r} is used twice")
         for ring in self.rings:
             if ring not in producers and ring not in consumers:
                 raise _KeyedError(("rings", ring), "ring is used by no worker (in no worker's inputs or outputs)")
@@ -322,6 +349,16 @@ class Config(_Model):
         except ValidationError as exc:
             loc, reason = _describe(exc.errors()[0])
             raise _KeyedError(("rings", name, *loc), reason) from None
+
+    def worker_params(self, name: str) -> dict[str, Any]:
+        """The params worker ``name`` starts with: its own, plus the top-level ``[[upstreams]]``
+        for an ingest worker that lists none itself (so a file of only ``[[upstreams]]`` points
+        the default topology at real servers)."""
+        worker = self.workers[name]
+        params = dict(worker.params)
+        if worker.stage == STAGE_ALIASES["ingest"] and self.upstreams and "upstreams" not in params:
+            params["upstreams"] = [u.model_dump() for u in self.upstreams]
+        return params
 
     def ring(self, name: str) -> RingConfig:
         """The effective settings of ring ``name``: its ``[rings.<name>]`` over ``[ring_defaults]``."""
@@ -483,8 +520,8 @@ def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
         if field is None:
             return None
         annotation = field.annotation
-        if getattr(annotation, "__origin__", None) is dict:
-            annotation = annotation.__args__[1]
+        if getattr(annotation, "__origin__", None) in (dict, list):  # skip the key or the index
+            annotation = annotation.__args__[-1]
             if not parts:
                 return None
             parts.pop(0)

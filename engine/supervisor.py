@@ -161,7 +161,7 @@ class Supervisor:
             supervisor_pid=os.getpid(),
             heartbeat_interval_s=self.cfg.engine.heartbeat_interval_s,
             log_level=self.cfg.engine.log_level,
-            params=dict(wcfg.params),
+            params=self.cfg.worker_params(name),
         )
 
     def _publish_info(self, state: str) -> None:

@@ -312,3 +312,56 @@ def test_config_show_rejects_a_bad_file(write):
     assert result.exit_code != 0
     assert f"Error: {path}: supervisor.strategy: must be one of one_for_one, rest_for_one" in result.output
     assert "Traceback" not in result.output
+
+
+LMSTUDIO = """
+[[upstreams]]
+name = "lmstudio"
+base_url = "http://localhost:1234"
+models = ["qwen2.5-7b-instruct"]
+"""
+
+
+def test_top_level_upstreams_go_to_an_ingest_worker_that_lists_none(write):
+    topology = '[workers.in]\nstage = "ingest"\noutputs = ["r"]\n[workers.b]\nstage = "verify"\ninputs = ["r"]\n'
+    cfg = load_config(write(LMSTUDIO + topology), env=NO_ENV)
+    ingest = [name for name, w in cfg.workers.items() if w.stage == STAGE_ALIASES["ingest"]]
+    upstreams = cfg.worker_params(ingest[0])["upstreams"]
+    assert upstreams == [
+        {
+            "name": "lmstudio",
+            "base_url": "http://localhost:1234",
+            "models": ["qwen2.5-7b-instruct"],
+            "max_concurrency": 64,
+            "weight": 1.0,
+            "api_key": "",
+            "requests_per_s": 0.0,
+            "tokens_per_s": 0.0,
+        }
+    ]
+
+
+def test_an_ingest_worker_with_its_own_upstreams_keeps_them(write):
+    own = '[workers.in]\nstage = "ingest"\noutputs = ["r"]\nparams.upstreams = [{name = "x", base_url = "http://x"}]\n'
+    cfg = load_config(write(LMSTUDIO + own + '[workers.b]\nstage = "verify"\ninputs = ["r"]\n'), env=NO_ENV)
+    assert cfg.worker_params("in")["upstreams"] == [{"name": "x", "base_url": "http://x"}]
+    assert "upstreams" not in cfg.worker_params("b")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[[upstreams]]\nname = "a"\nbase_url = "localhost:1234"\n', "upstreams[0].base_url: must be an http://"),
+        (
+            '[[upstreams]]\nname = "a"\nbase_url = "http://x"\n[[upstreams]]\nname = "a"\nbase_url = "http://y"\n',
+            "upstreams[1].name: upstream name 'a' is used twice",
+        ),
+        (
+            '[[upstreams]]\nname = "a"\nbase_url = "http://x"\nmax_concurency = 3\n',
+            "upstreams[0].max_concurency: unknown key (did you mean 'max_concurrency'?)",
+        ),
+        ('[[upstreams]]\nbase_url = "http://x"\n', "upstreams[0].name: required key is missing"),
+    ],
+)
+def test_bad_upstreams_name_the_key(write, text, expected):
+    assert expected in error_of(write(text))
