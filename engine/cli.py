@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
 
@@ -236,13 +238,33 @@ def resume(worker: str, path: str | None, instance: str | None, as_json: bool) -
 
 
 @main.command()
+@click.option("--stream", "stream_id", type=int, help="Only this stream (and return when it ends).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--config", "path", type=click.Path(exists=True, dir_okay=False), help="TOML config file.")
+@click.option("--instance", help="Engine instance id (default: the only one running).")
+def tail(stream_id: int | None, fmt: str, path: str | None, instance: str | None) -> None:
+    """Print live tokens from the engine's broadcast (every stream, or one from its beginning)."""
+    from engine.consumer import StreamConsumer
+    from engine.tail import follow
+
+    info = _engine(path, instance)
+    with StreamConsumer.for_engine(info["runtime_dir"], stream_id) as consumer, contextlib.suppress(KeyboardInterrupt):
+        follow(consumer, fmt, _write, one_stream=stream_id is not None)
+
+
+def _write(text: str) -> None:
+    click.echo(text, nl=False)
+
+
+@main.command()
 @click.argument("prompt")
 @click.option("--model", default="", help="Model name to route by (default: any upstream's).")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--temperature", type=float, default=None, help="Sampling temperature (0 = deterministic).")
 @click.option("--config", "path", type=click.Path(exists=True, dir_okay=False), help="TOML config file.")
 @click.option("--instance", help="Engine instance id (default: the only one running).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--follow", is_flag=True, help="Then print the stream's tokens until it ends.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with --follow: JSON lines).")
 def submit(
     prompt: str,
     model: str,
@@ -250,6 +272,7 @@ def submit(
     temperature: float | None,
     path: str | None,
     instance: str | None,
+    follow: bool,
     as_json: bool,
 ) -> None:
     """Submit a chat prompt to the engine's ingest; prints the new stream id at once."""
@@ -267,6 +290,12 @@ def submit(
     except (RequestError, TimeoutError) as exc:
         raise click.ClickException(str(exc)) from None
     _emit({"stream_id": stream_id}, as_json, f"stream {stream_id}")
+    if follow:
+        from engine.consumer import StreamConsumer
+        from engine.tail import follow as print_stream
+
+        with StreamConsumer.for_engine(info["runtime_dir"], stream_id) as consumer:
+            print_stream(consumer, "json" if as_json else "text", _write, one_stream=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+"""Printing what a :class:`engine.consumer.StreamConsumer` reads: ``neuralpipe tail`` and
+``neuralpipe submit --follow``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import orjson
+
+from engine import wire
+from engine.consumer import StreamConsumer
+
+_JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
+
+
+def follow(consumer: StreamConsumer, fmt: str, write: Callable[[str], None], one_stream: bool) -> int:
+    """Print messages until the stream ends (one stream) or forever; returns tokens printed.
+
+    ``text``: one stream's tokens run together as they come; with every stream, one line per
+    message prefixed by its stream id. ``json``: one object per token and per start/end/error."""
+    tokens = 0
+    for message in consumer.messages():
+        tokens += len(message.text)
+        if fmt == "json":
+            write(_json_lines(message))
+        elif one_stream:
+            write(_stream_text(message))
+        else:
+            write(f"[{message.stream}] {_stream_text(message).strip()}\n")
+    return tokens
+
+
+def _stream_text(message: wire.Message) -> str:
+    head = message.header
+    if message.type == "tokens":
+        return "".join(message.text)
+    if message.type == "start":
+        return f"[stream {message.stream} model={head.get('model') or '-'}{' cached' if head.get('cached') else ''}]\n"
+    if message.type == "end":
+        return f"\n[end: {head.get('finish_reason')}, usage {head.get('usage')}]\n"
+    return f"\n[error: {head.get('reason')}]\n"
+
+
+def _json_lines(message: wire.Message) -> str:
+    base = {"stream": message.stream, "type": message.type}
+    if message.type != "tokens":
+        fields = {k: v for k, v in message.header.items() if k not in ("v", "type", "stream", "encoding")}
+        return orjson.dumps({**base, **fields}, option=_JSON_OPTS).decode()
+    cols = message.columns
+    lines = []
+    for i, text in enumerate(message.text):
+        row = {name: values[i] for name, values in cols.items()}
+        if np.isnan(row["logprob"]):
+            row["logprob"] = None
+        lines.append(orjson.dumps({**base, "text": text, **row}, option=_JSON_OPTS).decode())
+    return "".join(lines)

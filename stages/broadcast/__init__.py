@@ -1,0 +1,1 @@
+"""Broadcast stage: XPUB fan-out of token streams with snapshots for late joiners."""

@@ -1,0 +1,270 @@
+"""Broadcast: the last stage. Publishes every stream's rows on XPUB sockets (engine/wire.py,
+docs/wire-format.md) and serves the stream so far on a ROUTER (the ZeroMQ guide's "clone"
+pattern: a consumer that joins late or sees a gap asks for it and merges it with live messages).
+
+Params (all optional):
+    endpoints        extra endpoints: [{url = "tcp://0.0.0.0:5556", encoding = "json" | "binary"}]
+                     (always bound: ipc broadcast.sock (json) and broadcast-binary.sock (binary)
+                     in the runtime directory)
+    snapshot_url     an extra endpoint for the snapshot ROUTER (always: broadcast-snapshot.sock)
+    sndhwm           messages queued per subscriber before ZeroMQ drops for it (10000)
+    retention_bytes  bytes of published messages kept for snapshots (64 MiB)
+    retention_s      how long an ended stream's messages are kept (300)
+    heartbeat_s      a heartbeat message when nothing else was published for this long (1.0)
+
+Rows already published (by stream id and seq) are dropped: after a restart of this stage or of
+one before it, what comes again is not published twice. The next seq per stream lives in a
+restart-surviving state array, updated right after each publish (a kill between the two
+re-publishes one message, which consumers drop by seq; the other order could lose it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import orjson
+import zmq
+
+from engine import wire
+from engine.stage import Stage, WorkerContext
+from shm.batch import Kind, TokenBatch
+
+_SLOTS = 1 << 16  # streams tracked for de-duplication (by stream id modulo); old ones are reused
+_ROW_KINDS = {int(Kind.START): "start", int(Kind.END): "end", int(Kind.ERROR): "error"}
+
+
+class _Retained:
+    """The published messages of one stream (JSON encoding), for snapshots."""
+
+    __slots__ = ("bytes", "ended", "messages", "touched")
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[bytes, bytes, bytes]] = []
+        self.bytes = 0
+        self.ended = False
+        self.touched = time.monotonic()
+
+
+class Broadcast(Stage):
+    def start(self, ctx: WorkerContext) -> None:
+        super().start(ctx)
+        p = ctx.params
+        self.inp = ctx.inputs[0]
+        self.zmq = zmq.Context()
+        hwm = int(p.get("sndhwm", 10000))
+        self.publishers: list[tuple[zmq.Socket, str]] = []
+        endpoints = [
+            {"url": ctx.endpoint("broadcast"), "encoding": "json"},
+            {"url": ctx.endpoint("broadcast-binary"), "encoding": "binary"},
+            *p.get("endpoints", []),
+        ]
+        for endpoint in endpoints:
+            encoding = endpoint.get("encoding", "json")
+            if encoding not in wire.ENCODINGS:
+                raise ValueError(f"broadcast endpoint {endpoint.get('url')!r}: encoding must be json or binary")
+            sock = self.zmq.socket(zmq.XPUB)
+            sock.setsockopt(zmq.SNDHWM, hwm)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(endpoint["url"])
+            self.publishers.append((sock, encoding))
+        self.encodings = sorted({encoding for _, encoding in self.publishers})
+        self.snapshots = self.zmq.socket(zmq.ROUTER)
+        self.snapshots.setsockopt(zmq.LINGER, 0)
+        self.snapshots.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.snapshots.bind(ctx.endpoint("broadcast-snapshot"))
+        if p.get("snapshot_url"):
+            self.snapshots.bind(p["snapshot_url"])
+        self.retention_bytes = int(p.get("retention_bytes", 64 << 20))
+        self.retention_s = float(p.get("retention_s", 300))
+        self.heartbeat_s = float(p.get("heartbeat_s", 1.0))
+        self.retained: OrderedDict[int, _Retained] = OrderedDict()
+        self.retained_bytes = 0
+        # slot -> (stream id + 1, next seq to publish); survives restarts of this worker
+        self.published = ctx.state_array("published", "u8", (_SLOTS, 2))
+        self.counts = dict.fromkeys(
+            ("messages", "tokens", "duplicates", "streams_ended", "subscriptions", "snapshots", "evicted"), 0
+        )
+        self.last_publish = time.monotonic()
+        ctx.log.info("broadcast_ready", endpoints=[e["url"] for e in endpoints])
+
+    def pollables(self) -> list[Any]:
+        return [self.snapshots, *(sock for sock, _ in self.publishers)]
+
+    def idle_timeout_s(self) -> float:
+        return self.heartbeat_s
+
+    # ---- the duty cycle -------------------------------------------------------------------
+
+    def do_work(self) -> int:
+        handled = self._serve()
+        while handled < 64:
+            record = self.inp.try_read()
+            if record is None:
+                break
+            _, view = record
+            self._publish_batch(TokenBatch.decode(view))
+            view.release()
+            handled += 1
+        self.inp.release()
+        now = time.monotonic()
+        if now - self.last_publish >= self.heartbeat_s:
+            self._send_all(wire.encode_heartbeat(time.monotonic_ns(), sum(not r.ended for r in self.retained.values())))
+            self._expire(now)
+        return handled
+
+    def _publish_batch(self, batch) -> None:
+        order = np.argsort(batch.stream_id, kind="stable")  # rows of a stream keep their order
+        streams = batch.stream_id[order]
+        bounds = np.flatnonzero(np.diff(streams)) + 1
+        texts = batch.texts()
+        for rows in np.split(order, bounds):
+            self._publish_stream(int(batch.stream_id[rows[0]]), batch, rows, texts)
+
+    def _publish_stream(self, sid: int, batch, rows: np.ndarray, texts: list[str]) -> None:
+        slot = sid % _SLOTS
+        if int(self.published[slot, 0]) != sid + 1:
+            self.published[slot] = (sid + 1, 0)
+        seqs = batch.seq[rows]
+        fresh = seqs >= self.published[slot, 1]
+        self.counts["duplicates"] += int(len(rows) - np.count_nonzero(fresh))
+        rows = rows[fresh]
+        kinds = batch.kind[rows]
+        # runs of TOKEN rows become one tokens message; START, END, ERROR rows one message each
+        tokens = kinds == Kind.TOKEN
+        cuts = np.flatnonzero(np.diff(tokens.astype(np.int8)) != 0) + 1
+        for run in np.split(np.arange(len(rows)), cuts):
+            if not len(run):
+                continue
+            if tokens[run[0]]:
+                self._publish_tokens(sid, batch, rows[run], texts)
+            else:
+                for i in run:
+                    self._publish_event(sid, int(kinds[i]), int(batch.seq[rows[i]]), texts[rows[i]])
+            self.published[slot, 1] = int(batch.seq[rows[run[-1]]]) + 1
+
+    def _publish_tokens(self, sid: int, batch, rows: np.ndarray, texts: list[str]) -> None:
+        columns = {
+            "seq": batch.seq[rows],
+            "token_id": batch.token_id[rows],
+            "logprob": batch.logprob[rows],
+            "recv_ns": batch.recv_ns[rows],
+            **{name: values[rows] for name, values in batch.extra.items()},
+        }
+        row_texts = [texts[i] for i in rows]
+        frames = {encoding: wire.encode_tokens(sid, columns, row_texts, encoding) for encoding in self.encodings}
+        self._publish(sid, frames, ended=False)
+        self.counts["tokens"] += len(rows)
+
+    def _publish_event(self, sid: int, kind: int, seq: int, text: str) -> None:
+        name = _ROW_KINDS.get(kind, "error")
+        if name == "start":
+            fields = _json_fields(text, {"model": "", "cached": False})
+            fields = {"model": fields.get("model", ""), "cached": bool(fields.get("cached"))}
+        elif name == "end":
+            fields = _json_fields(text, {"finish_reason": None, "usage": None})
+        else:
+            fields = {"reason": text}
+        frames = {encoding: wire.encode_event(name, sid, seq, encoding, **fields) for encoding in self.encodings}
+        self._publish(sid, frames, ended=name != "start")
+
+    def _publish(self, sid: int, frames: dict[str, tuple[bytes, bytes, bytes]], ended: bool) -> None:
+        for sock, encoding in self.publishers:
+            sock.send_multipart(frames[encoding], copy=False)
+        self.counts["messages"] += 1
+        self.last_publish = time.monotonic()
+        self._retain(sid, frames["json"], ended)  # the ipc JSON endpoint is always bound
+
+    def _send_all(self, frames: tuple[bytes, bytes, bytes]) -> None:
+        for sock, _ in self.publishers:
+            sock.send_multipart(frames)
+        self.last_publish = time.monotonic()
+
+    # ---- retention and snapshots ----------------------------------------------------------
+
+    def _retain(self, sid: int, frames: tuple[bytes, bytes, bytes], ended: bool) -> None:
+        kept = self.retained.get(sid)
+        if kept is None:
+            kept = self.retained[sid] = _Retained()
+        size = sum(map(len, frames))
+        kept.messages.append(frames)
+        kept.bytes += size
+        kept.ended = kept.ended or ended
+        kept.touched = time.monotonic()
+        self.retained_bytes += size
+        if ended:
+            self.counts["streams_ended"] += 1
+        while self.retained_bytes > self.retention_bytes and len(self.retained) > 1:
+            self._evict(next(iter(self.retained)))
+
+    def _expire(self, now: float) -> None:
+        for sid in [sid for sid, kept in self.retained.items() if kept.ended and now - kept.touched > self.retention_s]:
+            self._evict(sid)
+
+    def _evict(self, sid: int) -> None:
+        kept = self.retained.pop(sid)
+        self.retained_bytes -= kept.bytes
+        self.counts["evicted"] += 1
+
+    def _serve(self) -> int:
+        """Answer snapshot requests and count subscriptions, without blocking."""
+        served = 0
+        for sock, _ in self.publishers:
+            while sock.poll(0):
+                if sock.recv()[:1] == b"\x01":
+                    self.counts["subscriptions"] += 1
+        while self.snapshots.poll(0):
+            frames = self.snapshots.recv_multipart()
+            served += 1
+            self._answer(frames[0], frames[-1])
+        return served
+
+    def _answer(self, identity: bytes, raw: bytes) -> None:
+        """A snapshot request ``{"type": "snapshot", "stream": id, "from_seq": n}`` gets the
+        retained messages of the stream from that seq on, each as [identity, topic, header,
+        payload] (JSON encoding), then ``snapshot_end`` (``complete``: false when the stream's
+        beginning is no longer retained)."""
+        try:
+            request = orjson.loads(raw)
+            sid, from_seq = int(request["stream"]), int(request.get("from_seq", 0))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            reply = {"v": wire.VERSION, "type": "snapshot_end", "error": f"bad snapshot request: {raw[:120]!r}"}
+            self.snapshots.send_multipart([identity, b"", orjson.dumps(reply), b""])
+            return
+        self.counts["snapshots"] += 1
+        kept = self.retained.get(sid)
+        messages = kept.messages if kept else []
+        for frames in messages:
+            if orjson.loads(frames[1])["seq"][1] >= from_seq:
+                self.snapshots.send_multipart([identity, *frames])
+        first = orjson.loads(messages[0][1])["seq"][0] if messages else None
+        reply = {
+            "v": wire.VERSION,
+            "type": "snapshot_end",
+            "stream": sid,
+            "complete": first is not None and first <= from_seq,
+            "ended": bool(kept and kept.ended),
+        }
+        self.snapshots.send_multipart([identity, b"", orjson.dumps(reply), b""])
+
+    # ---- hooks ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        if not hasattr(self, "counts"):
+            return {}
+        return {**self.counts, "retained_streams": len(self.retained), "retained_bytes": self.retained_bytes}
+
+    def close(self) -> None:
+        if hasattr(self, "zmq"):
+            self.published.flush()
+            self.zmq.destroy(linger=0)
+
+
+def _json_fields(text: str, default: dict[str, Any]) -> dict[str, Any]:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return default
+    return value if isinstance(value, dict) else default
