@@ -237,6 +237,44 @@ def resume(worker: str, path: str | None, instance: str | None, as_json: bool) -
     _worker_command("resume", path, instance, worker, as_json)
 
 
+@main.group()
+def cache() -> None:
+    """Operate the cache worker: stats, clear, snapshot."""
+
+
+def _cache_command(command: str, worker: str, path: str | None, instance: str | None, as_json: bool) -> None:
+    from engine.cache_protocol import CacheClient, CacheProtocolError, socket_path
+
+    info = _engine(path, instance)
+    try:
+        with CacheClient(socket_path(info["runtime_dir"], worker)) as client:
+            reply = client.call(command)
+    except (FileNotFoundError, TimeoutError, CacheProtocolError) as exc:
+        raise click.ClickException(str(exc)) from None
+    reply.pop("type", None)
+    body = reply.get("stats", reply)
+    _emit(body, as_json, "\n".join(f"{key:<16} {value}" for key, value in body.items()))
+
+
+for _name, _help in (
+    ("stats", "Hits, misses, evictions, bytes, entries, hit ratio, replays."),
+    ("clear", "Drop every entry."),
+    ("snapshot", "Write the snapshot file now (atomically)."),
+):
+
+    def _make(command: str):
+        @click.option("--worker", default="cache", show_default=True, help="Name of the cache worker.")
+        @click.option("--config", "path", type=click.Path(exists=True, dir_okay=False), help="TOML config file.")
+        @click.option("--instance", help="Engine instance id (default: the only one running).")
+        @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+        def command_(worker: str, path: str | None, instance: str | None, as_json: bool) -> None:
+            _cache_command(command, worker, path, instance, as_json)
+
+        return command_
+
+    cache.command(_name, help=_help)(_make(_name))
+
+
 @main.command()
 @click.option("--stream", "stream_id", type=int, help="Only this stream (and return when it ends).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)

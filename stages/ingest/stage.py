@@ -8,6 +8,9 @@ Params (all optional):
     batch_rows       rows per batch record (64)
     client_requests_per_s, client_burst, client_tokens_per_s, queue_bound   rate limits
     max_streams      concurrent streams tracked for restart recovery (4096)
+    cache            name of the cache worker to ask before going upstream ("cache"; "" disables;
+                     no lookup while its socket does not exist; docs/cache.md)
+    cache_policy     which requests are cacheable: "deterministic" (temperature 0 or a seed), "all", "off"
 
 Rows: one START row (text: JSON {model, cached, cache_key}), one TOKEN row per token, then one END
 row (text: JSON {finish_reason, usage}) or one ERROR row (text: the reason), with seq 0, 1, 2, ...
@@ -28,6 +31,8 @@ import orjson
 import zmq
 import zmq.asyncio
 
+from engine.cache_protocol import CacheLookup, socket_path
+from engine.cachekey import check_policy, key_for
 from engine.requests import RequestError, parse_request
 from engine.stage import AsyncStage, WorkerContext, wait_writable
 from shm.batch import Kind, batch_size, stable_token_id, write_batch
@@ -65,9 +70,14 @@ class Ingest(AsyncStage):
         self.queue_bound = int(p.get("queue_bound", 64))
         self.queued: dict[str, int] = {}
         self.embedded = None
+        self.cache_policy = check_policy(p.get("cache_policy", "deterministic"))
+        cache_worker = str(p.get("cache", "cache"))
+        self.cache = CacheLookup(socket_path(ctx.runtime_dir, cache_worker)) if cache_worker else None
         upstreams = [UpstreamConfig(**u) for u in p.get("upstreams", [])] or [self._start_embedded(p)]
         self.pool = UpstreamPool(upstreams, PoolPolicy(**p.get("pool", {})))
         await self.pool.start()
+        if self.cache is not None:
+            self.cache.start()
         self._recover_lost_streams()
         flusher = asyncio.create_task(self._flusher())
         sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
@@ -84,6 +94,8 @@ class Ingest(AsyncStage):
             await self._flush_all()
             flusher.cancel()
             await self.pool.close()
+            if self.cache is not None:
+                self.cache.close()
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -129,7 +141,11 @@ class Ingest(AsyncStage):
     async def _stream(self, sid: int, client: str, body: dict, endpoint: str) -> None:
         try:
             await self._admit(client)
-            start = {"model": str(body.get("model", "")), "cached": False, "cache_key": None}
+            key = key_for(body, endpoint, self.cache_policy)
+            if key is not None and self.cache is not None and await self.cache.lookup(key, sid):
+                self._forget(sid)  # the cache replays the stream under this id
+                return
+            start = {"model": str(body.get("model", "")), "cached": False, "cache_key": key}
             self._emit(sid, Kind.START, orjson.dumps(start), time.monotonic_ns())
             await self._relay(sid, client, body, endpoint)
         except asyncio.CancelledError:
@@ -281,6 +297,11 @@ class Ingest(AsyncStage):
         self.next_seq[sid] = 0
         return sid
 
+    def _forget(self, sid: int) -> None:
+        """Free the slot of a stream this worker will write no row of (a cache hit)."""
+        self.active[self.slots.pop(sid)] = (0, 0)
+        del self.next_seq[sid]
+
     def _committed(self, rows: list[tuple]) -> None:
         """Record in the restart-surviving table how far each stream of a committed batch got."""
         last: dict[int, tuple[int, int]] = {}
@@ -318,7 +339,7 @@ class Ingest(AsyncStage):
     def stats(self) -> dict[str, Any]:
         if not hasattr(self, "counts"):
             return {}
-        stats = {**self.counts, "active": len(self.tasks)}
+        stats = {**self.counts, "active": len(self.tasks), **(self.cache.counts if self.cache else {})}
         n = min(self.latency_count, _LATENCY_SAMPLES)
         if n:  # np.percentile partitions in O(n): cheap enough for the event loop's heartbeat
             p50, p99 = np.percentile(self.latency_ns[:n], (50, 99)) / 1e3

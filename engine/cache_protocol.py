@@ -1,0 +1,177 @@
+"""The cache worker's ROUTER: its messages, a small synchronous client (CLI, tests, benchmarks)
+and the asynchronous lookup that ingest runs before going upstream.
+
+The cache worker binds a ROUTER at ``ipc://<runtime dir>/<worker name>.sock``. A client connects
+a DEALER and sends one JSON object (orjson) per frame; every request is answered at once:
+
+    lookup   {key, stream_id, deadline_ns} -> hit {stream_id} | miss {stream_id, reason}
+    stats    {}                           -> stats {stats}     the worker's counters (docs/cache.md)
+    clear    {}                           -> cleared {entries, bytes}
+    snapshot {}                           -> snapshot {path, entries, bytes, ms}
+    (anything else, or a bad field)       -> error {reason}
+
+``lookup``: ``key`` is the request's cache key (engine.cachekey), ``stream_id`` the id ingest has
+already given the request. On ``hit`` the cache replays the stored stream into its output ring
+under that id; ingest then writes nothing for it. ``deadline_ns`` (CLOCK_MONOTONIC, the same clock
+in every process) is when ingest stops waiting: a lookup the cache reads after it is answered
+``miss`` (reason "late") and never replayed, so a stream is never both replayed and fetched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from typing import Any
+
+import orjson
+import zmq
+
+from engine.control import load_object
+
+MAX_MESSAGE_BYTES = 64 * 1024
+REQUESTS = ("lookup", "stats", "clear", "snapshot")
+
+
+class CacheProtocolError(ValueError):
+    """A cache message that is not valid; the text names the field."""
+
+
+def socket_path(runtime_dir: str, worker: str) -> str:
+    """The ipc socket file of cache worker ``worker`` in the engine's runtime directory."""
+    return os.path.join(runtime_dir, f"{worker}.sock")
+
+
+def parse_request(frame: bytes) -> dict[str, Any]:
+    """Decode and check one request frame; raises :class:`CacheProtocolError`."""
+    msg = load_object(frame, MAX_MESSAGE_BYTES, "cache request", CacheProtocolError)
+    kind = msg.get("type")
+    if kind not in REQUESTS:
+        raise CacheProtocolError(f"type: must be one of {', '.join(REQUESTS)} (got {kind!r})")
+    if kind == "lookup":
+        if not isinstance(msg.get("key"), str) or not msg["key"]:
+            raise CacheProtocolError("key: must be a non-empty string")
+        for field in ("stream_id", "deadline_ns"):
+            if isinstance(msg.get(field), bool) or not isinstance(msg.get(field), int) or msg[field] < 0:
+                raise CacheProtocolError(f"{field}: must be a non-negative integer")
+    return msg
+
+
+_ids = itertools.count()
+
+
+class CacheClient:
+    """Synchronous requests to a cache worker: ``stats()``, ``clear()``, ``snapshot()``, ``lookup()``."""
+
+    def __init__(self, path: str, timeout_s: float = 5.0) -> None:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no cache socket at {path} (is a cache worker of that name running?)")
+        self.timeout_ms = int(timeout_s * 1000)
+        self._sock = zmq.Context.instance().socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.IDENTITY, f"cache-client-{os.getpid()}-{next(_ids)}".encode())
+        self._sock.connect("ipc://" + path)
+
+    def call(self, msg_type: str, **fields: Any) -> dict[str, Any]:
+        self._sock.send(orjson.dumps({"type": msg_type, **fields}))
+        if not self._sock.poll(self.timeout_ms):
+            raise TimeoutError(f"cache did not answer {msg_type!r} within {self.timeout_ms} ms")
+        reply = orjson.loads(self._sock.recv())
+        if reply.get("type") == "error":
+            raise CacheProtocolError(str(reply.get("reason")))
+        return reply
+
+    def stats(self) -> dict[str, Any]:
+        return self.call("stats")["stats"]
+
+    def clear(self) -> dict[str, Any]:
+        return self.call("clear")
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.call("snapshot")
+
+    def lookup(self, key: str, stream_id: int, timeout_s: float = 1.0) -> bool:
+        deadline = time.monotonic_ns() + int(timeout_s * 1e9)
+        return self.call("lookup", key=key, stream_id=stream_id, deadline_ns=deadline)["type"] == "hit"
+
+    def close(self) -> None:
+        self._sock.close(0)
+
+    def __enter__(self) -> CacheClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class CacheLookup:
+    """Ingest's side: ``await lookup(key, stream_id)`` is True when the cache replays the stream.
+
+    Never waits on a dead cache: no socket file means no lookup; a send that cannot go out at
+    once (no live peer) is a miss; an answer that does not come within ``timeout_s`` (plus as
+    long again for a reply already on its way) is a miss, and lookups then pause for
+    ``pause_s`` so a hung cache costs one timeout, not one per request."""
+
+    def __init__(self, path: str, timeout_s: float = 0.05, pause_s: float = 1.0) -> None:
+        self.path = path
+        self.timeout_s = timeout_s
+        self.pause_s = pause_s
+        self.counts = {"cache_hits": 0, "cache_misses": 0, "cache_timeouts": 0, "cache_skipped": 0}
+        self._sock = None
+        self._reader: asyncio.Task | None = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._paused_until = 0.0
+
+    def start(self) -> None:
+        """Connect (from the running event loop); the socket file may appear later, ZeroMQ
+        connects when it does. Connecting ahead of the first lookup matters: with IMMEDIATE a
+        send before the connection is up is refused, which would make that lookup a miss."""
+        import zmq.asyncio
+
+        self._sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for a peer that is not there
+        self._sock.connect("ipc://" + self.path)
+        self._reader = asyncio.create_task(self._read_replies())
+
+    async def lookup(self, key: str, stream_id: int) -> bool:
+        if self._sock is None or time.monotonic() < self._paused_until or not os.path.exists(self.path):
+            self.counts["cache_skipped"] += 1
+            return False
+        deadline_ns = time.monotonic_ns() + int(self.timeout_s * 1e9)
+        reply = asyncio.get_running_loop().create_future()
+        self._pending[stream_id] = reply
+        frame = orjson.dumps({"type": "lookup", "key": key, "stream_id": stream_id, "deadline_ns": deadline_ns})
+        try:
+            await self._sock.send(frame, zmq.NOBLOCK)
+            # twice the deadline: a hit the cache decided before it is already on its way
+            hit = await asyncio.wait_for(reply, 2 * self.timeout_s)
+        except zmq.Again:  # no connected cache (it is starting or restarting)
+            self.counts["cache_skipped"] += 1
+            return False
+        except TimeoutError:
+            self.counts["cache_timeouts"] += 1
+            self._paused_until = time.monotonic() + self.pause_s
+            hit = False
+        finally:
+            self._pending.pop(stream_id, None)
+        self.counts["cache_hits" if hit else "cache_misses"] += 1
+        return hit
+
+    async def _read_replies(self) -> None:
+        while True:
+            frame = await self._sock.recv()
+            try:
+                msg = orjson.loads(frame)
+                reply = self._pending.get(int(msg["stream_id"]))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+            if reply is not None and not reply.done():
+                reply.set_result(msg.get("type") == "hit")
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._sock is not None:
+            self._sock.close(0)

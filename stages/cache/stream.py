@@ -1,0 +1,102 @@
+"""A finished stream as the cache keeps it: the rows' columns as numpy arrays, in seq order.
+
+Row 0 is the START row, the last row the END row. ``offset_ns`` is each row's ``recv_ns`` minus
+row 0's, the original pacing a replay may follow; ``text_len`` and ``text`` hold the row texts
+(the START row's is replaced on replay). ``extras`` are the appended columns (compute's), kept
+with their batch column descriptions so a replay writes them back the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from shm.batch import ExtraColumn
+
+# Bookkeeping per entry beyond its arrays (key, dict slot, objects): counted in the byte bound.
+ENTRY_OVERHEAD = 512
+
+# The base arrays, in snapshot order: (attribute, dtype).
+BASE_ARRAYS = (("kind", "u1"), ("token_id", "<u4"), ("logprob", "<f4"), ("offset_ns", "<i8"), ("text_len", "<u4"))
+
+
+@dataclass
+class StoredStream:
+    model: str
+    record_type: int
+    kind: np.ndarray
+    token_id: np.ndarray
+    logprob: np.ndarray
+    offset_ns: np.ndarray
+    text_len: np.ndarray
+    text: bytes
+    extras: tuple[tuple[ExtraColumn, np.ndarray], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.text_off = np.zeros(len(self.kind) + 1, dtype=np.int64)
+        np.cumsum(self.text_len, out=self.text_off[1:])
+        self.nbytes = (
+            ENTRY_OVERHEAD
+            + len(self.text)
+            + self.text_off.nbytes
+            + sum(getattr(self, name).nbytes for name, _ in BASE_ARRAYS)
+            + sum(array.nbytes for _, array in self.extras)
+        )
+
+    @property
+    def rows(self) -> int:
+        return len(self.kind)
+
+    def arrays(self) -> list[np.ndarray]:
+        """Every array, in snapshot order: the base ones, the text, then the extras."""
+        return [
+            *(getattr(self, name) for name, _ in BASE_ARRAYS),
+            np.frombuffer(self.text, dtype=np.uint8),
+            *(array for _, array in self.extras),
+        ]
+
+
+class StreamBuilder:
+    """Rows of one stream collected batch by batch, until its END row."""
+
+    def __init__(self, model: str, record_type: int) -> None:
+        self.model = model
+        self.record_type = record_type
+        self.next_seq = 0
+        self.nbytes = 0
+        self.columns: tuple[ExtraColumn, ...] | None = None
+        self.chunks: list[tuple[np.ndarray, ...]] = []
+        self.texts: list[bytes] = []
+
+    def add(
+        self, base: tuple[np.ndarray, ...], text: bytes, extras: tuple[tuple[ExtraColumn, np.ndarray], ...]
+    ) -> bool:
+        """Append rows ``base`` = (kind, token_id, logprob, recv_ns, text_len); False when their
+        appended columns differ from the earlier rows' (the stream cannot be stored whole)."""
+        columns = tuple(column for column, _ in extras)
+        if self.columns is None:
+            self.columns = columns
+        elif columns != self.columns:
+            return False
+        chunk = (*base, *(array for _, array in extras))
+        self.chunks.append(chunk)
+        self.texts.append(text)
+        self.next_seq += len(base[0])
+        self.nbytes += len(text) + sum(a.nbytes for a in chunk)
+        return True
+
+    def finish(self) -> StoredStream:
+        joined = [np.concatenate(parts) for parts in zip(*self.chunks, strict=True)]
+        kind, token_id, logprob, recv_ns, text_len, *extra_arrays = joined
+        return StoredStream(
+            model=self.model,
+            record_type=self.record_type,
+            kind=kind,
+            token_id=token_id,
+            logprob=logprob,
+            offset_ns=recv_ns - recv_ns[0],
+            text_len=text_len,
+            text=b"".join(self.texts),
+            extras=tuple(zip(self.columns or (), extra_arrays, strict=True)),
+        )
