@@ -287,13 +287,12 @@ class UpstreamEntry(_Model):
 
 
 def _default_workers() -> dict[str, WorkerConfig]:
-    """The embedded demo topology: counter -> relay -> verifying sink."""
+    """The default topology: (embedded upstream) -> ingest -> compute -> cache -> broadcast."""
     return {
-        "source": WorkerConfig(
-            stage="counter", outputs=["source-relay"], params={"streams": 4, "batch": 16, "rate": 2000, "total": 0}
-        ),
-        "relay": WorkerConfig(stage="relay", inputs=["source-relay"], outputs=["relay-sink"]),
-        "sink": WorkerConfig(stage="verify", inputs=["relay-sink"]),
+        "ingest": WorkerConfig(stage="ingest", outputs=["ingest-compute"]),
+        "compute": WorkerConfig(stage="compute", inputs=["ingest-compute"], outputs=["compute-cache"]),
+        "cache": WorkerConfig(stage="cache", inputs=["compute-cache"], outputs=["cache-broadcast"]),
+        "broadcast": WorkerConfig(stage="broadcast", inputs=["cache-broadcast"]),
     }
 
 

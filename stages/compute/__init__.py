@@ -1,0 +1,1 @@
+"""Compute: runs token-processing kernels over each batch and appends their columns (docs/compute.md)."""

@@ -1,0 +1,125 @@
+"""The numpy reference of every kernel: the per-token math, the same on every backend.
+
+Each function takes and returns plain arrays (float32 where the shader computes in f32), so a WGSL
+shader's output can be compared with it element by element. What runs along a stream (running
+perplexity, windowed means) is not here but in :mod:`stages.compute.streams`: it is a sequential
+reduction per stream and runs in numpy whichever backend computes the per-token part.
+
+- layout: each token's cell on a Hilbert curve of ``order`` (2^order x 2^order cells) from its id,
+  the cell's centre in [0, 1]^2; confidence exp(logprob), 1.0 without a logprob; an RGBA colour
+  (hue from the position along the curve, brightness and alpha from the confidence).
+- entropy: per token, from its top logprobs (NaN-padded; the chosen token's alone when there are
+  no alternatives): -sum p ln p over the listed tokens, plus the unlisted rest mass r = 1 - sum p
+  taken as one outcome (-r ln r). That is the smallest entropy any distribution with those
+  probabilities can have (a lower bound; exact when the list covers the distribution).
+- repetition match: whether the n-gram of token ids ending at a token occurred among the previous
+  ``window`` n-grams of its stream.
+- probe cosine: cosine between each token's embedding (a row of a feature table) and K unit probe
+  vectors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+MAX_ORDER = 15  # 4**15 cells: the cell index stays within 31 bits of the token id
+_ID_BITS = np.uint32(0x7FFFFFFF)  # bit 31 only marks a hashed id (shm.batch.stable_token_id)
+_REPETITION_BLOCK = 4096
+_HUE_PHASES = np.array([0.0, 1.0 / 3.0, 2.0 / 3.0], dtype=np.float32)
+
+
+def hilbert_cell(token_id: np.ndarray, order: int) -> np.ndarray:
+    """The index along the curve of each token's cell: the id's low 2*order bits (u32)."""
+    return token_id.astype(np.uint32, copy=False) & _ID_BITS & np.uint32((1 << (2 * order)) - 1)
+
+
+def hilbert_xy(d: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cell (x, y) of index ``d`` on the Hilbert curve of ``order`` (the classic d2xy walk)."""
+    t = d.astype(np.int64)
+    x = np.zeros_like(t)
+    y = np.zeros_like(t)
+    s = 1
+    for _ in range(order):
+        rx = (t >> 1) & 1
+        ry = (t ^ rx) & 1
+        flip = (ry == 0) & (rx == 1)
+        x = np.where(flip, s - 1 - x, x)
+        y = np.where(flip, s - 1 - y, y)
+        swap = ry == 0
+        x, y = np.where(swap, y, x), np.where(swap, x, y)
+        x += s * rx
+        y += s * ry
+        t >>= 2
+        s <<= 1
+    return x, y
+
+
+def confidence(logprob: np.ndarray) -> np.ndarray:
+    """exp(logprob), 1.0 where the upstream gave no logprob (NaN); a positive logprob counts as 0."""
+    lp = np.minimum(logprob.astype(np.float32, copy=False), np.float32(0))
+    return np.where(np.isnan(lp), np.float32(1), np.exp(lp)).astype(np.float32)
+
+
+def layout(token_id: np.ndarray, logprob: np.ndarray, order: int) -> dict[str, np.ndarray]:
+    """``hilbert`` f32[n, 2] cell centres in [0, 1], ``conf`` f32[n], ``rgba`` u8[n, 4]."""
+    d = hilbert_cell(token_id, order)
+    x, y = hilbert_xy(d, order)
+    side = np.float32(1 << order)
+    xy = np.stack([(x + 0.5) / side, (y + 0.5) / side], axis=1).astype(np.float32)
+    conf = confidence(logprob)
+    hue = (d.astype(np.float32) / np.float32(side * side))[:, None]
+    return {"hilbert": xy, "conf": conf, "rgba": colour(hue, conf)}
+
+
+def colour(hue: np.ndarray, conf: np.ndarray) -> np.ndarray:
+    """RGBA u8[n, 4]: a cosine palette over the hue, dimmed and faded with low confidence."""
+    two_pi = np.float32(2 * np.pi)
+    rgb = (np.float32(0.5) + np.float32(0.5) * np.cos(two_pi * (hue + _HUE_PHASES))) * (
+        np.float32(0.35) + np.float32(0.65) * conf[:, None]
+    )
+    alpha = np.float32(0.25) + np.float32(0.75) * conf[:, None]
+    rgba = np.concatenate([rgb, alpha], axis=1, dtype=np.float32)
+    return np.rint(np.clip(rgba, 0, 1) * np.float32(255)).astype(np.uint8)
+
+
+def entropy(top_logprobs: np.ndarray) -> np.ndarray:
+    """f32[n] nats from f32[n, k] logprobs (NaN where absent); 0 for a row with none."""
+    lp = top_logprobs.astype(np.float32, copy=False)
+    p = np.where(np.isnan(lp), np.float32(0), np.exp(np.minimum(lp, np.float32(0))))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        listed = -np.sum(np.where(p > 0, p * np.log(p), np.float32(0)), axis=1, dtype=np.float32)
+        rest = np.maximum(np.float32(1) - p.sum(axis=1, dtype=np.float32), np.float32(0))
+        unlisted = np.where(rest > 0, -rest * np.log(rest), np.float32(0))
+    return (listed + unlisted).astype(np.float32)
+
+
+def repetition_match(ids: np.ndarray, query: np.ndarray, first: np.ndarray, ngram: int, window: int) -> np.ndarray:
+    """u32[n]: 1 where the n-gram ``ids[q-ngram+1 .. q]`` equals one ending at a position
+    ``j`` in ``[max(f + ngram - 1, q - window), q)``, with ``q = query[i]`` and ``f = first[i]``
+    (the first position of that row's stream in ``ids``); 0 when fewer than ``ngram`` ids of its
+    stream end at ``q``."""
+    out = np.zeros(len(query), dtype=np.uint32)
+    # grams[k] is the n-gram ending at ids position k - shift (zero padding in front)
+    shift = window + 1
+    padded = np.concatenate([np.zeros(window + ngram, dtype=np.uint32), ids.astype(np.uint32, copy=False)])
+    grams = sliding_window_view(padded, ngram)
+    offsets = np.arange(-window, 0)
+    for at in range(0, len(query), _REPETITION_BLOCK):  # bounds the [rows, window, ngram] temporary
+        q = query[at : at + _REPETITION_BLOCK].astype(np.int64)
+        f = first[at : at + _REPETITION_BLOCK].astype(np.int64)
+        ends = q[:, None] + offsets  # candidate end positions, oldest first
+        same = (grams[ends + shift] == grams[q + shift][:, None, :]).all(axis=2)
+        valid = ends >= np.maximum(f + ngram - 1, q - window)[:, None]
+        out[at : at + len(q)] = (same & valid).any(axis=1) & (q + 1 >= f + ngram)
+    return out
+
+
+def probe_cosine(token_id: np.ndarray, table: np.ndarray, probes: np.ndarray) -> np.ndarray:
+    """f32[n, k]: cosine between row ``token_id mod rows`` of ``table`` (f32[rows, dim]) and
+    each unit vector of ``probes`` (f32[k, dim]); 0 for an all-zero embedding row."""
+    rows = token_id.astype(np.uint32, copy=False) % np.uint32(len(table))
+    emb = table[rows]
+    dots = emb @ probes.T
+    norms = np.sqrt(np.einsum("ij,ij->i", emb, emb))
+    return (dots / np.maximum(norms, np.float32(1e-12))[:, None]).astype(np.float32)

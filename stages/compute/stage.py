@@ -1,0 +1,233 @@
+"""Compute: runs the kernels over each batch and writes it on with their columns appended.
+
+Columns (docs/compute.md): ``hilbert`` f4 x 2 (cell centre on the Hilbert curve, in [0, 1]),
+``conf`` f4 (exp(logprob), 1 without one), ``rgba`` u1 x 4, ``entropy`` f4 (nats; a lower bound
+from the chosen token's probability, the only one the ring carries), ``ppl`` f4 (the stream's
+running perplexity), ``rep`` f4 (share of the stream's last ``window`` tokens whose n-gram had
+occurred within the window before), ``repflag`` u1 (rep >= threshold), and with probes on
+``probe`` f4 x K (cosine of each token's embedding with each probe). START, END and ERROR rows get
+zeros, except ``ppl`` (the stream's value so far: on END, its final perplexity).
+
+Params (all optional): backend ("auto" | "numpy" | "wgpu"; env NEURALPIPE_COMPUTE_BACKEND),
+allow_cpu_adapter (false), adapter (a device-name substring), hilbert_order (8), repetition
+{ngram 4, window 64, threshold 0.5, action "mark" | "cancel"}, probes {count K (0: off), dim 64,
+table "hashed" or a GGUF file path (its token_embd), seed 0}.
+
+A kernel that fails on the GPU is run again in numpy for that batch (counted in ``fallbacks``):
+no batch is lost. The input record is released only after its output is committed. Per-stream
+running state (perplexity sums, the repetition window) is in memory: after a restart of this
+worker a stream's running values start again from its next token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from engine.requests import RequestClient, RequestError, ingest_endpoint
+from engine.stage import Stage, WorkerContext
+from shm.batch import ExtraColumn, Kind, TokenBatch, batch_size, write_batch
+from stages.compute import kernels
+from stages.compute.backends import NumpyBackend, choose_backend
+from stages.compute.probes import probe_table
+
+_TOKEN = int(Kind.TOKEN)
+_MAX_STREAMS = 65536  # per-stream state kept (least recently seen dropped)
+BASE_COLUMNS = (
+    ExtraColumn("hilbert", "f4", 2),
+    ExtraColumn("conf", "f4"),
+    ExtraColumn("rgba", "u1", 4),
+    ExtraColumn("entropy", "f4"),
+    ExtraColumn("ppl", "f4"),
+    ExtraColumn("rep", "f4"),
+    ExtraColumn("repflag", "u1"),
+)
+
+
+class _StreamState:
+    __slots__ = ("fired", "flags", "history", "nll", "seen", "tokens")
+
+    def __init__(self) -> None:
+        self.nll = 0.0  # sum of -logprob over tokens with one
+        self.tokens = 0  # tokens with a logprob
+        self.history = np.zeros(0, dtype=np.uint32)  # the last window + ngram - 1 token ids
+        self.flags = np.zeros(0, dtype=np.uint8)  # match flags of the last window tokens
+        self.fired = False
+        self.seen = 0  # tokens of the stream so far
+
+
+class Compute(Stage):
+    def start(self, ctx: WorkerContext) -> None:
+        super().start(ctx)
+        p = ctx.params
+        self.inp, self.out = ctx.inputs[0], ctx.outputs[0]
+        self.order = int(p.get("hilbert_order", 8))
+        if not 1 <= self.order <= kernels.MAX_ORDER:
+            raise ValueError(f"compute param hilbert_order must be in 1..{kernels.MAX_ORDER} (got {self.order})")
+        rep = p.get("repetition", {})
+        self.ngram, self.window = int(rep.get("ngram", 4)), int(rep.get("window", 64))
+        self.threshold = float(rep.get("threshold", 0.5))
+        self.action = rep.get("action", "mark")
+        if self.action not in ("mark", "cancel"):
+            raise ValueError(f"compute param repetition.action must be mark or cancel (got {self.action!r})")
+        probes = p.get("probes", {})
+        self.table, self.probe_vectors = probe_table(probes) if int(probes.get("count", 0)) else (None, None)
+        self.columns = BASE_COLUMNS + (
+            (ExtraColumn("probe", "f4", len(self.probe_vectors)),) if self.table is not None else ()
+        )
+        choice = choose_backend(p.get("backend", "auto"), bool(p.get("allow_cpu_adapter", False)), p.get("adapter", ""))
+        self.backend, self.reference = choice.backend, NumpyBackend()
+        self.choice = {"backend": self.backend.name, "adapter": self.backend.adapter, "reason": choice.reason}
+        ctx.log.info("compute_backend", **self.choice)
+        self.streams: OrderedDict[int, _StreamState] = OrderedDict()
+        self.counts = {"batches": 0, "tokens": 0, "fallbacks": 0, "repetitions": 0, "cancels": 0, "cancel_errors": 0}
+        self.busy_ns = 0
+        self.requests: RequestClient | None = None
+
+    # ---- the duty cycle -------------------------------------------------------------------
+
+    def do_work(self) -> int:
+        inp, out = self.inp, self.out
+        moved = 0
+        while moved < 64:
+            record = inp.try_read()
+            if record is None:
+                break
+            record_type, view = record
+            began = time.perf_counter_ns()
+            batch = TokenBatch.decode(view)
+            values = self.compute(batch)
+            text_bytes = len(batch.text)
+            target = out.try_claim(batch_size(batch.rows, text_bytes, self.columns))
+            if target is None:
+                inp.unread()
+                break
+            columns = write_batch(target, batch.rows, text_bytes, self.columns)
+            for name in ("stream_id", "seq", "recv_ns", "token_id", "logprob", "text_end", "kind", "text"):
+                getattr(columns, name)[:] = getattr(batch, name)
+            for name, array in values.items():
+                columns.extra[name][:] = array
+            del columns, batch
+            view.release()
+            target.release()
+            out.commit(record_type)
+            self.busy_ns += time.perf_counter_ns() - began
+            moved += 1
+        inp.release()  # after the outputs are committed: a compute killed at any point loses nothing
+        return moved
+
+    def compute(self, batch) -> dict[str, np.ndarray]:
+        """The appended columns of ``batch`` (all rows; non-token rows zero but for ppl)."""
+        n = batch.rows
+        tokens = np.flatnonzero(batch.kind == _TOKEN)
+        ids, lps = batch.token_id[tokens], batch.logprob[tokens]
+        values = {c.name: np.zeros((n, c.width) if c.width > 1 else n, dtype="<" + c.dtype) for c in self.columns}
+        if len(tokens):
+            layout = self._kernel("layout", ids, lps, self.order)
+            for name in ("hilbert", "conf", "rgba"):
+                values[name][tokens] = layout[name]
+            values["entropy"][tokens] = self._kernel("entropy", lps[:, None])
+            if self.table is not None:
+                values["probe"][tokens] = self._kernel("probes", ids, self.table, self.probe_vectors)
+        self._per_stream(batch, values)
+        self.counts["batches"] += 1
+        self.counts["tokens"] += len(tokens)
+        return values
+
+    def _kernel(self, name: str, *args):
+        try:
+            return getattr(self.backend, name)(*args)
+        except Exception as exc:  # a GPU error costs this batch a numpy run, never the batch
+            self.counts["fallbacks"] += 1
+            if self.counts["fallbacks"] == 1 or self.counts["fallbacks"] % 1000 == 0:
+                self.ctx.log.warning(
+                    "compute_fallback", kernel=name, error=repr(exc), fallbacks=self.counts["fallbacks"]
+                )
+            return getattr(self.reference, name)(*args)
+
+    # ---- running values per stream --------------------------------------------------------
+
+    def _per_stream(self, batch, values: dict[str, np.ndarray]) -> None:
+        order = np.argsort(batch.stream_id, kind="stable")
+        bounds = np.flatnonzero(np.diff(batch.stream_id[order])) + 1
+        for rows in np.split(order, bounds):
+            if len(rows):
+                self._stream_rows(int(batch.stream_id[rows[0]]), rows, batch, values)
+
+    def _stream_rows(self, sid: int, rows: np.ndarray, batch, values: dict[str, np.ndarray]) -> None:
+        state = self._state(sid)
+        kinds = batch.kind[rows]
+        tokens = rows[kinds == _TOKEN]
+        if len(tokens):
+            lps = batch.logprob[tokens].astype(np.float64)
+            has = ~np.isnan(lps)
+            nll = np.cumsum(np.where(has, -lps, 0.0)) + state.nll
+            count = np.cumsum(has) + state.tokens
+            values["ppl"][tokens] = np.exp(np.divide(nll, count, out=np.zeros_like(nll), where=count > 0))
+            state.nll, state.tokens = float(nll[-1]), int(count[-1])
+            self._repetition(sid, state, batch.token_id[tokens], tokens, values)
+        last_ppl = np.exp(state.nll / state.tokens) if state.tokens else 0.0
+        values["ppl"][rows[kinds != _TOKEN]] = last_ppl
+        if (kinds == Kind.END).any() or (kinds == Kind.ERROR).any():
+            self.streams.pop(sid, None)
+
+    def _repetition(self, sid: int, state: _StreamState, ids: np.ndarray, rows: np.ndarray, values) -> None:
+        joined = np.concatenate([state.history, ids.astype(np.uint32)])
+        query = np.arange(len(state.history), len(joined))
+        first = np.full(len(ids), len(state.history) - state.seen, dtype=np.int64)
+        flags = kernels.repetition_match(joined, query, first, self.ngram, self.window).astype(np.uint8)
+        window_flags = np.concatenate([state.flags, flags])
+        # the share of matches among each token's last ``window`` tokens
+        sums = np.cumsum(window_flags, dtype=np.int64)
+        ends = np.arange(len(state.flags), len(window_flags))
+        starts = np.maximum(ends - self.window, -1)
+        counts = np.minimum(ends + 1, self.window)
+        share = (sums[ends] - np.where(starts >= 0, sums[np.maximum(starts, 0)], 0)) / counts
+        values["rep"][rows] = share
+        fired = share >= self.threshold
+        values["repflag"][rows] = fired
+        state.history = joined[-(self.window + self.ngram - 1) :]
+        state.flags = window_flags[-self.window :]
+        state.seen += len(ids)
+        if fired.any() and not state.fired:
+            state.fired = True
+            self.counts["repetitions"] += 1
+            self.ctx.log.warning("repetition_loop", stream_id=sid, share=round(float(share.max()), 3))
+            if self.action == "cancel":
+                self._cancel(sid)
+
+    def _cancel(self, sid: int) -> None:
+        """Ask ingest to cancel the stream at its upstream; a failure is logged, never fatal."""
+        try:
+            if self.requests is None:
+                self.requests = RequestClient(ingest_endpoint(self.ctx.runtime_dir), timeout_s=0.2)
+            self.requests.cancel(sid)
+            self.counts["cancels"] += 1
+        except (RequestError, TimeoutError, OSError) as exc:
+            self.counts["cancel_errors"] += 1
+            self.ctx.log.warning("repetition_cancel_failed", stream_id=sid, error=str(exc))
+
+    def _state(self, sid: int) -> _StreamState:
+        state = self.streams.get(sid)
+        if state is None:
+            state = self.streams[sid] = _StreamState()
+            if len(self.streams) > _MAX_STREAMS:
+                self.streams.popitem(last=False)
+        else:
+            self.streams.move_to_end(sid)
+        return state
+
+    # ---- hooks ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        if not hasattr(self, "counts"):
+            return {}
+        per_batch = self.busy_ns / self.counts["batches"] / 1e3 if self.counts["batches"] else 0.0
+        return {**self.counts, **self.choice, "busy_us_per_batch": round(per_batch, 1)}
+
+    def close(self) -> None:
+        if getattr(self, "requests", None) is not None:
+            self.requests.close()
