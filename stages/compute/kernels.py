@@ -20,12 +20,15 @@ reduction per stream and runs in numpy whichever backend computes the per-token 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 MAX_ORDER = 15  # 4**15 cells: the cell index stays within 31 bits of the token id
 _ID_BITS = np.uint32(0x7FFFFFFF)  # bit 31 only marks a hashed id (shm.batch.stable_token_id)
 _REPETITION_BLOCK = 4096
+_TABLE_ORDER = 10  # curves up to 4**10 cells are tabulated (12 MiB at order 10)
 _HUE_PHASES = np.array([0.0, 1.0 / 3.0, 2.0 / 3.0], dtype=np.float32)
 
 
@@ -64,22 +67,37 @@ def confidence(logprob: np.ndarray) -> np.ndarray:
 def layout(token_id: np.ndarray, logprob: np.ndarray, order: int) -> dict[str, np.ndarray]:
     """``hilbert`` f32[n, 2] cell centres in [0, 1], ``conf`` f32[n], ``rgba`` u8[n, 4]."""
     d = hilbert_cell(token_id, order)
+    xy, base = _curve(order) if order <= _TABLE_ORDER else _cells(d, order)
+    if order <= _TABLE_ORDER:
+        xy, base = xy[d], base[d]
+    conf = confidence(logprob)
+    return {"hilbert": xy, "conf": conf, "rgba": colour(base, conf)}
+
+
+def _cells(d: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cell centres f32[n, 2] and the colour before shading f32[n, 3] of curve indices ``d``:
+    a cosine palette over the position along the curve."""
     x, y = hilbert_xy(d, order)
     side = np.float32(1 << order)
     xy = np.stack([(x + 0.5) / side, (y + 0.5) / side], axis=1).astype(np.float32)
-    conf = confidence(logprob)
     hue = (d.astype(np.float32) / np.float32(side * side))[:, None]
-    return {"hilbert": xy, "conf": conf, "rgba": colour(hue, conf)}
+    base = np.float32(0.5) + np.float32(0.5) * np.cos(np.float32(2 * np.pi) * (hue + _HUE_PHASES))
+    return xy, base.astype(np.float32)
 
 
-def colour(hue: np.ndarray, conf: np.ndarray) -> np.ndarray:
-    """RGBA u8[n, 4]: a cosine palette over the hue, dimmed and faded with low confidence."""
-    two_pi = np.float32(2 * np.pi)
-    rgb = (np.float32(0.5) + np.float32(0.5) * np.cos(two_pi * (hue + _HUE_PHASES))) * (
-        np.float32(0.35) + np.float32(0.65) * conf[:, None]
-    )
-    alpha = np.float32(0.25) + np.float32(0.75) * conf[:, None]
-    rgba = np.concatenate([rgb, alpha], axis=1, dtype=np.float32)
+@functools.cache
+def _curve(order: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_cells` of every index of a small curve: a row lookup per token instead of an
+    ``order``-step walk (the per-batch path is a few microseconds per numpy call)."""
+    return _cells(np.arange(1 << (2 * order), dtype=np.uint32), order)
+
+
+def colour(base: np.ndarray, conf: np.ndarray) -> np.ndarray:
+    """RGBA u8[n, 4]: the palette colour dimmed, and faded, with low confidence."""
+    shade = conf[:, None]
+    rgba = np.empty((len(conf), 4), dtype=np.float32)
+    np.multiply(base, np.float32(0.35) + np.float32(0.65) * shade, out=rgba[:, :3])
+    rgba[:, 3:] = np.float32(0.25) + np.float32(0.75) * shade
     return np.rint(np.clip(rgba, 0, 1) * np.float32(255)).astype(np.uint8)
 
 
@@ -88,7 +106,7 @@ def entropy(top_logprobs: np.ndarray) -> np.ndarray:
     lp = top_logprobs.astype(np.float32, copy=False)
     p = np.where(np.isnan(lp), np.float32(0), np.exp(np.minimum(lp, np.float32(0))))
     with np.errstate(divide="ignore", invalid="ignore"):
-        listed = -np.sum(np.where(p > 0, p * np.log(p), np.float32(0)), axis=1, dtype=np.float32)
+        listed = np.float32(0) - np.sum(np.where(p > 0, p * np.log(p), np.float32(0)), axis=1, dtype=np.float32)
         rest = np.maximum(np.float32(1) - p.sum(axis=1, dtype=np.float32), np.float32(0))
         unlisted = np.where(rest > 0, -rest * np.log(rest), np.float32(0))
     return (listed + unlisted).astype(np.float32)
