@@ -96,3 +96,21 @@ def no_leaks():
 def instance() -> str:
     """A fresh engine instance id, so tests never see each other's segments."""
     return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def start_engine(tmp_path, instance):
+    """Start real engines (tests/engine_harness.py) from config text; stopped at the end."""
+    from engine_harness import Engine
+
+    engines = []
+
+    def start(config: str, name: str = "") -> Engine:
+        engine = Engine(tmp_path, config, instance + name).start()
+        engines.append(engine)
+        return engine
+
+    yield start
+    for engine in engines:
+        engine.stop()
+        engine.kill_all()

@@ -139,3 +139,69 @@ inputs = ["relay-sink"]
 params = {{ streams = 4 }}
 {extra}
 """
+
+
+def full_config(
+    *,
+    rate: float = 0,
+    cache: str = "",
+    broadcast: str = "",
+    compute: str = "",
+    ingest: str = "",
+    capacity: int = 1 << 20,
+) -> str:
+    """The default topology (embedded upstream -> ingest -> compute -> cache -> broadcast) with
+    test-friendly timings; each ``*`` argument adds TOML lines to that worker's table (params.x = ...)."""
+    return f"""
+[engine]
+heartbeat_interval_s = 0.1
+heartbeat_timeout_s = 1.0
+stop_timeout_s = 5.0
+
+[supervisor]
+intensity = 10
+backoff_initial_s = 0.01
+backoff_max_s = 0.2
+
+[ring_defaults]
+capacity = {capacity}
+
+[workers.ingest]
+stage = "ingest"
+outputs = ["ingest-compute"]
+params.client_requests_per_s = 1e6
+params.client_burst = 1e6
+params.queue_bound = 100000
+params.embedded = {{ tokens_per_s = {rate} }}
+{ingest}
+
+[workers.compute]
+stage = "compute"
+inputs = ["ingest-compute"]
+outputs = ["compute-cache"]
+params.backend = "numpy"
+{compute}
+
+[workers.cache]
+stage = "cache"
+inputs = ["compute-cache"]
+outputs = ["cache-broadcast"]
+{cache}
+
+[workers.broadcast]
+stage = "broadcast"
+inputs = ["cache-broadcast"]
+{broadcast}
+"""
+
+
+def chat(text: str, max_tokens: int = 40, temperature: float | None = 0) -> dict[str, Any]:
+    """A chat request of exactly ``max_tokens`` tokens from the embedded upstream (ignore_eos)."""
+    body: dict[str, Any] = {
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+    }
+    if temperature is not None:
+        body["temperature"] = temperature
+    return body

@@ -57,19 +57,26 @@ def error_of(path: str, env: dict[str, str] | None = None) -> str:
 def test_defaults_are_valid_and_give_the_demo_topology():
     cfg = load_config(env=NO_ENV)
     assert cfg == Config()
-    assert list(cfg.workers) == ["source", "relay", "sink"]
-    assert cfg.workers["source"].stage == STAGE_ALIASES["counter"]
-    assert cfg.workers["source"].params == {"streams": 4, "batch": 16, "rate": 2000, "total": 0}
-    assert cfg.ring_names() == ["source-relay", "relay-sink"]
+    assert list(cfg.workers) == ["ingest", "compute", "cache", "broadcast"]
+    assert [cfg.workers[name].stage for name in cfg.workers] == [
+        STAGE_ALIASES[alias] for alias in ("ingest", "compute", "cache", "broadcast")
+    ]
+    assert cfg.ring_names() == ["ingest-compute", "compute-cache", "cache-broadcast"]
+    assert "upstreams" not in cfg.worker_params("ingest")  # no [[upstreams]]: the embedded upstream
     assert cfg.engine.metrics_port == 9464 and cfg.engine.log_level == "info"
     assert cfg.supervisor.strategy == "one_for_one" and cfg.supervisor.intensity == 5
-    assert cfg.ring("relay-sink") == RingConfig()
+    assert cfg.ring("cache-broadcast") == RingConfig()
 
 
 def test_file_without_workers_gets_the_demo_topology(write):
     cfg = load_config(write("[engine]\nlog_level = 'debug'\n"), env=NO_ENV)
     assert cfg.engine.log_level == "debug"
-    assert list(cfg.workers) == ["source", "relay", "sink"]
+    assert list(cfg.workers) == ["ingest", "compute", "cache", "broadcast"]
+
+
+def test_a_file_of_only_upstreams_points_the_default_topology_at_them(write):
+    cfg = load_config(write(LMSTUDIO), env=NO_ENV)
+    assert [u["base_url"] for u in cfg.worker_params("ingest")["upstreams"]] == ["http://localhost:1234"]
 
 
 def test_round_trip_render_then_load(write):
@@ -297,7 +304,7 @@ def test_config_show_prints_valid_toml(write):
 def test_config_show_defaults_and_json():
     result = CliRunner(env=CLEAN_ENV).invoke(main, ["config", "show", "--json"])
     assert result.exit_code == 0, result.output
-    assert list(json.loads(result.output)["workers"]) == ["source", "relay", "sink"]
+    assert list(json.loads(result.output)["workers"]) == ["ingest", "compute", "cache", "broadcast"]
 
 
 def test_config_show_applies_env():
