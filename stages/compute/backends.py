@@ -3,6 +3,7 @@ wgpu device and falls back to numpy for that call when the device fails (counted
 
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol
 
 import numpy as np
@@ -62,3 +63,33 @@ class Kernels:
 
     def stats(self) -> dict[str, Any]:
         return {"fallbacks": self.fallbacks}
+
+
+ENV_BACKEND = "NEURALPIPE_COMPUTE_BACKEND"
+BACKENDS = ("auto", "numpy", "wgpu")
+
+
+def open_kernels(params: dict[str, Any], log: JsonLogger) -> tuple[Kernels, dict[str, Any]]:
+    """The stage's kernels on the backend its params (``backend``, overridden by the environment
+    variable NEURALPIPE_COMPUTE_BACKEND; ``allow_cpu_adapter``; ``adapter``) choose, and the choice
+    for the log and stats. No usable adapter, or a device that fails to start: numpy, with the reason."""
+    from stages.compute import gpu  # wgpu itself is imported only when an adapter is looked for
+
+    mode = os.environ.get(ENV_BACKEND) or str(params.get("backend", "auto"))
+    if mode not in BACKENDS:
+        raise ValueError(f"compute backend must be one of {', '.join(BACKENDS)} (got {mode!r})")
+    device = None
+    adapters: list[Any] = []
+    try:
+        if mode != "numpy":
+            adapters = gpu.enumerate_adapters()
+        choice = gpu.choose_adapter(
+            [dict(a.info) for a in adapters], mode, bool(params.get("allow_cpu_adapter", False)), params.get("adapter")
+        )
+        if choice.backend == "wgpu":
+            device = gpu.open_device(adapters[choice.index])
+    except Exception as exc:  # no loader, no wgpu-native library, a device that will not start
+        choice = gpu.Choice("numpy", f"wgpu unusable: {exc!r}")
+    info = choice.stats()
+    log.info("compute_backend", **info)
+    return Kernels(device, log), info

@@ -22,6 +22,7 @@ from stages.compute.shaders import PARAM_WORDS, SPECS, WORKGROUP, KernelSpec, Pa
 _TYPE_RANK = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "Unknown": 2, "Other": 2, "CPU": 3}
 _API_RANK = {"Vulkan": 0, "Metal": 0, "D3D12": 0, "OpenGL": 1}
 _MIN_BUFFER = 16
+_WORD_TYPES = {"u": np.uint32, "i": np.uint32, "b": np.uint32, "f": np.float32}
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,7 @@ class WgpuBackend:
         return buf
 
     def _upload(self, kernel: str, name: str, array: np.ndarray, usage: int = 0) -> tuple[Any, int]:
-        data = np.ascontiguousarray(array)
+        data = np.ascontiguousarray(array, dtype=_WORD_TYPES[array.dtype.kind])  # shaders read 32-bit words
         buf = self._buffer(kernel, name, data.nbytes, usage)
         if data.nbytes:
             self.device.queue.write_buffer(buf, 0, data)

@@ -5,15 +5,17 @@ Columns (docs/compute.md): ``hilbert`` f4 x 2 (cell centre on the Hilbert curve,
 from the chosen token's probability, the only one the ring carries), ``ppl`` f4 (the stream's
 running perplexity), ``rep`` f4 (share of the stream's last ``window`` tokens whose n-gram had
 occurred within the window before), ``repflag`` u1 (rep >= threshold), and with probes on
-``probe`` f4 x K (cosine of each token's embedding with each probe). START, END and ERROR rows get
-zeros, except ``ppl`` (the stream's value so far: on END, its final perplexity).
+``probe`` f4 x K (each probe's cosine with the token's embedding, averaged over the stream's last
+``probes.window`` tokens). START, END and ERROR rows get zeros, except ``ppl`` (the stream's value
+so far: on END, its final perplexity).
 
 Params (all optional): backend ("auto" | "numpy" | "wgpu"; env NEURALPIPE_COMPUTE_BACKEND),
 allow_cpu_adapter (false), adapter (a device-name substring), hilbert_order (8), repetition
-{ngram 4, window 64, threshold 0.5, action "mark" | "cancel"}, probes {count K (0: off), dim 64,
-table "hashed" or a GGUF file path (its token_embd), seed 0}.
+{ngram 4, window 64, threshold 0.5, action "mark" | "cancel"}, probes {count K (0: off), vectors,
+table "hashed" (rows 4096, dim 64) or a GGUF file path (its token_embd), seed 0, window 32}.
 
-A kernel that fails on the GPU is run again in numpy for that batch (counted in ``fallbacks``):
+The backend is chosen at start (stages.compute.backends.open_kernels; docs/compute.md). A kernel
+that fails on the GPU is run again in numpy for that batch (counted in ``fallbacks``):
 no batch is lost. The input record is released only after its output is committed. Per-stream
 running state (perplexity sums, the repetition window) is in memory: after a restart of this
 worker a stream's running values start again from its next token.
@@ -31,7 +33,7 @@ from engine.requests import RequestClient, RequestError, ingest_endpoint
 from engine.stage import Stage, WorkerContext
 from shm.batch import ExtraColumn, Kind, TokenBatch, batch_size, write_batch
 from stages.compute import kernels
-from stages.compute.backends import NumpyBackend, choose_backend
+from stages.compute.backends import open_kernels
 from stages.compute.probes import probe_table
 
 _TOKEN = int(Kind.TOKEN)
@@ -48,7 +50,7 @@ BASE_COLUMNS = (
 
 
 class _StreamState:
-    __slots__ = ("fired", "flags", "history", "nll", "seen", "tokens")
+    __slots__ = ("fired", "flags", "history", "nll", "probes", "seen", "tokens")
 
     def __init__(self) -> None:
         self.nll = 0.0  # sum of -logprob over tokens with one
@@ -57,6 +59,19 @@ class _StreamState:
         self.flags = np.zeros(0, dtype=np.uint8)  # match flags of the last window tokens
         self.fired = False
         self.seen = 0  # tokens of the stream so far
+        self.probes = np.zeros((0, 0), dtype=np.float32)  # probe cosines of the last probe window tokens
+
+
+def _window_mean(history: np.ndarray, values: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each of ``values`` (a stream's next rows, 1-D or [rows, k]) averaged with the ones before
+    it over the last ``window`` rows (fewer at the stream's start), and the history to keep: its
+    last ``window`` rows. ``history`` is what the previous call returned (empty at first)."""
+    joined = np.concatenate([history.reshape(-1, *values.shape[1:]), values]) if len(history) else values
+    sums = np.concatenate([np.zeros((1, *values.shape[1:])), np.cumsum(joined, axis=0, dtype=np.float64)])
+    ends = np.arange(len(joined) - len(values), len(joined)) + 1  # rows up to and including each value
+    counts = np.minimum(ends, window).reshape(-1, *[1] * (values.ndim - 1))
+    means = (sums[ends] - sums[np.maximum(ends - window, 0)]) / counts
+    return means.astype(np.float32), joined[-window:]
 
 
 class Compute(Stage):
@@ -78,12 +93,12 @@ class Compute(Stage):
         self.columns = BASE_COLUMNS + (
             (ExtraColumn("probe", "f4", len(self.probe_vectors)),) if self.table is not None else ()
         )
-        choice = choose_backend(p.get("backend", "auto"), bool(p.get("allow_cpu_adapter", False)), p.get("adapter", ""))
-        self.backend, self.reference = choice.backend, NumpyBackend()
-        self.choice = {"backend": self.backend.name, "adapter": self.backend.adapter, "reason": choice.reason}
-        ctx.log.info("compute_backend", **self.choice)
+        self.probe_window = int(probes.get("window", 32))
+        if self.ngram < 1 or self.window < 1 or self.probe_window < 1:
+            raise ValueError("compute params repetition.ngram, repetition.window and probes.window must be >= 1")
+        self.kernels, self.choice = open_kernels(p, ctx.log)
         self.streams: OrderedDict[int, _StreamState] = OrderedDict()
-        self.counts = {"batches": 0, "tokens": 0, "fallbacks": 0, "repetitions": 0, "cancels": 0, "cancel_errors": 0}
+        self.counts = {"batches": 0, "tokens": 0, "repetitions": 0, "cancels": 0, "cancel_errors": 0}
         self.busy_ns = 0
         self.requests: RequestClient | None = None
 
@@ -126,27 +141,19 @@ class Compute(Stage):
         ids, lps = batch.token_id[tokens], batch.logprob[tokens]
         values = {c.name: np.zeros((n, c.width) if c.width > 1 else n, dtype="<" + c.dtype) for c in self.columns}
         if len(tokens):
-            layout = self._kernel("layout", ids, lps, self.order)
+            layout = self.kernels.run("layout", {"token_id": ids, "logprob": lps}, {"order": self.order})
             for name in ("hilbert", "conf", "rgba"):
                 values[name][tokens] = layout[name]
-            values["entropy"][tokens] = self._kernel("entropy", lps[:, None])
+            values["entropy"][tokens] = self.kernels.run("entropy", {"toplp": lps[:, None]}, {"k": 1})["entropy"]
             if self.table is not None:
-                values["probe"][tokens] = self._kernel("probes", ids, self.table, self.probe_vectors)
+                rows, dim = self.table.shape
+                inputs = {"token_id": ids, "table": self.table, "probes": self.probe_vectors}
+                params = {"rows": rows, "dim": dim, "k": len(self.probe_vectors)}
+                values["probe"][tokens] = self.kernels.run("probes", inputs, params)["cosine"]
         self._per_stream(batch, values)
         self.counts["batches"] += 1
         self.counts["tokens"] += len(tokens)
         return values
-
-    def _kernel(self, name: str, *args):
-        try:
-            return getattr(self.backend, name)(*args)
-        except Exception as exc:  # a GPU error costs this batch a numpy run, never the batch
-            self.counts["fallbacks"] += 1
-            if self.counts["fallbacks"] == 1 or self.counts["fallbacks"] % 1000 == 0:
-                self.ctx.log.warning(
-                    "compute_fallback", kernel=name, error=repr(exc), fallbacks=self.counts["fallbacks"]
-                )
-            return getattr(self.reference, name)(*args)
 
     # ---- running values per stream --------------------------------------------------------
 
@@ -169,6 +176,10 @@ class Compute(Stage):
             values["ppl"][tokens] = np.exp(np.divide(nll, count, out=np.zeros_like(nll), where=count > 0))
             state.nll, state.tokens = float(nll[-1]), int(count[-1])
             self._repetition(sid, state, batch.token_id[tokens], tokens, values)
+            if self.table is not None:  # each probe's moving average over the stream's last tokens
+                values["probe"][tokens], state.probes = _window_mean(
+                    state.probes, values["probe"][tokens], self.probe_window
+                )
         last_ppl = np.exp(state.nll / state.tokens) if state.tokens else 0.0
         values["ppl"][rows[kinds != _TOKEN]] = last_ppl
         if (kinds == Kind.END).any() or (kinds == Kind.ERROR).any():
@@ -177,20 +188,16 @@ class Compute(Stage):
     def _repetition(self, sid: int, state: _StreamState, ids: np.ndarray, rows: np.ndarray, values) -> None:
         joined = np.concatenate([state.history, ids.astype(np.uint32)])
         query = np.arange(len(state.history), len(joined))
-        first = np.full(len(ids), len(state.history) - state.seen, dtype=np.int64)
-        flags = kernels.repetition_match(joined, query, first, self.ngram, self.window).astype(np.uint8)
-        window_flags = np.concatenate([state.flags, flags])
+        # where the stream's first id is in ``joined`` (0: it began before the kept history)
+        first = np.full(len(ids), max(len(state.history) - state.seen, 0), dtype=np.uint32)
+        inputs = {"ids": joined, "query": query, "first": first}
+        flags = self.kernels.run("repetition", inputs, {"ngram": self.ngram, "window": self.window})["match"]
         # the share of matches among each token's last ``window`` tokens
-        sums = np.cumsum(window_flags, dtype=np.int64)
-        ends = np.arange(len(state.flags), len(window_flags))
-        starts = np.maximum(ends - self.window, -1)
-        counts = np.minimum(ends + 1, self.window)
-        share = (sums[ends] - np.where(starts >= 0, sums[np.maximum(starts, 0)], 0)) / counts
+        share, state.flags = _window_mean(state.flags, flags.astype(np.uint8), self.window)
         values["rep"][rows] = share
         fired = share >= self.threshold
         values["repflag"][rows] = fired
         state.history = joined[-(self.window + self.ngram - 1) :]
-        state.flags = window_flags[-self.window :]
         state.seen += len(ids)
         if fired.any() and not state.fired:
             state.fired = True
@@ -226,7 +233,7 @@ class Compute(Stage):
         if not hasattr(self, "counts"):
             return {}
         per_batch = self.busy_ns / self.counts["batches"] / 1e3 if self.counts["batches"] else 0.0
-        return {**self.counts, **self.choice, "busy_us_per_batch": round(per_batch, 1)}
+        return {**self.counts, **self.kernels.stats(), **self.choice, "busy_us_per_batch": round(per_batch, 1)}
 
     def close(self) -> None:
         if getattr(self, "requests", None) is not None:
