@@ -1,0 +1,357 @@
+"""The compute stage: adapter choice, the stage between two real rings (in this process), a wgpu
+failure mid-run, the cancel action, and the stage as a real worker in a real engine."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+
+import numpy as np
+import orjson
+import pytest
+import zmq
+
+from engine.logs import JsonLogger
+from engine.requests import ingest_endpoint
+from engine.stage import WorkerContext
+from shm.batch import Kind, TokenBatch, batch_size, encode_texts, write_batch
+from shm.naming import segment_name
+from shm.ring import Consumer, Producer, Ring
+from stages.compute import backends, gpu
+from stages.compute.stage import Compute
+from tests.engine_harness import Engine, wait_for
+
+CPU = {"device": "llvmpipe (LLVM 15.0.6, 256 bits)", "adapter_type": "CPU", "backend_type": "Vulkan"}
+CPU_GL = {**CPU, "backend_type": "OpenGL"}
+IGPU = {"device": "Intel(R) UHD 770", "adapter_type": "IntegratedGPU", "backend_type": "Vulkan"}
+DGPU = {"device": "NVIDIA H100", "adapter_type": "DiscreteGPU", "backend_type": "Vulkan"}
+
+
+# ---- adapter choice ------------------------------------------------------------------------
+
+
+def test_no_adapter_means_numpy():
+    choice = gpu.choose_adapter([], "auto", True, None)
+    assert (choice.backend, choice.reason) == ("numpy", "no wgpu adapter found")
+
+
+def test_cpu_only_means_numpy_unless_allowed():
+    assert gpu.choose_adapter([CPU_GL, CPU], "auto", False, None).backend == "numpy"
+    allowed = gpu.choose_adapter([CPU_GL, CPU], "auto", True, None)
+    assert (allowed.backend, allowed.api, allowed.index) == ("wgpu", "Vulkan", 1)  # Vulkan before OpenGL
+    assert gpu.choose_adapter([CPU], "wgpu", False, None).backend == "wgpu"  # forcing wgpu takes a CPU one
+
+
+def test_ranking_discrete_then_integrated_then_cpu():
+    assert gpu.choose_adapter([CPU, IGPU, DGPU], "auto", True, None).adapter == "NVIDIA H100"
+    assert gpu.choose_adapter([CPU, IGPU], "auto", True, None).adapter == "Intel(R) UHD 770"
+
+
+def test_overrides():
+    assert gpu.choose_adapter([DGPU], "numpy", False, None).backend == "numpy"
+    named = gpu.choose_adapter([DGPU, CPU], "auto", False, "llvmpipe")
+    assert (named.backend, named.adapter_type) == ("wgpu", "CPU")  # a named adapter, whatever its type
+    missing = gpu.choose_adapter([DGPU], "auto", False, "radeon")
+    assert missing.backend == "numpy" and "NVIDIA H100" in missing.reason
+
+
+def test_open_kernels_falls_back_to_numpy(monkeypatch):
+    log = JsonLogger("compute", "error")
+    monkeypatch.setattr(gpu, "enumerate_adapters", lambda: [])
+    kernels, info = backends.open_kernels({"backend": "wgpu"}, log)
+    assert kernels.device is None and info["reason"] == "no wgpu adapter found"
+
+    def broken():
+        raise RuntimeError("no Vulkan loader")
+
+    monkeypatch.setattr(gpu, "enumerate_adapters", broken)
+    kernels, info = backends.open_kernels({}, log)
+    assert kernels.device is None and "no Vulkan loader" in info["reason"]
+    monkeypatch.setenv(backends.ENV_BACKEND, "numpy")  # the environment wins over the params
+    assert backends.open_kernels({"backend": "wgpu"}, log)[1]["backend"] == "numpy"
+    monkeypatch.setenv(backends.ENV_BACKEND, "cuda")
+    with pytest.raises(ValueError, match="compute backend must be one of"):
+        backends.open_kernels({}, log)
+
+
+# ---- the stage between two rings, in this process -------------------------------------------
+
+
+class Rig:
+    """A Compute stage between an input and an output ring it does not own, as a worker has it."""
+
+    def __init__(self, instance: str, tmp_path, params: dict, out_capacity: int = 1 << 20) -> None:
+        self.rings = [
+            Ring.create(segment_name(instance, "in"), 1 << 20),
+            Ring.create(segment_name(instance, "out"), out_capacity),
+        ]
+        self.source = Producer.attach(self.rings[0].name)
+        self.sink = Consumer.attach(self.rings[1].name)
+        self.ctx = WorkerContext(
+            name="compute",
+            params=params,
+            inputs=[Consumer.attach(self.rings[0].name)],
+            outputs=[Producer.attach(self.rings[1].name)],
+            log=JsonLogger("compute", "error"),
+            runtime_dir=str(tmp_path),
+            state_dir=str(tmp_path),
+            incarnation=0,
+        )
+        self.stage = Compute()
+        try:
+            self.stage.start(self.ctx)
+        except BaseException:
+            self.close()
+            raise
+
+    def send(self, rows: list[tuple]) -> None:
+        """One batch of (stream, seq, kind, token_id, logprob, text) rows."""
+        texts = [r[5] for r in rows]
+        view = self.source.try_claim(batch_size(len(rows), sum(map(len, texts))))
+        cols = write_batch(view, len(rows), sum(map(len, texts)))
+        for i, name in enumerate(("stream_id", "seq", "kind", "token_id", "logprob")):
+            getattr(cols, name)[:] = [r[i] for r in rows]
+        cols.recv_ns[:] = 7
+        encode_texts(cols, texts)
+        del cols
+        view.release()
+        self.source.commit(16)
+
+    def receive(self) -> list[dict]:
+        """Every batch in the output ring, as plain lists."""
+        batches = []
+        while (record := self.sink.try_read()) is not None:
+            cols = TokenBatch.decode(record[1])
+            batch = {n: getattr(cols, n).tolist() for n in ("stream_id", "seq", "kind", "token_id", "recv_ns")}
+            batch["logprob"] = cols.logprob.copy()
+            batch["texts"] = cols.texts()
+            batch.update({name: array.copy() for name, array in cols.extra.items()})
+            batches.append(batch)
+            del cols
+            record[1].release()
+        self.sink.release()
+        return batches
+
+    def close(self) -> None:
+        self.stage.close()
+        for side in (self.source, self.sink, *self.ctx.inputs, *self.ctx.outputs):
+            side.close()
+        for ring in self.rings:
+            ring.destroy()
+
+
+@pytest.fixture
+def rig(instance, tmp_path):
+    rigs = []
+
+    def make(out_capacity: int = 1 << 20, **params) -> Rig:
+        rigs.append(Rig(f"{instance}{len(rigs)}", tmp_path, params, out_capacity))
+        return rigs[-1]
+
+    yield make
+    for r in rigs:
+        r.close()
+
+
+def stream_rows(sid: int, token_ids: list[int], logprobs: list[float], end: bool = True) -> list[tuple]:
+    start = orjson.dumps({"model": "m", "cached": False, "cache_key": None})
+    rows = [(sid, 0, Kind.START, 0, math.nan, start)]
+    rows += [
+        (sid, i + 1, Kind.TOKEN, t, lp, b"t%d" % t) for i, (t, lp) in enumerate(zip(token_ids, logprobs, strict=True))
+    ]
+    if end:
+        rows.append((sid, len(rows), Kind.END, 0, math.nan, b'{"finish_reason": "stop", "usage": null}'))
+    return rows
+
+
+def test_stage_passes_rows_through_and_appends_columns(rig):
+    r = rig(backend="numpy", repetition={"ngram": 2, "window": 4, "threshold": 0.5})
+    lps = [math.log(0.5), math.log(0.25), math.nan, math.log(0.5)]
+    rows = stream_rows(1, [5, 6, 7, 8], lps) + stream_rows(2, [9, 9, 9, 9, 9, 9], [math.nan] * 6)
+    r.send(rows[:5])
+    r.send(rows[5:])
+    assert r.stage.do_work() == 2
+    out = r.receive()
+    assert [len(b["seq"]) for b in out] == [5, len(rows) - 5]
+    flat = {k: [v for b in out for v in b[k]] for k in ("stream_id", "seq", "kind", "token_id", "texts", "recv_ns")}
+    assert flat["stream_id"] == [row[0] for row in rows] and flat["seq"] == [row[1] for row in rows]
+    assert flat["token_id"] == [row[3] for row in rows] and set(flat["recv_ns"]) == {7}
+    assert flat["texts"] == [row[5].decode() for row in rows]
+    assert list(out[0])[-7:] == ["hilbert", "conf", "rgba", "entropy", "ppl", "rep", "repflag"]
+    col = {k: np.concatenate([b[k] for b in out]) for k in ("conf", "ppl", "entropy", "rep", "repflag", "rgba")}
+    # stream 1: START, 4 tokens, END (the END row in the second batch: running state carried over)
+    assert col["conf"][:6].tolist() == pytest.approx([0, 0.5, 0.25, 1.0, 0.5, 0])
+    nll = [-math.log(0.5), -math.log(0.25), -math.log(0.5)]
+    ppl = [math.exp(nll[0]), math.exp(sum(nll[:2]) / 2), math.exp(sum(nll[:2]) / 2), math.exp(sum(nll) / 3)]
+    assert col["ppl"][1:5].tolist() == pytest.approx(ppl, rel=1e-6)
+    assert col["ppl"][5] == pytest.approx(ppl[-1], rel=1e-6)  # END: the stream's final perplexity
+    assert col["entropy"][1] == pytest.approx(math.log(2), abs=1e-6)
+    assert col["rgba"][[0, 5]].max() == 0  # control rows: transparent
+    # stream 2 repeats one id: the bigram (9, 9) recurs from its third token on
+    assert col["repflag"][7:13].tolist() == [0, 0, 0, 1, 1, 1]
+    assert col["rep"][7:13].tolist() == pytest.approx([0, 0, 1 / 3, 2 / 4, 3 / 4, 4 / 4])
+    assert r.stage.stats()["repetitions"] == 1 and r.stage.stats()["backend"] == "numpy"
+
+
+def test_output_full_keeps_the_input(rig):
+    r = rig(backend="numpy", out_capacity=1 << 18)
+    for sid in range(20):  # more than the output ring holds with the columns appended
+        r.send(stream_rows(sid, list(range(600)), [-0.1] * 600, end=False))
+    moved = r.stage.do_work()
+    assert 0 < moved < 20
+    seen = [b["stream_id"][0] for b in r.receive()]
+    while len(seen) < 20:
+        assert r.stage.do_work() > 0
+        seen += [b["stream_id"][0] for b in r.receive()]
+    assert seen == list(range(20))
+
+
+def test_probes_columns(rig):
+    r = rig(backend="numpy", probes={"count": 3, "dim": 8, "rows": 64, "window": 2})
+    r.send(stream_rows(1, [1, 2, 3], [-0.1] * 3))
+    r.stage.do_work()
+    (batch,) = r.receive()
+    assert batch["probe"].shape == (5, 3)
+    table, probes = r.stage.table, r.stage.probe_vectors
+    raw = (table[[1, 2, 3]] @ probes.T) / np.linalg.norm(table[[1, 2, 3]], axis=1)[:, None]
+    expected = np.stack([raw[0], (raw[0] + raw[1]) / 2, (raw[1] + raw[2]) / 2])
+    assert np.allclose(batch["probe"][1:4], expected, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def lavapipe_params():
+    try:
+        infos = [dict(a.info) for a in gpu.enumerate_adapters()]
+    except Exception as exc:
+        pytest.skip(f"wgpu cannot enumerate adapters here: {exc!r}")
+    if not any(i.get("backend_type") == "Vulkan" for i in infos):
+        pytest.skip("no Vulkan adapter (install mesa-vulkan-drivers libvulkan1 for lavapipe; tools/test.sh does)")
+    return {"backend": "wgpu", "allow_cpu_adapter": True}
+
+
+def test_wgpu_failure_mid_run_falls_back_without_loss(rig, lavapipe_params):
+    params = {"repetition": {"ngram": 2, "window": 8}, "probes": {"count": 2, "dim": 8, "rows": 32}}
+    reference = rig(backend="numpy", **params)
+    device = rig(**lavapipe_params, **params)
+    assert device.stage.stats()["backend"] == "wgpu"
+    rng = np.random.default_rng(5)
+    batches = [stream_rows(sid, rng.integers(0, 5, 30).tolist(), (-rng.random(30)).tolist()) for sid in range(1, 7)]
+    real_run, calls = device.stage.kernels.device.run, []
+
+    def flaky(kernel, inputs, params):
+        calls.append(kernel)
+        if 5 <= len(calls) <= 12:  # the device fails for a while, mid-run
+            raise RuntimeError("device lost (injected)")
+        return real_run(kernel, inputs, params)
+
+    device.stage.kernels.device.run = flaky
+    for rows in batches:
+        for r in (reference, device):
+            r.send(rows)
+            assert r.stage.do_work() == 1
+    want, got = reference.receive(), device.receive()
+    assert len(got) == len(batches) == len(want)
+    assert device.stage.stats()["fallbacks"] == 8
+    for a, b in zip(want, got, strict=True):
+        assert a["seq"] == b["seq"] and a["texts"] == b["texts"]
+        for name in ("hilbert", "conf", "entropy", "ppl", "rep", "repflag", "probe"):
+            assert np.allclose(a[name], b[name], atol=1e-5, equal_nan=True), name
+        assert np.abs(a["rgba"].astype(int) - b["rgba"]).max() <= 1
+
+
+def test_cancel_action_asks_ingest(rig, tmp_path):
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(ingest_endpoint(str(tmp_path)))
+    try:
+        r = rig(backend="numpy", repetition={"ngram": 1, "window": 4, "threshold": 0.5, "action": "cancel"})
+        r.send(stream_rows(3, [4] * 8, [-0.1] * 8, end=False))
+        asked = []
+
+        def answer():  # a stand-in for ingest: answers one request
+            if router.poll(0):
+                identity, frame = router.recv_multipart()
+                asked.append(orjson.loads(frame))
+                router.send_multipart([identity, orjson.dumps({"type": "cancelled", "stream_id": 3})])
+            return asked
+
+        import threading
+
+        thread = threading.Thread(target=lambda: wait_for(answer, 5, "a cancel request"))
+        thread.start()
+        r.stage.do_work()
+        thread.join()
+        assert asked == [{"type": "cancel", "stream_id": 3}]
+        assert r.stage.stats()["cancels"] == 1
+    finally:
+        router.close(0)
+
+
+def test_cancel_failure_is_counted_not_fatal(rig):
+    r = rig(backend="numpy", repetition={"ngram": 1, "window": 4, "threshold": 0.5, "action": "cancel"})
+    r.send(stream_rows(3, [4] * 8, [-0.1] * 8))
+    assert r.stage.do_work() == 1  # nobody listens at the ingest endpoint: times out quickly
+    assert r.stage.stats()["cancel_errors"] == 1 and len(r.receive()) == 1
+
+
+def test_bad_params_are_named(rig):
+    with pytest.raises(ValueError, match="hilbert_order"):
+        rig(backend="numpy", hilbert_order=16)
+    with pytest.raises(ValueError, match=r"repetition\.action"):
+        rig(backend="numpy", repetition={"action": "shout"})
+
+
+# ---- a real worker in a real engine ---------------------------------------------------------
+
+ENGINE = """
+[engine]
+heartbeat_interval_s = 0.1
+heartbeat_timeout_s = 2.0
+health_interval_s = 0.2
+stop_timeout_s = 5.0
+
+[supervisor]
+backoff_initial_s = 0.01
+backoff_max_s = 0.2
+
+[ring_defaults]
+capacity = 262144
+
+[workers.source]
+stage = "counter"
+outputs = ["source-compute"]
+params = {{ streams = 4, batch = 16, rate = 20000, total = {total} }}
+
+[workers.compute]
+stage = "compute"
+inputs = ["source-compute"]
+outputs = ["compute-sink"]
+params = {{ backend = "numpy" }}
+
+[workers.sink]
+stage = "verify"
+inputs = ["compute-sink"]
+params = {{ streams = 4 }}
+"""
+
+
+@pytest.mark.timeout(90)
+def test_compute_worker_killed_mid_run_loses_nothing(tmp_path, instance):
+    total = 40_000
+    engine = Engine(tmp_path, ENGINE.format(total=total), instance).start()
+    try:
+        sink = lambda: engine.worker("sink")["stats"]  # noqa: E731
+        wait_for(lambda: sink().get("messages", 0) > 4000, 30, "tokens through compute")
+        victim = engine.worker("compute")
+        assert victim["stats"]["backend"] == "numpy" and victim["stats"]["tokens"] > 0
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_for(lambda: (w := engine.worker("compute"))["restarts"] >= 1 and w["state"] == "running", 20, "restart")
+        stats = wait_for(lambda: (s := sink()).get("messages", 0) >= total and s, 60, "every token at the sink")
+        assert stats["messages"] == total and stats["gaps"] == 0 and stats["foreign"] == 0, stats
+        assert engine.stop() == 0
+    finally:
+        engine.kill_all()
+    with contextlib.suppress(FileNotFoundError):
+        assert '"event":"compute_backend"' in engine.log()
