@@ -84,6 +84,37 @@ def bench_ingest(as_json: bool, quick: bool) -> None:
     ingest.main(as_json=as_json, quick=quick)
 
 
+@bench.command("pipeline")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a `rows` list.")
+@click.option("--quick", is_flag=True, help="Short loads: a smoke run, not a measurement.")
+@click.option("--transport", "transports", multiple=True, help="Only these transports (shm, queue, zmq).")
+def bench_pipeline(as_json: bool, quick: bool, transports: tuple[str, ...]) -> None:
+    """End-to-end tokens/s and latency of ingest -> compute -> cache -> broadcast over shm rings, Queue, zmq."""
+    from neuralpipe_bench import pipeline
+
+    pipeline.main(as_json=as_json, quick=quick, transports=transports)
+
+
+@bench.command("broadcast")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quick", is_flag=True, help="1 and 10 subscribers, short windows: a smoke run, not a measurement.")
+def bench_broadcast(as_json: bool, quick: bool) -> None:
+    """Broadcast latency (ring commit -> SUB receive) p50/p99 with 1/10/100 subscribers over ipc and tcp."""
+    from neuralpipe_bench import broadcast
+
+    broadcast.main(as_json=as_json, quick=quick)
+
+
+@bench.command("compute")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a `rows` list.")
+@click.option("--quick", is_flag=True, help="Sizes 1k and 16k, one call each: a smoke run, not a measurement.")
+def bench_compute(as_json: bool, quick: bool) -> None:
+    """Compute kernels on numpy and every wgpu adapter (1k, 64k, 1M tokens); the stage's added time per batch."""
+    from neuralpipe_bench import compute
+
+    compute.main(as_json=as_json, quick=quick)
+
+
 @main.command()
 @click.option("--instance", help="Engine instance id (default: every instance found).")
 @click.option("--clean", is_flag=True, help="Remove segments left by dead engine instances (never a live one's).")
@@ -273,6 +304,18 @@ for _name, _help in (
         return command_
 
     cache.command(_name, help=_help)(_make(_name))
+
+
+@main.command()
+@click.option("--config", "path", type=click.Path(exists=True, dir_okay=False), help="TOML config file.")
+@click.option("--prompts", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1, 4096), default=24, show_default=True)
+def demo(path: str | None, prompts: int, max_tokens: int) -> None:
+    """Start the engine, stream a few prompts through it (one twice: a cache hit), print the
+    tokens with their computed columns, throughput, latency and PAS, and stop."""
+    from engine.demo import run_demo
+
+    raise SystemExit(run_demo(_load(path), path, prompts, max_tokens, _write))
 
 
 @main.command()

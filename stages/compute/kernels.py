@@ -28,6 +28,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 MAX_ORDER = 15  # 4**15 cells: the cell index stays within 31 bits of the token id
 _ID_BITS = np.uint32(0x7FFFFFFF)  # bit 31 only marks a hashed id (shm.batch.stable_token_id)
 _REPETITION_BLOCK = 4096
+_PROBE_BLOCK = 65536
 _TABLE_ORDER = 10  # curves up to 4**10 cells are tabulated (12 MiB at order 10)
 _HUE_PHASES = np.array([0.0, 1.0 / 3.0, 2.0 / 3.0], dtype=np.float32)
 
@@ -137,7 +138,9 @@ def probe_cosine(token_id: np.ndarray, table: np.ndarray, probes: np.ndarray) ->
     """f32[n, k]: cosine between row ``token_id mod rows`` of ``table`` (f32[rows, dim]) and
     each unit vector of ``probes`` (f32[k, dim]); 0 for an all-zero embedding row."""
     rows = token_id.astype(np.uint32, copy=False) % np.uint32(len(table))
-    emb = table[rows]
-    dots = emb @ probes.T
-    norms = np.sqrt(np.einsum("ij,ij->i", emb, emb))
-    return (dots / np.maximum(norms, np.float32(1e-12))[:, None]).astype(np.float32)
+    out = np.empty((len(rows), len(probes)), dtype=np.float32)
+    for at in range(0, len(rows), _PROBE_BLOCK):  # bounds the gathered [rows, dim] embeddings
+        emb = table[rows[at : at + _PROBE_BLOCK]]
+        norms = np.sqrt(np.einsum("ij,ij->i", emb, emb))
+        out[at : at + len(emb)] = (emb @ probes.T) / np.maximum(norms, np.float32(1e-12))[:, None]
+    return out
