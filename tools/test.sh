@@ -5,6 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # promtool lints the /metrics exposition (tests/test_metrics.py); Debian ships it in `prometheus`.
 command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
+# Mesa's lavapipe: a Vulkan CPU adapter, so the WGSL compute kernels run against their numpy reference
+# (tests/test_compute_wgsl.py) on machines without a GPU. NODEVICE_SELECT and XDG_RUNTIME_DIR quiet its stderr.
+ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1 \
+    || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mesa-vulkan-drivers libvulkan1)
+export NODEVICE_SELECT=1
+if [ -z "${XDG_RUNTIME_DIR:-}" ] || [ ! -d "$XDG_RUNTIME_DIR" ]; then
+    XDG_RUNTIME_DIR="$(mktemp -d)"
+    export XDG_RUNTIME_DIR
+fi
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
 # The llamacpp extra: a real llama.cpp server for tests/test_llamacpp_upstream.py (docs/upstreams.md).
 # llama-cpp-python builds from source (4-5 minutes on 2 cores; pip's wheel cache keeps the build), so

@@ -35,6 +35,7 @@ from shm.batch import ExtraColumn, Kind, TokenBatch, batch_size, write_batch
 from stages.compute import kernels
 from stages.compute.backends import open_kernels
 from stages.compute.probes import probe_table
+from stages.compute.shaders import MAX_PROBES
 
 _TOKEN = int(Kind.TOKEN)
 _MAX_STREAMS = 65536  # per-stream state kept (least recently seen dropped)
@@ -93,6 +94,8 @@ class Compute(Stage):
         self.columns = BASE_COLUMNS + (
             (ExtraColumn("probe", "f4", len(self.probe_vectors)),) if self.table is not None else ()
         )
+        if self.table is not None and not 0 < len(self.probe_vectors) <= MAX_PROBES:
+            raise ValueError(f"compute param probes: {len(self.probe_vectors)} probe vectors, 1..{MAX_PROBES} allowed")
         self.probe_window = int(probes.get("window", 32))
         if self.ngram < 1 or self.window < 1 or self.probe_window < 1:
             raise ValueError("compute params repetition.ngram, repetition.window and probes.window must be >= 1")
