@@ -355,3 +355,19 @@ def test_compute_worker_killed_mid_run_loses_nothing(tmp_path, instance):
         engine.kill_all()
     with contextlib.suppress(FileNotFoundError):
         assert '"event":"compute_backend"' in engine.log()
+
+
+def test_probes_from_a_gguf_token_embd(tmp_path):
+    pytest.importorskip("gguf", reason="the gguf package (the llamacpp extra) reads GGUF files")
+    import importlib.util
+
+    from stages.compute.probes import probe_table
+
+    spec = importlib.util.spec_from_file_location("make_tiny_gguf", "tools/make_tiny_gguf.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    path = tiny.write(tmp_path / "tiny.gguf", seed=0)
+    table, probes = probe_table({"table": str(path), "count": 3})
+    assert table.shape == (len(tiny.vocabulary()[0]), tiny.N_EMBD)  # one row per vocabulary token
+    assert probes.shape == (3, tiny.N_EMBD) and np.allclose(np.linalg.norm(probes, axis=1), 1)
+    assert np.abs(table).max() > 0
