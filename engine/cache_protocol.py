@@ -108,10 +108,10 @@ class CacheClient:
 class CacheLookup:
     """Ingest's side: ``await lookup(key, stream_id)`` is True when the cache replays the stream.
 
-    Never waits on a dead cache: no socket file means no lookup; a send that cannot go out at
-    once (no live peer) is a miss; an answer that does not come within ``timeout_s`` (plus as
-    long again for a reply already on its way) is a miss, and lookups then pause for
-    ``pause_s`` so a hung cache costs one timeout, not one per request."""
+    Never waits long on a dead cache: no socket file means no lookup; no connected cache within
+    ``timeout_s``, or no answer within twice that (a hit decided before the deadline may be on its
+    way), is a miss, and lookups then pause for ``pause_s`` so a dead or hung cache costs one
+    timeout, not one per request."""
 
     def __init__(self, path: str, timeout_s: float = 0.05, pause_s: float = 1.0) -> None:
         self.path = path
@@ -132,6 +132,7 @@ class CacheLookup:
         self._sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for a peer that is not there
+        self._sock.setsockopt(zmq.RECONNECT_IVL, 10)  # find a restarted cache within 10 ms, not 100
         self._sock.connect("ipc://" + self.path)
         self._reader = asyncio.create_task(self._read_replies())
 
@@ -144,13 +145,16 @@ class CacheLookup:
         self._pending[stream_id] = reply
         frame = orjson.dumps({"type": "lookup", "key": key, "stream_id": stream_id, "deadline_ns": deadline_ns})
         try:
+            # POLLOUT: a connected cache (IMMEDIATE); one just restarted is reconnected within 10 ms
+            if not await self._sock.poll(int(self.timeout_s * 1000), zmq.POLLOUT):
+                raise TimeoutError
             await self._sock.send(frame, zmq.NOBLOCK)
             # twice the deadline: a hit the cache decided before it is already on its way
             hit = await asyncio.wait_for(reply, 2 * self.timeout_s)
-        except zmq.Again:  # no connected cache (it is starting or restarting)
+        except zmq.Again:  # the connection went between poll and send
             self.counts["cache_skipped"] += 1
             return False
-        except TimeoutError:
+        except TimeoutError:  # no cache to talk to, or one that does not answer
             self.counts["cache_timeouts"] += 1
             self._paused_until = time.monotonic() + self.pause_s
             hit = False

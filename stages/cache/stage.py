@@ -1,41 +1,66 @@
 """Cache: between compute and broadcast. Passes every record through unchanged, stores finished
-cacheable streams (with their computed columns) in an LRU bounded by bytes with a TTL, and on a
-lookup hit from ingest replays the stored stream into its output ring under the new stream id.
+streams that carry a cache key, and replays a stored stream when ingest's lookup hits.
 
-Params (all optional; docs/cache.md):
-    max_bytes            byte budget of the LRU (256 MiB)
+Duty cycle: serve the ROUTER (lookups and operator commands, engine.cache_protocol), copy up to
+64 input records to the output (each input record is released only after its copy is committed,
+as in stages/testing/relay.py), then write one batch of each active replay, round robin, so
+replays and live traffic share the output ring fairly.
+
+Params (all optional; docs/cache.md and docs/configuration.md):
+    max_bytes            LRU budget in bytes (256 MiB)
     ttl_s                an entry's time to live (3600)
-    max_stream_bytes     longer streams are not stored (16 MiB)
-    replay               "full" (as fast as the ring takes it) or "paced" (the original pacing)
+    replay               "full" (as fast as the ring takes it) or "paced" (the original stream's pacing)
     batch_rows           rows per replayed batch (64)
-    snapshot_path        where the cache persists; "" disables (default: <runtime base>/cache/<worker>.snapshot,
-                         outside the per-run directory so that it survives the engine)
-    snapshot_interval_s  periodic snapshots (60; also one on stop)
+    max_stream_bytes     larger streams are not stored (16 MiB)
+    max_open_streams     streams collected at once (4096)
+    max_replays          replays at once; a lookup beyond it is a miss (1024)
+    snapshot_path        default <runtime base dir>/<worker name>.cache-snapshot; "" disables snapshots
+    snapshot_interval_s  a changed cache is written this often (60; 0: only on stop and on request)
 
-Its ROUTER (engine/cache_protocol.py) answers lookups from ingest and operator commands
-(``neuralpipe cache stats|clear|snapshot``). Replays in flight are kept in a restart-surviving
-state array: a replay cut short by a restart of this worker ends with an ERROR row.
+State surviving a restart of this worker: the snapshot (entries), and a table of replays in
+flight (``ctx.state_array``); a replay a killed predecessor left unfinished ends with an ERROR
+row "cache restarted; replay lost", never silently.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from typing import Any
 
+import numpy as np
 import orjson
 import zmq
 
 from engine.cache_protocol import CacheProtocolError, parse_request
 from engine.stage import Stage, WorkerContext
-from shm.batch import TokenBatch
+from shm.batch import BatchError, TokenBatch
 from stages.cache.collect import Collector
 from stages.cache.replay import Replay, lost_replay_stream
 from stages.cache.snapshot import SnapshotError, read_snapshot, write_snapshot
 from stages.cache.store import LruStore
 
-RECORD_TYPE = 16  # the record type ingest writes batches with
-_MAX_REPLAYS = 1024
+REPLAY_MODES = ("full", "paced")
+DEFAULT_RECORD_TYPE = 16  # what ingest writes; the type of a lost replay's ERROR row
+_HOUSEKEEPING_S = 1.0
+
+
+def default_snapshot_path(runtime_dir: str, worker: str) -> str:
+    """A file in the base runtime directory, next to the per-run instance directories: it
+    outlives an engine run (the instance directory is deleted on stop) and is not a directory,
+    so the start-up sweep of dead instances leaves it alone (engine/rundir.py)."""
+    return os.path.join(os.path.dirname(os.path.abspath(runtime_dir)), f"{worker}.cache-snapshot")
+
+
+def _positive(params: dict[str, Any], key: str, default: float, kind: type = float) -> Any:
+    """Param ``key`` as ``kind``: a positive number (``snapshot_interval_s`` may also be 0)."""
+    value = params.get(key, default)
+    zero_ok = key == "snapshot_interval_s"
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (value == 0 and not zero_ok):
+        what = "non-negative" if zero_ok else "positive"
+        raise ValueError(f"cache param {key}: must be a {what} number (got {value!r})")
+    return kind(value)
 
 
 class Cache(Stage):
@@ -43,45 +68,57 @@ class Cache(Stage):
         super().start(ctx)
         p = ctx.params
         self.inp, self.out = ctx.inputs[0], ctx.outputs[0]
-        self.store = LruStore(int(p.get("max_bytes", 256 << 20)), float(p.get("ttl_s", 3600)))
-        self.collector = Collector(int(p.get("max_stream_bytes", 16 << 20)))
-        if p.get("replay", "full") not in ("full", "paced"):
-            raise ValueError(f"cache param replay must be 'full' or 'paced' (got {p.get('replay')!r})")
-        self.paced = p.get("replay", "full") == "paced"
-        self.batch_rows = int(p.get("batch_rows", 64))
-        default_path = os.path.join(os.path.dirname(ctx.runtime_dir), "cache", f"{ctx.name}.snapshot")
-        self.snapshot_path = str(p.get("snapshot_path", default_path))
-        self.snapshot_interval_s = float(p.get("snapshot_interval_s", 60))
-        self.counts = dict.fromkeys(("replays", "replayed_rows", "lookups_late", "snapshots", "snapshot_errors"), 0)
-        self.replays: list[Replay] = []
-        self.replay_slots = ctx.state_array("replays", "u8", (_MAX_REPLAYS, 2))  # (stream id + 1, next seq)
-        self._resume_lost_replays()
+        self.store = LruStore(_positive(p, "max_bytes", 256 << 20, int), _positive(p, "ttl_s", 3600.0))
+        mode = p.get("replay", "full")
+        if mode not in REPLAY_MODES:
+            raise ValueError(f"cache param replay: must be one of {', '.join(REPLAY_MODES)} (got {mode!r})")
+        self.paced = mode == "paced"
+        self.batch_rows = _positive(p, "batch_rows", 64, int)
+        self.collector = Collector(
+            _positive(p, "max_stream_bytes", 16 << 20, int), _positive(p, "max_open_streams", 4096, int)
+        )
+        path = p.get("snapshot_path", default_snapshot_path(ctx.runtime_dir, ctx.name))
+        if not isinstance(path, str):
+            raise ValueError(f"cache param snapshot_path: must be a string (got {path!r})")
+        self.snapshot_path = path or None
+        self.snapshot_interval_s = _positive(p, "snapshot_interval_s", 60.0)
+        self.counts = {
+            "passed": 0,
+            "undecodable": 0,
+            "late_lookups": 0,
+            "busy": 0,
+            "replays": 0,
+            "replay_rows": 0,
+            "snapshots": 0,
+            "snapshot_errors": 0,
+            "restored": 0,
+        }
+        self.dirty = False
+        now = time.monotonic()
+        self.next_snapshot = now + self.snapshot_interval_s
+        self.next_housekeeping = now + _HOUSEKEEPING_S
+        self._rate = (now, 0)
+        self.replay_rate = 0.0
         self._restore()
-        self.last_snapshot = time.monotonic()
-        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(ctx.endpoint(ctx.name))
-        ctx.log.info("cache_ready", endpoint=ctx.endpoint(ctx.name), entries=len(self.store), path=self.snapshot_path)
+        self.replays: dict[int, Replay] = {}
+        self.turns: deque[int] = deque()  # round-robin order of the active replays
+        self._init_replay_table(_positive(p, "max_replays", 1024, int))
+        self.zmq = zmq.Context()
+        self.router = self.zmq.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.bind(ctx.endpoint(ctx.name))
+        ctx.log.info("cache_ready", endpoint=ctx.endpoint(ctx.name), path=self.snapshot_path, entries=len(self.store))
 
     def pollables(self) -> list[Any]:
-        return [self.sock]
+        return [self.router]
 
-    def drained(self) -> bool:
-        return super().drained() and not self.replays
-
-    def idle_timeout_s(self) -> float | None:
-        waits = [self.snapshot_interval_s - (time.monotonic() - self.last_snapshot)] if self.snapshot_path else []
-        if self.replays:
-            now = time.monotonic_ns()
-            waits.append(min(r.due_ns() for r in self.replays) / 1e9 - now / 1e9)
-        return max(0.0, min(waits)) if waits else None
-
-    # ---- the duty cycle -------------------------------------------------------------------
+    # ---- the duty cycle -----------------------------------------------------------------------
 
     def do_work(self) -> int:
         done = self._serve() + self._pass_through() + self._replay()
-        if self.snapshot_path and time.monotonic() - self.last_snapshot >= self.snapshot_interval_s:
-            self._snapshot()
+        now = time.monotonic()
+        if now >= self.next_housekeeping:
+            self._housekeeping(now)
         return done
 
     def _pass_through(self) -> int:
@@ -98,94 +135,135 @@ class Cache(Stage):
                 break
             target[:] = view
             out.commit(record_type)
-            for key, stream in self.collector.observe(TokenBatch.decode(view), record_type):
-                self.store.put(key, stream)
+            self._observe(record_type, view)
             moved += 1
-        inp.release()  # after the copies are committed: a cache killed at any point loses nothing
+        inp.release()
+        self.counts["passed"] += moved
         return moved
 
+    def _observe(self, record_type: int, view: memoryview) -> None:
+        try:
+            batch = TokenBatch.decode(view)
+        except BatchError:
+            self.counts["undecodable"] += 1
+            return
+        for key, stream in self.collector.observe(batch, record_type):
+            if self.store.put(key, stream):
+                self.dirty = True
+
     def _replay(self) -> int:
-        """One batch of each replay that has rows due (fair to the pass-through traffic)."""
+        """One batch of each active replay whose rows are due."""
         written = 0
         now = time.monotonic_ns()
-        for replay in list(self.replays):
-            if replay.due_ns() > now:
-                continue
+        for _ in range(len(self.turns)):
+            sid = self.turns[0]
+            self.turns.rotate(-1)
+            replay = self.replays[sid]
             rows = replay.write(self.out, self.batch_rows, now)
-            written += rows
-            self.counts["replayed_rows"] += rows
-            slot = self._slot_of(replay.stream_id)
+            if not rows:
+                if self.out.is_full:
+                    break
+                continue
+            written += 1
+            self.counts["replay_rows"] += rows
+            slot = self.replay_slots[sid]
             if replay.done:
-                self.replays.remove(replay)
-                self.replay_slots[slot] = (0, 0)
-            elif rows:
-                self.replay_slots[slot, 1] = replay.next_seq
+                self.replay_table[slot] = (0, 0)
+                del self.replays[sid], self.replay_slots[sid]
+                self.turns.remove(sid)
+            else:
+                self.replay_table[slot, 1] = replay.next_seq
         return written
 
-    # ---- requests -------------------------------------------------------------------------
+    def idle_timeout_s(self) -> float | None:
+        now_ns = time.monotonic_ns()
+        waits = [max(0.0, (r.due_ns() - now_ns) / 1e9) for r in self.replays.values()]
+        waits.append(max(0.0, self.next_housekeeping - time.monotonic()))
+        return min(waits)
+
+    def drained(self) -> bool:
+        return self.inp.available() == 0 and not self.replays
+
+    # ---- requests -------------------------------------------------------------------------------
 
     def _serve(self) -> int:
         served = 0
-        while self.sock.poll(0):
-            frames = self.sock.recv_multipart()
+        while served < 64:
             try:
-                reply = self._handle(parse_request(frames[-1]))
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            served += 1
+            if len(frames) != 2:
+                continue  # not a DEALER's single-frame request
+            identity, frame = frames
+            try:
+                reply = self._answer(parse_request(frame))
             except CacheProtocolError as exc:
                 reply = {"type": "error", "reason": str(exc)}
-            self.sock.send_multipart([frames[0], orjson.dumps(reply)])
-            served += 1
+            self.router.send_multipart((identity, orjson.dumps(reply)))
         return served
 
-    def _handle(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def _answer(self, msg: dict[str, Any]) -> dict[str, Any]:
         kind = msg["type"]
         if kind == "lookup":
-            return self._lookup(msg)
+            return self._lookup(msg["key"], msg["stream_id"], msg["deadline_ns"])
         if kind == "stats":
             return {"type": "stats", "stats": self.stats()}
         if kind == "clear":
-            entries, size = self.store.clear()
-            return {"type": "cleared", "entries": entries, "bytes": size}
+            entries, dropped = self.store.clear()
+            self.dirty = True
+            self.ctx.log.info("cache_cleared", entries=entries, bytes=dropped)
+            return {"type": "cleared", "entries": entries, "bytes": dropped}
+        if self.snapshot_path is None:
+            return {"type": "error", "reason": 'snapshots are off (snapshot_path is "")'}
         began = time.monotonic()
-        entries, size = self._snapshot()
-        return {"type": "snapshot", "path": self.snapshot_path, "entries": entries, "bytes": size,
-                "ms": round((time.monotonic() - began) * 1e3, 2)}  # fmt: skip
+        try:
+            entries, size = self._write_snapshot()
+        except OSError as exc:
+            return {"type": "error", "reason": f"snapshot to {self.snapshot_path} failed: {exc}"}
+        ms = round((time.monotonic() - began) * 1e3, 2)
+        return {"type": "snapshot", "path": self.snapshot_path, "entries": entries, "bytes": size, "ms": ms}
 
-    def _lookup(self, msg: dict[str, Any]) -> dict[str, Any]:
-        sid = msg["stream_id"]
-        if time.monotonic_ns() > msg["deadline_ns"]:  # ingest has gone upstream already
-            self.counts["lookups_late"] += 1
+    def _lookup(self, key: str, sid: int, deadline_ns: int) -> dict[str, Any]:
+        now = time.monotonic_ns()
+        if now >= deadline_ns:  # ingest has stopped waiting and goes upstream: never replay it too
+            self.counts["late_lookups"] += 1
             return {"type": "miss", "stream_id": sid, "reason": "late"}
-        stream = self.store.get(msg["key"])
+        if sid in self.replays or len(self.replays) >= len(self.replay_table):
+            self.counts["busy"] += 1
+            return {"type": "miss", "stream_id": sid, "reason": "busy"}
+        stream = self.store.get(key)
         if stream is None:
             return {"type": "miss", "stream_id": sid, "reason": "not cached"}
-        free = self._free_slot()
-        if free is None:
-            return {"type": "miss", "stream_id": sid, "reason": f"{_MAX_REPLAYS} replays in flight"}
-        self.replay_slots[free] = (sid + 1, 0)
-        self.replays.append(Replay(sid, stream, msg["key"], self.paced))
+        self._begin_replay(Replay(sid, stream, key, paced=self.paced, now_ns=now))
         self.counts["replays"] += 1
         return {"type": "hit", "stream_id": sid}
 
-    # ---- restart-surviving replay state ---------------------------------------------------
+    # ---- replays that survive a restart ---------------------------------------------------------
 
-    def _free_slot(self) -> int | None:
-        free = (self.replay_slots[:, 0] == 0).nonzero()[0]
-        return int(free[0]) if len(free) else None
-
-    def _slot_of(self, sid: int) -> int:
-        return int((self.replay_slots[:, 0] == sid + 1).nonzero()[0][0])
-
-    def _resume_lost_replays(self) -> None:
-        """Replays a killed predecessor left unfinished end with an explicit error row."""
-        for slot in (self.replay_slots[:, 0] != 0).nonzero()[0]:
-            sid, next_seq = int(self.replay_slots[slot, 0]) - 1, int(self.replay_slots[slot, 1])
-            self.replays.append(Replay(sid, lost_replay_stream(RECORD_TYPE), "", False, first_seq=next_seq))
+    def _init_replay_table(self, max_replays: int) -> None:
+        # slot -> (stream id + 1, next seq committed); 0 marks a free slot
+        self.replay_table = self.ctx.state_array("replays", "u8", (max_replays, 2))
+        self.replay_slots: dict[int, int] = {}
+        lost = lost_replay_stream(DEFAULT_RECORD_TYPE)
+        for slot in np.flatnonzero(self.replay_table[:, 0]).tolist():
+            sid, seq = int(self.replay_table[slot, 0]) - 1, int(self.replay_table[slot, 1])
+            self.replay_table[slot] = (0, 0)
+            self._begin_replay(Replay(sid, lost, "", paced=False, first_seq=seq))
             self.ctx.log.warning("replay_lost_on_restart", stream_id=sid)
 
-    # ---- snapshots ------------------------------------------------------------------------
+    def _begin_replay(self, replay: Replay) -> None:
+        slot = int(np.flatnonzero(self.replay_table[:, 0] == 0)[0])
+        self.replay_table[slot] = (replay.stream_id + 1, replay.first_seq)
+        self.replay_slots[replay.stream_id] = slot
+        self.replays[replay.stream_id] = replay
+        self.turns.append(replay.stream_id)
+
+    # ---- snapshots ------------------------------------------------------------------------------
 
     def _restore(self) -> None:
-        if not self.snapshot_path or not os.path.exists(self.snapshot_path):
+        if self.snapshot_path is None or not os.path.exists(self.snapshot_path):
             return
         try:
             entries = read_snapshot(self.snapshot_path)
@@ -196,40 +274,62 @@ class Cache(Stage):
         for key, stored_at, stream in entries:
             self.store.put(key, stream, stored_at=stored_at)
         expired = self.store.purge_expired()
+        self.counts["restored"] = len(self.store)
         self.ctx.log.info("cache_restored", path=self.snapshot_path, entries=len(self.store), expired=expired)
 
-    def _snapshot(self) -> tuple[int, int]:
-        self.last_snapshot = time.monotonic()
-        if not self.snapshot_path:
-            return 0, 0
+    def _write_snapshot(self) -> tuple[int, int]:
         self.store.purge_expired()
+        entries, size = write_snapshot(self.snapshot_path, self.store.items())
+        self.dirty = False
+        self.counts["snapshots"] += 1
+        return entries, size
+
+    def _housekeeping(self, now: float) -> None:
+        """Drop expired entries; write the periodic snapshot when something changed."""
+        self.next_housekeeping = now + _HOUSEKEEPING_S
+        if self.store.purge_expired():
+            self.dirty = True
+        if self.snapshot_path is None or not self.snapshot_interval_s or not self.dirty or now < self.next_snapshot:
+            return
+        self.next_snapshot = now + self.snapshot_interval_s
         try:
-            written = write_snapshot(self.snapshot_path, self.store.items())
+            self._write_snapshot()
         except OSError as exc:
             self.counts["snapshot_errors"] += 1
             self.ctx.log.error("cache_snapshot_failed", path=self.snapshot_path, error=str(exc))
-            return 0, 0
-        self.counts["snapshots"] += 1
-        return written
 
-    # ---- hooks ----------------------------------------------------------------------------
+    # ---- stage hooks ----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        if not hasattr(self, "store"):
+        if not hasattr(self, "replays"):
             return {}
-        looked = self.store.counts["hits"] + self.store.counts["misses"]
+        now = time.monotonic()
+        since, rows = self._rate
+        if now - since >= 0.1:  # the rate over the time since the previous call (a heartbeat)
+            self.replay_rate = (self.counts["replay_rows"] - rows) / (now - since)
+            self._rate = (now, self.counts["replay_rows"])
+        counts = self.store.counts
+        lookups = counts["hits"] + counts["misses"]
         return {
-            **self.store.counts,
+            **counts,
             **self.counts,
             **self.collector.counts,
-            "entries": len(self.store),
             "bytes": self.store.bytes,
-            "hit_ratio": round(self.store.counts["hits"] / looked, 4) if looked else 0.0,
+            "entries": len(self.store),
+            "hit_ratio": round(counts["hits"] / lookups, 4) if lookups else 0.0,
             "replays_active": len(self.replays),
+            "replay_rows_per_s": round(self.replay_rate, 1),
         }
 
     def close(self) -> None:
-        if hasattr(self, "sock"):
-            self._snapshot()
-            self.replay_slots.flush()
-            self.sock.close(0)
+        if getattr(self, "dirty", False) and self.snapshot_path is not None:
+            try:
+                entries, size = self._write_snapshot()
+                self.ctx.log.info("cache_snapshot_written", path=self.snapshot_path, entries=entries, bytes=size)
+            except OSError as exc:
+                self.ctx.log.error("cache_snapshot_failed", path=self.snapshot_path, error=str(exc))
+        if getattr(self, "router", None) is not None:
+            self.router.close(0)
+            self.zmq.term()
+        if getattr(self, "replay_table", None) is not None:
+            self.replay_table.flush()

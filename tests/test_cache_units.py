@@ -1,0 +1,229 @@
+"""The cache's parts without processes: key and policy, LRU by bytes with TTL, the collector of
+passing streams, replay batches, and snapshots (round trip, corrupt, foreign, atomic)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import orjson
+import pytest
+
+from engine.cache_protocol import CacheProtocolError, parse_request
+from engine.cachekey import cache_key, check_policy, key_for
+from shm.batch import BatchColumns, ExtraColumn, Kind, TokenBatch, batch_size, write_batch
+from stages.cache.collect import Collector
+from stages.cache.replay import Replay
+from stages.cache.snapshot import SnapshotError, read_snapshot, write_snapshot
+from stages.cache.store import LruStore
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 8}
+
+
+# ---- key and policy ------------------------------------------------------------------------
+
+
+def test_key_ignores_what_cannot_change_the_tokens_and_canonicalises():
+    same = [
+        CHAT,
+        {**CHAT, "stream": True, "user": "bob", "temperature": 0.0},
+        {
+            **CHAT,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}],
+        },
+        dict(reversed(list(CHAT.items()))),
+    ]
+    assert len({cache_key(b) for b in same}) == 1
+    different = [{**CHAT, "max_tokens": 9}, {**CHAT, "top_k": 5}, {**CHAT, "model": "n"}]
+    assert cache_key(CHAT) not in {cache_key(b) for b in different}
+    assert cache_key(CHAT, "chat") != cache_key(CHAT, "completions")
+
+
+def test_policy_deterministic_all_off():
+    hot = {**CHAT, "temperature": 0.7}
+    assert key_for(CHAT, "chat", "deterministic") and key_for({**hot, "seed": 1}, "chat", "deterministic")
+    assert key_for(hot, "chat", "deterministic") is None
+    assert key_for(hot, "chat", "all") and key_for(CHAT, "chat", "off") is None
+    with pytest.raises(ValueError, match="cache_policy"):
+        check_policy("sometimes")
+
+
+def test_protocol_names_the_bad_field():
+    with pytest.raises(CacheProtocolError, match="stream_id"):
+        parse_request(orjson.dumps({"type": "lookup", "key": "k", "stream_id": -1, "deadline_ns": 0}))
+    with pytest.raises(CacheProtocolError, match="type"):
+        parse_request(orjson.dumps({"type": "launch"}))
+
+
+# ---- the LRU --------------------------------------------------------------------------------
+
+
+class Sized:
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+
+def test_lru_evicts_least_recently_used_within_the_byte_budget():
+    store = LruStore(max_bytes=100, ttl_s=60)
+    for key in "abc":
+        assert store.put(key, Sized(30))
+    assert store.get("a") is not None  # a is now the most recent: b goes first
+    store.put("d", Sized(30))
+    assert "b" not in store and {"a", "c", "d"} <= {k for k, _, _ in store.items()}
+    assert store.bytes == 90 and store.counts["evictions"] == 1
+    assert not store.put("huge", Sized(101)) and store.counts["too_large"] == 1
+
+
+def test_ttl_expires_on_lookup_and_on_purge():
+    now = [1000.0]
+    store = LruStore(max_bytes=100, ttl_s=10, clock=lambda: now[0])
+    store.put("a", Sized(10))
+    store.put("b", Sized(10))
+    now[0] += 9.9
+    assert store.get("a") is not None
+    now[0] += 0.2
+    assert store.get("a") is None and store.counts["expired"] == 1 and store.counts["misses"] == 1
+    assert store.purge_expired() == 1 and len(store) == 0 and store.bytes == 0
+
+
+# ---- collector and replay -------------------------------------------------------------------
+
+EXTRA = (ExtraColumn("conf", "f4"), ExtraColumn("rgba", "u1", 4))
+
+
+def make_batch(rows: list[tuple[int, int, int, bytes]], extra: tuple[ExtraColumn, ...] = EXTRA) -> BatchColumns:
+    """rows: (stream id, seq, kind, text)."""
+    text = b"".join(r[3] for r in rows)
+    buf = memoryview(bytearray(batch_size(len(rows), len(text), extra)))
+    cols = write_batch(buf, len(rows), len(text), extra)
+    cols.stream_id[:] = [r[0] for r in rows]
+    cols.seq[:] = [r[1] for r in rows]
+    cols.kind[:] = [r[2] for r in rows]
+    cols.recv_ns[:] = [1_000_000 * r[1] for r in rows]
+    cols.token_id[:] = [r[1] + 100 for r in rows]
+    cols.logprob[:] = -0.5
+    cols.text_end[:] = np.cumsum([len(r[3]) for r in rows])
+    cols.text[:] = np.frombuffer(text, dtype=np.uint8)
+    if extra:
+        cols.extra["conf"][:] = [r[1] / 10 for r in rows]
+        cols.extra["rgba"][:] = [[r[1], 1, 2, 3] for r in rows]
+    return TokenBatch.decode(buf)
+
+
+def start(key: str | None, cached: bool = False) -> bytes:
+    return orjson.dumps({"model": "m", "cached": cached, "cache_key": key})
+
+
+def stream_rows(sid: int, key: str | None, tokens: int, final: int = Kind.END) -> list[tuple[int, int, int, bytes]]:
+    rows = [(sid, 0, Kind.START, start(key))]
+    rows += [(sid, i, Kind.TOKEN, f"t{i} ".encode()) for i in range(1, tokens + 1)]
+    return [*rows, (sid, tokens + 1, final, b'{"finish_reason":"length","usage":null}')]
+
+
+def test_collector_keeps_keyed_streams_split_over_batches_and_interleaved():
+    a, b = stream_rows(1, "ka", 5), stream_rows(2, "kb", 3)
+    c = collector = Collector(max_stream_bytes=1 << 20)
+    assert c.observe(make_batch([a[0], b[0], a[1], a[2]]), 16) == []
+    assert c.observe(make_batch([a[1], a[2], b[1]]), 16) == []  # a re-sent batch: rows taken once
+    done = c.observe(make_batch(a[3:] + b[2:]), 16)
+    assert [key for key, _ in done] == ["ka", "kb"]
+    s = dict(done)["ka"]
+    assert s.rows == 7 and s.kind[0] == Kind.START and s.kind[-1] == Kind.END
+    assert list(s.token_id) == [100 + i for i in range(7)] and list(s.offset_ns) == [1_000_000 * i for i in range(7)]
+    assert [c.name for c, _ in s.extras] == ["conf", "rgba"] and s.extras[1][1].shape == (7, 4)
+    assert collector.counts["collected"] == 2 and not collector.open
+
+
+def test_collector_never_stores_errors_gaps_unkeyed_replays_or_streams_seen_without_start():
+    c = Collector(max_stream_bytes=1 << 20)
+    errored = stream_rows(1, "k1", 3, final=Kind.ERROR)
+    gap = stream_rows(2, "k2", 4)
+    unkeyed = stream_rows(3, None, 2)
+    replayed = [(4, 0, Kind.START, start("k4", cached=True)), *stream_rows(4, "k4", 2)[1:]]
+    headless = stream_rows(5, "k5", 2)[1:]
+    rows = errored + gap[:2] + gap[3:] + unkeyed + replayed + headless
+    assert c.observe(make_batch(rows), 16) == []
+    assert c.counts["discarded"] == 1 and c.counts["incomplete"] == 1 and not c.open
+
+
+def test_replay_renumbers_marks_cached_and_keeps_columns():
+    ((key, stored),) = Collector(1 << 20).observe(make_batch(stream_rows(7, "k", 5)), 16)
+
+    class Out:  # the two Producer calls a replay makes
+        def __init__(self):
+            self.records = []
+
+        def try_claim(self, n):
+            self.raw = bytearray(n)
+            return memoryview(self.raw)
+
+        def commit(self, record_type):
+            self.records.append(TokenBatch.decode(memoryview(self.raw)))
+
+    out = Out()
+    replay = Replay(42, stored, key, paced=False, now_ns=0)
+    while not replay.done:
+        assert replay.write(out, batch_rows=3, now_ns=5) > 0
+    rows = [(int(b.stream_id[i]), int(b.seq[i]), b.token_text(i)) for b in out.records for i in range(b.rows)]
+    assert [r[:2] for r in rows] == [(42, i) for i in range(7)]
+    assert orjson.loads(rows[0][2]) == {"model": "m", "cached": True, "cache_key": "k"}
+    assert [r[2] for r in rows[1:6]] == [f"t{i} " for i in range(1, 6)]
+    assert all((b.recv_ns == 5).all() for b in out.records)
+    assert np.concatenate([b.extra["rgba"][:, 0] for b in out.records]).tolist() == list(range(7))
+
+
+def test_paced_replay_writes_only_rows_that_are_due():
+    ((key, stored),) = Collector(1 << 20).observe(make_batch(stream_rows(1, "k", 5)), 16)
+
+    class Out:
+        def try_claim(self, n):
+            return memoryview(bytearray(n))
+
+        def commit(self, record_type):
+            pass
+
+    replay = Replay(9, stored, key, paced=True, now_ns=0)
+    assert replay.write(Out(), 64, now_ns=2_500_000) == 3  # rows at 0, 1 and 2 ms
+    assert replay.due_ns() == 3_000_000
+
+
+# ---- snapshots ------------------------------------------------------------------------------
+
+
+def stored_streams(n: int):
+    out = []
+    for i in range(n):
+        ((key, s),) = Collector(1 << 20).observe(make_batch(stream_rows(i, f"k{i}", 3 + i)), 16)
+        out.append((key, 1000.0 + i, s))
+    return out
+
+
+def test_snapshot_round_trip_keeps_order_columns_and_times(tmp_path):
+    path = str(tmp_path / "c.snapshot")
+    entries = stored_streams(3)
+    assert write_snapshot(path, entries)[0] == 3
+    back = read_snapshot(path)
+    assert [(k, t) for k, t, _ in back] == [(k, t) for k, t, _ in entries]
+    for (_, _, a), (_, _, b) in zip(entries, back, strict=True):
+        assert a.text == b.text and a.nbytes == b.nbytes
+        assert all(np.array_equal(x, y) for x, y in zip(a.arrays(), b.arrays(), strict=True))
+    assert os.listdir(tmp_path) == ["c.snapshot"]  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda b: b"PK\x03\x04 a zip file" + b[16:], "not a neuralpipe cache snapshot"),
+        (lambda b: b[:8] + (7).to_bytes(4, "little") + b[12:], "version 7"),
+        (lambda b: b[:-10] + bytes(10), "checksum"),
+        (lambda b: b[:-1], "file has"),
+        (lambda b: b[:64] + b"{}", "header says"),
+        (lambda b: b[:5], "shorter than a snapshot header"),
+    ],
+)
+def test_corrupt_or_foreign_snapshot_raises_a_named_error(tmp_path, damage, message):
+    path = tmp_path / "c.snapshot"
+    write_snapshot(str(path), stored_streams(2))
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(SnapshotError, match=message):
+        read_snapshot(str(path))
