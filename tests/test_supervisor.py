@@ -140,6 +140,7 @@ def test_rest_for_one_restarts_the_stages_after_the_failed_one(engine_factory):
 def test_status_metrics_and_stop_through_the_cli(engine_factory):
     engine = engine_factory(pipeline_config(rate=4000)).start()
     wait_for(lambda: engine.status().get("pas"), 10, "a PAS")
+    wait_for(lambda: all(w["state"] == "running" for w in engine.status()["workers"]), 20, "every worker running")
     cli = [sys.executable, "-m", "engine.cli"]
     out = subprocess.run([*cli, "status", "--json"], env=engine.env(), capture_output=True, timeout=20, check=True)
     status = orjson.loads(out.stdout)
