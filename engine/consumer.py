@@ -73,7 +73,7 @@ class StreamConsumer:
         self.ready: deque[wire.Message] = deque()
         self.counts = {"messages": 0, "duplicates": 0, "gaps": 0, "snapshots": 0, "malformed": 0}
         if stream is not None:  # whatever of it was published already comes from the snapshot
-            self._ask(stream, self._state(stream))
+            self._ask(stream, self._state(stream), "join")
 
     @classmethod
     def for_engine(cls, runtime_dir: str, stream: int | None = None, binary: bool = False) -> StreamConsumer:
@@ -165,7 +165,7 @@ class StreamConsumer:
         elif first > state.next:
             state.pending[first] = message
             if not state.asked:
-                self._ask(sid, state)
+                self._ask(sid, state, "join" if state.next == 0 else "gap")
         else:
             self._deliver(sid, state, message if first == state.next else message.trimmed(state.next))
             while state.pending and sid in self.streams:
@@ -186,10 +186,12 @@ class StreamConsumer:
             if len(self.finished) > _FINISHED_KEPT:
                 self.finished.popitem(last=False)
 
-    def _ask(self, sid: int, state: _Stream) -> None:
+    def _ask(self, sid: int, state: _Stream, reason: str) -> None:
+        """Ask the snapshot ROUTER for the stream from ``state.next``; ``reason`` (join, gap,
+        resync) lets the broadcast count the holes consumers saw."""
         state.asked = True
         self.counts["snapshots"] += 1
-        self.snap.send(orjson.dumps({"type": "snapshot", "stream": sid, "from_seq": state.next}))
+        self.snap.send(orjson.dumps({"type": "snapshot", "stream": sid, "from_seq": state.next, "reason": reason}))
 
     def _snapshot_end(self, raw: bytes) -> None:
         """Everything the broadcast retained has been offered: a hole still left is lost."""
@@ -209,7 +211,7 @@ class StreamConsumer:
         for sid, state in list(self.streams.items()):
             if not state.asked and now - state.touched >= RESYNC_S:
                 state.touched = now
-                self._ask(sid, state)
+                self._ask(sid, state, "resync")
 
     # ---- lifetime -------------------------------------------------------------------------
 

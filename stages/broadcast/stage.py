@@ -11,6 +11,15 @@ Params (all optional):
     retention_bytes  bytes of published messages kept for snapshots (64 MiB)
     retention_s      how long an ended stream's messages are kept (300)
     heartbeat_s      a heartbeat message when nothing else was published for this long (1.0)
+    latency_budget_ms  a batch is within budget when it is published this soon after its first
+                     row's recv_ns (50; the ``batches_within_budget`` egress count of PAS)
+
+Stats (with every heartbeat; ``messages``, ``gaps``, ``duplicates``, ``batches`` and
+``batches_within_budget`` are the engine's egress numbers for PAS): ``messages`` published,
+``tokens``, ``duplicates`` rows dropped as already published, ``gaps`` rows missing in a stream's
+input sequence, ``subscriptions`` seen, ``snapshots`` requests served, ``gap_refills`` requests a
+consumer sent because it saw a hole (ZeroMQ tells the publisher nothing about messages it drops for
+a slow subscriber; this is the part of them the engine can see), ``evicted`` streams.
 
 Rows already published (by stream id and seq) are dropped: after a restart of this stage or of
 one before it, what comes again is not published twice. The next seq per stream lives in a
@@ -84,8 +93,13 @@ class Broadcast(Stage):
         self.retained_bytes = 0
         # slot -> (stream id + 1, next seq to publish); survives restarts of this worker
         self.published = ctx.state_array("published", "u8", (_SLOTS, 2))
+        self.budget_ns = int(float(p.get("latency_budget_ms", 50)) * 1e6)
         self.counts = dict.fromkeys(
-            ("messages", "tokens", "duplicates", "streams_ended", "subscriptions", "snapshots", "evicted"), 0
+            (
+                *("messages", "tokens", "duplicates", "gaps", "batches", "batches_within_budget"),
+                *("streams_ended", "subscriptions", "snapshots", "gap_refills", "evicted"),
+            ),
+            0,
         )
         self.last_publish = time.monotonic()
         ctx.log.info("broadcast_ready", endpoints=[e["url"] for e in endpoints])
@@ -105,7 +119,12 @@ class Broadcast(Stage):
             if record is None:
                 break
             _, view = record
-            self._publish_batch(TokenBatch.decode(view))
+            batch = TokenBatch.decode(view)
+            self._publish_batch(batch)
+            self.counts["batches"] += 1
+            if batch.rows and time.monotonic_ns() - int(batch.recv_ns[0]) <= self.budget_ns:
+                self.counts["batches_within_budget"] += 1
+            del batch
             view.release()
             handled += 1
         self.inp.release()
@@ -131,6 +150,10 @@ class Broadcast(Stage):
         fresh = seqs >= self.published[slot, 1]
         self.counts["duplicates"] += int(len(rows) - np.count_nonzero(fresh))
         rows = rows[fresh]
+        if not len(rows):
+            return
+        # rows of a stream are consecutive: a jump is rows lost before they reached this stage
+        self.counts["gaps"] += int(batch.seq[rows[-1]]) + 1 - int(self.published[slot, 1]) - len(rows)
         kinds = batch.kind[rows]
         # runs of TOKEN rows become one tokens message; START, END, ERROR rows one message each
         tokens = kinds == Kind.TOKEN
@@ -142,7 +165,8 @@ class Broadcast(Stage):
                 self._publish_tokens(sid, batch, rows[run], texts)
             else:
                 for i in run:
-                    self._publish_event(sid, int(kinds[i]), int(batch.seq[rows[i]]), texts[rows[i]])
+                    row = rows[i]
+                    self._publish_event(sid, int(kinds[i]), int(batch.seq[row]), texts[row], int(batch.recv_ns[row]))
             self.published[slot, 1] = int(batch.seq[rows[run[-1]]]) + 1
 
     def _publish_tokens(self, sid: int, batch, rows: np.ndarray, texts: list[str]) -> None:
@@ -158,7 +182,7 @@ class Broadcast(Stage):
         self._publish(sid, frames, ended=False)
         self.counts["tokens"] += len(rows)
 
-    def _publish_event(self, sid: int, kind: int, seq: int, text: str) -> None:
+    def _publish_event(self, sid: int, kind: int, seq: int, text: str, recv_ns: int) -> None:
         name = _ROW_KINDS.get(kind, "error")
         if name == "start":
             fields = _json_fields(text, {"model": "", "cached": False})
@@ -167,6 +191,7 @@ class Broadcast(Stage):
             fields = _json_fields(text, {"finish_reason": None, "usage": None})
         else:
             fields = {"reason": text}
+        fields["recv_ns"] = recv_ns
         frames = {encoding: wire.encode_event(name, sid, seq, encoding, **fields) for encoding in self.encodings}
         self._publish(sid, frames, ended=name != "start")
 
@@ -234,6 +259,8 @@ class Broadcast(Stage):
             self.snapshots.send_multipart([identity, b"", orjson.dumps(reply), b""])
             return
         self.counts["snapshots"] += 1
+        if request.get("reason") == "gap":
+            self.counts["gap_refills"] += 1
         kept = self.retained.get(sid)
         messages = kept.messages if kept else []
         for frames in messages:

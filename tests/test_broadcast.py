@@ -1,0 +1,299 @@
+"""The broadcast stage with real processes and sockets: a counting source -> broadcast engine
+(fast: no upstream, no compute), raw SUB sockets on topic prefixes and the consumer client; and the
+stage in-process over a real ring for the row kinds and appended columns the source never writes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import orjson
+import pytest
+import zmq
+from engine_harness import wait_for
+
+from engine import wire
+from engine.consumer import StreamConsumer
+from engine.logs import JsonLogger
+from engine.requests import RequestClient, ingest_endpoint
+from engine.stage import WorkerContext
+from shm.batch import ExtraColumn, Kind, batch_size, write_batch
+from shm.naming import segment_name
+from shm.ring import Consumer, Producer, Ring
+from stages.broadcast.stage import Broadcast
+
+STREAMS, BATCH = 6, 8
+
+
+def counter_config(rate: float, total: int, broadcast: str = "") -> str:
+    return f"""
+[engine]
+heartbeat_interval_s = 0.1
+heartbeat_timeout_s = 1.0
+
+[supervisor]
+intensity = 10
+backoff_initial_s = 0.01
+backoff_max_s = 0.2
+
+[ring_defaults]
+capacity = 1048576
+
+[workers.source]
+stage = "counter"
+outputs = ["source-broadcast"]
+params = {{ streams = {STREAMS}, batch = {BATCH}, rate = {rate}, total = {total} }}
+
+[workers.broadcast]
+stage = "broadcast"
+inputs = ["source-broadcast"]
+{broadcast}
+"""
+
+
+def sub_socket(url: str, *prefixes: bytes, hwm: int = 100_000, rcvbuf: int = -1) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.RCVBUF, rcvbuf)
+    for prefix in prefixes:
+        sock.setsockopt(zmq.SUBSCRIBE, prefix)
+    sock.connect(url)
+    return sock
+
+
+def ipc(engine, name: str) -> str:
+    return f"ipc://{os.path.join(engine.info()['runtime_dir'], name)}.sock"
+
+
+def drain(sock: zmq.Socket, timeout_ms: int = 0) -> list[wire.Message]:
+    out = []
+    while sock.poll(timeout_ms):
+        message = wire.decode(sock.recv_multipart())
+        if message.type != "heartbeat":
+            out.append(message)
+        timeout_ms = 0
+    return out
+
+
+def take(client: StreamConsumer, seconds: float) -> list[wire.Message]:
+    """What the client delivers within ``seconds`` (its iterator only pauses when data stops)."""
+    out, until = [], time.monotonic() + seconds
+    for message in client.messages(idle_timeout_s=seconds):
+        out.append(message)
+        if time.monotonic() > until:
+            break
+    return out
+
+
+def seqs_by_stream(messages: list[wire.Message]) -> dict[int, list[int]]:
+    seen: dict[int, list[int]] = {}
+    for m in messages:
+        seen.setdefault(m.stream, []).extend(m.columns["seq"].tolist())
+    return seen
+
+
+@pytest.mark.timeout(60)
+def test_subscribers_by_prefix_get_exactly_their_streams_in_order(start_engine):
+    per_stream = 20 * BATCH
+    engine = start_engine(counter_config(rate=3000, total=STREAMS * per_stream))
+    # raw SUB sockets: one stream's topic, and a prefix (15 hex digits) that covers streams 0..15
+    one = sub_socket(ipc(engine, "broadcast-binary"), wire.topic(2))
+    prefix = sub_socket(ipc(engine, "broadcast"), wire.topic(0)[:15])
+    # consumer clients, one per stream (each joins mid-stream: its start comes from the snapshot)
+    rd = engine.info()["runtime_dir"]
+    clients = {sid: StreamConsumer.for_engine(rd, stream=sid, binary=sid % 2 == 1) for sid in range(STREAMS)}
+    try:
+        got = {sid: seqs_by_stream(list(c.messages(idle_timeout_s=2))) for sid, c in clients.items()}
+        for sid, seen in got.items():
+            assert seen == {sid: list(range(per_stream))}, f"stream {sid}"
+            assert clients[sid].counts["gaps"] == 0  # (duplicates: snapshot and live overlap, dropped)
+        raw_one = seqs_by_stream(drain(one, 500))
+        assert set(raw_one) == {2}  # a stream's topic never matches another stream
+        assert raw_one[2] == sorted(raw_one[2]) and len(set(raw_one[2])) == len(raw_one[2])
+        raw_prefix = seqs_by_stream(drain(prefix, 500))
+        assert set(raw_prefix) <= set(range(STREAMS)) and raw_prefix
+        for seqs in raw_prefix.values():
+            assert seqs == sorted(seqs)
+    finally:
+        one.close(0)
+        prefix.close(0)
+        for c in clients.values():
+            c.close()
+
+
+@pytest.mark.timeout(90)
+def test_kill9_of_broadcast_loses_and_duplicates_nothing(start_engine):
+    per_stream = 100 * BATCH
+    engine = start_engine(counter_config(rate=2000, total=STREAMS * per_stream))
+    raw = sub_socket(ipc(engine, "broadcast"), b"")
+    rows: dict[tuple[int, int], int] = {}
+    with StreamConsumer.for_engine(engine.info()["runtime_dir"]) as client:
+        received: list[wire.Message] = []
+
+        def collect(until: int) -> bool:
+            received.extend(take(client, 0.1))
+            for m in drain(raw):
+                for seq in m.columns["seq"].tolist():
+                    rows[(m.stream, seq)] = rows.get((m.stream, seq), 0) + 1
+            return sum(len(m.text) for m in received) >= until
+
+        wait_for(lambda: collect(STREAMS * per_stream // 4), 30, "a quarter of the tokens")
+        os.kill(engine.worker("broadcast")["pid"], signal.SIGKILL)
+        wait_for(lambda: engine.worker("broadcast")["restarts"] == 1, 20, "the broadcast restarted")
+        wait_for(lambda: collect(STREAMS * per_stream), 60, "every token at the client")
+        stats = engine.worker("broadcast")["stats"]
+    raw.close(0)
+    assert seqs_by_stream(received) == {sid: list(range(per_stream)) for sid in range(STREAMS)}
+    assert client.counts["gaps"] == 0
+    assert max(rows.values()) == 1, "a row was published twice"
+    assert stats["duplicates"] > 0 or stats["messages"] > 0  # the new incarnation dropped what it re-read
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_subscriber_slows_neither_the_others_nor_the_pipeline(start_engine):
+    rate = 4000
+    engine = start_engine(counter_config(rate=rate, total=0, broadcast="params.sndhwm = 20"))
+    slow = sub_socket(ipc(engine, "broadcast"), b"", hwm=10, rcvbuf=4096)  # subscribes, then does not read
+    try:
+        with StreamConsumer.for_engine(engine.info()["runtime_dir"]) as fast:
+            got: list[wire.Message] = []
+            wait_for(lambda: got.extend(take(fast, 0.1)) or len(got) > 50, 20, "data flowing")
+            before_tokens, before_source = engine.worker("broadcast")["stats"]["tokens"], _source_tokens(engine)
+            before = _now()
+            wait_for(lambda: got.extend(take(fast, 0.1)) or _now() - before > 3, 10, "3 s")
+            after_tokens, after_source = engine.worker("broadcast")["stats"]["tokens"], _source_tokens(engine)
+            elapsed = _now() - before
+        # the pipeline keeps the source's pace, and the broadcast keeps up with the source
+        assert (after_source - before_source) / elapsed > 0.8 * rate
+        assert after_tokens - before_tokens >= 0.9 * (after_source - before_source)
+        # the fast consumer has every row, in order, from the first it saw
+        for seqs in seqs_by_stream(got).values():
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        assert fast.counts["gaps"] == 0
+        # ZeroMQ dropped for the slow subscriber only: what it holds has holes
+        held = seqs_by_stream(drain(slow))
+        assert any(seqs != list(range(seqs[0], seqs[0] + len(seqs))) for seqs in held.values())
+    finally:
+        slow.close(0)
+
+
+def _source_tokens(engine) -> int:
+    return engine.worker("source")["stats"]["batches"] * BATCH
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+# ---- tail, against ingest -> broadcast (streams with a start and an end) ------------------------
+
+INGEST_CONFIG = """
+[engine]
+heartbeat_interval_s = 0.1
+heartbeat_timeout_s = 1.0
+
+[workers.ingest]
+stage = "ingest"
+outputs = ["ingest-broadcast"]
+params.client_requests_per_s = 1000
+params.client_burst = 1000
+params.embedded = { tokens_per_s = 200 }
+
+[workers.broadcast]
+stage = "broadcast"
+inputs = ["ingest-broadcast"]
+"""
+
+
+@pytest.mark.timeout(60)
+def test_tail_prints_one_stream_from_its_start_and_exits_at_its_end(start_engine):
+    engine = start_engine(INGEST_CONFIG)
+    body = {"messages": [{"role": "user", "content": "tail me"}], "max_tokens": 30, "ignore_eos": True}
+    with RequestClient(ingest_endpoint(engine.info()["runtime_dir"])) as client:
+        sid = client.submit(body)
+    out = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "tail", "--stream", str(sid), "--format", "json"],
+        env=engine.env(),
+        capture_output=True,
+        timeout=40,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [orjson.loads(line) for line in out.stdout.splitlines()]
+    assert [line["type"] for line in (lines[0], lines[-1])] == ["start", "end"]
+    tokens = [line for line in lines if line["type"] == "tokens"]
+    assert [t["seq"] for t in tokens] == list(range(1, 31))
+    assert all(line["stream"] == sid and line["recv_ns"] > 0 for line in lines)
+
+
+# ---- the stage in-process over a real ring --------------------------------------------------------
+
+EXTRA = (ExtraColumn("hilbert", "f4", 2), ExtraColumn("rgba", "u1", 4), ExtraColumn("conf", "f4"))
+
+
+def _write(producer: Producer, rows: list[tuple[int, int, int, bytes]]) -> None:
+    texts = [r[3] for r in rows]
+    view = producer.try_claim(batch_size(len(rows), sum(map(len, texts)), EXTRA))
+    cols = write_batch(view, len(rows), sum(map(len, texts)), EXTRA)
+    cols.stream_id[:] = [r[0] for r in rows]
+    cols.seq[:] = [r[1] for r in rows]
+    cols.kind[:] = [r[2] for r in rows]
+    cols.token_id[:] = 7
+    cols.logprob[:] = -0.5
+    cols.recv_ns[:] = 1234
+    cols.text_end[:] = np.cumsum([len(t) for t in texts])
+    cols.text[:] = np.frombuffer(b"".join(texts), np.uint8)
+    cols.extra["hilbert"][:] = [[i, i + 0.5] for i in range(len(rows))]
+    cols.extra["rgba"][:] = [[i, 1, 2, 3] for i in range(len(rows))]
+    cols.extra["conf"][:] = 0.25
+    del cols
+    view.release()
+    producer.commit(16)
+
+
+def test_stage_publishes_every_kind_and_appended_column_and_drops_resent_rows(tmp_path):
+    name = segment_name("t" + uuid.uuid4().hex[:10], "bc")
+    ring = Ring.create(name, 1 << 16)
+    producer, consumer = Producer.attach(name), Consumer.attach(name)
+    ctx = WorkerContext(
+        "broadcast", {}, [consumer], [], JsonLogger("broadcast", "error"), str(tmp_path), str(tmp_path), 0
+    )
+    stage = Broadcast()
+    stage.start(ctx)
+    subs = {
+        enc: sub_socket(ctx.endpoint(ep), b"") for enc, ep in (("json", "broadcast"), ("binary", "broadcast-binary"))
+    }
+    try:
+        wait_for(lambda: stage.do_work() >= 0 and stage.stats()["subscriptions"] >= 2, 5, "both subscriptions")
+        start = orjson.dumps({"model": "m", "cached": True, "cache_key": "ab"})
+        end = orjson.dumps({"finish_reason": "stop", "usage": {"completion_tokens": 2}})
+        rows = [(9, 0, Kind.START, start), (9, 1, Kind.TOKEN, b"he"), (9, 2, Kind.TOKEN, "llo é".encode()),
+                (9, 3, Kind.END, end)]  # fmt: skip
+        _write(producer, rows)
+        _write(producer, rows[1:3])  # re-sent, as after an upstream restart: dropped
+        wait_for(lambda: stage.do_work() == 0, 5, "the ring drained")
+        for enc, sock in subs.items():
+            got = drain(sock, 2000)
+            assert [m.type for m in got] == ["start", "tokens", "end"], enc
+            assert got[0].header["model"] == "m" and got[0].header["cached"] is True
+            assert got[2].header["finish_reason"] == "stop" and got[2].header["usage"] == {"completion_tokens": 2}
+            assert all(m.header["recv_ns"] == 1234 for m in (got[0], got[2]))
+            tokens = got[1]
+            assert tokens.seq == (1, 2) and tokens.text == ["he", "llo é"]
+            assert tokens.columns["recv_ns"].tolist() == [1234, 1234]
+            assert tokens.columns["hilbert"].tolist() == [[1.0, 1.5], [2.0, 2.5]]
+            assert tokens.columns["rgba"].tolist() == [[1, 1, 2, 3], [2, 1, 2, 3]]
+            assert tokens.columns["conf"].tolist() == [0.25, 0.25]
+        assert stage.stats()["duplicates"] == 2 and stage.stats()["gaps"] == 0
+    finally:
+        for sock in subs.values():
+            sock.close(0)
+        stage.close()
+        producer.close()
+        consumer.close()
+        ring.destroy()
