@@ -115,6 +115,16 @@ def bench_compute(as_json: bool, quick: bool) -> None:
     compute.main(as_json=as_json, quick=quick)
 
 
+@bench.command("cache")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quick", is_flag=True, help="A short trace and 4 prompts: a smoke run, not a measurement.")
+def bench_cache(as_json: bool, quick: bool) -> None:
+    """Cache: LRU hit ratio vs Belady on a Zipf(1.0) trace; time to first token on a hit vs a miss."""
+    from neuralpipe_bench import cache
+
+    cache.main(as_json=as_json, quick=quick)
+
+
 @main.command()
 @click.option("--instance", help="Engine instance id (default: every instance found).")
 @click.option("--clean", is_flag=True, help="Remove segments left by dead engine instances (never a live one's).")
