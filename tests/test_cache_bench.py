@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import orjson
 import pytest
-
 from neuralpipe_bench.cache import belady_hits, lru_hits, next_uses
 
 
