@@ -51,6 +51,6 @@ def test_ratios_and_targets_from_rows():
         {"streams": 1, "versus": "queue", "shm_over": 3.0},
         {"streams": 1, "versus": "zmq", "shm_over": 2.0},
     ]
-    paced = [{"transport": "shm", "p99_us": 1500.0}]
+    paced = [{"transport": "shm", "offered_tokens_per_s": pipeline.PACED_TOKENS_PER_S, "p99_us": 1500.0}]
     met = {t["target"]: t["met"] for t in pipeline.targets({"rows": rows, "paced": paced, "ratios": ratios})}
     assert list(met.values()) == [False, True, True]  # 300 tokens/s < 200k; p99 < 2 ms; 3.0x >= 3x
