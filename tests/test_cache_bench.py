@@ -35,6 +35,7 @@ def test_bench_cache_quick_json():
     for row in result["hit_ratio"]:
         assert 0 < row["lru_hit_ratio"] <= row["belady_hit_ratio"] < 1
     miss, hit = result["ttft"]["rows"]
-    assert (miss["case"], hit["case"]) == ("miss", "hit") and miss["streams"] == hit["streams"] == 4
-    assert result["ttft"]["cache"]["hits"] == 4
+    assert (miss["case"], hit["case"]) == ("miss", "hit")
+    # a repeat whose lookup timed out on a loaded machine is a miss: counted, never a hit sample
+    assert miss["streams"] + hit["streams"] == 8 and hit["streams"] == result["ttft"]["cache"]["hits"] >= 1
     assert all(isinstance(t["met"], bool) for t in result["targets"])
