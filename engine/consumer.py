@@ -194,18 +194,28 @@ class StreamConsumer:
         self.snap.send(orjson.dumps({"type": "snapshot", "stream": sid, "from_seq": state.next, "reason": reason}))
 
     def _snapshot_end(self, raw: bytes) -> None:
-        """Everything the broadcast retained has been offered: a hole still left is lost."""
+        """Everything the broadcast retained has been offered. A hole still left below what it
+        had published when it answered (``published``) is lost: those rows were retained if they
+        still existed. Rows of the hole published after the answer (a live message that came
+        ahead of them was published later) are asked for again."""
         reply = orjson.loads(raw)
-        state = self.streams.get(reply.get("stream", -1))
+        sid = reply.get("stream", -1)
+        state = self.streams.get(sid)
         if state is None:
             return
         state.asked = False
         state.touched = time.monotonic()
-        if state.pending and min(state.pending) > state.next:
-            first = min(state.pending)
-            self.counts["gaps"] += first - state.next
-            state.next = first
+        if not state.pending or min(state.pending) <= state.next:
+            return
+        first = min(state.pending)
+        lost_end = min(first, int(reply.get("published", first)))
+        if lost_end > state.next:
+            self.counts["gaps"] += lost_end - state.next
+            state.next = lost_end
+        if first == state.next:
             self._accept(state.pending.pop(first))
+        else:
+            self._ask(sid, state, "gap")
 
     def _resync(self, now: float) -> None:
         for sid, state in list(self.streams.items()):

@@ -25,6 +25,7 @@ from engine.stage import WorkerContext
 from shm.batch import ExtraColumn, Kind, batch_size, write_batch
 from shm.naming import segment_name
 from shm.ring import Consumer, Producer, Ring
+from stages.broadcast import params
 from stages.broadcast.stage import Broadcast
 
 STREAMS, BATCH = 6, 8
@@ -111,7 +112,11 @@ def test_subscribers_by_prefix_get_exactly_their_streams_in_order(start_engine):
     try:
         got = {sid: seqs_by_stream(list(c.messages(idle_timeout_s=2))) for sid, c in clients.items()}
         for sid, seen in got.items():
-            assert seen == {sid: list(range(per_stream))}, f"stream {sid}"
+            got_seqs = seen.get(sid, [])
+            assert set(seen) == {sid} and got_seqs == list(range(per_stream)), (
+                f"stream {sid}: {len(got_seqs)} rows, missing {sorted(set(range(per_stream)) - set(got_seqs))[:20]}, "
+                f"counts {clients[sid].counts}"
+            )
             assert clients[sid].counts["gaps"] == 0  # (duplicates: snapshot and live overlap, dropped)
         raw_one = seqs_by_stream(drain(one, 500))
         assert set(raw_one) == {2}  # a stream's topic never matches another stream
@@ -176,9 +181,10 @@ def test_a_slow_subscriber_slows_neither_the_others_nor_the_pipeline(start_engin
         for seqs in seqs_by_stream(got).values():
             assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
         assert fast.counts["gaps"] == 0
-        # ZeroMQ dropped for the slow subscriber only: what it holds has holes
-        held = seqs_by_stream(drain(slow))
-        assert any(seqs != list(range(seqs[0], seqs[0] + len(seqs))) for seqs in held.values())
+        # ZeroMQ dropped for the slow subscriber only: it holds a fraction of what was published
+        published = engine.worker("broadcast")["stats"]["tokens"]
+        held = sum(len(m.text) for m in drain(slow))
+        assert held < published / 2, (held, published)
     finally:
         slow.close(0)
 
@@ -297,3 +303,24 @@ def test_stage_publishes_every_kind_and_appended_column_and_drops_resent_rows(tm
         producer.close()
         consumer.close()
         ring.destroy()
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"sndhwm": -1}, "sndhwm must be a number >= 0"),
+        ({"retention_s": "long"}, "retention_s must be a number"),
+        ({"endpoints": [{"url": "tcp://127.0.0.1:1", "encoding": "xml"}]}, r"endpoints\[0\].encoding must be one of"),
+        ({"endpoints": [{"url": "http://x"}]}, r"endpoints\[0\].url must be a tcp:// or ipc://"),
+        ({"heartbeat": 1}, "unknown key 'heartbeat'"),
+    ],
+)
+def test_bad_params_are_refused_with_the_key_named(given, message):
+    with pytest.raises(ValueError, match=message):
+        params.parse(given)
+
+
+def test_params_defaults_and_extra_endpoints():
+    p = params.parse({"endpoints": [{"url": "tcp://0.0.0.0:5556", "encoding": "binary"}], "retention_s": 10})
+    assert p.endpoints == (params.Endpoint("tcp://0.0.0.0:5556", "binary"),)
+    assert p.retention_s == 10.0 and p.sndhwm == 10_000

@@ -122,3 +122,25 @@ def test_malformed_messages_raise_a_wire_error_naming_the_problem():
         wire.decode([b"x"])
     with pytest.raises(wire.WireError, match="not JSON"):
         wire.decode([b"t", b"{", b""])
+
+
+def test_a_hole_published_after_the_snapshot_answer_is_asked_again_not_lost(broadcast):
+    """The race of a late subscription: the snapshot was answered before rows 6..7 were published
+    and the live subscription took effect after them; the answer says so (``published``)."""
+    _, router = broadcast
+    with consumer(broadcast) as c:
+        c._accept(wire.decode(tokens(3, 0, 3)))
+        c._accept(wire.decode(tokens(3, 8, 11)))
+        assert router.poll(5000)
+        identity, _ = router.recv_multipart()
+        router.send_multipart([identity, *tokens(3, 4, 5)])
+        end = {"type": "snapshot_end", "stream": 3, "published": 6}
+        router.send_multipart([identity, b"", orjson.dumps(end), b""])
+        first = list(c.messages(idle_timeout_s=0.3))
+        assert router.poll(5000)
+        identity, raw = router.recv_multipart()
+        assert orjson.loads(raw)["from_seq"] == 6
+        router.send_multipart([identity, *tokens(3, 6, 7)])
+        router.send_multipart([identity, b"", orjson.dumps(end | {"published": 12}), b""])
+        out = first + list(c.messages(idle_timeout_s=0.3))
+    assert seqs(out) == list(range(12)) and c.counts["gaps"] == 0

@@ -40,6 +40,7 @@ import zmq
 from engine import wire
 from engine.stage import Stage, WorkerContext
 from shm.batch import Kind, TokenBatch
+from stages.broadcast import params
 
 _SLOTS = 1 << 16  # streams tracked for de-duplication (by stream id modulo); old ones are reused
 _ROW_KINDS = {int(Kind.START): "start", int(Kind.END): "end", int(Kind.ERROR): "error"}
@@ -60,40 +61,36 @@ class _Retained:
 class Broadcast(Stage):
     def start(self, ctx: WorkerContext) -> None:
         super().start(ctx)
-        p = ctx.params
+        p = params.parse(ctx.params)
         self.inp = ctx.inputs[0]
         self.zmq = zmq.Context()
-        hwm = int(p.get("sndhwm", 10000))
         self.publishers: list[tuple[zmq.Socket, str]] = []
         endpoints = [
-            {"url": ctx.endpoint("broadcast"), "encoding": "json"},
-            {"url": ctx.endpoint("broadcast-binary"), "encoding": "binary"},
-            *p.get("endpoints", []),
+            params.Endpoint(ctx.endpoint("broadcast"), "json"),
+            params.Endpoint(ctx.endpoint("broadcast-binary"), "binary"),
+            *p.endpoints,
         ]
         for endpoint in endpoints:
-            encoding = endpoint.get("encoding", "json")
-            if encoding not in wire.ENCODINGS:
-                raise ValueError(f"broadcast endpoint {endpoint.get('url')!r}: encoding must be json or binary")
             sock = self.zmq.socket(zmq.XPUB)
-            sock.setsockopt(zmq.SNDHWM, hwm)
+            sock.setsockopt(zmq.SNDHWM, p.sndhwm)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.bind(endpoint["url"])
-            self.publishers.append((sock, encoding))
+            sock.bind(endpoint.url)
+            self.publishers.append((sock, endpoint.encoding))
         self.encodings = sorted({encoding for _, encoding in self.publishers})
         self.snapshots = self.zmq.socket(zmq.ROUTER)
         self.snapshots.setsockopt(zmq.LINGER, 0)
         self.snapshots.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.snapshots.bind(ctx.endpoint("broadcast-snapshot"))
-        if p.get("snapshot_url"):
-            self.snapshots.bind(p["snapshot_url"])
-        self.retention_bytes = int(p.get("retention_bytes", 64 << 20))
-        self.retention_s = float(p.get("retention_s", 300))
-        self.heartbeat_s = float(p.get("heartbeat_s", 1.0))
+        if p.snapshot_url:
+            self.snapshots.bind(p.snapshot_url)
+        self.retention_bytes = p.retention_bytes
+        self.retention_s = p.retention_s
+        self.heartbeat_s = p.heartbeat_s
         self.retained: OrderedDict[int, _Retained] = OrderedDict()
         self.retained_bytes = 0
         # slot -> (stream id + 1, next seq to publish); survives restarts of this worker
         self.published = ctx.state_array("published", "u8", (_SLOTS, 2))
-        self.budget_ns = int(float(p.get("latency_budget_ms", 50)) * 1e6)
+        self.budget_ns = int(p.latency_budget_ms * 1e6)
         self.counts = dict.fromkeys(
             (
                 *("messages", "tokens", "duplicates", "gaps", "batches", "batches_within_budget"),
@@ -102,7 +99,7 @@ class Broadcast(Stage):
             0,
         )
         self.last_publish = time.monotonic()
-        ctx.log.info("broadcast_ready", endpoints=[e["url"] for e in endpoints])
+        ctx.log.info("broadcast_ready", endpoints=[e.url for e in endpoints])
 
     def pollables(self) -> list[Any]:
         return [self.snapshots, *(sock for sock, _ in self.publishers)]
@@ -267,12 +264,18 @@ class Broadcast(Stage):
             if orjson.loads(frames[1])["seq"][1] >= from_seq:
                 self.snapshots.send_multipart([identity, *frames])
         first = orjson.loads(messages[0][1])["seq"][0] if messages else None
+        slot = sid % _SLOTS
+        if int(self.published[slot, 0]) == sid + 1:
+            published = int(self.published[slot, 1])
+        else:  # the slot went to a newer stream: what is retained is all that is known
+            published = orjson.loads(messages[-1][1])["seq"][1] + 1 if messages else 0
         reply = {
             "v": wire.VERSION,
             "type": "snapshot_end",
             "stream": sid,
             "complete": first is not None and first <= from_seq,
             "ended": bool(kept and kept.ended),
+            "published": published,  # the stream's next seq when this was answered
         }
         self.snapshots.send_multipart([identity, b"", orjson.dumps(reply), b""])
 
