@@ -220,6 +220,78 @@ def test_probes_columns(rig):
     assert np.allclose(batch["probe"][1:4], expected, atol=1e-6)
 
 
+def per_stream_reference(rows: list[tuple], stage: Compute) -> tuple[dict[str, np.ndarray], int]:
+    """The running columns of ``rows`` computed the plain way, one row at a time with a list per
+    stream (docs/compute.md), and how many times a stream's flag first fired."""
+    n, w, pw = stage.ngram, stage.window, stage.probe_window
+    state: dict[int, dict] = {}
+    out = {"ppl": [], "rep": [], "repflag": [], "probe": []}
+    fired = 0
+    for sid, _, kind, token, logprob, _ in rows:
+        s = state.setdefault(sid, {"nll": 0.0, "count": 0, "ids": [], "flags": [], "cos": [], "fired": False})
+        rep, probe = 0.0, np.zeros(len(stage.probe_vectors))
+        if kind == Kind.TOKEN:
+            lp = float(np.float32(logprob))
+            if not math.isnan(lp):
+                s["nll"], s["count"] = s["nll"] - lp, s["count"] + 1
+            ids = s["ids"]
+            ids.append(token)
+            p = len(ids) - 1
+            gram = ids[p - n + 1 : p + 1]
+            s["flags"].append(p >= n - 1 and any(ids[j - n + 1 : j + 1] == gram for j in range(max(n - 1, p - w), p)))
+            rep = sum(s["flags"][-w:]) / len(s["flags"][-w:])
+            if rep >= stage.threshold and not s["fired"]:
+                s["fired"], fired = True, fired + 1
+            emb = stage.table[token % len(stage.table)].astype(np.float64)
+            s["cos"].append(stage.probe_vectors @ emb / np.linalg.norm(emb))
+            probe = np.mean(s["cos"][-pw:], axis=0)
+        out["ppl"].append(math.exp(s["nll"] / s["count"]) if s["count"] else 0.0)
+        out["rep"].append(rep)
+        out["repflag"].append(kind == Kind.TOKEN and rep >= stage.threshold)
+        out["probe"].append(probe)
+        if kind in (Kind.END, Kind.ERROR):
+            del state[sid]
+    return {k: np.array(v, dtype=np.float64) for k, v in out.items()}, fired
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_vectorised_streams_equal_a_per_stream_reference(rig, seed):
+    # random streams interleaved in random batches: a stream's rows span several calls, a batch
+    # holds several streams, some streams end (one id comes back after its END: a new stream)
+    rng = np.random.default_rng(seed)
+    r = rig(
+        backend="numpy",
+        repetition={"ngram": int(rng.integers(1, 4)), "window": int(rng.integers(2, 9)), "threshold": 0.5},
+        probes={"count": 3, "dim": 8, "rows": 16, "window": 3},
+    )
+    streams = []
+    for sid in [*range(1, 9), 3]:
+        length = int(rng.integers(0, 60))
+        logprobs = np.where(rng.random(length) < 0.2, math.nan, -rng.exponential(1.0, length)).tolist()
+        ends = len(streams) == 2 or rng.random() < 0.7  # id 3's first life (the third stream) ends
+        streams.append(stream_rows(sid, rng.integers(0, 4, length).tolist(), logprobs, end=bool(ends)))
+    rows, queues, second = [], [list(s) for s in streams[:8]], list(streams[8])
+    while any(queues) or second:
+        if second and not queues[2]:  # id 3 comes back once its first life has ended
+            queues[2], second = second, []
+        live = [q for q in queues if q]
+        rows.append(live[int(rng.integers(len(live)))].pop(0))
+    # ingest never reuses an id; a reused one's new life starts a batch (state goes at the batch's end)
+    reborn = [i for i, row in enumerate(rows) if row[0] == 3 and row[2] == Kind.START][1]
+    cuts = np.unique([reborn, *rng.choice(np.arange(1, len(rows)), 12, replace=False)])
+    for part in np.split(np.arange(len(rows)), cuts):
+        r.send([rows[i] for i in part])
+    assert r.stage.do_work() == len(cuts) + 1
+    out = r.receive()
+    got = {k: np.concatenate([b[k] for b in out]) for k in ("ppl", "rep", "repflag", "probe")}
+    want, fired = per_stream_reference(rows, r.stage)
+    assert np.allclose(got["ppl"], want["ppl"], rtol=1e-5, atol=0)
+    assert np.allclose(got["rep"], want["rep"], atol=1e-6)
+    assert got["repflag"].tolist() == want["repflag"].astype(int).tolist()
+    assert np.allclose(got["probe"], want["probe"], atol=1e-5)
+    assert r.stage.stats()["repetitions"] == fired and fired > 0
+
+
 @pytest.fixture(scope="module")
 def lavapipe_params():
     try:

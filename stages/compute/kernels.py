@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 MAX_ORDER = 15  # 4**15 cells: the cell index stays within 31 bits of the token id
 _ID_BITS = np.uint32(0x7FFFFFFF)  # bit 31 only marks a hashed id (shm.batch.stable_token_id)
@@ -106,10 +105,11 @@ def entropy(top_logprobs: np.ndarray) -> np.ndarray:
     """f32[n] nats from f32[n, k] logprobs (NaN where absent); 0 for a row with none."""
     lp = top_logprobs.astype(np.float32, copy=False)
     p = np.where(np.isnan(lp), np.float32(0), np.exp(np.minimum(lp, np.float32(0))))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        listed = np.float32(0) - np.sum(np.where(p > 0, p * np.log(p), np.float32(0)), axis=1, dtype=np.float32)
-        rest = np.maximum(np.float32(1) - p.sum(axis=1, dtype=np.float32), np.float32(0))
-        unlisted = np.where(rest > 0, -rest * np.log(rest), np.float32(0))
+    # log of 1 where a probability is 0: p ln p is then 0 with no warning to silence (np.errstate
+    # costs more than the rest of a 64-row call)
+    listed = np.float32(0) - np.sum(p * np.log(np.where(p > 0, p, np.float32(1))), axis=1, dtype=np.float32)
+    rest = np.maximum(np.float32(1) - p.sum(axis=1, dtype=np.float32), np.float32(0))
+    unlisted = -rest * np.log(np.where(rest > 0, rest, np.float32(1)))
     return (listed + unlisted).astype(np.float32)
 
 
@@ -119,18 +119,23 @@ def repetition_match(ids: np.ndarray, query: np.ndarray, first: np.ndarray, ngra
     (the first position of that row's stream in ``ids``); 0 when fewer than ``ngram`` ids of its
     stream end at ``q``."""
     out = np.zeros(len(query), dtype=np.uint32)
-    # grams[k] is the n-gram ending at ids position k - shift (zero padding in front)
-    shift = window + 1
-    padded = np.concatenate([np.zeros(window + ngram, dtype=np.uint32), ids.astype(np.uint32, copy=False)])
-    grams = sliding_window_view(padded, ngram)
-    offsets = np.arange(-window, 0)
-    for at in range(0, len(query), _REPETITION_BLOCK):  # bounds the [rows, window, ngram] temporary
+    span = window + ngram  # the ids a query looks at: its n-gram and the window of n-grams before it
+    padded = np.concatenate([np.zeros(span, dtype=np.uint32), ids.astype(np.uint32, copy=False)])
+    # row r of ``windows`` is padded[r : r + span]: a strided view (np.ndarray over the buffer costs
+    # a fraction of sliding_window_view's setup, which matters for the stage's 64-row calls)
+    windows = np.ndarray((len(padded) - span + 1, span), np.uint32, padded, 0, (4, 4))
+    lag = np.arange(window, 0, -1)  # column c of ``same`` compares with the n-gram ``lag[c]`` back
+    for at in range(0, len(query), _REPETITION_BLOCK):  # bounds the [rows, span] temporary
         q = query[at : at + _REPETITION_BLOCK].astype(np.int64)
-        f = first[at : at + _REPETITION_BLOCK].astype(np.int64)
-        ends = q[:, None] + offsets  # candidate end positions, oldest first
-        same = (grams[ends + shift] == grams[q + shift][:, None, :]).all(axis=2)
-        valid = ends >= np.maximum(f + ngram - 1, q - window)[:, None]
-        out[at : at + len(q)] = (same & valid).any(axis=1) & (q + 1 >= f + ngram)
+        context = windows[q + 1]  # context[:, c] is ids[q - span + 1 + c] (zero padding in front)
+        # the n-grams compared one id at a time: k ids back from the query against k back from each candidate
+        same = context[:, span - 1 - window : span - 1] == context[:, span - 1 :]
+        for k in range(1, ngram):
+            same &= context[:, span - 1 - k - window : span - 1 - k] == context[:, span - 1 - k : span - k]
+        # a candidate counts when its n-gram lies within the stream; that leaves none for a query
+        # with fewer than ngram ids of its stream (lag >= 1)
+        same &= lag <= (q - first[at : at + _REPETITION_BLOCK] - (ngram - 1))[:, None]
+        out[at : at + len(q)] = same.any(axis=1)
     return out
 
 

@@ -24,20 +24,19 @@ worker a stream's running values start again from its next token.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
 from engine.requests import RequestClient, RequestError, ingest_endpoint
 from engine.stage import Stage, WorkerContext
-from shm.batch import ExtraColumn, Kind, TokenBatch, batch_size, write_batch
+from shm.batch import COLUMNS_OFFSET, BatchColumns, ExtraColumn, Kind, TokenBatch, batch_size, write_batch
 from stages.compute import kernels
 from stages.compute.backends import open_kernels
 from stages.compute.probes import probe_table
 from stages.compute.shaders import MAX_PROBES
 
-_TOKEN = int(Kind.TOKEN)
+_TOKEN, _END, _ERROR = int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR)
 _MAX_STREAMS = 65536  # per-stream state kept (least recently seen dropped)
 BASE_COLUMNS = (
     ExtraColumn("hilbert", "f4", 2),
@@ -50,29 +49,91 @@ BASE_COLUMNS = (
 )
 
 
-class _StreamState:
-    __slots__ = ("fired", "flags", "history", "nll", "probes", "seen", "tokens")
+class StreamStates:
+    """Per-stream running state as dense arrays indexed by a slot per stream (at most ``_MAX_STREAMS``,
+    the least recently seen dropped first), so that a batch's streams are updated with a few numpy
+    calls whatever their number. Histories are right-aligned: a stream's latest value is in the last
+    column; columns before its first token are zero."""
 
-    def __init__(self) -> None:
-        self.nll = 0.0  # sum of -logprob over tokens with one
-        self.tokens = 0  # tokens with a logprob
-        self.history = np.zeros(0, dtype=np.uint32)  # the last window + ngram - 1 token ids
-        self.flags = np.zeros(0, dtype=np.uint8)  # match flags of the last window tokens
-        self.fired = False
-        self.seen = 0  # tokens of the stream so far
-        self.probes = np.zeros((0, 0), dtype=np.float32)  # probe cosines of the last probe window tokens
+    def __init__(self, history: int, flags: int, probes: int, k: int) -> None:
+        self.slot_of: dict[int, int] = {}
+        self.free: list[int] = []
+        self.batches = 0  # batches seen: the clock of ``last_seen``
+        self.last_seen = np.zeros(0, dtype=np.int64)  # per slot, for dropping the least recently seen
+        self.running = np.zeros((0, 3))  # sum of -logprob, tokens with one, tokens seen
+        self.fired = np.zeros(0, dtype=bool)
+        self.history = np.zeros((0, history), dtype=np.uint32)  # the last window + ngram - 1 token ids
+        self.flags = np.zeros((0, flags), dtype=np.uint8)  # match flags of the last window tokens
+        self.probes = np.zeros((0, probes, k), dtype=np.float32)  # probe cosines of the last probe window tokens
+
+    def slots(self, sids: list[int]) -> np.ndarray:
+        """The slot of each stream (all distinct), a fresh (zeroed) one for a stream not seen before."""
+        found = [self.slot_of.get(sid) for sid in sids]
+        if None in found:
+            fresh = [self._take(sid) for sid, slot in zip(sids, found, strict=True) if slot is None]
+            found = [self.slot_of[sid] for sid in sids]
+            for array in (self.running, self.fired, self.history, self.flags, self.probes):
+                array[fresh] = 0
+        slots = np.array(found, dtype=np.intp)
+        self.batches += 1
+        self.last_seen[slots] = self.batches
+        return slots
+
+    def drop(self, sids: list[int]) -> None:
+        for sid in sids:
+            self.free.append(self.slot_of.pop(sid))
+
+    def __len__(self) -> int:
+        return len(self.slot_of)
+
+    def _take(self, sid: int) -> int:
+        if not self.free:
+            if len(self.last_seen) < _MAX_STREAMS:
+                self._grow(min(max(2 * len(self.last_seen), 64), _MAX_STREAMS))
+            else:  # full: the least recently seen stream gives its slot up (only ever when full)
+                slot = int(np.argmin(self.last_seen))
+                del self.slot_of[next(s for s, at in self.slot_of.items() if at == slot)]
+                self.free.append(slot)
+        slot = self.slot_of[sid] = self.free.pop()
+        self.last_seen[slot] = self.batches + 1  # not the least recent while this batch takes slots
+        return slot
+
+    def _grow(self, capacity: int) -> None:
+        def grown(array: np.ndarray) -> np.ndarray:
+            bigger = np.zeros((capacity, *array.shape[1:]), dtype=array.dtype)
+            bigger[: len(array)] = array
+            return bigger
+
+        old = len(self.last_seen)
+        self.last_seen, self.running, self.fired = grown(self.last_seen), grown(self.running), grown(self.fired)
+        self.history, self.flags, self.probes = grown(self.history), grown(self.flags), grown(self.probes)
+        self.free.extend(range(capacity - 1, old - 1, -1))
 
 
-def _window_mean(history: np.ndarray, values: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each of ``values`` (a stream's next rows, 1-D or [rows, k]) averaged with the ones before
-    it over the last ``window`` rows (fewer at the stream's start), and the history to keep: its
-    last ``window`` rows. ``history`` is what the previous call returned (empty at first)."""
-    joined = np.concatenate([history.reshape(-1, *values.shape[1:]), values]) if len(history) else values
-    sums = np.concatenate([np.zeros((1, *values.shape[1:])), np.cumsum(joined, axis=0, dtype=np.float64)])
-    ends = np.arange(len(joined) - len(values), len(joined)) + 1  # rows up to and including each value
-    counts = np.minimum(ends, window).reshape(-1, *[1] * (values.ndim - 1))
-    means = (sums[ends] - sums[np.maximum(ends - window, 0)]) / counts
-    return means.astype(np.float32), joined[-window:]
+def extend(history: np.ndarray, slots: np.ndarray, group: np.ndarray, at: np.ndarray, counts: np.ndarray, values):
+    """Each group's history row (``history[slots]``, right-aligned, ``w`` columns) with its new
+    ``values`` appended: value ``i`` goes to row ``group[i]``, column ``w + at[i]``; the rows are
+    ``w + counts.max()`` long, ``counts`` values per group. The last ``w`` columns of each group's
+    part are written back as its history."""
+    width, tail = history.shape[1], history.shape[2:]
+    joined = np.zeros((len(slots), width + int(counts.max()), *tail), dtype=history.dtype)
+    joined[:, :width] = history[slots]
+    joined[group, width + at] = values
+    # windows[g, c] is joined[g, c : c + w]: a strided view (no index arrays to build)
+    row, step = joined.strides[:2]
+    windows = np.ndarray((len(slots), joined.shape[1] - width + 1, *history.shape[1:]), joined.dtype, joined, 0,
+                         (row, step, step, *joined.strides[2:]))  # fmt: skip
+    history[slots] = windows[np.arange(len(slots)), counts]
+    return joined
+
+
+def window_mean(joined: np.ndarray, group: np.ndarray, at: np.ndarray, position: np.ndarray, window: int):
+    """The mean of each value of :func:`extend`'s ``joined`` (a ``window``-column history) with the
+    ones before it in its stream, over the last ``window`` (fewer at the stream's start: ``position``
+    is the value's index in its stream)."""
+    sums = np.cumsum(joined, axis=1, dtype=np.float64)
+    counts = np.minimum(position + 1, window).reshape(-1, *[1] * (joined.ndim - 2))
+    return ((sums[group, window + at] - sums[group, at]) / counts).astype(np.float32)
 
 
 class Compute(Stage):
@@ -100,7 +161,8 @@ class Compute(Stage):
         if self.ngram < 1 or self.window < 1 or self.probe_window < 1:
             raise ValueError("compute params repetition.ngram, repetition.window and probes.window must be >= 1")
         self.kernels, self.choice = open_kernels(p, ctx.log)
-        self.streams: OrderedDict[int, _StreamState] = OrderedDict()
+        k = len(self.probe_vectors) if self.table is not None else 0
+        self.streams = StreamStates(self.window + self.ngram - 1, self.window, self.probe_window if k else 0, k)
         self.counts = {"batches": 0, "tokens": 0, "repetitions": 0, "cancels": 0, "cancel_errors": 0}
         self.busy_ns = 0
         self.requests: RequestClient | None = None
@@ -117,17 +179,18 @@ class Compute(Stage):
             record_type, view = record
             began = time.perf_counter_ns()
             batch = TokenBatch.decode(view)
-            values = self.compute(batch)
             text_bytes = len(batch.text)
+            # claimed before computing: a batch that waits for room must not advance the running state twice
             target = out.try_claim(batch_size(batch.rows, text_bytes, self.columns))
             if target is None:
+                del batch
+                view.release()
                 inp.unread()
                 break
             columns = write_batch(target, batch.rows, text_bytes, self.columns)
-            for name in ("stream_id", "seq", "recv_ns", "token_id", "logprob", "text_end", "kind", "text"):
-                getattr(columns, name)[:] = getattr(batch, name)
-            for name, array in values.items():
-                columns.extra[name][:] = array
+            base = slice(COLUMNS_OFFSET, batch_size(batch.rows, text_bytes))
+            target[base] = view[base]  # the base columns and text: the same layout in both records
+            self.compute(batch, columns.extra)
             del columns, batch
             view.release()
             target.release()
@@ -137,77 +200,110 @@ class Compute(Stage):
         inp.release()  # after the outputs are committed: a compute killed at any point loses nothing
         return moved
 
-    def compute(self, batch) -> dict[str, np.ndarray]:
-        """The appended columns of ``batch`` (all rows; non-token rows zero but for ppl)."""
-        n = batch.rows
+    def compute(self, batch: BatchColumns, values: dict[str, np.ndarray]) -> None:
+        """Fill ``values`` (each appended column, every row) for ``batch``: START, END and ERROR rows
+        zero but for ``ppl``."""
         tokens = np.flatnonzero(batch.kind == _TOKEN)
-        ids, lps = batch.token_id[tokens], batch.logprob[tokens]
-        values = {c.name: np.zeros((n, c.width) if c.width > 1 else n, dtype="<" + c.dtype) for c in self.columns}
+        every = len(tokens) == batch.rows  # the usual batch, token rows only: no gathers or zeroing
+        if not every:
+            for column in values.values():
+                column[:] = 0
         if len(tokens):
-            layout = self.kernels.run("layout", {"token_id": ids, "logprob": lps}, {"order": self.order})
-            for name in ("hilbert", "conf", "rgba"):
-                values[name][tokens] = layout[name]
-            values["entropy"][tokens] = self.kernels.run("entropy", {"toplp": lps[:, None]}, {"k": 1})["entropy"]
+            ids = batch.token_id if every else batch.token_id[tokens]
+            lps = batch.logprob if every else batch.logprob[tokens]
+            per_token = self.kernels.run("layout", {"token_id": ids, "logprob": lps}, {"order": self.order})
+            per_token["entropy"] = self.kernels.run("entropy", {"toplp": lps[:, None]}, {"k": 1})["entropy"]
             if self.table is not None:
                 rows, dim = self.table.shape
                 inputs = {"token_id": ids, "table": self.table, "probes": self.probe_vectors}
                 params = {"rows": rows, "dim": dim, "k": len(self.probe_vectors)}
-                values["probe"][tokens] = self.kernels.run("probes", inputs, params)["cosine"]
-        self._per_stream(batch, values)
+                per_token["probe"] = self.kernels.run("probes", inputs, params)["cosine"]
+            for name, column in per_token.items():
+                values[name][slice(None) if every else tokens] = column
+        self._per_stream(batch, values, every)
         self.counts["batches"] += 1
         self.counts["tokens"] += len(tokens)
-        return values
 
     # ---- running values per stream --------------------------------------------------------
 
-    def _per_stream(self, batch, values: dict[str, np.ndarray]) -> None:
+    def _per_stream(self, batch: BatchColumns, values: dict[str, np.ndarray], every: bool) -> None:
+        """``ppl`` of every row, and ``rep``, ``repflag`` and the windowed ``probe`` means of the
+        token rows (``every`` row one), for all the batch's streams at once: rows grouped by stream
+        (a stable sort keeps each stream's order), running sums continued from each stream's state."""
+        n = batch.rows
         order = np.argsort(batch.stream_id, kind="stable")
-        bounds = np.flatnonzero(np.diff(batch.stream_id[order])) + 1
-        for rows in np.split(order, bounds):
-            if len(rows):
-                self._stream_rows(int(batch.stream_id[rows[0]]), rows, batch, values)
+        sid = batch.stream_id[order]
+        opens = np.empty(n, dtype=bool)
+        opens[:1] = True
+        np.not_equal(sid[1:], sid[:-1], out=opens[1:])
+        starts = np.flatnonzero(opens)
+        group = np.cumsum(opens) - 1  # each sorted row's stream: 0 .. streams - 1
+        sids = sid[starts]
+        slots = self.streams.slots(sids.tolist())
+        # running sums of -logprob, of tokens with a logprob and of tokens, from each stream's state
+        kind = batch.kind[order]
+        lp = batch.logprob[order].astype(np.float64)
+        counted = ~np.isnan(lp)
+        if not every:
+            counted &= kind == _TOKEN
+        steps = np.empty((n, 3))
+        steps[:, 0] = np.where(counted, -lp, 0.0)
+        steps[:, 1] = counted
+        steps[:, 2] = True if every else kind == _TOKEN
+        sums = np.cumsum(steps, axis=0)
+        before = self.streams.running[slots]
+        sums += (before - sums[starts] + steps[starts])[group]
+        self.streams.running[slots] = before + np.add.reduceat(steps, starts)
+        ppl = np.zeros(n, dtype=np.float32)
+        some = sums[:, 1] > 0
+        ppl[some] = np.exp(sums[some, 0] / sums[some, 1])
+        values["ppl"][order] = ppl  # each row's value so far in its stream: on END, the final perplexity
+        tokens = slice(None) if every else np.flatnonzero(steps[:, 2])
+        position = sums[tokens, 2].astype(np.intp) - 1  # each token's index in its stream
+        if len(position):
+            seen = before[:, 2].astype(np.intp)  # each stream's tokens before this batch
+            counts = self.streams.running[slots, 2].astype(np.intp) - seen
+            self._token_streams(batch, values, order[tokens], group[tokens], position, seen, counts, slots, sids)
+        if not every:
+            ended = np.flatnonzero((kind == _END) | (kind == _ERROR))
+            if len(ended):  # a stream's state goes with its END or ERROR row
+                self.streams.drop(np.unique(sid[ended]).tolist())
 
-    def _stream_rows(self, sid: int, rows: np.ndarray, batch, values: dict[str, np.ndarray]) -> None:
-        state = self._state(sid)
-        kinds = batch.kind[rows]
-        tokens = rows[kinds == _TOKEN]
-        if len(tokens):
-            lps = batch.logprob[tokens].astype(np.float64)
-            has = ~np.isnan(lps)
-            nll = np.cumsum(np.where(has, -lps, 0.0)) + state.nll
-            count = np.cumsum(has) + state.tokens
-            values["ppl"][tokens] = np.exp(np.divide(nll, count, out=np.zeros_like(nll), where=count > 0))
-            state.nll, state.tokens = float(nll[-1]), int(count[-1])
-            self._repetition(sid, state, batch.token_id[tokens], tokens, values)
-            if self.table is not None:  # each probe's moving average over the stream's last tokens
-                values["probe"][tokens], state.probes = _window_mean(
-                    state.probes, values["probe"][tokens], self.probe_window
-                )
-        last_ppl = np.exp(state.nll / state.tokens) if state.tokens else 0.0
-        values["ppl"][rows[kinds != _TOKEN]] = last_ppl
-        if (kinds == Kind.END).any() or (kinds == Kind.ERROR).any():
-            self.streams.pop(sid, None)
-
-    def _repetition(self, sid: int, state: _StreamState, ids: np.ndarray, rows: np.ndarray, values) -> None:
-        joined = np.concatenate([state.history, ids.astype(np.uint32)])
-        query = np.arange(len(state.history), len(joined))
-        # where the stream's first id is in ``joined`` (0: it began before the kept history)
-        first = np.full(len(ids), max(len(state.history) - state.seen, 0), dtype=np.uint32)
-        inputs = {"ids": joined, "query": query, "first": first}
-        flags = self.kernels.run("repetition", inputs, {"ngram": self.ngram, "window": self.window})["match"]
-        # the share of matches among each token's last ``window`` tokens
-        share, state.flags = _window_mean(state.flags, flags.astype(np.uint8), self.window)
-        values["rep"][rows] = share
+    def _token_streams(self, batch, values, rows, group, position, seen, counts, slots, sids) -> None:
+        """The windowed columns of the token ``rows`` (batch rows in stream order; ``group`` the
+        stream of each, ``position`` its index in the stream; ``seen`` and ``counts`` per stream:
+        tokens before this batch and in it)."""
+        at = position - seen[group]  # each token's index among its stream's tokens in this batch
+        streams = self.streams
+        joined = extend(streams.history, slots, group, at, counts, batch.token_id[rows])
+        # one repetition call for the batch: every stream's row of ids, its history then its new tokens
+        kept, width = streams.history.shape[1], joined.shape[1]
+        row_at = np.arange(len(slots)) * width
+        query = (row_at[group] + kept + at).astype(np.uint32)
+        first = (row_at + np.maximum(kept - seen, 0))[group].astype(np.uint32)  # 0: began before the history
+        inputs = {"ids": joined.ravel(), "query": query, "first": first}
+        match = self.kernels.run("repetition", inputs, {"ngram": self.ngram, "window": self.window})["match"]
+        flags = extend(streams.flags, slots, group, at, counts, match)
+        share = window_mean(flags, group, at, position, self.window)
         fired = share >= self.threshold
+        values["rep"][rows] = share
         values["repflag"][rows] = fired
-        state.history = joined[-(self.window + self.ngram - 1) :]
-        state.seen += len(ids)
-        if fired.any() and not state.fired:
-            state.fired = True
-            self.counts["repetitions"] += 1
-            self.ctx.log.warning("repetition_loop", stream_id=sid, share=round(float(share.max()), 3))
-            if self.action == "cancel":
-                self._cancel(sid)
+        if self.table is not None:  # each probe's moving average over the stream's last tokens
+            cosines = extend(streams.probes, slots, group, at, counts, values["probe"][rows])
+            values["probe"][rows] = window_mean(cosines, group, at, position, self.probe_window)
+        if fired.any():
+            hit = np.zeros(len(slots), dtype=bool)
+            hit[group[fired]] = True
+            for g in np.flatnonzero(hit & ~streams.fired[slots]).tolist():
+                streams.fired[slots[g]] = True
+                self._fired(int(sids[g]), float(share[group == g].max()))
+
+    def _fired(self, sid: int, share: float) -> None:
+        """A stream's flag fired for the first time."""
+        self.counts["repetitions"] += 1
+        self.ctx.log.warning("repetition_loop", stream_id=sid, share=round(share, 3))
+        if self.action == "cancel":
+            self._cancel(sid)
 
     def _cancel(self, sid: int) -> None:
         """Ask ingest to cancel the stream at its upstream; a failure is logged, never fatal."""
@@ -219,16 +315,6 @@ class Compute(Stage):
         except (RequestError, TimeoutError, OSError) as exc:
             self.counts["cancel_errors"] += 1
             self.ctx.log.warning("repetition_cancel_failed", stream_id=sid, error=str(exc))
-
-    def _state(self, sid: int) -> _StreamState:
-        state = self.streams.get(sid)
-        if state is None:
-            state = self.streams[sid] = _StreamState()
-            if len(self.streams) > _MAX_STREAMS:
-                self.streams.popitem(last=False)
-        else:
-            self.streams.move_to_end(sid)
-        return state
 
     # ---- hooks ----------------------------------------------------------------------------
 
