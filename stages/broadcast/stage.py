@@ -132,10 +132,13 @@ class Broadcast(Stage):
         return handled
 
     def _publish_batch(self, batch) -> None:
-        order = np.argsort(batch.stream_id, kind="stable")  # rows of a stream keep their order
-        streams = batch.stream_id[order]
-        bounds = np.flatnonzero(np.diff(streams)) + 1
         texts = batch.texts()
+        sids = batch.stream_id
+        if batch.rows and sids[0] == sids[-1] and (sids == sids[0]).all():  # one stream: no sort
+            self._publish_stream(int(sids[0]), batch, np.arange(batch.rows), texts)
+            return
+        order = np.argsort(sids, kind="stable")  # rows of a stream keep their order
+        bounds = np.flatnonzero(np.diff(sids[order])) + 1
         for rows in np.split(order, bounds):
             self._publish_stream(int(batch.stream_id[rows[0]]), batch, rows, texts)
 
@@ -154,8 +157,11 @@ class Broadcast(Stage):
         kinds = batch.kind[rows]
         # runs of TOKEN rows become one tokens message; START, END, ERROR rows one message each
         tokens = kinds == Kind.TOKEN
-        cuts = np.flatnonzero(np.diff(tokens.astype(np.int8)) != 0) + 1
-        for run in np.split(np.arange(len(rows)), cuts):
+        if tokens.all():  # the common case: one run, no split
+            runs = [np.arange(len(rows))]
+        else:
+            runs = np.split(np.arange(len(rows)), np.flatnonzero(np.diff(tokens.astype(np.int8)) != 0) + 1)
+        for run in runs:
             if not len(run):
                 continue
             if tokens[run[0]]:
