@@ -2,8 +2,8 @@
 
 Each function takes and returns plain arrays (float32 where the shader computes in f32), so a WGSL
 shader's output can be compared with it element by element. What runs along a stream (running
-perplexity, windowed means) is not here but in :mod:`stages.compute.streams`: it is a sequential
-reduction per stream and runs in numpy whichever backend computes the per-token part.
+perplexity, windowed means) is not here but in :mod:`stages.compute.stage`: cumulative sums over
+all the batch's streams at once, in numpy whichever backend computes the per-token part.
 
 - layout: each token's cell on a Hilbert curve of ``order`` (2^order x 2^order cells) from its id,
   the cell's centre in [0, 1]^2; confidence exp(logprob), 1.0 without a logprob; an RGBA colour
