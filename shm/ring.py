@@ -518,6 +518,30 @@ class Consumer(_Side):
         if q[_W_PRODUCER_WAITING]:
             self.space_bell.ring()
 
+    @property
+    def position(self) -> int:
+        """The read position: what :meth:`release_to` takes to release the records read before now."""
+        return self._pos
+
+    def release_to(self, position: int, records: int) -> None:
+        """Release the ``records`` records read before ``position`` (an earlier :attr:`position`)
+        and keep those read since: for a consumer whose output is not safe yet when it has read
+        on (the broadcast releases what it published only once ZeroMQ has had time to send it)."""
+        if not self._released <= position <= self._pos or not 0 <= records <= self._unreleased:
+            raise RingError(
+                f"ring {self.name!r}: release_to({position}, {records}) outside the read but unreleased "
+                f"positions [{self._released}, {self._pos}] ({self._unreleased} records)"
+            )
+        if position == self._released:
+            return
+        q = self._q
+        q[_W_READ] = self._released = position
+        self._previous = -1
+        self._records += records
+        self._unreleased -= records
+        if q[_W_PRODUCER_WAITING]:
+            self.space_bell.ring()
+
     def available(self) -> int:
         """Bytes published by the producer that this consumer has not read yet (0: empty)."""
         return self._q[_W_WRITE] - self._pos

@@ -135,6 +135,22 @@ def test_rewind_rereads_unreleased_records(name: str) -> None:
         assert consumer.try_read() is None
 
 
+def test_release_to_keeps_the_records_read_after_the_mark(name: str) -> None:
+    with make_ring(name, 4096) as ring, Producer.attach(name) as producer, Consumer.attach(name) as consumer:
+        for payload in (b"a", b"b", b"c"):
+            producer.write(payload, RECORD_TYPE)
+        consumer.try_read()
+        mark = consumer.position
+        consumer.try_read()
+        consumer.try_read()
+        consumer.release_to(mark, 1)
+        assert ring.header().read_cursor == mark
+        consumer.rewind()  # as a restarted consumer would: b and c are still there
+        assert [bytes(consumer.try_read()[1]) for _ in range(2)] == [b"b", b"c"]
+        with pytest.raises(RingError, match="outside the read but unreleased"):
+            consumer.release_to(mark - 8, 1)
+
+
 def test_wrap_pads_the_tail(name: str) -> None:
     """A record that does not fit before the end of the data area starts again at 0; the gap is
     padding that the consumer skips and the producer's space accounting includes."""

@@ -21,16 +21,21 @@ input sequence, ``subscriptions`` seen, ``snapshots`` requests served, ``gap_ref
 consumer sent because it saw a hole (ZeroMQ tells the publisher nothing about messages it drops for
 a slow subscriber; this is the part of them the engine can see), ``evicted`` streams.
 
-Rows already published (by stream id and seq) are dropped: after a restart of this stage or of
-one before it, what comes again is not published twice. The next seq per stream lives in a
-restart-surviving state array, updated right after each publish (a kill between the two
-re-publishes one message, which consumers drop by seq; the other order could lose it).
+Rows already published (by stream id and seq) are dropped: after a restart of a stage before this
+one, what comes again is not published twice. The next seq per stream lives in a restart-surviving
+state array, updated right after each publish.
+
+A message handed to ZeroMQ is not on the wire yet (its I/O thread sends it a moment later), so a
+SIGKILL can lose what was just published. Input records are therefore released only FLUSH_GRACE_S
+after their messages were published, and a restarted broadcast publishes the records it finds
+unreleased again, without the de-duplication: after a crash of this stage a subscriber may see a
+message twice (the consumer client drops it by seq), never miss one.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 import numpy as np
@@ -42,6 +47,7 @@ from engine.stage import Stage, WorkerContext
 from shm.batch import Kind, TokenBatch
 from stages.broadcast import params
 
+FLUSH_GRACE_S = 0.005  # how long published records stay unreleased (ZeroMQ's I/O thread sends within it)
 _SLOTS = 1 << 16  # streams tracked for de-duplication (by stream id modulo); old ones are reused
 _ROW_KINDS = {int(Kind.START): "start", int(Kind.END): "end", int(Kind.ERROR): "error"}
 
@@ -94,66 +100,87 @@ class Broadcast(Stage):
         self.counts = dict.fromkeys(
             (
                 *("messages", "tokens", "duplicates", "gaps", "batches", "batches_within_budget"),
-                *("streams_ended", "subscriptions", "snapshots", "gap_refills", "evicted"),
+                *("streams_ended", "subscriptions", "snapshots", "gap_refills", "evicted", "republished"),
             ),
             0,
         )
         self.last_publish = time.monotonic()
+        # (read position, records read before it since the previous mark, when published)
+        self.unreleased: deque[tuple[int, int, float]] = deque()
+        # records a killed predecessor left unreleased end here: publish them again, all of them
+        self.backlog_end = self.inp.position + self.inp.available()
         ctx.log.info("broadcast_ready", endpoints=[e.url for e in endpoints])
 
     def pollables(self) -> list[Any]:
         return [self.snapshots, *(sock for sock, _ in self.publishers)]
 
     def idle_timeout_s(self) -> float:
-        return self.heartbeat_s
+        return min(self.heartbeat_s, FLUSH_GRACE_S) if self.unreleased else self.heartbeat_s
 
     # ---- the duty cycle -------------------------------------------------------------------
 
     def do_work(self) -> int:
         handled = self._serve()
-        while handled < 64:
+        self._release_sent(time.monotonic())
+        read = 0
+        while read < 64:
+            republish = self.inp.position < self.backlog_end
             record = self.inp.try_read()
             if record is None:
                 break
             _, view = record
             batch = TokenBatch.decode(view)
-            self._publish_batch(batch)
+            self._publish_batch(batch, republish)
             self.counts["batches"] += 1
             if batch.rows and time.monotonic_ns() - int(batch.recv_ns[0]) <= self.budget_ns:
                 self.counts["batches_within_budget"] += 1
             del batch
             view.release()
-            handled += 1
-        self.inp.release()
+            read += 1
+        if read:
+            self.unreleased.append((self.inp.position, read, time.monotonic()))
+        handled += read
         now = time.monotonic()
         if now - self.last_publish >= self.heartbeat_s:
             self._send_all(wire.encode_heartbeat(time.monotonic_ns(), sum(not r.ended for r in self.retained.values())))
             self._expire(now)
         return handled
 
-    def _publish_batch(self, batch) -> None:
+    def _release_sent(self, now: float) -> None:
+        """Release the records whose messages were published at least FLUSH_GRACE_S ago."""
+        position, records = -1, 0
+        while self.unreleased and now - self.unreleased[0][2] >= FLUSH_GRACE_S:
+            position, count, _ = self.unreleased.popleft()
+            records += count
+        if records:
+            self.inp.release_to(position, records)
+
+    def _publish_batch(self, batch, republish: bool) -> None:
         texts = batch.texts()
         sids = batch.stream_id
         if batch.rows and sids[0] == sids[-1] and (sids == sids[0]).all():  # one stream: no sort
-            self._publish_stream(int(sids[0]), batch, np.arange(batch.rows), texts)
+            self._publish_stream(int(sids[0]), batch, np.arange(batch.rows), texts, republish)
             return
         order = np.argsort(sids, kind="stable")  # rows of a stream keep their order
         bounds = np.flatnonzero(np.diff(sids[order])) + 1
         for rows in np.split(order, bounds):
-            self._publish_stream(int(batch.stream_id[rows[0]]), batch, rows, texts)
+            self._publish_stream(int(batch.stream_id[rows[0]]), batch, rows, texts, republish)
 
-    def _publish_stream(self, sid: int, batch, rows: np.ndarray, texts: list[str]) -> None:
+    def _publish_stream(self, sid: int, batch, rows: np.ndarray, texts: list[str], republish: bool) -> None:
         slot = sid % _SLOTS
         if int(self.published[slot, 0]) != sid + 1:
             self.published[slot] = (sid + 1, 0)
-        seqs = batch.seq[rows]
-        fresh = seqs >= self.published[slot, 1]
-        self.counts["duplicates"] += int(len(rows) - np.count_nonzero(fresh))
-        rows = rows[fresh]
-        if not len(rows):
-            return
-        # rows of a stream are consecutive: a jump is rows lost before they reached this stage
-        self.counts["gaps"] += int(batch.seq[rows[-1]]) + 1 - int(self.published[slot, 1]) - len(rows)
+        floor = int(self.published[slot, 1])
+        if republish:  # what a killed predecessor published may never have left it
+            self.counts["republished"] += int(np.count_nonzero(batch.seq[rows] < floor))
+        else:
+            fresh = batch.seq[rows] >= floor
+            self.counts["duplicates"] += int(len(rows) - np.count_nonzero(fresh))
+            rows = rows[fresh]
+            if not len(rows):
+                return
+            # rows of a stream are consecutive: a jump is rows lost before they reached this stage
+            self.counts["gaps"] += int(batch.seq[rows[-1]]) + 1 - floor - len(rows)
         kinds = batch.kind[rows]
         # runs of TOKEN rows become one tokens message; START, END, ERROR rows one message each
         tokens = kinds == Kind.TOKEN
@@ -170,7 +197,7 @@ class Broadcast(Stage):
                 for i in run:
                     row = rows[i]
                     self._publish_event(sid, int(kinds[i]), int(batch.seq[row]), texts[row], int(batch.recv_ns[row]))
-            self.published[slot, 1] = int(batch.seq[rows[run[-1]]]) + 1
+            self.published[slot, 1] = max(int(self.published[slot, 1]), int(batch.seq[rows[run[-1]]]) + 1)
 
     def _publish_tokens(self, sid: int, batch, rows: np.ndarray, texts: list[str]) -> None:
         columns = {
@@ -295,7 +322,8 @@ class Broadcast(Stage):
     def close(self) -> None:
         if hasattr(self, "zmq"):
             self.published.flush()
-            self.zmq.destroy(linger=0)
+            self.zmq.destroy(linger=1000)  # a clean stop sends what is queued (a dead subscriber: 1 s at most)
+            self.inp.release()
 
 
 def _json_fields(text: str, default: dict[str, Any]) -> dict[str, Any]:
