@@ -167,7 +167,7 @@ def stream_rows(sid: int, token_ids: list[int], logprobs: list[float], end: bool
 
 
 def test_stage_passes_rows_through_and_appends_columns(rig):
-    r = rig(backend="numpy", repetition={"ngram": 2, "window": 4, "threshold": 0.5})
+    r = rig(backend="numpy", repetition={"ngram": 2, "window": 4, "threshold": 0.5}, coalesce_rows=1)
     lps = [math.log(0.5), math.log(0.25), math.nan, math.log(0.5)]
     rows = stream_rows(1, [5, 6, 7, 8], lps) + stream_rows(2, [9, 9, 9, 9, 9, 9], [math.nan] * 6)
     r.send(rows[:5])
@@ -263,6 +263,7 @@ def test_vectorised_streams_equal_a_per_stream_reference(rig, seed):
         backend="numpy",
         repetition={"ngram": int(rng.integers(1, 4)), "window": int(rng.integers(2, 9)), "threshold": 0.5},
         probes={"count": 3, "dim": 8, "rows": 16, "window": 3},
+        coalesce_rows=1,  # each record its own computation: the reborn id starts one
     )
     streams = []
     for sid in [*range(1, 9), 3]:
@@ -443,3 +444,26 @@ def test_probes_from_a_gguf_token_embd(tmp_path):
     assert table.shape == (len(tiny.vocabulary()[0]), tiny.N_EMBD)  # one row per vocabulary token
     assert probes.shape == (3, tiny.N_EMBD) and np.allclose(np.linalg.norm(probes, axis=1), 1)
     assert np.abs(table).max() > 0
+
+
+def test_records_waiting_together_are_computed_as_one_with_the_same_columns(rig):
+    rng = np.random.default_rng(7)
+    rows = []
+    for sid in range(1, 6):
+        length = int(rng.integers(5, 40))
+        logprobs = (-rng.exponential(1.0, length)).tolist()
+        rows += stream_rows(sid, rng.integers(0, 4, length).tolist(), logprobs)
+    rows.sort(key=lambda row: (row[1], row[0]))  # streams interleaved, each in order
+    parts = np.array_split(np.arange(len(rows)), 17)
+    outputs = []
+    for coalesce in (1, 256):
+        r = rig(backend="numpy", repetition={"ngram": 2, "window": 8}, coalesce_rows=coalesce)
+        for part in parts:
+            r.send([rows[i] for i in part])
+        assert r.stage.do_work() == len(parts)
+        outputs.append(r.receive())
+    one_by_one, coalesced = outputs
+    assert len(one_by_one) == len(parts) and len(coalesced) < len(parts)
+    for name in ("stream_id", "seq", "hilbert", "conf", "ppl", "rep", "repflag"):
+        a, b = (np.concatenate([batch[name] for batch in out]) for out in outputs)
+        np.testing.assert_allclose(a, b, rtol=1e-6)

@@ -12,7 +12,8 @@ so far: on END, its final perplexity).
 Params (all optional): backend ("auto" | "numpy" | "wgpu"; env NEURALPIPE_COMPUTE_BACKEND),
 allow_cpu_adapter (false), adapter (a device-name substring), hilbert_order (8), repetition
 {ngram 4, window 64, threshold 0.5, action "mark" | "cancel"}, probes {count K (0: off), vectors,
-table "hashed" (rows 4096, dim 64) or a GGUF file path (its token_embd), seed 0, window 32}.
+table "hashed" (rows 4096, dim 64) or a GGUF file path (its token_embd), seed 0, window 32},
+coalesce_rows (256: records waiting together are computed and written as one, up to this many rows).
 
 The backend is chosen at start (stages.compute.backends.open_kernels; docs/compute.md). A kernel
 that fails on the GPU is run again in numpy for that batch (counted in ``fallbacks``):
@@ -142,6 +143,9 @@ class Compute(Stage):
         p = ctx.params
         self.inp, self.out = ctx.inputs[0], ctx.outputs[0]
         self.order = int(p.get("hilbert_order", 8))
+        self.coalesce_rows = int(p.get("coalesce_rows", 256))
+        if self.coalesce_rows < 1:
+            raise ValueError(f"compute param coalesce_rows must be >= 1 (got {self.coalesce_rows})")
         if not 1 <= self.order <= kernels.MAX_ORDER:
             raise ValueError(f"compute param hilbert_order must be in 1..{kernels.MAX_ORDER} (got {self.order})")
         rep = p.get("repetition", {})
@@ -170,35 +174,65 @@ class Compute(Stage):
     # ---- the duty cycle -------------------------------------------------------------------
 
     def do_work(self) -> int:
-        inp, out = self.inp, self.out
         moved = 0
         while moved < 64:
-            record = inp.try_read()
-            if record is None:
+            group = self._read_group()
+            records = len(group)
+            if not records or not self._write_group(group):
                 break
+            moved += records
+        return moved
+
+    def _read_group(self) -> list[tuple[int, memoryview, BatchColumns]]:
+        """The records waiting in the input, up to ``coalesce_rows`` rows together: under load one
+        computation and one output record cover several small batches (the per-batch cost of the
+        kernels is mostly fixed), and a record that comes alone goes on alone, at once."""
+        group: list[tuple[int, memoryview, BatchColumns]] = []
+        rows = 0
+        while True:
+            record = self.inp.try_read()
+            if record is None:
+                return group
             record_type, view = record
-            began = time.perf_counter_ns()
             batch = TokenBatch.decode(view)
-            text_bytes = len(batch.text)
-            # claimed before computing: a batch that waits for room must not advance the running state twice
-            target = out.try_claim(batch_size(batch.rows, text_bytes, self.columns))
-            if target is None:
+            if group and (rows + batch.rows > self.coalesce_rows or record_type != group[0][0]):
                 del batch
                 view.release()
-                inp.unread()
-                break
-            columns = write_batch(target, batch.rows, text_bytes, self.columns)
-            base = slice(COLUMNS_OFFSET, batch_size(batch.rows, text_bytes))
+                self.inp.unread()
+                return group
+            group.append((record_type, view, batch))
+            rows += batch.rows
+            if rows >= self.coalesce_rows:
+                return group
+
+    def _write_group(self, group: list[tuple[int, memoryview, BatchColumns]]) -> bool:
+        """Compute ``group`` into one output record; False (the group pushed back) when the output is full."""
+        began = time.perf_counter_ns()
+        record_type, view, first = group[0]
+        merged = first if len(group) == 1 else _Merged([batch for _, _, batch in group])
+        text_bytes = len(merged.text)
+        # claimed before computing: a batch that waits for room must not advance the running state twice
+        target = self.out.try_claim(batch_size(merged.rows, text_bytes, self.columns))
+        if target is None:
+            del merged, first, view
+            group.clear()
+            self.inp.rewind()  # every record of the group comes again (earlier groups are released)
+            return False
+        columns = write_batch(target, merged.rows, text_bytes, self.columns)
+        if len(group) == 1:
+            base = slice(COLUMNS_OFFSET, batch_size(merged.rows, text_bytes))
             target[base] = view[base]  # the base columns and text: the same layout in both records
-            self.compute(batch, columns.extra)
-            del columns, batch
-            view.release()
-            target.release()
-            out.commit(record_type)
-            self.busy_ns += time.perf_counter_ns() - began
-            moved += 1
-        inp.release()  # after the outputs are committed: a compute killed at any point loses nothing
-        return moved
+        else:
+            for name in _BASE_NAMES:
+                getattr(columns, name)[:] = getattr(merged, name)
+        self.compute(merged, columns.extra)
+        del columns, merged, first
+        group.clear()
+        target.release()
+        self.out.commit(record_type)
+        self.inp.release()  # after the output is committed: a compute killed at any point loses nothing
+        self.busy_ns += time.perf_counter_ns() - began
+        return True
 
     def compute(self, batch: BatchColumns, values: dict[str, np.ndarray]) -> None:
         """Fill ``values`` (each appended column, every row) for ``batch``: START, END and ERROR rows
@@ -327,3 +361,18 @@ class Compute(Stage):
     def close(self) -> None:
         if getattr(self, "requests", None) is not None:
             self.requests.close()
+
+
+_BASE_NAMES = ("stream_id", "seq", "recv_ns", "token_id", "logprob", "kind", "text_end", "text")
+
+
+class _Merged:
+    """The base columns of several batches, one after another (what :meth:`Compute.compute`
+    reads of a batch)."""
+
+    def __init__(self, batches: list[BatchColumns]) -> None:
+        for name in ("stream_id", "seq", "recv_ns", "token_id", "logprob", "kind", "text"):
+            setattr(self, name, np.concatenate([getattr(b, name) for b in batches]))
+        offsets = np.cumsum([0] + [len(b.text) for b in batches[:-1]], dtype=np.uint32)
+        self.text_end = np.concatenate([b.text_end + offset for b, offset in zip(batches, offsets, strict=True)])
+        self.rows = len(self.kind)
