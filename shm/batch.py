@@ -85,14 +85,18 @@ class ExtraColumn:
             raise BatchError(f"extra column {self.name!r}: width {self.width} out of range")
 
 
-def _base_offsets(rows: int, text_bytes: int) -> tuple[list[int], int]:
+_ITEMSIZES = tuple(np.dtype(dtype).itemsize for _, dtype in BASE_COLUMNS)
+
+
+@functools.lru_cache(maxsize=1 << 14)  # every encode and decode asks; batches repeat their sizes
+def _base_offsets(rows: int, text_bytes: int) -> tuple[tuple[int, ...], int]:
     """Offsets of the base columns and of the text arena, and the end of the arena."""
     offsets, at = [], COLUMNS_OFFSET
-    for _, dtype in BASE_COLUMNS:
+    for itemsize in _ITEMSIZES:
         offsets.append(at)
-        at = _align8(at + rows * np.dtype(dtype).itemsize)
+        at = _align8(at + rows * itemsize)
     offsets.append(at)  # text arena
-    return offsets, _align8(at + text_bytes)
+    return tuple(offsets), _align8(at + text_bytes)
 
 
 def batch_size(rows: int, text_bytes: int, extra: tuple[ExtraColumn, ...] = ()) -> int:
