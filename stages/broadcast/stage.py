@@ -78,11 +78,14 @@ class Broadcast(Stage):
         ]
         for endpoint in endpoints:
             sock = self.zmq.socket(zmq.XPUB)
+            sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every (un)subscription: counted per socket
             sock.setsockopt(zmq.SNDHWM, p.sndhwm)
             sock.setsockopt(zmq.LINGER, 0)
             sock.bind(endpoint.url)
             self.publishers.append((sock, endpoint.encoding))
-        self.encodings = sorted({encoding for _, encoding in self.publishers})
+        # subscriptions per publisher: an encoding nobody subscribed to is neither built nor sent
+        self.subscribed = [0] * len(self.publishers)
+        self.encodings = ["json"]  # always built: snapshots keep the JSON form
         self.snapshots = self.zmq.socket(zmq.ROUTER)
         self.snapshots.setsockopt(zmq.LINGER, 0)
         self.snapshots.setsockopt(zmq.ROUTER_MANDATORY, 0)
@@ -226,8 +229,9 @@ class Broadcast(Stage):
         self._publish(sid, frames, ended=name != "start")
 
     def _publish(self, sid: int, frames: dict[str, tuple[bytes, bytes, bytes]], ended: bool) -> None:
-        for sock, encoding in self.publishers:
-            sock.send_multipart(frames[encoding], copy=False)
+        for (sock, encoding), subscribers in zip(self.publishers, self.subscribed, strict=True):
+            if subscribers > 0:
+                sock.send_multipart(frames[encoding])  # copying small frames beats zero-copy tracking
         self.counts["messages"] += 1
         self.last_publish = time.monotonic()
         self._retain(sid, frames["json"], ended)  # the ipc JSON endpoint is always bound
@@ -266,10 +270,14 @@ class Broadcast(Stage):
     def _serve(self) -> int:
         """Answer snapshot requests and count subscriptions, without blocking."""
         served = 0
-        for sock, _ in self.publishers:
+        for i, (sock, _) in enumerate(self.publishers):
             while sock.poll(0):
-                if sock.recv()[:1] == b"\x01":
-                    self.counts["subscriptions"] += 1
+                change = sock.recv()[:1]
+                self.subscribed[i] += 1 if change == b"\x01" else -1
+                self.counts["subscriptions"] += change == b"\x01"
+                self.encodings = sorted(
+                    {"json"} | {enc for (_, enc), n in zip(self.publishers, self.subscribed, strict=True) if n > 0}
+                )
         while self.snapshots.poll(0):
             frames = self.snapshots.recv_multipart()
             served += 1
