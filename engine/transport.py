@@ -23,6 +23,7 @@ payload stays 8-byte aligned for the numpy views of a token batch).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import struct
@@ -118,13 +119,16 @@ class _Fd:
 
 
 class _MessageConsumer:
-    """Reads whole messages; keeps the one last record so it can be pushed back (``unread``)."""
+    """Reads whole messages; keeps those read since the last release so they can be pushed back
+    (``unread`` the last one, ``rewind`` all) or released in part (``release_to``). ``position``
+    counts records, not bytes."""
 
     def __init__(self, channel: Channel) -> None:
         self.name = channel.name
         self.max_record = channel.max_record
-        self._last: tuple[int, memoryview] | None = None  # returned by the last try_read
-        self._back: tuple[int, memoryview] | None = None  # pushed back by unread
+        self._read: list[tuple[int, memoryview]] = []  # returned by try_read since the last release
+        self._back: collections.deque[tuple[int, memoryview]] = collections.deque()  # pushed back
+        self.position = 0
 
     def _receive(self) -> Any:
         """The next message, or None when there is none now."""
@@ -134,32 +138,50 @@ class _MessageConsumer:
         raise NotImplementedError
 
     def try_read(self) -> tuple[int, memoryview] | None:
-        record = self._back
-        if record is None:
+        if self._back:
+            record = self._back.popleft()
+        else:
             message = self._receive()
             if message is None:
                 return None
             record = (_TYPE.unpack_from(message)[0], memoryview(message)[_PREFIX:])
-        self._back = None
-        self._last = record
+        self._read.append(record)
+        self.position += 1
         return record
 
     def unread(self) -> None:
-        if self._last is None:
+        if not self._read:
             raise RingError(f"ring {self.name!r}: unread without a record read since the last release/unread")
-        self._back, self._last = self._last, None
+        self._back.appendleft(self._read.pop())
+        self.position -= 1
+
+    def rewind(self) -> None:
+        self._back.extendleft(reversed(self._read))
+        self.position -= len(self._read)
+        self._read.clear()
 
     def release(self) -> None:
-        self._last = None
+        self._read.clear()
+        self._released()
+
+    def release_to(self, position: int, records: int) -> None:
+        """Release the ``records`` records read before ``position`` (the ring's contract)."""
+        if not 0 <= records <= len(self._read) or position - records < self.position - len(self._read):
+            raise RingError(f"ring {self.name!r}: release_to({position}, {records}) outside what was read")
+        del self._read[:records]
+        self._released()
+
+    def _released(self) -> None:
+        """After a release: what a transport does then (the Queue wakes a producer waiting for room)."""
 
     def available(self) -> int:
         """Non-zero while a record is waiting (a count of bytes is not known before receiving)."""
-        if self._back is not None:
-            return len(self._back[1]) or 1
+        if self._back:
+            return sum(len(record[1]) or 1 for record in self._back)
         return int(self._has_message())
 
     def prepare_wait(self) -> bool:
-        return self._back is None and not self._has_message()
+        return not self._back and not self._has_message()
 
     def end_wait(self) -> None:
         """Nothing to undo: no waiting flag is shared with the producer."""
@@ -257,8 +279,7 @@ class QueueConsumer(_MessageConsumer):
     def _has_message(self) -> bool:
         return not self._queue.empty()
 
-    def release(self) -> None:
-        super().release()
+    def _released(self) -> None:
         if self._freed_full:
             self._freed_full = False
             self.space_bell.ring()

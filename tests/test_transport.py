@@ -49,6 +49,27 @@ def _read(consumer, timeout: float = 5.0):
 
 
 @pytest.mark.parametrize("kind", ["queue", "zmq"])
+def test_adapter_rewind_and_release_to_as_the_ring_does(kind, tmp_path, zmq_ctx):
+    """compute pushes back a whole group of records (rewind); broadcast releases in part (release_to)."""
+    channel, producer, consumer = _pair(kind, tmp_path, zmq_ctx)
+    try:
+        for payload in (b"a", b"b", b"c"):
+            producer.try_claim(1)[:] = payload
+            producer.commit(17)
+        assert bytes(_read(consumer)[1]) == b"a"
+        mark = consumer.position
+        assert [bytes(_read(consumer)[1]) for _ in range(2)] == [b"b", b"c"]
+        consumer.release_to(mark, 1)
+        consumer.rewind()  # b and c come again, a does not
+        assert [bytes(_read(consumer)[1]) for _ in range(2)] == [b"b", b"c"]
+        assert consumer.try_read() is None
+        with pytest.raises(RingError, match="outside what was read"):
+            consumer.release_to(consumer.position, 3)
+    finally:
+        _close(channel, producer, consumer)
+
+
+@pytest.mark.parametrize("kind", ["queue", "zmq"])
 def test_adapter_round_trip_unread_and_backpressure(kind, tmp_path, zmq_ctx):
     channel, producer, consumer = _pair(kind, tmp_path, zmq_ctx)
     try:
