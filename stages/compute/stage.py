@@ -196,8 +196,7 @@ class Compute(Stage):
             record_type, view = record
             batch = TokenBatch.decode(view)
             if group and (rows + batch.rows > self.coalesce_rows or record_type != group[0][0]):
-                del batch
-                view.release()
+                del batch, view  # not view.release(): a message transport hands the same view back
                 self.inp.unread()
                 return group
             group.append((record_type, view, batch))
