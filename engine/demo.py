@@ -135,7 +135,12 @@ def _fmt(value: np.ndarray) -> str:
 
 
 def _chat(prompt: str, max_tokens: int) -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0, "logprobs": True}
+    return {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "logprobs": True,
+    }
 
 
 def _wait_for_sockets(runtime_dir: str, names: tuple[str, ...]) -> None:
