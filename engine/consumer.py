@@ -32,6 +32,7 @@ import zmq
 from engine import wire
 
 RESYNC_S = 1.0  # a stream silent this long before its end is asked for again
+ASK_TIMEOUT_S = 2.0  # a snapshot request unanswered this long is sent again
 _FINISHED_KEPT = 100_000  # ended streams remembered, so a late duplicate does not restart one
 
 
@@ -47,12 +48,13 @@ class Token:
 
 
 class _Stream:
-    __slots__ = ("asked", "next", "pending", "touched")
+    __slots__ = ("asked", "asked_at", "next", "pending", "touched")
 
     def __init__(self) -> None:
         self.next = 0  # the seq expected next
         self.pending: dict[int, wire.Message] = {}  # by first seq: arrived ahead of ``next``
         self.asked = False  # a snapshot request is out
+        self.asked_at = 0.0
         self.touched = time.monotonic()
 
 
@@ -190,6 +192,7 @@ class StreamConsumer:
         """Ask the snapshot ROUTER for the stream from ``state.next``; ``reason`` (join, gap,
         resync) lets the broadcast count the holes consumers saw."""
         state.asked = True
+        state.asked_at = time.monotonic()
         self.counts["snapshots"] += 1
         self.snap.send(orjson.dumps({"type": "snapshot", "stream": sid, "from_seq": state.next, "reason": reason}))
 
@@ -205,6 +208,13 @@ class StreamConsumer:
             return
         state.asked = False
         state.touched = time.monotonic()
+        published = int(reply.get("published", state.next))
+        if not state.pending and published > state.next and not reply.get("complete", True):
+            # the broadcast published rows this consumer never got and no longer has them (a
+            # restart lost its retention): count them, so the hole is not a silent stall
+            self.counts["gaps"] += published - state.next
+            state.next = published
+            return
         if not state.pending or min(state.pending) <= state.next:
             return
         first = min(state.pending)
@@ -218,8 +228,13 @@ class StreamConsumer:
             self._ask(sid, state, "gap")
 
     def _resync(self, now: float) -> None:
+        """Ask again for a stream silent before its end, and for one whose request got no answer
+        (a broadcast killed with the request in flight never answers it)."""
         for sid, state in list(self.streams.items()):
-            if not state.asked and now - state.touched >= RESYNC_S:
+            if state.asked:
+                if now - state.asked_at >= ASK_TIMEOUT_S:
+                    self._ask(sid, state, "retry")
+            elif now - state.touched >= RESYNC_S:
                 state.touched = now
                 self._ask(sid, state, "resync")
 

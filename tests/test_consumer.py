@@ -144,3 +144,22 @@ def test_a_hole_published_after_the_snapshot_answer_is_asked_again_not_lost(broa
         router.send_multipart([identity, b"", orjson.dumps(end | {"published": 12}), b""])
         out = first + list(c.messages(idle_timeout_s=0.3))
     assert seqs(out) == list(range(12)) and c.counts["gaps"] == 0
+
+
+def test_an_unanswered_snapshot_request_is_sent_again(broadcast, monkeypatch):
+    """A broadcast killed with a request in flight never answers it: the client asks again."""
+    monkeypatch.setattr("engine.consumer.ASK_TIMEOUT_S", 0.2)
+    _, router = broadcast
+    with consumer(broadcast) as c:
+        c._accept(wire.decode(tokens(5, 0, 3)))
+        c._accept(wire.decode(tokens(5, 8, 11)))  # a hole: asked for
+        assert router.poll(5000)
+        router.recv_multipart()  # ... and never answered
+        out = list(c.messages(idle_timeout_s=0.3))  # 0..3, then nothing: the hole waits
+        assert router.poll(5000)  # the request again, from the same seq
+        identity, raw = router.recv_multipart()
+        assert orjson.loads(raw)["from_seq"] == 4 and orjson.loads(raw)["reason"] == "retry"
+        router.send_multipart([identity, *tokens(5, 4, 7)])
+        router.send_multipart([identity, b"", orjson.dumps({"type": "snapshot_end", "stream": 5}), b""])
+        out += list(c.messages(idle_timeout_s=0.5))
+    assert seqs(out) == list(range(12)) and c.counts["gaps"] == 0

@@ -82,40 +82,41 @@ def test_a_repeated_prompt_is_a_cache_hit_that_never_reaches_the_upstream(start_
 
 @pytest.mark.timeout(300)
 def test_kill_9_of_each_worker_role_loses_and_duplicates_nothing(start_engine):
-    """100k tokens; compute, cache and broadcast are SIGKILLed in turn while they flow, then ingest.
-    Every stream arrives whole and once; the streams ingest had open when it was killed end with
-    an explicit error after the tokens they delivered, never silently."""
-    engine = start_engine(full_config(rate=250, capacity=1 << 22))
-    streams, tokens = 100, 1000
+    """At least 100k tokens: compute, cache and broadcast are SIGKILLed in turn while tokens flow,
+    then ingest, after 100k tokens, while the 10 long streams are still open (the 10 short ones have
+    ended). Every stream arrives once and in order, without a gap; the streams ingest had open end
+    with an explicit error after the tokens they delivered, never silently. (The consumer keeps up:
+    what a consumer lagging behind a killed broadcast had not received yet is gone with the
+    broadcast's in-memory retention; docs/wire-format.md.)"""
+    engine = start_engine(full_config(rate=1000, capacity=1 << 22))
+    lengths = [2000] * 10 + [14000] * 10
     with StreamConsumer.for_engine(engine.info()["runtime_dir"]) as consumer:
-        sids = submit(engine, [chat(f"kill test {i}", tokens, temperature=0.9) for i in range(streams)])
+        sids = submit(engine, [chat(f"kill test {i}", n, temperature=0.9) for i, n in enumerate(lengths)])
         seen: dict[int, list[wire.Message]] = {}
         victims = ["compute", "cache", "broadcast", "ingest"]
-        delivered = 0
-        ended = 0
+        delivered = ended = 0
         for message in consumer.messages(idle_timeout_s=20):
             seen.setdefault(message.stream, []).append(message)
             delivered += len(message.text)
             ended += message.type in ("end", "error")
-            if victims and delivered >= (5 - len(victims)) * 15_000:
+            if victims and delivered >= (5 - len(victims)) * 25_000:
                 os.kill(engine.worker(victims.pop(0))["pid"], signal.SIGKILL)
-            if ended == streams:
+            if ended == len(lengths):
                 break
     assert not victims, f"the load ended before every role was killed ({delivered} tokens)"
-    assert sorted(seen) == sorted(sids)
+    assert sorted(seen) == sorted(sids) and delivered >= 100_000
     complete = 0
-    for messages in seen.values():
+    for sid, length in zip(sids, lengths, strict=True):
+        messages = seen[sid]
         seqs = token_seqs(messages)
-        assert seqs == list(range(1, len(seqs) + 1)), "a gap or a duplicate"
+        assert seqs == list(range(1, len(seqs) + 1)), f"stream {sid}: a gap or a duplicate"
         assert messages[0].type == "start" and messages[-1].type in ("end", "error")
         if messages[-1].type == "end":
-            assert len(seqs) == tokens
+            assert len(seqs) == length
             complete += 1
         else:
             assert "ingest restarted" in messages[-1].header["reason"]
-    assert complete >= streams // 2
-    assert consumer.counts["gaps"] == 0
-    assert sum(len(token_seqs(m)) for m in seen.values()) >= 100_000 * complete // streams
+    assert complete >= 10 and consumer.counts["gaps"] == 0
 
 
 def test_a_killed_upstream_fails_over_and_streams_complete(start_engine):
