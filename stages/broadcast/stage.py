@@ -26,10 +26,12 @@ one, what comes again is not published twice. The next seq per stream lives in a
 state array, updated right after each publish.
 
 A message handed to ZeroMQ is not on the wire yet (its I/O thread sends it a moment later), so a
-SIGKILL can lose what was just published. Input records are therefore released only FLUSH_GRACE_S
-after their messages were published, and a restarted broadcast publishes the records it finds
-unreleased again, without the de-duplication: after a crash of this stage a subscriber may see a
-message twice (the consumer client drops it by seq), never miss one.
+SIGKILL can lose what was just published, and what a subscriber lagging a little still has queued
+in the socket. Input records are therefore released only HOLD_S after their messages were
+published (sooner when they hold a quarter of the input ring, so the producer never waits on
+them), and a restarted broadcast publishes the records it finds unreleased again, without the
+de-duplication: after a crash of this stage a subscriber may see a message twice (the consumer
+client drops it by seq) rather than miss one.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from engine.stage import Stage, WorkerContext
 from shm.batch import Kind, TokenBatch
 from stages.broadcast import params
 
-FLUSH_GRACE_S = 0.005  # how long published records stay unreleased (ZeroMQ's I/O thread sends within it)
+HOLD_S = 0.5  # how long published records stay unreleased: what a restarted broadcast publishes again
 _SLOTS = 1 << 16  # streams tracked for de-duplication (by stream id modulo); old ones are reused
 _ROW_KINDS = {int(Kind.START): "start", int(Kind.END): "end", int(Kind.ERROR): "error"}
 
@@ -112,13 +114,14 @@ class Broadcast(Stage):
         self.unreleased: deque[tuple[int, int, float]] = deque()
         # records a killed predecessor left unreleased end here: publish them again, all of them
         self.backlog_end = self.inp.position + self.inp.available()
+        self.released = self.inp.position  # where the records held unreleased begin
         ctx.log.info("broadcast_ready", endpoints=[e.url for e in endpoints])
 
     def pollables(self) -> list[Any]:
         return [self.snapshots, *(sock for sock, _ in self.publishers)]
 
     def idle_timeout_s(self) -> float:
-        return min(self.heartbeat_s, FLUSH_GRACE_S) if self.unreleased else self.heartbeat_s
+        return min(self.heartbeat_s, HOLD_S) if self.unreleased else self.heartbeat_s
 
     # ---- the duty cycle -------------------------------------------------------------------
 
@@ -150,11 +153,16 @@ class Broadcast(Stage):
         return handled
 
     def _release_sent(self, now: float) -> None:
-        """Release the records whose messages were published at least FLUSH_GRACE_S ago."""
+        """Release the records published at least HOLD_S ago, and the oldest while the held ones
+        take more than a quarter of the ring (message transports have no such bound)."""
+        limit = getattr(self.inp, "capacity", 0) // 4 or None
         position, records = -1, 0
-        while self.unreleased and now - self.unreleased[0][2] >= FLUSH_GRACE_S:
+        while self.unreleased and (
+            now - self.unreleased[0][2] >= HOLD_S or (limit and self.inp.position - self.released > limit)
+        ):
             position, count, _ = self.unreleased.popleft()
             records += count
+            self.released = position
         if records:
             self.inp.release_to(position, records)
 

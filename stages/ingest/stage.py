@@ -35,7 +35,7 @@ from engine.cache_protocol import CacheLookup, socket_path
 from engine.cachekey import check_policy, key_for
 from engine.requests import RequestError, parse_request
 from engine.stage import AsyncStage, WorkerContext, wait_writable
-from shm.batch import Kind, batch_size, stable_token_id, write_batch
+from shm.batch import Kind, TokenBatch, batch_size, stable_token_id, write_batch
 from stages.ingest.openai_client import TokenEvent
 from stages.ingest.pool import PoolPolicy, UpstreamConfig, UpstreamPool
 from stages.ingest.ratelimit import KeyedBuckets, take
@@ -316,11 +316,29 @@ class Ingest(AsyncStage):
                 self.active[slot, 1] = seq + 1
 
     def _recover_lost_streams(self) -> None:
-        """Streams a killed predecessor left open end with an explicit error, never silently."""
+        """Streams a killed predecessor left open end with an explicit error, never silently.
+
+        The table is updated right after each commit, so a predecessor killed between the two left
+        it one batch behind: that batch is the ring's last committed record, read back here. Its
+        rows move a stream's next seq on (an error row on an old seq would be dropped downstream as
+        a duplicate, and the stream would never end), and a stream it ended is not open at all."""
+        open_streams = {}
         for slot in np.flatnonzero(self.active[:, 0]):
-            sid = int(self.active[slot, 0]) - 1
-            self.slots[sid] = int(slot)
-            self.next_seq[sid] = int(self.active[slot, 1])
+            open_streams[int(self.active[slot, 0]) - 1] = (int(slot), int(self.active[slot, 1]))
+        last = self.out.last_committed()
+        if last is not None and open_streams:
+            batch = TokenBatch.decode(last[1])
+            for sid, seq, kind in zip(batch.stream_id.tolist(), batch.seq.tolist(), batch.kind.tolist(), strict=True):
+                if sid in open_streams:
+                    slot, next_seq = open_streams[sid]
+                    open_streams[sid] = (slot, max(next_seq, seq + 1))
+                    if kind in (Kind.END, Kind.ERROR):
+                        self.active[slot] = (0, 0)
+                        del open_streams[sid]
+            del batch
+        for sid, (slot, next_seq) in open_streams.items():
+            self.slots[sid] = slot
+            self.next_seq[sid] = next_seq
             self._emit(sid, Kind.ERROR, b"ingest restarted; stream lost", time.monotonic_ns())
             self.ctx.log.warning("stream_lost_on_restart", stream_id=sid)
 
