@@ -97,7 +97,9 @@ def test_adapter_round_trip_unread_and_backpressure(kind, tmp_path, zmq_ctx):
             producer.commit(16)
             sent += 1
         assert producer.is_full and sent < 100_000
-        assert producer.prepare_wait()  # full: the caller may sleep on the space bell
+        # full: the caller may sleep on the space bell, unless room came meanwhile (zmq's I/O thread
+        # moves queued messages on to the peer in the background)
+        assert producer.prepare_wait() or not producer.is_full
         producer.end_wait()
         got = [int.from_bytes(_read(consumer)[1], "little") for _ in range(sent)]
         consumer.release()
