@@ -165,6 +165,9 @@ class Compute(Stage):
         if self.ngram < 1 or self.window < 1 or self.probe_window < 1:
             raise ValueError("compute params repetition.ngram, repetition.window and probes.window must be >= 1")
         self.kernels, self.choice = open_kernels(p, ctx.log)
+        # the curve's lookup table (~10 ms for order 8) is built now, not on the first stream's tokens
+        self.kernels.run("layout", {"token_id": np.zeros(1, np.uint32), "logprob": np.zeros(1, np.float32)},
+                         {"order": self.order})  # fmt: skip
         k = len(self.probe_vectors) if self.table is not None else 0
         self.streams = StreamStates(self.window + self.ngram - 1, self.window, self.probe_window if k else 0, k)
         self.counts = {"batches": 0, "tokens": 0, "repetitions": 0, "cancels": 0, "cancel_errors": 0}
