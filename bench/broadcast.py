@@ -289,10 +289,6 @@ _COLUMNS: tuple[report.Column, ...] = (
 )
 
 
-def _verdict(t: dict[str, Any]) -> str:
-    return "met" if t["met"] else "not met"
-
-
 def markdown(result: dict[str, Any]) -> str:
     return "\n".join(
         [
@@ -306,9 +302,7 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             report.markdown_table(result["paced"] + result["unpaced"], _COLUMNS),
             "",
-            "| target | goal | measured | |",
-            "|---|---|---:|---|",
-            *(f"| {t['target']} | {t['goal']} | {t['value']:,} | {_verdict(t)} |" for t in result["targets"]),
+            *report.target_table(result["targets"], "{:,}".format),
         ]
     )
 
@@ -320,5 +314,5 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
     click.echo(report.machine_line(result["machine"], result["load_before"], result["load_after"]))
     click.echo()
     click.echo(report.text_table(result["paced"] + result["unpaced"], _COLUMNS))
-    for t in result["targets"]:
-        click.echo(f"target {t['target']}: {t['value']:,} (goal {t['goal']}): {_verdict(t)}")
+    for line in report.target_lines(result["targets"], "{:,}".format):
+        click.echo(line)

@@ -373,10 +373,6 @@ _TTFT_COLUMNS: tuple[report.Column, ...] = (
 )
 
 
-def _verdict(t: dict[str, Any]) -> str:
-    return "met" if t["met"] else "not met"
-
-
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     return "\n".join(
@@ -399,9 +395,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"Repeats that were not hits: {result['ttft']['repeats_missed']} (ingest's lookup counters: "
             f"{result['ttft']['ingest']}).",
             "",
-            "| target | goal | measured | |",
-            "|---|---|---:|---|",
-            *(f"| {t['target']} | {t['goal']} | {t['value']:.3f} | {_verdict(t)} |" for t in result["targets"]),
+            *report.target_table(result["targets"], "{:.3f}".format),
         ]
     )
 
@@ -416,5 +410,5 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
     click.echo()
     click.echo(report.text_table(result["ttft"]["rows"], _TTFT_COLUMNS))
     click.echo(f"first token on a hit {result['ttft']['ttft_speedup']:g}x sooner (p50)")
-    for t in result["targets"]:
-        click.echo(f"target {t['target']}: {t['value']:.3f} (goal {t['goal']}): {_verdict(t)}")
+    for line in report.target_lines(result["targets"], "{:.3f}".format):
+        click.echo(line)

@@ -311,10 +311,6 @@ _STAGE_COLUMNS: tuple[report.Column, ...] = (
 )
 
 
-def _verdict(t: dict[str, Any]) -> str:
-    return {True: "met", False: "not met", None: "-"}[t["met"]]
-
-
 def _dashes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: "-" if v is None else v for k, v in row.items()} for row in rows]
 
@@ -335,9 +331,7 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             report.markdown_table(result["stage"], _STAGE_COLUMNS),
             "",
-            "| target | goal | measured | |",
-            "|---|---|---:|---|",
-            *(f"| {t['target']} | {t['goal']} | {t['value']} | {_verdict(t)} |" for t in result["targets"]),
+            *report.target_table(result["targets"]),
         ]
     )
 
@@ -352,5 +346,5 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
     click.echo(report.text_table(_dashes(result["rows"]), _KERNEL_COLUMNS))
     click.echo()
     click.echo(report.text_table(result["stage"], _STAGE_COLUMNS))
-    for t in result["targets"]:
-        click.echo(f"target {t['target']}: {t['value']} (goal {t['goal']}): {_verdict(t)}")
+    for line in report.target_lines(result["targets"]):
+        click.echo(line)

@@ -301,10 +301,6 @@ def _window_line(result: dict[str, Any], engine: dict[str, Any]) -> str:
     )
 
 
-def _verdict(t: dict[str, Any]) -> str:
-    return "met" if t["met"] else "not met"
-
-
 def markdown(result: dict[str, Any]) -> str:
     """The generated section of docs/recovery.md for this result: the small engine's processes,
     then the supervisor's cost by engine size."""
@@ -322,9 +318,7 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             _check_line(result),
             "",
-            "| target | goal | measured | |",
-            "|---|---|---:|---|",
-            *(f"| {t['target']} | {t['goal']} | {t['value']:g} | {_verdict(t)} |" for t in result["targets"]),
+            *report.target_table(result["targets"], "{:g}".format),
         ]
     )
 
@@ -342,5 +336,5 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
     click.echo(report.text_table(_size_rows(result), _SIZE_COLUMNS))
     click.echo()
     click.echo(_check_line(result))
-    for t in result["targets"]:
-        click.echo(f"target {t['target']}: {t['value']:g} (goal {t['goal']}): {_verdict(t)}")
+    for line in report.target_lines(result["targets"], "{:g}".format):
+        click.echo(line)

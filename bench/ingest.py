@@ -301,10 +301,6 @@ _PACED_COLUMNS: tuple[report.Column, ...] = (
 )
 
 
-def _verdict(t: dict[str, Any]) -> str:
-    return "met" if t["met"] else "not met"
-
-
 def _sink_line(result: dict[str, Any]) -> str:
     sink = result["sink"]
     return (
@@ -330,9 +326,7 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             _sink_line(result),
             "",
-            "| target | goal | measured | |",
-            "|---|---|---:|---|",
-            *(f"| {t['target']} | {t['goal']} | {t['value']:,} | {_verdict(t)} |" for t in result["targets"]),
+            *report.target_table(result["targets"], "{:,}".format),
         ]
     )
 
@@ -348,5 +342,5 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
     click.echo(report.text_table(result["paced"], _PACED_COLUMNS))
     click.echo()
     click.echo(_sink_line(result))
-    for t in result["targets"]:
-        click.echo(f"target {t['target']}: {t['value']:,} (goal {t['goal']}): {_verdict(t)}")
+    for line in report.target_lines(result["targets"], "{:,}".format):
+        click.echo(line)

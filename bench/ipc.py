@@ -420,7 +420,6 @@ _COLUMNS: tuple[report.Column, ...] = (
 
 def markdown(result: dict[str, Any]) -> str:
     """The generated section of docs/benchmarks.md for this result."""
-    goals = [f"| {t['target']} | {t['goal']} | {_number(t['value'])} | {_verdict(t)} |" for t in result["targets"]]
     settings = result["settings"]
     lines = [
         report.machine_line(result["machine"], result["load_before"], result["load_after"]),
@@ -439,16 +438,10 @@ def markdown(result: dict[str, Any]) -> str:
         *ratios(result["rows"]),
         "```",
         "",
-        "| target | goal | measured | |",
-        "|---|---|---:|---|",
-        *goals,
+        *report.target_table(result["targets"], _number),
     ]
     lines += [f"\nNote: {note}" for note in result["notes"]]
     return "\n".join(lines)
-
-
-def _verdict(target: dict[str, Any]) -> str:
-    return "met" if target["met"] else "not met"
 
 
 def _number(value: float) -> str:
@@ -467,7 +460,7 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
         click.echo(line)
     if result["targets"]:
         click.echo()
-    for t in result["targets"]:
-        click.echo(f"target {t['target']}: {_number(t['value'])} (goal {t['goal']}): {_verdict(t)}")
+    for line in report.target_lines(result["targets"], _number):
+        click.echo(line)
     for note in result["notes"]:
         click.echo(f"note: {note}")

@@ -334,10 +334,6 @@ _RATIO_COLUMNS: tuple[report.Column, ...] = (
 )
 
 
-def _verdict(t: dict[str, Any]) -> str:
-    return "met" if t["met"] else "not met"
-
-
 def markdown(result: dict[str, Any]) -> str:
     """The generated section of docs/benchmarks.md for this result."""
     return "\n".join(
@@ -354,9 +350,7 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             report.markdown_table(result["ratios"], _RATIO_COLUMNS),
             "",
-            "| target | goal | measured | |",
-            "|---|---|---:|---|",
-            *(f"| {t['target']} | {t['goal']} | {t['value']:,} | {_verdict(t)} |" for t in result["targets"]),
+            *report.target_table(result["targets"], "{:,}".format),
         ]
     )
 
@@ -373,5 +367,5 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
     click.echo(report.text_table(result["paced"], _PACED_COLUMNS))
     click.echo()
     click.echo(report.text_table(result["ratios"], _RATIO_COLUMNS))
-    for t in result["targets"]:
-        click.echo(f"target {t['target']}: {t['value']:,} (goal {t['goal']}): {_verdict(t)}")
+    for line in report.target_lines(result["targets"], "{:,}".format):
+        click.echo(line)

@@ -603,14 +603,6 @@ def _startup_line(result: dict[str, Any]) -> str:
     )
 
 
-def _verdict(t: dict[str, Any]) -> str:
-    return "met" if t["met"] else "not met"
-
-
-def _target_line(t: dict[str, Any]) -> str:
-    return f"{t['target']}: {t['value']:g} (goal {t['goal']}): {_verdict(t)}"
-
-
 def _sink_line(result: dict[str, Any]) -> str:
     sink = result["sink"]
     return (
@@ -641,9 +633,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         _sink_line(result),
         "",
-        "| target | goal | measured | |",
-        "|---|---|---:|---|",
-        *(f"| {t['target']} | {t['goal']} | {t['value']:g} | {_verdict(t)} |" for t in result["targets"]),
+        *report.target_table(result["targets"], "{:g}".format),
     ]
     return "\n".join(lines)
 
@@ -664,5 +654,5 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
     click.echo(report.text_table(_import_rows(result), _IMPORT_COLUMNS))
     click.echo()
     click.echo(_sink_line(result))
-    for t in result["targets"]:
-        click.echo(f"target {_target_line(t)}")
+    for line in report.target_lines(result["targets"], "{:g}".format):
+        click.echo(line)

@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,25 @@ def markdown_table(rows: list[dict[str, Any]], columns: tuple[Column, ...]) -> s
     rule = "|" + "|".join("---" if fmt == "{}" else "---:" for _, _, fmt in columns) + "|"
     body = ["| " + " | ".join(fmt.format(row[key]) for key, _, fmt in columns) + " |" for row in rows]
     return "\n".join([head, rule, *body])
+
+
+def verdict(target: dict[str, Any]) -> str:
+    """met, not met, or "-" for a target this run could not measure (``met`` None)."""
+    return {True: "met", False: "not met", None: "-"}[target["met"]]
+
+
+def target_table(targets: list[dict[str, Any]], value: Callable[[Any], str] = str) -> list[str]:
+    """Markdown lines of the targets: each goal, what was measured (``value`` formats it), met or not."""
+    return [
+        "| target | goal | measured | |",
+        "|---|---|---:|---|",
+        *(f"| {t['target']} | {t['goal']} | {value(t['value'])} | {verdict(t)} |" for t in targets),
+    ]
+
+
+def target_lines(targets: list[dict[str, Any]], value: Callable[[Any], str] = str) -> list[str]:
+    """The targets as text lines, for the terminal."""
+    return [f"target {t['target']}: {value(t['value'])} (goal {t['goal']}): {verdict(t)}" for t in targets]
 
 
 def write_json(path: Path, data: object) -> None:
