@@ -31,6 +31,7 @@ from enum import IntEnum
 import numpy as np
 
 MAGIC = int.from_bytes(b"NPTB", "little")
+RECORD_TYPE = 16  # the ring record type of a token batch (the first user record type)
 VERSION = 1
 MAX_EXTRA = 8
 _FIXED = struct.Struct("<IHHII8x")

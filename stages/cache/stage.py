@@ -35,14 +35,13 @@ import zmq
 
 from engine.cache_protocol import CacheProtocolError, parse_request
 from engine.stage import Stage, WorkerContext
-from shm.batch import BatchError, TokenBatch
+from shm.batch import RECORD_TYPE, BatchError, TokenBatch
 from stages.cache.collect import Collector
 from stages.cache.replay import Replay, lost_replay_stream
 from stages.cache.snapshot import SnapshotError, read_snapshot, write_snapshot
 from stages.cache.store import LruStore
 
 REPLAY_MODES = ("full", "paced")
-DEFAULT_RECORD_TYPE = 16  # what ingest writes; the type of a lost replay's ERROR row
 _HOUSEKEEPING_S = 1.0
 
 
@@ -246,7 +245,7 @@ class Cache(Stage):
         # slot -> (stream id + 1, next seq committed); 0 marks a free slot
         self.replay_table = self.ctx.state_array("replays", "u8", (max_replays, 2))
         self.replay_slots: dict[int, int] = {}
-        lost = lost_replay_stream(DEFAULT_RECORD_TYPE)
+        lost = lost_replay_stream(RECORD_TYPE)
         for slot in np.flatnonzero(self.replay_table[:, 0]).tolist():
             sid, seq = int(self.replay_table[slot, 0]) - 1, int(self.replay_table[slot, 1])
             self.replay_table[slot] = (0, 0)

@@ -35,12 +35,11 @@ from engine.cache_protocol import CacheLookup, socket_path
 from engine.cachekey import check_policy, key_for
 from engine.requests import RequestError, parse_request
 from engine.stage import AsyncStage, WorkerContext, wait_writable
-from shm.batch import Kind, TokenBatch, batch_size, stable_token_id, write_batch
+from shm.batch import RECORD_TYPE, Kind, TokenBatch, batch_size, stable_token_id, write_batch
 from stages.ingest.openai_client import TokenEvent
 from stages.ingest.pool import PoolPolicy, UpstreamConfig, UpstreamPool
 from stages.ingest.ratelimit import KeyedBuckets, take
 
-RECORD_TYPE = 16
 _TOKEN = int(Kind.TOKEN)
 _KINDS = {"start": Kind.START, "token": Kind.TOKEN, "end": Kind.END, "error": Kind.ERROR}
 _LATENCY_SAMPLES = 4096

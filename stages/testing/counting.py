@@ -12,10 +12,8 @@ import time
 
 import numpy as np
 
-from shm.batch import Kind, TokenBatch, batch_size, encode_texts, stable_token_id, write_batch
+from shm.batch import RECORD_TYPE, Kind, TokenBatch, batch_size, encode_texts, stable_token_id, write_batch
 from shm.ring import Producer
-
-RECORD_TYPE = 16  # ring record type of a token batch
 
 
 def batch_position(k: int, streams: int, batch: int) -> tuple[int, int]:
