@@ -186,9 +186,13 @@ def run(path: str | None, detach: bool, as_json: bool) -> None:
         info = launch_detached(cfg, path)
         _emit(info, as_json, f"engine {info['instance']} running (pid {info['pid']}, log {info['log']})")
         return
-    from engine.supervisor import Supervisor
+    from engine.supervisor import StartupError, Supervisor
 
-    raise SystemExit(Supervisor(cfg).run())
+    try:
+        code = Supervisor(cfg).run()
+    except StartupError as exc:
+        raise click.ClickException(f"engine not started: {exc}") from None
+    raise SystemExit(code)
 
 
 def _engine(path: str | None, instance: str | None) -> dict:

@@ -35,11 +35,16 @@ from engine.worker import main as worker_main
 from shm.naming import new_instance_id, segment_name
 from shm.registry import list_segments, remove_stale
 from shm.ring import Ring, RingCorrupt, read_header
+from shm.segment import NoSharedMemory
 
 EXIT_OK = 0
 EXIT_ESCALATED = 3
 STARTUP_GRACE_S = 10.0  # a fresh worker imports its stage before its first heartbeat
 _EGRESS_KEYS = ("messages", "gaps", "duplicates", "batches", "batches_within_budget")
+
+
+class StartupError(Exception):
+    """The engine could not be set up (no shared memory, a port in use); the text says why."""
 
 
 class Escalation(Exception):
@@ -179,6 +184,19 @@ class Supervisor:
             }
         )
 
+    def _abandon_setup(self) -> None:
+        """Undo what a failed ``_setup`` made so far (rings, channels, sockets, the directory)."""
+        for ring in self.rings.values():
+            ring.destroy()
+        for channel in self.channels.values():
+            close_channel(channel)
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+        if getattr(self, "zmq", None) is not None:
+            self.zmq.destroy(linger=0)
+        if getattr(self, "dir", None) is not None:
+            self.dir.remove()
+
     def _teardown(self) -> None:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -197,8 +215,15 @@ class Supervisor:
     # ---- main loop --------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Run until stopped (signal, ``shutdown`` request) or escalation; returns the exit code."""
-        self._setup()
+        """Run until stopped (signal, ``shutdown`` request) or escalation; returns the exit code.
+        Raises :class:`StartupError` when the engine cannot be set up; nothing is left behind."""
+        try:
+            self._setup()
+        except BaseException as exc:
+            self._abandon_setup()
+            if isinstance(exc, NoSharedMemory | OSError):
+                raise StartupError(str(exc)) from None
+            raise
         try:
             self.log.info(
                 "engine_starting",

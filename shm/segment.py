@@ -16,12 +16,17 @@ can be taken" means "the owner is gone".
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import mmap
 import os
 from multiprocessing import resource_tracker, shared_memory
 
-from shm.naming import segment_path
+from shm.naming import SHM_DIR, segment_path
+
+
+class NoSharedMemory(RuntimeError):
+    """The shared-memory filesystem cannot hold a new segment; the message says how much is missing."""
 
 
 def _untrack(seg: shared_memory.SharedMemory) -> None:
@@ -29,11 +34,31 @@ def _untrack(seg: shared_memory.SharedMemory) -> None:
 
 
 def create_segment(name: str, size: int) -> shared_memory.SharedMemory:
-    """Create segment ``name`` of ``size`` bytes, locked by this process as its owner."""
+    """Create segment ``name`` of ``size`` bytes, locked by this process as its owner.
+
+    The pages are reserved now (``posix_fallocate``): ``ftruncate`` alone reserves nothing, and a
+    full /dev/shm would then kill whichever process first touches an unbacked page with SIGBUS.
+    Raises :class:`NoSharedMemory` when they cannot be reserved."""
     seg = shared_memory.SharedMemory(name=name, create=True, size=size)
     _untrack(seg)
+    try:
+        os.posix_fallocate(seg._fd, 0, size)
+    except OSError as exc:
+        close_segment(seg)
+        remove_segment(name)
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise NoSharedMemory(
+            f"not enough shared memory for segment {name!r}: need {size:,} bytes, {SHM_DIR} has {shm_free():,} free",
+        ) from None
     fcntl.flock(seg._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return seg
+
+
+def shm_free() -> int:
+    """Bytes the shared-memory filesystem can still hand out."""
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize
 
 
 def attach_segment(name: str) -> shared_memory.SharedMemory:
