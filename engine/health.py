@@ -51,6 +51,7 @@ class RingSample:
     name: str
     header: RingHeader | None  # None when the header could not be read/validated
     error: str = ""  # the RingCorrupt message in that case
+    consumer: str = ""  # the worker reading the ring ("" when unknown): blamed when it stalls
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ def status_for(score: float) -> str:
 class _Snapshot:
     time: float
     rings: dict[str, RingHeader | None]
+    consumers: dict[str, str]  # ring -> the worker reading it
     workers: dict[str, WorkerSample]
     egress: EgressSample
     upstream_load: dict[str, int]
@@ -131,11 +133,14 @@ class HealthMonitor:
         heartbeat_timeout_s: float = 2.0,
         intensity: int = 5,
         latency_budget_ms: float = 50.0,
+        stall_s: float | None = None,
     ) -> None:
         if window_s <= 0 or heartbeat_timeout_s <= 0 or intensity < 0 or latency_budget_ms <= 0:
             raise ValueError("window_s, heartbeat_timeout_s and latency_budget_ms must be > 0, intensity >= 0")
         self.window_s = window_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        # records waiting this long without the consumer reading one: stalled, like a missed heartbeat
+        self.stall_s = heartbeat_timeout_s if stall_s is None else stall_s
         self.intensity = intensity
         self.latency_budget_ms = latency_budget_ms
         self._history: deque[_Snapshot] = deque()
@@ -158,6 +163,7 @@ class HealthMonitor:
             _Snapshot(
                 time=now,
                 rings={r.name: r.header for r in rings},
+                consumers={r.name: r.consumer for r in rings if r.consumer},
                 workers={w.name: w for w in workers},
                 egress=egress,
                 upstream_load=dict(upstream_load or {}),
@@ -167,10 +173,11 @@ class HealthMonitor:
             self._history.popleft()
         window = list(self._history)
 
+        stalled = _stalled(window, self.stall_s)
         integrity, integrity_details = _integrity(window, rings, leaked_segments)
-        stability, stability_details = _stability(window, self.heartbeat_timeout_s, self.intensity)
+        stability, stability_details = _stability(window, self.heartbeat_timeout_s, self.intensity, stalled)
         symmetry, symmetry_details = _symmetry(window)
-        consistency, consistency_details = _consistency(window, self.latency_budget_ms)
+        consistency, consistency_details = _consistency(window, self.latency_budget_ms, stalled)
         score = (integrity + stability + symmetry + consistency) / 4
         return Pas(
             integrity=integrity,
@@ -207,6 +214,27 @@ def _integrity(window: list[_Snapshot], rings: list[RingSample], leaked: int) ->
     }
 
 
+def _stalled(window: list[_Snapshot], stall_s: float) -> dict[str, float]:
+    """Rings whose records have waited at least ``stall_s`` without their running consumer reading
+    one (ring -> seconds). Heartbeats prove a worker's loop turns, not that it moves data: a stage
+    wedged on a record it can never pass on keeps beating while its input fills."""
+    latest = window[-1]
+    stalled = {}
+    for ring, head in latest.rings.items():
+        consumer = latest.workers.get(latest.consumers.get(ring, ""))
+        if head is None or head.used == 0 or consumer is None or consumer.state != "running":
+            continue
+        since = latest.time
+        for sample in reversed(window):
+            h = sample.rings.get(ring)
+            if h is None or h.used == 0 or h.records_read != head.records_read:
+                break
+            since = sample.time
+        if latest.time - since >= stall_s:
+            stalled[ring] = latest.time - since
+    return stalled
+
+
 def _worker_score(w: WorkerSample, restarts: int, heartbeat_timeout_s: float, intensity: int) -> float:
     # A starting worker may not have sent its first heartbeat yet (spawn and imports take a
     # while); the supervisor's start timeout covers a worker that never gets going.
@@ -218,18 +246,23 @@ def _worker_score(w: WorkerSample, restarts: int, heartbeat_timeout_s: float, in
     return 1.0 - min(1.0, restarts / intensity)
 
 
-def _stability(window: list[_Snapshot], heartbeat_timeout_s: float, intensity: int) -> tuple[float, dict]:
+def _stability(
+    window: list[_Snapshot], heartbeat_timeout_s: float, intensity: int, stalled: dict[str, float]
+) -> tuple[float, dict]:
     # A stopped worker was stopped on purpose (a finished transient one, a drain): not a fault.
     workers = [w for w in window[-1].workers.values() if w.state != "stopped"]
+    stalled_workers = {window[-1].consumers[ring] for ring in stalled}
     per_worker = {}
     for w in workers:
         restarts = _increase(s.workers[w.name].restarts for s in window if w.name in s.workers)
+        score = _worker_score(w, restarts, heartbeat_timeout_s, intensity if w.intensity is None else w.intensity)
         per_worker[w.name] = {
             "state": w.state,
             "alive": w.alive,
             "heartbeat_age_s": _finite(w.heartbeat_age_s),
             "restarts_in_window": restarts,
-            "score": _worker_score(w, restarts, heartbeat_timeout_s, intensity if w.intensity is None else w.intensity),
+            "stalled": w.name in stalled_workers,
+            "score": 0.0 if w.name in stalled_workers else score,
         }
     score = sum(d["score"] for d in per_worker.values()) / len(per_worker) if per_worker else 1.0
     return score, {"workers": per_worker, "heartbeat_timeout_s": heartbeat_timeout_s, "intensity": intensity}
@@ -287,15 +320,17 @@ def _symmetry(window: list[_Snapshot]) -> tuple[float, dict]:
     }
 
 
-def _consistency(window: list[_Snapshot], latency_budget_ms: float) -> tuple[float, dict]:
+def _consistency(window: list[_Snapshot], latency_budget_ms: float, stalled: dict[str, float]) -> tuple[float, dict]:
     def increase(counter: str) -> int:
         return _increase(getattr(s.egress, counter) for s in window)
 
     messages, gaps, duplicates = increase("messages"), increase("gaps"), increase("duplicates")
     batches, within = increase("batches"), increase("batches_within_budget")
     ordered = 1.0 - min(1.0, (gaps + duplicates) / messages) if messages else 1.0
-    on_time = min(1.0, within / batches) if batches else 1.0
+    # records stuck in a stalled ring are already later than any budget, and never reach egress to be counted
+    on_time = 0.0 if stalled else min(1.0, within / batches) if batches else 1.0
     return ordered * on_time, {
+        "stalled_rings": {ring: round(seconds, 3) for ring, seconds in stalled.items()},
         "messages": messages,
         "gaps": gaps,
         "duplicates": duplicates,

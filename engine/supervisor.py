@@ -473,7 +473,8 @@ class Supervisor:
     # ---- health and status ------------------------------------------------------------------
 
     def _samples(self, now: float) -> tuple[list[RingSample], list[WorkerSample], EgressSample]:
-        rings = [_ring_sample(name, ring) for name, ring in self.rings.items()]
+        readers = {ring: name for name, wcfg in self.cfg.workers.items() for ring in wcfg.inputs}
+        rings = [_ring_sample(name, ring, readers.get(name, "")) for name, ring in self.rings.items()]
         workers = []
         for name, h in self.workers.items():
             workers.append(
@@ -532,12 +533,12 @@ class Supervisor:
         }
 
 
-def _ring_sample(name: str, ring: Ring) -> RingSample:
+def _ring_sample(name: str, ring: Ring, consumer: str) -> RingSample:
     """The ring's header, validated as any reader would see it (a corrupt one scores integrity)."""
     try:
-        return RingSample(name, read_header(ring.name))
+        return RingSample(name, read_header(ring.name), consumer=consumer)
     except (RingCorrupt, FileNotFoundError) as exc:
-        return RingSample(name, None, str(exc))
+        return RingSample(name, None, str(exc), consumer=consumer)
 
 
 def _ring_status(name: str, ring: Ring) -> dict[str, Any]:

@@ -294,3 +294,47 @@ def test_each_fault_alone_leaves_other_subscores_at_one() -> None:
     assert pas.consistency == 0.5
     assert pas.score == pytest.approx(0.875)
     assert pas.status == "warning"
+
+
+# ---- a stalled stage: input waiting, no progress, heartbeats still fresh ---------------------
+
+
+def _stall_run(seconds: int, consumer_state: str = "running") -> object:
+    """Ring "a" holds 512 bytes its consumer w1 never reads, while every heartbeat stays fresh."""
+    monitor = HealthMonitor(heartbeat_timeout_s=2.0)
+    pas = None
+    for t in range(seconds + 1):
+        rings = [RingSample("a", header("a", write_cursor=512, read_cursor=0, records_written=1), consumer="w1")]
+        workers = [worker("w0", processed=1), worker("w1", state=consumer_state)]
+        pas = monitor.observe(float(t), rings, workers, EgressSample())
+    return pas
+
+
+def test_a_total_stall_does_not_score_healthy() -> None:
+    pas = _stall_run(3)
+    assert pas.status == "critical"
+    assert pas.consistency == 0.0
+    assert pas.details["stability"]["workers"]["w1"]["stalled"] is True
+    assert pas.details["consistency"]["stalled_rings"] == {"a": 3.0}
+
+
+def test_waiting_shorter_than_the_stall_time_is_not_a_stall() -> None:
+    pas = _stall_run(1)
+    assert pas.score == 1.0
+    assert pas.details["consistency"]["stalled_rings"] == {}
+
+
+def test_a_paused_consumer_is_not_stalled() -> None:
+    # an operator's pause keeps records waiting on purpose
+    pas = _stall_run(5, consumer_state="paused")
+    assert pas.details["consistency"]["stalled_rings"] == {}
+
+
+def test_a_consumer_that_keeps_reading_is_not_stalled() -> None:
+    monitor = HealthMonitor(heartbeat_timeout_s=2.0)
+    for t in range(6):
+        rings = [
+            RingSample("a", header("a", write_cursor=512 * (t + 1), read_cursor=512 * t, records_read=t), consumer="w1")
+        ]
+        pas = monitor.observe(float(t), rings, [worker("w1")], EgressSample())
+    assert pas.score == 1.0
