@@ -3,7 +3,10 @@
 Ingest computes the key (``cache_key``) and writes it into the stream's START row; the cache stage
 stores the finished stream under it and answers lookups by it (docs/cache.md).
 
-The key is the BLAKE2b-128 hex digest of a canonical JSON form of ``(endpoint, body)``:
+The key is the BLAKE2b-128 hex digest of a canonical JSON form of ``(producer, endpoint, body)``:
+- ``producer`` (:func:`producer_id`) identifies the upstream set that generated the stream: the same
+  prompt at temperature 0 gives other tokens from another server or model, so an engine pointed at
+  llama.cpp never gets the embedded upstream's answer from a snapshot both engines shared;
 - every body field counts, except those that cannot change the generated tokens (``IGNORED``:
   ``stream``, ``stream_options``, ``user``, ``metadata``, ``store``); an unknown sampling field
   (``top_k``, ``min_p``, ``ignore_eos`` ...) therefore separates keys rather than colliding them;
@@ -20,6 +23,7 @@ first answer again); ``off`` caches nothing.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -62,15 +66,23 @@ def _message(msg: Any) -> Any:
     return msg
 
 
-def cache_key(body: dict[str, Any], endpoint: str = "chat") -> str:
-    """The canonical key (32 hex characters) of a request body sent to ``endpoint``."""
+def producer_id(upstreams: Iterable[Mapping[str, Any]]) -> str:
+    """A stable id (16 hex characters) of the upstream set whose answers are cached: each
+    upstream's settings that decide what it generates (for a real server its URL and models; for
+    the embedded one its corpus settings), order-independent."""
+    canonical = sorted(orjson.dumps(_canonical(dict(u)), option=orjson.OPT_SORT_KEYS) for u in upstreams)
+    return hashlib.blake2b(b"\n".join(canonical), digest_size=8).hexdigest()
+
+
+def cache_key(body: dict[str, Any], endpoint: str = "chat", producer: str = "") -> str:
+    """The canonical key (32 hex characters) of a request body sent to ``endpoint`` of ``producer``."""
     fields = {k: v for k, v in body.items() if k not in IGNORED}
     if isinstance(fields.get("messages"), list):
         fields["messages"] = [_message(m) for m in fields["messages"]]
-    canonical = orjson.dumps([endpoint, _canonical(fields)], option=orjson.OPT_SORT_KEYS)
+    canonical = orjson.dumps([producer, endpoint, _canonical(fields)], option=orjson.OPT_SORT_KEYS)
     return hashlib.blake2b(canonical, digest_size=16).hexdigest()
 
 
-def key_for(body: dict[str, Any], endpoint: str, policy: str) -> str | None:
+def key_for(body: dict[str, Any], endpoint: str, policy: str, producer: str) -> str | None:
     """The request's key when ``policy`` caches it, else None."""
-    return cache_key(body, endpoint) if cacheable(body, policy) else None
+    return cache_key(body, endpoint, producer) if cacheable(body, policy) else None

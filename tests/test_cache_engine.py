@@ -140,6 +140,30 @@ def test_snapshot_survives_a_killed_cache_and_an_engine_restart_and_a_corrupt_on
     assert run(e3, "persist me", 1)["tokens"] == TOKENS  # it still works, from the upstream
 
 
+@pytest.mark.timeout(90)
+def test_a_snapshot_never_answers_for_another_upstream(tmp_path, instance):
+    """Engines sharing a runtime base share the cache snapshot: an engine whose upstream serves
+    other models must not replay the first engine's answer as ``cached: true``."""
+    first = Engine(tmp_path, CONFIG.format(cache="snapshot_interval_s = 0"), instance).start()
+    try:
+        run(first, "same prompt", 1)
+        stored(first, 1)
+    finally:
+        assert first.stop() == 0
+    other = CONFIG.format(cache="snapshot_interval_s = 0").replace(
+        "tokens_per_s = 0 }", 'tokens_per_s = 0, models = ["another-model"] }'
+    )
+    second = Engine(tmp_path, other, instance + "b").start()
+    try:
+        # the snapshot was there to be misused
+        wait_for(lambda: stats(second, "cache").get("restored") == 1, 10, "the shared snapshot restored")
+        ingest = run(second, "same prompt", 1)
+        assert ingest.get("cache_hits", 0) == 0 and ingest["tokens"] == TOKENS
+    finally:
+        second.stop()
+        second.kill_all()
+
+
 @pytest.mark.timeout(60)
 def test_cache_cli_stats_snapshot_clear(engine):
     e = engine()

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from engine.cache_protocol import CacheProtocolError, parse_request
-from engine.cachekey import cache_key, check_policy, key_for
+from engine.cachekey import cache_key, check_policy, key_for, producer_id
 from shm.batch import BatchColumns, ExtraColumn, Kind, TokenBatch, batch_size, write_batch
 from stages.cache.collect import Collector
 from stages.cache.replay import Replay
@@ -39,11 +39,20 @@ def test_key_ignores_what_cannot_change_the_tokens_and_canonicalises():
     assert cache_key(CHAT, "chat") != cache_key(CHAT, "completions")
 
 
+def test_key_names_the_producer_so_another_upstream_never_gets_its_answer():
+    llama = producer_id([{"base_url": "http://127.0.0.1:8080", "models": ["tiny"]}])
+    embedded = producer_id([{"embedded": ["neuralpipe-echo"]}])
+    assert cache_key(CHAT, "chat", llama) != cache_key(CHAT, "chat", embedded)
+    # the same set in another order is the same producer
+    a, b = {"base_url": "http://a", "models": []}, {"base_url": "http://b", "models": ["m"]}
+    assert producer_id([a, b]) == producer_id([b, a]) != producer_id([a])
+
+
 def test_policy_deterministic_all_off():
     hot = {**CHAT, "temperature": 0.7}
-    assert key_for(CHAT, "chat", "deterministic") and key_for({**hot, "seed": 1}, "chat", "deterministic")
-    assert key_for(hot, "chat", "deterministic") is None
-    assert key_for(hot, "chat", "all") and key_for(CHAT, "chat", "off") is None
+    assert key_for(CHAT, "chat", "deterministic", "p") and key_for({**hot, "seed": 1}, "chat", "deterministic", "p")
+    assert key_for(hot, "chat", "deterministic", "p") is None
+    assert key_for(hot, "chat", "all", "p") and key_for(CHAT, "chat", "off", "p") is None
     with pytest.raises(ValueError, match="cache_policy"):
         check_policy("sometimes")
 

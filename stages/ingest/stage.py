@@ -32,7 +32,7 @@ import zmq
 import zmq.asyncio
 
 from engine.cache_protocol import CacheLookup, socket_path
-from engine.cachekey import check_policy, key_for
+from engine.cachekey import check_policy, key_for, producer_id
 from engine.requests import RequestError, parse_request
 from engine.stage import AsyncStage, WorkerContext, wait_writable
 from shm.batch import RECORD_TYPE, Kind, TokenBatch, batch_size, stable_token_id, write_batch
@@ -72,7 +72,11 @@ class Ingest(AsyncStage):
         self.cache_policy = check_policy(p.get("cache_policy", "deterministic"))
         cache_worker = str(p.get("cache", "cache"))
         self.cache = CacheLookup(socket_path(ctx.runtime_dir, cache_worker)) if cache_worker else None
-        upstreams = [UpstreamConfig(**u) for u in p.get("upstreams", [])] or [self._start_embedded(p)]
+        upstreams = [UpstreamConfig(**u) for u in p.get("upstreams", [])]
+        # what the cache key names as the producer: the upstreams' URLs and models, or the embedded one's models
+        self.producer = producer_id([{"base_url": u.base_url, "models": list(u.models)} for u in upstreams])
+        if not upstreams:
+            upstreams = [self._start_embedded(p)]
         self.pool = UpstreamPool(upstreams, PoolPolicy(**p.get("pool", {})))
         await self.pool.start()
         if self.cache is not None:
@@ -140,7 +144,7 @@ class Ingest(AsyncStage):
     async def _stream(self, sid: int, client: str, body: dict, endpoint: str) -> None:
         try:
             await self._admit(client)
-            key = key_for(body, endpoint, self.cache_policy)
+            key = key_for(body, endpoint, self.cache_policy, self.producer)
             if key is not None and self.cache is not None and await self.cache.lookup(key, sid):
                 self._forget(sid)  # the cache replays the stream under this id
                 return
@@ -347,6 +351,7 @@ class Ingest(AsyncStage):
         from stages.ingest.upstream_server import UpstreamServerConfig, serve_in_process
 
         cfg = UpstreamServerConfig(**p.get("embedded", {}))
+        self.producer = producer_id([{"embedded": list(cfg.models)}])
         self.embedded, base_url = serve_in_process(cfg)
         # As many streams in flight as the embedded server accepts (the pool's default is 64).
         return UpstreamConfig(name="embedded", base_url=base_url, models=(), max_concurrency=cfg.max_concurrency)
