@@ -19,12 +19,18 @@ taken while sampling): one request at a time waits a turn of the busy event loop
 - Added latency: the upstream paced per stream; the ingest worker's ``latency_p50_us`` and
   ``latency_p99_us`` (SSE event parsed -> batch committed, over its last 4,096 tokens) are read
   while the streams are running.
+- CPU per token, every run: the CPU time (utime + stime of ``/proc/<pid>/stat``) the ingest
+  worker and, apart, the embedded upstream (the load generator, its child process on the same
+  cores) spent from the first submit to the last commit, divided by the load's tokens. The
+  headline is the paced load of issue 11: 100 streams at 100 tokens/s each (10k tokens/s).
 
 At the end of each engine the sink must have every row, in order: its ``gaps`` must be 0.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -39,6 +45,7 @@ from shm import descriptor as d
 from shm.naming import segment_name
 
 from . import report
+from .idle import usage
 from .proc import BenchError
 from .recovery import BenchEngine, RingWatch, wait_for
 
@@ -47,6 +54,7 @@ DOCS = report.DOCS.parent / "ingest.md"
 # Targets from the issue, reported (never asserted).
 TARGET_TOKENS_PER_S = 200_000.0  # with 1,000 streams
 TARGET_P99_US = 200.0
+TARGET_CPU_US_PER_TOKEN = 10.0  # ingest, paced 100 x 100 tokens/s
 
 HEARTBEAT_S = 0.1  # how fresh the status stats are
 POLL_S = 0.002  # ring cursor samples
@@ -59,10 +67,15 @@ RUN_TIMEOUT_S = 120.0
 class Settings:
     unpaced: tuple[tuple[int, int], ...]  # (streams, tokens per stream)
     paced: tuple[tuple[int, float, int], ...]  # (streams, tokens/s per stream, tokens per stream)
+    cpu: tuple[int, float, int]  # the paced load whose CPU per token is the headline (issue 11)
 
 
-FULL = Settings(unpaced=((1, 32768), (100, 2000), (1000, 200)), paced=((100, 20.0, 120), (1000, 20.0, 120)))
-QUICK = Settings(unpaced=((1, 2000), (100, 40), (1000, 4)), paced=((100, 20.0, 30),))
+FULL = Settings(
+    unpaced=((1, 32768), (100, 2000), (1000, 200)),
+    paced=((100, 20.0, 120), (1000, 20.0, 120)),
+    cpu=(100, 100.0, 500),
+)
+QUICK = Settings(unpaced=((1, 2000), (100, 40), (1000, 4)), paced=((100, 20.0, 30),), cpu=(100, 100.0, 150))
 
 
 def engine_toml(tokens_per_s: float) -> str:
@@ -108,6 +121,18 @@ class Load:
 
     def stats(self, worker: str) -> dict[str, Any]:
         return self.engine.workers()[worker]["stats"]
+
+    def processes(self) -> dict[str, int]:
+        """Pids of the ingest worker and of the embedded upstream (its only child process)."""
+        ingest = int(self.engine.workers()["ingest"]["pid"])
+        # the engine may report running before ingest has started its upstream
+        children = wait_for(lambda: _children(ingest), RUN_TIMEOUT_S, "ingest to start the embedded upstream")
+        if len(children) != 1:
+            raise BenchError(f"ingest (pid {ingest}) should have one child, the embedded upstream: {children}")
+        return {"ingest": ingest, "upstream": children[0]}
+
+    def cpu_s(self) -> dict[str, float]:
+        return {name: usage(pid).cpu_s for name, pid in self.processes().items()}
 
     def submit(self, streams: int, tokens: int) -> int:
         """Send ``streams`` requests at once (their replies are taken while sampling); the ingest
@@ -163,7 +188,23 @@ class Load:
         self.ring.close()
 
 
+def _children(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (``/proc/<pid>/task/*/children`` is not in every kernel)."""
+    children = []
+    for path in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError), open(path, "rb") as f:
+            if int(f.read().rsplit(b")", 1)[1].split()[1]) == pid:  # field 4 of proc(5): ppid
+                children.append(int(path.split("/")[2]))
+    return children
+
+
+def cpu_per_token(before: dict[str, float], after: dict[str, float], tokens: int) -> dict[str, float]:
+    """µs of CPU per token of each process between two readings."""
+    return {f"{name}_cpu_us_per_token": round((after[name] - before[name]) * 1e6 / tokens, 2) for name in before}
+
+
 def unpaced_run(load: Load, streams: int, tokens: int) -> dict[str, Any]:
+    cpu = load.cpu_s()
     began, first = time.monotonic(), load.cursor()
     samples = load.samples_until(load.submit(streams, tokens))
     last = samples[-1][1]
@@ -177,6 +218,7 @@ def unpaced_run(load: Load, streams: int, tokens: int) -> dict[str, Any]:
         "steady_tokens_per_s": round(steady_bytes_per_s(samples, first) * tokens_per_byte),
         "overall_tokens_per_s": round(streams * tokens / (ended - began)),
         "seconds": round(ended - began, 3),
+        **cpu_per_token(cpu, load.cpu_s(), streams * tokens),
     }
 
 
@@ -192,6 +234,7 @@ def steady_bytes_per_s(samples: list[tuple[float, int]], first: int) -> float:
 
 
 def paced_run(load: Load, streams: int, rate: float, tokens: int) -> dict[str, Any]:
+    cpu = load.cpu_s()
     total = load.submit(streams, tokens)
     first = total - streams * tokens
     # Read the latency window while every stream is still running (past the start-up burst).
@@ -209,6 +252,7 @@ def paced_run(load: Load, streams: int, rate: float, tokens: int) -> dict[str, A
         "load_tokens_per_s": streams * rate,
         "latency_p50_us": stats.get("latency_p50_us", 0.0),
         "latency_p99_us": stats.get("latency_p99_us", 0.0),
+        **cpu_per_token(cpu, load.cpu_s(), streams * tokens),
     }
 
 
@@ -233,7 +277,8 @@ def measure(settings: Settings, progress: bool) -> dict[str, Any]:
     unpaced, sink_unpaced = run_engine(0.0, list(settings.unpaced), unpaced_run, progress)
     rate = settings.paced[0][1]  # the upstream's pace is per engine: every paced load uses the first's
     paced, sink_paced = run_engine(rate, list(settings.paced), paced_run, progress)
-    return {"unpaced": unpaced, "paced": paced, "sink": _sum_counts(sink_unpaced, sink_paced)}
+    cpu, sink_cpu = run_engine(settings.cpu[1], [settings.cpu], paced_run, progress)
+    return {"unpaced": unpaced, "paced": paced, "cpu": cpu[0], "sink": _sum_counts(sink_unpaced, sink_paced, sink_cpu)}
 
 
 def _sum_counts(*counts: dict[str, int]) -> dict[str, int]:
@@ -242,6 +287,7 @@ def _sum_counts(*counts: dict[str, int]) -> dict[str, int]:
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     most = max(result["unpaced"], key=lambda r: r["streams"])
+    cpu = result["cpu"]
     worst_p99 = max(r["latency_p99_us"] for r in result["paced"])
     return [
         {
@@ -255,6 +301,12 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             "goal": f"< {TARGET_P99_US:g}",
             "value": worst_p99,
             "met": worst_p99 < TARGET_P99_US,
+        },
+        {
+            "target": f"ingest CPU µs per token, paced {cpu['streams']} x {cpu['tokens_per_s_per_stream']:g} tokens/s",
+            "goal": f"<= {TARGET_CPU_US_PER_TOKEN:g}",
+            "value": cpu["ingest_cpu_us_per_token"],
+            "met": cpu["ingest_cpu_us_per_token"] <= TARGET_CPU_US_PER_TOKEN,
         },
         {"target": "sink gaps", "goal": "0", "value": result["sink"].get("gaps", 0), "met": not result["sink"]["gaps"]},
     ]
@@ -291,6 +343,8 @@ _UNPACED_COLUMNS: tuple[report.Column, ...] = (
     ("steady_tokens_per_s", "steady tokens/s", "{:,}"),
     ("overall_tokens_per_s", "overall tokens/s", "{:,}"),
     ("seconds", "seconds", "{:.2f}"),
+    ("ingest_cpu_us_per_token", "ingest CPU µs/token", "{:.1f}"),
+    ("upstream_cpu_us_per_token", "upstream CPU µs/token", "{:.1f}"),
 )
 _PACED_COLUMNS: tuple[report.Column, ...] = (
     ("streams", "streams", "{:,}"),
@@ -298,6 +352,8 @@ _PACED_COLUMNS: tuple[report.Column, ...] = (
     ("load_tokens_per_s", "tokens/s total", "{:,.0f}"),
     ("latency_p50_us", "added p50 µs", "{:.1f}"),
     ("latency_p99_us", "added p99 µs", "{:.1f}"),
+    ("ingest_cpu_us_per_token", "ingest CPU µs/token", "{:.1f}"),
+    ("upstream_cpu_us_per_token", "upstream CPU µs/token", "{:.1f}"),
 )
 
 
@@ -324,6 +380,11 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             report.markdown_table(result["paced"], _PACED_COLUMNS),
             "",
+            "CPU per token at the paced load of issue 11 (ingest: socket read to committed row; "
+            "upstream: the embedded load generator, apart):",
+            "",
+            report.markdown_table([result["cpu"]], _PACED_COLUMNS),
+            "",
             _sink_line(result),
             "",
             *report.target_table(result["targets"], "{:,}".format),
@@ -340,6 +401,8 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
     click.echo(report.text_table(result["unpaced"], _UNPACED_COLUMNS))
     click.echo()
     click.echo(report.text_table(result["paced"], _PACED_COLUMNS))
+    click.echo()
+    click.echo(report.text_table([result["cpu"]], _PACED_COLUMNS))
     click.echo()
     click.echo(_sink_line(result))
     for line in report.target_lines(result["targets"], "{:,}".format):

@@ -26,6 +26,8 @@ MAX_REQUEST_BYTES = 1 << 20
 MAX_MESSAGES = 512
 MAX_CONTENT_BYTES = 256 * 1024
 MAX_TOKENS_LIMIT = 32768
+MAX_MODEL_BYTES = 256  # a model name travels in every stream's START row: bounded like any field
+MAX_CLIENT_BYTES = 256  # a client name keys the rate limits
 ENDPOINTS = ("chat", "completions")
 ROLES = ("system", "user", "assistant", "tool", "developer")
 SOCKET_NAME = "ingest"
@@ -65,6 +67,8 @@ def validate_body(body: Any, endpoint: str) -> dict[str, Any]:
         raise RequestError("body: must be a JSON object")
     if not isinstance(body.get("model", ""), str):
         raise RequestError("body.model: must be a string")
+    if len(body.get("model", "").encode()) > MAX_MODEL_BYTES:
+        raise RequestError(f"body.model: longer than {MAX_MODEL_BYTES} bytes")
     if endpoint == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -100,6 +104,8 @@ def parse_request(frame: bytes) -> dict[str, Any]:
         msg["endpoint"] = endpoint
         if not isinstance(msg.get("client", ""), str):
             raise RequestError("client: must be a string")
+        if len(msg.get("client", "").encode()) > MAX_CLIENT_BYTES:
+            raise RequestError(f"client: longer than {MAX_CLIENT_BYTES} bytes")
         return msg
     if kind == "cancel":
         if isinstance(msg.get("stream_id"), bool) or not isinstance(msg.get("stream_id"), int):

@@ -1,13 +1,16 @@
 """Ingest: the source of every stream. An asyncio worker (uvloop) that takes generation requests
 on its ROUTER, streams them from the upstream pool and writes token batches into its output ring.
 
-Params (all optional):
+Params (all optional; a bad value is refused at start with the key named, ``stages/ingest/params.py``):
     upstreams        list of {name, base_url, models, max_concurrency}; empty: the embedded
                      upstream is started in a child process (``embedded`` = its config)
     pool             PoolPolicy fields (strategy, retries, mid_stream, ...)
-    batch_rows       rows per batch record (64)
-    client_requests_per_s, client_burst, client_tokens_per_s, queue_bound   rate limits
-    max_streams      concurrent streams tracked for restart recovery (4096)
+    batch_rows       most rows per batch record (64, 1..65536); a full batch is written at once
+    flush_ms         longest a row waits for its batch to fill (2.0, 0..100): rows written within
+                     this window of the first one waiting, or as soon as batch_rows are there
+    client_requests_per_s, client_burst, client_tokens_per_s, client_burst_tokens, queue_bound
+                     rate limits per client
+    max_streams      concurrent streams (4096, 1..2**20); one more is rejected ("at capacity")
     cache            name of the cache worker to ask before going upstream ("cache"; "" disables;
                      no lookup while its socket does not exist; docs/cache.md)
     cache_policy     which requests are cacheable: "deterministic" (temperature 0 or a seed), "all", "off"
@@ -16,6 +19,8 @@ Rows: one START row (text: JSON {model, cached, cache_key}), one TOKEN row per t
 row (text: JSON {finish_reason, usage}) or one ERROR row (text: the reason), with seq 0, 1, 2, ...
 per stream. The row texts are the contract with later stages (docs/data-plane.md, "Rows of a stream").
 A stream cut short by a restart of this worker ends with an ERROR row "ingest restarted".
+No row's text exceeds the ring's record (at most 64 KiB): a longer token ends its stream with an
+error, a longer error message is cut.
 """
 
 from __future__ import annotations
@@ -35,38 +40,44 @@ from engine.cache_protocol import CacheLookup, socket_path
 from engine.cachekey import check_policy, key_for, producer_id
 from engine.requests import RequestError, parse_request
 from engine.stage import AsyncStage, WorkerContext, wait_writable
-from shm.batch import RECORD_TYPE, Kind, TokenBatch, batch_size, stable_token_id, write_batch
+from shm.batch import Kind, TokenBatch, stable_token_id
 from stages.ingest.openai_client import TokenEvent
+from stages.ingest.params import IngestParams
 from stages.ingest.pool import PoolPolicy, UpstreamConfig, UpstreamPool
 from stages.ingest.ratelimit import KeyedBuckets, take
+from stages.ingest.rows import Committed, RowBuffer
 
-_TOKEN = int(Kind.TOKEN)
-_KINDS = {"start": Kind.START, "token": Kind.TOKEN, "end": Kind.END, "error": Kind.ERROR}
 _LATENCY_SAMPLES = 4096
+_BACKLOG_BATCHES = 8  # rows waiting, in batches, beyond which streams stop reading their upstreams
+
+
+class RowTooLarge(Exception):
+    """A row whose text cannot fit the ring's record: its stream ends with this error."""
 
 
 class Ingest(AsyncStage):
-    async def run(self, ctx: WorkerContext) -> None:
+    async def setup(self, ctx: WorkerContext) -> None:
+        """Everything before serving: state, upstream pool (and the embedded upstream), cache
+        client, ROUTER. The runtime awaits it while heartbeats flow, so nothing here may block
+        the event loop."""
         self.ctx = ctx
         p = ctx.params
+        self.params = params = IngestParams.from_params(p)
         self.out = ctx.outputs[0]
-        self.batch_rows = int(p.get("batch_rows", 64))
-        self.rows: list[tuple] = []
+        self.rows = RowBuffer(self.out, params.batch_rows)
+        self.flush_s = params.flush_ms / 1e3
+        self.flush_timer: asyncio.TimerHandle | None = None
         self.wake_flusher = asyncio.Event()
         self.room = asyncio.Event()
         self.room.set()
+        self.failed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.tasks: dict[int, asyncio.Task] = {}
         self.latency_ns = np.zeros(_LATENCY_SAMPLES, dtype=np.int64)  # a ring of recent samples
         self.latency_count = 0
         self.counts = {"accepted": 0, "rejected": 0, "tokens": 0, "errors": 0, "completed": 0, "cancelled": 0}
-        self._init_state(int(p.get("max_streams", 4096)))
-        self.request_buckets = KeyedBuckets(
-            float(p.get("client_requests_per_s", 100)), float(p.get("client_burst", 20))
-        )
-        self.token_buckets = KeyedBuckets(
-            float(p.get("client_tokens_per_s", 1e6)), float(p.get("client_burst_tokens", 1e5))
-        )
-        self.queue_bound = int(p.get("queue_bound", 64))
+        self._init_state(params.max_streams)
+        self.request_buckets = KeyedBuckets(params.client_requests_per_s, params.client_burst)
+        self.token_buckets = KeyedBuckets(params.client_tokens_per_s, params.client_burst_tokens)
         self.queued: dict[str, int] = {}
         self.embedded = None
         self.cache_policy = check_policy(p.get("cache_policy", "deterministic"))
@@ -76,25 +87,39 @@ class Ingest(AsyncStage):
         # what the cache key names as the producer: the upstreams' URLs and models, or the embedded one's models
         self.producer = producer_id([{"base_url": u.base_url, "models": list(u.models)} for u in upstreams])
         if not upstreams:
-            upstreams = [self._start_embedded(p)]
+            upstreams = [await self._start_embedded(p)]
         self.pool = UpstreamPool(upstreams, PoolPolicy(**p.get("pool", {})))
         await self.pool.start()
         if self.cache is not None:
             self.cache.start()
         self._recover_lost_streams()
-        flusher = asyncio.create_task(self._flusher())
-        sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(ctx.endpoint("ingest"))
+        self.sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(ctx.endpoint("ingest"))
         ctx.log.info("ingest_ready", endpoint=ctx.endpoint("ingest"), upstreams=[u.base_url for u in upstreams])
+
+    async def run(self, ctx: WorkerContext) -> None:
+        if not hasattr(self, "sock"):  # a runtime that does not call setup() yet
+            await self.setup(ctx)
+        flusher = asyncio.create_task(self._flusher())
+        serve = asyncio.create_task(self._serve(self.sock))
         try:
-            await self._serve(sock)
+            # A dead flusher (or a failed write from a stream task) kills the worker, so the
+            # supervisor restarts it: never a half-alive ingest whose streams all hang.
+            await asyncio.wait({serve, flusher, self.failed}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (self.failed, flusher, serve):
+                if task.done():
+                    task.result()
+            if flusher.done():
+                raise RuntimeError("ingest's flusher stopped")
         finally:
-            sock.close(0)
+            serve.cancel()
+            self.sock.close(0)
             for task in self.tasks.values():
                 task.cancel()
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-            await self._flush_all()
+            if not self.failed.done() and not (flusher.done() and flusher.exception()):
+                await self._flush_all()
             flusher.cancel()
             await self.pool.close()
             if self.cache is not None:
@@ -116,8 +141,7 @@ class Ingest(AsyncStage):
         try:
             msg = parse_request(frame)
         except RequestError as exc:
-            self.counts["rejected"] += 1
-            return {"type": "rejected", "reason": str(exc)}
+            return self._reject(str(exc))
         if msg["type"] == "cancel":
             task = self.tasks.get(msg["stream_id"])
             if task is None:
@@ -125,19 +149,20 @@ class Ingest(AsyncStage):
             task.cancel()
             return {"type": "cancelled", "stream_id": msg["stream_id"]}
         if self.ctx.draining:
-            self.counts["rejected"] += 1
-            return {"type": "rejected", "reason": "ingest is draining: not accepting new requests"}
+            return self._reject("ingest is draining: not accepting new requests")
+        if not self.free_slots:  # global admission: every slot holds a stream not yet ended
+            return self._reject(f"ingest is at capacity: {self.params.max_streams} concurrent streams (max_streams)")
         client = msg.get("client") or identity
-        if self.queued.get(client, 0) >= self.queue_bound:
-            self.counts["rejected"] += 1
-            return {
-                "type": "rejected",
-                "reason": f"rate limit: client {client!r} already has {self.queue_bound} requests queued",
-            }
+        if self.queued.get(client, 0) >= self.params.queue_bound:
+            return self._reject(f"rate limit: client {client!r} already has {self.params.queue_bound} requests queued")
         stream_id = self._new_stream_id()
         self.counts["accepted"] += 1
         self.tasks[stream_id] = asyncio.create_task(self._stream(stream_id, client, msg["body"], msg["endpoint"]))
         return {"type": "accepted", "stream_id": stream_id}
+
+    def _reject(self, reason: str) -> dict[str, Any]:
+        self.counts["rejected"] += 1
+        return {"type": "rejected", "reason": reason}
 
     # ---- one stream -------------------------------------------------------------------------
 
@@ -154,6 +179,9 @@ class Ingest(AsyncStage):
         except asyncio.CancelledError:
             self.counts["cancelled"] += 1
             self._emit(sid, Kind.ERROR, b"cancelled", time.monotonic_ns())
+        except RowTooLarge as exc:
+            self.counts["errors"] += 1
+            self._emit(sid, Kind.ERROR, str(exc).encode(), time.monotonic_ns())
         except Exception as exc:  # a bug here must still end the stream explicitly
             self.ctx.log.error("stream_failed", stream_id=sid, error=repr(exc))
             self._emit(sid, Kind.ERROR, f"ingest failed: {exc!r}".encode(), time.monotonic_ns())
@@ -168,6 +196,8 @@ class Ingest(AsyncStage):
                 await asyncio.sleep(self.request_buckets.wait_time(client))
         finally:
             self.queued[client] -= 1
+            if not self.queued[client]:
+                del self.queued[client]
 
     async def _relay(self, sid: int, client: str, body: dict, endpoint: str) -> None:
         deterministic = body.get("temperature") == 0 or body.get("seed") is not None
@@ -188,46 +218,66 @@ class Ingest(AsyncStage):
         self._emit(sid, Kind.ERROR, b"upstream stream ended without an end event", time.monotonic_ns())
 
     def _emit_tokens(self, sid: int, events: list[TokenEvent]) -> None:
+        texts = [event.text.encode() for event in events]
+        longest = max(map(len, texts))
+        if longest > self.rows.max_text:
+            raise RowTooLarge(f"upstream sent a token of {longest} bytes; at most {self.rows.max_text} fit a row")
         seq = self.next_seq[sid]
         self.next_seq[sid] = seq + len(events)
         self.counts["tokens"] += len(events)
-        rows = self.rows
-        for event in events:
-            text = event.text.encode()
-            rows.append((sid, seq, _TOKEN, event.token_id or stable_token_id(text), event.logprob, event.recv_ns, text))
-            seq += 1
+        ids = [event.token_id or stable_token_id(text) for event, text in zip(events, texts, strict=True)]
+        self.rows.add_tokens(sid, seq, ids, [event.logprob for event in events], events[0].recv_ns, texts)
         self._rows_added()
 
     def _emit_final(self, sid: int, event: TokenEvent) -> None:
         if event.kind == "end":
             self.counts["completed"] += 1
             text = orjson.dumps({"finish_reason": event.finish_reason, "usage": event.usage})
+            if len(text) > self.rows.max_text:  # an upstream's oversized usage object: keep the reason
+                text = orjson.dumps({"finish_reason": str(event.finish_reason)[:256], "usage": None})
             self._emit(sid, Kind.END, text, event.recv_ns)
         else:
             self.counts["errors"] += 1
-            self.ctx.log.warning("stream_error", stream_id=sid, error=event.error)
+            self.ctx.log.warning("stream_error", stream_id=sid, error=event.error[:1024])
             self._emit(sid, Kind.ERROR, event.error.encode(), event.recv_ns)
 
     def _emit(self, sid: int, kind: int, text: bytes, recv_ns: int, token_id: int = 0, logprob: float = math.nan):
+        if len(text) > self.rows.max_text:
+            if kind != Kind.ERROR:
+                raise RowTooLarge(f"a row of {len(text)} bytes; at most {self.rows.max_text} fit the ring's record")
+            text = text[: self.rows.max_text].decode(errors="ignore").encode()  # cut at a character
         seq = self.next_seq[sid]
         self.next_seq[sid] = seq + 1
-        self.rows.append((sid, seq, kind, token_id, logprob, recv_ns, text))
+        self.rows.append(sid, seq, kind, token_id, logprob, recv_ns, text)
         self._rows_added()
 
     def _rows_added(self) -> None:
-        if len(self.rows) >= self.batch_rows:
-            self._write_full_batches()
-        if self.rows:
-            self.wake_flusher.set()
-        if len(self.rows) >= 8 * self.batch_rows:
-            self.room.clear()
-
-    def _write_full_batches(self) -> None:
-        """Write full batches now, from the stream task that filled one: the flusher's turn comes
+        """Full batches go now, from the stream task that filled one: the flusher's turn comes
         only after every stream task ready in this turn of the event loop has run (with 1,000
-        streams, hundreds of milliseconds). Rows stay (for the flusher) when the ring is full."""
-        while len(self.rows) >= self.batch_rows and self._write_batch(self.rows[: self.batch_rows]):
-            del self.rows[: self.batch_rows]
+        streams, hundreds of milliseconds). A partial batch waits at most flush_ms for more rows."""
+        rows = self.rows
+        if len(rows) >= rows.batch_rows:
+            try:
+                while len(rows) >= rows.batch_rows and self._write(rows.batch_rows):
+                    pass
+            except Exception as exc:  # a write that fails will fail again: the worker must restart
+                self._fail(exc)
+                raise
+        if not len(rows):
+            if self.flush_timer is not None:
+                self.flush_timer.cancel()
+                self.flush_timer = None
+            return
+        if self.flush_timer is None:
+            self.flush_timer = asyncio.get_running_loop().call_later(self.flush_s, self.wake_flusher.set)
+        if len(rows) >= _BACKLOG_BATCHES * rows.batch_rows:
+            self.room.clear()
+            self.wake_flusher.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        self.ctx.log.error("ingest_write_failed", error=repr(exc))
+        if not self.failed.done():
+            self.failed.set_exception(exc)
 
     # ---- writing batches --------------------------------------------------------------------
 
@@ -235,44 +285,31 @@ class Ingest(AsyncStage):
         while True:
             await self.wake_flusher.wait()
             self.wake_flusher.clear()
+            self.flush_timer = None
             await self._flush_all()
 
     async def _flush_all(self) -> None:
-        while self.rows:
-            if not self._write_batch(self.rows[: self.batch_rows]):
+        rows = self.rows
+        while len(rows):
+            if not self._write(rows.batch_rows):
                 await wait_writable(self.out, timeout=0.2)
                 continue
-            del self.rows[: self.batch_rows]
-            if len(self.rows) < 4 * self.batch_rows:
+            if len(rows) < _BACKLOG_BATCHES // 2 * rows.batch_rows:
                 self.room.set()
+        self.room.set()
 
-    def _write_batch(self, rows: list[tuple]) -> bool:
-        texts = [r[6] for r in rows]
-        text_bytes = sum(map(len, texts))
-        view = self.out.try_claim(batch_size(len(rows), text_bytes))
-        if view is None:
+    def _write(self, limit: int) -> bool:
+        committed = self.rows.write(limit)
+        if committed is None:
             return False
-        columns = write_batch(view, len(rows), text_bytes)
-        stream_id, seq, kind, token_id, logprob, recv_ns, _ = zip(*rows, strict=True)
-        columns.stream_id[:] = stream_id
-        columns.seq[:] = seq
-        columns.kind[:] = kind
-        columns.token_id[:] = token_id
-        columns.logprob[:] = logprob
-        columns.recv_ns[:] = recv_ns
-        columns.text_end[:] = np.cumsum([len(t) for t in texts], dtype=np.uint32)
-        columns.text[:] = np.frombuffer(b"".join(texts), dtype=np.uint8)
-        del columns
-        view.release()
-        self.out.commit(RECORD_TYPE)
-        self._committed(rows)
-        self._record_latency(time.monotonic_ns(), [r[5] for r in rows if r[2] == Kind.TOKEN])
+        self._committed(committed)
+        self._record_latency(time.monotonic_ns(), committed.token_recv_ns)
         return True
 
-    def _record_latency(self, now: int, received: list[int]) -> None:
+    def _record_latency(self, now: int, received: np.ndarray) -> None:
         """Keep SSE-event-parsed -> committed-to-ring times of the most recent tokens."""
         at = self.latency_count % _LATENCY_SAMPLES
-        samples = now - np.asarray(received[-_LATENCY_SAMPLES:], dtype=np.int64)
+        samples = now - received[-_LATENCY_SAMPLES:]
         first = samples[: _LATENCY_SAMPLES - at]
         self.latency_ns[at : at + len(first)] = first
         self.latency_ns[: len(samples) - len(first)] = samples[len(first) :]
@@ -288,35 +325,37 @@ class Ingest(AsyncStage):
         self.active = self.ctx.state_array("active_streams", "u8", (max_streams, 2))
         self.slots: dict[int, int] = {}
         self.next_seq: dict[int, int] = {}
+        # lowest slots last: popped first, as the table's scan on restart finds them
+        self.free_slots: list[int] = np.flatnonzero(self.active[:, 0] == 0)[::-1].tolist()
 
     def _new_stream_id(self) -> int:
+        """A new stream's id and slot; the caller has checked that a slot is free."""
         sid = int(self.next_id[0]) + 1
         self.next_id[0] = sid
-        free = np.flatnonzero(self.active[:, 0] == 0)
-        if not len(free):
-            raise RuntimeError("more concurrent streams than max_streams")
-        self.active[free[0]] = (sid + 1, 0)
-        self.slots[sid] = int(free[0])
+        slot = self.free_slots.pop()
+        self.active[slot] = (sid + 1, 0)
+        self.slots[sid] = slot
         self.next_seq[sid] = 0
         return sid
 
-    def _forget(self, sid: int) -> None:
-        """Free the slot of a stream this worker will write no row of (a cache hit)."""
-        self.active[self.slots.pop(sid)] = (0, 0)
+    def _free(self, sid: int) -> None:
+        slot = self.slots.pop(sid)
+        self.active[slot] = (0, 0)
+        self.free_slots.append(slot)
         del self.next_seq[sid]
 
-    def _committed(self, rows: list[tuple]) -> None:
+    def _forget(self, sid: int) -> None:
+        """Free the slot of a stream this worker will write no row of (a cache hit)."""
+        self._free(sid)
+
+    def _committed(self, committed: Committed) -> None:
         """Record in the restart-surviving table how far each stream of a committed batch got."""
-        last: dict[int, tuple[int, int]] = {}
-        for sid, seq, kind, *_ in rows:
-            last[sid] = (seq, kind)
+        last = dict(zip(committed.stream_id, zip(committed.seq, committed.kind, strict=True), strict=True))
         for sid, (seq, kind) in last.items():
-            slot = self.slots[sid]
-            if kind in (Kind.END, Kind.ERROR):
-                self.active[slot] = (0, 0)
-                del self.slots[sid], self.next_seq[sid]
+            if kind == Kind.END or kind == Kind.ERROR:
+                self._free(sid)
             else:
-                self.active[slot, 1] = seq + 1
+                self.active[self.slots[sid], 1] = seq + 1
 
     def _recover_lost_streams(self) -> None:
         """Streams a killed predecessor left open end with an explicit error, never silently.
@@ -337,6 +376,7 @@ class Ingest(AsyncStage):
                     open_streams[sid] = (slot, max(next_seq, seq + 1))
                     if kind in (Kind.END, Kind.ERROR):
                         self.active[slot] = (0, 0)
+                        self.free_slots.append(slot)
                         del open_streams[sid]
             del batch
         for sid, (slot, next_seq) in open_streams.items():
@@ -347,12 +387,14 @@ class Ingest(AsyncStage):
 
     # ---- embedded upstream ------------------------------------------------------------------
 
-    def _start_embedded(self, p: dict[str, Any]) -> UpstreamConfig:
+    async def _start_embedded(self, p: dict[str, Any]) -> UpstreamConfig:
         from stages.ingest.upstream_server import UpstreamServerConfig, serve_in_process
 
         cfg = UpstreamServerConfig(**p.get("embedded", {}))
         self.producer = producer_id([{"embedded": list(cfg.models)}])
-        self.embedded, base_url = serve_in_process(cfg)
+        # in a thread: the start takes a spawn and the child's imports, and the loop must go on
+        # sending heartbeats meanwhile (issue 12 item 5)
+        self.embedded, base_url = await asyncio.to_thread(serve_in_process, cfg)
         # As many streams in flight as the embedded server accepts (the pool's default is 64).
         return UpstreamConfig(name="embedded", base_url=base_url, models=(), max_concurrency=cfg.max_concurrency)
 

@@ -1,0 +1,109 @@
+"""Rows waiting for ingest's next batch record, kept column by column (one Python list per batch
+column, appended to per row) and written into a claimed ring record with one numpy assignment per
+column: no tuple per row, no per-row work at commit beyond what the bookkeeping needs.
+
+A batch holds at most ``batch_rows`` rows and never more bytes than the ring's ``max_record``: the
+rows that fit go, the rest wait for the next record. A single row always fits, because no row's
+text may exceed :attr:`RowBuffer.max_text` (the caller refuses or shortens longer ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from shm.batch import RECORD_TYPE, Kind, batch_size, write_batch
+
+ROW_TEXT_LIMIT = 64 * 1024  # bytes of one row's text, whatever the ring could take
+
+_TOKEN = int(Kind.TOKEN)
+
+
+@dataclass(slots=True)
+class Committed:
+    """What one written record held, for the writer's bookkeeping."""
+
+    stream_id: list[int]
+    seq: list[int]
+    kind: list[int]
+    token_recv_ns: np.ndarray  # receive times of its TOKEN rows
+
+
+class RowBuffer:
+    """The rows not yet written, in order. Not thread-safe (one event loop)."""
+
+    __slots__ = ("batch_rows", "kind", "logprob", "max_text", "out", "recv_ns", "seq", "stream_id", "text", "token_id")
+
+    def __init__(self, out, batch_rows: int) -> None:
+        self.out = out
+        self.batch_rows = batch_rows
+        room = out.max_record - batch_size(1, 0)
+        if room < 256:
+            raise ValueError(f"ring {out.name!r}: max_record {out.max_record} cannot carry a row of ingest")
+        self.max_text = min(ROW_TEXT_LIMIT, room - 8)  # 8: the text arena is 8-aligned
+        self.stream_id: list[int] = []
+        self.seq: list[int] = []
+        self.kind: list[int] = []
+        self.token_id: list[int] = []
+        self.logprob: list[float] = []
+        self.recv_ns: list[int] = []
+        self.text: list[bytes] = []
+
+    def __len__(self) -> int:
+        return len(self.stream_id)
+
+    def append(self, sid: int, seq: int, kind: int, token_id: int, logprob: float, recv_ns: int, text: bytes) -> None:
+        """One row; ``text`` must be at most :attr:`max_text` bytes."""
+        self.stream_id.append(sid)
+        self.seq.append(seq)
+        self.kind.append(kind)
+        self.token_id.append(token_id)
+        self.logprob.append(logprob)
+        self.recv_ns.append(recv_ns)
+        self.text.append(text)
+
+    def add_tokens(
+        self, sid: int, seq: int, token_ids: list[int], logprobs: list[float], recv_ns: int, texts: list[bytes]
+    ) -> None:
+        """The TOKEN rows of one network read of one stream (seq, seq + 1, ...), all received at
+        ``recv_ns``; every text at most :attr:`max_text` bytes."""
+        n = len(texts)
+        self.stream_id += [sid] * n
+        self.seq += range(seq, seq + n)
+        self.kind += [_TOKEN] * n
+        self.token_id += token_ids
+        self.logprob += logprobs
+        self.recv_ns += [recv_ns] * n
+        self.text += texts
+
+    def write(self, limit: int) -> Committed | None:
+        """Write up to ``limit`` rows (the first ones) as one record; None when the ring is full."""
+        n = min(limit, len(self.stream_id))
+        texts = self.text[:n]
+        lengths = list(map(len, texts))
+        text_bytes = sum(lengths)
+        while batch_size(n, text_bytes) > self.out.max_record:  # large texts: fewer rows
+            n //= 2
+            del texts[n:], lengths[n:]
+            text_bytes = sum(lengths)
+        view = self.out.try_claim(batch_size(n, text_bytes))
+        if view is None:
+            return None
+        kinds = self.kind[:n]
+        recv_ns = np.array(self.recv_ns[:n], dtype=np.int64)
+        columns = write_batch(view, n, text_bytes)
+        columns.stream_id[:] = sids = self.stream_id[:n]
+        columns.seq[:] = seqs = self.seq[:n]
+        columns.kind[:] = kind_array = np.array(kinds, dtype=np.uint8)
+        columns.token_id[:] = self.token_id[:n]
+        columns.logprob[:] = self.logprob[:n]
+        columns.recv_ns[:] = recv_ns
+        columns.text_end[:] = np.cumsum(lengths, dtype=np.uint32)
+        columns.text[:] = np.frombuffer(b"".join(texts), dtype=np.uint8)
+        del columns
+        view.release()
+        self.out.commit(RECORD_TYPE)
+        for column in (self.stream_id, self.seq, self.kind, self.token_id, self.logprob, self.recv_ns, self.text):
+            del column[:n]
+        return Committed(sids, seqs, kinds, recv_ns[kind_array == _TOKEN])
