@@ -181,9 +181,12 @@ def run(path: str | None, detach: bool, as_json: bool) -> None:
     """Start the engine (the supervisor and its workers) in the foreground; Ctrl-C stops it."""
     cfg = _load(path)
     if detach:
-        from engine.launcher import launch_detached
+        from engine.launcher import LaunchError, launch_detached
 
-        info = launch_detached(cfg, path)
+        try:
+            info = launch_detached(cfg, path)
+        except LaunchError as exc:
+            raise click.ClickException(f"engine not started: {exc}") from None
         _emit(info, as_json, f"engine {info['instance']} running (pid {info['pid']}, log {info['log']})")
         return
     from engine.supervisor import StartupError, Supervisor
@@ -328,8 +331,13 @@ def demo(path: str | None, prompts: int, max_tokens: int) -> None:
     """Start the engine, stream a few prompts through it (one twice: a cache hit), print the
     tokens with their computed columns, throughput, latency and PAS, and stop."""
     from engine.demo import run_demo
+    from engine.launcher import LaunchError
 
-    raise SystemExit(run_demo(_load(path), path, prompts, max_tokens, _write))
+    try:
+        code = run_demo(_load(path), path, prompts, max_tokens, _write)
+    except LaunchError as exc:
+        raise click.ClickException(f"engine not started: {exc}") from None
+    raise SystemExit(code)
 
 
 @main.command()

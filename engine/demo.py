@@ -31,15 +31,19 @@ PROMPTS = (
     "Describe a Hilbert curve in one paragraph.",
     "How should a cache decide what to keep?",
 )
-READY_TIMEOUT_S = 30.0
 STREAM_TIMEOUT_S = 60.0
 
 
 def run_demo(cfg: Config, config_path: str | None, prompts: int, max_tokens: int, write: Callable[[str], None]) -> int:
     """Run the demo; returns the process exit code (0: every stream complete, cache hit seen)."""
     os.environ.setdefault("NEURALPIPE_METRICS_PORT", "0")  # a second engine must not fight over 9464
-    info = launch_detached(cfg, config_path)
-    write(f"engine {info['instance']} started (pid {info['pid']}); log: {info['log']}\n")
+    write("starting the engine ...\n")
+    began = time.monotonic()
+    info = launch_detached(cfg, config_path, progress=lambda what: write(f"  {what}\n"))
+    write(
+        f"engine {info['instance']} running after {time.monotonic() - began:.1f} s, every worker ready"
+        f" (pid {info['pid']}); log: {info['log']}\n"
+    )
     try:
         return _show(info, prompts, max_tokens, write)
     finally:
@@ -50,7 +54,6 @@ def run_demo(cfg: Config, config_path: str | None, prompts: int, max_tokens: int
 
 def _show(info: dict[str, Any], prompts: int, max_tokens: int, write: Callable[[str], None]) -> int:
     rd = info["runtime_dir"]
-    _wait_for_sockets(rd, ("ingest.sock", "broadcast.sock", "broadcast-snapshot.sock"))
     bodies = [
         _chat(PROMPTS[i % len(PROMPTS)] + (f" ({i})" if i >= len(PROMPTS) else ""), max_tokens) for i in range(prompts)
     ]
@@ -141,12 +144,3 @@ def _chat(prompt: str, max_tokens: int) -> dict[str, Any]:
         "temperature": 0,
         "logprobs": True,
     }
-
-
-def _wait_for_sockets(runtime_dir: str, names: tuple[str, ...]) -> None:
-    """The workers bind their sockets once started; the supervisor reports running before that."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not all(os.path.exists(os.path.join(runtime_dir, name)) for name in names):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"workers did not bind {', '.join(names)} in {runtime_dir} within {READY_TIMEOUT_S:g} s")
-        time.sleep(0.05)

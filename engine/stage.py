@@ -11,8 +11,15 @@ The runtime calls ``do_work`` in a loop; a return of 0 means "nothing to do", an
 then idles with the rings' wait strategy, waking on input data, on output space (when an output
 was full) or on a control message. An asyncio stage (ingest talks HTTP) subclasses
 :class:`AsyncStage` and implements ``async run(ctx)``; the runtime runs it under uvloop next to
-its own control and heartbeat tasks, and ``ctx.wait_readable`` / ``ctx.wait_writable`` wait on
-rings through ``loop.add_reader`` on their doorbells.
+its own control and heartbeat tasks, and ``wait_readable`` / ``wait_writable`` wait on rings
+through ``loop.add_reader`` on their doorbells.
+
+Readiness: the worker tells the supervisor "ready" once a duty-cycle stage's ``start`` has
+returned, or once an asyncio stage's ``async setup(ctx)`` has (awaited with heartbeats and
+control already running, so a slow set-up is not taken for a hang); then ``run`` is called. The
+engine reports itself running only when every worker is ready, so whatever a stage must have
+before data or requests can reach it (sockets bound, pools and upstreams started) belongs in
+``start`` or ``setup``.
 
 Stages persist what must survive their own restart through ``ctx.state_array`` (a file-backed
 array in the engine's runtime directory: it outlives the worker, not the engine).
@@ -99,6 +106,11 @@ class Stage:
 
 class AsyncStage(Stage):
     """An asyncio stage: implement ``run``, which returns when ``ctx.draining`` or on cancel."""
+
+    async def setup(self, ctx: WorkerContext) -> None:
+        """Start-up work on the event loop: awaited before the worker reports ready, while its
+        heartbeats already run (so it must await, not block: a blocking call belongs in a thread,
+        e.g. ``asyncio.to_thread``). An exception ends the worker (non-zero exit, logged)."""
 
     async def run(self, ctx: WorkerContext) -> None:
         raise NotImplementedError

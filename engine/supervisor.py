@@ -69,6 +69,7 @@ class WorkerHandle:
     processed: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None
+    ready: bool = False  # this incarnation said "ready" (its stage is set up)
 
     @property
     def alive(self) -> bool:
@@ -90,6 +91,7 @@ class Supervisor:
         self.workers: dict[str, WorkerHandle] = {}
         self.started = time.time()
         self.stopping = False
+        self.state = "starting"  # "running" once every worker has said ready
         self.exit_code = EXIT_OK
         self.reason = ""
         self.pas: Pas | None = None
@@ -169,7 +171,20 @@ class Supervisor:
             params=self.cfg.worker_params(name),
         )
 
-    def _publish_info(self, state: str) -> None:
+    def _check_ready(self) -> None:
+        """While starting: publish which workers are not ready yet; once none, the engine is
+        running (what `run --detach`, the demo, the tests and the benches wait for)."""
+        if self.state != "starting":
+            return
+        waiting = [h.name for h in self.workers.values() if not h.ready]
+        if waiting:
+            self._publish_info("starting", waiting)
+            return
+        self.state = "running"
+        self._publish_info("running")
+        self.log.info("engine_running", startup_s=round(time.time() - self.started, 3))
+
+    def _publish_info(self, state: str, waiting_for: list[str] | None = None) -> None:
         self.dir.write_info(
             {
                 "instance": self.instance,
@@ -180,6 +195,7 @@ class Supervisor:
                 "started": self.started,
                 "runtime_dir": self.dir.path,
                 "state": state,
+                "waiting_for": waiting_for or [],
                 "transport": self.cfg.engine.transport,
             }
         )
@@ -234,7 +250,7 @@ class Supervisor:
             )
             for handle in self.workers.values():
                 self._start(handle)
-            self._publish_info("running")
+            self._check_ready()
             self._loop()
         except Escalation as exc:
             self.exit_code, self.reason = EXIT_ESCALATED, str(exc)
@@ -287,7 +303,7 @@ class Supervisor:
         h.process = self.mp.Process(target=worker_main, args=(h.spec,), name=f"neuralpipe-{h.name}", daemon=False)
         h.process.start()
         h.started = h.last_heartbeat = time.monotonic()
-        h.state, h.exit_code, h.restart_due = "starting", None, None
+        h.state, h.exit_code, h.restart_due, h.ready = "starting", None, None, False
         self.poller.register(h.process.sentinel, zmq.POLLIN)
         self.log.info("worker_started", worker=h.name, worker_pid=h.process.pid, incarnation=h.incarnation)
 
@@ -309,7 +325,13 @@ class Supervisor:
         h.state = "stopped"
         self._unblock_outputs(h)
         self.log.warning("worker_exited", worker=h.name, exit_code=h.exit_code)
-        if self.stopping or not self._should_restart(h):
+        if self.stopping:
+            return
+        if self.state == "starting" and not h.ready:
+            # OTP's rule: a child that fails to start fails the supervisor's own start, so that
+            # `run --detach` reports it instead of a restart loop hiding it
+            raise Escalation(f"worker {h.name!r} failed during start-up (exit code {h.exit_code})")
+        if not self._should_restart(h):
             return
         victims = [h]
         if self.cfg.supervisor.strategy == "rest_for_one":
@@ -466,7 +488,8 @@ class Supervisor:
             h.processed = int(msg.get("processed", 0))
             h.stats = msg.get("stats") or {}
         elif kind == "ready":
-            h.state = "running"
+            h.state, h.ready = "running", True
+            self._check_ready()
         elif kind == "error":
             self.log.error("worker_error", worker=h.name, message=msg.get("message"))
 
@@ -509,6 +532,7 @@ class Supervisor:
             "instance": self.instance,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 3),
+            "state": self.state,
             "runtime_dir": self.dir.path,
             "metrics_port": self.metrics_port,
             "transport": self.cfg.engine.transport,
@@ -517,6 +541,7 @@ class Supervisor:
                     "name": h.name,
                     "pid": h.pid,
                     "state": h.state,
+                    "ready": h.ready,
                     "incarnation": h.incarnation,
                     "uptime_s": round(now - h.started, 3) if h.alive else 0.0,
                     "restarts": h.restarts,

@@ -2,8 +2,9 @@
 
 ``main(spec)`` is the target the supervisor spawns (``spawn`` start method). It ties the worker
 to its supervisor's life (PR_SET_PDEATHSIG plus the parent's sentinel pipe), attaches the rings,
-connects the control DEALER, starts the stage and runs its duty cycle or its asyncio loop,
-sending heartbeats and obeying pause/resume/drain/stop/reconfigure. SIGTERM stops it cleanly;
+connects the control DEALER, starts the stage (an asyncio stage's ``setup`` is awaited with
+heartbeats already running), says "ready", and runs its duty cycle or its asyncio loop, sending
+heartbeats and obeying pause/resume/drain/stop/reconfigure. SIGTERM stops it cleanly;
 SIGINT is ignored (Ctrl-C reaches the whole process group, and the supervisor drains workers in
 order rather than letting them all die at once).
 """
@@ -19,7 +20,7 @@ import os
 import signal
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import zmq
@@ -28,7 +29,8 @@ from engine import control, transport
 from engine.logs import JsonLogger
 from engine.stage import AsyncStage, Stage, WorkerContext
 from engine.transport import Channel
-from shm.wait import WaitStrategy
+from shm.ring import Consumer
+from shm.wait import PARK_AT_ONCE, WaitStrategy, idle
 
 _PR_SET_PDEATHSIG = 1
 EXIT_STAGE_ERROR = 3
@@ -89,6 +91,7 @@ class _Runtime:
         self.spec = spec
         self.log = JsonLogger(spec.name, spec.log_level)
         self.state = "starting"
+        self.is_ready = False
         self.processed = 0
         self.stopping = False
         self.zmq = zmq.Context(io_threads=1)
@@ -113,6 +116,13 @@ class _Runtime:
             incarnation=spec.incarnation,
         )
         self.next_heartbeat = 0.0
+
+    def ready(self) -> None:
+        """The stage is set up: tell the supervisor (the engine is running once every worker is)."""
+        self.is_ready = True
+        self.state = "running"
+        self.send("ready")
+        self.heartbeat(time.monotonic())
 
     def send(self, msg_type: str, **fields: Any) -> None:
         # supervisor not reading: heartbeats are periodic, so a lost one is not an error
@@ -164,7 +174,13 @@ class _Runtime:
 
 
 class _DutyCycle:
-    """Call ``do_work`` while it finds work; idle on doorbells, control socket and timers."""
+    """Call ``do_work`` while it finds work; when it finds none, idle with the rings' wait strategy
+    (:func:`shm.wait.idle`): spin and yield on the ring cursors only (a full output ring's read
+    cursor, else the input rings' write cursors: memory loads, no system call), then park in one
+    ``zmq.Poller`` on those rings' doorbells, the control socket, the stage's own sockets and the
+    supervisor's sentinel, for at most ``park_timeout_s``, never past the next heartbeat or the
+    stage's idle hint. The stage's sockets are served by ``do_work`` after a park that they woke,
+    so an idle spell makes no ZeroMQ call before it parks."""
 
     def __init__(self, rt: _Runtime) -> None:
         self.rt = rt
@@ -172,71 +188,107 @@ class _DutyCycle:
         self.poller.register(rt.sock, zmq.POLLIN)
         if rt.parent_sentinel is not None:
             self.poller.register(rt.parent_sentinel, zmq.POLLIN)
-        for ring in rt.inputs:
-            self.poller.register(ring.data_bell.fileno(), zmq.POLLIN)
-        for ring in rt.outputs:
-            self.poller.register(ring.space_bell.fileno(), zmq.POLLIN)
         for pollable in rt.stage.pollables():
             self.poller.register(pollable, zmq.POLLIN)
-        strategies = [end.wait for end in rt.spec.inputs + rt.spec.outputs]
-        self.spins = min((w.spins for w in strategies), default=0)
-        self.blocks = all(w.blocks for w in strategies)
+        # what a side does while its ring is empty (inputs) or full (outputs): docs/configuration.md
+        self.input_wait = WaitStrategy.eagerest([end.wait for end in rt.spec.inputs])
+        self.output_wait = WaitStrategy.eagerest([end.wait for end in rt.spec.outputs])
+        everything = WaitStrategy.eagerest([end.wait for end in rt.spec.inputs + rt.spec.outputs])
+        # nothing to spin on (a source whose output has room): park at once
+        self.no_ring_wait = replace(PARK_AT_ONCE, park_timeout_s=everything.park_timeout_s)
+        self.waiting: list[tuple[Any, Any]] = []  # (ring, its doorbell) of the current idle spell
 
     def run(self) -> None:
         rt, stage = self.rt, self.rt.stage
-        idle = 0
         while not rt.stopping:
             now = time.monotonic()
             if now >= rt.next_heartbeat:
                 rt.handle_control()
                 rt.heartbeat(now)
             if rt.state == "paused":
-                self.park(rt.spec.heartbeat_interval_s, rings=False)
+                self.waiting = []
+                self.park(rt.next_heartbeat - now)
                 continue
             done = stage.do_work()
             if done:
                 rt.processed += done
-                idle = 0
                 continue
             if rt.ctx.draining and stage.drained():
                 return
-            idle += 1
-            if idle <= self.spins:
-                continue
-            if not self.blocks:
-                os.sched_yield()
-                if idle & 1023 == 0:
-                    rt.handle_control()
-                continue
-            timeout = max(0.0, rt.next_heartbeat - time.monotonic())
-            hint = stage.idle_timeout_s()
-            if hint is not None:
-                timeout = min(timeout, hint)
-            self.park(timeout, rings=True)
+            self.idle_spell(now)
 
-    def park(self, timeout: float, rings: bool) -> None:
-        """Sleep until a ring this stage waits on moves, a control message comes, or timeout."""
+    def idle_spell(self, now: float) -> None:
+        """Idle until a ring moves, something wakes the park, the next heartbeat or the stage's
+        idle hint."""
         rt = self.rt
-        waiting = []
-        if rings:
-            full = [ring for ring in rt.outputs if ring.is_full]
-            waiting = full or rt.inputs  # blocked on output space, else on input data
-        ready = False
-        for ring in waiting:
-            if not ring.prepare_wait():
-                ready = True
+        deadline = rt.next_heartbeat
+        hint = rt.stage.idle_timeout_s()
+        if hint is not None:
+            deadline = min(deadline, now + hint)
+        full = [ring for ring in rt.outputs if ring.is_full]
+        if full:  # blocked on output space
+            wait = self.output_wait
+            self.waiting = [(ring, ring.space_bell) for ring in full]
+            probes = [getattr(ring, "space_freed", _never) for ring in full]  # only shm rings have a cursor
+        else:  # waiting for input
+            wait = self.input_wait if rt.inputs else self.no_ring_wait
+            self.waiting = [(ring, ring.data_bell) for ring in rt.inputs]
+            probes = [ring.available for ring in rt.inputs]
+        if len(probes) == 1:
+            ready = probes[0]
+        else:
+
+            def ready() -> bool:
+                return any(probe() for probe in probes)
+
+        if wait.blocks:
+            idle(wait, ready, self.park, deadline)
+        elif not idle(wait, ready, self.park, min(deadline, now + wait.park_timeout_s)):
+            # spin and yield never park: every park_timeout_s at most, look at the control
+            # socket without sleeping (do_work serves the stage's sockets next)
+            self.poll_now()
+
+    def park(self, timeout: float) -> None:
+        """Sleep until a ring of the spell moves, a control message or a stage socket wakes us,
+        or ``timeout``. A park that times out while an input had a record counts a lost wake-up
+        in that ring's header."""
+        waiting = self.waiting
+        asleep = [ring.prepare_wait() for ring, _ in waiting]  # each must be ended: no short-circuit
         try:
-            if not ready:
-                # round up: truncating a sub-millisecond timeout to 0 would make a paced source spin
-                events = dict(self.poller.poll(math.ceil(timeout * 1000)))
-                if rt.parent_sentinel is not None and rt.parent_sentinel in events:
-                    rt.log.error("supervisor_gone")
-                    os._exit(EXIT_ORPHANED)
-                if rt.sock in events:
-                    rt.handle_control()
+            if all(asleep):
+                # only this spell's bells: another may hold an old ring (drained only when waited on)
+                for _, bell in waiting:
+                    self.poller.register(bell.fileno(), zmq.POLLIN)
+                try:
+                    # round up: truncating a sub-millisecond timeout to 0 would make a paced source spin
+                    events = self.poller.poll(math.ceil(max(0.0, timeout) * 1000))
+                finally:
+                    for _, bell in waiting:
+                        self.poller.unregister(bell.fileno())
+                self.on_events(dict(events))
+                if not events:
+                    for ring, _ in waiting:
+                        if isinstance(ring, Consumer):  # the other transports have no header to count in
+                            ring.missed_wakeup()
         finally:
-            for ring in waiting:
+            for ring, _ in waiting:
                 ring.end_wait()
+
+    def poll_now(self) -> None:
+        """Look at the control socket and the sentinel without sleeping (spin and yield spells)."""
+        self.on_events(dict(self.poller.poll(0)))
+
+    def on_events(self, events: dict[Any, int]) -> None:
+        rt = self.rt
+        if rt.parent_sentinel is not None and rt.parent_sentinel in events:
+            rt.log.error("supervisor_gone")
+            os._exit(EXIT_ORPHANED)
+        if rt.sock in events:
+            rt.handle_control()
+
+
+def _never() -> bool:
+    return False
 
 
 async def _run_async(rt: _Runtime) -> None:
@@ -263,15 +315,26 @@ async def _run_async(rt: _Runtime) -> None:
             rt.heartbeat(time.monotonic())
             await asyncio.sleep(rt.spec.heartbeat_interval_s)
 
+    # heartbeats and control run from here on, through the stage's set-up (issue 12 item 5: a
+    # set-up that starts an upstream must not get the worker killed as hung)
     beat = asyncio.create_task(heartbeats())
-    work = asyncio.create_task(rt.stage.run(rt.ctx))
     stop = asyncio.create_task(stopped.wait())
+    tasks = [beat, stop]
     try:
+        setup = asyncio.create_task(rt.stage.setup(rt.ctx))
+        tasks.append(setup)
+        await asyncio.wait({setup, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not setup.done():
+            return  # stopped while setting up
+        setup.result()  # re-raise a set-up failure
+        rt.ready()
+        work = asyncio.create_task(rt.stage.run(rt.ctx))
+        tasks.append(work)
         await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
         if work.done():
             work.result()  # re-raise a stage failure
     finally:
-        for task in (beat, work, stop):
+        for task in tasks:
             task.cancel()
         loop.remove_reader(fd)
         if rt.parent_sentinel is not None:
@@ -291,19 +354,18 @@ def main(spec: WorkerSpec) -> None:
     code = 0
     try:
         rt.stage.start(rt.ctx)
-        rt.state = "running"
-        rt.send("ready")
-        rt.heartbeat(time.monotonic())
         if isinstance(rt.stage, AsyncStage):
             import uvloop
 
-            uvloop.run(_run_async(rt))
+            uvloop.run(_run_async(rt))  # ready once the stage's async set-up is done
         else:
+            rt.ready()  # a duty-cycle stage is ready once start() returned
             _DutyCycle(rt).run()
         rt.state = "stopped"
         rt.heartbeat(time.monotonic())
     except Exception as exc:
-        rt.log.error("stage_failed", error=repr(exc), traceback=traceback.format_exc())
+        phase = "running" if rt.is_ready else "start-up"
+        rt.log.error("stage_failed", phase=phase, error=repr(exc), traceback=traceback.format_exc())
         rt.send("error", message=repr(exc), fatal=True)
         code = EXIT_STAGE_ERROR
     finally:

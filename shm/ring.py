@@ -23,6 +23,7 @@ is counted (``lost_wakeups``).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 import threading
@@ -33,7 +34,7 @@ from shm import descriptor as d
 from shm.doorbell import Doorbell, create_fifo
 from shm.naming import check_ring
 from shm.segment import attach_segment, close_segment, create_segment, map_readonly, remove_segment
-from shm.wait import WaitStrategy
+from shm.wait import WaitStrategy, idle
 
 _W_MAGIC = d.word(d.MAGIC_OFFSET)
 _W_CAPACITY = d.word(d.CAPACITY_OFFSET)
@@ -205,19 +206,16 @@ class _Side:
     def header(self) -> RingHeader:
         return _snapshot(self.name, self._q, self._seg.buf)
 
-    def _park(self, flag_word: int, ready, bell: Doorbell, deadline: float | None) -> None:
-        """Sleep on ``bell`` until ``ready()`` or the deadline; the other side rings only while
+    def _park(self, flag_word: int, ready, bell: Doorbell, timeout: float) -> None:
+        """Sleep on ``bell`` until rung or ``timeout``; the other side rings only while
         ``flag_word`` is set, so the fast path never makes a system call."""
+        self.heartbeat()
         self._declare_waiting(flag_word, bell)
         try:
             if ready():
                 return
-            timeout = self.wait.park_timeout_s
-            if deadline is not None:
-                timeout = min(timeout, max(0.0, deadline - time.monotonic()))
-            rung = bell.wait(timeout)
-            if not rung and self.role == "consumer" and ready():
-                self._q[_W_LOST_WAKEUPS] += 1
+            if not bell.wait(timeout) and self.role == "consumer":
+                self.missed_wakeup()
         finally:
             self._q[flag_word] = 0
 
@@ -231,25 +229,18 @@ class _Side:
         bell.drain()
 
     def _wait_until(self, ready, flag_word: int, bell: Doorbell | None, deadline: float | None) -> bool:
-        """Idle with this ring's wait strategy until ``ready()``; False at the deadline."""
-        wait = self.wait
-        spins = 0
+        """Idle with this ring's wait strategy (:func:`shm.wait.idle`) until ``ready()``; False at
+        the deadline."""
+        until = math.inf if deadline is None else deadline
+
+        def park(timeout: float) -> None:
+            self._park(flag_word, ready, bell, timeout)
+
         while True:
-            if ready():
+            if idle(self.wait, ready, park, until):
                 return True
-            spins += 1
-            # the clock costs more than a spin: look at it every 64 spins (and after parking)
-            if deadline is not None and spins & 63 == 0 and time.monotonic() >= deadline:
-                return False
-            if spins <= wait.spins:
-                continue
-            if wait.blocks and spins > wait.spins + wait.yields:
-                self.heartbeat()
-                self._park(flag_word, ready, bell, deadline)
-                if deadline is not None and time.monotonic() >= deadline:
-                    return ready()
-            elif wait.kind != "spin":
-                os.sched_yield()
+            if time.monotonic() >= until:
+                return ready()
 
     def close(self) -> None:
         """Detach from the ring (never unlinks it: the owner does that)."""
@@ -370,6 +361,11 @@ class Producer(_Side):
     def is_full(self) -> bool:
         """Whether the last claim found the ring full (the producer is waiting for space)."""
         return self._full
+
+    def space_freed(self) -> bool:
+        """Whether the consumer has released space since the last claim found the ring full (one
+        load of the read cursor: what an idle worker spins on while this ring is full)."""
+        return self._q[_W_READ] + self._capacity_ > self._limit
 
     def prepare_wait(self) -> bool:
         """For event loops that poll ``space_bell`` with other fds: declare this producer asleep
@@ -577,6 +573,14 @@ class Consumer(_Side):
 
     def end_wait(self) -> None:
         self._q[_W_CONSUMER_WAITING] = 0
+
+    def missed_wakeup(self) -> bool:
+        """After a sleep on ``data_bell`` that timed out: True, counted in the header's
+        ``lost_wakeups``, when a record was there all the same (its commit did not ring)."""
+        if self._q[_W_WRITE] <= self._pos:
+            return False
+        self._q[_W_LOST_WAKEUPS] += 1
+        return True
 
     def close(self) -> None:
         if getattr(self, "_q", None) is not None:

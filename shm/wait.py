@@ -8,11 +8,20 @@
   rings the doorbell only while this side has declared itself asleep, so a busy ring makes no
   system calls. An idle blocked side wakes every ``park_timeout_s`` at most, to refresh its
   heartbeat and to bound the cost of a lost wake-up.
+
+:func:`idle` is the one implementation of these strategies (after Agrona's BackoffIdleStrategy):
+``shm.ring``'s blocking ``read``/``claim`` park on one ring's doorbell through it, and the worker
+runtime (engine/worker.py) parks on all its rings' doorbells, its control socket and its stage's
+sockets through it. The spin and yield phases only call ``ready`` (for a ring: a load of the other
+side's cursor), never a system call.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 KINDS = ("spin", "yield", "block")
@@ -38,6 +47,19 @@ class WaitStrategy:
         return self.kind == "block"
 
     @classmethod
+    def eagerest(cls, strategies: list[WaitStrategy]) -> WaitStrategy:
+        """One strategy for a side waiting on several rings at once: the most eager of each
+        setting (the least blocking kind, the most spins and yields, the shortest park)."""
+        if not strategies:
+            return PARK_AT_ONCE
+        return cls(
+            min((w.kind for w in strategies), key=KINDS.index),
+            spins=max(w.spins for w in strategies),
+            yields=max(w.yields for w in strategies),
+            park_timeout_s=min(w.park_timeout_s for w in strategies),
+        )
+
+    @classmethod
     def named(cls, kind: str) -> WaitStrategy:
         """The stock strategy called ``kind``."""
         if kind == "spin":
@@ -45,3 +67,34 @@ class WaitStrategy:
         if kind == "yield":
             return cls("yield", spins=200, yields=sys.maxsize)
         return cls(kind)
+
+
+PARK_AT_ONCE = WaitStrategy("block", spins=0, yields=0)
+_CLOCK_EVERY = 64  # the clock costs more than a spin: read it on the 1st check and every 64th
+
+
+def idle(wait: WaitStrategy, ready: Callable[[], bool], park: Callable[[float], object], deadline: float) -> bool:
+    """One idle spell with strategy ``wait``: True as soon as ``ready()``; False at ``deadline``
+    (``time.monotonic()``) or after one park, when the caller re-checks what woke it.
+
+    ``ready()`` is called ``spins`` times in a tight loop, then between ``os.sched_yield()`` calls
+    (``yields`` times for ``block``, for ever for ``yield``; ``spin`` never yields), then, for
+    ``block`` only, ``park(timeout_s)`` sleeps once for at most ``park_timeout_s`` and never past
+    ``deadline``. ``park`` must re-check readiness after declaring itself asleep (the other side
+    rings only a declared sleeper) and return when woken or at the timeout."""
+    spins, until_park = wait.spins, wait.spins + wait.yields
+    yields, blocks = wait.kind != "spin", wait.blocks
+    checks = 0
+    while True:
+        if ready():
+            return True
+        checks += 1
+        if checks % _CLOCK_EVERY == 1 and time.monotonic() >= deadline:
+            return False
+        if checks <= spins:
+            continue
+        if blocks and checks > until_park:
+            park(min(wait.park_timeout_s, max(0.0, deadline - time.monotonic())))
+            return ready()
+        if yields:
+            os.sched_yield()

@@ -12,6 +12,8 @@ from typing import Any
 
 from engine.client import EngineNotFound, find_engine, request
 
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
@@ -37,11 +39,19 @@ class Engine:
         self.proc: subprocess.Popen | None = None
 
     def env(self) -> dict[str, str]:
+        # the workers can import the test-only stages of this directory (readiness_stages)
+        path = os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p)
         return dict(
-            os.environ, NEURALPIPE_RUNTIME_DIR=self.base, NEURALPIPE_INSTANCE=self.instance, NEURALPIPE_METRICS_PORT="0"
+            os.environ,
+            NEURALPIPE_RUNTIME_DIR=self.base,
+            NEURALPIPE_INSTANCE=self.instance,
+            NEURALPIPE_METRICS_PORT="0",
+            PYTHONPATH=path,
         )
 
     def start(self, wait_running: bool = True) -> Engine:
+        """Run the supervisor; with ``wait_running``, return once it reports running (every
+        worker ready)."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "engine.cli", "run", "--config", str(self.config_path)],

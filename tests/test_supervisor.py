@@ -93,9 +93,30 @@ def test_sigstop_hang_is_detected_and_recovered(engine_factory):
 
 
 @pytest.mark.timeout(60)
-def test_crash_loop_escalates_and_stops_cleanly(engine_factory):
+def test_worker_failing_at_start_fails_the_engine_start(engine_factory):
+    """A worker that cannot start makes the engine's own start fail at once (OTP's rule), with
+    the worker named: no restart loop that keeps reporting "starting"."""
     config = pipeline_config(intensity=2).replace('stage = "relay"', 'stage = "stages.testing.missing:Nope"')
     engine = engine_factory(config).start(wait_running=False)
+    code = engine.wait_exit(30)
+    assert code == 3
+    log = engine.log()
+    escalation = next(orjson.loads(line) for line in log.splitlines() if '"event":"escalation"' in line)
+    assert escalation["reason"] == "worker 'relay' failed during start-up (exit code 3)"
+    assert '"event":"worker_restarted"' not in log
+    assert '"event":"engine_running"' not in log
+    assert not os.path.exists(os.path.join(engine.base, engine.instance))
+    assert list_segments(engine.instance) == []
+
+
+@pytest.mark.timeout(60)
+def test_crash_loop_escalates_and_stops_cleanly(engine_factory):
+    engine = engine_factory(pipeline_config(intensity=2)).start()
+    for kills in range(3):
+        relay = wait_for(lambda: (w := engine.worker("relay"))["state"] == "running" and w, 15, "relay running")
+        os.kill(relay["pid"], signal.SIGKILL)
+        if kills < 2:
+            wait_for(lambda k=kills, pid=relay["pid"]: restarted(engine, "relay", pid, k + 1), 15, "relay restart")
     code = engine.wait_exit(30)
     assert code == 3
     log = engine.log()
