@@ -1,32 +1,48 @@
-"""``neuralpipe bench pipeline``: end-to-end tokens/s and latency of the full pipeline, the same
-stages run over each transport in one run: shared-memory rings, multiprocessing.Queue, zmq ipc.
+"""``neuralpipe bench pipeline``: how much paced chat traffic the full pipeline carries, what each
+of its processes spends per token, and the latency it adds, over each transport: shared-memory
+rings (``shm``), multiprocessing.Queue (``queue``), zmq ipc (``zmq``).
 
-For each transport a real engine (``python -m engine.cli run``) runs embedded upstream -> ingest
--> compute -> cache -> broadcast with ``[engine] transport`` set (engine/transport.py); nothing
-else differs. A consumer process (engine/consumer.py's StreamConsumer on the binary broadcast
-socket) takes every tokens message and records, per token, ``time.monotonic_ns() - recv_ns``:
-from ingest parsing the upstream's SSE event to the consumer receiving it (CLOCK_MONOTONIC is
-system-wide, so the two processes' readings compare).
+One step: a real engine (``python -m engine.cli run``) runs embedded upstream -> ingest -> compute
+-> cache -> broadcast with ``[engine] transport`` set (engine/transport.py) and the upstream paced
+per stream so that ``streams`` streams together offer ``offered`` tokens/s. Once every worker is
+ready and a warm-up stream went through, the streams (distinct prompts, no cache hit, a fixed
+length, ``ignore_eos``) are submitted through engine/requests.py's RequestClient, their starts
+spread over one token interval (chats do not start in lockstep). A consumer process
+(engine/consumer.py's StreamConsumer on the binary broadcast socket) reads continuously from
+before the load until its end and stamps each message as it comes.
 
-- Throughput: the upstream unpaced; 1, 100 and 1,000 concurrent streams of a fixed length
-  (``ignore_eos``) submitted one after another through engine/requests.py's RequestClient;
-  tokens/s = tokens received / (last token received - first submit). Latency percentiles of
-  such a load are mostly the queueing of a saturated pipeline.
-- Latency at a paced load: the upstream paced per stream so that the streams together offer
-  PACED_TOKENS_PER_S (10,000 tokens/s, the target's load), and 1,000 tokens/s (a pipeline with
-  room to spare); p50/p99/p99.9 of the same per-token latency.
+Every figure covers the steady window only: from ``warmup_s`` after the first submit (start-up,
+first connections, the streams' first tokens: left out) to when the first stream's last token is
+due (every stream produces throughout the window).
 
-Each load's prompts are distinct (no cache hit). The consumer repairs ZeroMQ drops from the
-broadcast's snapshots; a token it still never gets is counted in the row's ``lost`` (and a load
-that is short of tokens otherwise fails).
+- ``delivered_tokens_per_s``: tokens the consumer received in the window / its length;
+  ``delivered_ratio`` = that / ``offered_tokens_per_s``. ``ingested_tokens_per_s``: tokens ingest
+  stamped in the window, to tell a load generator or ingest that fell behind from a backlog after it.
+- latency p50/p99/p99.9 of the tokens ingest stamped in the window: the consumer's
+  ``time.monotonic_ns()`` when the message came minus the token's ``recv_ns`` (ingest parsing the
+  upstream's SSE event; CLOCK_MONOTONIC is system-wide).
+- CPU µs per token of each process: utime + stime (``/proc/<pid>/stat``, every thread) over the
+  window / tokens delivered in the window. The engine's processes (supervisor, ingest, compute,
+  cache, broadcast, the resource tracker) sum to ``engine_cpu_us_per_token``; the load generator
+  (the embedded upstream, a child of ingest) and the bench's consumer are reported apart.
+- ``missing``: tokens the consumer never got (ZeroMQ drops the broadcast could no longer repair,
+  or still queued ``drain_s`` after the load).
+
+A step holds its load when delivered >= 99 %, p99 <= 10 ms and nothing is missing. The sweep runs
+the ladder of offered rates on each transport, stopping at the first step that does not hold,
+then bisects between the last that held and that one; the highest that held is the transport's
+``saturation_tokens_per_s``. The upstream's pace is an engine setting, so each step has an engine
+of its own.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import multiprocessing
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import click
@@ -34,31 +50,48 @@ import click
 from engine.requests import RequestClient, ingest_endpoint
 
 from . import report
-from .proc import BenchError
+from .proc import BenchError, children, cpu_seconds
 from .recovery import BenchEngine, wait_for
 
 TRANSPORTS = ("shm", "queue", "zmq")
-PACED_TOKENS_PER_S = 10_000.0
+STREAMS = 100
+MAX_STREAMS = 2048  # the embedded upstream's max_concurrency below
+# When a step holds its load (the sweep's criteria).
+HOLD_DELIVERED = 0.99
+HOLD_P99_US = 10_000.0
 # Targets from the issue, reported (never asserted).
-TARGET_TOKENS_PER_S = 200_000.0
-TARGET_PACED_P99_US = 2_000.0
-TARGET_RING_OVER_QUEUE = 3.0
+TARGET_LOAD = 10_000.0
+TARGET_LOAD_DELIVERED = 0.99
+TARGET_LOAD_P99_US = 5_000.0
+TARGET_SATURATION = 30_000.0
+TARGET_ENGINE_CPU_US = 40.0
+TARGET_RING_OVER_QUEUE = 1.5
 
 RING_CAPACITY = 1 << 23  # the queue and zmq transports get the same bound in messages (transport.slots)
-LOAD_TIMEOUT_S = 120.0
+WARM_UP_TOKENS = 3
+WAIT_S = 30.0  # for the consumer to start, the subscription, the warm-up stream
+CONSUMER_LOOK_NS = 20_000_000  # how often a busy consumer looks at its pipe to the bench
 
 
 @dataclass(frozen=True)
 class Settings:
-    unpaced: tuple[tuple[int, int], ...]  # (streams, tokens per stream)
-    paced: tuple[tuple[int, float, int], ...]  # (streams, tokens/s of all streams together, tokens per stream)
+    streams: int
+    ladder: tuple[float, ...]  # offered tokens/s, tried in turn until a step does not hold
+    bisections: int  # then steps between the last that held and the first that did not
+    duration_s: float  # each stream's length at its pace
+    warmup_s: float  # after the first submit, left out of every figure
+    drain_s: float  # after the load, how long its last tokens may take to come
 
 
-# The first paced load is the target's (PACED_TOKENS_PER_S); the second shows an unsaturated pipeline.
 FULL = Settings(
-    unpaced=((1, 20_000), (100, 400), (1000, 60)), paced=((100, PACED_TOKENS_PER_S, 400), (10, 1_000.0, 200))
+    streams=STREAMS,
+    ladder=(2_500.0, 5_000.0, 10_000.0, 20_000.0, 30_000.0, 40_000.0, 60_000.0, 80_000.0),
+    bisections=1,
+    duration_s=6.0,
+    warmup_s=1.0,
+    drain_s=3.0,
 )
-QUICK = Settings(unpaced=((1, 300), (100, 4)), paced=((10, PACED_TOKENS_PER_S, 20),))
+QUICK = Settings(streams=20, ladder=(1_000.0,), bisections=0, duration_s=2.0, warmup_s=0.5, drain_s=2.0)
 
 
 def engine_toml(transport: str, tokens_per_s: float) -> str:
@@ -79,7 +112,7 @@ params.client_burst = 1e6
 params.client_tokens_per_s = 1e9
 params.client_burst_tokens = 1e9
 params.queue_bound = 100000
-params.embedded = {{ tokens_per_s = {tokens_per_s}, max_concurrency = 2048 }}
+params.embedded = {{ tokens_per_s = {tokens_per_s}, max_concurrency = {MAX_STREAMS} }}
 
 [workers.compute]
 stage = "compute"
@@ -104,37 +137,52 @@ params.sndhwm = 1000000
 
 
 def _consume(runtime_dir: str, conn: Any) -> None:
-    """Consumer process: for each ``(tokens, deadline)`` asked on ``conn``, read until that many
-    tokens came or were given up as lost (the consumer's ``gaps``: what the broadcast no longer
-    had when asked), and answer with their latencies (ns), the time the last one came and the
-    consumer's counters for this load."""
+    """Consumer process: read the broadcast continuously, keeping each tokens message's ``recv_ns``
+    column and the moment it came; between messages (every CONSUMER_LOOK_NS while busy) answer the
+    bench: ``("wait", tokens, deadline)`` -> the tokens received since the last take, once that
+    many came (or were given up as lost) or at the deadline; ``("take",)`` -> (recv_ns, arrival_ns,
+    counts) of every token since the last take; None -> exit."""
     import numpy as np
 
     from engine.consumer import StreamConsumer
 
+    stamps: list[np.ndarray] = []
+    arrivals: list[int] = []
+    received = 0
+    waiting: tuple[int, float] | None = None
     with StreamConsumer.for_engine(runtime_dir, binary=True) as consumer:
+        base = dict(consumer.counts)
+
+        def done() -> bool:
+            return waiting is not None and received + consumer.counts["gaps"] - base["gaps"] >= waiting[0]
+
         conn.send("ready")
-        while (ask := conn.recv()) is not None:
-            expected, deadline = ask
-            latency = np.empty(expected, dtype=np.int64)
-            got, last = 0, 0
-            before = dict(consumer.counts)
-
-            def lost() -> int:
-                return consumer.counts["gaps"] - before["gaps"]  # noqa: B023
-
-            while got + lost() < expected and time.monotonic() < deadline:
-                for message in consumer.messages(idle_timeout_s=0.5):
-                    if message.type != "tokens":
-                        continue
-                    now = time.monotonic_ns()
-                    recv_ns = message.columns["recv_ns"][: expected - got]
-                    latency[got : got + len(recv_ns)] = now - recv_ns
-                    got += len(recv_ns)
-                    last = now
-                    if got + lost() >= expected:
-                        break
-            conn.send((latency[:got], last, {k: v - before[k] for k, v in consumer.counts.items()}))
+        while True:
+            look_at = time.monotonic_ns() + CONSUMER_LOOK_NS
+            for message in consumer.messages(idle_timeout_s=CONSUMER_LOOK_NS / 1e9):
+                now = time.monotonic_ns()
+                if message.type == "tokens":
+                    recv_ns = message.columns["recv_ns"].copy()  # not a view that keeps the frame
+                    stamps.append(recv_ns)
+                    arrivals.append(now)
+                    received += len(recv_ns)
+                if now >= look_at or done():
+                    break
+            if waiting is not None and (done() or time.monotonic() >= waiting[1]):
+                conn.send(received)
+                waiting = None
+            while conn.poll(0):
+                ask = conn.recv()
+                if ask is None:
+                    return
+                if ask[0] == "wait":
+                    waiting = ask[1], ask[2]
+                else:
+                    recv = np.concatenate(stamps) if stamps else np.empty(0, np.int64)
+                    arrival = np.repeat(np.array(arrivals, np.int64), [len(s) for s in stamps])
+                    counts = {k: v - base[k] for k, v in consumer.counts.items()}
+                    conn.send((recv.astype(np.int64), arrival, counts))
+                    stamps, arrivals, received, base = [], [], 0, dict(consumer.counts)
 
 
 class Consumer:
@@ -146,15 +194,30 @@ class Consumer:
         self.proc = ctx.Process(target=_consume, args=(runtime_dir, child), name="bench-consumer", daemon=True)
         self.proc.start()
         child.close()
-        if not self.conn.poll(30) or self.conn.recv() != "ready":
+        if not self.conn.poll(WAIT_S) or self.conn.recv() != "ready":
+            self.close()
             raise BenchError("the bench consumer did not start")
 
-    def expect(self, tokens: int) -> None:
-        self.conn.send((tokens, time.monotonic() + LOAD_TIMEOUT_S))
+    def __enter__(self) -> Consumer:
+        return self
 
-    def result(self) -> tuple[Any, int, dict[str, int]]:
-        if not self.conn.poll(LOAD_TIMEOUT_S + 10):
-            raise BenchError("the bench consumer sent no result")
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait(self, tokens: int, timeout_s: float) -> int:
+        """Tokens received since the last take, once ``tokens`` came or after ``timeout_s``."""
+        self.conn.send(("wait", tokens, time.monotonic() + timeout_s))
+        return self._answer(timeout_s + WAIT_S)
+
+    def take(self) -> tuple[Any, Any, dict[str, int]]:
+        """recv_ns and arrival time (ns) of each token received since the last take, and the
+        consumer's counters over that time."""
+        self.conn.send(("take",))
+        return self._answer(WAIT_S)
+
+    def _answer(self, timeout_s: float) -> Any:
+        if not self.conn.poll(timeout_s):
+            raise BenchError("the bench consumer did not answer")
         return self.conn.recv()
 
     def close(self) -> None:
@@ -170,187 +233,421 @@ class Consumer:
             self.conn.close()
 
 
-# ---- loads ----------------------------------------------------------------------------------------
+# ---- one step -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Load:
+    transport: str
+    offered: float  # tokens/s of all streams together
+    streams: int
+    tokens: int  # per stream
+
+    @property
+    def pace(self) -> float:
+        """Tokens/s of each stream."""
+        return self.offered / self.streams
+
+
+def plan(transport: str, offered: float, settings: Settings) -> Load:
+    """The load of one step; a ValueError says why ``offered`` cannot be measured with ``settings``."""
+    if not 0 < offered <= 1e6:
+        raise ValueError(f"offered tokens/s must be in (0, 1,000,000], not {offered:g}")
+    if not 1 <= settings.streams <= MAX_STREAMS:
+        raise ValueError(f"streams must be 1..{MAX_STREAMS}, not {settings.streams}")
+    if settings.duration_s - settings.warmup_s < 0.5:
+        raise ValueError(f"duration must exceed the {settings.warmup_s:g} s warm-up by at least 0.5 s")
+    load = Load(transport, offered, settings.streams, round(offered / settings.streams * settings.duration_s))
+    if (load.tokens - 1) / load.pace - settings.warmup_s < 0.5:
+        raise ValueError(
+            f"{offered:g} tokens/s over {settings.streams} streams is {load.pace:g} tokens/s a stream: "
+            f"too few tokens in {settings.duration_s:g} s; offer more or use fewer streams or a longer duration"
+        )
+    return load
 
 
 def _chat(label: str, i: int, tokens: int) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": f"{label} {i}"}], "max_tokens": tokens, "ignore_eos": True}
 
 
-def run_load(engine: BenchEngine, consumer: Consumer, label: str, streams: int, tokens: int) -> dict[str, Any]:
-    """Submit ``streams`` streams of ``tokens`` tokens; the consumer's tokens/s and latency."""
-    import numpy as np
-
-    expected = streams * tokens
-    consumer.expect(expected)
-    began = time.monotonic_ns()
-    with RequestClient(ingest_endpoint(engine.info["runtime_dir"]), timeout_s=30) as client:
-        for i in range(streams):
-            client.submit(_chat(label, i, tokens))
-    latency, last, counts = consumer.result()
-    if len(latency) + counts["gaps"] < expected:
-        raise BenchError(f"{label}: the consumer got {len(latency)} of {expected} tokens in time ({counts})")
-    p50, p99, p999 = np.percentile(latency, (50, 99, 99.9)) / 1e3
-    return {
-        "streams": streams,
-        "tokens": expected,
-        "tokens_per_s": round(len(latency) / ((last - began) / 1e9)),
-        "p50_us": round(float(p50), 1),
-        "p99_us": round(float(p99), 1),
-        "p999_us": round(float(p999), 1),
-        "lost": counts["gaps"],  # tokens the consumer never got (reported, never hidden)
-        "compute_us_per_batch": engine.workers()["compute"]["stats"].get("busy_us_per_batch"),
-    }
+def _sleep_until(t_ns: int) -> None:
+    delay = (t_ns - time.monotonic_ns()) / 1e9
+    if delay > 0:
+        time.sleep(delay)
 
 
-def run_engine(transport: str, pace: float, loads: list[tuple[int, int]], progress: bool) -> list[dict[str, Any]]:
-    rows = []
-    with BenchEngine(engine_toml(transport, pace), f"pipeline-{transport}") as engine:
-        consumer = Consumer(engine.info["runtime_dir"])
-        try:
+def _warm_up(engine: BenchEngine, consumer: Consumer, label: str, pace: float) -> None:
+    """One short stream through the whole pipeline; the consumer sees it, then forgets it."""
+    with RequestClient(ingest_endpoint(engine.info["runtime_dir"]), timeout_s=WAIT_S) as client:
+        client.submit(_chat(f"{label} warm-up", 0, WARM_UP_TOKENS))
+    got = consumer.wait(WARM_UP_TOKENS, WAIT_S + WARM_UP_TOKENS / pace)
+    if got < WARM_UP_TOKENS:
+        raise BenchError(f"{label}: the warm-up stream did not reach the consumer ({got} tokens)\n{engine.log_tail()}")
+    consumer.take()
+
+
+def _submit(engine: BenchEngine, load: Load, label: str) -> int:
+    """Submit the load's streams, their starts spread over one token interval; the first submit's
+    time (ns)."""
+    spacing_ns = 1e9 / load.pace / load.streams
+    with RequestClient(ingest_endpoint(engine.info["runtime_dir"]), timeout_s=WAIT_S) as client:
+        first = time.monotonic_ns()
+        for i in range(load.streams):
+            _sleep_until(first + round(i * spacing_ns))
+            client.submit(_chat(label, i, load.tokens))
+    return first
+
+
+def _processes(engine: BenchEngine, consumer: Consumer) -> tuple[dict[str, int], dict[str, int]]:
+    """(the engine's processes, the load's: upstream and consumer), name -> pid."""
+    engine_pids = engine.processes()
+    upstream = [pid for pid, cmd in children(engine_pids["ingest"]).items() if "resource_tracker" not in cmd]
+    if len(upstream) != 1:
+        raise BenchError(f"expected one embedded upstream under ingest, found {len(upstream)}")
+    return engine_pids, {"upstream": upstream[0], "consumer": consumer.proc.pid}
+
+
+def _cpu(pids: dict[str, int]) -> dict[str, float]:
+    try:
+        return {name: cpu_seconds(pid) for name, pid in pids.items()}
+    except FileNotFoundError as exc:
+        raise BenchError(f"a process ended during the load: {exc.filename}") from None
+
+
+def _restarts(engine: BenchEngine) -> dict[str, int]:
+    return {name: w["restarts"] for name, w in engine.workers().items()}
+
+
+def run_step(load: Load, settings: Settings) -> dict[str, Any]:
+    """Run one load on an engine of its own; its row (see the module docstring)."""
+    label = f"{load.transport} {load.offered:g}"
+    with BenchEngine(engine_toml(load.transport, load.pace), f"pipeline-{load.transport}") as engine:
+        engine.wait_ready(WAIT_S)
+        with Consumer(engine.info["runtime_dir"]) as consumer:
             # a SUB socket misses what is published before its subscription reaches the XPUB
             wait_for(
                 lambda: engine.workers()["broadcast"]["stats"].get("subscriptions", 0) > 0,
-                LOAD_TIMEOUT_S,
+                WAIT_S,
                 "the consumer's subscription to reach the broadcast",
                 interval_s=0.05,
             )
-            # warm-up: first connections (zmq reconnects every 100 ms until its peer binds), imports
-            run_load(engine, consumer, f"{transport} {pace} warm-up", 1, 10)
-            for n, (streams, tokens) in enumerate(loads):
-                row = {"transport": transport} | run_load(engine, consumer, f"{transport} {pace} {n}", streams, tokens)
-                rows.append(row)
-                if progress:
-                    click.echo(f"  {row}", err=True)
-        finally:
-            consumer.close()
-    return rows
+            _warm_up(engine, consumer, label, load.pace)
+            engine_pids, load_pids = _processes(engine, consumer)
+            restarts = _restarts(engine)
+            first = _submit(engine, load, label)
+            window = (first + round(settings.warmup_s * 1e9), first + round((load.tokens - 1) / load.pace * 1e9))
+            if time.monotonic_ns() > window[0]:
+                raise BenchError(f"{label}: submitting took longer than the {settings.warmup_s:g} s warm-up")
+            _sleep_until(window[0])
+            cpu_before = _cpu(engine_pids | load_pids)
+            _sleep_until(window[1])
+            cpu_after = _cpu(engine_pids | load_pids)
+            expected = load.streams * load.tokens
+            consumer.wait(expected, 2 / load.pace + settings.drain_s)
+            recv_ns, arrival_ns, counts = consumer.take()
+            if _restarts(engine) != restarts:
+                raise BenchError(f"{label}: a worker restarted during the load\n{engine.log_tail()}")
+    cpu_s = {name: cpu_after[name] - cpu_before[name] for name in cpu_before}
+    return row(load, window, recv_ns, arrival_ns, counts, cpu_s, list(engine_pids))
 
 
-def measure(settings: Settings, transports: tuple[str, ...], progress: bool) -> dict[str, Any]:
-    """Every transport's unpaced loads on one engine, then each paced load on an engine of its own
-    (the upstream's pace is an engine setting)."""
-    rows, paced = [], []
-    for transport in transports:
-        rows += run_engine(transport, 0.0, list(settings.unpaced), progress)
-        for streams, offered, tokens in settings.paced:
-            for row in run_engine(transport, offered / streams, [(streams, tokens)], progress):
-                paced.append(row | {"offered_tokens_per_s": offered})
-    return {"rows": rows, "paced": paced}
+def row(
+    load: Load,
+    window: tuple[int, int],
+    recv_ns: Any,
+    arrival_ns: Any,
+    counts: dict[str, int],
+    cpu_s: dict[str, float],
+    engine_names: list[str],
+) -> dict[str, Any]:
+    """A step's figures from what the consumer received and the processes' CPU seconds over the
+    window (``engine_names``: the processes summed as the engine's)."""
+    import numpy as np
+
+    start, end = window
+    window_s = (end - start) / 1e9
+    delivered = int(np.count_nonzero((arrival_ns >= start) & (arrival_ns < end)))
+    stamped = (recv_ns >= start) & (recv_ns < end)
+    if not delivered or not stamped.any():
+        raise BenchError(f"{load.transport} {load.offered:g}: no token came in the measured window")
+    p50, p99, p999 = np.percentile((arrival_ns - recv_ns)[stamped], (50, 99, 99.9)) / 1e3
+    by_process = {name: round(seconds * 1e6 / delivered, 2) for name, seconds in cpu_s.items()}
+    result = {
+        "transport": load.transport,
+        "streams": load.streams,
+        "tokens_per_stream": load.tokens,
+        "offered_tokens_per_s": load.offered,
+        "delivered_tokens_per_s": round(delivered / window_s),
+        "delivered_ratio": round(delivered / window_s / load.offered, 4),
+        "ingested_tokens_per_s": round(int(np.count_nonzero(stamped)) / window_s),
+        "window_s": round(window_s, 3),
+        "p50_us": round(float(p50), 1),
+        "p99_us": round(float(p99), 1),
+        "p999_us": round(float(p999), 1),
+        "missing": load.streams * load.tokens - len(recv_ns),  # never received (reported, never hidden)
+        "gaps": counts["gaps"],  # of which the consumer gave up on (the broadcast no longer had them)
+        "engine_cpu_us_per_token": round(sum(by_process[name] for name in engine_names), 2),
+        "cpu_us_per_token_by_process": by_process,
+    }
+    result["held"] = (
+        result["delivered_ratio"] >= HOLD_DELIVERED and result["p99_us"] <= HOLD_P99_US and result["missing"] == 0
+    )
+    return result
 
 
-def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """shm tokens/s over each other transport's, per stream count."""
-    by = {(r["transport"], r["streams"]): r["tokens_per_s"] for r in rows}
-    out = []
-    for (transport, streams), rate in by.items():
-        if transport != "shm" and ("shm", streams) in by and rate:
-            out.append({"streams": streams, "versus": transport, "shm_over": round(by["shm", streams] / rate, 2)})
-    return out
+# ---- the sweep ------------------------------------------------------------------------------------
+
+
+def sweep(transport: str, settings: Settings, progress: bool) -> list[dict[str, Any]]:
+    """The ladder until a step does not hold, then ``bisections`` steps between the last that held
+    and the first that did not; the rows by offered tokens/s."""
+    rows: list[dict[str, Any]] = []
+
+    def step(offered: float) -> bool:
+        rows.append(run_step(plan(transport, offered, settings), settings))
+        if progress:
+            click.echo(f"  {_progress_line(rows[-1])}", err=True)
+        return rows[-1]["held"]
+
+    held, failed = None, None
+    for offered in settings.ladder:
+        if not step(offered):
+            failed = offered
+            break
+        held = offered
+    for _ in range(settings.bisections if held is not None and failed is not None else 0):
+        middle = round((held + failed) / 2, -2)
+        if middle in (held, failed):
+            break
+        if step(middle):
+            held = middle
+        else:
+            failed = middle
+    return sorted(rows, key=lambda r: r["offered_tokens_per_s"])
+
+
+def saturation(rows: list[dict[str, Any]], transport: str) -> float | None:
+    """The highest offered tokens/s that held on ``transport`` (None: none did)."""
+    return max((r["offered_tokens_per_s"] for r in rows if r["transport"] == transport and r["held"]), default=None)
+
+
+def ratios(saturations: dict[str, float | None]) -> list[dict[str, Any]]:
+    """The rings' saturation point over each other transport's."""
+    shm = saturations.get("shm")
+    return [
+        {"versus": transport, "shm_over": round(shm / rate, 2)}
+        for transport, rate in saturations.items()
+        if transport != "shm" and shm and rate
+    ]
 
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    shm = [r for r in result["rows"] if r["transport"] == "shm"]
-    best = max((r["tokens_per_s"] for r in shm), default=0)
-    paced = next(
-        (r for r in result["paced"] if r["transport"] == "shm" and r["offered_tokens_per_s"] == PACED_TOKENS_PER_S),
+    """The issue's targets; ``met`` None where this run did not measure it."""
+    load = next(
+        (
+            r
+            for r in result["rows"]
+            if r["transport"] == "shm" and r["offered_tokens_per_s"] == TARGET_LOAD and r["streams"] == STREAMS
+        ),
         None,
     )
-    queue = [r["shm_over"] for r in result["ratios"] if r["versus"] == "queue"]
-    out = [
-        {
-            "target": "end-to-end tokens/s, shm (best load)",
-            "goal": f">= {TARGET_TOKENS_PER_S:,.0f}",
-            "value": best,
-            "met": best >= TARGET_TOKENS_PER_S,
-        }
+    at_load = f"{TARGET_LOAD:,.0f} tokens/s over {STREAMS} streams, shm"
+    queue = next((r["shm_over"] for r in result["ratios"] if r["versus"] == "queue"), None)
+
+    def target(name: str, goal: str, value: float | None, met: Any) -> dict[str, Any]:
+        return {"target": name, "goal": goal, "value": value, "met": None if value is None else bool(met(value))}
+
+    return [
+        target(
+            f"delivered / offered at {at_load}",
+            f">= {TARGET_LOAD_DELIVERED:g}",
+            load and load["delivered_ratio"],
+            lambda v: v >= TARGET_LOAD_DELIVERED,
+        ),
+        target(
+            f"p99 latency (µs) at {at_load}",
+            f"<= {TARGET_LOAD_P99_US:,.0f}",
+            load and load["p99_us"],
+            lambda v: v <= TARGET_LOAD_P99_US,
+        ),
+        target(
+            f"engine CPU µs per token at {at_load}",
+            f"<= {TARGET_ENGINE_CPU_US:g}",
+            load and load["engine_cpu_us_per_token"],
+            lambda v: v <= TARGET_ENGINE_CPU_US,
+        ),
+        target(
+            "saturation over the rings (tokens/s)",
+            f">= {TARGET_SATURATION:,.0f}",
+            result["saturation_tokens_per_s"].get("shm"),
+            lambda v: v >= TARGET_SATURATION,
+        ),
+        target(
+            "rings / Queue at saturation",
+            f">= {TARGET_RING_OVER_QUEUE:g}x",
+            queue,
+            lambda v: v >= TARGET_RING_OVER_QUEUE,
+        ),
     ]
-    if paced is not None:
-        out.append(
-            {
-                "target": f"p99 latency (µs) at {PACED_TOKENS_PER_S:,.0f} tokens/s, shm",
-                "goal": f"< {TARGET_PACED_P99_US:,.0f}",
-                "value": paced["p99_us"],
-                "met": paced["p99_us"] < TARGET_PACED_P99_US,
-            }
-        )
-    if queue:
-        worst = min(queue)
-        out.append(
-            {
-                "target": "shm / queue tokens/s (worst stream count)",
-                "goal": f">= {TARGET_RING_OVER_QUEUE:g}x",
-                "value": worst,
-                "met": worst >= TARGET_RING_OVER_QUEUE,
-            }
-        )
-    return out
 
 
-def main(as_json: bool = False, quick: bool = False, transports: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Run the benchmark, print a table (or one JSON object) and return the results. A full run
-    of every transport from a checkout also writes bench/results/pipeline-<machine>.json and the
-    generated section of docs/benchmarks.md."""
+def _engine_source() -> str:
+    """Where the engine this bench starts is imported from (its subprocess has our environment
+    and working directory): tells a run against an older checkout from one against this one."""
+    spec = importlib.util.find_spec("engine")
+    return os.path.dirname(spec.origin) if spec and spec.origin else "unknown"
+
+
+def main(
+    as_json: bool = False,
+    quick: bool = False,
+    transports: tuple[str, ...] = (),
+    offered: float | None = None,
+    streams: int | None = None,
+    duration_s: float | None = None,
+) -> dict[str, Any]:
+    """Run the sweep (or, with ``offered``, one step per transport), print a table (or one JSON
+    object) and return the results. A full default sweep of every transport from a checkout
+    also writes bench/results/pipeline-<machine>.json and the generated section of
+    docs/benchmarks.md."""
     unknown = set(transports) - set(TRANSPORTS)
     if unknown:
         raise click.BadParameter(f"unknown transport(s) {', '.join(sorted(unknown))}; choose from {TRANSPORTS}")
     chosen = tuple(t for t in TRANSPORTS if t in transports) if transports else TRANSPORTS
     settings = QUICK if quick else FULL
+    if streams is not None:
+        settings = replace(settings, streams=streams)
+    if duration_s is not None:
+        settings = replace(settings, duration_s=duration_s)
+    if offered is not None:
+        settings = replace(settings, ladder=(offered,), bisections=0)
+    try:
+        for rate in settings.ladder:
+            plan(chosen[0], rate, settings)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
     info, load_before = report.machine(), report.load()
-    run = measure(settings, chosen, progress=not as_json)
+    rows = []
+    for transport in chosen:
+        rows += sweep(transport, settings, progress=not as_json)
+    swept = offered is None
+    saturations = {t: saturation(rows, t) if swept else None for t in chosen}
     result = {
         "benchmark": "pipeline",
         "machine": info,
         "load_before": load_before,
         "load_after": report.load(),
-        "settings": asdict(settings) | {"ring_capacity": RING_CAPACITY},
-        **run,
+        "engine_source": _engine_source(),
+        "settings": asdict(settings)
+        | {
+            "mode": "sweep" if swept else "targeted",
+            "ring_capacity": RING_CAPACITY,
+            "hold": {"delivered_ratio": HOLD_DELIVERED, "p99_us": HOLD_P99_US, "missing": 0},
+        },
+        "rows": rows,
+        "saturation_tokens_per_s": saturations,
+        "ratios": ratios(saturations),
     }
-    result["ratios"] = ratios(result["rows"])
     result["targets"] = targets(result)
     _print(result, as_json)
-    if not quick and chosen == TRANSPORTS:
+    if settings == FULL and chosen == TRANSPORTS:
         report.publish("pipeline", info, result, markdown(result))
     return result
 
 
 # ---- output ---------------------------------------------------------------------------------------
 
-_COLUMNS: tuple[report.Column, ...] = (
+PROCESS_COLUMNS = ("supervisor", "ingest", "compute", "cache", "broadcast", "upstream", "consumer")
+
+_LOAD_COLUMNS: tuple[report.Column, ...] = (
     ("transport", "transport", "{}"),
+    ("offered_tokens_per_s", "offered tokens/s", "{:,.0f}"),
     ("streams", "streams", "{:,}"),
-    ("tokens", "tokens", "{:,}"),
-    ("tokens_per_s", "tokens/s", "{:,}"),
+    ("ingested_tokens_per_s", "ingested tokens/s", "{:,}"),
+    ("delivered_tokens_per_s", "delivered tokens/s", "{:,}"),
+    ("delivered_ratio", "delivered", "{:.1%}"),
     ("p50_us", "p50 µs", "{:,.0f}"),
     ("p99_us", "p99 µs", "{:,.0f}"),
     ("p999_us", "p99.9 µs", "{:,.0f}"),
-    ("lost", "lost", "{:,}"),
+    ("missing", "missing", "{:,}"),
+    ("verdict", "holds", "{}"),
 )
-_PACED_COLUMNS: tuple[report.Column, ...] = (("offered_tokens_per_s", "offered tokens/s", "{:,.0f}"), *_COLUMNS)
-_RATIO_COLUMNS: tuple[report.Column, ...] = (
-    ("streams", "streams", "{:,}"),
-    ("versus", "versus", "{}"),
-    ("shm_over", "shm tokens/s ÷ theirs", "{:.2f}"),
+_CPU_COLUMNS: tuple[report.Column, ...] = (
+    ("transport", "transport", "{}"),
+    ("offered_tokens_per_s", "offered tokens/s", "{:,.0f}"),
+    ("engine_cpu_us_per_token", "engine", "{:.1f}"),
+    *((name, name, "{:.1f}") for name in PROCESS_COLUMNS),
 )
+_SATURATION_COLUMNS: tuple[report.Column, ...] = (
+    ("transport", "transport", "{}"),
+    ("saturation", "saturation tokens/s", "{}"),
+    ("shm_over", "shm ÷ theirs", "{}"),
+)
+
+
+def _display_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows flattened for the tables: each process's µs per token as a column of its own."""
+    return [
+        r
+        | {"verdict": "yes" if r["held"] else "no"}
+        | {name: r["cpu_us_per_token_by_process"].get(name, 0.0) for name in PROCESS_COLUMNS}
+        for r in result["rows"]
+    ]
+
+
+def _saturation_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    over = {r["versus"]: r["shm_over"] for r in result["ratios"]}
+    return [
+        {
+            "transport": transport,
+            "saturation": _value_text(rate),
+            "shm_over": f"{over[transport]:.2f}" if transport in over else "",
+        }
+        for transport, rate in result["saturation_tokens_per_s"].items()
+    ]
+
+
+def _value_text(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+def _progress_line(r: dict[str, Any]) -> str:
+    return (
+        f"{r['transport']} {r['offered_tokens_per_s']:,.0f} tokens/s offered over {r['streams']} streams: "
+        f"delivered {r['delivered_ratio']:.1%}, p99 {r['p99_us']:,.0f} µs, missing {r['missing']}, "
+        f"engine {r['engine_cpu_us_per_token']:.1f} µs/token: {'holds' if r['held'] else 'does not hold'}"
+    )
+
+
+def _settings_line(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    return (
+        f"{s['streams']} streams paced per stream, each {s['duration_s']:g} s long; the first "
+        f"{s['warmup_s']:g} s after the first submit left out; a step holds with delivered >= "
+        f"{HOLD_DELIVERED:.0%}, p99 <= {HOLD_P99_US / 1e3:g} ms and nothing missing."
+    )
 
 
 def markdown(result: dict[str, Any]) -> str:
     """The generated section of docs/benchmarks.md for this result."""
+    rows = _display_rows(result)
     return "\n".join(
         [
             report.machine_line(result["machine"], result["load_before"], result["load_after"]),
             "",
-            "Unpaced upstream (throughput; latency is then mostly queueing):",
+            _settings_line(result),
             "",
-            report.markdown_table(result["rows"], _COLUMNS),
+            report.markdown_table(rows, _LOAD_COLUMNS),
             "",
-            "Upstream paced per stream to the offered tokens/s of all streams together (latency):",
+            "CPU µs per delivered token (engine = its processes summed; upstream and consumer apart):",
             "",
-            report.markdown_table(result["paced"], _PACED_COLUMNS),
+            report.markdown_table(rows, _CPU_COLUMNS),
             "",
-            report.markdown_table(result["ratios"], _RATIO_COLUMNS),
+            report.markdown_table(_saturation_rows(result), _SATURATION_COLUMNS),
             "",
-            *report.target_table(result["targets"], "{:,}".format),
+            *report.target_table(result["targets"], _value_text),
         ]
     )
 
@@ -359,13 +656,15 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result))
         return
+    rows = _display_rows(result)
     click.echo(report.machine_line(result["machine"], result["load_before"], result["load_after"]))
+    click.echo(_settings_line(result))
     click.echo()
-    click.echo(report.text_table(result["rows"], _COLUMNS))
+    click.echo(report.text_table(rows, _LOAD_COLUMNS))
     click.echo()
-    click.echo("paced:")
-    click.echo(report.text_table(result["paced"], _PACED_COLUMNS))
+    click.echo("CPU µs per delivered token:")
+    click.echo(report.text_table(rows, _CPU_COLUMNS))
     click.echo()
-    click.echo(report.text_table(result["ratios"], _RATIO_COLUMNS))
-    for line in report.target_lines(result["targets"], "{:,}".format):
+    click.echo(report.text_table(_saturation_rows(result), _SATURATION_COLUMNS))
+    for line in report.target_lines(result["targets"], _value_text):
         click.echo(line)

@@ -1,16 +1,21 @@
-"""Two spawned processes measuring something between them (a consumer and a producer, a sleeper
-and a waker), on two different CPUs, reporting their results to the parent, and always joined (or
-killed) before the parent goes on."""
+"""Processes for the benchmarks: two spawned processes measuring something between them (a
+consumer and a producer, a sleeper and a waker), on two different CPUs, reporting their results to
+the parent, and always joined (or killed) before the parent goes on; and what /proc says about a
+process (its CPU time, its children)."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import glob
 import multiprocessing.connection
 import os
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class BenchError(Exception):
@@ -119,3 +124,28 @@ def _stop(*processes: Any) -> None:
             process.kill()
             process.join()
         process.close()
+
+
+# ---- /proc ----------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds ``pid`` has used, user + system, all its threads (``/proc/<pid>/stat``, in
+    clock ticks: 10 ms steps at the usual 100 Hz). FileNotFoundError once the process is gone."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()  # the command name may hold spaces and ")"
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime and stime, fields 14 and 15 of proc(5)
+
+
+def children(pid: int) -> dict[int, str]:
+    """Child pid -> command line of every child of ``pid``."""
+    found = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # a process may end while we look
+            with open(stat, "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            if ppid == pid:
+                child = int(stat.split("/")[2])
+                with open(f"/proc/{child}/cmdline", "rb") as f:
+                    found[child] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    return found

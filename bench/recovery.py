@@ -58,7 +58,7 @@ from shm.ring import read_header
 from shm.segment import map_readonly
 
 from . import report
-from .proc import BenchError
+from .proc import BenchError, children
 
 DOCS = report.DOCS.parent / "recovery.md"
 
@@ -215,6 +215,19 @@ class BenchEngine:
     def workers(self) -> dict[str, dict[str, Any]]:
         return {w["name"]: w for w in self.status()["workers"]}
 
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Wait until every worker has said it is ready: the supervisor runs before they do."""
+        wait_for(
+            lambda: all(w["state"] == "running" for w in self.workers().values()), timeout_s, "every worker to be ready"
+        )
+
+    def processes(self) -> dict[str, int]:
+        """Name -> pid of every process of the engine as ``status`` and /proc show it now: the
+        supervisor, its workers and its helpers (the multiprocessing resource tracker)."""
+        workers = {name: w["pid"] for name, w in self.workers().items()}
+        helpers = {_label(cmd): pid for pid, cmd in children(self.pid).items() if pid not in workers.values()}
+        return {"supervisor": self.pid, **workers, **helpers}
+
     def events(self) -> list[dict[str, Any]]:
         """Every JSON event logged so far, by the supervisor and the workers (they share stderr)."""
         events = []
@@ -238,6 +251,10 @@ class BenchEngine:
         finally:
             remove_stale(self.instance)  # only a killed supervisor leaves segments
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _label(cmdline: str) -> str:
+    return "resource_tracker" if "resource_tracker" in cmdline else cmdline[:40]
 
 
 def _stop(proc: subprocess.Popen) -> int:

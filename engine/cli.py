@@ -86,13 +86,26 @@ def bench_ingest(as_json: bool, quick: bool) -> None:
 
 @bench.command("pipeline")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a `rows` list.")
-@click.option("--quick", is_flag=True, help="Short loads: a smoke run, not a measurement.")
+@click.option("--quick", is_flag=True, help="One short step per transport: a smoke run, not a measurement.")
 @click.option("--transport", "transports", multiple=True, help="Only these transports (shm, queue, zmq).")
-def bench_pipeline(as_json: bool, quick: bool, transports: tuple[str, ...]) -> None:
-    """End-to-end tokens/s and latency of ingest -> compute -> cache -> broadcast over shm rings, Queue, zmq."""
+@click.option("--offered", type=float, help="One step at this many tokens/s (all streams together), not the sweep.")
+@click.option("--streams", type=int, help="Paced streams sharing the offered load (default 100; --quick 20).")
+@click.option("--duration", "duration_s", type=float, help="Each stream's length in seconds (default 6; --quick 2).")
+def bench_pipeline(
+    as_json: bool,
+    quick: bool,
+    transports: tuple[str, ...],
+    offered: float | None,
+    streams: int | None,
+    duration_s: float | None,
+) -> None:
+    """Paced load through ingest -> compute -> cache -> broadcast over shm rings, Queue, zmq: delivered/offered,
+    steady-state latency, CPU µs per token of each process, and each transport's saturation point."""
     from neuralpipe_bench import pipeline
 
-    pipeline.main(as_json=as_json, quick=quick, transports=transports)
+    pipeline.main(
+        as_json=as_json, quick=quick, transports=transports, offered=offered, streams=streams, duration_s=duration_s
+    )
 
 
 @bench.command("broadcast")

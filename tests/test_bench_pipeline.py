@@ -1,56 +1,151 @@
-"""``neuralpipe bench pipeline --quick --json`` end to end: the full topology over each transport,
-a consumer that must receive every token, one JSON object in the issue's shape."""
+"""``neuralpipe bench pipeline``: the quick run end to end through the CLI (a real engine over each
+transport, a consumer that must receive every token, one JSON object in the issue's shape), and
+the figures of a step, the sweep and the targets from given inputs. Never a speed."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 from neuralpipe_bench import pipeline
 
+REPO = Path(__file__).resolve().parent.parent
+ENGINE = {"supervisor", "ingest", "compute", "cache", "broadcast"}
 
-@pytest.mark.timeout(240)
-def test_bench_pipeline_quick_json():
-    out = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "bench", "pipeline", "--quick", "--json"],
-        capture_output=True,
-        timeout=230,
+
+def _results_files() -> dict[Path, float]:
+    """What a full run writes, with mtimes: a quick run must touch none of it."""
+    paths = [REPO / "docs" / "benchmarks.md", *(REPO / "bench" / "results").glob("pipeline*.json")]
+    return {path: path.stat().st_mtime for path in paths if path.exists()}
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", "bench", "pipeline", *args], capture_output=True, text=True, timeout=110
     )
-    assert out.returncode == 0, out.stderr.decode(errors="replace")[-4000:]
+
+
+@pytest.mark.timeout(120)
+def test_quick_json_measures_every_transport_and_process() -> None:
+    before = _results_files()
+    out = _bench("--quick", "--json")
+    assert out.returncode == 0, out.stderr[-4000:]
+    result = orjson.loads(out.stdout)  # one JSON object and nothing else on stdout
+    assert result["benchmark"] == "pipeline" and result["settings"]["mode"] == "sweep"
+    assert Path(result["engine_source"]) == REPO / "engine"
+    rows = result["rows"]
+    assert [(r["transport"], r["offered_tokens_per_s"]) for r in rows] == [
+        (t, pipeline.QUICK.ladder[0]) for t in pipeline.TRANSPORTS
+    ]
+    for row in rows:
+        assert row["streams"] == pipeline.QUICK.streams
+        assert row["missing"] == 0 and row["gaps"] == 0, row  # every token of every stream came
+        assert row["delivered_tokens_per_s"] > 0 and row["ingested_tokens_per_s"] > 0, row
+        assert row["delivered_ratio"] == pytest.approx(
+            row["delivered_tokens_per_s"] / row["offered_tokens_per_s"], 1e-3
+        )
+        assert row["p999_us"] >= row["p99_us"] >= row["p50_us"] > 0, row
+        by_process = row["cpu_us_per_token_by_process"]
+        assert ENGINE | {"upstream", "consumer"} <= set(by_process), by_process
+        assert all(math.isfinite(v) and v >= 0 for v in by_process.values()), by_process
+        engine = sum(v for name, v in by_process.items() if name not in ("upstream", "consumer"))
+        assert row["engine_cpu_us_per_token"] == pytest.approx(engine, abs=0.05)
+        assert by_process["ingest"] > 0 and by_process["broadcast"] > 0, by_process  # they did the work
+        assert isinstance(row["held"], bool)
+    assert set(result["saturation_tokens_per_s"]) == set(pipeline.TRANSPORTS)
+    assert len(result["targets"]) == 5 and all(t["met"] in (True, False, None) for t in result["targets"])
+    assert _results_files() == before
+
+
+@pytest.mark.timeout(60)
+def test_one_targeted_step() -> None:
+    out = _bench("--offered", "500", "--streams", "5", "--duration", "2", "--transport", "shm", "--json")
+    assert out.returncode == 0, out.stderr[-4000:]
     result = orjson.loads(out.stdout)
-    assert result["benchmark"] == "pipeline"
-    streams = [streams for streams, _ in pipeline.QUICK.unpaced]
-    assert [(r["transport"], r["streams"]) for r in result["rows"]] == [
-        (t, s) for t in pipeline.TRANSPORTS for s in streams
-    ]
-    for row in result["rows"] + result["paced"]:
-        assert {"transport", "streams", "tokens_per_s", "p50_us", "p99_us", "p999_us"} <= set(row)
-        assert row["tokens_per_s"] > 0 and row["p999_us"] >= row["p99_us"] >= row["p50_us"] > 0
-    assert [r["transport"] for r in result["paced"]] == list(pipeline.TRANSPORTS)
-    assert {(r["versus"], r["streams"]) for r in result["ratios"]} == {
-        (t, s) for t in ("queue", "zmq") for s in streams
+    assert result["settings"]["mode"] == "targeted"
+    [row] = result["rows"]
+    assert (row["transport"], row["offered_tokens_per_s"], row["streams"]) == ("shm", 500, 5)
+    assert row["tokens_per_stream"] == 200 and row["missing"] == 0
+    assert result["saturation_tokens_per_s"] == {"shm": None}  # one step finds no saturation point
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (("--transport", "pipe"), "unknown transport"),
+        (("--offered", "0"), "offered tokens/s must be"),
+        (("--offered", "100", "--streams", "0"), "streams must be"),
+        (("--offered", "100", "--duration", "0.5"), "duration must exceed"),
+        (("--offered", "10", "--streams", "100"), "too few tokens"),
+    ],
+)
+def test_bad_options_are_refused_before_any_engine_starts(args: tuple[str, ...], complaint: str) -> None:
+    out = _bench("--quick", *args)
+    assert out.returncode == 2 and complaint in out.stderr, out.stderr
+
+
+def _step(offered: float, late: int = 0, latency_ns: int = 1_000_000) -> dict:
+    """A step's row from synthetic tokens: ``offered`` tokens/s evenly from 0.1 s before a 2 s
+    window to 0.1 s after it, each arriving ``latency_ns`` after ingest stamped it; the ``late``
+    last ones stamped in the window arrive after it."""
+    start, end = 10**12, 10**12 + 2 * 10**9
+    recv = np.arange(start - 10**8, end + 10**8, 1e9 / offered).astype(np.int64)
+    arrival = recv + latency_ns
+    if late:
+        arrival[np.nonzero(recv < end)[0][-late:]] = end + 1
+    load = pipeline.Load("shm", offered, 10, len(recv) // 10)
+    cpu_s = {"supervisor": 0.01, "ingest": 0.1, "upstream": 0.2, "consumer": 0.3}
+    return pipeline.row(load, (start, end), recv, arrival, {"gaps": 0}, cpu_s, ["supervisor", "ingest"])
+
+
+def test_row_figures_over_the_window() -> None:
+    row = _step(1000.0)  # 2,000 tokens, all within 1 ms
+    assert row["delivered_tokens_per_s"] == 1000 and row["delivered_ratio"] == 1.0
+    assert row["p50_us"] == row["p99_us"] == 1000.0 and row["missing"] == 0 and row["held"]
+    # CPU seconds / tokens delivered in the window; the engine sums only its own processes
+    assert row["cpu_us_per_token_by_process"] == {
+        "supervisor": 5.0,
+        "ingest": 50.0,
+        "upstream": 100.0,
+        "consumer": 150.0,
     }
-    assert len(result["targets"]) == 3 and all(isinstance(t["met"], bool) for t in result["targets"])
+    assert row["engine_cpu_us_per_token"] == 55.0
 
 
-def test_unknown_transport_is_refused():
-    with pytest.raises(Exception, match="unknown transport"):
-        pipeline.main(quick=True, transports=("pipe",))
+def test_row_does_not_hold_when_short_or_slow() -> None:
+    assert not _step(1000.0, late=30)["held"]  # 98.5 % delivered in the window
+    assert _step(1000.0, late=20)["held"]  # 99 %
+    assert not _step(1000.0, latency_ns=11_000_000)["held"]  # p99 11 ms
 
 
-def test_ratios_and_targets_from_rows():
-    rows = [
-        {"transport": "shm", "streams": 1, "tokens_per_s": 300},
-        {"transport": "queue", "streams": 1, "tokens_per_s": 100},
-        {"transport": "zmq", "streams": 1, "tokens_per_s": 150},
-    ]
-    ratios = pipeline.ratios(rows)
-    assert ratios == [
-        {"streams": 1, "versus": "queue", "shm_over": 3.0},
-        {"streams": 1, "versus": "zmq", "shm_over": 2.0},
-    ]
-    paced = [{"transport": "shm", "offered_tokens_per_s": pipeline.PACED_TOKENS_PER_S, "p99_us": 1500.0}]
-    met = {t["target"]: t["met"] for t in pipeline.targets({"rows": rows, "paced": paced, "ratios": ratios})}
-    assert list(met.values()) == [False, True, True]  # 300 tokens/s < 200k; p99 < 2 ms; 3.0x >= 3x
+def test_sweep_stops_at_the_first_step_that_fails_then_bisects(monkeypatch: pytest.MonkeyPatch) -> None:
+    capacity = 26_000.0
+    tried = []
+
+    def fake_step(load: pipeline.Load, settings: pipeline.Settings) -> dict:
+        tried.append(load.offered)
+        return {"transport": load.transport, "offered_tokens_per_s": load.offered, "held": load.offered <= capacity}
+
+    monkeypatch.setattr(pipeline, "run_step", fake_step)
+    settings = pipeline.FULL
+    rows = pipeline.sweep("shm", settings, progress=False)
+    assert tried == [2_500, 5_000, 10_000, 20_000, 30_000, 25_000]
+    assert [r["offered_tokens_per_s"] for r in rows] == sorted(tried)
+    assert pipeline.saturation(rows, "shm") == 25_000
+    assert pipeline.saturation(rows, "queue") is None
+
+
+def test_targets_from_rows() -> None:
+    row = _step(pipeline.TARGET_LOAD) | {"streams": pipeline.STREAMS}
+    saturations = {"shm": 40_000.0, "queue": 32_000.0, "zmq": None}
+    result = {"rows": [row], "saturation_tokens_per_s": saturations, "ratios": pipeline.ratios(saturations)}
+    assert result["ratios"] == [{"versus": "queue", "shm_over": 1.25}]
+    # delivered 100 %, p99 1 ms, engine 5.5 µs/token, saturation 40k; 1.25x the Queue (< 1.5x)
+    assert [t["met"] for t in pipeline.targets(result)] == [True, True, True, True, False]
+    none = pipeline.targets({"rows": [], "saturation_tokens_per_s": {"shm": None}, "ratios": []})
+    assert [t["met"] for t in none] == [None] * 5
