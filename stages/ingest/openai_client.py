@@ -6,14 +6,16 @@ aiohttp, SSE parsed incrementally, each chunk decoded into :class:`TokenEvent` r
         async for event in events:      # "start", "token"..., then one "end" or one "error"
             ...
 
-Underneath, events travel in lists, one per network read (:func:`upstream_batches`): a read
-often carries several SSE events, and passing each token alone through the generator layers
-above (pool attempt, pool stream, the ingest stage) cost more than parsing it.
+Underneath is a flat loop per stream, :func:`relay_completion`: each network read's SSE events
+are decoded, column by column, into one :class:`Tokens` handed to a callback (which may return an
+awaitable: back-pressure), with no object per event and no generator layer per read. Ingest's
+cost per token is that loop (docs/ingest.md); the event iterators here and in the pool are
+adapters over it (:func:`batches_of`).
 
 Every upstream failure (HTTP error, llama.cpp's ``error:`` line, malformed JSON, a line that is
 not SSE, a stream closed without ``[DONE]``, an idle timeout, a refused connection) ends the
 stream with one "error" event; exceptions are left for programming errors. The pool builds on
-:func:`upstream_batches`, which raises :class:`UpstreamError` instead, so it can retry and fail
+:func:`relay_completion`, which raises :class:`UpstreamError` instead, so it can retry and fail
 over. Closing the iterator early closes the HTTP response, so the upstream sees the disconnect.
 The quirks handled, server by server: docs/upstreams.md.
 """
@@ -23,8 +25,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
-from contextlib import aclosing, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,12 +38,16 @@ from stages.ingest.sse import SSEParser
 
 __all__ = [
     "ENDPOINTS",
+    "StreamEnd",
     "TokenEvent",
+    "TokenSink",
+    "Tokens",
     "UpstreamError",
+    "batches_of",
     "error_event",
-    "flatten",
+    "relay_completion",
     "stream_completion",
-    "upstream_batches",
+    "wait_both",
 ]
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
@@ -76,6 +82,40 @@ class TokenEvent:
     recv_ns: int = 0  # time.monotonic_ns() when the SSE event that carried it was parsed
 
 
+@dataclass(slots=True)
+class Tokens:
+    """The tokens of one network read of one stream, column by column."""
+
+    texts: list[str]
+    ids: list[int | None]  # the upstream's vocabulary id, None when it gave none
+    logprobs: list[float]
+    tops: list[tuple[tuple[str, float], ...]]
+    recv_ns: int  # time.monotonic_ns() when the read was parsed
+
+    def after(self, skip: int) -> Tokens:
+        """These tokens without the first ``skip``."""
+        return Tokens(self.texts[skip:], self.ids[skip:], self.logprobs[skip:], self.tops[skip:], self.recv_ns)
+
+
+@dataclass(slots=True)
+class StreamEnd:
+    """How a complete stream ended."""
+
+    finish_reason: str | None
+    usage: dict | None
+    recv_ns: int
+
+
+# Called with each read's tokens; returns None, or an awaitable the reader awaits before reading on.
+TokenSink = Callable[[Tokens], Awaitable[None] | None]
+
+
+async def wait_both(first: Awaitable[None], second: Awaitable[None]) -> None:
+    """What a sink returns when it has two reasons to wait (a rate limit and a full ring)."""
+    await first
+    await second
+
+
 async def stream_completion(
     session: aiohttp.ClientSession,
     base_url: str,
@@ -88,28 +128,76 @@ async def stream_completion(
 ) -> AsyncIterator[TokenEvent]:
     """One "start", the "token" events, then exactly one "end" or one "error" event."""
     yield TokenEvent("start", recv_ns=time.monotonic_ns())
-    batches = upstream_batches(
-        session,
-        base_url,
-        body,
-        endpoint=endpoint,
-        headers=headers,
-        connect_timeout_s=connect_timeout_s,
-        idle_timeout_s=idle_timeout_s,
-    )
+
+    def run(sink: TokenSink) -> Awaitable[StreamEnd]:
+        return relay_completion(
+            session,
+            base_url,
+            body,
+            sink,
+            endpoint=endpoint,
+            headers=headers,
+            connect_timeout_s=connect_timeout_s,
+            idle_timeout_s=idle_timeout_s,
+        )
+
+    batches = batches_of(run)
     try:
-        async for event in flatten(batches):
-            yield event
-    except UpstreamError as err:
-        yield error_event(str(err))
-
-
-async def flatten(batches: AsyncIterator[list[TokenEvent]]) -> AsyncIterator[TokenEvent]:
-    """The events of a batch iterator one by one (closing it when this one is closed)."""
-    async with aclosing(batches):
         async for batch in batches:
             for event in batch:
                 yield event
+    finally:
+        await batches.aclose()
+
+
+def token_events(tokens: Tokens) -> list[TokenEvent]:
+    return [
+        TokenEvent(
+            "token",
+            text,
+            token_id if token_id is not None else stable_token_id(text.encode()),
+            logprob,
+            top,
+            recv_ns=tokens.recv_ns,
+        )
+        for text, token_id, logprob, top in zip(tokens.texts, tokens.ids, tokens.logprobs, tokens.tops, strict=True)
+    ]
+
+
+async def batches_of(run: Callable[[TokenSink], Awaitable[StreamEnd]]) -> AsyncIterator[list[TokenEvent]]:
+    """The events of a stream that ``run(sink)`` relays, one list per read: "token" events, then
+    one "end" (``run`` returned) or "error" (it raised :class:`UpstreamError`). ``run`` goes on in
+    a task of its own, in step with this iterator (the next read only once the reader asks for
+    more, as a generator would); closing the iterator cancels it."""
+    queue: asyncio.Queue = asyncio.Queue(1)
+
+    async def deliver(tokens: Tokens) -> None:
+        await queue.put(token_events(tokens))
+        await queue.join()  # until the reader has taken it and come back for more
+
+    async def relay() -> None:
+        try:
+            end = await run(deliver)
+            await queue.put([TokenEvent("end", finish_reason=end.finish_reason, usage=end.usage, recv_ns=end.recv_ns)])
+        except UpstreamError as err:
+            await queue.put([error_event(str(err))])
+        except Exception as exc:  # a programming error: raised to the reader, not lost in the task
+            await queue.put(exc)
+
+    task = asyncio.create_task(relay())
+    try:
+        while True:
+            batch = await queue.get()
+            if isinstance(batch, Exception):
+                raise batch
+            yield batch
+            if batch[-1].kind != "token":
+                return
+            queue.task_done()
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
 
 
 def error_event(message: str) -> TokenEvent:
@@ -117,19 +205,20 @@ def error_event(message: str) -> TokenEvent:
     return TokenEvent("error", error=message, recv_ns=time.monotonic_ns())
 
 
-async def upstream_batches(
+async def relay_completion(
     session: aiohttp.ClientSession,
     base_url: str,
     body: dict,
+    sink: TokenSink,
     *,
     endpoint: str = "chat",
     headers: dict | None = None,
     connect_timeout_s: float = 5,
     idle_timeout_s: float = 60,
-) -> AsyncIterator[list[TokenEvent]]:
-    """The "token" events of one request, then its "end" event, in non-empty lists (one per
-    network read); every upstream failure raises :class:`UpstreamError` (with
-    ``before_first_token`` telling whether a token was yielded)."""
+) -> StreamEnd:
+    """Stream one request: ``sink`` gets the tokens of each read; returns how it ended. Every
+    upstream failure raises :class:`UpstreamError` (``before_first_token`` tells whether ``sink``
+    got a token)."""
     if endpoint not in ENDPOINTS:
         raise ValueError(f"endpoint must be one of {sorted(ENDPOINTS)}, not {endpoint!r}")
     url = base_url.rstrip("/") + ENDPOINTS[endpoint]
@@ -143,8 +232,7 @@ async def upstream_batches(
             url, data=orjson.dumps({**body, "stream": True}), headers=request_headers, timeout=timeout
         ) as resp:
             await _check_response(resp)
-            async for batch in _read_stream(resp, decoder):
-                yield batch
+            return await _relay_body(resp, decoder, sink)
     except UpstreamError as err:
         err.before_first_token = decoder.tokens == 0
         raise
@@ -219,30 +307,31 @@ def _snippet(text: str) -> str:
     return text if len(text) <= _SNIPPET else text[:_SNIPPET] + "..."
 
 
-async def _read_stream(resp: aiohttp.ClientResponse, decoder: _ChunkDecoder) -> AsyncIterator[list[TokenEvent]]:
+async def _relay_body(resp: aiohttp.ClientResponse, decoder: _ChunkDecoder, sink: TokenSink) -> StreamEnd:
+    """The response body, one read at a time: SSE events decoded into one :class:`Tokens` per read."""
     parser = SSEParser(stop_at_unknown=True)
-    async for chunk in resp.content.iter_any():
-        # The events before a line that is not SSE or a bad chunk still count: deliver them, then fail.
+    content = resp.content
+    while chunk := await content.readany():
         events = parser.feed(chunk)
         if events:
             now = time.monotonic_ns()  # one read: every event in it arrived at the same time
-            batch: list[TokenEvent] = []
-            for event in events:
-                if event.data == "[DONE]":
-                    batch.append(decoder.end_event(now))
-                    yield batch
-                    await _drain(resp)
-                    return
-                try:
-                    tokens = decoder.decode(event.event, event.data, now)
-                except UpstreamError:
-                    if batch:
-                        yield batch
-                    raise
-                decoder.tokens += len(tokens)
-                batch += tokens
-            if batch:
-                yield batch
+            tokens = Tokens([], [], [], [], now)
+            done = False
+            try:
+                for event in events:
+                    if event.data == "[DONE]":
+                        done = True
+                        break
+                    decoder.decode(event.event, event.data, tokens)
+            finally:  # the events before a bad chunk still count: delivered, then the failure
+                if tokens.texts:
+                    decoder.tokens += len(tokens.texts)
+                    wait = sink(tokens)
+                    if wait is not None:
+                        await wait
+            if done:
+                await _drain(resp)
+                return StreamEnd(decoder.finish_reason, decoder.usage, now)
         if parser.unknown_line is not None:
             raise _unknown_line_error(parser.unknown_line)
     raise decoder.closed_error()
@@ -286,9 +375,6 @@ class _ChunkDecoder:
         self.usage: dict | None = None
         self.tokens = 0  # token events delivered so far
 
-    def end_event(self, recv_ns: int) -> TokenEvent:
-        return TokenEvent("end", finish_reason=self.finish_reason, usage=self.usage, recv_ns=recv_ns)
-
     def closed_error(self) -> UpstreamError:
         detail = f" (finish_reason {self.finish_reason!r})" if self.finish_reason else ""
         return UpstreamError(
@@ -297,7 +383,8 @@ class _ChunkDecoder:
             before_first_token=self.tokens == 0,
         )
 
-    def decode(self, event_type: str, data: str, recv_ns: int) -> list[TokenEvent]:
+    def decode(self, event_type: str, data: str, tokens: Tokens) -> None:
+        """Add the tokens of one event's JSON chunk to ``tokens``."""
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -317,7 +404,7 @@ class _ChunkDecoder:
             self.usage = usage
         choice = _first_choice(obj.get("choices"))
         if choice is None:  # vLLM/OpenAI's usage-only last chunk has "choices": []
-            return []
+            return
         if choice.get("finish_reason"):
             self.finish_reason = choice["finish_reason"]
         if self.chat:
@@ -326,7 +413,7 @@ class _ChunkDecoder:
         else:
             text = choice.get("text") or ""
             entries = _completion_logprobs(choice.get("logprobs"))
-        return _token_events(text, entries, choice.get("token_ids"), recv_ns)
+        _add_tokens(tokens, text, entries, choice.get("token_ids"))
 
 
 def _first_choice(choices: Any) -> dict | None:
@@ -398,38 +485,37 @@ def _vllm_token_id(token: str) -> int | None:
     return None
 
 
-def _token_events(text: str, entries: list[_Entry], token_ids: Any, recv_ns: int) -> list[TokenEvent]:
-    """One event per token: per logprob entry when the delta has them (vLLM may put several
-    tokens in one delta), else one for the whole content delta."""
+def _add_tokens(tokens: Tokens, text: str, entries: list[_Entry], token_ids: Any) -> None:
+    """One token per logprob entry when the delta has them (vLLM may put several tokens in one
+    delta), else one for the whole content delta."""
     if not entries:
-        if not text:
-            return []  # the chat role chunk, a finish chunk, an empty keep-going delta
-        ids = token_ids if isinstance(token_ids, list) and len(token_ids) == 1 else None
-        return [TokenEvent("token", text, _token_id(text, None, ids, 0), recv_ns=recv_ns)]
+        if text:  # not the chat role chunk, a finish chunk, an empty keep-going delta
+            ids = token_ids if isinstance(token_ids, list) and len(token_ids) == 1 else None
+            tokens.texts.append(text)
+            tokens.ids.append(_token_id(None, ids, 0))
+            tokens.logprobs.append(math.nan)
+            tokens.tops.append(())
+        return
     ids = token_ids if isinstance(token_ids, list) and len(token_ids) == len(entries) else None
     texts = [entry[0] for entry in entries]
     if len(entries) == 1 or "".join(texts) != text:
         # The entries do not spell the content (byte tokens, vLLM's "token_id:N" form): the first
-        # event carries the whole delta so that the concatenated text stays exact.
+        # token carries the whole delta so that the concatenated text stays exact.
         texts = [text] + [""] * (len(entries) - 1)
-    return [
-        TokenEvent(
-            "token",
-            texts[i],
-            _token_id(texts[i] or token, upstream_id, ids, i),
-            logprob,
-            top,
-            recv_ns=recv_ns,
-        )
-        for i, (token, logprob, top, upstream_id) in enumerate(entries)
-    ]
+    for i, (token, logprob, top, upstream_id) in enumerate(entries):
+        tokens.texts.append(texts[i])
+        token_id = _token_id(upstream_id, ids, i)
+        # a token whose text is not the entry's (bytes moved to the first) is named by the entry
+        tokens.ids.append(token_id if token_id is not None or texts[i] else stable_token_id(token.encode()))
+        tokens.logprobs.append(logprob)
+        tokens.tops.append(top)
 
 
-def _token_id(text: str, upstream_id: int | None, ids: list | None, i: int) -> int:
+def _token_id(upstream_id: int | None, ids: list | None, i: int) -> int | None:
     """The upstream's vocabulary id when it gives one (in the logprob entry, or vLLM's
-    ``token_ids`` of the choice), else the stable hash of the token's bytes."""
+    ``token_ids`` of the choice); None: the reader names the token by its text's stable hash."""
     if upstream_id is not None:
         return upstream_id
     if ids is not None and isinstance(ids[i], int):
         return ids[i]
-    return stable_token_id(text.encode())
+    return None

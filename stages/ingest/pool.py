@@ -10,6 +10,7 @@ Rules and measurements: docs/upstreams.md.
     async with aclosing(pool.stream(body)) as events:   # "start", "token"..., "end" | "error"
         async for event in events:
             ...
+    end = await pool.relay(body, sink)   # the fast path: sink(tokens) per read; UpstreamError
     await pool.close()
 """
 
@@ -18,14 +19,23 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 import aiohttp
 
-from stages.ingest.openai_client import TokenEvent, UpstreamError, error_event, flatten, upstream_batches
-from stages.ingest.ratelimit import TokenBucket, take
+from stages.ingest.openai_client import (
+    StreamEnd,
+    TokenEvent,
+    Tokens,
+    TokenSink,
+    UpstreamError,
+    batches_of,
+    relay_completion,
+    wait_both,
+)
+from stages.ingest.ratelimit import TokenBucket, taking
 
 __all__ = ["MID_STREAM_POLICIES", "STRATEGIES", "PoolPolicy", "UpstreamConfig", "UpstreamPool"]
 
@@ -189,18 +199,29 @@ class UpstreamPool:
     def stream(self, body: dict, *, endpoint: str = "chat", deterministic: bool = False) -> AsyncIterator[TokenEvent]:
         """One "start", the "token" events, then one "end" or one "error" event. Stop early with
         ``aclose()``: the upstream response is closed and the slot freed."""
-        return flatten(self.stream_batches(body, endpoint=endpoint, deterministic=deterministic))
+        return _flatten(self.stream_batches(body, endpoint=endpoint, deterministic=deterministic))
 
-    def stream_batches(
+    async def stream_batches(
         self, body: dict, *, endpoint: str = "chat", deterministic: bool = False
     ) -> AsyncIterator[list[TokenEvent]]:
-        """The events of :meth:`stream` in non-empty lists, one per network read (the fast path)."""
-        return self._stream(body, endpoint, deterministic)
+        """The events of :meth:`stream` in non-empty lists, one per network read."""
+        yield [TokenEvent("start", recv_ns=time.monotonic_ns())]
+        batches = batches_of(lambda sink: self.relay(body, sink, endpoint=endpoint, deterministic=deterministic))
+        try:
+            async for batch in batches:
+                yield batch
+        finally:
+            await batches.aclose()
 
     # ------------------------------------------------------------------ one request
 
-    async def _stream(self, body: dict, endpoint: str, deterministic: bool) -> AsyncIterator[list[TokenEvent]]:
-        yield [TokenEvent("start", recv_ns=time.monotonic_ns())]
+    async def relay(
+        self, body: dict, sink: TokenSink, *, endpoint: str = "chat", deterministic: bool = False
+    ) -> StreamEnd:
+        """Stream ``body`` from the pool: ``sink`` gets each read's new tokens (an awaitable it
+        returns is awaited before reading on); returns how the stream ended, or raises
+        :class:`UpstreamError` with the message that ends it once retries and failover are spent.
+        Cancel it to stop: the upstream response is closed and the slot freed."""
         reissue = deterministic and self.policy.mid_stream == "reissue"
         progress = _Progress(texts=[] if reissue else None)
         model = body.get("model")
@@ -210,16 +231,12 @@ class UpstreamPool:
             try:
                 upstream = await self._acquire(model, tried)
                 tried.add(upstream)
-                async with aclosing(self._attempt(upstream, body, endpoint, progress)) as batches:
-                    async for batch in batches:
-                        yield batch
-                return
+                return await self._attempt(upstream, body, endpoint, progress, sink)
             except UpstreamError as err:
                 failed += 1
                 final = self._final_error(err, progress, failed, reissue)
                 if final is not None:
-                    yield [error_event(final)]
-                    return
+                    raise UpstreamError(final, retryable=False, before_first_token=not progress.sent) from None
             if not self._untried_available(model, tried):
                 await asyncio.sleep(self._backoff_s(failed))
 
@@ -240,37 +257,44 @@ class UpstreamPool:
         return base * random.uniform(0.5, 1.0)
 
     async def _attempt(
-        self, upstream: _Upstream, body: dict, endpoint: str, progress: _Progress
-    ) -> AsyncIterator[list[TokenEvent]]:
+        self, upstream: _Upstream, body: dict, endpoint: str, progress: _Progress, sink: TokenSink
+    ) -> StreamEnd:
         """One request to ``upstream``, holding its slot (taken by :meth:`_acquire`) until it ends
         whichever way. The first ``progress.sent`` tokens were delivered by an earlier attempt:
         they are checked against what was sent and skipped."""
         skip, seen, began = progress.sent, 0, time.monotonic()
-        batches = upstream_batches(
-            self._session,
-            upstream.cfg.base_url,
-            body,
-            endpoint=endpoint,
-            headers=upstream.headers,
-            connect_timeout_s=self.policy.connect_timeout_s,
-            idle_timeout_s=self.policy.idle_timeout_s,
-        )
+
+        def fresh(tokens: Tokens) -> Awaitable[None] | None:
+            nonlocal seen
+            if seen == 0:
+                upstream.record_latency(time.monotonic() - began)
+            before = seen
+            tokens, seen = _fresh_tokens(tokens, progress, seen, skip)
+            new = seen - max(before, skip)
+            progress.sent += new
+            # the stream reads its response slower, so the upstream is throttled by TCP
+            # back-pressure rather than anything being dropped
+            throttle = taking(upstream.token_bucket, new) if upstream.token_bucket is not None and new else None
+            wait = sink(tokens) if tokens.texts else None
+            if throttle is None or wait is None:
+                return throttle or wait
+            return wait_both(throttle, wait)
+
         try:
-            async with aclosing(batches):
-                async for batch in batches:
-                    if seen == 0:
-                        upstream.record_latency(time.monotonic() - began)
-                    before = seen
-                    batch, seen = _fresh_events(batch, progress, seen, skip)
-                    fresh = seen - max(before, skip)
-                    progress.sent += fresh
-                    if upstream.token_bucket is not None and fresh:
-                        # the stream reads its response slower, so the upstream is throttled by
-                        # TCP back-pressure rather than anything being dropped
-                        await take(upstream.token_bucket, fresh)
-                    if batch:
-                        yield batch
+            end = await relay_completion(
+                self._session,
+                upstream.cfg.base_url,
+                body,
+                fresh,
+                endpoint=endpoint,
+                headers=upstream.headers,
+                connect_timeout_s=self.policy.connect_timeout_s,
+                idle_timeout_s=self.policy.idle_timeout_s,
+            )
+            if seen < skip:  # the end of a re-issued stream shorter than what was sent
+                raise UpstreamError(f"re-issued request ended after {seen} of {skip} tokens", retryable=False)
             upstream.consecutive_failures = 0
+            return end
         except UpstreamError as err:
             if err.retryable:
                 self._record_failure(upstream)
@@ -383,24 +407,30 @@ class UpstreamPool:
         return isinstance(answer, dict) and isinstance(answer.get("data"), list)
 
 
-def _fresh_events(batch: list[TokenEvent], progress: _Progress, seen: int, skip: int) -> tuple[list[TokenEvent], int]:
-    """The events of ``batch`` that an earlier attempt did not deliver (its first ``skip``
-    tokens are checked and dropped), and the count of tokens seen after it."""
+def _fresh_tokens(tokens: Tokens, progress: _Progress, seen: int, skip: int) -> tuple[Tokens, int]:
+    """The tokens of one read that an earlier attempt did not deliver (its first ``skip`` tokens
+    are checked and dropped), and the count of tokens seen after it."""
+    n = len(tokens.texts)
     if seen >= skip and progress.texts is None:  # the usual case: nothing to skip or to keep
-        return batch, seen + sum(event.kind == "token" for event in batch)
-    fresh = []
-    for event in batch:
-        if event.kind == "token":
-            seen += 1
-            if seen <= skip:
-                _check_replay(progress, seen - 1, event.text)
-                continue
-            if progress.texts is not None:
-                progress.texts.append(event.text)
-        elif seen < skip:  # the end of a re-issued stream shorter than what was sent
-            raise UpstreamError(f"re-issued request ended after {seen} of {skip} tokens", retryable=False)
-        fresh.append(event)
-    return fresh, seen
+        return tokens, seen + n
+    replayed = min(max(skip - seen, 0), n)
+    for i in range(replayed):
+        _check_replay(progress, seen + i, tokens.texts[i])
+    if replayed:
+        tokens = tokens.after(replayed)
+    if progress.texts is not None:
+        progress.texts += tokens.texts
+    return tokens, seen + n
+
+
+async def _flatten(batches: AsyncIterator[list[TokenEvent]]) -> AsyncIterator[TokenEvent]:
+    """The events of a batch iterator one by one (closing it when this one is closed)."""
+    try:
+        async for batch in batches:
+            for event in batch:
+                yield event
+    finally:
+        await batches.aclose()
 
 
 def _check_replay(progress: _Progress, index: int, text: str) -> None:

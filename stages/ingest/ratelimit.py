@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Coroutine
+from typing import Any
 
-__all__ = ["KeyedBuckets", "TokenBucket", "take"]
+__all__ = ["KeyedBuckets", "TokenBucket", "take", "taking"]
 
 
 class TokenBucket:
@@ -57,6 +59,14 @@ async def take(bucket: TokenBucket, n: float) -> None:
         while not bucket.try_take(part):
             await asyncio.sleep(bucket.wait_time(part))
         n -= part
+
+
+def taking(bucket: TokenBucket, n: float) -> Coroutine[Any, Any, None] | None:
+    """None when ``n`` units were taken at once (the usual case, no coroutine made), else the
+    :func:`take` to await."""
+    if n <= bucket.burst and bucket.try_take(n):
+        return None
+    return take(bucket, n)
 
 
 class KeyedBuckets:

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import numpy as np
@@ -41,10 +42,10 @@ from engine.cachekey import check_policy, key_for, producer_id
 from engine.requests import RequestError, parse_request
 from engine.stage import AsyncStage, WorkerContext, wait_writable
 from shm.batch import Kind, TokenBatch, stable_token_id
-from stages.ingest.openai_client import TokenEvent
+from stages.ingest.openai_client import Tokens, UpstreamError, wait_both
 from stages.ingest.params import IngestParams
 from stages.ingest.pool import PoolPolicy, UpstreamConfig, UpstreamPool
-from stages.ingest.ratelimit import KeyedBuckets, take
+from stages.ingest.ratelimit import KeyedBuckets, taking
 from stages.ingest.rows import Committed, RowBuffer
 
 _LATENCY_SAMPLES = 4096
@@ -201,45 +202,45 @@ class Ingest(AsyncStage):
 
     async def _relay(self, sid: int, client: str, body: dict, endpoint: str) -> None:
         deterministic = body.get("temperature") == 0 or body.get("seed") is not None
-        # aclosing: a cancelled stream closes its HTTP response, so the upstream sees it go
-        async with contextlib.aclosing(
-            self.pool.stream_batches(body, endpoint=endpoint, deterministic=deterministic)
-        ) as batches:
-            async for batch in batches:  # the events of one network read; an end or error comes last
-                tokens = [event for event in batch if event.kind == "token"]
-                if tokens:
-                    await take(self.token_buckets.bucket(client), len(tokens))
-                    self._emit_tokens(sid, tokens)
-                if batch[-1].kind in ("end", "error"):
-                    self._emit_final(sid, batch[-1])
-                    return
-                if not self.room.is_set():
-                    await self.room.wait()  # back-pressure from a full ring reaches the upstream read
-        self._emit(sid, Kind.ERROR, b"upstream stream ended without an end event", time.monotonic_ns())
+        bucket = self.token_buckets.bucket(client)
 
-    def _emit_tokens(self, sid: int, events: list[TokenEvent]) -> None:
-        texts = [event.text.encode() for event in events]
+        def sink(tokens: Tokens) -> Awaitable[None] | None:
+            """One read's tokens straight into the row columns. Cancelling the stream cancels
+            the read, so the upstream sees its response closed."""
+            self._add_tokens(sid, tokens)
+            throttle = taking(bucket, len(tokens.texts))
+            if self.room.is_set():
+                return throttle
+            # back-pressure from a full ring reaches the upstream read
+            return self.room.wait() if throttle is None else wait_both(throttle, self.room.wait())
+
+        try:
+            end = await self.pool.relay(body, sink, endpoint=endpoint, deterministic=deterministic)
+        except UpstreamError as err:
+            self.counts["errors"] += 1
+            message = str(err)
+            self.ctx.log.warning("stream_error", stream_id=sid, error=message[:1024])
+            self._emit(sid, Kind.ERROR, message.encode(), time.monotonic_ns())
+            return
+        self.counts["completed"] += 1
+        text = orjson.dumps({"finish_reason": end.finish_reason, "usage": end.usage})
+        if len(text) > self.rows.max_text:  # an upstream's oversized usage object: keep the reason
+            text = orjson.dumps({"finish_reason": str(end.finish_reason)[:256], "usage": None})
+        self._emit(sid, Kind.END, text, end.recv_ns)
+
+    def _add_tokens(self, sid: int, tokens: Tokens) -> None:
+        texts = [text.encode() for text in tokens.texts]
         longest = max(map(len, texts))
         if longest > self.rows.max_text:
             raise RowTooLarge(f"upstream sent a token of {longest} bytes; at most {self.rows.max_text} fit a row")
+        ids = tokens.ids
+        if None in ids:  # no vocabulary id from the upstream: the stable hash of the token's bytes
+            ids = [stable_token_id(text) if i is None else i for i, text in zip(ids, texts, strict=True)]
         seq = self.next_seq[sid]
-        self.next_seq[sid] = seq + len(events)
-        self.counts["tokens"] += len(events)
-        ids = [event.token_id or stable_token_id(text) for event, text in zip(events, texts, strict=True)]
-        self.rows.add_tokens(sid, seq, ids, [event.logprob for event in events], events[0].recv_ns, texts)
+        self.next_seq[sid] = seq + len(texts)
+        self.counts["tokens"] += len(texts)
+        self.rows.add_tokens(sid, seq, ids, tokens.logprobs, tokens.recv_ns, texts)
         self._rows_added()
-
-    def _emit_final(self, sid: int, event: TokenEvent) -> None:
-        if event.kind == "end":
-            self.counts["completed"] += 1
-            text = orjson.dumps({"finish_reason": event.finish_reason, "usage": event.usage})
-            if len(text) > self.rows.max_text:  # an upstream's oversized usage object: keep the reason
-                text = orjson.dumps({"finish_reason": str(event.finish_reason)[:256], "usage": None})
-            self._emit(sid, Kind.END, text, event.recv_ns)
-        else:
-            self.counts["errors"] += 1
-            self.ctx.log.warning("stream_error", stream_id=sid, error=event.error[:1024])
-            self._emit(sid, Kind.ERROR, event.error.encode(), event.recv_ns)
 
     def _emit(self, sid: int, kind: int, text: bytes, recv_ns: int, token_id: int = 0, logprob: float = math.nan):
         if len(text) > self.rows.max_text:
