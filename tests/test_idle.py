@@ -1,0 +1,203 @@
+"""The idle loop: shm.wait.idle's phases, and a real worker runtime idling on real rings (the ring
+keys govern it, it parks only on the doorbells of what it waits for, lost wake-ups are counted,
+and an idle worker calls its stage almost never)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import shm_helpers as h
+import zmq
+from engine_harness import Engine, pipeline_config, wait_for
+
+from engine.worker import RingEnd, WorkerSpec, _DutyCycle, _Runtime
+from shm.doorbell import Doorbell, create_fifo
+from shm.naming import segment_name
+from shm.ring import Producer, Ring
+from shm.wait import WaitStrategy, idle
+
+# ---------------------------------------------------------------------------------------------
+# shm.wait.idle: spin, then yield, then park once
+
+
+class Probe:
+    """A ``ready`` that says yes from its ``ready_at``-th call on; counts calls and parks."""
+
+    def __init__(self, ready_at: float = math.inf) -> None:
+        self.calls, self.ready_at = 0, ready_at
+        self.parks: list[tuple[int, float]] = []  # (calls made before the park, its timeout)
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.ready_at
+
+    def park(self, timeout: float) -> None:
+        self.parks.append((self.calls, timeout))
+
+
+@pytest.mark.parametrize(("spins", "yields"), [(0, 0), (5, 3), (200, 20)])
+def test_block_checks_spins_plus_yields_times_then_parks_once(spins: int, yields: int) -> None:
+    probe = Probe()
+    wait = WaitStrategy("block", spins=spins, yields=yields, park_timeout_s=0.25)
+    assert idle(wait, probe, probe.park, time.monotonic() + 60) is False
+    assert probe.parks == [(1 + spins + yields, 0.25)]  # spins=0, yields=0: parks after one look
+
+
+def test_ready_ends_the_spell_without_parking() -> None:
+    probe = Probe(ready_at=3)
+    assert idle(WaitStrategy("block", spins=10, yields=0), probe, probe.park, time.monotonic() + 60) is True
+    assert probe.calls == 3 and probe.parks == []
+
+
+def test_park_never_sleeps_past_the_deadline() -> None:
+    probe = Probe()
+    idle(WaitStrategy("block", spins=0, yields=0, park_timeout_s=30), probe, probe.park, time.monotonic() + 0.5)
+    ((_, timeout),) = probe.parks
+    assert 0 < timeout <= 0.5
+
+
+@pytest.mark.parametrize("kind", ["spin", "yield"])
+def test_spin_and_yield_never_park_and_end_at_the_deadline(kind: str) -> None:
+    probe = Probe()
+    assert idle(WaitStrategy.named(kind), probe, probe.park, time.monotonic() + 0.02) is False
+    assert probe.parks == [] and probe.calls > 1
+
+
+def test_a_deadline_already_passed_ends_the_spell_at_the_first_look() -> None:
+    probe = Probe()
+    assert idle(WaitStrategy("block"), probe, probe.park, time.monotonic() - 1) is False
+    assert probe.calls == 1 and probe.parks == []
+
+
+# ---------------------------------------------------------------------------------------------
+# a real worker runtime (this process) on real rings, with a control ROUTER standing in for the
+# supervisor
+
+
+@contextlib.contextmanager
+def relay_runtime(tmp_path, instance: str, wait: WaitStrategy) -> Iterator[tuple[_DutyCycle, Ring, Ring]]:
+    """A relay's runtime attached to two fresh rings (input, output) with strategy ``wait``."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    endpoint = f"ipc://{tmp_path}/control.sock"
+    router.bind(endpoint)
+    names = [segment_name(instance, "in"), segment_name(instance, "out")]
+    rt = None
+    try:
+        with h.make_ring(names[0], 4096) as inp, h.make_ring(names[1], 4096) as out:
+            spec = WorkerSpec(
+                name="relay",
+                stage="stages.testing.relay:Relay",
+                inputs=(RingEnd(names[0], wait),),
+                outputs=(RingEnd(names[1], wait),),
+                control_endpoint=endpoint,
+                runtime_dir=str(tmp_path),
+                state_dir=str(tmp_path),
+                supervisor_pid=os.getpid(),
+            )
+            rt = _Runtime(spec)
+            rt.stage.start(rt.ctx)
+            rt.next_heartbeat = time.monotonic() + 60
+            try:
+                yield _DutyCycle(rt), inp, out
+            finally:
+                rt.stage.close()
+                rt.close()
+    finally:
+        router.close(0)
+        ctx.term()
+
+
+class CountingCalls:
+    """Wraps a bound method and counts its calls."""
+
+    def __init__(self, method) -> None:
+        self.method, self.calls = method, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.method(*args)
+
+
+@pytest.mark.parametrize(("spins", "yields"), [(0, 0), (50, 5)])
+def test_worker_idle_spell_follows_the_ring_keys(tmp_path, instance: str, spins: int, yields: int) -> None:
+    wait = WaitStrategy("block", spins=spins, yields=yields, park_timeout_s=0.01)
+    with relay_runtime(tmp_path, instance, wait) as (dc, _, _):
+        consumer = dc.rt.inputs[0]
+        consumer.available = probe = CountingCalls(consumer.available)  # the input cursor, looked at
+        dc.park = park = CountingCalls(dc.park)
+        dc.rt.stage.do_work = work = CountingCalls(dc.rt.stage.do_work)
+        dc.idle_spell(time.monotonic())
+        assert park.calls == 1
+        assert probe.calls == 1 + spins + yields + 1  # ... and once more after the park
+        assert work.calls == 0  # the stage is not called while idling
+
+
+def test_worker_parks_only_on_the_doorbells_it_waits_for(tmp_path, instance: str) -> None:
+    """An old ring on the output's space bell (rung while the worker once waited for space) must
+    not wake a worker waiting for input: it would busy-loop until the output filled again."""
+    with relay_runtime(tmp_path, instance, WaitStrategy("block", spins=0, yields=0, park_timeout_s=0.05)) as (dc, _, _):
+        dc.rt.outputs[0].space_bell.ring()
+        woken: list[dict] = []
+        dc.on_events = lambda events: woken.append(events)
+        dc.idle_spell(time.monotonic())
+        assert woken == [{}]  # the park timed out: nothing it waits on moved
+
+
+def test_worker_counts_a_lost_wake_up(tmp_path, instance: str) -> None:
+    """A park that times out while its input has a record (the commit's ring never reached it)
+    counts one lost wake-up in that ring's header."""
+    wait = WaitStrategy("block", spins=0, yields=0, park_timeout_s=0.3)
+    with relay_runtime(tmp_path, instance, wait) as (dc, inp, _):
+        consumer = dc.rt.inputs[0]
+        deaf = str(tmp_path / "deaf-bell")
+        create_fifo(deaf)
+        real_bell, consumer.data_bell = consumer.data_bell, Doorbell(deaf)  # rung by nobody
+        producer = Producer.attach(inp.name)
+
+        def commit_while_parked() -> None:
+            h.wait_for(lambda: inp.header().consumer_waiting, 10, "the worker to park")
+            producer.write(b"late", h.RECORD_TYPE)
+
+        writer = threading.Thread(target=commit_while_parked)
+        writer.start()
+        try:
+            dc.idle_spell(time.monotonic())
+        finally:
+            writer.join(10)
+            producer.close()
+            consumer.data_bell.close()
+            consumer.data_bell = real_bell
+        assert inp.header().lost_wakeups == 1
+        assert bytes(consumer.try_read()[1]) == b"late"
+
+
+# ---------------------------------------------------------------------------------------------
+# a real engine
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_between_records_idles_on_ring_cursors_not_on_its_stage(tmp_path, instance: str) -> None:
+    """Between paced records a worker spins on its ring's cursor, then parks: its stage's do_work
+    runs about twice per record (the call that moves it, the one that finds nothing), not once per
+    spin (for a stage with sockets that meant ~200 failed ZeroMQ receives per record)."""
+    config = pipeline_config(rate=1000).replace('stage = "relay"', 'stage = "readiness_stages:SlowRelay"')
+    engine = Engine(tmp_path, config, instance).start()
+    try:
+        wait_for(lambda: engine.worker("relay")["processed"] > 10, 20, "records through the relay")
+        first = engine.worker("relay")
+        wait_for(lambda: engine.worker("relay")["processed"] > first["processed"] + 40, 20, "40 more records")
+        last = engine.worker("relay")
+        calls = last["stats"]["do_work_calls"] - first["stats"]["do_work_calls"]
+        records = last["processed"] - first["processed"]
+        assert calls / records < 10, f"{calls} do_work calls for {records} records"
+        assert engine.stop() == 0
+    finally:
+        engine.kill_all()

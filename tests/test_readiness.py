@@ -1,0 +1,117 @@
+"""Readiness: the engine reports running only once every worker has said ready; an asyncio stage's
+set-up is awaited with heartbeats running; a worker that fails to start fails the engine's start
+with a reason, and `run --detach` says so in one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import orjson
+import pytest
+from engine_harness import Engine, pipeline_config, wait_for
+
+from engine.client import EngineNotFound, find_engine
+
+
+def _info(engine: Engine) -> dict:
+    try:
+        return engine.info()
+    except EngineNotFound:
+        return {}
+
+
+def _with_stage(worker: str, stage: str, params: str) -> str:
+    """The test pipeline with ``worker``'s stage replaced (and its params, where it has some)."""
+    config = pipeline_config(heartbeat_timeout_s=1.0)
+    table = f"[workers.{worker}]\n"
+    head, rest = config.split(table)
+    body, _, tail = rest.partition("\n\n")
+    lines = [line for line in body.splitlines() if not line.startswith(("stage", "params"))]
+    return head + table + "\n".join([f'stage = "{stage}"', f"params = {{ {params} }}", *lines]) + "\n\n" + tail
+
+
+@pytest.mark.timeout(60)
+def test_engine_is_starting_until_every_worker_is_ready(tmp_path, instance: str) -> None:
+    engine = Engine(tmp_path, _with_stage("relay", "readiness_stages:SlowRelay", "start_s = 1.5"), instance)
+    engine.start(wait_running=False)
+    try:
+        info = wait_for(lambda: (i := _info(engine)).get("waiting_for") == ["relay"] and i, 20, "only relay awaited")
+        assert info["state"] == "starting"
+        status = engine.status()
+        assert status["state"] == "starting"
+        workers = {w["name"]: w for w in status["workers"]}
+        assert workers["relay"]["ready"] is False and workers["relay"]["state"] == "starting"
+        assert workers["source"]["ready"] and workers["sink"]["ready"]
+        wait_for(lambda: _info(engine).get("state") == "running", 20, "the engine to report running")
+        status = engine.status()
+        assert status["state"] == "running" and all(w["ready"] for w in status["workers"])
+        assert _info(engine)["waiting_for"] == []
+        assert engine.stop() == 0
+    finally:
+        engine.kill_all()
+
+
+@pytest.mark.timeout(60)
+def test_async_setup_is_awaited_with_heartbeats_before_ready(tmp_path, instance: str) -> None:
+    """A set-up longer than the heartbeat timeout (1 s here) keeps heartbeats fresh: the worker
+    is neither killed as hung nor reported ready before its set-up is done (issue 12 item 5)."""
+    config = _with_stage("source", "readiness_stages:SlowSetupSource", "start_s = 2.5")
+    engine = Engine(tmp_path, config, instance).start(wait_running=False)
+    try:
+        wait_for(lambda: _info(engine).get("waiting_for") == ["source"], 20, "only the source awaited")
+        ages, deadline = [], time.monotonic() + 20
+        while (status := engine.status())["state"] == "starting":
+            assert time.monotonic() < deadline, "the engine never reported running"
+            source = next(w for w in status["workers"] if w["name"] == "source")
+            assert source["restarts"] == 0 and not source["ready"]
+            if source["heartbeat_age_s"] is not None:
+                ages.append(source["heartbeat_age_s"])
+            time.sleep(0.05)  # between status samples
+        assert ages and max(ages) < 1.0, ages
+        source = engine.worker("source")
+        assert source["ready"] and source["state"] == "running" and source["restarts"] == 0
+        assert engine.stop() == 0
+    finally:
+        engine.kill_all()
+
+
+@pytest.mark.timeout(60)
+def test_worker_failing_in_setup_exits_non_zero_and_fails_the_start(tmp_path, instance: str) -> None:
+    config = _with_stage("source", "readiness_stages:SlowSetupSource", 'fail = "setup"')
+    engine = Engine(tmp_path, config, instance).start(wait_running=False)
+    try:
+        assert engine.wait_exit(30) == 3
+        events = [orjson.loads(line) for line in engine.log().splitlines() if line.startswith("{")]
+        failed = next(e for e in events if e["event"] == "stage_failed")
+        assert failed["stage"] == "source" and failed["phase"] == "start-up"
+        assert "told to fail in setup" in failed["error"]
+        exited = next(e for e in events if e["event"] == "worker_exited")
+        assert exited["worker"] == "source" and exited["exit_code"] == 3
+    finally:
+        engine.kill_all()
+
+
+@pytest.mark.timeout(60)
+def test_run_detach_reports_a_start_failure_in_one_line(tmp_path, instance: str) -> None:
+    engine = Engine(tmp_path, _with_stage("relay", "readiness_stages:SlowRelay", 'fail = "start"'), instance)
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "run", "--detach", "--config", str(engine.config_path)],
+        env=engine.env(),
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr + done.stdout
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(
+        "Error: engine not started: worker 'relay' failed during start-up (exit code 3): "
+        "RuntimeError('SlowRelay was told to fail in start')"
+    ), line
+    log = line.rsplit("log: ", 1)[1]
+    assert os.path.exists(log)
+    with pytest.raises(EngineNotFound):
+        find_engine(engine.base, instance)
