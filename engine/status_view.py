@@ -12,15 +12,19 @@ def _table(rows: list[list[str]]) -> str:
 
 def format_status(st: dict[str, Any]) -> str:
     pas = st.get("pas") or {}
+    waiting = [w["name"] for w in st["workers"] if not w["ready"]]
+    state = st["state"]
+    if state == "starting" and waiting:
+        state += f" (waiting for {', '.join(waiting)} to be ready)"
     head = (
-        f"engine {st['instance']}  pid {st['pid']}  up {st['uptime_s']:.1f} s"
+        f"engine {st['instance']}  {state}  pid {st['pid']}  up {st['uptime_s']:.1f} s"
         f"  metrics port {st.get('metrics_port')}\n"
         f"PAS {pas.get('score', float('nan')):.3f} ({pas.get('status', 'n/a')})"
         f"  integrity {pas.get('integrity', 0):.3f}"
         f"  stability {pas.get('stability', 0):.3f}  symmetry {pas.get('symmetry', 0):.3f}"
         f"  consistency {pas.get('consistency', 0):.3f}"
     )
-    workers = [["worker", "pid", "state", "uptime_s", "restarts", "heartbeat_s", "processed", "rate/s"]]
+    workers = [["worker", "pid", "state", "ready", "uptime_s", "restarts", "heartbeat_s", "processed", "rate/s"]]
     for w in st["workers"]:
         hb = w["heartbeat_age_s"]
         workers.append(
@@ -28,6 +32,7 @@ def format_status(st: dict[str, Any]) -> str:
                 w["name"],
                 str(w["pid"] or "-"),
                 w["state"],
+                "yes" if w["ready"] else "no",
                 f"{w['uptime_s']:.1f}",
                 str(w["restarts"]),
                 "-" if hb is None else f"{hb:.2f}",

@@ -47,7 +47,7 @@ def test_layout_tabulated_and_walked_orders_agree():
     ids = rng.integers(0, 1 << 32, 500, dtype=np.uint32)
     lp = -rng.random(500, dtype=np.float32)
     d = kernels.hilbert_cell(ids, 10)
-    walked_xy, _ = kernels._cells(d, 10)
+    walked_xy, _ = kernels.cells(d, 10)
     assert np.array_equal(kernels.layout(ids, lp, 10)["hilbert"], walked_xy)
     xy = kernels.layout(ids, lp, 12)["hilbert"]
     assert xy.min() > 0 and xy.max() < 1

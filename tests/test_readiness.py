@@ -14,6 +14,7 @@ import pytest
 from engine_harness import Engine, pipeline_config, wait_for
 
 from engine.client import EngineNotFound, find_engine
+from engine.status_view import format_status
 
 
 def _info(engine: Engine) -> dict:
@@ -45,6 +46,8 @@ def test_engine_is_starting_until_every_worker_is_ready(tmp_path, instance: str)
         workers = {w["name"]: w for w in status["workers"]}
         assert workers["relay"]["ready"] is False and workers["relay"]["state"] == "starting"
         assert workers["source"]["ready"] and workers["sink"]["ready"]
+        text = format_status(status)
+        assert f"engine {instance}  starting (waiting for relay to be ready)" in text
         wait_for(lambda: _info(engine).get("state") == "running", 20, "the engine to report running")
         status = engine.status()
         assert status["state"] == "running" and all(w["ready"] for w in status["workers"])

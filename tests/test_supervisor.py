@@ -166,12 +166,14 @@ def test_status_metrics_and_stop_through_the_cli(engine_factory):
     out = subprocess.run([*cli, "status", "--json"], env=engine.env(), capture_output=True, timeout=20, check=True)
     status = orjson.loads(out.stdout)
     assert {w["name"] for w in status["workers"]} == {"source", "relay", "sink"}
-    assert all(w["pid"] and w["state"] == "running" for w in status["workers"])
+    assert all(w["pid"] and w["state"] == "running" and w["ready"] for w in status["workers"])
+    assert status["state"] == "running"
     assert {r["name"] for r in status["rings"]} == {"source-relay", "relay-sink"}
     assert 0.0 <= status["pas"]["score"] <= 1.0
 
     text = subprocess.run([*cli, "status"], env=engine.env(), capture_output=True, timeout=20, check=True).stdout
     assert b"PAS" in text and b"relay-sink" in text
+    assert f"engine {engine.instance}  running".encode() in text
 
     port = engine.info()["metrics_port"]
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()

@@ -28,7 +28,7 @@ MAX_ORDER = 15  # 4**15 cells: the cell index stays within 31 bits of the token 
 _ID_BITS = np.uint32(0x7FFFFFFF)  # bit 31 only marks a hashed id (shm.batch.stable_token_id)
 _REPETITION_BLOCK = 4096
 _PROBE_BLOCK = 65536
-_TABLE_ORDER = 10  # curves up to 4**10 cells are tabulated (12 MiB at order 10)
+TABLE_ORDER = 10  # curves up to 4**10 cells are tabulated (12 MiB at order 10)
 _HUE_PHASES = np.array([0.0, 1.0 / 3.0, 2.0 / 3.0], dtype=np.float32)
 
 
@@ -67,14 +67,14 @@ def confidence(logprob: np.ndarray) -> np.ndarray:
 def layout(token_id: np.ndarray, logprob: np.ndarray, order: int) -> dict[str, np.ndarray]:
     """``hilbert`` f32[n, 2] cell centres in [0, 1], ``conf`` f32[n], ``rgba`` u8[n, 4]."""
     d = hilbert_cell(token_id, order)
-    xy, base = _curve(order) if order <= _TABLE_ORDER else _cells(d, order)
-    if order <= _TABLE_ORDER:
+    xy, base = curve(order) if order <= TABLE_ORDER else cells(d, order)
+    if order <= TABLE_ORDER:
         xy, base = xy[d], base[d]
     conf = confidence(logprob)
     return {"hilbert": xy, "conf": conf, "rgba": colour(base, conf)}
 
 
-def _cells(d: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
+def cells(d: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
     """Cell centres f32[n, 2] and the colour before shading f32[n, 3] of curve indices ``d``:
     a cosine palette over the position along the curve."""
     x, y = hilbert_xy(d, order)
@@ -86,10 +86,10 @@ def _cells(d: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-def _curve(order: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_cells` of every index of a small curve: a row lookup per token instead of an
+def curve(order: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`cells` of every index of a small curve: a row lookup per token instead of an
     ``order``-step walk (the per-batch path is a few microseconds per numpy call)."""
-    return _cells(np.arange(1 << (2 * order), dtype=np.uint32), order)
+    return cells(np.arange(1 << (2 * order), dtype=np.uint32), order)
 
 
 def colour(base: np.ndarray, conf: np.ndarray) -> np.ndarray:

@@ -32,13 +32,12 @@ import numpy as np
 from engine.requests import RequestClient, RequestError, ingest_endpoint
 from engine.stage import Stage, WorkerContext
 from shm.batch import COLUMNS_OFFSET, BatchColumns, ExtraColumn, Kind, TokenBatch, batch_size, write_batch
-from stages.compute import kernels
+from stages.compute import fused, kernels, streams
 from stages.compute.backends import open_kernels
 from stages.compute.probes import probe_table
 from stages.compute.shaders import MAX_PROBES
 
 _TOKEN, _END, _ERROR = int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR)
-_MAX_STREAMS = 65536  # per-stream state kept (least recently seen dropped)
 BASE_COLUMNS = (
     ExtraColumn("hilbert", "f4", 2),
     ExtraColumn("conf", "f4"),
@@ -48,93 +47,6 @@ BASE_COLUMNS = (
     ExtraColumn("rep", "f4"),
     ExtraColumn("repflag", "u1"),
 )
-
-
-class StreamStates:
-    """Per-stream running state as dense arrays indexed by a slot per stream (at most ``_MAX_STREAMS``,
-    the least recently seen dropped first), so that a batch's streams are updated with a few numpy
-    calls whatever their number. Histories are right-aligned: a stream's latest value is in the last
-    column; columns before its first token are zero."""
-
-    def __init__(self, history: int, flags: int, probes: int, k: int) -> None:
-        self.slot_of: dict[int, int] = {}
-        self.free: list[int] = []
-        self.batches = 0  # batches seen: the clock of ``last_seen``
-        self.last_seen = np.zeros(0, dtype=np.int64)  # per slot, for dropping the least recently seen
-        self.running = np.zeros((0, 3))  # sum of -logprob, tokens with one, tokens seen
-        self.fired = np.zeros(0, dtype=bool)
-        self.history = np.zeros((0, history), dtype=np.uint32)  # the last window + ngram - 1 token ids
-        self.flags = np.zeros((0, flags), dtype=np.uint8)  # match flags of the last window tokens
-        self.probes = np.zeros((0, probes, k), dtype=np.float32)  # probe cosines of the last probe window tokens
-
-    def slots(self, sids: list[int]) -> np.ndarray:
-        """The slot of each stream (all distinct), a fresh (zeroed) one for a stream not seen before."""
-        found = [self.slot_of.get(sid) for sid in sids]
-        if None in found:
-            fresh = [self._take(sid) for sid, slot in zip(sids, found, strict=True) if slot is None]
-            found = [self.slot_of[sid] for sid in sids]
-            for array in (self.running, self.fired, self.history, self.flags, self.probes):
-                array[fresh] = 0
-        slots = np.array(found, dtype=np.intp)
-        self.batches += 1
-        self.last_seen[slots] = self.batches
-        return slots
-
-    def drop(self, sids: list[int]) -> None:
-        for sid in sids:
-            self.free.append(self.slot_of.pop(sid))
-
-    def __len__(self) -> int:
-        return len(self.slot_of)
-
-    def _take(self, sid: int) -> int:
-        if not self.free:
-            if len(self.last_seen) < _MAX_STREAMS:
-                self._grow(min(max(2 * len(self.last_seen), 64), _MAX_STREAMS))
-            else:  # full: the least recently seen stream gives its slot up (only ever when full)
-                slot = int(np.argmin(self.last_seen))
-                del self.slot_of[next(s for s, at in self.slot_of.items() if at == slot)]
-                self.free.append(slot)
-        slot = self.slot_of[sid] = self.free.pop()
-        self.last_seen[slot] = self.batches + 1  # not the least recent while this batch takes slots
-        return slot
-
-    def _grow(self, capacity: int) -> None:
-        def grown(array: np.ndarray) -> np.ndarray:
-            bigger = np.zeros((capacity, *array.shape[1:]), dtype=array.dtype)
-            bigger[: len(array)] = array
-            return bigger
-
-        old = len(self.last_seen)
-        self.last_seen, self.running, self.fired = grown(self.last_seen), grown(self.running), grown(self.fired)
-        self.history, self.flags, self.probes = grown(self.history), grown(self.flags), grown(self.probes)
-        self.free.extend(range(capacity - 1, old - 1, -1))
-
-
-def extend(history: np.ndarray, slots: np.ndarray, group: np.ndarray, at: np.ndarray, counts: np.ndarray, values):
-    """Each group's history row (``history[slots]``, right-aligned, ``w`` columns) with its new
-    ``values`` appended: value ``i`` goes to row ``group[i]``, column ``w + at[i]``; the rows are
-    ``w + counts.max()`` long, ``counts`` values per group. The last ``w`` columns of each group's
-    part are written back as its history."""
-    width, tail = history.shape[1], history.shape[2:]
-    joined = np.zeros((len(slots), width + int(counts.max()), *tail), dtype=history.dtype)
-    joined[:, :width] = history[slots]
-    joined[group, width + at] = values
-    # windows[g, c] is joined[g, c : c + w]: a strided view (no index arrays to build)
-    row, step = joined.strides[:2]
-    windows = np.ndarray((len(slots), joined.shape[1] - width + 1, *history.shape[1:]), joined.dtype, joined, 0,
-                         (row, step, step, *joined.strides[2:]))  # fmt: skip
-    history[slots] = windows[np.arange(len(slots)), counts]
-    return joined
-
-
-def window_mean(joined: np.ndarray, group: np.ndarray, at: np.ndarray, position: np.ndarray, window: int):
-    """The mean of each value of :func:`extend`'s ``joined`` (a ``window``-column history) with the
-    ones before it in its stream, over the last ``window`` (fewer at the stream's start: ``position``
-    is the value's index in its stream)."""
-    sums = np.cumsum(joined, axis=1, dtype=np.float64)
-    counts = np.minimum(position + 1, window).reshape(-1, *[1] * (joined.ndim - 2))
-    return ((sums[group, window + at] - sums[group, at]) / counts).astype(np.float32)
 
 
 class Compute(Stage):
@@ -165,11 +77,9 @@ class Compute(Stage):
         if self.ngram < 1 or self.window < 1 or self.probe_window < 1:
             raise ValueError("compute params repetition.ngram, repetition.window and probes.window must be >= 1")
         self.kernels, self.choice = open_kernels(p, ctx.log)
-        # the curve's lookup table (~10 ms for order 8) is built now, not on the first stream's tokens
-        self.kernels.run("layout", {"token_id": np.zeros(1, np.uint32), "logprob": np.zeros(1, np.float32)},
-                         {"order": self.order})  # fmt: skip
+        self.curve = fused.CurveTable(self.order)  # built now (~10 ms at order 8), not on the first tokens
         k = len(self.probe_vectors) if self.table is not None else 0
-        self.streams = StreamStates(self.window + self.ngram - 1, self.window, self.probe_window if k else 0, k)
+        self.states = streams.StreamStates(self.window + self.ngram - 1, self.window, self.probe_window if k else 0, k)
         self.counts = {"batches": 0, "tokens": 0, "repetitions": 0, "cancels": 0, "cancel_errors": 0}
         self.busy_ns = 0
         self.requests: RequestClient | None = None
@@ -239,99 +149,127 @@ class Compute(Stage):
     def compute(self, batch: BatchColumns, values: dict[str, np.ndarray]) -> None:
         """Fill ``values`` (each appended column, every row) for ``batch``: START, END and ERROR rows
         zero but for ``ppl``."""
-        tokens = np.flatnonzero(batch.kind == _TOKEN)
-        every = len(tokens) == batch.rows  # the usual batch, token rows only: no gathers or zeroing
+        kind = batch.kind
+        count = kind.tobytes().count(_TOKEN)  # one C loop: no temporary array for the usual all-token batch
+        every = count == batch.rows  # the usual batch, token rows only: no gathers or zeroing
+        tokens = slice(None) if every else np.flatnonzero(kind == _TOKEN)
         if not every:
             for column in values.values():
                 column[:] = 0
-        if len(tokens):
+        if count:
             ids = batch.token_id if every else batch.token_id[tokens]
             lps = batch.logprob if every else batch.logprob[tokens]
+            self._per_token(ids, lps, values, tokens, every)
+        self._per_stream(batch, values, None if every else kind == _TOKEN)
+        self.counts["batches"] += 1
+        self.counts["tokens"] += count
+
+    def _per_token(self, ids: np.ndarray, lps: np.ndarray, values: dict[str, np.ndarray], tokens, every: bool) -> None:
+        if self.kernels.device is None:  # numpy: the fused path, straight into the output columns
+            out = values if every else {name: np.empty_like(values[name][: len(ids)]) for name in _TOKEN_COLUMNS}
+            fused.token_columns(self.curve, ids, lps, out)
+            per_token = {} if every else out
+        else:
             per_token = self.kernels.run("layout", {"token_id": ids, "logprob": lps}, {"order": self.order})
             per_token["entropy"] = self.kernels.run("entropy", {"toplp": lps[:, None]}, {"k": 1})["entropy"]
-            if self.table is not None:
-                rows, dim = self.table.shape
-                inputs = {"token_id": ids, "table": self.table, "probes": self.probe_vectors}
-                params = {"rows": rows, "dim": dim, "k": len(self.probe_vectors)}
-                per_token["probe"] = self.kernels.run("probes", inputs, params)["cosine"]
-            for name, column in per_token.items():
-                values[name][slice(None) if every else tokens] = column
-        self._per_stream(batch, values, every)
-        self.counts["batches"] += 1
-        self.counts["tokens"] += len(tokens)
+        if self.table is not None:
+            rows, dim = self.table.shape
+            inputs = {"token_id": ids, "table": self.table, "probes": self.probe_vectors}
+            params = {"rows": rows, "dim": dim, "k": len(self.probe_vectors)}
+            per_token["probe"] = self.kernels.run("probes", inputs, params)["cosine"]
+        for name, column in per_token.items():
+            values[name][tokens] = column
 
     # ---- running values per stream --------------------------------------------------------
 
-    def _per_stream(self, batch: BatchColumns, values: dict[str, np.ndarray], every: bool) -> None:
+    def _per_stream(self, batch: BatchColumns, values: dict[str, np.ndarray], is_token: np.ndarray | None) -> None:
         """``ppl`` of every row, and ``rep``, ``repflag`` and the windowed ``probe`` means of the
-        token rows (``every`` row one), for all the batch's streams at once: rows grouped by stream
-        (a stable sort keeps each stream's order), running sums continued from each stream's state."""
+        token rows (``is_token``; None: every row is one), for all the batch's streams at once:
+        rows grouped by stream (a stable sort keeps each stream's order), running sums continued
+        from each stream's state."""
         n = batch.rows
-        order = np.argsort(batch.stream_id, kind="stable")
-        sid = batch.stream_id[order]
-        opens = np.empty(n, dtype=bool)
-        opens[:1] = True
-        np.not_equal(sid[1:], sid[:-1], out=opens[1:])
-        starts = np.flatnonzero(opens)
-        group = np.cumsum(opens) - 1  # each sorted row's stream: 0 .. streams - 1
-        sids = sid[starts]
-        slots = self.streams.slots(sids.tolist())
+        order, group, starts, sids = streams.group_rows(batch.stream_id)
+        slots = self.states.slots(sids)
         # running sums of -logprob, of tokens with a logprob and of tokens, from each stream's state
-        kind = batch.kind[order]
-        lp = batch.logprob[order].astype(np.float64)
-        counted = ~np.isnan(lp)
-        if not every:
-            counted &= kind == _TOKEN
-        steps = np.empty((n, 3))
-        steps[:, 0] = np.where(counted, -lp, 0.0)
+        lp = batch.logprob if order is None else batch.logprob[order]
+        token = None if is_token is None else is_token if order is None else is_token[order]
+        counted = lp == lp  # a logprob, not NaN
+        if token is not None:
+            counted &= token
+        steps = np.zeros((n, 3))
+        np.negative(lp, out=steps[:, 0], where=counted)
         steps[:, 1] = counted
-        steps[:, 2] = True if every else kind == _TOKEN
+        steps[:, 2] = 1 if token is None else token
         sums = np.cumsum(steps, axis=0)
-        before = self.streams.running[slots]
-        sums += (before - sums[starts] + steps[starts])[group]
-        self.streams.running[slots] = before + np.add.reduceat(steps, starts)
-        ppl = np.zeros(n, dtype=np.float32)
+        running = self.states.running
+        before = running[slots]
+        if order is None:
+            sums += before
+            running[slots] = sums[-1]
+        else:
+            sums += (before - sums[starts] + steps[starts])[group]
+            last = np.append(starts[1:], n)
+            last -= 1
+            running[slots] = sums[last]
+        ppl = np.zeros(n)
         some = sums[:, 1] > 0
-        ppl[some] = np.exp(sums[some, 0] / sums[some, 1])
-        values["ppl"][order] = ppl  # each row's value so far in its stream: on END, the final perplexity
-        tokens = slice(None) if every else np.flatnonzero(steps[:, 2])
-        position = sums[tokens, 2].astype(np.intp) - 1  # each token's index in its stream
-        if len(position):
-            seen = before[:, 2].astype(np.intp)  # each stream's tokens before this batch
-            counts = self.streams.running[slots, 2].astype(np.intp) - seen
-            self._token_streams(batch, values, order[tokens], group[tokens], position, seen, counts, slots, sids)
-        if not every:
-            ended = np.flatnonzero((kind == _END) | (kind == _ERROR))
-            if len(ended):  # a stream's state goes with its END or ERROR row
-                self.streams.drop(np.unique(sid[ended]).tolist())
+        np.divide(sums[:, 0], sums[:, 1], out=ppl, where=some)
+        np.exp(ppl, out=ppl, where=some)
+        values["ppl"][slice(None) if order is None else order] = ppl  # so far in its stream: on END, the final one
+        if is_token is None or is_token.any():
+            self._token_streams(batch, values, order, group, sums, token, before, slots, sids)
+        if is_token is not None:
+            ended = np.flatnonzero(batch.kind >= _END)  # END or ERROR: the stream's state goes
+            if len(ended):
+                self.states.drop(np.unique(batch.stream_id[ended]).tolist())
 
-    def _token_streams(self, batch, values, rows, group, position, seen, counts, slots, sids) -> None:
-        """The windowed columns of the token ``rows`` (batch rows in stream order; ``group`` the
-        stream of each, ``position`` its index in the stream; ``seen`` and ``counts`` per stream:
-        tokens before this batch and in it)."""
-        at = position - seen[group]  # each token's index among its stream's tokens in this batch
-        streams = self.streams
-        joined = extend(streams.history, slots, group, at, counts, batch.token_id[rows])
-        # one repetition call for the batch: every stream's row of ids, its history then its new tokens
-        kept, width = streams.history.shape[1], joined.shape[1]
-        row_at = np.arange(len(slots)) * width
-        query = (row_at[group] + kept + at).astype(np.uint32)
-        first = (row_at + np.maximum(kept - seen, 0))[group].astype(np.uint32)  # 0: began before the history
-        inputs = {"ids": joined.ravel(), "query": query, "first": first}
-        match = self.kernels.run("repetition", inputs, {"ngram": self.ngram, "window": self.window})["match"]
-        flags = extend(streams.flags, slots, group, at, counts, match)
-        share = window_mean(flags, group, at, position, self.window)
+    def _token_streams(self, batch, values, order, group, sums, token, before, slots, sids) -> None:
+        """The windowed columns of the token rows (``order``: the rows in stream order, None: as
+        they are; ``group`` each sorted row's stream; ``sums`` the running sums, the token count last;
+        ``token`` which sorted rows are tokens, None: all)."""
+        picked = None if token is None else np.flatnonzero(token)
+        position = (sums[:, 2] if picked is None else sums[picked, 2]).astype(np.intp)
+        position -= 1  # each token's index in its stream
+        seen = before[:, 2].astype(np.intp)  # each stream's tokens before this batch
+        single = len(slots) == 1
+        if single:
+            rows = slice(None) if picked is None else picked  # one stream: no sort (order is None)
+            group = np.zeros(len(position), dtype=np.intp)
+            at = position - seen[0]
+            counts = np.array([len(position)])
+        else:
+            rows = order if picked is None else order[picked]
+            group = group if picked is None else group[picked]
+            at = position - seen[group]
+            counts = np.bincount(group, minlength=len(slots))
+        tokens = streams.Tokens(rows, group, position, at, slots, seen, counts, single)
+        state = self.states
+        ids = batch.token_id[rows]
+        joined = streams.extend(state.history, tokens, ids)
+        kept = state.history.shape[1]
+        limit = position - (self.ngram - 1)  # how many n-grams back stay within the stream
+        if self.kernels.device is None:
+            start = None if single else group * joined.shape[1] + at
+            match = fused.repetition(joined, start, limit, self.ngram, self.window)
+        else:  # the kernel's form: every stream's row of ids, its history then its new tokens
+            row_at = np.arange(len(slots)) * joined.shape[1]
+            query = (row_at[group] + kept + at).astype(np.uint32)
+            first = (row_at + np.maximum(kept - seen, 0))[group].astype(np.uint32)  # 0: began before the history
+            inputs = {"ids": joined.ravel(), "query": query, "first": first}
+            match = self.kernels.run("repetition", inputs, {"ngram": self.ngram, "window": self.window})["match"]
+        flags = streams.extend(state.flags, tokens, match)
+        share = streams.window_mean(flags, tokens, self.window)
         fired = share >= self.threshold
         values["rep"][rows] = share
         values["repflag"][rows] = fired
         if self.table is not None:  # each probe's moving average over the stream's last tokens
-            cosines = extend(streams.probes, slots, group, at, counts, values["probe"][rows])
-            values["probe"][rows] = window_mean(cosines, group, at, position, self.probe_window)
-        if fired.any():
+            cosines = streams.extend(state.probes, tokens, values["probe"][rows])
+            values["probe"][rows] = streams.window_mean(cosines, tokens, self.probe_window)
+        if fired.any() and not state.fired[slots].all():  # a stream's flag fires for the first time
             hit = np.zeros(len(slots), dtype=bool)
             hit[group[fired]] = True
-            for g in np.flatnonzero(hit & ~streams.fired[slots]).tolist():
-                streams.fired[slots[g]] = True
+            for g in np.flatnonzero(hit & ~state.fired[slots]).tolist():
+                state.fired[slots[g]] = True
                 self._fired(int(sids[g]), float(share[group == g].max()))
 
     def _fired(self, sid: int, share: float) -> None:
@@ -365,6 +303,7 @@ class Compute(Stage):
             self.requests.close()
 
 
+_TOKEN_COLUMNS = ("hilbert", "conf", "rgba", "entropy")
 _BASE_NAMES = ("stream_id", "seq", "recv_ns", "token_id", "logprob", "kind", "text_end", "text")
 
 
