@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stages.compute import kernels
-from stages.compute.stage import extend, window_mean
+from stages.compute.streams import Tokens, extend, window_mean
 
 
 def test_hilbert_curve_of_order_1_and_2_by_hand():
@@ -91,24 +91,30 @@ def test_probe_cosine_by_hand():
     assert cos.ravel().tolist() == pytest.approx([1, 0, math.sqrt(0.5), 0, 0, 0, math.sqrt(0.5), 0])
 
 
+def tokens(slots, group, at, position, counts) -> Tokens:
+    slots, group, at, position, counts = (np.asarray(v, dtype=np.intp) for v in (slots, group, at, position, counts))
+    return Tokens(slice(None), group, position, at, slots, position * 0, counts, single=len(slots) == 1)
+
+
 def test_window_mean_across_calls():
     history = np.zeros((1, 2), np.uint8)  # one stream (slot 0), a window of 2
-    slots, group, at = np.array([0]), np.zeros(3, np.intp), np.arange(3)
-    joined = extend(history, slots, group, at, np.array([3]), np.array([1, 0, 1]))
-    assert window_mean(joined, group, at, np.arange(3), 2).tolist() == [1.0, 0.5, 0.5]
-    joined = extend(history, slots, group[:2], at[:2], np.array([2]), np.array([1, 1]))
-    assert window_mean(joined, group[:2], at[:2], np.arange(3, 5), 2).tolist() == [1.0, 1.0]
+    first = tokens([0], [0, 0, 0], [0, 1, 2], [0, 1, 2], [3])
+    joined = extend(history, first, np.array([1, 0, 1]))
+    assert window_mean(joined, first, 2).tolist() == [1.0, 0.5, 0.5]
+    second = tokens([0], [0, 0], [0, 1], [3, 4], [2])
+    joined = extend(history, second, np.array([1, 1]))
+    assert window_mean(joined, second, 2).tolist() == [1.0, 1.0]
     assert history.tolist() == [[1, 1]]
     vectors = np.zeros((1, 4, 2), np.float32)
-    joined = extend(vectors, slots, group[:2], at[:2], np.array([2]), np.array([[1, 2], [3, 4]]))
-    assert window_mean(joined, group[:2], at[:2], np.arange(2), 4).tolist() == [[1, 2], [2, 3]]
+    third = tokens([0], [0, 0], [0, 1], [0, 1], [2])
+    joined = extend(vectors, third, np.array([[1, 2], [3, 4]]))
+    assert window_mean(joined, third, 4).tolist() == [[1, 2], [2, 3]]
 
 
 def test_window_mean_of_two_streams_at_once():
     history = np.zeros((3, 3), np.float32)  # slots 0..2; streams in slots 2 and 0
     history[0] = [0, 4, 8]  # slot 0 has seen 2 values (4, 8); its first column is before its start
-    slots, counts = np.array([2, 0]), np.array([1, 2])
-    group, at, position = np.array([0, 1, 1]), np.array([0, 0, 1]), np.array([0, 2, 3])
-    joined = extend(history, slots, group, at, counts, np.array([5, 6, 10]))
-    assert window_mean(joined, group, at, position, 3).tolist() == [5, 6, 8]
+    both = tokens([2, 0], [0, 1, 1], [0, 0, 1], [0, 2, 3], [1, 2])
+    joined = extend(history, both, np.array([5, 6, 10]))
+    assert window_mean(joined, both, 3).tolist() == [5, 6, 8]
     assert history.tolist() == [[8, 6, 10], [0, 0, 0], [0, 0, 5]]
