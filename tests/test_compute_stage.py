@@ -6,7 +6,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pathlib
 import signal
+import subprocess
+import sys
+import threading
+import types
 
 import numpy as np
 import orjson
@@ -60,20 +65,80 @@ def test_overrides():
 def test_open_kernels_falls_back_to_numpy(monkeypatch):
     log = JsonLogger("compute", "error")
     monkeypatch.setattr(gpu, "enumerate_adapters", lambda: [])
-    kernels, info = backends.open_kernels({"backend": "wgpu"}, log)
-    assert kernels.device is None and info["reason"] == "no wgpu adapter found"
+    kernels = backends.open_kernels({"backend": "wgpu"}, log)
+    assert kernels.device is None and kernels.choice["reason"] == "no wgpu adapter found"
 
     def broken():
         raise RuntimeError("no Vulkan loader")
 
     monkeypatch.setattr(gpu, "enumerate_adapters", broken)
-    kernels, info = backends.open_kernels({}, log)
-    assert kernels.device is None and "no Vulkan loader" in info["reason"]
+    kernels = backends.open_kernels({}, log)
+    wait_for(kernels.adopt, 10, "the background probe")
+    assert kernels.device is None and "no Vulkan loader" in kernels.choice["reason"]
     monkeypatch.setenv(backends.ENV_BACKEND, "numpy")  # the environment wins over the params
-    assert backends.open_kernels({"backend": "wgpu"}, log)[1]["backend"] == "numpy"
+    assert backends.open_kernels({"backend": "wgpu"}, log).choice["backend"] == "numpy"
     monkeypatch.setenv(backends.ENV_BACKEND, "cuda")
     with pytest.raises(ValueError, match="compute backend must be one of"):
         backends.open_kernels({}, log)
+
+
+def test_auto_starts_on_numpy_and_probes_in_the_background(monkeypatch, tmp_path):
+    release = threading.Event()
+    infos = [{"device": "NVIDIA H100", "adapter_type": "DiscreteGPU", "backend_type": "Vulkan"}]
+
+    def slow_enumeration():  # a probe that takes as long as the test says
+        release.wait(10)
+        return [types.SimpleNamespace(info=info) for info in infos]
+
+    opened = object()
+    monkeypatch.setattr(gpu, "enumerate_adapters", slow_enumeration)
+    monkeypatch.setattr(gpu, "open_device", lambda adapter: opened)
+    memory = str(tmp_path / "compute.adapters.json")
+    kernels = backends.open_kernels({}, JsonLogger("compute", "error"), memory)
+    assert kernels.device is None and kernels.choice["backend"] == "numpy"  # at once, the probe still running
+    assert not kernels.adopt()
+    release.set()
+    wait_for(kernels.adopt, 10, "the background probe")
+    assert kernels.device is opened and kernels.choice["adapter"] == "NVIDIA H100"
+    assert orjson.loads(pathlib.Path(memory).read_bytes()) == {"adapters": infos}
+
+
+REMEMBERED = """
+import json, sys, time
+from engine.logs import JsonLogger
+from stages.compute import backends
+began = time.perf_counter()
+kernels = backends.open_kernels({}, JsonLogger("compute", "error"), sys.argv[1])
+print(json.dumps({"choice": kernels.choice, "probing": kernels.probe is not None, "wgpu": "wgpu" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize(
+    "findings, reason",
+    [
+        ({"adapters": [CPU, CPU_GL]}, "only CPU adapters found"),
+        ({"adapters": []}, "no wgpu adapter found"),
+        ({"error": "OSError('no libvulkan')"}, "no libvulkan"),
+    ],
+)
+def test_a_restart_that_would_not_use_an_adapter_never_imports_wgpu(tmp_path, findings, reason):
+    memory = tmp_path / "compute.adapters.json"
+    memory.write_bytes(orjson.dumps(findings))
+    done = subprocess.run([sys.executable, "-c", REMEMBERED, str(memory)], capture_output=True, timeout=60, check=True)
+    out = orjson.loads(done.stdout.splitlines()[-1])
+    assert out["choice"]["backend"] == "numpy" and reason in out["choice"]["reason"]
+    assert "remembered" in out["choice"]["reason"]
+    assert not out["probing"] and not out["wgpu"]
+
+
+def test_a_torn_memory_file_means_probing_again(tmp_path, monkeypatch):
+    memory = tmp_path / "compute.adapters.json"
+    memory.write_bytes(b'{"adapters": [')
+    monkeypatch.setattr(gpu, "enumerate_adapters", lambda: [])
+    kernels = backends.open_kernels({}, JsonLogger("compute", "error"), str(memory))
+    wait_for(kernels.adopt, 10, "the background probe")
+    assert kernels.choice["reason"] == "no wgpu adapter found"
+    assert orjson.loads(memory.read_bytes()) == {"adapters": []}
 
 
 # ---- the stage between two rings, in this process -------------------------------------------
@@ -334,6 +399,28 @@ def test_wgpu_failure_mid_run_falls_back_without_loss(rig, lavapipe_params):
         assert np.abs(a["rgba"].astype(int) - b["rgba"]).max() <= 1
 
 
+def test_auto_switches_to_a_real_adapter_found_in_the_background(rig, lavapipe_params):
+    params = {"repetition": {"ngram": 2, "window": 8}}
+    reference = rig(backend="numpy", **params)
+    auto = rig(backend="auto", allow_cpu_adapter=True, **params)
+    assert auto.stage.stats()["backend"] == "numpy"  # ready at once, on numpy
+    rng = np.random.default_rng(9)
+    batches = [stream_rows(sid, rng.integers(0, 5, 30).tolist(), (-rng.random(30)).tolist()) for sid in range(1, 4)]
+    for r in (reference, auto):
+        r.send(batches[0])
+        assert r.stage.do_work() == 1
+    wait_for(auto.stage.kernels.adopt, 60, "the background probe to open lavapipe")
+    assert auto.stage.stats()["backend"] == "wgpu" and auto.stage.stats()["api"] == "Vulkan"
+    for rows in batches[1:]:
+        for r in (reference, auto):
+            r.send(rows)
+            assert r.stage.do_work() == 1
+    assert auto.stage.kernels.device.dispatches > 0 and auto.stage.stats()["fallbacks"] == 0
+    for a, b in zip(reference.receive(), auto.receive(), strict=True):
+        for name in ("hilbert", "conf", "entropy", "ppl", "rep", "repflag"):
+            assert np.allclose(a[name], b[name], atol=1e-5, equal_nan=True), name
+
+
 def test_cancel_action_asks_ingest(rig, tmp_path):
     router = zmq.Context.instance().socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
@@ -349,8 +436,6 @@ def test_cancel_action_asks_ingest(rig, tmp_path):
                 asked.append(orjson.loads(frame))
                 router.send_multipart([identity, orjson.dumps({"type": "cancelled", "stream_id": 3})])
             return asked
-
-        import threading
 
         thread = threading.Thread(target=lambda: wait_for(answer, 5, "a cancel request"))
         thread.start()

@@ -24,6 +24,7 @@ worker a stream's running values start again from its next token.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -76,7 +77,7 @@ class Compute(Stage):
         self.probe_window = int(probes.get("window", 32))
         if self.ngram < 1 or self.window < 1 or self.probe_window < 1:
             raise ValueError("compute params repetition.ngram, repetition.window and probes.window must be >= 1")
-        self.kernels, self.choice = open_kernels(p, ctx.log)
+        self.kernels = open_kernels(p, ctx.log, os.path.join(ctx.state_dir, f"{ctx.name}.adapters.json"))
         self.curve = fused.CurveTable(self.order)  # built now (~10 ms at order 8), not on the first tokens
         k = len(self.probe_vectors) if self.table is not None else 0
         self.states = streams.StreamStates(self.window + self.ngram - 1, self.window, self.probe_window if k else 0, k)
@@ -87,6 +88,8 @@ class Compute(Stage):
     # ---- the duty cycle -------------------------------------------------------------------
 
     def do_work(self) -> int:
+        if self.kernels.probe is not None:  # a wgpu adapter is being looked for: its device, once it is in
+            self.kernels.adopt()
         moved = 0
         while moved < 64:
             group = self._read_group()
@@ -296,7 +299,7 @@ class Compute(Stage):
         if not hasattr(self, "counts"):
             return {}
         per_batch = self.busy_ns / self.counts["batches"] / 1e3 if self.counts["batches"] else 0.0
-        return {**self.counts, **self.kernels.stats(), **self.choice, "busy_us_per_batch": round(per_batch, 1)}
+        return {**self.counts, **self.kernels.stats(), "busy_us_per_batch": round(per_batch, 1)}
 
     def close(self) -> None:
         if getattr(self, "requests", None) is not None:
