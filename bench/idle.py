@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -31,14 +30,13 @@ from typing import Any
 import click
 
 from . import report
-from .proc import BenchError
+from .proc import BenchError, cpu_seconds
 from .recovery import DOCS, BenchEngine, topology_toml, wait_for
 
 # Targets: the issue's for the supervisor; "well under a second" (DESIGN.md) for check.
 TARGET_SUPERVISOR_PCT = 1.0
 TARGET_CHECK_MS = 1000.0
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 TOKENS = 16  # one batch, then the source idles
 RELAYS = (1, 11)  # engine sizes: 3 workers and 2 rings, 13 workers and 12 rings (check runs on this one)
 
@@ -65,40 +63,11 @@ class Usage:
 
 def usage(pid: int) -> Usage:
     """CPU seconds (user + system, every thread) and voluntary context switches of ``pid``."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime and stime, fields 14 and 15 of proc(5)
     switches = 0
     for path in glob.glob(f"/proc/{pid}/task/*/status"):
         with contextlib.suppress(FileNotFoundError), open(path) as f:  # a thread may have just ended
             switches += next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
-    return Usage(ticks / CLK_TCK, switches)
-
-
-def _children(pid: int) -> dict[int, str]:
-    """Child pid -> command line of every child of ``pid``."""
-    found = {}
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        with contextlib.suppress(OSError):  # a process may end while we look
-            with open(stat, "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-            if ppid == pid:
-                child = int(stat.split("/")[2])
-                with open(f"/proc/{child}/cmdline", "rb") as f:
-                    found[child] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    return found
-
-
-def _label(cmdline: str) -> str:
-    return "resource_tracker" if "resource_tracker" in cmdline else cmdline[:40]
-
-
-def engine_processes(engine: BenchEngine) -> dict[str, int]:
-    """Name -> pid of every process of the engine: supervisor, workers, helpers (the
-    multiprocessing resource tracker)."""
-    workers = {name: w["pid"] for name, w in engine.workers().items()}
-    helpers = {_label(cmd): pid for pid, cmd in _children(engine.pid).items() if pid not in workers.values()}
-    return {"supervisor": engine.pid, **workers, **helpers}
+    return Usage(cpu_seconds(pid), switches)
 
 
 def _wait_idle(engine: BenchEngine, settings: Settings) -> None:
@@ -111,7 +80,7 @@ def _wait_idle(engine: BenchEngine, settings: Settings) -> None:
 
 def idle_window(engine: BenchEngine, settings: Settings) -> list[dict[str, Any]]:
     """CPU % of a core and wake-ups per second of each engine process over the idle window."""
-    processes = engine_processes(engine)
+    processes = engine.processes()
     start, began = {name: usage(pid) for name, pid in processes.items()}, time.monotonic()
     time.sleep(settings.idle_s)
     end, elapsed = {name: usage(pid) for name, pid in processes.items()}, time.monotonic() - began

@@ -25,10 +25,10 @@ due (every stream produces throughout the window).
   window / tokens delivered in the window. The engine's processes (supervisor, ingest, compute,
   cache, broadcast, the resource tracker) sum to ``engine_cpu_us_per_token``; the load generator
   (the embedded upstream, a child of ingest) and the bench's consumer are reported apart.
-- ``missing``: tokens the consumer never got (ZeroMQ drops the broadcast could no longer repair,
-  or still queued ``drain_s`` after the load).
+- ``missing``: tokens the consumer never got (lost on the way, still queued ``drain_s`` after the
+  load, or never produced: ``stream_errors`` counts the streams the engine ended with an error).
 
-A step holds its load when delivered >= 99 %, p99 <= 10 ms and nothing is missing. The sweep runs
+A step holds its load when delivered >= 99 %, p99 <= 10 ms and no token or stream is missing. The sweep runs
 the ladder of offered rates on each transport, stopping at the first step that does not hold,
 then bisects between the last that held and that one; the highest that held is the transport's
 ``saturation_tokens_per_s``. The upstream's pace is an engine setting, so each step has an engine
@@ -138,23 +138,22 @@ params.sndhwm = 1000000
 
 def _consume(runtime_dir: str, conn: Any) -> None:
     """Consumer process: read the broadcast continuously, keeping each tokens message's ``recv_ns``
-    column and the moment it came; between messages (every CONSUMER_LOOK_NS while busy) answer the
-    bench: ``("wait", tokens, deadline)`` -> the tokens received since the last take, once that
-    many came (or were given up as lost) or at the deadline; ``("take",)`` -> (recv_ns, arrival_ns,
-    counts) of every token since the last take; None -> exit."""
+    column and the moment it came, and counting the streams that ended (``end`` or ``error``);
+    between messages (every CONSUMER_LOOK_NS while busy) answer the bench: ``("wait", streams,
+    deadline)`` -> the streams ended since the last take, once that many have or at the deadline;
+    ``("take",)`` -> (recv_ns, arrival_ns, {"ended", "errors"}) since the last take; None -> exit."""
     import numpy as np
 
     from engine.consumer import StreamConsumer
 
     stamps: list[np.ndarray] = []
     arrivals: list[int] = []
-    received = 0
+    ended = {"end": 0, "error": 0}
     waiting: tuple[int, float] | None = None
     with StreamConsumer.for_engine(runtime_dir, binary=True) as consumer:
-        base = dict(consumer.counts)
 
         def done() -> bool:
-            return waiting is not None and received + consumer.counts["gaps"] - base["gaps"] >= waiting[0]
+            return waiting is not None and ended["end"] + ended["error"] >= waiting[0]
 
         conn.send("ready")
         while True:
@@ -162,14 +161,14 @@ def _consume(runtime_dir: str, conn: Any) -> None:
             for message in consumer.messages(idle_timeout_s=CONSUMER_LOOK_NS / 1e9):
                 now = time.monotonic_ns()
                 if message.type == "tokens":
-                    recv_ns = message.columns["recv_ns"].copy()  # not a view that keeps the frame
-                    stamps.append(recv_ns)
+                    stamps.append(message.columns["recv_ns"].copy())  # not a view that keeps the frame
                     arrivals.append(now)
-                    received += len(recv_ns)
+                elif message.type in ended:
+                    ended[message.type] += 1
                 if now >= look_at or done():
                     break
             if waiting is not None and (done() or time.monotonic() >= waiting[1]):
-                conn.send(received)
+                conn.send(ended["end"] + ended["error"])
                 waiting = None
             while conn.poll(0):
                 ask = conn.recv()
@@ -178,11 +177,10 @@ def _consume(runtime_dir: str, conn: Any) -> None:
                 if ask[0] == "wait":
                     waiting = ask[1], ask[2]
                 else:
-                    recv = np.concatenate(stamps) if stamps else np.empty(0, np.int64)
+                    recv = np.concatenate(stamps).astype(np.int64) if stamps else np.empty(0, np.int64)
                     arrival = np.repeat(np.array(arrivals, np.int64), [len(s) for s in stamps])
-                    counts = {k: v - base[k] for k, v in consumer.counts.items()}
-                    conn.send((recv.astype(np.int64), arrival, counts))
-                    stamps, arrivals, received, base = [], [], 0, dict(consumer.counts)
+                    conn.send((recv, arrival, {"ended": ended["end"], "errors": ended["error"]}))
+                    stamps, arrivals, ended = [], [], {"end": 0, "error": 0}
 
 
 class Consumer:
@@ -204,14 +202,14 @@ class Consumer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def wait(self, tokens: int, timeout_s: float) -> int:
-        """Tokens received since the last take, once ``tokens`` came or after ``timeout_s``."""
-        self.conn.send(("wait", tokens, time.monotonic() + timeout_s))
+    def wait(self, streams: int, timeout_s: float) -> int:
+        """Streams ended since the last take, once ``streams`` have or after ``timeout_s``."""
+        self.conn.send(("wait", streams, time.monotonic() + timeout_s))
         return self._answer(timeout_s + WAIT_S)
 
     def take(self) -> tuple[Any, Any, dict[str, int]]:
         """recv_ns and arrival time (ns) of each token received since the last take, and the
-        consumer's counters over that time."""
+        streams that ended since, normally (``ended``) or with an error (``errors``)."""
         self.conn.send(("take",))
         return self._answer(WAIT_S)
 
@@ -280,10 +278,10 @@ def _warm_up(engine: BenchEngine, consumer: Consumer, label: str, pace: float) -
     """One short stream through the whole pipeline; the consumer sees it, then forgets it."""
     with RequestClient(ingest_endpoint(engine.info["runtime_dir"]), timeout_s=WAIT_S) as client:
         client.submit(_chat(f"{label} warm-up", 0, WARM_UP_TOKENS))
-    got = consumer.wait(WARM_UP_TOKENS, WAIT_S + WARM_UP_TOKENS / pace)
-    if got < WARM_UP_TOKENS:
-        raise BenchError(f"{label}: the warm-up stream did not reach the consumer ({got} tokens)\n{engine.log_tail()}")
-    consumer.take()
+    consumer.wait(1, WAIT_S + WARM_UP_TOKENS / pace)
+    recv_ns, _, ended = consumer.take()
+    if len(recv_ns) != WARM_UP_TOKENS or ended["ended"] != 1:
+        raise BenchError(f"{label}: the warm-up stream did not go through ({ended}, {len(recv_ns)} tokens)")
 
 
 def _submit(engine: BenchEngine, load: Load, label: str) -> int:
@@ -321,32 +319,32 @@ def _restarts(engine: BenchEngine) -> dict[str, int]:
 def run_step(load: Load, settings: Settings) -> dict[str, Any]:
     """Run one load on an engine of its own; its row (see the module docstring)."""
     label = f"{load.transport} {load.offered:g}"
-    with BenchEngine(engine_toml(load.transport, load.pace), f"pipeline-{load.transport}") as engine:
-        engine.wait_ready(WAIT_S)
-        with Consumer(engine.info["runtime_dir"]) as consumer:
-            # a SUB socket misses what is published before its subscription reaches the XPUB
-            wait_for(
-                lambda: engine.workers()["broadcast"]["stats"].get("subscriptions", 0) > 0,
-                WAIT_S,
-                "the consumer's subscription to reach the broadcast",
-                interval_s=0.05,
-            )
-            _warm_up(engine, consumer, label, load.pace)
-            engine_pids, load_pids = _processes(engine, consumer)
-            restarts = _restarts(engine)
-            first = _submit(engine, load, label)
-            window = (first + round(settings.warmup_s * 1e9), first + round((load.tokens - 1) / load.pace * 1e9))
-            if time.monotonic_ns() > window[0]:
-                raise BenchError(f"{label}: submitting took longer than the {settings.warmup_s:g} s warm-up")
-            _sleep_until(window[0])
-            cpu_before = _cpu(engine_pids | load_pids)
-            _sleep_until(window[1])
-            cpu_after = _cpu(engine_pids | load_pids)
-            expected = load.streams * load.tokens
-            consumer.wait(expected, 2 / load.pace + settings.drain_s)
-            recv_ns, arrival_ns, counts = consumer.take()
-            if _restarts(engine) != restarts:
-                raise BenchError(f"{label}: a worker restarted during the load\n{engine.log_tail()}")
+    with (
+        BenchEngine(engine_toml(load.transport, load.pace), f"pipeline-{load.transport}") as engine,
+        Consumer(engine.info["runtime_dir"]) as consumer,
+    ):
+        # a SUB socket misses what is published before its subscription reaches the XPUB
+        wait_for(
+            lambda: engine.workers()["broadcast"]["stats"].get("subscriptions", 0) > 0,
+            WAIT_S,
+            "the consumer's subscription to reach the broadcast",
+            interval_s=0.05,
+        )
+        _warm_up(engine, consumer, label, load.pace)
+        engine_pids, load_pids = _processes(engine, consumer)
+        restarts = _restarts(engine)
+        first = _submit(engine, load, label)
+        window = (first + round(settings.warmup_s * 1e9), first + round((load.tokens - 1) / load.pace * 1e9))
+        if time.monotonic_ns() > window[0]:
+            raise BenchError(f"{label}: submitting took longer than the {settings.warmup_s:g} s warm-up")
+        _sleep_until(window[0])
+        cpu_before = _cpu(engine_pids | load_pids)
+        _sleep_until(window[1])
+        cpu_after = _cpu(engine_pids | load_pids)
+        consumer.wait(load.streams, 2 / load.pace + settings.drain_s)
+        recv_ns, arrival_ns, counts = consumer.take()
+        if _restarts(engine) != restarts:
+            raise BenchError(f"{label}: a worker restarted during the load\n{engine.log_tail()}")
     cpu_s = {name: cpu_after[name] - cpu_before[name] for name in cpu_before}
     return row(load, window, recv_ns, arrival_ns, counts, cpu_s, list(engine_pids))
 
@@ -385,12 +383,15 @@ def row(
         "p99_us": round(float(p99), 1),
         "p999_us": round(float(p999), 1),
         "missing": load.streams * load.tokens - len(recv_ns),  # never received (reported, never hidden)
-        "gaps": counts["gaps"],  # of which the consumer gave up on (the broadcast no longer had them)
+        "stream_errors": counts["errors"],  # streams that ended with an error, not their last token
         "engine_cpu_us_per_token": round(sum(by_process[name] for name in engine_names), 2),
         "cpu_us_per_token_by_process": by_process,
     }
     result["held"] = (
-        result["delivered_ratio"] >= HOLD_DELIVERED and result["p99_us"] <= HOLD_P99_US and result["missing"] == 0
+        result["delivered_ratio"] >= HOLD_DELIVERED
+        and result["p99_us"] <= HOLD_P99_US
+        and result["missing"] == 0
+        and result["stream_errors"] == 0
     )
     return result
 
@@ -542,7 +543,7 @@ def main(
         | {
             "mode": "sweep" if swept else "targeted",
             "ring_capacity": RING_CAPACITY,
-            "hold": {"delivered_ratio": HOLD_DELIVERED, "p99_us": HOLD_P99_US, "missing": 0},
+            "hold": {"delivered_ratio": HOLD_DELIVERED, "p99_us": HOLD_P99_US, "missing": 0, "stream_errors": 0},
         },
         "rows": rows,
         "saturation_tokens_per_s": saturations,
@@ -570,6 +571,7 @@ _LOAD_COLUMNS: tuple[report.Column, ...] = (
     ("p99_us", "p99 µs", "{:,.0f}"),
     ("p999_us", "p99.9 µs", "{:,.0f}"),
     ("missing", "missing", "{:,}"),
+    ("stream_errors", "errors", "{:,}"),
     ("verdict", "holds", "{}"),
 )
 _CPU_COLUMNS: tuple[report.Column, ...] = (
@@ -616,7 +618,8 @@ def _value_text(value: Any) -> str:
 def _progress_line(r: dict[str, Any]) -> str:
     return (
         f"{r['transport']} {r['offered_tokens_per_s']:,.0f} tokens/s offered over {r['streams']} streams: "
-        f"delivered {r['delivered_ratio']:.1%}, p99 {r['p99_us']:,.0f} µs, missing {r['missing']}, "
+        f"delivered {r['delivered_ratio']:.1%}, p99 {r['p99_us']:,.0f} µs, missing {r['missing']} "
+        f"({r['stream_errors']} streams ended in error), "
         f"engine {r['engine_cpu_us_per_token']:.1f} µs/token: {'holds' if r['held'] else 'does not hold'}"
     )
 
@@ -626,7 +629,7 @@ def _settings_line(result: dict[str, Any]) -> str:
     return (
         f"{s['streams']} streams paced per stream, each {s['duration_s']:g} s long; the first "
         f"{s['warmup_s']:g} s after the first submit left out; a step holds with delivered >= "
-        f"{HOLD_DELIVERED:.0%}, p99 <= {HOLD_P99_US / 1e3:g} ms and nothing missing."
+        f"{HOLD_DELIVERED:.0%}, p99 <= {HOLD_P99_US / 1e3:g} ms, no token missing and no stream error."
     )
 
 

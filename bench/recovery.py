@@ -215,12 +215,6 @@ class BenchEngine:
     def workers(self) -> dict[str, dict[str, Any]]:
         return {w["name"]: w for w in self.status()["workers"]}
 
-    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
-        """Wait until every worker has said it is ready: the supervisor runs before they do."""
-        wait_for(
-            lambda: all(w["state"] == "running" for w in self.workers().values()), timeout_s, "every worker to be ready"
-        )
-
     def processes(self) -> dict[str, int]:
         """Name -> pid of every process of the engine as ``status`` and /proc show it now: the
         supervisor, its workers and its helpers (the multiprocessing resource tracker)."""

@@ -44,7 +44,7 @@ def test_quick_json_measures_every_transport_and_process() -> None:
     ]
     for row in rows:
         assert row["streams"] == pipeline.QUICK.streams
-        assert row["missing"] == 0 and row["gaps"] == 0, row  # every token of every stream came
+        assert row["missing"] == 0 and row["stream_errors"] == 0, row  # every token of every stream came
         assert row["delivered_tokens_per_s"] > 0 and row["ingested_tokens_per_s"] > 0, row
         assert row["delivered_ratio"] == pytest.approx(
             row["delivered_tokens_per_s"] / row["offered_tokens_per_s"], 1e-3
@@ -89,7 +89,7 @@ def test_bad_options_are_refused_before_any_engine_starts(args: tuple[str, ...],
     assert out.returncode == 2 and complaint in out.stderr, out.stderr
 
 
-def _step(offered: float, late: int = 0, latency_ns: int = 1_000_000) -> dict:
+def _step(offered: float, late: int = 0, latency_ns: int = 1_000_000, errors: int = 0) -> dict:
     """A step's row from synthetic tokens: ``offered`` tokens/s evenly from 0.1 s before a 2 s
     window to 0.1 s after it, each arriving ``latency_ns`` after ingest stamped it; the ``late``
     last ones stamped in the window arrive after it."""
@@ -100,7 +100,8 @@ def _step(offered: float, late: int = 0, latency_ns: int = 1_000_000) -> dict:
         arrival[np.nonzero(recv < end)[0][-late:]] = end + 1
     load = pipeline.Load("shm", offered, 10, len(recv) // 10)
     cpu_s = {"supervisor": 0.01, "ingest": 0.1, "upstream": 0.2, "consumer": 0.3}
-    return pipeline.row(load, (start, end), recv, arrival, {"gaps": 0}, cpu_s, ["supervisor", "ingest"])
+    counts = {"ended": 10 - errors, "errors": errors}
+    return pipeline.row(load, (start, end), recv, arrival, counts, cpu_s, ["supervisor", "ingest"])
 
 
 def test_row_figures_over_the_window() -> None:
@@ -121,6 +122,7 @@ def test_row_does_not_hold_when_short_or_slow() -> None:
     assert not _step(1000.0, late=30)["held"]  # 98.5 % delivered in the window
     assert _step(1000.0, late=20)["held"]  # 99 %
     assert not _step(1000.0, latency_ns=11_000_000)["held"]  # p99 11 ms
+    assert not _step(1000.0, errors=1)["held"]  # a stream the engine ended with an error
 
 
 def test_sweep_stops_at_the_first_step_that_fails_then_bisects(monkeypatch: pytest.MonkeyPatch) -> None:
