@@ -35,6 +35,7 @@ from shm.wait import PARK_AT_ONCE, WaitStrategy, idle
 _PR_SET_PDEATHSIG = 1
 EXIT_STAGE_ERROR = 3
 EXIT_ORPHANED = 4
+_MAX_PARK_S = 60.0  # WaitStrategy's bound; the next heartbeat comes much sooner anyway
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,12 @@ class _DutyCycle:
         # nothing to spin on (a source whose output has room): park at once
         self.no_ring_wait = replace(PARK_AT_ONCE, park_timeout_s=everything.park_timeout_s)
         self.waiting: list[tuple[Any, Any]] = []  # (ring, its doorbell) of the current idle spell
+        # Agrona keeps backing off until work comes: after a park that timed out with nothing
+        # found since, the next spell parks at once (spinning then would only burn the wake-up)
+        # and for twice as long, up to the next heartbeat, so an idle worker wakes a few times a
+        # second; the first park of a spell keeps park_timeout_s
+        self.quiet = False
+        self.backoff_s = 0.0
 
     def run(self) -> None:
         rt, stage = self.rt, self.rt.stage
@@ -212,6 +219,7 @@ class _DutyCycle:
             done = stage.do_work()
             if done:
                 rt.processed += done
+                self.quiet = False
                 continue
             if rt.ctx.draining and stage.drained():
                 return
@@ -234,6 +242,11 @@ class _DutyCycle:
             wait = self.input_wait if rt.inputs else self.no_ring_wait
             self.waiting = [(ring, ring.data_bell) for ring in rt.inputs]
             probes = [ring.available for ring in rt.inputs]
+        if not self.quiet:
+            self.backoff_s = wait.park_timeout_s
+        elif wait.blocks:
+            self.backoff_s = min(2 * self.backoff_s, _MAX_PARK_S)
+            wait = replace(wait, spins=0, yields=0, park_timeout_s=self.backoff_s)
         if len(probes) == 1:
             ready = probes[0]
         else:
@@ -266,6 +279,7 @@ class _DutyCycle:
                     for _, bell in waiting:
                         self.poller.unregister(bell.fileno())
                 self.on_events(dict(events))
+                self.quiet = not events
                 if not events:
                     for ring, _ in waiting:
                         if isinstance(ring, Consumer):  # the other transports have no header to count in

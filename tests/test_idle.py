@@ -140,6 +140,29 @@ def test_worker_idle_spell_follows_the_ring_keys(tmp_path, instance: str, spins:
         assert work.calls == 0  # the stage is not called while idling
 
 
+def test_after_a_quiet_park_the_next_spells_park_at_once_and_longer_until_work_comes(tmp_path, instance: str) -> None:
+    wait = WaitStrategy("block", spins=50, yields=5, park_timeout_s=0.01)
+    with relay_runtime(tmp_path, instance, wait) as (dc, inp, _):
+        consumer = dc.rt.inputs[0]
+        dc.idle_spell(time.monotonic())  # times out: nothing came
+        consumer.available = probe = CountingCalls(consumer.available)
+        parks: list[float] = []
+        real_park = dc.park
+        dc.park = lambda timeout: parks.append(timeout) or real_park(timeout)
+        dc.idle_spell(time.monotonic())
+        assert probe.calls == 2  # one look, the park, one look after it: no spinning
+        dc.idle_spell(time.monotonic())
+        assert parks == [0.02, 0.04]  # each quiet park twice as long (up to the next heartbeat)
+        dc.park = real_park
+        with Producer.attach(inp.name) as producer:
+            producer.write(b"work", h.RECORD_TYPE)
+        assert dc.rt.stage.do_work() == 1
+        dc.quiet = False  # what run() does when do_work found work
+        probe.calls = 0
+        dc.idle_spell(time.monotonic())
+        assert probe.calls == 1 + 50 + 5 + 1  # spinning again after work, and parking park_timeout_s
+
+
 def test_worker_parks_only_on_the_doorbells_it_waits_for(tmp_path, instance: str) -> None:
     """An old ring on the output's space bell (rung while the worker once waited for space) must
     not wake a worker waiting for input: it would busy-loop until the output filled again."""
