@@ -7,7 +7,9 @@ Every message is one frame holding one JSON object with a ``type`` field.
 Worker -> supervisor:
 
     hello      {worker, pid, incarnation}                 attached to its rings, starting its stage
-    ready      {worker}                                   stage started; data may flow
+    ready      {worker}                                   stage set up (start returned; an asyncio
+                                                          stage's setup too); data may flow. The
+                                                          engine is "running" once every worker is
     heartbeat  {worker, state, processed, stats}          every heartbeat_interval_s; ``processed`` is
                                                           the monotonic count of records the stage
                                                           handled, ``stats`` the stage's own counters
@@ -24,7 +26,7 @@ Supervisor -> worker:
 
 Client -> supervisor, answered on the same socket:
 
-    status     {}          -> status {instance, pid, uptime_s, workers: [...], rings: [...], pas}
+    status     {}          -> status {instance, pid, uptime_s, state, workers: [...], rings: [...], pas}
     shutdown   {}          -> ack {} ; the supervisor then drains and stops
     pause      {worker}    -> ack {} ; forwarded to the worker (resume likewise)
     resume     {worker}    -> ack {}
