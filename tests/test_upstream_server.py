@@ -314,6 +314,25 @@ def test_rate_is_roughly_honoured() -> None:
     run(body, tokens_per_s=100.0)
 
 
+def test_concurrent_paced_streams_share_the_ticker_and_all_complete() -> None:
+    """Every paced stream is served by one timer: many at once, twice over on kept-alive
+    connections, each complete and paced."""
+
+    async def body(c: Client) -> None:
+        start = time.monotonic()
+        for _ in range(2):
+            replies = await asyncio.gather(
+                *(c.post(CHAT, chat_body(stream=True, max_tokens=11, seed=i)) for i in range(50))
+            )
+            for status, _, raw in replies:
+                assert status == 200 and len(chunks(raw)) == 1 + 11 + 1
+                assert data_events(raw)[-1] == b"[DONE]"
+        assert time.monotonic() - start >= 2 * 0.09  # 10 intervals of 10 ms per round
+        assert c.server.stats.tokens_sent == 2 * 50 * 11 and c.server.stats.active_streams == 0
+
+    run(body, tokens_per_s=100.0)
+
+
 def test_first_token_delay_with_keepalives_meanwhile() -> None:
     async def body(c: Client) -> None:
         start = time.monotonic()

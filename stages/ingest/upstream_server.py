@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import heapq
+import itertools
 import multiprocessing
 import os
 import random
@@ -44,6 +46,9 @@ MAX_TOP_LOGPROBS = 20
 # Tokens that are already due (unpaced, or behind schedule) go out in one write, up to this many:
 # fewer syscalls, and the stream still yields to the others between writes.
 MAX_EVENTS_PER_WRITE = 16
+TICK_S = 0.001  # what is due within this goes out at the same tick: streams share ticks and timers
+MAX_SENDS_PER_TICK = 1024
+WRITE_HIGH_WATER = 256 * 1024  # bytes a client has not read yet beyond which its stream waits
 START_TIMEOUT_S = 30.0
 
 # Non-SSE lines injected by the `garbage` fault: what misbehaving servers really send (llama.cpp's
@@ -407,40 +412,130 @@ def _chat_choice(delta: dict, logprobs: dict | None, finish_reason: str | None) 
 # --------------------------------------------------------------------------- streaming
 
 
-class _SseWriter:
-    """Buffers due events into few writes and sends keep-alive comments while a stream waits."""
+class _Emission:
+    """One streaming response: what it still has to send and when. The :class:`_Ticker` calls
+    :meth:`send` when it is due; every byte goes straight to the connection, as one HTTP chunk per
+    call (the response's writer is bypassed: its headers are out, and ``write_eof`` adds the
+    last chunk)."""
 
-    def __init__(self, resp: web.StreamResponse, keepalive_s: float) -> None:
-        self.resp, self.keepalive_s = resp, keepalive_s
-        self.loop = asyncio.get_running_loop()
-        self.buffer: list[bytes] = []
-        self.last_write = self.loop.time()
+    __slots__ = (
+        "done",
+        "faults",
+        "framed",
+        "i",
+        "keepalive_s",
+        "last_write",
+        "offset_s",
+        "shape",
+        "start",
+        "stats",
+        "transport",
+    )
 
-    def add(self, event: bytes) -> None:
-        self.buffer.append(event)
+    def __init__(self, server: UpstreamServer, request: web.Request, shape: _Shape, faults: Faults, framed: bool):
+        loop = asyncio.get_running_loop()
+        self.shape, self.faults, self.framed = shape, faults, framed
+        self.transport = request.transport
+        self.stats = server.stats
+        self.offset_s = server._token_offset_s
+        self.keepalive_s = server.cfg.keepalive_s
+        self.start = self.last_write = loop.time()
+        self.i = 0  # the next token
+        self.done: asyncio.Future[bool] = loop.create_future()  # True: the stream ended cleanly
+        self._write([shape.head()])
 
-    async def flush(self) -> None:
-        if self.buffer:
-            await self.resp.write(b"".join(self.buffer))
-            self.buffer.clear()
-            self.last_write = self.loop.time()
-        # resp.write only yields when the socket's buffer is full: let the other streams run.
-        await asyncio.sleep(0)
+    def next_at(self) -> float:
+        """When :meth:`send` has something to do: the next token, or a keep-alive comment."""
+        return min(self.start + self.offset_s(self.i), self.last_write + self.keepalive_s)
 
-    async def wait_until(self, due: float) -> None:
-        """Sleep until the loop time ``due``; what is buffered goes out first, keep-alives meanwhile."""
-        if self.loop.time() >= due:
-            if len(self.buffer) >= MAX_EVENTS_PER_WRITE:
-                await self.flush()
-            return
-        await self.flush()
-        while (now := self.loop.time()) < due:
-            next_keepalive = self.last_write + self.keepalive_s
-            if now >= next_keepalive:
-                self.add(b": keep-alive\n\n")
-                await self.flush()
+    def send(self, now: float) -> float | None:
+        """Write every token due by ``now`` (up to MAX_EVENTS_PER_WRITE: the other streams' turn
+        comes between writes) in one write; when to come back, None once the stream is over."""
+        if self.transport is None or self.transport.is_closing():  # the client went away
+            return self._finish(False)
+        if self.transport.get_write_buffer_size() > WRITE_HIGH_WATER:  # the client reads slower
+            return now + TICK_S
+        shape, faults, out, first = self.shape, self.faults, [], self.i
+        tokens = len(shape.sample.tokens)
+        while self.i < tokens and len(out) < MAX_EVENTS_PER_WRITE and self.start + self.offset_s(self.i) <= now:
+            if self.i == faults.disconnect_after:
+                self.stats.tokens_sent += self.i - first
+                self._write(out)
+                self.transport.close()
+                return self._finish(False)
+            if self.i < faults.garbage:
+                out.append(GARBAGE_LINES[self.i % len(GARBAGE_LINES)])
+            out.append(shape.token(self.i))
+            self.i += 1
+        self.stats.tokens_sent += self.i - first
+        if self.i == tokens:
+            out.append(shape.finish())
+            if shape.req.include_usage:
+                out.append(shape.usage_chunk())
+            if not faults.no_done:
+                out.append(b"data: [DONE]\n\n")
+            self._write(out)
+            return self._finish(True)
+        if not out and now - self.last_write >= self.keepalive_s:
+            out.append(b": keep-alive\n\n")
+        if out:
+            self._write(out)
+            self.last_write = now
+        return self.next_at()
+
+    def _write(self, events: list[bytes]) -> None:
+        data = b"".join(events)
+        if data:
+            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.framed else data)
+
+    def _finish(self, clean: bool) -> None:
+        if not self.done.done():
+            self.done.set_result(clean)
+
+
+class _Ticker:
+    """Serves every streaming response of the server from one timer: at each tick, each stream
+    with a token due (within TICK_S) gets all its due bytes in one write. Streams due close
+    together share a tick, so a paced load costs one timer per tick instead of one per token."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._due: list[tuple[float, int, _Emission]] = []  # a heap by time
+        self._order = itertools.count()  # ties: first come, first served
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when it fires (uvloop's handles do not say)
+
+    def add(self, emission: _Emission) -> None:
+        self._push(emission.next_at(), emission)
+
+    def _push(self, when: float, emission: _Emission) -> None:
+        heapq.heappush(self._due, (when, next(self._order), emission))
+        if self._timer is None or when < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._schedule(when)
+
+    def _schedule(self, when: float) -> None:
+        self._timer, self._timer_at = self._loop.call_at(when, self._tick), when
+
+    def _tick(self) -> None:
+        self._timer = None
+        now = self._loop.time() + TICK_S
+        due = self._due
+        for _ in range(MAX_SENDS_PER_TICK):  # then the loop's other work, and the next tick
+            if not due or due[0][0] > now:
+                break
+            _, _, emission = heapq.heappop(due)
+            try:
+                later = emission.send(now)
+            except Exception as exc:  # one broken stream must not stop the others
+                if not emission.done.done():
+                    emission.done.set_exception(exc)
                 continue
-            await asyncio.sleep(min(due, next_keepalive) - now)
+            if later is not None:
+                heapq.heappush(due, (later, next(self._order), emission))
+        if due:
+            self._schedule(due[0][0])
 
 
 # --------------------------------------------------------------------------- server
@@ -459,9 +554,11 @@ class UpstreamServer:
         self.stats = UpstreamStats()
         self._fault_rng = random.Random(0)  # p is drawn from a fixed sequence: runs are repeatable
         self._runner: web.AppRunner | None = None
+        self._ticker: _Ticker | None = None
 
     async def start(self) -> str:
         """Listen; return the base URL (``http://127.0.0.1:PORT``)."""
+        self._ticker = _Ticker()
         app = web.Application()
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -554,32 +651,16 @@ class UpstreamServer:
 
     async def _stream(self, request: web.Request, shape: _Shape, faults: Faults) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        with contextlib.suppress(ConnectionResetError):  # the client went away: nothing left to send
-            await self._send_events(request, resp, shape, faults)
+        framed = request.version >= (1, 1)  # HTTP/1.0 has no chunks: the body ends with the connection
+        if framed:
+            resp.enable_chunked_encoding()
+        await resp.prepare(request)  # a StreamResponse sends its headers here
+        emission = _Emission(self, request, shape, faults, framed)
+        self._ticker.add(emission)
+        if await emission.done:
+            with contextlib.suppress(ConnectionResetError):  # the client went away: nothing left to send
+                await resp.write_eof()
         return resp
-
-    async def _send_events(self, request: web.Request, resp: web.StreamResponse, shape: _Shape, faults: Faults) -> None:
-        out = _SseWriter(resp, self.cfg.keepalive_s)
-        out.add(shape.head())
-        start = asyncio.get_running_loop().time()
-        for i in range(len(shape.sample.tokens)):
-            if i == faults.disconnect_after:
-                await out.flush()
-                _drop_connection(request)
-                return
-            await out.wait_until(start + self._token_offset_s(i))
-            if i < faults.garbage:
-                out.add(GARBAGE_LINES[i % len(GARBAGE_LINES)])
-            out.add(shape.token(i))
-            self.stats.tokens_sent += 1
-        out.add(shape.finish())
-        if shape.req.include_usage:
-            out.add(shape.usage_chunk())
-        if not faults.no_done:
-            out.add(b"data: [DONE]\n\n")
-        await out.flush()
-        await resp.write_eof()
 
 
 def _drop_connection(request: web.Request) -> None:
