@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stages.compute import kernels
-from stages.compute.streams import Tokens, extend, window_mean
+from stages.compute.streams import Tokens, extend, keep, put, window_mean
 
 
 def test_hilbert_curve_of_order_1_and_2_by_hand():
@@ -96,25 +96,38 @@ def tokens(slots, group, at, position, counts) -> Tokens:
     return Tokens(slice(None), group, position, at, slots, position * 0, counts, single=len(slots) == 1)
 
 
+def windowed(history: np.ndarray, part: Tokens, values: np.ndarray, window: int) -> np.ndarray:
+    """:func:`window_mean` of ``values`` appended to ``history`` (as the stage does it)."""
+    width = history.shape[-1]
+    joined = extend(history, part)
+    put(joined, part, width, slice(None), values)
+    keep(history, part, joined)
+    return window_mean(joined, part, width, window)
+
+
 def test_window_mean_across_calls():
-    history = np.zeros((1, 2), np.uint8)  # one stream (slot 0), a window of 2
+    history = np.zeros((1, 1, 2), np.uint8)  # one stream (slot 0), one channel, a window of 2
     first = tokens([0], [0, 0, 0], [0, 1, 2], [0, 1, 2], [3])
-    joined = extend(history, first, np.array([1, 0, 1]))
-    assert window_mean(joined, first, 2).tolist() == [1.0, 0.5, 0.5]
+    assert windowed(history, first, np.array([[1], [0], [1]]), 2).tolist() == [[1.0], [0.5], [0.5]]
     second = tokens([0], [0, 0], [0, 1], [3, 4], [2])
-    joined = extend(history, second, np.array([1, 1]))
-    assert window_mean(joined, second, 2).tolist() == [1.0, 1.0]
-    assert history.tolist() == [[1, 1]]
-    vectors = np.zeros((1, 4, 2), np.float32)
+    assert windowed(history, second, np.array([[1], [1]]), 2).tolist() == [[1.0], [1.0]]
+    assert history.tolist() == [[[1, 1]]]
+    vectors = np.zeros((1, 2, 4), np.float32)  # two channels, a window of 4
     third = tokens([0], [0, 0], [0, 1], [0, 1], [2])
-    joined = extend(vectors, third, np.array([[1, 2], [3, 4]]))
-    assert window_mean(joined, third, 4).tolist() == [[1, 2], [2, 3]]
+    assert windowed(vectors, third, np.array([[1, 2], [3, 4]]), 4).tolist() == [[1, 2], [2, 3]]
 
 
 def test_window_mean_of_two_streams_at_once():
-    history = np.zeros((3, 3), np.float32)  # slots 0..2; streams in slots 2 and 0
-    history[0] = [0, 4, 8]  # slot 0 has seen 2 values (4, 8); its first column is before its start
+    history = np.zeros((3, 1, 3), np.float32)  # slots 0..2; streams in slots 2 and 0
+    history[0, 0] = [0, 4, 8]  # slot 0 has seen 2 values (4, 8); its first column is before its start
     both = tokens([2, 0], [0, 1, 1], [0, 0, 1], [0, 2, 3], [1, 2])
-    joined = extend(history, both, np.array([5, 6, 10]))
-    assert window_mean(joined, both, 3).tolist() == [5, 6, 8]
-    assert history.tolist() == [[8, 6, 10], [0, 0, 0], [0, 0, 5]]
+    assert windowed(history, both, np.array([[5], [6], [10]]), 3).ravel().tolist() == [5, 6, 8]
+    assert history[:, 0].tolist() == [[8, 6, 10], [0, 0, 0], [0, 0, 5]]
+
+
+def test_a_window_shorter_than_the_history():
+    history = np.zeros((1, 1, 4), np.float32)  # 4 columns kept, a mean over the last 2
+    history[0, 0] = [1, 2, 3, 4]
+    part = tokens([0], [0, 0], [0, 1], [4, 5], [2])
+    assert windowed(history, part, np.array([[6], [8]]), 2).ravel().tolist() == [5, 7]
+    assert history[0, 0].tolist() == [3, 4, 6, 8]

@@ -108,11 +108,11 @@ def _key_offsets(ngram: int) -> list[int]:
 
 
 def repetition(joined: np.ndarray, start: np.ndarray | None, limit: np.ndarray, ngram: int, window: int) -> np.ndarray:
-    """bool per query: :func:`kernels.repetition_match` where ``joined`` is [streams, K + new]
-    ids (K = window + ngram - 1 columns of history before each stream's new ids), a query's
-    n-gram ends at flat position ``start + K`` (``start``: index into the raveled matrix; None: the
-    queries are the first row's new ids, in order) and ``limit`` is how far back (in n-grams) it
-    may look without leaving its stream (its position in the stream - ngram + 1)."""
+    """bool per query: :func:`kernels.repetition_match` where each stream's part of ``joined``
+    (contiguous) begins with its row of ids, K = window + ngram - 1 of history then its new ones;
+    a query's n-gram ends at flat position ``start + K`` (``start``: index into the raveled array;
+    None: the queries are the first stream's new ids, in order) and ``limit`` is how far back (in
+    n-grams) it may look without leaving its stream (its position in the stream - ngram + 1)."""
     flat = joined.reshape(-1)
     values = flat if ngram == 1 else pair_keys(flat)  # ids, or pairs of ids
     offsets = _key_offsets(ngram)
@@ -129,11 +129,14 @@ def repetition(joined: np.ndarray, start: np.ndarray | None, limit: np.ndarray, 
         same = equal[reach - offsets[0] : reach - offsets[0] + rows]
         for k in offsets[1:]:
             same = same & equal[reach - k : reach - k + rows]
-    else:
+    else:  # one gather of each query's stretch: the window before each of its pairs, then the pairs
+        span = window + 1 + reach
+        stretches = np.ndarray((len(values) - span + 1, span), values.dtype, values, 0, (item, item))
+        context = stretches[start + (ngram - 1 - reach)]
         same = None
         for k in offsets:
-            ends = windows[start + (ngram - 1 - k)]
-            equal = ends[:, :window] == ends[:, window:]
+            last = span - 1 - k
+            equal = context[:, last - window : last] == context[:, last : last + 1]
             same = equal if same is None else np.logical_and(same, equal, out=same)
     if limit.min() < window:  # a stream's first tokens: n-grams before its start do not count
         same &= _LAGS[window] <= limit[:, None]

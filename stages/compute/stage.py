@@ -80,7 +80,7 @@ class Compute(Stage):
         self.kernels = open_kernels(p, ctx.log, os.path.join(ctx.state_dir, f"{ctx.name}.adapters.json"))
         self.curve = fused.CurveTable(self.order)  # built now (~10 ms at order 8), not on the first tokens
         k = len(self.probe_vectors) if self.table is not None else 0
-        self.states = streams.StreamStates(self.window + self.ngram - 1, self.window, self.probe_window if k else 0, k)
+        self.states = streams.StreamStates(self.window + self.ngram - 1, self.probe_window if k else 0, k)
         self.counts = {"batches": 0, "tokens": 0, "repetitions": 0, "cancels": 0, "cancel_errors": 0}
         self.busy_ns = 0
         self.requests: RequestClient | None = None
@@ -191,7 +191,7 @@ class Compute(Stage):
         rows grouped by stream (a stable sort keeps each stream's order), running sums continued
         from each stream's state."""
         n = batch.rows
-        order, group, starts, sids = streams.group_rows(batch.stream_id)
+        order, group, starts, lasts, sids = streams.group_rows(batch.stream_id)
         slots = self.states.slots(sids)
         # running sums of -logprob, of tokens with a logprob and of tokens, from each stream's state
         lp = batch.logprob if order is None else batch.logprob[order]
@@ -203,17 +203,14 @@ class Compute(Stage):
         np.negative(lp, out=steps[:, 0], where=counted)
         steps[:, 1] = counted
         steps[:, 2] = 1 if token is None else token
-        sums = np.cumsum(steps, axis=0)
+        sums = np.add.accumulate(steps, axis=0)  # np.cumsum's wrapper costs more than this
         running = self.states.running
         before = running[slots]
         if order is None:
             sums += before
-            running[slots] = sums[-1]
         else:
             sums += (before - sums[starts] + steps[starts])[group]
-            last = np.append(starts[1:], n)
-            last -= 1
-            running[slots] = sums[last]
+        running[slots] = sums[lasts]
         ppl = np.zeros(n)
         some = sums[:, 1] > 0
         np.divide(sums[:, 0], sums[:, 1], out=ppl, where=some)
@@ -247,27 +244,30 @@ class Compute(Stage):
             counts = np.bincount(group, minlength=len(slots))
         tokens = streams.Tokens(rows, group, position, at, slots, seen, counts, single)
         state = self.states
-        ids = batch.token_id[rows]
-        joined = streams.extend(state.history, tokens, ids)
-        kept = state.history.shape[1]
+        kept = state.history.shape[-1]
+        joined = streams.extend(state.history, tokens)  # [streams, ids | flags, history + new]
+        streams.put(joined, tokens, kept, 0, batch.token_id[rows])
         limit = position - (self.ngram - 1)  # how many n-grams back stay within the stream
         if self.kernels.device is None:
-            start = None if single else group * joined.shape[1] + at
+            start = None if single else group * joined[0].size + at
             match = fused.repetition(joined, start, limit, self.ngram, self.window)
         else:  # the kernel's form: every stream's row of ids, its history then its new tokens
-            row_at = np.arange(len(slots)) * joined.shape[1]
+            row_at = np.arange(len(slots)) * joined[0].size
             query = (row_at[group] + kept + at).astype(np.uint32)
             first = (row_at + np.maximum(kept - seen, 0))[group].astype(np.uint32)  # 0: began before the history
             inputs = {"ids": joined.ravel(), "query": query, "first": first}
             match = self.kernels.run("repetition", inputs, {"ngram": self.ngram, "window": self.window})["match"]
-        flags = streams.extend(state.flags, tokens, match)
-        share = streams.window_mean(flags, tokens, self.window)
+        streams.put(joined, tokens, kept, 1, match)
+        streams.keep(state.history, tokens, joined)
+        share = streams.window_mean(joined[:, 1:], tokens, kept, self.window).reshape(-1)
         fired = share >= self.threshold
         values["rep"][rows] = share
         values["repflag"][rows] = fired
         if self.table is not None:  # each probe's moving average over the stream's last tokens
-            cosines = streams.extend(state.probes, tokens, values["probe"][rows])
-            values["probe"][rows] = streams.window_mean(cosines, tokens, self.probe_window)
+            cosines = streams.extend(state.probes, tokens)
+            streams.put(cosines, tokens, self.probe_window, slice(None), values["probe"][rows])
+            streams.keep(state.probes, tokens, cosines)
+            values["probe"][rows] = streams.window_mean(cosines, tokens, self.probe_window, self.probe_window)
         if fired.any() and not state.fired[slots].all():  # a stream's flag fires for the first time
             hit = np.zeros(len(slots), dtype=bool)
             hit[group[fired]] = True

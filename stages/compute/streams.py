@@ -20,18 +20,20 @@ class StreamStates:
     """Per-stream running state as dense arrays indexed by a slot per stream (at most
     ``MAX_STREAMS``, the least recently seen dropped first), so that a batch's streams are updated
     with a few numpy calls whatever their number. Histories are right-aligned: a stream's latest
-    value is in the last column; columns before its first token are zero."""
+    value is in the last column (histories are [slot, channel, time]); columns before its first
+    token are zero."""
 
-    def __init__(self, history: int, flags: int, probes: int, k: int) -> None:
+    def __init__(self, history: int, probes: int, k: int) -> None:
         self.slot_of: dict[int, int] = {}
         self.free: list[int] = []
         self.batches = 0  # batches seen: the clock of ``last_seen``
         self.last_seen = np.zeros(0, dtype=np.int64)  # per slot, for dropping the least recently seen
         self.running = np.zeros((0, 3))  # sum of -logprob, tokens with one, tokens seen
         self.fired = np.zeros(0, dtype=bool)
-        self.history = np.zeros((0, history), dtype=np.uint32)  # the last window + ngram - 1 token ids
-        self.flags = np.zeros((0, flags), dtype=np.uint8)  # match flags of the last window tokens
-        self.probes = np.zeros((0, probes, k), dtype=np.float32)  # probe cosines of the last probe window tokens
+        # [slot, 0]: the last window + ngram - 1 token ids; [slot, 1]: their match flags (the last
+        # window of them used): one gather and one write-back per record for both
+        self.history = np.zeros((0, 2, history), dtype=np.uint32)
+        self.probes = np.zeros((0, k, probes), dtype=np.float32)  # probe cosines of the last probe window tokens
 
     def slots(self, sids: list[int]) -> np.ndarray:
         """The slot of each stream (all distinct), a fresh (zeroed) one for a stream not seen before."""
@@ -40,7 +42,7 @@ class StreamStates:
         if None in found:
             fresh = [self._take(sid) for sid, slot in zip(sids, found, strict=True) if slot is None]
             found = [self.slot_of[sid] for sid in sids]
-            for array in (self.running, self.fired, self.history, self.flags, self.probes):
+            for array in (self.running, self.fired, self.history, self.probes):
                 array[fresh] = 0
         slots = np.array(found, dtype=np.intp)
         self.batches += 1
@@ -74,7 +76,7 @@ class StreamStates:
 
         old = len(self.last_seen)
         self.last_seen, self.running, self.fired = grown(self.last_seen), grown(self.running), grown(self.fired)
-        self.history, self.flags, self.probes = grown(self.history), grown(self.flags), grown(self.probes)
+        self.history, self.probes = grown(self.history), grown(self.probes)
         self.free.extend(range(capacity - 1, old - 1, -1))
 
 
@@ -95,53 +97,68 @@ class Tokens:
     single: bool
 
 
-def extend(history: np.ndarray, tokens: Tokens, values: np.ndarray) -> np.ndarray:
-    """Each stream's history row (``history[slots]``, right-aligned, ``w`` columns) with its new
-    ``values`` appended (in ``tokens`` order): a [streams, w + counts.max()] matrix. The last ``w``
-    columns of each stream's part are written back as its history."""
-    width = history.shape[1]
-    slots, counts = tokens.slots, tokens.counts
+def extend(history: np.ndarray, tokens: Tokens) -> np.ndarray:
+    """Each stream's history (``history[slots]``: [channels, w], right-aligned) followed by room for
+    its new values: a [streams, channels, w + new] matrix, to fill with :func:`put` and write
+    back with :func:`keep`."""
+    slots, width = tokens.slots, history.shape[-1]
     if tokens.single:
-        joined = np.empty((1, width + len(values), *history.shape[2:]), dtype=history.dtype)
-        joined[0, :width] = history[slots[0]]
-        joined[0, width:] = values
-        history[slots[0]] = joined[0, len(values) :]
+        joined = np.empty((1, history.shape[1], width + len(tokens.at)), dtype=history.dtype)
+        joined[0, :, :width] = history[slots[0]]
         return joined
-    joined = np.zeros((len(slots), width + int(counts.max()), *history.shape[2:]), dtype=history.dtype)
-    joined[:, :width] = history[slots]
-    joined[tokens.group, width + tokens.at] = values
-    # windows[g, c] is joined[g, c : c + w]: a strided view (no index arrays to build)
-    row, step = joined.strides[:2]
-    windows = np.ndarray((len(slots), joined.shape[1] - width + 1, *history.shape[1:]), joined.dtype, joined, 0,
-                         (row, step, step, *joined.strides[2:]))  # fmt: skip
-    history[slots] = windows[np.arange(len(slots)), counts]
+    joined = np.zeros((len(slots), history.shape[1], width + int(tokens.counts.max())), dtype=history.dtype)
+    joined[:, :, :width] = history[slots]
     return joined
 
 
-def window_mean(joined: np.ndarray, tokens: Tokens, window: int) -> np.ndarray:
-    """The mean of each new value of :func:`extend`'s ``joined`` (a ``window``-column history) with
-    the ones before it in its stream, over the last ``window`` (fewer at the stream's start)."""
-    sums = np.add.accumulate(joined, axis=1, dtype=np.float64)  # np.cumsum's wrapper costs more than this
+def put(joined: np.ndarray, tokens: Tokens, width: int, channel: int | slice, values: np.ndarray) -> None:
+    """Each token's ``values`` (in ``tokens`` order; [n] or [n, channels]) after its stream's
+    ``width`` history columns of ``joined``."""
     if tokens.single:
-        total = sums[0, window:] - sums[0, : len(tokens.at)]
+        joined[0, channel, width:] = values.T
     else:
-        total = sums[tokens.group, window + tokens.at] - sums[tokens.group, tokens.at]
-    counts = np.minimum(tokens.position + 1, window).reshape(-1, *[1] * (joined.ndim - 2))
-    return (total / counts).astype(np.float32)
+        joined[tokens.group, channel, width + tokens.at] = values
 
 
-def group_rows(stream_id: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, list[int]]:
-    """(order, group, starts, stream ids): the stable sort that groups the rows by stream (None: one
-    stream, already in order), each sorted row's stream, where each stream's rows begin."""
+def keep(history: np.ndarray, tokens: Tokens, joined: np.ndarray) -> None:
+    """The last ``w`` columns of each stream's part of ``joined`` as its history."""
+    width, counts = history.shape[-1], tokens.counts
+    if tokens.single:
+        history[tokens.slots[0]] = joined[0, :, len(tokens.at) :]
+        return
+    # windows[g, :, c] is joined[g, :, c : c + w]: a strided view (no index arrays to build)
+    row, channel, step = joined.strides
+    windows = np.ndarray((len(counts), joined.shape[1], joined.shape[2] - width + 1, width), joined.dtype, joined, 0,
+                         (row, channel, step, step))  # fmt: skip
+    history[tokens.slots] = windows[np.arange(len(counts)), :, counts]
+
+
+def window_mean(joined: np.ndarray, tokens: Tokens, width: int, window: int) -> np.ndarray:
+    """[n, channels]: the mean of each new value of ``joined`` (after ``width`` history columns)
+    with the ones before it in its stream, over the last ``window`` (fewer at the stream's start)."""
+    sums = np.add.accumulate(joined, axis=2, dtype=np.float64)  # np.cumsum's wrapper costs more than this
+    if tokens.single:
+        count = len(tokens.at)
+        total = (sums[0, :, width:] - sums[0, :, width - window : width - window + count]).T
+    else:
+        total = sums[tokens.group, :, width + tokens.at] - sums[tokens.group, :, width - window + tokens.at]
+    return (total / np.minimum(tokens.position + 1, window)[:, None]).astype(np.float32)
+
+
+def group_rows(stream_id: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """(order, group, starts, lasts, stream ids): the stable sort that groups the rows by stream
+    (None: one stream, already in order), each sorted row's stream, where each stream's rows
+    begin and end (sorted row indices)."""
     n = len(stream_id)
     order = np.argsort(stream_id, kind="stable") if n > 1 else None
     sid = stream_id if order is None else stream_id[order]
     if n == 1 or sid[0] == sid[-1]:  # sorted: first == last means one stream
-        return None, np.zeros(n, dtype=np.intp), np.zeros(1, dtype=np.intp), [int(sid[0])]
-    opens = np.empty(n, dtype=bool)
-    opens[0] = True
-    np.not_equal(sid[1:], sid[:-1], out=opens[1:])
-    starts = np.flatnonzero(opens)
-    group = np.cumsum(opens, dtype=np.intp)
+        return None, np.zeros(n, dtype=np.intp), np.zeros(1, dtype=np.intp), np.full(1, n - 1), [int(sid[0])]
+    opens = np.empty(n + 1, dtype=bool)  # opens[i]: sorted row i begins a stream; opens[n]: the end
+    opens[0] = opens[n] = True
+    np.not_equal(sid[1:], sid[:-1], out=opens[1:n])
+    bounds = opens.nonzero()[0]
+    group = np.add.accumulate(opens[:n], dtype=np.intp)
     group -= 1
-    return order, group, starts, sid[starts].tolist()
+    starts = bounds[:-1]
+    return order, group, starts, bounds[1:] - 1, sid[starts].tolist()
