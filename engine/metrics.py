@@ -101,7 +101,14 @@ class EngineMetrics:
         """Serve /metrics from a daemon thread on (host, port); port 0 picks a free one. Returns the port."""
         if self._server is not None:
             raise RuntimeError("metrics server already running")
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:  # errno 98 (in use), 99 (not an address of this host), ...
+            raise OSError(
+                exc.errno,
+                f"cannot serve metrics on {host}:{port}: {exc.strerror}"
+                " (another engine? set [engine] metrics_port or NEURALPIPE_METRICS_PORT, 0 picks a free port)",
+            ) from None
         return self._server.server_port
 
     def close(self) -> None:

@@ -28,7 +28,7 @@ from engine.config import Config
 from engine.health import EgressSample, HealthMonitor, Pas, RingSample, WorkerSample
 from engine.logs import JsonLogger
 from engine.metrics import EngineMetrics
-from engine.rundir import InstanceDir, remove_dead_instances
+from engine.rundir import InstanceDir, RuntimeDirError, remove_dead_instances
 from engine.transport import Channel, close_channel, create_channel
 from engine.worker import RingEnd, WorkerSpec
 from engine.worker import main as worker_main
@@ -237,8 +237,8 @@ class Supervisor:
             self._setup()
         except BaseException as exc:
             self._abandon_setup()
-            if isinstance(exc, NoSharedMemory | OSError):
-                raise StartupError(str(exc)) from None
+            if isinstance(exc, NoSharedMemory | RuntimeDirError | OSError):
+                raise StartupError(getattr(exc, "strerror", None) or str(exc)) from None
             raise
         try:
             self.log.info(
