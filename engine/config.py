@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shm import descriptor as d
+from shm.batch import MAX_ROW_TEXT, min_record_bytes
 from shm.naming import NameError_, check_ring
 from shm.wait import WaitStrategy
 
@@ -336,7 +337,30 @@ class Config(_Model):
             if ring not in producers and ring not in consumers:
                 raise _KeyedError(("rings", ring), "ring is used by no worker (in no worker's inputs or outputs)")
             self._merged_ring(ring)
+        for ring in self.ring_names():
+            self._check_carries_a_row(ring)
         return self
+
+    def _check_carries_a_row(self, name: str) -> None:
+        """A ring that cannot hold one row of the longest text stalls its producer for good (a
+        4096-byte ring held one row per stream, while PAS said healthy): refuse it, naming the key
+        that sets its size."""
+        ring, least = self._merged_ring(name), min_record_bytes()
+        if ring.resolved_max_record() >= least:
+            return
+        override = self.rings.get(name)
+        if override is not None and override.max_record is not None:
+            key: tuple[str, ...] = ("rings", name, "max_record")
+        elif override is not None and override.capacity is not None:
+            key = ("rings", name, "capacity")
+        else:
+            key = ("ring_defaults", "max_record" if self.ring_defaults.max_record else "capacity")
+        fix = f"max_record >= {least:,}" if key[-1] == "max_record" else f"capacity >= {_least_capacity(least):,}"
+        raise _KeyedError(
+            key,
+            f"ring {name!r} takes records of at most {ring.resolved_max_record():,} bytes; a token batch record"
+            f" needs up to {least:,} (one row of {MAX_ROW_TEXT:,} text bytes and its columns): set {fix}",
+        )
 
     def _merged_ring(self, name: str) -> RingConfig:
         override = self.rings.get(name)
@@ -368,6 +392,14 @@ class Config(_Model):
     def ring_names(self) -> list[str]:
         """Every ring of the topology, in the order of the workers that produce them."""
         return [ring for worker in self.workers.values() for ring in worker.outputs]
+
+
+def _least_capacity(record: int) -> int:
+    """The smallest capacity whose default max_record holds ``record`` bytes."""
+    capacity = d.MIN_CAPACITY
+    while d.default_max_record(capacity) < record:
+        capacity *= 2
+    return capacity
 
 
 def _ends(workers: Mapping[str, WorkerConfig], side: str) -> dict[str, list[str]]:

@@ -52,6 +52,13 @@ BASE_COLUMNS: tuple[tuple[str, str], ...] = (
 _DTYPES = {code: np.dtype("<" + code) for code in ("u1", "i1", "u2", "i2", "u4", "i4", "f4", "u8", "i8", "f8")}
 
 
+# The most UTF-8 bytes one row's text carries; a producer refuses longer (ingest ends the stream with
+# an error naming the size), so one row of any stream always fits a ring of min_record_bytes().
+MAX_ROW_TEXT = 4096
+# Bytes per row set aside for appended columns in that minimum (compute's default columns take 31).
+ROW_EXTRA_ALLOWANCE = 512
+
+
 class Kind(IntEnum):
     """What a row of a batch is."""
 
@@ -106,6 +113,13 @@ def batch_size(rows: int, text_bytes: int, extra: tuple[ExtraColumn, ...] = ()) 
     for column in extra:
         at = _align8(at + rows * column.width * _DTYPES[column.dtype].itemsize)
     return at
+
+
+def min_record_bytes() -> int:
+    """The smallest ``max_record`` a ring of token batches may have: one row with the longest text
+    and appended columns. Producers split their records to fit the ring; below this size no split
+    helps, so the configuration refuses such a ring."""
+    return batch_size(1, MAX_ROW_TEXT) + ROW_EXTRA_ALLOWANCE
 
 
 class BatchColumns:

@@ -92,17 +92,17 @@ heartbeat_timeout_s = 1
 [supervisor]
 strategy = "rest_for_one"
 [ring_defaults]
-capacity = 65536
+capacity = 131072
 full = "drop"
 [rings.r]
-capacity = 8192
+capacity = 65536
 wait = "spin"
 """
     )
     cfg = load_config(write(text), env=NO_ENV)
     rendered = render_config(cfg)
     assert load_config(write(rendered), env=NO_ENV) == cfg
-    assert tomllib.loads(rendered)["rings"] == {"r": {"capacity": 8192, "wait": "spin"}}
+    assert tomllib.loads(rendered)["rings"] == {"r": {"capacity": 65536, "wait": "spin"}}
     assert json.loads(render_config(cfg, as_json=True)) == tomllib.loads(rendered)
 
 
@@ -113,13 +113,29 @@ def test_stage_alias_resolved_and_module_reference_kept(write):
 
 
 def test_ring_overrides_merge_with_defaults(write):
-    text = PAIR + "[ring_defaults]\ncapacity = 8192\nwait = 'yield'\n[rings.r]\nmax_record = 100\nspins = 7\n"
+    text = PAIR + "[ring_defaults]\ncapacity = 65536\nwait = 'yield'\n[rings.r]\nmax_record = 8000\nspins = 7\n"
     ring = load_config(write(text), env=NO_ENV).ring("r")
-    assert (ring.capacity, ring.max_record, ring.wait, ring.spins) == (8192, 100, "yield", 7)
+    assert (ring.capacity, ring.max_record, ring.wait, ring.spins) == (65536, 8000, "yield", 7)
     assert ring.wait_strategy() == WaitStrategy("yield", spins=7, yields=20, park_timeout_s=0.05)
     assert RingConfig(capacity=8192).resolved_max_record() == 8192 // 4 - 8
     with pytest.raises(KeyError):
         load_config(write(text), env=NO_ENV).ring("nope")
+
+
+@pytest.mark.parametrize(
+    ("rings", "message"),
+    [
+        # every stream stalled at one row while PAS said healthy
+        ("[ring_defaults]\ncapacity = 4096\n", "ring_defaults.capacity: ring 'r' takes records of at most 1,016 bytes"),
+        ("[rings.r]\ncapacity = 16384\n", "rings.r.capacity: ring 'r' takes records of at most 4,088 bytes"),
+        ("[rings.r]\nmax_record = 1000\n", "rings.r.max_record: ring 'r' takes records of at most 1,000 bytes"),
+    ],
+)
+def test_a_ring_that_cannot_carry_one_row_is_refused_with_its_key(write, rings: str, message: str):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(PAIR + rings), env=NO_ENV)
+    assert message in str(error.value)
+    assert "set capacity >= 32,768" in str(error.value) or "set max_record >= 4,816" in str(error.value)
 
 
 def test_workers_keep_file_order(write):
