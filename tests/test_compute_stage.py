@@ -294,7 +294,7 @@ def per_stream_reference(rows: list[tuple], stage: Compute) -> tuple[dict[str, n
     fired = 0
     for sid, _, kind, token, logprob, _ in rows:
         s = state.setdefault(sid, {"nll": 0.0, "count": 0, "ids": [], "flags": [], "cos": [], "fired": False})
-        rep, probe = 0.0, np.zeros(len(stage.probe_vectors))
+        rep, probe = 0.0, np.zeros(0 if stage.table is None else len(stage.probe_vectors))
         if kind == Kind.TOKEN:
             lp = float(np.float32(logprob))
             if not math.isnan(lp):
@@ -307,9 +307,10 @@ def per_stream_reference(rows: list[tuple], stage: Compute) -> tuple[dict[str, n
             rep = sum(s["flags"][-w:]) / len(s["flags"][-w:])
             if rep >= stage.threshold and not s["fired"]:
                 s["fired"], fired = True, fired + 1
-            emb = stage.table[token % len(stage.table)].astype(np.float64)
-            s["cos"].append(stage.probe_vectors @ emb / np.linalg.norm(emb))
-            probe = np.mean(s["cos"][-pw:], axis=0)
+            if stage.table is not None:
+                emb = stage.table[token % len(stage.table)].astype(np.float64)
+                s["cos"].append(stage.probe_vectors @ emb / np.linalg.norm(emb))
+                probe = np.mean(s["cos"][-pw:], axis=0)
         out["ppl"].append(math.exp(s["nll"] / s["count"]) if s["count"] else 0.0)
         out["rep"].append(rep)
         out["repflag"].append(kind == Kind.TOKEN and rep >= stage.threshold)
@@ -356,6 +357,42 @@ def test_vectorised_streams_equal_a_per_stream_reference(rig, seed):
     assert got["repflag"].tolist() == want["repflag"].astype(int).tolist()
     assert np.allclose(got["probe"], want["probe"], atol=1e-5)
     assert r.stage.stats()["repetitions"] == fired and fired > 0
+
+
+def test_one_token_records_equal_the_reference_and_the_vectorised_path(rig):
+    # a paced stream's records: one token row each (the scalar path), against the plain per-stream
+    # reference and against the same rows computed in multi-row records (the numpy path); a
+    # threshold of 0.7 with a window of 10: a share of 7/10 sits on the f32 rounding edge
+    rng = np.random.default_rng(11)
+    params = {"repetition": {"ngram": 3, "window": 10, "threshold": 0.7}, "coalesce_rows": 1}
+    streams = []
+    for sid in range(1, 6):
+        length = int(rng.integers(20, 70))
+        logprobs = np.where(rng.random(length) < 0.2, math.nan, -rng.exponential(1.0, length)).tolist()
+        streams.append(stream_rows(sid, rng.integers(0, 3, length).tolist(), logprobs, end=sid != 5))
+    rows, queues = [], [list(q) for q in streams]
+    while any(queues):
+        live = [q for q in queues if q]
+        rows.append(live[int(rng.integers(len(live)))].pop(0))
+    one_by_one, vectorised = rig(backend="numpy", **params), rig(backend="numpy", **params)
+    for row in rows:
+        one_by_one.send([row])
+        assert one_by_one.stage.do_work() == 1
+    for part in np.array_split(np.arange(len(rows)), 9):
+        vectorised.send([rows[i] for i in part])
+        assert vectorised.stage.do_work() == 1
+    got, other = (
+        {k: np.concatenate([b[k] for b in out]) for k in ("ppl", "rep", "repflag")}
+        for out in (one_by_one.receive(), vectorised.receive())
+    )
+    want, fired = per_stream_reference(rows, one_by_one.stage)
+    assert np.allclose(got["ppl"], want["ppl"], rtol=1e-5, atol=0)
+    assert np.allclose(got["rep"], want["rep"], atol=1e-6)
+    assert got["repflag"].tolist() == want["repflag"].astype(int).tolist()
+    assert got["rep"].tobytes() == other["rep"].tobytes() and got["repflag"].tolist() == other["repflag"].tolist()
+    assert np.allclose(got["ppl"], other["ppl"], rtol=1e-6, atol=0)
+    assert one_by_one.stage.stats()["repetitions"] == fired == vectorised.stage.stats()["repetitions"] > 0
+    assert np.isclose(got["rep"], 0.7).any()  # the edge was reached
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ of a record's time in call overhead. These functions give the same values as the
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from stages.compute import kernels
@@ -97,6 +99,7 @@ def pair_keys(ids: np.ndarray) -> np.ndarray:
     return keys
 
 
+@functools.cache
 def _key_offsets(ngram: int) -> list[int]:
     """How far back from an n-gram's last id each compared pair ends: the pairs cover its ids."""
     if ngram == 1:
@@ -138,7 +141,7 @@ def repetition(joined: np.ndarray, start: np.ndarray | None, limit: np.ndarray, 
             last = span - 1 - k
             equal = context[:, last - window : last] == context[:, last : last + 1]
             same = equal if same is None else np.logical_and(same, equal, out=same)
-    if limit.min() < window:  # a stream's first tokens: n-grams before its start do not count
+    if (limit[0] if start is None else limit.min()) < window:  # a stream's first tokens (one stream: in order)
         same &= _LAGS[window] <= limit[:, None]
     return same.any(axis=1)
 

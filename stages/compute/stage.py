@@ -24,6 +24,7 @@ worker a stream's running values start again from its next token.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -64,6 +65,7 @@ class Compute(Stage):
         rep = p.get("repetition", {})
         self.ngram, self.window = int(rep.get("ngram", 4)), int(rep.get("window", 64))
         self.threshold = float(rep.get("threshold", 0.5))
+        self.threshold32 = float(np.float32(self.threshold))  # the shares are f32: compared as numpy compares them
         self.action = rep.get("action", "mark")
         if self.action not in ("mark", "cancel"):
             raise ValueError(f"compute param repetition.action must be mark or cancel (got {self.action!r})")
@@ -163,7 +165,10 @@ class Compute(Stage):
             ids = batch.token_id if every else batch.token_id[tokens]
             lps = batch.logprob if every else batch.logprob[tokens]
             self._per_token(ids, lps, values, tokens, every)
-        self._per_stream(batch, values, None if every else kind == _TOKEN)
+        if count == 1 == batch.rows and self.kernels.device is None and self.table is None:
+            self._one_token(batch, values)  # a paced stream's usual record
+        else:
+            self._per_stream(batch, values, None if every else kind == _TOKEN)
         self.counts["batches"] += 1
         self.counts["tokens"] += count
 
@@ -222,6 +227,45 @@ class Compute(Stage):
             ended = np.flatnonzero(batch.kind >= _END)  # END or ERROR: the stream's state goes
             if len(ended):
                 self.states.drop(np.unique(batch.stream_id[ended]).tolist())
+
+    def _one_token(self, batch: BatchColumns, values: dict[str, np.ndarray]) -> None:
+        """:meth:`_per_stream` of a record of one token row, in scalar arithmetic (the same values:
+        tests/test_compute_stage.py compares them): at one row, numpy's cost per call would be most
+        of the record's."""
+        sid = int(batch.stream_id[0])
+        state = self.states
+        slot = int(state.slots([sid])[0])
+        nll, counted, position = state.running[slot].tolist()
+        logprob = float(batch.logprob[0])
+        if logprob == logprob:  # not NaN
+            nll, counted = nll - logprob, counted + 1
+        state.running[slot] = (nll, counted, position + 1)
+        values["ppl"][0] = math.exp(nll / counted) if counted else 0.0
+        position = int(position)  # this token's index in its stream
+        history = state.history[slot]  # [ids | flags, window + ngram - 1]
+        kept, ngram, window = history.shape[1], self.ngram, self.window
+        token = batch.token_id[0]
+        match = False
+        reach = min(window, position - (ngram - 1))  # n-grams back that lie within the stream
+        if reach >= 1:  # the window's n-grams as bytes: find this one at a 4-byte boundary
+            ids = history[0].tobytes() + token.tobytes()
+            gram = ids[-4 * ngram :]
+            at = ids.find(gram, 4 * (kept - ngram + 1 - reach), 4 * kept)
+            while at % 4 and at >= 0:
+                at = ids.find(gram, at + 1, 4 * kept)
+            match = at >= 0
+        # flags are 0 or 1 in u32 words: their count of 0x01 bytes is their sum
+        total = history[1, kept - window + 1 :].tobytes().count(1) + match
+        share = float(np.float32(total / min(position + 1, window)))
+        history[:, :-1] = history[:, 1:]
+        history[0, -1] = token
+        history[1, -1] = match
+        values["rep"][0] = share
+        fired = share >= self.threshold32
+        values["repflag"][0] = fired
+        if fired and not state.fired[slot]:
+            state.fired[slot] = True
+            self._fired(sid, share)
 
     def _token_streams(self, batch, values, order, group, sums, token, before, slots, sids) -> None:
         """The windowed columns of the token rows (``order``: the rows in stream order, None: as

@@ -142,6 +142,8 @@ def window_mean(joined: np.ndarray, tokens: Tokens, width: int, window: int) -> 
         total = (sums[0, :, width:] - sums[0, :, width - window : width - window + count]).T
     else:
         total = sums[tokens.group, :, width + tokens.at] - sums[tokens.group, :, width - window + tokens.at]
+    if tokens.position.min() >= window - 1:  # the usual case: every token has a full window behind it
+        return (total / window).astype(np.float32)
     return (total / np.minimum(tokens.position + 1, window)[:, None]).astype(np.float32)
 
 
@@ -150,10 +152,11 @@ def group_rows(stream_id: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np
     (None: one stream, already in order), each sorted row's stream, where each stream's rows
     begin and end (sorted row indices)."""
     n = len(stream_id)
-    order = np.argsort(stream_id, kind="stable") if n > 1 else None
-    sid = stream_id if order is None else stream_id[order]
-    if n == 1 or sid[0] == sid[-1]:  # sorted: first == last means one stream
-        return None, np.zeros(n, dtype=np.intp), np.zeros(1, dtype=np.intp), np.full(1, n - 1), [int(sid[0])]
+    first = stream_id[0]
+    if n == 1 or (first == stream_id[-1] and (stream_id == first).all()):  # one stream: no sort
+        return None, np.zeros(n, dtype=np.intp), np.zeros(1, dtype=np.intp), np.full(1, n - 1), [int(first)]
+    order = np.argsort(stream_id, kind="stable")
+    sid = stream_id[order]
     opens = np.empty(n + 1, dtype=bool)  # opens[i]: sorted row i begins a stream; opens[n]: the end
     opens[0] = opens[n] = True
     np.not_equal(sid[1:], sid[:-1], out=opens[1:n])
