@@ -17,10 +17,15 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
+from engine.rundir import live_instances
 from shm.naming import NameError_, check_instance, segment_path
 from shm.registry import SegmentInfo, list_segments, remove_stale
 from shm.ring import RingCorrupt, RingHeader, pid_alive, read_header
+
+if TYPE_CHECKING:
+    from engine.config import Config
 
 HEALTHY, WARNING, CRITICAL = "healthy", "warning", "critical"
 EXIT_CODES = {HEALTHY: 0, WARNING: 1, CRITICAL: 2}
@@ -174,6 +179,15 @@ def clean_and_inspect(instance: str | None = None, heartbeat_stale_s: float = 5.
     report.removed = removed
     report.elapsed_ms = (time.perf_counter() - start) * 1e3
     return report
+
+
+def this_engine(cfg: Config) -> str | None:
+    """The instance ``check`` looks at by default: the configured one, else the only engine running
+    under the configured runtime directory; None (every segment) when there is none or several."""
+    if cfg.engine.instance:
+        return cfg.engine.instance
+    running = live_instances(cfg.engine.resolved_runtime_dir())
+    return str(running[0]["instance"]) if len(running) == 1 else None
 
 
 def run_check(instance: str | None, clean: bool, as_json: bool, heartbeat_stale_s: float = 5.0) -> int:

@@ -139,13 +139,16 @@ def bench_cache(as_json: bool, quick: bool) -> None:
 
 
 @main.command()
-@click.option("--instance", help="Engine instance id (default: every instance found).")
+@click.option("--instance", help="Engine instance id (default: the engine running under the runtime directory).")
+@click.option("--all", "every", is_flag=True, help="Every engine's segments on this machine.")
 @click.option("--clean", is_flag=True, help="Remove segments left by dead engine instances (never a live one's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def check(instance: str | None, clean: bool, as_json: bool) -> None:
-    """Inspect every ring segment read-only; exit 0 healthy, 1 warning, 2 critical."""
-    from engine.check import run_check
+def check(instance: str | None, every: bool, clean: bool, as_json: bool) -> None:
+    """Inspect this engine's ring segments read-only; exit 0 healthy, 1 warning, 2 critical."""
+    from engine.check import run_check, this_engine
 
+    if instance is None and not every:
+        instance = this_engine(_load(None))
     raise SystemExit(run_check(instance=instance, clean=clean, as_json=as_json))
 
 

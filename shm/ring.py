@@ -136,7 +136,8 @@ def validate_header(name: str, q: memoryview, size: int) -> None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (a pid recorded in a ring header; 0 means none)."""
+    """Whether process ``pid`` runs (a pid recorded in a ring header; 0 means none). A zombie (exited,
+    not yet reaped by its parent) still answers ``kill(pid, 0)`` but will never touch a ring again."""
     if pid <= 0:
         return False
     try:
@@ -144,8 +145,12 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def _fence() -> None:

@@ -6,11 +6,14 @@ never seen, let alone cleaned.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import multiprocessing
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import time
 
 import pytest
@@ -218,3 +221,52 @@ def test_a_dozen_rings_are_checked_fast(instance, rings):
     )
     assert len(report.segments) == 12 and code == 0
     assert statistics.median(timings) < 1000  # generous: the target is well under 100 ms
+
+
+def test_a_zombie_consumer_is_dead_not_alive(instance, rings):
+    """A process that exited but was not reaped still answers kill(pid, 0): check must not call it alive."""
+    name = rings("zombie").name
+    code = f"import os; from shm.ring import Consumer; Consumer.attach({name!r}); print('ok', flush=True); os._exit(0)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ok"
+        deadline = time.monotonic() + 10
+        while not _state_is_zombie(child.pid):  # exited, not yet reaped by us
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)
+        code_, report = check(instance)
+        (segment,) = report["segments"]
+        assert segment["consumer_pid"] == child.pid and not segment["consumer_alive"], report
+        assert code_ == 1 and f"consumer pid {child.pid} is dead" in segment["problems"]
+    finally:
+        child.wait(10)
+        child.stdout.close()
+
+
+def _state_is_zombie(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+
+
+def test_check_defaults_to_the_running_engine_and_all_sees_every_segment(instance, rings, tmp_path):
+    """Without --instance, check looks at the engine running under the configured runtime base (not
+    at other engines' or other tests' rings); --all looks at every segment."""
+    rings("mine")
+    other = f"{instance}x"
+    foreign = Ring.create(segment_name(other, "theirs"), CAPACITY, doorbell_dir=str(tmp_path))
+    try:
+        base = tmp_path / "run"
+        (base / instance).mkdir(parents=True)
+        lock = os.open(base / instance / "supervisor.lock", os.O_RDWR | os.O_CREAT)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a running supervisor holds it
+        (base / instance / "supervisor.json").write_text(json.dumps({"instance": instance, "started": 1}))
+        env = {"NEURALPIPE_RUNTIME_DIR": str(base)}
+        result = CliRunner().invoke(main, ["check", "--json"], env=env)
+        names = {s["name"] for s in json.loads(result.output)["segments"]}
+        assert names == {segment_name(instance, "mine")}, result.output
+        result = CliRunner().invoke(main, ["check", "--json", "--all"], env=env)
+        names = {s["name"] for s in json.loads(result.output)["segments"]}
+        assert {segment_name(instance, "mine"), foreign.name} <= names
+        os.close(lock)
+    finally:
+        foreign.destroy()
