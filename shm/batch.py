@@ -50,6 +50,7 @@ BASE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("kind", "u1"),
 )
 _DTYPES = {code: np.dtype("<" + code) for code in ("u1", "i1", "u2", "i2", "u4", "i4", "f4", "u8", "i8", "f8")}
+_U1 = _DTYPES["u1"]
 
 
 # The most UTF-8 bytes one row's text carries; a producer refuses longer (ingest ends the stream with
@@ -94,6 +95,7 @@ class ExtraColumn:
 
 
 _ITEMSIZES = tuple(np.dtype(dtype).itemsize for _, dtype in BASE_COLUMNS)
+_BASE_DTYPES = tuple((name, np.dtype(dtype)) for name, dtype in BASE_COLUMNS)
 
 
 @functools.lru_cache(maxsize=1 << 14)  # every encode and decode asks; batches repeat their sizes
@@ -134,13 +136,14 @@ class BatchColumns:
     def __init__(self, buf: memoryview, rows: int, text_bytes: int, extra: dict[str, tuple[str, int, int]]):
         offsets, _ = _base_offsets(rows, text_bytes)
         self.rows = rows
-        for (name, dtype), offset in zip(BASE_COLUMNS, offsets, strict=False):
-            setattr(self, name, np.frombuffer(buf, dtype=dtype, count=rows, offset=offset))
-        self.text = np.frombuffer(buf, dtype=np.uint8, count=text_bytes, offset=offsets[-1])
+        # frombuffer's arguments by position: parsing keywords costs more than the call's work here
+        for (name, dtype), offset in zip(_BASE_DTYPES, offsets, strict=False):
+            setattr(self, name, np.frombuffer(buf, dtype, rows, offset))
+        self.text = np.frombuffer(buf, _U1, text_bytes, offsets[-1])
         self.extra = {
-            name: np.frombuffer(buf, dtype=_DTYPES[dtype], count=rows * width, offset=offset).reshape(rows, width)
+            name: np.frombuffer(buf, _DTYPES[dtype], rows * width, offset).reshape(rows, width)
             if width > 1
-            else np.frombuffer(buf, dtype=_DTYPES[dtype], count=rows, offset=offset)
+            else np.frombuffer(buf, _DTYPES[dtype], rows, offset)
             for name, (dtype, width, offset) in extra.items()
         }
 
@@ -165,15 +168,23 @@ def write_batch(buf: memoryview, rows: int, text_bytes: int, extra: tuple[ExtraC
     if len(buf) < need:
         raise BatchError(f"buffer of {len(buf)} bytes too small for a batch needing {need}")
     _FIXED.pack_into(buf, 0, MAGIC, VERSION, len(extra), rows, text_bytes)
+    entries, directory = _extra_layout(rows, text_bytes, extra)
+    buf[DIRECTORY_OFFSET : DIRECTORY_OFFSET + len(entries)] = entries
+    return BatchColumns(buf, rows, text_bytes, directory)
+
+
+@functools.lru_cache(maxsize=1 << 10)  # a stage writes the same columns batch after batch
+def _extra_layout(
+    rows: int, text_bytes: int, extra: tuple[ExtraColumn, ...]
+) -> tuple[bytes, dict[str, tuple[str, int, int]]]:
+    """The directory entries of ``extra`` columns (packed) and where each column lies."""
     _, at = _base_offsets(rows, text_bytes)
-    directory: dict[str, tuple[str, int, int]] = {}
+    entries, directory = bytearray(len(extra) * _ENTRY.size), {}
     for i, column in enumerate(extra):
-        _ENTRY.pack_into(
-            buf, DIRECTORY_OFFSET + i * _ENTRY.size, column.name.encode(), column.dtype.encode(), column.width, at
-        )
+        _ENTRY.pack_into(entries, i * _ENTRY.size, column.name.encode(), column.dtype.encode(), column.width, at)
         directory[column.name] = (column.dtype, column.width, at)
         at = _align8(at + rows * column.width * _DTYPES[column.dtype].itemsize)
-    return BatchColumns(buf, rows, text_bytes, directory)
+    return bytes(entries), directory
 
 
 class TokenBatch:
