@@ -116,6 +116,7 @@ def test_row_figures_over_the_window() -> None:
         "consumer": 150.0,
     }
     assert row["engine_cpu_us_per_token"] == 55.0
+    assert row["cpu_percent_by_process"] == {"supervisor": 0.5, "ingest": 5.0, "upstream": 10.0, "consumer": 15.0}
 
 
 def test_row_does_not_hold_when_short_or_slow() -> None:
