@@ -1,12 +1,17 @@
 """Control-plane messages: small JSON objects (orjson) over ZeroMQ.
 
 The supervisor binds a ROUTER on ``ipc://<runtime dir>/control.sock``; each worker connects a
-DEALER whose identity is its name, and CLI clients connect a DEALER named ``cli-<pid>-<n>``.
-Every message is one frame holding one JSON object with a ``type`` field.
+DEALER whose identity is :func:`worker_identity` (its name and the secret token the supervisor
+gave that spawn: a client cannot pass for a worker, or take its commands), and CLI clients
+connect a DEALER named ``cli-<pid>-<n>``. Every message is one frame holding one JSON object
+with a ``type`` field and exactly the fields listed below, each checked (type and bounds) by
+:func:`decode`; a message that fails is refused with a :class:`ProtocolError` naming the field,
+and no error text ever echoes more than a short excerpt of what was sent.
 
 Worker -> supervisor:
 
-    hello      {worker, pid, incarnation}                 attached to its rings, starting its stage
+    hello      {worker, pid, incarnation, pausable}       attached to its rings, starting its stage;
+                                                          ``pausable``: false for an asyncio stage
     ready      {worker}                                   stage set up (start returned; an asyncio
                                                           stage's setup too); data may flow. The
                                                           engine is "running" once every worker is
@@ -35,27 +40,107 @@ Client -> supervisor, answered on the same socket:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
 
 MAX_MESSAGE_BYTES = 1 << 20
+MAX_NAME = 64  # a worker name (config keys are short)
+MAX_TEXT = 4096  # an error message
+MAX_STATS = 256  # counters in a heartbeat's stats
+_EXCERPT = 40  # characters of a bad value quoted back
+_INT64 = (1 << 63) - 1
+RUNTIME_STATES = ("starting", "running", "paused", "draining", "stopped")
 
-WORKER_TO_SUPERVISOR = frozenset({"hello", "ready", "heartbeat", "error"})
-SUPERVISOR_TO_WORKER = frozenset({"pause", "resume", "drain", "stop", "reconfigure"})
-CLIENT_REQUESTS = frozenset({"status", "shutdown", "pause", "resume"})
-REPLIES = frozenset({"status", "ack", "error"})
-ALL_TYPES = WORKER_TO_SUPERVISOR | SUPERVISOR_TO_WORKER | CLIENT_REQUESTS | REPLIES
+Check = Callable[[Any], str | None]  # None when the value is fine, else what is wrong
+
+
+def excerpt(value: Any) -> str:
+    """``repr(value)``, cut to a few dozen characters: what an error may quote of hostile input."""
+    text = repr(value)
+    return text if len(text) <= _EXCERPT else text[: _EXCERPT - 3] + "..."
+
+
+def _int(low: int, high: int = _INT64) -> Check:
+    def check(value: Any) -> str | None:
+        if type(value) is not int or not low <= value <= high:
+            return f"must be an integer in [{low}, {high}]"
+        return None
+
+    return check
+
+
+def _text(limit: int) -> Check:
+    def check(value: Any) -> str | None:
+        return None if isinstance(value, str) and len(value) <= limit else f"must be a string of <= {limit} characters"
+
+    return check
+
+
+def _one_of(choices: tuple[str, ...]) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _bool(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+def _object(value: Any) -> str | None:
+    return None if isinstance(value, dict) else "must be an object"
+
+
+def _stats(value: Any) -> str | None:
+    if not isinstance(value, dict) or len(value) > MAX_STATS:
+        return f"must be an object of <= {MAX_STATS} counters"
+    if any(len(key) > MAX_NAME for key in value):  # JSON object keys are always strings
+        return f"keys must be <= {MAX_NAME} characters"
+    return None
+
+
+Schema = Mapping[str, Check]  # field -> check; every field required, no other field allowed
+_WORKER = {"worker": _text(MAX_NAME)}
+
+WORKER_TO_SUPERVISOR: Mapping[str, Schema] = {
+    "hello": {**_WORKER, "pid": _int(1, (1 << 31) - 1), "incarnation": _int(0), "pausable": _bool},
+    "ready": _WORKER,
+    "heartbeat": {**_WORKER, "state": _one_of(RUNTIME_STATES), "processed": _int(0), "stats": _stats},
+    "error": {**_WORKER, "message": _text(MAX_TEXT), "fatal": _bool},
+}
+SUPERVISOR_TO_WORKER: Mapping[str, Schema] = {
+    "pause": {},
+    "resume": {},
+    "drain": {},
+    "stop": {},
+    "reconfigure": {"params": _object},
+}
+CLIENT_REQUESTS: Mapping[str, Schema] = {
+    "status": {},
+    "shutdown": {},
+    "pause": {"worker": _text(MAX_NAME)},
+    "resume": {"worker": _text(MAX_NAME)},
+}
+# a client trusts its own supervisor's replies: only their type is checked
+REPLIES: Mapping[str, Schema | None] = {"status": None, "ack": None, "error": None}
+ALL_TYPES = frozenset().union(WORKER_TO_SUPERVISOR, SUPERVISOR_TO_WORKER, CLIENT_REQUESTS, REPLIES)
 
 
 class ProtocolError(ValueError):
     """A control frame that is not a valid message; the text says what is wrong."""
 
 
+def worker_identity(name: str, token: str) -> bytes:
+    """The ZeroMQ identity of one spawn of worker ``name``: unguessable without its token."""
+    return f"{name}/{token}".encode()
+
+
 def encode(msg_type: str, **fields: Any) -> bytes:
     """One message frame of ``msg_type`` with ``fields``."""
     if msg_type not in ALL_TYPES:
-        raise ProtocolError(f"unknown control message type {msg_type!r}")
+        raise ProtocolError(f"unknown control message type {excerpt(msg_type)}")
     return orjson.dumps({"type": msg_type, **fields})
 
 
@@ -66,16 +151,32 @@ def load_object(frame: bytes, max_bytes: int, what: str, error: type[ValueError]
     try:
         msg = orjson.loads(frame)
     except orjson.JSONDecodeError as exc:
-        raise error(f"{what} is not JSON: {exc}") from None
+        raise error(f"{what} is not JSON: {excerpt(str(exc))}") from None
     if not isinstance(msg, dict):
         raise error(f"{what} must be a JSON object")
     return msg
 
 
-def decode(frame: bytes, allowed: frozenset[str] = ALL_TYPES) -> dict[str, Any]:
-    """Parse and check one frame; raises :class:`ProtocolError` naming the problem."""
+def decode(frame: bytes, allowed: Mapping[str, Schema | None]) -> dict[str, Any]:
+    """Parse and check one frame against the types in ``allowed`` and their fields; raises
+    :class:`ProtocolError` naming the problem (quoting at most an excerpt of the input)."""
     msg = load_object(frame, MAX_MESSAGE_BYTES, "control message", ProtocolError)
     msg_type = msg.get("type")
-    if msg_type not in allowed:
-        raise ProtocolError(f"control message type {msg_type!r} not one of {sorted(allowed)}")
+    if not isinstance(msg_type, str) or msg_type not in allowed:
+        raise ProtocolError(f"control message type {excerpt(msg_type)} not one of {sorted(allowed)}")
+    schema = allowed[msg_type]
+    if schema is None:
+        return msg
+    for name, value in msg.items():
+        if name == "type":
+            continue
+        check = schema.get(name)
+        if check is None:
+            raise ProtocolError(f"{msg_type} message: unknown field {excerpt(name)}")
+        problem = check(value)
+        if problem is not None:
+            raise ProtocolError(f"{msg_type} message: {name} {problem} (got {excerpt(value)})")
+    missing = [name for name in schema if name not in msg]
+    if missing:
+        raise ProtocolError(f"{msg_type} message: missing {', '.join(missing)}")
     return msg

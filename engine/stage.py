@@ -72,6 +72,8 @@ class WorkerContext:
 class Stage:
     """A duty-cycle stage. Override ``do_work``; the other hooks are optional."""
 
+    pausable = True  # `neuralpipe pause` stops the runtime calling do_work
+
     def start(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
 
@@ -106,6 +108,8 @@ class Stage:
 
 class AsyncStage(Stage):
     """An asyncio stage: implement ``run``, which returns when ``ctx.draining`` or on cancel."""
+
+    pausable = False  # the runtime cannot stop an event loop's tasks: `pause` is refused
 
     async def setup(self, ctx: WorkerContext) -> None:
         """Start-up work on the event loop: awaited before the worker reports ready, while its

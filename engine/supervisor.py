@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import secrets
 import signal
 import socket
 import time
@@ -41,6 +42,7 @@ EXIT_OK = 0
 EXIT_ESCALATED = 3
 STARTUP_GRACE_S = 10.0  # a fresh worker imports its stage before its first heartbeat
 _EGRESS_KEYS = ("messages", "gaps", "duplicates", "batches", "batches_within_budget")
+_RECEIVED = {**control.WORKER_TO_SUPERVISOR, **control.CLIENT_REQUESTS}
 
 
 class StartupError(Exception):
@@ -70,6 +72,8 @@ class WorkerHandle:
     stats: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None
     ready: bool = False  # this incarnation said "ready" (its stage is set up)
+    identity: bytes = b""  # this incarnation's control identity (its name and secret token)
+    pausable: bool = True  # from its hello: an asyncio stage cannot be paused
 
     @property
     def alive(self) -> bool:
@@ -94,6 +98,7 @@ class Supervisor:
         self.state = "starting"  # "running" once every worker has said ready
         self.exit_code = EXIT_OK
         self.reason = ""
+        self.refused = 0  # control messages refused (logged sparsely: a flood must not flood the log)
         self.pas: Pas | None = None
         self.rates: dict[str, float] = {}
         self._rate_base: dict[str, tuple[float, int]] = {}
@@ -110,7 +115,8 @@ class Supervisor:
         self.zmq = zmq.Context()
         self.router = self.zmq.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker reuses its identity
+        # no ROUTER_HANDOVER: each spawn has its own secret identity, and a client claiming one
+        # that is connected must not take its route over
         self.router.bind(self.dir.control_endpoint)
         kind = self.cfg.engine.transport
         for ring_name in self.cfg.ring_names():
@@ -299,7 +305,8 @@ class Supervisor:
     # ---- workers ----------------------------------------------------------------------------
 
     def _start(self, h: WorkerHandle) -> None:
-        h.spec = replace(h.spec, incarnation=h.incarnation)
+        h.spec = replace(h.spec, incarnation=h.incarnation, token=secrets.token_hex(16))
+        h.identity = control.worker_identity(h.name, h.spec.token)
         h.process = self.mp.Process(target=worker_main, args=(h.spec,), name=f"neuralpipe-{h.name}", daemon=False)
         h.process.start()
         h.started = h.last_heartbeat = time.monotonic()
@@ -421,7 +428,7 @@ class Supervisor:
                 if h.process is not None:
                     self._forget_process(h)
                 continue
-            self._send(h.name, "drain")
+            self._send(h.identity, "drain")
             h.state = "draining"
             h.process.join(deadline_s)
             if h.process.exitcode is None:
@@ -437,9 +444,18 @@ class Supervisor:
 
     # ---- control plane ----------------------------------------------------------------------
 
-    def _send(self, identity: str, msg_type: str, **fields: Any) -> None:
+    def _send(self, identity: bytes, msg_type: str, **fields: Any) -> None:
         with contextlib.suppress(zmq.ZMQError):
-            self.router.send_multipart([identity.encode(), control.encode(msg_type, **fields)], zmq.NOBLOCK)
+            self.router.send_multipart([identity, control.encode(msg_type, **fields)], zmq.NOBLOCK)
+
+    def _refuse(self, identity: bytes, why: str) -> None:
+        """Answer a bad control message with an error; log the 1st, 2nd, 4th, 8th ... refusal."""
+        self.refused += 1
+        if self.refused & (self.refused - 1) == 0:
+            self.log.warning(
+                "control_message_refused", sender=control.excerpt(identity), error=why, refused=self.refused
+            )
+        self._send(identity, "error", message=why)
 
     def _handle_messages(self) -> None:
         while True:
@@ -450,48 +466,55 @@ class Supervisor:
             if len(frames) != 2:
                 self.log.warning("bad_control_frames", frames=len(frames))
                 continue
-            identity, frame = frames[0].decode(errors="replace"), frames[1]
+            identity, frame = frames
             try:
-                msg = control.decode(frame, control.WORKER_TO_SUPERVISOR | control.CLIENT_REQUESTS)
+                msg = control.decode(frame, _RECEIVED)
             except control.ProtocolError as exc:
-                self.log.warning("bad_control_message", sender=identity, error=str(exc))
-                self._send(identity, "error", message=str(exc))
+                self._refuse(identity, str(exc))
                 continue
-            handle = self.workers.get(identity)
-            if handle is not None and msg["type"] in control.WORKER_TO_SUPERVISOR:
+            if msg["type"] in control.WORKER_TO_SUPERVISOR:
+                handle = self.workers.get(msg["worker"])
+                if handle is None or handle.identity != identity:
+                    self._refuse(identity, f"{msg['type']} refused: not a worker of this engine")
+                    continue
                 self._on_worker_message(handle, msg)
             elif msg["type"] == "status":
                 self._send(identity, "status", **self.status())
             elif msg["type"] == "shutdown":
                 self._send(identity, "ack")
-                self.log.info("shutdown_requested", client=identity)
+                self.log.info("shutdown_requested", client=control.excerpt(identity))
                 self.stopping = True
             elif msg["type"] in ("pause", "resume"):
                 self._forward(identity, msg)
 
-    def _forward(self, client: str, msg: dict[str, Any]) -> None:
+    def _forward(self, client: bytes, msg: dict[str, Any]) -> None:
         """Pass a client's pause/resume to the named worker."""
-        target = self.workers.get(str(msg.get("worker")))
+        target = self.workers.get(msg["worker"])
         if target is None or not target.alive:
-            self._send(client, "error", message=f"no running worker named {msg.get('worker')!r}")
+            self._send(client, "error", message=f"no running worker named {control.excerpt(msg['worker'])}")
             return
-        self._send(target.name, msg["type"])
+        if not target.pausable:
+            self._send(client, "error", message=f"worker {target.name!r} runs an asyncio stage, which cannot be paused")
+            return
+        self._send(target.identity, msg["type"])
         self._send(client, "ack")
-        self.log.info("worker_" + msg["type"], worker=target.name, client=client)
+        self.log.info("worker_" + msg["type"], worker=target.name, client=control.excerpt(client))
 
     def _on_worker_message(self, h: WorkerHandle, msg: dict[str, Any]) -> None:
         h.last_heartbeat = time.monotonic()
         kind = msg["type"]
         if kind == "heartbeat":
             if h.state not in ("draining", "stopped", "backoff"):
-                h.state = str(msg.get("state", "running"))
-            h.processed = int(msg.get("processed", 0))
-            h.stats = msg.get("stats") or {}
+                h.state = msg["state"]
+            h.processed = msg["processed"]
+            h.stats = msg["stats"]
+        elif kind == "hello":
+            h.pausable = msg["pausable"]
         elif kind == "ready":
             h.state, h.ready = "running", True
             self._check_ready()
         elif kind == "error":
-            self.log.error("worker_error", worker=h.name, message=msg.get("message"))
+            self.log.error("worker_error", worker=h.name, message=msg["message"])
 
     # ---- health and status ------------------------------------------------------------------
 
@@ -512,7 +535,7 @@ class Supervisor:
                 )
             )
         sinks = [h for h in self.workers.values() if not h.spec.outputs]
-        egress = EgressSample(**{k: sum(int(h.stats.get(k, 0)) for h in sinks) for k in _EGRESS_KEYS})
+        egress = EgressSample(**{k: sum(_counter(h.stats, k) for h in sinks) for k in _EGRESS_KEYS})
         return rings, workers, egress
 
     def _health_tick(self, now: float) -> None:
@@ -556,6 +579,12 @@ class Supervisor:
             + [_channel_status(channel) for channel in self.channels.values()],
             "pas": None if self.pas is None else _pas_dict(self.pas),
         }
+
+
+def _counter(stats: dict[str, Any], key: str) -> int:
+    """A sink's counter from its heartbeat stats (free-form JSON: anything else counts 0)."""
+    value = stats.get(key, 0)
+    return value if type(value) is int else 0
 
 
 def _ring_sample(name: str, ring: Ring, consumer: str) -> RingSample:

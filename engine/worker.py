@@ -61,6 +61,7 @@ class WorkerSpec:
     state_dir: str
     supervisor_pid: int
     incarnation: int = 0
+    token: str = ""  # this spawn's secret: its control identity (control.worker_identity)
     heartbeat_interval_s: float = 0.5
     log_level: str = "info"
     params: dict[str, Any] = field(default_factory=dict)
@@ -97,15 +98,15 @@ class _Runtime:
         self.stopping = False
         self.zmq = zmq.Context(io_threads=1)
         self.sock = self.zmq.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, spec.name.encode())
+        self.sock.setsockopt(zmq.IDENTITY, control.worker_identity(spec.name, spec.token))
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(spec.control_endpoint)
         self.inputs = [transport.attach_consumer(end, self.zmq) for end in spec.inputs]
         self.outputs = [transport.attach_producer(end, self.zmq) for end in spec.outputs]
         parent = multiprocessing.parent_process()
         self.parent_sentinel = parent.sentinel if parent is not None else None
-        self.send("hello", pid=os.getpid(), incarnation=spec.incarnation)
         self.stage = load_stage(spec.stage)
+        self.send("hello", pid=os.getpid(), incarnation=spec.incarnation, pausable=self.stage.pausable)
         self.ctx = WorkerContext(
             name=spec.name,
             params=dict(spec.params),
@@ -380,7 +381,7 @@ def main(spec: WorkerSpec) -> None:
     except Exception as exc:
         phase = "running" if rt.is_ready else "start-up"
         rt.log.error("stage_failed", phase=phase, error=repr(exc), traceback=traceback.format_exc())
-        rt.send("error", message=repr(exc), fatal=True)
+        rt.send("error", message=repr(exc)[: control.MAX_TEXT], fatal=True)
         code = EXIT_STAGE_ERROR
     finally:
         try:

@@ -12,6 +12,7 @@ import urllib.request
 
 import orjson
 import pytest
+import zmq
 from engine_harness import Engine, pipeline_config, wait_for
 
 from engine.launcher import process_gone as pid_gone
@@ -249,3 +250,88 @@ def test_run_detach_returns_once_running_and_stop_ends_it(tmp_path, instance):
     finally:
         if not pid_gone(info["pid"]):
             os.kill(info["pid"], signal.SIGKILL)
+
+
+# ---- hostile control messages (issue 13 items 3 and 11) ----------------------------------------
+
+
+class ControlClient:
+    """A DEALER on the engine's control socket with whatever identity it claims."""
+
+    def __init__(self, endpoint: str, identity: bytes) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, identity)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send(self, msg: dict) -> None:
+        self.sock.send(orjson.dumps(msg))
+
+    def replies(self, timeout_s: float) -> list[dict]:
+        got = []
+        while self.sock.poll(int(timeout_s * 1000)):
+            got.append(orjson.loads(self.sock.recv()))
+            timeout_s = 0.05
+        return got
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+@pytest.mark.timeout(60)
+def test_a_client_cannot_pass_for_a_worker(engine_factory):
+    """A client naming itself after a worker sends it forged heartbeats (one with a field of the
+    wrong type, which crashed the supervisor) and would take the worker's commands: refused."""
+    engine = engine_factory(pipeline_config(rate=1000)).start()
+    forger = ControlClient(engine.info()["control"], b"relay")
+    try:
+        forger.send({"type": "heartbeat", "worker": "relay", "state": "running", "processed": "x", "stats": {}})
+        forger.send({"type": "heartbeat", "worker": "relay", "state": "paused", "processed": 10**12, "stats": {}})
+        replies = forger.replies(5)
+        assert [r["type"] for r in replies] == ["error", "error"]
+        assert "processed must be an integer" in replies[0]["message"]
+        assert "not a worker of this engine" in replies[1]["message"]
+        subprocess.run(
+            [sys.executable, "-m", "engine.cli", "pause", "relay"], env=engine.env(), capture_output=True, check=True
+        )
+        wait_for(lambda: engine.worker("relay")["state"] == "paused", 5, "the real relay paused")
+        assert forger.replies(0.2) == []  # the command reached the worker, not the forger
+        relay = engine.worker("relay")
+        assert relay["processed"] < 10**12 and engine.proc.poll() is None
+        assert '"event":"control_message_refused"' in engine.log()
+    finally:
+        forger.close()
+    assert engine.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_control_errors_quote_only_an_excerpt(engine_factory):
+    engine = engine_factory(pipeline_config()).start()
+    client = ControlClient(engine.info()["control"], b"cli-hostile")
+    try:
+        client.send({"type": "t" * 500_000})
+        client.send({"type": "pause", "worker": "w" * 100_000})
+        client.send({"type": "status", "extra": "e" * 100_000})
+        replies = client.replies(5)
+        assert [r["type"] for r in replies] == ["error"] * 3
+        assert all(len(r["message"]) < 300 for r in replies), [len(r["message"]) for r in replies]
+        assert max(len(line) for line in engine.log().splitlines()) < 2000
+    finally:
+        client.close()
+    assert engine.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_pausing_an_asyncio_worker_is_refused(engine_factory):
+    """An asyncio stage (ingest) runs on its own event loop and is not paused by the runtime: the
+    request is refused, not acknowledged and ignored."""
+    engine = engine_factory(pipeline_config(source_stage="async_counter")).start()
+    out = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "pause", "source"], env=engine.env(), capture_output=True, timeout=20
+    )
+    assert out.returncode != 0
+    assert b"'source' runs an asyncio stage, which cannot be paused" in out.stderr
+    assert engine.worker("source")["state"] == "running"
+    assert engine.stop() == 0
