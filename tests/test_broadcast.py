@@ -4,6 +4,7 @@ stage in-process over a real ring for the row kinds and appended columns the sou
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -72,7 +73,8 @@ def ipc(engine, name: str) -> str:
     return f"ipc://{os.path.join(engine.info()['runtime_dir'], name)}.sock"
 
 
-def drain(sock: zmq.Socket, timeout_ms: int = 0) -> list[wire.Message]:
+def drain(sock: zmq.Socket, timeout_ms: int = 0) -> list[wire.Message | wire.Batch]:
+    """Messages and batches a raw SUB socket holds (heartbeats left out)."""
     out = []
     while sock.poll(timeout_ms):
         message = wire.decode(sock.recv_multipart())
@@ -92,21 +94,25 @@ def take(client: StreamConsumer, seconds: float) -> list[wire.Message]:
     return out
 
 
-def seqs_by_stream(messages: list[wire.Message]) -> dict[int, list[int]]:
+def seqs_by_stream(messages: list[wire.Message | wire.Batch]) -> dict[int, list[int]]:
     seen: dict[int, list[int]] = {}
     for m in messages:
-        seen.setdefault(m.stream, []).extend(m.columns["seq"].tolist())
+        if isinstance(m, wire.Batch):
+            for sid, seq in zip(m.columns["stream_id"].tolist(), m.columns["seq"].tolist(), strict=True):
+                seen.setdefault(sid, []).append(seq)
+        elif m.type == "tokens":
+            seen.setdefault(m.stream, []).extend(m.columns["seq"].tolist())
     return seen
 
 
 @pytest.mark.timeout(60)
-def test_subscribers_by_prefix_get_exactly_their_streams_in_order(start_engine):
+def test_subscribers_get_batches_on_all_and_exactly_their_stream_on_its_topic(start_engine):
     per_stream = 20 * BATCH
     engine = start_engine(counter_config(rate=400, total=STREAMS * per_stream))  # ~2.4 s of data
-    # raw SUB sockets: one stream's topic, and a prefix (15 hex digits) that covers streams 0..15
+    # raw SUB sockets: one stream's topic, and every stream's batches
     one = sub_socket(ipc(engine, "broadcast-binary"), wire.topic(2))
-    prefix = sub_socket(ipc(engine, "broadcast"), wire.topic(0)[:15])
-    # consumer clients, one per stream (each joins mid-stream: its start comes from the snapshot)
+    every = sub_socket(ipc(engine, "broadcast"), wire.ALL_TOPIC)
+    # consumer clients, one per stream (each joins mid-stream: its beginning comes from the snapshot)
     rd = engine.info()["runtime_dir"]
     clients = {sid: StreamConsumer.for_engine(rd, stream=sid, binary=sid % 2 == 1) for sid in range(STREAMS)}
     try:
@@ -118,16 +124,18 @@ def test_subscribers_by_prefix_get_exactly_their_streams_in_order(start_engine):
                 f"counts {clients[sid].counts}"
             )
             assert clients[sid].counts["gaps"] == 0  # (duplicates: snapshot and live overlap, dropped)
-        raw_one = seqs_by_stream(drain(one, 500))
-        assert set(raw_one) == {2}  # a stream's topic never matches another stream
-        assert raw_one[2] == sorted(raw_one[2]) and len(set(raw_one[2])) == len(raw_one[2])
-        raw_prefix = seqs_by_stream(drain(prefix, 500))
-        assert set(raw_prefix) <= set(range(STREAMS)) and raw_prefix
-        for seqs in raw_prefix.values():
+        raw_one = drain(one, 500)
+        assert {m.type for m in raw_one} == {"tokens"} and set(seqs_by_stream(raw_one)) == {2}
+        seqs = seqs_by_stream(raw_one)[2]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        batches = drain(every, 500)
+        assert batches and all(isinstance(b, wire.Batch) for b in batches)
+        assert all(b.at == a.next for a, b in itertools.pairwise(batches))  # contiguous positions
+        for seqs in seqs_by_stream(batches).values():
             assert seqs == sorted(seqs)
     finally:
         one.close(0)
-        prefix.close(0)
+        every.close(0)
         for c in clients.values():
             c.close()
 
@@ -136,16 +144,20 @@ def test_subscribers_by_prefix_get_exactly_their_streams_in_order(start_engine):
 def test_kill9_of_broadcast_loses_and_duplicates_nothing(start_engine):
     per_stream = 100 * BATCH
     engine = start_engine(counter_config(rate=2000, total=STREAMS * per_stream))
-    raw = sub_socket(ipc(engine, "broadcast"), b"")
+    raw = sub_socket(ipc(engine, "broadcast"), wire.ALL_TOPIC)
     rows: dict[tuple[int, int], int] = {}
+    positions: set[int] = set()
     with StreamConsumer.for_engine(engine.info()["runtime_dir"]) as client:
         received: list[wire.Message] = []
 
         def collect(until: int) -> bool:
             received.extend(take(client, 0.1))
-            for m in drain(raw):
-                for seq in m.columns["seq"].tolist():
-                    rows[(m.stream, seq)] = rows.get((m.stream, seq), 0) + 1
+            for b in drain(raw):
+                if b.at in positions:  # a record the restarted broadcast published again
+                    continue
+                positions.add(b.at)
+                for key in zip(b.columns["stream_id"].tolist(), b.columns["seq"].tolist(), strict=True):
+                    rows[key] = rows.get(key, 0) + 1
             return sum(len(m.text) for m in received) >= until
 
         wait_for(lambda: collect(STREAMS * per_stream // 4), 30, "a quarter of the tokens")
@@ -156,7 +168,7 @@ def test_kill9_of_broadcast_loses_and_duplicates_nothing(start_engine):
     raw.close(0)
     assert seqs_by_stream(received) == {sid: list(range(per_stream)) for sid in range(STREAMS)}
     assert client.counts["gaps"] == 0
-    assert max(rows.values()) == 1, "a row was published twice"
+    assert max(rows.values()) == 1, "a row was published twice (at two positions)"
     assert stats["duplicates"] > 0 or stats["messages"] > 0  # the new incarnation dropped what it re-read
 
 
@@ -164,7 +176,7 @@ def test_kill9_of_broadcast_loses_and_duplicates_nothing(start_engine):
 def test_a_slow_subscriber_slows_neither_the_others_nor_the_pipeline(start_engine):
     rate = 4000
     engine = start_engine(counter_config(rate=rate, total=0, broadcast="params.sndhwm = 20"))
-    slow = sub_socket(ipc(engine, "broadcast"), b"", hwm=10, rcvbuf=4096)  # subscribes, then does not read
+    slow = sub_socket(ipc(engine, "broadcast"), wire.ALL_TOPIC, hwm=10, rcvbuf=4096)  # subscribes, then does not read
     try:
         with StreamConsumer.for_engine(engine.info()["runtime_dir"]) as fast:
             got: list[wire.Message] = []
@@ -183,7 +195,7 @@ def test_a_slow_subscriber_slows_neither_the_others_nor_the_pipeline(start_engin
         assert fast.counts["gaps"] == 0
         # ZeroMQ dropped for the slow subscriber only: it holds a fraction of what was published
         published = engine.worker("broadcast")["stats"]["tokens"]
-        held = sum(len(m.text) for m in drain(slow))
+        held = sum(b.rows for b in drain(slow))
         assert held < published / 2, (held, published)
     finally:
         slow.close(0)
@@ -262,20 +274,39 @@ def _write(producer: Producer, rows: list[tuple[int, int, int, bytes]]) -> None:
     producer.commit(16)
 
 
-def test_stage_publishes_every_kind_and_appended_column_and_drops_resent_rows(tmp_path):
-    name = segment_name("t" + uuid.uuid4().hex[:10], "bc")
-    ring = Ring.create(name, 1 << 16)
-    producer, consumer = Producer.attach(name), Consumer.attach(name)
-    ctx = WorkerContext(
-        "broadcast", {}, [consumer], [], JsonLogger("broadcast", "error"), str(tmp_path), str(tmp_path), 0
-    )
-    stage = Broadcast()
-    stage.start(ctx)
-    subs = {
-        enc: sub_socket(ctx.endpoint(ep), b"") for enc, ep in (("json", "broadcast"), ("binary", "broadcast-binary"))
-    }
+@pytest.fixture
+def stage_on_ring(tmp_path):
+    """The broadcast stage in this process over a real ring: (stage, producer, ctx); params from
+    ``request.param`` when given."""
+    made = []
+
+    def make(**stage_params):
+        name = segment_name("t" + uuid.uuid4().hex[:10], "bc")
+        ring = Ring.create(name, 1 << 20)
+        producer, consumer = Producer.attach(name), Consumer.attach(name)
+        ctx = WorkerContext(
+            "broadcast", stage_params, [consumer], [], JsonLogger("broadcast", "error"), str(tmp_path),
+            str(tmp_path), 0,
+        )  # fmt: skip
+        stage = Broadcast()
+        stage.start(ctx)
+        made.append((stage, producer, consumer, ring))
+        return stage, producer, ctx
+
+    yield make
+    for stage, producer, consumer, ring in made:
+        stage.close()
+        producer.close()
+        consumer.close()
+        ring.destroy()
+
+
+def test_stage_publishes_every_kind_and_appended_column_and_drops_resent_rows(stage_on_ring):
+    stage, producer, ctx = stage_on_ring()
+    subs = {enc: sub_socket(ctx.endpoint(ep), wire.ALL_TOPIC, wire.topic(9))
+            for enc, ep in (("json", "broadcast"), ("binary", "broadcast-binary"))}  # fmt: skip
     try:
-        wait_for(lambda: stage.do_work() >= 0 and stage.stats()["subscriptions"] >= 2, 5, "both subscriptions")
+        wait_for(lambda: stage.do_work() >= 0 and stage.stats()["subscriptions"] >= 4, 5, "the subscriptions")
         start = orjson.dumps({"model": "m", "cached": True, "cache_key": "ab"})
         end = orjson.dumps({"finish_reason": "stop", "usage": {"completion_tokens": 2}})
         rows = [(9, 0, Kind.START, start), (9, 1, Kind.TOKEN, b"he"), (9, 2, Kind.TOKEN, "llo é".encode()),
@@ -285,24 +316,127 @@ def test_stage_publishes_every_kind_and_appended_column_and_drops_resent_rows(tm
         wait_for(lambda: stage.do_work() == 0, 5, "the ring drained")
         for enc, sock in subs.items():
             got = drain(sock, 2000)
-            assert [m.type for m in got] == ["start", "tokens", "end"], enc
-            assert got[0].header["model"] == "m" and got[0].header["cached"] is True
-            assert got[2].header["finish_reason"] == "stop" and got[2].header["usage"] == {"completion_tokens": 2}
-            assert all(m.header["recv_ns"] == 1234 for m in (got[0], got[2]))
-            tokens = got[1]
+            batches = [m for m in got if isinstance(m, wire.Batch)]
+            assert [b.rows for b in batches] == [4, 0], enc  # the re-sent record: a batch of no rows
+            assert batches[0].next == batches[1].at and batches[0].at == 0
+            first = batches[0]
+            assert first.texts == ['{"model":"m","cached":true}', "he", "llo é", end.decode()]  # no cache_key
+            assert first.columns["kind"].tolist() == [Kind.START, Kind.TOKEN, Kind.TOKEN, Kind.END]
+            assert first.columns["hilbert"].tolist()[1] == [1.0, 1.5] and first.columns["rgba"].tolist()[2] == [
+                2,
+                1,
+                2,
+                3,
+            ]
+            stream = [m for m in got if not isinstance(m, wire.Batch)]
+            assert [m.type for m in stream] == ["start", "tokens", "end"], enc
+            assert stream[0].header["model"] == "m" and stream[0].header["cached"] is True
+            assert "cache_key" not in stream[0].header
+            assert stream[2].header["finish_reason"] == "stop" and stream[2].header["usage"] == {"completion_tokens": 2}
+            assert all(m.header["recv_ns"] == 1234 for m in (stream[0], stream[2]))
+            tokens = stream[1]
             assert tokens.seq == (1, 2) and tokens.text == ["he", "llo é"]
             assert tokens.columns["recv_ns"].tolist() == [1234, 1234]
             assert tokens.columns["hilbert"].tolist() == [[1.0, 1.5], [2.0, 2.5]]
             assert tokens.columns["rgba"].tolist() == [[1, 1, 2, 3], [2, 1, 2, 3]]
             assert tokens.columns["conf"].tolist() == [0.25, 0.25]
-        assert stage.stats()["duplicates"] == 2 and stage.stats()["gaps"] == 0
+        stats = stage.stats()
+        assert stats["duplicates"] == 2 and stats["gaps"] == 0 and stats["messages"] == 3 and stats["batches"] == 2
     finally:
         for sock in subs.values():
             sock.close(0)
-        stage.close()
-        producer.close()
-        consumer.close()
-        ring.destroy()
+
+
+def test_junk_from_a_subscriber_never_stops_publishing(stage_on_ring):
+    """Issue 13.6: an XSUB can send any bytes up to the XPUB; they are not subscriptions."""
+    stage, producer, ctx = stage_on_ring()
+    good = sub_socket(ctx.endpoint("broadcast"), wire.ALL_TOPIC)
+    junk = zmq.Context.instance().socket(zmq.XSUB)
+    junk.setsockopt(zmq.LINGER, 0)
+    junk.connect(ctx.endpoint("broadcast"))
+    try:
+        wait_for(lambda: stage.do_work() >= 0 and stage.stats()["subscriptions"] >= 1, 5, "the subscription")
+        for frame in (b"", b"\x02junk", b"\x00all", b"\x00all", b"\x00nobody", b"x" * 1000, b"\x00"):
+            junk.send(frame)
+        wait_for(lambda: stage.do_work() >= 0 and stage.stats()["subscription_junk"] >= 2, 5, "the junk counted")
+        _write(producer, [(1, 0, Kind.TOKEN, b"still here")])
+        wait_for(lambda: stage.do_work() == 0, 5, "the ring drained")
+        got = drain(good, 2000)
+        assert [b.texts for b in got] == [["still here"]]
+    finally:
+        good.close(0)
+        junk.close(0)
+
+
+def snapshot_client(ctx) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(ctx.endpoint("broadcast-snapshot"))
+    return sock
+
+
+def replies(stage, sock: zmq.Socket, end_type: str) -> tuple[list, dict]:
+    """What the stage sends ``sock`` up to the end marker: (messages, the marker)."""
+    got = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        stage.do_work()
+        while sock.poll(10):
+            frames = sock.recv_multipart()
+            if frames[0] == b"":
+                marker = orjson.loads(frames[1])
+                assert marker["type"] == end_type, marker
+                return got, marker
+            got.append(wire.decode(frames))
+    raise AssertionError("no end marker")
+
+
+def test_batches_request_repairs_from_a_position_and_names_what_was_evicted(stage_on_ring):
+    stage, producer, ctx = stage_on_ring(retention_bytes=6000)
+    for i in range(20):
+        _write(producer, [(1, i, Kind.TOKEN, b"x" * 100)])
+    wait_for(lambda: stage.do_work() == 0, 5, "the ring drained")
+    sock = snapshot_client(ctx)
+    try:
+        sock.send(orjson.dumps({"type": "batches", "from": 0, "encoding": "binary"}))
+        got, marker = replies(stage, sock, "batches_end")
+        assert marker["first"] > 0 and got[0].at == marker["first"]  # the oldest were evicted: named
+        assert [b.columns["seq"].tolist() for b in got] == [[i] for i in range(20 - len(got), 20)]
+        assert marker["next"] == got[-1].next == stage.stats()["position"] and marker["more"] is False
+        sock.send(orjson.dumps({"type": "snapshot", "stream": 1, "from_seq": 18}))
+        got, marker = replies(stage, sock, "snapshot_end")
+        assert [m.seq for m in got] == [(18, 18), (19, 19)] and marker["published"] == 20
+        sock.send(b"not json")
+        _, marker = replies(stage, sock, "snapshot_end")
+        assert "bad request" in marker["error"]
+    finally:
+        sock.close(0)
+
+
+def test_a_flood_of_snapshot_requests_does_not_starve_publishing(stage_on_ring):
+    """Issue 13.4: each duty cycle reads a bounded number of requests, and a client over its rate
+    gets no answers; records keep being published between them."""
+    stage, producer, ctx = stage_on_ring()
+    sub = sub_socket(ctx.endpoint("broadcast"), wire.ALL_TOPIC)
+    flood = snapshot_client(ctx)
+    flood.setsockopt(zmq.SNDHWM, 0)  # queue the whole flood at the client
+    try:
+        wait_for(lambda: stage.do_work() >= 0 and stage.stats()["subscriptions"] >= 1, 5, "the subscription")
+        request = orjson.dumps({"type": "snapshot", "stream": 1, "from_seq": 0})
+        for _ in range(5000):
+            flood.send(request)
+        wait_for(lambda: stage.router.poll(0), 5, "requests arriving")
+        _write(producer, [(1, 0, Kind.TOKEN, b"through")])
+        began = time.monotonic()
+        stage.do_work()  # one cycle: a bounded number of requests, then the record
+        assert time.monotonic() - began < 1.0
+        assert [b.texts for b in drain(sub, 2000)] == [["through"]]
+        wait_for(lambda: stage.do_work() == 0 and stage.stats()["snapshots_refused"] > 0, 20, "the flood read")
+        stats = stage.stats()
+        assert stats["snapshots"] < 2000 < stats["snapshots"] + stats["snapshots_refused"], stats  # not 5000 answers
+    finally:
+        sub.close(0)
+        flood.close(0)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,78 @@
+"""Per stream, the next sequence number expected, for whole batches at once (numpy, no per-row
+Python): the broadcast drops rows it already published with it, the consumer client rows it
+already delivered.
+
+The table has a fixed number of slots; a stream lives in slot ``id % slots`` as ``(id + 1, next)``
+(0 marks a free slot), and a newer stream that lands on a slot takes it over: only streams that
+many ids apart collide, and ids are handed out in sequence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.wire import stream_order
+
+SLOTS = 1 << 16
+
+
+class SeqTable:
+    def __init__(self, table: np.ndarray | None = None) -> None:
+        """``table``: a ``(slots, 2)`` uint64 array to keep the state in (e.g. a file-backed one
+        that outlives the process); a fresh one by default."""
+        self.table = np.zeros((SLOTS, 2), np.uint64) if table is None else table
+        self.slots = len(self.table)
+
+    def next_of(self, sid: int) -> int | None:
+        """The stream's next seq, None when its slot holds another stream (or none)."""
+        owner, nxt = self.table[sid % self.slots]
+        return int(nxt) if int(owner) == sid + 1 else None
+
+    def admit(self, sids: np.ndarray, seqs: np.ndarray, drop_seen: bool = True) -> tuple[np.ndarray, int]:
+        """Mark the rows ``(sids[i], seqs[i])`` as seen; returns which rows are new (a seq at or
+        beyond their stream's next; every row when not ``drop_seen``) and how many seqs the new
+        rows skipped (rows that never came). Rows of a stream are in seq order within a batch."""
+        n = len(sids)
+        if not n:
+            return np.ones(0, bool), 0
+        order, starts = stream_order(sids)
+        uniq = sids[order[starts]]
+        # distinct ids less than the table apart never share a slot (the usual case: no check)
+        if int(uniq[-1]) - int(uniq[0]) >= self.slots and len(np.unique(uniq % self.slots)) < len(uniq):
+            return self._admit_each(sids, seqs, drop_seen, uniq)
+        slots = uniq % np.uint64(self.slots)
+        owners, nexts = self.table[slots, 0], self.table[slots, 1]
+        floors = np.where(owners == uniq + np.uint64(1), nexts, np.uint64(0))
+        ordered_seqs = seqs[order]
+        if drop_seen:
+            counts = np.diff(np.append(starts, n))
+            ordered_fresh = ordered_seqs >= np.repeat(floors, counts)
+            fresh = np.empty(n, bool)
+            fresh[order] = ordered_fresh
+            kept = np.add.reduceat(ordered_fresh, starts)
+            last = np.maximum.reduceat(np.where(ordered_fresh, ordered_seqs, np.uint64(0)), starts)
+        else:
+            fresh = np.ones(n, bool)
+            kept = np.diff(np.append(starts, n))
+            last = np.maximum.reduceat(ordered_seqs, starts)
+        has = kept > 0
+        # a jump past a stream's next is rows lost before they got here
+        jumps = last.astype(np.int64) + 1 - floors.astype(np.int64) - kept
+        gaps = int(jumps[has & (jumps > 0)].sum())
+        self.table[slots, 0] = uniq + np.uint64(1)
+        self.table[slots, 1] = np.where(has, np.maximum(floors, last + np.uint64(1)), floors)
+        return fresh, gaps
+
+    def _admit_each(self, sids: np.ndarray, seqs: np.ndarray, drop_seen: bool, uniq: np.ndarray) -> tuple:
+        fresh, gaps = np.ones(len(sids), bool), 0
+        for sid in uniq.tolist():
+            rows = np.flatnonzero(sids == sid)
+            floor = self.next_of(sid) or 0
+            keep = seqs[rows] >= floor if drop_seen else np.ones(len(rows), bool)
+            fresh[rows] = keep
+            if keep.any():
+                last = int(seqs[rows][keep].max())
+                gaps += max(0, last + 1 - floor - int(keep.sum()))
+                floor = max(floor, last + 1)
+            self.table[sid % self.slots] = (sid + 1, floor)
+        return fresh, gaps
