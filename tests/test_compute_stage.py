@@ -25,6 +25,7 @@ from shm.batch import Kind, TokenBatch, batch_size, encode_texts, write_batch
 from shm.naming import segment_name
 from shm.ring import Consumer, Producer, Ring
 from stages.compute import backends, gpu
+from stages.compute import stage as stage_module
 from stages.compute.stage import Compute
 from tests.engine_harness import Engine, wait_for
 
@@ -359,9 +360,9 @@ def test_vectorised_streams_equal_a_per_stream_reference(rig, seed):
     assert r.stage.stats()["repetitions"] == fired and fired > 0
 
 
-def test_one_token_records_equal_the_reference_and_the_vectorised_path(rig):
-    # a paced stream's records: one token row each (the scalar path), against the plain per-stream
-    # reference and against the same rows computed in multi-row records (the numpy path); a
+def test_small_records_equal_the_reference_and_the_vectorised_path(rig):
+    # a paced stream's records: 1-8 rows each (computed row by row), against the plain per-stream
+    # reference and against the same rows computed in large records (the vectorised path); a
     # threshold of 0.7 with a window of 10: a share of 7/10 sits on the f32 rounding edge
     rng = np.random.default_rng(11)
     params = {"repetition": {"ngram": 3, "window": 10, "threshold": 0.7}, "coalesce_rows": 1}
@@ -375,9 +376,12 @@ def test_one_token_records_equal_the_reference_and_the_vectorised_path(rig):
         live = [q for q in queues if q]
         rows.append(live[int(rng.integers(len(live)))].pop(0))
     one_by_one, vectorised = rig(backend="numpy", **params), rig(backend="numpy", **params)
-    for row in rows:
-        one_by_one.send([row])
+    cuts = np.cumsum(rng.integers(1, stage_module._SMALL_RECORD + 1, len(rows)))
+    small = np.split(np.arange(len(rows)), cuts[cuts < len(rows)])
+    for part in small:
+        one_by_one.send([rows[i] for i in part])
         assert one_by_one.stage.do_work() == 1
+    assert max(map(len, small)) == stage_module._SMALL_RECORD and min(map(len, small)) == 1
     for part in np.array_split(np.arange(len(rows)), 9):
         vectorised.send([rows[i] for i in part])
         assert vectorised.stage.do_work() == 1

@@ -40,6 +40,7 @@ from stages.compute.probes import probe_table
 from stages.compute.shaders import MAX_PROBES
 
 _TOKEN, _END, _ERROR = int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR)
+_SMALL_RECORD = 8  # rows up to which a record's running columns go row by row (numpy's turn from 8-12 rows)
 BASE_COLUMNS = (
     ExtraColumn("hilbert", "f4", 2),
     ExtraColumn("conf", "f4"),
@@ -85,6 +86,7 @@ class Compute(Stage):
         self.states = streams.StreamStates(self.window + self.ngram - 1, self.probe_window if k else 0, k)
         self.counts = {"batches": 0, "tokens": 0, "repetitions": 0, "cancels": 0, "cancel_errors": 0}
         self.busy_ns = 0
+        self.sizes: dict[tuple[int, int], int] = {}  # output record bytes per (rows, text bytes)
         self.requests: RequestClient | None = None
 
     # ---- the duty cycle -------------------------------------------------------------------
@@ -129,7 +131,10 @@ class Compute(Stage):
         merged = first if len(group) == 1 else _Merged([batch for _, _, batch in group])
         text_bytes = len(merged.text)
         # claimed before computing: a batch that waits for room must not advance the running state twice
-        target = self.out.try_claim(batch_size(merged.rows, text_bytes, self.columns))
+        size = self.sizes.get((merged.rows, text_bytes))
+        if size is None:  # batch_size walks the columns: asked once per shape
+            size = self.sizes[(merged.rows, text_bytes)] = batch_size(merged.rows, text_bytes, self.columns)
+        target = self.out.try_claim(size)
         if target is None:
             del merged, first, view
             group.clear()
@@ -165,8 +170,8 @@ class Compute(Stage):
             ids = batch.token_id if every else batch.token_id[tokens]
             lps = batch.logprob if every else batch.logprob[tokens]
             self._per_token(ids, lps, values, tokens, every)
-        if count == 1 == batch.rows and self.kernels.device is None and self.table is None:
-            self._one_token(batch, values)  # a paced stream's usual record
+        if batch.rows <= _SMALL_RECORD and self.kernels.device is None and self.table is None:
+            self._row_by_row(batch, values)  # a paced stream's usual record
         else:
             self._per_stream(batch, values, None if every else kind == _TOKEN)
         self.counts["batches"] += 1
@@ -228,44 +233,54 @@ class Compute(Stage):
             if len(ended):
                 self.states.drop(np.unique(batch.stream_id[ended]).tolist())
 
-    def _one_token(self, batch: BatchColumns, values: dict[str, np.ndarray]) -> None:
-        """:meth:`_per_stream` of a record of one token row, in scalar arithmetic (the same values:
-        tests/test_compute_stage.py compares them): at one row, numpy's cost per call would be most
-        of the record's."""
-        sid = int(batch.stream_id[0])
+    def _row_by_row(self, batch: BatchColumns, values: dict[str, np.ndarray]) -> None:
+        """:meth:`_per_stream` of a small record (at most ``_SMALL_RECORD`` rows), one row after
+        the other in scalar arithmetic, with the same values (tests/test_compute_stage.py compares
+        them): at a few rows, numpy's fixed cost per call would be most of the record's. As there,
+        a stream's state goes at the end of the record that ends it."""
         state = self.states
-        slot = int(state.slots([sid])[0])
-        nll, counted, position = state.running[slot].tolist()
-        logprob = float(batch.logprob[0])
-        if logprob == logprob:  # not NaN
-            nll, counted = nll - logprob, counted + 1
-        state.running[slot] = (nll, counted, position + 1)
-        values["ppl"][0] = math.exp(nll / counted) if counted else 0.0
-        position = int(position)  # this token's index in its stream
-        history = state.history[slot]  # [ids | flags, window + ngram - 1]
-        kept, ngram, window = history.shape[1], self.ngram, self.window
-        token = batch.token_id[0]
-        match = False
-        reach = min(window, position - (ngram - 1))  # n-grams back that lie within the stream
-        if reach >= 1:  # the window's n-grams as bytes: find this one at a 4-byte boundary
-            ids = history[0].tobytes() + token.tobytes()
-            gram = ids[-4 * ngram :]
-            at = ids.find(gram, 4 * (kept - ngram + 1 - reach), 4 * kept)
-            while at % 4 and at >= 0:
-                at = ids.find(gram, at + 1, 4 * kept)
-            match = at >= 0
-        # flags are 0 or 1 in u32 words: their count of 0x01 bytes is their sum
-        total = history[1, kept - window + 1 :].tobytes().count(1) + match
-        share = float(np.float32(total / min(position + 1, window)))
-        history[:, :-1] = history[:, 1:]
-        history[0, -1] = token
-        history[1, -1] = match
-        values["rep"][0] = share
-        fired = share >= self.threshold32
-        values["repflag"][0] = fired
-        if fired and not state.fired[slot]:
-            state.fired[slot] = True
-            self._fired(sid, share)
+        ngram, window = self.ngram, self.window
+        kept = state.history.shape[2]
+        ended = []
+        kinds, sids, logprobs = batch.kind.tolist(), batch.stream_id.tolist(), batch.logprob.tolist()
+        for i, (kind, sid, logprob) in enumerate(zip(kinds, sids, logprobs, strict=True)):
+            slot = int(state.slots([sid])[0])
+            nll, counted, position = state.running[slot].tolist()
+            if kind != _TOKEN:
+                values["ppl"][i] = math.exp(nll / counted) if counted else 0.0
+                if kind >= _END:
+                    ended.append(sid)
+                continue
+            if logprob == logprob:  # not NaN
+                nll, counted = nll - logprob, counted + 1
+            state.running[slot] = (nll, counted, position + 1)
+            values["ppl"][i] = math.exp(nll / counted) if counted else 0.0
+            position = int(position)  # this token's index in its stream
+            history = state.history[slot]  # [ids | flags, window + ngram - 1]
+            token = batch.token_id[i]
+            match = False
+            reach = min(window, position - (ngram - 1))  # n-grams back that lie within the stream
+            if reach >= 1:  # the window's n-grams as bytes: find this one at a 4-byte boundary
+                ids = history[0].tobytes() + token.tobytes()
+                gram = ids[-4 * ngram :]
+                at = ids.find(gram, 4 * (kept - ngram + 1 - reach), 4 * kept)
+                while at % 4 and at >= 0:
+                    at = ids.find(gram, at + 1, 4 * kept)
+                match = at >= 0
+            # flags are 0 or 1 in u32 words: their count of 0x01 bytes is their sum
+            total = history[1, kept - window + 1 :].tobytes().count(1) + match
+            share = float(np.float32(total / min(position + 1, window)))
+            history[:, :-1] = history[:, 1:]
+            history[0, -1] = token
+            history[1, -1] = match
+            values["rep"][i] = share
+            fired = share >= self.threshold32
+            values["repflag"][i] = fired
+            if fired and not state.fired[slot]:
+                state.fired[slot] = True
+                self._fired(sid, share)
+        if ended:
+            self.states.drop(list(dict.fromkeys(ended)))
 
     def _token_streams(self, batch, values, order, group, sums, token, before, slots, sids) -> None:
         """The windowed columns of the token rows (``order``: the rows in stream order, None: as
