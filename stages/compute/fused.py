@@ -89,13 +89,13 @@ _TINY = np.array(np.finfo(np.float32).smallest_subnormal)
 
 
 def pair_keys(ids: np.ndarray) -> np.ndarray:
-    """u64 per position: the id before it in the high half, its own in the low half (the first
-    position's high half 0): two ids compared in one go, exactly."""
-    keys = np.empty(len(ids), dtype=np.uint64)
-    halves = keys.view(np.uint32).reshape(-1, 2)  # little-endian: [low, high]
-    halves[:, 0] = ids
-    halves[0, 1] = 0
-    halves[1:, 1] = ids[:-1]
+    """u64 per position (of each row of ``ids``, [..., L]): the id before it in the high half, its
+    own in the low half (a row's first position: high half 0): two ids compared in one go, exactly."""
+    keys = np.empty(ids.shape, dtype=np.uint64)
+    halves = keys.view(np.uint32).reshape(*ids.shape, 2)  # little-endian: [low, high]
+    halves[..., 0] = ids
+    halves[..., 0, 1] = 0
+    halves[..., 1:, 1] = ids[..., :-1]
     return keys
 
 
@@ -110,14 +110,14 @@ def _key_offsets(ngram: int) -> list[int]:
     return offsets
 
 
-def repetition(joined: np.ndarray, start: np.ndarray | None, limit: np.ndarray, ngram: int, window: int) -> np.ndarray:
-    """bool per query: :func:`kernels.repetition_match` where each stream's part of ``joined``
-    (contiguous) begins with its row of ids, K = window + ngram - 1 of history then its new ones;
-    a query's n-gram ends at flat position ``start + K`` (``start``: index into the raveled array;
-    None: the queries are the first stream's new ids, in order) and ``limit`` is how far back (in
-    n-grams) it may look without leaving its stream (its position in the stream - ngram + 1)."""
-    flat = joined.reshape(-1)
-    values = flat if ngram == 1 else pair_keys(flat)  # ids, or pairs of ids
+def repetition(ids: np.ndarray, start: np.ndarray | None, limit: np.ndarray, ngram: int, window: int) -> np.ndarray:
+    """bool per query: :func:`kernels.repetition_match` where each row of ``ids`` ([streams, K +
+    new]) holds a stream's ids, K = window + ngram - 1 of history then its new ones; a query's
+    n-gram ends at flat position ``start + K`` of the rows laid end to end (``start``: None when
+    the queries are the first row's new ids, in order) and ``limit`` is how far back (in n-grams)
+    it may look without leaving its stream (its position in the stream - ngram + 1)."""
+    values = np.ascontiguousarray(ids) if ngram == 1 else pair_keys(ids)  # ids, or pairs of ids
+    values = values.reshape(-1)
     offsets = _key_offsets(ngram)
     reach = offsets[-1]  # the farthest pair back from an n-gram's end
     item = values.itemsize

@@ -227,7 +227,8 @@ class Compute(Stage):
         np.exp(ppl, out=ppl, where=some)
         values["ppl"][slice(None) if order is None else order] = ppl  # so far in its stream: on END, the final one
         if is_token is None or is_token.any():
-            self._token_streams(batch, values, order, group, sums, token, before, slots, sids)
+            counts = lasts - starts + 1 if is_token is None else None  # each stream's rows
+            self._token_streams(batch, values, order, group, sums, token, before, slots, sids, counts)
         if is_token is not None:
             ended = np.flatnonzero(batch.kind >= _END)  # END or ERROR: the stream's state goes
             if len(ended):
@@ -282,10 +283,10 @@ class Compute(Stage):
         if ended:
             self.states.drop(list(dict.fromkeys(ended)))
 
-    def _token_streams(self, batch, values, order, group, sums, token, before, slots, sids) -> None:
+    def _token_streams(self, batch, values, order, group, sums, token, before, slots, sids, counts) -> None:
         """The windowed columns of the token rows (``order``: the rows in stream order, None: as
         they are; ``group`` each sorted row's stream; ``sums`` the running sums, the token count last;
-        ``token`` which sorted rows are tokens, None: all)."""
+        ``token`` which sorted rows are tokens, None: all; ``counts`` tokens per stream, None: count them)."""
         picked = None if token is None else np.flatnonzero(token)
         position = (sums[:, 2] if picked is None else sums[picked, 2]).astype(np.intp)
         position -= 1  # each token's index in its stream
@@ -300,16 +301,17 @@ class Compute(Stage):
             rows = order if picked is None else order[picked]
             group = group if picked is None else group[picked]
             at = position - seen[group]
-            counts = np.bincount(group, minlength=len(slots))
+            if counts is None:
+                counts = np.bincount(group, minlength=len(slots))
         tokens = streams.Tokens(rows, group, position, at, slots, seen, counts, single)
         state = self.states
         kept = state.history.shape[-1]
         joined = streams.extend(state.history, tokens)  # [streams, ids | flags, history + new]
         streams.put(joined, tokens, kept, 0, batch.token_id[rows])
         limit = position - (self.ngram - 1)  # how many n-grams back stay within the stream
+        start = None if single else group * joined.shape[2] + at  # each token in the rows of ids laid end to end
         if self.kernels.device is None:
-            start = None if single else group * joined[0].size + at
-            match = fused.repetition(joined, start, limit, self.ngram, self.window)
+            match = fused.repetition(joined[:, 0], start, limit, self.ngram, self.window)
         else:  # the kernel's form: every stream's row of ids, its history then its new tokens
             row_at = np.arange(len(slots)) * joined[0].size
             query = (row_at[group] + kept + at).astype(np.uint32)
@@ -318,7 +320,7 @@ class Compute(Stage):
             match = self.kernels.run("repetition", inputs, {"ngram": self.ngram, "window": self.window})["match"]
         streams.put(joined, tokens, kept, 1, match)
         streams.keep(state.history, tokens, joined)
-        share = streams.window_mean(joined[:, 1:], tokens, kept, self.window).reshape(-1)
+        share = streams.flag_share(joined[:, 1], tokens, start, kept, self.window)
         fired = share >= self.threshold
         values["rep"][rows] = share
         values["repflag"][rows] = fired

@@ -133,6 +133,21 @@ def keep(history: np.ndarray, tokens: Tokens, joined: np.ndarray) -> None:
     history[tokens.slots] = windows[np.arange(len(counts)), :, counts]
 
 
+def flag_share(flags: np.ndarray, tokens: Tokens, start: np.ndarray | None, width: int, window: int) -> np.ndarray:
+    """f32 per token: the share of 1s among its stream's last ``window`` match flags (fewer at the
+    stream's start), from ``flags`` ([streams, width + new] of 0 or 1; ``start``: each token's
+    index in the rows laid end to end, less ``width``; None: one stream)."""
+    sums = np.add.accumulate(flags, axis=1)  # integers: exact, and no conversion
+    if start is None:
+        total = sums[0, width:] - sums[0, width - window : width - window + len(tokens.at)]
+    else:
+        sums = sums.reshape(-1)
+        total = sums[start + width] - sums[start + (width - window)]
+    if tokens.position.min() >= window - 1:  # the usual case: every token has a full window behind it
+        return (total / window).astype(np.float32)
+    return (total / np.minimum(tokens.position + 1, window)).astype(np.float32)
+
+
 def window_mean(joined: np.ndarray, tokens: Tokens, width: int, window: int) -> np.ndarray:
     """[n, channels]: the mean of each new value of ``joined`` (after ``width`` history columns)
     with the ones before it in its stream, over the last ``window`` (fewer at the stream's start)."""
