@@ -203,6 +203,12 @@ def cpu_per_token(before: dict[str, float], after: dict[str, float], tokens: int
     return {f"{name}_cpu_us_per_token": round((after[name] - before[name]) * 1e6 / tokens, 2) for name in before}
 
 
+def rows_per_record(before: dict[str, Any], after: dict[str, Any]) -> float:
+    """Mean rows per ring record the sink received between two readings of its counters."""
+    records = after["batches"] - before["batches"]
+    return round((after["messages"] - before["messages"]) / records, 1) if records else 0.0
+
+
 def unpaced_run(load: Load, streams: int, tokens: int) -> dict[str, Any]:
     cpu = load.cpu_s()
     began, first = time.monotonic(), load.cursor()
@@ -234,7 +240,7 @@ def steady_bytes_per_s(samples: list[tuple[float, int]], first: int) -> float:
 
 
 def paced_run(load: Load, streams: int, rate: float, tokens: int) -> dict[str, Any]:
-    cpu = load.cpu_s()
+    cpu, sink = load.cpu_s(), load.stats("sink")
     total = load.submit(streams, tokens)
     first = total - streams * tokens
     # Read the latency window while every stream is still running (past the start-up burst).
@@ -253,6 +259,7 @@ def paced_run(load: Load, streams: int, rate: float, tokens: int) -> dict[str, A
         "latency_p50_us": stats.get("latency_p50_us", 0.0),
         "latency_p99_us": stats.get("latency_p99_us", 0.0),
         **cpu_per_token(cpu, load.cpu_s(), streams * tokens),
+        "rows_per_record": rows_per_record(sink, load.settle()),
     }
 
 
@@ -352,6 +359,7 @@ _PACED_COLUMNS: tuple[report.Column, ...] = (
     ("load_tokens_per_s", "tokens/s total", "{:,.0f}"),
     ("latency_p50_us", "added p50 µs", "{:.1f}"),
     ("latency_p99_us", "added p99 µs", "{:.1f}"),
+    ("rows_per_record", "rows/record", "{:.1f}"),
     ("ingest_cpu_us_per_token", "ingest CPU µs/token", "{:.1f}"),
     ("upstream_cpu_us_per_token", "upstream CPU µs/token", "{:.1f}"),
 )

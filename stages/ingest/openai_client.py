@@ -34,6 +34,7 @@ import aiohttp
 import orjson
 
 from shm.batch import stable_token_id
+from stages.ingest import http_stream
 from stages.ingest.sse import SSEParser
 
 __all__ = [
@@ -227,12 +228,30 @@ async def relay_completion(
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=idle_timeout_s)
     request_headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **(headers or {})}
     decoder = _ChunkDecoder(chat=endpoint == "chat")
+    reader = _BodyReader(decoder, sink)
+    payload = orjson.dumps({**body, "stream": True})
+    if url.startswith("http://"):  # the fast path: a bare protocol, no aiohttp per read
+        try:
+            await http_stream.post_stream(
+                url,
+                payload,
+                request_headers,
+                reader,
+                connect_timeout_s=connect_timeout_s,
+                idle_timeout_s=idle_timeout_s,
+            )
+        except UpstreamError as err:
+            err.before_first_token = decoder.tokens == 0
+            raise
+        except http_stream.HttpError as err:
+            raise _status_error(err.status, err.reason, err.content_type, err.body) from None
+        except http_stream.TransportError as err:
+            raise _connection_error(err, url, connect_timeout_s, idle_timeout_s, decoder) from None
+        return reader.end
     try:
-        async with session.post(
-            url, data=orjson.dumps({**body, "stream": True}), headers=request_headers, timeout=timeout
-        ) as resp:
+        async with session.post(url, data=payload, headers=request_headers, timeout=timeout) as resp:
             await _check_response(resp)
-            return await _relay_body(resp, decoder, sink)
+            return await _relay_body(resp, reader)
     except UpstreamError as err:
         err.before_first_token = decoder.tokens == 0
         raise
@@ -248,6 +267,18 @@ async def relay_completion(
         raise _transport_error(f"connection to {url} lost: {exc}", decoder) from None
     except aiohttp.ClientError as exc:
         raise _transport_error(f"request to {url} failed: {type(exc).__name__}: {exc}", decoder) from None
+
+
+def _connection_error(
+    err: http_stream.TransportError, url: str, connect_timeout_s: float, idle_timeout_s: float, decoder: _ChunkDecoder
+) -> UpstreamError:
+    if err.kind == "closed":
+        return decoder.closed_error()
+    if err.kind == "connect":
+        return _transport_error(f"cannot connect to {url}: {err}", decoder)
+    if err.kind == "idle":
+        return _transport_error(f"idle timeout: no data from {url} for {idle_timeout_s} s", decoder)
+    return _transport_error(f"connection to {url} lost: {err}", decoder)
 
 
 def _transport_error(message: str, decoder: _ChunkDecoder) -> UpstreamError:
@@ -267,22 +298,25 @@ def _retryable_code(code: Any) -> bool:
 
 
 async def _check_response(resp: aiohttp.ClientResponse) -> None:
-    """Raise for an HTTP error, naming the status and the message of its body (OpenAI's
-    ``{"error": {"message"}}``, vLLM's ``{"message"}``, LM Studio's ``{"error": "..."}``, text)."""
-    if resp.status == 200:
-        if resp.content_type == "application/json":  # a server that ignored "stream": true
-            raw = await resp.content.read(ERROR_BODY_LIMIT)
-            raise UpstreamError(f"HTTP 200 without a stream: {_body_message(raw)}", retryable=False, status=200)
+    """Raise for an HTTP error or a response that is not a stream."""
+    if resp.status == 200 and resp.content_type != "application/json":
         return
     try:
         raw = await resp.content.read(ERROR_BODY_LIMIT)
     except aiohttp.ClientError:
         raw = b""
-    reason = f"HTTP {resp.status} {resp.reason or ''}".rstrip()
+    raise _status_error(resp.status, resp.reason or "", resp.content_type, raw)
+
+
+def _status_error(status: int, reason: str, content_type: str, raw: bytes) -> UpstreamError:
+    """The error of a response that is not a stream, naming the status and the message of its
+    body (OpenAI's ``{"error": {"message"}}``, vLLM's ``{"message"}``, LM Studio's
+    ``{"error": "..."}``, text)."""
+    if status == 200:  # a JSON answer: a server that ignored "stream": true
+        return UpstreamError(f"HTTP 200 without a stream: {_body_message(raw)}", retryable=False, status=200)
+    head = f"HTTP {status} {reason}".rstrip()
     message = _body_message(raw)
-    raise UpstreamError(
-        f"{reason}: {message}" if message else reason, retryable=_retryable_status(resp.status), status=resp.status
-    )
+    return UpstreamError(f"{head}: {message}" if message else head, retryable=_retryable_status(status), status=status)
 
 
 def _body_message(raw: bytes) -> str:
@@ -307,34 +341,64 @@ def _snippet(text: str) -> str:
     return text if len(text) <= _SNIPPET else text[:_SNIPPET] + "..."
 
 
-async def _relay_body(resp: aiohttp.ClientResponse, decoder: _ChunkDecoder, sink: TokenSink) -> StreamEnd:
-    """The response body, one read at a time: SSE events decoded into one :class:`Tokens` per read."""
-    parser = SSEParser(stop_at_unknown=True)
-    content = resp.content
-    while chunk := await content.readany():
+class _BodyReader:
+    """SSE and JSON of one response, a read at a time: each read's events decoded into one
+    :class:`Tokens` handed to the sink. ``feed`` returns the sink's awaitable or raises
+    :class:`UpstreamError`; ``complete`` once ``[DONE]`` came (``end`` then says how the stream
+    ended)."""
+
+    __slots__ = ("complete", "decoder", "end", "parser", "sink")
+
+    def __init__(self, decoder: _ChunkDecoder, sink: TokenSink) -> None:
+        self.decoder, self.sink = decoder, sink
+        self.parser = SSEParser(stop_at_unknown=True)
+        self.end: StreamEnd | None = None
+        self.complete = False
+
+    def feed(self, chunk: bytes) -> Awaitable[None] | None:
+        parser, decoder = self.parser, self.decoder
         events = parser.feed(chunk)
+        wait = failure = None
         if events:
             now = time.monotonic_ns()  # one read: every event in it arrived at the same time
             tokens = Tokens([], [], [], [], now)
-            done = False
             try:
                 for event in events:
                     if event.data == "[DONE]":
-                        done = True
+                        self.end = StreamEnd(decoder.finish_reason, decoder.usage, now)
+                        self.complete = True
                         break
                     decoder.decode(event.event, event.data, tokens)
-            finally:  # the events before a bad chunk still count: delivered, then the failure
-                if tokens.texts:
-                    decoder.tokens += len(tokens.texts)
-                    wait = sink(tokens)
-                    if wait is not None:
-                        await wait
-            if done:
-                await _drain(resp)
-                return StreamEnd(decoder.finish_reason, decoder.usage, now)
-        if parser.unknown_line is not None:
-            raise _unknown_line_error(parser.unknown_line)
-    raise decoder.closed_error()
+            except UpstreamError as exc:
+                failure = exc
+            if tokens.texts:
+                decoder.tokens += len(tokens.texts)
+                wait = self.sink(tokens)
+        if failure is None and not self.complete and parser.unknown_line is not None:
+            failure = _unknown_line_error(parser.unknown_line)
+        if failure is None:
+            return wait
+        if wait is None:
+            raise failure
+        return _raise_after(wait, failure)  # the tokens before the failure still count: delivered, then it
+
+
+async def _raise_after(wait: Awaitable[None], failure: Exception) -> None:
+    await wait
+    raise failure
+
+
+async def _relay_body(resp: aiohttp.ClientResponse, reader: _BodyReader) -> StreamEnd:
+    """The aiohttp path (https): the response body, one read at a time."""
+    content = resp.content
+    while chunk := await content.readany():
+        wait = reader.feed(chunk)
+        if wait is not None:
+            await wait
+        if reader.complete:
+            await _drain(resp)
+            return reader.end
+    raise reader.decoder.closed_error()
 
 
 async def _drain(resp: aiohttp.ClientResponse) -> None:

@@ -48,7 +48,7 @@ MAX_TOP_LOGPROBS = 20
 MAX_EVENTS_PER_WRITE = 16
 TICK_S = 0.001  # what is due within this goes out at the same tick: streams share ticks and timers
 MAX_SENDS_PER_TICK = 1024
-WRITE_HIGH_WATER = 256 * 1024  # bytes a client has not read yet beyond which its stream waits
+WRITE_HIGH_WATER = 64 * 1024  # bytes a client has not read yet beyond which its stream waits
 START_TIMEOUT_S = 30.0
 
 # Non-SSE lines injected by the `garbage` fault: what misbehaving servers really send (llama.cpp's
@@ -521,19 +521,23 @@ class _Ticker:
     def _tick(self) -> None:
         self._timer = None
         now = self._loop.time() + TICK_S
-        due = self._due
+        due, later = self._due, []
         for _ in range(MAX_SENDS_PER_TICK):  # then the loop's other work, and the next tick
             if not due or due[0][0] > now:
                 break
             _, _, emission = heapq.heappop(due)
             try:
-                later = emission.send(now)
+                when = emission.send(now)
             except Exception as exc:  # one broken stream must not stop the others
                 if not emission.done.done():
                     emission.done.set_exception(exc)
                 continue
-            if later is not None:
-                heapq.heappush(due, (later, next(self._order), emission))
+            if when is not None:
+                later.append((when, emission))
+        # One write per stream per tick, even when more is due (unpaced, behind schedule): the
+        # loop reads its sockets between ticks, as a stream awaiting its writes would let it.
+        for when, emission in later:
+            heapq.heappush(due, (when, next(self._order), emission))
         if due:
             self._schedule(due[0][0])
 
