@@ -15,11 +15,15 @@ allow_cpu_adapter (false), adapter (a device-name substring), hilbert_order (8),
 table "hashed" (rows 4096, dim 64) or a GGUF file path (its token_embd), seed 0, window 32},
 coalesce_rows (256: records waiting together are computed and written as one, up to this many rows).
 
-The backend is chosen at start (stages.compute.backends.open_kernels; docs/compute.md). A kernel
-that fails on the GPU is run again in numpy for that batch (counted in ``fallbacks``):
-no batch is lost. The input record is released only after its output is committed. Per-stream
-running state (perplexity sums, the repetition window) is in memory: after a restart of this
-worker a stream's running values start again from its next token.
+The backend (stages.compute.backends.open_kernels; docs/compute.md): with ``auto`` the worker is
+ready at once on numpy while a background thread looks for a wgpu adapter, adopted between
+records; on numpy the per-token kernels run fused (stages.compute.fused), records of up to
+``_SMALL_RECORD`` rows have their running columns computed row by row, larger ones vectorised over
+all their streams (stages.compute.streams). A kernel that fails on the GPU is run again in numpy
+for that batch (counted in ``fallbacks``): no batch is lost. The input record is released only
+after its output is committed. Per-stream running state (perplexity sums, the repetition window)
+is in memory: after a restart of this worker a stream's running values start again from its next
+token.
 """
 
 from __future__ import annotations
@@ -359,6 +363,8 @@ class Compute(Stage):
     def stats(self) -> dict[str, Any]:
         if not hasattr(self, "counts"):
             return {}
+        if self.kernels.probe is not None:  # between records (heartbeats): an idle worker adopts it too
+            self.kernels.adopt()
         per_batch = self.busy_ns / self.counts["batches"] / 1e3 if self.counts["batches"] else 0.0
         return {**self.counts, **self.kernels.stats(), "busy_us_per_batch": round(per_batch, 1)}
 
