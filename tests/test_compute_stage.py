@@ -471,11 +471,11 @@ def test_cancel_action_asks_ingest(rig, tmp_path):
         r.send(stream_rows(3, [4] * 8, [-0.1] * 8, end=False))
         asked = []
 
-        def answer():  # a stand-in for ingest: answers one request
+        def answer():  # a stand-in for ingest: answers one request (after its envelope: identity, call id)
             if router.poll(0):
-                identity, frame = router.recv_multipart()
+                *envelope, frame = router.recv_multipart()
                 asked.append(orjson.loads(frame))
-                router.send_multipart([identity, orjson.dumps({"type": "cancelled", "stream_id": 3})])
+                router.send_multipart([*envelope, orjson.dumps({"type": "cancelled", "stream_id": 3})])
             return asked
 
         thread = threading.Thread(target=lambda: wait_for(answer, 5, "a cancel request"))
