@@ -20,7 +20,6 @@ in every process) is when ingest stops waiting: a lookup the cache reads after i
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import time
 from typing import Any
@@ -29,6 +28,7 @@ import orjson
 import zmq
 
 from engine.control import load_object
+from engine.correlation import CorrelatedDealer
 
 MAX_MESSAGE_BYTES = 64 * 1024
 REQUESTS = ("lookup", "stats", "clear", "snapshot")
@@ -58,26 +58,17 @@ def parse_request(frame: bytes) -> dict[str, Any]:
     return msg
 
 
-_ids = itertools.count()
-
-
 class CacheClient:
-    """Synchronous requests to a cache worker: ``stats()``, ``clear()``, ``snapshot()``, ``lookup()``."""
+    """Synchronous requests to a cache worker: ``stats()``, ``clear()``, ``snapshot()``, ``lookup()``.
+    Replies are correlated (engine/correlation.py)."""
 
     def __init__(self, path: str, timeout_s: float = 5.0) -> None:
         if not os.path.exists(path):
             raise FileNotFoundError(f"no cache socket at {path} (is a cache worker of that name running?)")
-        self.timeout_ms = int(timeout_s * 1000)
-        self._sock = zmq.Context.instance().socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.IDENTITY, f"cache-client-{os.getpid()}-{next(_ids)}".encode())
-        self._sock.connect("ipc://" + path)
+        self._dealer = CorrelatedDealer("ipc://" + path, "cache", timeout_s)
 
     def call(self, msg_type: str, **fields: Any) -> dict[str, Any]:
-        self._sock.send(orjson.dumps({"type": msg_type, **fields}))
-        if not self._sock.poll(self.timeout_ms):
-            raise TimeoutError(f"cache did not answer {msg_type!r} within {self.timeout_ms} ms")
-        reply = orjson.loads(self._sock.recv())
+        reply = self._dealer.call({"type": msg_type, **fields})
         if reply.get("type") == "error":
             raise CacheProtocolError(str(reply.get("reason")))
         return reply
@@ -96,7 +87,7 @@ class CacheClient:
         return self.call("lookup", key=key, stream_id=stream_id, deadline_ns=deadline)["type"] == "hit"
 
     def close(self) -> None:
-        self._sock.close(0)
+        self._dealer.close()
 
     def __enter__(self) -> CacheClient:
         return self

@@ -13,14 +13,11 @@ the DEALER's identity). The stream id is assigned at once, before any upstream i
 
 from __future__ import annotations
 
-import itertools
 import os
 from typing import Any
 
-import orjson
-import zmq
-
 from engine.control import load_object
+from engine.correlation import CorrelatedDealer
 
 MAX_REQUEST_BYTES = 1 << 20
 MAX_MESSAGES = 512
@@ -119,26 +116,15 @@ def ingest_endpoint(runtime_dir: str) -> str:
     return f"ipc://{os.path.join(runtime_dir, SOCKET_NAME)}.sock"
 
 
-_ids = itertools.count()
-
-
 class RequestClient:
-    """A small synchronous client: ``submit`` returns the stream id, ``cancel`` cancels."""
+    """A small synchronous client: ``submit`` returns the stream id, ``cancel`` cancels. Replies
+    are correlated (engine/correlation.py): one that comes after its call timed out is dropped."""
 
     def __init__(self, endpoint: str, identity: str | None = None, timeout_s: float = 5.0) -> None:
-        self.timeout_ms = int(timeout_s * 1000)
-        self._ctx = zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        name = identity or f"client-{os.getpid()}-{next(_ids)}"
-        self._sock.setsockopt(zmq.IDENTITY, name.encode())
-        self._sock.connect(endpoint)
+        self._dealer = CorrelatedDealer(endpoint, "ingest", timeout_s, identity)
 
     def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
-        self._sock.send(orjson.dumps(msg))
-        if not self._sock.poll(self.timeout_ms):
-            raise TimeoutError(f"ingest did not answer within {self.timeout_ms} ms")
-        reply = orjson.loads(self._sock.recv())
+        reply = self._dealer.call(msg)
         if reply.get("type") == "rejected":
             raise RequestError(str(reply.get("reason")))
         return reply
@@ -153,7 +139,7 @@ class RequestClient:
         self._call({"type": "cancel", "stream_id": stream_id})
 
     def close(self) -> None:
-        self._sock.close(0)
+        self._dealer.close()
 
     def __enter__(self) -> RequestClient:
         return self

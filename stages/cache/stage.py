@@ -34,6 +34,7 @@ import orjson
 import zmq
 
 from engine.cache_protocol import CacheProtocolError, parse_request
+from engine.correlation import split_request
 from engine.stage import Stage, WorkerContext
 from shm.batch import RECORD_TYPE, BatchError, TokenBatch
 from stages.cache.collect import Collector
@@ -193,14 +194,15 @@ class Cache(Stage):
             except zmq.Again:
                 break
             served += 1
-            if len(frames) != 2:
-                continue  # not a DEALER's single-frame request
-            identity, frame = frames
+            request = split_request(frames)
+            if request is None:
+                continue  # not a DEALER's request
+            envelope, frame = request
             try:
                 reply = self._answer(parse_request(frame))
             except CacheProtocolError as exc:
                 reply = {"type": "error", "reason": str(exc)}
-            self.router.send_multipart((identity, orjson.dumps(reply)))
+            self.router.send_multipart([*envelope, orjson.dumps(reply)])
         return served
 
     def _answer(self, msg: dict[str, Any]) -> dict[str, Any]:

@@ -39,6 +39,7 @@ import zmq.asyncio
 
 from engine.cache_protocol import CacheLookup, socket_path
 from engine.cachekey import check_policy, key_for, producer_id
+from engine.correlation import split_request
 from engine.requests import RequestError, parse_request
 from engine.stage import AsyncStage, WorkerContext, wait_writable
 from shm.batch import Kind, TokenBatch, stable_token_id
@@ -131,12 +132,15 @@ class Ingest(AsyncStage):
     async def _serve(self, sock) -> None:
         while not (self.ctx.draining and not self.tasks):
             try:
-                identity, frame = await asyncio.wait_for(sock.recv_multipart(), 0.2)
+                frames = await asyncio.wait_for(sock.recv_multipart(), 0.2)
             except TimeoutError:
                 continue
-            except ValueError:
-                continue  # not two frames: not a request from a DEALER
-            await sock.send_multipart((identity, orjson.dumps(self._handle(identity.decode(errors="replace"), frame))))
+            request = split_request(frames)
+            if request is None:
+                continue  # not a DEALER's request
+            envelope, frame = request
+            reply = self._handle(envelope[0].decode(errors="replace"), frame)
+            await sock.send_multipart([*envelope, orjson.dumps(reply)])
 
     def _handle(self, identity: str, frame: bytes) -> dict[str, Any]:
         try:
