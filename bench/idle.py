@@ -8,7 +8,10 @@ stime of ``/proc/<pid>/stat``, in clock ticks) and its voluntary context switche
 threads (each one is a sleep that ended in a wake-up) at the start and the end of the idle window,
 and reports CPU as a percentage of one core and wake-ups per second; it sleeps meanwhile. A
 process that busy-polls shows as whole percents and thousands of wake-ups. Two sizes, because an
-idle supervisor's work grows with the number of workers (each sends heartbeats).
+idle supervisor's work grows with the number of workers (each sends heartbeats). Then the default
+topology (no config file: the embedded upstream, ingest, compute, cache, broadcast), idle from the
+moment it reports running: the workers whose stages serve sockets (cache, broadcast) must park
+like the rest, not poll their sockets.
 
 Check: on the larger engine, idle, with its twelve rings attached at both ends, ``python -m
 engine.cli check --json --instance <id>`` runs several times: its wall time as an operator sees it
@@ -36,6 +39,7 @@ from .recovery import DOCS, BenchEngine, topology_toml, wait_for
 # Targets: the issue's for the supervisor; "well under a second" (DESIGN.md) for check.
 TARGET_SUPERVISOR_PCT = 1.0
 TARGET_CHECK_MS = 1000.0
+TARGET_WORKERS_PCT = 1.0  # issue 11: an idle engine's workers use ~no CPU
 
 TOKENS = 16  # one batch, then the source idles
 RELAYS = (1, 11)  # engine sizes: 3 workers and 2 rings, 13 workers and 12 rings (check runs on this one)
@@ -108,6 +112,16 @@ def _sum_row(name: str, rows: list[dict[str, Any]], elapsed: float) -> dict[str,
     return _usage_row(name, 0, Usage(0.0, 0), total, elapsed)
 
 
+def measure_default_topology(settings: Settings) -> dict[str, Any]:
+    """The default topology (an empty config), idle: CPU and wake-ups of each process."""
+    with BenchEngine("", "idle-default") as engine:
+        time.sleep(settings.settle_s)
+        result = {"workers": len(engine.workers()), "processes": idle_window(engine, settings)}
+    if engine.exit_code != 0:
+        raise BenchError(f"engine exited with code {engine.exit_code} when stopped")
+    return result
+
+
 def measure_engine(relays: int, settings: Settings, time_check: bool) -> dict[str, Any]:
     """Start an engine with ``relays`` relays, let it go idle and measure its processes; with
     ``time_check``, then time ``neuralpipe check`` against its rings."""
@@ -167,7 +181,7 @@ def _process(engine: dict[str, Any], name: str) -> dict[str, Any]:
     return next(p for p in engine["processes"] if p["process"] == name)
 
 
-def targets(engines: list[dict[str, Any]], check: dict[str, Any]) -> list[dict[str, Any]]:
+def targets(engines: list[dict[str, Any]], check: dict[str, Any], default: dict[str, Any]) -> list[dict[str, Any]]:
     found = []
     for engine in engines:
         pct = _process(engine, "supervisor")["cpu_pct"]
@@ -179,6 +193,15 @@ def targets(engines: list[dict[str, Any]], check: dict[str, Any]) -> list[dict[s
                 "met": pct < TARGET_SUPERVISOR_PCT,
             }
         )
+    workers_pct = _process(default, "workers (all)")["cpu_pct"]
+    found.append(
+        {
+            "target": "idle workers CPU, default topology (all together)",
+            "goal": f"< {TARGET_WORKERS_PCT:g} % of a core",
+            "value": workers_pct,
+            "met": workers_pct < TARGET_WORKERS_PCT,
+        }
+    )
     found.append(
         {
             "target": "check wall time (max)",
@@ -199,6 +222,7 @@ def main(as_json: bool = False, quick: bool = False) -> dict[str, Any]:
     info, load_before = report.machine(), report.load()
     engines = [measure_engine(relays, settings, time_check=relays == RELAYS[-1]) for relays in RELAYS]
     check = engines[-1].pop("check")
+    default = measure_default_topology(settings)
     result = {
         "benchmark": "idle",
         "machine": info,
@@ -207,7 +231,8 @@ def main(as_json: bool = False, quick: bool = False) -> dict[str, Any]:
         "settings": asdict(settings),
         "engines": engines,
         "check": check,
-        "targets": targets(engines, check),
+        "default_topology": default,
+        "targets": targets(engines, check, default),
     }
     _print(result, as_json)
     if not quick:
@@ -270,6 +295,14 @@ def _window_line(result: dict[str, Any], engine: dict[str, Any]) -> str:
     )
 
 
+def _default_line(result: dict[str, Any]) -> str:
+    settings = result["settings"]
+    return (
+        f"Idle default topology (no config file: embedded upstream, ingest, compute, cache, broadcast), "
+        f"over {settings['idle_s']:g} s after a {settings['settle_s']:g} s pause once running:"
+    )
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The generated section of docs/recovery.md for this result: the small engine's processes,
     then the supervisor's cost by engine size."""
@@ -284,6 +317,10 @@ def markdown(result: dict[str, Any]) -> str:
             "By engine size:",
             "",
             report.markdown_table(_size_rows(result), _SIZE_COLUMNS),
+            "",
+            _default_line(result),
+            "",
+            report.markdown_table(result["default_topology"]["processes"], _COLUMNS),
             "",
             _check_line(result),
             "",
@@ -303,6 +340,9 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
         click.echo(report.text_table(engine["processes"], _COLUMNS))
     click.echo()
     click.echo(report.text_table(_size_rows(result), _SIZE_COLUMNS))
+    click.echo()
+    click.echo(_default_line(result))
+    click.echo(report.text_table(result["default_topology"]["processes"], _COLUMNS))
     click.echo()
     click.echo(_check_line(result))
     for line in report.target_lines(result["targets"], "{:g}".format):

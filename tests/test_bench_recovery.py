@@ -97,9 +97,12 @@ def test_idle_quick_measures_every_process_and_check() -> None:
     assert check["rings"] == 12 and check["runs"] == 3
     assert all(map(_positive, [*check["wall_ms"].values(), *check["elapsed_ms"].values()])), check
     assert check["statuses"] == ["healthy"]
+    default = {row["process"]: row for row in result["default_topology"]["processes"]}
+    assert {"supervisor", "ingest", "compute", "cache", "broadcast", "workers (all)"} <= set(default)
     assert [t["target"] for t in result["targets"]] == [
         "idle supervisor CPU, 3 workers",
         "idle supervisor CPU, 13 workers",
+        "idle workers CPU, default topology (all together)",
         "check wall time (max)",
     ]
     assert _generated_files() == before
