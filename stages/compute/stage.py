@@ -225,10 +225,14 @@ class Compute(Stage):
         else:
             sums += (before - sums[starts] + steps[starts])[group]
         running[slots] = sums[lasts]
-        ppl = np.zeros(n)
-        some = sums[:, 1] > 0
-        np.divide(sums[:, 0], sums[:, 1], out=ppl, where=some)
-        np.exp(ppl, out=ppl, where=some)
+        if sums[:, 1].min() > 0:  # the usual case: every row's stream has had a logprob
+            ppl = sums[:, 0] / sums[:, 1]
+            np.exp(ppl, out=ppl)
+        else:
+            ppl = np.zeros(n)
+            some = sums[:, 1] > 0
+            np.divide(sums[:, 0], sums[:, 1], out=ppl, where=some)
+            np.exp(ppl, out=ppl, where=some)
         values["ppl"][slice(None) if order is None else order] = ppl  # so far in its stream: on END, the final one
         if is_token is None or is_token.any():
             counts = lasts - starts + 1 if is_token is None else None  # each stream's rows
