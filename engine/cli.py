@@ -394,9 +394,12 @@ def submit(
     follow: bool,
     as_json: bool,
 ) -> None:
-    """Submit a chat prompt to the engine's ingest; prints the new stream id at once."""
+    """Submit a chat prompt to the engine's ingest; prints the new stream id at once. With --follow
+    the exit code says how the stream ended: 0 complete, 1 ended by an error."""
     from engine.requests import RequestClient, RequestError, ingest_endpoint
 
+    if not prompt.strip():
+        raise click.BadParameter("the prompt is empty", param_hint="PROMPT")
     info = _engine(path, instance)
     body: dict = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
     if model:
@@ -408,13 +411,20 @@ def submit(
             stream_id = client.submit(body)
     except (RequestError, TimeoutError) as exc:
         raise click.ClickException(str(exc)) from None
-    _emit({"stream_id": stream_id}, as_json, f"stream {stream_id}")
+    if as_json and follow:  # JSON lines only: the stream id is one line like the ones after it
+        import orjson
+
+        click.echo(orjson.dumps({"stream_id": stream_id}).decode())
+    else:
+        _emit({"stream_id": stream_id}, as_json, f"stream {stream_id}")
     if follow:
         from engine.consumer import StreamConsumer
         from engine.tail import follow as print_stream
 
         with StreamConsumer.for_engine(info["runtime_dir"], stream_id) as consumer:
-            print_stream(consumer, "json" if as_json else "text", _write, one_stream=True)
+            ended = print_stream(consumer, "json" if as_json else "text", _write, one_stream=True)
+        if ended != "end":
+            raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -14,21 +14,23 @@ from engine.consumer import StreamConsumer
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
 
 
-def follow(consumer: StreamConsumer, fmt: str, write: Callable[[str], None], one_stream: bool) -> int:
-    """Print messages until the stream ends (one stream) or forever; returns tokens printed.
+def follow(consumer: StreamConsumer, fmt: str, write: Callable[[str], None], one_stream: bool) -> str | None:
+    """Print messages until the stream ends (one stream) or forever; returns how the last message
+    printed ended its stream ("end" or "error"; None when no stream ended).
 
     ``text``: one stream's tokens run together as they come; with every stream, one line per
     message prefixed by its stream id. ``json``: one object per token and per start/end/error."""
-    tokens = 0
+    ended = None
     for message in consumer.messages():
-        tokens += len(message.text)
+        if message.type in ("end", "error"):
+            ended = message.type
         if fmt == "json":
             write(_json_lines(message))
         elif one_stream:
             write(_stream_text(message))
         else:
             write(f"[{message.stream}] {_stream_text(message).strip()}\n")
-    return tokens
+    return ended
 
 
 def _stream_text(message: wire.Message) -> str:

@@ -1,0 +1,48 @@
+"""`neuralpipe submit --follow` as a user runs it: JSON lines only with --json, the exit code says
+how the stream ended, an empty prompt is refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import orjson
+import pytest
+from engine_harness import full_config
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def submit(engine, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", "submit", *args, "--config", str(engine.config_path)],
+        env=engine.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_follow_json_prints_json_lines_only_and_exits_0_on_a_complete_stream(start_engine):
+    engine = start_engine(full_config())
+    done = submit(engine, "hello there", "--max-tokens", "8", "--follow", "--json")
+    assert done.returncode == 0, done.stderr
+    lines = [orjson.loads(line) for line in done.stdout.splitlines()]  # every line is JSON
+    assert "stream_id" in lines[0]
+    assert lines[-1]["type"] == "end" and sum(line.get("type") == "tokens" for line in lines) >= 1
+
+
+def test_follow_exits_1_when_the_stream_ends_in_an_error(start_engine):
+    # the upstream drops every connection after 3 tokens: the stream ends with an explicit error
+    config = full_config().replace("tokens_per_s = 0 }", 'tokens_per_s = 0, faults = "disconnect_after=3" }')
+    engine = start_engine(config)
+    done = submit(engine, "cut me off", "--max-tokens", "20", "--temperature", "0.9", "--follow")
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "[error:" in done.stdout
+
+
+def test_an_empty_prompt_is_refused(start_engine):
+    engine = start_engine(full_config())
+    done = submit(engine, "   ")
+    assert done.returncode == 2 and "the prompt is empty" in done.stderr
