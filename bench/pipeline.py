@@ -8,8 +8,8 @@ per stream so that ``streams`` streams together offer ``offered`` tokens/s. Once
 ready and a warm-up stream went through, the streams (distinct prompts, no cache hit, a fixed
 length, ``ignore_eos``) are submitted through engine/requests.py's RequestClient, their starts
 spread over one token interval (chats do not start in lockstep). A consumer process
-(engine/consumer.py's StreamConsumer on the binary broadcast socket) reads continuously from
-before the load until its end and stamps each message as it comes.
+(engine/consumer.py's StreamConsumer, ``batches()`` of every stream on the binary broadcast
+socket) reads continuously from before the load until its end and stamps each batch as it comes.
 
 Every figure covers the steady window only: from ``warmup_s`` after the first submit (start-up,
 first connections, the streams' first tokens: left out; or from the last submit, if later) to when
@@ -137,38 +137,41 @@ params.sndhwm = 1000000
 
 
 def _consume(runtime_dir: str, conn: Any) -> None:
-    """Consumer process: read the broadcast continuously, keeping each tokens message's ``recv_ns``
-    column and the moment it came, and counting the streams that ended (``end`` or ``error``);
-    between messages (every CONSUMER_LOOK_NS while busy) answer the bench: ``("wait", streams,
-    deadline)`` -> the streams ended since the last take, once that many have or at the deadline;
-    ``("take",)`` -> (recv_ns, arrival_ns, {"ended", "errors"}) since the last take; None -> exit."""
+    """Consumer process: read the broadcast's batches continuously (engine/consumer.py's
+    ``batches``: every stream's rows of one record, numpy columns), keeping the ``recv_ns`` of each
+    batch's token rows and the moment the batch came, and counting the streams that ended (end or
+    error rows); between batches (every CONSUMER_LOOK_NS while busy) answer the bench:
+    ``("wait", streams, deadline)`` -> the streams ended since the last take, once that many have
+    or at the deadline; ``("take",)`` -> (recv_ns, arrival_ns, {"ended", "errors"}) since the
+    last take; None -> exit."""
     import numpy as np
 
+    from engine import wire
     from engine.consumer import StreamConsumer
 
     stamps: list[np.ndarray] = []
     arrivals: list[int] = []
-    ended = {"end": 0, "error": 0}
+    ended = {"ended": 0, "errors": 0}
     waiting: tuple[int, float] | None = None
     with StreamConsumer.for_engine(runtime_dir, binary=True) as consumer:
 
         def done() -> bool:
-            return waiting is not None and ended["end"] + ended["error"] >= waiting[0]
+            return waiting is not None and ended["ended"] + ended["errors"] >= waiting[0]
 
         conn.send("ready")
         while True:
             look_at = time.monotonic_ns() + CONSUMER_LOOK_NS
-            for message in consumer.messages(idle_timeout_s=CONSUMER_LOOK_NS / 1e9):
+            for batch in consumer.batches(idle_timeout_s=CONSUMER_LOOK_NS / 1e9):
                 now = time.monotonic_ns()
-                if message.type == "tokens":
-                    stamps.append(message.columns["recv_ns"].copy())  # not a view that keeps the frame
-                    arrivals.append(now)
-                elif message.type in ended:
-                    ended[message.type] += 1
+                kind = batch.columns["kind"]
+                stamps.append(batch.columns["recv_ns"][kind == wire.TOKEN])  # a copy: not a view of the frame
+                arrivals.append(now)
+                ended["ended"] += int(np.count_nonzero(kind == wire.END))
+                ended["errors"] += int(np.count_nonzero(kind == wire.ERROR))
                 if now >= look_at or done():
                     break
             if waiting is not None and (done() or time.monotonic() >= waiting[1]):
-                conn.send(ended["end"] + ended["error"])
+                conn.send(ended["ended"] + ended["errors"])
                 waiting = None
             while conn.poll(0):
                 ask = conn.recv()
@@ -179,8 +182,8 @@ def _consume(runtime_dir: str, conn: Any) -> None:
                 else:
                     recv = np.concatenate(stamps).astype(np.int64) if stamps else np.empty(0, np.int64)
                     arrival = np.repeat(np.array(arrivals, np.int64), [len(s) for s in stamps])
-                    conn.send((recv, arrival, {"ended": ended["end"], "errors": ended["error"]}))
-                    stamps, arrivals, ended = [], [], {"end": 0, "error": 0}
+                    conn.send((recv, arrival, ended))
+                    stamps, arrivals, ended = [], [], {"ended": 0, "errors": 0}
 
 
 class Consumer:
