@@ -124,8 +124,10 @@ class AsyncStage(Stage):
 
 
 async def wait_readable(consumer: Consumer, timeout: float | None = None) -> bool:
-    """In a stage's event loop: wait until ``consumer`` has a record (True) or ``timeout`` passes."""
-    return await _wait_bell(consumer.prepare_wait, consumer.end_wait, consumer.data_bell.fileno(), timeout)
+    """In a stage's event loop: wait until ``consumer`` has a record (True) or ``timeout`` passes.
+    A wait that times out while a record was there counts a lost wake-up in the ring's header."""
+    missed = getattr(consumer, "missed_wakeup", None)  # the other transports have no header
+    return await _wait_bell(consumer.prepare_wait, consumer.end_wait, consumer.data_bell.fileno(), timeout, missed)
 
 
 async def wait_writable(producer: Producer, timeout: float | None = None) -> bool:
@@ -133,7 +135,7 @@ async def wait_writable(producer: Producer, timeout: float | None = None) -> boo
     return await _wait_bell(producer.prepare_wait, producer.end_wait, producer.space_bell.fileno(), timeout)
 
 
-async def _wait_bell(prepare, end, fd: int, timeout: float | None) -> bool:
+async def _wait_bell(prepare, end, fd: int, timeout: float | None, missed=None) -> bool:
     import asyncio  # only asyncio stages get here; duty-cycle workers never import it
 
     if not prepare():
@@ -146,7 +148,7 @@ async def _wait_bell(prepare, end, fd: int, timeout: float | None) -> bool:
         await asyncio.wait_for(rung, timeout)
         return True
     except TimeoutError:
-        return False
+        return missed is not None and missed()
     finally:
         loop.remove_reader(fd)
         end()

@@ -304,3 +304,42 @@ def test_only_the_block_strategy_parks_on_the_doorbell(name: str, kind: str, par
         consumer.data_bell = bell = _CountingBell(consumer.data_bell)
         assert consumer.read(timeout=0.1) is None
         assert (bell.waits > 0) == parks
+
+
+# ---------------------------------------------------------------------------------------------
+# what an idle worker spins on, and lost wake-ups on the asyncio path
+
+
+def test_cursor_probes_space_freed_and_missed_wakeup(name: str) -> None:
+    with h.make_ring(name, 4096) as ring, Producer.attach(name) as producer, Consumer.attach(name) as consumer:
+        assert consumer.missed_wakeup() is False  # empty: nothing was missed
+        while producer.try_claim(1000) is not None:
+            producer.commit(h.RECORD_TYPE)
+        assert producer.space_freed() is False
+        consumer.try_read()
+        assert producer.space_freed() is False  # read, not released: no room yet
+        consumer.release()
+        assert producer.space_freed() is True
+        assert consumer.missed_wakeup() is True  # records waiting: counted
+        assert ring.header().lost_wakeups == 1
+
+
+def test_wait_readable_counts_a_lost_wake_up(name: str, tmp_path) -> None:
+    from engine.stage import wait_readable
+
+    deaf = str(tmp_path / "deaf")
+    create_fifo(deaf)
+    with h.make_ring(name, 4096) as ring, Producer.attach(name) as producer, Consumer.attach(name) as consumer:
+        real_bell, consumer.data_bell = consumer.data_bell, Doorbell(deaf)  # rung by nobody
+
+        async def wait() -> bool:
+            asyncio.get_running_loop().call_later(0.05, producer.write, b"late", h.RECORD_TYPE)
+            return await wait_readable(consumer, timeout=0.5)
+
+        try:
+            assert asyncio.run(wait()) is True
+        finally:
+            consumer.data_bell.close()
+            consumer.data_bell = real_bell
+        assert ring.header().lost_wakeups == 1
+        assert bytes(consumer.try_read()[1]) == b"late"
