@@ -61,11 +61,12 @@ class Settings:
     sizes: tuple[int, ...]
     repeats: int
     stage_batches: int
+    stage_rounds: int  # baseline and this checkout alternated, per case
     startup_runs: int  # the first start, then restarts
 
 
-FULL = Settings(sizes=(1_000, 65_536, 1_048_576), repeats=3, stage_batches=3000, startup_runs=6)
-QUICK = Settings(sizes=(1_000, 16_384), repeats=1, stage_batches=300, startup_runs=2)
+FULL = Settings(sizes=(1_000, 65_536, 1_048_576), repeats=3, stage_batches=3000, stage_rounds=3, startup_runs=6)
+QUICK = Settings(sizes=(1_000, 16_384), repeats=1, stage_batches=300, stage_rounds=1, startup_runs=2)
 
 
 def kernel_call(kernel: str, n: int, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, int]]:
@@ -231,10 +232,12 @@ def time_stage(stage_ref: str, params: dict, rows: int, streams: int, records: i
     return samples[len(samples) // 10 :]  # the first tenth warms caches up
 
 
-def stage_medians(records: int) -> list[dict[str, float]]:
-    """Per case of :data:`STAGE_CASES`: p50 and p99 µs of the relay and of compute (numpy)."""
+def stage_medians(records: int, cases: tuple[int, ...] | None = None) -> list[dict[str, float]]:
+    """Per case of :data:`STAGE_CASES` (those of index in ``cases``, default all): p50 and p99 µs of
+    the relay and of compute (numpy)."""
     out = []
-    for rows, streams in STAGE_CASES:
+    for i in range(len(STAGE_CASES)) if cases is None else cases:
+        rows, streams = STAGE_CASES[i]
         relay = time_stage("stages.testing.relay:Relay", {}, rows, streams, records)
         compute = time_stage("stages.compute.stage:Compute", {"backend": "numpy"}, rows, streams, records)
         out.append(
@@ -272,14 +275,22 @@ def in_baseline(baseline: str, call: str) -> Any:
 
 
 def stage_rows(settings: Settings, baseline: str | None) -> list[dict[str, Any]]:
-    """The stage's time per record now and, with a baseline checkout, before, side by side."""
-    before = in_baseline(baseline, f"stage_medians({settings.stage_batches})") if baseline else None
-    now = stage_medians(settings.stage_batches)
+    """The stage's time per record now and, with a baseline checkout, before, side by side: case
+    by case, the baseline then this checkout, ``settings.stage_rounds`` times (the machine's load
+    drifts: alternating spreads it over both); each figure the median of the rounds' medians."""
     rows = []
-    for i, row in enumerate(now):
-        row = dict(row, added_p50_us=round(row["compute_p50_us"] - row["relay_p50_us"], 1))
-        row["before_p50_us"] = before[i]["compute_p50_us"] if before else None
-        row["speedup"] = round(before[i]["compute_p50_us"] / row["compute_p50_us"], 2) if before else None
+    for i in range(len(STAGE_CASES)):
+        now, before = [], []
+        for _ in range(settings.stage_rounds):
+            if baseline:
+                before += in_baseline(baseline, f"stage_medians({settings.stage_batches}, ({i},))")
+            now += stage_medians(settings.stage_batches, (i,))
+        row = {key: now[0][key] for key in ("rows", "streams")}
+        for key in ("relay_p50_us", "compute_p50_us", "compute_p99_us"):
+            row[key] = round(statistics.median(r[key] for r in now), 1)
+        row["added_p50_us"] = round(row["compute_p50_us"] - row["relay_p50_us"], 1)
+        row["before_p50_us"] = round(statistics.median(r["compute_p50_us"] for r in before), 1) if before else None
+        row["speedup"] = round(row["before_p50_us"] / row["compute_p50_us"], 2) if before else None
         rows.append(row)
     return rows
 

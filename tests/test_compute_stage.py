@@ -132,6 +132,18 @@ def test_a_restart_that_would_not_use_an_adapter_never_imports_wgpu(tmp_path, fi
     assert not out["probing"] and not out["wgpu"]
 
 
+def test_a_probe_that_fails_anywhere_leaves_numpy_with_the_reason(monkeypatch):
+    class Odd:  # an adapter whose info cannot be read
+        @property
+        def info(self):
+            raise RuntimeError("driver went away")
+
+    monkeypatch.setattr(gpu, "enumerate_adapters", lambda: [Odd()])
+    kernels = backends.open_kernels({}, JsonLogger("compute", "error"))
+    wait_for(kernels.adopt, 10, "the background probe")
+    assert kernels.device is None and "driver went away" in kernels.choice["reason"]
+
+
 def test_a_torn_memory_file_means_probing_again(tmp_path, monkeypatch):
     memory = tmp_path / "compute.adapters.json"
     memory.write_bytes(b'{"adapters": [')

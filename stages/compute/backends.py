@@ -138,21 +138,22 @@ class _Probe:
     def run(self) -> None:
         from stages.compute import gpu
 
+        try:
+            self.outcome = self._probe(gpu)
+        except Exception as exc:  # no loader, no wgpu-native library, a device that will not start
+            self.outcome = (None, gpu.Choice("numpy", f"wgpu unusable: {exc!r}"))
+
+    def _probe(self, gpu: Any) -> tuple[Backend | None, Any]:
         mode, allow_cpu, name = self.args
         try:
             adapters = gpu.enumerate_adapters()
-        except Exception as exc:  # no loader, no wgpu-native library
+        except Exception as exc:  # remembered: this machine cannot run wgpu at all
             _remember(self.memory, {"error": repr(exc)})
-            self.outcome = (None, gpu.Choice("numpy", f"wgpu unusable: {exc!r}"))
-            return
+            raise
         infos = [dict(a.info) for a in adapters]
         _remember(self.memory, {"adapters": infos})
         choice = gpu.choose_adapter(infos, mode, allow_cpu, name)
-        try:
-            device = gpu.open_device(adapters[choice.index]) if choice.backend == "wgpu" else None
-        except Exception as exc:  # a device that will not start
-            device, choice = None, gpu.Choice("numpy", f"wgpu unusable: {exc!r}")
-        self.outcome = (device, choice)
+        return (gpu.open_device(adapters[choice.index]) if choice.backend == "wgpu" else None), choice
 
 
 def _recalled_choice(remembered: dict[str, Any] | None, mode: str, allow_cpu: bool, name: str | None) -> Any:
