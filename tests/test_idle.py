@@ -224,3 +224,19 @@ def test_a_worker_between_records_idles_on_ring_cursors_not_on_its_stage(tmp_pat
         assert engine.stop() == 0
     finally:
         engine.kill_all()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["spin", "yield"])
+def test_workers_that_never_park_still_obey_control(tmp_path, instance: str, kind: str) -> None:
+    """`spin` and `yield` never sleep: the workers look at the control socket every
+    park_timeout_s, so pause, drain and stop still reach them."""
+    config = pipeline_config(rate=1000).replace("[ring_defaults]\n", f'[ring_defaults]\nwait = "{kind}"\n')
+    engine = Engine(tmp_path, config, instance).start()
+    try:
+        wait_for(lambda: engine.worker("sink")["processed"] > 20, 20, "records at the sink")
+        assert all(w["restarts"] == 0 for w in engine.status()["workers"])
+        assert engine.stop() == 0
+        assert '"event":"worker_drain_timeout"' not in engine.log()
+    finally:
+        engine.kill_all()
