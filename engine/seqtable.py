@@ -20,7 +20,9 @@ class SeqTable:
     def __init__(self, table: np.ndarray | None = None) -> None:
         """``table``: a ``(slots, 2)`` uint64 array to keep the state in (e.g. a file-backed one
         that outlives the process); a fresh one by default."""
-        self.table = np.zeros((SLOTS, 2), np.uint64) if table is None else table
+        self.state = np.zeros((SLOTS, 2), np.uint64) if table is None else table
+        # a plain view: a memmap's own indexing goes through Python (several µs a call)
+        self.table = self.state.view(np.ndarray)
         self.slots = len(self.table)
 
     def next_of(self, sid: int) -> int | None:
@@ -28,21 +30,25 @@ class SeqTable:
         owner, nxt = self.table[sid % self.slots]
         return int(nxt) if int(owner) == sid + 1 else None
 
-    def admit(self, sids: np.ndarray, seqs: np.ndarray, drop_seen: bool = True) -> tuple[np.ndarray, int]:
+    def admit(
+        self, sids: np.ndarray, seqs: np.ndarray, drop_seen: bool = True, grouped: tuple | None = None
+    ) -> tuple[np.ndarray, int]:
         """Mark the rows ``(sids[i], seqs[i])`` as seen; returns which rows are new (a seq at or
         beyond their stream's next; every row when not ``drop_seen``) and how many seqs the new
         rows skipped (rows that never came). Rows of a stream are in seq order within a batch."""
         n = len(sids)
         if not n:
             return np.ones(0, bool), 0
-        order, starts = stream_order(sids)
+        order, starts = grouped or stream_order(sids)
         uniq = sids[order[starts]]
         # distinct ids less than the table apart never share a slot (the usual case: no check)
         if int(uniq[-1]) - int(uniq[0]) >= self.slots and len(np.unique(uniq % self.slots)) < len(uniq):
             return self._admit_each(sids, seqs, drop_seen, uniq)
+        if len(starts) == n:  # every row its own stream (paced loads): no grouping needed
+            return self._admit_rows(sids, seqs, drop_seen)
         slots = uniq % np.uint64(self.slots)
-        owners, nexts = self.table[slots, 0], self.table[slots, 1]
-        floors = np.where(owners == uniq + np.uint64(1), nexts, np.uint64(0))
+        pairs = self.table[slots]
+        floors = np.where(pairs[:, 0] == uniq + np.uint64(1), pairs[:, 1], np.uint64(0))
         ordered_seqs = seqs[order]
         if drop_seen:
             counts = np.diff(np.append(starts, n))
@@ -61,6 +67,18 @@ class SeqTable:
         gaps = int(jumps[has & (jumps > 0)].sum())
         self.table[slots, 0] = uniq + np.uint64(1)
         self.table[slots, 1] = np.where(has, np.maximum(floors, last + np.uint64(1)), floors)
+        return fresh, gaps
+
+    def _admit_rows(self, sids: np.ndarray, seqs: np.ndarray, drop_seen: bool) -> tuple[np.ndarray, int]:
+        """:meth:`admit` for rows of distinct streams."""
+        slots = sids % np.uint64(self.slots)
+        pairs = self.table[slots]
+        floors = np.where(pairs[:, 0] == sids + np.uint64(1), pairs[:, 1], np.uint64(0))
+        fresh = seqs >= floors if drop_seen else np.ones(len(sids), bool)
+        jumps = seqs.astype(np.int64) - floors.astype(np.int64)
+        gaps = int(jumps[fresh & (jumps > 0)].sum())
+        self.table[slots, 0] = sids + np.uint64(1)
+        self.table[slots, 1] = np.where(fresh, np.maximum(floors, seqs + np.uint64(1)), floors)
         return fresh, gaps
 
     def _admit_each(self, sids: np.ndarray, seqs: np.ndarray, drop_seen: bool, uniq: np.ndarray) -> tuple:

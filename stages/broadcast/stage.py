@@ -193,7 +193,8 @@ class Broadcast(Stage):
     def _publish(self, record, at: int, nxt: int, republish: bool) -> None:
         """One input record: its batch message (and per-stream messages where subscribed)."""
         n = record.rows
-        fresh, gaps = self.published.admit(record.stream_id, record.seq, drop_seen=not republish)
+        grouped = wire.stream_order(record.stream_id)
+        fresh, gaps = self.published.admit(record.stream_id, record.seq, not republish, grouped)
         kept = int(np.count_nonzero(fresh))
         self.counts["duplicates"] += n - kept
         self.counts["gaps"] += gaps
@@ -205,6 +206,7 @@ class Broadcast(Stage):
         texts = wire.Texts(record.text.tobytes(), record.text_end.copy())
         if rows is not None:
             texts = texts.take(rows)
+            grouped = wire.stream_order(columns["stream_id"])
         batch = wire.Batch(self.epoch, at, nxt, columns, texts, {"encoding": "binary"})
         ended = self._events(batch) if kept else ()
         binary = wire.encode_batch(batch, "binary")
@@ -218,9 +220,10 @@ class Broadcast(Stage):
                     pub.sock.send_multipart(json_frames)
         if kept:
             self._publish_streams(batch)
-        self.retention.add(at, nxt, binary, np.unique(columns["stream_id"]), ended)
+        order, starts = grouped
+        self.retention.add(at, nxt, binary, columns["stream_id"][order[starts]], ended)
         self.next_position = nxt
-        self._count(batch, record)
+        self._count(batch, record, order)
 
     def _events(self, batch: wire.Batch) -> tuple[int, ...]:
         """Rewrite start and end rows' texts to their documented fields (a start row carries the
@@ -250,7 +253,7 @@ class Broadcast(Stage):
         wanted = [pub for pub in self.publishers if pub.subs.streams]
         if not wanted:
             return
-        present = set(np.unique(batch.columns["stream_id"]).tolist())
+        present = set(batch.columns["stream_id"].tolist())
         messages: dict[int, list[wire.Message]] = {}
         frames: dict[tuple[int, str], list[tuple[bytes, bytes, bytes]]] = {}
         for pub in wanted:
@@ -264,16 +267,15 @@ class Broadcast(Stage):
                 for message in frames[key]:
                     pub.sock.send_multipart(message)
 
-    def _count(self, batch: wire.Batch, record) -> None:
+    def _count(self, batch: wire.Batch, record, order: np.ndarray) -> None:
         counts = self.counts
         counts["batches"] += 1
         if record.rows and time.monotonic_ns() - int(record.recv_ns[0]) <= self.budget_ns:
             counts["batches_within_budget"] += 1
         if not batch.rows:
             return
-        sids, events = batch.columns["stream_id"], batch.columns["kind"] != wire.TOKEN
-        order = np.argsort(sids, kind="stable")
-        s, e = sids[order], events[order]
+        events = batch.columns["kind"] != wire.TOKEN
+        s, e = batch.columns["stream_id"][order], events[order]
         # the per-stream messages these rows make: a new one where the stream changes or at an event row
         counts["messages"] += 1 + int(np.count_nonzero((s[1:] != s[:-1]) | e[1:] | e[:-1]))
         counts["tokens"] += batch.rows - int(np.count_nonzero(events))
@@ -323,7 +325,7 @@ class Broadcast(Stage):
 
     def close(self) -> None:
         if hasattr(self, "zmq"):
-            self.published.table.flush()
+            self.published.state.flush()
             self.zmq.destroy(linger=1000)  # a clean stop sends what is queued (a dead subscriber: 1 s at most)
             self.inp.release()
 
