@@ -171,7 +171,7 @@ class _Stream(asyncio.Protocol):
             body = self._dechunk(data) if self.chunked else self._sized(data)
             if body and not self.finished.done():
                 self._body(body)
-            if self._complete():
+            if self.left == 0:
                 if not self.finished.done() and not self.waiting:
                     self._end_of_body()
                 elif self.released:
@@ -258,9 +258,6 @@ class _Stream(asyncio.Protocol):
                 break
         return b"".join(pieces)
 
-    def _complete(self) -> bool:
-        return self.left == 0
-
     def _body(self, body: bytes) -> None:
         error = self.error
         if error is not None:
@@ -286,7 +283,7 @@ class _Stream(asyncio.Protocol):
         self.waiting = False
         if self.reader.complete:
             self._succeed()
-        elif self._complete():
+        elif self.left == 0:
             self._end_of_body()
         elif self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
@@ -324,7 +321,7 @@ class _Stream(asyncio.Protocol):
         done = self.finished
         if self.transport is None or not done.done() or done.cancelled() or done.exception() is not None:
             self.stop()
-        elif self._complete():
+        elif self.left == 0:
             self._park()
         else:
             self.watchdog.cancel()

@@ -54,6 +54,7 @@ __all__ = [
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 ERROR_BODY_LIMIT = 64 * 1024  # an HTML error page can be large; its first bytes name the problem
 DRAIN_TIMEOUT_S = 1.0  # for the rest of a body after [DONE]
+MAX_EVENT_BYTES = 256 * 1024  # one SSE line or event: a chunk with 20 top logprobs is a few KB
 _SNIPPET = 160  # characters of a bad chunk or body quoted in an error message
 _VLLM_TOKEN_ID = "token_id:"
 
@@ -351,7 +352,7 @@ class _BodyReader:
 
     def __init__(self, decoder: _ChunkDecoder, sink: TokenSink) -> None:
         self.decoder, self.sink = decoder, sink
-        self.parser = SSEParser(stop_at_unknown=True)
+        self.parser = SSEParser(stop_at_unknown=True, max_event=MAX_EVENT_BYTES)
         self.end: StreamEnd | None = None
         self.complete = False
 
@@ -376,6 +377,8 @@ class _BodyReader:
                 wait = self.sink(tokens)
         if failure is None and not self.complete and parser.unknown_line is not None:
             failure = _unknown_line_error(parser.unknown_line)
+        if failure is None and parser.overflow is not None:
+            failure = UpstreamError(f"upstream sent {parser.overflow} in its event stream", retryable=True)
         if failure is None:
             return wait
         if wait is None:

@@ -49,7 +49,7 @@ class SSEParser:
     sets one) survive ``close()``, so one parser can go on with the stream of a reconnection, as an
     EventSource does."""
 
-    def __init__(self, stop_at_unknown: bool = False) -> None:
+    def __init__(self, stop_at_unknown: bool = False, max_event: int | None = None) -> None:
         self.last_event_id = ""
         self.retry: int | None = None
         # The standard ignores a line with an unknown field name. With ``stop_at_unknown`` the
@@ -58,31 +58,42 @@ class SSEParser:
         # ``error: {...}`` line, gets the events before it and then abandons the stream).
         self.stop_at_unknown = stop_at_unknown
         self.unknown_line: str | None = None
+        # Hostile input: with ``max_event``, a line (finished or not) or an event's data longer
+        # than that many characters stops the parser like an unknown line, with ``overflow``
+        # saying so; what it had buffered is dropped, so memory stays bounded.
+        self.max_event = max_event
+        self.overflow: str | None = None
         self._reset_stream()
 
     def _reset_stream(self) -> None:
         self._partial: list[bytes] = []  # the bytes of the unfinished last line
+        self._partial_size = 0
         self._after_cr = False  # the last byte fed was a CR: a LF right after it ends no new line
         self._at_start = True  # no line decoded yet: a BOM may still open the stream
         self._data: list[str] = []  # the data buffer, as its lines
+        self._data_size = 0  # characters in it (counted only with max_event)
         self._event_type = ""
         self._id_buffer = self.last_event_id
 
     def feed(self, chunk: bytes) -> list[Event]:
         """Parse the next bytes of the stream; return the events that they complete."""
-        if self.unknown_line is not None:
+        if self.unknown_line is not None or self.overflow is not None:
             return []
         chunk = self._lf_line_ends(chunk)
         end = chunk.rfind(b"\n")
         if end < 0:
             if chunk:
                 self._partial.append(chunk)
+                self._partial_size += len(chunk)
+                if self.max_event is not None and self._partial_size > self.max_event:
+                    self._overflow(f"a line longer than {self.max_event} bytes")
             return []
         complete = chunk[:end]
         if self._partial:
             self._partial.append(complete)
             complete = b"".join(self._partial)
         self._partial = [chunk[end + 1 :]] if end + 1 < len(chunk) else []
+        self._partial_size = len(chunk) - end - 1
         text = complete.decode("utf-8", "replace")
         if self._at_start:
             self._at_start = False
@@ -113,20 +124,35 @@ class SSEParser:
         """Interpret complete lines; return the events that blank lines among them dispatch."""
         events: list[Event] = []
         data = self._data
+        limit = self.max_event
         for line in lines:
+            if limit is not None and len(line) > limit:
+                self._overflow(f"a line longer than {limit} characters")
+                break
             if not line:  # a blank line dispatches
                 self.last_event_id = self._id_buffer
                 if data:
                     events.append(Event(self._event_type or "message", "\n".join(data), self._id_buffer))
                     data.clear()
+                    self._data_size = 0
                 self._event_type = ""
             elif line.startswith(DATA_PREFIX):
                 data.append(line[_DATA_VALUE:])
+                if limit is not None:
+                    self._data_size += len(line)
+                    if self._data_size > limit:
+                        self._overflow(f"an event longer than {limit} characters")
+                        break
             elif line[0] != ":" and not self._field(line) and self.stop_at_unknown:  # ":" starts a comment
                 self.unknown_line = line
                 self._partial = []
                 break
         return events
+
+    def _overflow(self, what: str) -> None:
+        self.overflow = what
+        self._partial = []
+        self._data.clear()
 
     def _field(self, line: str) -> bool:
         """Process one field line other than the common ``data: `` (those never get here);

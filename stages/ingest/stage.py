@@ -186,6 +186,7 @@ class Ingest(AsyncStage):
             self._emit(sid, Kind.ERROR, b"cancelled", time.monotonic_ns())
         except RowTooLarge as exc:
             self.counts["errors"] += 1
+            self.ctx.log.warning("stream_error", stream_id=sid, error=str(exc))
             self._emit(sid, Kind.ERROR, str(exc).encode(), time.monotonic_ns())
         except Exception as exc:  # a bug here must still end the stream explicitly
             self.ctx.log.error("stream_failed", stream_id=sid, error=repr(exc))

@@ -50,6 +50,7 @@ TICK_S = 0.001  # what is due within this goes out at the same tick: streams sha
 MAX_SENDS_PER_TICK = 1024
 WRITE_HIGH_WATER = 64 * 1024  # bytes a client has not read yet beyond which its stream waits
 START_TIMEOUT_S = 30.0
+MAX_TOKEN_BYTES = 16 << 20  # the token_bytes fault
 
 # Non-SSE lines injected by the `garbage` fault: what misbehaving servers really send (llama.cpp's
 # `error:` line, a bare text line, a proxy's HTML). A spec-complete SSE parser ignores all of them.
@@ -120,6 +121,7 @@ class Faults:
     disconnect_after: int | None = None  # close the connection after this many tokens
     garbage: int = 0  # non-SSE lines injected before the first N tokens
     no_done: bool = False  # end the stream without `data: [DONE]`
+    token_bytes: int = 0  # the first token is this many bytes ("x" repeated): an oversized token
     p: float = 1.0  # probability that a request gets these faults
 
     @classmethod
@@ -183,6 +185,7 @@ _VALUE_FAULTS: dict[str, Callable[[str], dict[str, Any]]] = {
     "first_byte_delay_ms": lambda raw: {"first_byte_delay_s": _non_negative(float(raw)) / 1000},
     "disconnect_after": lambda raw: {"disconnect_after": _non_negative(int(raw))},
     "garbage": lambda raw: {"garbage": _non_negative(int(raw))},
+    "token_bytes": lambda raw: {"token_bytes": min(_non_negative(int(raw)), MAX_TOKEN_BYTES)},
     "p": _probability,
 }
 
@@ -333,8 +336,9 @@ class _Shape:
             return b""
         return self._chunk(_chat_choice({"role": "assistant", "content": ""}, None, None))
 
-    def token(self, i: int) -> bytes:
-        tok = self.sample.tokens[i]
+    def token(self, i: int, text: str | None = None) -> bytes:
+        """Token ``i``'s chunk (its text replaced by ``text`` when given: a fault)."""
+        tok = self.sample.tokens[i] if text is None else text
         if self.req.chat:
             logprobs = {"content": [self._chat_logprob(i)]} if self.req.logprobs else None
             return self._chunk(_chat_choice({"content": tok}, logprobs, None))
@@ -465,7 +469,7 @@ class _Emission:
                 return self._finish(False)
             if self.i < faults.garbage:
                 out.append(GARBAGE_LINES[self.i % len(GARBAGE_LINES)])
-            out.append(shape.token(self.i))
+            out.append(shape.token(self.i, "x" * faults.token_bytes if self.i == 0 and faults.token_bytes else None))
             self.i += 1
         self.stats.tokens_sent += self.i - first
         if self.i == tokens:
