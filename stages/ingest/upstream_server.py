@@ -121,8 +121,8 @@ class Faults:
     disconnect_after: int | None = None  # close the connection after this many tokens
     garbage: int = 0  # non-SSE lines injected before the first N tokens
     no_done: bool = False  # end the stream without `data: [DONE]`
-    token_bytes: int = 0  # the first token is this many bytes ("x" repeated): an oversized token
     p: float = 1.0  # probability that a request gets these faults
+    token_bytes: int = 0  # the first token is this many bytes ("x" repeated): an oversized token
 
     @classmethod
     def parse(cls, spec: str) -> Faults:
