@@ -88,7 +88,7 @@ def start_failure(log_path: str, offset: int = 0) -> str:
         f.seek(offset)
         for line in f:
             if line.startswith(b"Error: "):
-                refused = line[7:].decode(errors="replace").strip()
+                refused = line[7:].decode(errors="replace").strip().removeprefix("engine not started: ")
                 continue
             with contextlib.suppress(orjson.JSONDecodeError):
                 event = orjson.loads(line)

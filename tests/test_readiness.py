@@ -5,6 +5,7 @@ with a reason, and `run --detach` says so in one line."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -118,3 +119,25 @@ def test_run_detach_reports_a_start_failure_in_one_line(tmp_path, instance: str)
     assert os.path.exists(log)
     with pytest.raises(EngineNotFound):
         find_engine(engine.base, instance)
+
+
+@pytest.mark.timeout(60)
+def test_run_detach_relays_a_refused_start_in_one_line(tmp_path, instance: str) -> None:
+    """The engine refusing to start (here: its metrics port is taken) reaches `run --detach` as
+    the engine's own one-line reason."""
+    engine = Engine(tmp_path, pipeline_config(), instance)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = dict(engine.env(), NEURALPIPE_METRICS_PORT=str(busy.getsockname()[1]))
+        done = subprocess.run(
+            [sys.executable, "-m", "engine.cli", "run", "--detach", "--config", str(engine.config_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=50,
+        )
+    assert done.returncode != 0
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("Error: engine not started: cannot serve metrics on 127.0.0.1:"), line
+    assert line.count("engine not started") == 1
