@@ -27,3 +27,6 @@ def test_bench_broadcast_quick_json():
         assert row["latency_p99_us"] >= row["latency_p50_us"] > 0
         assert row["messages_per_s"] > 0 and row["tokens_per_s"] >= row["messages_per_s"]
     assert all(isinstance(t["met"], bool) for t in result["targets"])
+    (egress,) = result["egress"]  # the consumer reading batches(), CPU per token of both processes
+    assert egress["reader"] == "batches" and egress["delivered_ratio"] > 0
+    assert egress["broadcast_cpu_us_per_token"] > 0 and egress["consumer_cpu_us_per_token"] > 0
