@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
 import pytest
@@ -402,3 +402,89 @@ def test_upstream_token_rate_slows_its_reads():
 def test_negative_upstream_rates_are_refused():
     with pytest.raises(ValueError, match="requests_per_s"):
         UpstreamConfig("u", "http://127.0.0.1:1", tokens_per_s=-1)
+
+
+# --------------------------------------------------------------------------- hostile upstreams
+
+
+@contextlib.asynccontextmanager
+async def hostile(script: Callable[[web.StreamResponse], Awaitable[None]]) -> AsyncIterator[UpstreamConfig]:
+    """An upstream that answers every chat request with ``script`` writing to its stream."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionResetError):
+            await script(resp)
+            await resp.write_eof()
+        return resp
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": []})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield UpstreamConfig("hostile", "http://{}:{}".format(*runner.addresses[0][:2]))
+    finally:
+        await runner.cleanup()
+
+
+def token_chunk(text: str) -> bytes:
+    return b'data: {"choices":[{"index":0,"delta":{"content":"' + text.encode() + b'"}}]}\n\n'
+
+
+def test_an_upstream_ignoring_max_tokens_is_cut_at_it():
+    """Issue 13 item 7: an upstream sent 1,000,000 tokens for max_tokens 16 and all were delivered."""
+
+    async def flood(resp: web.StreamResponse) -> None:
+        for i in range(200):
+            await resp.write(token_chunk(f"t{i} "))
+        await resp.write(b"data: [DONE]\n\n")
+
+    async def scenario():
+        async with hostile(flood) as up, pool_of([up]) as pool:
+            return await collect(pool, {**CHAT, "max_tokens": 16})
+
+    events = run(scenario())
+    assert texts(events) == [f"t{i} " for i in range(16)]
+    assert events[-1].kind == "error" and "more than max_tokens (16)" in events[-1].error
+
+
+def test_keepalives_without_a_token_end_at_the_first_token_deadline():
+    """Issue 13 item 7: keep-alive comments reset the idle timeout, so such an upstream held a slot
+    forever; the first token must come within first_token_timeout_s."""
+
+    async def stall(resp: web.StreamResponse) -> None:
+        for _ in range(200):
+            await resp.write(b": keep-alive\n\n")
+            await asyncio.sleep(0.02)
+
+    async def scenario():
+        async with hostile(stall) as up, pool_of([up], first_token_timeout_s=0.2, retries=0) as pool:
+            began = time.monotonic()
+            return await collect(pool), time.monotonic() - began, pool.snapshot()[0]
+
+    events, took, snap = run(scenario())
+    assert events[-1].kind == "error" and "no first token within 0.2 s" in events[-1].error
+    assert took < 3 and snap["outstanding"] == 0
+
+
+def test_a_stream_that_never_ends_is_cut_at_its_deadline():
+    async def trickle(resp: web.StreamResponse) -> None:
+        for i in range(1000):
+            await resp.write(token_chunk(f"t{i}"))
+            await asyncio.sleep(0.02)
+
+    async def scenario():
+        async with hostile(trickle) as up, pool_of([up], stream_timeout_s=0.3) as pool:
+            return await collect(pool, {**CHAT, "max_tokens": 10_000})
+
+    events = run(scenario())
+    assert 1 <= len(texts(events)) < 100
+    assert events[-1].kind == "error" and "stream not done within 0.3 s" in events[-1].error

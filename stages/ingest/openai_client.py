@@ -46,6 +46,7 @@ __all__ = [
     "UpstreamError",
     "batches_of",
     "error_event",
+    "raise_after",
     "relay_completion",
     "stream_completion",
     "wait_both",
@@ -97,6 +98,10 @@ class Tokens:
     def after(self, skip: int) -> Tokens:
         """These tokens without the first ``skip``."""
         return Tokens(self.texts[skip:], self.ids[skip:], self.logprobs[skip:], self.tops[skip:], self.recv_ns)
+
+    def upto(self, n: int) -> Tokens:
+        """The first ``n`` of these tokens."""
+        return Tokens(self.texts[:n], self.ids[:n], self.logprobs[:n], self.tops[:n], self.recv_ns)
 
 
 @dataclass(slots=True)
@@ -383,11 +388,13 @@ class _BodyReader:
             return wait
         if wait is None:
             raise failure
-        return _raise_after(wait, failure)  # the tokens before the failure still count: delivered, then it
+        return raise_after(wait, failure)  # the tokens before the failure still count: delivered, then it
 
 
-async def _raise_after(wait: Awaitable[None], failure: Exception) -> None:
-    await wait
+async def raise_after(wait: Awaitable[None] | None, failure: Exception) -> None:
+    """What a sink returns to end the stream with ``failure`` once its ``wait`` (if any) is over."""
+    if wait is not None:
+        await wait
     raise failure
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from engine.requests import MAX_TOKENS_LIMIT
 from stages.ingest.openai_client import (
     StreamEnd,
     TokenEvent,
@@ -32,6 +33,7 @@ from stages.ingest.openai_client import (
     TokenSink,
     UpstreamError,
     batches_of,
+    raise_after,
     relay_completion,
     wait_both,
 )
@@ -78,6 +80,8 @@ class PoolPolicy:
     health_timeout_s: float = 2.0
     connect_timeout_s: float = 5.0
     idle_timeout_s: float = 60.0  # longest silence (keep-alive comments count) inside a stream
+    first_token_timeout_s: float = 120.0  # from the request to the first token (keep-alives do not count)
+    stream_timeout_s: float = 1800.0  # the whole stream, from the request to its end
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -86,6 +90,9 @@ class PoolPolicy:
             raise ValueError(f"pool mid_stream must be one of {MID_STREAM_POLICIES}, not {self.mid_stream!r}")
         if self.retries < 0 or self.failures_to_cool_down < 1:
             raise ValueError("pool retries must be >= 0 and failures_to_cool_down >= 1")
+        for name in ("connect_timeout_s", "idle_timeout_s", "first_token_timeout_s", "stream_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"pool {name} must be > 0, not {getattr(self, name)!r}")
 
 
 @dataclass(eq=False)
@@ -263,38 +270,57 @@ class UpstreamPool:
         whichever way. The first ``progress.sent`` tokens were delivered by an earlier attempt:
         they are checked against what was sent and skipped."""
         skip, seen, began = progress.sent, 0, time.monotonic()
+        policy, limit = self.policy, _max_tokens(body)
+        start = asyncio.get_running_loop().time()
+        deadline = start + policy.stream_timeout_s
+        budget = asyncio.timeout_at(start + min(policy.first_token_timeout_s, policy.stream_timeout_s))
 
         def fresh(tokens: Tokens) -> Awaitable[None] | None:
             nonlocal seen
             if seen == 0:
                 upstream.record_latency(time.monotonic() - began)
+                budget.reschedule(deadline)  # a first token: the whole-stream deadline from now on
             before = seen
             tokens, seen = _fresh_tokens(tokens, progress, seen, skip)
             new = seen - max(before, skip)
+            over = progress.sent + new - limit
+            if over > 0:  # an upstream ignoring max_tokens: deliver up to it, then end the stream
+                tokens = tokens.upto(len(tokens.texts) - over)
+                new -= over
             progress.sent += new
             # the stream reads its response slower, so the upstream is throttled by TCP
             # back-pressure rather than anything being dropped
             throttle = taking(upstream.token_bucket, new) if upstream.token_bucket is not None and new else None
             wait = sink(tokens) if tokens.texts else None
+            if over > 0:
+                return raise_after(wait, UpstreamError(f"sent more than max_tokens ({limit}) tokens", retryable=False))
             if throttle is None or wait is None:
                 return throttle or wait
             return wait_both(throttle, wait)
 
         try:
-            end = await relay_completion(
-                self._session,
-                upstream.cfg.base_url,
-                body,
-                fresh,
-                endpoint=endpoint,
-                headers=upstream.headers,
-                connect_timeout_s=self.policy.connect_timeout_s,
-                idle_timeout_s=self.policy.idle_timeout_s,
-            )
+            async with budget:
+                end = await relay_completion(
+                    self._session,
+                    upstream.cfg.base_url,
+                    body,
+                    fresh,
+                    endpoint=endpoint,
+                    headers=upstream.headers,
+                    connect_timeout_s=policy.connect_timeout_s,
+                    idle_timeout_s=policy.idle_timeout_s,
+                )
             if seen < skip:  # the end of a re-issued stream shorter than what was sent
                 raise UpstreamError(f"re-issued request ended after {seen} of {skip} tokens", retryable=False)
             upstream.consecutive_failures = 0
             return end
+        except TimeoutError:
+            if seen == 0:
+                err = UpstreamError(f"no first token within {policy.first_token_timeout_s:g} s", retryable=True)
+                self._record_failure(upstream)
+            else:
+                err = UpstreamError(f"stream not done within {policy.stream_timeout_s:g} s", retryable=False)
+            raise UpstreamError(f"upstream {upstream.cfg.name!r}: {err}", retryable=err.retryable) from None
         except UpstreamError as err:
             if err.retryable:
                 self._record_failure(upstream)
@@ -440,6 +466,16 @@ def _check_replay(progress: _Progress, index: int, text: str) -> None:
         raise UpstreamError(
             f"re-issued request diverged from the tokens already sent at token {index}", retryable=False
         )
+
+
+def _max_tokens(body: dict) -> int:
+    """The most tokens a stream of ``body`` may bring: its max_tokens (or max_completion_tokens),
+    else the most any request may ask for."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return MAX_TOKENS_LIMIT
 
 
 def _bucket(rate: float) -> TokenBucket | None:
