@@ -209,7 +209,9 @@ def test_repeated_failures_cool_down_until_a_health_check_passes():
     failures, cooling, during, still_out, after = run(scenario())
     assert failures == ["upstream 'flaky': HTTP 503 Service Unavailable: busy (gave up after 1 attempts)"] * 3
     assert cooling["healthy"] is False and cooling["cooling_down_until"] > 0 and cooling["failures"] == 3
-    assert during == "no healthy upstream for model None (gave up after 1 attempts)"
+    # the error names each upstream and its last failure (issue 12 item 9)
+    assert during.startswith("no healthy upstream for model None: 'flaky' cooling down for ")
+    assert during.endswith("(last failure: HTTP 503 Service Unavailable: busy) (gave up after 1 attempts)")
     assert still_out is False  # the cool-down is over, but no health check has passed yet
     assert texts(after) == ["ok"] and after[-1].kind == "end"
 
@@ -488,3 +490,50 @@ def test_a_stream_that_never_ends_is_cut_at_its_deadline():
     events = run(scenario())
     assert 1 <= len(texts(events)) < 100
     assert events[-1].kind == "error" and "stream not done within 0.3 s" in events[-1].error
+
+
+def test_a_streaming_upstream_whose_health_check_blocks_stays_healthy():
+    """Issue 12 item 9: llama-cpp-python's server blocks GET /v1/models while it generates; the
+    health check timed out and marked the only upstream down mid-stream. A stream delivering
+    tokens proves it healthy (passive health)."""
+    generating = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        generating.set()
+        for i in range(40):
+            await resp.write(token_chunk(f"t{i}"))
+            await asyncio.sleep(0.02)
+        await resp.write(b"data: [DONE]\n\n")
+        generating.clear()
+        await resp.write_eof()
+        return resp
+
+    async def models(_: web.Request) -> web.Response:
+        if generating.is_set():
+            await asyncio.sleep(1)  # a serial server: no answer while it generates (past the 0.1 s timeout)
+        return web.json_response({"object": "list", "data": []})
+
+    async def scenario():
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", handler)
+        app.router.add_get("/v1/models", models)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        up = UpstreamConfig("serial", "http://{}:{}".format(*runner.addresses[0][:2]))
+        try:
+            async with pool_of([up], health_interval_s=0.1, health_timeout_s=0.1) as pool:
+                first = asyncio.create_task(collect(pool, {**CHAT, "max_tokens": 100}))
+                await generating.wait()
+                await asyncio.sleep(0.4)  # several health checks time out meanwhile
+                healthy = pool.snapshot()[0]["healthy"]
+                return healthy, await first
+        finally:
+            await runner.cleanup()
+
+    healthy, events = run(scenario())
+    assert healthy is True
+    assert events[-1].kind == "end" and len(texts(events)) == 40

@@ -110,6 +110,8 @@ class _Upstream:
     headers: dict = field(default_factory=dict)
     request_bucket: TokenBucket | None = None  # None: unlimited
     token_bucket: TokenBucket | None = None
+    last_token_ns: int = 0  # time.monotonic_ns() of the last read that brought a token
+    last_failure: str = ""  # what went wrong last (a request or a health check), for errors
 
     def serves(self, model: str | None) -> bool:
         # A request that names no model takes the server's default: any upstream will do.
@@ -280,6 +282,7 @@ class UpstreamPool:
             if seen == 0:
                 upstream.record_latency(time.monotonic() - began)
                 budget.reschedule(deadline)  # a first token: the whole-stream deadline from now on
+            upstream.last_token_ns = tokens.recv_ns  # passive health: a stream delivering proves it up
             before = seen
             tokens, seen = _fresh_tokens(tokens, progress, seen, skip)
             new = seen - max(before, skip)
@@ -317,19 +320,20 @@ class UpstreamPool:
         except TimeoutError:
             if seen == 0:
                 err = UpstreamError(f"no first token within {policy.first_token_timeout_s:g} s", retryable=True)
-                self._record_failure(upstream)
+                self._record_failure(upstream, str(err))
             else:
                 err = UpstreamError(f"stream not done within {policy.stream_timeout_s:g} s", retryable=False)
             raise UpstreamError(f"upstream {upstream.cfg.name!r}: {err}", retryable=err.retryable) from None
         except UpstreamError as err:
             if err.retryable:
-                self._record_failure(upstream)
+                self._record_failure(upstream, str(err))
             raise UpstreamError(f"upstream {upstream.cfg.name!r}: {err}", retryable=err.retryable) from None
         finally:
             upstream.outstanding -= 1
             self._notify()
 
-    def _record_failure(self, upstream: _Upstream) -> None:
+    def _record_failure(self, upstream: _Upstream, why: str) -> None:
+        upstream.last_failure = why
         upstream.failures += 1
         upstream.consecutive_failures += 1
         if upstream.consecutive_failures >= self.policy.failures_to_cool_down:
@@ -352,7 +356,9 @@ class UpstreamPool:
             now = time.monotonic()
             usable = [u for u in serving if u.usable(now)]
             if not usable:
-                raise UpstreamError(f"no healthy upstream for model {model!r}", retryable=True)
+                raise UpstreamError(
+                    f"no healthy upstream for model {model!r}: {self._why_down(serving, now)}", retryable=True
+                )
             free = [u for u in usable if u.has_slot()]
             ready = [u for u in free if u.request_wait(now) == 0.0]
             if ready:
@@ -366,6 +372,15 @@ class UpstreamPool:
             refill = min((u.request_wait(now) for u in free), default=None)
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), refill)
+
+    @staticmethod
+    def _why_down(upstreams: list[_Upstream], now: float) -> str:
+        """Each upstream and its last failure, in one line."""
+        reasons = []
+        for u in upstreams:
+            state = f"cooling down for {u.cooling_until - now:.1f} s" if now < u.cooling_until else "down"
+            reasons.append(f"{u.cfg.name!r} {state}" + (f" (last failure: {u.last_failure})" if u.last_failure else ""))
+        return "; ".join(reasons)
 
     def _untried_available(self, model: str | None, tried: set[_Upstream]) -> bool:
         now = time.monotonic()
@@ -410,7 +425,12 @@ class UpstreamPool:
             await self._check(upstream)
 
     async def _check(self, upstream: _Upstream) -> None:
-        ok = await self._probe(upstream)
+        failure = await self._probe(upstream)
+        if failure is not None and self._streaming(upstream):
+            failure = None  # a server that blocks its model list while it generates is not down
+        ok = failure is None
+        if not ok:
+            upstream.last_failure = f"health check: {failure}"
         if ok and time.monotonic() < upstream.cooling_until:
             return  # healthy again, but the cool-down is not over
         if ok != upstream.healthy:
@@ -419,18 +439,29 @@ class UpstreamPool:
         if ok:
             upstream.cooling_until = 0.0
 
-    async def _probe(self, upstream: _Upstream) -> bool:
-        """``GET /v1/models`` answers 200 with a model list."""
+    def _streaming(self, upstream: _Upstream) -> bool:
+        """Passive health: one of its streams brought a token within the last health interval."""
+        recent_ns = (self.policy.health_interval_s + self.policy.health_timeout_s) * 1e9
+        return upstream.outstanding > 0 and time.monotonic_ns() - upstream.last_token_ns < recent_ns
+
+    async def _probe(self, upstream: _Upstream) -> str | None:
+        """None when ``GET /v1/models`` answers 200 with a model list, else what went wrong."""
         url = upstream.cfg.base_url.rstrip("/") + "/v1/models"
         timeout = aiohttp.ClientTimeout(total=self.policy.health_timeout_s)
         try:
             async with self._session.get(url, headers=upstream.headers, timeout=timeout) as resp:
                 if resp.status != 200:
-                    return False
+                    return f"GET /v1/models answered HTTP {resp.status}"
                 answer = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError):  # ValueError: a body that is not JSON
-            return False
-        return isinstance(answer, dict) and isinstance(answer.get("data"), list)
+        except TimeoutError:
+            return f"GET /v1/models gave no answer within {self.policy.health_timeout_s:g} s"
+        except aiohttp.ClientError as exc:
+            return f"GET /v1/models failed: {type(exc).__name__}: {exc}"
+        except ValueError:  # a body that is not JSON
+            return "GET /v1/models answered something that is not JSON"
+        if not (isinstance(answer, dict) and isinstance(answer.get("data"), list)):
+            return "GET /v1/models answered without a model list"
+        return None
 
 
 def _fresh_tokens(tokens: Tokens, progress: _Progress, seen: int, skip: int) -> tuple[Tokens, int]:
