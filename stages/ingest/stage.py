@@ -101,8 +101,6 @@ class Ingest(AsyncStage):
         ctx.log.info("ingest_ready", endpoint=ctx.endpoint("ingest"), upstreams=[u.base_url for u in upstreams])
 
     async def run(self, ctx: WorkerContext) -> None:
-        if not hasattr(self, "sock"):  # a runtime that does not call setup() yet
-            await self.setup(ctx)
         flusher = asyncio.create_task(self._flusher())
         serve = asyncio.create_task(self._serve(self.sock))
         try:
