@@ -474,7 +474,22 @@ def test_auto_switches_to_a_real_adapter_found_in_the_background(rig, lavapipe_p
             assert np.allclose(a[name], b[name], atol=1e-5, equal_nan=True), name
 
 
+def test_small_records_stay_on_the_cpu_with_a_device(rig, lavapipe_params):
+    device = rig(**lavapipe_params)
+    backend = device.stage.kernels.device
+    warmed = backend.dispatches  # the warm-up's
+    device.send(stream_rows(1, [], [])[:1])  # one START row
+    device.send(stream_rows(1, [3], [-0.5], end=False)[1:])  # one token
+    assert device.stage.do_work() == 2  # computed together, as one 2-row record
+    assert backend.dispatches == warmed  # a device call would cost more than the record
+    device.send(stream_rows(1, list(range(20)), [-0.5] * 20, end=False)[1:])
+    assert device.stage.do_work() == 1 and backend.dispatches > warmed
+    batches = device.receive()
+    assert [len(b["seq"]) for b in batches] == [2, 20] and batches[0]["conf"][1] == pytest.approx(math.exp(-0.5))
+
+
 def test_cancel_action_asks_ingest(rig, tmp_path):
+
     router = zmq.Context.instance().socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.bind(ingest_endpoint(str(tmp_path)))

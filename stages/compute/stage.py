@@ -170,19 +170,22 @@ class Compute(Stage):
         if not every:
             for column in values.values():
                 column[:] = 0
+        # a paced stream's usual record: a few rows, on the CPU whatever the backend (a device call
+        # costs 0.1-1 ms of submit and readback, numpy tens of µs)
+        small = batch.rows <= _SMALL_RECORD and self.table is None
         if count:
             ids = batch.token_id if every else batch.token_id[tokens]
             lps = batch.logprob if every else batch.logprob[tokens]
-            self._per_token(ids, lps, values, tokens, every)
-        if batch.rows <= _SMALL_RECORD and self.kernels.device is None and self.table is None:
-            self._row_by_row(batch, values)  # a paced stream's usual record
+            self._per_token(ids, lps, values, tokens, every, small or self.kernels.device is None)
+        if small:
+            self._row_by_row(batch, values)
         else:
             self._per_stream(batch, values, None if every else kind == _TOKEN)
         self.counts["batches"] += 1
         self.counts["tokens"] += count
 
-    def _per_token(self, ids: np.ndarray, lps: np.ndarray, values: dict[str, np.ndarray], tokens, every: bool) -> None:
-        if self.kernels.device is None:  # numpy: the fused path, straight into the output columns
+    def _per_token(self, ids, lps, values: dict[str, np.ndarray], tokens, every: bool, on_cpu: bool) -> None:
+        if on_cpu:  # numpy: the fused path, straight into the output columns
             out = values if every else {name: np.empty_like(values[name][: len(ids)]) for name in _TOKEN_COLUMNS}
             fused.token_columns(self.curve, ids, lps, out)
             per_token = {} if every else out
