@@ -49,8 +49,6 @@ MAX_FRUITLESS_ASKS = 5  # answers in a row that did not close a hole: what is mi
 MIN_ENGINE_TIMEOUT_S = 5.0  # a restarting broadcast is silent for a second or two: no false alarm
 MAX_HELD = 100_000  # batches kept ahead of a hole
 _FINISHED_KEPT = 100_000  # ended streams remembered, so a late duplicate does not restart one
-_OPEN_KEPT = 100_000
-_CLOSED_SEQ = np.uint64(1 << 62)  # a stream ended at the client: every later row of it is dropped
 
 
 @dataclass
@@ -96,6 +94,9 @@ class StreamConsumer:
         self.snap = self.ctx.socket(zmq.DEALER)
         self.snap.setsockopt(zmq.LINGER, 0)
         self.snap.connect(snapshot_endpoint)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sub, zmq.POLLIN)
+        self.poller.register(self.snap, zmq.POLLIN)
         self.only = stream
         self.encoding = encoding
         self.engine_timeout_s = engine_timeout_s
@@ -108,8 +109,7 @@ class StreamConsumer:
         self.ready: deque[wire.Message] = deque()
         self.ready_batches: deque[wire.Batch] = deque()
         if stream is None:
-            self.seen = SeqTable()  # per stream the next seq delivered
-            self.open: OrderedDict[int, None] = OrderedDict()  # streams with rows delivered and no end yet
+            self.seen = SeqTable()  # per stream the next seq delivered; closed once it ended
             self.epoch: int | None = None
             self.expected: int | None = None  # the position of the next batch to deliver
             self.held: dict[int, wire.Batch] = {}  # by ``at``: arrived ahead of ``expected``
@@ -194,10 +194,7 @@ class StreamConsumer:
 
     def _pump(self) -> None:
         """Wait a little for the sockets, take what came, and run the timers."""
-        poller = zmq.Poller()
-        poller.register(self.sub, zmq.POLLIN)
-        poller.register(self.snap, zmq.POLLIN)
-        events = dict(poller.poll(int(RESYNC_S * 250)))
+        events = dict(self.poller.poll(int(RESYNC_S * 250)))
         if self.sub in events:
             self._drain(self.sub, live=True)
         if self.snap in events:
@@ -301,13 +298,9 @@ class StreamConsumer:
             batch = batch.take(np.flatnonzero(fresh))
         if not batch.rows:
             return
-        kinds = batch.columns["kind"]
-        for sid in np.unique(batch.columns["stream_id"]).tolist():
-            self.open[sid] = None
-        for sid in batch.columns["stream_id"][kinds >= wire.END].tolist():
-            self.open.pop(sid, None)
-        while len(self.open) > _OPEN_KEPT:
-            self.open.popitem(last=False)
+        ends = batch.columns["kind"] >= wire.END
+        if ends.any():
+            self.seen.close(batch.columns["stream_id"][ends])
         self.ready_batches.append(batch)
 
     def _open_streams_only(self, batch: wire.Batch) -> wire.Batch:
@@ -371,16 +364,13 @@ class StreamConsumer:
             if self.only in self.streams:
                 self._end_stream(self.only, reason)
             return
-        sids = list(self.open)
-        self.open.clear()
-        if not sids:
+        ids = self.seen.open_streams()
+        if not len(ids):
             return
-        self.counts["lost_streams" if reason.startswith("lost") else "unreachable"] += len(sids)
-        ids = np.array(sids, np.uint64)
-        seqs = np.array([self.seen.next_of(sid) or 0 for sid in sids], np.uint64)
-        for sid in sids:
-            self.seen.table[sid % self.seen.slots] = (sid + 1, _CLOSED_SEQ)
-        n = len(sids)
+        n = len(ids)
+        self.counts["lost_streams" if reason.startswith("lost") else "unreachable"] += n
+        seqs = np.array([self.seen.next_of(sid) for sid in ids.tolist()], np.uint64)
+        self.seen.close(ids)
         columns = {
             "stream_id": ids,
             "seq": seqs,

@@ -14,6 +14,7 @@ import numpy as np
 from engine.wire import stream_order
 
 SLOTS = 1 << 16
+CLOSED = np.uint64(1 << 62)  # the next seq of a stream that has ended: every later row of it is dropped
 
 
 class SeqTable:
@@ -29,6 +30,15 @@ class SeqTable:
         """The stream's next seq, None when its slot holds another stream (or none)."""
         owner, nxt = self.table[sid % self.slots]
         return int(nxt) if int(owner) == sid + 1 else None
+
+    def close(self, sids: np.ndarray) -> None:
+        """Mark streams ended (each must hold its slot, i.e. have been admitted last)."""
+        self.table[sids % np.uint64(self.slots)] = np.stack([sids + np.uint64(1), np.full(len(sids), CLOSED)], 1)
+
+    def open_streams(self) -> np.ndarray:
+        """The streams admitted and not closed (still in the table)."""
+        owners, nexts = self.table[:, 0], self.table[:, 1]
+        return owners[(owners != 0) & (nexts < CLOSED)] - np.uint64(1)
 
     def admit(
         self, sids: np.ndarray, seqs: np.ndarray, drop_seen: bool = True, grouped: tuple | None = None
