@@ -350,3 +350,29 @@ def test_the_default_parser_ignores_unknown_fields_as_the_standard_says():
     parser = SSEParser()
     assert [e.data for e in parser.feed(b"foo: x\ndata: a\n\n")] == ["a"]
     assert parser.unknown_line is None
+
+
+@given(st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n"), max_size=40), min_size=1, max_size=5))
+@settings(max_examples=200, deadline=None)
+def test_feed_plain_gives_what_feed_gives_or_declines(values):
+    """The fast path for data-only reads agrees with the full parser, and declines anything else."""
+    chunk = b"".join(b"data: " + v.encode() + b"\n\n" for v in values)
+    fast, full = SSEParser(), SSEParser()
+    fast.feed(b": opened\n")  # past the start of the stream (a BOM is only possible there)
+    full.feed(b": opened\n")
+    expected = [event.data.encode() for event in full.feed(chunk)]
+    got = fast.feed_plain(chunk)
+    if got is None:  # declined: nothing consumed, the full parser gives the same events
+        got = [event.data.encode() for event in fast.feed(chunk)]
+    assert got == expected
+
+
+def test_feed_plain_declines_what_it_does_not_handle():
+    parser = SSEParser()
+    assert parser.feed_plain(b"data: x\n\n") is None  # the stream's start: a BOM may open it
+    parser.feed(b"\n")
+    assert parser.feed_plain(b"data: x\n\n") == [b"x"]
+    for chunk in (b"data: x\n", b"event: e\ndata: x\n\n", b"data: x\r\n\r\n", b"data: a\ndata: b\n\n", b": c\n\n"):
+        assert parser.feed_plain(chunk) is None, chunk
+    parser.feed(b"data: unfinished")
+    assert parser.feed_plain(b"data: x\n\n") is None

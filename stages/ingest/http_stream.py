@@ -226,6 +226,15 @@ class _Stream(asyncio.Protocol):
         return data
 
     def _dechunk(self, data: bytes) -> bytes:
+        if not (self.need or self.skip or self.line):  # the usual read: whole chunks, one per write
+            end = data.find(b"\r\n")
+            if 0 < end <= 8:
+                try:
+                    size = int(data[:end], 16)
+                except ValueError:
+                    size = -1
+                if size > 0 and len(data) == end + size + 4 and data.endswith(b"\r\n"):
+                    return data[end + 2 : end + 2 + size]
         pieces, pos, n = [], 0, len(data)
         while pos < n:
             if self.need:

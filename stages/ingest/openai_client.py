@@ -343,6 +343,10 @@ def _error_message(obj: Any) -> str:
     return _snippet(orjson.dumps(obj).decode())
 
 
+def _text_snippet(data: str | bytes) -> str:
+    return _snippet(data if isinstance(data, str) else data.decode("utf-8", "replace"))
+
+
 def _snippet(text: str) -> str:
     return text if len(text) <= _SNIPPET else text[:_SNIPPET] + "..."
 
@@ -363,18 +367,19 @@ class _BodyReader:
 
     def feed(self, chunk: bytes) -> Awaitable[None] | None:
         parser, decoder = self.parser, self.decoder
-        events = parser.feed(chunk)
+        plain = parser.feed_plain(chunk)  # the usual read: complete data-only events, bytes kept
+        events = [("message", data) for data in plain] if plain is not None else parser.feed(chunk)
         wait = failure = None
         if events:
             now = time.monotonic_ns()  # one read: every event in it arrived at the same time
             tokens = Tokens([], [], [], [], now)
             try:
-                for event in events:
-                    if event.data == "[DONE]":
+                for event_type, data, *_ in events:
+                    if data == "[DONE]" or data == b"[DONE]":
                         self.end = StreamEnd(decoder.finish_reason, decoder.usage, now)
                         self.complete = True
                         break
-                    decoder.decode(event.event, event.data, tokens)
+                    decoder.decode(event_type, data, tokens)
             except UpstreamError as exc:
                 failure = exc
             if tokens.texts:
@@ -457,15 +462,16 @@ class _ChunkDecoder:
             before_first_token=self.tokens == 0,
         )
 
-    def decode(self, event_type: str, data: str, tokens: Tokens) -> None:
+    def decode(self, event_type: str, data: str | bytes, tokens: Tokens) -> None:
         """Add the tokens of one event's JSON chunk to ``tokens``."""
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
-            raise UpstreamError(f"malformed JSON chunk from upstream: {_snippet(data)!r}", retryable=True) from None
+            snippet = _text_snippet(data)
+            raise UpstreamError(f"malformed JSON chunk from upstream: {snippet!r}", retryable=True) from None
         if not isinstance(obj, dict):
             raise UpstreamError(
-                f"malformed JSON chunk from upstream (not an object): {_snippet(data)!r}", retryable=True
+                f"malformed JSON chunk from upstream (not an object): {_text_snippet(data)!r}", retryable=True
             )
         # OpenAI and newer llama.cpp report a failure mid-stream as a data chunk with "error";
         # some servers name the event "error" instead.

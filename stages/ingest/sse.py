@@ -100,6 +100,31 @@ class SSEParser:
             text = text.removeprefix(BOM)
         return self._process(text.split("\n"))
 
+    def feed_plain(self, chunk: bytes) -> list[bytes] | None:
+        """The fast path of an OpenAI stream's usual read: when ``chunk`` is nothing but complete
+        events of one ``data: `` line each (LF line ends, no id, event or comment line) and the
+        parser holds nothing unfinished, the data of each of its events, as bytes; else None
+        (nothing consumed: use :meth:`feed`). The events are the ones :meth:`feed` would return,
+        of type "message" with the unchanged last event ID."""
+        if (
+            self._partial
+            or self._data
+            or self._at_start
+            or self._after_cr
+            or self.unknown_line is not None
+            or self.overflow is not None
+            or not chunk.endswith(b"\n\n")
+            or b"\r" in chunk
+        ):
+            return None
+        pieces = chunk[:-2].split(b"\n\n")
+        limit = self.max_event
+        for piece in pieces:
+            if not piece.startswith(b"data: ") or b"\n" in piece or (limit is not None and len(piece) > limit):
+                return None
+        self.last_event_id = self._id_buffer  # as each blank line does (it can only be unchanged)
+        return [piece[_DATA_VALUE:] for piece in pieces]
+
     def _lf_line_ends(self, chunk: bytes) -> bytes:
         """``chunk`` with every line end (CRLF, LF or CR) made a LF. A CR ends a line at once, so
         that a CR at the end of the stream needs no next byte; a LF at the start of the next chunk
