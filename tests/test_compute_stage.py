@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import types
 
 import numpy as np
@@ -620,3 +621,47 @@ def test_records_waiting_together_are_computed_as_one_with_the_same_columns(rig)
     for name in ("stream_id", "seq", "hilbert", "conf", "ppl", "rep", "repflag"):
         a, b = (np.concatenate([batch[name] for batch in out]) for out in outputs)
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+# ---- records that outgrow the output ring's max_record ---------------------------------------
+
+
+def _long_rows(sid: int, count: int, text_bytes: int) -> list[tuple]:
+    return [(sid, i + 1, Kind.TOKEN, i, math.log(0.5), b"x" * text_bytes) for i in range(count)]
+
+
+def _drain(r: Rig) -> list[dict]:
+    """Run the stage until every input record went through, taking its output as it comes (so a
+    small output ring fills up and empties again on the way)."""
+    out: list[dict] = []
+    deadline = time.monotonic() + 20
+    while r.ctx.inputs[0].available() or r.stage.split_at:
+        assert time.monotonic() < deadline, "compute stopped moving"
+        r.stage.do_work()
+        out += r.receive()
+    return out
+
+
+def test_coalescing_stays_within_the_output_rings_records(rig):
+    # 64 KiB output ring: records of at most 16,376 bytes; six 40-row records coalesced into one
+    # (240 rows, ~41 KB) raised RecordTooLarge and crash-looped compute
+    r = rig(out_capacity=1 << 16, backend="numpy")
+    rows = _long_rows(1, 240, 100)
+    for i in range(0, 240, 40):
+        r.send(rows[i : i + 40])
+    out = _drain(r)
+    assert [s for b in out for s in b["seq"]] == list(range(1, 241))
+    assert all(len(b["seq"]) * 100 < r.ctx.outputs[0].max_record for b in out)
+
+
+def test_a_record_too_large_for_the_output_is_split_without_changing_its_values(rig):
+    big, small = rig(backend="numpy"), rig(out_capacity=1 << 16, backend="numpy")
+    rows = _long_rows(3, 64, 1000)  # one 64 KB record: four or more output records of at most 16 KB
+    big.send(rows)
+    small.send(rows)
+    want = _drain(big)
+    got = _drain(small)
+    assert len(want) == 1 and len(got) >= 4 and small.stage.counts["split_records"] == len(got)
+    assert [s for b in got for s in b["seq"]] == want[0]["seq"]
+    for column in ("conf", "ppl", "rep", "entropy", "hilbert"):
+        np.testing.assert_array_equal(np.concatenate([b[column] for b in got]), want[0][column])

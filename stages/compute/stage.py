@@ -88,7 +88,15 @@ class Compute(Stage):
         self.curve = fused.CurveTable(self.order)  # built now (~10 ms at order 8), not on the first tokens
         k = len(self.probe_vectors) if self.table is not None else 0
         self.states = streams.StreamStates(self.window + self.ngram - 1, self.probe_window if k else 0, k)
-        self.counts = {"batches": 0, "tokens": 0, "repetitions": 0, "cancels": 0, "cancel_errors": 0}
+        self.counts = {
+            "batches": 0,
+            "tokens": 0,
+            "repetitions": 0,
+            "cancels": 0,
+            "cancel_errors": 0,
+            "split_records": 0,
+        }
+        self.split_at = 0  # rows of the input record being split that are written already
         self.busy_ns = 0
         self.sizes: dict[tuple[int, int], int] = {}  # output record bytes per (rows, text bytes)
         self.requests: RequestClient | None = None
@@ -112,21 +120,33 @@ class Compute(Stage):
         computation and one output record cover several small batches (the per-batch cost of the
         kernels is mostly fixed), and a record that comes alone goes on alone, at once."""
         group: list[tuple[int, memoryview, BatchColumns]] = []
-        rows = 0
+        rows = text = 0
         while True:
             record = self.inp.try_read()
             if record is None:
                 return group
             record_type, view = record
             batch = TokenBatch.decode(view)
-            if group and (rows + batch.rows > self.coalesce_rows or record_type != group[0][0]):
+            if group and (
+                rows + batch.rows > self.coalesce_rows
+                or record_type != group[0][0]
+                or self._size(rows + batch.rows, text + len(batch.text)) > self.out.max_record
+            ):
                 del batch, view  # not view.release(): a message transport hands the same view back
                 self.inp.unread()
                 return group
             group.append((record_type, view, batch))
             rows += batch.rows
+            text += len(batch.text)
             if rows >= self.coalesce_rows:
                 return group
+
+    def _size(self, rows: int, text_bytes: int) -> int:
+        """Bytes of an output record of ``rows`` rows and ``text_bytes`` of text."""
+        size = self.sizes.get((rows, text_bytes))
+        if size is None:  # batch_size walks the columns: asked once per shape
+            size = self.sizes[(rows, text_bytes)] = batch_size(rows, text_bytes, self.columns)
+        return size
 
     def _write_group(self, group: list[tuple[int, memoryview, BatchColumns]]) -> bool:
         """Compute ``group`` into one output record; False (the group pushed back) when the output is full."""
@@ -134,10 +154,11 @@ class Compute(Stage):
         record_type, view, first = group[0]
         merged = first if len(group) == 1 else _Merged([batch for _, _, batch in group])
         text_bytes = len(merged.text)
+        size = self._size(merged.rows, text_bytes)
+        if size > self.out.max_record:  # one record whose appended columns outgrow the output ring's records
+            del merged
+            return self._write_split(record_type, first, began)
         # claimed before computing: a batch that waits for room must not advance the running state twice
-        size = self.sizes.get((merged.rows, text_bytes))
-        if size is None:  # batch_size walks the columns: asked once per shape
-            size = self.sizes[(merged.rows, text_bytes)] = batch_size(merged.rows, text_bytes, self.columns)
         target = self.out.try_claim(size)
         if target is None:
             del merged, first, view
@@ -157,6 +178,40 @@ class Compute(Stage):
         target.release()
         self.out.commit(record_type)
         self.inp.release()  # after the output is committed: a compute killed at any point loses nothing
+        self.busy_ns += time.perf_counter_ns() - began
+        return True
+
+    def _write_split(self, record_type: int, batch: BatchColumns, began: int) -> bool:
+        """Write one input record as several output records of consecutive rows, each within the
+        output ring's max_record. Rows already written stay written when the output fills up
+        (``split_at``), so a piece waiting for room never advances the running state twice; the
+        input record is released after its last piece (a restart repeats the pieces written, which
+        the broadcast drops by seq)."""
+        while self.split_at < batch.rows:
+            start = self.split_at
+            stop = start + 1
+            while stop < batch.rows and self._size(stop + 1 - start, _text_span(batch, start, stop + 1)) <= (
+                self.out.max_record
+            ):
+                stop += 1
+            piece = _Merged([batch], start, stop)
+            target = self.out.try_claim(self._size(piece.rows, len(piece.text)))  # RecordTooLarge: a row never fits
+            if target is None:
+                del piece, batch
+                self.inp.rewind()
+                return False
+            columns = write_batch(target, piece.rows, len(piece.text), self.columns)
+            for name in _BASE_NAMES:
+                getattr(columns, name)[:] = getattr(piece, name)
+            self.compute(piece, columns.extra)
+            del columns, piece
+            target.release()
+            self.out.commit(record_type)
+            self.split_at = stop
+            self.counts["split_records"] += 1
+        del batch
+        self.split_at = 0
+        self.inp.release()
         self.busy_ns += time.perf_counter_ns() - began
         return True
 
@@ -384,11 +439,25 @@ _TOKEN_COLUMNS = ("hilbert", "conf", "rgba", "entropy")
 _BASE_NAMES = ("stream_id", "seq", "recv_ns", "token_id", "logprob", "kind", "text_end", "text")
 
 
-class _Merged:
-    """The base columns of several batches, one after another (what :meth:`Compute.compute`
-    reads of a batch)."""
+def _text_span(batch: BatchColumns, start: int, stop: int) -> int:
+    """Text bytes of rows start..stop of ``batch``."""
+    return int(batch.text_end[stop - 1]) - (int(batch.text_end[start - 1]) if start else 0)
 
-    def __init__(self, batches: list[BatchColumns]) -> None:
+
+class _Merged:
+    """The base columns of several batches, one after another, or of rows start..stop of one (what
+    :meth:`Compute.compute` reads of a batch)."""
+
+    def __init__(self, batches: list[BatchColumns], start: int = 0, stop: int | None = None) -> None:
+        if stop is not None:  # rows start..stop of the one batch given
+            (batch,) = batches
+            first = int(batch.text_end[start - 1]) if start else 0
+            for name in ("stream_id", "seq", "recv_ns", "token_id", "logprob", "kind"):
+                setattr(self, name, getattr(batch, name)[start:stop])
+            self.text = batch.text[first : int(batch.text_end[stop - 1])]
+            self.text_end = batch.text_end[start:stop] - np.uint32(first)
+            self.rows = stop - start
+            return
         for name in ("stream_id", "seq", "recv_ns", "token_id", "logprob", "kind", "text"):
             setattr(self, name, np.concatenate([getattr(b, name) for b in batches]))
         offsets = np.cumsum([0] + [len(b.text) for b in batches[:-1]], dtype=np.uint32)
