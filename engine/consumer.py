@@ -47,7 +47,7 @@ RESYNC_S = 1.0  # one stream: silent this long before its end, it is asked for a
 ASK_TIMEOUT_S = 2.0  # a snapshot request unanswered this long is sent again
 MAX_FRUITLESS_ASKS = 5  # answers in a row that did not close a hole: what is missing is lost
 MIN_ENGINE_TIMEOUT_S = 5.0  # a restarting broadcast is silent for a second or two: no false alarm
-MAX_HELD = 100_000  # batches kept ahead of a hole
+MAX_HELD = 10_000  # batches kept ahead of a hole (more are dropped: the repair fetches them)
 _FINISHED_KEPT = 100_000  # ended streams remembered, so a late duplicate does not restart one
 
 
