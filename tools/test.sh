@@ -23,4 +23,5 @@ python3 -c 'import llama_cpp.server.app, gguf' 2>/dev/null \
         python3 -m pip install --quiet --disable-pip-version-check -e '.[llamacpp]'
 python3 -m ruff check .
 python3 -m ruff format --check .
+lint-imports  # the layering contracts in .importlinter
 python3 -m pytest "$@"
