@@ -12,15 +12,12 @@ from typing import Any
 
 from engine.client import EngineNotFound, find_engine
 from shm.naming import new_instance_id
+from shm.ring import pid_alive
 
 
 def process_gone(pid: int) -> bool:
     """True once ``pid`` has exited: no such process, or a zombie its parent has not reaped."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return True
+    return not pid_alive(pid)
 
 
 def wait_exit(pid: int, timeout_s: float) -> bool:
