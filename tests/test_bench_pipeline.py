@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -126,21 +128,45 @@ def test_row_does_not_hold_when_short_or_slow() -> None:
     assert not _step(1000.0, errors=1)["held"]  # a stream the engine ended with an error
 
 
-def test_sweep_stops_at_the_first_step_that_fails_then_bisects(monkeypatch: pytest.MonkeyPatch) -> None:
-    capacity = 26_000.0
-    tried = []
+@pytest.mark.parametrize(
+    ("capacity", "tried", "saturation"),
+    [
+        (26_000.0, [2_500, 5_000, 10_000, 20_000, 30_000, 25_000], 25_000),  # up the ladder, then halfway back
+        (1_000.0, [2_500, 1_250, 625, 900], 900),  # below the ladder: halved until a step holds
+        (100.0, [2_500, 1_250, 625, 312.5], None),  # at most three halvings
+    ],
+)
+def test_sweep_finds_the_highest_load_that_holds(
+    monkeypatch: pytest.MonkeyPatch, capacity: float, tried: list[float], saturation: float | None
+) -> None:
+    offered = _fake_steps(monkeypatch, lambda rate, attempt: rate <= capacity)
+    rows = pipeline.sweep("shm", replace(pipeline.FULL, retries=0, always=()), progress=False)
+    assert offered == tried
+    assert [r["offered_tokens_per_s"] for r in rows] == sorted(tried)
+    assert pipeline.saturation(rows, "shm") == saturation
+    assert pipeline.saturation(rows, "queue") is None
+
+
+def test_sweep_retries_a_step_that_failed_and_runs_the_targets_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 2,500 fails once (a neighbour's spike), then holds; 5,000 fails twice: the ladder stops there
+    offered = _fake_steps(monkeypatch, lambda rate, attempt: rate < 5_000 and (rate, attempt) != (2_500, 0))
+    rows = pipeline.sweep("shm", pipeline.FULL, progress=False)
+    assert offered == [2_500, 2_500, 5_000, 5_000, 3_800, 10_000]  # then halfway; the targets' 10k once
+    assert pipeline.saturation(rows, "shm") == 3_800
+    assert [r["held"] for r in rows] == [False, True, True, False, False, False]
+
+
+def _fake_steps(monkeypatch: pytest.MonkeyPatch, holds: Callable[[float, int], bool]) -> list[float]:
+    """run_step replaced by ``holds(offered, attempt at that rate)``; the offered rates run, in order."""
+    offered: list[float] = []
 
     def fake_step(load: pipeline.Load, settings: pipeline.Settings) -> dict:
-        tried.append(load.offered)
-        return {"transport": load.transport, "offered_tokens_per_s": load.offered, "held": load.offered <= capacity}
+        held = holds(load.offered, offered.count(load.offered))
+        offered.append(load.offered)
+        return {"transport": load.transport, "offered_tokens_per_s": load.offered, "held": held}
 
     monkeypatch.setattr(pipeline, "run_step", fake_step)
-    settings = pipeline.FULL
-    rows = pipeline.sweep("shm", settings, progress=False)
-    assert tried == [2_500, 5_000, 10_000, 20_000, 30_000, 25_000]
-    assert [r["offered_tokens_per_s"] for r in rows] == sorted(tried)
-    assert pipeline.saturation(rows, "shm") == 25_000
-    assert pipeline.saturation(rows, "queue") is None
+    return offered
 
 
 def test_targets_from_rows() -> None:
