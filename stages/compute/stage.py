@@ -84,6 +84,10 @@ class Compute(Stage):
         self.probe_window = int(probes.get("window", 32))
         if self.ngram < 1 or self.window < 1 or self.probe_window < 1:
             raise ValueError("compute params repetition.ngram, repetition.window and probes.window must be >= 1")
+        if not os.path.isdir(os.environ.get("XDG_RUNTIME_DIR", "")):
+            # Mesa's Vulkan drivers print "XDG_RUNTIME_DIR is invalid or not set" on the worker's raw
+            # stderr, outside the JSON log, when probing adapters; our private runtime dir will do
+            os.environ["XDG_RUNTIME_DIR"] = ctx.runtime_dir
         self.kernels = open_kernels(p, ctx.log, os.path.join(ctx.state_dir, f"{ctx.name}.adapters.json"))
         self.curve = fused.CurveTable(self.order)  # built now (~10 ms at order 8), not on the first tokens
         k = len(self.probe_vectors) if self.table is not None else 0
