@@ -77,7 +77,11 @@ async def post_stream(
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
-    lines = [f"POST {target} HTTP/1.1", f"Host: {parts.netloc}", *(f"{k}: {v}" for k, v in headers.items())]
+    for name, value in headers.items():  # a line break would smuggle a header (or a request) in
+        if "\r" in name + value or "\n" in name + value:
+            raise TransportError("connect", f"request header {name[:40]!r} contains a line break")
+    host = parts.netloc.rpartition("@")[2]  # never credentials in the Host header
+    lines = [f"POST {target} HTTP/1.1", f"Host: {host}", *(f"{k}: {v}" for k, v in headers.items())]
     request = ("\r\n".join([*lines, f"Content-Length: {len(payload)}"]) + "\r\n\r\n").encode("latin-1") + payload
     loop = asyncio.get_running_loop()
     idle = _idle_connections(loop, key)
