@@ -146,7 +146,9 @@ class StreamConsumer:
         while True:
             if self.only is None:
                 while self.ready_batches:
-                    self.ready.extend(self.ready_batches.popleft().stream_messages())
+                    split = self.ready_batches.popleft().stream_messages()
+                    self.counts["messages"] += len(split)
+                    self.ready.extend(split)
             while self.ready:
                 message = self.ready.popleft()
                 yield message

@@ -93,6 +93,7 @@ class Broadcast(Stage):
             sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every (un)subscription, so they can be counted per topic
             sock.setsockopt(zmq.SNDHWM, p.sndhwm)
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, 4096)  # what subscribers send: (un)subscriptions, a topic each
             sock.bind(endpoint.url)
             self.publishers.append(_Publisher(sock, endpoint.encoding))
         self.router = self.zmq.socket(zmq.ROUTER)
