@@ -187,11 +187,12 @@ class Batch:
         starts = np.flatnonzero(np.concatenate(([True], (sids[1:] != sids[:-1]) | events[1:] | events[:-1])))
         seqs, recv_ns = columns["seq"], columns["recv_ns"]
         encoding = self.header.get("encoding", "binary")
+        flags = {"synthetic": True} if self.header.get("synthetic") else {}  # ended at the client, not by the engine
         out: list[Message] = []
         for a, b in zip(starts.tolist(), [*starts[1:].tolist(), n], strict=True):
             sid = int(sids[a])
             if events[a]:
-                out.append(event_message(int(kinds[a]), sid, int(seqs[a]), texts[a], int(recv_ns[a])))
+                out.append(event_message(int(kinds[a]), sid, int(seqs[a]), texts[a], int(recv_ns[a]), **flags))
                 continue
             first, last = int(seqs[a]), int(seqs[b - 1])
             head = header("tokens", sid, first, last, encoding)
@@ -228,9 +229,9 @@ def event_text(kind: int, text: str) -> str:
     return text if kind not in (START, END) else orjson.dumps(event_fields(kind, text)).decode()
 
 
-def event_message(kind: int, sid: int, seq: int, text: str, recv_ns: int, encoding: str = "json") -> Message:
+def event_message(kind: int, sid: int, seq: int, text: str, recv_ns: int, **flags: Any) -> Message:
     name = KIND_TYPES.get(kind, "error")
-    head = header(name, sid, seq, seq, encoding, **event_fields(kind, text), recv_ns=recv_ns)
+    head = header(name, sid, seq, seq, "json", **event_fields(kind, text), recv_ns=recv_ns, **flags)
     return Message(name, sid, (seq, seq), head)
 
 

@@ -301,7 +301,8 @@ def test_no_heartbeat_for_the_engine_timeout_ends_every_open_stream(broadcast):
             if len(out) == 2:
                 break
     assert sorted(m.stream for m in out) == [1, 2] and time.monotonic() - began < 3
-    assert all("engine unreachable" in m.header["reason"] for m in out) and c.counts["unreachable"] == 2
+    assert all("engine unreachable" in m.header["reason"] and m.header["synthetic"] for m in out)
+    assert c.counts["unreachable"] == 2
 
 
 def test_one_stream_ends_when_the_engine_is_unreachable(broadcast):
