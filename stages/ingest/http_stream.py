@@ -32,9 +32,9 @@ __all__ = ["BodyReader", "HttpError", "TransportError", "post_stream"]
 
 MAX_HEAD_BYTES = 64 * 1024  # status line and headers
 MAX_IDLE_PER_HOST = 256  # kept connections
-DRAIN_TIMEOUT_S = 1.0  # for the rest of a body after the reader is complete
+DRAIN_TIMEOUT_S = 1.0  # for the rest of a body after the reader is complete ([DONE])
 MAX_CHUNK_LINE = 1024  # a chunk-size line (with its extensions)
-ERROR_BODY_LIMIT = 64 * 1024
+ERROR_BODY_LIMIT = 64 * 1024  # an HTML error page can be large; its first bytes name the problem
 
 
 class BodyReader(Protocol):

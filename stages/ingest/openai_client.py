@@ -53,8 +53,8 @@ __all__ = [
 ]
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
-ERROR_BODY_LIMIT = 64 * 1024  # an HTML error page can be large; its first bytes name the problem
-DRAIN_TIMEOUT_S = 1.0  # for the rest of a body after [DONE]
+ERROR_BODY_LIMIT = http_stream.ERROR_BODY_LIMIT
+DRAIN_TIMEOUT_S = http_stream.DRAIN_TIMEOUT_S
 MAX_EVENT_BYTES = 256 * 1024  # one SSE line or event: a chunk with 20 top logprobs is a few KB
 _SNIPPET = 160  # characters of a bad chunk or body quoted in an error message
 _VLLM_TOKEN_ID = "token_id:"
