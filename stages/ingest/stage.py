@@ -174,7 +174,7 @@ class Ingest(AsyncStage):
             await self._admit(client)
             key = key_for(body, endpoint, self.cache_policy, self.producer)
             if key is not None and self.cache is not None and await self.cache.lookup(key, sid):
-                self._forget(sid)  # the cache replays the stream under this id
+                self._free(sid)  # the cache replays the stream under this id: no row of it here
                 return
             start = {"model": str(body.get("model", "")), "cached": False, "cache_key": key}
             self._emit(sid, Kind.START, orjson.dumps(start), time.monotonic_ns())
@@ -245,14 +245,15 @@ class Ingest(AsyncStage):
         self.rows.add_tokens(sid, seq, ids, tokens.logprobs, tokens.recv_ns, texts)
         self._rows_added()
 
-    def _emit(self, sid: int, kind: int, text: bytes, recv_ns: int, token_id: int = 0, logprob: float = math.nan):
+    def _emit(self, sid: int, kind: int, text: bytes, recv_ns: int) -> None:
+        """One START, END or ERROR row (no token id, no logprob)."""
         if len(text) > self.rows.max_text:
             if kind != Kind.ERROR:
                 raise RowTooLarge(f"a row of {len(text)} bytes; at most {self.rows.max_text} fit the ring's record")
             text = text[: self.rows.max_text].decode(errors="ignore").encode()  # cut at a character
         seq = self.next_seq[sid]
         self.next_seq[sid] = seq + 1
-        self.rows.append(sid, seq, kind, token_id, logprob, recv_ns, text)
+        self.rows.append(sid, seq, kind, 0, math.nan, recv_ns, text)
         self._rows_added()
 
     def _rows_added(self) -> None:
@@ -347,10 +348,6 @@ class Ingest(AsyncStage):
         self.active[slot] = (0, 0)
         self.free_slots.append(slot)
         del self.next_seq[sid]
-
-    def _forget(self, sid: int) -> None:
-        """Free the slot of a stream this worker will write no row of (a cache hit)."""
-        self._free(sid)
 
     def _committed(self, committed: Committed) -> None:
         """Record in the restart-surviving table how far each stream of a committed batch got."""
