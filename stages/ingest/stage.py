@@ -262,22 +262,34 @@ class Ingest(AsyncStage):
         streams, hundreds of milliseconds). A partial batch waits at most flush_ms for more rows."""
         rows = self.rows
         if len(rows) >= rows.batch_rows:
-            try:
-                while len(rows) >= rows.batch_rows and self._write(rows.batch_rows):
-                    pass
-            except Exception as exc:  # a write that fails will fail again: the worker must restart
-                self._fail(exc)
-                raise
+            self._write_now(rows.batch_rows)
         if not len(rows):
             if self.flush_timer is not None:
                 self.flush_timer.cancel()
                 self.flush_timer = None
             return
         if self.flush_timer is None:
-            self.flush_timer = asyncio.get_running_loop().call_later(self.flush_s, self.wake_flusher.set)
+            self.flush_timer = asyncio.get_running_loop().call_later(self.flush_s, self._flush_due)
         if len(rows) >= _BACKLOG_BATCHES * rows.batch_rows:
             self.room.clear()
             self.wake_flusher.set()
+
+    def _flush_due(self) -> None:
+        """The oldest waiting row's window is over: what is there goes now, from the timer itself
+        (no task to wake); what the ring has no room for is left to the flusher, which waits."""
+        self.flush_timer = None
+        self._write_now(1)
+        if len(self.rows):
+            self.wake_flusher.set()
+
+    def _write_now(self, least: int) -> None:
+        """Write records while at least ``least`` rows wait and the ring has room."""
+        rows = self.rows
+        try:
+            while len(rows) >= least and self._write(rows.batch_rows):
+                pass
+        except Exception as exc:  # a write that fails will fail again: the worker must restart
+            self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
         self.ctx.log.error("ingest_write_failed", error=repr(exc))
@@ -290,7 +302,6 @@ class Ingest(AsyncStage):
         while True:
             await self.wake_flusher.wait()
             self.wake_flusher.clear()
-            self.flush_timer = None
             await self._flush_all()
 
     async def _flush_all(self) -> None:
