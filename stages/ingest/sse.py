@@ -103,7 +103,7 @@ class SSEParser:
     def feed_plain(self, chunk: bytes) -> list[bytes] | None:
         """The fast path of an OpenAI stream's usual read: when ``chunk`` is nothing but complete
         events of one ``data: `` line each (LF line ends, no id, event or comment line) and the
-        parser holds nothing unfinished, the data of each of its events, as bytes; else None
+        parser holds nothing unfinished, the data of each of its events, as bytes (valid UTF-8); else None
         (nothing consumed: use :meth:`feed`). The events are the ones :meth:`feed` would return,
         of type "message" with the unchanged last event ID."""
         if (
@@ -117,6 +117,11 @@ class SSEParser:
             or b"\r" in chunk
         ):
             return None
+        if not chunk.isascii():  # invalid UTF-8 is the full parser's (it replaces it, as required)
+            try:
+                chunk.decode()
+            except UnicodeDecodeError:
+                return None
         pieces = chunk[:-2].split(b"\n\n")
         limit = self.max_event
         for piece in pieces:
