@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from engine.keys import exposed_without_curve
 from shm import descriptor as d
 from shm.batch import MAX_ROW_TEXT, min_record_bytes
 from shm.naming import NameError_, check_ring
@@ -254,6 +255,17 @@ class WorkerConfig(_Model):
             raise ValueError(f"must be one of {', '.join(STAGE_ALIASES)} or 'package.module:ClassName' (got {value!r})")
         return value
 
+    @model_validator(mode="after")
+    def _no_exposed_tcp(self) -> WorkerConfig:
+        """A tcp endpoint in any stage's params beyond loopback needs ``curve = true`` there
+        (checked here for every stage, so the refusal comes at load, before anything starts)."""
+        curve = self.params.get("curve") is True
+        for path, url in _tcp_urls(self.params):
+            reason = exposed_without_curve(url, curve)
+            if reason:
+                raise _KeyedError(("params", *path), reason)
+        return self
+
     @field_validator("inputs", "outputs")
     @classmethod
     def _no_repeats(cls, value: list[str]) -> list[str]:
@@ -263,6 +275,17 @@ class WorkerConfig(_Model):
                 raise ValueError(f"ring {ring!r} listed twice")
             seen.add(ring)
         return value
+
+
+def _tcp_urls(value: Any, path: tuple[str | int, ...] = ()) -> list[tuple[tuple[str | int, ...], str]]:
+    """(key path, url) of every ``tcp://`` string in a params table (tables and arrays walked,
+    32 levels at most)."""
+    if isinstance(value, str):
+        return [(path, value)] if value.startswith("tcp://") else []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    if len(path) >= 32:
+        return []
+    return [found for key, item in items for found in _tcp_urls(item, (*path, key))]
 
 
 class UpstreamEntry(_Model):

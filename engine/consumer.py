@@ -41,6 +41,7 @@ import orjson
 import zmq
 
 from engine import wire
+from engine.keys import ClientKeys
 from engine.seqtable import SeqTable
 
 RESYNC_S = 1.0  # one stream: silent this long before its end, it is asked for again
@@ -83,16 +84,22 @@ class StreamConsumer:
         rcvhwm: int = 100_000,
         encoding: str = "json",
         engine_timeout_s: float | None = None,
+        curve: ClientKeys | None = None,
     ) -> None:
+        """``curve``: the keys to connect to CURVE tcp endpoints with (engine.keys.load_client_keys)."""
         self.ctx = zmq.Context.instance()
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, rcvhwm)
         self.sub.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self.sub)
         self.sub.connect(endpoint)
         self.sub.setsockopt(zmq.SUBSCRIBE, wire.ALL_TOPIC if stream is None else wire.topic(stream))
         self.sub.setsockopt(zmq.SUBSCRIBE, wire.HEARTBEAT_TOPIC)
         self.snap = self.ctx.socket(zmq.DEALER)
         self.snap.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self.snap)
         self.snap.connect(snapshot_endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.sub, zmq.POLLIN)

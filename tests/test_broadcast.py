@@ -455,6 +455,8 @@ def test_bad_params_are_refused_with_the_key_named(given, message):
 
 
 def test_params_defaults_and_extra_endpoints():
-    p = params.parse({"endpoints": [{"url": "tcp://0.0.0.0:5556", "encoding": "binary"}], "retention_s": 10})
+    p = params.parse(
+        {"endpoints": [{"url": "tcp://0.0.0.0:5556", "encoding": "binary"}], "retention_s": 10, "curve": True}
+    )
     assert p.endpoints == (params.Endpoint("tcp://0.0.0.0:5556", "binary"),)
     assert p.retention_s == 10.0 and p.sndhwm == 10_000

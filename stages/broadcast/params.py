@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from engine.keys import exposed_without_curve
 from engine.wire import ENCODINGS
 
 _SCHEMES = ("tcp://", "ipc://")
@@ -26,6 +27,8 @@ class BroadcastParams:
     retention_s: float = 300.0
     heartbeat_s: float = 1.0
     latency_budget_ms: float = 50.0
+    curve: bool = False  # CURVE on every tcp endpoint (required for one beyond loopback)
+    keys_dir: str = ""  # where the server pair and the allow-list are ("": engine.keys.default_keys_dir)
 
 
 def parse(params: dict[str, Any]) -> BroadcastParams:
@@ -47,7 +50,18 @@ def parse(params: dict[str, Any]) -> BroadcastParams:
     if not isinstance(endpoints, list):
         raise ValueError("broadcast params: endpoints must be an array of {url, encoding} tables")
     values["endpoints"] = tuple(_endpoint(i, e) for i, e in enumerate(endpoints))
-    return BroadcastParams(**values)
+    curve = params.get("curve", False)
+    if not isinstance(curve, bool):
+        raise ValueError(f"broadcast params: curve must be true or false (got {curve!r})")
+    keys_dir = params.get("keys_dir", "")
+    if not isinstance(keys_dir, str) or (keys_dir and not keys_dir.startswith("/")):
+        raise ValueError(f"broadcast params: keys_dir must be an absolute path (got {keys_dir!r})")
+    exposed = [(f"endpoints[{i}].url", e.url) for i, e in enumerate(values["endpoints"])]
+    for where, url in [*exposed, ("snapshot_url", values.get("snapshot_url", ""))]:
+        reason = exposed_without_curve(url, curve)
+        if reason:
+            raise ValueError(f"broadcast params: {where}: {reason}")
+    return BroadcastParams(**values, curve=curve, keys_dir=keys_dir)
 
 
 def _number(key: str, value: Any, kind: type | tuple[type, ...], low: float) -> Any:

@@ -9,10 +9,15 @@ and answers per-stream snapshots (a late joiner, a gap) and ``batches`` requests
 consumer repairing a hole in the positions) from them (stages/broadcast/snapshots.py).
 
 Params (all optional):
-    endpoints        extra endpoints: [{url = "tcp://0.0.0.0:5556", encoding = "json" | "binary"}]
+    endpoints        extra endpoints: [{url = "tcp://127.0.0.1:5556", encoding = "json" | "binary"}]
                      (always bound: ipc broadcast.sock (json) and broadcast-binary.sock (binary)
                      in the runtime directory)
-    snapshot_url     an extra endpoint for the snapshot ROUTER (always: broadcast-snapshot.sock)
+    snapshot_url     an extra endpoint for the snapshot ROUTER (always: broadcast-snapshot.sock),
+                     served by a ROUTER socket of its own (CURVE is per socket, the ipc one has none)
+    curve            CURVE on every tcp endpoint: only clients whose public key is allow-listed
+                     get anything (engine/keys.py, docs/security.md); required for a tcp endpoint
+                     beyond loopback (false)
+    keys_dir         the CURVE keys directory (default: engine.keys.default_keys_dir())
     sndhwm           messages queued per subscriber before ZeroMQ drops for it (10000)
     retention_bytes  bytes of published batch messages kept for snapshots (64 MiB)
     retention_s      how long a published batch is kept (300)
@@ -51,6 +56,7 @@ import numpy as np
 import zmq
 
 from engine import wire
+from engine.keys import CurveServer
 from engine.seqtable import SLOTS, SeqTable
 from engine.stage import Stage, WorkerContext
 from shm.batch import TokenBatch
@@ -87,6 +93,9 @@ class Broadcast(Stage):
             params.Endpoint(ctx.endpoint("broadcast-binary"), "binary"),
             *p.endpoints,
         ]
+        # CURVE is a socket's option, so each tcp endpoint has a socket of its own (extra live
+        # endpoints always have; the snapshot_url gets its own ROUTER)
+        self.curve = CurveServer(self.zmq, p.keys_dir) if p.curve else None
         self.publishers: list[_Publisher] = []
         for endpoint in endpoints:
             sock = self.zmq.socket(zmq.XPUB)
@@ -94,17 +103,12 @@ class Broadcast(Stage):
             sock.setsockopt(zmq.SNDHWM, p.sndhwm)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, 4096)  # what subscribers send: (un)subscriptions, a topic each
-            sock.bind(endpoint.url)
+            self._bind(sock, endpoint.url)
             self.publishers.append(_Publisher(sock, endpoint.encoding))
-        self.router = self.zmq.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.router.setsockopt(zmq.SNDHWM, SNAPSHOT_SNDHWM)
-        self.router.setsockopt(zmq.RCVHWM, SNAPSHOT_RCVHWM)
-        self.router.setsockopt(zmq.MAXMSGSIZE, 1 << 16)
-        self.router.bind(ctx.endpoint("broadcast-snapshot"))
+        self.router = self._snapshot_router(ctx.endpoint("broadcast-snapshot"))
+        self.routers = [self.router]
         if p.snapshot_url:
-            self.router.bind(p.snapshot_url)
+            self.routers.append(self._snapshot_router(p.snapshot_url))
         self.heartbeat_s = p.heartbeat_s
         self.budget_ns = int(p.latency_budget_ms * 1e6)
         # slot -> (stream id + 1, next seq to publish); survives restarts of this worker
@@ -127,7 +131,27 @@ class Broadcast(Stage):
         self.backlog_end = self.inp.position + self.inp.available()
         self.released = self.inp.position  # where the records held unreleased begin
         self.next_position = self.inp.position  # ``next`` of the last batch published (or republished)
-        ctx.log.info("broadcast_ready", endpoints=[e.url for e in endpoints], epoch=self.epoch)
+        ctx.log.info(
+            "broadcast_ready",
+            endpoints=[e.url for e in endpoints],
+            epoch=self.epoch,
+            **(self.curve.describe() if self.curve else {}),
+        )
+
+    def _bind(self, sock: zmq.Socket, url: str) -> None:
+        if self.curve is not None and url.startswith("tcp://"):
+            self.curve.secure(sock)
+        sock.bind(url)
+
+    def _snapshot_router(self, url: str) -> zmq.Socket:
+        router = self.zmq.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        router.setsockopt(zmq.SNDHWM, SNAPSHOT_SNDHWM)
+        router.setsockopt(zmq.RCVHWM, SNAPSHOT_RCVHWM)
+        router.setsockopt(zmq.MAXMSGSIZE, 1 << 16)  # requests are small JSON objects
+        self._bind(router, url)
+        return router
 
     def _epoch(self, ctx: WorkerContext) -> int:
         """Names the space the positions count in: the same across restarts of this worker over a
@@ -139,7 +163,7 @@ class Broadcast(Stage):
         return int(state[0])
 
     def pollables(self) -> list[Any]:
-        return [self.router, *(pub.sock for pub in self.publishers)]
+        return [*self.routers, *(pub.sock for pub in self.publishers)]
 
     def idle_timeout_s(self) -> float:
         return min(self.heartbeat_s, HOLD_S) if self.unreleased else self.heartbeat_s
@@ -295,15 +319,16 @@ class Broadcast(Stage):
                 pub.subs.feed(frame)
         served = 0
         now = time.monotonic()
-        while served < REQUESTS_PER_CYCLE:
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            served += 1
-            if len(frames) < 2 or not self.snapshots.admit(frames[0], now):
-                continue
-            self.snapshots.answer(frames[0], frames[-1], self.next_position, self.router.send_multipart)
+        for router in self.routers:  # each its share, so a flood on one starves no other
+            for _ in range(REQUESTS_PER_CYCLE // len(self.routers)):
+                try:
+                    frames = router.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                served += 1
+                if len(frames) < 2 or not self.snapshots.admit(frames[0], now):
+                    continue
+                self.snapshots.answer(frames[0], frames[-1], self.next_position, router.send_multipart)
         return served
 
     # ---- hooks ----------------------------------------------------------------------------
@@ -327,6 +352,8 @@ class Broadcast(Stage):
     def close(self) -> None:
         if hasattr(self, "zmq"):
             self.published.state.flush()
+            if getattr(self, "curve", None) is not None:
+                self.curve.stop()
             self.zmq.destroy(linger=1000)  # a clean stop sends what is queued (a dead subscriber: 1 s at most)
             self.inp.release()
 
