@@ -216,11 +216,12 @@ def run(path: str | None, detach: bool, as_json: bool) -> None:
 
 def _engine(path: str | None, instance: str | None) -> dict:
     from engine.client import EngineNotFound, find_engine
+    from engine.rundir import RuntimeDirError
 
     cfg = _load(path)
     try:
         return find_engine(cfg.engine.resolved_runtime_dir(), instance or cfg.engine.instance or None)
-    except EngineNotFound as exc:
+    except (EngineNotFound, RuntimeDirError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -425,6 +426,89 @@ def submit(
             ended = print_stream(consumer, "json" if as_json else "text", _write, one_stream=True)
         if ended != "end":
             raise SystemExit(1)
+
+
+@main.group()
+def keys() -> None:
+    """CURVE key pairs for tcp endpoints (docs/security.md): the engine's server key, client pairs
+    and the allow-list of client public keys."""
+
+
+_KEYS_DIR = click.option("--dir", "keys_dir", help="Keys directory (default: $NEURALPIPE_KEYS_DIR or the state dir).")
+
+
+def _keys_dir(keys_dir: str | None):
+    from engine.keys import KeyError_, KeysDir
+    from engine.rundir import RuntimeDirError
+
+    try:
+        return KeysDir(keys_dir)
+    except (KeyError_, RuntimeDirError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@keys.command("new")
+@click.argument("name")
+@click.option("--no-allow", is_flag=True, help="Do not add its public key to the allow-list.")
+@_KEYS_DIR
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def keys_new(name: str, no_allow: bool, keys_dir: str | None, as_json: bool) -> None:
+    """Make the client key pair NAME (files 0600) and allow its public key."""
+    from engine.keys import CLIENTS, KeyError_
+
+    with _keys_dir(keys_dir) as kd:
+        try:
+            pair = kd.new_client(name, allow=not no_allow)
+            server = kd.server()
+        except KeyError_ as exc:
+            raise click.ClickException(str(exc)) from None
+        where = f"{kd.path}/{CLIENTS}/{name}.key_secret"
+    info = {"name": name, "public_key": pair.public.decode(), "secret_file": where, "allowed": not no_allow}
+    info["server_public_key"] = server.public.decode()
+    _emit(info, as_json, f"client {name}: public key {info['public_key']}\nsecret: {where} (for that client only)")
+
+
+@keys.command("list")
+@_KEYS_DIR
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def keys_list(keys_dir: str | None, as_json: bool) -> None:
+    """The server public key, the allow-listed client keys and the client pairs made here."""
+    with _keys_dir(keys_dir) as kd:
+        info = {
+            "keys_dir": kd.path,
+            "server_public_key": kd.server().public.decode(),
+            "allowed": {name: key.decode() for name, key in kd.allowed().items()},
+            "clients": {name: key.decode() for name, key in kd.clients().items()},
+        }
+    lines = [f"keys dir  {info['keys_dir']}", f"server    {info['server_public_key']}"]
+    lines += [f"allowed   {key}  {name}" for name, key in info["allowed"].items()]
+    lines += [f"client    {key}  {name}" for name, key in info["clients"].items()]
+    _emit(info, as_json, "\n".join(lines))
+
+
+@keys.command("allow")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", help="Name in the allow-list (default: the file's name without .key).")
+@_KEYS_DIR
+def keys_allow(file: str, name: str | None, keys_dir: str | None) -> None:
+    """Allow the client public key in FILE (a ZeroMQ certificate, e.g. made by `keys new` elsewhere)."""
+    import os
+
+    import zmq.auth
+
+    from engine.keys import KeyError_
+
+    try:
+        public, _ = zmq.auth.load_certificate(file)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"{file}: {exc}") from None
+    name = name or os.path.basename(file).split(".")[0]
+    with _keys_dir(keys_dir) as kd:
+        try:
+            kd.allow(name, public)
+        except KeyError_ as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"allowed {name}: {public.decode()}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.client import EngineNotFound, find_engine
+from engine.rundir import RuntimeDirError, open_private_dir, open_private_file
 from shm.naming import new_instance_id
 from shm.ring import pid_alive
 
@@ -45,11 +46,18 @@ def launch_detached(
     running within ``timeout_s``."""
     instance = cfg.engine.instance or new_instance_id()
     base = cfg.engine.resolved_runtime_dir()
-    os.makedirs(base, mode=0o700, exist_ok=True)
     log_path = os.path.join(base, f"{instance}.log")
+    try:  # the base checked (ours, no symlink) and the log opened without following one, 0600
+        base_fd = open_private_dir(base)
+        try:
+            log_fd = open_private_file(base_fd, f"{instance}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        finally:
+            os.close(base_fd)
+    except RuntimeDirError as exc:
+        raise LaunchError(str(exc)) from None
     cmd = [sys.executable, "-m", "engine.cli", "run"] + (["--config", config_path] if config_path else [])
     env = dict(os.environ, NEURALPIPE_INSTANCE=instance, NEURALPIPE_RUNTIME_DIR=base)
-    with open(log_path, "ab") as log:
+    with os.fdopen(log_fd, "ab") as log:
         start_offset = log.tell()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
     deadline = time.monotonic() + timeout_s

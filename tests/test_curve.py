@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
+import sys
 
 import orjson
 import pytest
@@ -198,3 +200,21 @@ def test_a_symlinked_keys_dir_is_refused(tmp_path):
     (tmp_path / "keys").symlink_to(real)
     with pytest.raises(RuntimeError, match="symbolic link"):
         KeysDir(str(tmp_path / "keys"))
+
+
+def test_keys_command_makes_lists_and_allows(tmp_path):
+    env = dict(os.environ, NEURALPIPE_KEYS_DIR=str(tmp_path / "keys"))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "engine.cli", "keys", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+
+    made = orjson.loads(cli("new", "alice", "--json").stdout)
+    other = orjson.loads(cli("new", "bob", "--no-allow", "--json").stdout)
+    listed = orjson.loads(cli("list", "--json").stdout)
+    assert listed["allowed"] == {"alice": made["public_key"]} and set(listed["clients"]) == {"alice", "bob"}
+    assert listed["server_public_key"] == made["server_public_key"]
+    again = cli("new", "alice")
+    assert again.returncode == 1 and "exists already" in again.stderr
+    assert cli("allow", str(tmp_path / "keys" / "clients" / "bob.key")).returncode == 0
+    assert orjson.loads(cli("list", "--json").stdout)["allowed"]["bob"] == other["public_key"]
