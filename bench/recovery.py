@@ -399,8 +399,8 @@ def _median_wall_ms(argv: list[str], runs: int) -> float:
     return round(statistics.median(_wall_ms(argv) for _ in range(runs)), 1)
 
 
-def import_times(code: str) -> dict[str, float]:
-    """Cumulative import time in ms of each of IMPORT_ROOTS that ``code`` imports (-X importtime)."""
+def import_times(code: str, roots: tuple[str, ...] = IMPORT_ROOTS) -> dict[str, float]:
+    """Cumulative import time in ms of each of ``roots`` that ``code`` imports (-X importtime)."""
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", code], check=True, capture_output=True, text=True, timeout=60
     )
@@ -410,7 +410,7 @@ def import_times(code: str) -> dict[str, float]:
         if len(parts) != 3 or not parts[1].strip().isdigit():
             continue  # the header line
         name = parts[2].strip()
-        if name in IMPORT_ROOTS and name not in found:
+        if name in roots and name not in found:
             found[name] = round(int(parts[1]) / 1e3, 1)
     return dict(sorted(found.items(), key=lambda item: -item[1]))
 
@@ -522,32 +522,49 @@ def targets(stats: dict[str, dict[str, float]], sink: dict[str, int]) -> list[di
     ]
 
 
-def main(as_json: bool = False, quick: bool = False) -> dict[str, Any]:
-    """Run the benchmark, print a table (or one JSON object) and return the results.
+TOPOLOGIES = ("both", "test", "default")
+
+
+def main(as_json: bool = False, quick: bool = False, topology: str = "both") -> dict[str, Any]:
+    """Run the benchmark on the test topology, the default one or both (one after the other, in
+    the same run), print tables (or one JSON object) and return the results.
 
     A full run from a checkout also writes bench/results/recovery-<machine>.json and the
-    generated section of docs/recovery.md."""
+    generated sections of docs/recovery.md it measured."""
+    from . import recovery_default  # imports this module: loaded only when run
+
+    if topology not in TOPOLOGIES:
+        raise BenchError(f"topology must be one of {', '.join(TOPOLOGIES)}, not {topology!r}")
     settings = QUICK if quick else FULL
     info, load_before = report.machine(), report.load()
-    run = measure(settings, progress=not as_json)
-    stats = summary(run["kills"])
-    result = {
-        "benchmark": "recovery",
-        "machine": info,
-        "load_before": load_before,
-        "load_after": report.load(),
-        "settings": asdict(settings) | {"backoff_s": BACKOFF_S, "poll_s": POLL_S},
-        "kills": run["kills"],
-        "summary": stats,
-        "by_worker": by_worker(run["kills"]),
-        "startup": startup_anatomy(settings.startup_runs),
-        "sink": run["sink"],
-        "restarts": run["restarts"],
-        "targets": targets(stats, run["sink"]),
-    }
+    result: dict[str, Any] = {"benchmark": "recovery", "machine": info, "load_before": load_before}
+    if topology in ("both", "test"):
+        run = measure(settings, progress=not as_json)
+        stats = summary(run["kills"])
+        result |= {
+            "settings": asdict(settings) | {"backoff_s": BACKOFF_S, "poll_s": POLL_S},
+            "kills": run["kills"],
+            "summary": stats,
+            "by_worker": by_worker(run["kills"]),
+            "startup": startup_anatomy(settings.startup_runs),
+            "sink": run["sink"],
+            "restarts": run["restarts"],
+            "targets": targets(stats, run["sink"]),
+        }
+    if topology in ("both", "default"):
+        echo = None if as_json else (lambda line: click.echo(line, err=True))
+        result["default"] = recovery_default.run(quick, settings.startup_runs, echo)
+    result["load_after"] = report.load()
     _print(result, as_json)
-    if not quick:
-        report.publish("recovery", info, result, markdown(result), docs=DOCS)
+    if not quick and report.in_checkout():
+        name = "recovery" if topology == "both" else f"recovery-{topology}"
+        path = report.RESULTS / f"{name}-{report.machine_slug(info)}.json"
+        report.write_json(path, result)
+        if "kills" in result:
+            report.write_section("recovery", markdown(result), path=DOCS)
+        if "default" in result:
+            report.write_section("recovery-default", recovery_default.markdown(result), path=DOCS)
+        click.echo(f"wrote {path} and {DOCS}", err=True)
     return result
 
 
@@ -654,6 +671,16 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
         click.echo(json.dumps(result))
         return
     click.echo(report.machine_line(result["machine"], result["load_before"], result["load_after"]))
+    if "kills" in result:
+        _print_test(result)
+    if "default" in result:
+        from . import recovery_default
+
+        click.echo()
+        click.echo(recovery_default.text(result))
+
+
+def _print_test(result: dict[str, Any]) -> None:
     click.echo()
     click.echo(report.text_table(result["kills"], _KILL_COLUMNS))
     click.echo()

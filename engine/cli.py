@@ -36,12 +36,19 @@ def bench_ipc(as_json: bool, quick: bool, payloads: tuple[int, ...], transports:
 
 @bench.command("recovery")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--quick", is_flag=True, help="3 kills: a smoke run, not a measurement.")
-def bench_recovery(as_json: bool, quick: bool) -> None:
+@click.option("--quick", is_flag=True, help="A few kills: a smoke run, not a measurement.")
+@click.option(
+    "--topology",
+    type=click.Choice(["both", "test", "default"]),
+    default="both",
+    show_default=True,
+    help="counter -> relay -> sink, the default topology under chat load, or both.",
+)
+def bench_recovery(as_json: bool, quick: bool, topology: str) -> None:
     """Kill workers of a real engine with SIGKILL: time to detect, respawn and flow again."""
     from neuralpipe_bench import recovery
 
-    recovery.main(as_json=as_json, quick=quick)
+    recovery.main(as_json=as_json, quick=quick, topology=topology)
 
 
 @bench.command("idle")
@@ -232,6 +239,7 @@ def _engine(path: str | None, instance: str | None) -> dict:
 def status(path: str | None, instance: str | None, as_json: bool) -> None:
     """Show each worker (pid, state, uptime, restarts, rates), ring occupancy and the PAS."""
     from engine.client import request
+    from engine.redact import redact
     from engine.status_view import format_status
 
     info = _engine(path, instance)
@@ -240,6 +248,7 @@ def status(path: str | None, instance: str | None, as_json: bool) -> None:
     except TimeoutError as exc:
         raise click.ClickException(str(exc)) from None
     reply.pop("type", None)
+    reply = redact(reply)  # a worker's free-form stats must not show a credential
     _emit(reply, as_json, format_status(reply))
 
 
