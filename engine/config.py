@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.keys import exposed_without_curve
+from engine.redact import redact
 from shm import descriptor as d
 from shm.batch import MAX_ROW_TEXT, min_record_bytes
 from shm.naming import NameError_, check_ring
@@ -601,12 +602,13 @@ def _key_path(loc: tuple[str | int, ...]) -> str:
 
 
 def render_config(cfg: Config, as_json: bool = False) -> str:
-    """The configuration as TOML, which :func:`load_config` reads back to an equal Config, or as
-    JSON for tools.
+    """The configuration as TOML, which :func:`load_config` reads back to an equal Config (but for
+    secrets: API keys and URL credentials are shown as ``***``, engine/redact.py), or as JSON for
+    tools.
 
     ``[rings]`` shows the overrides as written; every other ring uses ``[ring_defaults]``."""
     if as_json:  # mode="json": TOML dates and times in params become ISO strings
-        return json.dumps(cfg.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
+        return json.dumps(redact(cfg.model_dump(mode="json", exclude_none=True)), indent=2) + "\n"
     import tomli_w
 
-    return tomli_w.dumps(cfg.model_dump(exclude_none=True))
+    return tomli_w.dumps(redact(cfg.model_dump(exclude_none=True)))

@@ -13,6 +13,8 @@ from typing import IO, Any
 
 import orjson
 
+from engine.redact import redact
+
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
@@ -30,7 +32,7 @@ class JsonLogger:
         if LEVELS[level] < self.threshold:
             return
         record = {"ts": round(time.time(), 6), "level": level, "event": event, "stage": self.stage, "pid": os.getpid()}
-        record.update(fields)
+        record.update(redact(fields))  # an upstream's URL in an error names its credentials
         try:
             self._stream.write(orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE))
             self._stream.flush()
