@@ -15,12 +15,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = ("detect", "respawn", "attach", "flowing")  # after the kill, in this order
+DEFAULT_STEPS = ("detect", "respawn", "ready", "flowing")
 PHASES = (*STEPS, "exit", "reap", "restart_delay", "worker_start", "first_batch")
 
 
-def _bench(name: str) -> dict[str, Any]:
+def _bench(name: str, *options: str) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "bench", name, "--quick", "--json"],
+        [sys.executable, "-m", "engine.cli", "bench", name, "--quick", "--json", *options],
         capture_output=True,
         text=True,
         timeout=150,
@@ -51,8 +52,9 @@ def _check_machine(result: dict[str, Any]) -> None:
 @pytest.mark.timeout(180)
 def test_recovery_quick_times_each_kill_and_loses_nothing() -> None:
     before = _generated_files()
-    result = _bench("recovery")
+    result = _bench("recovery", "--topology", "test")
     _check_machine(result)
+    assert "default" not in result
     kills = result["kills"]
     assert [k["worker"] for k in kills] == ["relay", "sink", "source"]
     for kill in kills:
@@ -76,6 +78,46 @@ def test_recovery_quick_times_each_kill_and_loses_nothing() -> None:
     assert sink["messages"] > 0 and sink["gaps"] == 0 and sink["foreign"] == 0, sink
     assert result["restarts"] == {"source": 1, "relay": 1, "sink": 1}
     assert {t["target"] for t in result["targets"]} == {"detect p99", "flowing again p99", "sink gaps"}
+    assert _generated_files() == before
+
+
+@pytest.mark.timeout(180)
+def test_recovery_quick_default_topology_times_each_role_and_loses_nothing() -> None:
+    before = _generated_files()
+    result = _bench("recovery", "--topology", "default")
+    _check_machine(result)
+    assert "kills" not in result  # the test topology's part did not run
+    part = result["default"]
+    kills = part["kills"]
+    assert [k["worker"] for k in kills] == ["compute", "cache", "broadcast", "ingest"]
+    for kill in kills:
+        assert kill["new_pid"] != kill["old_pid"] and kill["new_pid"] > 0, kill
+        assert all(_positive(kill[f"{step}_ms"]) for step in ("dead", *DEFAULT_STEPS)), kill
+        # ready is polled after the restart events; flowing is timed apart, by the consumer
+        assert kill["detect_ms"] <= kill["respawn_ms"] < kill["ready_ms"], kill
+        assert kill["dead_ms"] < kill["ready_ms"], kill
+    assert "backend" in kills[0]  # what the restarted compute chose its backend from
+    assert [row["worker"] for row in part["by_role"]] == ["compute", "cache", "broadcast", "ingest"]
+    for row in part["by_role"]:
+        assert row["kills"] == 1
+        for step in DEFAULT_STEPS:
+            assert row[f"{step}_p50_ms"] <= row[f"{step}_p99_ms"], row
+    assert [row["worker"] for row in part["startup"]] == ["ingest", "compute", "cache", "broadcast"]
+    assert all(_positive(row["imports_ms"]) and "engine.worker" in row["import_ms"] for row in part["startup"])
+    check = part["check"]
+    # every accepted stream came complete, in order, each row once, or ended by an explicit error
+    # row (the streams open in the killed ingest); none ended at the client, none still open
+    assert check["submitted"] > 0 and check["ended"] > 0 and check["tokens"] > 0, check
+    for key in ("never_seen", "open", "synthetic_errors", "incomplete", "gaps", "repeats", "rows_after_end"):
+        assert check[key] == 0, (key, check)
+    assert check["ended"] + check["errors"] == check["streams"] >= check["submitted"], check
+    assert part["restarts"] == {"ingest": 1, "compute": 1, "cache": 1, "broadcast": 1}
+    assert [t["target"] for t in part["targets"]] == [
+        "detect p99 (every kill)",
+        "flowing again p99 (compute, cache, broadcast)",
+        "flowing again p99 (ingest)",
+        "streams lost or with a gap/repeat",
+    ]
     assert _generated_files() == before
 
 
