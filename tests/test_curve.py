@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 
 import orjson
 import pytest
@@ -90,6 +91,26 @@ def test_only_an_allowed_client_key_receives_anything(curve_stage):
     finally:
         for sock in (*subs.values(), ipc_sub):
             sock.close(0)
+
+
+def test_allowing_a_key_takes_effect_for_the_next_connection_without_a_restart(curve_stage):
+    stage, _, _, keys_dir, live, _ = curve_stage
+    stranger = load_client_keys("stranger", keys_dir)
+    before = _client(zmq.SUB, live, stranger, wire.HEARTBEAT_TOPIC)
+    try:
+        until = time.monotonic() + 1.5  # heartbeats go out every second
+        while time.monotonic() < until:
+            stage.do_work()
+            assert not before.poll(50)
+    finally:
+        before.close(0)
+    with KeysDir(keys_dir) as keys:
+        keys.allow("stranger", stranger.public)
+    after = _client(zmq.SUB, live, stranger, wire.HEARTBEAT_TOPIC)
+    try:
+        wait_for(lambda: stage.do_work() >= 0 and after.poll(0), 5, "a heartbeat for the key allowed now")
+    finally:
+        after.close(0)
 
 
 def test_the_snapshot_endpoint_answers_only_an_allowed_client(curve_stage):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
@@ -119,3 +121,20 @@ def test_the_detach_log_is_private(tmp_path):
     with pytest.raises(LaunchError):
         launch_detached(cfg, path, timeout_s=30)
     assert _mode(tmp_path / "run" / "det.log") == 0o600
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to make a directory another user owns")
+@pytest.mark.parametrize("command", [["run"], ["status"]])
+def test_the_commands_refuse_another_users_base_in_one_line(tmp_path, command):
+    base = tmp_path / "run"
+    base.mkdir(mode=0o700)
+    os.chown(base, 65534, 65534)
+    env = dict(os.environ, NEURALPIPE_RUNTIME_DIR=str(base), NEURALPIPE_METRICS_PORT="-1")
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", *command], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"Error: {'engine not started: ' if command == ['run'] else ''}{base} belongs to uid 65534, not to this user"
+        f" (uid 0); refusing to use it (remove it, or set engine.runtime_dir)"
+    ]
