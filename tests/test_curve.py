@@ -239,3 +239,12 @@ def test_keys_command_makes_lists_and_allows(tmp_path):
     assert again.returncode == 1 and "exists already" in again.stderr
     assert cli("allow", str(tmp_path / "keys" / "clients" / "bob.key")).returncode == 0
     assert orjson.loads(cli("list", "--json").stdout)["allowed"]["bob"] == other["public_key"]
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [({"curve": "yes"}, "curve must be true or false"), ({"keys_dir": "keys"}, "keys_dir must be an absolute path")],
+)
+def test_bad_curve_params_are_refused_with_the_key_named(given, message):
+    with pytest.raises(ValueError, match=message):
+        params.parse(given)
