@@ -25,6 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from engine.keys import exposed_without_curve
 from engine.redact import redact
+from engine.upstream_url import normalize_base_url
 from shm import descriptor as d
 from shm.batch import MAX_ROW_TEXT, min_record_bytes
 from shm.naming import NameError_, check_ring
@@ -306,9 +307,7 @@ class UpstreamEntry(_Model):
     @field_validator("base_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
-            raise ValueError(f"must be an http:// or https:// URL such as http://localhost:1234 (got {value!r})")
-        return value
+        return normalize_base_url(value)
 
 
 def _default_workers() -> dict[str, WorkerConfig]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from engine.requests import MAX_TOKENS_LIMIT
+from engine.upstream_url import normalize_base_url
 from stages.ingest.openai_client import (
     StreamEnd,
     TokenEvent,
@@ -63,8 +64,10 @@ class UpstreamConfig:
             raise ValueError(f"upstream {self.name!r}: max_concurrency must be >= 1 and weight > 0")
         if self.requests_per_s < 0 or self.tokens_per_s < 0:
             raise ValueError(f"upstream {self.name!r}: requests_per_s and tokens_per_s must be >= 0")
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"upstream {self.name!r}: base_url must be an http(s) URL, not {self.base_url!r}")
+        try:
+            object.__setattr__(self, "base_url", normalize_base_url(self.base_url))
+        except ValueError as exc:
+            raise ValueError(f"upstream {self.name!r}: base_url {exc}") from None
 
 
 @dataclass(frozen=True)
