@@ -371,14 +371,30 @@ def demo(path: str | None, prompts: int, max_tokens: int) -> None:
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--config", "path", type=click.Path(exists=True, dir_okay=False), help="TOML config file.")
 @click.option("--instance", help="Engine instance id (default: the only one running).")
-def tail(stream_id: int | None, fmt: str, path: str | None, instance: str | None) -> None:
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="With --stream: give up when nothing of the stream came within this many seconds.",
+)
+def tail(stream_id: int | None, fmt: str, path: str | None, instance: str | None, wait_s: float) -> None:
     """Print live tokens from the engine's broadcast (every stream, or one from its beginning)."""
     from engine.consumer import StreamConsumer
     from engine.tail import follow
 
     info = _engine(path, instance)
+    one, ended = stream_id is not None, None
     with StreamConsumer.for_engine(info["runtime_dir"], stream_id) as consumer, contextlib.suppress(KeyboardInterrupt):
-        follow(consumer, fmt, _write, one_stream=stream_id is not None)
+        ended = follow(consumer, fmt, _write, one_stream=one, first_timeout_s=wait_s if one else None)
+    if ended == "timeout":
+        raise click.ClickException(
+            f"nothing of stream {stream_id} reached the broadcast within {wait_s:g} s"
+            " (no such stream, or it ended longer ago than the broadcast retains)"
+        )
+    if one and ended != "end":
+        raise SystemExit(1)
 
 
 def _write(text: str) -> None:

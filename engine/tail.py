@@ -14,23 +14,40 @@ from engine.consumer import StreamConsumer
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
 
 
-def follow(consumer: StreamConsumer, fmt: str, write: Callable[[str], None], one_stream: bool) -> str | None:
+def follow(
+    consumer: StreamConsumer,
+    fmt: str,
+    write: Callable[[str], None],
+    one_stream: bool,
+    first_timeout_s: float | None = None,
+) -> str | None:
     """Print messages until the stream ends (one stream) or forever; returns how the last message
-    printed ended its stream ("end" or "error"; None when no stream ended).
+    printed ended its stream ("end" or "error"; None when no stream ended), or "timeout" when nothing
+    came within ``first_timeout_s`` (None: wait as long as it takes).
 
     ``text``: one stream's tokens run together as they come; with every stream, one line per
     message prefixed by its stream id. ``json``: one object per token and per start/end/error."""
     ended = None
-    for message in consumer.messages():
-        if message.type in ("end", "error"):
-            ended = message.type
-        if fmt == "json":
-            write(_json_lines(message))
-        elif one_stream:
-            write(_stream_text(message))
-        else:
-            write(f"[{message.stream}] {_stream_text(message).strip()}\n")
-    return ended
+    timeout = first_timeout_s
+    while True:
+        seen = False
+        for message in consumer.messages(idle_timeout_s=timeout):
+            seen = True
+            if message.type in ("end", "error"):
+                ended = message.type
+            if fmt == "json":
+                write(_json_lines(message))
+            elif one_stream:
+                write(_stream_text(message))
+            else:
+                write(f"[{message.stream}] {_stream_text(message).strip()}\n")
+            if timeout is not None:
+                break  # something came: from now on, wait as long as the stream takes
+        if timeout is None:
+            return ended
+        if not seen:
+            return "timeout"
+        timeout = None
 
 
 def _stream_text(message: wire.Message) -> str:

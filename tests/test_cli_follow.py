@@ -46,3 +46,30 @@ def test_an_empty_prompt_is_refused(start_engine):
     engine = start_engine(full_config())
     done = submit(engine, "   ")
     assert done.returncode == 2 and "the prompt is empty" in done.stderr
+
+
+def tail(engine, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", "tail", *args, "--config", str(engine.config_path)],
+        env=engine.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_tail_of_an_unknown_stream_ends_with_an_error_instead_of_hanging(start_engine):
+    engine = start_engine(full_config())
+    done = tail(engine, "--stream", "987654321", "--wait", "2")
+    assert done.returncode == 1
+    assert "nothing of stream 987654321 reached the broadcast within 2 s" in done.stderr
+
+
+def test_tail_of_a_finished_stream_prints_it_whole(start_engine):
+    engine = start_engine(full_config())
+    sid = orjson.loads(submit(engine, "remember me", "--max-tokens", "5", "--json").stdout)["stream_id"]
+    done = tail(engine, "--stream", str(sid), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    kinds = [orjson.loads(line)["type"] for line in done.stdout.splitlines()]
+    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("tokens") == 5
