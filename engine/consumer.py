@@ -48,6 +48,7 @@ RESYNC_S = 1.0  # one stream: silent this long before its end, it is asked for a
 ASK_TIMEOUT_S = 2.0  # a snapshot request unanswered this long is sent again
 MAX_FRUITLESS_ASKS = 5  # answers in a row that did not close a hole: what is missing is lost
 MIN_ENGINE_TIMEOUT_S = 5.0  # a restarting broadcast is silent for a second or two: no false alarm
+RECONNECT_IVL_MS = 10  # how soon a socket retries a restarted broadcast's endpoint
 MAX_HELD = 10_000  # batches kept ahead of a hole (more are dropped: the repair fetches them)
 _FINISHED_KEPT = 100_000  # ended streams remembered, so a late duplicate does not restart one
 
@@ -91,6 +92,8 @@ class StreamConsumer:
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, rcvhwm)
         self.sub.setsockopt(zmq.LINGER, 0)
+        # a restarted broadcast is found within 10 ms, not zmq's default 100 (docs/recovery.md)
+        self.sub.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         if curve is not None:
             curve.apply(self.sub)
         self.sub.connect(endpoint)
@@ -98,6 +101,7 @@ class StreamConsumer:
         self.sub.setsockopt(zmq.SUBSCRIBE, wire.HEARTBEAT_TOPIC)
         self.snap = self.ctx.socket(zmq.DEALER)
         self.snap.setsockopt(zmq.LINGER, 0)
+        self.snap.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         if curve is not None:
             curve.apply(self.snap)
         self.snap.connect(snapshot_endpoint)

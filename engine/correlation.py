@@ -40,6 +40,7 @@ class CorrelatedDealer:
         self.timeout_s = timeout_s
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.RECONNECT_IVL, 10)  # a restarted server is found within 10 ms, not 100
         self._sock.setsockopt(zmq.IDENTITY, (identity or f"{name}-client-{os.getpid()}-{next(_names)}").encode())
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
