@@ -155,7 +155,12 @@ def check(instance: str | None, every: bool, clean: bool, as_json: bool) -> None
     from engine.check import run_check, this_engine
 
     if instance is None and not every:
-        instance = this_engine(_load(None))
+        from engine.rundir import RuntimeDirError
+
+        try:
+            instance = this_engine(_load(None))
+        except RuntimeDirError as exc:
+            raise click.ClickException(f"{exc} (name one with --instance, or --all)") from None
     raise SystemExit(run_check(instance=instance, clean=clean, as_json=as_json))
 
 

@@ -115,6 +115,8 @@ class Supervisor:
         self.zmq = zmq.Context()
         self.router = self.zmq.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
+        # a frame up to twice the message limit gets a clear error; a larger one is never buffered
+        self.router.setsockopt(zmq.MAXMSGSIZE, 2 * control.MAX_MESSAGE_BYTES)
         # no ROUTER_HANDOVER: each spawn has its own secret identity, and a client claiming one
         # that is connected must not take its route over
         self.router.bind(self.dir.control_endpoint)

@@ -270,3 +270,13 @@ def test_check_defaults_to_the_running_engine_and_all_sees_every_segment(instanc
         os.close(lock)
     finally:
         foreign.destroy()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_check_under_another_users_runtime_dir_is_one_line_not_a_traceback(tmp_path):
+    base = tmp_path / "theirs"
+    base.mkdir(mode=0o700)
+    os.chown(base, 65534, 65534)
+    result = CliRunner().invoke(main, ["check"], env={"NEURALPIPE_RUNTIME_DIR": str(base)})
+    assert result.exit_code == 1 and "belongs to uid 65534" in result.output, result.output
+    assert not isinstance(result.exception, RuntimeError)

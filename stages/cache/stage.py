@@ -33,7 +33,7 @@ import numpy as np
 import orjson
 import zmq
 
-from engine.cache_protocol import CacheProtocolError, parse_request
+from engine.cache_protocol import MAX_MESSAGE_BYTES, CacheProtocolError, parse_request
 from engine.correlation import split_request
 from engine.stage import Stage, WorkerContext
 from shm.batch import RECORD_TYPE, BatchError, TokenBatch
@@ -106,6 +106,8 @@ class Cache(Stage):
         self.zmq = zmq.Context()
         self.router = self.zmq.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
+        # a frame up to twice the message limit gets a clear error; a larger one is never buffered
+        self.router.setsockopt(zmq.MAXMSGSIZE, 2 * MAX_MESSAGE_BYTES)
         self.router.bind(ctx.endpoint(ctx.name))
         ctx.log.info("cache_ready", endpoint=ctx.endpoint(ctx.name), path=self.snapshot_path, entries=len(self.store))
 

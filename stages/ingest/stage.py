@@ -40,7 +40,7 @@ import zmq.asyncio
 from engine.cache_protocol import CacheLookup, socket_path
 from engine.cachekey import check_policy, key_for, producer_id
 from engine.correlation import split_request
-from engine.requests import RequestError, parse_request
+from engine.requests import MAX_REQUEST_BYTES, RequestError, parse_request
 from engine.stage import AsyncStage, WorkerContext, wait_writable
 from shm.batch import Kind, TokenBatch, stable_token_id
 from stages.ingest.openai_client import Tokens, UpstreamError, wait_both
@@ -97,6 +97,8 @@ class Ingest(AsyncStage):
         self._recover_lost_streams()
         self.sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # a frame up to twice the request limit gets a clear rejection; a larger one is never buffered
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * MAX_REQUEST_BYTES)
         self.sock.bind(ctx.endpoint("ingest"))
         ctx.log.info("ingest_ready", endpoint=ctx.endpoint("ingest"), upstreams=[u.base_url for u in upstreams])
 
