@@ -12,7 +12,6 @@ order rather than letting them all die at once).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib
 import math
 import multiprocessing
@@ -26,15 +25,14 @@ from typing import Any
 import zmq
 
 from engine import control, transport
+from engine.lifeline import EXIT_ORPHANED, die_with_parent
 from engine.logs import JsonLogger
 from engine.stage import AsyncStage, Stage, WorkerContext
 from engine.transport import Channel
 from shm.ring import Consumer
 from shm.wait import PARK_AT_ONCE, WaitStrategy, idle
 
-_PR_SET_PDEATHSIG = 1
 EXIT_STAGE_ERROR = 3
-EXIT_ORPHANED = 4
 _MAX_PARK_S = 60.0  # WaitStrategy's bound; the next heartbeat comes much sooner anyway
 
 
@@ -76,14 +74,6 @@ def load_stage(ref: str) -> Stage:
     if not (isinstance(stage_class, type) and issubclass(stage_class, Stage)):
         raise TypeError(f"stage {ref!r} is not a subclass of engine.stage.Stage")
     return stage_class()
-
-
-def _die_with_parent(supervisor_pid: int) -> None:
-    """Have the kernel SIGKILL us when the supervisor dies, even by SIGKILL."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != supervisor_pid:  # it died before prctl took effect
-        os._exit(EXIT_ORPHANED)
 
 
 class _Runtime:
@@ -358,7 +348,7 @@ async def _run_async(rt: _Runtime) -> None:
 
 def main(spec: WorkerSpec) -> None:
     """Entry point of a worker process (the target the supervisor spawns)."""
-    _die_with_parent(spec.supervisor_pid)
+    die_with_parent(spec.supervisor_pid)  # the kernel kills us if the supervisor dies
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         rt = _Runtime(spec)

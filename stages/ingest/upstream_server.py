@@ -36,7 +36,7 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from engine.worker import _die_with_parent
+from engine.lifeline import die_with_parent
 from stages.ingest import corpus
 
 FAULT_HEADER = "X-Neuralpipe-Fault"
@@ -696,7 +696,7 @@ async def serve(cfg: UpstreamServerConfig, on_ready: Callable[[str], None]) -> N
 
 
 def _child_main(cfg: UpstreamServerConfig, parent_pid: int, conn: Connection) -> None:
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
 
     def ready(url: str) -> None:
         conn.send(url)
