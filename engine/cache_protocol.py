@@ -4,11 +4,15 @@ and the asynchronous lookup that ingest runs before going upstream.
 The cache worker binds a ROUTER at ``ipc://<runtime dir>/<worker name>.sock``. A client connects
 a DEALER and sends one JSON object (orjson) per frame; every request is answered at once:
 
-    lookup   {key, stream_id, deadline_ns} -> hit {stream_id} | miss {stream_id, reason}
+    lookup   {key, stream_id, deadline_ns, token} -> hit {stream_id} | miss {stream_id, reason}
     stats    {}                           -> stats {stats}     the worker's counters (docs/cache.md)
-    clear    {}                           -> cleared {entries, bytes}
-    snapshot {}                           -> snapshot {path, entries, bytes, ms}
-    (anything else, or a bad field)       -> error {reason}
+    clear    {token}                      -> cleared {entries, bytes}
+    snapshot {token}                      -> snapshot {path, entries, bytes, ms}
+    (anything else, a bad field or token) -> error {reason}
+
+``token``: a lookup carries the engine's lookup token, clear and snapshot its operator token
+(engine/tokens.py, files in the runtime directory): a client given only the socket cannot make
+the cache replay a stored stream into another client's stream id, nor empty it.
 
 ``lookup``: ``key`` is the request's cache key (engine.cachekey), ``stream_id`` the id ingest has
 already given the request. On ``hit`` the cache replays the stored stream into its output ring
@@ -19,18 +23,22 @@ in every process) is when ingest stops waiting: a lookup the cache reads after i
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import zmq
 
 from engine.control import load_object
 from engine.correlation import CorrelatedDealer
+from engine.tokens import LOOKUP, OPERATOR, read_token
+
+if TYPE_CHECKING:
+    import asyncio
 
 MAX_MESSAGE_BYTES = 64 * 1024
+MAX_ID = 2**63 - 1  # stream ids and deadlines: what the replay table (u8, id + 1) and clocks hold
 REQUESTS = ("lookup", "stats", "clear", "snapshot")
 
 
@@ -53,21 +61,34 @@ def parse_request(frame: bytes) -> dict[str, Any]:
         if not isinstance(msg.get("key"), str) or not msg["key"]:
             raise CacheProtocolError("key: must be a non-empty string")
         for field in ("stream_id", "deadline_ns"):
-            if isinstance(msg.get(field), bool) or not isinstance(msg.get(field), int) or msg[field] < 0:
-                raise CacheProtocolError(f"{field}: must be a non-negative integer")
+            value = msg.get(field)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ID:
+                raise CacheProtocolError(f"{field}: must be an integer in 0..{MAX_ID}")
     return msg
+
+
+def authority(kind: str) -> str | None:
+    """The token a request of type ``kind`` must carry: lookup needs ingest's, clear and
+    snapshot an operator's, stats none."""
+    return {"lookup": LOOKUP, "clear": OPERATOR, "snapshot": OPERATOR}.get(kind)
 
 
 class CacheClient:
     """Synchronous requests to a cache worker: ``stats()``, ``clear()``, ``snapshot()``, ``lookup()``.
-    Replies are correlated (engine/correlation.py)."""
+    Replies are correlated (engine/correlation.py). An operator's client (the CLI, tests,
+    benchmarks, run as the engine's user): it presents the tokens it finds in the runtime
+    directory that holds the socket."""
 
     def __init__(self, path: str, timeout_s: float = 5.0) -> None:
         if not os.path.exists(path):
             raise FileNotFoundError(f"no cache socket at {path} (is a cache worker of that name running?)")
+        self._runtime_dir = os.path.dirname(os.path.abspath(path))
         self._dealer = CorrelatedDealer("ipc://" + path, "cache", timeout_s)
 
     def call(self, msg_type: str, **fields: Any) -> dict[str, Any]:
+        needed = authority(msg_type)
+        if needed is not None and "token" not in fields:
+            fields["token"] = read_token(self._runtime_dir, needed)
         reply = self._dealer.call({"type": msg_type, **fields})
         if reply.get("type") == "error":
             raise CacheProtocolError(str(reply.get("reason")))
@@ -104,8 +125,9 @@ class CacheLookup:
     way), is a miss, and lookups then pause for ``pause_s`` so a dead or hung cache costs one
     timeout, not one per request."""
 
-    def __init__(self, path: str, timeout_s: float = 0.05, pause_s: float = 1.0) -> None:
+    def __init__(self, path: str, token: str, timeout_s: float = 0.05, pause_s: float = 1.0) -> None:
         self.path = path
+        self.token = token  # the engine's lookup token (engine/tokens.py)
         self.timeout_s = timeout_s
         self.pause_s = pause_s
         self.counts = {"cache_hits": 0, "cache_misses": 0, "cache_timeouts": 0, "cache_skipped": 0}
@@ -118,6 +140,8 @@ class CacheLookup:
         """Connect (from the running event loop); the socket file may appear later, ZeroMQ
         connects when it does. Connecting ahead of the first lookup matters: with IMMEDIATE a
         send before the connection is up is refused, which would make that lookup a miss."""
+        import asyncio  # here and in lookup: the cache worker imports this module, and needs no asyncio
+
         import zmq.asyncio
 
         self._sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
@@ -128,13 +152,16 @@ class CacheLookup:
         self._reader = asyncio.create_task(self._read_replies())
 
     async def lookup(self, key: str, stream_id: int) -> bool:
+        import asyncio
+
         if self._sock is None or time.monotonic() < self._paused_until or not os.path.exists(self.path):
             self.counts["cache_skipped"] += 1
             return False
         deadline_ns = time.monotonic_ns() + int(self.timeout_s * 1e9)
         reply = asyncio.get_running_loop().create_future()
         self._pending[stream_id] = reply
-        frame = orjson.dumps({"type": "lookup", "key": key, "stream_id": stream_id, "deadline_ns": deadline_ns})
+        msg = {"type": "lookup", "key": key, "stream_id": stream_id, "deadline_ns": deadline_ns, "token": self.token}
+        frame = orjson.dumps(msg)
         try:
             # POLLOUT: a connected cache (IMMEDIATE); one just restarted is reconnected within 10 ms
             if not await self._sock.poll(int(self.timeout_s * 1000), zmq.POLLOUT):

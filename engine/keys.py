@@ -26,7 +26,6 @@ from typing import Any
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from engine.rundir import open_private_dir, open_private_file
 
@@ -283,6 +282,9 @@ class CurveServer:
     def __init__(self, ctx: zmq.Context, keys_dir: str = "") -> None:
         self.keys = KeysDir(keys_dir or None)
         self.pair = self.keys.server()
+        # here: it imports asyncio (~20 ms), which a worker without curve would pay at every start
+        from zmq.auth.thread import ThreadAuthenticator
+
         self.auth = ThreadAuthenticator(ctx)
         self.auth.start()
         self.auth.configure_curve_callback("*", credentials_provider=_AllowList(self.keys))
