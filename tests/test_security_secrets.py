@@ -1,6 +1,8 @@
-"""Secrets never shown (issue 13, Security): the credentials in an upstream's ``base_url`` and its
-``api_key`` appear in no log line, no ``status`` and no ``config show``. A real engine (ingest ->
-broadcast) whose upstream refuses connections, so its errors name the URL."""
+"""Secrets never shown (issue 13, Security): an upstream's ``api_key`` appears in no log line, no
+``status`` and no ``config show``; a ``base_url`` with credentials in it is refused at load
+(tests/test_upstream_url.py), and any URL with credentials that reaches a log line (from anywhere)
+is masked. A real engine (ingest -> broadcast) whose upstream refuses connections, so its errors
+name the URL."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ heartbeat_timeout_s = 2.0
 
 [[upstreams]]
 name = "private"
-base_url = "http://alice:{PASSWORD}@127.0.0.1:{port}"
+base_url = "http://127.0.0.1:{port}"
 api_key = "{API_KEY}"
 
 [workers.ingest]
@@ -69,7 +71,7 @@ def test_no_surface_shows_an_upstreams_credentials(start_engine, tmp_path):
     with RequestClient(ingest_endpoint(engine.info()["runtime_dir"])) as client:
         client.submit({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     log = wait_for(lambda: "stream_error" in engine.log() and engine.log(), 30, "the refused connection logged")
-    assert "***@127.0.0.1" in log  # the URL is still named, without its credentials
+    assert "127.0.0.1" in log  # the URL is still named
     assert _leaks(log) == []
     for as_json in ((), ("--json",)):
         assert _leaks(_cli(engine.base, "status", *as_json)) == []
@@ -82,13 +84,13 @@ def test_config_show_masks_secrets_in_upstreams_and_in_worker_params(tmp_path):
     path.write_text(
         _config(9)
         + '\n[workers.extra]\nstage = "ingest"\noutputs = ["x"]\n'
-        + f'params = {{ upstreams = [{{ name = "p", base_url = "https://bob:{PASSWORD}@h.example/v1", '
+        + 'params = { upstreams = [{ name = "p", base_url = "https://h.example/v1", '
         + f'api_key = "{API_KEY}" }}] }}\n[workers.sink]\nstage = "broadcast"\ninputs = ["x"]\n'
     )
     cfg = load_config(str(path))
     for as_json in (False, True):
         shown = render_config(cfg, as_json=as_json)
-        assert _leaks(shown) == [] and "https://***@h.example/v1" in shown and "http://***@127.0.0.1:9" in shown
+        assert _leaks(shown) == [] and "https://h.example/v1" in shown and "***" in shown
     assert cfg.upstreams[0].api_key == API_KEY  # masked where shown, not where used
 
 
