@@ -4,11 +4,13 @@ The ingest worker binds a ROUTER at ``ipc://<runtime dir>/<instance>/ingest.sock
 connects a DEALER and sends one JSON object per frame:
 
     submit  {body, endpoint?, client?}   -> accepted {stream_id} | rejected {reason}
-    cancel  {stream_id}                  -> cancelled {stream_id} | rejected {reason}
+    cancel  {stream_id, token?}          -> cancelled {stream_id} | rejected {reason}
 
 ``body`` is an OpenAI chat/completions request body (``stream`` is forced on); ``endpoint`` is
 "chat" (default) or "completions"; ``client`` names the client identity for rate limits (default:
 the DEALER's identity). The stream id is assigned at once, before any upstream is contacted.
+A stream may be cancelled only by the connection that submitted it, or with the engine's operator
+``token`` (engine/tokens.py; docs/security.md, "Stream ownership").
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ MAX_CONTENT_BYTES = 256 * 1024
 MAX_TOKENS_LIMIT = 32768
 MAX_MODEL_BYTES = 256  # a model name travels in every stream's START row: bounded like any field
 MAX_CLIENT_BYTES = 256  # a client name keys the rate limits
+MAX_STREAM_ID = 2**63 - 1
 ENDPOINTS = ("chat", "completions")
 ROLES = ("system", "user", "assistant", "tool", "developer")
 SOCKET_NAME = "ingest"
@@ -105,8 +108,11 @@ def parse_request(frame: bytes) -> dict[str, Any]:
             raise RequestError(f"client: longer than {MAX_CLIENT_BYTES} bytes")
         return msg
     if kind == "cancel":
-        if isinstance(msg.get("stream_id"), bool) or not isinstance(msg.get("stream_id"), int):
-            raise RequestError("stream_id: must be an integer")
+        sid = msg.get("stream_id")
+        if isinstance(sid, bool) or not isinstance(sid, int) or not 0 <= sid <= MAX_STREAM_ID:
+            raise RequestError(f"stream_id: must be an integer in 0..{MAX_STREAM_ID}")
+        if not isinstance(msg.get("token", ""), str):
+            raise RequestError("token: must be a string")
         return msg
     raise RequestError(f"type: must be 'submit' or 'cancel' (got {kind!r})")
 
@@ -120,8 +126,19 @@ class RequestClient:
     """A small synchronous client: ``submit`` returns the stream id, ``cancel`` cancels. Replies
     are correlated (engine/correlation.py): one that comes after its call timed out is dropped."""
 
-    def __init__(self, endpoint: str, identity: str | None = None, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, endpoint: str, identity: str | None = None, timeout_s: float = 5.0, operator: bool = False
+    ) -> None:
+        """``operator``: cancel any stream, with the operator token read from the runtime
+        directory of an ``ipc://`` endpoint (only the engine's user can read it)."""
         self._dealer = CorrelatedDealer(endpoint, "ingest", timeout_s, identity)
+        self._token = None
+        if operator:
+            from engine.tokens import OPERATOR, read_token
+
+            self._token = read_token(os.path.dirname(endpoint.removeprefix("ipc://")), OPERATOR)
+            if self._token is None:
+                raise RequestError(f"no operator token next to {endpoint} (is the engine running?)")
 
     def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
         reply = self._dealer.call(msg)
@@ -136,7 +153,10 @@ class RequestClient:
         return int(self._call(msg)["stream_id"])
 
     def cancel(self, stream_id: int) -> None:
-        self._call({"type": "cancel", "stream_id": stream_id})
+        msg: dict[str, Any] = {"type": "cancel", "stream_id": stream_id}
+        if self._token:
+            msg["token"] = self._token
+        self._call(msg)
 
     def close(self) -> None:
         self._dealer.close()

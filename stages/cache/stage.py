@@ -33,9 +33,10 @@ import numpy as np
 import orjson
 import zmq
 
-from engine.cache_protocol import MAX_MESSAGE_BYTES, CacheProtocolError, parse_request
+from engine.cache_protocol import MAX_MESSAGE_BYTES, CacheProtocolError, authority, parse_request
 from engine.correlation import split_request
 from engine.stage import Stage, WorkerContext
+from engine.tokens import ensure_token, matches
 from shm.batch import RECORD_TYPE, BatchError, TokenBatch
 from stages.cache.collect import Collector
 from stages.cache.replay import Replay, lost_replay_stream
@@ -92,6 +93,7 @@ class Cache(Stage):
             "snapshots": 0,
             "snapshot_errors": 0,
             "restored": 0,
+            "refused": 0,
         }
         self.dirty = False
         now = time.monotonic()
@@ -103,6 +105,8 @@ class Cache(Stage):
         self.replays: dict[int, Replay] = {}
         self.turns: deque[int] = deque()  # round-robin order of the active replays
         self._init_replay_table(_positive(p, "max_replays", 1024, int))
+        # who may replay (ingest) and clear or snapshot (operators): engine/tokens.py
+        self.tokens = {name: ensure_token(ctx.runtime_dir, name) for name in ("lookup", "operator")}
         self.zmq = zmq.Context()
         self.router = self.zmq.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -209,6 +213,10 @@ class Cache(Stage):
 
     def _answer(self, msg: dict[str, Any]) -> dict[str, Any]:
         kind = msg["type"]
+        needed = authority(kind)
+        if needed is not None and not matches(msg.get("token"), self.tokens[needed]):
+            self.counts["refused"] += 1
+            return {"type": "error", "reason": f"{kind}: not authorised (needs the engine's {needed} token)"}
         if kind == "lookup":
             return self._lookup(msg["key"], msg["stream_id"], msg["deadline_ns"])
         if kind == "stats":

@@ -42,6 +42,7 @@ from engine.cachekey import check_policy, key_for, producer_id
 from engine.correlation import split_request
 from engine.requests import MAX_REQUEST_BYTES, RequestError, parse_request
 from engine.stage import AsyncStage, WorkerContext, wait_writable
+from engine.tokens import LOOKUP, OPERATOR, ensure_token, matches
 from shm.batch import Kind, TokenBatch, stable_token_id
 from stages.ingest.openai_client import Tokens, UpstreamError, wait_both
 from stages.ingest.params import IngestParams
@@ -74,6 +75,8 @@ class Ingest(AsyncStage):
         self.room.set()
         self.failed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.tasks: dict[int, asyncio.Task] = {}
+        self.owners: dict[int, bytes] = {}  # stream id -> the routing identity of the DEALER that submitted it
+        self.operator_token = ensure_token(ctx.runtime_dir, OPERATOR)
         self.latency_ns = np.zeros(_LATENCY_SAMPLES, dtype=np.int64)  # a ring of recent samples
         self.latency_count = 0
         self.counts = {"accepted": 0, "rejected": 0, "tokens": 0, "errors": 0, "completed": 0, "cancelled": 0}
@@ -84,7 +87,10 @@ class Ingest(AsyncStage):
         self.embedded = None
         self.cache_policy = check_policy(p.get("cache_policy", "deterministic"))
         cache_worker = str(p.get("cache", "cache"))
-        self.cache = CacheLookup(socket_path(ctx.runtime_dir, cache_worker)) if cache_worker else None
+        self.cache = None
+        if cache_worker:
+            lookup_token = ensure_token(ctx.runtime_dir, LOOKUP)
+            self.cache = CacheLookup(socket_path(ctx.runtime_dir, cache_worker), lookup_token)
         upstreams = [UpstreamConfig(**u) for u in p.get("upstreams", [])]
         # what the cache key names as the producer: the upstreams' URLs and models, or the embedded one's models
         self.producer = producer_id([{"base_url": u.base_url, "models": list(u.models)} for u in upstreams])
@@ -139,29 +145,35 @@ class Ingest(AsyncStage):
             if request is None:
                 continue  # not a DEALER's request
             envelope, frame = request
-            reply = self._handle(envelope[0].decode(errors="replace"), frame)
+            reply = self._handle(envelope[0], frame)
             await sock.send_multipart([*envelope, orjson.dumps(reply)])
 
-    def _handle(self, identity: str, frame: bytes) -> dict[str, Any]:
+    def _handle(self, identity: bytes, frame: bytes) -> dict[str, Any]:
+        """``identity``: the submitting DEALER's routing identity, which ZeroMQ assigns per
+        connection (a client cannot take one that is connected), unlike the claimed ``client``."""
         try:
             msg = parse_request(frame)
         except RequestError as exc:
             return self._reject(str(exc))
         if msg["type"] == "cancel":
-            task = self.tasks.get(msg["stream_id"])
-            if task is None:
-                return {"type": "rejected", "reason": f"no active stream {msg['stream_id']}"}
+            sid = msg["stream_id"]
+            task = self.tasks.get(sid)
+            # one answer for "none" and "not yours": a client learns nothing of others' streams
+            operator = matches(msg.get("token"), self.operator_token)
+            if task is None or (self.owners.get(sid) != identity and not operator):
+                return {"type": "rejected", "reason": f"no active stream {sid} submitted by this client"}
             task.cancel()
             return {"type": "cancelled", "stream_id": msg["stream_id"]}
         if self.ctx.draining:
             return self._reject("ingest is draining: not accepting new requests")
         if not self.free_slots:  # global admission: every slot holds a stream not yet ended
             return self._reject(f"ingest is at capacity: {self.params.max_streams} concurrent streams (max_streams)")
-        client = msg.get("client") or identity
+        client = msg.get("client") or identity.decode(errors="replace")
         if self.queued.get(client, 0) >= self.params.queue_bound:
             return self._reject(f"rate limit: client {client!r} already has {self.params.queue_bound} requests queued")
         stream_id = self._new_stream_id()
         self.counts["accepted"] += 1
+        self.owners[stream_id] = identity
         self.tasks[stream_id] = asyncio.create_task(self._stream(stream_id, client, msg["body"], msg["endpoint"]))
         return {"type": "accepted", "stream_id": stream_id}
 
@@ -193,6 +205,7 @@ class Ingest(AsyncStage):
             self._emit(sid, Kind.ERROR, f"ingest failed: {exc!r}".encode(), time.monotonic_ns())
         finally:
             self.tasks.pop(sid, None)
+            self.owners.pop(sid, None)
 
     async def _admit(self, client: str) -> None:
         """Wait for the client's request bucket; the wait is the bounded queue of ``_handle``."""
