@@ -15,6 +15,7 @@ is only checked for its shape and resolved by the worker that runs it. See docs/
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -53,6 +54,8 @@ ENV_OVERRIDES = {
 _ENV_INTEGERS = {"NEURALPIPE_METRICS_PORT"}
 
 _INSTANCE = re.compile(r"[A-Za-z0-9_]{1,32}")
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_HOST_LABEL}(?:\.{_HOST_LABEL})*")
 _STAGE_REF = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -142,6 +145,19 @@ class EngineConfig(_Model):
         # Relative paths would depend on the cwd of whoever runs `status`/`stop` later.
         if value and not os.path.isabs(value):
             raise ValueError(f'must be "" (default) or an absolute path (got {value!r})')
+        return value
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _metrics_host(cls, value: str) -> str:
+        # checked here: a bad host used to surface as a traceback from the bind at start
+        try:
+            ipaddress.ip_address(value)
+            return value
+        except ValueError:
+            pass
+        if not _HOSTNAME.fullmatch(value) or value.replace(".", "").isdigit():
+            raise ValueError(f"must be an IP address or a host name (got {value[:80]!r})")
         return value
 
     @field_validator("metrics_port")
@@ -479,6 +495,8 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
     except tomllib.TOMLDecodeError as exc:  # its message ends with "(at line L, column C)"
         raise ConfigError([f"{path}: TOML syntax error: {exc}"]) from None
+    except RecursionError:  # tomllib recurses per level of nested arrays and inline tables
+        raise ConfigError([f"{path}: arrays or inline tables nested too deeply"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}"]) from None
 
