@@ -577,12 +577,31 @@ def _lines(result: dict[str, Any], table: Any) -> list[str]:
     ]
 
 
+def ratios(result: dict[str, Any]) -> dict[str, float]:
+    """Per role: its flowing-again median over the test topology's, measured in the same run (the
+    machine's load moves both; their ratio much less)."""
+    if "summary" not in result:
+        return {}
+    test = result["summary"]["flowing"]["median"]
+    return {row["worker"]: round(row["flowing_p50_ms"] / test, 2) for row in result["default"]["by_role"]}
+
+
+def _ratio_lines(result: dict[str, Any]) -> list[str]:
+    found = ratios(result)
+    if not found:
+        return []
+    test = result["summary"]["flowing"]["median"]
+    each = ", ".join(f"{role} {ratio:.2f}x" for role, ratio in found.items())
+    return [f"Flowing again, median, over the test topology's in the same run ({test:.0f} ms): {each}.", ""]
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The generated default-topology section of docs/recovery.md."""
     lines = [
         report.machine_line(result["machine"], result["load_before"], result["load_after"]),
         "",
         *_lines(result, report.markdown_table),
+        *_ratio_lines(result),
         *report.target_table(result["default"]["targets"], "{:g}".format),
     ]
     return "\n".join(lines)
@@ -591,7 +610,7 @@ def markdown(result: dict[str, Any]) -> str:
 def text(result: dict[str, Any]) -> str:
     """The default-topology part for the terminal."""
     kills = report.text_table(result["default"]["kills"], _KILL_COLUMNS)
-    lines = [kills, "", *_lines(result, report.text_table)]
+    lines = [kills, "", *_lines(result, report.text_table), *_ratio_lines(result)]
     lines += report.target_lines(result["default"]["targets"], "{:g}".format)
     return "\n".join(lines)
 
