@@ -174,20 +174,21 @@ def config() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of TOML.")
 def config_show(path: str | None, as_json: bool) -> None:
     """Print the effective configuration (file, then environment overrides, then defaults)."""
-    from engine.config import ConfigError, load_config, render_config
+    from engine.config import render_config
+
+    click.echo(render_config(_load(path, stage_params=True), as_json=as_json), nl=False)
+
+
+def _load(path: str | None, stage_params: bool = False):
+    """The config; with ``stage_params`` every worker's params checked by its stage's model too
+    (this imports the stages: only where they will run, or to show the config)."""
+    from engine.config import ConfigError, check_stage_params, load_config
 
     try:
         cfg = load_config(path)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(render_config(cfg, as_json=as_json), nl=False)
-
-
-def _load(path: str | None):
-    from engine.config import ConfigError, load_config
-
-    try:
-        return load_config(path)
+        if stage_params:
+            check_stage_params(cfg, path if path is not None else "defaults")
+        return cfg
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -207,7 +208,7 @@ def _emit(obj, as_json: bool, text: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="With --detach: print the engine's info as JSON.")
 def run(path: str | None, detach: bool, as_json: bool) -> None:
     """Start the engine (the supervisor and its workers) in the foreground; Ctrl-C stops it."""
-    cfg = _load(path)
+    cfg = _load(path, stage_params=True)
     if detach:
         from engine.launcher import LaunchError, launch_detached
 

@@ -344,6 +344,9 @@ class Config(_Model):
     # Insertion order is the topology order (rest_for_one restarts the workers after a failed one).
     workers: dict[str, WorkerConfig] = Field(default_factory=_default_workers)
     upstreams: list[UpstreamEntry] = []
+    # [params.<worker>]: merged over that worker's own params (tables key by key, anything else
+    # replaced), so one worker of the default topology can be tuned without restating it
+    params: dict[str, dict[str, Any]] = {}
 
     @field_validator("rings", "workers")
     @classmethod
@@ -378,7 +381,20 @@ class Config(_Model):
             self._merged_ring(ring)
         for ring in self.ring_names():
             self._check_carries_a_row(ring)
+        self._check_param_overrides()
         return self
+
+    def _check_param_overrides(self) -> None:
+        """Each ``[params.<worker>]`` names a worker; a tcp endpoint it adds beyond loopback
+        needs ``curve = true`` in the merged params (as WorkerConfig checks for its own)."""
+        for name, override in self.params.items():
+            if name not in self.workers:
+                raise _KeyedError(("params", name), f"no worker named {name!r} (workers: {', '.join(self.workers)})")
+            curve = self.worker_params(name).get("curve") is True
+            for path, url in _tcp_urls(override):
+                reason = exposed_without_curve(url, curve)
+                if reason:
+                    raise _KeyedError(("params", name, *path), reason)
 
     def _check_carries_a_row(self, name: str) -> None:
         """A ring that cannot hold one row of the longest text stalls its producer for good (a
@@ -413,11 +429,11 @@ class Config(_Model):
             raise _KeyedError(("rings", name, *loc), reason) from None
 
     def worker_params(self, name: str) -> dict[str, Any]:
-        """The params worker ``name`` starts with: its own, plus the top-level ``[[upstreams]]``
-        for an ingest worker that lists none itself (so a file of only ``[[upstreams]]`` points
-        the default topology at real servers)."""
+        """The params worker ``name`` starts with: its own with ``[params.<name>]`` merged over
+        them, plus the top-level ``[[upstreams]]`` for an ingest worker that lists none itself (so
+        a file of only ``[[upstreams]]`` points the default topology at real servers)."""
         worker = self.workers[name]
-        params = dict(worker.params)
+        params = _merged(worker.params, self.params.get(name, {}))
         if worker.stage == STAGE_ALIASES["ingest"] and self.upstreams and "upstreams" not in params:
             params["upstreams"] = [u.model_dump() for u in self.upstreams]
         return params
@@ -431,6 +447,15 @@ class Config(_Model):
     def ring_names(self) -> list[str]:
         """Every ring of the topology, in the order of the workers that produce them."""
         return [ring for worker in self.workers.values() for ring in worker.outputs]
+
+
+def _merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``: a table in both is merged key by key, anything else replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        old = merged.get(key)
+        merged[key] = _merged(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return merged
 
 
 def _least_capacity(record: int) -> int:
@@ -541,8 +566,9 @@ _TYPE_NAMES = {
 _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
-def _describe(error: Any) -> tuple[tuple[str | int, ...], str]:
-    """(key path, reason) of one pydantic error, in the words of a TOML file's author."""
+def _describe(error: Any, root: type[BaseModel] | None = None) -> tuple[tuple[str | int, ...], str]:
+    """(key path, reason) of one pydantic error, in the words of a TOML file's author (``root``:
+    the model validated, for suggestions of known keys; default :class:`Config`)."""
     kind, loc, ctx = error["type"], tuple(error["loc"]), error.get("ctx") or {}
     got = f" (got {_short(error['input'])})"
     if isinstance(ctx.get("error"), _KeyedError):
@@ -550,7 +576,7 @@ def _describe(error: Any) -> tuple[tuple[str | int, ...], str]:
     if kind == "value_error":
         return loc, str(ctx.get("error", error["msg"]))
     if kind == "extra_forbidden":
-        return loc, "unknown key" + _suggestion(loc)
+        return loc, "unknown key" + _suggestion(loc, root or Config)
     if kind == "missing":
         return loc, "required key is missing"
     if kind == "literal_error":
@@ -574,25 +600,25 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _suggestion(loc: tuple[str | int, ...]) -> str:
+def _suggestion(loc: tuple[str | int, ...], root: type[BaseModel]) -> str:
     """A close known key, for typos: ``(did you mean 'heartbeat_interval_s'?)``."""
-    model = _model_at(loc[:-1])
+    model = _model_at(loc[:-1], root)
     if model is None:
         return ""
     close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
-    """The model class that validates the table at ``loc`` (dict levels skip their keys)."""
-    model: type[BaseModel] = Config
+def _model_at(loc: tuple[str | int, ...], root: type[BaseModel]) -> type[BaseModel] | None:
+    """The model class that validates the table at ``loc`` (dict and array levels skip their key)."""
+    model = root
     parts = list(loc)
     while parts:
         field = model.model_fields.get(parts.pop(0))
         if field is None:
             return None
         annotation = field.annotation
-        if getattr(annotation, "__origin__", None) in (dict, list):  # skip the key or the index
+        if getattr(annotation, "__origin__", None) in (dict, list, tuple):  # skip the key or the index
             annotation = annotation.__args__[-1]
             if not parts:
                 return None
@@ -613,6 +639,45 @@ def _key_path(loc: tuple[str | int, ...]) -> str:
         else:
             path += ("." if path else "") + (part if _BARE_KEY.fullmatch(part) else json.dumps(part))
     return path
+
+
+def describe_error(error: Any, model: type[BaseModel], prefix: str = "") -> str:
+    """One pydantic error of validating ``model`` as ``key.path: reason`` (under ``prefix``)."""
+    loc, reason = _describe(error, model)
+    path = _key_path((*prefix.split("."), *loc) if prefix else loc)
+    return f"{path}: {reason}" if path else reason
+
+
+# -- stage params ---------------------------------------------------------------------------------
+
+
+def check_stage_params(cfg: Config, source: str = "config") -> None:
+    """Validate every worker's params with its stage's ``Params`` model (engine/params.py);
+    :class:`ConfigError` with one line per problem, each naming its key path.
+
+    This imports each worker's stage module, by its reference (data, not a static import:
+    ``engine`` must not depend on ``stages``): call it where the stages will run (``neuralpipe
+    run``, the supervisor's set-up, ``config show``), never in the light commands. A stage that
+    cannot be imported is left to its worker, which fails its start-up with the reason."""
+    from engine.worker import stage_class
+
+    problems = []
+    for name, worker in cfg.workers.items():
+        try:
+            model = stage_class(worker.stage).Params
+        except Exception:
+            continue
+        if model is None:
+            continue
+        try:
+            model.model_validate(cfg.worker_params(name))
+        except ValidationError as exc:
+            for error in exc.errors():
+                loc, reason = _describe(error, model)
+                where = ("params", name) if loc and loc[0] in cfg.params.get(name, {}) else ("workers", name, "params")
+                problems.append(f"{source}: {_key_path((*where, *loc))}: {reason}")
+    if problems:
+        raise ConfigError(problems)
 
 
 # -- rendering ------------------------------------------------------------------------------------

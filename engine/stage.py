@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from engine.logs import JsonLogger
 from shm.ring import Consumer, Producer
@@ -73,6 +73,19 @@ class Stage:
     """A duty-cycle stage. Override ``do_work``; the other hooks are optional."""
 
     pausable = True  # `neuralpipe pause` stops the runtime calling do_work
+    # The stage's params model (an engine.params.StageParams subclass, from its light params
+    # module): checked for every worker at config load, before anything starts, and read in
+    # ``start`` through ``parse_params``. None: the params are not checked (a dict is passed on).
+    Params: ClassVar[type | None] = None
+
+    @classmethod
+    def parse_params(cls, params: dict[str, Any]) -> Any:
+        """``params`` as the stage's ``Params`` model; ValueError naming the key."""
+        if cls.Params is None:
+            return params
+        from engine.params import parse  # pydantic: only for stages that declare a model
+
+        return parse(cls.Params, params)
 
     def start(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
@@ -94,9 +107,6 @@ class Stage:
     def drained(self) -> bool:
         """True once a draining stage has nothing left in flight (default: every input empty)."""
         return all(ring.available() == 0 for ring in self.ctx.inputs)
-
-    def reconfigure(self, params: dict[str, Any]) -> None:
-        self.ctx.params.update(params)
 
     def stats(self) -> dict[str, Any]:
         """Stage counters sent with every heartbeat (JSON-serialisable)."""

@@ -25,7 +25,7 @@ from typing import Any
 import zmq
 
 from engine import control
-from engine.config import Config
+from engine.config import Config, ConfigError, check_stage_params
 from engine.health import EgressSample, HealthMonitor, Pas, RingSample, WorkerSample
 from engine.logs import JsonLogger
 from engine.metrics import EngineMetrics
@@ -241,6 +241,10 @@ class Supervisor:
     def run(self) -> int:
         """Run until stopped (signal, ``shutdown`` request) or escalation; returns the exit code.
         Raises :class:`StartupError` when the engine cannot be set up; nothing is left behind."""
+        try:
+            check_stage_params(self.cfg)  # before anything is made: a bad param is a config error
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
         try:
             self._setup()
         except BaseException as exc:

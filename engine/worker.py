@@ -65,15 +65,21 @@ class WorkerSpec:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def load_stage(ref: str) -> Stage:
-    """Instantiate the stage class named ``package.module:Class``."""
+def stage_class(ref: str) -> type[Stage]:
+    """The stage class named ``package.module:Class`` (its module imported by name: the engine
+    never imports stages statically)."""
     module_name, _, class_name = ref.partition(":")
     if not module_name or not class_name:
         raise ValueError(f"stage reference {ref!r} must look like 'package.module:Class'")
-    stage_class = getattr(importlib.import_module(module_name), class_name)
-    if not (isinstance(stage_class, type) and issubclass(stage_class, Stage)):
+    found = getattr(importlib.import_module(module_name), class_name)
+    if not (isinstance(found, type) and issubclass(found, Stage)):
         raise TypeError(f"stage {ref!r} is not a subclass of engine.stage.Stage")
-    return stage_class()
+    return found
+
+
+def load_stage(ref: str) -> Stage:
+    """Instantiate the stage class named ``package.module:Class``."""
+    return stage_class(ref)()
 
 
 class _Runtime:

@@ -16,6 +16,7 @@ from stages.testing.relay import Relay
 
 
 class SlowRelay(Relay):
+    Params = None  # its own params (start_s, fail), read below
     """A relay that takes ``start_s`` to start (or fails to) and counts its ``do_work`` calls."""
 
     def start(self, ctx: WorkerContext) -> None:

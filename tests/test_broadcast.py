@@ -26,7 +26,7 @@ from engine.stage import WorkerContext
 from shm.batch import ExtraColumn, Kind, batch_size, write_batch
 from shm.naming import segment_name
 from shm.ring import Consumer, Producer, Ring
-from stages.broadcast import params
+from stages.broadcast.params import Endpoint
 from stages.broadcast.stage import Broadcast
 
 STREAMS, BATCH = 6, 8
@@ -442,21 +442,21 @@ def test_a_flood_of_snapshot_requests_does_not_starve_publishing(stage_on_ring):
 @pytest.mark.parametrize(
     ("given", "message"),
     [
-        ({"sndhwm": -1}, "sndhwm must be a number >= 0"),
-        ({"retention_s": "long"}, "retention_s must be a number"),
-        ({"endpoints": [{"url": "tcp://127.0.0.1:1", "encoding": "xml"}]}, r"endpoints\[0\].encoding must be one of"),
-        ({"endpoints": [{"url": "http://x"}]}, r"endpoints\[0\].url must be a tcp:// or ipc://"),
-        ({"heartbeat": 1}, "unknown key 'heartbeat'"),
+        ({"sndhwm": -1}, "params.sndhwm: must be >= 0"),
+        ({"retention_s": "long"}, "params.retention_s: must be a number"),
+        ({"endpoints": [{"url": "tcp://127.0.0.1:1", "encoding": "xml"}]}, r"endpoints\[0\].encoding: must be one of"),
+        ({"endpoints": [{"url": "http://x"}]}, r"endpoints\[0\].url: must be a tcp:// or ipc://"),
+        ({"heartbeat": 1}, "params.heartbeat: unknown key"),
     ],
 )
 def test_bad_params_are_refused_with_the_key_named(given, message):
     with pytest.raises(ValueError, match=message):
-        params.parse(given)
+        Broadcast.parse_params(given)
 
 
 def test_params_defaults_and_extra_endpoints():
-    p = params.parse(
+    p = Broadcast.parse_params(
         {"endpoints": [{"url": "tcp://0.0.0.0:5556", "encoding": "binary"}], "retention_s": 10, "curve": True}
     )
-    assert p.endpoints == (params.Endpoint("tcp://0.0.0.0:5556", "binary"),)
+    assert p.endpoints == [Endpoint(url="tcp://0.0.0.0:5556", encoding="binary")]
     assert p.retention_s == 10.0 and p.sndhwm == 10_000

@@ -30,7 +30,7 @@ from engine.config import ConfigError, load_config
 from engine.consumer import StreamConsumer
 from engine.keys import ClientKeys, KeysDir, load_client_keys
 from shm.batch import Kind
-from stages.broadcast import params
+from stages.broadcast.stage import Broadcast
 
 
 def _last_endpoint(sock: zmq.Socket) -> str:
@@ -170,15 +170,15 @@ def test_stream_consumer_reads_an_engine_over_curve_tcp(start_engine, tmp_path):
 )
 def test_a_tcp_endpoint_beyond_loopback_needs_curve(url):
     with pytest.raises(ValueError, match=r"endpoints\[0\].url: .* set curve = true"):
-        params.parse({"endpoints": [{"url": url}]})
+        Broadcast.parse_params({"endpoints": [{"url": url}]})
     with pytest.raises(ValueError, match=r"snapshot_url: .* set curve = true"):
-        params.parse({"snapshot_url": url})
-    assert params.parse({"endpoints": [{"url": url}], "curve": True}).curve
+        Broadcast.parse_params({"snapshot_url": url})
+    assert Broadcast.parse_params({"endpoints": [{"url": url}], "curve": True}).curve
 
 
 @pytest.mark.parametrize("url", ["tcp://127.0.0.1:5556", "tcp://127.3.4.5:1", "tcp://localhost:5556", "tcp://[::1]:9"])
 def test_a_loopback_tcp_endpoint_needs_no_curve(url):
-    assert params.parse({"endpoints": [{"url": url}], "snapshot_url": url}).endpoints[0].url == url
+    assert Broadcast.parse_params({"endpoints": [{"url": url}], "snapshot_url": url}).endpoints[0].url == url
 
 
 def test_config_load_refuses_an_exposed_tcp_endpoint_with_the_key_named(tmp_path):
@@ -243,8 +243,8 @@ def test_keys_command_makes_lists_and_allows(tmp_path):
 
 @pytest.mark.parametrize(
     ("given", "message"),
-    [({"curve": "yes"}, "curve must be true or false"), ({"keys_dir": "keys"}, "keys_dir must be an absolute path")],
+    [({"curve": "yes"}, "curve: must be true or false"), ({"keys_dir": "keys"}, "keys_dir: must be an absolute path")],
 )
 def test_bad_curve_params_are_refused_with_the_key_named(given, message):
     with pytest.raises(ValueError, match=message):
-        params.parse(given)
+        Broadcast.parse_params(given)

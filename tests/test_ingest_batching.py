@@ -7,7 +7,7 @@ import pytest
 from engine_harness import Engine, wait_for
 
 from engine.requests import RequestClient, RequestError, ingest_endpoint
-from stages.ingest.params import IngestParams
+from stages.ingest.stage import Ingest
 
 CONFIG = """
 [engine]
@@ -112,10 +112,10 @@ def test_one_stream_over_max_streams_is_rejected_and_the_others_go_on(engine):
 )
 def test_bad_params_are_refused_with_the_key_named(params, named):
     with pytest.raises(ValueError, match=named):
-        IngestParams.from_params(params)
+        Ingest.parse_params(params)
 
 
 def test_params_default_to_a_window_of_at_most_2_ms():
-    p = IngestParams.from_params({})
+    p = Ingest.parse_params({})
     assert p.flush_ms <= 2 and p.batch_rows >= 1
-    assert IngestParams.from_params({"flush_ms": 0, "batch_rows": 1}).batch_rows == 1
+    assert Ingest.parse_params({"flush_ms": 0, "batch_rows": 1}).batch_rows == 1

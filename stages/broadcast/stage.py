@@ -61,7 +61,7 @@ from engine.seqtable import SLOTS, SeqTable
 from engine.stage import Stage, WorkerContext
 from shm.batch import TokenBatch
 from shm.ring import Consumer as RingConsumer
-from stages.broadcast import params
+from stages.broadcast.params import BroadcastParams, Endpoint
 from stages.broadcast.retention import Retention
 from stages.broadcast.snapshots import REQUESTS_PER_CYCLE, Snapshots
 from stages.broadcast.subscriptions import Subscriptions
@@ -83,14 +83,16 @@ class _Publisher:
 
 
 class Broadcast(Stage):
+    Params = BroadcastParams
+
     def start(self, ctx: WorkerContext) -> None:
         super().start(ctx)
-        p = params.parse(ctx.params)
+        p = self.parse_params(ctx.params)
         self.inp = ctx.inputs[0]
         self.zmq = zmq.Context()
         endpoints = [
-            params.Endpoint(ctx.endpoint("broadcast"), "json"),
-            params.Endpoint(ctx.endpoint("broadcast-binary"), "binary"),
+            Endpoint(url=ctx.endpoint("broadcast"), encoding="json"),
+            Endpoint(url=ctx.endpoint("broadcast-binary"), encoding="binary"),
             *p.endpoints,
         ]
         # CURVE is a socket's option, so each tcp endpoint has a socket of its own (extra live

@@ -39,11 +39,11 @@ from engine.stage import Stage, WorkerContext
 from engine.tokens import ensure_token, matches
 from shm.batch import RECORD_TYPE, BatchError, TokenBatch
 from stages.cache.collect import Collector
+from stages.cache.params import CacheParams
 from stages.cache.replay import Replay, lost_replay_stream
 from stages.cache.snapshot import SnapshotError, read_snapshot, write_snapshot
 from stages.cache.store import LruStore
 
-REPLAY_MODES = ("full", "paced")
 _HOUSEKEEPING_S = 1.0
 
 
@@ -54,35 +54,20 @@ def default_snapshot_path(runtime_dir: str, worker: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(runtime_dir)), f"{worker}.cache-snapshot")
 
 
-def _positive(params: dict[str, Any], key: str, default: float, kind: type = float) -> Any:
-    """Param ``key`` as ``kind``: a positive number (``snapshot_interval_s`` may also be 0)."""
-    value = params.get(key, default)
-    zero_ok = key == "snapshot_interval_s"
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (value == 0 and not zero_ok):
-        what = "non-negative" if zero_ok else "positive"
-        raise ValueError(f"cache param {key}: must be a {what} number (got {value!r})")
-    return kind(value)
-
-
 class Cache(Stage):
+    Params = CacheParams
+
     def start(self, ctx: WorkerContext) -> None:
         super().start(ctx)
-        p = ctx.params
+        p = self.parse_params(ctx.params)
         self.inp, self.out = ctx.inputs[0], ctx.outputs[0]
-        self.store = LruStore(_positive(p, "max_bytes", 256 << 20, int), _positive(p, "ttl_s", 3600.0))
-        mode = p.get("replay", "full")
-        if mode not in REPLAY_MODES:
-            raise ValueError(f"cache param replay: must be one of {', '.join(REPLAY_MODES)} (got {mode!r})")
-        self.paced = mode == "paced"
-        self.batch_rows = _positive(p, "batch_rows", 64, int)
-        self.collector = Collector(
-            _positive(p, "max_stream_bytes", 16 << 20, int), _positive(p, "max_open_streams", 4096, int)
-        )
-        path = p.get("snapshot_path", default_snapshot_path(ctx.runtime_dir, ctx.name))
-        if not isinstance(path, str):
-            raise ValueError(f"cache param snapshot_path: must be a string (got {path!r})")
+        self.store = LruStore(p.max_bytes, p.ttl_s)
+        self.paced = p.replay == "paced"
+        self.batch_rows = p.batch_rows
+        self.collector = Collector(p.max_stream_bytes, p.max_open_streams)
+        path = default_snapshot_path(ctx.runtime_dir, ctx.name) if p.snapshot_path is None else p.snapshot_path
         self.snapshot_path = path or None
-        self.snapshot_interval_s = _positive(p, "snapshot_interval_s", 60.0)
+        self.snapshot_interval_s = p.snapshot_interval_s
         self.counts = {
             "passed": 0,
             "undecodable": 0,
@@ -104,7 +89,7 @@ class Cache(Stage):
         self._restore()
         self.replays: dict[int, Replay] = {}
         self.turns: deque[int] = deque()  # round-robin order of the active replays
-        self._init_replay_table(_positive(p, "max_replays", 1024, int))
+        self._init_replay_table(p.max_replays)
         # who may replay (ingest) and clear or snapshot (operators): engine/tokens.py
         self.tokens = {name: ensure_token(ctx.runtime_dir, name) for name in ("lookup", "operator")}
         self.zmq = zmq.Context()

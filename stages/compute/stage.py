@@ -38,10 +38,10 @@ import numpy as np
 from engine.requests import RequestClient, RequestError, ingest_endpoint
 from engine.stage import Stage, WorkerContext
 from shm.batch import COLUMNS_OFFSET, BatchColumns, ExtraColumn, Kind, TokenBatch, batch_size, write_batch
-from stages.compute import fused, kernels, streams
+from stages.compute import fused, streams
 from stages.compute.backends import open_kernels
+from stages.compute.params import ComputeParams
 from stages.compute.probes import probe_table
-from stages.compute.shaders import MAX_PROBES
 
 _TOKEN, _END, _ERROR = int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR)
 _SMALL_RECORD = 8  # rows up to which a record's running columns go row by row (numpy's turn from 8-12 rows)
@@ -57,38 +57,27 @@ BASE_COLUMNS = (
 
 
 class Compute(Stage):
+    Params = ComputeParams
+
     def start(self, ctx: WorkerContext) -> None:
         super().start(ctx)
-        p = ctx.params
+        p = self.parse_params(ctx.params)
         self.inp, self.out = ctx.inputs[0], ctx.outputs[0]
-        self.order = int(p.get("hilbert_order", 8))
-        self.coalesce_rows = int(p.get("coalesce_rows", 256))
-        if self.coalesce_rows < 1:
-            raise ValueError(f"compute param coalesce_rows must be >= 1 (got {self.coalesce_rows})")
-        if not 1 <= self.order <= kernels.MAX_ORDER:
-            raise ValueError(f"compute param hilbert_order must be in 1..{kernels.MAX_ORDER} (got {self.order})")
-        rep = p.get("repetition", {})
-        self.ngram, self.window = int(rep.get("ngram", 4)), int(rep.get("window", 64))
-        self.threshold = float(rep.get("threshold", 0.5))
+        self.order, self.coalesce_rows = p.hilbert_order, p.coalesce_rows
+        rep = p.repetition
+        self.ngram, self.window, self.threshold, self.action = rep.ngram, rep.window, rep.threshold, rep.action
         self.threshold32 = float(np.float32(self.threshold))  # the shares are f32: compared as numpy compares them
-        self.action = rep.get("action", "mark")
-        if self.action not in ("mark", "cancel"):
-            raise ValueError(f"compute param repetition.action must be mark or cancel (got {self.action!r})")
-        probes = p.get("probes", {})
-        self.table, self.probe_vectors = probe_table(probes) if int(probes.get("count", 0)) else (None, None)
+        probes = p.probes
+        self.table, self.probe_vectors = probe_table(probes.model_dump()) if probes.count else (None, None)
         self.columns = BASE_COLUMNS + (
             (ExtraColumn("probe", "f4", len(self.probe_vectors)),) if self.table is not None else ()
         )
-        if self.table is not None and not 0 < len(self.probe_vectors) <= MAX_PROBES:
-            raise ValueError(f"compute param probes: {len(self.probe_vectors)} probe vectors, 1..{MAX_PROBES} allowed")
-        self.probe_window = int(probes.get("window", 32))
-        if self.ngram < 1 or self.window < 1 or self.probe_window < 1:
-            raise ValueError("compute params repetition.ngram, repetition.window and probes.window must be >= 1")
+        self.probe_window = probes.window
         if not os.path.isdir(os.environ.get("XDG_RUNTIME_DIR", "")):
             # Mesa's Vulkan drivers print "XDG_RUNTIME_DIR is invalid or not set" on the worker's raw
             # stderr, outside the JSON log, when probing adapters; our private runtime dir will do
             os.environ["XDG_RUNTIME_DIR"] = ctx.runtime_dir
-        self.kernels = open_kernels(p, ctx.log, os.path.join(ctx.state_dir, f"{ctx.name}.adapters.json"))
+        self.kernels = open_kernels(p.model_dump(), ctx.log, os.path.join(ctx.state_dir, f"{ctx.name}.adapters.json"))
         self.curve = fused.CurveTable(self.order)  # built now (~10 ms at order 8), not on the first tokens
         k = len(self.probe_vectors) if self.table is not None else 0
         self.states = streams.StreamStates(self.window + self.ngram - 1, self.probe_window if k else 0, k)

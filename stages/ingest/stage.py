@@ -38,7 +38,7 @@ import zmq
 import zmq.asyncio
 
 from engine.cache_protocol import CacheLookup, socket_path
-from engine.cachekey import check_policy, key_for, producer_id
+from engine.cachekey import key_for, producer_id
 from engine.correlation import split_request
 from engine.requests import MAX_REQUEST_BYTES, RequestError, parse_request
 from engine.stage import AsyncStage, WorkerContext, wait_writable
@@ -59,13 +59,14 @@ class RowTooLarge(Exception):
 
 
 class Ingest(AsyncStage):
+    Params = IngestParams
+
     async def setup(self, ctx: WorkerContext) -> None:
         """Everything before serving: state, upstream pool (and the embedded upstream), cache
         client, ROUTER. The runtime awaits it while heartbeats flow, so nothing here may block
         the event loop."""
         self.ctx = ctx
-        p = ctx.params
-        self.params = params = IngestParams.from_params(p)
+        self.params = params = self.parse_params(ctx.params)
         self.out = ctx.outputs[0]
         self.rows = RowBuffer(self.out, params.batch_rows)
         self.flush_s = params.flush_ms / 1e3
@@ -85,18 +86,18 @@ class Ingest(AsyncStage):
         self.token_buckets = KeyedBuckets(params.client_tokens_per_s, params.client_burst_tokens)
         self.queued: dict[str, int] = {}
         self.embedded = None
-        self.cache_policy = check_policy(p.get("cache_policy", "deterministic"))
-        cache_worker = str(p.get("cache", "cache"))
+        self.cache_policy = params.cache_policy
+        cache_worker = params.cache
         self.cache = None
         if cache_worker:
             lookup_token = ensure_token(ctx.runtime_dir, LOOKUP)
             self.cache = CacheLookup(socket_path(ctx.runtime_dir, cache_worker), lookup_token)
-        upstreams = [UpstreamConfig(**u) for u in p.get("upstreams", [])]
+        upstreams = [UpstreamConfig(**u.model_dump()) for u in params.upstreams]
         # what the cache key names as the producer: the upstreams' URLs and models, or the embedded one's models
         self.producer = producer_id([{"base_url": u.base_url, "models": list(u.models)} for u in upstreams])
         if not upstreams:
-            upstreams = [await self._start_embedded(p)]
-        self.pool = UpstreamPool(upstreams, PoolPolicy(**p.get("pool", {})))
+            upstreams = [await self._start_embedded(params.embedded)]
+        self.pool = UpstreamPool(upstreams, PoolPolicy(**params.pool))
         await self.pool.start()
         if self.cache is not None:
             self.cache.start()
@@ -414,10 +415,10 @@ class Ingest(AsyncStage):
 
     # ---- embedded upstream ------------------------------------------------------------------
 
-    async def _start_embedded(self, p: dict[str, Any]) -> UpstreamConfig:
+    async def _start_embedded(self, embedded: dict[str, Any]) -> UpstreamConfig:
         from stages.ingest.upstream_server import UpstreamServerConfig, serve_in_process
 
-        cfg = UpstreamServerConfig(**p.get("embedded", {}))
+        cfg = UpstreamServerConfig(**embedded)
         self.producer = producer_id([{"embedded": list(cfg.models)}])
         # in a thread: the start takes a spawn and the child's imports, and the loop must go on
         # sending heartbeats meanwhile (issue 12 item 5)

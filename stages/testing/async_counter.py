@@ -7,15 +7,19 @@ import asyncio
 
 from engine.stage import AsyncStage, WorkerContext, wait_writable
 from stages.testing import counting
+from stages.testing.params import CountingParams
 
 
 class AsyncCountingSource(AsyncStage):
+    Params = CountingParams
+
     async def run(self, ctx: WorkerContext) -> None:
         out = ctx.outputs[0]
-        streams, batch, rate, total = counting.params(ctx.params)
-        batches = -(-total // batch) if total else None
+        p = self.parse_params(ctx.params)
+        streams, batch = p.streams, p.batch
+        batches = -(-p.total // batch) if p.total else None
         self.k = counting.resume_index(out, streams, batch)
-        pacer = counting.Pacer(rate, batch, self.k)
+        pacer = counting.Pacer(p.rate, batch, self.k)
         while not ctx.draining:
             if batches is not None and self.k >= batches:
                 await asyncio.sleep(0.05)

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 from engine.stage import Stage, WorkerContext
 from stages.testing import counting
+from stages.testing.params import CountingParams
 
 
 class CountingSource(Stage):
+    Params = CountingParams
+
     def start(self, ctx: WorkerContext) -> None:
         super().start(ctx)
         self.out = ctx.outputs[0]
-        self.streams, self.batch, rate, total = counting.params(ctx.params)
-        self.batches = -(-total // self.batch) if total else None
+        p = self.parse_params(ctx.params)
+        self.streams, self.batch = p.streams, p.batch
+        self.batches = -(-p.total // self.batch) if p.total else None
         self.k = counting.resume_index(self.out, self.streams, self.batch)
-        self.pacer = counting.Pacer(rate, self.batch, self.k)
+        self.pacer = counting.Pacer(p.rate, self.batch, self.k)
         ctx.log.info("source_started", resume_batch=self.k)
 
     def do_work(self) -> int:

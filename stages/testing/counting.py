@@ -66,14 +66,3 @@ class Pacer:
     def wait_s(self, k: int) -> float:
         """Seconds until batch ``k`` is due (<= 0: now)."""
         return self.origin + k * self.interval - time.monotonic() if self.interval else 0.0
-
-
-def params(ctx_params: dict) -> tuple[int, int, float, int]:
-    """(streams, batch, rate, total) from a counting source's params, checked."""
-    streams = int(ctx_params.get("streams", 4))
-    batch = int(ctx_params.get("batch", 16))
-    rate = float(ctx_params.get("rate", 2000))
-    total = int(ctx_params.get("total", 0))
-    if streams < 1 or batch < 1 or rate < 0 or total < 0:
-        raise ValueError(f"counting source params out of range: {ctx_params}")
-    return streams, batch, rate, total

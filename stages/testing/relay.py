@@ -5,9 +5,12 @@ killed at any point loses nothing; what it re-sends after a restart the sink dro
 from __future__ import annotations
 
 from engine.stage import Stage, WorkerContext
+from stages.testing.params import RelayParams
 
 
 class Relay(Stage):
+    Params = RelayParams
+
     def start(self, ctx: WorkerContext) -> None:
         super().start(ctx)
         self.inp, self.out = ctx.inputs[0], ctx.outputs[0]

@@ -20,19 +20,23 @@ import numpy as np
 
 from engine.stage import Stage, WorkerContext
 from shm.batch import TokenBatch
+from stages.testing.params import VerifyParams
 
 _COUNTERS = ("messages", "duplicates", "gaps", "batches", "batches_within_budget", "foreign")
 
 
 class VerifyingSink(Stage):
+    Params = VerifyParams
+
     def start(self, ctx: WorkerContext) -> None:
         super().start(ctx)
         self.inp = ctx.inputs[0]
-        self.streams = int(ctx.params.get("streams", 4096))
-        self.budget_ns = int(float(ctx.params.get("latency_budget_ms", 50)) * 1e6)
+        p = self.parse_params(ctx.params)
+        self.streams = p.streams
+        self.budget_ns = int(p.latency_budget_ms * 1e6)
         self.next_seq = ctx.state_array("next_seq", "u8", self.streams)
         self.counts = ctx.state_array("counts", "u8", len(_COUNTERS))
-        self.progress_every_s = float(ctx.params.get("progress_every_s", 2.0))
+        self.progress_every_s = p.progress_every_s
         self._progress = (time.monotonic(), int(self.counts[0]))
 
     def do_work(self) -> int:
