@@ -12,6 +12,8 @@ row: expected, counted apart). For each kill, in ms after the kill:
 
 - gone: the killed process's pidfd becomes readable (the kernel has torn it down);
 - detect / respawn: the supervisor's ``worker_exited`` / ``worker_started`` events;
+- attach: the new pid in the header of every ring the worker uses (its runtime attaches them
+  before it imports its stage: spawn, the interpreter and the runtime's imports);
 - ready: the new pid shows ``ready`` in ``status`` (its stage is set up; polled every
   STATUS_POLL_S, so this step has that resolution);
 - flowing: the consumer receives a token that ingest stamped (``recv_ns``) after the kill: a
@@ -29,13 +31,23 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from engine.requests import RequestClient, RequestError, ingest_endpoint
+from shm import descriptor as d
+from shm.naming import segment_name
 
 from . import report
 from .proc import BenchError
-from .recovery import BACKOFF_S, BenchEngine, _kill, _restart_events, wait_for
+from .recovery import BACKOFF_S, BenchEngine, RingWatch, _kill, _poll, _restart_events, wait_for
 
 ROLES = ("compute", "cache", "broadcast", "ingest")  # the kill rotation; ingest's kills come last
-STEPS = ("detect", "respawn", "ready", "flowing")
+STEPS = ("detect", "respawn", "attach", "ready", "flowing")
+# Where each role's pid appears once its runtime attached its rings (before it imports its stage):
+# (ring, pid word of its end).
+ENDS = {
+    "ingest": (("ingest-compute", d.PRODUCER_PID_OFFSET),),
+    "compute": (("ingest-compute", d.CONSUMER_PID_OFFSET), ("compute-cache", d.PRODUCER_PID_OFFSET)),
+    "cache": (("compute-cache", d.CONSUMER_PID_OFFSET), ("cache-broadcast", d.PRODUCER_PID_OFFSET)),
+    "broadcast": (("cache-broadcast", d.CONSUMER_PID_OFFSET),),
+}
 STATUS_POLL_S = 0.005
 WAIT_S = 30.0
 LOOK_NS = 2_000_000  # how often a busy consumer looks at its pipe to the bench (the flowing step's resolution)
@@ -300,12 +312,28 @@ def _wait_steady(engine: BenchEngine, consumer: Consumer, settings: DefaultSetti
         raise BenchError("no token reached the consumer in steady state")
 
 
-def kill_default(engine: BenchEngine, consumer: Consumer, role: str, timeout_s: float) -> dict[str, Any]:
+class Rings:
+    """The default topology's ring headers: who is attached to each."""
+
+    def __init__(self, instance: str) -> None:
+        names = {ring for ends in ENDS.values() for ring, _ in ends}
+        self.rings = {ring: RingWatch(segment_name(instance, ring)) for ring in names}
+
+    def pids(self, role: str) -> list[int]:
+        return [self.rings[ring].word(offset) for ring, offset in ENDS[role]]
+
+    def close(self) -> None:
+        for ring in self.rings.values():
+            ring.close()
+
+
+def kill_default(engine: BenchEngine, consumer: Consumer, rings: Rings, role: str, timeout_s: float) -> dict[str, Any]:
     """Kill ``role`` with SIGKILL and time its recovery (ms after the kill)."""
     old = _worker(engine, role)["pid"]
     kill_ns = time.monotonic_ns()
     killed_at, dead_at = _kill(old, timeout_s)
     consumer.ask("after", kill_ns)
+    attached_at = _poll(lambda: all(p not in (0, old) for p in rings.pids(role)), timeout_s, f"a new {role}")
 
     def ready() -> int | None:
         w = _worker(engine, role)
@@ -330,6 +358,7 @@ def kill_default(engine: BenchEngine, consumer: Consumer, role: str, timeout_s: 
         "dead_ms": ms(dead_at),
         "detect_ms": ms(exited_at),
         "respawn_ms": ms(started_at),
+        "attach_ms": ms(attached_at),
         "ready_ms": ms(ready_at),
         "flowing_ms": round((flowing_ns - kill_ns) / 1e6, 2),
         **({"backend": backend[0] if backend else None} if role == "compute" else {}),
@@ -355,17 +384,19 @@ def measure_default(settings: DefaultSettings, progress: Any = None) -> dict[str
         )
         submitter = Submitter(engine.info["runtime_dir"], settings)
         submitter.start()
+        rings = Rings(engine.instance)
         kills = []
         try:
             for i, role in enumerate(order):
                 _wait_steady(engine, consumer, settings)
-                kills.append(kill_default(engine, consumer, role, settings.timeout_s))
+                kills.append(kill_default(engine, consumer, rings, role, settings.timeout_s))
                 if progress is not None:
                     progress(f"[default {i + 1}/{len(order)}] {_kill_line(kills[-1])}")
             _wait_steady(engine, consumer, settings)
         except BenchError as exc:
             raise BenchError(f"{exc}\nengine log (end):\n{engine.log_tail()}") from None
         finally:
+            rings.close()
             submitter.finish()
         accepted = set(submitter.accepted)
         # every accepted stream ends: its last token is due tokens / pace after its submit
@@ -391,7 +422,8 @@ def measure_default(settings: DefaultSettings, progress: Any = None) -> dict[str
 def _kill_line(kill: dict[str, Any]) -> str:
     return (
         f"{kill['worker']}: gone {kill['dead_ms']:.1f} ms, detect {kill['detect_ms']:.1f} ms, "
-        f"respawn {kill['respawn_ms']:.1f} ms, ready {kill['ready_ms']:.1f} ms, flowing {kill['flowing_ms']:.1f} ms"
+        f"respawn {kill['respawn_ms']:.1f} ms, attach {kill['attach_ms']:.1f} ms, ready {kill['ready_ms']:.1f} ms, "
+        f"flowing {kill['flowing_ms']:.1f} ms"
     )
 
 
@@ -446,7 +478,8 @@ def phases(kill: dict[str, Any]) -> dict[str, float]:
         "exit": kill["dead_ms"],  # the kernel tears the process down
         "reap": round(kill["detect_ms"] - kill["dead_ms"], 2),  # the supervisor sees the sentinel
         "restart_delay": round(kill["respawn_ms"] - kill["detect_ms"], 2),  # back-off, Process.start
-        "worker_start": round(kill["ready_ms"] - kill["respawn_ms"], 2),  # interpreter, imports, set-up
+        "runtime_start": round(kill["attach_ms"] - kill["respawn_ms"], 2),  # interpreter, runtime imports, rings
+        "stage_start": round(kill["ready_ms"] - kill["attach_ms"], 2),  # stage imports, start/set-up
         # the first post-kill token to the consumer after ready (negative: it came before the
         # STATUS_POLL_S poll saw ready)
         "first_token": round(kill["flowing_ms"] - kill["ready_ms"], 2),
@@ -521,6 +554,7 @@ _ROLE_COLUMNS: tuple[report.Column, ...] = (
     ("detect_p50_ms", "detect p50", "{:.0f}"),
     ("detect_p99_ms", "detect p99", "{:.0f}"),
     ("respawn_p50_ms", "respawn p50", "{:.0f}"),
+    ("attach_p50_ms", "attach p50", "{:.0f}"),
     ("ready_p50_ms", "ready p50", "{:.0f}"),
     ("ready_p99_ms", "ready p99", "{:.0f}"),
     ("flowing_p50_ms", "flowing p50", "{:.0f}"),
@@ -531,7 +565,8 @@ _PHASE_COLUMNS: tuple[report.Column, ...] = (
     ("exit_p50_ms", "kill -> gone", "{:.1f}"),
     ("reap_p50_ms", "gone -> detect", "{:.1f}"),
     ("restart_delay_p50_ms", "detect -> respawn", "{:.1f}"),
-    ("worker_start_p50_ms", "respawn -> ready", "{:.1f}"),
+    ("runtime_start_p50_ms", "respawn -> attach", "{:.1f}"),
+    ("stage_start_p50_ms", "attach -> ready", "{:.1f}"),
     ("first_token_p50_ms", "ready -> flowing", "{:.1f}"),
 )
 _STARTUP_COLUMNS: tuple[report.Column, ...] = (
@@ -620,6 +655,7 @@ _KILL_COLUMNS: tuple[report.Column, ...] = (
     ("dead_ms", "gone ms", "{:.1f}"),
     ("detect_ms", "detect ms", "{:.1f}"),
     ("respawn_ms", "respawn ms", "{:.1f}"),
+    ("attach_ms", "attach ms", "{:.1f}"),
     ("ready_ms", "ready ms", "{:.1f}"),
     ("flowing_ms", "flowing ms", "{:.1f}"),
 )
