@@ -22,6 +22,7 @@ row: expected, counted apart). For each kill, in ms after the kill:
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import sys
 import threading
@@ -264,7 +265,7 @@ class Submitter(threading.Thread):
         client = RequestClient(self.endpoint, timeout_s=SUBMIT_TIMEOUT_S)
         try:
             due = time.monotonic()
-            for i in range(1 << 62):
+            for i in itertools.count():
                 if self.stop.wait(max(0.0, due - time.monotonic())):
                     return
                 due += self.interval_s
@@ -330,6 +331,7 @@ class Rings:
 def kill_default(engine: BenchEngine, consumer: Consumer, rings: Rings, role: str, timeout_s: float) -> dict[str, Any]:
     """Kill ``role`` with SIGKILL and time its recovery (ms after the kill)."""
     old = _worker(engine, role)["pid"]
+    wgpu_before = _maps_wgpu(old) if role == "compute" else None
     kill_ns = time.monotonic_ns()
     killed_at, dead_at = _kill(old, timeout_s)
     consumer.ask("after", kill_ns)
@@ -347,6 +349,7 @@ def kill_default(engine: BenchEngine, consumer: Consumer, rings: Rings, role: st
     exited_at, started_at = _restart_events(engine, role, new, killed_at)
     # what the new compute chose its backend from: a remembered probe, or a probe again (wgpu)
     backend = [e.get("reason") for e in engine.events() if e.get("pid") == new and e["event"] == "compute_backend"]
+    wgpu = _maps_wgpu(new) if role == "compute" else None
 
     def ms(t: float) -> float:
         return round((t - killed_at) * 1e3, 2)
@@ -361,8 +364,21 @@ def kill_default(engine: BenchEngine, consumer: Consumer, rings: Rings, role: st
         "attach_ms": ms(attached_at),
         "ready_ms": ms(ready_at),
         "flowing_ms": round((flowing_ns - kill_ns) / 1e6, 2),
-        **({"backend": backend[0] if backend else None} if role == "compute" else {}),
+        **(
+            {"backend": backend[0] if backend else None, "old_wgpu_loaded": wgpu_before, "wgpu_loaded": wgpu}
+            if role == "compute"
+            else {}
+        ),
     }
+
+
+def _maps_wgpu(pid: int) -> bool | None:
+    """Whether ``pid`` has wgpu's native library mapped (None: the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            return any("libwgpu" in line for line in maps)
+    except OSError:
+        return None
 
 
 # ---- the run -----------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def test_recovery_quick_default_topology_times_each_role_and_loses_nothing() -> 
         # the consumer
         assert kill["detect_ms"] <= kill["respawn_ms"] < kill["attach_ms"] <= kill["ready_ms"], kill
         assert kill["dead_ms"] < kill["ready_ms"], kill
-    assert "backend" in kills[0]  # what the restarted compute chose its backend from
+    assert "backend" in kills[0] and "wgpu_loaded" in kills[0]  # what the restarted compute chose and loaded
     assert [row["worker"] for row in part["by_role"]] == ["compute", "cache", "broadcast", "ingest"]
     for row in part["by_role"]:
         assert row["kills"] == 1
