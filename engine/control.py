@@ -26,8 +26,9 @@ Supervisor -> worker:
     resume     {}                                         undo pause
     drain      {}                                         finish what is in the input rings, then exit 0
                                                           (a source stops producing first)
-    stop       {}                                         exit 0 now (rings keep any unread records)
-    reconfigure {params}                                  hand new params to the stage
+
+(To stop one worker at once the supervisor sends SIGTERM, which a worker obeys even before its
+control socket is connected; params are fixed for a worker's life, checked at config load.)
 
 Client -> supervisor, answered on the same socket:
 
@@ -89,10 +90,6 @@ def _bool(value: Any) -> str | None:
     return None if isinstance(value, bool) else "must be true or false"
 
 
-def _object(value: Any) -> str | None:
-    return None if isinstance(value, dict) else "must be an object"
-
-
 def _stats(value: Any) -> str | None:
     if not isinstance(value, dict) or len(value) > MAX_STATS:
         return f"must be an object of <= {MAX_STATS} counters"
@@ -114,8 +111,6 @@ SUPERVISOR_TO_WORKER: Mapping[str, Schema] = {
     "pause": {},
     "resume": {},
     "drain": {},
-    "stop": {},
-    "reconfigure": {"params": _object},
 }
 CLIENT_REQUESTS: Mapping[str, Schema] = {
     "status": {},

@@ -41,6 +41,7 @@ from shm.segment import NoSharedMemory
 EXIT_OK = 0
 EXIT_ESCALATED = 3
 STARTUP_GRACE_S = 10.0  # a fresh worker imports its stage before its first heartbeat
+TERMINATE_GRACE_S = 1.0  # rest_for_one: SIGTERM, then SIGKILL this much later if still alive
 _EGRESS_KEYS = ("messages", "gaps", "duplicates", "batches", "batches_within_budget")
 _RECEIVED = {**control.WORKER_TO_SUPERVISOR, **control.CLIENT_REQUESTS}
 
@@ -74,6 +75,10 @@ class WorkerHandle:
     ready: bool = False  # this incarnation said "ready" (its stage is set up)
     identity: bytes = b""  # this incarnation's control identity (its name and secret token)
     pausable: bool = True  # from its hello: an asyncio stage cannot be paused
+    # Stops the supervisor asked for, whose exit is awaited through the sentinel, never joined:
+    killed: bool = False  # SIGKILLed as hung (its exit is then a failure like any other)
+    terminating: bool = False  # stopped by rest_for_one (its exit is expected: no restart decision)
+    kill_at: float | None = None  # SIGKILL then, if the SIGTERM of rest_for_one has not ended it
 
     @property
     def alive(self) -> bool:
@@ -289,17 +294,21 @@ class Supervisor:
             if self.router in events:
                 self._handle_messages()
             self._reap()
-            self._check_heartbeats(time.monotonic())
-            self._restart_due(time.monotonic())
+            now = time.monotonic()
+            self._kill_overdue(now)
+            self._check_heartbeats(now)
+            self._restart_due(now)
 
     def _next_timer(self, now: float) -> float:
         """The next moment a heartbeat may be overdue or a back-off ends."""
         timeout = self.cfg.engine.heartbeat_timeout_s
         due = [now + timeout]
         for h in self.workers.values():
-            if h.restart_due is not None:
+            if h.kill_at is not None:
+                due.append(h.kill_at)
+            if h.restart_due is not None and h.process is None:  # else its exit wakes us first
                 due.append(h.restart_due)
-            elif h.alive:
+            elif h.alive and not (h.killed or h.terminating):
                 due.append(h.last_heartbeat + timeout + 0.001)
         return min(due)
 
@@ -317,16 +326,19 @@ class Supervisor:
         h.process.start()
         h.started = h.last_heartbeat = time.monotonic()
         h.state, h.exit_code, h.restart_due, h.ready = "starting", None, None, False
+        h.killed, h.terminating, h.kill_at = False, False, None
         self.poller.register(h.process.sentinel, zmq.POLLIN)
         self.log.info("worker_started", worker=h.name, worker_pid=h.process.pid, incarnation=h.incarnation)
 
     def _reap(self) -> None:
-        """Handle every worker process that exited (its sentinel became readable)."""
+        """Handle every worker process that exited (its sentinel became readable); whatever state
+        its last heartbeat said (a worker that stops on its own says "stopped" first)."""
         for h in self.workers.values():
-            if h.process is not None and h.state != "stopped" and h.process.exitcode is not None:
+            if h.process is not None and h.process.exitcode is not None:
                 self._on_exit(h)
 
     def _forget_process(self, h: WorkerHandle) -> None:
+        """Drop an exited worker's process (exitcode set: the join below returns at once)."""
         self.poller.unregister(h.process.sentinel)
         h.process.join()
         h.exit_code = h.process.exitcode
@@ -335,8 +347,14 @@ class Supervisor:
 
     def _on_exit(self, h: WorkerHandle) -> None:
         self._forget_process(h)
-        h.state = "stopped"
         self._unblock_outputs(h)
+        if h.terminating:  # stopped by rest_for_one: its restart (or none) is decided already
+            h.terminating, h.kill_at = False, None
+            self.log.info("worker_terminated", worker=h.name, exit_code=h.exit_code)
+            if h.restart_due is None:
+                h.state = "stopped"
+            return
+        h.state = "stopped"
         self.log.warning("worker_exited", worker=h.name, exit_code=h.exit_code)
         if self.stopping:
             return
@@ -345,13 +363,17 @@ class Supervisor:
             # `run --detach` reports it instead of a restart loop hiding it
             raise Escalation(f"worker {h.name!r} failed during start-up (exit code {h.exit_code})")
         if not self._should_restart(h):
+            if h.exit_code != 0:
+                h.state = "failed"  # exited abnormally and stays down (temporary)
             return
         victims = [h]
         if self.cfg.supervisor.strategy == "rest_for_one":
+            # OTP: every later worker is stopped, and restarted unless it is temporary
             order = list(self.workers)
-            victims += [self.workers[n] for n in order[order.index(h.name) + 1 :]]
-            for other in victims[1:]:
+            for other in (self.workers[n] for n in order[order.index(h.name) + 1 :]):
                 self._terminate(other, "rest_for_one")
+                if other.restart != "temporary":
+                    victims.append(other)
         for victim in victims:
             self._schedule_restart(victim)
 
@@ -377,7 +399,8 @@ class Supervisor:
 
     def _restart_due(self, now: float) -> None:
         for h in self.workers.values():
-            if h.restart_due is not None and h.restart_due <= now and not self.stopping:
+            # h.process is None: a worker stopped by rest_for_one has exited (it holds its rings)
+            if h.restart_due is not None and h.restart_due <= now and h.process is None and not self.stopping:
                 h.incarnation += 1
                 h.restarts += 1
                 self._start(h)
@@ -395,34 +418,34 @@ class Supervisor:
         """Kill a worker whose heartbeats stopped (hung, SIGSTOPped); its exit restarts it."""
         timeout = self.cfg.engine.heartbeat_timeout_s
         for h in self.workers.values():
-            if not h.alive or h.state == "stopped":
+            if not h.alive or h.killed or h.terminating:
                 continue
             limit = timeout + (STARTUP_GRACE_S if h.state == "starting" else 0.0)
             if now - h.last_heartbeat > limit:
                 self.log.error(
                     "worker_hung", worker=h.name, worker_pid=h.pid, heartbeat_age_s=round(now - h.last_heartbeat, 3)
                 )
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(h.process.pid, signal.SIGKILL)
-                h.process.join(1.0)
-                if h.process.exitcode is not None:
-                    self._on_exit(h)
+                h.process.kill()  # not joined: its sentinel wakes the loop, and _reap handles the exit
+                h.killed = True
 
     def _terminate(self, h: WorkerHandle, why: str) -> None:
-        """Stop one worker now (rest_for_one): SIGTERM, which a worker obeys at once even before
-        it has connected its control socket, then SIGKILL after a second."""
+        """Stop one worker (rest_for_one) without waiting: SIGTERM, which a worker obeys at once
+        even before it has connected its control socket; SIGKILL ``TERMINATE_GRACE_S`` later if
+        it is still there (``_kill_overdue``). Its exit comes through its sentinel."""
         h.restart_due = None
-        if not h.alive:
+        if not h.alive or h.terminating:
             return
         h.process.terminate()
-        h.process.join(1.0)
-        if h.process.exitcode is None:
-            self.log.warning("worker_killed", worker=h.name, reason=why)
-            h.process.kill()
-            h.process.join()
-        self._forget_process(h)
-        h.state = "stopped"
-        self._unblock_outputs(h)
+        h.terminating, h.kill_at = True, time.monotonic() + TERMINATE_GRACE_S
+        self.log.info("worker_terminating", worker=h.name, reason=why)
+
+    def _kill_overdue(self, now: float) -> None:
+        for h in self.workers.values():
+            if h.kill_at is not None and now >= h.kill_at:
+                h.kill_at = None
+                if h.alive:
+                    self.log.warning("worker_killed", worker=h.name, reason="no exit after SIGTERM")
+                    h.process.kill()
 
     def _stop_all(self) -> None:
         """Graceful stop: drain workers in topology order, so each finishes what upstream left."""
@@ -508,6 +531,8 @@ class Supervisor:
 
     def _on_worker_message(self, h: WorkerHandle, msg: dict[str, Any]) -> None:
         h.last_heartbeat = time.monotonic()
+        if h.terminating:  # its last words: it is on its way out
+            return
         kind = msg["type"]
         if kind == "heartbeat":
             if h.state not in ("draining", "stopped", "backoff"):

@@ -4,7 +4,7 @@
 to its supervisor's life (PR_SET_PDEATHSIG plus the parent's sentinel pipe), attaches the rings,
 connects the control DEALER, starts the stage (an asyncio stage's ``setup`` is awaited with
 heartbeats already running), says "ready", and runs its duty cycle or its asyncio loop, sending
-heartbeats and obeying pause/resume/drain/stop/reconfigure. SIGTERM stops it cleanly;
+heartbeats and obeying pause/resume/drain. SIGTERM stops it cleanly;
 SIGINT is ignored (Ctrl-C reaches the whole process group, and the supervisor drains workers in
 order rather than letting them all die at once).
 """
@@ -159,10 +159,6 @@ class _Runtime:
         elif kind == "drain":
             self.state = "draining"
             self.ctx.draining = True
-        elif kind == "stop":
-            self.stopping = True
-        elif kind == "reconfigure":
-            self.stage.reconfigure(dict(msg.get("params") or {}))
 
     def close(self) -> None:
         for ring in self.inputs + self.outputs:
