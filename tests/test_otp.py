@@ -116,3 +116,24 @@ def test_rest_for_one_restarts_later_workers_by_their_own_restart_type(engine):
     after = _workers(e)
     assert after["temporary_src"]["state"] == "failed" and after["temporary_sink"]["restarts"] == 0
     assert e.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_rest_for_one_waits_for_no_worker_that_ignores_its_sigterm(engine):
+    e = engine(_config("rest_for_one", [("head", "permanent")]))
+    before = _workers(e)
+    os.kill(before["head_sink"]["pid"], signal.SIGSTOP)  # its SIGTERM stays pending: only SIGKILL ends it
+    os.kill(before["head_src"]["pid"], signal.SIGKILL)
+
+    def head_back_while_sink_lingers() -> bool:
+        now = _workers(e)
+        return now["head_src"]["pid"] not in (None, before["head_src"]["pid"]) and (
+            now["head_sink"]["pid"] == before["head_sink"]["pid"]
+        )
+
+    # the loop went on (restarting the failed worker, answering status) while the sink lingered;
+    # a join() on the sink would have held everything until it was gone
+    wait_for(head_back_while_sink_lingers, 10, "head_src restarted while head_sink is still there")
+    wait_for(lambda: _back(e, "head_sink", before["head_sink"]["pid"]), 15, "head_sink killed and restarted")
+    assert '"event":"worker_killed"' in e.log() and "no exit after SIGTERM" in e.log()
+    assert e.stop() == 0
