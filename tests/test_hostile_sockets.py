@@ -64,7 +64,8 @@ def test_cache_lookup_needs_ingests_token_and_ids_are_range_checked(engine):
     with RequestClient(ingest_endpoint(rd)) as client:
         sid = client.submit(body)
     follow(rd, sid)
-    key = key_for(validate_body(body, "chat"), "chat", "deterministic", producer_id([{"embedded": ["neuralpipe-echo"]}]))
+    producer = producer_id([{"embedded": ["neuralpipe-echo"]}])  # as ingest names the embedded upstream
+    key = key_for(validate_body(body, "chat"), "chat", "deterministic", producer)
     wait_for(lambda: CacheClient(socket_path(rd, "cache")).stats()["entries"] >= 1, 10, "the stream stored")
     deadline = time.monotonic_ns() + 10**9
     # the attack: replay the stored stream into the next (the victim's) stream id
