@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from engine.logs import JsonLogger
-from shm.ring import Consumer, Producer
+from shm.ports import RecordConsumer, RecordProducer
 
 
 @dataclass
@@ -41,8 +41,8 @@ class WorkerContext:
 
     name: str
     params: dict[str, Any]
-    inputs: list[Consumer]
-    outputs: list[Producer]
+    inputs: list[RecordConsumer]  # shm.ring's Consumer, or a comparison transport's adapter
+    outputs: list[RecordProducer]
     log: JsonLogger
     runtime_dir: str
     state_dir: str
@@ -133,14 +133,15 @@ class AsyncStage(Stage):
         raise TypeError("an AsyncStage runs through run(), not do_work()")
 
 
-async def wait_readable(consumer: Consumer, timeout: float | None = None) -> bool:
+async def wait_readable(consumer: RecordConsumer, timeout: float | None = None) -> bool:
     """In a stage's event loop: wait until ``consumer`` has a record (True) or ``timeout`` passes.
     A wait that times out while a record was there counts a lost wake-up in the ring's header."""
-    missed = getattr(consumer, "missed_wakeup", None)  # the other transports have no header
-    return await _wait_bell(consumer.prepare_wait, consumer.end_wait, consumer.data_bell.fileno(), timeout, missed)
+    return await _wait_bell(
+        consumer.prepare_wait, consumer.end_wait, consumer.data_bell.fileno(), timeout, consumer.missed_wakeup
+    )
 
 
-async def wait_writable(producer: Producer, timeout: float | None = None) -> bool:
+async def wait_writable(producer: RecordProducer, timeout: float | None = None) -> bool:
     """In a stage's event loop: wait until the consumer of ``producer``'s ring frees space."""
     return await _wait_bell(producer.prepare_wait, producer.end_wait, producer.space_bell.fileno(), timeout)
 

@@ -34,6 +34,7 @@ from typing import Any
 import zmq
 
 from shm.doorbell import Doorbell, create_fifo
+from shm.ports import RecordConsumer, RecordProducer
 from shm.ring import Consumer, Producer, RecordTooLarge, RingError
 
 TRANSPORTS = ("shm", "queue", "zmq")
@@ -86,7 +87,7 @@ def close_channel(channel: Channel) -> None:
         channel.queue.cancel_join_thread()
 
 
-def attach_consumer(end: Any, zmq_ctx: zmq.Context) -> Consumer | QueueConsumer | ZmqConsumer:
+def attach_consumer(end: Any, zmq_ctx: zmq.Context) -> RecordConsumer:
     """The reading end of ``end`` (a worker's RingEnd): the shm Consumer itself, or an adapter."""
     channel: Channel | None = end.channel
     if channel is None:
@@ -96,7 +97,7 @@ def attach_consumer(end: Any, zmq_ctx: zmq.Context) -> Consumer | QueueConsumer 
     return ZmqConsumer(channel, zmq_ctx)
 
 
-def attach_producer(end: Any, zmq_ctx: zmq.Context) -> Producer | QueueProducer | ZmqProducer:
+def attach_producer(end: Any, zmq_ctx: zmq.Context) -> RecordProducer:
     """The writing end of ``end``: the shm Producer itself, or an adapter."""
     channel: Channel | None = end.channel
     if channel is None:
@@ -126,6 +127,7 @@ class _MessageConsumer:
     def __init__(self, channel: Channel) -> None:
         self.name = channel.name
         self.max_record = channel.max_record
+        self.capacity = channel.slots  # in messages, the unit of ``position`` (shm.ports)
         self._read: list[tuple[int, memoryview]] = []  # returned by try_read since the last release
         self._back: collections.deque[tuple[int, memoryview]] = collections.deque()  # pushed back
         self.position = 0
@@ -186,6 +188,10 @@ class _MessageConsumer:
     def end_wait(self) -> None:
         """Nothing to undo: no waiting flag is shared with the producer."""
 
+    def missed_wakeup(self) -> bool:
+        """No header to count lost wake-ups in (and no shared waiting flag to lose one)."""
+        return False
+
     def heartbeat(self) -> None:
         """No header to beat in; liveness is the control plane's."""
 
@@ -198,6 +204,7 @@ class _MessageProducer:
     def __init__(self, channel: Channel) -> None:
         self.name = channel.name
         self.max_record = channel.max_record
+        self.capacity = channel.slots  # in messages (shm.ports)
         self._claim: bytearray | None = None
         self._unsent: bytearray | None = None
         self._full = False
@@ -243,6 +250,10 @@ class _MessageProducer:
     @property
     def is_full(self) -> bool:
         return self._full
+
+    def space_freed(self) -> bool:
+        """No cursor to spin on: an idle worker parks on ``space_bell`` at once."""
+        return False
 
     def end_wait(self) -> None:
         """Nothing to undo: no waiting flag is shared with the consumer."""

@@ -29,7 +29,6 @@ from engine.lifeline import EXIT_ORPHANED, die_with_parent
 from engine.logs import JsonLogger
 from engine.stage import AsyncStage, Stage, WorkerContext
 from engine.transport import Channel
-from shm.ring import Consumer
 from shm.wait import PARK_AT_ONCE, WaitStrategy, idle
 
 EXIT_STAGE_ERROR = 3
@@ -191,6 +190,7 @@ class _DutyCycle:
         # nothing to spin on (a source whose output has room): park at once
         self.no_ring_wait = replace(PARK_AT_ONCE, park_timeout_s=everything.park_timeout_s)
         self.waiting: list[tuple[Any, Any]] = []  # (ring, its doorbell) of the current idle spell
+        self.waiting_for_input = False  # the spell's rings are inputs (else full outputs, or none)
         # Agrona keeps backing off until work comes: after a park that timed out with nothing
         # found since, the next spell parks at once (spinning then would only burn the wake-up)
         # and for twice as long, up to the next heartbeat, so an idle worker wakes a few times a
@@ -206,7 +206,7 @@ class _DutyCycle:
                 rt.handle_control()
                 rt.heartbeat(now)
             if rt.state == "paused":
-                self.waiting = []
+                self.waiting, self.waiting_for_input = [], False
                 self.park(rt.next_heartbeat - now)
                 continue
             done = stage.do_work()
@@ -229,11 +229,11 @@ class _DutyCycle:
         full = [ring for ring in rt.outputs if ring.is_full]
         if full:  # blocked on output space
             wait = self.output_wait
-            self.waiting = [(ring, ring.space_bell) for ring in full]
-            probes = [getattr(ring, "space_freed", _never) for ring in full]  # only shm rings have a cursor
+            self.waiting, self.waiting_for_input = [(ring, ring.space_bell) for ring in full], False
+            probes = [ring.space_freed for ring in full]
         else:  # waiting for input
             wait = self.input_wait if rt.inputs else self.no_ring_wait
-            self.waiting = [(ring, ring.data_bell) for ring in rt.inputs]
+            self.waiting, self.waiting_for_input = [(ring, ring.data_bell) for ring in rt.inputs], True
             probes = [ring.available for ring in rt.inputs]
         if not self.quiet:
             self.backoff_s = wait.park_timeout_s
@@ -273,10 +273,9 @@ class _DutyCycle:
                         self.poller.unregister(bell.fileno())
                 self.on_events(dict(events))
                 self.quiet = not events
-                if not events:
+                if not events and self.waiting_for_input:
                     for ring, _ in waiting:
-                        if isinstance(ring, Consumer):  # the other transports have no header to count in
-                            ring.missed_wakeup()
+                        ring.missed_wakeup()
         finally:
             for ring, _ in waiting:
                 ring.end_wait()
@@ -292,10 +291,6 @@ class _DutyCycle:
             os._exit(EXIT_ORPHANED)
         if rt.sock in events:
             rt.handle_control()
-
-
-def _never() -> bool:
-    return False
 
 
 async def _run_async(rt: _Runtime) -> None:

@@ -203,8 +203,8 @@ class Broadcast(Stage):
 
     def _release_sent(self, now: float) -> None:
         """Release the records published at least HOLD_S ago, and the oldest while the held ones
-        take more than a quarter of the ring (message transports have no such bound)."""
-        limit = getattr(self.inp, "capacity", 0) // 4 or None
+        take more than a quarter of the ring (its capacity and position in the same unit, shm.ports)."""
+        limit = self.inp.capacity // 4 or None
         position, records = -1, 0
         while self.unreleased and (
             now - self.unreleased[0][2] >= HOLD_S or (limit and self.inp.position - self.released > limit)

@@ -1,0 +1,111 @@
+"""The ring API stages use, as two protocols: what a stage may call on ``ctx.inputs`` (a
+:class:`RecordConsumer`) and ``ctx.outputs`` (a :class:`RecordProducer`). ``shm.ring``'s Consumer
+and Producer implement them, and so do the comparison transports' adapters (engine/transport.py,
+bounded ``multiprocessing.Queue`` and zmq PUSH/PULL): a stage written against these works over all
+three, with no special case. The semantics are the ring's (docs/data-plane.md); where a message
+transport differs, the member says so. ``isinstance(x, RecordConsumer)`` checks that every member is
+there (tests/test_ports.py), not their signatures."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+
+class Bell(Protocol):
+    """A doorbell: readable (in a poller, ``loop.add_reader``) when the other side rang it."""
+
+    def fileno(self) -> int: ...
+
+
+@runtime_checkable
+class RecordConsumer(Protocol):
+    name: str
+    # what ``position`` may run ahead of the last release before the producer is held up: bytes
+    # for a ring, messages for the message transports (``position`` counts in the same unit)
+    capacity: int
+    data_bell: Bell | None  # rung by the producer's commit to a waiting consumer (None: a ring made without doorbells)
+
+    @property
+    def position(self) -> int:
+        """Where the next read starts (after the last record handed out)."""
+        ...
+
+    def try_read(self) -> tuple[int, memoryview] | None:
+        """The next record (type, payload view valid until released), or None when empty."""
+        ...
+
+    def unread(self) -> None:
+        """Push the last record read back, to be read again."""
+        ...
+
+    def rewind(self) -> None:
+        """Push back every record read since the last release."""
+        ...
+
+    def release(self) -> None:
+        """Free every record read so far for the producer to reuse."""
+        ...
+
+    def release_to(self, position: int, records: int) -> None:
+        """Free the ``records`` records read before ``position``; the later ones stay held."""
+        ...
+
+    def available(self) -> int:
+        """Non-zero while a record is waiting (bytes for a ring; a message transport cannot count
+        before receiving)."""
+        ...
+
+    def prepare_wait(self) -> bool:
+        """About to sleep on ``data_bell``: False when a record is there already (do not sleep).
+        Always paired with ``end_wait``."""
+        ...
+
+    def end_wait(self) -> None: ...
+
+    def missed_wakeup(self) -> bool:
+        """After a wait that timed out: True (and counted, on a ring) when a record was there."""
+        ...
+
+    def heartbeat(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class RecordProducer(Protocol):
+    name: str
+    capacity: int  # as RecordConsumer.capacity
+    space_bell: Bell | None  # rung by the consumer's release to a producer waiting on a full ring (likewise)
+
+    @property
+    def is_full(self) -> bool:
+        """The last claim found no room."""
+        ...
+
+    def try_claim(self, length: int) -> memoryview | None:
+        """A writable view of ``length`` bytes, or None when full; then ``commit`` or ``abort``."""
+        ...
+
+    def commit(self, record_type: int) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def last_committed(self) -> tuple[int, memoryview] | None:
+        """The last record a predecessor committed (a restarted producer resumes after it); None
+        when empty, and always for a message transport (nothing stays readable)."""
+        ...
+
+    def space_freed(self) -> bool:
+        """A spin probe for a full output: True once the consumer freed space. A message
+        transport has no cursor to spin on: False, and the wait parks on ``space_bell``."""
+        ...
+
+    def prepare_wait(self) -> bool:
+        """About to sleep on ``space_bell``: False when there is room already."""
+        ...
+
+    def end_wait(self) -> None: ...
+
+    def heartbeat(self) -> None: ...
+
+    def close(self) -> None: ...
