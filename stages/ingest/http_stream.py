@@ -47,9 +47,12 @@ class HttpError(Exception):
     """A response that is not a stream: ``status``, ``reason``, ``content_type`` and the first
     bytes of its ``body``."""
 
-    def __init__(self, status: int, reason: str, content_type: str, body: bytes) -> None:
+    def __init__(
+        self, status: int, reason: str, content_type: str, body: bytes, retry_after: str | None = None
+    ) -> None:
         super().__init__(f"HTTP {status} {reason}")
         self.status, self.reason, self.content_type, self.body = status, reason, content_type, body
+        self.retry_after = retry_after  # the Retry-After header, as sent
 
 
 class TransportError(Exception):
@@ -220,7 +223,7 @@ class _Stream(asyncio.Protocol):
             self.left = int(headers["content-length"])
         content_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if code != "200" or content_type == "application/json":  # an error, or a server that ignored stream
-            self.error = HttpError(int(code), reason, content_type, b"")
+            self.error = HttpError(int(code), reason, content_type, b"", headers.get("retry-after"))
         return head[end + 4 :]
 
     def _sized(self, data: bytes) -> bytes:

@@ -23,6 +23,7 @@ The quirks handled, server by server: docs/upstreams.md.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -70,6 +71,19 @@ class UpstreamError(Exception):
         self.retryable = retryable
         self.before_first_token = before_first_token
         self.status = status
+        self.retry_after_s: float | None = None  # a 429's or 503's Retry-After: no request to it sooner
+
+    @property
+    def client_caused(self) -> bool:
+        """The upstream refused this request (4xx other than 408, 425, 429): says nothing of its
+        health, so it must not count towards its cool-down."""
+        return self.status is not None and 400 <= self.status < 500 and self.status not in (408, 425, 429)
+
+    @property
+    def health_failure(self) -> bool:
+        """A failure that says the upstream is unwell (transport, 5xx, a broken stream); a 429 is
+        back-pressure, honoured through Retry-After and back-off, not a reason to take it out."""
+        return self.retryable and (self.status is None or self.status >= 500)
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 3x, per token
@@ -250,12 +264,29 @@ async def relay_completion(
             err.before_first_token = decoder.tokens == 0
             raise
         except http_stream.HttpError as err:
-            raise _status_error(err.status, err.reason, err.content_type, err.body) from None
+            raise _status_error(err.status, err.reason, err.content_type, err.body, err.retry_after) from None
         except http_stream.TransportError as err:
             raise _connection_error(err, url, connect_timeout_s, idle_timeout_s, decoder) from None
         return reader.end
+    return await _relay_aiohttp(session, url, payload, request_headers, timeout, reader, decoder)
+
+
+async def _relay_aiohttp(
+    session: aiohttp.ClientSession,
+    url: str,
+    payload: bytes,
+    request_headers: dict,
+    timeout: aiohttp.ClientTimeout,
+    reader: _BodyReader,
+    decoder: _ChunkDecoder,
+) -> StreamEnd:
+    """The aiohttp path (https). Redirects are not followed, as on the plain path: a 307 to
+    another origin would re-send the request body, and the upstream's headers, to it."""
+    connect_timeout_s, idle_timeout_s = timeout.sock_connect, timeout.sock_read
     try:
-        async with session.post(url, data=payload, headers=request_headers, timeout=timeout) as resp:
+        async with session.post(
+            url, data=payload, headers=request_headers, timeout=timeout, allow_redirects=False
+        ) as resp:
             await _check_response(resp)
             return await _relay_body(resp, reader)
     except UpstreamError as err:
@@ -311,18 +342,40 @@ async def _check_response(resp: aiohttp.ClientResponse) -> None:
         raw = await resp.content.read(ERROR_BODY_LIMIT)
     except aiohttp.ClientError:
         raw = b""
-    raise _status_error(resp.status, resp.reason or "", resp.content_type, raw)
+    raise _status_error(resp.status, resp.reason or "", resp.content_type, raw, resp.headers.get("Retry-After"))
 
 
-def _status_error(status: int, reason: str, content_type: str, raw: bytes) -> UpstreamError:
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date; None when absent or
+    unreadable (then the pool's own back-off applies)."""
+    if not value or len(value) > 64:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _status_error(
+    status: int, reason: str, content_type: str, raw: bytes, retry_after: str | None = None
+) -> UpstreamError:
     """The error of a response that is not a stream, naming the status and the message of its
     body (OpenAI's ``{"error": {"message"}}``, vLLM's ``{"message"}``, LM Studio's
     ``{"error": "..."}``, text)."""
     if status == 200:  # a JSON answer: a server that ignored "stream": true
         return UpstreamError(f"HTTP 200 without a stream: {_body_message(raw)}", retryable=False, status=200)
     head = f"HTTP {status} {reason}".rstrip()
-    message = _body_message(raw)
-    return UpstreamError(f"{head}: {message}" if message else head, retryable=_retryable_status(status), status=status)
+    message = "redirects are not followed" if 300 <= status < 400 else _body_message(raw)
+    err = UpstreamError(f"{head}: {message}" if message else head, retryable=_retryable_status(status), status=status)
+    if status in (429, 503):
+        err.retry_after_s = retry_after_s(retry_after)
+    return err
 
 
 def _body_message(raw: bytes) -> str:

@@ -85,6 +85,7 @@ class PoolPolicy:
     idle_timeout_s: float = 60.0  # longest silence (keep-alive comments count) inside a stream
     first_token_timeout_s: float = 120.0  # from the request to the first token (keep-alives do not count)
     stream_timeout_s: float = 1800.0  # the whole stream, from the request to its end
+    retry_after_max_s: float = 60.0  # the longest pause an upstream's Retry-After may impose
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -93,7 +94,13 @@ class PoolPolicy:
             raise ValueError(f"pool mid_stream must be one of {MID_STREAM_POLICIES}, not {self.mid_stream!r}")
         if self.retries < 0 or self.failures_to_cool_down < 1:
             raise ValueError("pool retries must be >= 0 and failures_to_cool_down >= 1")
-        for name in ("connect_timeout_s", "idle_timeout_s", "first_token_timeout_s", "stream_timeout_s"):
+        for name in (
+            "connect_timeout_s",
+            "idle_timeout_s",
+            "first_token_timeout_s",
+            "stream_timeout_s",
+            "retry_after_max_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"pool {name} must be > 0, not {getattr(self, name)!r}")
 
@@ -105,6 +112,8 @@ class _Upstream:
     cfg: UpstreamConfig
     healthy: bool = True
     cooling_until: float = 0.0  # time.monotonic(); 0: not cooling down
+    not_before: float = 0.0  # time.monotonic(): its Retry-After; no request to it before then
+    client_errors: int = 0  # requests it refused (4xx): the clients', not its health's
     outstanding: int = 0
     ewma_latency_s: float = 0.0  # time to first token; 0: not measured yet
     requests: int = 0
@@ -204,6 +213,7 @@ class UpstreamPool:
                 "ewma_latency_s": u.ewma_latency_s,
                 "requests": u.requests,
                 "failures": u.failures,
+                "client_errors": u.client_errors,
             }
             for u in self._upstreams
         ]
@@ -328,7 +338,12 @@ class UpstreamPool:
                 err = UpstreamError(f"stream not done within {policy.stream_timeout_s:g} s", retryable=False)
             raise UpstreamError(f"upstream {upstream.cfg.name!r}: {err}", retryable=err.retryable) from None
         except UpstreamError as err:
-            if err.retryable:
+            if err.retry_after_s is not None:
+                pause = min(err.retry_after_s, policy.retry_after_max_s)
+                upstream.not_before = max(upstream.not_before, time.monotonic() + pause)
+            if err.client_caused:  # one client's bad requests must not cool it for everyone
+                upstream.client_errors += 1
+            elif err.health_failure:
                 self._record_failure(upstream, str(err))
             raise UpstreamError(f"upstream {upstream.cfg.name!r}: {err}", retryable=err.retryable) from None
         finally:
@@ -363,7 +378,7 @@ class UpstreamPool:
                     f"no healthy upstream for model {model!r}: {self._why_down(serving, now)}", retryable=True
                 )
             free = [u for u in usable if u.has_slot()]
-            ready = [u for u in free if u.request_wait(now) == 0.0]
+            ready = [u for u in free if u.request_wait(now) == 0.0 and now >= u.not_before]
             if ready:
                 upstream = self._choose([u for u in ready if u not in tried] or ready)
                 if upstream.request_bucket is not None:
@@ -372,7 +387,7 @@ class UpstreamPool:
                 upstream.requests += 1
                 return upstream
             # Wake on a freed slot or a change of health, or when the first bucket refills.
-            refill = min((u.request_wait(now) for u in free), default=None)
+            refill = min((max(u.request_wait(now), u.not_before - now) for u in free), default=None)
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), refill)
 
