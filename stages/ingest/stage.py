@@ -432,6 +432,8 @@ class Ingest(AsyncStage):
         if not hasattr(self, "counts"):
             return {}
         stats = {**self.counts, "active": len(self.tasks), **(self.cache.counts if self.cache else {})}
+        # what grows with distinct clients: bounded (KeyedBuckets' max_keys; entries leave with their streams)
+        stats |= {"clients_tracked": len(self.request_buckets) + len(self.token_buckets) + len(self.queued)}
         n = min(self.latency_count, _LATENCY_SAMPLES)
         if n:  # np.percentile partitions in O(n): cheap enough for the event loop's heartbeat
             p50, p99 = np.percentile(self.latency_ns[:n], (50, 99)) / 1e3
