@@ -124,6 +124,8 @@ class _MessageConsumer:
     (``unread`` the last one, ``rewind`` all) or released in part (``release_to``). ``position``
     counts records, not bytes."""
 
+    durable = False  # a restarted consumer counts positions from 0 again (shm.ports)
+
     def __init__(self, channel: Channel) -> None:
         self.name = channel.name
         self.max_record = channel.max_record

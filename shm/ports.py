@@ -23,6 +23,10 @@ class RecordConsumer(Protocol):
     # what ``position`` may run ahead of the last release before the producer is held up: bytes
     # for a ring, messages for the message transports (``position`` counts in the same unit)
     capacity: int
+    # True for a ring: its cursors, and the records read but not released, outlive this worker
+    # (a restarted one resumes at the same positions); False for a message transport, whose
+    # positions start again from 0 in each incarnation
+    durable: bool
     data_bell: Bell | None  # rung by the producer's commit to a waiting consumer (None: a ring made without doorbells)
 
     @property

@@ -438,6 +438,7 @@ class Consumer(_Side):
     released by a consumer that died are read again by its successor (never lost)."""
 
     role = "consumer"
+    durable = True  # the cursors live in the segment, past this process (shm.ports.RecordConsumer)
 
     def __init__(self, name: str, wait: WaitStrategy | None = None) -> None:
         super().__init__(name, wait or WaitStrategy())

@@ -23,7 +23,7 @@ def test_shm_ring_ends_are_ports(tmp_path):
         producer, consumer = Producer.attach(ring.name), Consumer.attach(ring.name)
         try:
             assert isinstance(consumer, RecordConsumer) and isinstance(producer, RecordProducer)
-            assert consumer.capacity == producer.capacity == 4096
+            assert consumer.capacity == producer.capacity == 4096 and consumer.durable
         finally:
             consumer.close()
             producer.close()
@@ -40,7 +40,7 @@ def test_comparison_transport_adapters_are_ports(kind, tmp_path):
         assert isinstance(consumer, RecordConsumer) and isinstance(producer, RecordProducer)
         # capacity is in the unit of position (messages here): what broadcast bounds its held records by
         assert consumer.capacity == producer.capacity == channel.slots
-        assert consumer.missed_wakeup() is False and producer.space_freed() is False
+        assert consumer.missed_wakeup() is False and producer.space_freed() is False and not consumer.durable
     finally:
         consumer.close()
         producer.close()

@@ -60,7 +60,6 @@ from engine.keys import CurveServer
 from engine.seqtable import SLOTS, SeqTable
 from engine.stage import Stage, WorkerContext
 from shm.batch import TokenBatch
-from shm.ring import Consumer as RingConsumer
 from stages.broadcast.params import BroadcastParams, Endpoint
 from stages.broadcast.retention import Retention
 from stages.broadcast.snapshots import REQUESTS_PER_CYCLE, Snapshots
@@ -160,7 +159,7 @@ class Broadcast(Stage):
         shared-memory ring (its cursors outlive the worker), a new one where positions restart
         (a message transport counts records from 0 in each incarnation)."""
         state = ctx.state_array("epoch", "u8", (1,))
-        if int(state[0]) == 0 or not isinstance(self.inp, RingConsumer):
+        if int(state[0]) == 0 or not self.inp.durable:
             state[0] = int.from_bytes(os.urandom(6), "little") | 1  # < 2**48: exact in any JSON reader
         return int(state[0])
 
