@@ -22,6 +22,7 @@ import zmq
 from engine.logs import JsonLogger
 from engine.requests import ingest_endpoint
 from engine.stage import WorkerContext
+from engine.tokens import OPERATOR, ensure_token
 from shm.batch import Kind, TokenBatch, batch_size, encode_texts, write_batch
 from shm.naming import segment_name
 from shm.ring import Consumer, Producer, Ring
@@ -490,7 +491,7 @@ def test_small_records_stay_on_the_cpu_with_a_device(rig, lavapipe_params):
 
 
 def test_cancel_action_asks_ingest(rig, tmp_path):
-
+    token = ensure_token(str(tmp_path), OPERATOR)  # the engine's operator token, which ingest makes
     router = zmq.Context.instance().socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.bind(ingest_endpoint(str(tmp_path)))
@@ -510,7 +511,7 @@ def test_cancel_action_asks_ingest(rig, tmp_path):
         thread.start()
         r.stage.do_work()
         thread.join()
-        assert asked == [{"type": "cancel", "stream_id": 3}]
+        assert asked == [{"type": "cancel", "stream_id": 3, "token": token}]
         assert r.stage.stats()["cancels"] == 1
     finally:
         router.close(0)

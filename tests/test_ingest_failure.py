@@ -51,7 +51,7 @@ def test_a_failed_write_ends_the_run(tmp_path, instance, batch_rows):
 
                 stage._write = refused
                 body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
-                assert stage._handle("client", orjson.dumps({"type": "submit", "body": body}))["type"] == "accepted"
+                assert stage._handle(b"client", orjson.dumps({"type": "submit", "body": body}))["type"] == "accepted"
                 done, _ = await asyncio.wait({run}, timeout=10)
                 return run.exception() if done else None
             finally:

@@ -406,7 +406,8 @@ class Compute(Stage):
         """Ask ingest to cancel the stream at its upstream; a failure is logged, never fatal."""
         try:
             if self.requests is None:
-                self.requests = RequestClient(ingest_endpoint(self.ctx.runtime_dir), timeout_s=0.2)
+                # as an operator: the stream belongs to the client that submitted it (docs/security.md)
+                self.requests = RequestClient(ingest_endpoint(self.ctx.runtime_dir), timeout_s=0.2, operator=True)
             self.requests.cancel(sid)
             self.counts["cancels"] += 1
         except (RequestError, TimeoutError, OSError) as exc:
