@@ -115,6 +115,10 @@ def test_rest_for_one_restarts_later_workers_by_their_own_restart_type(engine):
     wait_for(lambda: _down(e, "temporary_sink", "stopped"), 10, "temporary_sink stopped, not restarted")
     after = _workers(e)
     assert after["temporary_src"]["state"] == "failed" and after["temporary_sink"]["restarts"] == 0
+    # a transient worker that exits normally is not restarted, and stops nobody after it
+    os.kill(after["transient_src"]["pid"], signal.SIGTERM)
+    wait_for(lambda: _down(e, "transient_src", "stopped"), 10, "transient_src stopped, not restarted")
+    assert _workers(e)["transient_sink"]["pid"] == after["transient_sink"]["pid"]
     assert e.stop() == 0
 
 
