@@ -3,19 +3,20 @@
 The ingest worker binds a ROUTER at ``ipc://<runtime dir>/<instance>/ingest.sock``. A client
 connects a DEALER and sends one JSON object per frame:
 
-    submit  {body, endpoint?, client?}   -> accepted {stream_id} | rejected {reason}
-    cancel  {stream_id, token?}          -> cancelled {stream_id} | rejected {reason}
+    submit  {body, endpoint?, client?}   -> accepted {stream_id, cancel_token} | rejected {reason}
+    cancel  {stream_id, token}           -> cancelled {stream_id} | rejected {reason}
 
 ``body`` is an OpenAI chat/completions request body (``stream`` is forced on); ``endpoint`` is
 "chat" (default) or "completions"; ``client`` names the client identity for rate limits (default:
 the DEALER's identity). The stream id is assigned at once, before any upstream is contacted.
-A stream may be cancelled only by the connection that submitted it, or with the engine's operator
-``token`` (engine/tokens.py; docs/security.md, "Stream ownership").
+A stream is cancelled with the ``cancel_token`` its ``accepted`` reply carried (only its submitter
+was told it) or with the engine's operator token (engine/tokens.py; docs/security.md).
 """
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from typing import Any
 
 from engine.control import load_object
@@ -28,6 +29,7 @@ MAX_TOKENS_LIMIT = 32768
 MAX_MODEL_BYTES = 256  # a model name travels in every stream's START row: bounded like any field
 MAX_CLIENT_BYTES = 256  # a client name keys the rate limits
 MAX_STREAM_ID = 2**63 - 1
+MAX_CANCEL_TOKENS = 65536  # a RequestClient remembers the cancel tokens of its latest streams
 ENDPOINTS = ("chat", "completions")
 ROLES = ("system", "user", "assistant", "tool", "developer")
 SOCKET_NAME = "ingest"
@@ -132,6 +134,7 @@ class RequestClient:
         """``operator``: cancel any stream, with the operator token read from the runtime
         directory of an ``ipc://`` endpoint (only the engine's user can read it)."""
         self._dealer = CorrelatedDealer(endpoint, "ingest", timeout_s, identity)
+        self._cancel_tokens: OrderedDict[int, str] = OrderedDict()  # the latest streams submitted here
         self._token = None
         if operator:
             from engine.tokens import OPERATOR, read_token
@@ -150,13 +153,19 @@ class RequestClient:
         msg: dict[str, Any] = {"type": "submit", "body": body, "endpoint": endpoint}
         if client:
             msg["client"] = client
-        return int(self._call(msg)["stream_id"])
+        reply = self._call(msg)
+        sid = int(reply["stream_id"])
+        self._cancel_tokens[sid] = str(reply.get("cancel_token", ""))
+        if len(self._cancel_tokens) > MAX_CANCEL_TOKENS:
+            self._cancel_tokens.popitem(last=False)
+        return sid
 
     def cancel(self, stream_id: int) -> None:
-        msg: dict[str, Any] = {"type": "cancel", "stream_id": stream_id}
-        if self._token:
-            msg["token"] = self._token
-        self._call(msg)
+        """Cancel a stream this client submitted (one of its latest MAX_CANCEL_TOKENS), or any
+        stream with ``operator``."""
+        token = self._token or self._cancel_tokens.get(stream_id, "")
+        self._call({"type": "cancel", "stream_id": stream_id, "token": token})
+        self._cancel_tokens.pop(stream_id, None)
 
     def close(self) -> None:
         self._dealer.close()

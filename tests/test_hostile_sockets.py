@@ -95,17 +95,45 @@ def test_a_client_cancels_only_its_own_streams_unless_operator(engine):
         sid = owner.submit(chat("a long one", max_tokens=2000, temperature=None))
         with pytest.raises(RequestError, match=f"no active stream {sid} submitted by this client"):
             other.cancel(sid)
-        # a guessed "client" name is a claim, not an identity
-        reply = raw_call(endpoint, {"type": "cancel", "stream_id": sid, "client": "anything"})
-        assert reply["type"] == "rejected"
-        reply = raw_call(endpoint, {"type": "cancel", "stream_id": sid, "token": "f" * 64})
-        assert reply["type"] == "rejected"
+        # a guessed "client" name is a claim, not an identity; a made-up token is no proof
+        for msg in ({"client": "anything"}, {"token": "f" * 64}, {"token": ""}):
+            assert raw_call(endpoint, {"type": "cancel", "stream_id": sid, **msg})["type"] == "rejected"
         owner.cancel(sid)
         sid2 = owner.submit(chat("another long one", max_tokens=2000, temperature=None))
     with RequestClient(endpoint, operator=True) as operator:
         operator.cancel(sid2)
     for s in (sid, sid2):
         assert follow(rd, s)[-1].type == "error"
+
+
+def test_a_later_connection_with_the_submitters_identity_cannot_cancel(engine):
+    """A routing identity is claimed, not proven: once the submitter has gone, another DEALER may
+    connect with the same identity. The cancel token of the accepted reply is the proof."""
+    rd = engine.info()["runtime_dir"]
+    endpoint = ingest_endpoint(rd)
+    submit = {"type": "submit", "body": chat("the victim's", max_tokens=2000, temperature=None)}
+    with zmq.Context.instance().socket(zmq.DEALER) as victim:
+        victim.setsockopt(zmq.LINGER, 0)
+        victim.setsockopt(zmq.IDENTITY, b"victim")
+        victim.connect(endpoint)
+        victim.send_multipart([b"1", orjson.dumps(submit)])
+        assert victim.poll(5000)
+        accepted = orjson.loads(victim.recv_multipart()[-1])
+    sid, cancel_token = accepted["stream_id"], accepted["cancel_token"]
+    assert wait_for(lambda: _cancel_as(endpoint, b"victim", sid), 10, "the identity free again") == "rejected"
+    # the token works from any connection: the submitter may reconnect
+    assert raw_call(endpoint, {"type": "cancel", "stream_id": sid, "token": cancel_token})["type"] == "cancelled"
+
+
+def _cancel_as(endpoint: str, identity: bytes, sid: int) -> str | None:
+    """A cancel from a DEALER claiming ``identity``; None while the ROUTER still holds that
+    identity for an earlier connection (it drops the newcomer's messages then)."""
+    with zmq.Context.instance().socket(zmq.DEALER) as sock:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.connect(endpoint)
+        sock.send_multipart([b"2", orjson.dumps({"type": "cancel", "stream_id": sid})])
+        return orjson.loads(sock.recv_multipart()[-1])["type"] if sock.poll(300) else None
 
 
 JUNK_SHAPES = [

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import secrets
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -76,7 +77,7 @@ class Ingest(AsyncStage):
         self.room.set()
         self.failed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.tasks: dict[int, asyncio.Task] = {}
-        self.owners: dict[int, bytes] = {}  # stream id -> the routing identity of the DEALER that submitted it
+        self.owners: dict[int, str] = {}  # stream id -> its cancel token, which only its submitter was told
         self.operator_token = ensure_token(ctx.runtime_dir, OPERATOR)
         self.latency_ns = np.zeros(_LATENCY_SAMPLES, dtype=np.int64)  # a ring of recent samples
         self.latency_count = 0
@@ -150,8 +151,9 @@ class Ingest(AsyncStage):
             await sock.send_multipart([*envelope, orjson.dumps(reply)])
 
     def _handle(self, identity: bytes, frame: bytes) -> dict[str, Any]:
-        """``identity``: the submitting DEALER's routing identity, which ZeroMQ assigns per
-        connection (a client cannot take one that is connected), unlike the claimed ``client``."""
+        """``identity``: the DEALER's routing identity (the default rate-limit key). A stream is
+        cancelled with the random token its ``accepted`` reply carried (proof of having submitted
+        it: a routing identity can be claimed by a later connection) or the operator token."""
         try:
             msg = parse_request(frame)
         except RequestError as exc:
@@ -160,8 +162,8 @@ class Ingest(AsyncStage):
             sid = msg["stream_id"]
             task = self.tasks.get(sid)
             # one answer for "none" and "not yours": a client learns nothing of others' streams
-            operator = matches(msg.get("token"), self.operator_token)
-            if task is None or (self.owners.get(sid) != identity and not operator):
+            token = msg.get("token")
+            if task is None or not (matches(token, self.owners.get(sid)) or matches(token, self.operator_token)):
                 return {"type": "rejected", "reason": f"no active stream {sid} submitted by this client"}
             task.cancel()
             return {"type": "cancelled", "stream_id": msg["stream_id"]}
@@ -174,9 +176,9 @@ class Ingest(AsyncStage):
             return self._reject(f"rate limit: client {client!r} already has {self.params.queue_bound} requests queued")
         stream_id = self._new_stream_id()
         self.counts["accepted"] += 1
-        self.owners[stream_id] = identity
+        self.owners[stream_id] = cancel_token = secrets.token_hex(16)
         self.tasks[stream_id] = asyncio.create_task(self._stream(stream_id, client, msg["body"], msg["endpoint"]))
-        return {"type": "accepted", "stream_id": stream_id}
+        return {"type": "accepted", "stream_id": stream_id, "cancel_token": cancel_token}
 
     def _reject(self, reason: str) -> dict[str, Any]:
         self.counts["rejected"] += 1
