@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import multiprocessing
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -50,7 +49,7 @@ import click
 from engine.requests import RequestClient, ingest_endpoint
 
 from . import report
-from .proc import BenchError, children, cpu_seconds
+from .proc import BenchError, ChildProcess, children, cpu_seconds
 from .recovery import BenchEngine, wait_for
 
 TRANSPORTS = ("shm", "queue", "zmq")
@@ -202,52 +201,22 @@ def _consume(runtime_dir: str, conn: Any) -> None:
                     stamps, arrivals, ended = [], [], {"ended": 0, "errors": 0}
 
 
-class Consumer:
+class Consumer(ChildProcess):
     """The consumer process of one engine and the pipe to it."""
 
     def __init__(self, runtime_dir: str) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_consume, args=(runtime_dir, child), name="bench-consumer", daemon=True)
-        self.proc.start()
-        child.close()
-        if not self.conn.poll(WAIT_S) or self.conn.recv() != "ready":
-            self.close()
-            raise BenchError("the bench consumer did not start")
-
-    def __enter__(self) -> Consumer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().__init__(_consume, (runtime_dir,), "bench consumer", WAIT_S)
 
     def wait(self, streams: int, timeout_s: float) -> int:
         """Streams ended since the last take, once ``streams`` have or after ``timeout_s``."""
         self.conn.send(("wait", streams, time.monotonic() + timeout_s))
-        return self._answer(timeout_s + WAIT_S)
+        return self.answer(timeout_s + WAIT_S)
 
     def take(self) -> tuple[Any, Any, dict[str, int]]:
         """recv_ns and arrival time (ns) of each token received since the last take, and the
         streams that ended since, normally (``ended``) or with an error (``errors``)."""
         self.conn.send(("take",))
-        return self._answer(WAIT_S)
-
-    def _answer(self, timeout_s: float) -> Any:
-        if not self.conn.poll(timeout_s):
-            raise BenchError("the bench consumer did not answer")
-        return self.conn.recv()
-
-    def close(self) -> None:
-        try:
-            if self.proc.is_alive():
-                self.conn.send(None)
-            self.proc.join(5)
-        finally:
-            if self.proc.is_alive():
-                self.proc.kill()
-                self.proc.join()
-            self.proc.close()
-            self.conn.close()
+        return self.answer(WAIT_S)
 
 
 # ---- one step -------------------------------------------------------------------------------------

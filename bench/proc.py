@@ -149,3 +149,42 @@ def children(pid: int) -> dict[int, str]:
                 with open(f"/proc/{child}/cmdline", "rb") as f:
                     found[child] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
     return found
+
+
+class ChildProcess:
+    """A spawned helper process (a bench's consumer) and the pipe to it: it must send "ready"
+    within ``ready_timeout_s``; questions go down the pipe, answers come back; ``close`` sends
+    None (the child's signal to finish), then kills it if it does not."""
+
+    def __init__(self, target: Callable[..., None], args: tuple, name: str, ready_timeout_s: float) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=target, args=(*args, child), name=name, daemon=True)
+        self.proc.start()
+        child.close()
+        if not self.conn.poll(ready_timeout_s) or self.conn.recv() != "ready":
+            self.close()
+            raise BenchError(f"the {name} did not start")
+
+    def __enter__(self) -> ChildProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def answer(self, timeout_s: float) -> Any:
+        if not self.conn.poll(timeout_s):
+            raise BenchError(f"the {self.proc.name} did not answer")
+        return self.conn.recv()
+
+    def close(self) -> None:
+        try:
+            if self.proc.is_alive():
+                self.conn.send(None)
+            self.proc.join(5)
+        finally:
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join()
+            self.proc.close()
+            self.conn.close()

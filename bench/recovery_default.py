@@ -23,7 +23,6 @@ row: expected, counted apart). For each kill, in ms after the kill:
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import sys
 import threading
 import time
@@ -36,7 +35,7 @@ from shm import descriptor as d
 from shm.naming import segment_name
 
 from . import report
-from .proc import BenchError
+from .proc import BenchError, ChildProcess
 from .recovery import BACKOFF_S, BenchEngine, RingWatch, _kill, _poll, _restart_events, wait_for
 
 ROLES = ("compute", "cache", "broadcast", "ingest")  # the kill rotation; ingest's kills come last
@@ -198,47 +197,17 @@ def _consume(runtime_dir: str, tokens: int, conn: Any) -> None:
                     conn.send(check.report(tokens) | {"client": dict(consumer.counts)})
 
 
-class Consumer:
+class Consumer(ChildProcess):
     """The checking consumer process and the pipe to it."""
 
     def __init__(self, runtime_dir: str, tokens: int) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_consume, args=(runtime_dir, tokens, child), daemon=True)
-        self.proc.start()
-        child.close()
-        if not self.conn.poll(WAIT_S) or self.conn.recv() != "ready":
-            self.close()
-            raise BenchError("the bench consumer did not start")
-
-    def __enter__(self) -> Consumer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().__init__(_consume, (runtime_dir, tokens), "bench consumer", WAIT_S)
 
     def ask(self, *question: Any) -> None:
         self.conn.send(question)
 
     def answer(self, timeout_s: float = 2 * WAIT_S) -> Any:
-        if not self.conn.poll(timeout_s):
-            raise BenchError("the bench consumer did not answer")
-        return self.conn.recv()
-
-    def close(self) -> None:
-        try:
-            if self.proc.is_alive():
-                self.conn.send(None)
-            self.proc.join(5)
-        finally:
-            if self.proc.is_alive():
-                self.proc.kill()
-                self.proc.join()
-            self.proc.close()
-            self.conn.close()
-
-
-# ---- the load ------------------------------------------------------------------------------------
+        return super().answer(timeout_s)
 
 
 class Submitter(threading.Thread):
