@@ -13,9 +13,9 @@ from engine_harness import full_config
 pytestmark = pytest.mark.timeout(90)
 
 
-def submit(engine, *args: str) -> subprocess.CompletedProcess:
+def cli(engine, command: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", "submit", *args, "--config", str(engine.config_path)],
+        [sys.executable, "-m", "engine.cli", command, *args, "--config", str(engine.config_path)],
         env=engine.env(),
         capture_output=True,
         text=True,
@@ -26,7 +26,7 @@ def submit(engine, *args: str) -> subprocess.CompletedProcess:
 
 def test_follow_json_prints_json_lines_only_and_exits_0_on_a_complete_stream(start_engine):
     engine = start_engine(full_config())
-    done = submit(engine, "hello there", "--max-tokens", "8", "--follow", "--json")
+    done = cli(engine, "submit", "hello there", "--max-tokens", "8", "--follow", "--json")
     assert done.returncode == 0, done.stderr
     lines = [orjson.loads(line) for line in done.stdout.splitlines()]  # every line is JSON
     assert "stream_id" in lines[0]
@@ -37,39 +37,28 @@ def test_follow_exits_1_when_the_stream_ends_in_an_error(start_engine):
     # the upstream drops every connection after 3 tokens: the stream ends with an explicit error
     config = full_config().replace("tokens_per_s = 0 }", 'tokens_per_s = 0, faults = "disconnect_after=3" }')
     engine = start_engine(config)
-    done = submit(engine, "cut me off", "--max-tokens", "20", "--temperature", "0.9", "--follow")
+    done = cli(engine, "submit", "cut me off", "--max-tokens", "20", "--temperature", "0.9", "--follow")
     assert done.returncode == 1, (done.stdout, done.stderr)
     assert "[error:" in done.stdout
 
 
 def test_an_empty_prompt_is_refused(start_engine):
     engine = start_engine(full_config())
-    done = submit(engine, "   ")
+    done = cli(engine, "submit", "   ")
     assert done.returncode == 2 and "the prompt is empty" in done.stderr
-
-
-def tail(engine, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli", "tail", *args, "--config", str(engine.config_path)],
-        env=engine.env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_tail_of_an_unknown_stream_ends_with_an_error_instead_of_hanging(start_engine):
     engine = start_engine(full_config())
-    done = tail(engine, "--stream", "987654321", "--wait", "2")
+    done = cli(engine, "tail", "--stream", "987654321", "--wait", "2")
     assert done.returncode == 1
     assert "nothing of stream 987654321 reached the broadcast within 2 s" in done.stderr
 
 
 def test_tail_of_a_finished_stream_prints_it_whole(start_engine):
     engine = start_engine(full_config())
-    sid = orjson.loads(submit(engine, "remember me", "--max-tokens", "5", "--json").stdout)["stream_id"]
-    done = tail(engine, "--stream", str(sid), "--format", "json")
+    sid = orjson.loads(cli(engine, "submit", "remember me", "--max-tokens", "5", "--json").stdout)["stream_id"]
+    done = cli(engine, "tail", "--stream", str(sid), "--format", "json")
     assert done.returncode == 0, done.stderr
     kinds = [orjson.loads(line)["type"] for line in done.stdout.splitlines()]
     assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("tokens") == 5
