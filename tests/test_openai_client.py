@@ -165,7 +165,7 @@ def test_connection_cut_mid_stream_is_an_error():
     events = run(scenario())
     check_shape(events, "error")
     assert len(tokens(events)) == 3
-    assert "lost" in events[-1].error and "after 3 tokens" in events[-1].error
+    assert "lost" in events[-1].error  # the pool adds how many tokens went before (tests/test_pool.py)
 
 
 def test_injected_llama_cpp_error_line_ends_the_stream_with_its_message():

@@ -250,6 +250,7 @@ def test_mid_stream_failure_is_an_error_under_policy_error():
     assert events[-1].kind == "error"
     assert events[-1].error.startswith("upstream 'u0': connection to ")
     assert events[-1].error.endswith("(after 3 tokens; not re-issued: mid_stream policy 'error')")
+    assert events[-1].error.count("after 3 tokens") == 1  # said once, in one sentence
 
 
 @pytest.mark.parametrize("strategy", ["least_outstanding", "round_robin"])
@@ -402,8 +403,10 @@ def test_upstream_token_rate_slows_its_reads():
 
 
 def test_negative_upstream_rates_are_refused():
-    with pytest.raises(ValueError, match="requests_per_s"):
+    with pytest.raises(ValueError, match="tokens_per_s"):
         UpstreamConfig("u", "http://127.0.0.1:1", tokens_per_s=-1)
+    with pytest.raises(ValueError, match="requests_per_s"):
+        UpstreamConfig("u", "http://127.0.0.1:1", requests_per_s=-1)
 
 
 # --------------------------------------------------------------------------- hostile upstreams

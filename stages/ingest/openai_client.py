@@ -300,8 +300,9 @@ async def _relay_aiohttp(
         raise _transport_error(f"idle timeout: no data from {url} for {idle_timeout_s} s", decoder) from None
     except aiohttp.ClientConnectorError as exc:
         raise _transport_error(f"cannot connect to {url}: {exc.os_error or exc}", decoder) from None
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
-        raise _transport_error(f"connection to {url} lost: {exc}", decoder) from None
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+        # aiohttp's own text ("400, message='Not enough data...'") names no HTTP status: leave it out
+        raise _transport_error(f"connection to {url} lost mid-response", decoder) from None
     except aiohttp.ClientError as exc:
         raise _transport_error(f"request to {url} failed: {type(exc).__name__}: {exc}", decoder) from None
 
@@ -319,8 +320,7 @@ def _connection_error(
 
 
 def _transport_error(message: str, decoder: _ChunkDecoder) -> UpstreamError:
-    if decoder.tokens:
-        message += f" (after {decoder.tokens} tokens)"
+    # how many tokens were delivered is the pool's to say, once, in the message that ends the stream
     return UpstreamError(message, retryable=True, before_first_token=decoder.tokens == 0)
 
 
@@ -510,7 +510,7 @@ class _ChunkDecoder:
     def closed_error(self) -> UpstreamError:
         detail = f" (finish_reason {self.finish_reason!r})" if self.finish_reason else ""
         return UpstreamError(
-            f"upstream closed the stream without [DONE] after {self.tokens} tokens{detail}",
+            f"upstream closed the stream without [DONE]{detail}",
             retryable=True,
             before_first_token=self.tokens == 0,
         )
