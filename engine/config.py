@@ -26,7 +26,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from engine.keys import exposed_without_curve
 from engine.redact import redact
-from engine.upstream_url import normalize_base_url
+from engine.upstreams import UpstreamEntry
 from shm import descriptor as d
 from shm.batch import MAX_ROW_TEXT, min_record_bytes
 from shm.naming import NameError_, check_ring
@@ -306,26 +306,6 @@ def _tcp_urls(value: Any, path: tuple[str | int, ...] = ()) -> list[tuple[tuple[
     return [found for key, item in items for found in _tcp_urls(item, (*path, key))]
 
 
-class UpstreamEntry(_Model):
-    """One OpenAI-compatible server under ``[[upstreams]]``: what every ingest worker that lists
-    no ``upstreams`` of its own streams from (the fields of the ingest pool's UpstreamConfig,
-    docs/upstreams.md). No entries: ingest starts its embedded upstream."""
-
-    name: str = Field(min_length=1)
-    base_url: str
-    models: list[str] = []
-    max_concurrency: int = Field(64, ge=1)
-    weight: float = Field(1.0, gt=0)
-    api_key: str = ""
-    requests_per_s: float = Field(0.0, ge=0)
-    tokens_per_s: float = Field(0.0, ge=0)
-
-    @field_validator("base_url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        return normalize_base_url(value)
-
-
 def _default_workers() -> dict[str, WorkerConfig]:
     """The default topology: (embedded upstream) -> ingest -> compute -> cache -> broadcast."""
     return {
@@ -435,7 +415,7 @@ class Config(_Model):
         worker = self.workers[name]
         params = _merged(worker.params, self.params.get(name, {}))
         if worker.stage == STAGE_ALIASES["ingest"] and self.upstreams and "upstreams" not in params:
-            params["upstreams"] = [u.model_dump() for u in self.upstreams]
+            params["upstreams"] = [u.model_dump(mode="json") for u in self.upstreams]  # as TOML gives them
         return params
 
     def ring(self, name: str) -> RingConfig:

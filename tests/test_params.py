@@ -211,3 +211,18 @@ def test_config_show_checks_params_and_light_commands_import_no_stage(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", light], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_stage_params_modules_stay_light_and_upstreams_have_one_definition():
+    # a worker imports its stage's params module at start-up: engine.config (~50-85 ms) must not come with it
+    mods = ", ".join(f"stages.{s}.params" for s in ("ingest", "compute", "cache", "broadcast", "testing"))
+    code = f"import sys, {mods}; print('engine.config' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    from engine.config import Config
+    from engine.upstreams import UpstreamEntry
+    from stages.ingest.params import IngestParams
+    from stages.ingest.pool import UpstreamConfig
+
+    assert UpstreamConfig is UpstreamEntry
+    assert Config.model_fields["upstreams"].annotation == IngestParams.model_fields["upstreams"].annotation

@@ -10,8 +10,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from engine.cachekey import POLICIES
-from engine.config import UpstreamEntry
 from engine.params import FloatIn, IntIn, StageParams
+from engine.upstreams import UpstreamEntry
 
 MAX_FLUSH_MS = 100.0  # a longer window only adds latency: batches fill from batch_rows under load
 MAX_BATCH_ROWS = 65_536
@@ -19,7 +19,7 @@ MAX_STREAMS = 1 << 20
 
 
 class IngestParams(StageParams):
-    # [[upstreams]] entries have the fields of the ingest pool's UpstreamConfig; none: embedded
+    # [[upstreams]] entries (the ingest pool's UpstreamConfig is the same model); none: embedded
     upstreams: list[UpstreamEntry] = Field(default_factory=list)
     # checked at set-up by the classes they configure (PoolPolicy in stages/ingest/pool.py,
     # UpstreamServerConfig in stages/ingest/upstream_server.py), which this light module must not import

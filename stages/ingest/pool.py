@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from engine.requests import MAX_TOKENS_LIMIT
-from engine.upstream_url import normalize_base_url
+from engine.upstreams import UpstreamEntry as UpstreamConfig  # one definition with the config's [[upstreams]]
 from stages.ingest.openai_client import (
     StreamEnd,
     TokenEvent,
@@ -45,29 +45,6 @@ __all__ = ["MID_STREAM_POLICIES", "STRATEGIES", "PoolPolicy", "UpstreamConfig", 
 STRATEGIES = ("least_outstanding", "ewma", "round_robin")
 MID_STREAM_POLICIES = ("error", "reissue")
 EWMA_ALPHA = 0.3  # weight of the newest time-to-first-token sample
-
-
-@dataclass(frozen=True)
-class UpstreamConfig:
-    name: str
-    base_url: str
-    models: tuple[str, ...] = ()  # model names it serves; empty: any
-    max_concurrency: int = 64  # streams in flight at once; more wait for a slot
-    weight: float = 1.0  # relative capacity, for least_outstanding and ewma
-    api_key: str = ""  # sent as "Authorization: Bearer ..." when set
-    requests_per_s: float = 0.0  # new requests per second, burst of one second's worth; 0: unlimited
-    tokens_per_s: float = 0.0  # tokens read per second over all its streams, likewise; 0: unlimited
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "models", tuple(self.models))  # TOML and JSON give lists
-        if self.max_concurrency < 1 or self.weight <= 0:
-            raise ValueError(f"upstream {self.name!r}: max_concurrency must be >= 1 and weight > 0")
-        if self.requests_per_s < 0 or self.tokens_per_s < 0:
-            raise ValueError(f"upstream {self.name!r}: requests_per_s and tokens_per_s must be >= 0")
-        try:
-            object.__setattr__(self, "base_url", normalize_base_url(self.base_url))
-        except ValueError as exc:
-            raise ValueError(f"upstream {self.name!r}: base_url {exc}") from None
 
 
 @dataclass(frozen=True)
