@@ -631,18 +631,23 @@ def describe_error(error: Any, model: type[BaseModel], prefix: str = "") -> str:
 # -- stage params ---------------------------------------------------------------------------------
 
 
-def check_stage_params(cfg: Config, source: str = "config") -> None:
+def check_stage_params(cfg: Config, source: str = "config") -> dict[str, Any]:
     """Validate every worker's params with its stage's ``Params`` model (engine/params.py);
-    :class:`ConfigError` with one line per problem, each naming its key path.
+    :class:`ConfigError` with one line per problem, each naming its key path. Returns each worker's
+    params to hand it: the validated values (engine.validated.ValidatedParams), or the dict as
+    given for a stage with no model or one that cannot be imported.
 
     This imports each worker's stage module, by its reference (data, not a static import:
     ``engine`` must not depend on ``stages``): call it where the stages will run (``neuralpipe
     run``, the supervisor's set-up, ``config show``), never in the light commands. A stage that
     cannot be imported is left to its worker, which fails its start-up with the reason."""
+    from engine.params import validated
     from engine.worker import stage_class
 
     problems = []
+    handed: dict[str, Any] = {}
     for name, worker in cfg.workers.items():
+        handed[name] = params = cfg.worker_params(name)
         try:
             model = stage_class(worker.stage).Params
         except Exception:
@@ -650,7 +655,7 @@ def check_stage_params(cfg: Config, source: str = "config") -> None:
         if model is None:
             continue
         try:
-            model.model_validate(cfg.worker_params(name))
+            handed[name] = validated(model.model_validate(params))
         except ValidationError as exc:
             for error in exc.errors():
                 loc, reason = _describe(error, model)
@@ -658,6 +663,7 @@ def check_stage_params(cfg: Config, source: str = "config") -> None:
                 problems.append(f"{source}: {_key_path((*where, *loc))}: {reason}")
     if problems:
         raise ConfigError(problems)
+    return handed
 
 
 # -- rendering ------------------------------------------------------------------------------------

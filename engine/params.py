@@ -2,9 +2,12 @@
 
 Each stage declares its params as a subclass of :class:`StageParams` in a light module
 (``stages/<stage>/params.py``: pydantic and the engine, no aiohttp, wgpu or uvloop) and names it in
-its class (``Params = ComputeParams``). ``engine.config.check_stage_params`` validates every
-worker's params with it when the configuration is loaded to run, before anything starts; the
-stage's ``start`` reads the same model (``Stage.parse_params``), so no stage parses dicts by hand.
+its class by reference (``Params = ModelRef("stages.compute.params:ComputeParams")``, engine/validated.py).
+``engine.config.check_stage_params`` validates every worker's params with it when the configuration is
+loaded to run, before anything starts, and the supervisor hands each worker the result
+(:func:`validated`: plain values, so a worker imports neither pydantic nor the model); the stage's
+``start`` reads them through ``Stage.parse_params``, which validates a dict it is given directly
+(tests, tools) with the same model, so no stage parses dicts by hand.
 Closed (an unknown key is an error, so a typo never silently means "default"), strict (TOML is
 typed) and frozen, like the engine's own config models.
 """
@@ -15,6 +18,8 @@ from collections.abc import Mapping
 from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+
+from engine.validated import ValidatedParams
 
 
 class StageParams(BaseModel):
@@ -52,3 +57,16 @@ def parse(model: type[M], params: Mapping[str, Any], prefix: str = "params") -> 
         return model.model_validate(dict(params))
     except ValidationError as exc:
         raise ValueError("\n".join(describe_error(error, model, prefix) for error in exc.errors())) from None
+
+
+def validated(model: BaseModel) -> ValidatedParams:
+    """A validated model's values for a worker: sub-models (also in lists) as ValidatedParams, the rest as is."""
+    return ValidatedParams({name: _plain(getattr(model, name)) for name in type(model).model_fields})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return validated(value)
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value

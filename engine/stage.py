@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from engine.logs import JsonLogger
+from engine.validated import ModelRef, ValidatedParams
 from shm.ports import RecordConsumer, RecordProducer
 
 
@@ -40,7 +41,7 @@ class WorkerContext:
     """What the runtime hands a stage: its rings, params and facilities."""
 
     name: str
-    params: dict[str, Any]
+    params: ValidatedParams | dict[str, Any]  # the supervisor's validated values; a dict: validated in start
     inputs: list[RecordConsumer]  # shm.ring's Consumer, or a comparison transport's adapter
     outputs: list[RecordProducer]
     log: JsonLogger
@@ -73,17 +74,19 @@ class Stage:
     """A duty-cycle stage. Override ``do_work``; the other hooks are optional."""
 
     pausable = True  # `neuralpipe pause` stops the runtime calling do_work
-    # The stage's params model (an engine.params.StageParams subclass, from its light params
-    # module): checked for every worker at config load, before anything starts, and read in
-    # ``start`` through ``parse_params``. None: the params are not checked (a dict is passed on).
-    Params: ClassVar[type | None] = None
+    # The stage's params model (an engine.params.StageParams subclass), by reference
+    # (ModelRef("stages.<stage>.params:<Model>"): imported only where a dict is validated):
+    # checked for every worker at config load, before anything starts, and read in ``start``
+    # through ``parse_params``. None: the params are not checked (a dict is passed on).
+    Params: ClassVar[ModelRef | type | None] = None
 
     @classmethod
-    def parse_params(cls, params: dict[str, Any]) -> Any:
-        """``params`` as the stage's ``Params`` model; ValueError naming the key."""
-        if cls.Params is None:
+    def parse_params(cls, params: ValidatedParams | dict[str, Any]) -> Any:
+        """``params`` read like the stage's ``Params`` model: as handed over when the supervisor
+        validated them, else validated here (ValueError naming the key)."""
+        if isinstance(params, ValidatedParams) or cls.Params is None:
             return params
-        from engine.params import parse  # pydantic: only for stages that declare a model
+        from engine.params import parse  # pydantic: only for a dict, never in a supervised worker
 
         return parse(cls.Params, params)
 

@@ -98,6 +98,7 @@ class Supervisor:
         self.rings: dict[str, Ring] = {}  # shm transport
         self.channels: dict[str, Channel] = {}  # queue and zmq transports (bench only)
         self.workers: dict[str, WorkerHandle] = {}
+        self.params: dict[str, Any] = {}  # what each worker is handed: run() checks them before the set-up
         self.started = time.time()
         self.stopping = False
         self.state = "starting"  # "running" once every worker has said ready
@@ -181,7 +182,7 @@ class Supervisor:
             supervisor_pid=os.getpid(),
             heartbeat_interval_s=self.cfg.engine.heartbeat_interval_s,
             log_level=self.cfg.engine.log_level,
-            params=self.cfg.worker_params(name),
+            params=self.params[name],
         )
 
     def _check_ready(self) -> None:
@@ -247,7 +248,8 @@ class Supervisor:
         """Run until stopped (signal, ``shutdown`` request) or escalation; returns the exit code.
         Raises :class:`StartupError` when the engine cannot be set up; nothing is left behind."""
         try:
-            check_stage_params(self.cfg)  # before anything is made: a bad param is a config error
+            # before anything is made: a bad param is a config error; workers get the validated values
+            self.params = check_stage_params(self.cfg)
         except ConfigError as exc:
             raise StartupError(str(exc)) from None
         try:

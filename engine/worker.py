@@ -29,6 +29,7 @@ from engine.lifeline import EXIT_ORPHANED, die_with_parent
 from engine.logs import JsonLogger
 from engine.stage import AsyncStage, Stage, WorkerContext
 from engine.transport import Channel
+from engine.validated import ValidatedParams
 from shm.wait import PARK_AT_ONCE, WaitStrategy, idle
 
 EXIT_STAGE_ERROR = 3
@@ -61,7 +62,8 @@ class WorkerSpec:
     token: str = ""  # this spawn's secret: its control identity (control.worker_identity)
     heartbeat_interval_s: float = 0.5
     log_level: str = "info"
-    params: dict[str, Any] = field(default_factory=dict)
+    # as the supervisor validated them (engine.validated.ValidatedParams), or a dict the stage validates
+    params: ValidatedParams | dict[str, Any] = field(default_factory=dict)
 
 
 def stage_class(ref: str) -> type[Stage]:
@@ -104,7 +106,7 @@ class _Runtime:
         self.send("hello", pid=os.getpid(), incarnation=spec.incarnation, pausable=self.stage.pausable)
         self.ctx = WorkerContext(
             name=spec.name,
-            params=dict(spec.params),
+            params=spec.params,
             inputs=self.inputs,
             outputs=self.outputs,
             log=self.log,

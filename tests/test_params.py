@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from engine_harness import Engine, pipeline_config, wait_for
 
 from engine.config import ConfigError, check_stage_params, load_config, render_config
 from engine.supervisor import StartupError, Supervisor
@@ -226,3 +227,24 @@ def test_stage_params_modules_stay_light_and_upstreams_have_one_definition():
 
     assert UpstreamConfig is UpstreamEntry
     assert Config.model_fields["upstreams"].annotation == IngestParams.model_fields["upstreams"].annotation
+
+
+def _mapped(pid: int, library: str) -> bool:
+    with open(f"/proc/{pid}/maps") as maps:
+        return library in maps.read()
+
+
+@pytest.mark.timeout(60)
+def test_supervised_workers_get_validated_params_without_importing_pydantic(tmp_path):
+    # the supervisor validated them at load: a worker reads the values it is handed, and its
+    # start-up skips pydantic and the models (~80 ms of each worker's start-up, docs/recovery.md)
+    engine = Engine(tmp_path, pipeline_config(total=320, rate=0), "validated").start()
+    try:
+        status = engine.status()
+        assert _mapped(status["pid"], "_pydantic_core")  # the supervisor validates with it
+        for worker in status["workers"]:
+            assert not _mapped(worker["pid"], "_pydantic_core"), worker["name"]
+        # the source's total (a non-default param) reached it: 320 tokens, as 20 batches of 16
+        wait_for(lambda: engine.worker("sink")["stats"]["batches"] == 20, 20, "the source's 320 tokens at the sink")
+    finally:
+        assert engine.stop() == 0

@@ -59,8 +59,8 @@ from engine import wire
 from engine.keys import CurveServer
 from engine.seqtable import SLOTS, SeqTable
 from engine.stage import Stage, WorkerContext
+from engine.validated import ModelRef
 from shm.batch import TokenBatch
-from stages.broadcast.params import BroadcastParams, Endpoint
 from stages.broadcast.retention import Retention
 from stages.broadcast.snapshots import REQUESTS_PER_CYCLE, Snapshots
 from stages.broadcast.subscriptions import Subscriptions
@@ -82,30 +82,30 @@ class _Publisher:
 
 
 class Broadcast(Stage):
-    Params = BroadcastParams
+    Params = ModelRef("stages.broadcast.params:BroadcastParams")
 
     def start(self, ctx: WorkerContext) -> None:
         super().start(ctx)
         p = self.parse_params(ctx.params)
         self.inp = ctx.inputs[0]
         self.zmq = zmq.Context()
-        endpoints = [
-            Endpoint(url=ctx.endpoint("broadcast"), encoding="json"),
-            Endpoint(url=ctx.endpoint("broadcast-binary"), encoding="binary"),
-            *p.endpoints,
+        endpoints = [  # (url, encoding): the two ipc ones, then the configured ones
+            (ctx.endpoint("broadcast"), "json"),
+            (ctx.endpoint("broadcast-binary"), "binary"),
+            *((e.url, e.encoding) for e in p.endpoints),
         ]
         # CURVE is a socket's option, so each tcp endpoint has a socket of its own (extra live
         # endpoints always have; the snapshot_url gets its own ROUTER)
         self.curve = CurveServer(self.zmq, p.keys_dir) if p.curve else None
         self.publishers: list[_Publisher] = []
-        for endpoint in endpoints:
+        for url, encoding in endpoints:
             sock = self.zmq.socket(zmq.XPUB)
             sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every (un)subscription, so they can be counted per topic
             sock.setsockopt(zmq.SNDHWM, p.sndhwm)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, 4096)  # what subscribers send: (un)subscriptions, a topic each
-            self._bind(sock, endpoint.url)
-            self.publishers.append(_Publisher(sock, endpoint.encoding))
+            self._bind(sock, url)
+            self.publishers.append(_Publisher(sock, encoding))
         self.router = self._snapshot_router(ctx.endpoint("broadcast-snapshot"))
         self.routers = [self.router]
         if p.snapshot_url:
@@ -134,7 +134,7 @@ class Broadcast(Stage):
         self.next_position = self.inp.position  # ``next`` of the last batch published (or republished)
         ctx.log.info(
             "broadcast_ready",
-            endpoints=[e.url for e in endpoints],
+            endpoints=[url for url, _ in endpoints],
             epoch=self.epoch,
             **(self.curve.describe() if self.curve else {}),
         )

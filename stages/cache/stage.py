@@ -37,9 +37,9 @@ from engine.cache_protocol import MAX_MESSAGE_BYTES, CacheProtocolError, authori
 from engine.correlation import split_request
 from engine.stage import Stage, WorkerContext
 from engine.tokens import ensure_token, matches
+from engine.validated import ModelRef
 from shm.batch import RECORD_TYPE, BatchError, TokenBatch
 from stages.cache.collect import Collector
-from stages.cache.params import CacheParams
 from stages.cache.replay import Replay, lost_replay_stream
 from stages.cache.snapshot import SnapshotError, read_snapshot, write_snapshot
 from stages.cache.store import LruStore
@@ -55,7 +55,7 @@ def default_snapshot_path(runtime_dir: str, worker: str) -> str:
 
 
 class Cache(Stage):
-    Params = CacheParams
+    Params = ModelRef("stages.cache.params:CacheParams")
 
     def start(self, ctx: WorkerContext) -> None:
         super().start(ctx)

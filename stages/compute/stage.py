@@ -37,10 +37,10 @@ import numpy as np
 
 from engine.requests import RequestClient, RequestError, ingest_endpoint
 from engine.stage import Stage, WorkerContext
+from engine.validated import ModelRef
 from shm.batch import COLUMNS_OFFSET, BatchColumns, ExtraColumn, Kind, TokenBatch, batch_size, write_batch
 from stages.compute import fused, streams
 from stages.compute.backends import open_kernels
-from stages.compute.params import ComputeParams
 from stages.compute.probes import probe_table
 
 _TOKEN, _END, _ERROR = int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR)
@@ -57,7 +57,7 @@ BASE_COLUMNS = (
 
 
 class Compute(Stage):
-    Params = ComputeParams
+    Params = ModelRef("stages.compute.params:ComputeParams")
 
     def start(self, ctx: WorkerContext) -> None:
         super().start(ctx)

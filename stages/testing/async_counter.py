@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 
 from engine.stage import AsyncStage, WorkerContext, wait_writable
+from engine.validated import ModelRef
 from stages.testing import counting
-from stages.testing.params import CountingParams
 
 
 class AsyncCountingSource(AsyncStage):
-    Params = CountingParams
+    Params = ModelRef("stages.testing.params:CountingParams")
 
     async def run(self, ctx: WorkerContext) -> None:
         out = ctx.outputs[0]

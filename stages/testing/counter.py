@@ -7,12 +7,12 @@ as the ring takes them), ``total`` tokens to emit then idle (0 = for ever).
 from __future__ import annotations
 
 from engine.stage import Stage, WorkerContext
+from engine.validated import ModelRef
 from stages.testing import counting
-from stages.testing.params import CountingParams
 
 
 class CountingSource(Stage):
-    Params = CountingParams
+    Params = ModelRef("stages.testing.params:CountingParams")
 
     def start(self, ctx: WorkerContext) -> None:
         super().start(ctx)

@@ -5,11 +5,11 @@ killed at any point loses nothing; what it re-sends after a restart the sink dro
 from __future__ import annotations
 
 from engine.stage import Stage, WorkerContext
-from stages.testing.params import RelayParams
+from engine.validated import ModelRef
 
 
 class Relay(Stage):
-    Params = RelayParams
+    Params = ModelRef("stages.testing.params:RelayParams")
 
     def start(self, ctx: WorkerContext) -> None:
         super().start(ctx)

@@ -19,14 +19,14 @@ import time
 import numpy as np
 
 from engine.stage import Stage, WorkerContext
+from engine.validated import ModelRef
 from shm.batch import TokenBatch
-from stages.testing.params import VerifyParams
 
 _COUNTERS = ("messages", "duplicates", "gaps", "batches", "batches_within_budget", "foreign")
 
 
 class VerifyingSink(Stage):
-    Params = VerifyParams
+    Params = ModelRef("stages.testing.params:VerifyParams")
 
     def start(self, ctx: WorkerContext) -> None:
         super().start(ctx)
