@@ -572,8 +572,9 @@ def test_compute_worker_killed_mid_run_loses_nothing(tmp_path, instance):
     try:
         sink = lambda: engine.worker("sink")["stats"]  # noqa: E731
         wait_for(lambda: sink().get("messages", 0) > 4000, 30, "tokens through compute")
-        victim = engine.worker("compute")
-        assert victim["stats"]["backend"] == "numpy" and victim["stats"]["tokens"] > 0
+        # its stats come with its heartbeats: wait for one sent after it computed tokens
+        victim = wait_for(lambda: (w := engine.worker("compute"))["stats"].get("tokens", 0) > 0 and w, 10, "stats")
+        assert victim["stats"]["backend"] == "numpy"
         os.kill(victim["pid"], signal.SIGKILL)
         wait_for(lambda: (w := engine.worker("compute"))["restarts"] >= 1 and w["state"] == "running", 20, "restart")
         stats = wait_for(lambda: (s := sink()).get("messages", 0) >= total and s, 60, "every token at the sink")
