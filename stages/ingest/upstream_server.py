@@ -27,7 +27,7 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
@@ -418,27 +418,28 @@ def _chat_choice(delta: dict, logprobs: dict | None, finish_reason: str | None) 
 
 class _Emission:
     """One streaming response: what it still has to send and when. The :class:`_Ticker` calls
-    :meth:`send` when it is due; every byte goes straight to the connection, as one HTTP chunk per
-    call (the response's writer is bypassed: its headers are out, and ``write_eof`` adds the
-    last chunk)."""
+    :meth:`send` when it is due; each call's bytes go to the response in one write (aiohttp frames
+    them as one HTTP chunk), run to completion at once rather than as a task per write."""
 
     __slots__ = (
         "done",
         "faults",
-        "framed",
         "i",
         "keepalive_s",
         "last_write",
         "offset_s",
+        "response",
         "shape",
         "start",
         "stats",
         "transport",
     )
 
-    def __init__(self, server: UpstreamServer, request: web.Request, shape: _Shape, faults: Faults, framed: bool):
+    def __init__(
+        self, server: UpstreamServer, request: web.Request, response: web.StreamResponse, shape: _Shape, faults: Faults
+    ) -> None:
         loop = asyncio.get_running_loop()
-        self.shape, self.faults, self.framed = shape, faults, framed
+        self.shape, self.faults, self.response = shape, faults, response
         self.transport = request.transport
         self.stats = server.stats
         self.offset_s = server._token_offset_s
@@ -490,11 +491,23 @@ class _Emission:
     def _write(self, events: list[bytes]) -> None:
         data = b"".join(events)
         if data:
-            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.framed else data)
+            _write_now(self.response.write(data))
 
     def _finish(self, clean: bool) -> None:
         if not self.done.done():
             self.done.set_result(clean)
+
+
+def _write_now(write: Coroutine[Any, Any, None]) -> None:
+    """Run aiohttp's ``StreamResponse.write`` to its end now, without a task per write: it hands
+    the framed bytes to the transport first and only then may wait to drain a full buffer. Such
+    a wait is dropped (the bytes are out already); the ticker's own check of the transport's
+    buffer holds the stream back instead."""
+    try:
+        write.send(None)
+    except StopIteration:
+        return
+    write.close()
 
 
 class _Ticker:
@@ -659,11 +672,10 @@ class UpstreamServer:
 
     async def _stream(self, request: web.Request, shape: _Shape, faults: Faults) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        framed = request.version >= (1, 1)  # HTTP/1.0 has no chunks: the body ends with the connection
-        if framed:
+        if request.version >= (1, 1):  # HTTP/1.0 has no chunks: the body ends with the connection
             resp.enable_chunked_encoding()
         await resp.prepare(request)  # a StreamResponse sends its headers here
-        emission = _Emission(self, request, shape, faults, framed)
+        emission = _Emission(self, request, resp, shape, faults)
         self._ticker.add(emission)
         if await emission.done:
             with contextlib.suppress(ConnectionResetError):  # the client went away: nothing left to send
