@@ -104,10 +104,116 @@ def test_hostile_heads_and_chunks_are_refused():
         await writer.drain()
         await asyncio.sleep(1)
 
-    for reply, message in ((endless_head, "response head larger"), (bad_chunk, "bad chunk size")):
+    for reply, message in ((endless_head, "response head larger"), (bad_chunk, "malformed response: .*chunk size")):
         with pytest.raises(http_stream.TransportError, match=message):
             post(reply, Collect())
     with pytest.raises(http_stream.TransportError, match=r"no data for 0\.2 s"):
         post(silent, Collect(), idle=0.2)
     with pytest.raises(http_stream.TransportError, match="line break"):
         post(silent, Collect(), headers={"Authorization": "Bearer x\r\nX-Evil: 1"})
+
+
+def test_ambiguous_framing_is_refused():
+    """Framings a proxy and this client could read differently (request smuggling's tools), and a
+    chunk size no body can have: httptools refuses them (the hand-written parser took them)."""
+    heads = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nTransfer-Encoding: chunked\r\n\r\nb\r\ndata: END\n\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nContent-Length: 12\r\n\r\ndata: END\n\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"f" * 20 + b"\r\ndata: END\n\n",
+    )
+    for raw in heads:
+
+        async def reply(writer: asyncio.StreamWriter, raw: bytes = raw) -> None:
+            writer.write(raw)
+
+        with pytest.raises(http_stream.TransportError, match="malformed response") as err:
+            post(reply, Collect())
+        assert err.value.kind == "lost"
+
+
+def test_refusals_carry_status_and_retry_after():
+    async def busy(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nContent-Length: 4\r\n\r\nslow")
+
+    async def json_not_stream(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: 2\r\n\r\n{}")
+
+    with pytest.raises(http_stream.HttpError) as err:
+        post(busy, Collect())
+    assert (err.value.status, err.value.retry_after, err.value.body) == (429, "7", b"slow")
+    with pytest.raises(http_stream.HttpError) as err:
+        post(json_not_stream, Collect())
+    assert (err.value.status, err.value.content_type, err.value.body) == (200, "application/json", b"{}")
+
+
+STREAM = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n%b\r\nb\r\ndata: END\n\n\r\n0\r\n\r\n%b"
+
+
+@pytest.mark.parametrize(
+    ("response", "connections"),
+    [
+        (STREAM % (b"", b""), 1),  # kept and reused
+        (STREAM % (b"Connection: close\r\n", b""), 2),  # the server said no
+        (STREAM % (b"", b"HTTP/1.1 200 OK\r\n"), 2),  # more than one response: never reused
+    ],
+)
+def test_request_bytes_and_keep_alive(response: bytes, connections: int):
+    """Two requests in a row: what the server reads, and whether the second used the first's
+    connection."""
+    accepted, requests = [], []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                requests.append(head + await reader.readexactly(length))
+                writer.write(response)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://user:pw@127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/completions?x=1"
+        try:
+            for _ in range(2):
+                await http_stream.post_stream(
+                    url, b'{"a":1}', {"Accept": "text/event-stream"}, Collect(), connect_timeout_s=2, idle_timeout_s=2
+                )
+                kept, deadline = http_stream._IDLE[loop], loop.time() + 2
+                while connections == 1 and not any(kept.values()):  # parked once its terminator is read
+                    assert loop.time() < deadline, "the connection was never kept"
+                    await asyncio.sleep(0.01)
+        finally:
+            server.close()
+            for writer in accepted:
+                writer.close()
+
+    uvloop.run(asyncio.wait_for(main(), 10))
+    assert len(accepted) == connections
+    port = requests[0].split(b"Host: 127.0.0.1:")[1].split(b"\r\n")[0]
+    assert requests[0] == (
+        b"POST /v1/completions?x=1 HTTP/1.1\r\nHost: 127.0.0.1:%b\r\nAccept: text/event-stream\r\n"
+        b"Content-Length: 7\r\n\r\n" % port + b'{"a":1}'
+    )
+
+
+def test_back_pressure_pauses_reading_until_the_wait_is_over():
+    events = [b"data: %d\n\n" % i for i in range(20)] + [b"data: END\n\n"]
+
+    class Slow(Collect):
+        def feed(self, body: bytes):
+            super().feed(body)
+            return asyncio.sleep(0.001)  # the reader is busy: no more reads until this is over
+
+    async def reply(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for event in events:
+            writer.write(b"%x\r\n%b\r\n" % (len(event), event))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+
+    assert post(reply, Slow()).body == b"".join(events)

@@ -3,8 +3,9 @@ connection's ``data_received``: no reader task to wake, no future and no timer p
 
 Ingest's cost per token was mostly aiohttp's per-read machinery (a future, a task wake-up, a read
 timer rescheduled, three Python layers) on reads that carry one SSE event each; a bare asyncio
-protocol costs about a tenth of it (docs/ingest.md). aiohttp still serves https upstreams and the
-health checks.
+protocol costs about a tenth of it (docs/ingest.md). The HTTP itself comes from libraries: h11
+writes the request (once per request), httptools (llhttp, in C, as uvicorn uses it) parses the
+response as each read arrives. aiohttp still serves https upstreams and the health checks.
 
     await post_stream(url, payload, headers, reader, connect_timeout_s=5, idle_timeout_s=60)
 
@@ -28,12 +29,14 @@ from collections.abc import Awaitable
 from typing import Protocol
 from urllib.parse import urlsplit
 
+import h11
+import httptools
+
 __all__ = ["BodyReader", "HttpError", "TransportError", "post_stream"]
 
-MAX_HEAD_BYTES = 64 * 1024  # status line and headers
+MAX_HEAD_BYTES = 64 * 1024  # status line and headers (llhttp itself sets no limit)
 MAX_IDLE_PER_HOST = 256  # kept connections
 DRAIN_TIMEOUT_S = 1.0  # for the rest of a body after the reader is complete ([DONE])
-MAX_CHUNK_LINE = 1024  # a chunk-size line (with its extensions)
 ERROR_BODY_LIMIT = 64 * 1024  # an HTML error page can be large; its first bytes name the problem
 
 
@@ -77,15 +80,7 @@ async def post_stream(
     is complete; raise :class:`HttpError` or :class:`TransportError` otherwise."""
     parts = urlsplit(url)
     key = (parts.hostname or "", parts.port or 80)
-    target = parts.path or "/"
-    if parts.query:
-        target += "?" + parts.query
-    for name, value in headers.items():  # a line break would smuggle a header (or a request) in
-        if "\r" in name + value or "\n" in name + value:
-            raise TransportError("connect", f"request header {name[:40]!r} contains a line break")
-    host = parts.netloc.rpartition("@")[2]  # never credentials in the Host header
-    lines = [f"POST {target} HTTP/1.1", f"Host: {host}", *(f"{k}: {v}" for k, v in headers.items())]
-    request = ("\r\n".join([*lines, f"Content-Length: {len(payload)}"]) + "\r\n\r\n").encode("latin-1") + payload
+    request = _request(parts.netloc.rpartition("@")[2], parts.path, parts.query, headers, payload)
     loop = asyncio.get_running_loop()
     idle = _idle_connections(loop, key)
     while True:
@@ -108,10 +103,25 @@ async def post_stream(
             await protocol.finished
             return
         except TransportError:
-            if reused is None or protocol.head != b"":  # a new connection, or a response begun: real
+            if reused is None or protocol.head_bytes:  # a new connection, or a response begun: real
                 raise
         finally:
             protocol.release()  # the caller is done: the connection finishes the body, then is kept or closed
+
+
+def _request(host: str, path: str, query: str, headers: dict[str, str], payload: bytes) -> bytes:
+    """The request's bytes, by h11 (which refuses a line break or other forbidden byte in a header:
+    that would smuggle a header, or a request, in). ``host`` never carries credentials."""
+    target = (path or "/") + ("?" + query if query else "")
+    fields = [("Host", host), *headers.items(), ("Content-Length", str(len(payload)))]
+    client = h11.Connection(h11.CLIENT)
+    try:
+        head = client.send(h11.Request(method="POST", target=target, headers=fields))
+    except h11.LocalProtocolError:  # its message quotes the value, which may be a secret
+        raise TransportError(
+            "connect", "request not valid HTTP: a header or the URL path has a line break or another byte HTTP forbids"
+        ) from None
+    return head + client.send(h11.Data(data=payload)) + client.send(h11.EndOfMessage())
 
 
 _IDLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> (host, port) -> transports
@@ -144,22 +154,26 @@ class _Parked(asyncio.Protocol):
 
 
 class _Stream(asyncio.Protocol):
-    """The response: head, then body (chunked, sized or until close), each read fed on at once."""
+    """The response, parsed by httptools as each read arrives; the read's body bytes are fed on
+    at once. The ``on_*`` methods are httptools' callbacks."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, reader: BodyReader, idle_timeout_s: float, idle: list) -> None:
         self.loop, self.reader, self.idle_timeout_s, self.idle = loop, reader, idle_timeout_s, idle
-        self.keep_alive = True
+        self.parser = httptools.HttpResponseParser(self)
+        self.keep_alive = False  # httptools' verdict, once the response is complete
         self.waiting = False  # a reader's wait is pending: reading is paused
         self.released = False  # the caller is gone: what is left of the body is only drained
         self.finished: asyncio.Future[None] = loop.create_future()
         self.transport: asyncio.Transport | None = None
-        self.head = b""
+        self.head_bytes = 0  # bytes read until the head was complete
+        self.head_done = False
+        self.body_done = False  # httptools saw the response's end
+        self.sized = False  # Content-Length or Transfer-Encoding: else the body ends at the close
+        self.reason = ""
+        self.content_type = ""
+        self.retry_after: str | None = None
         self.error: HttpError | None = None  # a response that is not a stream: its body is collected
-        self.chunked = False
-        self.left = -1  # body bytes still expected by Content-Length; -1: not sized
-        self.need = 0  # bytes of the current chunk still to come
-        self.skip = 0  # bytes of the CRLF after a chunk still to skip
-        self.line = b""  # an unfinished chunk-size line
+        self.pieces: list[bytes] = []  # the body bytes of the read being parsed
         self.last_read = loop.time()
         self.watchdog = loop.call_later(idle_timeout_s, self._check_idle)
 
@@ -170,20 +184,29 @@ class _Stream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_read = self.loop.time()
+        if not self.head_done:
+            self.head_bytes += len(data)
         try:
-            if self.head is not None:
-                data = self._head(data)
-                if data is None:
-                    return
-            body = self._dechunk(data) if self.chunked else self._sized(data)
-            if body and not self.finished.done():
-                self._body(body)
-            if self.left == 0:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                if not self.body_done:
+                    raise TransportError("lost", f"malformed response: {exc}") from None
+                self.keep_alive = False  # bytes after the response: never reuse the connection
+            if not self.head_done and self.head_bytes > MAX_HEAD_BYTES:
+                raise TransportError("lost", f"response head larger than {MAX_HEAD_BYTES} bytes")
+            pieces = self.pieces
+            if pieces:
+                body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                pieces.clear()
+                if not self.finished.done():
+                    self._body(body)
+            if self.body_done:
                 if not self.finished.done() and not self.waiting:
                     self._end_of_body()
                 elif self.released:
                     self._park()
-        except Exception as exc:  # the feed's verdict (or a framing error) ends the stream
+        except Exception as exc:  # the feed's verdict (or a malformed response) ends the stream
             self._fail(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -191,88 +214,44 @@ class _Stream(asyncio.Protocol):
         self.watchdog.cancel()
         if self.finished.done():
             return
-        if self.head is None and self.left < 0 and not self.chunked:  # body delimited by the close
+        if self.head_done and not self.body_done and not self.sized:  # the close ends the body
+            # (httptools has no call for "the connection closed", which would say so itself)
             self._end_of_body()
             return
         self._fail(TransportError("lost", str(exc) if exc else "the server closed the connection mid-response"))
 
-    # ---- parts of the response
+    # ---- httptools callbacks
 
-    def _head(self, data: bytes) -> bytes | None:
-        """Collect the head; the body bytes after it, or None while it is unfinished."""
-        head = self.head + data
-        end = head.find(b"\r\n\r\n")
-        if end < 0:
-            if len(head) > MAX_HEAD_BYTES:
-                raise TransportError("lost", f"response head larger than {MAX_HEAD_BYTES} bytes")
-            self.head = head
-            return None
-        self.head = None
-        status_line, *header_lines = head[:end].decode("latin-1").split("\r\n")
-        version, _, rest = status_line.partition(" ")
-        code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/1.") or not code.isdigit():
-            raise TransportError("lost", f"not an HTTP response: {status_line[:80]!r}")
-        headers = {}
-        for line in header_lines:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        self.keep_alive = headers.get("connection", "").lower() != "close"
-        self.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        if not self.chunked and headers.get("content-length", "").isdigit():
-            self.left = int(headers["content-length"])
-        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        if code != "200" or content_type == "application/json":  # an error, or a server that ignored stream
-            self.error = HttpError(int(code), reason, content_type, b"", headers.get("retry-after"))
-        return head[end + 4 :]
+    def on_message_begin(self) -> None:
+        if self.body_done:  # a second response on one request: never reuse the connection
+            self.keep_alive = False
 
-    def _sized(self, data: bytes) -> bytes:
-        if self.left >= 0:
-            data = data[: self.left]
-            self.left -= len(data)
-        return data
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason.decode("latin-1")
 
-    def _dechunk(self, data: bytes) -> bytes:
-        if not (self.need or self.skip or self.line):  # the usual read: whole chunks, one per write
-            end = data.find(b"\r\n")
-            if 0 < end <= 8:
-                try:
-                    size = int(data[:end], 16)
-                except ValueError:
-                    size = -1
-                if size > 0 and len(data) == end + size + 4 and data.endswith(b"\r\n"):
-                    return data[end + 2 : end + 2 + size]
-        pieces, pos, n = [], 0, len(data)
-        while pos < n:
-            if self.need:
-                take = min(self.need, n - pos)
-                pieces.append(data[pos : pos + take])
-                pos += take
-                self.need -= take
-                if not self.need:
-                    self.skip = 2  # the CRLF that closes the chunk
-                continue
-            if self.skip:
-                take = min(self.skip, n - pos)
-                pos += take
-                self.skip -= take
-                continue
-            end = data.find(b"\n", pos)
-            if end < 0:
-                self.line += data[pos:]
-                if len(self.line) > MAX_CHUNK_LINE:
-                    raise TransportError("lost", "chunk-size line too long")
-                break
-            line, self.line, pos = self.line + data[pos:end], b"", end + 1
-            size = line.split(b";", 1)[0].strip()
-            try:
-                self.need = int(size, 16)
-            except ValueError:
-                raise TransportError("lost", f"bad chunk size {size[:20]!r}") from None
-            if self.need == 0:
-                self.left = 0  # the last chunk: the body is complete (trailers are ignored)
-                break
-        return b"".join(pieces)
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"content-type":
+            self.content_type = value.decode("latin-1").split(";")[0].strip().lower()
+        elif name == b"retry-after":
+            self.retry_after = value.decode("latin-1")
+        elif name in (b"content-length", b"transfer-encoding"):
+            self.sized = True
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+        status = self.parser.get_status_code()
+        if status != 200 or self.content_type == "application/json":  # an error, or a server that ignored stream
+            self.error = HttpError(status, self.reason, self.content_type, b"", self.retry_after)
+
+    def on_body(self, body: bytes) -> None:
+        self.pieces.append(body)
+
+    def on_message_complete(self) -> None:
+        self.body_done = True
+        self.keep_alive = self.parser.should_keep_alive()
+
+    # ---- the body
 
     def _body(self, body: bytes) -> None:
         error = self.error
@@ -299,7 +278,7 @@ class _Stream(asyncio.Protocol):
         self.waiting = False
         if self.reader.complete:
             self._succeed()
-        elif self.left == 0:
+        elif self.body_done:
             self._end_of_body()
         elif self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
@@ -337,7 +316,7 @@ class _Stream(asyncio.Protocol):
         done = self.finished
         if self.transport is None or not done.done() or done.cancelled() or done.exception() is not None:
             self.stop()
-        elif self.left == 0:
+        elif self.body_done:
             self._park()
         else:
             self.watchdog.cancel()
