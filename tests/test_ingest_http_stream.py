@@ -145,6 +145,15 @@ def test_refusals_carry_status_and_retry_after():
         post(json_not_stream, Collect())
     assert (err.value.status, err.value.content_type, err.value.body) == (200, "application/json", b"{}")
 
+    async def upgrade(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nxx")
+        await writer.drain()
+        await asyncio.sleep(1)  # the connection stays open: the answer must not wait for its close
+
+    with pytest.raises(http_stream.HttpError) as err:
+        post(upgrade, Collect())
+    assert err.value.status == 101
+
 
 STREAM = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n%b\r\nb\r\ndata: END\n\n\r\n0\r\n\r\n%b"
 

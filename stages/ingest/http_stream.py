@@ -193,6 +193,8 @@ class _Stream(asyncio.Protocol):
                 if not self.body_done:
                     raise TransportError("lost", f"malformed response: {exc}") from None
                 self.keep_alive = False  # bytes after the response: never reuse the connection
+            except httptools.HttpParserUpgrade:  # a 101: what follows is not HTTP (nor a stream)
+                self.body_done, self.keep_alive = True, False
             if not self.head_done and self.head_bytes > MAX_HEAD_BYTES:
                 raise TransportError("lost", f"response head larger than {MAX_HEAD_BYTES} bytes")
             pieces = self.pieces
