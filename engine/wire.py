@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from engine.rows import read_end, read_start
 from shm.batch import Kind
 
 VERSION = 2
@@ -214,13 +215,13 @@ def stream_order(sids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def event_fields(kind: int, text: str) -> dict[str, Any]:
     """The header fields of a start, end or error row from its text (the internal fields a stage
-    keeps in a start row, such as the cache key, are left out)."""
+    keeps in a start row, such as the cache key, are left out; engine/rows.py has the row texts)."""
     if kind == START:
-        fields = _json_object(text)
-        return {"model": str(fields.get("model", "")), "cached": bool(fields.get("cached"))}
+        start = read_start(text)
+        return {"model": start.model, "cached": start.cached}
     if kind == END:
-        fields = _json_object(text)
-        return {"finish_reason": fields.get("finish_reason"), "usage": fields.get("usage")}
+        end = read_end(text)
+        return {"finish_reason": end.finish_reason, "usage": end.usage}
     return {"reason": text}
 
 
@@ -233,14 +234,6 @@ def event_message(kind: int, sid: int, seq: int, text: str, recv_ns: int, **flag
     name = KIND_TYPES.get(kind, "error")
     head = header(name, sid, seq, seq, "json", **event_fields(kind, text), recv_ns=recv_ns, **flags)
     return Message(name, sid, (seq, seq), head)
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 # ---- encoding ----------------------------------------------------------------------------------

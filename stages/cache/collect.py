@@ -11,24 +11,12 @@ collected. Streams growing past ``max_stream_bytes`` are dropped.
 from __future__ import annotations
 
 import numpy as np
-import orjson
 
+from engine.rows import read_start
 from shm.batch import BatchColumns, ExtraColumn, Kind
 from stages.cache.stream import StoredStream, StreamBuilder
 
 _START, _END, _ERROR = int(Kind.START), int(Kind.END), int(Kind.ERROR)
-
-
-def _start_fields(text: bytes) -> tuple[str, str | None, bool]:
-    """(model, cache_key, cached) of a START row text; a key of None when it has none or is unreadable."""
-    try:
-        start = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return "", None, False
-    if not isinstance(start, dict):
-        return "", None, False
-    key = start.get("cache_key")
-    return str(start.get("model") or ""), key if isinstance(key, str) and key else None, bool(start.get("cached"))
 
 
 class Collector:
@@ -48,7 +36,8 @@ class Collector:
             if batch.seq[i] != 0 or sid in self.open:
                 continue  # not a stream's start, or a re-sent START of one already collected
             arena = arena if arena is not None else batch.text.tobytes()
-            model, key, cached = _start_fields(arena[int(ends[i - 1]) if i else 0 : int(ends[i])])
+            start = read_start(arena[int(ends[i - 1]) if i else 0 : int(ends[i])])
+            model, key, cached = start.model, start.cache_key, start.cached
             if key is None or cached:
                 continue
             if len(self.open) >= self.max_open:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import orjson
 
+from engine.rows import Start, start_text
 from shm.batch import Kind, batch_size, write_batch
 from shm.ring import Producer
 from stages.cache.stream import StoredStream
@@ -29,7 +29,7 @@ class Replay:
         self.first_seq = first_seq
         self.next_row = 0
         self.began_ns = time.monotonic_ns() if now_ns is None else now_ns
-        self.start_text = orjson.dumps({"model": stream.model, "cached": True, "cache_key": key})
+        self.start_text = start_text(Start(stream.model, cached=True, cache_key=key))
 
     @property
     def done(self) -> bool:

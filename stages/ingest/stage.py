@@ -39,9 +39,10 @@ import zmq
 import zmq.asyncio
 
 from engine.cache_protocol import CacheLookup, socket_path
-from engine.cachekey import key_for, producer_id
+from engine.cachekey import is_deterministic, key_for, producer_id
 from engine.correlation import split_request
 from engine.requests import MAX_REQUEST_BYTES, RequestError, parse_request
+from engine.rows import End, Start, end_text, start_text
 from engine.stage import AsyncStage, WorkerContext, wait_writable
 from engine.tokens import LOOKUP, OPERATOR, ensure_token, matches
 from shm.batch import Kind, TokenBatch, stable_token_id
@@ -193,8 +194,8 @@ class Ingest(AsyncStage):
             if key is not None and self.cache is not None and await self.cache.lookup(key, sid):
                 self._free(sid)  # the cache replays the stream under this id: no row of it here
                 return
-            start = {"model": str(body.get("model", "")), "cached": False, "cache_key": key}
-            self._emit(sid, Kind.START, orjson.dumps(start), time.monotonic_ns())
+            start = Start(str(body.get("model", "")), cached=False, cache_key=key)
+            self._emit(sid, Kind.START, start_text(start), time.monotonic_ns())
             await self._relay(sid, client, body, endpoint)
         except asyncio.CancelledError:
             self.counts["cancelled"] += 1
@@ -222,7 +223,7 @@ class Ingest(AsyncStage):
                 del self.queued[client]
 
     async def _relay(self, sid: int, client: str, body: dict, endpoint: str) -> None:
-        deterministic = body.get("temperature") == 0 or body.get("seed") is not None
+        deterministic = is_deterministic(body)
         bucket = self.token_buckets.bucket(client)
 
         def sink(tokens: Tokens) -> Awaitable[None] | None:
@@ -244,9 +245,9 @@ class Ingest(AsyncStage):
             self._emit(sid, Kind.ERROR, message.encode(), time.monotonic_ns())
             return
         self.counts["completed"] += 1
-        text = orjson.dumps({"finish_reason": end.finish_reason, "usage": end.usage})
+        text = end_text(End(end.finish_reason, end.usage))
         if len(text) > self.rows.max_text:  # an upstream's oversized usage object: keep the reason
-            text = orjson.dumps({"finish_reason": str(end.finish_reason)[:256], "usage": None})
+            text = end_text(End(str(end.finish_reason)[:256], None))
         self._emit(sid, Kind.END, text, end.recv_ns)
 
     def _add_tokens(self, sid: int, tokens: Tokens) -> None:
