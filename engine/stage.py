@@ -112,7 +112,8 @@ class Stage:
         return all(ring.available() == 0 for ring in self.ctx.inputs)
 
     def stats(self) -> dict[str, Any]:
-        """Stage counters sent with every heartbeat (JSON-serialisable)."""
+        """Stage counters sent with every heartbeat (JSON-serialisable); asked only once the
+        stage is ready (``start``/``setup`` returned), so they may use what those made."""
         return {}
 
     def close(self) -> None:

@@ -133,7 +133,9 @@ class _Runtime:
             ring.heartbeat()
         for ring in self.outputs:
             ring.heartbeat()
-        self.send("heartbeat", state=self.state, processed=self.processed, stats=self.stage.stats())
+        # a stage's counters exist once it is set up: until then its heartbeats carry none
+        stats = self.stage.stats() if self.is_ready else {}
+        self.send("heartbeat", state=self.state, processed=self.processed, stats=stats)
         self.next_heartbeat = now + self.spec.heartbeat_interval_s
 
     def handle_control(self) -> None:

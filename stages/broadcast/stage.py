@@ -335,8 +335,6 @@ class Broadcast(Stage):
     # ---- hooks ----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        if not hasattr(self, "counts"):
-            return {}
         subs = [pub.subs.counts for pub in self.publishers]
         return {
             **self.counts,

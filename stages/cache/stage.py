@@ -297,8 +297,6 @@ class Cache(Stage):
     # ---- stage hooks ----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        if not hasattr(self, "replays"):
-            return {}
         now = time.monotonic()
         since, rows = self._rate
         if now - since >= 0.1:  # the rate over the time since the previous call (a heartbeat)

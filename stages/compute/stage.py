@@ -417,8 +417,6 @@ class Compute(Stage):
     # ---- hooks ----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        if not hasattr(self, "counts"):
-            return {}
         if self.kernels.probe is not None:  # between records (heartbeats): an idle worker adopts it too
             self.kernels.adopt()
         per_batch = self.busy_ns / self.counts["batches"] / 1e3 if self.counts["batches"] else 0.0

@@ -432,8 +432,6 @@ class Ingest(AsyncStage):
     # ---- stage hooks ------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        if not hasattr(self, "counts"):
-            return {}
         stats = {**self.counts, "active": len(self.tasks), **(self.cache.counts if self.cache else {})}
         # what grows with distinct clients: bounded (KeyedBuckets' max_keys; entries leave with their streams)
         stats |= {"clients_tracked": len(self.request_buckets) + len(self.token_buckets) + len(self.queued)}
