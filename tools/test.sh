@@ -23,5 +23,6 @@ python3 -c 'import llama_cpp.server.app, gguf' 2>/dev/null \
         python3 -m pip install --quiet --disable-pip-version-check -e '.[llamacpp]'
 python3 -m ruff check .
 python3 -m ruff format --check .
-lint-imports  # the layering contracts in .importlinter
+# the layering contracts in .importlinter (through python3: a fresh pyenv has no shim for lint-imports yet)
+python3 -c 'from importlinter.cli import lint_imports_command; lint_imports_command()'
 python3 -m pytest "$@"
