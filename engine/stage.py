@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from engine.logs import JsonLogger
+from engine.telemetry import Telemetry
 from engine.validated import ModelRef, ValidatedParams
 from shm.ports import RecordConsumer, RecordProducer
 
@@ -50,6 +51,8 @@ class WorkerContext:
     incarnation: int
     draining: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # metrics, recorded once per record (never per token) and sent with each heartbeat
+    telemetry: Telemetry = field(default_factory=Telemetry)
 
     def endpoint(self, name: str) -> str:
         """``ipc://`` endpoint for a socket this worker binds, inside the supervisor's runtime
