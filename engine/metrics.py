@@ -3,10 +3,12 @@
 The values live in shared-memory ring headers and in the workers' reports, not in this process,
 so there are no client-side counters to increment: the supervisor hands the latest samples to
 :meth:`EngineMetrics.update` on each health tick, and a collector turns that snapshot into metric
-families when Prometheus scrapes. Counters are the rings' and workers' own monotonic totals.
+families when Prometheus scrapes. Counters are the rings' and workers' own monotonic totals, and
+the workers' telemetry (engine/telemetry.py: its METRICS registry names, types and labels them)
+as the supervisor merged it across workers and incarnations.
 
 Every sample carries the constant label ``engine`` (the instance id); ``instance`` is reserved
-by Prometheus for the scrape target. The list of metrics is in docs/health.md.
+by Prometheus for the scrape target. The list of metrics is in docs/observability.md.
 """
 
 from __future__ import annotations
@@ -17,9 +19,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 
 from engine.health import WORKER_STATES, Pas, RingSample, WorkerSample
+from engine.telemetry import METRICS, Values
 from shm.ring import RingHeader
 
 SUBSCORES = ("integrity", "stability", "symmetry", "consistency")
@@ -60,6 +70,11 @@ class _Snapshot:
     workers: list[WorkerSample] = field(default_factory=list)
     pas: Pas | None = None
     worker_info: dict[str, dict] = field(default_factory=dict)
+    telemetry: dict[str, Values] = field(default_factory=dict)
+
+
+_FAMILIES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
+_INFO = "neuralpipe_worker_info"  # in METRICS for its docs; rendered from worker_info (its labels vary)
 
 
 def _info_labels(info: dict) -> dict[str, str]:
@@ -91,9 +106,11 @@ class EngineMetrics:
         workers: list[WorkerSample],
         pas: Pas | None,
         worker_info: dict[str, dict] | None = None,
+        telemetry: dict[str, Values] | None = None,
     ) -> None:
-        """Replace the snapshot; a scrape running meanwhile sees the old one or the new one whole."""
-        snapshot = _Snapshot(list(rings), list(workers), pas, dict(worker_info or {}))
+        """Replace the snapshot; a scrape running meanwhile sees the old one or the new one whole.
+        ``telemetry``: the merged totals of engine.telemetry (``{name: {label values: value}}``)."""
+        snapshot = _Snapshot(list(rings), list(workers), pas, dict(worker_info or {}), dict(telemetry or {}))
         with self._lock:
             self._snapshot = snapshot
 
@@ -132,6 +149,26 @@ class EngineMetrics:
         yield from self._worker_metrics(snapshot.workers, snapshot.worker_info)
         if snapshot.pas is not None:
             yield from self._pas_metrics(snapshot.pas)
+        yield from self._telemetry_metrics(snapshot.telemetry)
+
+    def _telemetry_metrics(self, telemetry: dict[str, Values]) -> Iterator[Metric]:
+        """Every metric of the registry, with the series it has (a family without any is still
+        described: dashboards and rules find their names before the first sample)."""
+        for name, metric in METRICS.items():
+            if name == _INFO:
+                continue
+            family = _FAMILIES[metric.kind](name, metric.help, labels=["engine", *metric.labels])
+            for key, value in sorted(telemetry.get(name, {}).items()):
+                if metric.kind == "histogram":
+                    counts, total = value
+                    cumulative, buckets = 0, []
+                    for bound, count in zip([*metric.buckets, float("inf")], counts, strict=True):
+                        cumulative += count
+                        buckets.append((floatToGoString(bound), cumulative))
+                    family.add_metric([self.instance, *key], buckets, total)
+                else:
+                    family.add_metric([self.instance, *key], value)
+            yield family
 
     def _ring_metrics(self, rings: list[RingSample]) -> Iterator[Metric]:
         labels = ["engine", "ring"]
@@ -180,7 +217,7 @@ class EngineMetrics:
                 state.add_metric([*key, s], 1 if s == w.state else 0)
         yield from (restarts, age, up, processed, state)
         if worker_info:
-            info = InfoMetricFamily("neuralpipe_worker", "Static facts a worker reported.", labels=labels)
+            info = InfoMetricFamily("neuralpipe_worker", METRICS[_INFO].help, labels=labels)
             for name, facts in worker_info.items():
                 info.add_metric([self.instance, name], _info_labels(facts))
             yield info
