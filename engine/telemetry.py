@@ -96,7 +96,11 @@ METRICS: dict[str, MetricSpec] = {
     # broadcast
     "neuralpipe_broadcast_subscribers": _g("Subscriptions the broadcast socket serves."),
     "neuralpipe_broadcast_messages_total": _c("Messages published on the broadcast socket."),
-    "neuralpipe_broadcast_drops_total": _c("Messages the broadcast socket dropped (a subscriber too slow)."),
+    # what ZeroMQ drops for a slow subscriber the publisher cannot see (its consumer refills the gap)
+    "neuralpipe_broadcast_drops_total": _c(
+        "Rows the broadcast dropped instead of publishing: already published (sent again after an earlier"
+        " stage restarted)."
+    ),
     "neuralpipe_broadcast_gap_refills_total": _c("Gap refills answered: `batches` and snapshot requests."),
     # processes (the supervisor reads them from /proc)
     "neuralpipe_worker_cpu_seconds_total": _c(
@@ -249,6 +253,14 @@ class Telemetry:
             raise ValueError(f"counter {name!r} can only go up (got {value!r})")
         key = series.key(name, labels)
         series.values[key] = series.values.get(key, 0.0) + value
+
+    def total(self, name: str, value: float, **labels: str) -> None:
+        """Set a counter to a running total the stage keeps anyway (its stats counters): no
+        cost on the hot path. A total below the last one is ignored (a counter never goes back)."""
+        series = self._get(name, "counter")
+        key = series.key(name, labels)
+        if value > series.values.get(key, 0.0):
+            series.values[key] = float(value)
 
     def set(self, name: str, value: float, **labels: str) -> None:
         """Set a gauge."""

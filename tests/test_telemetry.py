@@ -111,6 +111,17 @@ def test_counts_gauges_and_histograms() -> None:
     assert "broadcast" not in dict((row[0], row[1]) for row in snap[LATENCY])
 
 
+def test_total_follows_a_running_count_and_never_goes_back() -> None:
+    t = Telemetry()
+    t.total("neuralpipe_cache_hits_total", 5)
+    t.total("neuralpipe_cache_hits_total", 9)
+    t.total("neuralpipe_cache_hits_total", 3)  # lower: ignored
+    t.count("neuralpipe_cache_hits_total", 1)
+    assert t.snapshot()["neuralpipe_cache_hits_total"] == [[10.0]]
+    with pytest.raises(TypeError, match="gauge"):
+        t.total("neuralpipe_cache_bytes", 1)
+
+
 def test_label_values_are_bounded_and_fold_into_other() -> None:
     t = Telemetry()
     bound = METRICS["neuralpipe_gateway_key_requests_total"].max_values
