@@ -47,6 +47,7 @@ STAGE_ALIASES = {
 ENV_OVERRIDES = {
     "NEURALPIPE_INSTANCE": ("engine", "instance"),
     "NEURALPIPE_RUNTIME_DIR": ("engine", "runtime_dir"),
+    "NEURALPIPE_STATE_DIR": ("engine", "state_dir"),
     "NEURALPIPE_METRICS_HOST": ("engine", "metrics_host"),
     "NEURALPIPE_METRICS_PORT": ("engine", "metrics_port"),
     "NEURALPIPE_LOG_LEVEL": ("engine", "log_level"),
@@ -119,6 +120,7 @@ class _Model(BaseModel):
 class EngineConfig(_Model):
     instance: str = ""
     runtime_dir: str = ""
+    state_dir: str = ""  # what outlives a run (the gateway's keys and ledger): engine/statedir.py
     metrics_host: str = Field("127.0.0.1", min_length=1)
     metrics_port: int = 9464
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -139,7 +141,7 @@ class EngineConfig(_Model):
             raise ValueError(f'must be "" (random per run) or 1-32 characters of [A-Za-z0-9_] (got {value!r})')
         return value
 
-    @field_validator("runtime_dir")
+    @field_validator("runtime_dir", "state_dir")
     @classmethod
     def _runtime_dir(cls, value: str) -> str:
         # Relative paths would depend on the cwd of whoever runs `status`/`stop` later.
