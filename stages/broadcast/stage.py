@@ -306,6 +306,9 @@ class Broadcast(Stage):
         counts["messages"] += 1 + int(np.count_nonzero((s[1:] != s[:-1]) | e[1:] | e[:-1]))
         counts["tokens"] += batch.rows - int(np.count_nonzero(events))
         counts["streams_ended"] += int(np.count_nonzero(batch.columns["kind"] >= wire.END))
+        self.ctx.telemetry.observe_since_ns(
+            "neuralpipe_stage_latency_seconds", batch.columns["recv_ns"], stage="broadcast"
+        )
 
     # ---- subscriptions and snapshots ------------------------------------------------------
 
@@ -336,6 +339,14 @@ class Broadcast(Stage):
 
     def stats(self) -> dict[str, Any]:
         subs = [pub.subs.counts for pub in self.publishers]
+        tel, counts = self.ctx.telemetry, self.counts  # metrics from the counters kept anyway
+        tel.total("neuralpipe_tokens_total", counts["tokens"], stage="broadcast")
+        tel.total("neuralpipe_broadcast_messages_total", counts["messages"])
+        tel.total("neuralpipe_broadcast_drops_total", counts["duplicates"])
+        tel.total("neuralpipe_broadcast_gap_refills_total", counts["snapshots"])
+        tel.set(
+            "neuralpipe_broadcast_subscribers", sum(p.subs.everything + len(p.subs.streams) for p in self.publishers)
+        )
         return {
             **self.counts,
             "evicted": self.retention.evicted,

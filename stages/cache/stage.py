@@ -138,6 +138,8 @@ class Cache(Stage):
         except BatchError:
             self.counts["undecodable"] += 1
             return
+        self.ctx.telemetry.count("neuralpipe_tokens_total", int(np.count_nonzero(batch.kind == 2)), stage="cache")
+        self.ctx.telemetry.observe_since_ns("neuralpipe_stage_latency_seconds", batch.recv_ns, stage="cache")
         for key, stream in self.collector.observe(batch, record_type):
             if self.store.put(key, stream):
                 self.dirty = True
@@ -304,6 +306,12 @@ class Cache(Stage):
             self._rate = (now, self.counts["replay_rows"])
         counts = self.store.counts
         lookups = counts["hits"] + counts["misses"]
+        tel = self.ctx.telemetry  # metrics from the counters kept anyway (engine/telemetry.py)
+        tel.total("neuralpipe_cache_hits_total", counts["hits"])
+        tel.total("neuralpipe_cache_misses_total", counts["misses"])
+        tel.total("neuralpipe_cache_evictions_total", counts["evictions"] + counts["expired"])
+        tel.set("neuralpipe_cache_bytes", self.store.bytes)
+        tel.set("neuralpipe_cache_entries", len(self.store))
         return {
             **counts,
             **self.counts,

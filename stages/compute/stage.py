@@ -231,6 +231,7 @@ class Compute(Stage):
             self._per_stream(batch, values, None if every else kind == _TOKEN)
         self.counts["batches"] += 1
         self.counts["tokens"] += count
+        self.ctx.telemetry.observe_since_ns("neuralpipe_stage_latency_seconds", batch.recv_ns, stage="compute")
 
     def _per_token(self, ids, lps, values: dict[str, np.ndarray], tokens, every: bool, on_cpu: bool) -> None:
         if on_cpu:  # numpy: the fused path, straight into the output columns
@@ -420,6 +421,7 @@ class Compute(Stage):
         if self.kernels.probe is not None:  # between records (heartbeats): an idle worker adopts it too
             self.kernels.adopt()
         per_batch = self.busy_ns / self.counts["batches"] / 1e3 if self.counts["batches"] else 0.0
+        self.ctx.telemetry.total("neuralpipe_tokens_total", self.counts["tokens"], stage="compute")
         return {**self.counts, **self.kernels.stats(), "busy_us_per_batch": round(per_batch, 1)}
 
     def close(self) -> None:

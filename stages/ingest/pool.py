@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from engine.requests import MAX_TOKENS_LIMIT
+from engine.telemetry import Telemetry
 from engine.upstreams import UpstreamEntry as UpstreamConfig  # one definition with the config's [[upstreams]]
 from stages.ingest.openai_client import (
     StreamEnd,
@@ -135,12 +136,14 @@ class UpstreamPool:
         upstreams: list[UpstreamConfig],
         policy: PoolPolicy | None = None,
         session_factory: Callable[[], aiohttp.ClientSession] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if not upstreams:
             raise ValueError("an upstream pool needs at least one upstream")
         if len({u.name for u in upstreams}) != len(upstreams):
             raise ValueError("upstream names must be unique")
         self.policy = policy or PoolPolicy()
+        self.telemetry = telemetry or Telemetry()  # per-upstream requests, errors, time to first token
         self._upstreams = [
             _Upstream(
                 cfg,
@@ -270,7 +273,8 @@ class UpstreamPool:
         def fresh(tokens: Tokens) -> Awaitable[None] | None:
             nonlocal seen
             if seen == 0:
-                upstream.record_latency(time.monotonic() - began)
+                upstream.record_latency(ttft := time.monotonic() - began)
+                self.telemetry.observe("neuralpipe_time_to_first_token_seconds", ttft, upstream=upstream.cfg.name)
                 budget.reschedule(deadline)  # a first token: the whole-stream deadline from now on
             upstream.last_token_ns = tokens.recv_ns  # passive health: a stream delivering proves it up
             before = seen
@@ -308,6 +312,7 @@ class UpstreamPool:
             upstream.consecutive_failures = 0
             return end
         except TimeoutError:
+            self._count_error(upstream, "timeout")
             if seen == 0:
                 err = UpstreamError(f"no first token within {policy.first_token_timeout_s:g} s", retryable=True)
                 self._record_failure(upstream, str(err))
@@ -315,6 +320,7 @@ class UpstreamPool:
                 err = UpstreamError(f"stream not done within {policy.stream_timeout_s:g} s", retryable=False)
             raise UpstreamError(f"upstream {upstream.cfg.name!r}: {err}", retryable=err.retryable) from None
         except UpstreamError as err:
+            self._count_error(upstream, _error_kind(err))
             if err.retry_after_s is not None:
                 pause = min(err.retry_after_s, policy.retry_after_max_s)
                 upstream.not_before = max(upstream.not_before, time.monotonic() + pause)
@@ -323,9 +329,15 @@ class UpstreamPool:
             elif err.health_failure:
                 self._record_failure(upstream, str(err))
             raise UpstreamError(f"upstream {upstream.cfg.name!r}: {err}", retryable=err.retryable) from None
+        except asyncio.CancelledError:
+            self._count_error(upstream, "cancelled")
+            raise
         finally:
             upstream.outstanding -= 1
             self._notify()
+
+    def _count_error(self, upstream: _Upstream, kind: str) -> None:
+        self.telemetry.count("neuralpipe_upstream_errors_total", upstream=upstream.cfg.name, kind=kind)
 
     def _record_failure(self, upstream: _Upstream, why: str) -> None:
         upstream.last_failure = why
@@ -362,6 +374,7 @@ class UpstreamPool:
                     upstream.request_bucket.try_take(1.0, now)
                 upstream.outstanding += 1
                 upstream.requests += 1
+                self.telemetry.count("neuralpipe_upstream_requests_total", upstream=upstream.cfg.name)
                 return upstream
             # Wake on a freed slot or a change of health, or when the first bucket refills.
             refill = min((max(u.request_wait(now), u.not_before - now) for u in free), default=None)
@@ -457,6 +470,15 @@ class UpstreamPool:
         if not (isinstance(answer, dict) and isinstance(answer.get("data"), list)):
             return "GET /v1/models answered without a model list"
         return None
+
+
+def _error_kind(err: UpstreamError) -> str:
+    """A failed request's kind for the errors metric: http (a status), connect, timeout (idle),
+    else protocol (a broken or malformed stream); the messages are openai_client's."""
+    if err.status is not None:
+        return "http"
+    text = str(err)
+    return "connect" if text.startswith("cannot connect") else "timeout" if text.startswith("idle") else "protocol"
 
 
 def _fresh_tokens(tokens: Tokens, progress: _Progress, seen: int, skip: int) -> tuple[Tokens, int]:

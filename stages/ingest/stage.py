@@ -99,7 +99,7 @@ class Ingest(AsyncStage):
         self.producer = producer_id([{"base_url": u.base_url, "models": list(u.models)} for u in upstreams])
         if not upstreams:
             upstreams = [await self._start_embedded(params.embedded)]
-        self.pool = UpstreamPool(upstreams, PoolPolicy(**params.pool))
+        self.pool = UpstreamPool(upstreams, PoolPolicy(**params.pool), telemetry=ctx.telemetry)
         await self.pool.start()
         if self.cache is not None:
             self.cache.start()
@@ -205,6 +205,7 @@ class Ingest(AsyncStage):
             self.ctx.log.warning("stream_error", stream_id=sid, error=str(exc))
             self._emit(sid, Kind.ERROR, str(exc).encode(), time.monotonic_ns())
         except Exception as exc:  # a bug here must still end the stream explicitly
+            self.counts["errors"] += 1
             self.ctx.log.error("stream_failed", stream_id=sid, error=repr(exc))
             self._emit(sid, Kind.ERROR, f"ingest failed: {exc!r}".encode(), time.monotonic_ns())
         finally:
@@ -339,6 +340,7 @@ class Ingest(AsyncStage):
             return False
         self._committed(committed)
         self._record_latency(time.monotonic_ns(), committed.token_recv_ns)
+        self.ctx.telemetry.observe_since_ns("neuralpipe_stage_latency_seconds", committed.token_recv_ns, stage="ingest")
         return True
 
     def _record_latency(self, now: int, received: np.ndarray) -> None:
@@ -439,7 +441,21 @@ class Ingest(AsyncStage):
         if n:  # np.percentile partitions in O(n): cheap enough for the event loop's heartbeat
             p50, p99 = np.percentile(self.latency_ns[:n], (50, 99)) / 1e3
             stats |= {"latency_p50_us": round(float(p50), 1), "latency_p99_us": round(float(p99), 1)}
+        self._export_metrics()
         return stats
+
+    def _export_metrics(self) -> None:
+        """Metrics from the counters kept anyway, once per heartbeat (engine/telemetry.py)."""
+        tel, counts = self.ctx.telemetry, self.counts
+        tel.total("neuralpipe_tokens_total", counts["tokens"], stage="ingest")
+        hits = self.cache.counts["cache_hits"] if self.cache else 0
+        ended = {"completed": counts["completed"], "error": counts["errors"], "cancelled": counts["cancelled"]}
+        for outcome, n in (ended | {"cache_hit": hits}).items():
+            tel.total("neuralpipe_streams_total", n, outcome=outcome)
+        tel.set("neuralpipe_streams_active", len(self.tasks))
+        for upstream in self.pool.snapshot():
+            tel.set("neuralpipe_upstream_up", float(upstream["healthy"]), upstream=upstream["name"])
+            tel.set("neuralpipe_upstream_in_flight", upstream["outstanding"], upstream=upstream["name"])
 
     def close(self) -> None:
         if getattr(self, "embedded", None) is not None:
