@@ -461,6 +461,139 @@ def submit(
 
 @main.group()
 def keys() -> None:
+    """API keys for the gateway ([gateway] auth = "keys"): made here, stored hashed in the state
+    directory ([engine] state_dir), with their limits and usage (docs/gateway.md)."""
+
+
+_INSTANCE_OPTION = click.option(
+    "--instance", help="Engine instance id whose state directory holds the keys (default: [engine] instance)."
+)
+_CONFIG_OPTION = click.option(
+    "--config", "path", type=click.Path(exists=True, dir_okay=False), help="TOML config file."
+)
+_JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+
+
+def _keystore(path: str | None, instance: str | None):
+    from engine.auth.keystore import KeyStore, KeyStoreError, keystore_path
+    from engine.rundir import RuntimeDirError
+    from engine.statedir import state_dir
+
+    cfg = _load(path)
+    try:
+        return KeyStore(keystore_path(state_dir(instance or cfg.engine.instance, cfg.engine.state_dir or None)))
+    except (KeyStoreError, RuntimeDirError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _limit_option(flag: str, what: str):
+    from engine.auth.limits import MAX_LIMIT
+
+    return click.option(flag, type=click.IntRange(1, MAX_LIMIT), help=f"{what} (default: no limit).")
+
+
+@keys.command("create")
+@click.argument("name")
+@_limit_option("--rpm", "Requests per minute")
+@_limit_option("--tpm", "Tokens delivered per minute")
+@_limit_option("--max-streams", "Streams open at once")
+@_limit_option("--budget-tokens", "Prompt + completion tokens per budget period")
+@click.option(
+    "--budget-days", type=click.IntRange(1, 366), default=30, show_default=True, help="The budget period, in days."
+)
+@_CONFIG_OPTION
+@_INSTANCE_OPTION
+@click.option("--json", "as_json", is_flag=True, help='Print {"key": ..., "name": ...}.')
+def keys_create(
+    name: str,
+    rpm: int | None,
+    tpm: int | None,
+    max_streams: int | None,
+    budget_tokens: int | None,
+    budget_days: int,
+    path: str | None,
+    instance: str | None,
+    as_json: bool,
+) -> None:
+    """Make the API key NAME and print it: the only time it is shown (only its hash is kept)."""
+    from engine.auth.keystore import KeyStoreError
+    from engine.auth.limits import DAY_S, Limits
+
+    limits = Limits(rpm, tpm, max_streams, budget_tokens, budget_days * DAY_S)
+    with _keystore(path, instance) as store:
+        try:
+            key = store.create(name, limits)
+        except KeyStoreError as exc:
+            raise click.ClickException(str(exc)) from None
+    _emit({"key": key, "name": name}, as_json, key)
+    if not as_json:
+        click.echo(f"API key {name!r} made; it is shown this once: store it now.", err=True)
+
+
+@keys.command("list")
+@_CONFIG_OPTION
+@_INSTANCE_OPTION
+@_JSON_OPTION
+def keys_list(path: str | None, instance: str | None, as_json: bool) -> None:
+    """The keys made here (revoked ones too) and their limits; never the keys themselves."""
+    import time
+
+    with _keystore(path, instance) as store:
+        infos = [info.as_dict() for info in store.list()]
+    lines = [f"{'name':<24} {'prefix':<10} {'created':<20} {'state':<8} limits"]
+    for info in infos:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info["created"]))
+        limits = [f"{k}={v}" for k in ("rpm", "tpm", "max_streams", "budget_tokens") if (v := info[k]) is not None]
+        state = "revoked" if info["revoked"] else "live"
+        lines.append(f"{info['name']:<24} {info['prefix']:<10} {created:<20} {state:<8} {' '.join(limits) or '-'}")
+    _emit({"keys": infos}, as_json, "\n".join(lines) if infos else "no keys")
+
+
+@keys.command("revoke")
+@click.argument("name")
+@_CONFIG_OPTION
+@_INSTANCE_OPTION
+@_JSON_OPTION
+def keys_revoke(name: str, path: str | None, instance: str | None, as_json: bool) -> None:
+    """Revoke the key NAME: refused from the gateway's next request on (its usage stays)."""
+    from engine.auth.keystore import KeyStoreError
+
+    with _keystore(path, instance) as store:
+        try:
+            revoked = store.revoke(name)
+        except KeyStoreError as exc:
+            raise click.ClickException(str(exc)) from None
+    if not revoked:
+        raise click.ClickException(f"no live key named {name!r}")
+    _emit({"name": name, "revoked": True}, as_json, f"revoked {name}")
+
+
+@keys.command("usage")
+@click.argument("name", required=False)
+@click.option("--jwt", "jwt_subjects", is_flag=True, help="JWT subjects' usage instead of the keys'.")
+@_CONFIG_OPTION
+@_INSTANCE_OPTION
+@_JSON_OPTION
+def keys_usage(name: str | None, jwt_subjects: bool, path: str | None, instance: str | None, as_json: bool) -> None:
+    """Requests, prompt, completion and cached tokens per key (or of NAME), all time."""
+    from engine.auth.keystore import KeyStoreError
+
+    with _keystore(path, instance) as store:
+        try:
+            usage = store.usage(name, "jwt" if jwt_subjects else "key")
+        except KeyStoreError as exc:
+            raise click.ClickException(str(exc)) from None
+    if name is not None and not usage:
+        raise click.ClickException(f"no {'JWT subject' if jwt_subjects else 'key'} named {name!r}")
+    lines = [f"{'name':<24} {'requests':>10} {'prompt':>12} {'completion':>12} {'cached':>12}"]
+    for who, u in usage.items():
+        row = f"{u['requests']:>10} {u['prompt_tokens']:>12} {u['completion_tokens']:>12} {u['cached_tokens']:>12}"
+        lines.append(f"{who:<24} {row}")
+    _emit(usage, as_json, "\n".join(lines))
+
+
+@main.group()
+def curve() -> None:
     """CURVE key pairs for tcp endpoints (docs/security.md): the engine's server key, client pairs
     and the allow-list of client public keys."""
 
@@ -478,12 +611,12 @@ def _keys_dir(keys_dir: str | None):
         raise click.ClickException(str(exc)) from None
 
 
-@keys.command("new")
+@curve.command("new")
 @click.argument("name")
 @click.option("--no-allow", is_flag=True, help="Do not add its public key to the allow-list.")
 @_KEYS_DIR
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def keys_new(name: str, no_allow: bool, keys_dir: str | None, as_json: bool) -> None:
+def curve_new(name: str, no_allow: bool, keys_dir: str | None, as_json: bool) -> None:
     """Make the client key pair NAME (files 0600) and allow its public key."""
     from engine.keys import CLIENTS, KeyError_
 
@@ -499,10 +632,10 @@ def keys_new(name: str, no_allow: bool, keys_dir: str | None, as_json: bool) -> 
     _emit(info, as_json, f"client {name}: public key {info['public_key']}\nsecret: {where} (for that client only)")
 
 
-@keys.command("list")
+@curve.command("list")
 @_KEYS_DIR
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def keys_list(keys_dir: str | None, as_json: bool) -> None:
+def curve_list(keys_dir: str | None, as_json: bool) -> None:
     """The server public key, the allow-listed client keys and the client pairs made here."""
     with _keys_dir(keys_dir) as kd:
         info = {
@@ -517,12 +650,12 @@ def keys_list(keys_dir: str | None, as_json: bool) -> None:
     _emit(info, as_json, "\n".join(lines))
 
 
-@keys.command("allow")
+@curve.command("allow")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--name", help="Name in the allow-list (default: the file's name without .key).")
 @_KEYS_DIR
-def keys_allow(file: str, name: str | None, keys_dir: str | None) -> None:
-    """Allow the client public key in FILE (a ZeroMQ certificate, e.g. made by `keys new` elsewhere)."""
+def curve_allow(file: str, name: str | None, keys_dir: str | None) -> None:
+    """Allow the client public key in FILE (a ZeroMQ certificate, e.g. made by `curve new` elsewhere)."""
     import os
 
     import zmq.auth

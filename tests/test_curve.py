@@ -223,11 +223,11 @@ def test_a_symlinked_keys_dir_is_refused(tmp_path):
         KeysDir(str(tmp_path / "keys"))
 
 
-def test_keys_command_makes_lists_and_allows(tmp_path):
+def test_curve_command_makes_lists_and_allows(tmp_path):
     env = dict(os.environ, NEURALPIPE_KEYS_DIR=str(tmp_path / "keys"))
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "engine.cli", "keys", *args]
+        command = [sys.executable, "-m", "engine.cli", "curve", *args]
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
 
     made = orjson.loads(cli("new", "alice", "--json").stdout)
