@@ -20,7 +20,7 @@ same window.
 - Unpaced rows: the source as fast as the ring takes it, 1 and 10 subscribers over ipc: the most the
   broadcast delivers (its latency there is queueing, not the figure of merit).
 - Egress CPU rows: a source of records that each hold rows of many streams (bench/egress_source.py,
-  as ingest batches at load) at 10,000 tokens/s, and one consumer process (engine.consumer's
+  as ingest batches at load) at 10,000 tokens/s, and one consumer process (engine.clients.consumer's
   StreamConsumer reading ``messages()`` or ``batches()``): CPU µs per token of the broadcast process
   and of the consumer. ``python -m bench.broadcast OTHER_CHECKOUT`` runs the same for another
   checkout (its broadcast and client) interleaved with this one: before/after, side by side.
@@ -230,7 +230,7 @@ EGRESS_WARM_S = 2.0
 _CONSUMER = """
 import json, sys, time
 import numpy as np
-from engine.consumer import StreamConsumer
+from engine.clients.consumer import StreamConsumer
 rd, reader, warm_s, window_s = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 with StreamConsumer.for_engine(rd, binary=True) as consumer:
     if reader == "batches":

@@ -34,8 +34,10 @@ import click
 import numpy as np
 import orjson
 
-from engine.cache_protocol import CacheClient, socket_path
-from engine.requests import RequestClient, ingest_endpoint
+from engine.clients.cache import CacheClient
+from engine.clients.requests import RequestClient
+from engine.protocol.cache import socket_path
+from engine.protocol.requests import ingest_endpoint
 from engine.stage import Stage, WorkerContext
 from shm.batch import Kind, TokenBatch
 from stages.cache.store import LruStore

@@ -40,7 +40,7 @@ import click
 import orjson
 import zmq
 
-from engine.requests import ingest_endpoint
+from engine.protocol.requests import ingest_endpoint
 from shm import descriptor as d
 from shm.naming import segment_name
 

@@ -6,9 +6,9 @@ One step: a real engine (``python -m engine.cli run``) runs embedded upstream ->
 -> cache -> broadcast with ``[engine] transport`` set (engine/transport.py) and the upstream paced
 per stream so that ``streams`` streams together offer ``offered`` tokens/s. Once every worker is
 ready and a warm-up stream went through, the streams (distinct prompts, no cache hit, a fixed
-length, ``ignore_eos``) are submitted through engine/requests.py's RequestClient, their starts
+length, ``ignore_eos``) are submitted through engine/protocol/requests.py's RequestClient, their starts
 spread over one token interval (chats do not start in lockstep). A consumer process
-(engine/consumer.py's StreamConsumer, ``batches()`` of every stream on the binary broadcast
+(engine/clients/consumer.py's StreamConsumer, ``batches()`` of every stream on the binary broadcast
 socket) reads continuously from before the load until its end and stamps each batch as it comes.
 
 Every figure covers the steady window only: from ``warmup_s`` after the first submit (start-up,
@@ -46,7 +46,8 @@ from typing import Any
 
 import click
 
-from engine.requests import RequestClient, ingest_endpoint
+from engine.clients.requests import RequestClient
+from engine.protocol.requests import ingest_endpoint
 
 from . import report
 from .proc import BenchError, ChildProcess, children, cpu_seconds
@@ -152,7 +153,7 @@ params.sndhwm = 1000000
 
 
 def _consume(runtime_dir: str, conn: Any) -> None:
-    """Consumer process: read the broadcast's batches continuously (engine/consumer.py's
+    """Consumer process: read the broadcast's batches continuously (engine/clients/consumer.py's
     ``batches``: every stream's rows of one record, numpy columns), keeping the ``recv_ns`` of each
     batch's token rows and the moment the batch came, and counting the streams that ended (end or
     error rows); between batches (every CONSUMER_LOOK_NS while busy) answer the bench:
@@ -161,8 +162,8 @@ def _consume(runtime_dir: str, conn: Any) -> None:
     last take; None -> exit."""
     import numpy as np
 
-    from engine import wire
-    from engine.consumer import StreamConsumer
+    from engine.protocol import wire
+    from engine.clients.consumer import StreamConsumer
 
     stamps: list[np.ndarray] = []
     arrivals: list[int] = []

@@ -49,7 +49,7 @@ import click
 import numpy as np
 import orjson
 
-from engine.client import EngineNotFound, find_engine, request
+from engine.clients.supervisor import EngineNotFound, find_engine, request
 from engine.launcher import process_gone
 from shm import descriptor as d
 from shm.naming import new_instance_id, segment_name

@@ -4,7 +4,7 @@ compute -> cache -> broadcast under paced chat load, one worker killed at a time
 A real engine runs the default topology (the default params of every stage) with the embedded
 upstream paced at ``pace`` tokens/s a stream. A submitter thread keeps about ``streams`` streams
 open: it submits a stream of ``tokens`` tokens (distinct prompts: no cache hit) every
-``tokens / pace / streams`` seconds. A consumer process (engine/consumer.py's StreamConsumer on the
+``tokens / pace / streams`` seconds. A consumer process (engine/clients/consumer.py's StreamConsumer on the
 binary socket, every stream) checks every stream it gets: rows in seq order without a gap or a
 repeat, ended by END after all its tokens or by an explicit ERROR row. The harness kills compute,
 cache, broadcast in turn, and ingest last (a killed ingest ends its open streams with an error
@@ -30,7 +30,8 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from engine.requests import RequestClient, RequestError, ingest_endpoint
+from engine.clients.requests import RequestClient
+from engine.protocol.requests import RequestError, ingest_endpoint
 from shm import descriptor as d
 from shm.naming import segment_name
 
@@ -117,7 +118,7 @@ class _Check:
         self.gaps = self.repeats = self.after_end = 0
 
     def rows(self, sids: Any, seqs: Any, kinds: Any, synthetic: bool) -> None:
-        from engine import wire
+        from engine.protocol import wire
 
         for sid, seq, kind in zip(sids.tolist(), seqs.tolist(), kinds.tolist(), strict=True):
             if sid in self.ended:
@@ -162,8 +163,8 @@ def _consume(runtime_dir: str, tokens: int, conn: Any) -> None:
     WAIT_S); ("report",) -> the check's report; None -> exit."""
     import numpy as np
 
-    from engine import wire
-    from engine.consumer import StreamConsumer
+    from engine.clients.consumer import StreamConsumer
+    from engine.protocol import wire
 
     check = _Check()
     history: deque[tuple[int, int]] = deque(maxlen=CONSUMER_HISTORY)

@@ -228,7 +228,7 @@ def run(path: str | None, detach: bool, as_json: bool) -> None:
 
 
 def _engine(path: str | None, instance: str | None) -> dict:
-    from engine.client import EngineNotFound, find_engine
+    from engine.clients.supervisor import EngineNotFound, find_engine
     from engine.rundir import RuntimeDirError
 
     cfg = _load(path)
@@ -244,7 +244,7 @@ def _engine(path: str | None, instance: str | None) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(path: str | None, instance: str | None, as_json: bool) -> None:
     """Show each worker (pid, state, uptime, restarts, rates), ring occupancy and the PAS."""
-    from engine.client import request
+    from engine.clients.supervisor import request
     from engine.redact import redact
     from engine.status_view import format_status
 
@@ -265,7 +265,7 @@ def status(path: str | None, instance: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def stop(path: str | None, instance: str | None, timeout: float, as_json: bool) -> None:
     """Drain and stop a running engine; returns once its supervisor has exited."""
-    from engine.client import request
+    from engine.clients.supervisor import request
     from engine.launcher import wait_exit
 
     info = _engine(path, instance)
@@ -285,7 +285,7 @@ def stop(path: str | None, instance: str | None, timeout: float, as_json: bool) 
 
 
 def _worker_command(command: str, path: str | None, instance: str | None, worker: str, as_json: bool) -> None:
-    from engine.client import request
+    from engine.clients.supervisor import request
 
     info = _engine(path, instance)
     try:
@@ -323,7 +323,8 @@ def cache() -> None:
 
 
 def _cache_command(command: str, worker: str, path: str | None, instance: str | None, as_json: bool) -> None:
-    from engine.cache_protocol import CacheClient, CacheProtocolError, socket_path
+    from engine.clients.cache import CacheClient
+    from engine.protocol.cache import CacheProtocolError, socket_path
 
     info = _engine(path, instance)
     try:
@@ -387,8 +388,8 @@ def demo(path: str | None, prompts: int, max_tokens: int) -> None:
 )
 def tail(stream_id: int | None, fmt: str, path: str | None, instance: str | None, wait_s: float) -> None:
     """Print live tokens from the engine's broadcast (every stream, or one from its beginning)."""
-    from engine.consumer import StreamConsumer
-    from engine.tail import follow
+    from engine.clients.consumer import StreamConsumer
+    from engine.clients.tail import follow
 
     info = _engine(path, instance)
     one, ended = stream_id is not None, None
@@ -428,7 +429,8 @@ def submit(
 ) -> None:
     """Submit a chat prompt to the engine's ingest; prints the new stream id at once. With --follow
     the exit code says how the stream ended: 0 complete, 1 ended by an error."""
-    from engine.requests import RequestClient, RequestError, ingest_endpoint
+    from engine.clients.requests import RequestClient
+    from engine.protocol.requests import RequestError, ingest_endpoint
 
     if not prompt.strip():
         raise click.BadParameter("the prompt is empty", param_hint="PROMPT")
@@ -450,8 +452,8 @@ def submit(
     else:
         _emit({"stream_id": stream_id}, as_json, f"stream {stream_id}")
     if follow:
-        from engine.consumer import StreamConsumer
-        from engine.tail import follow as print_stream
+        from engine.clients.consumer import StreamConsumer
+        from engine.clients.tail import follow as print_stream
 
         with StreamConsumer.for_engine(info["runtime_dir"], stream_id) as consumer:
             ended = print_stream(consumer, "json" if as_json else "text", _write, one_stream=True)

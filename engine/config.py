@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.keys import exposed_without_curve
+from engine.notify import MAX_WEBHOOKS, check_webhook_url
 from engine.redact import redact
 from engine.upstreams import UpstreamEntry
 from shm import descriptor as d
@@ -212,6 +213,32 @@ class SupervisorConfig(_Model):
         return self
 
 
+def _webhook_url(value: str) -> str:
+    return check_webhook_url(value)
+
+
+class NotifyConfig(_Model):
+    """``[notify]``: webhooks the supervisor posts to (engine/notify.py, docs/observability.md)."""
+
+    webhooks: list[Annotated[str, AfterValidator(_webhook_url)]] = []
+    timeout_s: float = Field(2.0, gt=0, le=30)  # per attempt
+    retries: int = Field(3, ge=0, le=10)  # attempts after the first, for a 5xx, 408/425/429 or no answer
+    backoff_s: float = Field(0.5, gt=0, le=60)  # before the first retry, doubling after
+    queue_size: int = Field(100, ge=1, le=10_000)  # per webhook; the oldest is dropped beyond
+    storm_restarts: int = Field(3, ge=2, le=1000)  # restarts of one worker within storm_window_s
+    storm_window_s: float = Field(300.0, gt=0, le=86_400)
+
+    @field_validator("webhooks")
+    @classmethod
+    def _bounded(cls, value: list[str]) -> list[str]:
+        if len(value) > MAX_WEBHOOKS:
+            raise ValueError(f"at most {MAX_WEBHOOKS} webhooks (got {len(value)})")
+        for i, url in enumerate(value):
+            if url in value[:i]:
+                raise _KeyedError((i,), "webhook listed twice")
+        return value
+
+
 def _max_record_limit(capacity: int) -> int:
     return d.default_max_record(capacity) * 2  # capacity // 2 - 16, what Ring.create accepts
 
@@ -321,6 +348,7 @@ def _default_workers() -> dict[str, WorkerConfig]:
 class Config(_Model):
     engine: EngineConfig = EngineConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
+    notify: NotifyConfig = NotifyConfig()
     ring_defaults: RingConfig = RingConfig()
     rings: dict[str, RingOverride] = {}
     # Insertion order is the topology order (rest_for_one restarts the workers after a failed one).

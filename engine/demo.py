@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from engine import wire
-from engine.client import request
+from engine.clients.consumer import StreamConsumer
+from engine.clients.requests import RequestClient
+from engine.clients.supervisor import request
 from engine.config import Config
-from engine.consumer import StreamConsumer
 from engine.launcher import launch_detached, wait_exit
-from engine.requests import RequestClient, ingest_endpoint
+from engine.protocol import wire
+from engine.protocol.requests import ingest_endpoint
 
 PROMPTS = (
     "Explain a ring buffer to a new engineer.",

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from engine.client import EngineNotFound, find_engine
+from engine.clients.supervisor import EngineNotFound, find_engine
 from engine.rundir import RuntimeDirError, open_private_dir, open_private_file
 from shm.naming import new_instance_id
 from shm.ring import pid_alive

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from engine.logs import JsonLogger
+from engine.protocol import endpoints
 from engine.telemetry import Telemetry
 from engine.validated import ModelRef, ValidatedParams
 from shm.ports import RecordConsumer, RecordProducer
@@ -54,10 +55,11 @@ class WorkerContext:
     # metrics, recorded once per record (never per token) and sent with each heartbeat
     telemetry: Telemetry = field(default_factory=Telemetry)
 
-    def endpoint(self, name: str) -> str:
-        """``ipc://`` endpoint for a socket this worker binds, inside the supervisor's runtime
-        directory (the supervisor owns the path and removes it with the directory)."""
-        return f"ipc://{os.path.join(self.runtime_dir, name)}.sock"
+    def endpoint(self, role: str = "") -> str:
+        """``ipc://`` endpoint for a socket this worker binds, named after the worker
+        (engine/protocol/endpoints.py), inside the supervisor's runtime directory (the
+        supervisor owns the path and removes it with the directory)."""
+        return endpoints.endpoint(self.runtime_dir, self.name, role)
 
     def state_array(self, key: str, dtype: str, shape: int | tuple[int, ...]) -> np.ndarray:  # noqa: F821
         """A zero-initialised array that survives restarts of this worker (not of the engine).

@@ -20,8 +20,6 @@ import secrets
 
 from engine.rundir import RuntimeDirError, open_private_dir, open_private_file
 
-LOOKUP = "lookup"
-OPERATOR = "operator"
 _TOKEN_CHARS = 64
 
 

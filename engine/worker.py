@@ -24,7 +24,8 @@ from typing import Any
 
 import zmq
 
-from engine import control, transport
+from engine.protocol import control
+from engine import transport
 from engine.lifeline import EXIT_ORPHANED, die_with_parent
 from engine.logs import JsonLogger
 from engine.stage import AsyncStage, Stage, WorkerContext

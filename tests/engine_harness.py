@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from engine.client import EngineNotFound, find_engine, request
+from engine.clients.supervisor import EngineNotFound, find_engine, request
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 

@@ -18,10 +18,11 @@ import pytest
 import zmq
 from engine_harness import wait_for
 
-from engine import wire
-from engine.consumer import StreamConsumer
+from engine.clients.consumer import StreamConsumer
+from engine.clients.requests import RequestClient
 from engine.logs import JsonLogger
-from engine.requests import RequestClient, ingest_endpoint
+from engine.protocol import wire
+from engine.protocol.requests import ingest_endpoint
 from engine.stage import WorkerContext
 from shm.batch import ExtraColumn, Kind, batch_size, write_batch
 from shm.naming import segment_name
@@ -304,7 +305,7 @@ def stage_on_ring(tmp_path):
 def test_stage_publishes_every_kind_and_appended_column_and_drops_resent_rows(stage_on_ring):
     stage, producer, ctx = stage_on_ring()
     subs = {enc: sub_socket(ctx.endpoint(ep), wire.ALL_TOPIC, wire.topic(9))
-            for enc, ep in (("json", "broadcast"), ("binary", "broadcast-binary"))}  # fmt: skip
+            for enc, ep in (("json", ""), ("binary", "binary"))}  # fmt: skip
     try:
         wait_for(lambda: stage.do_work() >= 0 and stage.stats()["subscriptions"] >= 4, 5, "the subscriptions")
         start = orjson.dumps({"model": "m", "cached": True, "cache_key": "ab"})
@@ -350,10 +351,10 @@ def test_stage_publishes_every_kind_and_appended_column_and_drops_resent_rows(st
 def test_junk_from_a_subscriber_never_stops_publishing(stage_on_ring):
     """Issue 13.6: an XSUB can send any bytes up to the XPUB; they are not subscriptions."""
     stage, producer, ctx = stage_on_ring()
-    good = sub_socket(ctx.endpoint("broadcast"), wire.ALL_TOPIC)
+    good = sub_socket(ctx.endpoint(), wire.ALL_TOPIC)
     junk = zmq.Context.instance().socket(zmq.XSUB)
     junk.setsockopt(zmq.LINGER, 0)
-    junk.connect(ctx.endpoint("broadcast"))
+    junk.connect(ctx.endpoint())
     try:
         wait_for(lambda: stage.do_work() >= 0 and stage.stats()["subscriptions"] >= 1, 5, "the subscription")
         for frame in (b"", b"\x02junk", b"\x00all", b"\x00all", b"\x00nobody", b"x" * 1000, b"\x00"):
@@ -371,7 +372,7 @@ def test_junk_from_a_subscriber_never_stops_publishing(stage_on_ring):
 def snapshot_client(ctx) -> zmq.Socket:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(ctx.endpoint("broadcast-snapshot"))
+    sock.connect(ctx.endpoint("snapshot"))
     return sock
 
 
@@ -417,7 +418,7 @@ def test_a_flood_of_snapshot_requests_does_not_starve_publishing(stage_on_ring):
     """Issue 13.4: each duty cycle reads a bounded number of requests, and a client over its rate
     gets no answers; records keep being published between them."""
     stage, producer, ctx = stage_on_ring()
-    sub = sub_socket(ctx.endpoint("broadcast"), wire.ALL_TOPIC)
+    sub = sub_socket(ctx.endpoint(), wire.ALL_TOPIC)
     flood = snapshot_client(ctx)
     flood.setsockopt(zmq.SNDHWM, 0)  # queue the whole flood at the client
     try:

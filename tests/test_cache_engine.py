@@ -12,8 +12,10 @@ import orjson
 import pytest
 from engine_harness import Engine, wait_for
 
-from engine.cache_protocol import CacheClient, socket_path
-from engine.requests import RequestClient, ingest_endpoint
+from engine.clients.cache import CacheClient
+from engine.clients.requests import RequestClient
+from engine.protocol.cache import socket_path
+from engine.protocol.requests import ingest_endpoint
 
 TOKENS = 20
 ROWS = TOKENS + 2  # START, tokens, END

@@ -9,8 +9,8 @@ import numpy as np
 import orjson
 import pytest
 
-from engine.cache_protocol import CacheProtocolError, parse_request
-from engine.cachekey import cache_key, check_policy, key_for, producer_id
+from engine.protocol.cache import CacheProtocolError, parse_request
+from engine.protocol.cachekey import cache_key, check_policy, key_for, producer_id
 from shm.batch import BatchColumns, ExtraColumn, Kind, TokenBatch, batch_size, write_batch
 from stages.cache.collect import Collector
 from stages.cache.replay import Replay

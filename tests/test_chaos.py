@@ -20,8 +20,9 @@ import time
 import pytest
 from engine_harness import chat, full_config
 
-from engine.consumer import StreamConsumer
-from engine.requests import RequestClient, RequestError, ingest_endpoint
+from engine.clients.consumer import StreamConsumer
+from engine.clients.requests import RequestClient
+from engine.protocol.requests import RequestError, ingest_endpoint
 from stages.ingest import corpus
 from stages.ingest.upstream_server import parse_request
 

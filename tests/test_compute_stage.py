@@ -20,9 +20,10 @@ import pytest
 import zmq
 
 from engine.logs import JsonLogger
-from engine.requests import ingest_endpoint
+from engine.protocol.requests import ingest_endpoint
+from engine.protocol.tokens import OPERATOR
 from engine.stage import WorkerContext
-from engine.tokens import OPERATOR, ensure_token
+from engine.tokens import ensure_token
 from shm.batch import Kind, TokenBatch, batch_size, encode_texts, write_batch
 from shm.naming import segment_name
 from shm.ring import Consumer, Producer, Ring

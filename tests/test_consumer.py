@@ -13,8 +13,8 @@ import pytest
 import zmq
 from engine_harness import wait_for
 
-from engine import wire
-from engine.consumer import StreamConsumer
+from engine.clients.consumer import StreamConsumer
+from engine.protocol import wire
 
 EPOCH = 77
 
@@ -195,7 +195,7 @@ def test_one_stream_hole_published_after_the_snapshot_answer_is_asked_again_not_
 
 
 def test_one_stream_unanswered_snapshot_request_is_sent_again(broadcast, monkeypatch):
-    monkeypatch.setattr("engine.consumer.ASK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr("engine.clients.consumer.ASK_TIMEOUT_S", 0.2)
     _, router = broadcast
     c, _ = joined(broadcast, 5)
     with c:

@@ -9,8 +9,9 @@ import orjson
 import pytest
 import zmq
 
-from engine.correlation import split_request
-from engine.requests import RequestClient, RequestError
+from engine.clients.correlation import split_request
+from engine.clients.requests import RequestClient
+from engine.protocol.requests import RequestError
 
 
 def _late_then_prompt_server(endpoint: str, ready: threading.Event, done: threading.Event) -> None:

@@ -25,10 +25,10 @@ from test_broadcast import (
     sub_socket,
 )
 
-from engine import wire
+from engine.clients.consumer import StreamConsumer
 from engine.config import ConfigError, load_config
-from engine.consumer import StreamConsumer
 from engine.keys import ClientKeys, KeysDir, load_client_keys
+from engine.protocol import wire
 from shm.batch import Kind
 from stages.broadcast.stage import Broadcast
 
@@ -77,7 +77,7 @@ def test_only_an_allowed_client_key_receives_anything(curve_stage):
         "wrong server key": _client(zmq.SUB, live, impostor_server, wire.ALL_TOPIC),
         "allowed": _client(zmq.SUB, live, good, wire.ALL_TOPIC),
     }
-    ipc_sub = sub_socket(ctx.endpoint("broadcast"), wire.ALL_TOPIC)  # ipc stays as it was: no keys
+    ipc_sub = sub_socket(ctx.endpoint(), wire.ALL_TOPIC)  # ipc stays as it was: no keys
     try:
         # the allowed SUB's subscription and the ipc one reach the broadcast; no other can
         wait_for(lambda: stage.do_work() >= 0 and stage.stats()["subscriptions"] >= 2, 5, "the subscriptions")

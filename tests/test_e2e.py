@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from engine_harness import chat, full_config, wait_for
 
-from engine import wire
-from engine.consumer import StreamConsumer
-from engine.requests import RequestClient, ingest_endpoint
+from engine.clients.consumer import StreamConsumer
+from engine.clients.requests import RequestClient
+from engine.protocol import wire
+from engine.protocol.requests import ingest_endpoint
 from stages.ingest.upstream_server import UpstreamServerConfig, serve_in_process
 
 pytestmark = pytest.mark.timeout(180)

@@ -13,8 +13,9 @@ import time
 import pytest
 from engine_harness import chat, full_config, wait_for
 
-from engine.consumer import StreamConsumer
-from engine.requests import RequestClient, ingest_endpoint
+from engine.clients.consumer import StreamConsumer
+from engine.clients.requests import RequestClient
+from engine.protocol.requests import ingest_endpoint
 
 STREAMS, TOKENS = 24, 20
 

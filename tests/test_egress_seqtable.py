@@ -1,4 +1,4 @@
-"""engine.seqtable.SeqTable (the broadcast's and the client's de-duplication by stream and seq,
+"""engine.protocol.seqtable.SeqTable (the broadcast's and the client's de-duplication by stream and seq,
 vectorised) against a plain per-row reference, on random batches with repeats, jumps, streams
 sharing a table slot and republished rows."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.seqtable import SLOTS, SeqTable
+from engine.protocol.seqtable import SLOTS, SeqTable
 
 
 def reference(state: dict[int, int], sids: list[int], seqs: list[int], drop_seen: bool) -> tuple[list[bool], int]:

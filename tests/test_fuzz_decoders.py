@@ -19,11 +19,11 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import control, wire
-from engine.cache_protocol import CacheProtocolError
-from engine.cache_protocol import parse_request as parse_cache_request
 from engine.config import ConfigError, load_config
-from engine.requests import RequestError, parse_request
+from engine.protocol import control, wire
+from engine.protocol.cache import CacheProtocolError
+from engine.protocol.cache import parse_request as parse_cache_request
+from engine.protocol.requests import RequestError, parse_request
 from stages.broadcast.snapshots import _parse as parse_snapshot_request
 from stages.ingest.sse import SSEParser
 

@@ -9,7 +9,7 @@ import pytest
 import zmq
 from engine_harness import Engine, chat, wait_for
 
-from engine.requests import MAX_CLIENT_BYTES, ingest_endpoint
+from engine.protocol.requests import MAX_CLIENT_BYTES, ingest_endpoint
 
 CONFIG = """
 [engine]

@@ -14,10 +14,12 @@ import pytest
 import zmq
 from engine_harness import Engine, chat, full_config, wait_for
 
-from engine.cache_protocol import CacheClient, socket_path
-from engine.cachekey import key_for, producer_id
-from engine.consumer import StreamConsumer
-from engine.requests import RequestClient, RequestError, ingest_endpoint, validate_body
+from engine.clients.cache import CacheClient
+from engine.clients.consumer import StreamConsumer
+from engine.clients.requests import RequestClient
+from engine.protocol.cache import socket_path
+from engine.protocol.cachekey import key_for, producer_id
+from engine.protocol.requests import RequestError, ingest_endpoint, validate_body
 
 
 @pytest.fixture

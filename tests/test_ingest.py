@@ -12,7 +12,8 @@ import orjson
 import pytest
 from engine_harness import Engine, wait_for
 
-from engine.requests import RequestClient, RequestError, ingest_endpoint
+from engine.clients.requests import RequestClient
+from engine.protocol.requests import RequestError, ingest_endpoint
 
 CONFIG = """
 [engine]

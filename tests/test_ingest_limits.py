@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from engine_harness import Engine, wait_for
 
-from engine.requests import RequestClient, ingest_endpoint
+from engine.clients.requests import RequestClient
+from engine.protocol.requests import ingest_endpoint
 from stages.ingest.sse import SSEParser
 
 CONFIG = """

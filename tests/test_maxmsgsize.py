@@ -8,7 +8,8 @@ import pytest
 import zmq
 from engine_harness import full_config
 
-from engine.requests import MAX_REQUEST_BYTES, RequestClient, ingest_endpoint
+from engine.clients.requests import RequestClient
+from engine.protocol.requests import MAX_REQUEST_BYTES, ingest_endpoint
 
 pytestmark = pytest.mark.timeout(60)
 

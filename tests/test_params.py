@@ -207,7 +207,8 @@ def test_config_show_checks_params_and_light_commands_import_no_stage(tmp_path):
     )
     assert show.returncode == 1 and "params.compute.coalesce_rows: must be in [1, 65536], got 0" in show.stderr
     light = (
-        "import sys; from engine.config import load_config; from engine import cli, client, tail, check; "
+        "import sys; from engine.config import load_config; from engine import cli, check; "
+        "from engine.clients import supervisor, tail; "
         f"load_config({str(bad)!r}); print(sorted(m for m in sys.modules if m.startswith('stages')))"
     )
     out = subprocess.run([sys.executable, "-c", light], capture_output=True, text=True, check=True)

@@ -14,7 +14,7 @@ import orjson
 import pytest
 from engine_harness import Engine, pipeline_config, wait_for
 
-from engine.client import EngineNotFound, find_engine
+from engine.clients.supervisor import EngineNotFound, find_engine
 from engine.status_view import format_status
 
 

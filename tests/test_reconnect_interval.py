@@ -9,8 +9,8 @@ from pathlib import Path
 
 import zmq
 
-from engine.consumer import StreamConsumer
-from engine.requests import RequestClient
+from engine.clients.consumer import StreamConsumer
+from engine.clients.requests import RequestClient
 
 
 def test_consumer_sockets_retry_a_restarted_broadcast_every_10_ms(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from engine.requests import MAX_REQUEST_BYTES, RequestError, parse_request, validate_body
+from engine.protocol.requests import MAX_REQUEST_BYTES, RequestError, parse_request, validate_body
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

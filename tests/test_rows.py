@@ -1,11 +1,11 @@
-"""The START and END row texts (engine/rows.py): what a writer puts in, a reader gets back, and a
+"""The START and END row texts (engine/protocol/rows.py): what a writer puts in, a reader gets back, and a
 bad text reads as the defaults instead of stopping the reader."""
 
 from __future__ import annotations
 
 import pytest
 
-from engine.rows import End, Start, end_text, read_end, read_start, start_text
+from engine.protocol.rows import End, Start, end_text, read_end, read_start, start_text
 
 
 def test_round_trip() -> None:

@@ -16,10 +16,11 @@ import orjson
 import pytest
 from engine_harness import wait_for
 
+from engine.clients.requests import RequestClient
 from engine.config import load_config, render_config
 from engine.logs import JsonLogger
+from engine.protocol.requests import ingest_endpoint
 from engine.redact import mask_url, redact
-from engine.requests import RequestClient, ingest_endpoint
 
 PASSWORD, API_KEY = "pa@ss-W0RD", "sk-TOPSECRET-1234"
 

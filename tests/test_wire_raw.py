@@ -1,6 +1,6 @@
 """docs/wire-format.md is enough to read the broadcast: live messages and snapshot replies of a
 real engine (ingest -> broadcast), decoded here with raw pyzmq sockets, json, struct and numpy
-only, as a consumer in another language would (this file must not import engine.wire or the
+only, as a consumer in another language would (this file must not import engine.protocol.wire or the
 consumer client)."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import zmq
 
-from engine.requests import RequestClient, ingest_endpoint
+from engine.clients.requests import RequestClient
+from engine.protocol.requests import ingest_endpoint
 
 CONFIG = """
 [engine]

@@ -77,6 +77,8 @@ class Gate:
         verifier: JwtVerifier | None = None,
         on_error: Callable[[str], None] | None = None,
         max_principals: int = MAX_PRINCIPALS,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if mode not in MODES:
             raise AuthConfigError(f"auth must be one of {', '.join(MODES)} (got {mode!r})")
@@ -88,7 +90,8 @@ class Gate:
         self.store = store
         self._verifier = verifier
         self._on_error = on_error
-        self._limiter = Limiter(self._read_budget if store is not None else None, max_principals)
+        self._wall = wall_clock
+        self._limiter = Limiter(self._read_budget if store is not None else None, max_principals, clock, wall_clock)
         self._unsaved: dict[tuple[str, str], list[int]] = {}
 
     @classmethod
@@ -167,7 +170,7 @@ class Gate:
     def _read_budget(self, principal: Principal, period_s: int, budget: int) -> tuple[int, float]:
         """(tokens the ledger holds for the last ``period_s``, plus any not written yet; seconds until
         enough hours leave the window for the use to fall below ``budget``)."""
-        now = time.time()
+        now = self._wall()
         try:
             hours = self.store.budget_hours(principal.name, now - period_s, principal.kind)
         except KeyStoreError as exc:
@@ -206,7 +209,7 @@ class Gate:
             return
         entries = [(kind, name, *counts) for (kind, name), counts in self._unsaved.items()]
         try:
-            self.store.add_usage_many(entries)
+            self.store.add_usage_many(entries, self._wall())
         except (KeyStoreError, ValueError) as exc:
             self._report(f"ledger write failed (kept, retried at the next stream end): {exc}")
             return

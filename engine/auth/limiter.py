@@ -87,10 +87,18 @@ BudgetReader = Callable[[Principal, int, int], tuple[int, float]]
 class Limiter:
     """Admission and accounting for every principal of one gateway."""
 
-    def __init__(self, read_budget: BudgetReader | None, max_principals: int = MAX_PRINCIPALS) -> None:
+    def __init__(
+        self,
+        read_budget: BudgetReader | None,
+        max_principals: int = MAX_PRINCIPALS,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self._read_budget = read_budget
         self._states: OrderedDict[str, PrincipalState] = OrderedDict()
         self._max = max_principals
+        self._clock = clock  # windows and refreshes
+        self._wall = wall_clock  # the ledger's time (a spent budget's retry)
 
     def __len__(self) -> int:
         return len(self._states)
@@ -120,7 +128,7 @@ class Limiter:
     def admit(self, principal: Principal, state: PrincipalState) -> None:
         """Count one request and one open stream, or raise LimitExceeded (nothing counted)."""
         limits = principal.limits
-        now = time.monotonic()
+        now = self._clock()
         if limits.budget_tokens is not None:
             self._check_budget(principal, state)
         if limits.rpm is not None and state.requests.total(now) >= limits.rpm:
@@ -136,13 +144,16 @@ class Limiter:
 
     def _check_budget(self, principal: Principal, state: PrincipalState) -> None:
         limits = principal.limits
-        wall = time.time()
+        wall = self._wall()
         if wall < state.budget_retry_at:
             raise self._spent(limits.budget_tokens, state.budget_retry_at - wall)
-        if self._read_budget is not None and time.monotonic() - state.budget_read_at >= BUDGET_REFRESH_S:
+        # read the ledger again when the last read is old, or a spent budget's wait is over
+        stale = state.budget_retry_at or self._clock() - state.budget_read_at >= BUDGET_REFRESH_S
+        if self._read_budget is not None and stale:
+            state.budget_retry_at = 0.0
             used, wait = self._read_budget(principal, limits.budget_period_s, limits.budget_tokens)
             state.budget_used = used + state.in_flight
-            state.budget_read_at = time.monotonic()
+            state.budget_read_at = self._clock()
             if state.budget_used >= limits.budget_tokens:
                 state.budget_retry_at = wall + wait
                 raise self._spent(limits.budget_tokens, wait)
@@ -155,7 +166,7 @@ class Limiter:
         return LimitExceeded("budget", wait, f"token budget of {budget} spent for this period")
 
     def delivered(self, state: PrincipalState, n: int) -> None:
-        state.tokens.add(time.monotonic(), n)
+        state.tokens.add(self._clock(), n)
         state.in_flight += n
         state.budget_used += n
 

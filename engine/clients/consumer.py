@@ -40,9 +40,10 @@ import numpy as np
 import orjson
 import zmq
 
-from engine import wire
+from engine.protocol import wire
 from engine.keys import ClientKeys
-from engine.seqtable import SeqTable
+from engine.protocol.endpoints import endpoint
+from engine.protocol.seqtable import SeqTable
 
 RESYNC_S = 1.0  # one stream: silent this long before its end, it is asked for again
 ASK_TIMEOUT_S = 2.0  # a snapshot request unanswered this long is sent again
@@ -135,14 +136,18 @@ class StreamConsumer:
 
     @classmethod
     def for_engine(
-        cls, runtime_dir: str, stream: int | None = None, binary: bool = False, **options: Any
+        cls,
+        runtime_dir: str,
+        stream: int | None = None,
+        binary: bool = False,
+        worker: str = "broadcast",
+        **options: Any,
     ) -> StreamConsumer:
         """A consumer of the engine whose runtime directory is ``runtime_dir`` (the ``runtime_dir``
-        of ``engine.client.find_engine``), over its ipc endpoints."""
-        name = "broadcast-binary" if binary else "broadcast"
+        of ``engine.clients.supervisor.find_engine``), over its ipc endpoints."""
         return cls(
-            f"ipc://{os.path.join(runtime_dir, name)}.sock",
-            f"ipc://{os.path.join(runtime_dir, 'broadcast-snapshot')}.sock",
+            endpoint(runtime_dir, worker, "binary" if binary else ""),
+            endpoint(runtime_dir, worker, "snapshot"),
             stream,
             encoding="binary" if binary else "json",
             **options,

@@ -8,7 +8,7 @@ from typing import Any
 
 import zmq
 
-from engine import control
+from engine.protocol import control
 from engine.rundir import live_instances
 
 _counter = itertools.count()

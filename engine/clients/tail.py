@@ -1,4 +1,4 @@
-"""Printing what a :class:`engine.consumer.StreamConsumer` reads: ``neuralpipe tail`` and
+"""Printing what a :class:`engine.clients.consumer.StreamConsumer` reads: ``neuralpipe tail`` and
 ``neuralpipe submit --follow``."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from collections.abc import Callable
 import numpy as np
 import orjson
 
-from engine import wire
-from engine.consumer import StreamConsumer
+from engine.clients.consumer import StreamConsumer
+from engine.protocol import wire
 
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
 

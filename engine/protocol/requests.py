@@ -1,4 +1,5 @@
-"""Generation requests: the wire protocol of the ingest ROUTER, its validation, and a client.
+"""Generation requests: the wire protocol of the ingest ROUTER, its validation (the client:
+engine/clients/requests.py).
 
 The ingest worker binds a ROUTER at ``ipc://<runtime dir>/<instance>/ingest.sock``. A client
 connects a DEALER and sends one JSON object per frame:
@@ -15,12 +16,10 @@ was told it) or with the engine's operator token (engine/tokens.py; docs/securit
 
 from __future__ import annotations
 
-import os
-from collections import OrderedDict
 from typing import Any
 
-from engine.control import load_object
-from engine.correlation import CorrelatedDealer
+from engine.protocol.control import load_object
+from engine.protocol.endpoints import endpoint
 
 MAX_REQUEST_BYTES = 1 << 20
 MAX_MESSAGES = 512
@@ -32,7 +31,6 @@ MAX_STREAM_ID = 2**63 - 1
 MAX_CANCEL_TOKENS = 65536  # a RequestClient remembers the cancel tokens of its latest streams
 ENDPOINTS = ("chat", "completions")
 ROLES = ("system", "user", "assistant", "tool", "developer")
-SOCKET_NAME = "ingest"
 
 
 class RequestError(ValueError):
@@ -116,62 +114,11 @@ def parse_request(frame: bytes) -> dict[str, Any]:
         if not isinstance(msg.get("token", ""), str):
             raise RequestError("token: must be a string")
         return msg
-    raise RequestError(f"type: must be 'submit' or 'cancel' (got {kind!r})")
+    if kind == "models":
+        return msg
+    raise RequestError(f"type: must be 'submit', 'cancel' or 'models' (got {kind!r})")
 
 
-def ingest_endpoint(runtime_dir: str) -> str:
-    """Where the ingest worker of the engine in ``runtime_dir`` listens."""
-    return f"ipc://{os.path.join(runtime_dir, SOCKET_NAME)}.sock"
-
-
-class RequestClient:
-    """A small synchronous client: ``submit`` returns the stream id, ``cancel`` cancels. Replies
-    are correlated (engine/correlation.py): one that comes after its call timed out is dropped."""
-
-    def __init__(
-        self, endpoint: str, identity: str | None = None, timeout_s: float = 5.0, operator: bool = False
-    ) -> None:
-        """``operator``: cancel any stream, with the operator token read from the runtime
-        directory of an ``ipc://`` endpoint (only the engine's user can read it)."""
-        self._dealer = CorrelatedDealer(endpoint, "ingest", timeout_s, identity)
-        self._cancel_tokens: OrderedDict[int, str] = OrderedDict()  # the latest streams submitted here
-        self._token = None
-        if operator:
-            from engine.tokens import OPERATOR, read_token
-
-            self._token = read_token(os.path.dirname(endpoint.removeprefix("ipc://")), OPERATOR)
-            if self._token is None:
-                raise RequestError(f"no operator token next to {endpoint} (is the engine running?)")
-
-    def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
-        reply = self._dealer.call(msg)
-        if reply.get("type") == "rejected":
-            raise RequestError(str(reply.get("reason")))
-        return reply
-
-    def submit(self, body: dict[str, Any], endpoint: str = "chat", client: str | None = None) -> int:
-        msg: dict[str, Any] = {"type": "submit", "body": body, "endpoint": endpoint}
-        if client:
-            msg["client"] = client
-        reply = self._call(msg)
-        sid = int(reply["stream_id"])
-        self._cancel_tokens[sid] = str(reply.get("cancel_token", ""))
-        if len(self._cancel_tokens) > MAX_CANCEL_TOKENS:
-            self._cancel_tokens.popitem(last=False)
-        return sid
-
-    def cancel(self, stream_id: int) -> None:
-        """Cancel a stream this client submitted (one of its latest MAX_CANCEL_TOKENS), or any
-        stream with ``operator``."""
-        token = self._token or self._cancel_tokens.get(stream_id, "")
-        self._call({"type": "cancel", "stream_id": stream_id, "token": token})
-        self._cancel_tokens.pop(stream_id, None)
-
-    def close(self) -> None:
-        self._dealer.close()
-
-    def __enter__(self) -> RequestClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+def ingest_endpoint(runtime_dir: str, worker: str = "ingest") -> str:
+    """Where the ingest worker ``worker`` of the engine in ``runtime_dir`` listens."""
+    return endpoint(runtime_dir, worker)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.wire import stream_order
+from engine.protocol.wire import stream_order
 
 SLOTS = 1 << 16
 CLOSED = np.uint64(1 << 62)  # the next seq of a stream that has ended: every later row of it is dropped

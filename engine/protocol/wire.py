@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from engine.rows import read_end, read_start
+from engine.protocol.rows import read_end, read_start
 from shm.batch import Kind
 
 VERSION = 2
@@ -215,7 +215,7 @@ def stream_order(sids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def event_fields(kind: int, text: str) -> dict[str, Any]:
     """The header fields of a start, end or error row from its text (the internal fields a stage
-    keeps in a start row, such as the cache key, are left out; engine/rows.py has the row texts)."""
+    keeps in a start row, such as the cache key, are left out; engine/protocol/rows.py has the row texts)."""
     if kind == START:
         start = read_start(text)
         return {"model": start.model, "cached": start.cached}

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from engine.keys import exposed_without_curve
 from engine.params import StageParams
-from engine.wire import ENCODINGS
+from engine.protocol.wire import ENCODINGS
 
 _SCHEMES = ("tcp://", "ipc://")
 

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from engine import wire
-from engine.seqtable import SeqTable
+from engine.protocol import wire
+from engine.protocol.seqtable import SeqTable
 from stages.broadcast.retention import Retention
 
 REQUESTS_PER_CYCLE = 64

@@ -1,4 +1,4 @@
-"""Broadcast: the last stage. Publishes what reaches it on XPUB sockets (engine/wire.py, wire format
+"""Broadcast: the last stage. Publishes what reaches it on XPUB sockets (engine/protocol/wire.py, wire format
 version 2, docs/wire-format.md) and serves what it retained on a snapshot ROUTER.
 
 Per input record it publishes ONE batch message on the topic ``all`` (every stream's rows of the
@@ -55,9 +55,9 @@ from typing import Any
 import numpy as np
 import zmq
 
-from engine import wire
+from engine.protocol import wire
 from engine.keys import CurveServer
-from engine.seqtable import SLOTS, SeqTable
+from engine.protocol.seqtable import SLOTS, SeqTable
 from engine.stage import Stage, WorkerContext
 from engine.validated import ModelRef
 from shm.batch import TokenBatch
@@ -90,8 +90,8 @@ class Broadcast(Stage):
         self.inp = ctx.inputs[0]
         self.zmq = zmq.Context()
         endpoints = [  # (url, encoding): the two ipc ones, then the configured ones
-            (ctx.endpoint("broadcast"), "json"),
-            (ctx.endpoint("broadcast-binary"), "binary"),
+            (ctx.endpoint(), "json"),
+            (ctx.endpoint("binary"), "binary"),
             *((e.url, e.encoding) for e in p.endpoints),
         ]
         # CURVE is a socket's option, so each tcp endpoint has a socket of its own (extra live
@@ -106,7 +106,7 @@ class Broadcast(Stage):
             sock.setsockopt(zmq.MAXMSGSIZE, 4096)  # what subscribers send: (un)subscriptions, a topic each
             self._bind(sock, url)
             self.publishers.append(_Publisher(sock, encoding))
-        self.router = self._snapshot_router(ctx.endpoint("broadcast-snapshot"))
+        self.router = self._snapshot_router(ctx.endpoint("snapshot"))
         self.routers = [self.router]
         if p.snapshot_url:
             self.routers.append(self._snapshot_router(p.snapshot_url))

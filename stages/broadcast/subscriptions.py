@@ -9,7 +9,7 @@ subscriber still gets its stream from the snapshot endpoint).
 
 from __future__ import annotations
 
-from engine import wire
+from engine.protocol import wire
 
 MAX_TOPICS = 100_000
 

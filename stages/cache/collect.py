@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.rows import read_start
+from engine.protocol.rows import read_start
 from shm.batch import BatchColumns, ExtraColumn, Kind
 from stages.cache.stream import StoredStream, StreamBuilder
 

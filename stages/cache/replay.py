@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from engine.rows import Start, start_text
+from engine.protocol.rows import Start, start_text
 from shm.batch import Kind, batch_size, write_batch
 from shm.ring import Producer
 from stages.cache.stream import StoredStream

@@ -1,7 +1,7 @@
 """Cache: between compute and broadcast. Passes every record through unchanged, stores finished
 streams that carry a cache key, and replays a stored stream when ingest's lookup hits.
 
-Duty cycle: serve the ROUTER (lookups and operator commands, engine.cache_protocol), copy up to
+Duty cycle: serve the ROUTER (lookups and operator commands, engine.protocol.cache), copy up to
 64 input records to the output (each input record is released only after its copy is committed,
 as in stages/testing/relay.py), then write one batch of each active replay, round robin, so
 replays and live traffic share the output ring fairly.
@@ -33,8 +33,8 @@ import numpy as np
 import orjson
 import zmq
 
-from engine.cache_protocol import MAX_MESSAGE_BYTES, CacheProtocolError, authority, parse_request
-from engine.correlation import split_request
+from engine.clients.correlation import split_request
+from engine.protocol.cache import MAX_MESSAGE_BYTES, CacheProtocolError, authority, parse_request
 from engine.stage import Stage, WorkerContext
 from engine.tokens import ensure_token, matches
 from engine.validated import ModelRef
@@ -97,8 +97,8 @@ class Cache(Stage):
         self.router.setsockopt(zmq.LINGER, 0)
         # a frame up to twice the message limit gets a clear error; a larger one is never buffered
         self.router.setsockopt(zmq.MAXMSGSIZE, 2 * MAX_MESSAGE_BYTES)
-        self.router.bind(ctx.endpoint(ctx.name))
-        ctx.log.info("cache_ready", endpoint=ctx.endpoint(ctx.name), path=self.snapshot_path, entries=len(self.store))
+        self.router.bind(ctx.endpoint())
+        ctx.log.info("cache_ready", endpoint=ctx.endpoint(), path=self.snapshot_path, entries=len(self.store))
 
     def pollables(self) -> list[Any]:
         return [self.router]

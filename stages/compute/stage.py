@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.requests import RequestClient, RequestError, ingest_endpoint
+from engine.clients.requests import RequestClient
+from engine.protocol.requests import RequestError, ingest_endpoint
 from engine.stage import Stage, WorkerContext
 from engine.validated import ModelRef
 from shm.batch import COLUMNS_OFFSET, BatchColumns, ExtraColumn, Kind, TokenBatch, batch_size, write_batch

@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from engine.cachekey import POLICIES
 from engine.params import FloatIn, IntIn, StageParams
+from engine.protocol.cachekey import POLICIES
 from engine.upstreams import UpstreamEntry
 
 MAX_FLUSH_MS = 100.0  # a longer window only adds latency: batches fill from batch_rows under load

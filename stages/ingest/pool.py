@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from engine.requests import MAX_TOKENS_LIMIT
+from engine.protocol.requests import MAX_TOKENS_LIMIT
 from engine.telemetry import Telemetry
 from engine.upstreams import UpstreamEntry as UpstreamConfig  # one definition with the config's [[upstreams]]
 from stages.ingest.openai_client import (

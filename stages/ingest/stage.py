@@ -38,13 +38,15 @@ import orjson
 import zmq
 import zmq.asyncio
 
-from engine.cache_protocol import CacheLookup, socket_path
-from engine.cachekey import is_deterministic, key_for, producer_id
-from engine.correlation import split_request
-from engine.requests import MAX_REQUEST_BYTES, RequestError, parse_request
-from engine.rows import End, Start, end_text, start_text
+from engine.clients.cache import CacheLookup
+from engine.protocol.cache import socket_path
+from engine.protocol.cachekey import is_deterministic, key_for, producer_id
+from engine.clients.correlation import split_request
+from engine.protocol.requests import MAX_REQUEST_BYTES, RequestError, parse_request
+from engine.protocol.rows import End, Start, end_text, start_text
+from engine.protocol.tokens import LOOKUP, OPERATOR
 from engine.stage import AsyncStage, WorkerContext, wait_writable
-from engine.tokens import LOOKUP, OPERATOR, ensure_token, matches
+from engine.tokens import ensure_token, matches
 from shm.batch import Kind, TokenBatch, stable_token_id
 from stages.ingest.openai_client import Tokens, UpstreamError, wait_both
 from stages.ingest.params import IngestParams
@@ -108,8 +110,8 @@ class Ingest(AsyncStage):
         self.sock.setsockopt(zmq.LINGER, 0)
         # a frame up to twice the request limit gets a clear rejection; a larger one is never buffered
         self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * MAX_REQUEST_BYTES)
-        self.sock.bind(ctx.endpoint("ingest"))
-        ctx.log.info("ingest_ready", endpoint=ctx.endpoint("ingest"), upstreams=[u.base_url for u in upstreams])
+        self.sock.bind(ctx.endpoint())
+        ctx.log.info("ingest_ready", endpoint=ctx.endpoint(), upstreams=[u.base_url for u in upstreams])
 
     async def run(self, ctx: WorkerContext) -> None:
         flusher = asyncio.create_task(self._flusher())

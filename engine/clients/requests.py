@@ -1,0 +1,65 @@
+"""A synchronous client of the ingest ROUTER: submit a generation request, cancel a stream
+(the protocol itself: engine/protocol/requests.py, docs/request-protocol.md)."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Any
+
+from engine.clients.correlation import CorrelatedDealer
+from engine.protocol.requests import MAX_CANCEL_TOKENS, RequestError
+
+
+class RequestClient:
+    """A small synchronous client: ``submit`` returns the stream id, ``cancel`` cancels. Replies
+    are correlated (engine/clients/correlation.py): one that comes after its call timed out is dropped."""
+
+    def __init__(
+        self, endpoint: str, identity: str | None = None, timeout_s: float = 5.0, operator: bool = False
+    ) -> None:
+        """``operator``: cancel any stream, with the operator token read from the runtime
+        directory of an ``ipc://`` endpoint (only the engine's user can read it)."""
+        self._dealer = CorrelatedDealer(endpoint, "ingest", timeout_s, identity)
+        self._cancel_tokens: OrderedDict[int, str] = OrderedDict()  # the latest streams submitted here
+        self._token = None
+        if operator:
+            from engine.protocol.tokens import OPERATOR
+            from engine.tokens import read_token
+
+            self._token = read_token(os.path.dirname(endpoint.removeprefix("ipc://")), OPERATOR)
+            if self._token is None:
+                raise RequestError(f"no operator token next to {endpoint} (is the engine running?)")
+
+    def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        reply = self._dealer.call(msg)
+        if reply.get("type") == "rejected":
+            raise RequestError(str(reply.get("reason")))
+        return reply
+
+    def submit(self, body: dict[str, Any], endpoint: str = "chat", client: str | None = None) -> int:
+        msg: dict[str, Any] = {"type": "submit", "body": body, "endpoint": endpoint}
+        if client:
+            msg["client"] = client
+        reply = self._call(msg)
+        sid = int(reply["stream_id"])
+        self._cancel_tokens[sid] = str(reply.get("cancel_token", ""))
+        if len(self._cancel_tokens) > MAX_CANCEL_TOKENS:
+            self._cancel_tokens.popitem(last=False)
+        return sid
+
+    def cancel(self, stream_id: int) -> None:
+        """Cancel a stream this client submitted (one of its latest MAX_CANCEL_TOKENS), or any
+        stream with ``operator``."""
+        token = self._token or self._cancel_tokens.get(stream_id, "")
+        self._call({"type": "cancel", "stream_id": stream_id, "token": token})
+        self._cancel_tokens.pop(stream_id, None)
+
+    def close(self) -> None:
+        self._dealer.close()
+
+    def __enter__(self) -> RequestClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
