@@ -31,6 +31,14 @@ _INSTANCE = re.compile(r"[A-Za-z0-9_]{1,32}")  # as engine/config.py checks [eng
 def state_dir(instance: str, configured: str | None = None, env: Mapping[str, str] = os.environ) -> str:
     """The instance's state directory, created 0700 if absent and checked (this user's, not a
     symlink). Raises :class:`engine.rundir.RuntimeDirError` (one line) when it cannot be used."""
+    path = state_dir_path(instance, configured, env)
+    os.close(open_private_dir(path))
+    return path
+
+
+def state_dir_path(instance: str, configured: str | None = None, env: Mapping[str, str] = os.environ) -> str:
+    """Where :func:`state_dir` is, without making or checking it (the configuration hands it to
+    the gateway worker, which opens it)."""
     path = configured or env.get(STATE_DIR_ENV, "")
     if not path:
         name = instance or DEFAULT_INSTANCE
@@ -41,5 +49,4 @@ def state_dir(instance: str, configured: str | None = None, env: Mapping[str, st
     elif not os.path.isabs(path):  # relative: would depend on the cwd of whoever runs a command
         source = "state_dir" if configured else STATE_DIR_ENV
         raise RuntimeDirError(f"{source} must be an absolute path (got {path[:200]!r})")
-    os.close(open_private_dir(path))
     return path
