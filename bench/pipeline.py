@@ -162,8 +162,8 @@ def _consume(runtime_dir: str, conn: Any) -> None:
     last take; None -> exit."""
     import numpy as np
 
-    from engine.protocol import wire
     from engine.clients.consumer import StreamConsumer
+    from engine.protocol import wire
 
     stamps: list[np.ndarray] = []
     arrivals: list[int] = []

@@ -24,10 +24,10 @@ from typing import Any
 
 import zmq
 
-from engine.protocol import control
 from engine import transport
 from engine.lifeline import EXIT_ORPHANED, die_with_parent
 from engine.logs import JsonLogger
+from engine.protocol import control
 from engine.stage import AsyncStage, Stage, WorkerContext
 from engine.transport import Channel
 from engine.validated import ValidatedParams

@@ -29,7 +29,6 @@ open stream ends with an explicit error ("engine unreachable"), counted in ``unr
 
 from __future__ import annotations
 
-import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
@@ -40,8 +39,8 @@ import numpy as np
 import orjson
 import zmq
 
-from engine.protocol import wire
 from engine.keys import ClientKeys
+from engine.protocol import wire
 from engine.protocol.endpoints import endpoint
 from engine.protocol.seqtable import SeqTable
 

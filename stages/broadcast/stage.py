@@ -55,8 +55,8 @@ from typing import Any
 import numpy as np
 import zmq
 
-from engine.protocol import wire
 from engine.keys import CurveServer
+from engine.protocol import wire
 from engine.protocol.seqtable import SLOTS, SeqTable
 from engine.stage import Stage, WorkerContext
 from engine.validated import ModelRef

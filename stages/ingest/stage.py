@@ -39,9 +39,9 @@ import zmq
 import zmq.asyncio
 
 from engine.clients.cache import CacheLookup
+from engine.clients.correlation import split_request
 from engine.protocol.cache import socket_path
 from engine.protocol.cachekey import is_deterministic, key_for, producer_id
-from engine.clients.correlation import split_request
 from engine.protocol.requests import MAX_REQUEST_BYTES, RequestError, parse_request
 from engine.protocol.rows import End, Start, end_text, start_text
 from engine.protocol.tokens import LOOKUP, OPERATOR
