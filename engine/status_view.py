@@ -56,4 +56,30 @@ def format_status(st: dict[str, Any]) -> str:
                 str(r["unblocks"]),
             ]
         )
-    return f"{head}\n\n{_table(workers)}\n\n{_table(rings)}"
+    text = f"{head}\n\n{_table(workers)}\n\n{_table(rings)}"
+    upstreams = st.get("upstreams") or []
+    return f"{text}\n\n{_table(_upstream_rows(upstreams))}" if upstreams else text
+
+
+def _upstream_rows(upstreams: list[dict[str, Any]]) -> list[list[str]]:
+    """Upstream health as ingest's pool sees it: up or down (``?`` while no ingest reports it),
+    requests in flight, requests, failed requests (by kind), time to first token."""
+    rows = [["upstream", "health", "in_flight", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms"]]
+    for u in upstreams:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in u["errors_by_kind"].items())
+        rows.append(
+            [
+                u["name"],
+                "?" if u["up"] is None else "up" if u["up"] else "down",
+                str(u["in_flight"]),
+                str(u["requests"]),
+                f"{u['errors']} ({kinds})" if kinds else str(u["errors"]),
+                _ms(u["ttft_p50_s"]),
+                _ms(u["ttft_p99_s"]),
+            ]
+        )
+    return rows
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"

@@ -104,7 +104,7 @@ METRICS: dict[str, MetricSpec] = {
     "neuralpipe_broadcast_gap_refills_total": _c("Gap refills answered: `batches` and snapshot requests."),
     # processes (the supervisor reads them from /proc)
     "neuralpipe_worker_cpu_seconds_total": _c(
-        "CPU time (user + system) of the worker's processes, all incarnations.",
+        "CPU time (user + system) of the worker's process, summed over its incarnations.",
         "worker",
         max_values=256,
         source="supervisor",
@@ -436,3 +436,32 @@ def quantile(metric: MetricSpec, value: tuple[tuple[float, ...], float], q: floa
             return low + (metric.buckets[i] - low) * (rank - seen) / n
         seen += n
     return metric.buckets[-1]
+
+
+def upstream_health(merged: Mapping[str, Values]) -> list[dict[str, Any]]:
+    """Per upstream, from the merged metrics, what `neuralpipe status` shows: up (None while no
+    ingest reports it), requests in flight, requests, errors (by kind) and time to first token."""
+    up = merged.get("neuralpipe_upstream_up", {})
+    requests = merged.get("neuralpipe_upstream_requests_total", {})
+    errors = merged.get("neuralpipe_upstream_errors_total", {})
+    in_flight = merged.get("neuralpipe_upstream_in_flight", {})
+    ttft = merged.get("neuralpipe_time_to_first_token_seconds", {})
+    ttft_spec = METRICS["neuralpipe_time_to_first_token_seconds"]
+    out = []
+    for (name,) in sorted(set(up) | set(requests)):
+        by_kind = {kind: int(n) for (upstream, kind), n in sorted(errors.items()) if upstream == name and n}
+        hist = ttft.get((name,))
+        state = up.get((name,))
+        out.append(
+            {
+                "name": name,
+                "up": None if state is None else bool(state),
+                "in_flight": int(in_flight.get((name,), 0)),
+                "requests": int(requests.get((name,), 0)),
+                "errors": sum(by_kind.values()),
+                "errors_by_kind": by_kind,
+                "ttft_p50_s": None if hist is None else quantile(ttft_spec, hist, 0.5),
+                "ttft_p99_s": None if hist is None else quantile(ttft_spec, hist, 0.99),
+            }
+        )
+    return out
