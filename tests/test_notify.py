@@ -87,15 +87,18 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{port}/dead"
 
 
-def quiet_log(tmp_path) -> JsonLogger:
-    return JsonLogger("notify", "info", open(tmp_path / "notify.log", "wb"))  # noqa: SIM115 - closed with the test
+@pytest.fixture
+def log(tmp_path):
+    """A logger writing to tmp_path/notify.log (read back by the tests)."""
+    with open(tmp_path / "notify.log", "wb") as stream:
+        yield JsonLogger("notify", "info", stream)
 
 
 # ---- Notifier on its own --------------------------------------------------------------------------
 
 
-def test_posts_a_json_notification(receiver: Receiver, tmp_path) -> None:
-    notifier = Notifier("inst1", [receiver.url("/ok")], log=quiet_log(tmp_path))
+def test_posts_a_json_notification(receiver: Receiver, log) -> None:
+    notifier = Notifier("inst1", [receiver.url("/ok")], log=log)
     notifier.notify("pas_status", "PAS critical", status="critical", previous="healthy")
     notifier.close(10)
     [body] = receiver.events("/ok")
@@ -104,16 +107,16 @@ def test_posts_a_json_notification(receiver: Receiver, tmp_path) -> None:
     assert notifier.counts == {"queued": 1, "dropped": 0, "sent": 1, "failed": 0}
 
 
-def test_a_5xx_is_retried_until_accepted(receiver: Receiver, tmp_path) -> None:
-    notifier = Notifier("i", [receiver.url("/fail2/x")], retries=3, backoff_s=0.01, log=quiet_log(tmp_path))
+def test_a_5xx_is_retried_until_accepted(receiver: Receiver, log) -> None:
+    notifier = Notifier("i", [receiver.url("/fail2/x")], retries=3, backoff_s=0.01, log=log)
     notifier.notify("escalation", "gave up")
     notifier.close(10)
     assert len(receiver.events("/fail2/x")) == 3  # 500, 500, 200
     assert notifier.counts["sent"] == 1 and notifier.counts["failed"] == 0
 
 
-def test_retries_are_bounded(receiver: Receiver, tmp_path) -> None:
-    notifier = Notifier("i", [receiver.url("/fail99/x")], retries=2, backoff_s=0.01, log=quiet_log(tmp_path))
+def test_retries_are_bounded(receiver: Receiver, log, tmp_path) -> None:
+    notifier = Notifier("i", [receiver.url("/fail99/x")], retries=2, backoff_s=0.01, log=log)
     notifier.notify("escalation", "gave up")
     notifier.close(10)
     assert len(receiver.events("/fail99/x")) == 3 and notifier.counts["failed"] == 1
@@ -121,19 +124,19 @@ def test_retries_are_bounded(receiver: Receiver, tmp_path) -> None:
     assert "/fail99" not in (tmp_path / "notify.log").read_text()  # logs name the origin only
 
 
-def test_a_4xx_or_a_redirect_is_not_retried_or_followed(receiver: Receiver, tmp_path) -> None:
+def test_a_4xx_or_a_redirect_is_not_retried_or_followed(receiver: Receiver, log) -> None:
     urls = [receiver.url("/status404"), receiver.url("/redirect")]
-    notifier = Notifier("i", urls, retries=3, backoff_s=0.01, log=quiet_log(tmp_path))
+    notifier = Notifier("i", urls, retries=3, backoff_s=0.01, log=log)
     notifier.notify("escalation", "gave up")
     notifier.close(10)
     assert len(receiver.events("/status404")) == 1 and len(receiver.events("/redirect")) == 1
     assert receiver.events("/ok") == [] and notifier.counts["failed"] == 2
 
 
-def test_notify_never_waits_for_a_hanging_receiver(receiver: Receiver, tmp_path) -> None:
+def test_notify_never_waits_for_a_hanging_receiver(receiver: Receiver, log) -> None:
     """The receiver holds its first request; notify keeps returning, the queue stays bounded (oldest
     dropped), and a second webhook is served meanwhile."""
-    notifier = Notifier("i", [receiver.url("/hold"), receiver.url("/ok")], queue_size=3, log=quiet_log(tmp_path))
+    notifier = Notifier("i", [receiver.url("/hold"), receiver.url("/ok")], queue_size=3, log=log)
     notifier.notify("pas_status", "first")
     wait_for(lambda: receiver.events("/hold"), 10, "the held request")
     for n in range(20):  # would hang here if notify waited on the held webhook
@@ -145,8 +148,8 @@ def test_notify_never_waits_for_a_hanging_receiver(receiver: Receiver, tmp_path)
     assert [b["summary"] for b in receiver.events("/hold")] == ["first", "n17", "n18", "n19"]
 
 
-def test_a_dead_receiver_costs_a_bounded_close(dead_url: str, tmp_path) -> None:
-    notifier = Notifier("i", [dead_url], timeout_s=0.5, retries=50, backoff_s=0.2, log=quiet_log(tmp_path))
+def test_a_dead_receiver_costs_a_bounded_close(dead_url: str, log) -> None:
+    notifier = Notifier("i", [dead_url], timeout_s=0.5, retries=50, backoff_s=0.2, log=log)
     for n in range(1000):
         notifier.notify("pas_status", f"n{n}")
     assert notifier.counts["queued"] + notifier.counts["dropped"] == 1000 and notifier.counts["dropped"] >= 899
