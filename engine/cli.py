@@ -243,7 +243,8 @@ def _engine(path: str | None, instance: str | None) -> dict:
 @click.option("--instance", help="Engine instance id (default: the only one running).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(path: str | None, instance: str | None, as_json: bool) -> None:
-    """Show each worker (pid, state, uptime, restarts, rates), ring occupancy and the PAS."""
+    """Show each worker (pid, state, uptime, restarts, rates), ring occupancy, the PAS and each
+    upstream's health (up or down, requests in flight, requests, errors, time to first token)."""
     from engine.clients.supervisor import request
     from engine.redact import redact
     from engine.status_view import format_status

@@ -14,22 +14,26 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import platform
 import secrets
 import signal
 import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
+from importlib import metadata
 from typing import Any
 
 import zmq
 
-from engine.config import Config, ConfigError, check_stage_params
+from engine.config import STAGE_ALIASES, Config, ConfigError, check_stage_params
 from engine.health import EgressSample, HealthMonitor, Pas, RingSample, WorkerSample
 from engine.logs import JsonLogger
 from engine.metrics import EngineMetrics
+from engine.procstats import cpu_seconds, rss_bytes
 from engine.protocol import control
 from engine.rundir import InstanceDir, RuntimeDirError, remove_dead_instances
+from engine.telemetry import Telemetry, WorkerTotals, check_snapshot, merge, upstream_health, values_of
 from engine.transport import Channel, close_channel, create_channel
 from engine.worker import RingEnd, WorkerSpec
 from engine.worker import main as worker_main
@@ -44,6 +48,7 @@ STARTUP_GRACE_S = 10.0  # a fresh worker imports its stage before its first hear
 TERMINATE_GRACE_S = 1.0  # rest_for_one: SIGTERM, then SIGKILL this much later if still alive
 _EGRESS_KEYS = ("messages", "gaps", "duplicates", "batches", "batches_within_budget")
 _RECEIVED = {**control.WORKER_TO_SUPERVISOR, **control.CLIENT_REQUESTS}
+_STAGE_NAMES = {ref: alias for alias, ref in STAGE_ALIASES.items()}  # metrics name a stage by its alias
 
 
 class StartupError(Exception):
@@ -71,6 +76,8 @@ class WorkerHandle:
     restart_due: float | None = None
     processed: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
+    telemetry: WorkerTotals = field(default_factory=WorkerTotals)  # its metrics, over its incarnations
+    cpu_seen: float = 0.0  # CPU seconds of the current process already counted in the metrics
     exit_code: int | None = None
     ready: bool = False  # this incarnation said "ready" (its stage is set up)
     identity: bytes = b""  # this incarnation's control identity (its name and secret token)
@@ -108,6 +115,12 @@ class Supervisor:
         self.pas: Pas | None = None
         self.rates: dict[str, float] = {}
         self._rate_base: dict[str, tuple[float, int]] = {}
+        # the supervisor's own metrics (workers' CPU and memory from /proc, build info), and every
+        # worker's merged in at each health tick (engine/telemetry.py)
+        self.telemetry = Telemetry()
+        self.telemetry.set("neuralpipe_build_info", 1, version=_version(), python=platform.python_version())
+        self.merged: dict[str, Any] = {}
+        self.telemetry_refused = 0
 
     # ---- set-up and tear-down -------------------------------------------------------------
 
@@ -329,6 +342,7 @@ class Supervisor:
         h.started = h.last_heartbeat = time.monotonic()
         h.state, h.exit_code, h.restart_due, h.ready = "starting", None, None, False
         h.killed, h.terminating, h.kill_at = False, False, None
+        h.cpu_seen = 0.0
         self.poller.register(h.process.sentinel, zmq.POLLIN)
         self.log.info("worker_started", worker=h.name, worker_pid=h.process.pid, incarnation=h.incarnation)
 
@@ -346,6 +360,7 @@ class Supervisor:
         h.exit_code = h.process.exitcode
         h.process.close()
         h.process = None
+        h.telemetry.end_incarnation()  # its counters stay counted; its gauges go
 
     def _on_exit(self, h: WorkerHandle) -> None:
         self._forget_process(h)
@@ -541,6 +556,7 @@ class Supervisor:
                 h.state = msg["state"]
             h.processed = msg["processed"]
             h.stats = msg["stats"]
+            self._take_telemetry(h, msg["telemetry"])
         elif kind == "hello":
             h.pausable = msg["pausable"]
         elif kind == "ready":
@@ -548,6 +564,16 @@ class Supervisor:
             self._check_ready()
         elif kind == "error":
             self.log.error("worker_error", worker=h.name, message=msg["message"])
+
+    def _take_telemetry(self, h: WorkerHandle, snapshot: dict[str, Any]) -> None:
+        """A heartbeat's metrics, once checked; a bad one is dropped (logged 1st, 2nd, 4th ... time)."""
+        problem = check_snapshot(snapshot)
+        if problem is None:
+            h.telemetry.update(snapshot)
+            return
+        self.telemetry_refused += 1
+        if self.telemetry_refused & (self.telemetry_refused - 1) == 0:
+            self.log.warning("telemetry_refused", worker=h.name, error=problem, refused=self.telemetry_refused)
 
     # ---- health and status ------------------------------------------------------------------
 
@@ -580,7 +606,34 @@ class Supervisor:
             if last is not None and now > last[0]:
                 self.rates[w.name] = max(0.0, (w.processed - last[1]) / (now - last[0]))
             self._rate_base[w.name] = (now, w.processed)
-        self.metrics.update(rings, workers, self.pas)
+        self._process_metrics()
+        totals = [h.telemetry.totals() for h in self.workers.values()]
+        self.merged = merge([*totals, values_of(self.telemetry.snapshot())])
+        self.metrics.update(rings, workers, self.pas, self._worker_info(), self.merged)
+
+    def _process_metrics(self) -> None:
+        """Each live worker's CPU time and resident memory, from /proc; the CPU counter adds what
+        the process used since the last tick (a dead incarnation's stays counted)."""
+        self.telemetry.clear("neuralpipe_worker_resident_memory_bytes")
+        for h in self.workers.values():
+            pid = h.pid
+            cpu = cpu_seconds(pid) if pid is not None else None
+            if cpu is None:
+                continue
+            self.telemetry.count("neuralpipe_worker_cpu_seconds_total", max(0.0, cpu - h.cpu_seen), worker=h.name)
+            h.cpu_seen = max(cpu, h.cpu_seen)
+            rss = rss_bytes(pid)
+            if rss is not None:
+                self.telemetry.set("neuralpipe_worker_resident_memory_bytes", rss, worker=h.name)
+
+    def _worker_info(self) -> dict[str, dict]:
+        """neuralpipe_worker_info: each worker's stage (its alias, e.g. "compute") and the short
+        texts its stats report (e.g. compute's backend and adapter), at most 8."""
+        info = {}
+        for h in self.workers.values():
+            facts = [(k, v) for k, v in h.stats.items() if isinstance(v, str) and len(v) <= 64][:8]
+            info[h.name] = {**dict(facts), "stage": _STAGE_NAMES.get(h.spec.stage, h.spec.stage)}
+        return info
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -611,7 +664,15 @@ class Supervisor:
             "rings": [_ring_status(name, ring) for name, ring in self.rings.items()]
             + [_channel_status(channel) for channel in self.channels.values()],
             "pas": None if self.pas is None else _pas_dict(self.pas),
+            "upstreams": upstream_health(self.merged),
         }
+
+
+def _version() -> str:
+    try:
+        return metadata.version("neuralpipe")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def _counter(stats: dict[str, Any], key: str) -> int:

@@ -136,7 +136,9 @@ class _Runtime:
             ring.heartbeat()
         # a stage's counters exist once it is set up: until then its heartbeats carry none
         stats = self.stage.stats() if self.is_ready else {}
-        self.send("heartbeat", state=self.state, processed=self.processed, stats=stats)
+        # the metrics' cumulative totals: a lost heartbeat loses nothing, the next one has them
+        telemetry = self.ctx.telemetry.snapshot()
+        self.send("heartbeat", state=self.state, processed=self.processed, stats=stats, telemetry=telemetry)
         self.next_heartbeat = now + self.spec.heartbeat_interval_s
 
     def handle_control(self) -> None:

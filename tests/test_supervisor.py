@@ -287,8 +287,9 @@ def test_a_client_cannot_pass_for_a_worker(engine_factory):
     engine = engine_factory(pipeline_config(rate=1000)).start()
     forger = ControlClient(engine.info()["control"], b"relay")
     try:
-        forger.send({"type": "heartbeat", "worker": "relay", "state": "running", "processed": "x", "stats": {}})
-        forger.send({"type": "heartbeat", "worker": "relay", "state": "paused", "processed": 10**12, "stats": {}})
+        beat = {"type": "heartbeat", "worker": "relay", "stats": {}, "telemetry": {}}
+        forger.send({**beat, "state": "running", "processed": "x"})
+        forger.send({**beat, "state": "paused", "processed": 10**12})
         replies = forger.replies(5)
         assert [r["type"] for r in replies] == ["error", "error"]
         assert "processed must be an integer" in replies[0]["message"]

@@ -15,9 +15,11 @@ Worker -> supervisor:
     ready      {worker}                                   stage set up (start returned; an asyncio
                                                           stage's setup too); data may flow. The
                                                           engine is "running" once every worker is
-    heartbeat  {worker, state, processed, stats}          every heartbeat_interval_s; ``processed`` is
-                                                          the monotonic count of records the stage
-                                                          handled, ``stats`` the stage's own counters
+    heartbeat  {worker, state, processed, stats,          every heartbeat_interval_s; ``processed`` is
+                telemetry}                                the monotonic count of records the stage
+                                                          handled, ``stats`` the stage's own counters,
+                                                          ``telemetry`` its metrics' cumulative totals
+                                                          (engine/telemetry.py, which checks them)
     error      {worker, message, fatal}                   a stage error; fatal ones end the worker
 
 Supervisor -> worker:
@@ -104,7 +106,13 @@ _WORKER = {"worker": _text(MAX_NAME)}
 WORKER_TO_SUPERVISOR: Mapping[str, Schema] = {
     "hello": {**_WORKER, "pid": _int(1, (1 << 31) - 1), "incarnation": _int(0), "pausable": _bool},
     "ready": _WORKER,
-    "heartbeat": {**_WORKER, "state": _one_of(RUNTIME_STATES), "processed": _int(0), "stats": _stats},
+    "heartbeat": {
+        **_WORKER,
+        "state": _one_of(RUNTIME_STATES),
+        "processed": _int(0),
+        "stats": _stats,
+        "telemetry": _stats,  # one entry per metric; the supervisor checks the rest (check_snapshot)
+    },
     "error": {**_WORKER, "message": _text(MAX_TEXT), "fatal": _bool},
 }
 SUPERVISOR_TO_WORKER: Mapping[str, Schema] = {
