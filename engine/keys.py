@@ -6,7 +6,7 @@ client public keys a CURVE endpoint accepts (docs/security.md).
                                   server's public key, so it must outlive a reboot)
       server.key, server.key_secret     the engine's pair, made on first use
       allowed/<name>.key                client public keys a CURVE endpoint accepts
-      clients/<name>.key, .key_secret   pairs made by ``neuralpipe keys new`` (give them to the client)
+      clients/<name>.key, .key_secret   pairs made by ``neuralpipe curve new`` (give them to the client)
 
 Files are ZeroMQ's certificate format (``zmq.auth.load_certificate`` reads them), written 0600
 without following symlinks. A client proves it holds a listed key; anyone else gets nothing.
@@ -253,7 +253,7 @@ def load_client_keys(name: str, keys_dir: str | None = None) -> ClientKeys:
 
 class _AllowList:
     """The ZAP callback: a client key is accepted while its public key is in allowed/. Re-read when
-    the directory changes, so ``neuralpipe keys allow`` (or removing a file) takes effect for the next
+    the directory changes, so ``neuralpipe curve allow`` (or removing a file) takes effect for the next
     connection without a restart."""
 
     def __init__(self, keys: KeysDir) -> None:
