@@ -252,6 +252,7 @@ def test_env_overrides_apply_over_the_file(write):
     env = {
         "NEURALPIPE_INSTANCE": "host7",
         "NEURALPIPE_RUNTIME_DIR": "/srv/np",
+        "NEURALPIPE_STATE_DIR": "/srv/np-state",
         "NEURALPIPE_METRICS_HOST": "0.0.0.0",
         "NEURALPIPE_METRICS_PORT": "-1",
         "NEURALPIPE_LOG_LEVEL": "warning",
@@ -259,7 +260,7 @@ def test_env_overrides_apply_over_the_file(write):
     assert set(env) == set(ENV_OVERRIDES)
     engine = load_config(write("[engine]\nmetrics_port = 1234\ninstance = 'file'\n"), env=env).engine
     assert (engine.instance, engine.runtime_dir, engine.metrics_host) == ("host7", "/srv/np", "0.0.0.0")
-    assert (engine.metrics_port, engine.log_level) == (-1, "warning")
+    assert (engine.metrics_port, engine.log_level, engine.state_dir) == (-1, "warning", "/srv/np-state")
     assert engine.resolved_runtime_dir() == "/srv/np"
 
 
