@@ -225,3 +225,12 @@ def test_from_config(tmp_path):
     (tmp_path / "bad" / "gateway.sqlite3").write_bytes(b"garbage" * 1000)
     with pytest.raises(ValueError, match="not a usable key database"):
         Gate.from_config({"auth": "keys"}, str(tmp_path / "bad"))
+
+
+def test_a_lease_dropped_without_close_gives_its_slot_back(gate):
+    alice = _key("alice", max_streams=1)
+    lease = gate.admit(alice)
+    lease.tokens(4)
+    del lease  # never closed
+    gate.admit(alice).close()
+    assert gate.store.usage(kind="key") == {} and gate.store.budget_used("alice", 0) == 4

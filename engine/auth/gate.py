@@ -17,6 +17,7 @@ the next stream's end, and reported through ``on_error``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -31,6 +32,9 @@ from engine.auth.principal import ANONYMOUS, Principal
 MODES = ("off", "keys", "jwt")
 MAX_AUTHORIZATION = 8192 + 16
 MAX_UNSAVED = 100_000  # principals whose use awaits a ledger write (the database failing for long)
+# The gateway waits this long for another writer (a `neuralpipe keys` command) at a stream's end: it
+# runs on the event loop, and a write that cannot wait is kept and retried with the next one.
+BUSY_TIMEOUT_S = 0.25
 
 
 class Lease:
@@ -65,6 +69,13 @@ class Lease:
         if self._state is not None:
             self._gate._limiter.release(self._state, self._delivered, prompt + completion)
         self._gate._record(self.principal, prompt, completion, min(cached, completion))
+
+    def __del__(self) -> None:
+        # a lease dropped without close (a bug, a task cancelled at a bad moment) would hold its
+        # stream slot for good: give it back with what was delivered
+        if not self._closed:
+            with contextlib.suppress(Exception):
+                self.close()
 
 
 class Gate:
@@ -118,7 +129,7 @@ class Gate:
         if not state_dir:
             raise AuthConfigError(f'auth = "{mode}" needs the state directory ([engine] state_dir)')
         try:
-            store = KeyStore(keystore_path(state_dir))
+            store = KeyStore(keystore_path(state_dir), busy_timeout_s=BUSY_TIMEOUT_S)
         except KeyStoreError as exc:
             raise AuthConfigError(str(exc)) from None
         return cls(mode, store, verifier, on_error)

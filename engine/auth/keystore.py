@@ -153,11 +153,14 @@ class KeyStore:
             try:
                 yield
             except sqlite3.DatabaseError as exc:
-                if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code
+                if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                     raise KeyStoreError(f"{self.path}: busy (another process holds it): {exc}") from None
-                raise KeyStoreError(
-                    f"{self.path}: not a usable key database ({exc}); move it away to start a new one"
-                ) from None
+                if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or not code:
+                    raise KeyStoreError(
+                        f"{self.path}: not a usable key database ({exc}); move it away to start a new one"
+                    ) from None
+                raise KeyStoreError(f"{self.path}: {exc}") from None  # a full disk, a read-only file, ...
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
