@@ -25,8 +25,11 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.keys import exposed_without_curve
+from engine.listen import exposed_without_auth
 from engine.notify import MAX_WEBHOOKS, check_webhook_url
+from engine.ports import REFERENCE
 from engine.redact import redact
+from engine.statedir import state_dir_path
 from engine.upstreams import UpstreamEntry
 from shm import descriptor as d
 from shm.batch import MAX_ROW_TEXT, min_record_bytes
@@ -42,6 +45,7 @@ STAGE_ALIASES = {
     "compute": "stages.compute.stage:Compute",
     "cache": "stages.cache.stage:Cache",
     "broadcast": "stages.broadcast.stage:Broadcast",
+    "gateway": "stages.gateway.stage:Gateway",
 }
 
 # Environment variable -> (section, key) it overrides. Only what operators change per host.
@@ -52,6 +56,7 @@ ENV_OVERRIDES = {
     "NEURALPIPE_METRICS_HOST": ("engine", "metrics_host"),
     "NEURALPIPE_METRICS_PORT": ("engine", "metrics_port"),
     "NEURALPIPE_LOG_LEVEL": ("engine", "log_level"),
+    "NEURALPIPE_GATEWAY_LISTEN": ("gateway", "listen"),
 }
 _ENV_INTEGERS = {"NEURALPIPE_METRICS_PORT"}
 
@@ -131,9 +136,16 @@ class EngineConfig(_Model):
     health_interval_s: float = Field(1.0, gt=0)
     health_window_s: float = 60.0
     latency_budget_ms: float = Field(50.0, gt=0)
-    # What carries records between workers: the shared-memory rings, or (for `neuralpipe bench
-    # pipeline` only: no crash safety, nothing to inspect) multiprocessing.Queue or zmq PUSH/PULL.
-    transport: Literal["shm", "queue", "zmq"] = "shm"
+    # What carries records between workers: the shared-memory rings, or a port factory named
+    # "package.module:NAME" (engine/ports.py; `neuralpipe bench pipeline` compares bench's own)
+    transport: str = "shm"
+
+    @field_validator("transport")
+    @classmethod
+    def _transport(cls, value: str) -> str:
+        if value != "shm" and not REFERENCE.fullmatch(value):
+            raise ValueError(f'must be "shm" or a port factory reference "package.module:NAME" (got {value!r})')
+        return value
 
     @field_validator("instance")
     @classmethod
@@ -357,6 +369,9 @@ class Config(_Model):
     # [params.<worker>]: merged over that worker's own params (tables key by key, anything else
     # replaced), so one worker of the default topology can be tuned without restating it
     params: dict[str, dict[str, Any]] = {}
+    # [gateway]: the params of every gateway worker (stages/gateway/params.py checks them whole
+    # with the other stage params; the listen/auth rule is checked here, at load)
+    gateway: dict[str, Any] = {}
 
     @field_validator("rings", "workers")
     @classmethod
@@ -392,7 +407,22 @@ class Config(_Model):
         for ring in self.ring_names():
             self._check_carries_a_row(ring)
         self._check_param_overrides()
+        self._check_gateway()
         return self
+
+    def _gateway_workers(self) -> list[str]:
+        return [name for name, worker in self.workers.items() if worker.stage == STAGE_ALIASES["gateway"]]
+
+    def _check_gateway(self) -> None:
+        """A gateway reachable from other hosts needs auth. (``[gateway]`` in a topology without a
+        gateway worker is unused, not an error: NEURALPIPE_GATEWAY_LISTEN is set for any topology.)"""
+        for name in self._gateway_workers():
+            params = self.worker_params(name)
+            listen, auth = params.get("listen", "127.0.0.1:8080"), params.get("auth", "off")
+            reason = exposed_without_auth(listen, auth) if isinstance(listen, str) else ""
+            if reason:
+                key = ("gateway",) if "listen" in self.gateway or "auth" in self.gateway else ("params", name)
+                raise _KeyedError((*key, "listen"), reason)
 
     def _check_param_overrides(self) -> None:
         """Each ``[params.<worker>]`` names a worker; a tcp endpoint it adds beyond loopback
@@ -444,6 +474,10 @@ class Config(_Model):
         a file of only ``[[upstreams]]`` points the default topology at real servers)."""
         worker = self.workers[name]
         params = _merged(worker.params, self.params.get(name, {}))
+        if worker.stage == STAGE_ALIASES["gateway"]:
+            params = _merged(self.gateway, params)  # a worker's own params win over [gateway]
+            # where `neuralpipe keys` put the API keys: the engine's state directory
+            params.setdefault("state_dir", state_dir_path(self.engine.instance, self.engine.state_dir or None))
         if worker.stage == STAGE_ALIASES["ingest"] and self.upstreams and "upstreams" not in params:
             params["upstreams"] = [u.model_dump(mode="json") for u in self.upstreams]  # as TOML gives them
         return params
@@ -690,6 +724,8 @@ def check_stage_params(cfg: Config, source: str = "config") -> dict[str, Any]:
             for error in exc.errors():
                 loc, reason = _describe(error, model)
                 where = ("params", name) if loc and loc[0] in cfg.params.get(name, {}) else ("workers", name, "params")
+                if loc and loc[0] in cfg.gateway and name in cfg._gateway_workers():
+                    where = ("gateway",)
                 problems.append(f"{source}: {_key_path((*where, *loc))}: {reason}")
     if problems:
         raise ConfigError(problems)

@@ -256,9 +256,12 @@ def test_env_overrides_apply_over_the_file(write):
         "NEURALPIPE_METRICS_HOST": "0.0.0.0",
         "NEURALPIPE_METRICS_PORT": "-1",
         "NEURALPIPE_LOG_LEVEL": "warning",
+        "NEURALPIPE_GATEWAY_LISTEN": "127.0.0.1:0",
     }
     assert set(env) == set(ENV_OVERRIDES)
-    engine = load_config(write("[engine]\nmetrics_port = 1234\ninstance = 'file'\n"), env=env).engine
+    cfg = load_config(write("[engine]\nmetrics_port = 1234\ninstance = 'file'\n"), env=env)
+    engine = cfg.engine
+    assert cfg.gateway == {"listen": "127.0.0.1:0"}
     assert (engine.instance, engine.runtime_dir, engine.metrics_host) == ("host7", "/srv/np", "0.0.0.0")
     assert (engine.metrics_port, engine.log_level, engine.state_dir) == (-1, "warning", "/srv/np-state")
     assert engine.resolved_runtime_dir() == "/srv/np"

@@ -23,6 +23,10 @@ asks again on a hole or when the stream falls silent. Rows the broadcast no long
 stream at the client with an explicit error, as does a hole still open after ``MAX_FRUITLESS_ASKS``
 answers that brought nothing.
 
+The logic is :class:`ConsumerCore`, which owns no socket (it is fed frames and sends snapshot
+requests through a callback), so an event loop can drive it as well: :class:`StreamConsumer` is
+that core over blocking sockets.
+
 Both: when nothing (not even a heartbeat) comes from the broadcast for ``engine_timeout_s``, every
 open stream ends with an explicit error ("engine unreachable"), counted in ``unreachable``.
 """
@@ -31,7 +35,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,38 +80,22 @@ class _Stream:
         self.touched = time.monotonic()
 
 
-class StreamConsumer:
+class ConsumerCore:
+    """The consumer's logic without sockets (sans-IO): feed it what the live and snapshot sockets
+    received (:meth:`feed`), run its timers (:meth:`tick`), and it sends snapshot requests through
+    ``send_request`` and leaves what is ready to deliver in ``ready_batches`` (every stream) or
+    ``ready`` (one stream). :class:`StreamConsumer` drives it with blocking sockets; the gateway
+    (stages/gateway/) with an event loop."""
+
     def __init__(
         self,
-        endpoint: str,
-        snapshot_endpoint: str,
+        send_request: Callable[[bytes], Any],
         stream: int | None = None,
-        rcvhwm: int = 100_000,
         encoding: str = "json",
         engine_timeout_s: float | None = None,
-        curve: ClientKeys | None = None,
     ) -> None:
-        """``curve``: the keys to connect to CURVE tcp endpoints with (engine.keys.load_client_keys)."""
-        self.ctx = zmq.Context.instance()
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.RCVHWM, rcvhwm)
-        self.sub.setsockopt(zmq.LINGER, 0)
-        # a restarted broadcast is found within 10 ms, not zmq's default 100 (docs/recovery.md)
-        self.sub.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-        if curve is not None:
-            curve.apply(self.sub)
-        self.sub.connect(endpoint)
-        self.sub.setsockopt(zmq.SUBSCRIBE, wire.ALL_TOPIC if stream is None else wire.topic(stream))
-        self.sub.setsockopt(zmq.SUBSCRIBE, wire.HEARTBEAT_TOPIC)
-        self.snap = self.ctx.socket(zmq.DEALER)
-        self.snap.setsockopt(zmq.LINGER, 0)
-        self.snap.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-        if curve is not None:
-            curve.apply(self.snap)
-        self.snap.connect(snapshot_endpoint)
-        self.poller = zmq.Poller()
-        self.poller.register(self.sub, zmq.POLLIN)
-        self.poller.register(self.snap, zmq.POLLIN)
+        """``send_request``: sends one frame on the DEALER connected to the snapshot endpoint."""
+        self._send = send_request
         self.only = stream
         self.encoding = encoding
         self.engine_timeout_s = engine_timeout_s
@@ -133,118 +121,33 @@ class StreamConsumer:
             self.finished: OrderedDict[int, None] = OrderedDict()
             self._ask(stream, self._state(stream), "join")  # what of it was published already
 
-    @classmethod
-    def for_engine(
-        cls,
-        runtime_dir: str,
-        stream: int | None = None,
-        binary: bool = False,
-        worker: str = "broadcast",
-        **options: Any,
-    ) -> StreamConsumer:
-        """A consumer of the engine whose runtime directory is ``runtime_dir`` (the ``runtime_dir``
-        of ``engine.clients.supervisor.find_engine``), over its ipc endpoints."""
-        return cls(
-            endpoint(runtime_dir, worker, "binary" if binary else ""),
-            endpoint(runtime_dir, worker, "snapshot"),
-            stream,
-            encoding="binary" if binary else "json",
-            **options,
-        )
-
-    # ---- reading --------------------------------------------------------------------------
-
-    def messages(self, idle_timeout_s: float | None = None) -> Iterator[wire.Message]:
-        """Messages in seq order per stream, each once. Returns when the one stream asked for has
-        ended, or after ``idle_timeout_s`` without a message (None: never)."""
-        idle_since = time.monotonic()
-        while True:
+    def feed(self, frames: list[bytes], live: bool) -> None:
+        """One message from the live socket (``live``) or the snapshot DEALER."""
+        self.last_heard = time.monotonic()
+        if not live and len(frames) == 3 and frames[0] == b"":  # [empty topic, end marker, empty]
+            self._reply_end(frames[1])
+            return
+        try:
+            message = wire.decode(frames)
+        except wire.WireError:
+            self.counts["malformed"] += 1
+            return
+        if message.type == "heartbeat":
+            self._heartbeat(message.header)
+        elif isinstance(message, wire.Batch):
             if self.only is None:
-                while self.ready_batches:
-                    split = self.ready_batches.popleft().stream_messages()
-                    self.counts["messages"] += len(split)
-                    self.ready.extend(split)
-            while self.ready:
-                message = self.ready.popleft()
-                yield message
-                if self.only is not None and message.type in ("end", "error"):
-                    return
-                idle_since = time.monotonic()
-            if idle_timeout_s is not None and time.monotonic() - idle_since >= idle_timeout_s:
-                return
-            self._pump()
+                self._accept_batch(message)
+        elif self.only is not None and message.stream == self.only:
+            self._accept(message)
 
-    def batches(self, idle_timeout_s: float | None = None) -> Iterator[wire.Batch]:
-        """Every stream's rows, one batch per broadcast input record, in position order, each row
-        once (``columns``: numpy arrays incl. stream_id, seq, kind, recv_ns; ``texts`` decoded on
-        use). A stream ended at the client (lost, engine unreachable) comes as a batch of error
-        rows whose ``header`` has ``"synthetic": true``. Returns after ``idle_timeout_s`` without
-        a batch (None: never). Every stream only (not with ``stream=``)."""
-        if self.only is not None:
-            raise ValueError("batches() reads every stream; this consumer follows one (use messages())")
-        idle_since = time.monotonic()
-        while True:
-            while self.ready_batches:
-                yield self.ready_batches.popleft()
-                idle_since = time.monotonic()
-            if idle_timeout_s is not None and time.monotonic() - idle_since >= idle_timeout_s:
-                return
-            self._pump()
-
-    def tokens(self, idle_timeout_s: float | None = None) -> Iterator[Token]:
-        """The tokens of :meth:`messages`, one by one."""
-        for message in self.messages(idle_timeout_s):
-            if message.type != "tokens":
-                continue
-            cols = message.columns
-            extra = [name for name in cols if name not in wire.BASE_COLUMNS]
-            for i, text in enumerate(message.text):
-                yield Token(
-                    message.stream,
-                    int(cols["seq"][i]),
-                    text,
-                    int(cols["token_id"][i]),
-                    float(cols["logprob"][i]),
-                    int(cols["recv_ns"][i]),
-                    {name: _plain(cols[name][i]) for name in extra},
-                )
-
-    def _pump(self) -> None:
-        """Wait a little for the sockets, take what came, and run the timers."""
-        events = dict(self.poller.poll(int(RESYNC_S * 250)))
-        if self.sub in events:
-            self._drain(self.sub, live=True)
-        if self.snap in events:
-            self._drain(self.snap, live=False)
-        now = time.monotonic()
+    def tick(self, now: float) -> None:
+        """The timers: repeat unanswered requests, ask again for a silent stream, notice an
+        engine gone silent. Call it every RESYNC_S / 4 or so."""
         if self.only is None:
             self._repair(now)
         else:
             self._resync(now)
         self._check_engine(now)
-
-    def _drain(self, sock: zmq.Socket, live: bool) -> None:
-        for _ in range(10_000):  # then let the caller deliver what came
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self.last_heard = time.monotonic()
-            if not live and len(frames) == 3 and frames[0] == b"":  # [empty topic, end marker, empty]
-                self._reply_end(frames[1])
-                continue
-            try:
-                message = wire.decode(frames)
-            except wire.WireError:
-                self.counts["malformed"] += 1
-                continue
-            if message.type == "heartbeat":
-                self._heartbeat(message.header)
-            elif isinstance(message, wire.Batch):
-                if self.only is None:
-                    self._accept_batch(message)
-            elif self.only is not None and message.stream == self.only:
-                self._accept(message)
 
     def _reply_end(self, raw: bytes) -> None:
         try:
@@ -338,7 +241,7 @@ class StreamConsumer:
     def _ask_batches(self, start: int | None) -> None:
         self.asked_at = time.monotonic()
         self.counts["snapshots"] += 1
-        self.snap.send(orjson.dumps({"type": "batches", "from": start, "encoding": self.encoding}))
+        self._send(orjson.dumps({"type": "batches", "from": start, "encoding": self.encoding}))
 
     def _batches_end(self, reply: dict[str, Any]) -> None:
         """Every retained batch from where this consumer asked has been offered. A hole still
@@ -464,7 +367,7 @@ class StreamConsumer:
         state.asked_at = time.monotonic()
         self.counts["snapshots"] += 1
         request = {"type": "snapshot", "stream": sid, "from_seq": state.next, "reason": reason}
-        self.snap.send(orjson.dumps(request | {"encoding": self.encoding}))
+        self._send(orjson.dumps(request | {"encoding": self.encoding}))
 
     def _snapshot_end(self, reply: dict[str, Any]) -> None:
         """Everything the broadcast retained has been offered. Rows below what it had published
@@ -503,6 +406,136 @@ class StreamConsumer:
             elif now - state.touched >= RESYNC_S:
                 state.touched = now
                 self._ask(sid, state, "resync")
+
+
+class StreamConsumer(ConsumerCore):
+    """The consumer over blocking sockets (module docstring)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        snapshot_endpoint: str,
+        stream: int | None = None,
+        rcvhwm: int = 100_000,
+        encoding: str = "json",
+        engine_timeout_s: float | None = None,
+        curve: ClientKeys | None = None,
+    ) -> None:
+        """``curve``: the keys to connect to CURVE tcp endpoints with (engine.keys.load_client_keys)."""
+        self.ctx = zmq.Context.instance()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        # a restarted broadcast is found within 10 ms, not zmq's default 100 (docs/recovery.md)
+        self.sub.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        if curve is not None:
+            curve.apply(self.sub)
+        self.sub.connect(endpoint)
+        self.sub.setsockopt(zmq.SUBSCRIBE, wire.ALL_TOPIC if stream is None else wire.topic(stream))
+        self.sub.setsockopt(zmq.SUBSCRIBE, wire.HEARTBEAT_TOPIC)
+        self.snap = self.ctx.socket(zmq.DEALER)
+        self.snap.setsockopt(zmq.LINGER, 0)
+        self.snap.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        if curve is not None:
+            curve.apply(self.snap)
+        self.snap.connect(snapshot_endpoint)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sub, zmq.POLLIN)
+        self.poller.register(self.snap, zmq.POLLIN)
+        super().__init__(self.snap.send, stream, encoding, engine_timeout_s)
+
+    @classmethod
+    def for_engine(
+        cls,
+        runtime_dir: str,
+        stream: int | None = None,
+        binary: bool = False,
+        worker: str = "broadcast",
+        **options: Any,
+    ) -> StreamConsumer:
+        """A consumer of the engine whose runtime directory is ``runtime_dir`` (the ``runtime_dir``
+        of ``engine.clients.supervisor.find_engine``), over its ipc endpoints."""
+        return cls(
+            endpoint(runtime_dir, worker, "binary" if binary else ""),
+            endpoint(runtime_dir, worker, "snapshot"),
+            stream,
+            encoding="binary" if binary else "json",
+            **options,
+        )
+
+    # ---- reading --------------------------------------------------------------------------
+
+    def messages(self, idle_timeout_s: float | None = None) -> Iterator[wire.Message]:
+        """Messages in seq order per stream, each once. Returns when the one stream asked for has
+        ended, or after ``idle_timeout_s`` without a message (None: never)."""
+        idle_since = time.monotonic()
+        while True:
+            if self.only is None:
+                while self.ready_batches:
+                    split = self.ready_batches.popleft().stream_messages()
+                    self.counts["messages"] += len(split)
+                    self.ready.extend(split)
+            while self.ready:
+                message = self.ready.popleft()
+                yield message
+                if self.only is not None and message.type in ("end", "error"):
+                    return
+                idle_since = time.monotonic()
+            if idle_timeout_s is not None and time.monotonic() - idle_since >= idle_timeout_s:
+                return
+            self._pump()
+
+    def batches(self, idle_timeout_s: float | None = None) -> Iterator[wire.Batch]:
+        """Every stream's rows, one batch per broadcast input record, in position order, each row
+        once (``columns``: numpy arrays incl. stream_id, seq, kind, recv_ns; ``texts`` decoded on
+        use). A stream ended at the client (lost, engine unreachable) comes as a batch of error
+        rows whose ``header`` has ``"synthetic": true``. Returns after ``idle_timeout_s`` without
+        a batch (None: never). Every stream only (not with ``stream=``)."""
+        if self.only is not None:
+            raise ValueError("batches() reads every stream; this consumer follows one (use messages())")
+        idle_since = time.monotonic()
+        while True:
+            while self.ready_batches:
+                yield self.ready_batches.popleft()
+                idle_since = time.monotonic()
+            if idle_timeout_s is not None and time.monotonic() - idle_since >= idle_timeout_s:
+                return
+            self._pump()
+
+    def tokens(self, idle_timeout_s: float | None = None) -> Iterator[Token]:
+        """The tokens of :meth:`messages`, one by one."""
+        for message in self.messages(idle_timeout_s):
+            if message.type != "tokens":
+                continue
+            cols = message.columns
+            extra = [name for name in cols if name not in wire.BASE_COLUMNS]
+            for i, text in enumerate(message.text):
+                yield Token(
+                    message.stream,
+                    int(cols["seq"][i]),
+                    text,
+                    int(cols["token_id"][i]),
+                    float(cols["logprob"][i]),
+                    int(cols["recv_ns"][i]),
+                    {name: _plain(cols[name][i]) for name in extra},
+                )
+
+    def _pump(self) -> None:
+        """Wait a little for the sockets, take what came, and run the timers."""
+        events = dict(self.poller.poll(int(RESYNC_S * 250)))
+        if self.sub in events:
+            self._drain(self.sub, live=True)
+        if self.snap in events:
+            self._drain(self.snap, live=False)
+        self.tick(time.monotonic())
+
+    def _drain(self, sock: zmq.Socket, live: bool) -> None:
+        for _ in range(10_000):  # then let the caller deliver what came
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.feed(frames, live)
 
     # ---- lifetime -------------------------------------------------------------------------
 

@@ -32,6 +32,29 @@ def split_request(frames: list[bytes]) -> tuple[list[bytes], bytes] | None:
     return None
 
 
+def call_frames(tag: bytes, request: dict[str, Any]) -> list[bytes]:
+    """What a client sends: ``[id, request]`` (``tag``: at most MAX_ID_BYTES, unique among its
+    calls in flight)."""
+    return [tag, orjson.dumps(request)]
+
+
+def split_reply(frames: list[bytes]) -> tuple[bytes, bytes] | None:
+    """A reply a client received, as (its id, its body); None for a shape that is not a
+    correlated reply (the caller drops it)."""
+    return (frames[0], frames[1]) if len(frames) == 2 else None
+
+
+def decode_reply(raw: bytes, name: str) -> dict[str, Any]:
+    """A reply's body as a JSON object; ValueError naming the server ``name`` otherwise."""
+    try:
+        reply = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ValueError(f"{name} answered with something that is not JSON") from None
+    if isinstance(reply, dict):
+        return reply
+    raise ValueError(f"{name} answered with JSON that is not an object")
+
+
 class CorrelatedDealer:
     """A DEALER whose :meth:`call` returns the reply to this call, or raises TimeoutError."""
 
@@ -47,21 +70,15 @@ class CorrelatedDealer:
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
         tag = b"%d" % next(self._ids)
-        self._sock.send_multipart([tag, orjson.dumps(request)])
+        self._sock.send_multipart(call_frames(tag, request))
         deadline = time.monotonic() + self.timeout_s
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0 or not self._sock.poll(left_ms):
                 raise TimeoutError(f"{self.name} did not answer {request.get('type')!r} within {self.timeout_s:g} s")
-            frames = self._sock.recv_multipart()
-            if len(frames) == 2 and frames[0] == tag:
-                try:
-                    reply = orjson.loads(frames[1])
-                except orjson.JSONDecodeError:
-                    raise ValueError(f"{self.name} answered with something that is not JSON") from None
-                if isinstance(reply, dict):
-                    return reply
-                raise ValueError(f"{self.name} answered with JSON that is not an object")
+            reply = split_reply(self._sock.recv_multipart())
+            if reply is not None and reply[0] == tag:
+                return decode_reply(reply[1], self.name)
             # a reply to a call that timed out earlier: not ours
 
     def close(self) -> None:

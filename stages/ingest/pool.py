@@ -46,6 +46,8 @@ __all__ = ["MID_STREAM_POLICIES", "STRATEGIES", "PoolPolicy", "UpstreamConfig", 
 STRATEGIES = ("least_outstanding", "ewma", "round_robin")
 MID_STREAM_POLICIES = ("error", "reissue")
 EWMA_ALPHA = 0.3  # weight of the newest time-to-first-token sample
+MAX_MODELS = 1024  # model ids kept per upstream from its GET /v1/models
+MAX_MODEL_ID = 256
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class _Upstream:
     token_bucket: TokenBucket | None = None
     last_token_ns: int = 0  # time.monotonic_ns() of the last read that brought a token
     last_failure: str = ""  # what went wrong last (a request or a health check), for errors
+    reported_models: tuple[str, ...] = ()  # what its GET /v1/models listed at the last health check
 
     def serves(self, model: str | None) -> bool:
         # A request that names no model takes the server's default: any upstream will do.
@@ -197,6 +200,11 @@ class UpstreamPool:
             }
             for u in self._upstreams
         ]
+
+    def models(self) -> list[str]:
+        """The models the pool serves: each upstream's configured ``models``, or what its model
+        list said at the last health check."""
+        return sorted({m for u in self._upstreams for m in (u.cfg.models or u.reported_models)})
 
     def stream(self, body: dict, *, endpoint: str = "chat", deterministic: bool = False) -> AsyncIterator[TokenEvent]:
         """One "start", the "token" events, then one "end" or one "error" event. Stop early with
@@ -469,6 +477,7 @@ class UpstreamPool:
             return "GET /v1/models answered something that is not JSON"
         if not (isinstance(answer, dict) and isinstance(answer.get("data"), list)):
             return "GET /v1/models answered without a model list"
+        upstream.reported_models = _model_ids(answer["data"])
         return None
 
 
@@ -479,6 +488,12 @@ def _error_kind(err: UpstreamError) -> str:
         return "http"
     text = str(err)
     return "connect" if text.startswith("cannot connect") else "timeout" if text.startswith("idle") else "protocol"
+
+
+def _model_ids(data: list) -> tuple[str, ...]:
+    """The ids of a /v1/models answer's ``data``, bounded (an upstream's answer is untrusted)."""
+    ids = (m.get("id") for m in data[:MAX_MODELS] if isinstance(m, dict))
+    return tuple(i for i in ids if isinstance(i, str) and 0 < len(i) <= MAX_MODEL_ID)
 
 
 def _fresh_tokens(tokens: Tokens, progress: _Progress, seen: int, skip: int) -> tuple[Tokens, int]:

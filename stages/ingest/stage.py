@@ -161,6 +161,8 @@ class Ingest(AsyncStage):
             msg = parse_request(frame)
         except RequestError as exc:
             return self._reject(str(exc))
+        if msg["type"] == "models":  # what the upstreams serve (the gateway's GET /v1/models)
+            return {"type": "models", "models": self.pool.models()}
         if msg["type"] == "cancel":
             sid = msg["stream_id"]
             task = self.tasks.get(sid)

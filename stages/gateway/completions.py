@@ -1,0 +1,338 @@
+"""One completion request after validation: submit it to ingest, follow its stream on the
+broadcast, and answer it, streaming (SSE, OpenAI's chunks) or whole. A client that goes away
+cancels the engine stream at once (the request protocol's cancel, with the stream's cancel token),
+so ingest closes the upstream request; a stream that fails is an error the client sees (an error
+status, or an error event mid-stream), never an empty 200."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from engine.auth.gate import Lease
+from engine.clients.requests_async import AsyncRequestClient, Submitted
+from engine.protocol import wire
+from engine.protocol.requests import RequestError
+from engine.telemetry import Telemetry
+from stages.gateway.errors import ApiError, rejection, stream_error
+from stages.gateway.follower import BroadcastFollower, Inbox
+from stages.gateway.shapes import (
+    DONE,
+    KEEPALIVE,
+    Shaper,
+    Usage,
+    chat_logprobs,
+    completion_logprobs,
+    estimate_prompt_tokens,
+    sse,
+    usage_of,
+)
+
+
+@dataclass
+class Ask:
+    """What the client asked, as the answer needs it."""
+
+    chat: bool
+    stream: bool
+    model: str
+    body: dict[str, Any]  # submitted to ingest
+    include_usage: bool = False
+    logprobs: bool = False  # each token's own logprob
+    columns: list[str] = field(default_factory=list)  # compute's columns per token (extension)
+
+
+class Follow:
+    """A stream's messages in seq order, as ingest numbered them: a message that does not start
+    where the last ended (rows lost before the request registered) ends it with an error."""
+
+    __slots__ = ("cached", "ended", "inbox", "next_seq", "stream_id")
+
+    def __init__(self, inbox: Inbox, stream_id: int) -> None:
+        self.inbox, self.stream_id = inbox, stream_id
+        self.next_seq = 0
+        self.ended = False
+        self.cached = False
+
+    def take(self) -> list[wire.Message]:
+        """What is there now, up to the stream's end."""
+        out = []
+        messages = self.inbox.messages
+        while messages and not self.ended:
+            message = messages.popleft()
+            if message.seq[0] != self.next_seq:
+                missing = f"{self.next_seq}..{message.seq[0] - 1}"
+                reason = f"lost: rows {missing} of stream {self.stream_id} never reached the gateway"
+                head = wire.header("error", self.stream_id, self.next_seq, self.next_seq, "json", reason=reason)
+                message = wire.Message("error", self.stream_id, (self.next_seq, self.next_seq), head)
+            self.next_seq = message.seq[1] + 1
+            if message.type == "start":
+                self.cached = bool(message.header.get("cached"))
+            elif message.type in ("end", "error"):
+                self.ended = True
+            out.append(message)
+        return out
+
+
+class Completions:
+    """The gateway's completion handling (one per gateway; a call of :meth:`answer` per request)."""
+
+    def __init__(
+        self,
+        requests: AsyncRequestClient,
+        follower: BroadcastFollower,
+        telemetry: Telemetry,
+        keepalive_s: float,
+        first_token_timeout_s: float,
+    ) -> None:
+        self.requests = requests
+        self.follower = follower
+        self.telemetry = telemetry
+        self.keepalive_s = keepalive_s
+        self.first_token_timeout_s = first_token_timeout_s
+        self.active_streams = 0
+        self.counts = {"submitted": 0, "completed": 0, "failed": 0, "cancelled": 0, "cache_hits": 0, "tokens": 0}
+        self._cancels: set[asyncio.Task] = set()
+
+    async def answer(self, request: web.Request, ask: Ask, lease: Lease, received: float) -> web.StreamResponse:
+        submitted, inbox = await self._submit(ask, lease)
+        follow = Follow(inbox, submitted.stream_id)
+        shaper = Shaper(ask.chat, ask.model, ask.include_usage)
+        state = _Tally(estimate_prompt_tokens(ask.chat, ask.body))
+        try:
+            if ask.stream:
+                return await self._stream(request, ask, follow, shaper, state, lease, received)
+            return await self._whole(ask, follow, shaper, state, lease)
+        finally:
+            self.follower.unregister(submitted.stream_id)
+            if not follow.ended:  # the client went away, or the first token never came
+                self.counts["cancelled"] += 1
+                self._cancel(submitted)
+            elif state.failed:
+                self.counts["failed"] += 1
+            else:
+                self.counts["completed"] += 1
+            if follow.cached:
+                self.counts["cache_hits"] += 1
+            usage = state.usage(follow.cached)
+            cached = usage.completion_tokens if follow.cached else 0
+            lease.close(usage.prompt_tokens, usage.completion_tokens, cached)
+            self._count_key(lease, usage, cached)
+
+    async def _submit(self, ask: Ask, lease: Lease) -> tuple[Submitted, Inbox]:
+        endpoint = "chat" if ask.chat else "completions"
+        with self.follower.expecting_one():
+            try:
+                submitted = await self.requests.submit(ask.body, endpoint, client=lease.principal.label)
+            except RequestError as exc:
+                raise rejection(str(exc)) from None
+            except TimeoutError:
+                raise ApiError(
+                    503,
+                    "the engine did not take the request in time",
+                    "server_error",
+                    "engine_unavailable",
+                    retry_after="1",
+                ) from None
+            inbox = self.follower.register(submitted.stream_id)  # while rows of unknown streams are kept
+        self.counts["submitted"] += 1
+        return submitted, inbox
+
+    def _cancel(self, submitted: Submitted) -> None:
+        """Cancel the engine stream now, from a task of its own (the handler may be cancelled)."""
+
+        async def cancel() -> None:
+            # it may have ended meanwhile, or ingest be gone (its restart ends the stream anyway)
+            with contextlib.suppress(RequestError, TimeoutError, ValueError, ConnectionError):
+                await self.requests.cancel(submitted.stream_id, submitted.cancel_token)
+
+        task = asyncio.get_running_loop().create_task(cancel())
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    # ---- streaming ----------------------------------------------------------------------------
+
+    async def _stream(
+        self,
+        request: web.Request,
+        ask: Ask,
+        follow: Follow,
+        shaper: Shaper,
+        state: _Tally,
+        lease: Lease,
+        received: float,
+    ) -> web.StreamResponse:
+        # Hold the response for the stream's first row after its start, up to keepalive_s: a
+        # stream that fails at once gets a proper error status, and the cache header is known.
+        pending = await self._first(follow, min(self.keepalive_s, self.first_token_timeout_s))
+        if pending and pending[-1].type == "error" and not any(m.type == "tokens" for m in pending):
+            state.failed = True
+            raise stream_error(pending[-1].header.get("reason", ""))
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",  # nginx: pass each chunk on at once
+                "x-neuralpipe-cache": "hit" if follow.cached else "miss",
+            }
+        )
+        if request.version >= (1, 1):
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        self.active_streams += 1
+        self.telemetry.set("neuralpipe_gateway_active_streams", self.active_streams)
+        try:
+            out = [shaper.role()]
+            deadline = received + self.first_token_timeout_s
+            while True:
+                done = self._chunks(pending, ask, shaper, state, lease, out)
+                if state.first_token_at is None and state.tokens:
+                    state.first_token_at = time.monotonic()
+                    self.telemetry.observe(
+                        "neuralpipe_gateway_time_to_first_token_seconds", state.first_token_at - received
+                    )
+                if out:
+                    await response.write(b"".join(out))
+                    out.clear()
+                if done:
+                    break
+                if not await follow.inbox.wait(self.keepalive_s):
+                    if not state.tokens and time.monotonic() >= deadline:
+                        state.failed = True
+                        reason = f"no first token within {self.first_token_timeout_s:g} s (first_token_timeout_s)"
+                        await response.write(sse(ApiError(503, reason, "server_error", "timeout").body()))
+                        break
+                    out.append(KEEPALIVE)  # proxies cut streams idle for 60 s
+                pending = follow.take()
+            await response.write_eof()
+        finally:
+            self.active_streams -= 1
+            self.telemetry.set("neuralpipe_gateway_active_streams", self.active_streams)
+        return response
+
+    async def _first(self, follow: Follow, wait_s: float) -> list[wire.Message]:
+        """The stream's rows up to its first token, end or error, or what came within ``wait_s``."""
+        until = time.monotonic() + wait_s
+        taken: list[wire.Message] = []
+        while True:
+            taken += follow.take()
+            if any(m.type != "start" for m in taken):
+                return taken
+            left = until - time.monotonic()
+            if left <= 0 or not await follow.inbox.wait(left):
+                return taken
+
+    def _chunks(
+        self, messages: list[wire.Message], ask: Ask, shaper: Shaper, state: _Tally, lease: Lease, out: list[bytes]
+    ) -> bool:
+        """The SSE bytes of ``messages`` appended to ``out``; True once the stream is over."""
+        for message in messages:
+            kind = message.type
+            if kind == "tokens":
+                texts = message.text
+                logprobs = self._logprobs(ask, texts, message.columns, state.chars) if ask.logprobs else None
+                extension = _columns(ask.columns, message.columns)
+                text = "".join(texts)
+                out.append(shaper.content(text, logprobs, extension))
+                state.add(len(texts), len(text))
+                lease.tokens(len(texts))
+            elif kind == "end":
+                state.end_usage = message.header.get("usage")
+                out.append(shaper.finish(message.header.get("finish_reason") or "stop"))
+                if ask.include_usage:
+                    out.append(shaper.usage_chunk(state.usage(False)))
+                out.append(DONE)
+                return True
+            elif kind == "error":
+                state.failed = True
+                out.append(sse(stream_error(message.header.get("reason", "")).body()))  # the client raises on it
+                return True
+        return False
+
+    # ---- whole responses ----------------------------------------------------------------------
+
+    async def _whole(self, ask: Ask, follow: Follow, shaper: Shaper, state: _Tally, lease: Lease) -> web.Response:
+        texts: list[str] = []
+        logprobs: list[float] = []
+        columns: dict[str, list] = {name: [] for name in ask.columns}
+        deadline = time.monotonic() + self.first_token_timeout_s
+        while True:
+            for message in follow.take():
+                if message.type == "tokens":
+                    texts += message.text
+                    state.add(len(message.text), sum(map(len, message.text)))
+                    lease.tokens(len(message.text))
+                    if ask.logprobs:
+                        logprobs += message.columns["logprob"].tolist()
+                    for name, values in columns.items():
+                        if name in message.columns:
+                            values += message.columns[name].tolist()
+                elif message.type == "end":
+                    state.end_usage = message.header.get("usage")
+                    reason = message.header.get("finish_reason") or "stop"
+                    text = "".join(texts)
+                    lp = None
+                    if ask.logprobs:
+                        lp = chat_logprobs(texts, logprobs) if ask.chat else completion_logprobs(texts, logprobs, 0)
+                    extension = {"columns": columns} if ask.columns else None
+                    usage = state.usage(follow.cached)
+                    headers = {"x-neuralpipe-cache": "hit" if follow.cached else "miss"}
+                    return web.json_response(shaper.whole(text, reason, usage, lp, extension), headers=headers)
+                elif message.type == "error":
+                    state.failed = True
+                    raise stream_error(message.header.get("reason", ""))
+            wait = self.keepalive_s if state.tokens else deadline - time.monotonic()
+            if wait <= 0:
+                state.failed = True
+                reason = f"no first token within {self.first_token_timeout_s:g} s (first_token_timeout_s)"
+                raise ApiError(503, reason, "server_error", "timeout", retry_after="1")
+            await follow.inbox.wait(wait)
+
+    # ---- accounting ---------------------------------------------------------------------------
+
+    def _logprobs(self, ask: Ask, texts: list[str], columns: dict, offset: int) -> Any:
+        values = columns["logprob"].tolist()
+        return chat_logprobs(texts, values) if ask.chat else completion_logprobs(texts, values, offset)
+
+    def _count_key(self, lease: Lease, usage: Usage, cached: int) -> None:
+        label = lease.principal.label
+        self.counts["tokens"] += usage.completion_tokens
+        count = self.telemetry.count
+        count("neuralpipe_gateway_key_requests_total", key=label)
+        count("neuralpipe_gateway_key_tokens_total", usage.prompt_tokens, key=label, kind="prompt")
+        count("neuralpipe_gateway_key_tokens_total", usage.completion_tokens, key=label, kind="completion")
+        if cached:
+            count("neuralpipe_gateway_key_tokens_total", cached, key=label, kind="cached")
+
+
+class _Tally:
+    """What one response delivered, for its usage."""
+
+    __slots__ = ("chars", "end_usage", "estimate", "failed", "first_token_at", "tokens")
+
+    def __init__(self, estimate: int) -> None:
+        self.estimate = estimate
+        self.tokens = 0
+        self.chars = 0  # characters of text so far (legacy completions' logprob text offsets)
+        self.end_usage: dict | None = None
+        self.failed = False
+        self.first_token_at: float | None = None
+
+    def add(self, tokens: int, chars: int) -> None:
+        self.tokens += tokens
+        self.chars += chars
+
+    def usage(self, cached: bool) -> Usage:
+        return usage_of(self.end_usage, self.tokens, self.estimate, cached)
+
+
+def _columns(names: list[str], columns: dict) -> dict[str, Any] | None:
+    """The extension of one chunk: each asked-for column's values, one per token."""
+    if not names:
+        return None
+    return {"columns": {name: columns[name].tolist() for name in names if name in columns}}

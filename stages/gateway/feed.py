@@ -1,0 +1,128 @@
+"""The browser feed: ``GET /v1/feed`` upgrades to a WebSocket that carries the broadcast in its
+JSON form (docs/wire-format.md), one text message per broadcast message:
+``{"topic": ..., "header": {...}, "payload": {...} | null}``. ``?stream=all`` (the default):
+every stream's batch messages, from the moment of connecting; ``?stream=N``: stream N's own
+messages (start, tokens, end | error) from its beginning, then the socket closes (1000).
+
+Each connection has a bounded queue (``feed_queue`` messages): a browser that reads slower than the
+engine writes is dropped with close code 1013 and a reason, and never slows the others or the
+gateway (docs/gateway.md, "Browser feed")."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from engine.protocol import wire
+from stages.gateway.follower import BroadcastFollower
+
+PING_S = 20.0  # WebSocket pings: a dead browser is noticed, proxies keep the socket
+CLOSE_TOO_SLOW = WSCloseCode.TRY_AGAIN_LATER  # 1013
+
+
+def feed_text(frames: tuple[bytes, bytes, bytes]) -> str:
+    """One broadcast message (JSON encoding) as one WebSocket text message."""
+    topic, header, payload = frames
+    body = payload if payload else b"null"
+    return (b'{"topic":"' + topic + b'","header":' + header + b',"payload":' + body + b"}").decode()
+
+
+class Feed:
+    """One browser's WebSocket and its bounded queue."""
+
+    def __init__(self, ws: web.WebSocketResponse, bound: int) -> None:
+        self.ws = ws
+        self.bound = bound
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue(bound)
+        self.dropped = False
+
+    def offer(self, text: str | None) -> None:
+        """Queue ``text`` (None: the end); a full queue drops this browser."""
+        if self.dropped:
+            return
+        try:
+            self.queue.put_nowait(text)
+        except asyncio.QueueFull:
+            self.dropped = True
+            self.queue = asyncio.Queue()  # the sender stops at once: nothing more is sent to it
+            self.queue.put_nowait(None)
+
+    async def send(self) -> None:
+        while (text := await self.queue.get()) is not None:
+            await self.ws.send_str(text)
+        if self.dropped:
+            reason = f"too slow: more than {self.bound} messages queued; reconnect"
+            await self.ws.close(code=CLOSE_TOO_SLOW, message=reason.encode()[:120])
+        else:
+            await self.ws.close()
+
+
+class FeedHub:
+    """Every-stream feeds share the gateway's follower: each batch is encoded once, for all."""
+
+    def __init__(self, follower: BroadcastFollower, runtime_dir: str, bound: int) -> None:
+        self.follower = follower
+        self.runtime_dir = runtime_dir
+        self.bound = bound
+        self.feeds: set[Feed] = set()
+        self.counts = {"feeds": 0, "feeds_dropped": 0}
+        follower.listeners.add(self._batch)
+
+    def _batch(self, batch: wire.Batch | wire.Message) -> None:
+        if not self.feeds or not isinstance(batch, wire.Batch):
+            return
+        text = feed_text(wire.encode_batch(batch, "json"))
+        for feed in self.feeds:
+            feed.offer(text)
+
+    async def serve(self, request: web.Request, stream: int | None) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(heartbeat=PING_S, max_msg_size=4096)
+        await ws.prepare(request)
+        feed = Feed(ws, self.bound)
+        self.counts["feeds"] += 1
+        own = None
+        if stream is None:
+            self.feeds.add(feed)
+        else:
+            own = BroadcastFollower(self.runtime_dir, stream)
+            own.listeners.add(lambda message: _one_stream(feed, message))
+            own.start()
+        sender = asyncio.get_running_loop().create_task(feed.send())
+        try:
+            await _until_closed(ws, sender)
+        finally:
+            self.feeds.discard(feed)
+            if own is not None:
+                await own.close()
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
+                await sender
+            if feed.dropped:
+                self.counts["feeds_dropped"] += 1
+        return ws
+
+
+def _one_stream(feed: Feed, message: wire.Batch | wire.Message) -> None:
+    if isinstance(message, wire.Message):
+        feed.offer(feed_text(wire.encode_message(message, "json")))
+        if message.type in ("end", "error"):
+            feed.offer(None)
+
+
+async def _until_closed(ws: web.WebSocketResponse, sender: asyncio.Task) -> None:
+    """Read (and ignore) what the browser sends until it closes, or the sender is done."""
+    reader = asyncio.get_running_loop().create_task(_drain(ws))
+    try:
+        await asyncio.wait({reader, sender}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+
+
+async def _drain(ws: web.WebSocketResponse) -> None:
+    async for message in ws:
+        if message.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
+            return

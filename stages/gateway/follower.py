@@ -1,0 +1,212 @@
+"""The gateway's view of the broadcast: every stream, on the event loop, through the consumer
+client's own logic (engine.clients.consumer.ConsumerCore: positions, repair, de-duplication, and
+an explicit error for whatever can no longer be had), handed out by stream id.
+
+One subscription serves every request (topic ``all`` on the binary socket, which the broadcast
+builds whatever else is subscribed, so following costs the broadcast nothing extra). A request
+registers its stream id once ingest has accepted it and reads that stream's messages (start,
+tokens, end | error; engine/protocol/wire.py) from its :class:`Inbox`. Rows can arrive before the
+accepted reply is read, so while submits are in flight, messages of streams nobody registered yet
+are kept for a little while (bounded) and handed over on registration.
+
+A follower of one stream (``stream=N``; a browser feed of one stream) subscribes to that stream's
+topic and gets it from its beginning (the snapshot join), the same way :class:`StreamConsumer` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+import zmq
+
+from engine.clients.consumer import RESYNC_S, ConsumerCore
+from engine.protocol import wire
+
+RCVHWM = 1_000_000  # batch messages queued for the gateway before ZeroMQ drops (then repaired)
+RECONNECT_IVL_MS = 10
+DRAIN_LIMIT = 1000  # messages read per socket per wake-up: then the others' turn
+ORPHAN_STREAMS = 4096  # streams whose rows came before their accepted reply was read
+ORPHAN_TTL_S = 10.0
+ORPHAN_MESSAGES = 10_000  # kept per such stream; beyond, it is dropped (then lost: an explicit error)
+
+
+class Inbox:
+    """One stream's messages, in seq order, for the request that follows it."""
+
+    __slots__ = ("_loop", "_waiter", "messages")
+
+    def __init__(self) -> None:
+        self.messages: deque[wire.Message] = deque()
+        self._waiter: asyncio.Future | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def put(self, message: wire.Message) -> None:
+        self.messages.append(message)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Until a message is there (True) or ``timeout_s`` passed (False)."""
+        if self.messages:
+            return True
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(timeout_s, lambda: waiter.done() or waiter.set_result(None))
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+        return bool(self.messages)
+
+
+class BroadcastFollower:
+    def __init__(self, runtime_dir: str, stream: int | None = None) -> None:
+        ctx = zmq.Context.instance()
+        self.sub = ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.RCVHWM, RCVHWM)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        self.sub.connect(f"ipc://{os.path.join(runtime_dir, 'broadcast-binary')}.sock")
+        self.sub.setsockopt(zmq.SUBSCRIBE, wire.ALL_TOPIC if stream is None else wire.topic(stream))
+        self.sub.setsockopt(zmq.SUBSCRIBE, wire.HEARTBEAT_TOPIC)
+        self.snap = ctx.socket(zmq.DEALER)
+        self.snap.setsockopt(zmq.LINGER, 0)
+        self.snap.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        self.snap.connect(f"ipc://{os.path.join(runtime_dir, 'broadcast-snapshot')}.sock")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.core = ConsumerCore(self._send, stream, encoding="binary")
+        self.inboxes: dict[int, Inbox] = {}
+        self.expecting = 0  # submits whose accepted reply has not been read yet
+        self.orphans: OrderedDict[int, tuple[float, list[wire.Message]]] = OrderedDict()
+        self.listeners: set[Callable[[wire.Batch | wire.Message], None]] = set()
+        self.counts = {"orphans_dropped": 0}
+        self.columns: frozenset[str] = frozenset()  # the appended columns (compute's) batches carry
+        self._ticker: asyncio.Task | None = None
+
+    # ---- lifetime ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for sock in (self.sub, self.snap):
+            self._loop.add_reader(sock.getsockopt(zmq.FD), self._readable)
+        self._ticker = self._loop.create_task(self._tick())
+        self._readable()  # ZeroMQ's fd is edge-triggered: take what came before the readers
+
+    @property
+    def ready(self) -> bool:
+        """Every stream: the broadcast told where to start (its first ``batches_end`` came)."""
+        return self.core.only is not None or self.core.expected is not None
+
+    async def close(self) -> None:
+        if self._loop is not None:
+            for sock in (self.sub, self.snap):
+                with contextlib.suppress(ValueError, OSError, zmq.ZMQError):
+                    self._loop.remove_reader(sock.getsockopt(zmq.FD))
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        self.sub.close(0)
+        self.snap.close(0)
+
+    # ---- requests' streams --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def expecting_one(self):
+        """Around a submit: keep rows of unregistered streams until its reply has been read."""
+        self.expecting += 1
+        try:
+            yield
+        finally:
+            self.expecting -= 1
+
+    def register(self, stream_id: int) -> Inbox:
+        inbox = self.inboxes[stream_id] = Inbox()
+        kept = self.orphans.pop(stream_id, None)
+        if kept is not None:
+            for message in kept[1]:
+                inbox.put(message)
+        return inbox
+
+    def unregister(self, stream_id: int) -> None:
+        self.inboxes.pop(stream_id, None)
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def _send(self, frame: bytes) -> None:
+        with contextlib.suppress(zmq.Again):  # the repair request is sent again after ASK_TIMEOUT_S
+            self.snap.send(frame, zmq.NOBLOCK)
+        if self._loop is not None:  # a send can swallow the fd's edge for a reply already queued
+            self._loop.call_soon(self._readable)
+
+    def _readable(self) -> None:
+        more = False
+        for sock, live in ((self.sub, True), (self.snap, False)):
+            for _ in range(DRAIN_LIMIT):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:  # closed under us at shutdown
+                    return
+                self.core.feed(frames, live)
+            else:
+                more = True
+        self._deliver()
+        if more and self._loop is not None:
+            self._loop.call_soon(self._readable)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(RESYNC_S / 4)
+            self.core.tick(time.monotonic())
+            self._deliver()
+            self._readable()  # the timers may have sent a request
+
+    def _deliver(self) -> None:
+        core = self.core
+        while core.ready_batches:
+            batch = core.ready_batches.popleft()
+            if len(batch.columns) != len(self.columns) + len(wire.BATCH_COLUMNS) and batch.rows:
+                self.columns = frozenset(batch.columns) - frozenset(wire.BATCH_COLUMNS)
+            for listener in tuple(self.listeners):
+                listener(batch)
+            self._route(batch)
+        while core.ready:
+            message = core.ready.popleft()
+            for listener in tuple(self.listeners):
+                listener(message)
+
+    def _route(self, batch: wire.Batch) -> None:
+        if not self.inboxes and not self.expecting:
+            return
+        if not self.expecting and self.inboxes.keys().isdisjoint(batch.columns["stream_id"].tolist()):
+            return
+        now = time.monotonic()
+        for message in batch.stream_messages():
+            inbox = self.inboxes.get(message.stream)
+            if inbox is not None:
+                inbox.put(message)
+            elif self.expecting:
+                self._keep_orphan(message, now)
+
+    def _keep_orphan(self, message: wire.Message, now: float) -> None:
+        while self.orphans:
+            sid, (since, _) = next(iter(self.orphans.items()))
+            if now - since < ORPHAN_TTL_S and len(self.orphans) < ORPHAN_STREAMS:
+                break
+            del self.orphans[sid]
+            self.counts["orphans_dropped"] += 1
+        kept = self.orphans.get(message.stream)
+        if kept is None:
+            kept = self.orphans[message.stream] = (now, [])
+        elif len(kept[1]) >= ORPHAN_MESSAGES:
+            del self.orphans[message.stream]
+            self.counts["orphans_dropped"] += 1
+            return
+        kept[1].append(message)

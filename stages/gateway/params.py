@@ -1,0 +1,64 @@
+"""The gateway's params (a closed pydantic model, engine/params.py): the ``[gateway]`` table of the
+configuration (merged into the gateway worker's params by engine/config.py), checked when the
+config is loaded to run. What each means: docs/gateway.md and the docstring of
+``stages.gateway.stage``."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from engine.listen import AUTH_MODES, exposed_without_auth, parse_listen
+from engine.params import FloatIn, IntIn, StageParams
+
+MAX_BODY_BYTES = 64 << 20  # the most max_body_bytes may be set to
+MAX_MODEL_NAMES = 1024
+
+
+def _absolute_or_empty(value: str) -> str:
+    if value and not os.path.isabs(value):
+        raise ValueError(f'must be "" or an absolute path (got {value!r})')
+    return value
+
+
+class GatewayParams(StageParams):
+    listen: str = "127.0.0.1:8080"  # host:port; port 0: any free port (status --json shows gateway.url)
+    # who may call (contract B, engine/auth/): "off" only on a loopback listen
+    auth: Literal[AUTH_MODES] = "off"
+    jwt_secret_file: str = ""  # HS256: a file holding the shared secret
+    jwks_file: str = ""  # RS256/EdDSA: a JWKS file of public keys
+    audience: str = ""  # required "aud" of a JWT ("": not checked)
+    issuer: str = ""  # required "iss" of a JWT ("": not checked)
+    # the API keys' database and the usage ledger; filled in from [engine] state_dir (engine/statedir.py)
+    state_dir: str = ""
+    max_body_bytes: IntIn(1024, MAX_BODY_BYTES) = 1 << 20  # larger bodies: 413
+    body_timeout_s: FloatIn(0.1, 300.0) = 10.0  # a body not received whole this soon: 408 (slow clients)
+    keepalive_s: FloatIn(0.05, 55.0) = 10.0  # an SSE comment after this long without a token
+    first_token_timeout_s: FloatIn(0.1, 3600.0) = 120.0  # no first token this soon: the stream ends in an error
+    submit_timeout_s: FloatIn(0.1, 60.0) = 5.0  # ingest must answer a submit this soon (else 503)
+    # what /v1/models lists and a request's model is checked against; empty: asked from ingest
+    models: list[str] = Field(default_factory=list, max_length=MAX_MODEL_NAMES)
+    feed_queue: IntIn(1, 1_000_000) = 1000  # broadcast messages queued per browser feed before it is dropped
+    max_connections: IntIn(1, 1 << 20) = 4096  # open requests and feeds at once; beyond: 503
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @field_validator("jwt_secret_file", "jwks_file", "state_dir")
+    @classmethod
+    def _paths(cls, value: str) -> str:
+        return _absolute_or_empty(value)
+
+    @model_validator(mode="after")
+    def _auth(self) -> GatewayParams:
+        reason = exposed_without_auth(self.listen, self.auth)
+        if reason:
+            raise ValueError(f"listen: {reason}")
+        if self.auth == "jwt" and not (self.jwt_secret_file or self.jwks_file):
+            raise ValueError('auth = "jwt" needs jwt_secret_file (HS256) or jwks_file (RS256/EdDSA)')
+        return self

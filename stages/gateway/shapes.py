@@ -1,0 +1,188 @@
+"""The OpenAI response shapes the gateway writes: streaming chunks (chat and legacy completions),
+whole responses, usage, and the error object. Streaming follows what the official client expects
+(docs/gateway.md, "Streaming"): one id for every chunk, the role in the first delta, exactly one
+chunk with ``finish_reason``, with ``stream_options.include_usage`` one last chunk whose
+``choices`` is ``[]`` carrying ``usage`` (``usage: null`` on every other chunk), then ``[DONE]``."""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+DONE = b"data: [DONE]\n\n"
+KEEPALIVE = b": keep-alive\n\n"
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def error_object(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def estimate_prompt_tokens(chat: bool, body: dict[str, Any]) -> int:
+    """Prompt tokens when the upstream reports none: ~4 characters of English text per token (the
+    rule of thumb OpenAI documents) plus, for chat, 3 tokens of framing per message and 3 for the
+    reply's priming, as OpenAI's cookbook counts them. An estimate, documented as such."""
+    if not chat:
+        return _text_tokens(body.get("prompt", ""))
+    total = 3
+    for message in body.get("messages", ()):
+        content = message.get("content", "")
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        total += 3 + _text_tokens(content if isinstance(content, str) else "")
+    return total
+
+
+def _text_tokens(text: str) -> int:
+    return math.ceil(len(text) / 4) if text else 0
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_estimated: bool  # the upstream gave no prompt count: ours is an estimate
+    cached: bool = False  # served from the engine's cache (no upstream tokens spent)
+
+    def as_dict(self) -> dict[str, Any]:
+        usage: dict[str, Any] = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+        if self.prompt_estimated:
+            usage["neuralpipe"] = {"prompt_tokens_estimated": True}
+        return usage
+
+
+def usage_of(upstream: dict[str, Any] | None, counted: int, estimate: int, cached: bool = False) -> Usage:
+    """The upstream's counts where it gave them (integers >= 0), else the engine's: completion
+    tokens counted as token rows, prompt tokens estimated (:func:`estimate_prompt_tokens`)."""
+    upstream = upstream or {}
+    prompt, completion = upstream.get("prompt_tokens"), upstream.get("completion_tokens")
+    known_prompt = type(prompt) is int and prompt >= 0
+    return Usage(
+        prompt if known_prompt else estimate,
+        completion if type(completion) is int and completion >= 0 else counted,
+        not known_prompt,
+        cached,
+    )
+
+
+class Shaper:
+    """The chunks of one response, chat (``chat.completion.chunk``) or legacy completions
+    (``text_completion``)."""
+
+    __slots__ = ("_prefix", "chat", "created", "id", "include_usage", "model")
+
+    def __init__(self, chat: bool, model: str, include_usage: bool) -> None:
+        self.chat = chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.model = model
+        self.include_usage = include_usage
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        # every chunk starts the same: encoded once (orjson output is canonical JSON, so the
+        # spliced chunk is valid JSON)
+        head = {"id": self.id, "object": obj, "created": self.created, "model": model, "system_fingerprint": None}
+        self._prefix = orjson.dumps(head)[:-1] + b',"choices":['
+
+    def _chunk(self, choice: dict[str, Any] | None) -> bytes:
+        usage = b',"usage":null' if self.include_usage else b""
+        body = orjson.dumps(choice) if choice is not None else b""
+        return b"data: " + self._prefix + body + b"]" + usage + b"}\n\n"
+
+    def role(self) -> bytes:
+        """The first chunk of a chat stream: the role, empty content (none for completions)."""
+        if not self.chat:
+            return b""
+        return self._chunk(
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        )
+
+    def content(self, text: str, logprobs: Any = None, extension: dict[str, Any] | None = None) -> bytes:
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "delta": {"content": text},
+                "logprobs": logprobs,
+                "finish_reason": None,
+            }
+        else:
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": None}
+        if extension is not None:
+            choice["neuralpipe"] = extension
+        return self._chunk(choice)
+
+    def finish(self, reason: str) -> bytes:
+        if self.chat:
+            return self._chunk({"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason})
+        return self._chunk({"index": 0, "text": "", "logprobs": None, "finish_reason": reason})
+
+    def usage_chunk(self, usage: Usage) -> bytes:
+        return b"data: " + self._prefix + b'],"usage":' + orjson.dumps(usage.as_dict()) + b"}\n\n"
+
+    def whole(
+        self, text: str, reason: str, usage: Usage, logprobs: Any = None, extension: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The non-streaming response."""
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": logprobs,
+                "finish_reason": reason,
+            }
+        else:
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        if extension is not None:
+            choice["neuralpipe"] = extension
+        obj = "chat.completion" if self.chat else "text_completion"
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [choice],
+            "usage": usage.as_dict(),
+        }
+
+
+def chat_logprobs(texts: list[str], logprobs: list[float]) -> dict[str, Any]:
+    """``logprobs.content`` of a chat chunk: each token's own logprob (the ring carries no top
+    alternatives yet: ``top_logprobs`` is empty). A token without one gets -9999.0 (OpenAI's own
+    "unknown" value) rather than NaN, which is not JSON."""
+    return {
+        "content": [
+            {"token": t, "logprob": _finite(lp), "bytes": list(t.encode()), "top_logprobs": []}
+            for t, lp in zip(texts, logprobs, strict=True)
+        ],
+        "refusal": None,
+    }
+
+
+def completion_logprobs(texts: list[str], logprobs: list[float], offset: int) -> dict[str, Any]:
+    """Legacy completions' parallel arrays; ``offset``: characters of text before these tokens."""
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": texts,
+        "token_logprobs": [_finite(lp) for lp in logprobs],
+        "top_logprobs": None,
+        "text_offset": offsets,
+    }
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else -9999.0

@@ -1,0 +1,84 @@
+"""The gateway: the engine's OpenAI-compatible front door, an asyncio worker (aiohttp's server under
+uvloop). It is a client of the engine like any other: it submits over the request protocol to
+ingest (engine/clients/requests_async.py) and follows its streams on the broadcast
+(stages/gateway/follower.py). Auth, limits and the usage ledger are engine/auth's Gate. What it
+serves: docs/gateway.md.
+
+Params (``[gateway]``, stages/gateway/params.py): listen (127.0.0.1:8080; port 0: any free port),
+auth (off | keys | jwt; off only on loopback) and its files, max_body_bytes, body_timeout_s,
+keepalive_s, first_token_timeout_s, submit_timeout_s, models, feed_queue, max_connections.
+
+Stats (with every heartbeat): ``url`` (the /v1 base URL clients use: ``neuralpipe status --json``
+shows it as gateway.url), requests, open, active_streams, submitted, completed, failed, cancelled,
+cache_hits, tokens, feeds, feeds_open, feeds_dropped, refused_busy, errors, and the broadcast
+follower's counts (``broadcast_gaps``, ``broadcast_lost_streams``, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from aiohttp import web
+
+from engine.auth.gate import Gate
+from engine.clients.requests_async import AsyncRequestClient
+from engine.listen import parse_listen
+from engine.protocol.requests import ingest_endpoint
+from engine.stage import AsyncStage, WorkerContext
+from engine.validated import ModelRef
+from stages.gateway.follower import BroadcastFollower
+from stages.gateway.server import GatewayServer
+
+FOLLOW_WAIT_S = 20.0  # set-up waits this long for the broadcast's first answer (then /health says 503)
+SHUTDOWN_S = 1.0  # streams still open when the gateway stops are cut after this long
+
+
+class Gateway(AsyncStage):
+    Params = ModelRef("stages.gateway.params:GatewayParams")
+
+    async def setup(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        params = self.params = self.parse_params(ctx.params)
+        self.gate = Gate.from_config(
+            params, params.state_dir or None, on_error=lambda m: ctx.log.warning("gateway_auth", error=m)
+        )
+        self.requests = AsyncRequestClient(
+            ingest_endpoint(ctx.runtime_dir), f"gateway-{os.getpid()}", params.submit_timeout_s
+        )
+        self.requests.start()
+        self.follower = BroadcastFollower(ctx.runtime_dir)
+        self.follower.start()
+        for _ in range(int(FOLLOW_WAIT_S / 0.05)):
+            if self.follower.ready:
+                break
+            await asyncio.sleep(0.05)
+        self.server = GatewayServer(ctx, params, self.gate, self.requests, self.follower)
+        self.runner = web.AppRunner(
+            self.server.app(),
+            access_log=None,
+            handle_signals=False,
+            handler_cancellation=True,
+            shutdown_timeout=SHUTDOWN_S,
+        )
+        await self.runner.setup()
+        host, port = parse_listen(params.listen)
+        await web.TCPSite(self.runner, host, port).start()
+        bound_host, bound_port = self.runner.addresses[0][:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        self.url = f"http://{shown}:{bound_port}/v1"
+        ctx.log.info("gateway_ready", url=self.url, auth=params.auth, following=self.follower.ready)
+
+    async def run(self, ctx: WorkerContext) -> None:
+        try:
+            while not ctx.draining:
+                await asyncio.sleep(0.1)
+        finally:
+            await self.runner.cleanup()
+            await self.follower.close()
+            await self.requests.close()
+            self.gate.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {"url": self.url, "following": self.follower.ready, **self.server.stats()}

@@ -1,0 +1,130 @@
+"""Request bodies of /v1/chat/completions and /v1/completions, validated with pydantic before
+anything is submitted: a body the engine would refuse, or one the gateway cannot honour, gets an
+OpenAI error object naming the field (``param``) instead of reaching ingest.
+
+Fields the gateway does not know pass through to the upstream unchanged (OpenAI-compatible servers
+grow fields faster than any proxy), but the ones it knows are checked strictly: types (no
+coercion: ``"max_tokens": "5"`` is an error), ranges, and the limits the request protocol sets
+(engine/protocol/requests.py). The gateway's own fields (``stream``, ``stream_options``,
+``neuralpipe``) are taken out of the body it submits."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from engine.protocol.requests import MAX_CONTENT_BYTES, MAX_MESSAGES, MAX_MODEL_BYTES, MAX_TOKENS_LIMIT, ROLES
+
+MAX_COLUMNS = 32
+GATEWAY_FIELDS = ("stream", "stream_options", "neuralpipe")
+
+Number = StrictInt | StrictFloat
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
+class TextPart(_Open):
+    type: StrictStr = "text"
+    text: Annotated[StrictStr, Field(max_length=MAX_CONTENT_BYTES)] = ""
+
+
+class Message(_Open):
+    role: Literal[ROLES]
+    content: Annotated[StrictStr, Field(max_length=MAX_CONTENT_BYTES)] | list[TextPart] = ""
+    name: StrictStr | None = None
+
+
+class StreamOptions(_Closed):
+    include_usage: StrictBool = False
+
+
+class Extension(_Closed):
+    """``neuralpipe``: what the engine adds to a response (docs/gateway.md, "Extensions")."""
+
+    columns: Annotated[
+        list[Annotated[StrictStr, Field(min_length=1, max_length=64)]], Field(max_length=MAX_COLUMNS)
+    ] = []
+
+
+class _Common(_Open):
+    model: Annotated[StrictStr, Field(min_length=1, max_length=MAX_MODEL_BYTES)]
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
+    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Number, Field(ge=0, le=1)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=1)] | None = None  # one choice per request (llama.cpp's rule too)
+    seed: StrictInt | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
+    presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    user: Annotated[StrictStr, Field(max_length=256)] | None = None
+    neuralpipe: Extension | None = None
+
+
+class ChatRequest(_Common):
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_BYTES)]
+    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
+    echo: StrictBool | None = None
+
+
+class Invalid(Exception):
+    """A body that fails validation: ``param`` names the field, ``message`` says why."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.message, self.param = message, param
+
+
+def validate(body: Any, chat: bool) -> ChatRequest | CompletionRequest:
+    """``body`` (parsed JSON) as a request, or :class:`Invalid` naming the first bad field."""
+    if not isinstance(body, dict):
+        raise Invalid("the request body must be a JSON object", None)
+    model = ChatRequest if chat else CompletionRequest
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in _location(error["loc"]))
+        param = param.removeprefix(".")
+        raise Invalid(f"{param or 'body'}: {_reason(error)}", param or None) from None
+
+
+def _location(loc: tuple) -> list:
+    # pydantic names the union member it tried ("str", "list[TextPart]", "function-after"): not a key
+    return [
+        part
+        for part in loc
+        if isinstance(part, int)
+        or ("[" not in part and "-" not in part and part not in ("str", "int", "float", "bool"))
+    ]
+
+
+def _reason(error: dict[str, Any]) -> str:
+    kind, message = error["type"], error["msg"]
+    if kind == "missing":
+        return "required"
+    if kind == "extra_forbidden":
+        return "unknown field"
+    got = repr(error.get("input"))
+    return f"{message} (got {got[:60] + '...' if len(got) > 60 else got})"
+
+
+def upstream_body(request: ChatRequest | CompletionRequest, raw: dict[str, Any]) -> dict[str, Any]:
+    """What is submitted to ingest: the client's body as sent (unknown fields included), without
+    the gateway's own fields."""
+    return {key: value for key, value in raw.items() if key not in GATEWAY_FIELDS}
