@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 
 from engine.rundir import RuntimeDirError, open_private_dir
@@ -32,8 +33,22 @@ def state_dir(instance: str, configured: str | None = None, env: Mapping[str, st
     """The instance's state directory, created 0700 if absent and checked (this user's, not a
     symlink). Raises :class:`engine.rundir.RuntimeDirError` (one line) when it cannot be used."""
     path = state_dir_path(instance, configured, env)
+    refuse_shared_dir(path)
     os.close(open_private_dir(path))
     return path
+
+
+def refuse_shared_dir(path: str) -> None:
+    """Refuse a directory others may write to (``/tmp`` given as the state directory): making it
+    private, as open_private_dir does with a looser mode of our own, would take it from everyone."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode) and st.st_mode & (stat.S_IWOTH | stat.S_ISVTX):
+        raise RuntimeDirError(
+            f"{path} is a shared directory (mode {stat.S_IMODE(st.st_mode):o}); give the state a directory of its own"
+        )
 
 
 def state_dir_path(instance: str, configured: str | None = None, env: Mapping[str, str] = os.environ) -> str:

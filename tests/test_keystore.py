@@ -232,3 +232,14 @@ def test_a_writer_busy_past_the_timeout_is_a_clear_error(tmp_path):
         other.close()
         ks.add_usage("alice", 1, 1, 1, 0)
         assert ks.budget_used("alice", 0) == 2
+
+
+def test_a_shared_directory_is_refused_not_taken(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # like /tmp
+    with pytest.raises(RuntimeError, match="is a shared directory \\(mode 1777\\)"):
+        state_dir("blue", str(shared))
+    with pytest.raises(KeyStoreError, match="is a shared directory"):
+        KeyStore(str(shared / DB_FILE))
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777 and not os.listdir(shared)

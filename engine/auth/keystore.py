@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from engine.auth.limits import MAX_BUDGET_PERIOD_S, MAX_LIMIT, NO_LIMITS, Limits
 from engine.auth.principal import Kind, Principal
 from engine.rundir import RuntimeDirError, open_private_dir, open_private_file
+from engine.statedir import refuse_shared_dir
 
 DB_FILE = "gateway.sqlite3"
 SCHEMA_VERSION = 1
@@ -167,10 +168,11 @@ class KeyStore:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # SQLite may have rolled back already (a full disk)
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -348,6 +350,7 @@ def _check_files(path: str) -> None:
     none a symlink (SQLite itself would follow one)."""
     directory, name = os.path.split(os.path.abspath(path))
     try:
+        refuse_shared_dir(directory)
         dir_fd = open_private_dir(directory)
     except (RuntimeDirError, OSError) as exc:
         raise KeyStoreError(f"{directory}: {exc}") from None
