@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import time
 
 import numpy as np
@@ -206,3 +207,29 @@ def test_quantile_interpolates_like_histogram_quantile() -> None:
     assert 0.0025 < quantile(metric, value, 0.5) <= 0.005
     t.observe(LATENCY, np.full(1000, 1000.0), stage="compute")
     assert quantile(metric, values_of(t.snapshot())[LATENCY][("compute",)], 0.99) == metric.buckets[-1]
+
+
+def test_every_metric_is_documented(instance: str) -> None:
+    """docs/observability.md names every metric of the registry and every family /metrics has."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from engine.health import EgressSample, HealthMonitor, RingSample, WorkerSample
+    from engine.metrics import EngineMetrics
+    from shm.naming import segment_name
+    from shm.ring import Ring
+
+    docs = (pathlib.Path(__file__).parent.parent / "docs" / "observability.md").read_text()
+    ring = Ring.create(segment_name(instance, "a-b"), capacity=4096)
+    try:
+        rings = [RingSample("a-b", ring.header())]
+    finally:
+        ring.destroy()
+    workers = [WorkerSample("w", "g", "running", True, 0, 0.1, 0)]
+    metrics = EngineMetrics(instance)
+    metrics.update(rings, workers, HealthMonitor().observe(0.0, rings, workers, EgressSample()), {"w": {"stage": "x"}})
+    exposed = set()
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        exposed |= {s.name for s in family.samples} | {family.name}
+    names = {n.removesuffix("_total") for n in exposed} | {n.removesuffix("_total") for n in METRICS}
+    missing = sorted(n for n in names if f"`{n}`" not in docs and f"`{n}_total`" not in docs)
+    assert not missing, missing
