@@ -3,7 +3,7 @@ of its processes spends per token, and the latency it adds, over each transport:
 rings (``shm``), multiprocessing.Queue (``queue``), zmq ipc (``zmq``).
 
 One step: a real engine (``python -m engine.cli run``) runs embedded upstream -> ingest -> compute
--> cache -> broadcast with ``[engine] transport`` set (engine/transport.py) and the upstream paced
+-> cache -> broadcast with ``[engine] transport`` set (bench/ring_transports.py) and the upstream paced
 per stream so that ``streams`` streams together offer ``offered`` tokens/s. Once every worker is
 ready and a warm-up stream went through, the streams (distinct prompts, no cache hit, a fixed
 length, ``ignore_eos``) are submitted through engine/protocol/requests.py's RequestClient, their starts
@@ -52,6 +52,7 @@ from engine.protocol.requests import ingest_endpoint
 from . import report
 from .proc import BenchError, ChildProcess, children, cpu_seconds
 from .recovery import BenchEngine, wait_for
+from .ring_transports import REFERENCES
 
 TRANSPORTS = ("shm", "queue", "zmq")
 STREAMS = 100
@@ -115,7 +116,7 @@ def engine_toml(transport: str, tokens_per_s: float) -> str:
     (0: unpaced); limits per client far above the load (one client submits everything)."""
     return f"""
 [engine]
-transport = "{transport}"
+transport = "{REFERENCES[transport]}"
 
 [ring_defaults]
 capacity = {RING_CAPACITY}

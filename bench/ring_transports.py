@@ -1,10 +1,13 @@
-"""Ring transports: what carries records between two workers.
+"""The comparison ring transports of ``neuralpipe bench pipeline``: what else could carry records
+between two workers.
 
 ``shm`` (the default and the product) is the shared-memory ring of ``shm.ring``: workers get its
 :class:`~shm.ring.Producer` and :class:`~shm.ring.Consumer` themselves, with no wrapper, so the
 fast path is untouched. ``queue`` (a bounded ``multiprocessing.Queue`` per ring) and ``zmq``
 (PUSH/PULL over ``ipc://``) exist for ``neuralpipe bench pipeline``: the same stages over the
-obvious alternatives, to show what the rings buy. Their adapters implement the part of the ring
+obvious alternatives, to show what the rings buy; the engine takes them as a port factory
+(``[engine] transport = "neuralpipe_bench.ring_transports:QUEUE"``) and knows nothing else of them.
+Their adapters implement the part of the ring
 API that stages and the worker runtime use (try_read/unread/release/available,
 try_claim/commit/abort/is_full/last_committed, prepare_wait/end_wait, the bells' ``fileno()``).
 
@@ -35,9 +38,8 @@ import zmq
 
 from shm.doorbell import Doorbell, create_fifo
 from shm.ports import RecordConsumer, RecordProducer
-from shm.ring import Consumer, Producer, RecordTooLarge, RingError
+from shm.ring import RecordTooLarge, RingError
 
-TRANSPORTS = ("shm", "queue", "zmq")
 # Capacity in bytes becomes a bound in messages for the queue and zmq transports: one message
 # per NOMINAL_RECORD bytes of ring capacity (a 64-row token batch is about 3 KiB).
 NOMINAL_RECORD = 4096
@@ -66,45 +68,48 @@ def slots(capacity: int) -> int:
     return max(MIN_SLOTS, capacity // NOMINAL_RECORD)
 
 
-def create_channel(kind: str, name: str, capacity: int, max_record: int, mp: Any, run_dir: str) -> Channel:
-    """The supervisor's side: make ring ``name`` of transport ``kind`` (not shm) inside its runtime
-    directory ``run_dir``; everything it makes goes with the process or that directory."""
-    if kind == "queue":
-        bell = os.path.join(run_dir, "bells", name + ".space")
-        create_fifo(bell)
-        bound = slots(capacity)
-        return Channel(kind, name, max_record, bound, queue=mp.Queue(bound), space_bell=bell)
-    if kind == "zmq":
+@dataclass(frozen=True)
+class MessageTransport:
+    """A :class:`shm.ports.PortFactory` over messages: ``queue`` or ``zmq``."""
+
+    kind: str
+
+    def create(self, name: str, capacity: int, max_record: int, mp: Any, run_dir: str) -> Channel:
+        """The supervisor's side: make ring ``name`` inside its runtime directory ``run_dir``;
+        everything it makes goes with the process or that directory."""
+        if self.kind == "queue":
+            bell = os.path.join(run_dir, "bells", name + ".space")
+            create_fifo(bell)
+            bound = slots(capacity)
+            return Channel(self.kind, name, max_record, bound, queue=mp.Queue(bound), space_bell=bell)
         endpoint = f"ipc://{os.path.join(run_dir, 'ring-' + name)}.sock"
-        return Channel(kind, name, max_record, slots(capacity), endpoint=endpoint)
-    raise ValueError(f"transport {kind!r} is not one of {', '.join(TRANSPORTS)} (shm rings are made by shm.ring)")
+        return Channel(self.kind, name, max_record, slots(capacity), endpoint=endpoint)
+
+    def close(self, channel: Channel) -> None:
+        """The supervisor's side at tear-down (it never puts, so it has no feeder thread to wait for)."""
+        if channel.queue is not None:
+            channel.queue.close()
+            channel.queue.cancel_join_thread()
+
+    def consumer(self, channel: Channel, zmq_ctx: zmq.Context) -> RecordConsumer:
+        return QueueConsumer(channel) if self.kind == "queue" else ZmqConsumer(channel, zmq_ctx)
+
+    def producer(self, channel: Channel, zmq_ctx: zmq.Context) -> RecordProducer:
+        return QueueProducer(channel) if self.kind == "queue" else ZmqProducer(channel, zmq_ctx)
+
+    def describe(self, channel: Channel) -> dict[str, Any]:
+        """A non-shm ring has no header: only what the supervisor made (occupancy and counters n/a)."""
+        return {"name": channel.name, "transport": channel.kind, "slots": channel.slots}
 
 
-def close_channel(channel: Channel) -> None:
-    """The supervisor's side at tear-down (it never puts, so it has no feeder thread to wait for)."""
-    if channel.queue is not None:
-        channel.queue.close()
-        channel.queue.cancel_join_thread()
-
-
-def attach_consumer(end: Any, zmq_ctx: zmq.Context) -> RecordConsumer:
-    """The reading end of ``end`` (a worker's RingEnd): the shm Consumer itself, or an adapter."""
-    channel: Channel | None = end.channel
-    if channel is None:
-        return Consumer.attach(end.segment, end.wait)
-    if channel.kind == "queue":
-        return QueueConsumer(channel)
-    return ZmqConsumer(channel, zmq_ctx)
-
-
-def attach_producer(end: Any, zmq_ctx: zmq.Context) -> RecordProducer:
-    """The writing end of ``end``: the shm Producer itself, or an adapter."""
-    channel: Channel | None = end.channel
-    if channel is None:
-        return Producer.attach(end.segment, end.wait)
-    if channel.kind == "queue":
-        return QueueProducer(channel)
-    return ZmqProducer(channel, zmq_ctx)
+QUEUE = MessageTransport("queue")
+ZMQ = MessageTransport("zmq")
+# what ``neuralpipe bench pipeline --transport`` names, as ``[engine] transport`` references
+REFERENCES = {
+    "shm": "shm",
+    "queue": "neuralpipe_bench.ring_transports:QUEUE",
+    "zmq": "neuralpipe_bench.ring_transports:ZMQ",
+}
 
 
 class _Fd:

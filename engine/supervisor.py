@@ -30,11 +30,12 @@ from engine.config import STAGE_ALIASES, Config, ConfigError, check_stage_params
 from engine.health import EgressSample, HealthMonitor, Pas, RingSample, WorkerSample
 from engine.logs import JsonLogger
 from engine.metrics import EngineMetrics
+from engine.notify import SupervisorNotices
+from engine.ports import port_factory
 from engine.procstats import cpu_seconds, rss_bytes
 from engine.protocol import control
 from engine.rundir import InstanceDir, RuntimeDirError, remove_dead_instances
 from engine.telemetry import Telemetry, WorkerTotals, check_snapshot, merge, upstream_health, values_of
-from engine.transport import Channel, close_channel, create_channel
 from engine.worker import RingEnd, WorkerSpec
 from engine.worker import main as worker_main
 from shm.naming import new_instance_id, segment_name
@@ -103,7 +104,7 @@ class Supervisor:
         self.instance = cfg.engine.instance or new_instance_id()
         self.mp = multiprocessing.get_context("spawn")
         self.rings: dict[str, Ring] = {}  # shm transport
-        self.channels: dict[str, Channel] = {}  # queue and zmq transports (bench only)
+        self.channels: dict[str, Any] = {}  # another transport's rings (a port factory's channels)
         self.workers: dict[str, WorkerHandle] = {}
         self.params: dict[str, Any] = {}  # what each worker is handed: run() checks them before the set-up
         self.started = time.time()
@@ -139,12 +140,12 @@ class Supervisor:
         # no ROUTER_HANDOVER: each spawn has its own secret identity, and a client claiming one
         # that is connected must not take its route over
         self.router.bind(self.dir.control_endpoint)
-        kind = self.cfg.engine.transport
+        self.ports = port_factory(self.cfg.engine.transport)
         for ring_name in self.cfg.ring_names():
             ring_cfg = self.cfg.ring(ring_name)
-            if kind != "shm":
-                self.channels[ring_name] = create_channel(
-                    kind, ring_name, ring_cfg.capacity, ring_cfg.resolved_max_record(), self.mp, self.dir.path
+            if self.ports is not None:
+                self.channels[ring_name] = self.ports.create(
+                    ring_name, ring_cfg.capacity, ring_cfg.resolved_max_record(), self.mp, self.dir.path
                 )
                 continue
             self.rings[ring_name] = Ring.create(
@@ -180,7 +181,12 @@ class Supervisor:
     def _spec(self, name: str, wcfg) -> WorkerSpec:
         def ends(ring_names: list[str]) -> tuple[RingEnd, ...]:
             return tuple(
-                RingEnd(segment_name(self.instance, r), self.cfg.ring(r).wait_strategy(), self.channels.get(r))
+                RingEnd(
+                    segment_name(self.instance, r),
+                    self.cfg.ring(r).wait_strategy(),
+                    self.cfg.engine.transport,
+                    self.channels.get(r),
+                )
                 for r in ring_names
             )
 
@@ -232,7 +238,7 @@ class Supervisor:
         for ring in self.rings.values():
             ring.destroy()
         for channel in self.channels.values():
-            close_channel(channel)
+            self.ports.close(channel)
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
         if getattr(self, "zmq", None) is not None:
@@ -252,7 +258,7 @@ class Supervisor:
         for ring in self.rings.values():
             ring.destroy()
         for channel in self.channels.values():
-            close_channel(channel)
+            self.ports.close(channel)
         self.dir.remove()
 
     # ---- main loop --------------------------------------------------------------------------
@@ -662,7 +668,7 @@ class Supervisor:
                 for h in self.workers.values()
             ],
             "rings": [_ring_status(name, ring) for name, ring in self.rings.items()]
-            + [_channel_status(channel) for channel in self.channels.values()],
+            + [self.ports.describe(channel) for channel in self.channels.values()],
             "pas": None if self.pas is None else _pas_dict(self.pas),
             "upstreams": upstream_health(self.merged),
         }
@@ -707,9 +713,6 @@ def _ring_status(name: str, ring: Ring) -> dict[str, Any]:
     }
 
 
-def _channel_status(channel: Channel) -> dict[str, Any]:
-    """A non-shm ring has no header: only what the supervisor made (occupancy and counters n/a)."""
-    return {"name": channel.name, "transport": channel.kind, "slots": channel.slots}
 
 
 def _pas_dict(pas: Pas) -> dict[str, Any]:

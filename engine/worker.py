@@ -24,12 +24,11 @@ from typing import Any
 
 import zmq
 
-from engine import transport
+from engine import ports
 from engine.lifeline import EXIT_ORPHANED, die_with_parent
 from engine.logs import JsonLogger
 from engine.protocol import control
 from engine.stage import AsyncStage, Stage, WorkerContext
-from engine.transport import Channel
 from engine.validated import ValidatedParams
 from shm.wait import PARK_AT_ONCE, WaitStrategy, idle
 
@@ -39,12 +38,13 @@ _MAX_PARK_S = 60.0  # WaitStrategy's bound; the next heartbeat comes much sooner
 
 @dataclass(frozen=True)
 class RingEnd:
-    """One ring a worker attaches to: full segment name and the wait strategy to use; ``channel``
-    instead of the segment when the engine runs another transport (engine/transport.py)."""
+    """One ring a worker attaches to: full segment name and the wait strategy to use; with another
+    transport than ``shm``, its port factory's reference and ``channel`` (engine/ports.py)."""
 
     segment: str
     wait: WaitStrategy
-    channel: Channel | None = None
+    transport: str = "shm"
+    channel: Any = None
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,8 @@ class _Runtime:
         self.sock.setsockopt(zmq.IDENTITY, control.worker_identity(spec.name, spec.token))
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(spec.control_endpoint)
-        self.inputs = [transport.attach_consumer(end, self.zmq) for end in spec.inputs]
-        self.outputs = [transport.attach_producer(end, self.zmq) for end in spec.outputs]
+        self.inputs = [ports.open_consumer(end, self.zmq) for end in spec.inputs]
+        self.outputs = [ports.open_producer(end, self.zmq) for end in spec.outputs]
         parent = multiprocessing.parent_process()
         self.parent_sentinel = parent.sentinel if parent is not None else None
         self.stage = load_stage(spec.stage)

@@ -1,10 +1,11 @@
 """The ring API stages use, as two protocols: what a stage may call on ``ctx.inputs`` (a
 :class:`RecordConsumer`) and ``ctx.outputs`` (a :class:`RecordProducer`). ``shm.ring``'s Consumer
-and Producer implement them, and so do the comparison transports' adapters (engine/transport.py,
-bounded ``multiprocessing.Queue`` and zmq PUSH/PULL): a stage written against these works over all
-three, with no special case. The semantics are the ring's (docs/data-plane.md); where a message
-transport differs, the member says so. ``isinstance(x, RecordConsumer)`` checks that every member is
-there (tests/test_ports.py), not their signatures."""
+and Producer implement them, and so do the comparison transports' adapters
+(bench/ring_transports.py, bounded ``multiprocessing.Queue`` and zmq PUSH/PULL, plugged in through a
+:class:`PortFactory`): a stage written against these works over all three, with no special case.
+The semantics are the ring's (docs/data-plane.md); where a message transport differs, the member
+says so. ``isinstance(x, RecordConsumer)`` checks that every member is there (tests/test_ports.py),
+not their signatures."""
 
 from __future__ import annotations
 
@@ -113,3 +114,21 @@ class RecordProducer(Protocol):
     def heartbeat(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class PortFactory(Protocol):
+    """Another transport for the engine's rings (``[engine] transport = "package.module:NAME"``):
+    the supervisor calls :meth:`create` per ring and hands the result (it must pickle: it goes
+    through spawn) to both workers, which open their ends with :meth:`consumer` and
+    :meth:`producer`. The shared-memory ring needs none of this: it is the built-in ``shm``."""
+
+    def create(self, name: str, capacity: int, max_record: int, mp: object, run_dir: str) -> object: ...
+
+    def close(self, channel: object) -> None: ...
+
+    def consumer(self, channel: object, zmq_ctx: object) -> RecordConsumer: ...
+
+    def producer(self, channel: object, zmq_ctx: object) -> RecordProducer: ...
+
+    def describe(self, channel: object) -> dict: ...

@@ -1,6 +1,6 @@
 """The ring ports (shm/ports.py): shm.ring's Consumer and Producer and the comparison transports'
-adapters (engine/transport.py) all have every member of RecordConsumer / RecordProducer, so a
-stage needs no special case for any of them."""
+adapters (bench/ring_transports.py, through engine/ports.py) all have every member of
+RecordConsumer / RecordProducer, so a stage needs no special case for any of them."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import uuid
 
 import pytest
 import zmq
+from neuralpipe_bench.ring_transports import MessageTransport
 from shm_helpers import make_ring
 
-from engine import transport
+from engine.ports import open_consumer, open_producer
 from engine.worker import RingEnd
 from shm.ports import RecordConsumer, RecordProducer
 from shm.ring import Consumer, Producer
@@ -33,9 +34,9 @@ def test_shm_ring_ends_are_ports(tmp_path):
 def test_comparison_transport_adapters_are_ports(kind, tmp_path):
     (tmp_path / "bells").mkdir()
     ctx = zmq.Context()
-    channel = transport.create_channel(kind, "a-b", 1 << 16, 1024, multiprocessing.get_context("spawn"), str(tmp_path))
-    end = RingEnd("unused", WaitStrategy(), channel)
-    consumer, producer = transport.attach_consumer(end, ctx), transport.attach_producer(end, ctx)
+    channel = MessageTransport(kind).create("a-b", 1 << 16, 1024, multiprocessing.get_context("spawn"), str(tmp_path))
+    end = RingEnd("unused", WaitStrategy(), f"neuralpipe_bench.ring_transports:{kind.upper()}", channel)
+    consumer, producer = open_consumer(end, ctx), open_producer(end, ctx)
     try:
         assert isinstance(consumer, RecordConsumer) and isinstance(producer, RecordProducer)
         # capacity is in the unit of position (messages here): what broadcast bounds its held records by
@@ -44,5 +45,5 @@ def test_comparison_transport_adapters_are_ports(kind, tmp_path):
     finally:
         consumer.close()
         producer.close()
-        transport.close_channel(channel)
+        MessageTransport(channel.kind).close(channel)
         ctx.term()

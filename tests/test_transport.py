@@ -1,6 +1,7 @@
-"""Ring transports (engine/transport.py): the same stages over shm rings, multiprocessing.Queue and
-zmq PUSH/PULL. Unit tests of the adapters' ring API in one process, then the counter -> relay ->
-verify engine delivering every token in order with each transport."""
+"""Ring transports (bench/ring_transports.py, through engine/ports.py): the same stages over shm
+rings, multiprocessing.Queue and zmq PUSH/PULL. Unit tests of the adapters' ring API in one
+process, then the counter -> relay -> verify engine delivering every token in order with each
+transport."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import os
 
 import pytest
 import zmq
+from neuralpipe_bench.ring_transports import REFERENCES, MessageTransport
 
-from engine import transport
 from engine.check import inspect_segments
 from engine.config import ConfigError, load_config
+from engine.ports import open_consumer, open_producer, port_factory
 from engine.status_view import format_status
 from engine.worker import RingEnd
 from shm.ring import RecordTooLarge, RingError
@@ -31,17 +33,17 @@ def zmq_ctx():
 
 def _pair(kind: str, tmp_path, zmq_ctx, capacity: int = 4096):
     (tmp_path / "bells").mkdir(exist_ok=True)
-    channel = transport.create_channel(kind, "a-b", capacity, 1024, multiprocessing.get_context("spawn"), str(tmp_path))
-    end = RingEnd("unused", WaitStrategy(), channel)
-    consumer = transport.attach_consumer(end, zmq_ctx)
-    producer = transport.attach_producer(end, zmq_ctx)
+    channel = MessageTransport(kind).create("a-b", capacity, 1024, multiprocessing.get_context("spawn"), str(tmp_path))
+    end = RingEnd("unused", WaitStrategy(), f"neuralpipe_bench.ring_transports:{kind.upper()}", channel)
+    consumer = open_consumer(end, zmq_ctx)
+    producer = open_producer(end, zmq_ctx)
     return channel, producer, consumer
 
 
 def _close(channel, producer, consumer) -> None:
     consumer.close()
     producer.close()
-    transport.close_channel(channel)
+    MessageTransport(channel.kind).close(channel)
 
 
 def _read(consumer, timeout: float = 5.0):
@@ -138,22 +140,24 @@ def test_queue_consumer_rings_the_space_bell_only_after_taking_from_a_full_queue
 def test_transport_key_is_validated(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[engine]\ntransport = "pipe"\n')
-    with pytest.raises(ConfigError, match=r"engine\.transport: must be one of shm, queue, zmq"):
+    with pytest.raises(ConfigError, match=r'engine\.transport: must be "shm" or a port factory reference'):
         load_config(str(path), env={})
-    path.write_text('[engine]\ntransport = "zmq"\n')
-    assert load_config(str(path), env={}).engine.transport == "zmq"
+    path.write_text(f'[engine]\ntransport = "{REFERENCES["zmq"]}"\n')
+    assert load_config(str(path), env={}).engine.transport == REFERENCES["zmq"]
     assert load_config(None, env={}).engine.transport == "shm"
 
 
-def test_create_channel_refuses_shm(tmp_path):
-    with pytest.raises(ValueError, match="transport 'shm'"):
-        transport.create_channel("shm", "a-b", 4096, 1024, None, str(tmp_path))
+def test_a_transport_that_is_no_port_factory_is_refused():
+    with pytest.raises(TypeError, match="is not a port factory"):
+        port_factory("neuralpipe_bench.ring_transports:REFERENCES")
 
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("kind", ["shm", "queue", "zmq"])
 def test_pipeline_delivers_every_token_in_order(kind, tmp_path, instance):
-    config = pipeline_config(total=TOKENS, rate=0).replace("[engine]\n", f'[engine]\ntransport = "{kind}"\n', 1)
+    config = pipeline_config(total=TOKENS, rate=0).replace(
+        "[engine]\n", f'[engine]\ntransport = "{REFERENCES[kind]}"\n', 1
+    )
     engine = Engine(tmp_path, config, instance).start()
     try:
         sink = wait_for(
@@ -164,7 +168,7 @@ def test_pipeline_delivers_every_token_in_order(kind, tmp_path, instance):
         )
         assert (sink["messages"], sink["gaps"], sink["duplicates"]) == (TOKENS, 0, 0)
         status = engine.status()
-        assert status["transport"] == kind
+        assert status["transport"] == REFERENCES[kind]
         assert status["pas"]["integrity"] == 1.0
         text = format_status(status)  # renders "n/a" for rings without a header
         assert ("n/a (" in text) == (kind != "shm")
