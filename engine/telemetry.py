@@ -218,18 +218,37 @@ class _Series:
 class _Histogram:
     """Counts per bucket (the last: above every bound) and the sum of one histogram series. The
     counts are a list until an array is observed, then a numpy array (a worker that only
-    observes floats never imports numpy for it: start-up time)."""
+    observes floats never imports numpy for it: start-up time). Arrays of elapsed nanoseconds
+    wait in ``pending`` and are binned all at once at the next snapshot (a heartbeat), off the
+    hot path, or when ``PENDING_ROWS`` rows wait."""
 
-    __slots__ = ("counts", "total")
+    __slots__ = ("counts", "pending", "pending_rows", "total")
 
     def __init__(self, buckets: int) -> None:
         self.counts: list[int] | np.ndarray = [0] * buckets
         self.total = 0.0
+        self.pending: list[np.ndarray] = []
+        self.pending_rows = 0
 
     def add_indices(self, np: Any, idx: np.ndarray) -> None:
         if isinstance(self.counts, list):
             self.counts = np.array(self.counts, dtype=np.int64)
         self.counts += np.bincount(idx.ravel(), minlength=len(self.counts))
+
+    def bin_pending(self, series: _Series) -> None:
+        """Bin the waiting arrays of elapsed nanoseconds."""
+        if not self.pending:
+            return
+        import numpy as np  # whoever left arrays here has it imported
+
+        series.arrays(np)
+        elapsed = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+        self.pending, self.pending_rows = [], 0
+        self.add_indices(np, np.searchsorted(series.bounds_ns, elapsed))
+        self.total += float(elapsed.sum()) / 1e9
+
+
+PENDING_ROWS = 1 << 16  # elapsed times one histogram series holds before binning them (512 KiB)
 
 
 class Telemetry:
@@ -284,17 +303,16 @@ class Telemetry:
 
     def observe_since_ns(self, name: str, start_ns: np.ndarray, now_ns: int | None = None, **labels: str) -> None:
         """Observe ``now_ns - start_ns`` (``time.monotonic_ns`` values, e.g. a record's recv_ns
-        column) in seconds: integer bins, no float array made."""
+        column) in seconds. On the hot path only the subtraction (which copies: ``start_ns`` may
+        be ring memory about to be released); binning waits for the snapshot."""
         series = self._get(name, "histogram")
         if len(start_ns) == 0:
             return
-        import numpy as np  # the caller has it imported: a dictionary look-up
-
         hist = series.histogram(series.key(name, labels))
-        series.arrays(np)
-        elapsed = (time.monotonic_ns() if now_ns is None else now_ns) - start_ns
-        hist.add_indices(np, np.searchsorted(series.bounds_ns, elapsed))
-        hist.total += float(elapsed.sum()) / 1e9
+        hist.pending.append((time.monotonic_ns() if now_ns is None else now_ns) - start_ns)
+        hist.pending_rows += len(start_ns)
+        if hist.pending_rows >= PENDING_ROWS:
+            hist.bin_pending(series)
 
     def clear(self, name: str) -> None:
         """Forget every series of a metric (a gauge whose subjects went away)."""
@@ -310,6 +328,8 @@ class Telemetry:
             if not series.values:
                 continue
             if series.spec.kind == "histogram":
+                for hist in series.values.values():
+                    hist.bin_pending(series)
                 rows = [[*key, [*map(int, h.counts), h.total]] for key, h in series.values.items()]
             else:
                 rows = [[*key, value] for key, value in series.values.items()]
