@@ -10,6 +10,16 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
+def gateway_view(st: dict[str, Any]) -> dict[str, Any] | None:
+    """``gateway`` of ``neuralpipe status``: the /v1 base URL OpenAI clients use, from the gateway
+    worker's stats (None without a gateway, or before it listens)."""
+    for w in st.get("workers", ()):
+        url = (w.get("stats") or {}).get("url")
+        if isinstance(url, str) and url.startswith("http"):
+            return {"url": url, "worker": w["name"]}
+    return None
+
+
 def format_status(st: dict[str, Any]) -> str:
     pas = st.get("pas") or {}
     waiting = [w["name"] for w in st["workers"] if not w["ready"]]

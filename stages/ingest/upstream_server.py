@@ -82,6 +82,7 @@ class UpstreamStats:
     tokens_sent: int = 0
     faults_injected: int = 0  # one per fault kind applied to a request
     rejected: int = 0  # 429s over max_concurrency
+    cancelled: int = 0  # streams whose client closed the connection before their end
 
 
 class ApiError(Exception):
@@ -457,6 +458,7 @@ class _Emission:
         """Write every token due by ``now`` (up to MAX_EVENTS_PER_WRITE: the other streams' turn
         comes between writes) in one write; when to come back, None once the stream is over."""
         if self.transport is None or self.transport.is_closing():  # the client went away
+            self.stats.cancelled += 1
             return self._finish(False)
         if self.transport.get_write_buffer_size() > WRITE_HIGH_WATER:  # the client reads slower
             return now + TICK_S

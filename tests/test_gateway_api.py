@@ -1,0 +1,230 @@
+"""The gateway against a real engine (default topology, embedded upstream), through the official
+OpenAI client (sync and async) and raw HTTP: streaming and whole answers as OpenAI gives them,
+usage, every error status, 100 concurrent streams, the cache header, the columns extension, health
+and the discoverable URL. One engine serves the module (tests/gateway_harness.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import uuid
+
+import httpx
+import openai
+import pytest
+from gateway_harness import GatewayEngine, default_topology
+
+MODEL = "neuralpipe-echo"
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory):
+    engine = GatewayEngine(
+        tmp_path_factory.mktemp("gw"),
+        default_topology(gateway="max_body_bytes = 65536\nbody_timeout_s = 1.0"),
+        "g" + uuid.uuid4().hex[:10],
+    )
+    try:
+        yield engine.start()
+    finally:
+        engine.stop()
+
+
+@pytest.fixture
+def client(gw):
+    with openai.OpenAI(base_url=gw.url, api_key="unused", max_retries=0, timeout=30) as c:
+        yield c
+
+
+def ask(text: str, **fields) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 12, **fields}
+
+
+def test_status_json_gives_the_url_and_health_is_ready_with_pas(gw):
+    status = json.loads(gw.cli("status", "--json", "--instance", gw.instance).stdout)
+    assert status["gateway"]["url"] == gw.url and gw.url.endswith("/v1")
+    answer = httpx.get(gw.url.removesuffix("/v1") + "/health", timeout=10)
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["ready"] is True and body["engine"] == "running" and 0 <= body["pas"]["score"] <= 1
+
+
+def test_models_lists_the_upstreams_models(client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+
+def test_chat_whole_and_streamed_as_openai_gives_them(client, gw):
+    whole = client.chat.completions.create(**ask("whole and streamed", temperature=0))
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    text = whole.choices[0].message.content
+    assert text and whole.choices[0].finish_reason in ("length", "stop")
+    assert whole.usage.completion_tokens == 12 and whole.usage.prompt_tokens > 0
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + 12
+
+    chunks = list(
+        client.chat.completions.create(
+            **ask("whole and streamed", temperature=0), stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c for c in chunks if c.choices and c.choices[0].finish_reason] == [chunks[-2]]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert all(c.usage is None for c in chunks[:-1])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == text  # deterministic
+
+    no_usage = list(client.chat.completions.create(**ask("no usage asked"), stream=True))
+    assert no_usage[-1].choices[0].finish_reason and all(c.usage is None for c in no_usage)
+
+
+def test_raw_stream_ends_with_done_and_carries_no_non_json_data(gw):
+    with httpx.stream("POST", gw.url + "/chat/completions", json=ask("raw", stream=True), timeout=30) as answer:
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/event-stream")
+        data = [line[6:] for line in answer.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]" and all(isinstance(json.loads(d), dict) for d in data[:-1])
+
+
+def test_completions_whole_and_streamed(client):
+    whole = client.completions.create(model=MODEL, prompt="legacy completions", max_tokens=8, temperature=0)
+    assert whole.object == "text_completion" and whole.choices[0].text and whole.usage.completion_tokens == 8
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt="legacy completions", max_tokens=8, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 8
+
+
+def test_a_hundred_concurrent_streams_all_complete(gw):
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, str | None, int]:
+        stream = await client.chat.completions.create(
+            **ask(f"concurrent {i}", max_tokens=20), stream=True, stream_options={"include_usage": True}
+        )
+        text, reason, usage = "", None, 0
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                reason = chunk.choices[0].finish_reason or reason
+            elif chunk.usage:
+                usage = chunk.usage.completion_tokens
+        return text, reason, usage
+
+    async def run() -> list:
+        async with openai.AsyncOpenAI(base_url=gw.url, api_key="unused", max_retries=0, timeout=60) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(100)))
+
+    before = gw.stats("gateway")["completed"]
+    results = asyncio.run(run())
+    assert all(text and reason and usage == 20 for text, reason, usage in results)
+    assert gw.stats("gateway")["completed"] >= before + 100 or _eventually(
+        lambda: gw.stats("gateway")["completed"] >= before + 100
+    )
+
+
+def _eventually(check, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_repeated_deterministic_request_is_a_cache_hit(client):
+    body = ask("cache me " + uuid.uuid4().hex, temperature=0)
+    first = client.chat.completions.with_raw_response.create(**body)
+    assert first.headers["x-neuralpipe-cache"] == "miss"
+    second = client.chat.completions.with_raw_response.create(**body)
+    assert second.headers["x-neuralpipe-cache"] == "hit"
+    assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
+    streamed = client.chat.completions.with_raw_response.create(**body, stream=True)
+    assert streamed.headers["x-neuralpipe-cache"] == "hit"
+    assert "".join(c.choices[0].delta.content or "" for c in streamed.parse() if c.choices)
+
+
+def test_columns_extension_and_logprobs(client):
+    whole = client.chat.completions.create(
+        **ask("columns"), logprobs=True, extra_body={"neuralpipe": {"columns": ["conf", "hilbert"]}}
+    )
+    columns = whole.choices[0].model_extra["neuralpipe"]["columns"]
+    assert len(columns["conf"]) == len(columns["hilbert"]) == 12 and all(len(xy) == 2 for xy in columns["hilbert"])
+    assert len(whole.choices[0].logprobs.content) == 12
+    assert "".join(t.token for t in whole.choices[0].logprobs.content) == whole.choices[0].message.content
+    conf = []
+    for chunk in client.chat.completions.create(
+        **ask("columns"), stream=True, extra_body={"neuralpipe": {"columns": ["conf"]}}
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            conf += chunk.choices[0].model_extra["neuralpipe"]["columns"]["conf"]
+    assert len(conf) == 12 and all(0 <= c <= 1 for c in conf)
+    with pytest.raises(openai.BadRequestError, match="no column 'nope'"):
+        client.chat.completions.create(**ask("columns"), extra_body={"neuralpipe": {"columns": ["nope"]}})
+
+
+def _error(answer: httpx.Response, status: int) -> dict:
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        (json.dumps(ask("x", max_tokens="5")).encode(), 422, "max_tokens"),
+        (json.dumps({"model": MODEL, "messages": []}).encode(), 422, "messages"),
+        (
+            json.dumps({"model": MODEL, "messages": [{"role": "user", "content": 5}]}).encode(),
+            422,
+            "messages[0].content",
+        ),
+        (
+            json.dumps({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}).encode(),
+            422,
+            "messages[0].role",
+        ),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), 422, "model"),
+        (json.dumps(ask("x", n=2)).encode(), 422, "n"),
+        (json.dumps(ask("x", temperature=3)).encode(), 422, "temperature"),
+        (json.dumps(ask("x", logprobs=True, top_logprobs=3)).encode(), 400, "top_logprobs"),
+        (json.dumps(ask("x", model="no-such-model")).encode(), 404, "model"),
+    ],
+)
+def test_bad_requests_get_the_openai_error_object(gw, body, status, param):
+    error = _error(httpx.post(gw.url + "/chat/completions", content=body, timeout=10), status)
+    assert error["param"] == param
+
+
+def test_unknown_model_raises_not_found_in_the_client(client):
+    with pytest.raises(openai.NotFoundError, match="no-such-model"):
+        client.chat.completions.create(**ask("x", model="no-such-model"))
+
+
+def test_oversize_bodies_routes_and_methods(gw):
+    big = json.dumps(ask("x" * 100_000)).encode()
+    assert _error(httpx.post(gw.url + "/chat/completions", content=big, timeout=10), 413)["code"] == "request_too_large"
+
+    def chunked():
+        yield big[:1000]
+        yield big[1000:]
+
+    _error(httpx.post(gw.url + "/chat/completions", content=chunked(), timeout=10), 413)  # no Content-Length
+    _error(httpx.get(gw.url + "/chat/completions", timeout=10), 405)
+    _error(httpx.get(gw.url + "/nothing-here", timeout=10), 404)
+
+
+def test_a_body_that_never_arrives_whole_is_408_not_a_hang(gw):
+    host, port = gw.url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 500\r\n\r\n{\"model\":")  # fmt: skip
+        started = time.monotonic()
+        answer = sock.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 408") and '"request_timeout"' in answer
+    assert time.monotonic() - started < 5
