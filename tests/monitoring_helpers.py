@@ -48,6 +48,27 @@ def metrics_read_by(expr: str) -> set[str]:
     return set(_METRIC_NAME.findall(expr))
 
 
+# What Grafana substitutes before a dashboard query reaches Prometheus (the values the tests use)
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$engine": ".*"}
+
+
+def grafana_expr(expr: str) -> str:
+    """A dashboard expression as Prometheus receives it from Grafana (variables substituted)."""
+    for name, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(name, value)
+    assert "$" not in expr, f"a Grafana variable left in {expr!r}"
+    return expr
+
+
+def dashboard_queries(board: dict) -> dict[str, str]:
+    """ "panel title refId" -> expression, for every panel's targets."""
+    return {
+        f"{panel['title']} {target['refId']}": target["expr"]
+        for panel in board["panels"]
+        for target in panel.get("targets") or []
+    }
+
+
 def rule_groups() -> list[dict]:
     return [group for path in RULE_FILES for group in yaml.safe_load(path.read_text())["groups"]]
 

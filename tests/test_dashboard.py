@@ -11,29 +11,19 @@ import sys
 from pathlib import Path
 
 import pytest
-from monitoring_helpers import MONITORING, REPO, check_expressions, known_metric_names, metrics_read_by, rule_groups
+from monitoring_helpers import (
+    MONITORING,
+    REPO,
+    check_expressions,
+    dashboard_queries,
+    grafana_expr,
+    known_metric_names,
+    metrics_read_by,
+    rule_groups,
+)
 
 DASHBOARD = MONITORING / "dashboard.json"
 ROWS = ["Overview", "Workers", "Rings", "Upstreams", "Cache", "Broadcast", "Gateway"]
-# What Grafana substitutes before a query reaches Prometheus (the values a test may use)
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$engine": ".*"}
-
-
-def grafana_expr(expr: str) -> str:
-    """``expr`` as Prometheus receives it from Grafana (variables substituted)."""
-    for name, value in GRAFANA_VARIABLES.items():
-        expr = expr.replace(name, value)
-    assert "$" not in expr, f"a Grafana variable left in {expr!r}"
-    return expr
-
-
-def dashboard_queries(board: dict) -> dict[str, str]:
-    """panel title / refId -> expression, for every panel's targets."""
-    return {
-        f"{panel['title']} {target['refId']}": target["expr"]
-        for panel in board["panels"]
-        for target in panel.get("targets") or []
-    }
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +47,7 @@ def test_rows_and_panels(board: dict) -> None:
     assert rows == ROWS
     panels = [p for p in board["panels"] if p["type"] != "row"]
     assert len({p["id"] for p in board["panels"]}) == len(board["panels"])
+    assert len({p["title"] for p in board["panels"]}) == len(board["panels"])  # queries are found by title
     for panel in panels:
         assert panel["targets"] and panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel
         assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24, panel["title"]

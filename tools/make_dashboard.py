@@ -117,7 +117,7 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
     (
         "Workers",
         (
-            PanelSpec("Up", (q(f"neuralpipe_worker_up{{{E}}}", "{{worker}}"),), unit="none", width=6, max=1),
+            PanelSpec("Workers up", (q(f"neuralpipe_worker_up{{{E}}}", "{{worker}}"),), unit="none", width=6, max=1),
             PanelSpec(
                 "Restarts in 5 min",
                 (q(f"sum by (worker) (increase(neuralpipe_worker_restarts_total{{{E}}}[5m]))", "{{worker}}"),),
@@ -159,7 +159,9 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
     (
         "Upstreams",
         (
-            PanelSpec("Up", (q(f"neuralpipe_upstream_up{{{E}}}", "{{upstream}}"),), unit="none", width=4, max=1),
+            PanelSpec(
+                "Upstreams up", (q(f"neuralpipe_upstream_up{{{E}}}", "{{upstream}}"),), unit="none", width=4, max=1
+            ),
             PanelSpec(
                 "Requests and errors /s",
                 (

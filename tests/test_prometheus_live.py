@@ -1,0 +1,186 @@
+"""A real Prometheus (Debian's /usr/bin/prometheus, started here with the rules loaded) scraping a real engine of
+the default topology under load: the dashboard's key queries return data and every rule loads and evaluates."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import threading
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from engine_harness import chat, full_config, wait_for
+from monitoring_helpers import MONITORING, RULE_FILES, dashboard_queries, grafana_expr, rule_groups
+
+from engine.clients.requests import RequestClient
+from engine.protocol.requests import ingest_endpoint
+
+PROMETHEUS = "/usr/bin/prometheus"
+pytestmark = [
+    pytest.mark.skipif(not os.access(PROMETHEUS, os.X_OK), reason="Debian's prometheus package not installed"),
+    pytest.mark.timeout(150),
+]
+WORKERS = {"ingest", "compute", "cache", "broadcast"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Prometheus:
+    """One Prometheus server in a temp dir, scraping ``target`` every second, rules evaluated every second."""
+
+    def __init__(self, tmp_path: Path, target: str) -> None:
+        self.port = free_port()
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(path) for path in RULE_FILES],
+            "scrape_configs": [{"job_name": "neuralpipe", "static_configs": [{"targets": [target]}]}],
+        }
+        config_path = tmp_path / "prometheus.yml"
+        config_path.write_text(json.dumps(config))  # JSON is YAML
+        self.log_path = tmp_path / "prometheus.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    PROMETHEUS,
+                    f"--config.file={config_path}",
+                    f"--storage.tsdb.path={tmp_path / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--log.level=warn",
+                ],
+                stdout=log,
+                stderr=log,
+                cwd=tmp_path,
+            )
+        wait_for(self._ready, 30, "prometheus ready", interval=0.1)
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"prometheus exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def api(self, path: str, **params: str) -> dict | list:
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body = json.load(response)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        """The instant vector of ``expr`` now, samples with a finite value only."""
+        data = self.api("query", query=expr)
+        assert data["resultType"] == "vector", data
+        return [s for s in data["result"] if math.isfinite(float(s["value"][1]))]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Load:
+    """Streams submitted in a thread until stopped: about 10 streams open at 100 tokens/s each."""
+
+    def __init__(self, runtime_dir: str) -> None:
+        self.runtime_dir = runtime_dir
+        self.stop_event = threading.Event()
+        self.submitted = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        with RequestClient(ingest_endpoint(self.runtime_dir)) as client:
+            while not self.stop_event.wait(0.1):
+                client.submit(chat(f"load {self.submitted}", max_tokens=100, temperature=0.7))
+                self.submitted += 1
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(10)
+
+
+def by_title(board: dict, title: str) -> str:
+    return grafana_expr(dashboard_queries(board)[title])
+
+
+# Panels (title refId) that have data once streams flow through the default topology
+FLOWING_PANELS = (
+    "Streams A",
+    "Workers up A",
+    "CPU (1 = one core) A",
+    "Resident memory A",
+    "Occupancy A",
+    "Written bytes/s A",
+    "Upstreams up A",
+    "Requests and errors /s A",
+    "Time to first token B",
+    "In flight A",
+    "Size A",
+    "Subscribers A",
+    "Messages/s A",
+)
+
+
+def test_prometheus_scrapes_the_engine_and_the_dashboard_queries_return_data(start_engine, tmp_path) -> None:
+    engine = start_engine(full_config(rate=100))
+    info = engine.info()
+    prometheus = Prometheus(tmp_path, f"127.0.0.1:{info['metrics_port']}")
+    load = Load(info["runtime_dir"])
+    board = json.loads((MONITORING / "dashboard.json").read_text())
+
+    def panel(title: str, label: str) -> dict[str, float]:
+        """The panel's query now: its series' ``label`` -> value."""
+        return {s["metric"].get(label, ""): float(s["value"][1]) for s in prometheus.query(by_title(board, title))}
+
+    try:
+        wait_for(lambda: panel("Workers up A", "worker") == dict.fromkeys(WORKERS, 1), 30, "every worker up")
+        pas = wait_for(lambda: panel("PAS A", "engine"), 30, "PAS in prometheus")
+        assert list(pas) == [engine.instance] and 0 <= pas[engine.instance] <= 1
+        subscores = panel("PAS and its four sub-scores B", "subscore")
+        assert set(subscores) == {"integrity", "stability", "symmetry", "consistency"}
+        tokens = wait_for(
+            lambda: (rates := panel("Tokens/s by stage A", "stage")).get("broadcast", 0) > 0 and rates,
+            45,
+            "tokens/s at the broadcast",
+        )
+        assert set(tokens) == WORKERS and all(v > 0 for v in tokens.values()), tokens
+        p99 = wait_for(lambda: panel("Latency by stage, p50 and p99 B", "stage").get("broadcast"), 45, "e2e p99")
+        assert 0 < p99 < 60
+        for title in FLOWING_PANELS:
+            wait_for(lambda t=title: prometheus.query(by_title(board, t)), 30, f"data in panel {title!r}")
+        # the recording rules evaluate on the real series too
+        recorded = wait_for(
+            lambda: prometheus.query('engine_stage:neuralpipe_tokens:rate1m{stage="broadcast"} > 0'),
+            30,
+            "the recorded tokens rate",
+        )
+        assert recorded[0]["metric"]["engine"] == engine.instance
+
+        def rules_healthy() -> list[dict]:
+            rules = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
+            return rules if rules and all(r["health"] == "ok" for r in rules) else []
+
+        rules = wait_for(rules_healthy, 30, "every rule evaluated without error")
+        assert len(rules) == sum(len(group["rules"]) for group in rule_groups())
+        assert {"NeuralpipePasCritical", "engine_stage:neuralpipe_tokens:rate1m"} <= {r["name"] for r in rules}
+    finally:
+        load.stop()
+        prometheus.stop()
+    assert load.submitted > 0
