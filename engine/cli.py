@@ -4,145 +4,32 @@
 from __future__ import annotations
 
 import contextlib
+from importlib.metadata import entry_points
 
 import click
 
+PLUGINS = "neuralpipe.commands"  # entry points of other installed packages: bench's ``neuralpipe bench``
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class _Main(click.Group):
+    """The top-level group, with the commands other installed packages add through entry points
+    (``neuralpipe bench`` comes from neuralpipe_bench): the engine never imports them by name, and
+    only a command that is asked for is loaded."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *(ep.name for ep in entry_points(group=PLUGINS))})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        found = super().get_command(ctx, name)
+        if found is None:
+            found = next((ep.load() for ep in entry_points(group=PLUGINS, name=name)), None)
+        return found
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="neuralpipe")
 def main() -> None:
     """neuralpipe: a multiprocess shared-memory dataflow engine for LLM token streams."""
-
-
-@main.group()
-def bench() -> None:
-    """Benchmarks (the harness of bench/, shipped as the package neuralpipe_bench)."""
-
-
-@bench.command("ipc")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a `rows` list.")
-@click.option("--quick", is_flag=True, help="Few messages per row: a smoke run, not a measurement.")
-@click.option("--payload", "payloads", type=int, multiple=True, help="Tokens per message (default 1, 64, 4096).")
-@click.option(
-    "--transport", "transports", multiple=True, help="Only these transports (ring, queue, pipe, zmq, faster-fifo)."
-)
-@click.option("--output", type=click.Path(dir_okay=False), help="Also write the results as JSON to this file.")
-def bench_ipc(as_json: bool, quick: bool, payloads: tuple[int, ...], transports: tuple[str, ...], output) -> None:
-    """One-way latency and throughput between two processes: the ring against the alternatives."""
-    from neuralpipe_bench import ipc
-
-    ipc.main(as_json=as_json, quick=quick, payloads=payloads, transports=transports, output=output)
-
-
-@bench.command("recovery")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--quick", is_flag=True, help="A few kills: a smoke run, not a measurement.")
-@click.option(
-    "--topology",
-    type=click.Choice(["both", "test", "default"]),
-    default="both",
-    show_default=True,
-    help="counter -> relay -> sink, the default topology under chat load, or both.",
-)
-def bench_recovery(as_json: bool, quick: bool, topology: str) -> None:
-    """Kill workers of a real engine with SIGKILL: time to detect, respawn and flow again."""
-    from neuralpipe_bench import recovery
-
-    recovery.main(as_json=as_json, quick=quick, topology=topology)
-
-
-@bench.command("idle")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--quick", is_flag=True, help="A 2 s idle window and 3 checks: a smoke run, not a measurement.")
-def bench_idle(as_json: bool, quick: bool) -> None:
-    """CPU use of an idle engine's processes, and how long `neuralpipe check` takes."""
-    from neuralpipe_bench import idle
-
-    idle.main(as_json=as_json, quick=quick)
-
-
-@bench.command("doorbell")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--quick", is_flag=True, help="Few wake-ups: a smoke run, not a measurement.")
-def bench_doorbell(as_json: bool, quick: bool) -> None:
-    """Wake-up latency of the candidate doorbells (FIFO, eventfd, zmq PAIR) between two processes."""
-    from neuralpipe_bench import doorbell
-
-    doorbell.main(as_json=as_json, quick=quick)
-
-
-@bench.command("sse")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--quick", is_flag=True, help="1,000 events, 2 runs: a smoke run, not a measurement.")
-def bench_sse(as_json: bool, quick: bool) -> None:
-    """SSE parsing: stages.ingest.sse against httpx-sse and sseclient-py (MB/s, events/s, edge cases)."""
-    from neuralpipe_bench import sse
-
-    sse.main(as_json=as_json, quick=quick)
-
-
-@bench.command("ingest")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--quick", is_flag=True, help="Short streams: a smoke run, not a measurement.")
-def bench_ingest(as_json: bool, quick: bool) -> None:
-    """Ingest throughput with 1, 100, 1,000 streams from the embedded upstream; added latency p50/p99."""
-    from neuralpipe_bench import ingest
-
-    ingest.main(as_json=as_json, quick=quick)
-
-
-@bench.command("pipeline")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a `rows` list.")
-@click.option("--quick", is_flag=True, help="One short step per transport: a smoke run, not a measurement.")
-@click.option("--transport", "transports", multiple=True, help="Only these transports (shm, queue, zmq).")
-@click.option("--offered", type=float, help="One step at this many tokens/s (all streams together), not the sweep.")
-@click.option("--streams", type=int, help="Paced streams sharing the offered load (default 100; --quick 20).")
-@click.option("--duration", "duration_s", type=float, help="Each stream's length in seconds (default 6; --quick 2).")
-def bench_pipeline(
-    as_json: bool,
-    quick: bool,
-    transports: tuple[str, ...],
-    offered: float | None,
-    streams: int | None,
-    duration_s: float | None,
-) -> None:
-    """Paced load through ingest -> compute -> cache -> broadcast over shm rings, Queue, zmq: delivered/offered,
-    steady-state latency, CPU µs per token of each process, and each transport's saturation point."""
-    from neuralpipe_bench import pipeline
-
-    pipeline.main(
-        as_json=as_json, quick=quick, transports=transports, offered=offered, streams=streams, duration_s=duration_s
-    )
-
-
-@bench.command("broadcast")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--quick", is_flag=True, help="1 and 10 subscribers, short windows: a smoke run, not a measurement.")
-def bench_broadcast(as_json: bool, quick: bool) -> None:
-    """Broadcast latency (ring commit -> SUB receive) p50/p99 with 1/10/100 subscribers over ipc and tcp."""
-    from neuralpipe_bench import broadcast
-
-    broadcast.main(as_json=as_json, quick=quick)
-
-
-@bench.command("compute")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a `rows` list.")
-@click.option("--quick", is_flag=True, help="Sizes 1k and 16k, one call each: a smoke run, not a measurement.")
-def bench_compute(as_json: bool, quick: bool) -> None:
-    """Compute kernels on numpy and every wgpu adapter (1k, 64k, 1M tokens); the stage's added time per batch."""
-    from neuralpipe_bench import compute
-
-    compute.main(as_json=as_json, quick=quick)
-
-
-@bench.command("cache")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--quick", is_flag=True, help="A short trace and 4 prompts: a smoke run, not a measurement.")
-def bench_cache(as_json: bool, quick: bool) -> None:
-    """Cache: LRU hit ratio vs Belady on a Zipf(1.0) trace; time to first token on a hit vs a miss."""
-    from neuralpipe_bench import cache
-
-    cache.main(as_json=as_json, quick=quick)
 
 
 @main.command()
