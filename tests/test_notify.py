@@ -13,9 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from engine_harness import pipeline_config, wait_for
 
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError, NotifyConfig, load_config
+from engine.health import EgressSample, HealthMonitor, WorkerSample
 from engine.logs import JsonLogger
-from engine.notify import Notifier, RestartStorms
+from engine.notify import Notifier, RestartStorms, SupervisorNotices
 
 
 class Receiver:
@@ -165,6 +166,31 @@ def test_restart_storm_reported_once_per_storm() -> None:
     assert storms.restarted("a", 3) is None  # the same storm
     assert storms.restarted("a", 30) is None  # calm again: re-armed
     assert [storms.restarted("a", t) for t in (31, 32)] == [None, 3]
+
+
+def test_pas_status_changes_are_posted_once_each(receiver: Receiver, log) -> None:
+    """Scores from the real monitor: healthy (no notice), critical (all workers dead), critical again (no
+    notice), healthy again."""
+    notices = SupervisorNotices("inst", NotifyConfig(webhooks=[receiver.url("/ok")]), log)
+    monitor = HealthMonitor()
+
+    def score(now: float, alive: bool):
+        workers = [WorkerSample(f"w{i}", "g", "running", alive, 0, 0.1, 0) for i in range(2)]
+        pas = monitor.observe(now, [], workers, EgressSample())
+        notices.pas_scored(pas)
+        return pas.status
+
+    assert [score(0, True), score(1, False), score(2, False), score(3, True)] == [
+        "healthy",
+        "critical",
+        "critical",
+        "healthy",
+    ]
+    notices.close()
+    posted = [(b["status"], b["previous"]) for b in receiver.events("/ok", "pas_status")]
+    assert posted == [("critical", "healthy"), ("healthy", "critical")]
+    first = receiver.events("/ok")[0]
+    assert first["pas"]["stability"] == 0 and "lowest sub-score stability" in first["summary"]
 
 
 # ---- configuration --------------------------------------------------------------------------------
