@@ -4,13 +4,18 @@ cryptography (RS256, EdDSA) published in a JWKS file; every refusal names its pr
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
+import os
 import time
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jwt.algorithms import OKPAlgorithm, RSAAlgorithm
 
 from engine.auth.errors import AuthError
@@ -144,9 +149,6 @@ def test_the_public_key_used_as_an_hmac_secret_is_refused(tmp_path, jwks, rsa_ke
     )
     header = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT","kid":"rsa-1"}').rstrip(b"=")
     body = base64.urlsafe_b64encode(json.dumps(_claims()).encode()).rstrip(b"=")
-    import hashlib
-    import hmac
-
     mac = hmac.new(public_pem, header + b"." + body, hashlib.sha256).digest()
     token = b".".join([header, body, base64.urlsafe_b64encode(mac).rstrip(b"=")]).decode()
     with pytest.raises(AuthError, match="algorithm 'HS256' not accepted"):
@@ -215,3 +217,68 @@ def test_gate_with_jwt(tmp_path, jwks, ed_key):
         assert gate.store.usage(kind="jwt")["carol"]["completion_tokens"] == 4
     finally:
         gate.close()
+
+
+EXAMPLES = int(os.environ.get("NEURALPIPE_FUZZ_EXAMPLES", "100"))
+FUZZ = settings(max_examples=EXAMPLES, derandomize=EXAMPLES <= 1000, deadline=None, database=None)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+HEADERS = st.fixed_dictionaries(
+    {"alg": st.sampled_from(["HS256", "RS256", "EdDSA", "none", "HS512", "", None, 7])},
+    optional={"kid": st.sampled_from(["rsa-1", "ed-1", "zz", None, 3]), "typ": JSON_VALUES},
+)
+CLAIMS = st.dictionaries(
+    st.sampled_from(["sub", "exp", "aud", "iss", "nbf", "iat", "np_rpm", "np_tpm", "np_budget_tokens", "x"]),
+    JSON_VALUES,
+    max_size=8,
+)
+
+
+def _b64(obj: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+
+@FUZZ
+@given(header=HEADERS, claims=CLAIMS, signature=st.binary(max_size=300), sign=st.booleans())
+def test_fuzzed_tokens_are_accepted_or_refused_with_auth_error(fuzz_verifier, header, claims, signature, sign):
+    """Near-valid tokens (any header, any claims, signed with the secret or junk): a principal or an
+    AuthError, never another exception."""
+    sig = base64.urlsafe_b64encode(signature).rstrip(b"=").decode()
+    token = f"{_b64(header)}.{_b64(claims)}.{sig}"
+    if sign and header.get("alg") == "HS256":  # a valid signature over the same parts
+        mac = hmac.new(SECRET.encode(), token.rsplit(".", 1)[0].encode(), hashlib.sha256).digest()
+        token = token.rsplit(".", 1)[0] + "." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+    try:
+        principal = fuzz_verifier.verify(token)
+    except AuthError as exc:
+        assert exc.status == 401 and exc.message
+    else:
+        assert principal.kind == "jwt" and isinstance(principal.name, str)
+
+
+@FUZZ
+@given(authorization=st.one_of(st.none(), st.text(max_size=200), st.builds("Bearer {}".format, st.text(max_size=80))))
+def test_fuzzed_authorization_headers(fuzz_gate, authorization):
+    try:
+        fuzz_gate.authenticate(authorization)
+    except AuthError as exc:
+        assert exc.status == 401
+        if authorization and len(authorization) > 12:
+            assert authorization.strip() not in exc.message
+
+
+@pytest.fixture(scope="module")
+def fuzz_verifier(tmp_path_factory, rsa_key, ed_key):
+    path = tmp_path_factory.mktemp("jwks") / "jwks.json"
+    path.write_text(json.dumps({"keys": [_public_jwk(rsa_key, "rsa-1"), _public_jwk(ed_key, "ed-1")]}))
+    return JwtVerifier(SECRET, str(path), None, None)
+
+
+@pytest.fixture(scope="module")
+def fuzz_gate(tmp_path_factory):
+    gate = Gate.from_config({"auth": "keys"}, str(tmp_path_factory.mktemp("state")))
+    yield gate
+    gate.close()
