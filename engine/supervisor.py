@@ -278,6 +278,7 @@ class Supervisor:
             if isinstance(exc, NoSharedMemory | RuntimeDirError | OSError):
                 raise StartupError(getattr(exc, "strerror", None) or str(exc)) from None
             raise
+        self.notices = SupervisorNotices(self.instance, self.cfg.notify, self.log)
         try:
             self.log.info(
                 "engine_starting",
@@ -293,9 +294,11 @@ class Supervisor:
         except Escalation as exc:
             self.exit_code, self.reason = EXIT_ESCALATED, str(exc)
             self.log.error("escalation", reason=self.reason)
+            self.notices.escalated(self.reason)
         finally:
             self._stop_all()
             self._teardown()
+            self.notices.close()  # after the drain: what is queued had that long to go out already
             self.log.info("engine_stopped", instance=self.instance, exit_code=self.exit_code, reason=self.reason)
         return self.exit_code
 
@@ -428,6 +431,7 @@ class Supervisor:
                 h.restarts += 1
                 self._start(h)
                 self.log.info("worker_restarted", worker=h.name, restarts=h.restarts)
+                self.notices.worker_restarted(h.name, h.restarts, now)
 
     def _unblock_outputs(self, h: WorkerHandle) -> None:
         """Clear any record the dead worker left half-written in its output rings (shm only: the
@@ -607,6 +611,7 @@ class Supervisor:
         rings, workers, egress = self._samples(now)
         leaked = sum(1 for s in list_segments() if not s.live)
         self.pas = self.health.observe(now, rings, workers, egress, leaked_segments=leaked)
+        self.notices.pas_scored(self.pas)
         for w in workers:
             last = self._rate_base.get(w.name)
             if last is not None and now > last[0]:
