@@ -98,7 +98,9 @@ def test_rs256_and_eddsa_from_a_jwks_picked_by_kid(jwks, rsa_key, ed_key):
         (_claims(sub=None), "no 'sub' claim"),
         (_claims(exp=None), "no 'exp' claim"),
         (_claims(nbf=int(time.time()) + 600), "not valid yet"),
-        (_claims(sub="x" * 300), "sub must be 1-256 printable"),
+        (_claims(sub="x" * 201), "sub must be 1-200 bytes of printable UTF-8"),
+        (_claims(sub="é" * 101), "sub must be 1-200 bytes"),
+        (_claims(sub="a\nb"), "sub must be 1-200 bytes"),
         (_claims(np_rpm=0), "np_rpm: must be 1.."),
         (_claims(np_tpm="100"), "np_tpm: must be an integer"),
         (_claims(np_max_streams=True), "np_max_streams: must be an integer"),
@@ -282,3 +284,10 @@ def fuzz_gate(tmp_path_factory):
     gate = Gate.from_config({"auth": "keys"}, str(tmp_path_factory.mktemp("state")))
     yield gate
     gate.close()
+
+
+def test_the_longest_subject_fits_ingest_as_a_client_name():
+    from engine.protocol.requests import MAX_CLIENT_BYTES
+
+    principal = _verifier().verify(jwt.encode(_claims(sub="é" * 100), SECRET, algorithm="HS256"))
+    assert len(principal.label.encode()) <= MAX_CLIENT_BYTES

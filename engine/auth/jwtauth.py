@@ -31,7 +31,7 @@ from jwt.exceptions import (
 )
 
 from engine.auth.errors import AuthConfigError, AuthError
-from engine.auth.keystore import MAX_SUBJECT
+from engine.auth.keystore import MAX_SUBJECT_BYTES, valid_subject
 from engine.auth.limits import Limits
 from engine.auth.principal import Principal
 
@@ -217,8 +217,8 @@ def _mtime(path: str) -> int:
 
 def _subject(claims: dict) -> str:
     sub = claims["sub"]  # required: PyJWT checked it is there (and a string)
-    if not isinstance(sub, str) or not 1 <= len(sub) <= MAX_SUBJECT or not sub.isprintable():
-        raise AuthError(f"JWT sub must be 1-{MAX_SUBJECT} printable characters")
+    if not valid_subject(sub):
+        raise AuthError(f"JWT sub must be 1-{MAX_SUBJECT_BYTES} bytes of printable UTF-8")
     return sub
 
 

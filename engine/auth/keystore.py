@@ -38,7 +38,8 @@ SCHEMA_VERSION = 1
 KEY_PREFIX = "np-"
 _KEY = re.compile(r"np-[A-Za-z0-9_-]{43}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-MAX_SUBJECT = 256  # a JWT subject as a ledger name
+# a JWT subject as a ledger name; "jwt:<sub>" is also the gateway's client name at ingest (<= 256 bytes)
+MAX_SUBJECT_BYTES = 200
 HOUR_S = 3600
 _PRUNE_EVERY_S = HOUR_S
 _COUNTS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens")
@@ -333,9 +334,13 @@ def _check_kind(kind: str) -> str:
 def _check_ledger_name(kind: str, name: str) -> str:
     if kind == "key":
         return check_name(name)
-    if not isinstance(name, str) or not 1 <= len(name) <= MAX_SUBJECT or not name.isprintable():
-        raise KeyStoreError(f"a {kind} name must be 1-{MAX_SUBJECT} printable characters")
+    if not valid_subject(name):
+        raise KeyStoreError(f"a {kind} name must be 1-{MAX_SUBJECT_BYTES} bytes of printable UTF-8")
     return name
+
+
+def valid_subject(name: object) -> bool:
+    return isinstance(name, str) and name.isprintable() and 1 <= len(name.encode(errors="replace")) <= MAX_SUBJECT_BYTES
 
 
 def _counts(values: list[int]) -> tuple[int, ...]:
