@@ -1,0 +1,149 @@
+"""Who may call the gateway, and how much: API keys made with the CLI (``neuralpipe keys``), JWTs
+signed with an RS256 key from a JWKS file, the 401s and 429s in OpenAI's shapes, the usage ledger
+and the per-key metrics; and the refusal, at config load, of a gateway reachable from other hosts
+without auth."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+
+import httpx
+import jwt
+import openai
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from gateway_harness import GatewayEngine, default_topology
+from jwt.algorithms import RSAAlgorithm
+
+MODEL = "neuralpipe-echo"
+MESSAGES = [{"role": "user", "content": "who goes there"}]
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    engine = GatewayEngine(
+        tmp_path_factory.mktemp("gwkeys"), default_topology(gateway='auth = "keys"'), "k" + uuid.uuid4().hex[:10]
+    )
+    try:
+        yield engine.start()
+    finally:
+        engine.stop()
+
+
+def make_key(engine: GatewayEngine, name: str, *limits: str) -> str:
+    made = json.loads(engine.cli("keys", "create", name, *limits, "--json").stdout)
+    assert made["name"] == name
+    return made["key"]
+
+
+def test_no_key_or_a_wrong_key_is_401_and_a_good_one_works(keyed):
+    for key in (None, "np-wrong-key"):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        answer = httpx.post(
+            keyed.url + "/chat/completions", json={"model": MODEL, "messages": MESSAGES}, headers=headers
+        )
+        assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
+        assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=keyed.url, api_key="np-wrong-key", max_retries=0).models.list()
+    assert httpx.get(keyed.url.removesuffix("/v1") + "/health").status_code == 200  # no key needed
+
+    client = openai.OpenAI(base_url=keyed.url, api_key=make_key(keyed, "alice"), max_retries=0, timeout=30)
+    assert [m.id for m in client.models.list()] == [MODEL]
+    answer = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5)
+    assert answer.usage.completion_tokens == 5
+
+
+def test_a_key_over_its_rate_gets_429_with_retry_after_and_usage_is_in_the_ledger(keyed):
+    client = openai.OpenAI(base_url=keyed.url, api_key=make_key(keyed, "bob", "--rpm", "3"), max_retries=0, timeout=30)
+    for _ in range(3):
+        chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, stream=True))
+        assert chunks[-1].choices[0].finish_reason
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)
+    assert refused.value.code == "rate_limit_exceeded"
+    assert int(refused.value.response.headers["Retry-After"]) >= 1
+
+    usage = json.loads(keyed.cli("keys", "usage", "bob", "--json").stdout)["bob"]
+    assert usage["requests"] == 3 and usage["completion_tokens"] == 12 and usage["prompt_tokens"] > 0
+    deadline = time.monotonic() + 10
+    while not re.search(r'neuralpipe_gateway_limited_total\{[^}]*key="bob"[^}]*reason="rpm"[^}]*\} 1', keyed.metrics()):
+        assert time.monotonic() < deadline, "the 429 never showed in /metrics"
+        time.sleep(0.1)
+    metrics = keyed.metrics()
+    assert re.search(r'neuralpipe_gateway_key_requests_total\{[^}]*key="bob"[^}]*\} 3', metrics)
+    assert re.search(r'neuralpipe_gateway_key_tokens_total\{[^}]*key="bob"[^}]*kind="completion"[^}]*\} 12', metrics)
+
+
+def test_the_browser_feed_needs_a_key_too(keyed):
+    import asyncio
+
+    import aiohttp
+
+    async def connect(query: str) -> int:
+        async with aiohttp.ClientSession() as session:
+            try:
+                async with session.ws_connect(keyed.url + "/feed" + query) as ws:
+                    await ws.close()
+                    return 101
+            except aiohttp.WSServerHandshakeError as exc:
+                return exc.status
+
+    assert asyncio.run(connect("")) == 401
+    assert asyncio.run(connect("?access_token=" + make_key(keyed, "carol"))) == 101
+
+
+@pytest.fixture(scope="module")
+def rsa_key():
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def jwt_engine(tmp_path_factory, rsa_key):
+    tmp = tmp_path_factory.mktemp("gwjwt")
+    jwk = json.loads(RSAAlgorithm.to_jwk(rsa_key.public_key()))
+    jwk["kid"] = "k1"
+    (tmp / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    gateway = f'auth = "jwt"\njwks_file = "{tmp / "jwks.json"}"\naudience = "neuralpipe-test"'
+    engine = GatewayEngine(tmp, default_topology(gateway=gateway), "j" + uuid.uuid4().hex[:10])
+    try:
+        yield engine.start()
+    finally:
+        engine.stop()
+
+
+def test_a_jwt_signed_with_a_jwks_key_is_let_in_and_a_bad_one_is_401(jwt_engine, rsa_key):
+    def token(**claims) -> str:
+        body = {"sub": "dora", "exp": int(time.time()) + 300, "aud": "neuralpipe-test", **claims}
+        return jwt.encode(body, rsa_key, algorithm="RS256", headers={"kid": "k1"})
+
+    client = openai.OpenAI(base_url=jwt_engine.url, api_key=token(), max_retries=0, timeout=30)
+    assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3).usage.completion_tokens == 3
+    for bad in (token(exp=int(time.time()) - 10), token(aud="someone-else"), token() + "x"):
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=jwt_engine.url, api_key=bad, max_retries=0).chat.completions.create(
+                model=MODEL, messages=MESSAGES, max_tokens=3
+            )
+    limited = openai.OpenAI(base_url=jwt_engine.url, api_key=token(sub="eve", np_rpm=1), max_retries=0, timeout=30)
+    limited.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3)
+    with pytest.raises(openai.RateLimitError):
+        limited.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3)
+
+
+def test_a_gateway_beyond_loopback_without_auth_is_refused_at_load(tmp_path):
+    path = tmp_path / "open.toml"
+    path.write_text(default_topology().replace('listen = "127.0.0.1:0"', 'listen = "0.0.0.0:0"'))
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "config", "show", "--config", str(path)],
+        capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "NEURALPIPE_GATEWAY_LISTEN"},  # the file's listen
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "gateway.listen: 0.0.0.0:0 is reachable from other hosts" in done.stderr
+    assert 'auth = "keys" or "jwt"' in done.stderr
