@@ -116,14 +116,16 @@ class Limiter:
 
     def _evict(self) -> None:
         """Drop the least recently used idle states until within the bound (one with an open stream
-        is kept: its slot must be released)."""
-        excess = len(self._states) - self._max
-        for label in list(self._states):
-            if excess <= 0:
+        is kept, moved to the back: its slot must be released)."""
+        states = self._states
+        for _ in range(len(states)):
+            if len(states) <= self._max:
                 return
-            if self._states[label].streams == 0:
-                del self._states[label]
-                excess -= 1
+            label, state = next(iter(states.items()))
+            if state.streams:
+                states.move_to_end(label)
+            else:
+                del states[label]
 
     def admit(self, principal: Principal, state: PrincipalState) -> None:
         """Count one request and one open stream, or raise LimitExceeded (nothing counted)."""
