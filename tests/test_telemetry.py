@@ -233,3 +233,44 @@ def test_every_metric_is_documented(instance: str) -> None:
     names = {n.removesuffix("_total") for n in exposed} | {n.removesuffix("_total") for n in METRICS}
     missing = sorted(n for n in names if f"`{n}`" not in docs and f"`{n}_total`" not in docs)
     assert not missing, missing
+
+
+@pytest.mark.parametrize(
+    ("faults", "kind"),
+    [("status=500", "http"), ("disconnect_after=2", "protocol"), ("first_byte_delay_ms=2000", "timeout")],
+)
+def test_the_pool_counts_requests_errors_by_kind_and_time_to_first_token(faults: str, kind: str) -> None:
+    """Per upstream, over real HTTP: u0 refuses connections, u1 fails with the embedded upstream's
+    fault, u2 answers; round robin tries them in that order (a deterministic request is re-issued)."""
+    from test_pool import CHAT, collect, run, servers
+
+    from stages.ingest.pool import PoolPolicy, UpstreamPool
+
+    async def scenario(telemetry: Telemetry) -> list:
+        async with servers({}, {"faults": faults}, {}) as ups:
+            policy = PoolPolicy(
+                strategy="round_robin",
+                health_interval_s=60,
+                health_timeout_s=0.3,
+                first_token_timeout_s=0.5,
+                mid_stream="reissue",
+            )
+            pool = UpstreamPool([u for _, u in ups], policy, telemetry=telemetry)
+            await pool.start()
+            await ups[0][0].stop()
+            try:
+                for upstream in pool._upstreams:  # the start-up health check saw u1's fault too: in rotation
+                    upstream.healthy = True
+                return await collect(pool, CHAT, deterministic=True)
+            finally:
+                await pool.close()
+
+    telemetry = Telemetry()
+    events = run(scenario(telemetry))
+    assert events[-1].kind == "end" and sum(e.kind == "token" for e in events) == CHAT["max_tokens"]
+    found = values_of(telemetry.snapshot())
+    assert found["neuralpipe_upstream_requests_total"] == {("u0",): 1.0, ("u1",): 1.0, ("u2",): 1.0}
+    errors = found["neuralpipe_upstream_errors_total"]
+    assert errors == {("u0", "connect"): 1.0, ("u1", kind): 1.0}, errors
+    ttft = {key: sum(counts) for key, (counts, _) in found["neuralpipe_time_to_first_token_seconds"].items()}
+    assert ttft == ({("u1",): 1, ("u2",): 1} if kind == "protocol" else {("u2",): 1})
