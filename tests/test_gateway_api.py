@@ -228,3 +228,39 @@ def test_a_body_that_never_arrives_whole_is_408_not_a_hang(gw):
         answer = sock.recv(65536).decode()
     assert answer.startswith("HTTP/1.1 408") and '"request_timeout"' in answer
     assert time.monotonic() - started < 5
+
+
+def test_the_browser_feed_every_stream_then_one_stream_from_its_beginning(gw, client):
+    import aiohttp
+
+    feed_url = gw.url + "/feed"
+
+    async def every_stream() -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session, session.ws_connect(feed_url + "?stream=all") as ws:
+            await asyncio.sleep(0.2)  # subscribed: the gateway's follower is shared, nothing to wait for
+            text = (
+                (await asyncio.to_thread(client.chat.completions.create, **ask("feed me"))).choices[0].message.content
+            )
+            rows: dict[int, list] = {}
+            while True:
+                message = json.loads((await ws.receive(timeout=10)).data)
+                assert message["topic"] == "all" and message["header"]["type"] == "batch"
+                payload = message["payload"]
+                for sid, kind, row_text in zip(payload["stream_id"], payload["kind"], payload["text"], strict=True):
+                    rows.setdefault(sid, []).append((kind, row_text))
+                    if kind == 3:  # the end row
+                        assert "conf" in payload and "hilbert" in payload  # compute's columns, as the broadcast sends
+                        return sid, text if "".join(t for k, t in rows[sid] if k == 2) == text else ""
+
+    sid, text = asyncio.run(every_stream())
+    assert text
+
+    async def one_stream() -> list[dict]:
+        async with aiohttp.ClientSession() as session, session.ws_connect(feed_url + f"?stream={sid}") as ws:
+            return [json.loads(m.data) async for m in ws if m.type == aiohttp.WSMsgType.TEXT]
+
+    messages = asyncio.run(one_stream())  # the stream ended already: its whole history, then the close
+    assert messages[0]["header"]["type"] == "start" and messages[-1]["header"]["type"] == "end"
+    assert "".join(t for m in messages if m["header"]["type"] == "tokens" for t in m["payload"]["text"]) == text
+    bad = httpx.get(feed_url + "?stream=-3", timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "stream"
