@@ -42,44 +42,52 @@ def test_token_columns_of_every_logprob_bit_pattern_near_the_edges():
         assert got[name].tobytes() == array.tobytes(), name
 
 
-def repetition_case(rng: np.random.Generator, streams: int, ngram: int, window: int):
-    """A [streams, K + new] matrix of small-alphabet ids (histories partly before the stream's
-    start: zeros), the fused call's arguments and the reference's (flat ids, query, first)."""
-    kept = window + ngram - 1
-    counts = rng.integers(1, 20, streams)
-    seen = rng.integers(0, 2 * kept, streams)  # tokens each stream had before
-    width = kept + int(counts.max())
-    joined = np.zeros((streams, width), dtype=np.uint32)
-    group, at, position = [], [], []
-    for g in range(streams):
-        known = min(seen[g], kept)
-        joined[g, kept - known : kept + counts[g]] = rng.integers(0, 3, known + counts[g])
-        group += [g] * counts[g]
-        at += list(range(counts[g]))
-        position += list(range(seen[g], seen[g] + counts[g]))
-    group, at, position = (np.array(v, dtype=np.intp) for v in (group, at, position))
-    first = (np.arange(streams) * width + np.maximum(kept - seen, 0))[group].astype(np.uint32)
-    query = (group * width + kept + at).astype(np.uint32)
-    return joined, group * width + at, position - (ngram - 1), (joined.ravel(), query, first)
+def pair_case(rng: np.random.Generator, ngram: int, window: int, tokens: int = 60):
+    """Tokens at random positions of their streams (small-alphabet ids, zeros before a stream's
+    start): the fused call's arguments (each token's pair keys, positions) and the reference's
+    (flat ids, query, first)."""
+    span = window + ngram - 1
+    position = rng.integers(0, 3 * span, tokens)
+    ids = rng.integers(0, 3, (tokens, span + 2)).astype(np.uint32)  # the id before each row's first pair too
+    ids[np.arange(span + 2) < (span + 1 - position)[:, None]] = 0  # before the stream's start
+    keys = ids[:, 1:].astype(np.uint64)
+    if ngram > 1:
+        keys |= ids[:, :-1].astype(np.uint64) << np.uint64(32)
+    rows = np.arange(tokens) * (span + 1)
+    first = (rows + np.maximum(span - position, 0)).astype(np.uint32)
+    return keys, position, (ids[:, 1:].ravel(), (rows + span).astype(np.uint32), first)
 
 
 @pytest.mark.parametrize("ngram", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("window", [1, 2, 7, 64])
-def test_repetition_equals_the_reference(ngram, window):
+def test_pair_match_equals_the_reference(ngram, window):
     rng = np.random.default_rng(ngram * 100 + window)
     answers = []
-    for streams in (1, 2, 9, 9):
-        joined, start, limit, (ids, query, first) = repetition_case(rng, streams, ngram, window)
+    for _ in range(4):
+        keys, position, (ids, query, first) = pair_case(rng, ngram, window)
         want = kernels.repetition_match(ids, query, first, ngram, window).astype(bool)
-        assert fused.repetition(joined, start, limit, ngram, window).tolist() == want.tolist()
-        if streams == 1:  # one stream: the path without index arrays
-            got = fused.repetition(joined[:, : window + ngram - 1 + len(limit)], None, limit, ngram, window)
-            assert got.tolist() == want.tolist()
+        assert fused.pair_match(keys, position, ngram, window).tolist() == want.tolist()
         answers += want.tolist()
+        grown = position + 3 * (window + ngram)  # no stream start within reach: the path without the mask
+        anywhere = kernels.repetition_match(ids, query, np.zeros_like(query), ngram, window).astype(bool)
+        assert fused.pair_match(keys, grown, ngram, window).tolist() == anywhere.tolist()
     assert any(answers) and not all(answers)  # both answers tested
 
 
-def test_pair_keys_hold_both_ids_exactly():
-    ids = np.array([0xFFFFFFFF, 0, 7, 0x80000001], dtype=np.uint32)
-    keys = fused.pair_keys(ids)
-    assert keys.tolist() == [0xFFFFFFFF, 0xFFFFFFFF << 32, 7, (7 << 32) | 0x80000001]
+@pytest.mark.parametrize("ngram", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("window", [1, 7, 64])
+def test_pair_match_run_of_one_stream_equals_pair_match(ngram, window):
+    rng = np.random.default_rng(ngram + window)
+    span = window + ngram - 1
+    for seen in (0, 1, span - 1, span, 3 * span):
+        n = int(rng.integers(1, 70))
+        ids = np.zeros(span + seen + n + 1, dtype=np.uint32)  # the row: span zero columns, then the stream
+        ids[span + 1 :] = rng.integers(0, 3, seen + n)
+        keys = ids[1:].astype(np.uint64)  # column c: the id at position c - span
+        if ngram > 1:
+            keys |= ids[:-1].astype(np.uint64) << np.uint64(32)
+        position = np.arange(seen, seen + n)
+        first = span + seen
+        recent = np.lib.stride_tricks.sliding_window_view(keys, span + 1)[first - span : first - span + n]
+        want = fused.pair_match(recent, position, ngram, window)
+        assert fused.pair_match_run(keys, first, position, ngram, window).tolist() == want.tolist()

@@ -414,6 +414,49 @@ def test_small_records_equal_the_reference_and_the_vectorised_path(rig):
     assert np.isclose(got["rep"], 0.7).any()  # the edge was reached
 
 
+def test_long_streams_through_every_path_equal_the_reference(rig):
+    # streams longer than a state row (compacted: its last window + ngram - 1 columns moved to the
+    # front), records with more of one stream's tokens than a row has free (the rows widened), and
+    # records of each shape: a few rows (row by row), one stream (views), a token of each of many
+    # streams (no sort) and several tokens of several streams (sorted)
+    rng = np.random.default_rng(5)
+    params = {"repetition": {"ngram": 3, "window": 16, "threshold": 0.5}, "coalesce_rows": 1}
+    queues = {}
+    for sid in range(1, 25):
+        length = int(rng.integers(150, 400)) if sid <= 4 else int(rng.integers(5, 60))
+        logprobs = np.where(rng.random(length) < 0.1, math.nan, -rng.exponential(1.0, length)).tolist()
+        queues[sid] = stream_rows(sid, rng.integers(0, 3, length).tolist(), logprobs, end=sid != 2)
+    records = []
+    while any(queues.values()):
+        live = [sid for sid, q in queues.items() if q]
+        shape = rng.integers(4)
+        if shape == 0:  # one stream, up to 150 rows
+            sid = live[int(rng.integers(len(live)))]
+            take = [(sid, int(rng.integers(1, 151)))]
+        elif shape == 1:  # one row of each of up to 20 streams
+            take = [(sid, 1) for sid in rng.permutation(live)[:20].tolist()]
+        else:  # several rows of several streams, interleaved
+            take = [(sid, int(rng.integers(1, 9))) for sid in rng.permutation(live)[:6].tolist()]
+        parts = [queues[sid][:count] for sid, count in take]
+        for sid, count in take:
+            del queues[sid][:count]
+        # round robin over the parts: each stream's rows in order, the streams interleaved
+        records.append([part[i] for i in range(max(map(len, parts))) for part in parts if i < len(part)])
+    r = rig(backend="numpy", **params)
+    for record in records:
+        r.send(record)
+        assert r.stage.do_work() == 1
+    out = r.receive()
+    got = {k: np.concatenate([b[k] for b in out]) for k in ("ppl", "rep", "repflag")}
+    flat = [row for record in records for row in record]
+    want, fired = per_stream_reference(flat, r.stage)
+    assert r.stage.states.width > r.stage.states.span + 64  # widened
+    assert np.allclose(got["ppl"], want["ppl"], rtol=1e-5, atol=0)
+    assert np.allclose(got["rep"], want["rep"], atol=1e-6)
+    assert got["repflag"].tolist() == want["repflag"].astype(int).tolist()
+    assert r.stage.stats()["repetitions"] == fired > 0
+
+
 @pytest.fixture(scope="module")
 def lavapipe_params():
     try:

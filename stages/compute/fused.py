@@ -88,17 +88,6 @@ _ZERO, _ONE, _BYTE = (np.array(v, dtype=np.float32) for v in (0, 1, 255))
 _TINY = np.array(np.finfo(np.float32).smallest_subnormal)
 
 
-def pair_keys(ids: np.ndarray) -> np.ndarray:
-    """u64 per position (of each row of ``ids``, [..., L]): the id before it in the high half, its
-    own in the low half (a row's first position: high half 0): two ids compared in one go, exactly."""
-    keys = np.empty(ids.shape, dtype=np.uint64)
-    halves = keys.view(np.uint32).reshape(*ids.shape, 2)  # little-endian: [low, high]
-    halves[..., 0] = ids
-    halves[..., 0, 1] = 0
-    halves[..., 1:, 1] = ids[..., :-1]
-    return keys
-
-
 @functools.cache
 def _key_offsets(ngram: int) -> list[int]:
     """How far back from an n-gram's last id each compared pair ends: the pairs cover its ids."""
@@ -110,39 +99,38 @@ def _key_offsets(ngram: int) -> list[int]:
     return offsets
 
 
-def repetition(ids: np.ndarray, start: np.ndarray | None, limit: np.ndarray, ngram: int, window: int) -> np.ndarray:
-    """bool per query: :func:`kernels.repetition_match` where each row of ``ids`` ([streams, K +
-    new]) holds a stream's ids, K = window + ngram - 1 of history then its new ones; a query's
-    n-gram ends at flat position ``start + K`` of the rows laid end to end (``start``: None when
-    the queries are the first row's new ids, in order) and ``limit`` is how far back (in n-grams)
-    it may look without leaving its stream (its position in the stream - ngram + 1)."""
-    values = np.ascontiguousarray(ids) if ngram == 1 else pair_keys(ids)  # ids, or pairs of ids
-    values = values.reshape(-1)
+def pair_match(recent: np.ndarray, position: np.ndarray, ngram: int, window: int) -> np.ndarray:
+    """bool per token: :func:`kernels.repetition_match` from ``recent`` ([tokens, span + 1] u64,
+    span = window + ngram - 1: each token's pair key last, after those of the span positions before
+    it in its stream; a pair key holds a position's id in its low half and the id before it in its
+    high half, only the id when ``ngram`` is 1) and ``position`` (each token's index in its stream:
+    how far back its n-grams stay within the stream). The n-gram is compared a pair of ids at a
+    time: 2 comparisons for a 4-gram."""
+    span = recent.shape[1] - 1
+    same = None
+    for k in _key_offsets(ngram):
+        last = span - k  # the pair k back from the n-gram's end, and the window of pairs before it
+        equal = recent[:, last - window : last] == recent[:, last : last + 1]
+        same = equal if same is None else np.logical_and(same, equal, out=same)
+    if position.min() < span:  # a stream's first tokens: candidates that begin before the stream do not count
+        same &= _LAGS[window] <= (position - (ngram - 1))[:, None]
+    return same.any(axis=1)
+
+
+def pair_match_run(keys: np.ndarray, first: int, position: np.ndarray, ngram: int, window: int) -> np.ndarray:
+    """:func:`pair_match` of consecutive positions of one stream: ``keys`` its row of pair keys,
+    the tokens at columns ``first ..``. Each key is compared with the window before it once, and
+    the n-gram's pairs are rows of that one comparison (no gather)."""
     offsets = _key_offsets(ngram)
-    reach = offsets[-1]  # the farthest pair back from an n-gram's end
-    item = values.itemsize
-    # row r of ``windows`` is values[r : r + window + 1]: a value, then the window before it
-    windows = np.ndarray((len(values) - window, window + 1), values.dtype, values, 0, (item, item))
-    if start is None:
-        # one stream: compare each value from ``reach`` before the first query on with the window
-        # before it once; a query's n-gram matches where all its pairs do (rows ``k`` apart)
-        rows = len(limit)
-        ends = windows[ngram - 1 - reach : ngram - 1 + rows]
-        equal = ends[:, :window] == ends[:, window:]
-        same = equal[reach - offsets[0] : reach - offsets[0] + rows]
-        for k in offsets[1:]:
-            same = same & equal[reach - k : reach - k + rows]
-    else:  # one gather of each query's stretch: the window before each of its pairs, then the pairs
-        span = window + 1 + reach
-        stretches = np.ndarray((len(values) - span + 1, span), values.dtype, values, 0, (item, item))
-        context = stretches[start + (ngram - 1 - reach)]
-        same = None
-        for k in offsets:
-            last = span - 1 - k
-            equal = context[:, last - window : last] == context[:, last : last + 1]
-            same = equal if same is None else np.logical_and(same, equal, out=same)
-    if (limit[0] if start is None else limit.min()) < window:  # a stream's first tokens (one stream: in order)
-        same &= _LAGS[window] <= limit[:, None]
+    reach, n = offsets[-1], len(position)
+    # row r: the key at column first - reach + r after the window of keys before it
+    runs = np.ndarray((n + reach, window + 1), np.uint64, keys, 8 * (first - reach - window), (8, 8))
+    equal = runs[:, :window] == runs[:, window:]
+    same = equal[reach : reach + n]
+    for k in offsets[1:]:
+        same = same & equal[reach - k : reach - k + n]
+    if position[0] < window + ngram - 1:  # the stream's first tokens (in order: the first is the least)
+        same &= _LAGS[window] <= (position - (ngram - 1))[:, None]
     return same.any(axis=1)
 
 

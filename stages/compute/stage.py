@@ -258,6 +258,11 @@ class Compute(Stage):
         rows grouped by stream (a stable sort keeps each stream's order), running sums continued
         from each stream's state."""
         n = batch.rows
+        if is_token is None and n > 1:
+            sids = batch.stream_id.tolist()
+            if len(set(sids)) == n:  # a token of each of n streams: a paced load's usual record
+                self._distinct_streams(batch, values, sids)
+                return
         order, group, starts, lasts, sids = streams.group_rows(batch.stream_id)
         slots = self.states.slots(sids)
         # running sums of -logprob, of tokens with a logprob and of tokens, from each stream's state
@@ -278,22 +283,43 @@ class Compute(Stage):
         else:
             sums += (before - sums[starts] + steps[starts])[group]
         running[slots] = sums[lasts]
-        if sums[:, 1].min() > 0:  # the usual case: every row's stream has had a logprob
-            ppl = sums[:, 0] / sums[:, 1]
-            np.exp(ppl, out=ppl)
-        else:
-            ppl = np.zeros(n)
-            some = sums[:, 1] > 0
-            np.divide(sums[:, 0], sums[:, 1], out=ppl, where=some)
-            np.exp(ppl, out=ppl, where=some)
+        ppl = _perplexity(sums)
         values["ppl"][slice(None) if order is None else order] = ppl  # so far in its stream: on END, the final one
         if is_token is None or is_token.any():
-            counts = lasts - starts + 1 if is_token is None else None  # each stream's rows
-            self._token_streams(batch, values, order, group, sums, token, before, slots, sids, counts)
+            picked = None if token is None else np.flatnonzero(token)
+            position = (sums[:, 2] if picked is None else sums[picked, 2]).astype(np.intp)
+            position -= 1  # each token's index in its stream
+            seen = before[:, 2].astype(np.intp)  # each stream's tokens before this batch
+            if order is None:  # one stream, its rows in order
+                rows = slice(None) if picked is None else picked
+                group, counts = np.zeros(len(position), dtype=np.intp), np.array([len(position)])
+            else:
+                rows = order if picked is None else order[picked]
+                group = group if picked is None else group[picked]
+                counts = lasts - starts + 1 if picked is None else np.bincount(group, minlength=len(slots))
+            self._token_streams(batch, values, rows, group, position, seen, slots, sids, counts)
         if is_token is not None:
             ended = np.flatnonzero(batch.kind >= _END)  # END or ERROR: the stream's state goes
             if len(ended):
                 self.states.drop(np.unique(batch.stream_id[ended]).tolist())
+
+    def _distinct_streams(self, batch: BatchColumns, values: dict[str, np.ndarray], sids: list[int]) -> None:
+        """:meth:`_per_stream` of a record of token rows of as many streams: each row's state moves
+        one token on, no sort and no cumulative sums."""
+        slots = self.states.slots(sids)
+        running = self.states.running
+        sums = running[slots]
+        lp = batch.logprob
+        counted = lp == lp  # a logprob, not NaN
+        np.subtract(sums[:, 0], lp, out=sums[:, 0], where=counted)
+        sums[:, 1] += counted
+        sums[:, 2] += 1
+        running[slots] = sums
+        values["ppl"][:] = _perplexity(sums)
+        position = sums[:, 2].astype(np.intp)
+        position -= 1
+        each = np.arange(len(sids))
+        self._token_streams(batch, values, slice(None), each, position, position, slots, sids, np.ones_like(each))
 
     def _row_by_row(self, batch: BatchColumns, values: dict[str, np.ndarray]) -> None:
         """:meth:`_per_stream` of a small record (at most ``_SMALL_RECORD`` rows), one row after
@@ -302,7 +328,7 @@ class Compute(Stage):
         a stream's state goes at the end of the record that ends it."""
         state = self.states
         ngram, window = self.ngram, self.window
-        kept = state.history.shape[2]
+        grams = max(ngram - 1, 1)  # consecutive pair keys that hold an n-gram's ids
         ended = []
         kinds, sids, logprobs = batch.kind.tolist(), batch.stream_id.tolist(), batch.logprob.tolist()
         for i, (kind, sid, logprob) in enumerate(zip(kinds, sids, logprobs, strict=True)):
@@ -318,23 +344,25 @@ class Compute(Stage):
             state.running[slot] = (nll, counted, position + 1)
             values["ppl"][i] = math.exp(nll / counted) if counted else 0.0
             position = int(position)  # this token's index in its stream
-            history = state.history[slot]  # [ids | flags, window + ngram - 1]
-            token = batch.token_id[i]
+            if position + 1 - int(state.origin[slot]) > state.width:
+                state.compact(slot, position)
+            at = position - int(state.origin[slot])  # its column
+            keys, flags = state.keys[slot], state.flags[slot]
+            token = int(batch.token_id[i])
+            keys[at] = token | (int(keys[at - 1]) & 0xFFFFFFFF) << 32 if ngram > 1 else token
             match = False
             reach = min(window, position - (ngram - 1))  # n-grams back that lie within the stream
-            if reach >= 1:  # the window's n-grams as bytes: find this one at a 4-byte boundary
-                ids = history[0].tobytes() + token.tobytes()
-                gram = ids[-4 * ngram :]
-                at = ids.find(gram, 4 * (kept - ngram + 1 - reach), 4 * kept)
-                while at % 4 and at >= 0:
-                    at = ids.find(gram, at + 1, 4 * kept)
-                match = at >= 0
-            # flags are 0 or 1 in u32 words: their count of 0x01 bytes is their sum
-            total = history[1, kept - window + 1 :].tobytes().count(1) + match
+            if reach >= 1:  # the window's n-grams as bytes: find this one at an 8-byte boundary
+                row = keys[: at + 1].tobytes()
+                gram = row[8 * (at + 1 - grams) :]
+                end = 8 * at
+                found = row.find(gram, 8 * (at - reach + 1 - grams), end)
+                while found % 8 and found >= 0:
+                    found = row.find(gram, found + 1, end)
+                match = found >= 0
+            flags[at] = match
+            total = flags[at + 1 - window : at + 1].tobytes().count(1)
             share = float(np.float32(total / min(position + 1, window)))
-            history[:, :-1] = history[:, 1:]
-            history[0, -1] = token
-            history[1, -1] = match
             values["rep"][i] = share
             fired = share >= self.threshold32
             values["repflag"][i] = fired
@@ -344,48 +372,25 @@ class Compute(Stage):
         if ended:
             self.states.drop(list(dict.fromkeys(ended)))
 
-    def _token_streams(self, batch, values, order, group, sums, token, before, slots, sids, counts) -> None:
-        """The windowed columns of the token rows (``order``: the rows in stream order, None: as
-        they are; ``group`` each sorted row's stream; ``sums`` the running sums, the token count last;
-        ``token`` which sorted rows are tokens, None: all; ``counts`` tokens per stream, None: count them)."""
-        picked = None if token is None else np.flatnonzero(token)
-        position = (sums[:, 2] if picked is None else sums[picked, 2]).astype(np.intp)
-        position -= 1  # each token's index in its stream
-        seen = before[:, 2].astype(np.intp)  # each stream's tokens before this batch
+    def _token_streams(self, batch, values, rows, group, position, seen, slots, sids, counts) -> None:
+        """The windowed columns of the token rows ``rows`` (in stream order; ``group``: each one's
+        stream, ``position``: its index in it) for the streams of ``slots`` (``seen``: tokens
+        each had before this batch, ``counts``: in it)."""
         single = len(slots) == 1
-        if single:
-            rows = slice(None) if picked is None else picked  # one stream: no sort (order is None)
-            group = np.zeros(len(position), dtype=np.intp)
-            at = position - seen[0]
-            counts = np.array([len(position)])
+        if single:  # one stream, its rows in order: views of its row of the state, no gathers
+            total = self._one_stream(int(slots[0]), int(seen[0]), batch.token_id[rows], position)
         else:
-            rows = order if picked is None else order[picked]
-            group = group if picked is None else group[picked]
-            at = position - seen[group]
-            if counts is None:
-                counts = np.bincount(group, minlength=len(slots))
-        tokens = streams.Tokens(rows, group, position, at, slots, seen, counts, single)
-        state = self.states
-        kept = state.history.shape[-1]
-        joined = streams.extend(state.history, tokens)  # [streams, ids | flags, history + new]
-        streams.put(joined, tokens, kept, 0, batch.token_id[rows])
-        limit = position - (self.ngram - 1)  # how many n-grams back stay within the stream
-        start = None if single else group * joined.shape[2] + at  # each token in the rows of ids laid end to end
-        if self.kernels.device is None:
-            match = fused.repetition(joined[:, 0], start, limit, self.ngram, self.window)
-        else:  # the kernel's form: every stream's row of ids, its history then its new tokens
-            row_at = np.arange(len(slots)) * joined[0].size
-            query = (row_at[group] + kept + at).astype(np.uint32)
-            first = (row_at + np.maximum(kept - seen, 0))[group].astype(np.uint32)  # 0: began before the history
-            inputs = {"ids": joined.ravel(), "query": query, "first": first}
-            match = self.kernels.run("repetition", inputs, {"ngram": self.ngram, "window": self.window})["match"]
-        streams.put(joined, tokens, kept, 1, match)
-        streams.keep(state.history, tokens, joined)
-        share = streams.flag_share(joined[:, 1], tokens, start, kept, self.window)
+            total = self._streams(slots, seen, counts, group, batch.token_id[rows], position)
+        if position.min() >= self.window - 1:  # the usual case: every token has a full window behind it
+            share = (total / self.window).astype(np.float32)
+        else:
+            share = (total / np.minimum(position + 1, self.window)).astype(np.float32)
         fired = share >= self.threshold
         values["rep"][rows] = share
         values["repflag"][rows] = fired
+        state = self.states
         if self.table is not None:  # each probe's moving average over the stream's last tokens
+            tokens = streams.Tokens(rows, group, position, position - seen[group], slots, seen, counts, single)
             cosines = streams.extend(state.probes, tokens)
             streams.put(cosines, tokens, self.probe_window, slice(None), values["probe"][rows])
             streams.keep(state.probes, tokens, cosines)
@@ -396,6 +401,56 @@ class Compute(Stage):
             for g in np.flatnonzero(hit & ~state.fired[slots]).tolist():
                 state.fired[slots[g]] = True
                 self._fired(int(sids[g]), float(share[group == g].max()))
+
+    def _one_stream(self, slot: int, seen: int, ids: np.ndarray, position: np.ndarray) -> np.ndarray:
+        """The match flags of one stream's ``ids`` (at ``position``, consecutive from ``seen``) written
+        into its row of the state; returns each one's count of flags among the last ``window``."""
+        state, n, window = self.states, len(ids), self.window
+        first = state.make_room_one(slot, seen, n)  # the column of the first new token
+        keys, flags = state.keys[slot], state.flags[slot]
+        halves = keys.view(np.uint32)  # little-endian: [low, high] per key
+        halves[2 * first : 2 * (first + n) : 2] = ids
+        if self.ngram > 1:  # the id before each, in the high half
+            halves[2 * first + 1 : 2 * (first + n) : 2] = halves[2 * first - 2 : 2 * (first + n - 1) : 2]
+        if self.kernels.device is None:
+            match = fused.pair_match_run(keys, first, position, self.ngram, window)
+        else:
+            span = state.span
+            recent = np.ndarray((n, span + 1), np.uint64, keys, 8 * (first - span), (8, 8))
+            match = self._on_device(recent, position)
+        flags[first : first + n] = match
+        sums = np.add.accumulate(flags[first - window : first + n], dtype=np.intp)
+        return sums[window:] - sums[:n]
+
+    def _streams(self, slots, seen, counts, group, ids, position) -> np.ndarray:
+        """:meth:`_one_stream` for the tokens of several streams (``group``: each one's stream)."""
+        state, ngram, window, span = self.states, self.ngram, self.window, self.states.span
+        at = position + state.make_room(slots, seen, counts)[group]  # each token's column, raveled
+        keys = state.keys.reshape(-1)
+        halves = keys.view(np.uint32)
+        low = 2 * at
+        halves[low] = ids
+        if ngram > 1:  # the id before (written above when it is in this batch too)
+            halves[low + 1] = halves[low - 2]
+        recent = np.ndarray((keys.size - span, span + 1), np.uint64, keys, 0, (8, 8))[at - span]
+        if self.kernels.device is None:
+            match = fused.pair_match(recent, position, ngram, window)
+        else:
+            match = self._on_device(recent, position)
+        flags = state.flags.reshape(-1)
+        flags[at] = match
+        runs = np.ndarray((flags.size - window + 1, window), np.uint8, flags, 0, (1, 1))  # flags[i : i + window]
+        return runs[at - (window - 1)].sum(axis=1)  # flags before a stream's first token are 0
+
+    def _on_device(self, recent: np.ndarray, position: np.ndarray) -> np.ndarray:
+        """The repetition kernel's match of each token from ``recent`` (its pair key last, after
+        those of the span before it): each token's row of ids, ``first`` where its stream begins."""
+        span = recent.shape[1] - 1
+        rows = np.arange(len(recent)) * (span + 1)
+        query = (rows + span).astype(np.uint32)
+        first = (rows + np.maximum(span - position, 0)).astype(np.uint32)
+        inputs = {"ids": recent.view(np.uint32)[:, ::2].ravel(), "query": query, "first": first}
+        return self.kernels.run("repetition", inputs, {"ngram": self.ngram, "window": self.window})["match"]
 
     def _fired(self, sid: int, share: float) -> None:
         """A stream's flag fired for the first time."""
@@ -428,6 +483,17 @@ class Compute(Stage):
     def close(self) -> None:
         if getattr(self, "requests", None) is not None:
             self.requests.close()
+
+
+def _perplexity(sums: np.ndarray) -> np.ndarray:
+    """exp(sum of -logprob / tokens with one) per row of running ``sums``; 0 before the first."""
+    if sums[:, 1].min() > 0:  # the usual case: every row's stream has had a logprob
+        ppl = sums[:, 0] / sums[:, 1]
+        return np.exp(ppl, out=ppl)
+    ppl = np.zeros(len(sums))
+    some = sums[:, 1] > 0
+    np.divide(sums[:, 0], sums[:, 1], out=ppl, where=some)
+    return np.exp(ppl, out=ppl, where=some)
 
 
 _TOKEN_COLUMNS = ("hilbert", "conf", "rgba", "entropy")

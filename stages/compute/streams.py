@@ -19,21 +19,32 @@ MAX_STREAMS = 65536  # per-stream state kept (least recently seen dropped)
 class StreamStates:
     """Per-stream running state as dense arrays indexed by a slot per stream (at most
     ``MAX_STREAMS``, the least recently seen dropped first), so that a batch's streams are updated
-    with a few numpy calls whatever their number. Histories are right-aligned: a stream's latest
-    value is in the last column (histories are [slot, channel, time]); columns before its first
-    token are zero."""
+    with a few numpy calls whatever their number.
 
-    def __init__(self, history: int, probes: int, k: int) -> None:
+    ``keys`` and ``flags`` hold each stream's recent tokens by position: a stream's token at
+    position ``p`` is at column ``p - origin[slot]``, a u64 pair key (its id in the low half, the id
+    before it in the high half: two ids compared in one go) and a u8 match flag. A row keeps at
+    least the last ``span`` positions before the next free column and has ``slack`` free columns
+    after them; only when a batch's tokens would run past the row's end are its last ``span``
+    columns moved to the front (:meth:`make_room`): no per-record shifting, and every token's
+    window is one contiguous run of its row. Columns before a stream's first token are zero."""
+
+    def __init__(self, span: int, probes: int, k: int) -> None:
+        self.span = span  # positions each token looks back at (window + ngram - 1)
         self.slot_of: dict[int, int] = {}
         self.free: list[int] = []
         self.batches = 0  # batches seen: the clock of ``last_seen``
         self.last_seen = np.zeros(0, dtype=np.int64)  # per slot, for dropping the least recently seen
         self.running = np.zeros((0, 3))  # sum of -logprob, tokens with one, tokens seen
         self.fired = np.zeros(0, dtype=bool)
-        # [slot, 0]: the last window + ngram - 1 token ids; [slot, 1]: their match flags (the last
-        # window of them used): one gather and one write-back per record for both
-        self.history = np.zeros((0, 2, history), dtype=np.uint32)
+        self.origin = np.zeros(0, dtype=np.int64)  # the position at column 0 of each row
+        self.keys = np.zeros((0, span + _SLACK), dtype=np.uint64)
+        self.flags = np.zeros((0, span + _SLACK), dtype=np.uint8)
         self.probes = np.zeros((0, k, probes), dtype=np.float32)  # probe cosines of the last probe window tokens
+
+    @property
+    def width(self) -> int:
+        return self.keys.shape[1]
 
     def slots(self, sids: list[int]) -> np.ndarray:
         """The slot of each stream (all distinct), a fresh (zeroed) one for a stream not seen before."""
@@ -42,12 +53,40 @@ class StreamStates:
         if None in found:
             fresh = [self._take(sid) for sid, slot in zip(sids, found, strict=True) if slot is None]
             found = [self.slot_of[sid] for sid in sids]
-            for array in (self.running, self.fired, self.history, self.probes):
+            for array in (self.running, self.fired, self.keys, self.flags, self.probes):
                 array[fresh] = 0
+            self.origin[fresh] = -self.span  # position 0 after ``span`` zero columns
         slots = np.array(found, dtype=np.intp)
         self.batches += 1
         self.last_seen[slots] = self.batches
         return slots
+
+    def make_room(self, slots: np.ndarray, seen: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Make each row of ``slots`` hold ``counts`` more tokens after its ``seen`` ones, and return
+        the flat index (in ``keys`` and ``flags`` raveled) of each stream's position 0."""
+        origin = self.origin
+        past = seen + counts - origin[slots] > self.width
+        if past.any():  # rows that would run past their end: their last ``span`` columns to the front
+            if counts.max() > self.width - self.span:  # a stream with more new tokens than a row's slack
+                self._widen(int(counts.max()))
+            for g in np.flatnonzero(past).tolist():
+                self.compact(int(slots[g]), int(seen[g]))
+        return slots * self.width - origin[slots]
+
+    def make_room_one(self, slot: int, seen: int, count: int) -> int:
+        """:meth:`make_room` for one stream; returns the column of its position ``seen``."""
+        if count > self.width - self.span:
+            self._widen(count)
+        if seen + count - int(self.origin[slot]) > self.width:
+            self.compact(slot, seen)
+        return seen - int(self.origin[slot])
+
+    def compact(self, slot: int, seen: int) -> None:
+        """Move the last ``span`` columns before position ``seen`` of ``slot``'s row to its front."""
+        at = seen - self.span - int(self.origin[slot])
+        for array in (self.keys, self.flags):
+            array[slot, : self.span] = array[slot, at : at + self.span]
+        self.origin[slot] = seen - self.span
 
     def drop(self, sids: list[int]) -> None:
         for sid in sids:
@@ -76,8 +115,21 @@ class StreamStates:
 
         old = len(self.last_seen)
         self.last_seen, self.running, self.fired = grown(self.last_seen), grown(self.running), grown(self.fired)
-        self.history, self.probes = grown(self.history), grown(self.probes)
+        self.origin, self.keys, self.flags = grown(self.origin), grown(self.keys), grown(self.flags)
+        self.probes = grown(self.probes)
         self.free.extend(range(capacity - 1, old - 1, -1))
+
+    def _widen(self, tokens: int) -> None:
+        """Rows with room for ``tokens`` new ones after ``span`` (the slack doubles: rarely again)."""
+        width = self.span + max(2 * (self.width - self.span), tokens)
+        for name in ("keys", "flags"):
+            old = getattr(self, name)
+            wider = np.zeros((len(old), width), dtype=old.dtype)
+            wider[:, : old.shape[1]] = old
+            setattr(self, name, wider)
+
+
+_SLACK = 64  # free columns after a row's span at first: a row is compacted once per this many tokens
 
 
 @dataclass
