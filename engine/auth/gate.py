@@ -20,14 +20,16 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.auth.errors import AuthConfigError, AuthError
-from engine.auth.jwtauth import JwtVerifier, read_secret_file
 from engine.auth.keystore import HOUR_S, KeyStore, KeyStoreError, keystore_path
 from engine.auth.limiter import MAX_PRINCIPALS, Limiter, PrincipalState
 from engine.auth.limits import MAX_LIMIT
 from engine.auth.principal import ANONYMOUS, Principal
+
+if TYPE_CHECKING:
+    from engine.auth.jwtauth import JwtVerifier
 
 MODES = ("off", "keys", "jwt")
 MAX_AUTHORIZATION = 8192 + 16
@@ -118,7 +120,9 @@ class Gate:
         if mode == "off":
             return cls("off", on_error=on_error)
         verifier = None
-        if mode == "jwt":
+        if mode == "jwt":  # PyJWT (and cryptography) imported only here: 65-120 ms of a worker's start
+            from engine.auth.jwtauth import JwtVerifier, read_secret_file
+
             secret_file = _param(gateway_params, "jwt_secret_file")
             verifier = JwtVerifier(
                 read_secret_file(secret_file) if secret_file else None,
