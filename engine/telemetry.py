@@ -153,7 +153,7 @@ for _name, _spec in METRICS.items():  # the registry's own invariants, checked a
     assert (_spec.kind == "counter") == _name.endswith("_total"), _name
     assert _spec.kind != "histogram" or list(_spec.buckets) == sorted(set(_spec.buckets)), _name
 
-MAX_SERIES = 512  # series of one metric in a snapshot (what the supervisor accepts)
+MAX_SERIES = 512  # series of one metric (a worker folds more into "other"; the supervisor refuses more)
 
 
 def spec(name: str) -> MetricSpec:
@@ -206,7 +206,10 @@ class _Series:
                 else:
                     seen.add(value)
             folded.append(value)
-        return tuple(folded)
+        key = tuple(folded)
+        if key not in self.values and len(self.values) >= MAX_SERIES - 1:  # the labels' product too ("other": 1)
+            key = (OTHER,) * len(key)
+        return key
 
     def histogram(self, key: tuple[str, ...]) -> _Histogram:
         found = self.values.get(key)

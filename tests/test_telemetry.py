@@ -11,6 +11,7 @@ import pytest
 
 from engine.telemetry import (
     MAX_LABEL_CHARS,
+    MAX_SERIES,
     METRICS,
     OTHER,
     Telemetry,
@@ -135,6 +136,16 @@ def test_label_values_are_bounded_and_fold_into_other() -> None:
     assert len(rows) == bound + 1 and rows[OTHER] == 50 and rows["key-0"] == 2
     assert snap[TOKENS] == [["x" * MAX_LABEL_CHARS, 1.0]]
     assert check_snapshot(snap) is None
+
+
+def test_the_series_of_a_metric_are_bounded_whatever_its_labels_product() -> None:
+    t = Telemetry()
+    for endpoint in range(32):
+        for code in range(32):
+            t.count("neuralpipe_gateway_requests_total", endpoint=f"e{endpoint}", code=str(code))
+    rows = t.snapshot()["neuralpipe_gateway_requests_total"]
+    assert len(rows) == MAX_SERIES and rows[-1] == [OTHER, OTHER, 32 * 32 - (MAX_SERIES - 1)]
+    assert check_snapshot(t.snapshot()) is None
 
 
 @pytest.mark.parametrize(
