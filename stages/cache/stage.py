@@ -38,7 +38,7 @@ from engine.protocol.cache import MAX_MESSAGE_BYTES, CacheProtocolError, authori
 from engine.stage import Stage, WorkerContext
 from engine.tokens import ensure_token, matches
 from engine.validated import ModelRef
-from shm.batch import RECORD_TYPE, BatchError, TokenBatch
+from shm.batch import RECORD_TYPE, BatchError, Kind, TokenBatch
 from stages.cache.collect import Collector
 from stages.cache.replay import Replay, lost_replay_stream
 from stages.cache.snapshot import SnapshotError, read_snapshot, write_snapshot
@@ -138,7 +138,8 @@ class Cache(Stage):
         except BatchError:
             self.counts["undecodable"] += 1
             return
-        self.ctx.telemetry.count("neuralpipe_tokens_total", int(np.count_nonzero(batch.kind == 2)), stage="cache")
+        tokens = int(np.count_nonzero(batch.kind == Kind.TOKEN))
+        self.ctx.telemetry.count("neuralpipe_tokens_total", tokens, stage="cache")
         self.ctx.telemetry.observe_since_ns("neuralpipe_stage_latency_seconds", batch.recv_ns, stage="cache")
         for key, stream in self.collector.observe(batch, record_type):
             if self.store.put(key, stream):
