@@ -1,13 +1,17 @@
-"""Shared by the tests of engine/monitoring: the metric names the engine can expose, the metric names a
-PromQL expression reads, and promtool's verdict on a list of expressions."""
+"""Shared by the tests of engine/monitoring and notifications: the metric names the engine can expose, the
+metric names a PromQL expression reads, promtool's verdict on a list of expressions, and repeated kills
+of a worker of a running engine."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
 import yaml
+from engine_harness import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.health import EgressSample, HealthMonitor, RingSample, WorkerSample
@@ -83,3 +87,16 @@ def check_expressions(exprs: dict[str, str], tmp_path: Path) -> subprocess.Compl
     path = tmp_path / "exprs.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "exprs", "rules": rules}]}))
     return promtool("check", "rules", str(path))
+
+
+def kill_until_restarted(engine, worker: str, times: int) -> None:
+    """SIGKILL ``worker`` of a running engine (tests/engine_harness.py) ``times`` times, each time
+    waiting until the supervisor has started its next incarnation."""
+    for _ in range(times):
+        before = wait_for(lambda: (w := engine.worker(worker))["pid"] and w, 15, f"{worker} to run")
+        os.kill(before["pid"], signal.SIGKILL)
+        wait_for(
+            lambda b=before: (w := engine.worker(worker))["incarnation"] > b["incarnation"] and w["pid"],
+            15,
+            f"{worker} restarted",
+        )

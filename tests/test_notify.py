@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from engine_harness import pipeline_config, wait_for
+from monitoring_helpers import kill_until_restarted
 
 from engine.config import ConfigError, NotifyConfig, load_config
 from engine.health import EgressSample, HealthMonitor, WorkerSample
@@ -226,18 +227,6 @@ def test_config_errors_name_the_key(tmp_path, toml: str, message: str) -> None:
 def notify_section(*urls: str, storm_restarts: int = 3) -> str:
     hooks = ", ".join(f'"{u}"' for u in urls)
     return f"[notify]\nwebhooks = [{hooks}]\ntimeout_s = 1.0\nbackoff_s = 0.05\nstorm_restarts = {storm_restarts}\n"
-
-
-def kill_until_restarted(engine, worker: str, times: int) -> None:
-    for _ in range(times):
-        before = engine.worker(worker)
-        wait_for(lambda b=before: b["pid"], 10, f"{worker} to run")
-        os.kill(before["pid"], signal.SIGKILL)
-        wait_for(
-            lambda b=before: (w := engine.worker(worker))["incarnation"] > b["incarnation"] and w["pid"],
-            15,
-            f"{worker} restarted",
-        )
 
 
 @pytest.mark.timeout(90)

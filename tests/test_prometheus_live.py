@@ -1,5 +1,6 @@
 """A real Prometheus (Debian's /usr/bin/prometheus, started here with the rules loaded) scraping a real engine of
-the default topology under load: the dashboard's key queries return data and every rule loads and evaluates."""
+the default topology under load: the dashboard's key queries return data, every rule loads and evaluates, and
+three restarts of a worker fire the restart-storm alert."""
 
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ from pathlib import Path
 
 import pytest
 from engine_harness import chat, full_config, wait_for
-from monitoring_helpers import MONITORING, RULE_FILES, dashboard_queries, grafana_expr, rule_groups
+from monitoring_helpers import (
+    MONITORING,
+    RULE_FILES,
+    dashboard_queries,
+    grafana_expr,
+    kill_until_restarted,
+    rule_groups,
+)
 
 from engine.clients.requests import RequestClient
 from engine.protocol.requests import ingest_endpoint
@@ -180,6 +188,20 @@ def test_prometheus_scrapes_the_engine_and_the_dashboard_queries_return_data(sta
         rules = wait_for(rules_healthy, 30, "every rule evaluated without error")
         assert len(rules) == sum(len(group["rules"]) for group in rule_groups())
         assert {"NeuralpipePasCritical", "engine_stage:neuralpipe_tokens:rate1m"} <= {r["name"] for r in rules}
+
+        # metrics -> recording rule -> alert, end to end: three restarts of a worker make a storm
+        kill_until_restarted(engine, "compute", 3)
+
+        def storm() -> list[dict]:
+            return [
+                a
+                for a in prometheus.api("alerts")["alerts"]
+                if a["labels"]["alertname"] == "NeuralpipeWorkerRestartStorm" and a["state"] == "firing"
+            ]
+
+        [alert] = wait_for(storm, 30, "the restart-storm alert firing")
+        assert alert["labels"]["worker"] == "compute" and alert["labels"]["engine"] == engine.instance
+        assert alert["annotations"]["runbook_url"] == "docs/runbook.md#neuralpipeworkerrestartstorm"
     finally:
         load.stop()
         prometheus.stop()
