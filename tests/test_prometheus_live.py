@@ -69,7 +69,11 @@ class Prometheus:
                 stderr=log,
                 cwd=tmp_path,
             )
-        wait_for(self._ready, 30, "prometheus ready", interval=0.1)
+        try:
+            wait_for(self._ready, 30, "prometheus ready", interval=0.1)
+        except BaseException:
+            self.stop()
+            raise
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
