@@ -285,24 +285,28 @@ class Telemetry:
             series.values[key] = float(value)
 
     def set(self, name: str, value: float, **labels: str) -> None:
-        """Set a gauge."""
+        """Set a gauge (a finite number: the supervisor refuses a snapshot with NaN or infinity)."""
         series = self._get(name, "gauge")
+        if not math.isfinite(value):
+            raise ValueError(f"gauge {name!r} must be finite (got {value!r})")
         series.values[series.key(name, labels)] = float(value)
 
     def observe(self, name: str, seconds: np.ndarray | float, **labels: str) -> None:
         """Add one observation (a float) or many (an array of seconds) to a histogram."""
         series = self._get(name, "histogram")
+        scalar = isinstance(seconds, int | float)  # numpy's float64 too
+        total = float(seconds) if scalar else float(seconds.sum())
+        if not math.isfinite(total):
+            raise ValueError(f"histogram {name!r} observes finite numbers (got NaN or infinity)")
         hist = series.histogram(series.key(name, labels))
-        if isinstance(seconds, int | float):  # numpy's float64 too
+        if scalar:
             hist.counts[bisect.bisect_left(series.spec.buckets, seconds)] += 1  # left: v <= bound, as `le`
-            hist.total += float(seconds)
-            return
-        import numpy as np  # the caller has it imported: a dictionary look-up
+        elif seconds.size:
+            import numpy as np  # the caller has it imported: a dictionary look-up
 
-        if seconds.size:
             series.arrays(np)
             hist.add_indices(np, np.searchsorted(series.bounds, seconds))
-            hist.total += float(seconds.sum())
+        hist.total += total
 
     def observe_since_ns(self, name: str, start_ns: np.ndarray, now_ns: int | None = None, **labels: str) -> None:
         """Observe ``now_ns - start_ns`` (``time.monotonic_ns`` values, e.g. a record's recv_ns

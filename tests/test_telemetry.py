@@ -80,6 +80,12 @@ def test_unknown_name_kind_or_labels_raise_at_once() -> None:
         t.count(TOKENS, -1, stage="ingest")
     with pytest.raises(ValueError, match="only go up"):
         t.count(TOKENS, float("nan"), stage="ingest")
+    with pytest.raises(ValueError, match="finite"):
+        t.set("neuralpipe_cache_bytes", float("inf"))
+    with pytest.raises(ValueError, match="finite"):
+        t.observe(LATENCY, float("nan"), stage="compute")
+    with pytest.raises(ValueError, match="finite"):
+        t.observe(LATENCY, np.array([0.1, np.nan]), stage="compute")
     assert t.snapshot() == {}
 
 
