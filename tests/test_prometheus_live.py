@@ -150,63 +150,74 @@ FLOWING_PANELS = (
 )
 
 
-def test_prometheus_scrapes_the_engine_and_the_dashboard_queries_return_data(start_engine, tmp_path) -> None:
-    engine = start_engine(full_config(rate=100))
-    info = engine.info()
-    prometheus = Prometheus(tmp_path, f"127.0.0.1:{info['metrics_port']}")
-    load = Load(info["runtime_dir"])
+@pytest.fixture
+def engine(start_engine):
+    return start_engine(full_config(rate=100))
+
+
+@pytest.fixture
+def prometheus(engine, tmp_path):
+    server = Prometheus(tmp_path, f"127.0.0.1:{engine.info()['metrics_port']}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def load(engine):
+    streams = Load(engine.info()["runtime_dir"])
+    yield streams
+    streams.stop()
+
+
+def test_prometheus_scrapes_the_engine_and_the_dashboard_queries_return_data(engine, prometheus, load) -> None:
     board = json.loads((MONITORING / "dashboard.json").read_text())
 
     def panel(title: str, label: str) -> dict[str, float]:
         """The panel's query now: its series' ``label`` -> value."""
         return {s["metric"].get(label, ""): float(s["value"][1]) for s in prometheus.query(by_title(board, title))}
 
-    try:
-        wait_for(lambda: panel("Workers up A", "worker") == dict.fromkeys(WORKERS, 1), 30, "every worker up")
-        pas = wait_for(lambda: panel("PAS A", "engine"), 30, "PAS in prometheus")
-        assert list(pas) == [engine.instance] and 0 <= pas[engine.instance] <= 1
-        subscores = panel("PAS and its four sub-scores B", "subscore")
-        assert set(subscores) == {"integrity", "stability", "symmetry", "consistency"}
-        tokens = wait_for(
-            lambda: (rates := panel("Tokens/s by stage A", "stage")).get("broadcast", 0) > 0 and rates,
-            45,
-            "tokens/s at the broadcast",
-        )
-        assert set(tokens) == WORKERS and all(v > 0 for v in tokens.values()), tokens
-        p99 = wait_for(lambda: panel("Latency by stage, p50 and p99 B", "stage").get("broadcast"), 45, "e2e p99")
-        assert 0 < p99 < 60
-        for title in FLOWING_PANELS:
-            wait_for(lambda t=title: prometheus.query(by_title(board, t)), 30, f"data in panel {title!r}")
-        # the recording rules evaluate on the real series too
-        recorded = wait_for(
-            lambda: prometheus.query('engine_stage:neuralpipe_tokens:rate1m{stage="broadcast"} > 0'),
-            30,
-            "the recorded tokens rate",
-        )
-        assert recorded[0]["metric"]["engine"] == engine.instance
+    wait_for(lambda: panel("Workers up A", "worker") == dict.fromkeys(WORKERS, 1), 30, "every worker up")
+    pas = wait_for(lambda: panel("PAS A", "engine"), 30, "PAS in prometheus")
+    assert list(pas) == [engine.instance] and 0 <= pas[engine.instance] <= 1
+    subscores = panel("PAS and its four sub-scores B", "subscore")
+    assert set(subscores) == {"integrity", "stability", "symmetry", "consistency"}
+    tokens = wait_for(
+        lambda: (rates := panel("Tokens/s by stage A", "stage")).get("broadcast", 0) > 0 and rates,
+        45,
+        "tokens/s at the broadcast",
+    )
+    assert set(tokens) == WORKERS and all(v > 0 for v in tokens.values()), tokens
+    p99 = wait_for(lambda: panel("Latency by stage, p50 and p99 B", "stage").get("broadcast"), 45, "e2e p99")
+    assert 0 < p99 < 60
+    for title in FLOWING_PANELS:
+        wait_for(lambda t=title: prometheus.query(by_title(board, t)), 30, f"data in panel {title!r}")
+    # the recording rules evaluate on the real series too
+    recorded = wait_for(
+        lambda: prometheus.query('engine_stage:neuralpipe_tokens:rate1m{stage="broadcast"} > 0'),
+        30,
+        "the recorded tokens rate",
+    )
+    assert recorded[0]["metric"]["engine"] == engine.instance
 
-        def rules_healthy() -> list[dict]:
-            rules = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
-            return rules if rules and all(r["health"] == "ok" for r in rules) else []
+    def rules_healthy() -> list[dict]:
+        rules = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
+        return rules if rules and all(r["health"] == "ok" for r in rules) else []
 
-        rules = wait_for(rules_healthy, 30, "every rule evaluated without error")
-        assert len(rules) == sum(len(group["rules"]) for group in rule_groups())
-        assert {"NeuralpipePasCritical", "engine_stage:neuralpipe_tokens:rate1m"} <= {r["name"] for r in rules}
+    rules = wait_for(rules_healthy, 30, "every rule evaluated without error")
+    assert len(rules) == sum(len(group["rules"]) for group in rule_groups())
+    assert {"NeuralpipePasCritical", "engine_stage:neuralpipe_tokens:rate1m"} <= {r["name"] for r in rules}
 
-        # metrics -> recording rule -> alert, end to end: three restarts of a worker make a storm
-        kill_until_restarted(engine, "compute", 3)
+    # metrics -> recording rule -> alert, end to end: three restarts of a worker make a storm
+    kill_until_restarted(engine, "compute", 3)
 
-        def storm() -> list[dict]:
-            return [
-                a
-                for a in prometheus.api("alerts")["alerts"]
-                if a["labels"]["alertname"] == "NeuralpipeWorkerRestartStorm" and a["state"] == "firing"
-            ]
+    def storm() -> list[dict]:
+        return [
+            a
+            for a in prometheus.api("alerts")["alerts"]
+            if a["labels"]["alertname"] == "NeuralpipeWorkerRestartStorm" and a["state"] == "firing"
+        ]
 
-        [alert] = wait_for(storm, 30, "the restart-storm alert firing")
-        assert alert["labels"]["worker"] == "compute" and alert["labels"]["engine"] == engine.instance
-        assert alert["annotations"]["runbook_url"] == "docs/runbook.md#neuralpipeworkerrestartstorm"
-    finally:
-        load.stop()
-        prometheus.stop()
+    [alert] = wait_for(storm, 30, "the restart-storm alert firing")
+    assert alert["labels"]["worker"] == "compute" and alert["labels"]["engine"] == engine.instance
+    assert alert["annotations"]["runbook_url"] == "docs/runbook.md#neuralpipeworkerrestartstorm"
     assert load.submitted > 0
