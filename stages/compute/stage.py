@@ -258,8 +258,11 @@ class Compute(Stage):
         rows grouped by stream (a stable sort keeps each stream's order), running sums continued
         from each stream's state."""
         n = batch.rows
-        if is_token is None and n > 1:
+        if is_token is None:
             sids = batch.stream_id.tolist()
+            if sids.count(sids[0]) == n:  # tokens of one stream (a coalesced stream, a burst)
+                self._single_stream(batch, values, sids[0])
+                return
             if len(set(sids)) == n:  # a token of each of n streams: a paced load's usual record
                 self._distinct_streams(batch, values, sids)
                 return
@@ -292,7 +295,7 @@ class Compute(Stage):
             seen = before[:, 2].astype(np.intp)  # each stream's tokens before this batch
             if order is None:  # one stream, its rows in order
                 rows = slice(None) if picked is None else picked
-                group, counts = np.zeros(len(position), dtype=np.intp), np.array([len(position)])
+                group, counts = None, [len(position)]
             else:
                 rows = order if picked is None else order[picked]
                 group = group if picked is None else group[picked]
@@ -302,6 +305,28 @@ class Compute(Stage):
             ended = np.flatnonzero(batch.kind >= _END)  # END or ERROR: the stream's state goes
             if len(ended):
                 self.states.drop(np.unique(batch.stream_id[ended]).tolist())
+
+    def _single_stream(self, batch: BatchColumns, values: dict[str, np.ndarray], sid: int) -> None:
+        """:meth:`_per_stream` of a record of token rows of one stream: scalar state, one
+        cumulative sum of the logprobs (a NaN in it: a token without one, then counted apart)."""
+        state, n = self.states, batch.rows
+        slot = state.slot(sid)
+        nll, counted, seen = state.running[slot].tolist()
+        lp = batch.logprob
+        taken = np.add.accumulate(lp, dtype=np.float64)
+        if taken[-1] == taken[-1]:  # every token has a logprob
+            count = _ORDINALS[n] + counted
+        else:
+            kept = lp == lp
+            taken = np.add.accumulate(np.where(kept, lp, _F32_ZERO), dtype=np.float64)
+            count = np.add.accumulate(kept, dtype=np.float64)
+            count += counted
+        sums = np.subtract(nll, taken, out=taken)  # the running sums of -logprob
+        state.running[slot] = (sums[-1], count[-1], seen + n)
+        _perplexity_into(sums, count, values["ppl"])
+        seen = int(seen)
+        position = _POSITIONS[n] + seen
+        self._token_streams(batch, values, slice(None), None, position, [seen], [slot], [sid], [n])
 
     def _distinct_streams(self, batch: BatchColumns, values: dict[str, np.ndarray], sids: list[int]) -> None:
         """:meth:`_per_stream` of a record of token rows of as many streams: each row's state moves
@@ -374,10 +399,9 @@ class Compute(Stage):
 
     def _token_streams(self, batch, values, rows, group, position, seen, slots, sids, counts) -> None:
         """The windowed columns of the token rows ``rows`` (in stream order; ``group``: each one's
-        stream, ``position``: its index in it) for the streams of ``slots`` (``seen``: tokens
-        each had before this batch, ``counts``: in it)."""
-        single = len(slots) == 1
-        if single:  # one stream, its rows in order: views of its row of the state, no gathers
+        stream, None: one stream; ``position``: its index in it) for the streams of ``slots``
+        (``seen``: tokens each had before this batch, ``counts``: in it)."""
+        if group is None:  # one stream, its rows in order: views of its row of the state, no gathers
             total = self._one_stream(int(slots[0]), int(seen[0]), batch.token_id[rows], position)
         else:
             total = self._streams(slots, seen, counts, group, batch.token_id[rows], position)
@@ -389,6 +413,9 @@ class Compute(Stage):
         values["rep"][rows] = share
         values["repflag"][rows] = fired
         state = self.states
+        single = group is None
+        if single and (self.table is not None or fired.any()):  # one stream's group and state as arrays
+            group, slots, seen, counts = np.zeros(len(position), dtype=np.intp), *map(np.array, (slots, seen, counts))
         if self.table is not None:  # each probe's moving average over the stream's last tokens
             tokens = streams.Tokens(rows, group, position, position - seen[group], slots, seen, counts, single)
             cosines = streams.extend(state.probes, tokens)
@@ -483,6 +510,37 @@ class Compute(Stage):
     def close(self) -> None:
         if getattr(self, "requests", None) is not None:
             self.requests.close()
+
+
+def _perplexity_into(nll: np.ndarray, count: np.ndarray, out: np.ndarray) -> None:
+    """``out`` = exp(``nll`` / ``count``) (``nll`` overwritten), 0 where ``count`` is 0."""
+    if count[0] > 0:  # one stream's counts never fall: every row has had a logprob
+        np.divide(nll, count, out=nll)
+        np.exp(nll, out=out)
+        return
+    some = count > 0
+    np.divide(nll, count, out=nll, where=some)
+    np.exp(nll, out=nll, where=some)
+    np.copyto(out, nll, where=some)
+    out[~some] = 0
+
+
+class _Ranges(dict):
+    """0 .. n - 1 (or 1 .. n) as float64 or intp, made once per n."""
+
+    def __init__(self, start: int, dtype: type) -> None:
+        super().__init__()
+        self.start, self.dtype = start, dtype
+
+    def __missing__(self, n: int) -> np.ndarray:
+        values = self[n] = np.arange(self.start, self.start + n, dtype=self.dtype)
+        values.flags.writeable = False
+        return values
+
+
+_ORDINALS = _Ranges(1, np.float64)  # a token's count among a record's tokens of its stream
+_POSITIONS = _Ranges(0, np.intp)
+_F32_ZERO = np.float32(0)
 
 
 def _perplexity(sums: np.ndarray) -> np.ndarray:

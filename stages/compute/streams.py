@@ -61,6 +61,15 @@ class StreamStates:
         self.last_seen[slots] = self.batches
         return slots
 
+    def slot(self, sid: int) -> int:
+        """:meth:`slots` of one stream."""
+        slot = self.slot_of.get(sid)
+        if slot is None:
+            return int(self.slots([sid])[0])
+        self.batches += 1
+        self.last_seen[slot] = self.batches
+        return slot
+
     def make_room(self, slots: np.ndarray, seen: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Make each row of ``slots`` hold ``counts`` more tokens after its ``seen`` ones, and return
         the flat index (in ``keys`` and ``flags`` raveled) of each stream's position 0."""
