@@ -348,12 +348,14 @@ def _tcp_urls(value: Any, path: tuple[str | int, ...] = ()) -> list[tuple[tuple[
 
 
 def _default_workers() -> dict[str, WorkerConfig]:
-    """The default topology: (embedded upstream) -> ingest -> compute -> cache -> broadcast."""
+    """The default topology: (embedded upstream) -> ingest -> compute -> cache -> broadcast, and
+    the gateway (the OpenAI-compatible front door: a client of ingest and broadcast, no ring)."""
     return {
         "ingest": WorkerConfig(stage="ingest", outputs=["ingest-compute"]),
         "compute": WorkerConfig(stage="compute", inputs=["ingest-compute"], outputs=["compute-cache"]),
         "cache": WorkerConfig(stage="cache", inputs=["compute-cache"], outputs=["cache-broadcast"]),
         "broadcast": WorkerConfig(stage="broadcast", inputs=["cache-broadcast"]),
+        "gateway": WorkerConfig(stage="gateway"),
     }
 
 

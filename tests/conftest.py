@@ -13,6 +13,10 @@ import pytest
 from shm.naming import PREFIX, SHM_DIR
 from shm.ring import RingError, read_header
 
+# The default topology's gateway listens on 127.0.0.1:8080; engines of tests (several at once, and
+# other runs on this machine) take any free port instead (`neuralpipe status --json`: gateway.url).
+os.environ.setdefault("NEURALPIPE_GATEWAY_LISTEN", "127.0.0.1:0")
+
 
 def _our_segments() -> set[str]:
     return {n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX + "-")}

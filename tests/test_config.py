@@ -57,9 +57,9 @@ def error_of(path: str, env: dict[str, str] | None = None) -> str:
 def test_defaults_are_valid_and_give_the_demo_topology():
     cfg = load_config(env=NO_ENV)
     assert cfg == Config()
-    assert list(cfg.workers) == ["ingest", "compute", "cache", "broadcast"]
+    assert list(cfg.workers) == ["ingest", "compute", "cache", "broadcast", "gateway"]
     assert [cfg.workers[name].stage for name in cfg.workers] == [
-        STAGE_ALIASES[alias] for alias in ("ingest", "compute", "cache", "broadcast")
+        STAGE_ALIASES[alias] for alias in ("ingest", "compute", "cache", "broadcast", "gateway")
     ]
     assert cfg.ring_names() == ["ingest-compute", "compute-cache", "cache-broadcast"]
     assert "upstreams" not in cfg.worker_params("ingest")  # no [[upstreams]]: the embedded upstream
@@ -71,7 +71,7 @@ def test_defaults_are_valid_and_give_the_demo_topology():
 def test_file_without_workers_gets_the_demo_topology(write):
     cfg = load_config(write("[engine]\nlog_level = 'debug'\n"), env=NO_ENV)
     assert cfg.engine.log_level == "debug"
-    assert list(cfg.workers) == ["ingest", "compute", "cache", "broadcast"]
+    assert list(cfg.workers) == ["ingest", "compute", "cache", "broadcast", "gateway"]
 
 
 def test_a_file_of_only_upstreams_points_the_default_topology_at_them(write):
@@ -324,7 +324,7 @@ def test_config_show_prints_valid_toml(write):
 def test_config_show_defaults_and_json():
     result = CliRunner(env=CLEAN_ENV).invoke(main, ["config", "show", "--json"])
     assert result.exit_code == 0, result.output
-    assert list(json.loads(result.output)["workers"]) == ["ingest", "compute", "cache", "broadcast"]
+    assert list(json.loads(result.output)["workers"]) == ["ingest", "compute", "cache", "broadcast", "gateway"]
 
 
 def test_config_show_applies_env():

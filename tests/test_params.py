@@ -132,7 +132,7 @@ def test_the_ingest_upstreams_use_the_upstreams_table_model(tmp_path):
 def test_params_table_overrides_one_worker_of_the_default_topology(tmp_path):
     text = '[params.compute]\nhilbert_order = 6\n[params.compute.repetition]\naction = "cancel"\n'
     _, cfg = _load(tmp_path, text)
-    assert list(cfg.workers) == ["ingest", "compute", "cache", "broadcast"]  # the default topology
+    assert list(cfg.workers) == ["ingest", "compute", "cache", "broadcast", "gateway"]  # the default topology
     assert cfg.worker_params("compute") == {"hilbert_order": 6, "repetition": {"action": "cancel"}}
     assert cfg.worker_params("cache") == {}
     check_stage_params(cfg)
