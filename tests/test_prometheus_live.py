@@ -34,7 +34,9 @@ pytestmark = [
     pytest.mark.skipif(not os.access(PROMETHEUS, os.X_OK), reason="Debian's prometheus package not installed"),
     pytest.mark.timeout(150),
 ]
-WORKERS = {"ingest", "compute", "cache", "broadcast"}
+PIPELINE = {"ingest", "compute", "cache", "broadcast"}  # the stages that pass tokens on
+WORKERS = {*PIPELINE, "gateway"}
+GATEWAY = '\n[workers.gateway]\nstage = "gateway"\n\n[gateway]\nlisten = "127.0.0.1:0"\n'
 
 
 def free_port() -> int:
@@ -108,24 +110,42 @@ class Prometheus:
 
 
 class Load:
-    """Streams submitted in a thread until stopped: about 10 streams open at 100 tokens/s each."""
+    """Until stopped: streams submitted straight to ingest (about 10 open at 100 tokens/s each), and one
+    streamed chat completion after another through the gateway's HTTP API."""
 
-    def __init__(self, runtime_dir: str) -> None:
+    def __init__(self, runtime_dir: str, gateway_url: str) -> None:
         self.runtime_dir = runtime_dir
+        self.gateway_url = gateway_url
         self.stop_event = threading.Event()
         self.submitted = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        self.answered = 0  # gateway requests answered
+        self.threads = [threading.Thread(target=run, daemon=True) for run in (self._submit, self._gateway)]
+        for thread in self.threads:
+            thread.start()
 
-    def _run(self) -> None:
+    def _submit(self) -> None:
         with RequestClient(ingest_endpoint(self.runtime_dir)) as client:
             while not self.stop_event.wait(0.1):
                 client.submit(chat(f"load {self.submitted}", max_tokens=100, temperature=0.7))
                 self.submitted += 1
 
+    def _gateway(self) -> None:
+        body = json.dumps({"model": "neuralpipe-echo", "stream": True, **chat("gateway load", 20, 0.7)}).encode()
+        while not self.stop_event.is_set():
+            request = urllib.request.Request(
+                self.gateway_url + "/chat/completions", body, {"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    answer.read()
+                self.answered += 1
+            except OSError:  # a worker killed on purpose (the restart-storm part) fails a request
+                self.stop_event.wait(0.1)
+
     def stop(self) -> None:
         self.stop_event.set()
-        self.thread.join(10)
+        for thread in self.threads:
+            thread.join(30)
 
 
 def by_title(board: dict, title: str) -> str:
@@ -147,12 +167,17 @@ FLOWING_PANELS = (
     "Size A",
     "Subscribers A",
     "Messages/s A",
+    "Requests/s by endpoint and code A",
+    "Request duration and time to first token A",
+    "Request duration and time to first token D",
+    "Active streams A",
+    "Tokens/s per key A",
 )
 
 
 @pytest.fixture
 def engine(start_engine):
-    return start_engine(full_config(rate=100))
+    return start_engine(full_config(rate=100) + GATEWAY)
 
 
 @pytest.fixture
@@ -164,7 +189,8 @@ def prometheus(engine, tmp_path):
 
 @pytest.fixture
 def load(engine):
-    streams = Load(engine.info()["runtime_dir"])
+    url = wait_for(lambda: engine.worker("gateway")["stats"].get("url"), 30, "the gateway's URL")
+    streams = Load(engine.info()["runtime_dir"], url)
     yield streams
     streams.stop()
 
@@ -186,7 +212,7 @@ def test_prometheus_scrapes_the_engine_and_the_dashboard_queries_return_data(eng
         45,
         "tokens/s at the broadcast",
     )
-    assert set(tokens) == WORKERS and all(v > 0 for v in tokens.values()), tokens
+    assert set(tokens) == PIPELINE and all(v > 0 for v in tokens.values()), tokens
     p99 = wait_for(lambda: panel("Latency by stage, p50 and p99 B", "stage").get("broadcast"), 45, "e2e p99")
     assert 0 < p99 < 60
     for title in FLOWING_PANELS:
@@ -220,4 +246,4 @@ def test_prometheus_scrapes_the_engine_and_the_dashboard_queries_return_data(eng
     [alert] = wait_for(storm, 30, "the restart-storm alert firing")
     assert alert["labels"]["worker"] == "compute" and alert["labels"]["engine"] == engine.instance
     assert alert["annotations"]["runbook_url"] == "docs/runbook.md#neuralpipeworkerrestartstorm"
-    assert load.submitted > 0
+    assert load.submitted > 0 and load.answered > 0
