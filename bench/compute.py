@@ -10,7 +10,7 @@ waits for the work by reading back 4 bytes). A CPU adapter (Mesa lavapipe) is me
 the only one: the issue's 10x target is for a real GPU, and a CPU adapter runs on the same cores.
 
 Stage rows: a Compute stage (numpy backend, default kernels) between two rings in this process;
-records of 1, 2, 16 and 64 token rows from 1 or several streams are written into its input ring
+records of 1, 2, 16, 32 and 64 token rows from 1 or several streams are written into its input ring
 one at a time and its ``do_work`` is timed: read, kernels, per-stream running values, write with
 the columns, commit. A Relay (the copy alone) is timed the same way. With a baseline checkout
 (``NEURALPIPE_BENCH_BASELINE=/tmp/np-base``) the same harness times the baseline's stage in a
@@ -169,7 +169,8 @@ def open_adapters(progress: bool) -> tuple[list[tuple[Any, str]], list[str]]:
 
 # ---- the stage's time per record -------------------------------------------------------------
 
-STAGE_CASES = ((1, 1), (2, 2), (16, 1), (16, 16), (64, 1), (64, 16))  # (rows, streams) of a record
+# (rows, streams) of a record; 32 rows of 32 streams: a paced load's record (a token of each stream)
+STAGE_CASES = ((1, 1), (2, 2), (16, 1), (16, 16), (32, 32), (64, 1), (64, 16))
 ENV_BASELINE = "NEURALPIPE_BENCH_BASELINE"  # a checkout of older code to measure side by side
 
 
