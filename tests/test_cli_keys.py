@@ -44,6 +44,7 @@ def test_keys_lifecycle_beside_a_running_gate(tmp_path, env):
         lease = gate.admit(principal)
         lease.tokens(7)
         lease.close(prompt_tokens=11, completion_tokens=7, cached_tokens=2)
+        assert gate.flush()
         usage = _cli(env, "usage", "alice", "--json")
         assert orjson.loads(usage.stdout)["alice"] | {"last_used": None} == {
             "requests": 1,

@@ -216,6 +216,7 @@ def test_gate_with_jwt(tmp_path, jwks, ed_key):
             with pytest.raises(AuthError, match=problem):
                 gate.authenticate(header)
         gate.admit(gate.authenticate(f"Bearer {hs}")).close(3, 4, 0)
+        assert gate.flush()
         assert gate.store.usage(kind="jwt")["carol"]["completion_tokens"] == 4
     finally:
         gate.close()

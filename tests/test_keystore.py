@@ -3,10 +3,13 @@ revocation, the usage ledger and budgets, several processes at once, hostile fil
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
@@ -243,3 +246,26 @@ def test_a_shared_directory_is_refused_not_taken(tmp_path):
     with pytest.raises(KeyStoreError, match="is a shared directory"):
         KeyStore(str(shared / DB_FILE))
     assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777 and not os.listdir(shared)
+
+
+def _cli_usage(path: str) -> dict:
+    code = (
+        "import sys, json; from engine.auth.keystore import KeyStore\n"
+        "with KeyStore(sys.argv[1]) as ks: print(json.dumps(ks.usage()))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_two_stores_in_one_process_and_another_process_agree(tmp_path):
+    """The gateway holds two connections (its reads, the ledger thread); opening the second must not
+    drop the first's SQLite locks, or another process rebuilds the WAL index under them and their
+    writes vanish for it (fails when the file check opens and closes the database)."""
+    path = str(tmp_path / DB_FILE)
+    with KeyStore(path) as reads, KeyStore(path) as writes:
+        reads.create("alice")
+        assert _cli_usage(path)["alice"]["requests"] == 0
+        writes.add_usage("alice", 1, 11, 7, 2)
+        assert reads.usage()["alice"]["requests"] == 1
+        assert _cli_usage(path)["alice"]["requests"] == 1

@@ -10,6 +10,7 @@ import pytest
 from engine.auth.errors import AuthError, LimitExceeded
 from engine.auth.gate import Gate
 from engine.auth.keystore import HOUR_S, KeyStore, keystore_path
+from engine.auth.ledger import LedgerWriter
 from engine.auth.limiter import SlidingWindow
 from engine.auth.limits import Limits
 from engine.auth.principal import ANONYMOUS, Principal
@@ -118,7 +119,7 @@ def test_budget_counts_tokens_of_open_streams(gate, clock):
     lease.tokens(100)
     assert _refused(gate, alice).reason == "budget"
     lease.close(0, 100)
-    assert gate.store.budget_used("alice", 0) == 100
+    assert gate.flush() and gate.store.budget_used("alice", 0) == 100
 
 
 def test_revoked_key_is_refused_at_the_next_request(gate):
@@ -142,6 +143,7 @@ def test_usage_of_every_stream_end_is_in_the_ledger(gate):
     partial.close()  # a client that went away: what was delivered counts
     hostile = gate.admit(alice)
     hostile.close(prompt_tokens=-5, completion_tokens=float("nan"), cached_tokens=10**30)
+    assert gate.flush()
     assert gate.store.usage("alice")["alice"] | {"last_used": None} == {
         "requests": 3,
         "prompt_tokens": 10,
@@ -155,7 +157,7 @@ def test_anonymous_and_unlimited_callers_keep_no_state(gate):
     for i in range(100):
         gate.admit(_key(f"k{i}")).close(1, 1)
         gate.admit(ANONYMOUS).close(1, 1)
-    assert len(gate._limiter) == 0
+    assert len(gate._limiter) == 0 and gate.flush()
     assert "anonymous" not in gate.store.usage(kind="anonymous")
 
 
@@ -174,23 +176,40 @@ def test_memory_is_bounded_whatever_the_number_of_callers(tmp_path, clock):
         gate.close()
 
 
-def test_a_ledger_that_cannot_be_written_is_retried(tmp_path):
+def test_a_stream_end_never_waits_for_the_database(tmp_path):
+    """The ledger is written by a thread: a database locked by another process (a long CLI or
+    sqlite3 shell transaction) neither blocks lease.close on the event loop nor loses the use."""
     errors: list[str] = []
     path = keystore_path(str(tmp_path))
-    gate = Gate("keys", KeyStore(path, busy_timeout_s=0.05), on_error=errors.append)
+    store = KeyStore(path)
+    ledger = LedgerWriter(path, errors.append, busy_timeout_s=0.05, retry_s=0.05)
+    gate = Gate("keys", store, on_error=errors.append, ledger=ledger)
     try:
-        key = gate.store.create("alice")
+        key = store.create("alice")
         alice = gate.authenticate(f"Bearer {key}")
         other = sqlite3.connect(path, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")  # e.g. a long CLI transaction
-        gate.admit(alice).close(1, 2, 0)  # does not raise
-        assert errors and "kept, retried" in errors[0] and key not in errors[0]
+        other.execute("BEGIN IMMEDIATE")
+        gate.admit(alice).close(1, 2, 0)
+        gate.admit(alice).close(1, 2, 0)
+        assert not gate.flush(0.5)  # still pending: the lock is held
+        assert errors and "kept, retried" in errors[0] and key not in " ".join(errors)
         other.execute("ROLLBACK")
         other.close()
-        gate.admit(alice).close(1, 2, 0)
-        assert gate.store.usage("alice")["alice"]["requests"] == 2
+        assert gate.flush()
+        usage = store.usage("alice")["alice"]
+        assert (usage["requests"], usage["prompt_tokens"], usage["completion_tokens"]) == (2, 2, 4)
     finally:
         gate.close()
+
+
+def test_close_writes_what_is_pending(tmp_path):
+    path = keystore_path(str(tmp_path))
+    gate = Gate("keys", KeyStore(path))
+    for _ in range(50):
+        gate.admit(_key("alice", rpm=1000)).close(1, 1, 0)
+    gate.close()
+    with KeyStore(path) as store:
+        assert store.budget_used("alice", 0) == 100
 
 
 def test_sliding_window_retry_after():
@@ -233,4 +252,5 @@ def test_a_lease_dropped_without_close_gives_its_slot_back(gate):
     lease.tokens(4)
     del lease  # never closed
     gate.admit(alice).close()
+    assert gate.flush()
     assert gate.store.usage(kind="key") == {} and gate.store.budget_used("alice", 0) == 4

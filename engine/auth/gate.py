@@ -10,9 +10,9 @@ which writes the ledger).
     finally:
         lease.close(prompt_tokens, completion_tokens, cached_tokens)       # also for partial streams
 
-Everything here runs on the gateway's event loop and never raises from ``tokens`` or ``close``; a
-ledger write that fails (the database busy past its timeout, a full disk) is kept and retried with
-the next stream's end, and reported through ``on_error``.
+Everything here runs on the gateway's event loop and never raises from ``tokens`` or ``close``;
+the ledger is written by a thread of its own (engine/auth/ledger.py), which reports a failed write
+through ``on_error`` and tries it again.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.auth.errors import AuthConfigError, AuthError
 from engine.auth.keystore import HOUR_S, KeyStore, KeyStoreError, keystore_path
+from engine.auth.ledger import LedgerWriter
 from engine.auth.limiter import MAX_PRINCIPALS, Limiter, PrincipalState
 from engine.auth.limits import MAX_LIMIT
 from engine.auth.principal import ANONYMOUS, Principal
@@ -33,10 +34,9 @@ if TYPE_CHECKING:
 
 MODES = ("off", "keys", "jwt")
 MAX_AUTHORIZATION = 8192 + 16
-MAX_UNSAVED = 100_000  # principals whose use awaits a ledger write (the database failing for long)
-# The gateway waits this long for another writer (a `neuralpipe keys` command) at a stream's end: it
-# runs on the event loop, and a write that cannot wait is kept and retried with the next one.
-BUSY_TIMEOUT_S = 0.25
+# The event loop's reads (a key, a budget) wait at most this long for a lock (WAL readers rarely
+# wait at all: only while a crashed writer's WAL is recovered).
+READ_BUSY_TIMEOUT_S = 0.25
 
 
 class Lease:
@@ -92,6 +92,7 @@ class Gate:
         max_principals: int = MAX_PRINCIPALS,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        ledger: LedgerWriter | None = None,
     ) -> None:
         if mode not in MODES:
             raise AuthConfigError(f"auth must be one of {', '.join(MODES)} (got {mode!r})")
@@ -105,7 +106,9 @@ class Gate:
         self._on_error = on_error
         self._wall = wall_clock
         self._limiter = Limiter(self._read_budget if store is not None else None, max_principals, clock, wall_clock)
-        self._unsaved: dict[tuple[str, str], list[int]] = {}
+        if ledger is None and store is not None:
+            ledger = LedgerWriter(store.path, on_error, wall_clock=wall_clock)
+        self._ledger = ledger
 
     @classmethod
     def from_config(
@@ -133,15 +136,20 @@ class Gate:
         if not state_dir:
             raise AuthConfigError(f'auth = "{mode}" needs the state directory ([engine] state_dir)')
         try:
-            store = KeyStore(keystore_path(state_dir), busy_timeout_s=BUSY_TIMEOUT_S)
+            store = KeyStore(keystore_path(state_dir), busy_timeout_s=READ_BUSY_TIMEOUT_S)
         except KeyStoreError as exc:
             raise AuthConfigError(str(exc)) from None
         return cls(mode, store, verifier, on_error)
 
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every ended stream's use is in the ledger; False on timeout."""
+        return self._ledger is None or self._ledger.flush(timeout_s)
+
     def close(self) -> None:
         """Write what is left of the ledger and close the database."""
+        if self._ledger is not None:
+            self._ledger.close()
         if self.store is not None:
-            self._flush()
             self.store.close()
 
     # -- who --------------------------------------------------------------------------------------
@@ -192,8 +200,7 @@ class Gate:
             if self._on_error:
                 self._on_error(str(exc))
             hours = []
-        unsaved = self._unsaved.get((principal.kind, principal.name))
-        used = sum(tokens for _, tokens in hours) + (unsaved[1] + unsaved[2] if unsaved else 0)
+        used = sum(tokens for _, tokens in hours) + self._ledger.unwritten_tokens(principal.kind, principal.name)
         remaining = used
         for hour, tokens in hours:
             if remaining < budget:
@@ -206,33 +213,8 @@ class Gate:
     # -- the ledger -------------------------------------------------------------------------------
 
     def _record(self, principal: Principal, prompt: int, completion: int, cached: int) -> None:
-        if self.store is None or principal.kind == "anonymous":
-            return
-        key = (principal.kind, principal.name)
-        entry = self._unsaved.get(key)
-        if entry is None:
-            if len(self._unsaved) >= MAX_UNSAVED:
-                self._report(f"ledger: {len(self._unsaved)} principals' use unsaved; dropping {principal.label}'s")
-                return
-            entry = self._unsaved[key] = [0, 0, 0, 0]
-        for i, value in enumerate((1, prompt, completion, cached)):
-            entry[i] = min(MAX_LIMIT, entry[i] + value)
-        self._flush()
-
-    def _flush(self) -> None:
-        if not self._unsaved:
-            return
-        entries = [(kind, name, *counts) for (kind, name), counts in self._unsaved.items()]
-        try:
-            self.store.add_usage_many(entries, self._wall())
-        except (KeyStoreError, ValueError) as exc:
-            self._report(f"ledger write failed (kept, retried at the next stream end): {exc}")
-            return
-        self._unsaved.clear()
-
-    def _report(self, message: str) -> None:
-        if self._on_error is not None:
-            self._on_error(message)
+        if self._ledger is not None and principal.kind != "anonymous":
+            self._ledger.add(principal.kind, principal.name, prompt, completion, cached)
 
 
 def _param(params: Any, name: str) -> Any:

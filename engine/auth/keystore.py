@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 
 from engine.auth.limits import MAX_BUDGET_PERIOD_S, MAX_LIMIT, NO_LIMITS, Limits
 from engine.auth.principal import Kind, Principal
-from engine.rundir import RuntimeDirError, open_private_dir, open_private_file
+from engine.rundir import RuntimeDirError, open_private_dir
 from engine.statedir import refuse_shared_dir
 
 DB_FILE = "gateway.sqlite3"
@@ -352,7 +353,12 @@ def _counts(values: list[int]) -> tuple[int, ...]:
 
 def _check_files(path: str) -> None:
     """The database and its WAL files are regular files of this user in a private directory,
-    none a symlink (SQLite itself would follow one)."""
+    none a symlink (SQLite itself would follow one).
+
+    Checked with lstat, never by opening them: closing any descriptor of a file drops every POSIX
+    lock this process holds on it, SQLite's included, so a check that opened the file while another
+    connection of this process had it open (the gateway has two) let a `neuralpipe keys` process
+    believe it was alone and rebuild the WAL index under it: its writes vanished for other readers."""
     directory, name = os.path.split(os.path.abspath(path))
     try:
         refuse_shared_dir(directory)
@@ -360,11 +366,22 @@ def _check_files(path: str) -> None:
     except (RuntimeDirError, OSError) as exc:
         raise KeyStoreError(f"{directory}: {exc}") from None
     try:
-        os.close(open_private_file(dir_fd, name, os.O_RDWR | os.O_CREAT))
-        for suffix in ("-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.close(open_private_file(dir_fd, name + suffix, os.O_RDWR))
-    except (RuntimeDirError, OSError) as exc:
+        with contextlib.suppress(FileExistsError):  # a new file: no connection can have it open
+            os.close(
+                os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+            )
+        for each in (name, name + "-wal", name + "-shm"):
+            try:
+                st = os.stat(each, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                raise KeyStoreError(f"{path}: {each} is a symbolic link; refusing to follow it (remove it)")
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                raise KeyStoreError(f"{path}: {each} is not a regular file of this user (uid {os.getuid()})")
+            if stat.S_IMODE(st.st_mode) & 0o077:
+                os.chmod(each, 0o600, dir_fd=dir_fd)
+    except OSError as exc:
         raise KeyStoreError(f"{path}: {exc}") from None
     finally:
         os.close(dir_fd)
