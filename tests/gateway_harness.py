@@ -23,8 +23,8 @@ def default_topology(gateway: str = "", ingest: str = "", embedded: str = "") ->
     ``[gateway]`` / the ingest worker's table; ``embedded``: the embedded upstream's inline table."""
     return f"""
 [engine]
-heartbeat_interval_s = 0.1
-heartbeat_timeout_s = 1.0
+heartbeat_interval_s = 0.2
+heartbeat_timeout_s = 5.0  # generous: a loaded 2-core machine is not a hung worker
 stop_timeout_s = 5.0
 
 [supervisor]

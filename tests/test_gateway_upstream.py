@@ -104,6 +104,16 @@ def test_a_client_that_disconnects_cancels_its_upstream_request(rig):
     )
 
 
+def test_a_whole_request_whose_client_gives_up_is_cancelled_too(rig):
+    engine, slow, _ = rig
+    cancelled_before = slow.stats.cancelled
+    body = {"model": "slow", "messages": [{"role": "user", "content": "whole"}], "max_tokens": 400}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(engine.url + "/chat/completions", json=body, timeout=1.5)  # the answer is 20 s away
+    wait_for(lambda: slow.stats.cancelled > cancelled_before, 5, "the upstream to see its client gone")
+    assert slow.stats.active_streams == 0
+
+
 def test_a_failure_mid_stream_is_an_error_the_client_raises_on(rig):
     engine, _, _ = rig
     client = openai.OpenAI(base_url=engine.url, api_key="unused", max_retries=0, timeout=30)
