@@ -46,6 +46,7 @@ from stages.compute.probes import probe_table
 
 _TOKEN, _END, _ERROR = int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR)
 _SMALL_RECORD = 8  # rows up to which a record's running columns go row by row (numpy's turn from 8-12 rows)
+_ROWS_AT_ONCE = 256  # rows whose running columns are computed together: bounds the state rows' free columns
 BASE_COLUMNS = (
     ExtraColumn("hilbert", "f4", 2),
     ExtraColumn("conf", "f4"),
@@ -228,8 +229,13 @@ class Compute(Stage):
             self._per_token(ids, lps, values, tokens, every, small or self.kernels.device is None)
         if small:
             self._row_by_row(batch, values)
-        else:
+        elif batch.rows <= _ROWS_AT_ONCE:
             self._per_stream(batch, values, None if every else kind == _TOKEN)
+        else:  # in parts: a stream's row of the state never needs room for more tokens than a part has
+            for start in range(0, batch.rows, _ROWS_AT_ONCE):
+                piece = _Merged([batch], start, min(start + _ROWS_AT_ONCE, batch.rows))
+                part = {name: column[start : start + piece.rows] for name, column in values.items()}
+                self._per_stream(piece, part, None if every else piece.kind == _TOKEN)
         self.counts["batches"] += 1
         self.counts["tokens"] += count
         self.ctx.telemetry.observe_since_ns("neuralpipe_stage_latency_seconds", batch.recv_ns, stage="compute")
