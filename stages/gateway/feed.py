@@ -19,6 +19,7 @@ from engine.protocol import wire
 from stages.gateway.follower import BroadcastFollower
 
 PING_S = 20.0  # WebSocket pings: a dead browser is noticed, proxies keep the socket
+CLOSE_GRACE_S = 2.0  # a dropped browser's close frame waits this long behind what it has not read
 CLOSE_TOO_SLOW = WSCloseCode.TRY_AGAIN_LATER  # 1013
 
 
@@ -37,6 +38,7 @@ class Feed:
         self.bound = bound
         self.queue: asyncio.Queue[str | None] = asyncio.Queue(bound)
         self.dropped = False
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # set when dropped
 
     def offer(self, text: str | None) -> None:
         """Queue ``text`` (None: the end); a full queue drops this browser."""
@@ -48,6 +50,7 @@ class Feed:
             self.dropped = True
             self.queue = asyncio.Queue()  # the sender stops at once: nothing more is sent to it
             self.queue.put_nowait(None)
+            self.gone.set_result(None)
 
     async def send(self) -> None:
         while (text := await self.queue.get()) is not None:
@@ -89,10 +92,20 @@ class FeedHub:
             own = BroadcastFollower(self.runtime_dir, stream)
             own.listeners.add(lambda message: _one_stream(feed, message))
             own.start()
-        sender = asyncio.get_running_loop().create_task(feed.send())
+        loop = asyncio.get_running_loop()
+        sender, reader = loop.create_task(feed.send()), loop.create_task(_drain(ws))
         try:
-            await _until_closed(ws, sender)
+            await asyncio.wait({reader, sender, feed.gone}, return_when=asyncio.FIRST_COMPLETED)
+            if feed.dropped and not sender.done():  # its close frame queues behind what it has not read
+                try:
+                    await asyncio.wait_for(asyncio.shield(sender), CLOSE_GRACE_S)
+                except TimeoutError:
+                    if request.transport is not None:
+                        request.transport.abort()  # a browser that reads nothing: cut, not waited for
         finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
             self.feeds.discard(feed)
             if own is not None:
                 await own.close()
@@ -109,17 +122,6 @@ def _one_stream(feed: Feed, message: wire.Batch | wire.Message) -> None:
         feed.offer(feed_text(wire.encode_message(message, "json")))
         if message.type in ("end", "error"):
             feed.offer(None)
-
-
-async def _until_closed(ws: web.WebSocketResponse, sender: asyncio.Task) -> None:
-    """Read (and ignore) what the browser sends until it closes, or the sender is done."""
-    reader = asyncio.get_running_loop().create_task(_drain(ws))
-    try:
-        await asyncio.wait({reader, sender}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
 
 
 async def _drain(ws: web.WebSocketResponse) -> None:
