@@ -27,7 +27,7 @@ from monitoring_helpers import (
 )
 
 from engine.clients.requests import RequestClient
-from engine.protocol.requests import ingest_endpoint
+from engine.protocol.requests import RequestError, ingest_endpoint
 
 PROMETHEUS = "/usr/bin/prometheus"
 pytestmark = [
@@ -126,8 +126,11 @@ class Load:
     def _submit(self) -> None:
         with RequestClient(ingest_endpoint(self.runtime_dir)) as client:
             while not self.stop_event.wait(0.1):
-                client.submit(chat(f"load {self.submitted}", max_tokens=100, temperature=0.7))
-                self.submitted += 1
+                try:
+                    client.submit(chat(f"load {self.submitted}", max_tokens=100, temperature=0.7))
+                    self.submitted += 1
+                except RequestError:  # refused or timed out while a worker restarts: try the next
+                    continue
 
     def _gateway(self) -> None:
         body = json.dumps({"model": "neuralpipe-echo", "stream": True, **chat("gateway load", 20, 0.7)}).encode()
