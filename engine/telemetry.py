@@ -172,12 +172,13 @@ def _label_value(value: Any) -> str:
 class _Series:
     """The values of one metric, by label values (a tuple in the spec's label order)."""
 
-    __slots__ = ("bounds", "bounds_ns", "seen", "spec", "values")
+    __slots__ = ("bounds", "bounds_ns", "seen", "single", "spec", "values")
 
     def __init__(self, metric: MetricSpec) -> None:
         self.spec = metric
         self.values: dict[tuple[str, ...], Any] = {}  # counter/gauge: float; histogram: _Histogram
         self.seen: list[set[str]] = [set() for _ in metric.labels]
+        self.single = metric.labels[0] if len(metric.labels) == 1 else None  # the usual case, made fast
         self.bounds: np.ndarray | None = None  # the bucket bounds as arrays, once an array is observed
         self.bounds_ns: np.ndarray | None = None
 
@@ -192,7 +193,7 @@ class _Series:
         if len(labels) != len(names):
             raise ValueError(f"metric {name!r} takes labels {names}, got {tuple(labels)}")
         try:
-            key = tuple([labels[n] for n in names])
+            key = (labels[self.single],) if self.single is not None else tuple(map(labels.__getitem__, names))
         except KeyError:
             raise ValueError(f"metric {name!r} takes labels {names}, got {tuple(labels)}") from None
         if key in self.values:
