@@ -466,20 +466,29 @@ def keys_revoke(name: str, path: str | None, instance: str | None, as_json: bool
 @_INSTANCE_OPTION
 @_JSON_OPTION
 def keys_usage(name: str | None, jwt_subjects: bool, path: str | None, instance: str | None, as_json: bool) -> None:
-    """Requests, prompt, completion and cached tokens per key (or of NAME), all time."""
+    """Requests, prompt, completion and cached tokens per key (or of NAME), all time; for a key with
+    a budget also budget_tokens and budget_used (prompt + completion tokens of its current period)."""
+    import time
+
     from engine.auth.keystore import KeyStoreError
 
     with _keystore(path, instance) as store:
         try:
             usage = store.usage(name, "jwt" if jwt_subjects else "key")
+            for info in [] if jwt_subjects else store.list():
+                if info.name in usage and info.limits.budget_tokens is not None and info.revoked is None:
+                    since = time.time() - info.limits.budget_period_s
+                    usage[info.name]["budget_tokens"] = info.limits.budget_tokens
+                    usage[info.name]["budget_used"] = store.budget_used(info.name, since)
         except KeyStoreError as exc:
             raise click.ClickException(str(exc)) from None
     if name is not None and not usage:
         raise click.ClickException(f"no {'JWT subject' if jwt_subjects else 'key'} named {name!r}")
-    lines = [f"{'name':<24} {'requests':>10} {'prompt':>12} {'completion':>12} {'cached':>12}"]
+    lines = [f"{'name':<24} {'requests':>10} {'prompt':>12} {'completion':>12} {'cached':>12}  budget"]
     for who, u in usage.items():
         row = f"{u['requests']:>10} {u['prompt_tokens']:>12} {u['completion_tokens']:>12} {u['cached_tokens']:>12}"
-        lines.append(f"{who:<24} {row}")
+        budget = f"{u['budget_used']}/{u['budget_tokens']}" if "budget_tokens" in u else "-"
+        lines.append(f"{who:<24} {row}  {budget}")
     _emit(usage, as_json, "\n".join(lines))
 
 

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from engine.auth.errors import AuthError
 from engine.auth.gate import Gate
 from engine.auth.keystore import DB_FILE
+from engine.auth.principal import Principal
 from engine.cli import main
 
 
@@ -69,6 +70,22 @@ def test_keys_lifecycle_beside_a_running_gate(tmp_path, env):
     finally:
         gate.close()
     assert oct(os.stat(state).st_mode & 0o777) == "0o700"
+
+
+def test_usage_shows_a_budget_and_what_of_it_is_used(tmp_path, env):
+    assert _cli(env, "create", "alice", "--budget-tokens", "1000", "--budget-days", "7").returncode == 0
+    assert _cli(env, "create", "bob").returncode == 0
+    gate = Gate.from_config({"auth": "keys"}, str(tmp_path / "xdg" / "neuralpipe" / "default"))
+    try:
+        for who in ("alice", "bob"):
+            gate.admit(Principal(who, "key")).close(prompt_tokens=30, completion_tokens=12)
+        assert gate.flush()
+    finally:
+        gate.close()
+    usage = orjson.loads(_cli(env, "usage", "--json").stdout)
+    assert (usage["alice"]["budget_tokens"], usage["alice"]["budget_used"]) == (1000, 42)
+    assert "budget_tokens" not in usage["bob"] and usage["bob"]["prompt_tokens"] == 30
+    assert "42/1000" in _cli(env, "usage").stdout
 
 
 def test_key_text_output_is_the_key_alone(env):
