@@ -269,3 +269,37 @@ def test_two_stores_in_one_process_and_another_process_agree(tmp_path):
         writes.add_usage("alice", 1, 11, 7, 2)
         assert reads.usage()["alice"]["requests"] == 1
         assert _cli_usage(path)["alice"]["requests"] == 1
+
+
+def _make_keys(path: str, count: int) -> None:
+    with KeyStore(path) as ks:
+        for i in range(count):
+            ks.create(f"cli{i}")
+            if i % 2:
+                ks.revoke(f"cli{i}")
+
+
+@pytest.mark.timeout(120)
+def test_a_gateway_and_a_cli_process_at_once(tmp_path):
+    """The gateway's two connections (reads on its loop, the ledger thread) beside another process
+    making and revoking keys: nothing lost on either side."""
+    from engine.auth.gate import Gate
+    from engine.auth.principal import Principal
+
+    gate = Gate.from_config({"auth": "keys"}, str(tmp_path))
+    try:
+        key = gate.store.create("alice")
+        cli = multiprocessing.get_context("spawn").Process(target=_make_keys, args=(gate.store.path, 40))
+        cli.start()
+        for _ in range(300):
+            gate.admit(gate.authenticate(f"Bearer {key}")).close(2, 3, 1)
+            gate.admit(Principal("bob", "jwt")).close(1, 1, 0)
+        cli.join(60)
+        assert cli.exitcode == 0 and gate.flush()
+        assert gate.store.usage("alice")["alice"]["completion_tokens"] == 900
+        assert gate.store.usage(kind="jwt")["bob"]["requests"] == 300
+        infos = {info.name: info.revoked for info in gate.store.list()}
+        assert len(infos) == 41 and sum(revoked is not None for revoked in infos.values()) == 20
+    finally:
+        gate.close()
+    assert _cli_usage(gate.store.path)["alice"]["requests"] == 300
