@@ -201,8 +201,16 @@ class _Stream(asyncio.Protocol):
             if pieces:
                 body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
                 pieces.clear()
-                if not self.finished.done():
-                    self._body(body)
+                if self.finished.done():
+                    pass
+                elif self.error is None:  # the stream's read: to the reader, no call in between
+                    wait = self.reader.feed(body)
+                    if wait is not None:
+                        self._wait_for(wait)
+                    elif self.reader.complete:
+                        self._succeed()
+                else:
+                    self._error_body(body)
             if self.body_done:
                 if not self.finished.done() and not self.waiting:
                     self._end_of_body()
@@ -255,21 +263,19 @@ class _Stream(asyncio.Protocol):
 
     # ---- the body
 
-    def _body(self, body: bytes) -> None:
+    def _error_body(self, body: bytes) -> None:
+        """The first ERROR_BODY_LIMIT bytes of a response that is not a stream, for its error."""
         error = self.error
-        if error is not None:
-            if len(error.body) < ERROR_BODY_LIMIT:
-                error.body += body[: ERROR_BODY_LIMIT - len(error.body)]
-            if len(error.body) >= ERROR_BODY_LIMIT:
-                self._fail(error)
-            return
-        wait = self.reader.feed(body)
-        if wait is not None:  # back-pressure: read on once the reader's wait is over
-            self.waiting = True
-            self.transport.pause_reading()
-            self.loop.create_task(self._resume_after(wait))
-        elif self.reader.complete:
-            self._succeed()
+        if len(error.body) < ERROR_BODY_LIMIT:
+            error.body += body[: ERROR_BODY_LIMIT - len(error.body)]
+        if len(error.body) >= ERROR_BODY_LIMIT:
+            self._fail(error)
+
+    def _wait_for(self, wait: Awaitable[None]) -> None:
+        """Back-pressure: read on once the reader's wait is over."""
+        self.waiting = True
+        self.transport.pause_reading()
+        self.loop.create_task(self._resume_after(wait))
 
     async def _resume_after(self, wait: Awaitable[None]) -> None:
         try:

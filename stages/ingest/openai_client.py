@@ -420,24 +420,28 @@ class _BodyReader:
 
     def feed(self, chunk: bytes) -> Awaitable[None] | None:
         parser, decoder = self.parser, self.decoder
-        plain = parser.feed_plain(chunk)  # the usual read: complete data-only events, bytes kept
-        events = [("message", data) for data in plain] if plain is not None else parser.feed(chunk)
-        wait = failure = None
-        if events:
-            now = time.monotonic_ns()  # one read: every event in it arrived at the same time
-            tokens = Tokens([], [], [], [], now)
-            try:
-                for event_type, data, *_ in events:
-                    if data == "[DONE]" or data == b"[DONE]":
-                        self.end = StreamEnd(decoder.finish_reason, decoder.usage, now)
-                        self.complete = True
+        tokens = Tokens([], [], [], [], time.monotonic_ns())  # one read: its events arrived together
+        failure = None
+        try:
+            plain = parser.feed_plain(chunk)  # the usual read: complete data-only events, bytes kept
+            if plain is not None:
+                for data in plain:
+                    if data == b"[DONE]":
+                        self._done(tokens.recv_ns)
                         break
-                    decoder.decode(event_type, data, tokens)
-            except UpstreamError as exc:
-                failure = exc
-            if tokens.texts:
-                decoder.tokens += len(tokens.texts)
-                wait = self.sink(tokens)
+                    decoder.decode("message", data, tokens)
+            else:
+                for event in parser.feed(chunk):
+                    if event.data == "[DONE]":
+                        self._done(tokens.recv_ns)
+                        break
+                    decoder.decode(event.event, event.data, tokens)
+        except UpstreamError as exc:
+            failure = exc
+        wait = None
+        if tokens.texts:
+            decoder.tokens += len(tokens.texts)
+            wait = self.sink(tokens)
         if failure is None and not self.complete and parser.unknown_line is not None:
             failure = _unknown_line_error(parser.unknown_line)
         if failure is None and parser.overflow is not None:
@@ -447,6 +451,11 @@ class _BodyReader:
         if wait is None:
             raise failure
         return raise_after(wait, failure)  # the tokens before the failure still count: delivered, then it
+
+    def _done(self, recv_ns: int) -> None:
+        decoder = self.decoder
+        self.end = StreamEnd(decoder.finish_reason, decoder.usage, recv_ns)
+        self.complete = True
 
 
 async def raise_after(wait: Awaitable[None] | None, failure: Exception) -> None:
@@ -516,13 +525,14 @@ class _ChunkDecoder:
         )
 
     def decode(self, event_type: str, data: str | bytes, tokens: Tokens) -> None:
-        """Add the tokens of one event's JSON chunk to ``tokens``."""
+        """Add the tokens of one event's JSON chunk to ``tokens``. Written for the usual chunk
+        (one choice, a content delta, no logprobs): it costs a dict lookup per field."""
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
             snippet = _text_snippet(data)
             raise UpstreamError(f"malformed JSON chunk from upstream: {snippet!r}", retryable=True) from None
-        if not isinstance(obj, dict):
+        if type(obj) is not dict:
             raise UpstreamError(
                 f"malformed JSON chunk from upstream (not an object): {_text_snippet(data)!r}", retryable=True
             )
@@ -535,23 +545,38 @@ class _ChunkDecoder:
         usage = obj.get("usage")
         if usage:  # OpenAI sends "usage": null in every chunk but the last; vLLM may repeat it
             self.usage = usage
-        choice = _first_choice(obj.get("choices"))
-        if choice is None:  # vLLM/OpenAI's usage-only last chunk has "choices": []
+        choices = obj.get("choices")
+        if type(choices) is list and len(choices) == 1 and type(choice := choices[0]) is dict:
+            if choice.get("index", 0) != 0:  # the one choice of an n=1 stream, as a rule
+                return
+        elif (choice := _first_choice(choices)) is None:  # vLLM/OpenAI's usage-only last chunk has "choices": []
             return
         if choice.get("finish_reason"):
             self.finish_reason = choice["finish_reason"]
         if self.chat:
-            text = (choice.get("delta") or {}).get("content") or ""  # LM Studio/Ollama send null
-            entries = _chat_logprobs(choice.get("logprobs"))
+            delta = choice.get("delta") or {}  # LM Studio/Ollama send null
+            if type(delta) is not dict:
+                raise UpstreamError(f"malformed chunk from upstream: a delta {_text_snippet(data)!r}", retryable=True)
+            text = delta.get("content") or ""
         else:
             text = choice.get("text") or ""
-            entries = _completion_logprobs(choice.get("logprobs"))
+        if type(text) is not str:
+            raise UpstreamError(f"malformed chunk from upstream: a token text {_text_snippet(data)!r}", retryable=True)
+        logprobs = choice.get("logprobs")
+        if not logprobs and "token_ids" not in choice:  # the usual chunk: one token, or none
+            if text:  # not the chat role chunk, a finish chunk, an empty keep-going delta
+                tokens.texts.append(text)
+                tokens.ids.append(None)
+                tokens.logprobs.append(math.nan)
+                tokens.tops.append(())
+            return
+        entries = _chat_logprobs(logprobs) if self.chat else _completion_logprobs(logprobs)
         _add_tokens(tokens, text, entries, choice.get("token_ids"))
 
 
 def _first_choice(choices: Any) -> dict | None:
     """Choice 0 (the engine streams n=1; a server interleaving several ignores the others)."""
-    if not choices:
+    if not isinstance(choices, list):
         return None
     for choice in choices:
         if isinstance(choice, dict) and choice.get("index", 0) == 0:

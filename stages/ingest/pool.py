@@ -278,8 +278,17 @@ class UpstreamPool:
         deadline = start + policy.stream_timeout_s
         budget = asyncio.timeout_at(start + min(policy.first_token_timeout_s, policy.stream_timeout_s))
 
+        # the usual stream: nothing to keep for a reissue, no token rate of the upstream's to take
+        unchecked = progress.texts is None and upstream.token_bucket is None
+
         def fresh(tokens: Tokens) -> Awaitable[None] | None:
             nonlocal seen
+            n = len(tokens.texts)
+            if unchecked and seen > skip and progress.sent + n <= limit:  # the usual read: passed on as it is
+                seen += n
+                progress.sent += n
+                upstream.last_token_ns = tokens.recv_ns  # passive health: a stream delivering proves it up
+                return sink(tokens)
             if seen == 0:
                 upstream.record_latency(ttft := time.monotonic() - began)
                 self.telemetry.observe("neuralpipe_time_to_first_token_seconds", ttft, upstream=upstream.cfg.name)

@@ -26,7 +26,7 @@ class Committed:
 
     stream_id: list[int]
     seq: list[int]
-    kind: list[int]
+    ended: list[int]  # the streams whose END or ERROR row it held
     token_recv_ns: np.ndarray  # receive times of its TOKEN rows
 
 
@@ -90,12 +90,11 @@ class RowBuffer:
         view = self.out.try_claim(batch_size(n, text_bytes))
         if view is None:
             return None
-        kinds = self.kind[:n]
         recv_ns = np.array(self.recv_ns[:n], dtype=np.int64)
         columns = write_batch(view, n, text_bytes)
         columns.stream_id[:] = sids = self.stream_id[:n]
         columns.seq[:] = seqs = self.seq[:n]
-        columns.kind[:] = kind_array = np.array(kinds, dtype=np.uint8)
+        columns.kind[:] = kind_array = np.array(self.kind[:n], dtype=np.uint8)
         columns.token_id[:] = self.token_id[:n]
         columns.logprob[:] = self.logprob[:n]
         columns.recv_ns[:] = recv_ns
@@ -106,4 +105,6 @@ class RowBuffer:
         self.out.commit(RECORD_TYPE)
         for column in (self.stream_id, self.seq, self.kind, self.token_id, self.logprob, self.recv_ns, self.text):
             del column[:n]
-        return Committed(sids, seqs, kinds, recv_ns[kind_array == _TOKEN])
+        tokens = kind_array == _TOKEN
+        ended = [] if tokens.all() else [sids[i] for i in np.flatnonzero(kind_array > _TOKEN)]
+        return Committed(sids, seqs, ended, recv_ns[tokens])

@@ -74,9 +74,23 @@ class SSEParser:
         self._data_size = 0  # characters in it (counted only with max_event)
         self._event_type = ""
         self._id_buffer = self.last_event_id
+        self._plain = False  # nothing buffered that a data-only read could depend on: feed_plain may go
 
     def feed(self, chunk: bytes) -> list[Event]:
         """Parse the next bytes of the stream; return the events that they complete."""
+        events = self._feed(chunk)
+        self._plain = not (
+            self._partial
+            or self._data
+            or self._event_type  # an "event:" line waiting for its data names the next event
+            or self._at_start
+            or self._after_cr
+            or self.unknown_line is not None
+            or self.overflow is not None
+        )
+        return events
+
+    def _feed(self, chunk: bytes) -> list[Event]:
         if self.unknown_line is not None or self.overflow is not None:
             return []
         chunk = self._lf_line_ends(chunk)
@@ -103,32 +117,34 @@ class SSEParser:
     def feed_plain(self, chunk: bytes) -> list[bytes] | None:
         """The fast path of an OpenAI stream's usual read: when ``chunk`` is nothing but complete
         events of one ``data: `` line each (LF line ends, no id, event or comment line) and the
-        parser holds nothing unfinished, the data of each of its events, as bytes (valid UTF-8); else None
-        (nothing consumed: use :meth:`feed`). The events are the ones :meth:`feed` would return,
-        of type "message" with the unchanged last event ID."""
-        if (
-            self._partial
-            or self._data
-            or self._at_start
-            or self._after_cr
-            or self.unknown_line is not None
-            or self.overflow is not None
-            or not chunk.endswith(b"\n\n")
-            or b"\r" in chunk
-        ):
+        parser holds nothing unfinished (no partial line, data, event type or pending CR), the
+        data of each of its events, as bytes (valid UTF-8); else None (nothing consumed: use
+        :meth:`feed`). The events are the ones :meth:`feed` would return, of type "message" with
+        the unchanged last event ID."""
+        if not self._plain:
+            return None
+        limit = self.max_event
+        end = len(chunk) - 2
+        if chunk.find(b"\n") == end and chunk[-1:] == b"\n" and chunk[:_DATA_VALUE] == b"data: ":
+            # one event, a read at model speed: checked with as few scans as possible
+            if 13 in chunk or (limit is not None and end > limit):  # 13: CR, a line end of its own
+                return None
+            pieces = [chunk[_DATA_VALUE:end]]
+        elif chunk.endswith(b"\n\n") and 13 not in chunk:
+            pieces = chunk[:-2].split(b"\n\n")
+            for piece in pieces:
+                if not piece.startswith(b"data: ") or b"\n" in piece or (limit is not None and len(piece) > limit):
+                    return None
+            pieces = [piece[_DATA_VALUE:] for piece in pieces]
+        else:
             return None
         if not chunk.isascii():  # invalid UTF-8 is the full parser's (it replaces it, as required)
             try:
                 chunk.decode()
             except UnicodeDecodeError:
                 return None
-        pieces = chunk[:-2].split(b"\n\n")
-        limit = self.max_event
-        for piece in pieces:
-            if not piece.startswith(b"data: ") or b"\n" in piece or (limit is not None and len(piece) > limit):
-                return None
         self.last_event_id = self._id_buffer  # as each blank line does (it can only be unchanged)
-        return [piece[_DATA_VALUE:] for piece in pieces]
+        return pieces
 
     def _lf_line_ends(self, chunk: bytes) -> bytes:
         """``chunk`` with every line end (CRLF, LF or CR) made a LF. A CR ends a line at once, so

@@ -51,10 +51,11 @@ from shm.batch import Kind, TokenBatch, stable_token_id
 from stages.ingest.openai_client import Tokens, UpstreamError, wait_both
 from stages.ingest.params import IngestParams
 from stages.ingest.pool import PoolPolicy, UpstreamConfig, UpstreamPool
-from stages.ingest.ratelimit import KeyedBuckets, taking
+from stages.ingest.ratelimit import KeyedBuckets, TokenCredit
 from stages.ingest.rows import Committed, RowBuffer
 
 _LATENCY_SAMPLES = 4096
+_TOKEN = int(Kind.TOKEN)
 _BACKLOG_BATCHES = 8  # rows waiting, in batches, beyond which streams stop reading their upstreams
 
 
@@ -73,6 +74,8 @@ class Ingest(AsyncStage):
         self.params = params = self.parse_params(ctx.params)
         self.out = ctx.outputs[0]
         self.rows = RowBuffer(self.out, params.batch_rows)
+        self.backlog_rows = _BACKLOG_BATCHES * params.batch_rows  # beyond: streams stop reading
+        self.loop = asyncio.get_running_loop()
         self.flush_s = params.flush_ms / 1e3
         self.flush_timer: asyncio.TimerHandle | None = None
         self.wake_flusher = asyncio.Event()
@@ -229,17 +232,35 @@ class Ingest(AsyncStage):
 
     async def _relay(self, sid: int, client: str, body: dict, endpoint: str) -> None:
         deterministic = is_deterministic(body)
-        bucket = self.token_buckets.bucket(client)
+        credit = TokenCredit(self.token_buckets.bucket(client))
+        rows, next_seq, room, counts = self.rows, self.next_seq, self.room, self.counts
+        append, max_text = rows.append, rows.max_text
 
         def sink(tokens: Tokens) -> Awaitable[None] | None:
-            """One read's tokens straight into the row columns. Cancelling the stream cancels
-            the read, so the upstream sees its response closed."""
-            self._add_tokens(sid, tokens)
-            throttle = taking(bucket, len(tokens.texts))
-            if self.room.is_set():
+            """One read's tokens straight into the row columns (the usual read, one token, without
+            a list per column). Cancelling the stream cancels the read, so the upstream sees its
+            response closed."""
+            texts = tokens.texts
+            n = len(texts)
+            if n == 1:
+                text = texts[0].encode()
+                if len(text) > max_text:
+                    raise RowTooLarge(f"upstream sent a token of {len(text)} bytes; at most {max_text} fit a row")
+                token_id = tokens.ids[0]
+                seq = next_seq[sid]
+                next_seq[sid] = seq + 1
+                if token_id is None:  # no vocabulary id from the upstream: the stable hash of the token's bytes
+                    token_id = stable_token_id(text)
+                append(sid, seq, _TOKEN, token_id, tokens.logprobs[0], tokens.recv_ns, text)
+            else:
+                self._add_tokens(sid, tokens)
+            counts["tokens"] += n
+            self._rows_added()
+            throttle = credit.take(n)
+            if room.is_set():
                 return throttle
             # back-pressure from a full ring reaches the upstream read
-            return self.room.wait() if throttle is None else wait_both(throttle, self.room.wait())
+            return room.wait() if throttle is None else wait_both(throttle, room.wait())
 
         try:
             end = await self.pool.relay(body, sink, endpoint=endpoint, deterministic=deterministic)
@@ -249,6 +270,8 @@ class Ingest(AsyncStage):
             self.ctx.log.warning("stream_error", stream_id=sid, error=message[:1024])
             self._emit(sid, Kind.ERROR, message.encode(), time.monotonic_ns())
             return
+        finally:
+            credit.close()
         self.counts["completed"] += 1
         text = end_text(End(end.finish_reason, end.usage))
         if len(text) > self.rows.max_text:  # an upstream's oversized usage object: keep the reason
@@ -256,6 +279,7 @@ class Ingest(AsyncStage):
         self._emit(sid, Kind.END, text, end.recv_ns)
 
     def _add_tokens(self, sid: int, tokens: Tokens) -> None:
+        """A read of several tokens."""
         texts = [text.encode() for text in tokens.texts]
         longest = max(map(len, texts))
         if longest > self.rows.max_text:
@@ -265,9 +289,7 @@ class Ingest(AsyncStage):
             ids = [stable_token_id(text) if i is None else i for i, text in zip(ids, texts, strict=True)]
         seq = self.next_seq[sid]
         self.next_seq[sid] = seq + len(texts)
-        self.counts["tokens"] += len(texts)
         self.rows.add_tokens(sid, seq, ids, tokens.logprobs, tokens.recv_ns, texts)
-        self._rows_added()
 
     def _emit(self, sid: int, kind: int, text: bytes, recv_ns: int) -> None:
         """One START, END or ERROR row (no token id, no logprob)."""
@@ -285,16 +307,18 @@ class Ingest(AsyncStage):
         only after every stream task ready in this turn of the event loop has run (with 1,000
         streams, hundreds of milliseconds). A partial batch waits at most flush_ms for more rows."""
         rows = self.rows
-        if len(rows) >= rows.batch_rows:
+        waiting = len(rows.stream_id)
+        if waiting >= rows.batch_rows:
             self._write_now(rows.batch_rows)
-        if not len(rows):
-            if self.flush_timer is not None:
-                self.flush_timer.cancel()
-                self.flush_timer = None
-            return
+            waiting = len(rows.stream_id)
+            if not waiting:
+                if self.flush_timer is not None:
+                    self.flush_timer.cancel()
+                    self.flush_timer = None
+                return
         if self.flush_timer is None:
-            self.flush_timer = asyncio.get_running_loop().call_later(self.flush_s, self._flush_due)
-        if len(rows) >= _BACKLOG_BATCHES * rows.batch_rows:
+            self.flush_timer = self.loop.call_later(self.flush_s, self._flush_due)
+        if waiting >= self.backlog_rows:
             self.room.clear()
             self.wake_flusher.set()
 
@@ -386,13 +410,13 @@ class Ingest(AsyncStage):
         del self.next_seq[sid]
 
     def _committed(self, committed: Committed) -> None:
-        """Record in the restart-surviving table how far each stream of a committed batch got."""
-        last = dict(zip(committed.stream_id, zip(committed.seq, committed.kind, strict=True), strict=True))
-        for sid, (seq, kind) in last.items():
-            if kind == Kind.END or kind == Kind.ERROR:
-                self._free(sid)
-            else:
-                self.active[self.slots[sid], 1] = seq + 1
+        """Record in the restart-surviving table how far each stream of a committed batch got:
+        one numpy store for all of them, then the streams the batch ended free their slots."""
+        last = dict(zip(committed.stream_id, committed.seq, strict=True))  # each stream's last row
+        slots = self.slots
+        self.active[[slots[sid] for sid in last], 1] = np.fromiter(last.values(), np.uint64, len(last)) + 1
+        for sid in committed.ended:
+            self._free(sid)
 
     def _recover_lost_streams(self) -> None:
         """Streams a killed predecessor left open end with an explicit error, never silently.

@@ -1,0 +1,91 @@
+"""Ingest's read path taken apart (issue 11): the SSE fast path agrees with the full parser, the
+chunk decoder raises nothing but UpstreamError on hostile chunks, and a stream's token credit
+takes from its client's bucket what it uses and no more."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stages.ingest.openai_client import Tokens, UpstreamError, _ChunkDecoder
+from stages.ingest.ratelimit import TokenBucket, TokenCredit
+from stages.ingest.sse import SSEParser
+
+
+def test_an_event_line_in_one_read_names_the_data_of_the_next():
+    """``event: error`` and its data in two reads: the data is an "error" event (the fast path
+    took it for a "message" before)."""
+    parser = SSEParser()
+    parser.feed(b": opened\n")
+    assert parser.feed(b"event: error\n") == []
+    assert parser.feed_plain(b'data: {"x": 1}\n\n') is None
+    events = parser.feed(b'data: {"x": 1}\n\n')
+    assert [(e.event, e.data) for e in events] == [("error", '{"x": 1}')]
+    assert parser.feed_plain(b"data: y\n\n") == [b"y"]  # dispatched: the fast path is open again
+
+
+@pytest.mark.parametrize(
+    ("chat", "chunk"),
+    [
+        (True, b'{"choices": [{"delta": "text"}]}'),
+        (True, b'{"choices": [{"delta": {"content": 7}}]}'),
+        (True, b'{"choices": [{"delta": {"content": ["a"]}}]}'),
+        (False, b'{"choices": [{"text": 3}]}'),
+    ],
+)
+def test_a_malformed_chunk_is_an_upstream_error(chat, chunk):
+    """Before, each of these escaped as an AttributeError or a TypeError (or, an int token
+    text, later at the row): "ingest failed" instead of the upstream's fault named."""
+    with pytest.raises(UpstreamError, match="malformed"):
+        _ChunkDecoder(chat=chat).decode("message", chunk, Tokens([], [], [], [], 0))
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=12,
+)
+_fields = ["index", "delta", "content", "text", "logprobs", "finish_reason", "token_ids", "tokens", "top_logprobs"]
+_choice = st.dictionaries(st.sampled_from(_fields), _values | st.dictionaries(st.sampled_from(_fields), _values))
+_chunks = st.fixed_dictionaries({}, optional={"choices": st.lists(_choice, max_size=2) | _values, "usage": _values})
+
+
+@given(_chunks, st.booleans())
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+def test_the_chunk_decoder_raises_only_upstream_errors(obj, chat):
+    """Near-valid chunks with values of any type: decoded into str texts, or an UpstreamError."""
+    tokens = Tokens([], [], [], [], 0)
+    try:
+        _ChunkDecoder(chat=chat).decode("message", json.dumps(obj).encode(), tokens)
+    except UpstreamError:
+        return
+    assert all(isinstance(text, str) for text in tokens.texts)
+    assert len(tokens.texts) == len(tokens.ids) == len(tokens.logprobs) == len(tokens.tops)
+
+
+def test_a_credit_takes_ahead_and_gives_back_what_it_did_not_use():
+    bucket = TokenBucket(rate=1.0, burst=1000.0, now=0.0)
+    credit = TokenCredit(bucket, grant=16)
+    assert credit.take(1) is None
+    assert bucket._level <= 1000 - 17 + 1e-3  # the token and 16 ahead
+    for _ in range(16):
+        assert credit.take(1) is None  # from the credit: the bucket is not touched
+    assert credit.held == 0
+    assert credit.take(3) is None
+    credit.close()  # 16 held: back to the bucket
+    assert bucket._level == pytest.approx(1000 - 20, abs=0.1)
+
+
+def test_a_credit_on_a_short_bucket_waits_for_exactly_what_it_needs():
+    bucket = TokenBucket(rate=1000.0, burst=32.0)
+    credit = TokenCredit(bucket)
+    assert credit.grant == 2  # never more than a sixteenth of the burst ahead
+    assert bucket.try_take(31.0)
+    wait = credit.take(5)  # 1 there (and no 2 ahead): waits for the 5, not for 7
+    assert wait is not None
+    asyncio.run(wait)
+    assert credit.held == 0
