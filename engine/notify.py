@@ -14,6 +14,7 @@ their origin (scheme, host, port). The payload is docs/observability.md, "Notifi
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import threading
 import time
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 PAYLOAD_VERSION = 1
 MAX_WEBHOOKS = 16
 MAX_URL_LENGTH = 2048
+MAX_BACKOFF_S = 60.0
 _RETRYABLE_HTTP = frozenset({408, 425, 429})  # and every 5xx: the receiver may get better
 
 
@@ -133,20 +135,19 @@ class _Sender:
 
     def _deliver(self, body: bytes) -> None:
         n = self.n
-        error = ""
-        for attempt in range(n.retries + 1):
-            if attempt:
-                delay = min(n.backoff_s * 2 ** (attempt - 1), n.timeout_s * 10)
-                if n.stopped.wait(delay):
-                    break
+        attempts = 0
+        while True:
             retry, error = self._post(body)
+            attempts += 1
             if not error:
                 n.counted("sent")
                 return
-            if not retry:
+            if not retry or attempts > n.retries:
                 break
+            if n.stopped.wait(min(n.backoff_s * 2 ** (attempts - 1), MAX_BACKOFF_S)):
+                break  # closing: no more waiting
         n.counted("failed")
-        n.log.warning("notify_failed", webhook=self.origin, error=error, attempts=attempt + 1)
+        n.log.warning("notify_failed", webhook=self.origin, error=error, attempts=attempts)
 
     def _post(self, body: bytes) -> tuple[bool, str]:
         """One POST: (retryable, error); error "" on a 2xx answer."""
@@ -164,7 +165,8 @@ class _Sender:
             with contextlib.suppress(OSError):
                 exc.close()
             return exc.code >= 500 or exc.code in _RETRYABLE_HTTP, f"HTTP {exc.code}"
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (OSError, http.client.HTTPException, ValueError) as exc:  # URLError is an OSError
+            # no answer, or one that is not HTTP (a hostile or broken receiver): worth another try
             reason = getattr(exc, "reason", exc)
             return True, f"{type(exc).__name__}: {str(reason)[:200]}"
 

@@ -159,6 +159,40 @@ def test_a_dead_receiver_costs_a_bounded_close(dead_url: str, log) -> None:
     assert notifier.stopped.is_set() and notifier.counts["sent"] == 0
 
 
+@pytest.fixture
+def garbage_url():
+    """A TCP server that answers every request with bytes that are not HTTP, then closes."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"SSH-2.0-not-http\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/garbage"
+    stop.set()
+    thread.join(5)
+    server.close()
+
+
+def test_an_answer_that_is_not_http_is_a_failed_try_and_the_sender_lives_on(garbage_url: str, log, tmp_path) -> None:
+    notifier = Notifier("i", [garbage_url], retries=1, backoff_s=0.01, log=log)
+    for n in range(2):
+        notifier.notify("pas_status", f"n{n}")
+        wait_for(lambda n=n: notifier.counts["failed"] == n + 1, 10, f"notification {n} failed")
+    notifier.close(1)
+    assert "BadStatusLine" in (tmp_path / "notify.log").read_text()
+
+
 def test_restart_storm_reported_once_per_storm() -> None:
     storms = RestartStorms(threshold=3, window_s=10)
     assert [storms.restarted("a", t) for t in (0, 1)] == [None, None]
