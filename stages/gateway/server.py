@@ -72,7 +72,7 @@ class GatewayServer:
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/feed", self._feed)
-        add_dashboard_routes(app, self.ctx)
+        add_dashboard_routes(app, self.ctx, self._principal, self.health)
         return app
 
     # ---- every request ------------------------------------------------------------------------
