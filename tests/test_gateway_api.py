@@ -75,6 +75,9 @@ def test_chat_whole_and_streamed_as_openai_gives_them(client, gw):
     assert all(c.usage is None for c in chunks[:-1])
     assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == text  # deterministic
 
+    newer = {k: v for k, v in ask("newer name").items() if k != "max_tokens"}
+    assert client.chat.completions.create(**newer, max_completion_tokens=7).usage.completion_tokens == 7
+
     no_usage = list(client.chat.completions.create(**ask("no usage asked"), stream=True))
     assert no_usage[-1].choices[0].finish_reason and all(c.usage is None for c in no_usage)
 

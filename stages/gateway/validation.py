@@ -126,5 +126,9 @@ def _reason(error: dict[str, Any]) -> str:
 
 def upstream_body(request: ChatRequest | CompletionRequest, raw: dict[str, Any]) -> dict[str, Any]:
     """What is submitted to ingest: the client's body as sent (unknown fields included), without
-    the gateway's own fields."""
-    return {key: value for key, value in raw.items() if key not in GATEWAY_FIELDS}
+    the gateway's own fields. ``max_completion_tokens`` (OpenAI's newer name) is also given as
+    ``max_tokens``, the name the engine bounds and most servers read."""
+    body = {key: value for key, value in raw.items() if key not in GATEWAY_FIELDS}
+    if isinstance(request, ChatRequest) and request.max_completion_tokens and request.max_tokens is None:
+        body["max_tokens"] = request.max_completion_tokens
+    return body
