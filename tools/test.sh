@@ -28,4 +28,7 @@ python3 -m ruff check .
 python3 -m ruff format --check .
 # the layering contracts in .importlinter (through python3: a fresh pyenv has no shim for lint-imports yet)
 python3 -c 'from importlinter.cli import lint_imports_command; lint_imports_command()'
+# the alert and recording rules: checked and unit-tested by promtool (tests/test_rules.py runs the same)
+promtool check rules engine/monitoring/*.yml >/dev/null
+promtool test rules tests/promtool/*_test.yml
 python3 -m pytest "$@"
