@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from engine.logs import JsonLogger
+from engine.redact import url_origin
 
 if TYPE_CHECKING:
     from engine.config import NotifyConfig
@@ -53,12 +54,6 @@ def check_webhook_url(value: str) -> str:
     if port == 0 or parts.fragment or any(c.isspace() or ord(c) < 32 for c in value):
         raise ValueError(f"must be a plain URL: a port in 1..65535, no fragment, no spaces (got {value[:80]!r})")
     return value
-
-
-def origin(url: str) -> str:
-    """What logs may say about a webhook: scheme://host[:port], never its path or query."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
 
 
 class RestartStorms:
@@ -101,7 +96,7 @@ class _Sender:
 
     def __init__(self, url: str, notifier: Notifier) -> None:
         self.url = url
-        self.origin = origin(url)
+        self.origin = url_origin(url)
         self.n = notifier
         self.queue: deque[bytes] = deque()
         self.busy = False  # a notification is being delivered (taken off the queue)

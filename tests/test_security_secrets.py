@@ -129,3 +129,16 @@ def test_redact_leaves_empty_keys_and_other_values_alone():
         "n": 3,
         "t": [1, "http://***@c"],
     }
+
+
+def test_config_show_masks_webhook_urls_but_their_origin(tmp_path):
+    # a webhook's secret is its path or query (Slack, Discord, Teams put the token there)
+    path = tmp_path / "c.toml"
+    hooks = ["https://hooks.example.com/services/T0/B0/s3cr3tpath", "http://127.0.0.1:9000/hook?token=s3cr3tquery"]
+    path.write_text("[notify]\nwebhooks = [" + ", ".join(f'"{h}"' for h in hooks) + "]\n")
+    cfg = load_config(str(path), env={})
+    for as_json in (False, True):
+        shown = render_config(cfg, as_json=as_json)
+        assert "s3cr3t" not in shown
+        assert "https://hooks.example.com/***" in shown and "http://127.0.0.1:9000/***" in shown
+    assert cfg.notify.webhooks == hooks  # masked where shown, not where used
