@@ -30,7 +30,7 @@ from engine.logs import JsonLogger
 from engine.protocol import control
 from engine.stage import AsyncStage, Stage, WorkerContext
 from engine.validated import ValidatedParams
-from shm.wait import PARK_AT_ONCE, WaitStrategy, idle
+from shm.wait import PARK_AT_ONCE, SpinGate, WaitStrategy, idle
 
 EXIT_STAGE_ERROR = 3
 _MAX_PARK_S = 60.0  # WaitStrategy's bound; the next heartbeat comes much sooner anyway
@@ -204,6 +204,9 @@ class _DutyCycle:
         # second; the first park of a spell keeps park_timeout_s
         self.quiet = False
         self.backoff_s = 0.0
+        # spin and yield only while that pays (shm.wait.SpinGate): records paced milliseconds
+        # apart never come within the spin window, so each spell would burn it before parking
+        self.input_gate, self.output_gate = SpinGate(), SpinGate()
 
     def run(self) -> None:
         rt, stage = self.rt, self.rt.stage
@@ -235,11 +238,11 @@ class _DutyCycle:
             deadline = min(deadline, now + hint)
         full = [ring for ring in rt.outputs if ring.is_full]
         if full:  # blocked on output space
-            wait = self.output_wait
+            wait, gate = self.output_wait, self.output_gate
             self.waiting, self.waiting_for_input = [(ring, ring.space_bell) for ring in full], False
             probes = [ring.space_freed for ring in full]
         else:  # waiting for input
-            wait = self.input_wait if rt.inputs else self.no_ring_wait
+            wait, gate = (self.input_wait if rt.inputs else self.no_ring_wait), self.input_gate
             self.waiting, self.waiting_for_input = [(ring, ring.data_bell) for ring in rt.inputs], True
             probes = [ring.available for ring in rt.inputs]
         if not self.quiet:
@@ -255,7 +258,7 @@ class _DutyCycle:
                 return any(probe() for probe in probes)
 
         if wait.blocks:
-            idle(wait, ready, self.park, deadline)
+            idle(wait, ready, self.park, deadline, gate)
         elif not idle(wait, ready, self.park, min(deadline, now + wait.park_timeout_s)):
             # spin and yield never park: every park_timeout_s at most, look at the control
             # socket without sleeping (do_work serves the stage's sockets next)

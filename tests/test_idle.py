@@ -19,8 +19,8 @@ from engine_harness import Engine, pipeline_config, wait_for
 from engine.worker import RingEnd, WorkerSpec, _DutyCycle, _Runtime
 from shm.doorbell import Doorbell, create_fifo
 from shm.naming import segment_name
-from shm.ring import Producer, Ring
-from shm.wait import WaitStrategy, idle
+from shm.ring import Consumer, Producer, Ring
+from shm.wait import SpinGate, WaitStrategy, idle
 
 # ---------------------------------------------------------------------------------------------
 # shm.wait.idle: spin, then yield, then park once
@@ -73,6 +73,37 @@ def test_a_deadline_already_passed_ends_the_spell_at_the_first_look() -> None:
     probe = Probe()
     assert idle(WaitStrategy("block"), probe, probe.park, time.monotonic() - 1) is False
     assert probe.calls == 1 and probe.parks == []
+
+
+def test_gate_shuts_spinning_after_spells_that_waited_past_the_spin_window() -> None:
+    """Paced records never come within the spin window: after a few such spells the next ones
+    park after one look instead of burning spins and yields first."""
+    wait, gate = WaitStrategy("block", spins=50, yields=5, park_timeout_s=0.001), SpinGate()
+    probe = Probe()
+    for _ in range(6):
+        idle(wait, probe, lambda timeout: time.sleep(timeout), time.monotonic() + 60, gate)
+    assert not gate.open and gate.window_s > 0
+    probe.calls = 0
+    idle(wait, probe, probe.park, time.monotonic() + 60, gate)
+    assert probe.calls == 2 and len(probe.parks) == 1  # one look, the park, one look after it
+
+
+def test_gate_reopens_when_what_it_waits_for_comes_within_the_window() -> None:
+    wait, gate = WaitStrategy("block", spins=50, yields=5), SpinGate()
+    gate.hit_rate = 0.0
+    for _ in range(6):  # ready at once: each spell a hit, whether it spun or not
+        assert idle(wait, Probe(ready_at=1), Probe().park, time.monotonic() + 60, gate)
+    assert gate.open
+    probe = Probe(ready_at=30)
+    assert idle(wait, probe, probe.park, time.monotonic() + 60, gate) and probe.parks == []  # spins again
+
+
+def test_a_gate_never_stops_spin_and_yield_strategies() -> None:
+    gate = SpinGate()
+    gate.hit_rate = 0.0
+    probe = Probe(ready_at=100)
+    assert idle(WaitStrategy.named("yield"), probe, probe.park, time.monotonic() + 60, gate)
+    assert probe.calls == 100 and probe.parks == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +192,41 @@ def test_after_a_quiet_park_the_next_spells_park_at_once_and_longer_until_work_c
         probe.calls = 0
         dc.idle_spell(time.monotonic())
         assert probe.calls == 1 + 50 + 5 + 1  # spinning again after work, and parking park_timeout_s
+
+
+def test_a_worker_fed_paced_records_stops_spinning_between_them(tmp_path, instance: str) -> None:
+    """Records 5 ms apart never come within the spin window: after a few spells the worker parks
+    after one look at its input instead of spinning and yielding before each record."""
+    wait = WaitStrategy("block", spins=50, yields=5, park_timeout_s=0.5)
+    with relay_runtime(tmp_path, instance, wait) as (dc, inp, out):
+        consumer, producer = dc.rt.inputs[0], Producer.attach(inp.name)
+        real_available = consumer.available
+        records = 20
+
+        def paced() -> None:
+            for _ in range(records):
+                time.sleep(0.005)
+                producer.write(b"paced", h.RECORD_TYPE)
+
+        writer = threading.Thread(target=paced)
+        writer.start()
+        looks = []
+        try:
+            moved = 0
+            while moved < records:
+                consumer.available = probe = CountingCalls(real_available)
+                dc.idle_spell(time.monotonic())
+                looks.append(probe.calls)
+                while done := dc.rt.stage.do_work():
+                    moved += done
+                with Consumer.attach(out.name) as sink:  # keep the relay's output from filling
+                    while sink.try_read() is not None:
+                        pass
+                    sink.release()
+        finally:
+            writer.join(10)
+            producer.close()
+        assert max(looks[-4:]) <= 2, looks  # one look, the park, one look after it: no spinning
 
 
 def test_worker_parks_only_on_the_doorbells_it_waits_for(tmp_path, instance: str) -> None:
