@@ -1,0 +1,97 @@
+"""The gateway while the engine's workers are killed under it: streams in flight through the gateway
+either complete, every token in order, or end with an error the OpenAI client raises on; none stops
+short silently or hangs. A killed gateway is restarted by the supervisor and serves again."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+
+import openai
+import pytest
+from gateway_harness import GatewayEngine, default_topology
+
+MODEL = "neuralpipe-echo"
+TOKENS = 60
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory):
+    engine = GatewayEngine(
+        tmp_path_factory.mktemp("gwkill"), default_topology(embedded="tokens_per_s = 40"), "r" + uuid.uuid4().hex[:10]
+    )
+    try:
+        yield engine.start()
+    finally:
+        engine.stop()
+
+
+def worker_pid(engine: GatewayEngine, name: str) -> int:
+    return next(w for w in engine.status()["workers"] if w["name"] == name)["pid"]
+
+
+async def streams_through_a_kill(engine: GatewayEngine, victim: str | None, n: int) -> list[tuple[str, str]]:
+    """``n`` streams of TOKENS tokens (1.5 s each); ``victim`` killed with SIGKILL 0.5 s in. The
+    embedded upstream's text depends on the request only: the same ``n`` without a kill is the
+    reference."""
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, str]:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"kill {i}"}], "max_tokens": TOKENS}
+        text = ""
+        try:
+            stream = await client.chat.completions.create(**body, stream=True, extra_body={"ignore_eos": True})
+            async for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+                    if chunk.choices[0].finish_reason:
+                        return "complete", text
+        except openai.APIError as exc:  # an error event, or (gateway killed) the connection cut
+            return "error", str(exc)[:200]
+        return "silent", text  # ended without finish_reason and without an error: must never happen
+
+    async with openai.AsyncOpenAI(base_url=engine.url, api_key="unused", max_retries=0, timeout=30) as client:
+        tasks = [asyncio.create_task(one(client, i)) for i in range(n)]
+        await asyncio.sleep(0.5)
+        if victim is not None:
+            os.kill(worker_pid(engine, victim), signal.SIGKILL)
+        return await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("victim", ["broadcast", "compute", "ingest"])
+def test_streams_complete_or_fail_loudly_when_a_worker_is_killed(gw, victim):
+    before = next(w for w in gw.status()["workers"] if w["name"] == victim)["restarts"]
+    results = asyncio.run(streams_through_a_kill(gw, victim, 20))
+    reference = asyncio.run(streams_through_a_kill(gw, None, 20))
+    assert {kind for kind, _ in reference} == {"complete"}
+    assert not [r for r in results if r[0] == "silent"], results
+    for (kind, text), (_, whole) in zip(results, reference, strict=True):
+        assert kind == "error" or text == whole, (victim, text, whole)  # every token, in order, once
+    if victim != "ingest":  # a killed ingest loses its open streams (explicitly); the others lose nothing
+        assert all(kind == "complete" for kind, _ in results), results
+    deadline = time.monotonic() + 30
+    while next(w for w in gw.status()["workers"] if w["name"] == victim)["restarts"] <= before:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_gateway_is_restarted_and_serves_again(gw):
+    results = asyncio.run(streams_through_a_kill(gw, "gateway", 5))
+    assert all(kind == "error" for kind, _ in results), results  # the connections were cut: the client says so
+    deadline = time.monotonic() + 30
+    while True:
+        url = gw.stats("gateway").get("url")
+        try:
+            client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=10)
+            answer = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "back?"}], max_tokens=3
+            )
+            break
+        except (openai.APIConnectionError, TypeError):
+            assert time.monotonic() < deadline, "the gateway did not come back"
+            time.sleep(0.2)
+    assert answer.usage.completion_tokens == 3
