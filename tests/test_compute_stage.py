@@ -670,9 +670,10 @@ def test_records_waiting_together_are_computed_as_one_with_the_same_columns(rig)
         outputs.append(r.receive())
     one_by_one, coalesced = outputs
     assert len(one_by_one) == len(parts) and len(coalesced) < len(parts)
-    for name in ("stream_id", "seq", "hilbert", "conf", "ppl", "rep", "repflag"):
+    for name in ("stream_id", "seq", "kind", "token_id", "logprob", "hilbert", "conf", "ppl", "rep", "repflag"):
         a, b = (np.concatenate([batch[name] for batch in out]) for out in outputs)
         np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert [t for batch in coalesced for t in batch["texts"]] == [row[5].decode() for row in rows]
 
 
 # ---- records that outgrow the output ring's max_record ---------------------------------------

@@ -147,28 +147,27 @@ class Compute(Stage):
         """Compute ``group`` into one output record; False (the group pushed back) when the output is full."""
         began = time.perf_counter_ns()
         record_type, view, first = group[0]
-        merged = first if len(group) == 1 else _Merged([batch for _, _, batch in group])
-        text_bytes = len(merged.text)
-        size = self._size(merged.rows, text_bytes)
+        rows = sum(batch.rows for _, _, batch in group)
+        text_bytes = sum(len(batch.text) for _, _, batch in group)
+        size = self._size(rows, text_bytes)
         if size > self.out.max_record:  # one record whose appended columns outgrow the output ring's records
-            del merged
             return self._write_split(record_type, first, began)
         # claimed before computing: a batch that waits for room must not advance the running state twice
         target = self.out.try_claim(size)
         if target is None:
-            del merged, first, view
+            del first, view
             group.clear()
             self.inp.rewind()  # every record of the group comes again (earlier groups are released)
             return False
-        columns = write_batch(target, merged.rows, text_bytes, self.columns)
+        columns = write_batch(target, rows, text_bytes, self.columns)
         if len(group) == 1:
-            base = slice(COLUMNS_OFFSET, batch_size(merged.rows, text_bytes))
+            base = slice(COLUMNS_OFFSET, batch_size(rows, text_bytes))
             target[base] = view[base]  # the base columns and text: the same layout in both records
-        else:
-            for name in _BASE_NAMES:
-                getattr(columns, name)[:] = getattr(merged, name)
-        self.compute(merged, columns.extra)
-        del columns, merged, first
+            self.compute(first, columns.extra)
+        else:  # the records' rows one after the other, computed from the output record's own columns
+            _concatenate([batch for _, _, batch in group], columns)
+            self.compute(columns, columns.extra)
+        del columns, first
         group.clear()
         target.release()
         self.out.commit(record_type)
@@ -189,7 +188,7 @@ class Compute(Stage):
                 self.out.max_record
             ):
                 stop += 1
-            piece = _Merged([batch], start, stop)
+            piece = _Merged(batch, start, stop)
             target = self.out.try_claim(self._size(piece.rows, len(piece.text)))  # RecordTooLarge: a row never fits
             if target is None:
                 del piece, batch
@@ -233,7 +232,7 @@ class Compute(Stage):
             self._per_stream(batch, values, None if every else kind == _TOKEN)
         else:  # in parts: a stream's row of the state never needs room for more tokens than a part has
             for start in range(0, batch.rows, _ROWS_AT_ONCE):
-                piece = _Merged([batch], start, min(start + _ROWS_AT_ONCE, batch.rows))
+                piece = _Merged(batch, start, min(start + _ROWS_AT_ONCE, batch.rows))
                 part = {name: column[start : start + piece.rows] for name, column in values.items()}
                 self._per_stream(piece, part, None if every else piece.kind == _TOKEN)
         self.counts["batches"] += 1
@@ -561,7 +560,8 @@ def _perplexity(sums: np.ndarray) -> np.ndarray:
 
 
 _TOKEN_COLUMNS = ("hilbert", "conf", "rgba", "entropy")
-_BASE_NAMES = ("stream_id", "seq", "recv_ns", "token_id", "logprob", "kind", "text_end", "text")
+_COPIED = ("stream_id", "seq", "recv_ns", "token_id", "logprob", "kind")
+_BASE_NAMES = (*_COPIED, "text_end", "text")
 
 
 def _text_span(batch: BatchColumns, start: int, stop: int) -> int:
@@ -569,22 +569,25 @@ def _text_span(batch: BatchColumns, start: int, stop: int) -> int:
     return int(batch.text_end[stop - 1]) - (int(batch.text_end[start - 1]) if start else 0)
 
 
-class _Merged:
-    """The base columns of several batches, one after another, or of rows start..stop of one (what
-    :meth:`Compute.compute` reads of a batch)."""
+def _concatenate(batches: list[BatchColumns], out: BatchColumns) -> None:
+    """The base columns and texts of ``batches``, one after another, into ``out``."""
+    row = text = 0
+    for batch in batches:
+        stop = row + batch.rows
+        for name in _COPIED:
+            getattr(out, name)[row:stop] = getattr(batch, name)
+        np.add(batch.text_end, text, out=out.text_end[row:stop])
+        out.text[text : text + len(batch.text)] = batch.text
+        row, text = stop, text + len(batch.text)
 
-    def __init__(self, batches: list[BatchColumns], start: int = 0, stop: int | None = None) -> None:
-        if stop is not None:  # rows start..stop of the one batch given
-            (batch,) = batches
-            first = int(batch.text_end[start - 1]) if start else 0
-            for name in ("stream_id", "seq", "recv_ns", "token_id", "logprob", "kind"):
-                setattr(self, name, getattr(batch, name)[start:stop])
-            self.text = batch.text[first : int(batch.text_end[stop - 1])]
-            self.text_end = batch.text_end[start:stop] - np.uint32(first)
-            self.rows = stop - start
-            return
-        for name in ("stream_id", "seq", "recv_ns", "token_id", "logprob", "kind", "text"):
-            setattr(self, name, np.concatenate([getattr(b, name) for b in batches]))
-        offsets = np.cumsum([0] + [len(b.text) for b in batches[:-1]], dtype=np.uint32)
-        self.text_end = np.concatenate([b.text_end + offset for b, offset in zip(batches, offsets, strict=True)])
-        self.rows = len(self.kind)
+
+class _Merged:
+    """Rows start..stop of a batch (what :meth:`Compute.compute` reads of a batch)."""
+
+    def __init__(self, batch: BatchColumns, start: int, stop: int) -> None:
+        first = int(batch.text_end[start - 1]) if start else 0
+        for name in _COPIED:
+            setattr(self, name, getattr(batch, name)[start:stop])
+        self.text = batch.text[first : int(batch.text_end[stop - 1])]
+        self.text_end = batch.text_end[start:stop] - np.uint32(first)
+        self.rows = stop - start
