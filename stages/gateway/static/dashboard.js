@@ -7,7 +7,7 @@ const POLL_MS = 1000;
 const KEY_ITEM = "neuralpipe.dashboard.key";
 const TOKEN = 2; // a token row's `kind` (shm/batch.py Kind.TOKEN)
 const HISTORY_MAX = 600; // chart points kept (10 min at one a second)
-const CHART_SPAN_S = 300; // the charts show the last 5 minutes
+const CHART_SPAN_S = [60, 300]; // the charts show the history they have: at least 1, at most 5 min
 const GAP_S = 5; // a longer pause between points breaks a chart's line
 const FADE_EVERY_MS = 100;
 const FADE = Math.exp(-FADE_EVERY_MS / 2000); // a token's brightness halves in ~1.4 s
@@ -210,7 +210,7 @@ function legend(el, series, now) {
   }));
 }
 
-// A line chart of the history's last CHART_SPAN_S: each series on the left or right axis
+// A line chart of the recent history (CHART_SPAN_S): each series on the left or right axis
 // (fixed `range`, else scaled to its own maximum).
 function drawChart(canvas, series, range) {
   // drawn at the screen's resolution: the canvas' pixels follow its laid-out size
@@ -235,15 +235,17 @@ function drawChart(canvas, series, range) {
   const points = dash.history;
   const fields = dash.fields || [];
   const now = points.length ? points[points.length - 1][0] : Date.now() / 1000;
-  const x = (t) => padL + ((w - padL - padR) * (t - (now - CHART_SPAN_S))) / CHART_SPAN_S;
+  const had = points.length ? now - points[0][0] : 0;
+  const span = Math.min(CHART_SPAN_S[1], Math.max(CHART_SPAN_S[0], Math.ceil(had / 60) * 60));
+  const x = (t) => padL + ((w - padL - padR) * (t - (now - span))) / span;
   ctx.textAlign = "left";
-  ctx.fillText(`-${CHART_SPAN_S / 60} min`, padL, h - 4);
+  ctx.fillText(`-${span / 60} min`, padL, h - 4);
   ctx.textAlign = "right";
   ctx.fillText("now", w - padR, h - 4);
   for (const s of series) {
     const col = fields.indexOf(s.key);
     if (col < 0) continue;
-    const shown = points.filter((p) => p[0] >= now - CHART_SPAN_S);
+    const shown = points.filter((p) => p[0] >= now - span);
     const max = range ? range.max : Math.max(1e-9, ...shown.map((p) => p[col] ?? 0)) * 1.1;
     const min = range ? range.min : 0;
     const y = (v) => padT + (h - padT - padB) * (1 - (v - min) / (max - min));
@@ -388,6 +390,7 @@ function fmtNumber(v) {
 
 function fmtSeconds(v) {
   if (v == null) return "–";
+  if (v === 0) return "0";
   if (v < 1e-3) return (v * 1e6).toFixed(0) + " µs";
   if (v < 1) return (v * 1e3).toFixed(v < 0.01 ? 2 : 1) + " ms";
   return v.toFixed(2) + " s";
