@@ -136,3 +136,13 @@ def bench_cache(as_json: bool, quick: bool) -> None:
     from . import cache
 
     cache.main(as_json=as_json, quick=quick)
+
+
+@bench.command("gateway")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quick", is_flag=True, help="1 and 10 short streams, no LiteLLM: a smoke run, not a measurement.")
+def bench_gateway(as_json: bool, quick: bool) -> None:
+    """Latency and CPU the gateway adds against calling the upstream directly (1 and 100 streams), LiteLLM beside it."""
+    from . import gateway
+
+    gateway.main(as_json=as_json, quick=quick)

@@ -73,6 +73,9 @@ class UpstreamServerConfig:
     max_concurrency: int = 1024  # requests in progress; beyond it: 429 with Retry-After
     keepalive_s: float = 15.0  # SSE comment while a stream waits this long for its next token
     faults: str = ""  # applied to every request, same syntax as the X-Neuralpipe-Fault header
+    # each streamed token's text is its send time, f"{time.monotonic_ns()} " (CLOCK_MONOTONIC is
+    # system-wide): a benchmark on the same host reads per-token latency through any proxy from it
+    stamp_tokens: bool = False
 
 
 @dataclass
@@ -431,6 +434,7 @@ class _Emission:
         "offset_s",
         "response",
         "shape",
+        "stamp",
         "start",
         "stats",
         "transport",
@@ -445,6 +449,7 @@ class _Emission:
         self.stats = server.stats
         self.offset_s = server._token_offset_s
         self.keepalive_s = server.cfg.keepalive_s
+        self.stamp = server.cfg.stamp_tokens
         self.start = self.last_write = loop.time()
         self.i = 0  # the next token
         self.done: asyncio.Future[bool] = loop.create_future()  # True: the stream ended cleanly
@@ -472,7 +477,11 @@ class _Emission:
                 return self._finish(False)
             if self.i < faults.garbage:
                 out.append(GARBAGE_LINES[self.i % len(GARBAGE_LINES)])
-            out.append(shape.token(self.i, "x" * faults.token_bytes if self.i == 0 and faults.token_bytes else None))
+            if self.i == 0 and faults.token_bytes:
+                text = "x" * faults.token_bytes
+            else:
+                text = f"{time.monotonic_ns()} " if self.stamp else None
+            out.append(shape.token(self.i, text))
             self.i += 1
         self.stats.tokens_sent += self.i - first
         if self.i == tokens:
@@ -751,6 +760,7 @@ def _parse_args(argv: list[str] | None) -> UpstreamServerConfig:
     parser.add_argument("--keepalive", type=float, default=15.0, metavar="S")
     parser.add_argument("--model", action="append", dest="models", help="a model name to serve (repeatable)")
     parser.add_argument("--faults", default="", help='e.g. "disconnect_after=10,p=0.1" (docs/embedded-upstream.md)')
+    parser.add_argument("--stamp-tokens", action="store_true", help="each token's text is its send time (monotonic ns)")
     args = parser.parse_args(argv)
     return UpstreamServerConfig(
         host=args.host,
@@ -761,6 +771,7 @@ def _parse_args(argv: list[str] | None) -> UpstreamServerConfig:
         max_concurrency=args.max_concurrency,
         keepalive_s=args.keepalive,
         faults=args.faults,
+        stamp_tokens=args.stamp_tokens,
     )
 
 

@@ -1,0 +1,447 @@
+"""``neuralpipe bench gateway``: the latency and CPU the gateway adds in front of an OpenAI-compatible
+upstream, against calling the same upstream directly, and LiteLLM's proxy in the same run.
+
+One embedded upstream (stages/ingest/upstream_server.py in its own process, paced per stream at
+model speed, ``stamp_tokens``: each token's text is its send time) serves three targets, each loaded
+by the same client (bench/gateway_load.py: aiohttp under uvloop in its own process):
+
+- ``direct``: the upstream itself, the baseline;
+- ``gateway``: a real engine in the default topology (ingest -> compute -> cache -> broadcast,
+  gateway) whose ingest has the upstream as its one ``[[upstreams]]`` entry. "Gateway overhead"
+  here is the whole engine path: ingest reading the upstream's SSE, the rings, compute, cache,
+  broadcast and the gateway worker, not the gateway worker alone (its CPU is reported apart);
+- ``litellm``: LiteLLM's proxy (bench/litellm_proxy.py) with the upstream as an openai/ model,
+  when it is installed and starts (else reported as unavailable, with the reason).
+
+Each load (1 stream making requests one after another; 100 concurrent streams, their starts spread
+over one token interval) runs on each target in turn, after a warm-up request. Every prompt is
+distinct (no cache hit; a hit would replay old stamps and is counted). Figures:
+
+- per-token latency: client receive time minus the upstream's send stamp, p50/p99/p99.9;
+- time to first token: request sent -> first token received, p50/p99;
+- added = the target's percentile minus direct's at the same load (the difference of percentiles,
+  as proxies' published figures are, not the percentile of a per-token difference);
+- CPU µs per token: utime + stime (/proc/<pid>/stat) of each process over the load / tokens
+  received: the proxy's processes (gateway: every engine process, and each of them apart; LiteLLM:
+  its process group), the upstream and the load generator apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import click
+import numpy as np
+
+from stages.ingest.upstream_server import UpstreamServerConfig, serve_in_process
+
+from . import report
+from .gateway_load import Job, serve
+from .litellm_proxy import LiteLLMProxy, Unavailable
+from .proc import BenchError, ChildProcess, children, cpu_seconds
+from .recovery import BenchEngine, wait_for
+
+DOCS = report.DOCS.parent / "gateway.md"
+MODEL = "neuralpipe-echo"
+ENGINE_STAGES = ("gateway", "ingest", "compute", "cache", "broadcast")
+LOAD_TIMEOUT_S = 300.0
+# Targets from issue 15, reported (never asserted).
+TARGET_ADDED_P99_US = 1000.0  # per token, 100 streams
+TARGET_RATIO = 10.0  # LiteLLM's added / the gateway's added
+
+
+@dataclass(frozen=True)
+class Settings:
+    tokens_per_s: float  # per stream, the upstream's pace ("model speed")
+    loads: tuple[tuple[int, int, int], ...]  # (streams, requests per stream one after another, tokens each)
+    litellm: bool
+
+
+FULL = Settings(tokens_per_s=40.0, loads=((1, 8, 40), (100, 1, 160)), litellm=True)
+QUICK = Settings(tokens_per_s=100.0, loads=((1, 2, 10), (10, 1, 20)), litellm=False)
+
+
+def engine_toml(upstream_url: str, state_dir: str) -> str:
+    """The default topology with the bench's upstream as ingest's one upstream; the gateway is one
+    client of ingest, so the per-client limits are far above the load."""
+    return f"""
+[engine]
+heartbeat_interval_s = 0.2
+state_dir = "{state_dir}"
+
+[workers.ingest]
+stage = "ingest"
+outputs = ["ingest-compute"]
+params.client_requests_per_s = 1e6
+params.client_burst = 1e6
+params.client_tokens_per_s = 1e9
+params.client_burst_tokens = 1e9
+params.queue_bound = 100000
+params.upstreams = [{{ name = "bench", base_url = "{upstream_url}", models = ["{MODEL}"], max_concurrency = 4096 }}]
+
+[workers.compute]
+stage = "compute"
+inputs = ["ingest-compute"]
+outputs = ["compute-cache"]
+params.backend = "numpy"
+
+[workers.cache]
+stage = "cache"
+inputs = ["compute-cache"]
+outputs = ["cache-broadcast"]
+params.snapshot_path = ""
+
+[workers.broadcast]
+stage = "broadcast"
+inputs = ["cache-broadcast"]
+
+[workers.gateway]
+stage = "gateway"
+
+[gateway]
+listen = "127.0.0.1:0"
+models = ["{MODEL}"]
+"""
+
+
+class Target:
+    """One thing the load is pointed at: its /v1 URL and the processes whose CPU is its cost."""
+
+    def __init__(self, name: str, url: str, processes: Any) -> None:
+        self.name, self.url, self.processes = name, url, processes  # processes(): name -> pid
+
+
+def _group(pid: int) -> dict[str, int]:
+    """A process and its descendants (LiteLLM's workers), as one cost."""
+    found, todo = {}, [pid]
+    while todo:
+        parent = todo.pop()
+        found[f"litellm-{parent}"] = parent
+        todo.extend(children(parent))
+    return found
+
+
+def _cpu(pids: dict[str, int]) -> dict[str, float]:
+    out = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            out[name] = cpu_seconds(pid)
+    return out
+
+
+def _pct(values: np.ndarray, q: float, scale: float) -> float:
+    return round(float(np.percentile(values, q)) / scale, 3) if len(values) else 0.0
+
+
+def run_load(
+    loadgen: ChildProcess, upstream_pid: int, target: Target, load: tuple[int, int, int], settings: Settings
+) -> dict[str, Any]:
+    streams, rounds, tokens = load
+    job = Job(
+        base_url=target.url,
+        model=MODEL,
+        streams=streams,
+        rounds=rounds,
+        tokens=tokens,
+        spread_s=1.0 / settings.tokens_per_s,
+        tag=uuid.uuid4().hex[:12],
+        extra={"ignore_eos": True},
+    )
+    loadgen.conn.send(Job(**{**asdict(job), "streams": 1, "rounds": 1, "tokens": 4, "tag": job.tag + "-warm"}))
+    loadgen.answer(LOAD_TIMEOUT_S)
+    proxy = target.processes()
+    pids = {**{f"proxy:{k}": v for k, v in proxy.items()}, "upstream": upstream_pid, "loadgen": loadgen.proc.pid}
+    before = _cpu(pids)
+    loadgen.conn.send(job)
+    got = loadgen.answer(LOAD_TIMEOUT_S)
+    after = _cpu(pids)
+    received = max(1, got["tokens"])
+    used = {name: (after[name] - before[name]) * 1e6 / received for name in before if name in after}
+    latency, ttft = np.array(got["latency_ns"], dtype=np.int64), np.array(got["ttft_ns"], dtype=np.int64)
+    row = {
+        "target": target.name,
+        "streams": streams,
+        "requests": got["requests"],
+        "tokens": got["tokens"],
+        "tokens_expected": streams * rounds * tokens,
+        "errors": got["error_count"],
+        "error_samples": got["errors"],
+        "cache_hits": got["cache_hits"],
+        "ttft_p50_ms": _pct(ttft, 50, 1e6),
+        "ttft_p99_ms": _pct(ttft, 99, 1e6),
+        "token_p50_us": _pct(latency, 50, 1e3),
+        "token_p99_us": _pct(latency, 99, 1e3),
+        "token_p999_us": _pct(latency, 99.9, 1e3),
+        "proxy_cpu_us_per_token": round(sum(v for k, v in used.items() if k.startswith("proxy:")), 2),
+        "upstream_cpu_us_per_token": round(used.get("upstream", 0.0), 2),
+        "loadgen_cpu_us_per_token": round(used.get("loadgen", 0.0), 2),
+        "proxy_cpu_us_per_token_by_process": {k[6:]: round(v, 2) for k, v in used.items() if k.startswith("proxy:")},
+    }
+    return row
+
+
+def _engine_target(engine: BenchEngine) -> Target:
+    workers = engine.workers()
+    url = wait_for(lambda: engine.workers()["gateway"]["stats"].get("url"), 30, "the gateway's URL")
+    wait_for(lambda: engine.workers()["gateway"]["stats"].get("following"), 30, "the gateway to follow the broadcast")
+    missing = [s for s in ENGINE_STAGES if s not in workers]
+    if missing:
+        raise BenchError(f"the engine has no {', '.join(missing)} worker")
+
+    def processes() -> dict[str, int]:
+        found = engine.processes()
+        # everything but the named workers is "supervisor" (the supervisor, its resource tracker)
+        named = {s: found[s] for s in ENGINE_STAGES}
+        return {**named, **{f"supervisor:{k}": v for k, v in found.items() if k not in ENGINE_STAGES}}
+
+    return Target("gateway", url, processes)
+
+
+def _added(rows: list[dict[str, Any]]) -> None:
+    """Each row's figures minus direct's at the same load."""
+    direct = {r["streams"]: r for r in rows if r["target"] == "direct"}
+    for row in rows:
+        base = direct[row["streams"]]
+        row["added_token_p50_us"] = round(row["token_p50_us"] - base["token_p50_us"], 1)
+        row["added_token_p99_us"] = round(row["token_p99_us"] - base["token_p99_us"], 1)
+        row["added_ttft_p50_ms"] = round(row["ttft_p50_ms"] - base["ttft_p50_ms"], 3)
+        row["added_ttft_p99_ms"] = round(row["ttft_p99_ms"] - base["ttft_p99_ms"], 3)
+
+
+def _engine_breakdown(row: dict[str, Any]) -> dict[str, float]:
+    """The gateway row's proxy CPU per token by stage; the supervisor and helpers summed."""
+    by = row["proxy_cpu_us_per_token_by_process"]
+    out = {s: by.get(s, 0.0) for s in ENGINE_STAGES}
+    out["supervisor"] = round(sum(v for k, v in by.items() if k.startswith("supervisor:")), 2)
+    return out
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """LiteLLM's added latency and CPU over the gateway's, per load (where both are above zero)."""
+    out = []
+    for streams in sorted({r["streams"] for r in rows}):
+        at = {r["target"]: r for r in rows if r["streams"] == streams}
+        if "litellm" not in at:
+            continue
+        entry: dict[str, Any] = {"streams": streams}
+        for key in ("added_token_p50_us", "added_token_p99_us", "added_ttft_p50_ms", "proxy_cpu_us_per_token"):
+            ours, theirs = at["gateway"][key], at["litellm"][key]
+            entry[key] = round(theirs / ours, 2) if ours > 0 and theirs > 0 else None
+        out.append(entry)
+    return out
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    most = max(r["streams"] for r in result["rows"])
+    gateway = next(r for r in result["rows"] if r["target"] == "gateway" and r["streams"] == most)
+    out = [
+        {
+            "target": f"gateway added p99 per token (µs), {most} streams",
+            "goal": f"<= {TARGET_ADDED_P99_US:g}",
+            "value": gateway["added_token_p99_us"],
+            "met": gateway["added_token_p99_us"] <= TARGET_ADDED_P99_US,
+        }
+    ]
+    ratio = next((r for r in result["ratios"] if r["streams"] == most), {})
+    for key, what in (
+        ("added_token_p50_us", "added p50 per token"),
+        ("added_token_p99_us", "added p99 per token"),
+        ("proxy_cpu_us_per_token", "proxy CPU per token"),
+    ):
+        value = ratio.get(key)
+        out.append(
+            {
+                "target": f"LiteLLM / gateway, {what}, {most} streams",
+                "goal": f">= {TARGET_RATIO:g}x",
+                "value": value,
+                "met": None if value is None else value >= TARGET_RATIO,
+            }
+        )
+    return out
+
+
+def measure(settings: Settings, progress: bool) -> dict[str, Any]:
+    state_dir = tempfile.mkdtemp(prefix="neuralpipe-bench-gateway-state-")
+    upstream, upstream_url = serve_in_process(
+        UpstreamServerConfig(tokens_per_s=settings.tokens_per_s, max_concurrency=8192, stamp_tokens=True)
+    )
+    litellm: dict[str, Any] = {"available": False, "reason": "skipped (--quick)", "version": None}
+    rows: list[dict[str, Any]] = []
+    try:
+        with (
+            BenchEngine(engine_toml(upstream_url, state_dir), "gateway") as engine,
+            ChildProcess(serve, (), "load generator", 30) as loadgen,
+            contextlib.ExitStack() as stack,
+        ):
+            found = [
+                Target("direct", f"{upstream_url}/v1", dict),
+                _engine_target(engine),
+            ]
+            if settings.litellm:
+                try:
+                    proxy = stack.enter_context(LiteLLMProxy(upstream_url, MODEL))
+                    litellm = {"available": True, "reason": None, "version": proxy.version}
+                    found.append(Target("litellm", proxy.url, lambda: _group(proxy.pid)))
+                except Unavailable as exc:
+                    litellm = {"available": False, "reason": str(exc), "version": None}
+            if progress:
+                click.echo(f"litellm: {_litellm_text(litellm)}", err=True)
+            for load in settings.loads:
+                for target in found:
+                    rows.append(run_load(loadgen, upstream.pid, target, load, settings))
+                    if progress:
+                        click.echo(f"  {_progress(rows[-1])}", err=True)
+    finally:
+        upstream.terminate()
+        upstream.join(10)
+        if upstream.is_alive():
+            upstream.kill()
+            upstream.join()
+        shutil.rmtree(state_dir, ignore_errors=True)
+    _added(rows)
+    for row in rows:
+        if row["target"] == "gateway":
+            row["engine_cpu_us_per_token"] = _engine_breakdown(row)
+            row["gateway_worker_cpu_us_per_token"] = row["engine_cpu_us_per_token"]["gateway"]
+    return {"rows": rows, "litellm": litellm}
+
+
+def _progress(row: dict[str, Any]) -> str:
+    return (
+        f"{row['target']:8} {row['streams']:4} streams: {row['tokens']:,} tokens, {row['errors']} errors, "
+        f"ttft p50 {row['ttft_p50_ms']:.2f} ms, token p50 {row['token_p50_us']:.0f} µs p99 "
+        f"{row['token_p99_us']:.0f} µs, proxy CPU {row['proxy_cpu_us_per_token']:.1f} µs/token"
+    )
+
+
+def _litellm_text(litellm: dict[str, Any]) -> str:
+    return f"LiteLLM {litellm['version']}" if litellm["available"] else f"unavailable ({litellm['reason']})"
+
+
+def main(as_json: bool = False, quick: bool = False) -> dict[str, Any]:
+    """Run the benchmark, print a table (or one JSON object) and return the results. A full run from
+    a checkout also writes bench/results/gateway-<machine>.json and the generated section of
+    docs/gateway.md."""
+    settings = QUICK if quick else FULL
+    info, load_before = report.machine(), report.load()
+    began = time.monotonic()
+    run = measure(settings, progress=not as_json)
+    result = {
+        "benchmark": "gateway",
+        "machine": info,
+        "load_before": load_before,
+        "load_after": report.load(),
+        "seconds": round(time.monotonic() - began, 1),
+        "settings": asdict(settings),
+        "load_generator": "aiohttp streaming client under uvloop, own process (not the openai client)",
+        **run,
+    }
+    result["ratios"] = ratios(result["rows"])
+    result["targets"] = targets(result)
+    _print(result, as_json)
+    if not quick:
+        report.publish("gateway", info, result, markdown(result), docs=DOCS)
+    return result
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+_COLUMNS: tuple[report.Column, ...] = (
+    ("target", "target", "{}"),
+    ("streams", "streams", "{:,}"),
+    ("tokens", "tokens", "{:,}"),
+    ("errors", "errors", "{:,}"),
+    ("ttft_p50_ms", "TTFT p50 ms", "{:.2f}"),
+    ("ttft_p99_ms", "TTFT p99 ms", "{:.2f}"),
+    ("token_p50_us", "token p50 µs", "{:,.0f}"),
+    ("token_p99_us", "token p99 µs", "{:,.0f}"),
+    ("added_ttft_p50_ms", "added TTFT p50 ms", "{:.2f}"),
+    ("added_token_p50_us", "added p50 µs", "{:,.0f}"),
+    ("added_token_p99_us", "added p99 µs", "{:,.0f}"),
+    ("proxy_cpu_us_per_token", "proxy CPU µs/token", "{:.1f}"),
+    ("upstream_cpu_us_per_token", "upstream CPU µs/token", "{:.1f}"),
+    ("loadgen_cpu_us_per_token", "client CPU µs/token", "{:.1f}"),
+)
+_ENGINE_COLUMNS: tuple[report.Column, ...] = (
+    ("streams", "streams", "{:,}"),
+    *((stage, f"{stage} µs/token", "{:.1f}") for stage in (*ENGINE_STAGES, "supervisor")),
+)
+
+
+def _engine_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"streams": r["streams"], **r["engine_cpu_us_per_token"]} for r in result["rows"] if r["target"] == "gateway"
+    ]
+
+
+def _ratio_lines(result: dict[str, Any]) -> list[str]:
+    lines = []
+    for r in result["ratios"]:
+        parts = [
+            f"{what} {_x(r[key])}"
+            for key, what in (
+                ("added_token_p50_us", "added p50 per token"),
+                ("added_token_p99_us", "added p99 per token"),
+                ("added_ttft_p50_ms", "added TTFT p50"),
+                ("proxy_cpu_us_per_token", "proxy CPU per token"),
+            )
+        ]
+        lines.append(f"LiteLLM / gateway at {r['streams']} streams: " + ", ".join(parts) + ".")
+    return lines
+
+
+def _x(value: float | None) -> str:
+    return "- (one side not above zero)" if value is None else f"{value:g}x"
+
+
+def _ratio_value(value: Any) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    loads = "; ".join(f"{n} stream(s) x {r} request(s) of {t} tokens" for n, r, t in s["loads"])
+    return "\n".join(
+        [
+            report.machine_line(result["machine"], result["load_before"], result["load_after"]),
+            "",
+            f"Embedded upstream paced at {s['tokens_per_s']:g} tokens/s per stream, each token stamped with its send "
+            f"time; loads: {loads}. Client: {result['load_generator']}. Per-token latency = client receive time - "
+            "upstream send stamp; added = the target's percentile - direct's at the same load. Gateway = the whole "
+            "engine path (ingest, compute, cache, broadcast, gateway worker); its proxy CPU is every engine process. "
+            f"LiteLLM: {_litellm_text(result['litellm'])}.",
+            "",
+            report.markdown_table(result["rows"], _COLUMNS),
+            "",
+            "CPU per token of each engine process on the gateway path (the gateway worker alone is its column):",
+            "",
+            report.markdown_table(_engine_rows(result), _ENGINE_COLUMNS),
+            "",
+            *_ratio_lines(result),
+            "",
+            *report.target_table(result["targets"], _ratio_value),
+        ]
+    )
+
+
+def _print(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(report.machine_line(result["machine"], result["load_before"], result["load_after"]))
+    click.echo(f"litellm: {_litellm_text(result['litellm'])}")
+    click.echo()
+    click.echo(report.text_table(result["rows"], _COLUMNS))
+    click.echo()
+    click.echo(report.text_table(_engine_rows(result), _ENGINE_COLUMNS))
+    for line in _ratio_lines(result):
+        click.echo(line)
+    for line in report.target_lines(result["targets"], _ratio_value):
+        click.echo(line)
