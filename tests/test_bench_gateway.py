@@ -1,0 +1,66 @@
+"""``neuralpipe bench gateway --quick --json`` end to end (a real engine with its gateway, the embedded
+upstream over real HTTP, the load generator in its own process), and the embedded upstream's
+``stamp_tokens`` that the benchmark reads per-token latency from. Shapes only, never speed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+
+import orjson
+import pytest
+
+from stages.ingest.upstream_server import UpstreamServerConfig, serve_in_process
+
+
+def test_upstream_stamps_each_token_with_its_send_time():
+    proc, url = serve_in_process(UpstreamServerConfig(tokens_per_s=200.0, stamp_tokens=True))
+    try:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "ignore_eos": True, "stream": True}
+        began = time.monotonic_ns()
+        request = urllib.request.Request(
+            f"{url}/v1/chat/completions", data=orjson.dumps(body), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            events = answer.read().split(b"\n\n")
+        ended = time.monotonic_ns()
+    finally:
+        proc.terminate()
+        proc.join(10)
+    chunks = [orjson.loads(e[6:]) for e in events if e.startswith(b"data: {")]
+    texts = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    stamps = [int(t) for t in texts if t]  # the role chunk's "" and the finish chunk's None carry none
+    assert len(stamps) == 5 and all(t.endswith(" ") for t in texts if t)
+    assert began <= stamps[0] <= stamps[-1] <= ended and stamps == sorted(stamps)
+
+
+@pytest.mark.timeout(150)
+def test_bench_gateway_quick_json():
+    out = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "bench", "gateway", "--quick", "--json"],
+        capture_output=True,
+        timeout=140,
+    )
+    assert out.returncode == 0, out.stderr.decode(errors="replace")[-4000:]
+    result = orjson.loads(out.stdout)
+    assert result["benchmark"] == "gateway" and result["machine"]["cores"] >= 1
+    assert result["litellm"] == {"available": False, "reason": "skipped (--quick)", "version": None}
+    rows = result["rows"]
+    assert [(r["target"], r["streams"]) for r in rows] == [(t, n) for n in (1, 10) for t in ("direct", "gateway")]
+    for row in rows:
+        assert row["errors"] == 0 and row["cache_hits"] == 0, row["error_samples"]
+        assert row["tokens"] == row["tokens_expected"] > 0
+        assert row["requests"] == {1: 2, 10: 10}[row["streams"]]  # QUICK: 1 stream x 2 requests, 10 x 1
+        assert 0 < row["token_p50_us"] <= row["token_p99_us"] <= row["token_p999_us"]
+        assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"]
+        assert {"added_token_p50_us", "added_token_p99_us", "added_ttft_p50_ms", "proxy_cpu_us_per_token"} <= set(row)
+    direct, gateway = rows[2], rows[3]
+    assert direct["proxy_cpu_us_per_token"] == 0 and direct["added_token_p99_us"] == 0
+    stages = {"gateway", "ingest", "compute", "cache", "broadcast", "supervisor"}
+    assert set(gateway["engine_cpu_us_per_token"]) == stages
+    assert gateway["gateway_worker_cpu_us_per_token"] == gateway["engine_cpu_us_per_token"]["gateway"]
+    assert result["ratios"] == []  # no LiteLLM in a quick run
+    assert [t["met"] for t in result["targets"]][1:] == [None, None, None]
+    assert isinstance(result["targets"][0]["met"], bool)
