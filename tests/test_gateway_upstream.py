@@ -46,16 +46,18 @@ def rig(tmp_path_factory):
     upstreams = Upstreams(
         UpstreamServerConfig(models=("slow",), tokens_per_s=20, first_token_delay_s=1.0),
         UpstreamServerConfig(models=("broken",), faults="disconnect_after=3"),
+        UpstreamServerConfig(models=("stalled",), first_token_delay_s=60, keepalive_s=0.5),  # looks every 0.5 s
     )
     entries = "".join(
         f'\n[[upstreams]]\nname = "{name}"\nbase_url = "{url}"\nmodels = ["{name}"]\n'
-        for name, url in zip(("slow", "broken"), upstreams.urls, strict=True)
+        for name, url in zip(("slow", "broken", "stalled"), upstreams.urls, strict=True)
     )
-    config = default_topology(gateway="keepalive_s = 0.2", ingest='params.pool = { mid_stream = "error" }') + entries
+    gateway = "keepalive_s = 0.2\nfirst_token_timeout_s = 3.0"
+    config = default_topology(gateway=gateway, ingest='params.pool = { mid_stream = "error" }') + entries
     engine = GatewayEngine(tmp_path_factory.mktemp("gwup"), config, "u" + uuid.uuid4().hex[:10])
     try:
         engine.start()
-        yield engine, upstreams.servers[0], upstreams.servers[1]
+        yield engine, *upstreams.servers
     finally:
         engine.stop()
         upstreams.close()
@@ -71,7 +73,7 @@ def wait_for(check, timeout: float, what: str):
 
 
 def test_keep_alive_comments_while_the_first_token_is_slow(rig):
-    engine, _, _ = rig
+    engine = rig[0]
     body = {"model": "slow", "messages": [{"role": "user", "content": "slow start"}], "max_tokens": 3, "stream": True}
     lines = []
     with httpx.stream("POST", engine.url + "/chat/completions", json=body, timeout=30) as answer:
@@ -83,7 +85,7 @@ def test_keep_alive_comments_while_the_first_token_is_slow(rig):
 
 
 def test_a_client_that_disconnects_cancels_its_upstream_request(rig):
-    engine, slow, _ = rig
+    engine, slow = rig[:2]
     cancelled_before = slow.stats.cancelled
     ingest_before = engine.stats("ingest")["cancelled"]
     body = {"model": "slow", "messages": [{"role": "user", "content": "long"}], "max_tokens": 400, "stream": True}
@@ -105,7 +107,7 @@ def test_a_client_that_disconnects_cancels_its_upstream_request(rig):
 
 
 def test_a_whole_request_whose_client_gives_up_is_cancelled_too(rig):
-    engine, slow, _ = rig
+    engine, slow = rig[:2]
     cancelled_before = slow.stats.cancelled
     body = {"model": "slow", "messages": [{"role": "user", "content": "whole"}], "max_tokens": 400}
     with pytest.raises(httpx.ReadTimeout):
@@ -115,7 +117,7 @@ def test_a_whole_request_whose_client_gives_up_is_cancelled_too(rig):
 
 
 def test_a_failure_mid_stream_is_an_error_the_client_raises_on(rig):
-    engine, _, _ = rig
+    engine = rig[0]
     client = openai.OpenAI(base_url=engine.url, api_key="unused", max_retries=0, timeout=30)
     messages = [{"role": "user", "content": "this one breaks"}]
     seen = []
@@ -126,3 +128,18 @@ def test_a_failure_mid_stream_is_an_error_the_client_raises_on(rig):
         client.chat.completions.create(model="broken", messages=messages, max_tokens=20)
     assert seen and seen[0].choices[0].delta.role == "assistant"  # it had begun: a 200, then the error
     wait_for(lambda: engine.stats("gateway")["failed"] >= 2, 5, "the gateway to count both failures")
+
+
+def test_no_first_token_in_time_is_an_error_and_the_upstream_request_is_cancelled(rig):
+    engine, stalled = rig[0], rig[3]
+    client = openai.OpenAI(base_url=engine.url, api_key="unused", max_retries=0, timeout=30)
+    started = time.monotonic()
+    with pytest.raises(openai.APIError, match="no first token within 3 s"):
+        for _ in client.chat.completions.create(
+            model="stalled", messages=[{"role": "user", "content": "?"}], stream=True
+        ):
+            pass
+    assert 3.0 <= time.monotonic() - started < 10
+    wait_for(lambda: stalled.stats.cancelled == 1, 5, "the stalled upstream to see the request closed")
+    with pytest.raises(openai.InternalServerError, match="no first token within 3 s"):
+        client.chat.completions.create(model="stalled", messages=[{"role": "user", "content": "?"}])
