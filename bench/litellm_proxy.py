@@ -81,6 +81,8 @@ class LiteLLMProxy:
             LITELLM_LOG="ERROR",
             LITELLM_TELEMETRY="False",
             NO_DOCS="True",
+            # no master key, as the gateway runs with auth "off" on loopback: like for like
+            LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY="true",
         )
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
