@@ -418,9 +418,10 @@ class _BodyReader:
         self.end: StreamEnd | None = None
         self.complete = False
 
-    def feed(self, chunk: bytes) -> Awaitable[None] | None:
+    def feed(self, chunk: bytes, recv_ns: int) -> Awaitable[None] | None:
+        """One read's body bytes, received at ``recv_ns`` (``time.monotonic_ns()``)."""
         parser, decoder = self.parser, self.decoder
-        tokens = Tokens([], [], [], [], time.monotonic_ns())  # one read: its events arrived together
+        tokens = Tokens([], [], [], [], recv_ns)  # one read: its events arrived together
         failure = None
         try:
             plain = parser.feed_plain(chunk)  # the usual read: complete data-only events, bytes kept
@@ -469,7 +470,7 @@ async def _relay_body(resp: aiohttp.ClientResponse, reader: _BodyReader) -> Stre
     """The aiohttp path (https): the response body, one read at a time."""
     content = resp.content
     while chunk := await content.readany():
-        wait = reader.feed(chunk)
+        wait = reader.feed(chunk, time.monotonic_ns())
         if wait is not None:
             await wait
         if reader.complete:
