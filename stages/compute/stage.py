@@ -361,18 +361,19 @@ class Compute(Stage):
         grams = max(ngram - 1, 1)  # consecutive pair keys that hold an n-gram's ids
         ended = []
         kinds, sids, logprobs = batch.kind.tolist(), batch.stream_id.tolist(), batch.logprob.tolist()
+        ppl, rep, flagged = [0.0] * batch.rows, [0.0] * batch.rows, [False] * batch.rows
         for i, (kind, sid, logprob) in enumerate(zip(kinds, sids, logprobs, strict=True)):
-            slot = int(state.slots([sid])[0])
+            slot = state.slot(sid)
             nll, counted, position = state.running[slot].tolist()
             if kind != _TOKEN:
-                values["ppl"][i] = math.exp(nll / counted) if counted else 0.0
+                ppl[i] = math.exp(nll / counted) if counted else 0.0
                 if kind >= _END:
                     ended.append(sid)
                 continue
             if logprob == logprob:  # not NaN
                 nll, counted = nll - logprob, counted + 1
             state.running[slot] = (nll, counted, position + 1)
-            values["ppl"][i] = math.exp(nll / counted) if counted else 0.0
+            ppl[i] = math.exp(nll / counted) if counted else 0.0
             position = int(position)  # this token's index in its stream
             if position + 1 - int(state.origin[slot]) > state.width:
                 state.compact(slot, position)
@@ -392,13 +393,14 @@ class Compute(Stage):
                 match = found >= 0
             flags[at] = match
             total = flags[at + 1 - window : at + 1].tobytes().count(1)
-            share = float(np.float32(total / min(position + 1, window)))
-            values["rep"][i] = share
-            fired = share >= self.threshold32
-            values["repflag"][i] = fired
+            share = rep[i] = float(np.float32(total / min(position + 1, window)))
+            fired = flagged[i] = share >= self.threshold32
             if fired and not state.fired[slot]:
                 state.fired[slot] = True
                 self._fired(sid, share)
+        values["ppl"][:] = ppl
+        values["rep"][:] = rep
+        values["repflag"][:] = flagged
         if ended:
             self.states.drop(list(dict.fromkeys(ended)))
 
@@ -459,11 +461,11 @@ class Compute(Stage):
         state, ngram, window, span = self.states, self.ngram, self.window, self.states.span
         at = position + state.make_room(slots, seen, counts)[group]  # each token's column, raveled
         keys = state.keys.reshape(-1)
-        halves = keys.view(np.uint32)
-        low = 2 * at
-        halves[low] = ids
+        halves = keys.view(np.uint32).reshape(-1, 2)  # little-endian: [low, high] per key
+        low = halves[:, 0]
+        low[at] = ids
         if ngram > 1:  # the id before (written above when it is in this batch too)
-            halves[low + 1] = halves[low - 2]
+            halves[:, 1][at] = low[at - 1]
         recent = np.ndarray((keys.size - span, span + 1), np.uint64, keys, 0, (8, 8))[at - span]
         if self.kernels.device is None:
             match = fused.pair_match(recent, position, ngram, window)

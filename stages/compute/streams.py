@@ -73,14 +73,15 @@ class StreamStates:
     def make_room(self, slots: np.ndarray, seen: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Make each row of ``slots`` hold ``counts`` more tokens after its ``seen`` ones, and return
         the flat index (in ``keys`` and ``flags`` raveled) of each stream's position 0."""
-        origin = self.origin
-        past = seen + counts - origin[slots] > self.width
+        origin = self.origin[slots]
+        past = seen + counts - origin > self.width
         if past.any():  # rows that would run past their end: their last ``span`` columns to the front
             if counts.max() > self.width - self.span:  # a stream with more new tokens than a row's slack
                 self._widen(int(counts.max()))
             for g in np.flatnonzero(past).tolist():
                 self.compact(int(slots[g]), int(seen[g]))
-        return slots * self.width - origin[slots]
+            origin = self.origin[slots]
+        return slots * self.width - origin
 
     def make_room_one(self, slot: int, seen: int, count: int) -> int:
         """:meth:`make_room` for one stream; returns the column of its position ``seen``."""
