@@ -35,9 +35,6 @@ backoff_max_s = 0.2
 [workers.ingest]
 stage = "ingest"
 outputs = ["ingest-compute"]
-params.client_requests_per_s = 1e6
-params.client_burst = 1e6
-params.queue_bound = 100000
 params.embedded = {{ {embedded} }}
 {ingest}
 
