@@ -230,8 +230,8 @@ class Broadcast(Stage):
         if republish:
             self.counts["republished"] += n
         rows = None if kept == n else np.flatnonzero(fresh)
-        columns = {name: _copy(getattr(record, name), rows) for name in wire.BATCH_COLUMNS}
-        columns |= {name: _copy(values, rows) for name, values in record.extra.items()}
+        columns = {name: _rows(getattr(record, name), rows) for name in wire.BATCH_COLUMNS}
+        columns |= {name: _rows(values, rows) for name, values in record.extra.items()}
         texts = wire.Texts(record.text.tobytes(), record.text_end.copy())
         if rows is not None:
             texts = texts.take(rows)
@@ -252,7 +252,7 @@ class Broadcast(Stage):
         order, starts = grouped
         self.retention.add(at, nxt, binary, columns["stream_id"][order[starts]], ended)
         self.next_position = nxt
-        self._count(batch, record, order)
+        self._count(batch, record, grouped)
 
     def _events(self, batch: wire.Batch) -> tuple[int, ...]:
         """Rewrite start and end rows' texts to their documented fields (a start row carries the
@@ -296,19 +296,25 @@ class Broadcast(Stage):
                 for message in frames[key]:
                     pub.sock.send_multipart(message)
 
-    def _count(self, batch: wire.Batch, record, order: np.ndarray) -> None:
+    def _count(self, batch: wire.Batch, record, grouped: tuple[np.ndarray, np.ndarray]) -> None:
         counts = self.counts
         counts["batches"] += 1
         if record.rows and time.monotonic_ns() - int(record.recv_ns[0]) <= self.budget_ns:
             counts["batches_within_budget"] += 1
         if not batch.rows:
             return
-        events = batch.columns["kind"] != wire.TOKEN
-        s, e = batch.columns["stream_id"][order], events[order]
-        # the per-stream messages these rows make: a new one where the stream changes or at an event row
-        counts["messages"] += 1 + int(np.count_nonzero((s[1:] != s[:-1]) | e[1:] | e[:-1]))
-        counts["tokens"] += batch.rows - int(np.count_nonzero(events))
-        counts["streams_ended"] += int(np.count_nonzero(batch.columns["kind"] >= wire.END))
+        kinds = batch.columns["kind"]
+        events = kinds != wire.TOKEN
+        event_rows = int(np.count_nonzero(events))
+        order, starts = grouped
+        if event_rows:
+            s, e = batch.columns["stream_id"][order], events[order]
+            # the per-stream messages these rows make: a new one where the stream changes or at an event row
+            counts["messages"] += 1 + int(np.count_nonzero((s[1:] != s[:-1]) | e[1:] | e[:-1]))
+            counts["streams_ended"] += int(np.count_nonzero(kinds >= wire.END))
+        else:  # token rows only (most records): one message per stream
+            counts["messages"] += len(starts)
+        counts["tokens"] += batch.rows - event_rows
         self.ctx.telemetry.observe_since_ns(
             "neuralpipe_stage_latency_seconds", batch.columns["recv_ns"], stage="broadcast"
         )
@@ -381,6 +387,8 @@ def _readable(sock: zmq.Socket) -> bool:
     return bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
 
 
-def _copy(values: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
-    """The rows of a column of the input record, copied out of the ring (which it is released to)."""
-    return values.copy() if rows is None else values[rows]
+def _rows(values: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """The kept rows of a column of the input record. All of them: the ring's memory itself, no
+    copy, since the record is released HOLD_S after this returns and nothing published keeps a
+    column (the messages are bytes; retention keeps a stream-id array made by indexing)."""
+    return values if rows is None else values[rows]
