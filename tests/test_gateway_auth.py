@@ -28,7 +28,9 @@ MESSAGES = [{"role": "user", "content": "who goes there"}]
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory):
     engine = GatewayEngine(
-        tmp_path_factory.mktemp("gwkeys"), default_topology(gateway='auth = "keys"'), "k" + uuid.uuid4().hex[:10]
+        tmp_path_factory.mktemp("gwkeys"),
+        default_topology(gateway='auth = "keys"\nmax_connections = 3'),
+        "k" + uuid.uuid4().hex[:10],
     )
     try:
         yield engine.start()
@@ -147,3 +149,30 @@ def test_a_gateway_beyond_loopback_without_auth_is_refused_at_load(tmp_path):
     assert done.returncode != 0
     assert "gateway.listen: 0.0.0.0:0 is reachable from other hosts" in done.stderr
     assert 'auth = "keys" or "jwt"' in done.stderr
+
+
+def test_beyond_max_connections_is_503_until_one_closes(keyed):
+    import asyncio
+
+    import aiohttp
+
+    key = make_key(keyed, "dave")
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
+    headers = {"Authorization": f"Bearer {key}"}
+
+    async def run() -> tuple[int, str | None, str, int]:
+        async with aiohttp.ClientSession() as session:
+            feeds = [await session.ws_connect(f"{keyed.url}/feed?access_token={key}") for _ in range(3)]
+            async with session.post(keyed.url + "/chat/completions", json=body, headers=headers) as busy:
+                status, retry, code = busy.status, busy.headers.get("Retry-After"), (await busy.json())["error"]["code"]
+            await feeds[0].close()
+            for _ in range(100):  # the server sees the close a moment later
+                async with session.post(keyed.url + "/chat/completions", json=body, headers=headers) as answer:
+                    if answer.status != 503:
+                        break
+                await asyncio.sleep(0.05)
+            for feed in feeds[1:]:
+                await feed.close()
+            return status, retry, code, answer.status
+
+    assert asyncio.run(run()) == (503, "1", "gateway_busy", 200)
