@@ -165,8 +165,8 @@ class Broadcast(Stage):
 
     def pollables(self) -> list[Any]:
         # the XPUB sockets are not polled: what subscribers send matters only when something is
-        # published, and do_work reads it before publishing (and at least every heartbeat_s, the
-        # idle hint), so a subscription never wakes an idle worker
+        # published, and do_work reads it before publishing (and at each heartbeat, which the idle
+        # hint wakes it for), so a subscription never wakes an idle worker
         return list(self.routers)
 
     def idle_timeout_s(self) -> float:
@@ -175,8 +175,11 @@ class Broadcast(Stage):
     # ---- the duty cycle -------------------------------------------------------------------
 
     def do_work(self) -> int:
-        handled = self._serve()
         now = time.monotonic()
+        heartbeat_due = now - self.last_heartbeat >= self.heartbeat_s
+        if heartbeat_due or self.inp.available():  # subscriptions matter only to what is published
+            self._read_subscriptions()
+        handled = self._serve()
         self._release_sent(now)
         read = 0
         while read < 64:
@@ -193,7 +196,7 @@ class Broadcast(Stage):
             read += 1
         if read:
             self.unreleased.append((self.inp.position, read, time.monotonic()))
-        if now - self.last_heartbeat >= self.heartbeat_s:
+        if heartbeat_due:
             self.last_heartbeat = now
             frames = wire.encode_heartbeat(
                 time.monotonic_ns(), len(self.open_streams), self.epoch, self.next_position, self.heartbeat_s
@@ -321,8 +324,9 @@ class Broadcast(Stage):
 
     # ---- subscriptions and snapshots ------------------------------------------------------
 
-    def _serve(self) -> int:
-        """Count subscriptions and answer snapshot requests, without blocking and bounded."""
+    def _read_subscriptions(self) -> None:
+        """Count (un)subscriptions, without blocking and bounded: before publishing, and at each
+        heartbeat (so an idle broadcast's XPUB sockets never hold many)."""
         for pub in self.publishers:
             for _ in range(SUBSCRIPTION_MESSAGES_PER_CYCLE):
                 try:
@@ -332,6 +336,9 @@ class Broadcast(Stage):
                 if frame is None:
                     break
                 pub.subs.feed(frame)
+
+    def _serve(self) -> int:
+        """Answer snapshot requests, without blocking and bounded."""
         served = 0
         now = time.monotonic()
         for router in self.routers:  # each its share, so a flood on one starves no other
