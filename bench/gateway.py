@@ -23,7 +23,10 @@ distinct (no cache hit; a hit would replay old stamps and is counted). Figures:
   as proxies' published figures are, not the percentile of a per-token difference);
 - CPU µs per token: utime + stime (/proc/<pid>/stat) of each process over the load / tokens
   received: the proxy's processes (gateway: every engine process, and each of them apart; LiteLLM:
-  its process group), the upstream and the load generator apart.
+  its process group), the upstream and the load generator apart;
+- the engine path apart from the gateway worker: a tap (bench/gateway_tap.py, its own process)
+  subscribes to the broadcast as the gateway does and reads each token's latency from its stamp
+  there; the client's percentile minus the tap's is the gateway worker's part (and its socket).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from stages.ingest.upstream_server import UpstreamServerConfig, serve_in_process
 
 from . import report
 from .gateway_load import Job, serve
+from .gateway_tap import serve as tap
 from .litellm_proxy import LiteLLMProxy, Unavailable
 from .proc import BenchError, ChildProcess, children, cpu_seconds
 from .recovery import BenchEngine, wait_for
@@ -64,7 +68,7 @@ class Settings:
     litellm: bool
 
 
-FULL = Settings(tokens_per_s=40.0, loads=((1, 8, 40), (100, 1, 160)), litellm=True)
+FULL = Settings(tokens_per_s=20.0, loads=((1, 8, 20), (100, 1, 100)), litellm=True)
 QUICK = Settings(tokens_per_s=100.0, loads=((1, 2, 10), (10, 1, 20)), litellm=False)
 
 
@@ -112,10 +116,18 @@ models = ["{MODEL}"]
 
 
 class Target:
-    """One thing the load is pointed at: its /v1 URL and the processes whose CPU is its cost."""
+    """One thing the load is pointed at: its /v1 URL, the processes whose CPU is its cost, and (the
+    gateway) a tap on the broadcast that tells the engine path from the gateway worker."""
 
-    def __init__(self, name: str, url: str, processes: Any) -> None:
-        self.name, self.url, self.processes = name, url, processes  # processes(): name -> pid
+    def __init__(self, name: str, url: str, processes: Any, tap: ChildProcess | None = None) -> None:
+        self.name, self.url, self.processes, self.tap = name, url, processes, tap  # processes(): name -> pid
+
+    def tapped(self) -> dict[str, list[int]] | None:
+        """The tap's latencies since the last call (None without a tap)."""
+        if self.tap is None:
+            return None
+        self.tap.conn.send("report")
+        return self.tap.answer(30)
 
 
 def _group(pid: int) -> dict[str, int]:
@@ -158,10 +170,12 @@ def run_load(
     loadgen.answer(LOAD_TIMEOUT_S)
     proxy = target.processes()
     pids = {**{f"proxy:{k}": v for k, v in proxy.items()}, "upstream": upstream_pid, "loadgen": loadgen.proc.pid}
-    before = _cpu(pids)
+    target.tapped()  # the warm-up's, dropped
+    before, began = _cpu(pids), time.monotonic()
     loadgen.conn.send(job)
     got = loadgen.answer(LOAD_TIMEOUT_S)
-    after = _cpu(pids)
+    after, seconds = _cpu(pids), time.monotonic() - began
+    tap = target.tapped()
     received = max(1, got["tokens"])
     used = {name: (after[name] - before[name]) * 1e6 / received for name in before if name in after}
     latency, ttft = np.array(got["latency_ns"], dtype=np.int64), np.array(got["ttft_ns"], dtype=np.int64)
@@ -171,6 +185,9 @@ def run_load(
         "requests": got["requests"],
         "tokens": got["tokens"],
         "tokens_expected": streams * rounds * tokens,
+        "seconds": round(seconds, 2),
+        # a load the target keeps up with takes this long: each stream's requests at the upstream's pace
+        "paced_seconds": round(rounds * tokens / settings.tokens_per_s + job.spread_s, 2),
         "errors": got["error_count"],
         "error_samples": got["errors"],
         "cache_hits": got["cache_hits"],
@@ -184,10 +201,24 @@ def run_load(
         "loadgen_cpu_us_per_token": round(used.get("loadgen", 0.0), 2),
         "proxy_cpu_us_per_token_by_process": {k[6:]: round(v, 2) for k, v in used.items() if k.startswith("proxy:")},
     }
+    if tap is not None:
+        row["engine_path"] = _engine_path(row, tap)
     return row
 
 
-def _engine_target(engine: BenchEngine) -> Target:
+def _engine_path(row: dict[str, Any], tap: dict[str, list[int]]) -> dict[str, float]:
+    """Where the gateway's per-token latency goes, from the tap: upstream -> a broadcast subscriber
+    (the engine path); the rest (the client's latency minus the tap's, percentile by percentile) is
+    the gateway worker and its socket to the client."""
+    broadcast = np.array(tap["broadcast_ns"], dtype=np.int64)
+    out: dict[str, float] = {"tokens": len(broadcast)}
+    for q in (50, 99):
+        out[f"to_broadcast_p{q}_us"] = _pct(broadcast, q, 1e3)
+        out[f"gateway_worker_p{q}_us"] = round(row[f"token_p{q}_us"] - out[f"to_broadcast_p{q}_us"], 1)
+    return out
+
+
+def _engine_target(engine: BenchEngine, broadcast_tap: ChildProcess) -> Target:
     workers = engine.workers()
     url = wait_for(lambda: engine.workers()["gateway"]["stats"].get("url"), 30, "the gateway's URL")
     wait_for(lambda: engine.workers()["gateway"]["stats"].get("following"), 30, "the gateway to follow the broadcast")
@@ -201,7 +232,7 @@ def _engine_target(engine: BenchEngine) -> Target:
         named = {s: found[s] for s in ENGINE_STAGES}
         return {**named, **{f"supervisor:{k}": v for k, v in found.items() if k not in ENGINE_STAGES}}
 
-    return Target("gateway", url, processes)
+    return Target("gateway", url, processes, broadcast_tap)
 
 
 def _added(rows: list[dict[str, Any]]) -> None:
@@ -278,12 +309,10 @@ def measure(settings: Settings, progress: bool) -> dict[str, Any]:
         with (
             BenchEngine(engine_toml(upstream_url, state_dir), "gateway") as engine,
             ChildProcess(serve, (), "load generator", 30) as loadgen,
+            ChildProcess(tap, (engine.info["runtime_dir"],), "broadcast tap", 30) as broadcast_tap,
             contextlib.ExitStack() as stack,
         ):
-            found = [
-                Target("direct", f"{upstream_url}/v1", dict),
-                _engine_target(engine),
-            ]
+            found = [Target("direct", f"{upstream_url}/v1", dict), _engine_target(engine, broadcast_tap)]
             if settings.litellm:
                 try:
                     proxy = stack.enter_context(LiteLLMProxy(upstream_url, MODEL))
@@ -358,6 +387,8 @@ _COLUMNS: tuple[report.Column, ...] = (
     ("streams", "streams", "{:,}"),
     ("tokens", "tokens", "{:,}"),
     ("errors", "errors", "{:,}"),
+    ("seconds", "seconds", "{:.1f}"),
+    ("paced_seconds", "paced s", "{:.1f}"),
     ("ttft_p50_ms", "TTFT p50 ms", "{:.2f}"),
     ("ttft_p99_ms", "TTFT p99 ms", "{:.2f}"),
     ("token_p50_us", "token p50 µs", "{:,.0f}"),
@@ -373,6 +404,30 @@ _ENGINE_COLUMNS: tuple[report.Column, ...] = (
     ("streams", "streams", "{:,}"),
     *((stage, f"{stage} µs/token", "{:.1f}") for stage in (*ENGINE_STAGES, "supervisor")),
 )
+
+
+_PATH_COLUMNS: tuple[report.Column, ...] = (
+    ("streams", "streams", "{:,}"),
+    ("to_broadcast_p50_us", "-> broadcast p50 µs", "{:,.0f}"),
+    ("to_broadcast_p99_us", "-> broadcast p99 µs", "{:,.0f}"),
+    ("token_p50_us", "-> client p50 µs", "{:,.0f}"),
+    ("token_p99_us", "-> client p99 µs", "{:,.0f}"),
+    ("gateway_worker_p50_us", "gateway worker p50 µs", "{:,.0f}"),
+    ("gateway_worker_p99_us", "gateway worker p99 µs", "{:,.0f}"),
+)
+
+
+def _path_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {
+            "streams": r["streams"],
+            "token_p50_us": r["token_p50_us"],
+            "token_p99_us": r["token_p99_us"],
+            **r["engine_path"],
+        }
+        for r in result["rows"]
+        if "engine_path" in r
+    ]
 
 
 def _engine_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -424,6 +479,11 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             report.markdown_table(_engine_rows(result), _ENGINE_COLUMNS),
             "",
+            "Where the gateway's per-token latency goes (from the upstream's send stamp; a tap subscribed to the "
+            "broadcast like the gateway; gateway worker = client - broadcast tap, percentile by percentile):",
+            "",
+            report.markdown_table(_path_rows(result), _PATH_COLUMNS),
+            "",
             *_ratio_lines(result),
             "",
             *report.target_table(result["targets"], _ratio_value),
@@ -441,6 +501,8 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
     click.echo(report.text_table(result["rows"], _COLUMNS))
     click.echo()
     click.echo(report.text_table(_engine_rows(result), _ENGINE_COLUMNS))
+    click.echo()
+    click.echo(report.text_table(_path_rows(result), _PATH_COLUMNS))
     for line in _ratio_lines(result):
         click.echo(line)
     for line in report.target_lines(result["targets"], _ratio_value):
