@@ -249,7 +249,7 @@ class GatewayServer:
         raw = request.query.get("stream", "all")
         stream = None
         if raw != "all":
-            if not raw.isdigit() or int(raw) > MAX_STREAM_ID:
+            if not (raw.isascii() and raw.isdigit() and len(raw) <= 19) or int(raw) > MAX_STREAM_ID:
                 raise ApiError(
                     400,
                     f"stream: 'all' or a stream id in 0..{MAX_STREAM_ID} (got {raw[:40]!r})",
