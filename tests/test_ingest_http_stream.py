@@ -4,8 +4,6 @@ servers on real sockets: framings, split reads, limits, and what it refuses."""
 from __future__ import annotations
 
 import asyncio
-import itertools
-import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -20,7 +18,7 @@ class Collect:
     def __init__(self, end: bytes = b"END\n\n") -> None:
         self.body, self.end, self.complete = b"", end, False
 
-    def feed(self, body: bytes, recv_ns: int) -> None:
+    def feed(self, body: bytes) -> None:
         self.body += body
         self.complete = self.end in self.body
 
@@ -216,8 +214,8 @@ def test_back_pressure_pauses_reading_until_the_wait_is_over():
     events = [b"data: %d\n\n" % i for i in range(20)] + [b"data: END\n\n"]
 
     class Slow(Collect):
-        def feed(self, body: bytes, recv_ns: int):
-            super().feed(body, recv_ns)
+        def feed(self, body: bytes):
+            super().feed(body)
             return asyncio.sleep(0.001)  # the reader is busy: no more reads until this is over
 
     async def reply(writer: asyncio.StreamWriter) -> None:
@@ -228,108 +226,3 @@ def test_back_pressure_pauses_reading_until_the_wait_is_over():
         writer.write(b"0\r\n\r\n")
 
     assert post(reply, Slow()).body == b"".join(events)
-
-
-class Stamps(Collect):
-    """A reader that keeps each read: its receive time, when it was fed, its bytes."""
-
-    def __init__(self, end: bytes = b"END\n\n") -> None:
-        super().__init__(end)
-        self.reads: list[tuple[int, int, bytes]] = []
-
-    def feed(self, body: bytes, recv_ns: int) -> None:
-        super().feed(body, recv_ns)
-        self.reads.append((recv_ns, time.monotonic_ns(), body))
-
-
-def paced(events: int, gap_s: float, sent: list[int], lead_s: float = 0.0):
-    """A chunked stream of events ``data: <i>`` ``gap_s`` apart (after ``lead_s``), then
-    ``data: END``; each event's send time appended to ``sent``."""
-
-    async def reply(writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(lead_s)
-        for i in range(events + 1):
-            event = b"data: END\n\n" if i == events else b"data: %d\n\n" % i
-            sent.append(time.monotonic_ns())
-            writer.write(b"%x\r\n%b\r\n" % (len(event), event))
-            await writer.drain()
-            await asyncio.sleep(gap_s)
-        writer.write(b"0\r\n\r\n")
-
-    return reply
-
-
-def run_streams(replies: list, interval_s: float) -> tuple[list[Stamps], list[int]]:
-    """One stream per reply, concurrently, read in passes of ``interval_s``: the readers and the
-    time of every pass's end."""
-    passes: list[int] = []
-
-    async def main() -> list[Stamps]:
-        http_stream.read_in_passes(interval_s, lambda: passes.append(time.monotonic_ns()))
-        served = [await serve(reply) for reply in replies]
-        readers = [Stamps() for _ in replies]
-        try:
-            await asyncio.gather(
-                *(
-                    http_stream.post_stream(url, b"{}", {}, reader, connect_timeout_s=2, idle_timeout_s=5)
-                    for reader, (_, url) in zip(readers, served, strict=True)
-                )
-            )
-            return readers
-        finally:
-            for server, _ in served:
-                server.close()
-            http_stream.close_idle()
-
-    return uvloop.run(asyncio.wait_for(main(), 30)), passes
-
-
-def test_streams_are_read_in_passes_at_most_one_per_interval():
-    """Ten streams sending every 5 ms, read in passes 50 ms apart: a pass reads several streams'
-    events at once (the process wakes per interval, not per socket), and every body is whole."""
-    readers, passes = run_streams([paced(30, 0.005, []) for _ in range(10)], 0.05)
-    assert all(r.body.endswith(b"data: END\n\n") and r.body.count(b"data: ") == 31 for r in readers)
-    gaps = [b - a for a, b in itertools.pairwise(passes)]
-    assert min(gaps) >= 0.045e9, gaps  # uvloop's timers have a millisecond's grain
-    assert len(passes) < sum(len(r.reads) for r in readers) / 3
-
-
-def test_receive_times_are_not_later_than_the_bytes():
-    """A read's recv_ns is at most a wake-up after its first event was sent, not the time of the
-    pass that read it (up to an interval later); a lone event after a quiet spell is read at
-    once, not an interval later."""
-    sent = [[] for _ in range(3)]
-    readers, _ = run_streams([paced(12, 0.01, sent[i], lead_s=0.3) for i in range(3)], 0.1)
-    for reader, times in zip(readers, sent, strict=True):
-        for recv_ns, _, body in reader.reads:
-            if body.startswith(b"data: "):
-                first = body[6 : body.index(b"\n")]
-                sent_ns = times[-1] if first == b"END" else times[int(first)]
-                assert recv_ns <= sent_ns + 20_000_000, (recv_ns - sent_ns) / 1e6
-        first_event = next(read for read in reader.reads if read[2].startswith(b"data: 0"))
-        assert first_event[1] - times[0] < 50_000_000  # fed within 50 ms of being sent
-
-
-def test_close_idle_closes_the_kept_connections():
-    async def main() -> None:
-        server, url = await serve(lambda writer: _write(writer, STREAM % (b"", b"")))
-        try:
-            await http_stream.post_stream(url, b"{}", {}, Collect(), connect_timeout_s=2, idle_timeout_s=2)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 2
-            while not any(http_stream._IDLE.get(loop, {}).values()):
-                assert loop.time() < deadline, "the connection was never kept"
-                await asyncio.sleep(0.01)
-            kept = [sock for idle in http_stream._IDLE[loop].values() for sock in idle]
-            http_stream.close_idle()
-            assert all(sock.fileno() == -1 for sock in kept) and not http_stream._IDLE.get(loop)
-        finally:
-            server.close()
-
-    uvloop.run(asyncio.wait_for(main(), 10))
-
-
-async def _write(writer: asyncio.StreamWriter, raw: bytes) -> None:
-    writer.write(raw)

@@ -418,10 +418,9 @@ class _BodyReader:
         self.end: StreamEnd | None = None
         self.complete = False
 
-    def feed(self, chunk: bytes, recv_ns: int) -> Awaitable[None] | None:
-        """One read's body bytes, received at ``recv_ns`` (``time.monotonic_ns()``)."""
+    def feed(self, chunk: bytes) -> Awaitable[None] | None:
         parser, decoder = self.parser, self.decoder
-        tokens = Tokens([], [], [], [], recv_ns)  # one read: its events arrived together
+        tokens = Tokens([], [], [], [], time.monotonic_ns())  # one read: its events arrived together
         failure = None
         try:
             plain = parser.feed_plain(chunk)  # the usual read: complete data-only events, bytes kept
@@ -470,7 +469,7 @@ async def _relay_body(resp: aiohttp.ClientResponse, reader: _BodyReader) -> Stre
     """The aiohttp path (https): the response body, one read at a time."""
     content = resp.content
     while chunk := await content.readany():
-        wait = reader.feed(chunk, time.monotonic_ns())
+        wait = reader.feed(chunk)
         if wait is not None:
             await wait
         if reader.complete:

@@ -28,7 +28,6 @@ import aiohttp
 from engine.protocol.requests import MAX_TOKENS_LIMIT
 from engine.telemetry import Telemetry
 from engine.upstreams import UpstreamEntry as UpstreamConfig  # one definition with the config's [[upstreams]]
-from stages.ingest import http_stream
 from stages.ingest.openai_client import (
     StreamEnd,
     TokenEvent,
@@ -182,7 +181,6 @@ class UpstreamPool:
             with suppress(asyncio.CancelledError):
                 await task
         self._health_tasks = []
-        http_stream.close_idle()
         if self._session is not None:
             await self._session.close()
             self._session = None

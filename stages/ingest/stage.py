@@ -48,7 +48,6 @@ from engine.protocol.tokens import LOOKUP, OPERATOR
 from engine.stage import AsyncStage, WorkerContext, wait_writable
 from engine.tokens import ensure_token, matches
 from shm.batch import Kind, TokenBatch, stable_token_id
-from stages.ingest import http_stream
 from stages.ingest.openai_client import Tokens, UpstreamError, wait_both
 from stages.ingest.params import IngestParams
 from stages.ingest.pool import PoolPolicy, UpstreamConfig, UpstreamPool
@@ -105,9 +104,6 @@ class Ingest(AsyncStage):
         self.producer = producer_id([{"base_url": u.base_url, "models": list(u.models)} for u in upstreams])
         if not upstreams:
             upstreams = [await self._start_embedded(params.embedded)]
-        # the upstream sockets are read in passes, at most one per flush window under load, and
-        # the rows a pass brought are written as it ends (http_stream.py)
-        http_stream.read_in_passes(self.flush_s, self._rows_read)
         self.pool = UpstreamPool(upstreams, PoolPolicy(**params.pool), telemetry=ctx.telemetry)
         await self.pool.start()
         if self.cache is not None:
@@ -325,13 +321,6 @@ class Ingest(AsyncStage):
         if waiting >= self.backlog_rows:
             self.room.clear()
             self.wake_flusher.set()
-
-    def _rows_read(self) -> None:
-        """A pass over the upstream sockets is over: its rows go now, not a window later."""
-        if self.rows.stream_id:
-            if self.flush_timer is not None:
-                self.flush_timer.cancel()
-            self._flush_due()
 
     def _flush_due(self) -> None:
         """The oldest waiting row's window is over: what is there goes now, from the timer itself
