@@ -33,13 +33,15 @@ def worker_pid(engine: GatewayEngine, name: str) -> int:
     return next(w for w in engine.status()["workers"] if w["name"] == name)["pid"]
 
 
-async def streams_through_a_kill(engine: GatewayEngine, victim: str | None, n: int) -> list[tuple[str, str]]:
+async def streams_through_a_kill(
+    engine: GatewayEngine, victim: str | None, n: int, tokens: int = TOKENS
+) -> list[tuple[str, str]]:
     """``n`` streams of TOKENS tokens (1.5 s each); ``victim`` killed with SIGKILL 0.5 s in. The
     embedded upstream's text depends on the request only: the same ``n`` without a kill is the
     reference."""
 
     async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, str]:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": f"kill {i}"}], "max_tokens": TOKENS}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"kill {i}"}], "max_tokens": tokens}
         text = ""
         try:
             stream = await client.chat.completions.create(**body, stream=True, extra_body={"ignore_eos": True})
@@ -79,9 +81,15 @@ def test_streams_complete_or_fail_loudly_when_a_worker_is_killed(gw, victim):
 
 
 @pytest.mark.timeout(120)
-def test_a_killed_gateway_is_restarted_and_serves_again(gw):
-    results = asyncio.run(streams_through_a_kill(gw, "gateway", 5))
+def test_a_killed_gateway_is_restarted_cancels_what_it_left_open_and_serves_again(gw):
+    cancelled = gw.stats("ingest")["cancelled"]
+    results = asyncio.run(streams_through_a_kill(gw, "gateway", 5, tokens=400))  # 10 s streams
     assert all(kind == "error" for kind, _ in results), results  # the connections were cut: the client says so
+    # the restarted gateway cancels the 5 streams its predecessor left open, long before their end
+    deadline = time.monotonic() + 8
+    while gw.stats("ingest")["cancelled"] < cancelled + 5:
+        assert time.monotonic() < deadline, "the streams of the killed gateway were not cancelled"
+        time.sleep(0.1)
     deadline = time.monotonic() + 30
     while True:
         url = gw.stats("gateway").get("url")

@@ -21,6 +21,7 @@ from engine.protocol.requests import RequestError
 from engine.telemetry import Telemetry
 from stages.gateway.errors import ApiError, rejection, stream_error
 from stages.gateway.follower import BroadcastFollower, Inbox
+from stages.gateway.inflight import InFlight
 from stages.gateway.shapes import (
     DONE,
     KEEPALIVE,
@@ -94,12 +95,14 @@ class Completions:
         self,
         requests: AsyncRequestClient,
         follower: BroadcastFollower,
+        inflight: InFlight,
         telemetry: Telemetry,
         keepalive_s: float,
         first_token_timeout_s: float,
     ) -> None:
         self.requests = requests
         self.follower = follower
+        self.inflight = inflight
         self.telemetry = telemetry
         self.keepalive_s = keepalive_s
         self.first_token_timeout_s = first_token_timeout_s
@@ -110,6 +113,7 @@ class Completions:
 
     async def answer(self, request: web.Request, ask: Ask, lease: Lease, received: float) -> web.StreamResponse:
         submitted, inbox = await self._submit(ask, lease)
+        slot = self.inflight.add(submitted.stream_id, submitted.cancel_token)
         follow = Follow(inbox, submitted.stream_id)
         shaper = Shaper(ask.chat, ask.model, ask.include_usage)
         state = _Tally(estimate_prompt_tokens(ask.chat, ask.body))
@@ -119,6 +123,7 @@ class Completions:
             return await self._whole(ask, follow, shaper, state, lease)
         finally:
             self.follower.unregister(submitted.stream_id)
+            self.inflight.remove(slot)
             if not follow.ended:  # the client went away, or the first token never came
                 self.counts["cancelled"] += 1
                 self._cancel(submitted)

@@ -29,6 +29,7 @@ from stages.gateway.errors import ApiError
 from stages.gateway.feed import FeedHub
 from stages.gateway.follower import BroadcastFollower
 from stages.gateway.health import EngineHealth, health_body
+from stages.gateway.inflight import InFlight
 from stages.gateway.validation import Invalid, upstream_body, validate
 
 MODELS_REFRESH_S = 30.0  # how long ingest's model list is taken as current
@@ -49,6 +50,7 @@ class GatewayServer:
         gate: Gate,
         requests: AsyncRequestClient,
         follower: BroadcastFollower,
+        inflight: InFlight,
     ) -> None:
         self.ctx = ctx
         self.params = params
@@ -56,7 +58,7 @@ class GatewayServer:
         self.requests = requests
         self.follower = follower
         self.completions = Completions(
-            requests, follower, ctx.telemetry, params.keepalive_s, params.first_token_timeout_s
+            requests, follower, inflight, ctx.telemetry, params.keepalive_s, params.first_token_timeout_s
         )
         self.hub = FeedHub(follower, ctx.runtime_dir, params.feed_queue)
         self.health = EngineHealth(ctx.runtime_dir)

@@ -29,6 +29,7 @@ from engine.protocol.requests import ingest_endpoint
 from engine.stage import AsyncStage, WorkerContext
 from engine.validated import ModelRef
 from stages.gateway.follower import BroadcastFollower
+from stages.gateway.inflight import InFlight
 from stages.gateway.server import GatewayServer
 
 FOLLOW_WAIT_S = 20.0  # set-up waits this long for the broadcast's first answer (then /health says 503)
@@ -48,13 +49,15 @@ class Gateway(AsyncStage):
             ingest_endpoint(ctx.runtime_dir), f"gateway-{os.getpid()}", params.submit_timeout_s
         )
         self.requests.start()
+        self.inflight = InFlight(ctx, params.max_connections)
+        await self._cancel_left_open()
         self.follower = BroadcastFollower(ctx.runtime_dir)
         self.follower.start()
         for _ in range(int(FOLLOW_WAIT_S / 0.05)):
             if self.follower.ready:
                 break
             await asyncio.sleep(0.05)
-        self.server = GatewayServer(ctx, params, self.gate, self.requests, self.follower)
+        self.server = GatewayServer(ctx, params, self.gate, self.requests, self.follower, self.inflight)
         self.runner = web.AppRunner(
             self.server.app(),
             access_log=None,
@@ -69,6 +72,15 @@ class Gateway(AsyncStage):
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"http://{shown}:{bound_port}/v1"
         ctx.log.info("gateway_ready", url=self.url, auth=params.auth, following=self.follower.ready)
+
+    async def _cancel_left_open(self) -> None:
+        """The streams a killed predecessor had open: their clients are gone, so cancel them."""
+        left = self.inflight.left
+        if not left:
+            return
+        done = await asyncio.gather(*(self.requests.cancel(sid, token) for sid, token in left), return_exceptions=True)
+        cancelled = sum(1 for result in done if result is None)  # the others had ended meanwhile
+        self.ctx.log.warning("gateway_cancelled_left_open", streams=len(left), cancelled=cancelled)
 
     async def run(self, ctx: WorkerContext) -> None:
         try:
