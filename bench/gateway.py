@@ -45,7 +45,7 @@ import numpy as np
 
 from stages.ingest.upstream_server import UpstreamServerConfig, serve_in_process
 
-from . import report
+from . import report, stage_latency
 from .gateway_load import Job, serve
 from .gateway_tap import serve as tap
 from .litellm_proxy import LiteLLMProxy, Unavailable
@@ -56,6 +56,7 @@ DOCS = report.DOCS.parent / "gateway.md"
 MODEL = "neuralpipe-echo"
 ENGINE_STAGES = ("gateway", "ingest", "compute", "cache", "broadcast")
 LOAD_TIMEOUT_S = 300.0
+STAGE_WAIT_S = 5.0  # for the engine's metrics to count a load's tokens
 # Targets from issue 15, reported (never asserted).
 TARGET_ADDED_P99_US = 1000.0  # per token, 100 streams
 TARGET_RATIO = 10.0  # LiteLLM's added / the gateway's added
@@ -119,8 +120,23 @@ class Target:
     """One thing the load is pointed at: its /v1 URL, the processes whose CPU is its cost, and (the
     gateway) a tap on the broadcast that tells the engine path from the gateway worker."""
 
-    def __init__(self, name: str, url: str, processes: Any, tap: ChildProcess | None = None) -> None:
+    def __init__(self, name: str, url: str, processes: Any, tap: ChildProcess | None = None, metrics_port: int = 0):
         self.name, self.url, self.processes, self.tap = name, url, processes, tap  # processes(): name -> pid
+        self.metrics_port = metrics_port  # the engine's /metrics (0: none)
+
+    def stages(self, before: stage_latency.Buckets | None, tokens: int) -> dict[str, dict[str, float]] | None:
+        """With ``before`` None: a reading to start from; else the engine's per-stage latency since
+        it, once the broadcast has counted ``tokens`` more (its figures come with heartbeats)."""
+        if not self.metrics_port:
+            return None
+        if before is None:
+            return stage_latency.read(self.metrics_port)
+        deadline = time.monotonic() + STAGE_WAIT_S
+        while True:
+            window = stage_latency.quantiles(before, stage_latency.read(self.metrics_port))
+            if window.get("broadcast", {}).get("count", 0) >= tokens or time.monotonic() > deadline:
+                return window
+            time.sleep(0.1)
 
     def tapped(self) -> dict[str, list[int]] | None:
         """The tap's latencies since the last call (None without a tap)."""
@@ -166,16 +182,19 @@ def run_load(
         tag=uuid.uuid4().hex[:12],
         extra={"ignore_eos": True},
     )
-    loadgen.conn.send(Job(**{**asdict(job), "streams": 1, "rounds": 1, "tokens": 4, "tag": job.tag + "-warm"}))
+    # warm-up at the load's concurrency: connections (client -> proxy -> upstream) are open before it
+    loadgen.conn.send(Job(**{**asdict(job), "rounds": 1, "tokens": 4, "tag": job.tag + "-warm"}))
     loadgen.answer(LOAD_TIMEOUT_S)
     proxy = target.processes()
     pids = {**{f"proxy:{k}": v for k, v in proxy.items()}, "upstream": upstream_pid, "loadgen": loadgen.proc.pid}
     target.tapped()  # the warm-up's, dropped
+    stages_before = target.stages(None, 0)
     before, began = _cpu(pids), time.monotonic()
     loadgen.conn.send(job)
     got = loadgen.answer(LOAD_TIMEOUT_S)
     after, seconds = _cpu(pids), time.monotonic() - began
     tap = target.tapped()
+    stages = target.stages(stages_before, got["tokens"])
     received = max(1, got["tokens"])
     used = {name: (after[name] - before[name]) * 1e6 / received for name in before if name in after}
     latency, ttft = np.array(got["latency_ns"], dtype=np.int64), np.array(got["ttft_ns"], dtype=np.int64)
@@ -203,6 +222,8 @@ def run_load(
     }
     if tap is not None:
         row["engine_path"] = _engine_path(row, tap)
+    if stages is not None:
+        row["engine_stages"] = stages
     return row
 
 
@@ -232,7 +253,7 @@ def _engine_target(engine: BenchEngine, broadcast_tap: ChildProcess) -> Target:
         named = {s: found[s] for s in ENGINE_STAGES}
         return {**named, **{f"supervisor:{k}": v for k, v in found.items() if k not in ENGINE_STAGES}}
 
-    return Target("gateway", url, processes, broadcast_tap)
+    return Target("gateway", url, processes, broadcast_tap, int(engine.info["metrics_port"]))
 
 
 def _added(rows: list[dict[str, Any]]) -> None:
@@ -444,6 +465,25 @@ def _path_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+_STAGE_COLUMNS: tuple[report.Column, ...] = (
+    ("streams", "streams", "{:,}"),
+    ("stage", "stage", "{}"),
+    ("p50_us", "recv -> stage p50 µs", "{:,.0f}"),
+    ("p99_us", "recv -> stage p99 µs", "{:,.0f}"),
+    ("count", "rows", "{:,}"),
+)
+
+
+def _stage_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"streams": r["streams"], "stage": stage, **r["engine_stages"][stage]}
+        for r in result["rows"]
+        if "engine_stages" in r
+        for stage in ("ingest", "compute", "cache", "broadcast")
+        if stage in r["engine_stages"]
+    ]
+
+
 def _engine_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         {"streams": r["streams"], **r["engine_cpu_us_per_token"]} for r in result["rows"] if r["target"] == "gateway"
@@ -499,6 +539,11 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             report.markdown_table(_path_rows(result), _PATH_COLUMNS),
             "",
+            "The engine's own stage latency over the same loads (ingest's recv_ns -> the stage committed or "
+            "published; from its /metrics histograms, coarse buckets: which stage the time goes to):",
+            "",
+            report.markdown_table(_stage_rows(result), _STAGE_COLUMNS),
+            "",
             *_ratio_lines(result),
             "",
             *report.target_table(result["targets"], _ratio_value),
@@ -518,6 +563,8 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
     click.echo(report.text_table(_engine_rows(result), _ENGINE_COLUMNS))
     click.echo()
     click.echo(report.text_table(_path_rows(result), _PATH_COLUMNS))
+    click.echo()
+    click.echo(report.text_table(_stage_rows(result), _STAGE_COLUMNS))
     for line in _ratio_lines(result):
         click.echo(line)
     for line in report.target_lines(result["targets"], _ratio_value):
