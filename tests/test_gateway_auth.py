@@ -176,3 +176,12 @@ def test_beyond_max_connections_is_503_until_one_closes(keyed):
             return status, retry, code, answer.status
 
     assert asyncio.run(run()) == (503, "1", "gateway_busy", 200)
+
+
+def test_a_request_ingest_refuses_frees_the_keys_stream_slot(keyed):
+    client = openai.OpenAI(base_url=keyed.url, api_key=make_key(keyed, "erin", "--max-streams", "1"), max_retries=0)
+    wide = [{"role": "user", "content": "\u00e9" * 200_000}]  # 200,000 characters (gateway ok), 400 KB (ingest: no)
+    with pytest.raises(openai.BadRequestError, match="bytes, at most"):
+        client.chat.completions.create(model=MODEL, messages=wide, max_tokens=2)
+    for _ in range(2):  # its one stream slot is free again, each time
+        assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).usage.completion_tokens == 2

@@ -112,7 +112,11 @@ class Completions:
         self._lane = 0
 
     async def answer(self, request: web.Request, ask: Ask, lease: Lease, received: float) -> web.StreamResponse:
-        submitted, inbox = await self._submit(ask, lease)
+        try:
+            submitted, inbox = await self._submit(ask)
+        except BaseException:
+            lease.close()  # refused, or the client left before ingest answered: the slot is free again
+            raise
         slot = self.inflight.add(submitted.stream_id, submitted.cancel_token)
         follow = Follow(inbox, submitted.stream_id)
         shaper = Shaper(ask.chat, ask.model, ask.include_usage)
@@ -138,12 +142,16 @@ class Completions:
             lease.close(usage.prompt_tokens, usage.completion_tokens, cached)
             self._count_key(lease, usage, cached)
 
-    async def _submit(self, ask: Ask, lease: Lease) -> tuple[Submitted, Inbox]:
+    async def _submit(self, ask: Ask) -> tuple[Submitted, Inbox]:
         endpoint = "chat" if ask.chat else "completions"
+        self._lane = (self._lane + 1) % LANES
+        call = asyncio.ensure_future(self.requests.submit(ask.body, endpoint, client=f"gateway-{self._lane}"))
         with self.follower.expecting_one():
             try:
-                self._lane = (self._lane + 1) % LANES
-                submitted = await self.requests.submit(ask.body, endpoint, client=f"gateway-{self._lane}")
+                submitted = await asyncio.shield(call)
+            except asyncio.CancelledError:  # the client left: the stream, once accepted, is cancelled
+                call.add_done_callback(self._cancel_when_accepted)
+                raise
             except RequestError as exc:
                 raise rejection(str(exc)) from None
             except TimeoutError:
@@ -157,6 +165,11 @@ class Completions:
             inbox = self.follower.register(submitted.stream_id)  # while rows of unknown streams are kept
         self.counts["submitted"] += 1
         return submitted, inbox
+
+    def _cancel_when_accepted(self, call: asyncio.Future) -> None:
+        if not call.cancelled() and call.exception() is None:
+            self.counts["cancelled"] += 1
+            self._cancel(call.result())
 
     def _cancel(self, submitted: Submitted) -> None:
         """Cancel the engine stream now, from a task of its own (the handler may be cancelled)."""
