@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from engine.auth.gate import Lease
@@ -310,7 +311,8 @@ class Completions:
                     extension = {"columns": columns} if ask.columns else None
                     usage = state.usage(follow.cached)
                     headers = {"x-neuralpipe-cache": "hit" if follow.cached else "miss"}
-                    return web.json_response(shaper.whole(text, reason, usage, lp, extension), headers=headers)
+                    body = orjson.dumps(shaper.whole(text, reason, usage, lp, extension))
+                    return web.Response(body=body, content_type="application/json", headers=headers)
                 elif message.type == "error":
                     state.failed = True
                     raise stream_error(message.header.get("reason", ""))
