@@ -420,32 +420,49 @@ class _BodyReader:
 
     def feed(self, chunk: bytes) -> Awaitable[None] | None:
         parser, decoder = self.parser, self.decoder
+        plain = parser.feed_plain(chunk)  # the usual read: complete data-only events, bytes kept
+        if plain is None:
+            return self._feed_events(chunk)
         tokens = Tokens([], [], [], [], time.monotonic_ns())  # one read: its events arrived together
-        failure = None
         try:
-            plain = parser.feed_plain(chunk)  # the usual read: complete data-only events, bytes kept
-            if plain is not None:
-                for data in plain:
-                    if data == b"[DONE]":
-                        self._done(tokens.recv_ns)
-                        break
-                    decoder.decode("message", data, tokens)
-            else:
-                for event in parser.feed(chunk):
-                    if event.data == "[DONE]":
-                        self._done(tokens.recv_ns)
-                        break
-                    decoder.decode(event.event, event.data, tokens)
+            for data in plain:
+                if data == b"[DONE]":
+                    self._done(tokens.recv_ns)
+                    break
+                decoder.decode("message", data, tokens)
         except UpstreamError as exc:
-            failure = exc
-        wait = None
+            return self._deliver(tokens, exc)
         if tokens.texts:
             decoder.tokens += len(tokens.texts)
-            wait = self.sink(tokens)
+            return self.sink(tokens)
+        return None
+
+    def _feed_events(self, chunk: bytes) -> Awaitable[None] | None:
+        """A read the full SSE parser takes: other fields, comments, split lines, a line that is
+        not SSE (the failure after the events before it)."""
+        parser, decoder = self.parser, self.decoder
+        tokens = Tokens([], [], [], [], time.monotonic_ns())
+        failure = None
+        try:
+            for event in parser.feed(chunk):
+                if event.data == "[DONE]":
+                    self._done(tokens.recv_ns)
+                    break
+                decoder.decode(event.event, event.data, tokens)
+        except UpstreamError as exc:
+            failure = exc
         if failure is None and not self.complete and parser.unknown_line is not None:
             failure = _unknown_line_error(parser.unknown_line)
         if failure is None and parser.overflow is not None:
             failure = UpstreamError(f"upstream sent {parser.overflow} in its event stream", retryable=True)
+        return self._deliver(tokens, failure)
+
+    def _deliver(self, tokens: Tokens, failure: UpstreamError | None) -> Awaitable[None] | None:
+        """The read's tokens to the sink, then its failure (raised, or once the sink's wait is over)."""
+        wait = None
+        if tokens.texts:
+            self.decoder.tokens += len(tokens.texts)
+            wait = self.sink(tokens)
         if failure is None:
             return wait
         if wait is None:

@@ -234,7 +234,7 @@ class Ingest(AsyncStage):
         deterministic = is_deterministic(body)
         credit = TokenCredit(self.token_buckets.bucket(client))
         rows, next_seq, room, counts = self.rows, self.next_seq, self.room, self.counts
-        append, max_text = rows.append, rows.max_text
+        append, max_text, batch_rows = rows.append, rows.max_text, rows.batch_rows
 
         def sink(tokens: Tokens) -> Awaitable[None] | None:
             """One read's tokens straight into the row columns (the usual read, one token, without
@@ -255,7 +255,8 @@ class Ingest(AsyncStage):
             else:
                 self._add_tokens(sid, tokens)
             counts["tokens"] += n
-            self._rows_added()
+            if self.flush_timer is None or len(rows.stream_id) >= batch_rows:  # else: nothing to do yet
+                self._rows_added()
             throttle = credit.take(n)
             if room.is_set():
                 return throttle
