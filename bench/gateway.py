@@ -14,13 +14,16 @@ by the same client (bench/gateway_load.py: aiohttp under uvloop in its own proce
   when it is installed and starts (else reported as unavailable, with the reason).
 
 Each load (1 stream making requests one after another; 100 concurrent streams, their starts spread
-over one token interval) runs on each target in turn, after a warm-up request. Every prompt is
-distinct (no cache hit; a hit would replay old stamps and is counted). Figures:
+over one token interval) runs ``repeats`` times on each target in turn (direct, gateway, litellm,
+direct, ...: a noisy neighbour hits every target alike), each time after a warm-up at the load's
+concurrency. Every prompt is distinct (no cache hit; a hit would replay old stamps and is counted).
+A figure is the median over the repeats. Figures:
 
 - per-token latency: client receive time minus the upstream's send stamp, p50/p99/p99.9;
 - time to first token: request sent -> first token received, p50/p99;
-- added = the target's percentile minus direct's at the same load (the difference of percentiles,
-  as proxies' published figures are, not the percentile of a per-token difference);
+- added = the target's percentile minus direct's in the same repeat (the difference of
+  percentiles, as proxies' published figures are, not the percentile of a per-token difference),
+  its median over the repeats;
 - CPU µs per token: utime + stime (/proc/<pid>/stat) of each process over the load / tokens
   received: the proxy's processes (gateway: every engine process, and each of them apart; LiteLLM:
   its process group), the upstream and the load generator apart;
@@ -67,10 +70,13 @@ class Settings:
     tokens_per_s: float  # per stream, the upstream's pace ("model speed")
     loads: tuple[tuple[int, int, int], ...]  # (streams, requests per stream one after another, tokens each)
     litellm: bool
+    # each load runs this many times on every target in turn (direct, gateway, litellm, direct, ...):
+    # a figure is the median over the repeats, an added figure the median of each repeat's difference
+    repeats: int
 
 
-FULL = Settings(tokens_per_s=20.0, loads=((1, 8, 20), (100, 1, 100)), litellm=True)
-QUICK = Settings(tokens_per_s=100.0, loads=((1, 2, 10), (10, 1, 20)), litellm=False)
+FULL = Settings(tokens_per_s=20.0, loads=((1, 8, 20), (100, 1, 100)), litellm=True, repeats=3)
+QUICK = Settings(tokens_per_s=100.0, loads=((1, 2, 10), (10, 1, 20)), litellm=False, repeats=1)
 
 
 def engine_toml(upstream_url: str, state_dir: str) -> str:
@@ -257,10 +263,10 @@ def _engine_target(engine: BenchEngine, broadcast_tap: ChildProcess) -> Target:
 
 
 def _added(rows: list[dict[str, Any]]) -> None:
-    """Each row's figures minus direct's at the same load."""
-    direct = {r["streams"]: r for r in rows if r["target"] == "direct"}
+    """Each row's figures minus direct's at the same load in the same repeat."""
+    direct = {(r["streams"], r["repeat"]): r for r in rows if r["target"] == "direct"}
     for row in rows:
-        base = direct[row["streams"]]
+        base = direct[row["streams"], row["repeat"]]
         row["added_token_p50_us"] = round(row["token_p50_us"] - base["token_p50_us"], 1)
         row["added_token_p99_us"] = round(row["token_p99_us"] - base["token_p99_us"], 1)
         row["added_ttft_p50_ms"] = round(row["ttft_p50_ms"] - base["ttft_p50_ms"], 3)
@@ -358,10 +364,11 @@ def measure(settings: Settings, progress: bool) -> dict[str, Any]:
             if progress:
                 click.echo(f"litellm: {_litellm_text(litellm)}", err=True)
             for load in settings.loads:
-                for target in found:
-                    rows.append(run_load(loadgen, upstream.pid, target, load, settings))
-                    if progress:
-                        click.echo(f"  {_progress(rows[-1])}", err=True)
+                for repeat in range(settings.repeats):
+                    for target in found:
+                        rows.append({"repeat": repeat} | run_load(loadgen, upstream.pid, target, load, settings))
+                        if progress:
+                            click.echo(f"  {_progress(rows[-1])}", err=True)
     finally:
         upstream.terminate()
         upstream.join(10)
@@ -374,7 +381,38 @@ def measure(settings: Settings, progress: bool) -> dict[str, Any]:
         if row["target"] == "gateway":
             row["engine_cpu_us_per_token"] = _engine_breakdown(row)
             row["gateway_worker_cpu_us_per_token"] = row["engine_cpu_us_per_token"]["gateway"]
-    return {"rows": rows, "litellm": litellm}
+    return {"rows": _medians(rows), "repeats": rows, "litellm": litellm}
+
+
+ERROR_SAMPLES = 5
+SUMMED = ("requests", "tokens", "tokens_expected", "errors", "cache_hits", "count")
+
+
+def _medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per target and load: counts summed over its repeats, every other figure their median."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["target"], row["streams"]), []).append(row)
+    return [_merge(group) | {"repeats": len(group)} for group in groups.values()]
+
+
+def _merge(group: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, first in group[0].items():
+        values = [row[key] for row in group if key in row]
+        if key == "repeat":
+            continue
+        if isinstance(first, dict):
+            out[key] = _merge(values)
+        elif isinstance(first, list):
+            out[key] = [item for value in values for item in value][:ERROR_SAMPLES]
+        elif isinstance(first, str) or key == "streams":
+            out[key] = first
+        elif key in SUMMED:
+            out[key] = sum(values)
+        else:
+            out[key] = round(float(np.median(values)), 3)
+    return out
 
 
 def _progress(row: dict[str, Any]) -> str:
@@ -523,9 +561,11 @@ def markdown(result: dict[str, Any]) -> str:
             report.machine_line(result["machine"], result["load_before"], result["load_after"]),
             "",
             f"Embedded upstream paced at {s['tokens_per_s']:g} tokens/s per stream, each token stamped with its send "
-            f"time; loads: {loads}. Client: {result['load_generator']}. Per-token latency = client receive time - "
-            "upstream send stamp; added = the target's percentile - direct's at the same load. Gateway = the whole "
-            "engine path (ingest, compute, cache, broadcast, gateway worker); its proxy CPU is every engine process. "
+            f"time; loads: {loads}, each {s['repeats']} times on every target in turn (a figure: the median over "
+            "the repeats; an added figure: the median of each repeat's difference to direct). "
+            f"Client: {result['load_generator']}. Per-token latency = client receive time - upstream send stamp; "
+            "added = the target's percentile - direct's. Gateway = the whole engine path (ingest, compute, cache, "
+            "broadcast, gateway worker); its proxy CPU is every engine process. "
             f"LiteLLM: {_litellm_text(result['litellm'])}.",
             "",
             report.markdown_table(result["rows"], _COLUMNS),
