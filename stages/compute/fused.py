@@ -8,9 +8,10 @@ of a record's time in call overhead. These functions give the same values as the
 
 - :func:`token_columns`: ``layout`` and ``entropy`` (of the chosen token's logprob alone, the
   only one the ring carries) in one pass, written straight into the output record's columns.
-- :func:`repetition`: ``repetition_match`` over a [streams, history + new] matrix of ids, with
-  the n-gram compared two ids at a time (one u64 per pair), no padding and no per-query index
-  arrays when a record holds one stream.
+- :func:`pair_match`, :func:`pair_match_run`: ``repetition_match`` from the pair keys compute
+  keeps per position (an id and the one before it in one u64), the n-gram compared two ids at a
+  time: over each token's gathered window, or over one stream's consecutive tokens with one
+  comparison shared by the n-gram's pairs (no gather).
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """What compute keeps along each stream, and the columns that come from it: ``ppl``, ``rep``,
 ``repflag`` and the windowed ``probe`` means, for all of a record's streams at once.
 
-Rows are grouped by stream with one stable sort (a record of one stream skips the gathers), each
-stream's running sums continue from its saved state through one cumulative sum, and each history
-(ids, match flags, probe cosines) is gathered into a [streams, history + new] matrix: the count of
-numpy calls per record does not grow with its rows or streams.
+Each stream's recent tokens are kept by position in a row of :class:`StreamStates` (pair keys and
+match flags), written where they belong and read as contiguous windows, so that a record's tokens
+are handled with a few numpy calls whatever their rows or streams (the sorting, and the paths for
+a record of one stream or of one token per stream, are in ``stages.compute.stage``). The probe
+cosines' history is gathered into a [streams, history + new] matrix (:func:`extend`, :func:`put`,
+:func:`keep`) and averaged with one cumulative sum (:func:`window_mean`).
 """
 
 from __future__ import annotations
@@ -193,21 +195,6 @@ def keep(history: np.ndarray, tokens: Tokens, joined: np.ndarray) -> None:
     windows = np.ndarray((len(counts), joined.shape[1], joined.shape[2] - width + 1, width), joined.dtype, joined, 0,
                          (row, channel, step, step))  # fmt: skip
     history[tokens.slots] = windows[np.arange(len(counts)), :, counts]
-
-
-def flag_share(flags: np.ndarray, tokens: Tokens, start: np.ndarray | None, width: int, window: int) -> np.ndarray:
-    """f32 per token: the share of 1s among its stream's last ``window`` match flags (fewer at the
-    stream's start), from ``flags`` ([streams, width + new] of 0 or 1; ``start``: each token's
-    index in the rows laid end to end, less ``width``; None: one stream)."""
-    sums = np.add.accumulate(flags, axis=1)  # integers: exact, and no conversion
-    if start is None:
-        total = sums[0, width:] - sums[0, width - window : width - window + len(tokens.at)]
-    else:
-        sums = sums.reshape(-1)
-        total = sums[start + width] - sums[start + (width - window)]
-    if tokens.position.min() >= window - 1:  # the usual case: every token has a full window behind it
-        return (total / window).astype(np.float32)
-    return (total / np.minimum(tokens.position + 1, window)).astype(np.float32)
 
 
 def window_mean(joined: np.ndarray, tokens: Tokens, width: int, window: int) -> np.ndarray:
