@@ -70,6 +70,7 @@ SUBSCRIPTION_MESSAGES_PER_CYCLE = 1024  # (un)subscriptions read per duty cycle
 SNAPSHOT_SNDHWM = 100_000  # reply messages queued per snapshot client
 SNAPSHOT_RCVHWM = 1000  # requests queued per snapshot client; ZeroMQ drops beyond it
 _OPEN_KEPT = 100_000  # streams remembered as open, for the heartbeat's active_streams
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class _Publisher:
@@ -390,8 +391,9 @@ class Broadcast(Stage):
 
 def _readable(sock: zmq.Socket) -> bool:
     """Whether a message waits on ``sock``: asked before each receive because a receive that
-    finds nothing costs an exception and two system calls more (do_work runs twice per record)."""
-    return bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+    finds nothing costs an exception and two system calls more (do_work runs twice per record).
+    Plain ints: pyzmq's constants are enum flags, and ``&`` on them costs more than the call."""
+    return bool(sock.getsockopt(_EVENTS) & _POLLIN)
 
 
 def _rows(values: np.ndarray, rows: np.ndarray | None) -> np.ndarray:

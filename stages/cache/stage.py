@@ -45,6 +45,7 @@ from stages.cache.snapshot import SnapshotError, read_snapshot, write_snapshot
 from stages.cache.store import LruStore
 
 _HOUSEKEEPING_S = 1.0
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 def default_snapshot_path(runtime_dir: str, worker: str) -> str:
@@ -183,8 +184,9 @@ class Cache(Stage):
     def _serve(self) -> int:
         served = 0
         # asked before each receive: one that finds nothing costs an exception and two system
-        # calls more, and do_work runs at least twice per record
-        while served < 64 and self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        # calls more, and do_work runs at least twice per record (plain ints: pyzmq's constants
+        # are enum flags, and ``&`` on them costs more than the call)
+        while served < 64 and self.router.getsockopt(_EVENTS) & _POLLIN:
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
