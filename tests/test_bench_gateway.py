@@ -58,7 +58,8 @@ def test_bench_gateway_quick_json():
         assert {"added_token_p50_us", "added_token_p99_us", "added_ttft_p50_ms", "proxy_cpu_us_per_token"} <= set(row)
     direct, gateway = rows[2], rows[3]
     assert direct["proxy_cpu_us_per_token"] == 0 and direct["added_token_p99_us"] == 0
-    assert all(r["repeats"] == 1 for r in rows) and len(result["repeats"]) == len(rows)
+    assert all(r["repeats"] == 1 and isinstance(r["kept_up"], bool) for r in rows)
+    assert len(result["repeats"]) == len(rows)
     stages = {"gateway", "ingest", "compute", "cache", "broadcast", "supervisor"}
     assert set(gateway["engine_cpu_us_per_token"]) == stages
     assert gateway["gateway_worker_cpu_us_per_token"] == gateway["engine_cpu_us_per_token"]["gateway"]
