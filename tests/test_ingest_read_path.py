@@ -35,6 +35,20 @@ def test_an_event_line_in_one_read_names_the_data_of_the_next():
         (True, b'{"choices": [{"delta": {"content": 7}}]}'),
         (True, b'{"choices": [{"delta": {"content": ["a"]}}]}'),
         (False, b'{"choices": [{"text": 3}]}'),
+        (True, b'{"choices": [{"delta": {"content": "a"}, "logprobs": {"content": 5}}]}'),
+        (True, b'{"choices": [{"delta": {"content": "a"}, "logprobs": {"content": [5]}}]}'),
+        (
+            True,
+            b'{"choices":[{"delta":{"content":"a"},"logprobs":{"content":[{"token":"a","top_logprobs":[3]}]}}]}',
+        ),
+        (
+            True,
+            b'{"choices":[{"delta":{"content":"ab"},"logprobs":{"content":[{"token":5,"id":1},{"id":2}]}}]}',
+        ),
+        (False, b'{"choices": [{"text": "a", "logprobs": {"tokens": 5}}]}'),
+        (False, b'{"choices": [{"text": "a", "logprobs": {"tokens": [5]}}]}'),
+        (False, b'{"choices": [{"text": "a", "logprobs": {"tokens": ["a"], "top_logprobs": [5]}}]}'),
+        (False, b'{"choices": [{"text": "a", "logprobs": {"tokens": ["a"], "token_logprobs": 5}}]}'),
     ],
 )
 def test_a_malformed_chunk_is_an_upstream_error(chat, chunk):

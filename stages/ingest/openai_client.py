@@ -587,7 +587,12 @@ class _ChunkDecoder:
                 tokens.logprobs.append(math.nan)
                 tokens.tops.append(())
             return
-        entries = _chat_logprobs(logprobs) if self.chat else _completion_logprobs(logprobs)
+        try:  # a shape none of the servers sends (a number for a list, a list for an object, ...)
+            entries = _chat_logprobs(logprobs) if self.chat else _completion_logprobs(logprobs)
+        except (TypeError, AttributeError, LookupError):
+            raise UpstreamError(
+                f"malformed chunk from upstream: logprobs {_text_snippet(data)!r}", retryable=True
+            ) from None
         _add_tokens(tokens, text, entries, choice.get("token_ids"))
 
 
@@ -612,9 +617,9 @@ def _chat_logprobs(logprobs: Any) -> list[_Entry]:
         return []
     return [
         (
-            entry.get("token") or "",
+            _token(entry.get("token")),
             _float(entry.get("logprob")),
-            tuple((top.get("token") or "", _float(top.get("logprob"))) for top in entry.get("top_logprobs") or ()),
+            tuple((_token(top.get("token")), _float(top.get("logprob"))) for top in entry.get("top_logprobs") or ()),
             _entry_id(entry),
         )
         for entry in logprobs["content"]
@@ -631,13 +636,22 @@ def _completion_logprobs(logprobs: Any) -> list[_Entry]:
     tops = logprobs.get("top_logprobs") or []
     return [
         (
-            token,
+            _token(token),
             _float(values[i] if i < len(values) else None),
             tuple((t, _float(lp)) for t, lp in (tops[i] or {}).items()) if i < len(tops) else (),
             _vllm_token_id(token),
         )
         for i, token in enumerate(tokens)
     ]
+
+
+def _token(value: Any) -> str:
+    """A logprob entry's token text ("" for none); TypeError for anything but a string."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise TypeError(f"a token text of type {type(value).__name__}")
+    return value
 
 
 def _float(value: Any) -> float:
@@ -691,6 +705,6 @@ def _token_id(upstream_id: int | None, ids: list | None, i: int) -> int | None:
     ``token_ids`` of the choice); None: the reader names the token by its text's stable hash."""
     if upstream_id is not None:
         return upstream_id
-    if ids is not None and isinstance(ids[i], int):
+    if ids is not None and isinstance(ids[i], int) and not isinstance(ids[i], bool):
         return ids[i]
     return None
