@@ -240,6 +240,29 @@ def test_worker_parks_only_on_the_doorbells_it_waits_for(tmp_path, instance: str
         assert woken == [{}]  # the park timed out: nothing it waits on moved
 
 
+def test_a_commit_that_rang_as_the_park_timed_out_is_no_lost_wake_up(tmp_path, instance: str) -> None:
+    """A record committed (and rung) just as the park's timeout expires arrives while the poll
+    returns empty: its wake-up raced the deadline, it was not lost, so nothing is counted."""
+    wait = WaitStrategy("block", spins=0, yields=0, park_timeout_s=0.05)
+    with relay_runtime(tmp_path, instance, wait) as (dc, inp, _):
+        producer = Producer.attach(inp.name)
+        real_poll = dc.poller.poll
+
+        def commit_as_the_timeout_expires(timeout_ms: int) -> list:
+            producer.write(b"just at the deadline", h.RECORD_TYPE)  # rings: the worker is declared asleep
+            real_poll(0)
+            return []  # the poll's own timeout came first
+
+        dc.poller.poll = commit_as_the_timeout_expires
+        try:
+            dc.idle_spell(time.monotonic())
+        finally:
+            dc.poller.poll = real_poll
+            producer.close()
+        assert inp.header().lost_wakeups == 0
+        assert dc.rt.stage.do_work() == 1  # the record is there all the same
+
+
 def test_worker_counts_a_lost_wake_up(tmp_path, instance: str) -> None:
     """A park that times out while its input has a record (the commit's ring never reached it)
     counts one lost wake-up in that ring's header."""
