@@ -14,6 +14,7 @@ import numpy as np
 from engine.protocol.wire import stream_order
 
 SLOTS = 1 << 16
+SMALL = 8  # rows up to which a batch is admitted row by row: numpy's ~15 calls cost more (paced loads)
 CLOSED = np.uint64(1 << 62)  # the next seq of a stream that has ended: every later row of it is dropped
 
 
@@ -49,6 +50,8 @@ class SeqTable:
         n = len(sids)
         if not n:
             return np.ones(0, bool), 0
+        if n <= SMALL and grouped is None:
+            return self._admit_small(sids.tolist(), seqs.tolist(), drop_seen)
         order, starts = grouped or stream_order(sids)
         uniq = sids[order[starts]]
         # distinct ids less than the table apart never share a slot (the usual case: no check)
@@ -78,6 +81,31 @@ class SeqTable:
         self.table[slots, 0] = uniq + np.uint64(1)
         self.table[slots, 1] = np.where(has, np.maximum(floors, last + np.uint64(1)), floors)
         return fresh, gaps
+
+    def _admit_small(self, sids: list[int], seqs: list[int], drop_seen: bool) -> tuple[np.ndarray, int]:
+        """:meth:`admit` of a few rows in plain Python, with the same outcome: each stream's floor
+        is its next seq before the batch, and its new next is past its last fresh row."""
+        table, slots = self.table, self.slots
+        floors: dict[int, int] = {}
+        kept: dict[int, int] = {}
+        last: dict[int, int] = {}
+        fresh = []
+        for sid, seq in zip(sids, seqs, strict=True):
+            if sid not in floors:
+                owner, nxt = table[sid % slots].tolist()
+                floors[sid] = nxt if owner == sid + 1 else 0
+            keep = seq >= floors[sid] or not drop_seen
+            fresh.append(keep)
+            if keep:
+                kept[sid] = kept.get(sid, 0) + 1
+                last[sid] = max(last.get(sid, seq), seq)
+        gaps = 0
+        for sid, floor in floors.items():  # in order of first row: a later stream on a shared slot takes it
+            if sid in kept:
+                gaps += max(0, last[sid] + 1 - floor - kept[sid])
+                floor = max(floor, last[sid] + 1)
+            table[sid % slots] = (sid + 1, floor)
+        return np.array(fresh, bool), gaps
 
     def _admit_rows(self, sids: np.ndarray, seqs: np.ndarray, drop_seen: bool) -> tuple[np.ndarray, int]:
         """:meth:`admit` for rows of distinct streams."""
