@@ -230,3 +230,101 @@ def encode_texts(columns: BatchColumns, tokens: list[bytes]) -> None:
         arena[at:end] = np.frombuffer(token, dtype=np.uint8)
         columns.text_end[i] = end
         at = end
+
+
+# ---- top logprobs: one appended column, only in records that carry some --------------------------
+#
+# Column ``top`` (dtype u1, width ``4 + 4*K + K*S`` per row), every row laid out the same:
+#     K u16 | S u16 | logprob f32[K] (NaN: no alternative) | K slots of S bytes: length u8, UTF-8 text
+# K is the most alternatives any row of the record has (at most MAX_TOP_LOGPROBS), S the slot size:
+# one more than the longest alternative's text (at most MAX_TOP_TEXT bytes), rounded up to 4 so
+# the logprobs of every row stay 4-aligned. Rows without alternatives have NaN logprobs and empty
+# slots. One column, not two, because compute's columns leave one directory entry free (MAX_EXTRA).
+TOP_COLUMN = "top"
+MAX_TOP_LOGPROBS = 20  # OpenAI's own cap on top_logprobs
+MAX_TOP_TEXT = 255  # bytes of one alternative's text (its length is one byte); longer ones are cut
+_TOP_HEAD = 4
+
+TopAlternatives = tuple[tuple[str, float], ...]  # (token text, logprob), most likely first
+
+
+def _cut_utf8(text: str, limit: int) -> bytes:
+    """``text`` as UTF-8, at most ``limit`` bytes, cut at a character boundary."""
+    data = text.encode("utf-8", "replace")
+    return data if len(data) <= limit else data[:limit].decode("utf-8", "ignore").encode()
+
+
+@dataclass(frozen=True)
+class TopRows:
+    """What a writer puts in the ``top`` column of one record: its shape and each row's
+    alternatives as (UTF-8 bytes, logprob), already cut to the caps."""
+
+    k: int
+    slot: int
+    rows: list[list[tuple[bytes, float]]]
+
+    @property
+    def column(self) -> ExtraColumn:
+        return ExtraColumn(TOP_COLUMN, "u1", _TOP_HEAD + 4 * self.k + self.k * self.slot)
+
+
+def top_rows(tops: list[TopAlternatives | None], slot_limit: int = MAX_TOP_TEXT + 1) -> TopRows:
+    """The ``top`` column's content for ``tops`` (one entry per row, None or () for none): at most
+    MAX_TOP_LOGPROBS alternatives per row (an upstream's extra ones are dropped), texts within
+    ``slot_limit - 1`` bytes (cut at a character; a writer lowers the limit for a small ring record)."""
+    slot_limit = max(4, min(slot_limit, MAX_TOP_TEXT + 1))
+    rows = [
+        [(_cut_utf8(text, slot_limit - 1), float(logprob)) for text, logprob in top[:MAX_TOP_LOGPROBS]] if top else []
+        for top in tops
+    ]
+    k = max(map(len, rows), default=0) or 1
+    longest = max((len(text) for row in rows for text, _ in row), default=0)
+    return TopRows(k, (longest + 1 + 3) & ~3, rows)
+
+
+def encode_tops(column: np.ndarray, top: TopRows) -> None:
+    """Fill a writable ``top`` column (u1[n, width], from ``top.column``) with ``top``'s rows."""
+    n, k, slot = len(top.rows), top.k, top.slot
+    out = np.zeros((n, _TOP_HEAD + 4 * k + k * slot), dtype=np.uint8)
+    out[:, :_TOP_HEAD] = np.array([k, slot], dtype="<u2").view(np.uint8)
+    logprobs = np.full((n, k), np.nan, dtype="<f4")
+    for i, row in enumerate(top.rows):
+        for j, (text, logprob) in enumerate(row):
+            logprobs[i, j] = logprob
+            at = _TOP_HEAD + 4 * k + j * slot
+            out[i, at] = len(text)
+            out[i, at + 1 : at + 1 + len(text)] = np.frombuffer(text, dtype=np.uint8)
+    out[:, _TOP_HEAD : _TOP_HEAD + 4 * k] = logprobs.view(np.uint8)
+    column[:] = out
+
+
+def top_shape(column: np.ndarray) -> tuple[int, int]:
+    """(K, S) of a ``top`` column (u1[n, width], n >= 1), checked against its width."""
+    width = column.shape[1] if column.ndim == 2 else 0
+    if not len(column) or width < _TOP_HEAD:
+        raise BatchError(f"top column of shape {column.shape} holds no header")
+    k, slot = (int(v) for v in column[0, :_TOP_HEAD].copy().view("<u2"))
+    if not 0 < k <= MAX_TOP_LOGPROBS or not 0 < slot <= MAX_TOP_TEXT + 1 or _TOP_HEAD + 4 * k + k * slot != width:
+        raise BatchError(f"top column of width {width} does not match its header (K={k}, S={slot})")
+    return k, slot
+
+
+def top_logprobs(column: np.ndarray) -> np.ndarray:
+    """f32[n, K]: the alternatives' logprobs of a ``top`` column (NaN where a row has fewer)."""
+    k, _ = top_shape(column)
+    return np.ascontiguousarray(column[:, _TOP_HEAD : _TOP_HEAD + 4 * k]).view("<f4")
+
+
+def top_alternatives(column: np.ndarray, i: int) -> TopAlternatives:
+    """Row ``i``'s alternatives as (text, logprob), most likely first (invalid UTF-8 replaced)."""
+    k, slot = top_shape(column)
+    row = column[i]
+    logprobs = row[_TOP_HEAD : _TOP_HEAD + 4 * k].copy().view("<f4").tolist()
+    out = []
+    for j, logprob in enumerate(logprobs):
+        at = _TOP_HEAD + 4 * k + j * slot
+        length = min(int(row[at]), slot - 1)
+        if logprob != logprob and not length:  # NaN and no text: padding
+            continue
+        out.append((row[at + 1 : at + 1 + length].tobytes().decode("utf-8", "replace"), logprob))
+    return tuple(out)
