@@ -204,14 +204,22 @@ class TokenBatch:
         _, at = _base_offsets(rows, text_bytes)
         if at > len(buf):
             raise BatchError(f"batch of {rows} rows and {text_bytes} text bytes overruns its {len(buf)}-byte record")
-        directory: dict[str, tuple[str, int, int]] = {}
-        for i in range(n_extra):
-            raw_name, raw_dtype, width, offset = _ENTRY.unpack_from(buf, DIRECTORY_OFFSET + i * _ENTRY.size)
-            dtype = raw_dtype.decode("ascii", "replace")
-            if dtype not in _DTYPES or offset + rows * width * _DTYPES[dtype].itemsize > len(buf):
-                raise BatchError(f"extra column {i} ({raw_name!r}, {dtype}) overruns the record")
-            directory[raw_name.rstrip(b"\0").decode("ascii", "replace")] = (dtype, width, offset)
-        return BatchColumns(buf, rows, text_bytes, directory)
+        raw = bytes(buf[DIRECTORY_OFFSET : DIRECTORY_OFFSET + n_extra * _ENTRY.size])
+        return BatchColumns(buf, rows, text_bytes, _read_directory(raw, rows, len(buf)))
+
+
+@functools.lru_cache(maxsize=1 << 12)  # records repeat their columns and sizes (a few MB at most)
+def _read_directory(raw: bytes, rows: int, size: int) -> dict[str, tuple[str, int, int]]:
+    """The extra columns' directory of a record of ``rows`` rows and ``size`` bytes, checked (the
+    caller must not change the dict: it is shared between records with the same directory)."""
+    directory: dict[str, tuple[str, int, int]] = {}
+    for i in range(len(raw) // _ENTRY.size):
+        raw_name, raw_dtype, width, offset = _ENTRY.unpack_from(raw, i * _ENTRY.size)
+        dtype = raw_dtype.decode("ascii", "replace")
+        if dtype not in _DTYPES or offset + rows * width * _DTYPES[dtype].itemsize > size:
+            raise BatchError(f"extra column {i} ({raw_name!r}, {dtype}) overruns the record")
+        directory[raw_name.rstrip(b"\0").decode("ascii", "replace")] = (dtype, width, offset)
+    return directory
 
 
 @functools.lru_cache(maxsize=1 << 16)  # a vocabulary repeats: a hit costs a tenth of the hash
