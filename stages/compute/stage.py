@@ -1,13 +1,16 @@
 """Compute: runs the kernels over each batch and writes it on with their columns appended.
 
 Columns (docs/compute.md): ``hilbert`` f4 x 2 (cell centre on the Hilbert curve, in [0, 1]),
-``conf`` f4 (exp(logprob), 1 without one), ``rgba`` u1 x 4, ``entropy`` f4 (nats; a lower bound
-from the chosen token's probability, the only one the ring carries), ``ppl`` f4 (the stream's
+``conf`` f4 (exp(logprob), 1 without one), ``rgba`` u1 x 4, ``entropy`` f4 (nats: over the top
+logprobs and the rest of the mass when the record carries them, else a lower bound from the chosen
+token's probability alone), ``ppl`` f4 (the stream's
 running perplexity), ``rep`` f4 (share of the stream's last ``window`` tokens whose n-gram had
 occurred within the window before), ``repflag`` u1 (rep >= threshold), and with probes on
 ``probe`` f4 x K (each probe's cosine with the token's embedding, averaged over the stream's last
 ``probes.window`` tokens). START, END and ERROR rows get zeros, except ``ppl`` (the stream's value
-so far: on END, its final perplexity).
+so far: on END, its final perplexity). A record with top logprobs (shm.batch's ``top`` column) is
+computed alone and its ``top`` column passed on unchanged (dropped, and counted, when probes leave
+no directory entry for it).
 
 Params (all optional): backend ("auto" | "numpy" | "wgpu"; env NEURALPIPE_COMPUTE_BACKEND),
 allow_cpu_adapter (false), adapter (a device-name substring), hilbert_order (8), repetition
@@ -39,7 +42,18 @@ from engine.clients.requests import RequestClient
 from engine.protocol.requests import RequestError, ingest_endpoint
 from engine.stage import Stage, WorkerContext
 from engine.validated import ModelRef
-from shm.batch import COLUMNS_OFFSET, BatchColumns, ExtraColumn, Kind, TokenBatch, batch_size, write_batch
+from shm.batch import (
+    COLUMNS_OFFSET,
+    MAX_EXTRA,
+    TOP_COLUMN,
+    BatchColumns,
+    ExtraColumn,
+    Kind,
+    TokenBatch,
+    batch_size,
+    top_logprobs,
+    write_batch,
+)
 from stages.compute import fused, streams
 from stages.compute.backends import open_kernels
 from stages.compute.probes import probe_table
@@ -90,6 +104,7 @@ class Compute(Stage):
             "cancels": 0,
             "cancel_errors": 0,
             "split_records": 0,
+            "top_dropped": 0,
         }
         self.split_at = 0  # rows of the input record being split that are written already
         self.busy_ns = 0
@@ -122,6 +137,11 @@ class Compute(Stage):
                 return group
             record_type, view = record
             batch = TokenBatch.decode(view)
+            if batch.extra:  # top logprobs: a record of their own (the passed column's width is the record's)
+                if group:
+                    del batch, view
+                    self.inp.unread()
+                return group or [(record_type, view, batch)]
             if group and (
                 rows + batch.rows > self.coalesce_rows
                 or record_type != group[0][0]
@@ -149,9 +169,10 @@ class Compute(Stage):
         record_type, view, first = group[0]
         rows = sum(batch.rows for _, _, batch in group)
         text_bytes = sum(len(batch.text) for _, _, batch in group)
-        size = self._size(rows, text_bytes)
+        spec = self._spec(first)
+        size = self._size(rows, text_bytes) if spec is self.columns else batch_size(rows, text_bytes, spec)
         if size > self.out.max_record:  # one record whose appended columns outgrow the output ring's records
-            return self._write_split(record_type, first, began)
+            return self._write_split(record_type, first, began, spec)
         # claimed before computing: a batch that waits for room must not advance the running state twice
         target = self.out.try_claim(size)
         if target is None:
@@ -159,11 +180,13 @@ class Compute(Stage):
             group.clear()
             self.inp.rewind()  # every record of the group comes again (earlier groups are released)
             return False
-        columns = write_batch(target, rows, text_bytes, self.columns)
+        columns = write_batch(target, rows, text_bytes, spec)
         if len(group) == 1:
             base = slice(COLUMNS_OFFSET, batch_size(rows, text_bytes))
             target[base] = view[base]  # the base columns and text: the same layout in both records
             self.compute(first, columns.extra)
+            if first.extra:
+                self._with_top(first.kind, first.extra, columns.extra, slice(None))
         else:  # the records' rows one after the other, computed from the output record's own columns
             _concatenate([batch for _, _, batch in group], columns)
             self.compute(columns, columns.extra)
@@ -175,29 +198,61 @@ class Compute(Stage):
         self.busy_ns += time.perf_counter_ns() - began
         return True
 
-    def _write_split(self, record_type: int, batch: BatchColumns, began: int) -> bool:
+    def _spec(self, batch: BatchColumns) -> tuple[ExtraColumn, ...]:
+        """The output record's appended columns: compute's, and the input's ``top`` column passed on
+        when the directory has room for it."""
+        top = batch.extra.get(TOP_COLUMN)
+        if top is None:
+            return self.columns
+        if len(self.columns) >= MAX_EXTRA:
+            self.counts["top_dropped"] += 1
+            return self.columns
+        return (*self.columns, ExtraColumn(TOP_COLUMN, "u1", top.shape[1]))
+
+    def _with_top(self, kind: np.ndarray, extra: dict, values: dict[str, np.ndarray], rows: slice) -> None:
+        """Rows ``rows`` of the input's ``top`` column passed on, and the entropy of the token rows
+        that have alternatives taken from them (the formula: docs/compute.md, "entropy")."""
+        top = extra.get(TOP_COLUMN)
+        if top is None:
+            return
+        top = top[rows]
+        if TOP_COLUMN in values:
+            values[TOP_COLUMN][:] = top
+        lps = top_logprobs(top)
+        listed = (kind == _TOKEN) & ~np.isnan(lps).all(axis=1)
+        if listed.any():
+            k = lps.shape[1]
+            values["entropy"][listed] = self.kernels.run("entropy", {"toplp": lps[listed]}, {"k": k})["entropy"]
+
+    def _write_split(
+        self, record_type: int, batch: BatchColumns, began: int, spec: tuple[ExtraColumn, ...] | None = None
+    ) -> bool:
         """Write one input record as several output records of consecutive rows, each within the
         output ring's max_record. Rows already written stay written when the output fills up
         (``split_at``), so a piece waiting for room never advances the running state twice; the
         input record is released after its last piece (a restart repeats the pieces written, which
         the broadcast drops by seq)."""
+        spec = spec or self.columns
+        size = self._size if spec is self.columns else lambda rows, text: batch_size(rows, text, spec)
         while self.split_at < batch.rows:
             start = self.split_at
             stop = start + 1
-            while stop < batch.rows and self._size(stop + 1 - start, _text_span(batch, start, stop + 1)) <= (
+            while stop < batch.rows and size(stop + 1 - start, _text_span(batch, start, stop + 1)) <= (
                 self.out.max_record
             ):
                 stop += 1
             piece = _Merged(batch, start, stop)
-            target = self.out.try_claim(self._size(piece.rows, len(piece.text)))  # RecordTooLarge: a row never fits
+            target = self.out.try_claim(size(piece.rows, len(piece.text)))  # RecordTooLarge: a row never fits
             if target is None:
                 del piece, batch
                 self.inp.rewind()
                 return False
-            columns = write_batch(target, piece.rows, len(piece.text), self.columns)
+            columns = write_batch(target, piece.rows, len(piece.text), spec)
             for name in _BASE_NAMES:
                 getattr(columns, name)[:] = getattr(piece, name)
             self.compute(piece, columns.extra)
+            if batch.extra:
+                self._with_top(piece.kind, batch.extra, columns.extra, slice(start, stop))
             del columns, piece
             target.release()
             self.out.commit(record_type)

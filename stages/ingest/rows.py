@@ -13,7 +13,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shm.batch import RECORD_TYPE, Kind, batch_size, write_batch
+from shm.batch import (
+    MAX_TOP_LOGPROBS,
+    RECORD_TYPE,
+    Kind,
+    TopAlternatives,
+    TopRows,
+    batch_size,
+    encode_tops,
+    top_rows,
+    write_batch,
+)
 
 ROW_TEXT_LIMIT = 64 * 1024  # bytes of one row's text, whatever the ring could take
 
@@ -33,7 +43,19 @@ class Committed:
 class RowBuffer:
     """The rows not yet written, in order. Not thread-safe (one event loop)."""
 
-    __slots__ = ("batch_rows", "kind", "logprob", "max_text", "out", "recv_ns", "seq", "stream_id", "text", "token_id")
+    __slots__ = (
+        "batch_rows",
+        "kind",
+        "logprob",
+        "max_text",
+        "out",
+        "recv_ns",
+        "seq",
+        "stream_id",
+        "text",
+        "token_id",
+        "tops",
+    )
 
     def __init__(self, out, batch_rows: int) -> None:
         self.out = out
@@ -49,6 +71,8 @@ class RowBuffer:
         self.logprob: list[float] = []
         self.recv_ns: list[int] = []
         self.text: list[bytes] = []
+        # Top logprobs by (stream id, seq), only for rows that have some: the usual row costs nothing
+        self.tops: dict[tuple[int, int], TopAlternatives] = {}
 
     def __len__(self) -> int:
         return len(self.stream_id)
@@ -83,15 +107,25 @@ class RowBuffer:
         texts = self.text[:n]
         lengths = list(map(len, texts))
         text_bytes = sum(lengths)
-        while batch_size(n, text_bytes) > self.out.max_record:  # large texts: fewer rows
+        top = self._top_rows(n) if self.tops else None
+        extra = (top.column,) if top is not None else ()
+        while batch_size(n, text_bytes, extra) > self.out.max_record:  # large texts: fewer rows
+            if n == 1 and top is not None:  # a row whose text leaves no room for its alternatives: without them
+                top, extra = None, ()
+                continue
             n //= 2
             del texts[n:], lengths[n:]
             text_bytes = sum(lengths)
-        view = self.out.try_claim(batch_size(n, text_bytes))
+            if top is not None:
+                top = self._top_rows(n)
+                extra = (top.column,) if top is not None else ()
+        view = self.out.try_claim(batch_size(n, text_bytes, extra))
         if view is None:
             return None
         recv_ns = np.array(self.recv_ns[:n], dtype=np.int64)
-        columns = write_batch(view, n, text_bytes)
+        columns = write_batch(view, n, text_bytes, extra)
+        if top is not None:
+            encode_tops(columns.extra["top"], top)
         columns.stream_id[:] = sids = self.stream_id[:n]
         columns.seq[:] = seqs = self.seq[:n]
         columns.kind[:] = kind_array = np.array(self.kind[:n], dtype=np.uint8)
@@ -103,8 +137,20 @@ class RowBuffer:
         del columns
         view.release()
         self.out.commit(RECORD_TYPE)
+        if self.tops:
+            for key in zip(sids, seqs, strict=True):
+                self.tops.pop(key, None)
         for column in (self.stream_id, self.seq, self.kind, self.token_id, self.logprob, self.recv_ns, self.text):
             del column[:n]
         tokens = kind_array == _TOKEN
         ended = [] if tokens.all() else [sids[i] for i in np.flatnonzero(kind_array > _TOKEN)]
         return Committed(sids, seqs, ended, recv_ns[tokens])
+
+    def _top_rows(self, n: int) -> TopRows | None:
+        """The first ``n`` rows' top logprobs, or None when none of them has any. Alternatives'
+        texts are cut so that one row with its longest text still fits a record."""
+        tops = [self.tops.get(key) for key in zip(self.stream_id[:n], self.seq[:n], strict=True)]
+        if not any(tops):
+            return None
+        room = self.out.max_record - batch_size(1, max(map(len, self.text[:n])))
+        return top_rows(tops, (room - 12 - 4 * MAX_TOP_LOGPROBS) // MAX_TOP_LOGPROBS)

@@ -252,6 +252,8 @@ class Ingest(AsyncStage):
                 if token_id is None:  # no vocabulary id from the upstream: the stable hash of the token's bytes
                     token_id = stable_token_id(text)
                 append(sid, seq, _TOKEN, token_id, tokens.logprobs[0], tokens.recv_ns, text)
+                if tokens.tops[0]:  # top logprobs asked for: kept aside, by row
+                    rows.tops[(sid, seq)] = tokens.tops[0]
             else:
                 self._add_tokens(sid, tokens)
             counts["tokens"] += n
@@ -291,6 +293,8 @@ class Ingest(AsyncStage):
         seq = self.next_seq[sid]
         self.next_seq[sid] = seq + len(texts)
         self.rows.add_tokens(sid, seq, ids, tokens.logprobs, tokens.recv_ns, texts)
+        if any(tokens.tops):  # top logprobs asked for: kept aside, by row
+            self.rows.tops.update(((sid, seq + i), top) for i, top in enumerate(tokens.tops) if top)
 
     def _emit(self, sid: int, kind: int, text: bytes, recv_ns: int) -> None:
         """One START, END or ERROR row (no token id, no logprob)."""
