@@ -12,6 +12,7 @@ same request always gets the same reply (the cache stage relies on this).
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -121,11 +122,14 @@ def top_logprobs(key: bytes, index: int, token: str, logprob: float, n: int) -> 
     result = [(token, logprob)]
     seen = {token}
     current = logprob
+    rest = 1.0 - math.exp(logprob)  # the mass the alternatives share: together they never pass 1
     while len(result) < n:
         candidate = VOCAB[rng.randrange(len(VOCAB))]
         if candidate in seen:
             continue
         seen.add(candidate)
-        current = round(current - rng.expovariate(1.0) - 1e-6, 6)
+        share = rest * (0.2 + 0.6 * rng.random())  # a part of what is left, so some always remains
+        current = round(min(current, math.log(max(share, 1e-30))) - 1e-6, 6)  # rounded down: within the rest
+        rest -= math.exp(current)
         result.append((candidate, current))
     return result
