@@ -195,7 +195,7 @@ def _error(answer: httpx.Response, status: int) -> dict:
         (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), 422, "model"),
         (json.dumps(ask("x", n=2)).encode(), 422, "n"),
         (json.dumps(ask("x", temperature=3)).encode(), 422, "temperature"),
-        (json.dumps(ask("x", logprobs=True, top_logprobs=3)).encode(), 400, "top_logprobs"),
+        (json.dumps(ask("x", top_logprobs=3)).encode(), 400, "top_logprobs"),  # without logprobs: true
         (json.dumps(ask("x", model="no-such-model")).encode(), 404, "model"),
     ],
 )

@@ -3,10 +3,17 @@ column (shm.batch), compute's entropy from them, the gateway's OpenAI shapes."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+import threading
+import uuid
 
 import numpy as np
+import openai
+import orjson
 import pytest
+from aiohttp import web
+from gateway_harness import GatewayEngine, default_topology
 
 from shm.batch import (
     MAX_TOP_LOGPROBS,
@@ -21,6 +28,7 @@ from shm.batch import (
     write_batch,
 )
 from stages.ingest import corpus
+from stages.ingest.upstream_server import UpstreamServer, UpstreamServerConfig
 
 
 def test_upstream_alternatives_are_a_distribution() -> None:
@@ -69,3 +77,191 @@ def test_top_column_with_a_lying_header_is_refused() -> None:
     column[0, 0] = 7  # K no longer matches the width
     with pytest.raises(BatchError, match="top column"):
         top_logprobs(column)
+
+
+# ---- end to end: the official client, a real engine, upstreams on a thread of the test process ------
+
+MODEL = "good"
+HOSTILE_TOKENS = ("one ", "two ", "three")
+
+
+def _hostile_top(model: str, token: str) -> object:
+    if model == "many":  # thousands of alternatives: the ring carries 20 at most
+        return [{"token": f"a{j}", "logprob": -1.0 - j / 1000} for j in range(6000)]
+    if model == "badtype":  # a number where an alternative object belongs
+        return [3, 4]
+    # "odd": a string and an infinite-looking logprob, a positive one, a 1,000-byte text
+    return [
+        {"token": token, "logprob": "NaN"},
+        {"token": "x" * 1000, "logprob": 5.0},
+        {"token": "z", "logprob": -1e308},
+    ]
+
+
+async def _hostile_chat(request):
+    body = await request.json()
+    model = body["model"]
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    for token in HOSTILE_TOKENS:
+        entry = {
+            "token": token,
+            "logprob": -0.5,
+            "bytes": list(token.encode()),
+            "top_logprobs": _hostile_top(model, token),
+        }
+        choice = {"index": 0, "delta": {"content": token}, "logprobs": {"content": [entry]}, "finish_reason": None}
+        await resp.write(
+            b"data: " + orjson.dumps({"id": "x", "object": "chat.completion.chunk", "choices": [choice]}) + b"\n\n"
+        )
+    done = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    await resp.write(b"data: " + orjson.dumps({"id": "x", "choices": [done]}) + b"\n\ndata: [DONE]\n\n")
+    return resp
+
+
+async def _no_models(_request):
+    return web.json_response({"object": "list", "data": []})
+
+
+class _Upstreams:
+    """The embedded upstream's server and a hostile one, on one event loop in a thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.good = UpstreamServer(UpstreamServerConfig(models=(MODEL,)))
+        self.good_url = self._run(self.good.start())
+        self.hostile_url, self.runner = self._run(self._hostile())
+
+    async def _hostile(self):
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", _hostile_chat)
+        app.router.add_get("/v1/models", _no_models)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return "http://{}:{}".format(*runner.addresses[0][:2]), runner
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def close(self) -> None:
+        self._run(self.good.stop())
+        self._run(self.runner.cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    ups = _Upstreams()
+    entries = f'\n[[upstreams]]\nname = "good"\nbase_url = "{ups.good_url}"\nmodels = ["good"]\n' + (
+        f'\n[[upstreams]]\nname = "hostile"\nbase_url = "{ups.hostile_url}"\nmodels = ["many", "badtype", "odd"]\n'
+    )
+    config = default_topology(ingest='params.pool = { mid_stream = "error", retries = 0 }') + entries
+    engine = GatewayEngine(tmp_path_factory.mktemp("toplp"), config, "t" + uuid.uuid4().hex[:10])
+    try:
+        engine.start()
+        yield engine, ups
+    finally:
+        engine.stop()
+        ups.close()
+
+
+def _ask(text: str, model: str = MODEL, **fields) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 10, **fields}
+
+
+def _entropy(logprobs: list[float]) -> float:
+    """docs/compute.md's formula, in f32 as compute takes it: the listed outcomes and the rest of the mass."""
+    p = np.exp(np.minimum(np.array(logprobs, dtype=np.float32), np.float32(0)))
+    rest = max(np.float32(1) - p.sum(dtype=np.float32), np.float32(0))
+    return float(-(p * np.log(np.where(p > 0, p, 1))).sum() - (rest * math.log(rest) if rest > 0 else 0.0))
+
+
+def test_top_logprobs_pass_through_and_entropy(rig):
+    engine, ups = rig
+    with (
+        openai.OpenAI(base_url=engine.url, api_key="unused", max_retries=0, timeout=30) as client,
+        openai.OpenAI(base_url=ups.good_url + "/v1", api_key="unused", max_retries=0, timeout=30) as direct,
+    ):
+        body = _ask("three alternatives", logprobs=True, top_logprobs=3)
+        upstream = direct.chat.completions.create(**body).choices[0].logprobs.content
+        whole = client.chat.completions.create(**body, extra_body={"neuralpipe": {"columns": ["entropy"]}})
+        got = whole.choices[0].logprobs.content
+        assert [e.token for e in got] == [e.token for e in upstream] and len(got) == 10
+        for mine, theirs in zip(got, upstream, strict=True):
+            assert len(mine.top_logprobs) == 3
+            assert [t.token for t in mine.top_logprobs] == [t.token for t in theirs.top_logprobs]
+            assert [t.logprob for t in mine.top_logprobs] == pytest.approx([t.logprob for t in theirs.top_logprobs])
+            assert all(bytes(t.bytes).decode() == t.token for t in mine.top_logprobs)
+        entropy = whole.choices[0].model_extra["neuralpipe"]["columns"]["entropy"]
+        for value, entry in zip(entropy, upstream, strict=True):
+            assert value == pytest.approx(_entropy([t.logprob for t in entry.top_logprobs]), abs=1e-5)
+            assert value > _entropy([entry.logprob]) + 1e-4  # not the lower bound from the chosen token alone
+
+        streamed = [
+            c.choices[0].logprobs.content
+            for c in client.chat.completions.create(**_ask("streamed", logprobs=True, top_logprobs=2), stream=True)
+            if c.choices and c.choices[0].logprobs
+        ]
+        entries = [e for content in streamed for e in content]
+        assert len(entries) == 10 and all(len(e.top_logprobs) == 2 for e in entries)
+        assert all(e.top_logprobs[0].token == e.token for e in entries)  # the embedded upstream lists the chosen first
+
+        own_only = client.chat.completions.create(**_ask("own only", logprobs=True))
+        assert all(e.top_logprobs == [] for e in own_only.choices[0].logprobs.content)
+
+        legacy = client.completions.create(model=MODEL, prompt="legacy", max_tokens=5, logprobs=2)
+        lp = legacy.choices[0].logprobs
+        assert len(lp.top_logprobs) == 5 and all(len(top) == 2 for top in lp.top_logprobs)
+        assert all(lp.tokens[i] in lp.top_logprobs[i] for i in range(5))
+
+        legacy_streamed = list(
+            client.completions.create(model=MODEL, prompt="legacy", max_tokens=5, logprobs=1, stream=True)
+        )
+        tops = [
+            t
+            for c in legacy_streamed
+            if c.choices and c.choices[0].logprobs
+            for t in c.choices[0].logprobs.top_logprobs
+        ]
+        assert len(tops) == 5 and all(len(t) == 1 for t in tops)
+
+
+def test_top_logprobs_without_logprobs_is_a_400(rig):
+    engine, _ = rig
+    with (
+        openai.OpenAI(base_url=engine.url, api_key="unused", max_retries=0, timeout=30) as client,
+        pytest.raises(openai.BadRequestError, match="top_logprobs"),
+    ):
+        client.chat.completions.create(**_ask("no logprobs", top_logprobs=2))
+
+
+def test_a_hostile_upstreams_top_logprobs_are_capped_or_a_stream_error(rig):
+    engine, _ = rig
+    with openai.OpenAI(base_url=engine.url, api_key="unused", max_retries=0, timeout=30) as client:
+        many = client.chat.completions.create(**_ask("many", "many", logprobs=True, top_logprobs=20))
+        content = many.choices[0].logprobs.content
+        assert [e.token for e in content] == list(HOSTILE_TOKENS)
+        assert all(len(e.top_logprobs) == 20 for e in content)  # 6,000 sent, 20 carried
+        assert content[0].top_logprobs[19].logprob == pytest.approx(-1.019)
+
+        odd = client.chat.completions.create(
+            **_ask("odd", "odd", logprobs=True, top_logprobs=3), extra_body={"neuralpipe": {"columns": ["entropy"]}}
+        )
+        first = odd.choices[0].logprobs.content[0].top_logprobs
+        assert first[0].logprob == -9999.0  # a logprob that is not a number: unknown, as OpenAI writes it
+        assert len(first[1].token.encode()) == 255 and first[1].logprob == 5.0
+        entropy = odd.choices[0].model_extra["neuralpipe"]["columns"]["entropy"]
+        assert all(math.isfinite(h) and h >= 0 for h in entropy)
+
+        with pytest.raises(openai.APIError, match="malformed chunk"):
+            list(
+                client.chat.completions.create(**_ask("badtype", "badtype", logprobs=True, top_logprobs=2), stream=True)
+            )
+
+        workers = engine.status()["workers"]
+        assert all(w.get("restarts", 0) == 0 for w in workers), [(w["name"], w.get("restarts")) for w in workers]

@@ -20,6 +20,7 @@ from engine.clients.requests_async import AsyncRequestClient, Submitted
 from engine.protocol import wire
 from engine.protocol.requests import RequestError
 from engine.telemetry import Telemetry
+from shm.batch import TOP_COLUMN, TopAlternatives, top_alternatives
 from stages.gateway.errors import ApiError, rejection, stream_error
 from stages.gateway.follower import BroadcastFollower, Inbox
 from stages.gateway.inflight import InFlight
@@ -53,6 +54,7 @@ class Ask:
     include_usage: bool = False
     logprobs: bool = False  # each token's own logprob
     columns: list[str] = field(default_factory=list)  # compute's columns per token (extension)
+    top_logprobs: int = 0  # alternatives per token (the ring's ``top`` column), 0: none asked
 
 
 class Follow:
@@ -118,7 +120,7 @@ class Completions:
         except BaseException:
             lease.close()  # refused, or the client left before ingest answered: the slot is free again
             raise
-        slot = self.inflight.add(submitted.stream_id, submitted.cancel_token)
+        self.inflight.add(submitted.stream_id, submitted.cancel_token)
         follow = Follow(inbox, submitted.stream_id)
         shaper = Shaper(ask.chat, ask.model, ask.include_usage)
         state = _Tally(estimate_prompt_tokens(ask.chat, ask.body))
@@ -128,7 +130,7 @@ class Completions:
             return await self._whole(ask, follow, shaper, state, lease)
         finally:
             self.follower.unregister(submitted.stream_id)
-            self.inflight.remove(slot)
+            self.inflight.remove(submitted.stream_id)
             if not follow.ended:  # the client went away, or the first token never came
                 self.counts["cancelled"] += 1
                 self._cancel(submitted)
@@ -288,6 +290,7 @@ class Completions:
     async def _whole(self, ask: Ask, follow: Follow, shaper: Shaper, state: _Tally, lease: Lease) -> web.Response:
         texts: list[str] = []
         logprobs: list[float] = []
+        tops: list[TopAlternatives] = []
         columns: dict[str, list] = {name: [] for name in ask.columns}
         deadline = time.monotonic() + self.first_token_timeout_s
         while True:
@@ -298,6 +301,7 @@ class Completions:
                     lease.tokens(len(message.text))
                     if ask.logprobs:
                         logprobs += message.columns["logprob"].tolist()
+                        tops += _tops(ask, message.columns, len(message.text))
                     for name, values in columns.items():
                         if name in message.columns:
                             values += message.columns[name].tolist()
@@ -307,7 +311,11 @@ class Completions:
                     text = "".join(texts)
                     lp = None
                     if ask.logprobs:
-                        lp = chat_logprobs(texts, logprobs) if ask.chat else completion_logprobs(texts, logprobs, 0)
+                        lp = (
+                            chat_logprobs(texts, logprobs, tops)
+                            if ask.chat
+                            else completion_logprobs(texts, logprobs, 0, tops if ask.top_logprobs else None)
+                        )
                     extension = {"columns": columns} if ask.columns else None
                     usage = state.usage(follow.cached)
                     headers = {"x-neuralpipe-cache": "hit" if follow.cached else "miss"}
@@ -327,7 +335,10 @@ class Completions:
 
     def _logprobs(self, ask: Ask, texts: list[str], columns: dict, offset: int) -> Any:
         values = columns["logprob"].tolist()
-        return chat_logprobs(texts, values) if ask.chat else completion_logprobs(texts, values, offset)
+        tops = _tops(ask, columns, len(texts))
+        if ask.chat:
+            return chat_logprobs(texts, values, tops)
+        return completion_logprobs(texts, values, offset, tops if ask.top_logprobs else None)
 
     def _count_key(self, lease: Lease, usage: Usage, cached: int) -> None:
         label = lease.principal.label
@@ -366,3 +377,12 @@ def _columns(names: list[str], columns: dict) -> dict[str, Any] | None:
     if not names:
         return None
     return {"columns": {name: columns[name].tolist() for name in names if name in columns}}
+
+
+def _tops(ask: Ask, columns: dict, rows: int) -> list[TopAlternatives]:
+    """Each row's alternatives (at most the ``top_logprobs`` asked), from the ring's ``top`` column
+    (shm.batch); none for rows of a record without it."""
+    column = columns.get(TOP_COLUMN)
+    if not ask.top_logprobs or column is None:
+        return [()] * rows
+    return [top_alternatives(column, i)[: ask.top_logprobs] for i in range(rows)]

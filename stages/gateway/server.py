@@ -180,15 +180,13 @@ class GatewayServer:
     def _ask(self, req: Any, raw: dict[str, Any], chat: bool) -> Ask:
         """What the answer needs; 400 for what the engine cannot give (yet)."""
         if chat:
-            if req.top_logprobs:
-                raise _unsupported("top_logprobs", "only each token's own logprob (logprobs: true)")
-            logprobs = bool(req.logprobs)
+            if req.top_logprobs and not req.logprobs:
+                raise ApiError(400, "top_logprobs requires logprobs: true", param="top_logprobs", code="invalid_value")
+            logprobs, top = bool(req.logprobs), req.top_logprobs or 0
         else:
-            if req.logprobs:
-                raise _unsupported("logprobs", "only each token's own logprob (logprobs: 0)")
             if req.echo:
                 raise _unsupported("echo", "the prompt is not echoed")
-            logprobs = req.logprobs == 0
+            logprobs, top = req.logprobs is not None, req.logprobs or 0
         columns = list(req.neuralpipe.columns) if req.neuralpipe else []
         known = self.follower.columns
         unknown = [name for name in columns if known and name not in known]
@@ -201,7 +199,7 @@ class GatewayServer:
                 code="invalid_value",
             )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Ask(chat, req.stream, req.model, upstream_body(req, raw), include_usage, logprobs, columns)
+        return Ask(chat, req.stream, req.model, upstream_body(req, raw), include_usage, logprobs, columns, top)
 
     async def _check_model(self, model: str) -> None:
         models = await self._current_models()

@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from shm.batch import TopAlternatives
+
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
 
@@ -157,21 +159,29 @@ class Shaper:
         }
 
 
-def chat_logprobs(texts: list[str], logprobs: list[float]) -> dict[str, Any]:
-    """``logprobs.content`` of a chat chunk: each token's own logprob (the ring carries no top
-    alternatives yet: ``top_logprobs`` is empty). A token without one gets -9999.0 (OpenAI's own
-    "unknown" value) rather than NaN, which is not JSON."""
+def chat_logprobs(texts: list[str], logprobs: list[float], tops: list[TopAlternatives]) -> dict[str, Any]:
+    """``logprobs.content`` of a chat chunk: each token's own logprob and its ``top_logprobs``
+    (``tops``: the alternatives the ring carried, none when not asked). A token without a logprob
+    gets -9999.0 (OpenAI's own "unknown" value) rather than NaN, which is not JSON."""
     return {
         "content": [
-            {"token": t, "logprob": _finite(lp), "bytes": list(t.encode()), "top_logprobs": []}
-            for t, lp in zip(texts, logprobs, strict=True)
+            {
+                "token": t,
+                "logprob": _finite(lp),
+                "bytes": list(t.encode()),
+                "top_logprobs": [{"token": a, "logprob": _finite(alp), "bytes": list(a.encode())} for a, alp in top],
+            }
+            for t, lp, top in zip(texts, logprobs, tops, strict=True)
         ],
         "refusal": None,
     }
 
 
-def completion_logprobs(texts: list[str], logprobs: list[float], offset: int) -> dict[str, Any]:
-    """Legacy completions' parallel arrays; ``offset``: characters of text before these tokens."""
+def completion_logprobs(
+    texts: list[str], logprobs: list[float], offset: int, tops: list[TopAlternatives] | None = None
+) -> dict[str, Any]:
+    """Legacy completions' parallel arrays; ``offset``: characters of text before these tokens;
+    ``tops``: each token's alternatives, as ``{token: logprob}`` maps (None: not asked)."""
     offsets = []
     for text in texts:
         offsets.append(offset)
@@ -179,7 +189,7 @@ def completion_logprobs(texts: list[str], logprobs: list[float], offset: int) ->
     return {
         "tokens": texts,
         "token_logprobs": [_finite(lp) for lp in logprobs],
-        "top_logprobs": None,
+        "top_logprobs": None if tops is None else [{a: _finite(alp) for a, alp in top} for top in tops],
         "text_offset": offsets,
     }
 
