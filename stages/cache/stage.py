@@ -29,12 +29,12 @@ import time
 from collections import deque
 from typing import Any
 
-import numpy as np
 import orjson
 import zmq
 
 from engine.clients.correlation import split_request
 from engine.protocol.cache import MAX_MESSAGE_BYTES, CacheProtocolError, authority, parse_request
+from engine.protocol.streamtable import StreamTable
 from engine.stage import Stage, WorkerContext
 from engine.tokens import ensure_token, matches
 from engine.validated import ModelRef
@@ -57,6 +57,10 @@ def default_snapshot_path(runtime_dir: str, worker: str) -> str:
 
 class Cache(Stage):
     Params = ModelRef("stages.cache.params:CacheParams")
+    # what close() may meet before start() made it (a start that failed part way)
+    dirty = False
+    router: zmq.Socket | None = None
+    replay_table: StreamTable | None = None
 
     def start(self, ctx: WorkerContext) -> None:
         super().start(ctx)
@@ -161,13 +165,12 @@ class Cache(Stage):
                 continue
             written += 1
             self.counts["replay_rows"] += rows
-            slot = self.replay_slots[sid]
             if replay.done:
-                self.replay_table[slot] = (0, 0)
-                del self.replays[sid], self.replay_slots[sid]
+                self.replay_table.close(sid)
+                del self.replays[sid]
                 self.turns.remove(sid)
             else:
-                self.replay_table[slot, 1] = replay.next_seq
+                self.replay_table.set(sid, replay.next_seq)
         return written
 
     def idle_timeout_s(self) -> float | None:
@@ -233,7 +236,7 @@ class Cache(Stage):
         if now >= deadline_ns:  # ingest has stopped waiting and goes upstream: never replay it too
             self.counts["late_lookups"] += 1
             return {"type": "miss", "stream_id": sid, "reason": "late"}
-        if sid in self.replays or len(self.replays) >= len(self.replay_table):
+        if sid in self.replays or self.replay_table.full:
             self.counts["busy"] += 1
             return {"type": "miss", "stream_id": sid, "reason": "busy"}
         stream = self.store.get(key)
@@ -246,20 +249,15 @@ class Cache(Stage):
     # ---- replays that survive a restart ---------------------------------------------------------
 
     def _init_replay_table(self, max_replays: int) -> None:
-        # slot -> (stream id + 1, next seq committed); 0 marks a free slot
-        self.replay_table = self.ctx.state_array("replays", "u8", (max_replays, 2))
-        self.replay_slots: dict[int, int] = {}
+        # each replay in flight with the next seq it committed (engine/protocol/streamtable.py)
+        self.replay_table = StreamTable(self.ctx.state_array("replays", "u8", (max_replays, 2)))
         lost = lost_replay_stream(RECORD_TYPE)
-        for slot in np.flatnonzero(self.replay_table[:, 0]).tolist():
-            sid, seq = int(self.replay_table[slot, 0]) - 1, int(self.replay_table[slot, 1])
-            self.replay_table[slot] = (0, 0)
-            self._begin_replay(Replay(sid, lost, "", paced=False, first_seq=seq))
+        for sid, (seq,) in self.replay_table.close_left().items():
+            self._begin_replay(Replay(sid, lost, "", paced=False, first_seq=int(seq)))
             self.ctx.log.warning("replay_lost_on_restart", stream_id=sid)
 
     def _begin_replay(self, replay: Replay) -> None:
-        slot = int(np.flatnonzero(self.replay_table[:, 0] == 0)[0])
-        self.replay_table[slot] = (replay.stream_id + 1, replay.first_seq)
-        self.replay_slots[replay.stream_id] = slot
+        self.replay_table.open(replay.stream_id, replay.first_seq)
         self.replays[replay.stream_id] = replay
         self.turns.append(replay.stream_id)
 
@@ -329,14 +327,14 @@ class Cache(Stage):
         }
 
     def close(self) -> None:
-        if getattr(self, "dirty", False) and self.snapshot_path is not None:
+        if self.dirty and self.snapshot_path is not None:
             try:
                 entries, size = self._write_snapshot()
                 self.ctx.log.info("cache_snapshot_written", path=self.snapshot_path, entries=entries, bytes=size)
             except OSError as exc:
                 self.ctx.log.error("cache_snapshot_failed", path=self.snapshot_path, error=str(exc))
-        if getattr(self, "router", None) is not None:
+        if self.router is not None:
             self.router.close(0)
             self.zmq.term()
-        if getattr(self, "replay_table", None) is not None:
-            self.replay_table.flush()
+        if self.replay_table is not None:
+            self.replay_table.array.flush()

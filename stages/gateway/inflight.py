@@ -1,43 +1,34 @@
-"""The engine streams this gateway has open, kept where a SIGKILL cannot lose them (a file-backed
-array in the runtime directory, ``WorkerContext.state_array``: plain memory stores). A gateway that
-dies drops its clients' connections, but the engine would go on generating their streams for no
-one; the restarted gateway cancels them with their cancel tokens first thing (docs/gateway.md)."""
+"""The engine streams this gateway has open, kept where a SIGKILL cannot lose them (the worker's
+restart-surviving stream table, engine/protocol/streamtable.py). A gateway that dies drops its
+clients' connections, but the engine would go on generating their streams for no one; the
+restarted gateway cancels them with their cancel tokens first thing (docs/gateway.md)."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from engine.protocol.streamtable import StreamTable
 from engine.stage import WorkerContext
 
-_ID = 8  # bytes of a stream id (little-endian), then the cancel token's 16 bytes
-_TOKEN = 16
+_TOKEN_BYTES = 16  # a cancel token (32 hex digits), kept as two u8 values beside the stream id
 
 
 class InFlight:
     def __init__(self, ctx: WorkerContext, slots: int) -> None:
-        self.table = ctx.state_array("inflight", "u1", (slots, _ID + _TOKEN))
-        self.free = list(range(slots - 1, -1, -1))
-        self.left: list[tuple[int, str]] = []  # what a predecessor left open: (stream id, token)
-        for slot in range(slots):
-            row = self.table[slot]
-            if row.any():
-                self.left.append((int.from_bytes(row[:_ID].tobytes(), "little"), row[_ID:].tobytes().hex()))
-                row[:] = 0
+        self.table = StreamTable(ctx.state_array("inflight", "u8", (slots, 1 + _TOKEN_BYTES // 8)))
+        # what a predecessor left open: (stream id, cancel token)
+        self.left = [(sid, values.astype("<u8").tobytes().hex()) for sid, values in self.table.close_left().items()]
 
-    def add(self, stream_id: int, cancel_token: str) -> int | None:
-        """Note an open stream; its slot (None when every slot is taken: not noted)."""
+    def add(self, stream_id: int, cancel_token: str) -> bool:
+        """Note an open stream; False when every slot is taken or the token is not one (not noted)."""
         try:
             token = bytes.fromhex(cancel_token)
         except ValueError:
-            return None
-        if not self.free or len(token) != _TOKEN:
-            return None
-        slot = self.free.pop()
-        self.table[slot, _ID:] = np.frombuffer(token, np.uint8)
-        self.table[slot, :_ID] = np.frombuffer(stream_id.to_bytes(_ID, "little"), np.uint8)
-        return slot
+            return False
+        if len(token) != _TOKEN_BYTES:
+            return False
+        return self.table.open(stream_id, *np.frombuffer(token, "<u8").tolist())
 
-    def remove(self, slot: int | None) -> None:
-        if slot is not None:
-            self.table[slot] = 0
-            self.free.append(slot)
+    def remove(self, stream_id: int) -> None:
+        if stream_id in self.table:
+            self.table.close(stream_id)

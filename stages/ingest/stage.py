@@ -44,6 +44,7 @@ from engine.protocol.cache import socket_path
 from engine.protocol.cachekey import is_deterministic, key_for, producer_id
 from engine.protocol.requests import MAX_REQUEST_BYTES, RequestError, parse_request
 from engine.protocol.rows import End, Start, end_text, start_text
+from engine.protocol.streamtable import StreamTable
 from engine.protocol.tokens import LOOKUP, OPERATOR
 from engine.stage import AsyncStage, WorkerContext, wait_writable
 from engine.tokens import ensure_token, matches
@@ -177,7 +178,7 @@ class Ingest(AsyncStage):
             return {"type": "cancelled", "stream_id": msg["stream_id"]}
         if self.ctx.draining:
             return self._reject("ingest is draining: not accepting new requests")
-        if not self.free_slots:  # global admission: every slot holds a stream not yet ended
+        if self.active.full:  # global admission: every slot holds a stream not yet ended
             return self._reject(f"ingest is at capacity: {self.params.max_streams} concurrent streams (max_streams)")
         client = msg.get("client") or identity.decode(errors="replace")
         if self.queued.get(client, 0) >= self.params.queue_bound:
@@ -389,37 +390,29 @@ class Ingest(AsyncStage):
 
     def _init_state(self, max_streams: int) -> None:
         self.next_id = self.ctx.state_array("next_stream_id", "u8", 1)
-        # slot -> (stream id + 1, next seq committed to the ring); 0 marks a free slot. A slot is
-        # freed only once the stream's END/ERROR row is committed, so a restart finds every
-        # stream that had not ended in the ring.
-        self.active = self.ctx.state_array("active_streams", "u8", (max_streams, 2))
-        self.slots: dict[int, int] = {}
+        # each stream with the next seq committed to the ring (engine/protocol/streamtable.py),
+        # closed only once its END/ERROR row is committed, so a restart finds every stream that
+        # had not ended in the ring
+        self.active = StreamTable(self.ctx.state_array("active_streams", "u8", (max_streams, 2)))
         self.next_seq: dict[int, int] = {}
-        # lowest slots last: popped first, as the table's scan on restart finds them
-        self.free_slots: list[int] = np.flatnonzero(self.active[:, 0] == 0)[::-1].tolist()
 
     def _new_stream_id(self) -> int:
         """A new stream's id and slot; the caller has checked that a slot is free."""
         sid = int(self.next_id[0]) + 1
         self.next_id[0] = sid
-        slot = self.free_slots.pop()
-        self.active[slot] = (sid + 1, 0)
-        self.slots[sid] = slot
+        self.active.open(sid, 0)
         self.next_seq[sid] = 0
         return sid
 
     def _free(self, sid: int) -> None:
-        slot = self.slots.pop(sid)
-        self.active[slot] = (0, 0)
-        self.free_slots.append(slot)
+        self.active.close(sid)
         del self.next_seq[sid]
 
     def _committed(self, committed: Committed) -> None:
         """Record in the restart-surviving table how far each stream of a committed batch got:
         one numpy store for all of them, then the streams the batch ended free their slots."""
         last = dict(zip(committed.stream_id, committed.seq, strict=True))  # each stream's last row
-        slots = self.slots
-        self.active[[slots[sid] for sid in last], 1] = np.fromiter(last.values(), np.uint64, len(last)) + 1
+        self.active.set_many(list(last), 0, np.fromiter(last.values(), np.uint64, len(last)) + 1)
         for sid in committed.ended:
             self._free(sid)
 
@@ -430,23 +423,19 @@ class Ingest(AsyncStage):
         it one batch behind: that batch is the ring's last committed record, read back here. Its
         rows move a stream's next seq on (an error row on an old seq would be dropped downstream as
         a duplicate, and the stream would never end), and a stream it ended is not open at all."""
-        open_streams = {}
-        for slot in np.flatnonzero(self.active[:, 0]):
-            open_streams[int(self.active[slot, 0]) - 1] = (int(slot), int(self.active[slot, 1]))
+        open_streams = {sid: int(values[0]) for sid, values in self.active.left.items()}
         last = self.out.last_committed()
         if last is not None and open_streams:
             batch = TokenBatch.decode(last[1])
             for sid, seq, kind in zip(batch.stream_id.tolist(), batch.seq.tolist(), batch.kind.tolist(), strict=True):
                 if sid in open_streams:
-                    slot, next_seq = open_streams[sid]
-                    open_streams[sid] = (slot, max(next_seq, seq + 1))
+                    open_streams[sid] = max(open_streams[sid], seq + 1)
                     if kind in (Kind.END, Kind.ERROR):
-                        self.active[slot] = (0, 0)
-                        self.free_slots.append(slot)
+                        self.active.close(sid)
                         del open_streams[sid]
             del batch
-        for sid, (slot, next_seq) in open_streams.items():
-            self.slots[sid] = slot
+        for sid, next_seq in open_streams.items():
+            self.active.adopt(sid)
             self.next_seq[sid] = next_seq
             self._emit(sid, Kind.ERROR, b"ingest restarted; stream lost", time.monotonic_ns())
             self.ctx.log.warning("stream_lost_on_restart", stream_id=sid)
