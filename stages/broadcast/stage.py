@@ -84,6 +84,10 @@ class _Publisher:
 
 class Broadcast(Stage):
     Params = ModelRef("stages.broadcast.params:BroadcastParams")
+    # what close() may meet before start() made it (a start that failed part way)
+    zmq: zmq.Context | None = None
+    curve: CurveServer | None = None
+    published: SeqTable | None = None
 
     def start(self, ctx: WorkerContext) -> None:
         super().start(ctx)
@@ -381,10 +385,11 @@ class Broadcast(Stage):
         }
 
     def close(self) -> None:
-        if hasattr(self, "zmq"):
+        if self.published is not None:
             self.published.state.flush()
-            if getattr(self, "curve", None) is not None:
-                self.curve.stop()
+        if self.curve is not None:
+            self.curve.stop()
+        if self.zmq is not None:
             self.zmq.destroy(linger=1000)  # a clean stop sends what is queued (a dead subscriber: 1 s at most)
             self.inp.release()
 

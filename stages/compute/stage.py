@@ -43,6 +43,7 @@ from engine.protocol.requests import RequestError, ingest_endpoint
 from engine.stage import Stage, WorkerContext
 from engine.validated import ModelRef
 from shm.batch import (
+    BASE_COLUMNS,
     COLUMNS_OFFSET,
     MAX_EXTRA,
     TOP_COLUMN,
@@ -61,7 +62,7 @@ from stages.compute.probes import probe_table
 _TOKEN, _END, _ERROR = int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR)
 _SMALL_RECORD = 8  # rows up to which a record's running columns go row by row (numpy's turn from 8-12 rows)
 _ROWS_AT_ONCE = 256  # rows whose running columns are computed together: bounds the state rows' free columns
-BASE_COLUMNS = (
+COLUMNS = (  # what compute appends (and ``probe`` when probes are configured)
     ExtraColumn("hilbert", "f4", 2),
     ExtraColumn("conf", "f4"),
     ExtraColumn("rgba", "u1", 4),
@@ -74,6 +75,7 @@ BASE_COLUMNS = (
 
 class Compute(Stage):
     Params = ModelRef("stages.compute.params:ComputeParams")
+    requests: RequestClient | None = None  # made on the first cancel (what close() may meet)
 
     def start(self, ctx: WorkerContext) -> None:
         super().start(ctx)
@@ -85,7 +87,7 @@ class Compute(Stage):
         self.threshold32 = float(np.float32(self.threshold))  # the shares are f32: compared as numpy compares them
         probes = p.probes
         self.table, self.probe_vectors = probe_table(probes.model_dump()) if probes.count else (None, None)
-        self.columns = BASE_COLUMNS + (
+        self.columns = COLUMNS + (
             (ExtraColumn("probe", "f4", len(self.probe_vectors)),) if self.table is not None else ()
         )
         self.probe_window = probes.window
@@ -109,7 +111,6 @@ class Compute(Stage):
         self.split_at = 0  # rows of the input record being split that are written already
         self.busy_ns = 0
         self.sizes: dict[tuple[int, int], int] = {}  # output record bytes per (rows, text bytes)
-        self.requests: RequestClient | None = None
 
     # ---- the duty cycle -------------------------------------------------------------------
 
@@ -570,7 +571,7 @@ class Compute(Stage):
         return {**self.counts, **self.kernels.stats(), "busy_us_per_batch": round(per_batch, 1)}
 
     def close(self) -> None:
-        if getattr(self, "requests", None) is not None:
+        if self.requests is not None:
             self.requests.close()
 
 
@@ -617,7 +618,8 @@ def _perplexity(sums: np.ndarray) -> np.ndarray:
 
 
 _TOKEN_COLUMNS = ("hilbert", "conf", "rgba", "entropy")
-_COPIED = ("stream_id", "seq", "recv_ns", "token_id", "logprob", "kind")
+# the ring's base columns (shm.batch) copied as they are; text_end is rebased with the text
+_COPIED = tuple(name for name, _ in BASE_COLUMNS if name != "text_end")
 _BASE_NAMES = (*_COPIED, "text_end", "text")
 
 
