@@ -66,6 +66,7 @@ class RowTooLarge(Exception):
 
 class Ingest(AsyncStage):
     Params = IngestParams
+    embedded = None  # the embedded upstream's process, when it runs (what close() may meet)
 
     async def setup(self, ctx: WorkerContext) -> None:
         """Everything before serving: state, upstream pool (and the embedded upstream), cache
@@ -93,7 +94,6 @@ class Ingest(AsyncStage):
         self.request_buckets = KeyedBuckets(params.client_requests_per_s, params.client_burst)
         self.token_buckets = KeyedBuckets(params.client_tokens_per_s, params.client_burst_tokens)
         self.queued: dict[str, int] = {}
-        self.embedded = None
         self.cache_policy = params.cache_policy
         cache_worker = params.cache
         self.cache = None
@@ -480,7 +480,7 @@ class Ingest(AsyncStage):
             tel.set("neuralpipe_upstream_in_flight", upstream["outstanding"], upstream=upstream["name"])
 
     def close(self) -> None:
-        if getattr(self, "embedded", None) is not None:
+        if self.embedded is not None:
             self.embedded.terminate()
             self.embedded.join(5)
             with contextlib.suppress(ValueError):

@@ -12,6 +12,7 @@ from stages.testing import counting
 
 class AsyncCountingSource(AsyncStage):
     Params = ModelRef("stages.testing.params:CountingParams")
+    k = 0  # batches emitted so far (resumed from the ring in run)
 
     async def run(self, ctx: WorkerContext) -> None:
         out = ctx.outputs[0]
@@ -33,4 +34,4 @@ class AsyncCountingSource(AsyncStage):
                 await wait_writable(out, timeout=0.1)
 
     def stats(self) -> dict:
-        return {"batches": getattr(self, "k", 0)}
+        return {"batches": self.k}
