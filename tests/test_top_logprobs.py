@@ -231,6 +231,21 @@ def test_top_logprobs_pass_through_and_entropy(rig):
         assert len(tops) == 5 and all(len(t) == 1 for t in tops)
 
 
+def test_a_repeated_deterministic_request_gets_the_same_alternatives(rig):
+    """The cache may store a stream with top logprobs (when its records' columns agree) and replays
+    the ``top`` column with it; either way the repeat gets the same alternatives."""
+    engine, _ = rig
+    with openai.OpenAI(base_url=engine.url, api_key="unused", max_retries=0, timeout=30) as client:
+        body = _ask("repeat me", logprobs=True, top_logprobs=3, temperature=0)
+        answers = [client.chat.completions.with_raw_response.create(**body) for _ in range(2)]
+        tops = [
+            [[(t.token, t.logprob) for t in e.top_logprobs] for e in a.parse().choices[0].logprobs.content]
+            for a in answers
+        ]
+        assert tops[0] == tops[1] and all(len(t) == 3 for t in tops[0])
+        assert answers[0].headers["x-neuralpipe-cache"] == "miss"
+
+
 def test_top_logprobs_without_logprobs_is_a_400(rig):
     engine, _ = rig
     with (
