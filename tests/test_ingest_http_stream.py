@@ -226,3 +226,54 @@ def test_back_pressure_pauses_reading_until_the_wait_is_over():
         writer.write(b"0\r\n\r\n")
 
     assert post(reply, Slow()).body == b"".join(events)
+
+
+class FakeTransport(asyncio.Transport):
+    """A connection that never gets a byte: where the stream goes once it is connected."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def test_a_cancel_as_the_connection_completes_cancels_the_stream():
+    """3.11's asyncio.wait_for returns its result when the cancel comes as it completes: the
+    connect swallowed the cancel of a stream just connected, which then ran to its end (a cancelled
+    request's rows ended with END, tests/test_hostile_sockets.py now and then)."""
+    transports: list[FakeTransport] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def create_connection(factory, host, port, **kw):
+            protocol, transport = factory(), FakeTransport()
+            protocol.connection_made(transport)
+            transports.append(transport)
+            stream.cancel()  # the cancel comes as the connection completes
+            return transport, protocol
+
+        loop.create_connection = create_connection  # a plain asyncio loop lets a test stand in here
+        stream = asyncio.create_task(
+            http_stream.post_stream("http://127.0.0.1:9/", b"{}", {}, Collect(), connect_timeout_s=2, idle_timeout_s=2)
+        )
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(stream), 2)  # before: a timeout, the stream still waiting
+        assert stream.cancelled()
+
+    asyncio.run(main())
+    assert transports and transports[0].closed

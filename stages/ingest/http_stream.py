@@ -91,13 +91,19 @@ async def post_stream(
             protocol.connection_made(reused)
         else:
             try:
-                await asyncio.wait_for(loop.create_connection(lambda p=protocol: p, *key), connect_timeout_s)
+                # asyncio.timeout, not wait_for: 3.11's wait_for returns the connection when a
+                # cancel comes as it completes, and the cancelled stream would run on
+                async with asyncio.timeout(connect_timeout_s):
+                    await loop.create_connection(lambda p=protocol: p, *key)
             except TimeoutError:
                 protocol.stop()
                 raise TransportError("connect", f"no connection within {connect_timeout_s} s") from None
             except OSError as exc:
                 protocol.stop()
                 raise TransportError("connect", str(exc) or type(exc).__name__) from None
+            except BaseException:  # cancelled: no connection left open
+                protocol.stop()
+                raise
         protocol.transport.write(request)
         try:
             await protocol.finished
