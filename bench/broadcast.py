@@ -46,6 +46,8 @@ import numpy as np
 import orjson
 import zmq
 
+from engine.protocol.endpoints import endpoint
+
 from . import report
 from .proc import BenchError
 from .recovery import BenchEngine, wait_for
@@ -376,8 +378,7 @@ def run_engine(rate: float, runs: list[tuple[str, int]], window_s: float, progre
     port = free_port()
     rows = []
     with BenchEngine(engine_toml(rate, port), "broadcast") as engine:
-        # the broadcast's binary ipc endpoint (stages/broadcast/stage.py)
-        urls = {"ipc": f"ipc://{os.path.join(engine.info['runtime_dir'], 'broadcast-binary')}.sock"}
+        urls = {"ipc": endpoint(engine.info["runtime_dir"], "broadcast", "binary")}  # its binary ipc socket
         urls["tcp"] = f"tcp://127.0.0.1:{port}"
         for transport, subscribers in runs:
             row = {"transport": transport, "offered_tokens_per_s": rate or "unpaced"}

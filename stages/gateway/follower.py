@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -26,6 +25,7 @@ import zmq
 
 from engine.clients.consumer import RESYNC_S, ConsumerCore
 from engine.protocol import wire
+from engine.protocol.endpoints import endpoint
 
 RCVHWM = 1_000_000  # batch messages queued for the gateway before ZeroMQ drops (then repaired)
 RECONNECT_IVL_MS = 10
@@ -65,19 +65,19 @@ class Inbox:
 
 
 class BroadcastFollower:
-    def __init__(self, runtime_dir: str, stream: int | None = None) -> None:
+    def __init__(self, runtime_dir: str, stream: int | None = None, worker: str = "broadcast") -> None:
         ctx = zmq.Context.instance()
         self.sub = ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, RCVHWM)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-        self.sub.connect(f"ipc://{os.path.join(runtime_dir, 'broadcast-binary')}.sock")
+        self.sub.connect(endpoint(runtime_dir, worker, "binary"))
         self.sub.setsockopt(zmq.SUBSCRIBE, wire.ALL_TOPIC if stream is None else wire.topic(stream))
         self.sub.setsockopt(zmq.SUBSCRIBE, wire.HEARTBEAT_TOPIC)
         self.snap = ctx.socket(zmq.DEALER)
         self.snap.setsockopt(zmq.LINGER, 0)
         self.snap.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-        self.snap.connect(f"ipc://{os.path.join(runtime_dir, 'broadcast-snapshot')}.sock")
+        self.snap.connect(endpoint(runtime_dir, worker, "snapshot"))
         self._loop: asyncio.AbstractEventLoop | None = None
         self.core = ConsumerCore(self._send, stream, encoding="binary")
         self.inboxes: dict[int, Inbox] = {}
