@@ -158,7 +158,9 @@ def test_collector_never_stores_errors_gaps_unkeyed_replays_or_streams_seen_with
 def test_replay_renumbers_marks_cached_and_keeps_columns():
     ((key, stored),) = Collector(1 << 20).observe(make_batch(stream_rows(7, "k", 5)), 16)
 
-    class Out:  # the two Producer calls a replay makes
+    class Out:  # the two Producer calls a replay makes, and the record limit it keeps to
+        max_record = 1 << 20
+
         def __init__(self):
             self.records = []
 
@@ -185,6 +187,8 @@ def test_paced_replay_writes_only_rows_that_are_due():
     ((key, stored),) = Collector(1 << 20).observe(make_batch(stream_rows(1, "k", 5)), 16)
 
     class Out:
+        max_record = 1 << 20
+
         def try_claim(self, n):
             return memoryview(bytearray(n))
 

@@ -15,18 +15,24 @@ import pytest
 from aiohttp import web
 from gateway_harness import GatewayEngine, default_topology
 
+from engine.protocol.rows import End, Start, end_text, start_text
 from shm.batch import (
     MAX_TOP_LOGPROBS,
     MAX_TOP_TEXT,
     BatchError,
+    ExtraColumn,
     TokenBatch,
     batch_size,
+    encode_texts,
     encode_tops,
     top_alternatives,
     top_logprobs,
     top_rows,
     write_batch,
 )
+from shm.ring import RecordTooLarge
+from stages.cache.collect import Collector
+from stages.cache.replay import Replay
 from stages.ingest import corpus
 from stages.ingest.upstream_server import UpstreamServer, UpstreamServerConfig
 
@@ -77,6 +83,70 @@ def test_top_column_with_a_lying_header_is_refused() -> None:
     column[0, 0] = 7  # K no longer matches the width
     with pytest.raises(BatchError, match="top column"):
         top_logprobs(column)
+
+
+def _record(kinds: list[int], seqs: list[int], texts: list[bytes], tops: list | None = None):
+    """A decoded batch of stream 7 with compute's ``conf`` column and, given ``tops``, a ``top`` one."""
+    rows = top_rows(tops) if tops else None
+    extra = (ExtraColumn("conf", "f4"),) + ((rows.column,) if rows else ())
+    size = sum(map(len, texts))
+    buf = memoryview(bytearray(batch_size(len(kinds), size, extra)))
+    columns = write_batch(buf, len(kinds), size, extra)
+    columns.stream_id[:], columns.seq[:], columns.kind[:], columns.logprob[:] = 7, seqs, kinds, -0.5
+    encode_texts(columns, texts)
+    if rows:
+        encode_tops(columns.extra["top"], rows)
+    return TokenBatch.decode(buf)
+
+
+def test_the_cache_stores_a_stream_whose_records_carry_top_columns_of_different_widths() -> None:
+    """The START record has no ``top`` column and the token records have it at different widths (K
+    and S are per record): the stream is stored whole, one ``top`` column over all its rows. Before,
+    the collector gave it up as incomplete."""
+    collector = Collector(1 << 20)
+    collector.observe(_record([1], [0], [start_text(Start("m", False, "ab"))]), 16)
+    collector.observe(_record([2, 2], [1, 2], [b"a", b"b"], [(("a", -0.25),), (("b", -0.5), ("bb", -3.0))]), 16)
+    collector.observe(_record([2], [3], [b"c"], [(("c" * 40, -0.75),)]), 16)
+    finished = collector.observe(_record([3], [4], [end_text(End("stop", None))]), 16)
+    assert collector.counts["collected"] == 1, collector.counts
+    ((_, stored),) = finished
+    columns = dict((column.name, array) for column, array in stored.extras)
+    assert set(columns) == {"conf", "top"}
+    alternatives = [top_alternatives(columns["top"], i) for i in range(stored.rows)]
+    assert alternatives == [(), (("a", -0.25),), (("b", -0.5), ("bb", -3.0)), (("c" * 40, -0.75),), ()]
+
+
+def test_a_replay_of_wide_top_columns_keeps_to_the_ring_record_limit() -> None:
+    """20 alternatives of 255 bytes make a row of over 5 KB: a replay of 64 rows at a time would
+    claim a record larger than the ring takes (RecordTooLarge ended the replay before)."""
+    collector = Collector(1 << 22)
+    collector.observe(_record([1], [0], [start_text(Start("m", False, "ab"))]), 16)
+    wide = tuple((f"{j:03d}" + "w" * 250, -1.0 - j) for j in range(MAX_TOP_LOGPROBS))
+    collector.observe(_record([2] * 30, list(range(1, 31)), [b"t"] * 30, [wide] * 30), 16)
+    ((key, stored),) = collector.observe(_record([3], [31], [end_text(End("stop", None))]), 16)
+
+    class Out:  # a producer that refuses records over its max_record, as a ring does
+        max_record = 64 * 1024
+
+        def __init__(self) -> None:
+            self.rows = 0
+
+        def try_claim(self, n: int) -> memoryview:
+            if n > self.max_record:
+                raise RecordTooLarge(f"record of {n} bytes")
+            self.raw = bytearray(n)
+            return memoryview(self.raw)
+
+        def commit(self, record_type: int) -> None:
+            batch = TokenBatch.decode(memoryview(self.raw))
+            assert top_alternatives(batch.extra["top"], batch.rows - 1) in (wide, ())
+            self.rows += batch.rows
+
+    out = Out()
+    replay = Replay(9, stored, key, paced=False, now_ns=0)
+    while not replay.done:
+        assert replay.write(out, batch_rows=64, now_ns=1) > 0
+    assert out.rows == 32
 
 
 # ---- end to end: the official client, a real engine, upstreams on a thread of the test process ------
@@ -232,8 +302,8 @@ def test_top_logprobs_pass_through_and_entropy(rig):
 
 
 def test_a_repeated_deterministic_request_gets_the_same_alternatives(rig):
-    """The cache may store a stream with top logprobs (when its records' columns agree) and replays
-    the ``top`` column with it; either way the repeat gets the same alternatives."""
+    """The cache stores a stream with top logprobs and replays its ``top`` column: the repeat is a
+    hit with the same alternatives."""
     engine, _ = rig
     with openai.OpenAI(base_url=engine.url, api_key="unused", max_retries=0, timeout=30) as client:
         body = _ask("repeat me", logprobs=True, top_logprobs=3, temperature=0)
@@ -243,7 +313,7 @@ def test_a_repeated_deterministic_request_gets_the_same_alternatives(rig):
             for a in answers
         ]
         assert tops[0] == tops[1] and all(len(t) == 3 for t in tops[0])
-        assert answers[0].headers["x-neuralpipe-cache"] == "miss"
+        assert [a.headers["x-neuralpipe-cache"] for a in answers] == ["miss", "hit"]
 
 
 def test_top_logprobs_without_logprobs_is_a_400(rig):

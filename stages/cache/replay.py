@@ -54,12 +54,14 @@ class Replay:
             b = a + int(np.searchsorted(s.offset_ns[a:b], now_ns - self.began_ns, side="right"))
         if b <= a:
             return 0
+        columns_of = tuple(column for column, _ in s.extras)
+        while b - a > 1 and batch_size(b - a, int(s.text_off[b] - s.text_off[a]), columns_of) > out.max_record:
+            b = a + (b - a) // 2  # wide appended columns (a stream's top logprobs): fewer rows per record
         lengths = s.text_len[a:b].astype(np.int64)
         text = s.text[s.text_off[a] : s.text_off[b]]
         if a == 0 and s.kind[0] == Kind.START:
             text = self.start_text + text[lengths[0] :]
             lengths[0] = len(self.start_text)
-        columns_of = tuple(column for column, _ in s.extras)
         view = out.try_claim(batch_size(b - a, len(text), columns_of))
         if view is None:
             return 0

@@ -3,7 +3,9 @@
 Row 0 is the START row, the last row the END row. ``offset_ns`` is each row's ``recv_ns`` minus
 row 0's, the original pacing a replay may follow; ``text_len`` and ``text`` hold the row texts
 (the START row's is replaced on replay). ``extras`` are the appended columns (compute's), kept
-with their batch column descriptions so a replay writes them back the same way.
+with their batch column descriptions so a replay writes them back the same way. A stream's top
+logprobs (shm.batch's ``top`` column) come in records of different widths, or in some records
+only: they are kept per row and laid out as one column when the stream is finished.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shm.batch import ExtraColumn
+from shm.batch import TOP_COLUMN, ExtraColumn, TopAlternatives, encode_tops, top_alternatives, top_rows
 
 # Bookkeeping per entry beyond its arrays (key, dict slot, objects): counted in the byte bound.
 ENTRY_OVERHEAD = 512
@@ -68,12 +70,17 @@ class StreamBuilder:
         self.columns: tuple[ExtraColumn, ...] | None = None
         self.chunks: list[tuple[np.ndarray, ...]] = []
         self.texts: list[bytes] = []
+        self.tops: list[TopAlternatives] | None = None  # per row, once a record had a ``top`` column
 
     def add(
         self, base: tuple[np.ndarray, ...], text: bytes, extras: tuple[tuple[ExtraColumn, np.ndarray], ...]
     ) -> bool:
         """Append rows ``base`` = (kind, token_id, logprob, recv_ns, text_len); False when their
         appended columns differ from the earlier rows' (the stream cannot be stored whole)."""
+        top = next((array for column, array in extras if column.name == TOP_COLUMN), None)
+        if top is not None or self.tops is not None:
+            self._add_tops(top, len(base[0]))
+            extras = tuple((column, array) for column, array in extras if column.name != TOP_COLUMN)
         columns = tuple(column for column, _ in extras)
         if self.columns is None:
             self.columns = columns
@@ -86,9 +93,21 @@ class StreamBuilder:
         self.nbytes += len(text) + sum(a.nbytes for a in chunk)
         return True
 
+    def _add_tops(self, top: np.ndarray | None, rows: int) -> None:
+        if self.tops is None:
+            self.tops = [()] * self.next_seq  # the rows before the first record with a top column
+        self.tops += [top_alternatives(top, i) for i in range(rows)] if top is not None else [()] * rows
+        self.nbytes += top.nbytes if top is not None else 0
+
     def finish(self) -> StoredStream:
         joined = [np.concatenate(parts) for parts in zip(*self.chunks, strict=True)]
         kind, token_id, logprob, recv_ns, text_len, *extra_arrays = joined
+        extras = tuple(zip(self.columns or (), extra_arrays, strict=True))
+        if self.tops is not None and any(self.tops):  # one ``top`` column over the whole stream
+            rows = top_rows(self.tops)
+            array = np.zeros((len(self.tops), rows.column.width), dtype=np.uint8)
+            encode_tops(array, rows)
+            extras += ((rows.column, array),)
         return StoredStream(
             model=self.model,
             record_type=self.record_type,
@@ -98,5 +117,5 @@ class StreamBuilder:
             offset_ns=recv_ns - recv_ns[0],
             text_len=text_len,
             text=b"".join(self.texts),
-            extras=tuple(zip(self.columns or (), extra_arrays, strict=True)),
+            extras=extras,
         )
