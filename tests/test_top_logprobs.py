@@ -158,6 +158,8 @@ HOSTILE_TOKENS = ("one ", "two ", "three")
 def _hostile_top(model: str, token: str) -> object:
     if model == "many":  # thousands of alternatives: the ring carries 20 at most
         return [{"token": f"a{j}", "logprob": -1.0 - j / 1000} for j in range(6000)]
+    if model == "flood":  # 10,000 alternatives: an event of ~400 KB, over ingest's bound on one event
+        return [{"token": f"alternative {j}", "logprob": -1.0 - j / 1000} for j in range(10_000)]
     if model == "badtype":  # a number where an alternative object belongs
         return [3, 4]
     # "odd": a string and an infinite-looking logprob, a positive one, a 1,000-byte text
@@ -227,8 +229,9 @@ class _Upstreams:
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
     ups = _Upstreams()
+    hostile = '["many", "flood", "badtype", "odd"]'
     entries = f'\n[[upstreams]]\nname = "good"\nbase_url = "{ups.good_url}"\nmodels = ["good"]\n' + (
-        f'\n[[upstreams]]\nname = "hostile"\nbase_url = "{ups.hostile_url}"\nmodels = ["many", "badtype", "odd"]\n'
+        f'\n[[upstreams]]\nname = "hostile"\nbase_url = "{ups.hostile_url}"\nmodels = {hostile}\n'
     )
     config = default_topology(ingest='params.pool = { mid_stream = "error", retries = 0 }') + entries
     engine = GatewayEngine(tmp_path_factory.mktemp("toplp"), config, "t" + uuid.uuid4().hex[:10])
@@ -342,6 +345,9 @@ def test_a_hostile_upstreams_top_logprobs_are_capped_or_a_stream_error(rig):
         assert len(first[1].token.encode()) == 255 and first[1].logprob == 5.0
         entropy = odd.choices[0].model_extra["neuralpipe"]["columns"]["entropy"]
         assert all(math.isfinite(h) and h >= 0 for h in entropy)
+
+        with pytest.raises(openai.APIError, match="upstream sent a line longer than 262144 "):
+            client.chat.completions.create(**_ask("flood", "flood", logprobs=True, top_logprobs=20))
 
         with pytest.raises(openai.APIError, match="malformed chunk"):
             list(
