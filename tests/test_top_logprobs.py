@@ -14,6 +14,8 @@ import orjson
 import pytest
 from aiohttp import web
 from gateway_harness import GatewayEngine, default_topology
+from test_compute_stage import Rig, _drain
+from test_compute_stage import stream_rows as compute_stream_rows
 
 from engine.protocol.rows import End, Start, end_text, start_text
 from shm.batch import (
@@ -21,6 +23,7 @@ from shm.batch import (
     MAX_TOP_TEXT,
     BatchError,
     ExtraColumn,
+    Kind,
     TokenBatch,
     batch_size,
     encode_texts,
@@ -356,3 +359,85 @@ def test_a_hostile_upstreams_top_logprobs_are_capped_or_a_stream_error(rig):
 
         workers = engine.status()["workers"]
         assert all(w.get("restarts", 0) == 0 for w in workers), [(w["name"], w.get("restarts")) for w in workers]
+
+
+# ---- compute: the top column passed on, the entropy from it (the stage between two real rings) ----
+
+
+def _send_with_tops(rig: Rig, rows: list[tuple], tops: list) -> None:
+    """One record of (stream, seq, kind, token_id, logprob, text) rows with a ``top`` column."""
+    texts = [r[5] for r in rows]
+    top = top_rows(tops)
+    view = rig.source.try_claim(batch_size(len(rows), sum(map(len, texts)), (top.column,)))
+    cols = write_batch(view, len(rows), sum(map(len, texts)), (top.column,))
+    for i, name in enumerate(("stream_id", "seq", "kind", "token_id", "logprob")):
+        getattr(cols, name)[:] = [r[i] for r in rows]
+    cols.recv_ns[:] = 7
+    encode_texts(cols, texts)
+    encode_tops(cols.extra["top"], top)
+    del cols
+    view.release()
+    rig.source.commit(16)
+
+
+@pytest.fixture
+def compute_rig(instance, tmp_path):
+    rigs: list[Rig] = []
+
+    def make(out_capacity: int = 1 << 20, **params) -> Rig:
+        rigs.append(Rig(f"{instance}{len(rigs)}", tmp_path, params, out_capacity))
+        return rigs[-1]
+
+    yield make
+    for r in rigs:
+        r.close()
+
+
+def _alternatives(n: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    return [tuple((f"alt{j}", float(-rng.exponential(1.0) - j)) for j in range(3)) for _ in range(n)]
+
+
+def test_compute_passes_the_top_column_on_and_takes_the_entropy_from_it(compute_rig):
+    r = compute_rig(backend="numpy", coalesce_rows=256)
+    plain = compute_stream_rows(1, [1, 2, 3], [-0.5] * 3)
+    topped = compute_stream_rows(2, [4, 5, 6], [-0.5] * 3)
+    tops = [None, *_alternatives(3, 1), None]  # START and END rows have none
+    r.send(plain[:2])
+    _send_with_tops(r, topped, tops)
+    r.send(plain[2:])
+    assert r.stage.do_work() == 3
+    out = r.receive()
+    assert len(out) == 3  # the record with top logprobs was not coalesced with the others
+    assert "top" not in out[0] and "top" not in out[2]
+    sent = top_rows(tops)
+    want = np.zeros((5, sent.column.width), dtype=np.uint8)
+    encode_tops(want, sent)
+    np.testing.assert_array_equal(out[1]["top"], want)  # passed on unchanged
+    for i in (1, 2, 3):
+        assert out[1]["entropy"][i] == pytest.approx(_entropy([lp for _, lp in tops[i]]), abs=1e-6)
+    assert out[1]["entropy"][[0, 4]].tolist() == [0, 0]
+    assert out[0]["entropy"][1] == pytest.approx(_entropy([-0.5]), abs=1e-6)  # the lower bound without tops
+
+
+def test_a_split_record_carries_each_pieces_top_rows(compute_rig):
+    big, small = compute_rig(backend="numpy"), compute_rig(out_capacity=1 << 16, backend="numpy")
+    rows = [(3, i + 1, Kind.TOKEN, i, -0.7, b"x" * 1000) for i in range(64)]
+    tops = _alternatives(64, 2)
+    _send_with_tops(big, rows, tops)
+    _send_with_tops(small, rows, tops)
+    want, got = _drain(big), _drain(small)
+    assert len(want) == 1 and len(got) >= 4
+    np.testing.assert_array_equal(np.concatenate([b["top"] for b in got]), want[0]["top"])
+    np.testing.assert_array_equal(np.concatenate([b["entropy"] for b in got]), want[0]["entropy"])
+    assert want[0]["entropy"][0] == pytest.approx(_entropy([lp for _, lp in tops[0]]), abs=1e-6)
+
+
+def test_with_probes_on_the_top_column_is_dropped_but_the_entropy_uses_it(compute_rig):
+    r = compute_rig(backend="numpy", probes={"count": 2, "dim": 8, "rows": 64})
+    tops = [None, *_alternatives(2, 3), None]
+    _send_with_tops(r, compute_stream_rows(5, [1, 2], [-0.5] * 2), tops)
+    r.stage.do_work()
+    (batch,) = r.receive()
+    assert "top" not in batch and "probe" in batch and r.stage.counts["top_dropped"] == 1
+    assert batch["entropy"][1] == pytest.approx(_entropy([lp for _, lp in tops[1]]), abs=1e-6)
