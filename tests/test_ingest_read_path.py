@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -103,3 +104,26 @@ def test_a_credit_on_a_short_bucket_waits_for_exactly_what_it_needs():
     assert wait is not None
     asyncio.run(wait)
     assert credit.held == 0
+
+
+def test_a_cancel_as_an_upstream_frees_does_not_take_its_slot():
+    """A stream waiting for an upstream (a Retry-After), cancelled as it frees: 3.11's wait_for
+    returned the wait's result instead of the cancel, so the cancelled stream took a slot and its
+    request went out."""
+    from stages.ingest.pool import PoolPolicy, UpstreamConfig, UpstreamPool
+
+    async def main() -> int:
+        pool = UpstreamPool([UpstreamConfig(name="u", base_url="http://127.0.0.1:9", max_concurrency=1)], PoolPolicy())
+        upstream = pool._upstreams[0]
+        upstream.not_before = time.monotonic() + 60  # a Retry-After: the wait has a timeout
+        waiting = asyncio.create_task(pool._acquire(None, set()))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        upstream.not_before = 0.0
+        pool._notify()  # the upstream is free again ...
+        waiting.cancel()  # ... as the waiting stream is cancelled
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return upstream.outstanding
+
+    assert asyncio.run(main()) == 0

@@ -395,8 +395,9 @@ class UpstreamPool:
                 return upstream
             # Wake on a freed slot or a change of health, or when the first bucket refills.
             refill = min((max(u.request_wait(now), u.not_before - now) for u in free), default=None)
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), refill)
+            with suppress(TimeoutError):  # asyncio.timeout: 3.11's wait_for can swallow a cancel
+                async with asyncio.timeout(refill):
+                    await self._changed.wait()
 
     @staticmethod
     def _why_down(upstreams: list[_Upstream], now: float) -> str:
