@@ -26,6 +26,7 @@ import zmq
 from engine.clients.consumer import RESYNC_S, ConsumerCore
 from engine.protocol import wire
 from engine.protocol.endpoints import endpoint
+from shm.batch import TOP_COLUMN
 
 RCVHWM = 1_000_000  # batch messages queued for the gateway before ZeroMQ drops (then repaired)
 RECONNECT_IVL_MS = 10
@@ -172,7 +173,10 @@ class BroadcastFollower:
         core = self.core
         while core.ready_batches:
             batch = core.ready_batches.popleft()
-            if len(batch.columns) != len(self.columns) + len(wire.BATCH_COLUMNS) and batch.rows:
+            # compute's columns; not from a record with ``top`` (only some carry it: the gateway
+            # serves it as top_logprobs, not as a column)
+            fixed = batch.rows and TOP_COLUMN not in batch.columns
+            if fixed and len(batch.columns) != len(self.columns) + len(wire.BATCH_COLUMNS):
                 self.columns = frozenset(batch.columns) - frozenset(wire.BATCH_COLUMNS)
             for listener in tuple(self.listeners):
                 listener(batch)
