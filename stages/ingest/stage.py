@@ -147,8 +147,7 @@ class Ingest(AsyncStage):
     async def _serve(self, sock) -> None:
         while not (self.ctx.draining and not self.tasks):
             try:
-                async with asyncio.timeout(0.2):  # not wait_for: in 3.11 it can swallow a cancel
-                    frames = await sock.recv_multipart()
+                frames = await asyncio.wait_for(sock.recv_multipart(), 0.2)
             except TimeoutError:
                 continue
             request = split_request(frames)
