@@ -22,10 +22,10 @@ import urllib.error
 import urllib.request
 from collections import deque
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from engine.logs import JsonLogger
 from engine.redact import url_origin
+from engine.upstream_url import split_http_url
 
 if TYPE_CHECKING:
     from engine.config import NotifyConfig
@@ -42,17 +42,7 @@ def check_webhook_url(value: str) -> str:
     """``value`` if it is a usable webhook URL, else ValueError saying what is wrong."""
     if len(value) > MAX_URL_LENGTH:
         raise ValueError(f"must be at most {MAX_URL_LENGTH} characters (got {len(value)})")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"must be an http:// or https:// URL (got {value[:80]!r})")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("must not carry credentials (user:password@): put a token in the path or query")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"has a port outside 1..65535 (got {value[:80]!r})") from None
-    if port == 0 or parts.fragment or any(c.isspace() or ord(c) < 32 for c in value):
-        raise ValueError(f"must be a plain URL: a port in 1..65535, no fragment, no spaces (got {value[:80]!r})")
+    split_http_url(value, "put a token in the path or query")
     return value
 
 

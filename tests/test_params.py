@@ -121,8 +121,8 @@ def test_the_ingest_upstreams_use_the_upstreams_table_model(tmp_path):
     text = '[params.ingest]\nupstreams = [{ name = "a", base_url = "http://h:0" }]\n'
     problems = _problems(tmp_path, text)
     assert problems == [
-        "params.ingest.upstreams[0].base_url: must be a plain URL with a port in 1..65535, no query, fragment"
-        " or spaces (got 'http://h:0')"
+        "params.ingest.upstreams[0].base_url: must be a plain URL: a port in 1..65535, no fragment, no spaces"
+        " (got 'http://h:0')"
     ]
 
 

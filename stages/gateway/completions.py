@@ -18,10 +18,11 @@ from aiohttp import web
 from engine.auth.gate import Lease
 from engine.clients.requests_async import AsyncRequestClient, Submitted
 from engine.protocol import wire
+from engine.protocol.openai_errors import ApiError
 from engine.protocol.requests import RequestError
 from engine.telemetry import Telemetry
 from shm.batch import TOP_COLUMN, TopAlternatives, top_alternatives
-from stages.gateway.errors import ApiError, rejection, stream_error
+from stages.gateway.errors import rejection, stream_error
 from stages.gateway.follower import BroadcastFollower, Inbox
 from stages.gateway.inflight import InFlight
 from stages.gateway.shapes import (

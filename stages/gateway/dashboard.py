@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from engine.protocol.openai_errors import ApiError
 from stages.gateway.dashboard_state import DashboardState
-from stages.gateway.errors import ApiError
 from stages.gateway.health import EngineHealth
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"

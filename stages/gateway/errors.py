@@ -5,36 +5,13 @@ from __future__ import annotations
 
 import re
 
-import orjson
 from aiohttp import web
 
-from stages.gateway.shapes import error_object
+from engine.protocol.openai_errors import ApiError
 
 
-class ApiError(Exception):
-    """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-        retry_after: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
-        self.retry_after = retry_after
-
-    def body(self) -> dict:
-        return error_object(self.message, self.type, self.code, self.param)
-
-    def response(self) -> web.Response:
-        headers = {"Retry-After": self.retry_after} if self.retry_after else None
-        return web.Response(
-            body=orjson.dumps(self.body()), status=self.status, content_type="application/json", headers=headers
-        )
+def error_response(err: ApiError) -> web.Response:
+    return web.Response(body=err.encoded(), status=err.status, content_type="application/json", headers=err.headers())
 
 
 _UPSTREAM_STATUS = re.compile(r"\bHTTP (\d{3})\b")

@@ -21,11 +21,12 @@ from aiohttp import web
 from engine.auth.errors import AuthError, LimitExceeded
 from engine.auth.gate import Gate
 from engine.clients.requests_async import AsyncRequestClient
+from engine.protocol.openai_errors import ApiError
 from engine.protocol.requests import MAX_STREAM_ID, RequestError
 from engine.stage import WorkerContext
 from stages.gateway.completions import Ask, Completions
 from stages.gateway.dashboard import add_dashboard_routes
-from stages.gateway.errors import ApiError
+from stages.gateway.errors import error_response
 from stages.gateway.feed import FeedHub
 from stages.gateway.follower import BroadcastFollower
 from stages.gateway.health import EngineHealth, health_body
@@ -104,18 +105,22 @@ class GatewayServer:
             return response
         except ApiError as err:
             status = err.status
-            return err.response()
+            return error_response(err)
         except web.HTTPException as exc:  # aiohttp's own: unknown route, wrong method, body too large
             status = exc.status
             code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
-            return ApiError(exc.status, f"{request.method} {request.path[:200]}: {exc.reason}", code=code).response()
+            return error_response(
+                ApiError(exc.status, f"{request.method} {request.path[:200]}: {exc.reason}", code=code)
+            )
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception as exc:  # a bug: logged, and still an answer in the documented shape
             status = 500
             self.counts["errors"] += 1
             self.ctx.log.error("gateway_handler_failed", path=request.path[:200], error=repr(exc)[:1000])
-            return ApiError(500, "internal error in the gateway (logged)", "server_error", "internal_error").response()
+            return error_response(
+                ApiError(500, "internal error in the gateway (logged)", "server_error", "internal_error")
+            )
         finally:
             telemetry = self.ctx.telemetry
             telemetry.count("neuralpipe_gateway_requests_total", endpoint=endpoint, code=str(status))

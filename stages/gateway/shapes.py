@@ -24,10 +24,6 @@ def sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-def error_object(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
 def estimate_prompt_tokens(chat: bool, body: dict[str, Any]) -> int:
     """Prompt tokens when the upstream reports none: ~4 characters of English text per token (the
     rule of thumb OpenAI documents) plus, for chat, 3 tokens of framing per message and 3 for the

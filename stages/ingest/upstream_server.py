@@ -37,6 +37,7 @@ import uvloop
 from aiohttp import web
 
 from engine.lifeline import die_with_parent
+from engine.protocol.openai_errors import ApiError
 from stages.ingest import corpus
 
 FAULT_HEADER = "X-Neuralpipe-Fault"
@@ -88,25 +89,10 @@ class UpstreamStats:
     cancelled: int = 0  # streams whose client closed the connection before their end
 
 
-class ApiError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
-
-    def response(self) -> web.Response:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        # Clients back off on these; tell them for how long, as real servers do.
-        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
-        return web.json_response(body, status=self.status, headers=headers, dumps=_dumps)
+def _error_response(err: ApiError) -> web.Response:
+    # Clients back off on these; tell them for how long, as real servers do.
+    headers = err.headers() or ({"Retry-After": "1"} if err.status in (429, 503) else None)
+    return web.Response(body=err.encoded(), status=err.status, content_type="application/json", headers=headers)
 
 
 def _dumps(obj: Any) -> str:
@@ -629,7 +615,7 @@ class UpstreamServer:
         try:
             await self._apply_early_faults(self._request_faults(request))
         except ApiError as err:
-            return err.response()
+            return _error_response(err)
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "neuralpipe"} for m in self.cfg.models]
         return web.json_response({"object": "list", "data": data}, dumps=_dumps)
 
@@ -643,12 +629,12 @@ class UpstreamServer:
         self.stats.requests += 1
         if self.stats.active_streams >= self.cfg.max_concurrency:
             self.stats.rejected += 1
-            return ApiError(429, "too many concurrent requests", "requests", "rate_limit_exceeded").response()
+            return _error_response(ApiError(429, "too many concurrent requests", "requests", "rate_limit_exceeded"))
         self.stats.active_streams += 1
         try:
             return await self._serve(request, chat)
         except ApiError as err:
-            return err.response()
+            return _error_response(err)
         finally:
             self.stats.active_streams -= 1
 
