@@ -9,7 +9,7 @@ threads (each one is a sleep that ended in a wake-up) at the start and the end o
 and reports CPU as a percentage of one core and wake-ups per second; it sleeps meanwhile. A
 process that busy-polls shows as whole percents and thousands of wake-ups. Two sizes, because an
 idle supervisor's work grows with the number of workers (each sends heartbeats). Then the default
-topology (no config file: the embedded upstream, ingest, compute, cache, broadcast), idle from the
+topology (no config file: the embedded upstream, ingest, compute, cache, broadcast, gateway), idle from the
 moment it reports running: the workers whose stages serve sockets (cache, broadcast) must park
 like the rest, not poll their sockets.
 
@@ -298,7 +298,7 @@ def _window_line(result: dict[str, Any], engine: dict[str, Any]) -> str:
 def _default_line(result: dict[str, Any]) -> str:
     settings = result["settings"]
     return (
-        f"Idle default topology (no config file: embedded upstream, ingest, compute, cache, broadcast), "
+        f"Idle default topology (no config file: embedded upstream, ingest, compute, cache, broadcast, gateway), "
         f"over {settings['idle_s']:g} s after a {settings['settle_s']:g} s pause once running:"
     )
 
