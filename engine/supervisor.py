@@ -718,8 +718,6 @@ def _ring_status(name: str, ring: Ring) -> dict[str, Any]:
     }
 
 
-
-
 def _pas_dict(pas: Pas) -> dict[str, Any]:
     return {
         "score": round(pas.score, 4),
