@@ -52,8 +52,13 @@ def jwks(tmp_path, rsa_key, ed_key):
     return str(path)
 
 
+DAY_S = 86400
+
+
 def _claims(**extra) -> dict:
-    claims = {"sub": "alice", "exp": int(time.time()) + 300, "aud": AUDIENCE, "iss": ISSUER}
+    # a day either way: parametrized claims are made when the suite is collected, and a full run
+    # reaches these tests minutes later (with +300 s every case but "expired" failed as expired)
+    claims = {"sub": "alice", "exp": int(time.time()) + DAY_S, "aud": AUDIENCE, "iss": ISSUER}
     claims.update(extra)
     return {k: v for k, v in claims.items() if v is not None}
 
@@ -97,7 +102,7 @@ def test_rs256_and_eddsa_from_a_jwks_picked_by_kid(jwks, rsa_key, ed_key):
         (_claims(iss="https://evil.example"), "issuer \\(iss\\) must be"),
         (_claims(sub=None), "no 'sub' claim"),
         (_claims(exp=None), "no 'exp' claim"),
-        (_claims(nbf=int(time.time()) + 600), "not valid yet"),
+        (_claims(nbf=int(time.time()) + DAY_S), "not valid yet"),
         (_claims(sub="x" * 201), "sub must be 1-200 bytes of printable UTF-8"),
         (_claims(sub="é" * 101), "sub must be 1-200 bytes"),
         (_claims(sub="a\nb"), "sub must be 1-200 bytes"),
