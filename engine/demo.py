@@ -37,7 +37,9 @@ STREAM_TIMEOUT_S = 60.0
 
 def run_demo(cfg: Config, config_path: str | None, prompts: int, max_tokens: int, write: Callable[[str], None]) -> int:
     """Run the demo; returns the process exit code (0: every stream complete, cache hit seen)."""
-    os.environ.setdefault("NEURALPIPE_METRICS_PORT", "0")  # a second engine must not fight over 9464
+    # a demo takes no fixed port: another engine or server on 9464 or 8080 must not stop it
+    os.environ.setdefault("NEURALPIPE_METRICS_PORT", "0")
+    os.environ.setdefault("NEURALPIPE_GATEWAY_LISTEN", "127.0.0.1:0")
     write("starting the engine ...\n")
     began = time.monotonic()
     info = launch_detached(cfg, config_path, progress=lambda what: write(f"  {what}\n"))

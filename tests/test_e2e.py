@@ -3,8 +3,10 @@ processes, real HTTP, real rings and sockets, read by the consumer client."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -163,4 +165,25 @@ def test_demo_runs_end_to_end_and_exits_cleanly(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "cache hit" in done.stdout and "PAS" in done.stdout and "conf" in done.stdout
+    assert "stopped" in done.stdout.splitlines()[-1]
+
+
+@pytest.mark.timeout(120)
+def test_demo_runs_while_the_gateways_default_port_is_taken(tmp_path):
+    # the demo is the first command a new user runs: another server on 8080 must not stop it
+    env = {k: v for k, v in os.environ.items() if k != "NEURALPIPE_GATEWAY_LISTEN"}
+    env |= {"NEURALPIPE_RUNTIME_DIR": str(tmp_path / "run"), "NEURALPIPE_METRICS_PORT": "0"}
+    with contextlib.ExitStack() as stack:
+        taken = stack.enter_context(socket.socket())
+        with contextlib.suppress(OSError):  # already taken by someone else: as good
+            taken.bind(("127.0.0.1", 8080))
+            taken.listen()
+        done = subprocess.run(
+            [sys.executable, "-m", "engine.cli", "demo", "--prompts", "2", "--max-tokens", "6"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=100,
+        )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "stopped" in done.stdout.splitlines()[-1]
