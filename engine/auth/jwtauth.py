@@ -50,15 +50,21 @@ class JwtConfigError(AuthConfigError):
     """The secret or the JWKS file cannot be used (one line naming it)."""
 
 
-def read_secret_file(path: str) -> str:
-    """An HS256 secret from a file (surrounding whitespace dropped), at least 32 bytes."""
+def _read_bounded(path: str, what: str, name: str) -> bytes:
+    """The bytes of a key file, at most MAX_JWKS_BYTES; JwtConfigError naming ``what`` otherwise."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_JWKS_BYTES + 1)
     except OSError as exc:
-        raise JwtConfigError(f"{path}: cannot read the JWT secret: {exc.strerror}") from None
+        raise JwtConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
     if len(data) > MAX_JWKS_BYTES:
-        raise JwtConfigError(f"{path}: JWT secret file larger than {MAX_JWKS_BYTES} bytes")
+        raise JwtConfigError(f"{path}: {name} larger than {MAX_JWKS_BYTES} bytes")
+    return data
+
+
+def read_secret_file(path: str) -> str:
+    """An HS256 secret from a file (surrounding whitespace dropped), at least 32 bytes."""
+    data = _read_bounded(path, "the JWT secret", "JWT secret file")
     try:
         return data.strip().decode()
     except UnicodeDecodeError:
@@ -67,13 +73,7 @@ def read_secret_file(path: str) -> str:
 
 def load_jwks(path: str) -> dict[str, PyJWK]:
     """kid -> key, for the RS256 and EdDSA public keys of a JWKS file ({"keys": [...]})."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_JWKS_BYTES + 1)
-    except OSError as exc:
-        raise JwtConfigError(f"{path}: cannot read the JWKS: {exc.strerror}") from None
-    if len(raw) > MAX_JWKS_BYTES:
-        raise JwtConfigError(f"{path}: JWKS larger than {MAX_JWKS_BYTES} bytes")
+    raw = _read_bounded(path, "the JWKS", "JWKS")
     try:
         entries = json.loads(raw)["keys"]
     except (ValueError, KeyError, TypeError):
