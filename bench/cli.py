@@ -91,6 +91,11 @@ def bench_ingest(as_json: bool, quick: bool) -> None:
 @click.option("--offered", type=float, help="One step at this many tokens/s (all streams together), not the sweep.")
 @click.option("--streams", type=int, help="Paced streams sharing the offered load (default 100; --quick 20).")
 @click.option("--duration", "duration_s", type=float, help="Each stream's length in seconds (default 6; --quick 2).")
+@click.option(
+    "--flush-ms",
+    type=click.FloatRange(0, 100),
+    help="Ingest's flush window in ms (default: the engine's, 2): the CPU-per-token against latency trade.",
+)
 def bench_pipeline(
     as_json: bool,
     quick: bool,
@@ -98,13 +103,20 @@ def bench_pipeline(
     offered: float | None,
     streams: int | None,
     duration_s: float | None,
+    flush_ms: float | None,
 ) -> None:
     """Paced load through ingest -> compute -> cache -> broadcast over shm rings, Queue, zmq: delivered/offered,
     steady-state latency, CPU µs per token of each process, and each transport's saturation point."""
     from . import pipeline
 
     pipeline.main(
-        as_json=as_json, quick=quick, transports=transports, offered=offered, streams=streams, duration_s=duration_s
+        as_json=as_json,
+        quick=quick,
+        transports=transports,
+        offered=offered,
+        streams=streams,
+        duration_s=duration_s,
+        flush_ms=flush_ms,
     )
 
 

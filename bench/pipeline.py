@@ -85,6 +85,7 @@ class Settings:
     duration_s: float  # each stream's length at its pace
     warmup_s: float  # after the first submit, left out of every figure
     drain_s: float  # after the load, how long its last tokens may take to come
+    flush_ms: float | None = None  # ingest's flush window (None: the engine's default)
 
 
 FULL = Settings(
@@ -111,9 +112,11 @@ QUICK = Settings(
 )
 
 
-def engine_toml(transport: str, tokens_per_s: float) -> str:
+def engine_toml(transport: str, tokens_per_s: float, flush_ms: float | None = None) -> str:
     """The full topology over ``transport``; the upstream paced at ``tokens_per_s`` per stream
-    (0: unpaced); limits per client far above the load (one client submits everything)."""
+    (0: unpaced); limits per client far above the load (one client submits everything); ingest's
+    flush window ``flush_ms`` (None: its default)."""
+    flush = "" if flush_ms is None else f"params.flush_ms = {flush_ms}"
     return f"""
 [engine]
 transport = "{REFERENCES[transport]}"
@@ -129,6 +132,7 @@ params.client_burst = 1e6
 params.client_tokens_per_s = 1e9
 params.client_burst_tokens = 1e9
 params.queue_bound = 100000
+{flush}
 params.embedded = {{ tokens_per_s = {tokens_per_s}, max_concurrency = {MAX_STREAMS} }}
 
 [workers.compute]
@@ -310,7 +314,7 @@ def run_step(load: Load, settings: Settings) -> dict[str, Any]:
     """Run one load on an engine of its own; its row (see the module docstring)."""
     label = f"{load.transport} {load.offered:g}"
     with (
-        BenchEngine(engine_toml(load.transport, load.pace), f"pipeline-{load.transport}") as engine,
+        BenchEngine(engine_toml(load.transport, load.pace, settings.flush_ms), f"pipeline-{load.transport}") as engine,
         Consumer(engine.info["runtime_dir"]) as consumer,
     ):
         # a SUB socket misses what is published before its subscription reaches the XPUB
@@ -513,6 +517,7 @@ def main(
     offered: float | None = None,
     streams: int | None = None,
     duration_s: float | None = None,
+    flush_ms: float | None = None,
 ) -> dict[str, Any]:
     """Run the sweep (or, with ``offered``, one step per transport), print a table (or one JSON
     object) and return the results. A full default sweep of every transport from a checkout
@@ -527,6 +532,8 @@ def main(
         settings = replace(settings, streams=streams)
     if duration_s is not None:
         settings = replace(settings, duration_s=duration_s)
+    if flush_ms is not None:
+        settings = replace(settings, flush_ms=flush_ms)
     if offered is not None:
         settings = replace(settings, ladder=(offered,), halvings=0, bisections=0, retries=0, always=())
     try:
@@ -635,7 +642,9 @@ def _settings_line(result: dict[str, Any]) -> str:
     s = result["settings"]
     return (
         f"{s['streams']} streams paced per stream, each {s['duration_s']:g} s long; the first "
-        f"{s['warmup_s']:g} s after the first submit left out; a step holds with delivered >= "
+        f"{s['warmup_s']:g} s after the first submit left out; ingest's flush window "
+        + (f"{s['flush_ms']:g} ms" if s["flush_ms"] is not None else "its default")
+        + f"; a step holds with delivered >= "
         f"{HOLD_DELIVERED:.0%}, p99 <= {HOLD_P99_US / 1e3:g} ms, no token missing and no stream error"
         + (f"; one that did not is run {s['retries']} more time(s) before it counts." if s["retries"] else ".")
     )

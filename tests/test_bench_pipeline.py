@@ -66,10 +66,12 @@ def test_quick_json_measures_every_transport_and_process() -> None:
 
 @pytest.mark.timeout(60)
 def test_one_targeted_step() -> None:
-    out = _bench("--offered", "500", "--streams", "5", "--duration", "2", "--transport", "shm", "--json")
+    out = _bench(
+        "--offered", "500", "--streams", "5", "--duration", "2", "--transport", "shm", "--flush-ms", "1", "--json"
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     result = orjson.loads(out.stdout)
-    assert result["settings"]["mode"] == "targeted"
+    assert result["settings"]["mode"] == "targeted" and result["settings"]["flush_ms"] == 1
     [row] = result["rows"]
     assert (row["transport"], row["offered_tokens_per_s"], row["streams"]) == ("shm", 500, 5)
     assert row["tokens_per_stream"] == 200 and row["missing"] == 0
@@ -84,6 +86,7 @@ def test_one_targeted_step() -> None:
         (("--offered", "100", "--streams", "0"), "streams must be"),
         (("--offered", "100", "--duration", "0.5"), "duration must exceed"),
         (("--offered", "10", "--streams", "100"), "too few tokens"),
+        (("--flush-ms", "500"), "--flush-ms"),
     ],
 )
 def test_bad_options_are_refused_before_any_engine_starts(args: tuple[str, ...], complaint: str) -> None:
