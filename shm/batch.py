@@ -95,7 +95,7 @@ class ExtraColumn:
 
 
 _ITEMSIZES = tuple(np.dtype(dtype).itemsize for _, dtype in BASE_COLUMNS)
-_BASE_DTYPES = tuple((name, np.dtype(dtype)) for name, dtype in BASE_COLUMNS)
+_U8, _I8, _U4, _F4 = (_DTYPES[code] for code in ("u8", "i8", "u4", "f4"))
 
 
 @functools.lru_cache(maxsize=1 << 14)  # every encode and decode asks; batches repeat their sizes
@@ -134,16 +134,23 @@ class BatchColumns:
     __slots__ = ("extra", "kind", "logprob", "recv_ns", "rows", "seq", "stream_id", "text", "text_end", "token_id")
 
     def __init__(self, buf: memoryview, rows: int, text_bytes: int, extra: dict[str, tuple[str, int, int]]):
-        offsets, _ = _base_offsets(rows, text_bytes)
+        at, _ = _base_offsets(rows, text_bytes)
         self.rows = rows
-        # frombuffer's arguments by position: parsing keywords costs more than the call's work here
-        for (name, dtype), offset in zip(_BASE_DTYPES, offsets, strict=False):
-            setattr(self, name, np.frombuffer(buf, dtype, rows, offset))
-        self.text = np.frombuffer(buf, _U1, text_bytes, offsets[-1])
+        # one statement per column, frombuffer's arguments by position: every record of every stage
+        # makes these views, and a loop with setattr or keyword parsing cost more than the views
+        view = np.frombuffer
+        self.stream_id = view(buf, _U8, rows, at[0])
+        self.seq = view(buf, _U8, rows, at[1])
+        self.recv_ns = view(buf, _I8, rows, at[2])
+        self.token_id = view(buf, _U4, rows, at[3])
+        self.logprob = view(buf, _F4, rows, at[4])
+        self.text_end = view(buf, _U4, rows, at[5])
+        self.kind = view(buf, _U1, rows, at[6])
+        self.text = view(buf, _U1, text_bytes, at[7])
         self.extra = {
-            name: np.frombuffer(buf, _DTYPES[dtype], rows * width, offset).reshape(rows, width)
+            name: view(buf, _DTYPES[dtype], rows * width, offset).reshape(rows, width)
             if width > 1
-            else np.frombuffer(buf, _DTYPES[dtype], rows, offset)
+            else view(buf, _DTYPES[dtype], rows, offset)
             for name, (dtype, width, offset) in extra.items()
         }
 

@@ -9,6 +9,7 @@ import pytest
 import shm_helpers as h
 
 from shm.batch import (
+    BASE_COLUMNS,
     COLUMNS_OFFSET,
     DIRECTORY_OFFSET,
     MAX_EXTRA,
@@ -109,6 +110,21 @@ def test_zero_rows(extra) -> None:
     assert cols.rows == 0 and cols.texts() == [] and cols.seq.size == 0
     assert {name: col.shape for name, col in cols.extra.items()} == ({"conf": (0,), "hilbert": (0, 4)} if extra else {})
     assert batch_size(0, 0) == COLUMNS_OFFSET
+
+
+def test_base_columns_are_laid_out_as_the_contract_says() -> None:
+    """The views follow BASE_COLUMNS: each column's dtype, in its order, 8-aligned after the one
+    before, the text arena last (BatchColumns spells the columns out one by one)."""
+    rows, text_bytes = 5, 11
+    buf = memoryview(bytearray(batch_size(rows, text_bytes)))
+    cols = write_batch(buf, rows, text_bytes)
+    base = np.frombuffer(buf, np.uint8)
+    at = COLUMNS_OFFSET
+    for name, dtype in (*BASE_COLUMNS, ("text", "u1")):
+        column = getattr(cols, name)
+        assert column.dtype == np.dtype(dtype) and column.ctypes.data - base.ctypes.data == at, name
+        assert len(column) == (text_bytes if name == "text" else rows), name
+        at = (at + column.nbytes + 7) & ~7
 
 
 def test_batch_size_is_exact() -> None:
