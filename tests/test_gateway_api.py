@@ -220,6 +220,11 @@ def test_oversize_bodies_routes_and_methods(gw):
     _error(httpx.post(gw.url + "/chat/completions", content=chunked(), timeout=10), 413)  # no Content-Length
     _error(httpx.get(gw.url + "/chat/completions", timeout=10), 405)
     _error(httpx.get(gw.url + "/nothing-here", timeout=10), 404)
+    # no cors_origins (the default): a browser's preflight is refused as before, with no CORS headers
+    browser = {"Origin": "https://app.example.com", "Access-Control-Request-Method": "POST"}
+    preflight = httpx.options(gw.url + "/chat/completions", headers=browser, timeout=10)
+    _error(preflight, 405)
+    assert not [h for h in preflight.headers if h.lower().startswith("access-control-")]
 
 
 def test_a_body_that_never_arrives_whole_is_408_not_a_hang(gw):

@@ -6,6 +6,7 @@ config is loaded to run. What each means: docs/gateway.md and the docstring of
 from __future__ import annotations
 
 import os
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -15,6 +16,26 @@ from engine.params import FloatIn, IntIn, StageParams
 
 MAX_BODY_BYTES = 64 << 20  # the most max_body_bytes may be set to
 MAX_MODEL_NAMES = 1024
+MAX_CORS_ORIGINS = 256
+# an origin as browsers send it: lower-case scheme://host[:port], an IPv6 host in brackets, no path
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(?:\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::(\d{1,5}))?")
+DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _origin(value: str) -> str:
+    """One ``cors_origins`` entry, exactly as a browser's Origin header will carry it."""
+    found = ORIGIN.fullmatch(value)
+    if found is None:
+        raise ValueError(
+            f'{value!r} is not an origin: scheme://host[:port] in lower case, without a path or a trailing "/" '
+            f'(e.g. "https://app.example.com"), or "*" alone'
+        )
+    port = found.group(1)
+    if port is not None and int(port) > 65535:
+        raise ValueError(f"{value!r}: port {port} is out of range")
+    if port is not None and DEFAULT_PORTS.get(value.split(":", 1)[0]) == port:
+        raise ValueError(f"{value!r}: browsers leave the default port out of an origin: write it without :{port}")
+    return value
 
 
 def _absolute_or_empty(value: str) -> str:
@@ -42,12 +63,26 @@ class GatewayParams(StageParams):
     models: list[str] = Field(default_factory=list, max_length=MAX_MODEL_NAMES)
     feed_queue: IntIn(1, 1_000_000) = 1000  # broadcast messages queued per browser feed before it is dropped
     max_connections: IntIn(1, 1 << 20) = 4096  # open requests and feeds at once; beyond: 503
+    # a connection must complete a request head this soon after it opens or its last answer ends
+    # (slow-header clients; idle keep-alive connections are closed as late)
+    header_timeout_s: FloatIn(0.1, 300.0) = 10.0
+    # browser apps on these origins may call the API (CORS); ["*"]: any; empty: no CORS headers
+    cors_origins: list[str] = Field(default_factory=list, max_length=MAX_CORS_ORIGINS)
 
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
         parse_listen(value)
         return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _cors_origins(cls, value: list[str]) -> list[str]:
+        if "*" in value:
+            if value != ["*"]:
+                raise ValueError(f'"*" allows every origin, so it stands alone (got {value!r})')
+            return value
+        return [_origin(origin) for origin in value]
 
     @field_validator("jwt_secret_file", "jwks_file", "state_dir")
     @classmethod

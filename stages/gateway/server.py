@@ -25,6 +25,7 @@ from engine.protocol.openai_errors import ApiError
 from engine.protocol.requests import MAX_STREAM_ID, RequestError
 from engine.stage import WorkerContext
 from stages.gateway.completions import Ask, Completions
+from stages.gateway.cors import Cors
 from stages.gateway.dashboard import add_dashboard_routes
 from stages.gateway.errors import error_response
 from stages.gateway.feed import FeedHub
@@ -76,6 +77,8 @@ class GatewayServer:
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/feed", self._feed)
         add_dashboard_routes(app, self.ctx, self._principal, self.health)
+        if self.params.cors_origins:
+            Cors(self.params.cors_origins, ENDPOINTS).install(app)
         return app
 
     # ---- every request ------------------------------------------------------------------------

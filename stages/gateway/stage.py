@@ -6,7 +6,8 @@ serves: docs/gateway.md.
 
 Params (``[gateway]``, stages/gateway/params.py): listen (127.0.0.1:8080; port 0: any free port),
 auth (off | keys | jwt; off only on loopback) and its files, max_body_bytes, body_timeout_s,
-keepalive_s, first_token_timeout_s, submit_timeout_s, models, feed_queue, max_connections.
+header_timeout_s, keepalive_s, first_token_timeout_s, submit_timeout_s, models, feed_queue,
+max_connections, cors_origins.
 
 Stats (with every heartbeat): ``url`` (the /v1 base URL clients use: ``neuralpipe status --json``
 shows it as gateway.url), requests, open, active_streams, submitted, completed, failed, cancelled,
@@ -67,6 +68,10 @@ class Gateway(AsyncStage):
             handle_signals=False,
             handler_cancellation=True,
             shutdown_timeout=SHUTDOWN_S,
+            # aiohttp's keep-alive timer runs from a connection's opening and from the end of each
+            # answer until the next request head is whole: so it is the slow-header (slowloris)
+            # limit, and the idle keep-alive limit with it (docs/gateway.md, "Slow clients")
+            keepalive_timeout=params.header_timeout_s,
         )
         await self.runner.setup()
         host, port = parse_listen(params.listen)

@@ -1,0 +1,130 @@
+"""Slow clients against a real gateway, over raw TCP: a request head trickled a byte at a time
+(slowloris) is cut ``header_timeout_s`` after the connection opens, however steadily it trickles; a
+connection that never sends anything, and an idle keep-alive connection after an answer, are closed
+as late; the timer covers only the head, so a body slower than it (within ``body_timeout_s``) is
+still answered."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import pytest
+from gateway_harness import GatewayEngine, default_topology
+
+HEADER_TIMEOUT_S = 0.5
+CUT_WITHIN_S = 3.0  # header_timeout_s and a loaded 2-core machine's scheduling; today: an hour
+SLOW_CLIENTS = 20
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory):
+    engine = GatewayEngine(
+        tmp_path_factory.mktemp("gwslow"),
+        default_topology(gateway=f"header_timeout_s = {HEADER_TIMEOUT_S}\nbody_timeout_s = 5.0"),
+        "s" + uuid.uuid4().hex[:10],
+    )
+    try:
+        yield engine.start()
+    finally:
+        engine.stop()
+
+
+def address(gw: GatewayEngine) -> tuple[str, int]:
+    host, port = gw.url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
+    return host, int(port)
+
+
+async def trickle(writer: asyncio.StreamWriter, data: bytes, every_s: float) -> None:
+    """Send ``data`` a byte every ``every_s`` until it is sent or the server closes."""
+    try:
+        for i in range(len(data)):
+            writer.write(data[i : i + 1])
+            await writer.drain()
+            await asyncio.sleep(every_s)
+    except ConnectionError:
+        pass  # the server cut us: what the test waits for
+
+
+async def open_until_cut(host: str, port: int, head: bytes, every_s: float) -> tuple[float, bytes]:
+    """Seconds from connecting until the server closes the connection, and what it sent before."""
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection(host, port)
+    sender = asyncio.create_task(trickle(writer, head, every_s))
+    try:
+        answer = await asyncio.wait_for(reader.read(), CUT_WITHIN_S + 2)
+    except TimeoutError:
+        answer = b"<still open>"
+    except ConnectionError:
+        answer = b""
+    elapsed = time.monotonic() - started
+    sender.cancel()
+    writer.close()
+    return elapsed, answer
+
+
+def test_request_heads_trickled_a_byte_at_a_time_are_cut_after_header_timeout(gw):
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nX-Slow: " + b"a" * 200  # never ends
+
+    async def run() -> list[tuple[float, bytes]]:
+        host, port = address(gw)
+        return await asyncio.gather(*(open_until_cut(host, port, head, 0.05) for _ in range(SLOW_CLIENTS)))
+
+    for elapsed, answer in asyncio.run(run()):
+        assert answer != b"<still open>", f"a slow head still open after {elapsed:.1f} s"
+        assert HEADER_TIMEOUT_S * 0.9 <= elapsed < CUT_WITHIN_S, elapsed  # the trickle did not extend it
+        assert answer == b""  # closed without an answer (docs/gateway.md: why no 408)
+
+
+def test_a_silent_connection_and_an_idle_keep_alive_one_are_closed(gw):
+    health = b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n"
+
+    async def idle_after_an_answer() -> tuple[bytes, float]:
+        reader, writer = await asyncio.open_connection(*address(gw))
+        writer.write(health)
+        status = await reader.readline()
+        await reader.readuntil(b"\r\n\r\n")  # the rest of the head: the body follows, then idle
+        answered = time.monotonic()
+        try:
+            await asyncio.wait_for(reader.read(), CUT_WITHIN_S + 2)
+        except TimeoutError:
+            return status, float("inf")
+        finally:
+            writer.close()
+        return status, time.monotonic() - answered
+
+    async def run() -> tuple[tuple[float, bytes], tuple[bytes, float]]:
+        silent = open_until_cut(*address(gw), b"", 0.05)
+        return await asyncio.gather(silent, idle_after_an_answer())
+
+    (silent_s, silent_answer), (status, idle_s) = asyncio.run(run())
+    assert silent_answer == b"" and HEADER_TIMEOUT_S * 0.9 <= silent_s < CUT_WITHIN_S, silent_s
+    assert status.startswith(b"HTTP/1.1 200") and idle_s < CUT_WITHIN_S, (status, idle_s)
+
+
+def test_only_the_head_is_timed_a_body_slower_than_it_is_answered(gw):
+    body = json.dumps(
+        {"model": "neuralpipe-echo", "messages": [{"role": "user", "content": "slow body"}], "max_tokens": 3}
+    ).encode()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )
+
+    async def run() -> tuple[float, bytes]:
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection(*address(gw))
+        writer.write(head)
+        for part in (body[:10], body[10:40], body[40:]):  # 1.5 s of body: 3x header_timeout_s
+            await asyncio.sleep(HEADER_TIMEOUT_S)
+            writer.write(part)
+        answer = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        return time.monotonic() - started, answer
+
+    elapsed, answer = asyncio.run(run())
+    assert elapsed > 3 * HEADER_TIMEOUT_S
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["usage"]["completion_tokens"] == 3
