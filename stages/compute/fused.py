@@ -22,8 +22,8 @@ import numpy as np
 
 from stages.compute import kernels
 
-_SHADE_SCALE = np.array([[0.65], [0.65], [0.65], [0.75]], dtype=np.float32)  # kernels.colour: brightness, alpha
-_SHADE_BASE = np.array([[0.35], [0.35], [0.35], [0.25]], dtype=np.float32)
+_SHADE_SCALE = np.array([0.65, 0.65, 0.65, 0.75], dtype=np.float32)  # kernels.colour: brightness, alpha
+_SHADE_BASE = np.array([0.35, 0.35, 0.35, 0.25], dtype=np.float32)
 
 
 class CurveTable:
@@ -37,16 +37,18 @@ class CurveTable:
         self.base: np.ndarray | None = None
         if order <= kernels.TABLE_ORDER:
             xy, base = kernels.curve(order)
-            self.xy, self.base = xy, np.ascontiguousarray(_with_alpha(base).T)
+            self.xy, self.base = xy, _with_alpha(base)
 
-    def cells(self, token_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(cell centres f32[n, 2], colours before shading f32[4, n]: channel-major, so that the
-        shading multiplies contiguous rows) of ``token_id``."""
+    def cells(self, token_id: np.ndarray, xy: np.ndarray) -> np.ndarray:
+        """The cell centres of ``token_id`` into ``xy`` (f32[n, 2], contiguous); returns their
+        colours before shading (f32[n, 4])."""
         d = np.bitwise_and(token_id, self.mask)
-        if self.xy is not None:
-            return self.xy.take(d, axis=0), self.base.take(d, axis=1)
-        xy, base = kernels.cells(d, self.order)
-        return xy, np.ascontiguousarray(_with_alpha(base).T)
+        if self.xy is not None:  # "clip" never clips (d is a cell) and, unlike "raise", takes straight into xy
+            self.xy.take(d, axis=0, out=xy, mode="clip")
+            return self.base.take(d, axis=0)
+        centres, base = kernels.cells(d, self.order)
+        xy[...] = centres
+        return _with_alpha(base)
 
 
 def _with_alpha(base: np.ndarray) -> np.ndarray:
@@ -59,8 +61,7 @@ def token_columns(curve: CurveTable, token_id: np.ndarray, logprob: np.ndarray, 
     """Fill ``out["hilbert"]`` (f32[n, 2]), ``out["conf"]``, ``out["rgba"]`` (u8[n, 4]) and
     ``out["entropy"]`` (contiguous arrays) for ``n`` tokens: :func:`kernels.layout` and
     :func:`kernels.entropy` of ``logprob[:, None]``, the same values."""
-    xy, rgba = curve.cells(token_id)
-    out["hilbert"][...] = xy
+    rgba = curve.cells(token_id, out["hilbert"])
     # p and r = 1 - p as two contiguous rows: one log and one product give both entropy terms
     pr = np.empty((2, len(logprob)), dtype=np.float32)
     p = pr[0]
@@ -68,12 +69,11 @@ def token_columns(curve: CurveTable, token_id: np.ndarray, logprob: np.ndarray, 
     np.exp(p, out=p)
     out["conf"][...] = p
     # kernels.colour: palette x (0.35 + 0.65 conf), alpha 0.25 + 0.75 conf (all within [0, 1]: no clip)
-    shade = np.multiply(_SHADE_SCALE, p)
+    shade = np.multiply(p[:, None], _SHADE_SCALE)
     shade += _SHADE_BASE
     rgba *= shade
     rgba *= _BYTE
-    np.rint(rgba, out=rgba)
-    out["rgba"][...] = rgba.T
+    np.rint(rgba, out=out["rgba"], casting="unsafe")  # within [0, 255]: the cast to u8 as an assignment's
     # kernels.entropy: -(p ln p) - (r ln r); the log of the smallest f32 instead of ln 0 (p 0: 0 x -103)
     np.subtract(_ONE, p, out=pr[1])
     terms = np.maximum(pr, _TINY)
@@ -113,9 +113,9 @@ def pair_match(recent: np.ndarray, position: np.ndarray, ngram: int, window: int
         last = span - k  # the pair k back from the n-gram's end, and the window of pairs before it
         equal = recent[:, last - window : last] == recent[:, last : last + 1]
         same = equal if same is None else np.logical_and(same, equal, out=same)
-    if position.min() < span:  # a stream's first tokens: candidates that begin before the stream do not count
+    if np.minimum.reduce(position) < span:  # a stream's first tokens: candidates that begin before it do not count
         same &= _LAGS[window] <= (position - (ngram - 1))[:, None]
-    return same.any(axis=1)
+    return np.logical_or.reduce(same, axis=1)  # the ufunc itself: ndarray.any's wrapper costs more than the work
 
 
 def pair_match_run(keys: np.ndarray, first: int, position: np.ndarray, ngram: int, window: int) -> np.ndarray:

@@ -98,7 +98,7 @@ class Compute(Stage):
         self.kernels = open_kernels(p.model_dump(), ctx.log, os.path.join(ctx.state_dir, f"{ctx.name}.adapters.json"))
         self.curve = fused.CurveTable(self.order)  # built now (~10 ms at order 8), not on the first tokens
         k = len(self.probe_vectors) if self.table is not None else 0
-        self.states = streams.StreamStates(self.window + self.ngram - 1, self.probe_window if k else 0, k)
+        self.states = streams.StreamStates(self.window, self.ngram, self.probe_window if k else 0, k)
         self.counts = {
             "batches": 0,
             "tokens": 0,
@@ -361,7 +361,8 @@ class Compute(Stage):
                 rows = order if picked is None else order[picked]
                 group = group if picked is None else group[picked]
                 counts = lasts - starts + 1 if picked is None else np.bincount(group, minlength=len(slots))
-            self._token_streams(batch, values, rows, group, position, seen, slots, sids, counts)
+            at = None if group is None else position + self.states.make_room(slots, seen, counts)[group]
+            self._token_streams(batch, values, rows, group, position, seen, slots, sids, counts, at)
         if is_token is not None:
             ended = np.flatnonzero(batch.kind >= _END)  # END or ERROR: the stream's state goes
             if len(ended):
@@ -392,20 +393,27 @@ class Compute(Stage):
     def _distinct_streams(self, batch: BatchColumns, values: dict[str, np.ndarray], sids: list[int]) -> None:
         """:meth:`_per_stream` of a record of token rows of as many streams: each row's state moves
         one token on, no sort and no cumulative sums."""
-        slots = self.states.slots(sids)
-        running = self.states.running
-        sums = running[slots]
+        state = self.states
+        slots = state.slots(sids)
+        sums = state.running[slots]  # per row: its stream's sum of -logprob, tokens with one, tokens
+        position = sums[:, 2].astype(np.intp)  # each token's index in its stream
         lp = batch.logprob
-        counted = lp == lp  # a logprob, not NaN
-        np.subtract(sums[:, 0], lp, out=sums[:, 0], where=counted)
-        sums[:, 1] += counted
-        sums[:, 2] += 1
-        running[slots] = sums
-        values["ppl"][:] = _perplexity(sums)
-        position = sums[:, 2].astype(np.intp)
-        position -= 1
-        each = np.arange(len(sids))
-        self._token_streams(batch, values, slice(None), each, position, position, slots, sids, np.ones_like(each))
+        total = np.add.reduce(lp)
+        if total == total:  # the usual record: every token has a logprob (a NaN makes the sum NaN)
+            sums[:, 0] -= lp
+            sums[:, 1:] += 1
+            state.running[slots] = sums
+            np.divide(sums[:, 0], sums[:, 1], out=sums[:, 0])  # every stream has had a logprob: no zero
+            np.exp(sums[:, 0], out=values["ppl"])
+        else:
+            counted = lp == lp  # a logprob, not NaN
+            np.subtract(sums[:, 0], lp, out=sums[:, 0], where=counted)
+            sums[:, 1] += counted
+            sums[:, 2] += 1
+            state.running[slots] = sums
+            values["ppl"][:] = _perplexity(sums)
+        each, at = _POSITIONS[len(sids)], state.make_room_each(slots, position)
+        self._token_streams(batch, values, slice(None), each, position, position, slots, sids, _ONES[len(sids)], at)
 
     def _row_by_row(self, batch: BatchColumns, values: dict[str, np.ndarray]) -> None:
         """:meth:`_per_stream` of a small record (at most ``_SMALL_RECORD`` rows), one row after
@@ -460,20 +468,24 @@ class Compute(Stage):
         if ended:
             self.states.drop(list(dict.fromkeys(ended)))
 
-    def _token_streams(self, batch, values, rows, group, position, seen, slots, sids, counts) -> None:
+    def _token_streams(self, batch, values, rows, group, position, seen, slots, sids, counts, at=None) -> None:
         """The windowed columns of the token rows ``rows`` (in stream order; ``group``: each one's
-        stream, None: one stream; ``position``: its index in it) for the streams of ``slots``
-        (``seen``: tokens each had before this batch, ``counts``: in it)."""
+        stream, None: one stream; ``position``: its index in it; ``at``: its flat index in the state,
+        made room for) for the streams of ``slots`` (``seen``: tokens each had before this batch,
+        ``counts``: in it)."""
         if group is None:  # one stream, its rows in order: views of its row of the state, no gathers
             total = self._one_stream(int(slots[0]), int(seen[0]), batch.token_id[rows], position)
         else:
-            total = self._streams(slots, seen, counts, group, batch.token_id[rows], position)
-        if position.min() >= self.window - 1:  # the usual case: every token has a full window behind it
-            share = (total / self.window).astype(np.float32)
+            total = self._streams(at, batch.token_id[rows], position)
+        whole = isinstance(rows, slice)  # every row: the columns are written in place
+        share = values["rep"][rows] if whole else np.empty(len(position), dtype=np.float32)
+        if np.minimum.reduce(position) >= self.window - 1:  # the usual case: every token has a full window behind it
+            np.divide(total, self.window, out=share)
         else:
-            share = (total / np.minimum(position + 1, self.window)).astype(np.float32)
+            np.divide(total, np.minimum(position + 1, self.window), out=share)
         fired = share >= self.threshold
-        values["rep"][rows] = share
+        if not whole:
+            values["rep"][rows] = share
         values["repflag"][rows] = fired
         state = self.states
         single = group is None
@@ -512,25 +524,21 @@ class Compute(Stage):
         sums = np.add.accumulate(flags[first - window : first + n], dtype=np.intp)
         return sums[window:] - sums[:n]
 
-    def _streams(self, slots, seen, counts, group, ids, position) -> np.ndarray:
-        """:meth:`_one_stream` for the tokens of several streams (``group``: each one's stream)."""
-        state, ngram, window, span = self.states, self.ngram, self.window, self.states.span
-        at = position + state.make_room(slots, seen, counts)[group]  # each token's column, raveled
-        keys = state.keys.reshape(-1)
-        halves = keys.view(np.uint32).reshape(-1, 2)  # little-endian: [low, high] per key
-        low = halves[:, 0]
-        low[at] = ids
-        if ngram > 1:  # the id before (written above when it is in this batch too)
-            halves[:, 1][at] = low[at - 1]
-        recent = np.ndarray((keys.size - span, span + 1), np.uint64, keys, 0, (8, 8))[at - span]
+    def _streams(self, at: np.ndarray, ids: np.ndarray, position: np.ndarray) -> np.ndarray:
+        """:meth:`_one_stream` for the tokens of several streams (``at``: each one's flat index in
+        the state's keys and flags), through the state's strided views: one gather each."""
+        state = self.states
+        state.low[at] = ids
+        if self.ngram > 1:  # the id before (written above when it is in this batch too)
+            state.high[at] = state.low[at - 1]
+        back = at - state.span  # the row of each token's window in the views
+        recent = state.recent[back]
         if self.kernels.device is None:
-            match = fused.pair_match(recent, position, ngram, window)
+            match = fused.pair_match(recent, position, self.ngram, self.window)
         else:
             match = self._on_device(recent, position)
-        flags = state.flags.reshape(-1)
-        flags[at] = match
-        runs = np.ndarray((flags.size - window + 1, window), np.uint8, flags, 0, (1, 1))  # flags[i : i + window]
-        return runs[at - (window - 1)].sum(axis=1)  # flags before a stream's first token are 0
+        state.flat_flags[at] = match
+        return np.add.reduce(state.flag_runs[back], axis=1)  # flags before a stream's first token are 0
 
     def _on_device(self, recent: np.ndarray, position: np.ndarray) -> np.ndarray:
         """The repetition kernel's match of each token from ``recent`` (its pair key last, after
@@ -589,20 +597,21 @@ def _perplexity_into(nll: np.ndarray, count: np.ndarray, out: np.ndarray) -> Non
 
 
 class _Ranges(dict):
-    """0 .. n - 1 (or 1 .. n) as float64 or intp, made once per n."""
+    """start, start + step, .. (n values) as float64 or intp, made once per n."""
 
-    def __init__(self, start: int, dtype: type) -> None:
+    def __init__(self, start: int, dtype: type, step: int = 1) -> None:
         super().__init__()
-        self.start, self.dtype = start, dtype
+        self.start, self.dtype, self.step = start, dtype, step
 
     def __missing__(self, n: int) -> np.ndarray:
-        values = self[n] = np.arange(self.start, self.start + n, dtype=self.dtype)
+        values = self[n] = (self.start + self.step * np.arange(n)).astype(self.dtype)
         values.flags.writeable = False
         return values
 
 
 _ORDINALS = _Ranges(1, np.float64)  # a token's count among a record's tokens of its stream
 _POSITIONS = _Ranges(0, np.intp)
+_ONES = _Ranges(1, np.intp, step=0)  # one token per stream (the distinct streams' counts)
 _F32_ZERO = np.float32(0)
 
 

@@ -31,8 +31,9 @@ class StreamStates:
     columns moved to the front (:meth:`make_room`): no per-record shifting, and every token's
     window is one contiguous run of its row. Columns before a stream's first token are zero."""
 
-    def __init__(self, span: int, probes: int, k: int) -> None:
-        self.span = span  # positions each token looks back at (window + ngram - 1)
+    def __init__(self, window: int, ngram: int, probes: int, k: int) -> None:
+        self.window = window  # match flags counted per token
+        self.span = span = window + ngram - 1  # positions each token looks back at
         self.slot_of: dict[int, int] = {}
         self.free: list[int] = []
         self.batches = 0  # batches seen: the clock of ``last_seen``
@@ -43,6 +44,7 @@ class StreamStates:
         self.keys = np.zeros((0, span + _SLACK), dtype=np.uint64)
         self.flags = np.zeros((0, span + _SLACK), dtype=np.uint8)
         self.probes = np.zeros((0, k, probes), dtype=np.float32)  # probe cosines of the last probe window tokens
+        self._flat_views()
 
     @property
     def width(self) -> int:
@@ -50,8 +52,7 @@ class StreamStates:
 
     def slots(self, sids: list[int]) -> np.ndarray:
         """The slot of each stream (all distinct), a fresh (zeroed) one for a stream not seen before."""
-        get = self.slot_of.get
-        found = [get(sid) for sid in sids]
+        found = list(map(self.slot_of.get, sids))
         if None in found:
             fresh = [self._take(sid) for sid, slot in zip(sids, found, strict=True) if slot is None]
             found = [self.slot_of[sid] for sid in sids]
@@ -84,6 +85,17 @@ class StreamStates:
                 self.compact(int(slots[g]), int(seen[g]))
             origin = self.origin[slots]
         return slots * self.width - origin
+
+    def make_room_each(self, slots: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        """:meth:`make_room` for one new token per stream; returns the flat index of each one's
+        column (its position ``seen``)."""
+        at = seen - self.origin[slots]
+        if np.maximum.reduce(at) >= self.width:  # rows full: their last ``span`` columns to the front
+            for g in np.flatnonzero(at >= self.width).tolist():
+                self.compact(int(slots[g]), int(seen[g]))
+            at = seen - self.origin[slots]
+        at += slots * self.width
+        return at
 
     def make_room_one(self, slot: int, seen: int, count: int) -> int:
         """:meth:`make_room` for one stream; returns the column of its position ``seen``."""
@@ -129,6 +141,7 @@ class StreamStates:
         self.last_seen, self.running, self.fired = grown(self.last_seen), grown(self.running), grown(self.fired)
         self.origin, self.keys, self.flags = grown(self.origin), grown(self.keys), grown(self.flags)
         self.probes = grown(self.probes)
+        self._flat_views()
         self.free.extend(range(capacity - 1, old - 1, -1))
 
     def _widen(self, tokens: int) -> None:
@@ -139,6 +152,21 @@ class StreamStates:
             wider = np.zeros((len(old), width), dtype=old.dtype)
             wider[:, : old.shape[1]] = old
             setattr(self, name, wider)
+        self._flat_views()
+
+    def _flat_views(self) -> None:
+        """Views of ``keys`` and ``flags`` raveled, indexed by a token's flat index ``i`` (made again
+        only when the arrays are: a view costs about a microsecond, per record otherwise):
+        ``low``/``high`` the halves of its key, ``recent[i - span]`` its key after the ``span``
+        before it and ``flag_runs[i - span]`` the ``window`` flags ending at its own (strided
+        views: one gather each)."""
+        keys, flags, span = self.keys.reshape(-1), self.flags.reshape(-1), self.span
+        halves = keys.view(np.uint32).reshape(-1, 2)  # little-endian: [low, high] per key
+        self.flat_keys, self.low, self.high, self.flat_flags = keys, halves[:, 0], halves[:, 1], flags
+        rows = max(keys.size - span, 0)
+        self.recent = np.ndarray((rows, span + 1), np.uint64, keys, 0, (8, 8))
+        first = span + 1 - self.window if rows else 0  # the flags before a window's first: none without rows
+        self.flag_runs = np.ndarray((rows, self.window), np.uint8, flags, first, (1, 1))
 
 
 _SLACK = 64  # free columns after a row's span at first: a row is compacted once per this many tokens
