@@ -132,7 +132,7 @@ def pair_match_run(keys: np.ndarray, first: int, position: np.ndarray, ngram: in
         same = same & equal[reach - k : reach - k + n]
     if position[0] < window + ngram - 1:  # the stream's first tokens (in order: the first is the least)
         same &= _LAGS[window] <= (position - (ngram - 1))[:, None]
-    return same.any(axis=1)
+    return np.logical_or.reduce(same, axis=1)
 
 
 class _Lags(dict):

@@ -168,8 +168,11 @@ class Compute(Stage):
         """Compute ``group`` into one output record; False (the group pushed back) when the output is full."""
         began = time.perf_counter_ns()
         record_type, view, first = group[0]
-        rows = sum(batch.rows for _, _, batch in group)
-        text_bytes = sum(len(batch.text) for _, _, batch in group)
+        if len(group) == 1:  # the usual group: no generators to sum
+            rows, text_bytes = first.rows, len(first.text)
+        else:
+            rows = sum(batch.rows for _, _, batch in group)
+            text_bytes = sum(len(batch.text) for _, _, batch in group)
         spec = self._spec(first)
         size = self._size(rows, text_bytes) if spec is self.columns else batch_size(rows, text_bytes, spec)
         if size > self.out.max_record:  # one record whose appended columns outgrow the output ring's records
@@ -489,7 +492,8 @@ class Compute(Stage):
         values["repflag"][rows] = fired
         state = self.states
         single = group is None
-        if single and (self.table is not None or fired.any()):  # one stream's group and state as arrays
+        some_fired = np.logical_or.reduce(fired)  # the ufunc: ndarray.any's wrapper costs more at a record's size
+        if single and (self.table is not None or some_fired):  # one stream's group and state as arrays
             group, slots, seen, counts = np.zeros(len(position), dtype=np.intp), *map(np.array, (slots, seen, counts))
         if self.table is not None:  # each probe's moving average over the stream's last tokens
             tokens = streams.Tokens(rows, group, position, position - seen[group], slots, seen, counts, single)
@@ -497,7 +501,7 @@ class Compute(Stage):
             streams.put(cosines, tokens, self.probe_window, slice(None), values["probe"][rows])
             streams.keep(state.probes, tokens, cosines)
             values["probe"][rows] = streams.window_mean(cosines, tokens, self.probe_window, self.probe_window)
-        if fired.any() and not state.fired[slots].all():  # a stream's flag fires for the first time
+        if some_fired and not state.fired[slots].all():  # a stream's flag fires for the first time
             hit = np.zeros(len(slots), dtype=bool)
             hit[group[fired]] = True
             for g in np.flatnonzero(hit & ~state.fired[slots]).tolist():
