@@ -51,3 +51,23 @@ def test_admit_matches_a_per_row_reference_on_random_batches():
         assert fresh.tolist() == want_fresh and gaps == want_gaps, (sids, seqs)
         for sid in chosen:
             assert table.next_of(sid) == state[sid]
+
+
+def test_admit_of_rows_of_distinct_streams_matches_the_reference():
+    """Records of the paced load: tens of rows, each of another stream (the vectorised path for
+    rows of distinct streams), some repeated or ahead of their stream's next seq, some republished."""
+    rng = np.random.default_rng(11)
+    table, state = SeqTable(), {}
+    nexts = dict.fromkeys(range(1, 101), 0)
+    for _ in range(300):
+        chosen = rng.choice(100, size=int(rng.integers(9, 40)), replace=False) + 1
+        sids, seqs = chosen.tolist(), []
+        for sid in sids:
+            jump = int(rng.choice([0, 0, 0, 0, -2, -1, 1, 3]))  # mostly the next seq
+            seqs.append(max(0, nexts[sid] + jump))
+            nexts[sid] = max(nexts[sid], seqs[-1] + 1)
+        drop_seen = bool(rng.random() > 0.1)
+        want_fresh, want_gaps = reference(state, sids, seqs, drop_seen)
+        fresh, gaps = table.admit(np.array(sids, np.uint64), np.array(seqs, np.uint64), drop_seen)
+        assert fresh.tolist() == want_fresh and gaps == want_gaps, (sids, seqs, drop_seen)
+        assert all(table.next_of(sid) == state[sid] for sid in sids)

@@ -26,6 +26,7 @@ class SeqTable:
         # a plain view: a memmap's own indexing goes through Python (several µs a call)
         self.table = self.state.view(np.ndarray)
         self.slots = len(self.table)
+        self.modulus = np.uint64(self.slots)  # a numpy scalar: ``sids % slots`` then stays unsigned
 
     def next_of(self, sid: int) -> int | None:
         """The stream's next seq, None when its slot holds another stream (or none)."""
@@ -53,13 +54,15 @@ class SeqTable:
         if n <= SMALL and grouped is None:
             return self._admit_small(sids.tolist(), seqs.tolist(), drop_seen)
         order, starts = grouped or stream_order(sids)
-        uniq = sids[order[starts]]
         # distinct ids less than the table apart never share a slot (the usual case: no check)
-        if int(uniq[-1]) - int(uniq[0]) >= self.slots and len(np.unique(uniq % self.slots)) < len(uniq):
-            return self._admit_each(sids, seqs, drop_seen, uniq)
+        if int(sids[order[-1]]) - int(sids[order[0]]) >= self.slots:
+            uniq = sids[order[starts]]
+            if len(np.unique(uniq % self.slots)) < len(uniq):
+                return self._admit_each(sids, seqs, drop_seen, uniq)
         if len(starts) == n:  # every row its own stream (paced loads): no grouping needed
             return self._admit_rows(sids, seqs, drop_seen)
-        slots = uniq % np.uint64(self.slots)
+        uniq = sids[order[starts]]
+        slots = uniq % self.modulus
         pairs = self.table[slots]
         floors = np.where(pairs[:, 0] == uniq + np.uint64(1), pairs[:, 1], np.uint64(0))
         ordered_seqs = seqs[order]
@@ -109,14 +112,22 @@ class SeqTable:
 
     def _admit_rows(self, sids: np.ndarray, seqs: np.ndarray, drop_seen: bool) -> tuple[np.ndarray, int]:
         """:meth:`admit` for rows of distinct streams."""
-        slots = sids % np.uint64(self.slots)
+        slots = sids % self.modulus
         pairs = self.table[slots]
-        floors = np.where(pairs[:, 0] == sids + np.uint64(1), pairs[:, 1], np.uint64(0))
-        fresh = seqs >= floors if drop_seen else np.ones(len(sids), bool)
-        jumps = seqs.astype(np.int64) - floors.astype(np.int64)
-        gaps = int(jumps[fresh & (jumps > 0)].sum())
-        self.table[slots, 0] = sids + np.uint64(1)
-        self.table[slots, 1] = np.where(fresh, np.maximum(floors, seqs + np.uint64(1)), floors)
+        owners = sids + 1
+        floors = np.where(pairs[:, 0] == owners, pairs[:, 1], 0)
+        fresh = seqs >= floors
+        pairs[:, 0] = owners
+        if fresh.all():  # every row new (the usual case): no masks; each row skipped what lies below it
+            gaps = int((seqs - floors).sum())
+            pairs[:, 1] = seqs + 1
+        else:
+            if not drop_seen:
+                fresh = np.ones(len(sids), bool)
+            jumps = seqs.astype(np.int64) - floors.astype(np.int64)
+            gaps = int(jumps[fresh & (jumps > 0)].sum())
+            pairs[:, 1] = np.where(fresh, np.maximum(floors, seqs + 1), floors)
+        self.table[slots] = pairs
         return fresh, gaps
 
     def _admit_each(self, sids: np.ndarray, seqs: np.ndarray, drop_seen: bool, uniq: np.ndarray) -> tuple:

@@ -21,6 +21,9 @@ Both sides use this module, so the format is written once.
 
 from __future__ import annotations
 
+import functools
+import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,7 +213,10 @@ def stream_order(sids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.arange(n), np.zeros(min(n, 1), np.int64)
     order = np.argsort(sids, kind="stable")
     grouped = sids[order]
-    return order, np.flatnonzero(np.concatenate(([True], grouped[1:] != grouped[:-1])))
+    return order, np.concatenate((_FIRST, grouped[1:] != grouped[:-1])).nonzero()[0]
+
+
+_FIRST = np.ones(1, bool)  # the first row begins a stream (a constant: no list to convert per call)
 
 
 def event_fields(kind: int, text: str) -> dict[str, Any]:
@@ -260,9 +266,9 @@ def encode_tokens(
     if encoding == "json":
         payload = orjson.dumps({**columns, "text": texts}, option=_JSON_OPTS)
         return topic(stream), orjson.dumps(header("tokens", stream, first, last, "json")), payload
-    described, payload = _binary_columns(columns, Texts.from_list(texts))
-    head = header("tokens", stream, first, last, "binary", rows=len(seq), columns=described)
-    return topic(stream), orjson.dumps(head), payload
+    directory, payload = _binary_columns(columns, Texts.from_list(texts))
+    head = header("tokens", stream, first, last, "binary", rows=len(seq))
+    return topic(stream), _with_columns(head, directory), payload
 
 
 def encode_event(kind: str, stream: int, seq: int, encoding: str, **fields: Any) -> tuple[bytes, bytes, bytes]:
@@ -277,22 +283,40 @@ def encode_batch(batch: Batch, encoding: str) -> tuple[bytes, bytes, bytes]:
     if encoding == "json":
         payload = orjson.dumps({**batch.columns, "text": batch.texts}, option=_JSON_OPTS)
         return ALL_TOPIC, orjson.dumps(head), payload
-    described, payload = _binary_columns(batch.columns, batch.text)
-    return ALL_TOPIC, orjson.dumps(head | {"columns": described}), payload
+    directory, payload = _binary_columns(batch.columns, batch.text)
+    return ALL_TOPIC, _with_columns(head, directory), payload
 
 
-def _binary_columns(columns: dict[str, np.ndarray], texts: Texts) -> tuple[list[dict[str, Any]], bytes]:
+def _with_columns(head: dict[str, Any], directory: bytes) -> bytes:
+    """``orjson.dumps(head | {"columns": ...})`` with the directory already serialised."""
+    return orjson.dumps(head)[:-1] + b',"columns":' + directory + b"}"
+
+
+def _binary_columns(columns: dict[str, np.ndarray], texts: Texts) -> tuple[bytes, bytes]:
+    """The payload's directory (JSON) and the payload: the arrays back to back, then the texts."""
     arena, ends = texts.arena()
-    parts, described, at = [], [], 0
-    for name, values in (*columns.items(), ("text_end", ends)):
-        raw = np.ascontiguousarray(values).tobytes()
-        width = values.shape[1] if values.ndim > 1 else 1
-        described.append({"name": name, "dtype": values.dtype.str, "width": width, "offset": at, "bytes": len(raw)})
-        parts.append(raw)
-        at += len(raw)
-    described.append({"name": "text", "dtype": "|u1", "width": 1, "offset": at, "bytes": len(arena)})
-    parts.append(arena)
-    return described, b"".join(parts)
+    arrays = [*columns.values(), ends]
+    directory, at = _directory((*columns, "text_end"), tuple(map(_DTYPE_AND_SHAPE, arrays)))
+    try:  # numpy arrays are bytes-like: joined without a copy of each first
+        payload = b"".join([*arrays, arena])
+    except TypeError:  # a strided column (a slice of a wider one) is not bytes-like
+        payload = b"".join([*map(np.ascontiguousarray, arrays), arena])
+    return directory + b'{"name":"text","dtype":"|u1","width":1,"offset":%d,"bytes":%d}]' % (at, len(arena)), payload
+
+
+_DTYPE_AND_SHAPE = operator.attrgetter("dtype", "shape")
+
+
+@functools.lru_cache(maxsize=1 << 12)  # records repeat their columns and row counts
+def _directory(names: tuple[str, ...], layouts: tuple[tuple[np.dtype, tuple[int, ...]], ...]) -> tuple[bytes, int]:
+    """The directory's JSON up to the text's entry (an open list) and where the text begins."""
+    described, at = [], 0
+    for name, (dtype, shape) in zip(names, layouts, strict=True):
+        size = dtype.itemsize * math.prod(shape)
+        width = shape[1] if len(shape) > 1 else 1
+        described.append({"name": name, "dtype": dtype.str, "width": width, "offset": at, "bytes": size})
+        at += size
+    return orjson.dumps(described)[:-1] + b",", at
 
 
 def encode_heartbeat(now_ns: int, active_streams: int, epoch: int, next_position: int, interval_s: float) -> tuple:

@@ -1,0 +1,68 @@
+"""engine/protocol/wire.py writes the bytes docs/wire-format.md shows: the worked example of a
+binary batch, header and payload, byte for byte (the spec is the contract; encoding shortcuts must
+not move a byte)."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import numpy as np
+
+from engine.protocol import wire
+
+DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "wire-format.md"
+
+
+def documented_batch() -> tuple[bytes, bytes]:
+    """The header and payload of the doc's worked binary batch example."""
+    text = DOC.read_text()
+    block = text[text.index("topic   all\nheader  {") :]
+    block = block[: block.index("```")]
+    header_part, dump = block.split("payload ", 1)
+    header = "".join(line.strip() for line in header_part.removeprefix("topic   all\nheader").splitlines())
+    hex_bytes = []
+    for line in dump.splitlines()[1:]:
+        match = re.match(r"([0-9a-f]{4})  ((?:[0-9a-f]{2} ?)+)", line)
+        if match:
+            hex_bytes += match.group(2).split()
+    return header.encode(), bytes.fromhex("".join(hex_bytes))
+
+
+def test_a_binary_batch_is_the_documented_bytes():
+    want_header, want_payload = documented_batch()
+    columns = {
+        "stream_id": np.array([42, 43], "<u8"),
+        "seq": np.array([5, 0], "<u8"),
+        "kind": np.array([wire.TOKEN, wire.START], "u1"),
+        "token_id": np.array([9906, 0x80001234], "<u4"),
+        "logprob": np.array([-0.12, np.nan], "<f4"),
+        "recv_ns": np.array([81234567890123, 81234568012345], "<i8"),
+        "hilbert": np.array([[0.048828125, 0.158203125], [0, 0]], "<f4"),
+        "conf": np.array([0.88692045, 0], "<f4"),
+    }
+    texts = wire.Texts.from_list([" Hello", '{"model":"qwen2.5-7b","cached":false}'])
+    batch = wire.Batch(130593710473, 1048576, 1048960, columns, texts)
+    topic, header, payload = wire.encode_batch(batch, "binary")
+    assert topic == b"all"
+    assert header == want_header
+    assert payload == want_payload
+    # the same columns as views of a wider record (strided) and from an arena encode the same
+    wide = np.zeros((2, 3), "<f4")
+    wide[:, :2] = columns["hilbert"]
+    arena = b"".join(t.encode() for t in texts.list())
+    strided = wire.Batch(130593710473, 1048576, 1048960, {**columns, "hilbert": wide[:, :2]},
+                         wire.Texts(arena, np.array([6, len(arena)], "<u4")))  # fmt: skip
+    assert wire.encode_batch(strided, "binary")[1:] == (want_header, want_payload)
+
+
+def test_a_binary_tokens_message_decodes_to_what_was_encoded():
+    columns = {"seq": np.array([5, 6], "<u8"), "token_id": np.array([9906, 1917], "<u4"),
+               "hilbert": np.ones((2, 2), "<f4")}  # fmt: skip
+    frames = wire.encode_tokens(42, columns, [" Hello", " world"], "binary")
+    assert frames[1].startswith(b'{"v":2,"type":"tokens","stream":42,"seq":[5,6],"encoding":"binary","rows":2,')
+    message = wire.decode(list(frames))
+    assert message.text == [" Hello", " world"] and message.seq == (5, 6)
+    assert {name: values.tolist() for name, values in message.columns.items()} == {
+        name: values.tolist() for name, values in columns.items()
+    }
