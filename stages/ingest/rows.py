@@ -10,6 +10,7 @@ text may exceed :attr:`RowBuffer.max_text` (the caller refuses or shortens longe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate, islice
 
 import numpy as np
 
@@ -34,8 +35,8 @@ _TOKEN = int(Kind.TOKEN)
 class Committed:
     """What one written record held, for the writer's bookkeeping."""
 
-    stream_id: list[int]
-    seq: list[int]
+    stream_id: list[int]  # of each row
+    next_seq: np.ndarray  # u8: each row's seq + 1
     ended: list[int]  # the streams whose END or ERROR row it held
     token_recv_ns: np.ndarray  # receive times of its TOKEN rows
 
@@ -64,6 +65,11 @@ class RowBuffer:
         if room < 256:
             raise ValueError(f"ring {out.name!r}: max_record {out.max_record} cannot carry a row of ingest")
         self.max_text = min(ROW_TEXT_LIMIT, room - 8)  # 8: the text arena is 8-aligned
+        self._new_columns()
+        # Top logprobs by (stream id, seq), only for rows that have some: the usual row costs nothing
+        self.tops: dict[tuple[int, int], TopAlternatives] = {}
+
+    def _new_columns(self) -> None:
         self.stream_id: list[int] = []
         self.seq: list[int] = []
         self.kind: list[int] = []
@@ -71,8 +77,6 @@ class RowBuffer:
         self.logprob: list[float] = []
         self.recv_ns: list[int] = []
         self.text: list[bytes] = []
-        # Top logprobs by (stream id, seq), only for rows that have some: the usual row costs nothing
-        self.tops: dict[tuple[int, int], TopAlternatives] = {}
 
     def __len__(self) -> int:
         return len(self.stream_id)
@@ -104,9 +108,8 @@ class RowBuffer:
     def write(self, limit: int) -> Committed | None:
         """Write up to ``limit`` rows (the first ones) as one record; None when the ring is full."""
         n = min(limit, len(self.stream_id))
-        texts = self.text[:n]
-        lengths = list(map(len, texts))
-        text_bytes = sum(lengths)
+        text_end = list(accumulate(map(len, islice(self.text, n))))
+        text_bytes = text_end[-1]
         top = self._top_rows(n) if self.tops else None
         extra = (top.column,) if top is not None else ()
         while batch_size(n, text_bytes, extra) > self.out.max_record:  # large texts: fewer rows
@@ -114,37 +117,53 @@ class RowBuffer:
                 top, extra = None, ()
                 continue
             n //= 2
-            del texts[n:], lengths[n:]
-            text_bytes = sum(lengths)
+            del text_end[n:]
+            text_bytes = text_end[-1]
             if top is not None:
                 top = self._top_rows(n)
                 extra = (top.column,) if top is not None else ()
         view = self.out.try_claim(batch_size(n, text_bytes, extra))
         if view is None:
             return None
-        recv_ns = np.array(self.recv_ns[:n], dtype=np.int64)
+        sids, seqs, kinds, token_ids, logprobs, recv_ns, texts = self._take(n)
+        specials = n - kinds.count(_TOKEN)  # START, END and ERROR rows
         columns = write_batch(view, n, text_bytes, extra)
         if top is not None:
             encode_tops(columns.extra["top"], top)
-        columns.stream_id[:] = sids = self.stream_id[:n]
-        columns.seq[:] = seqs = self.seq[:n]
-        columns.kind[:] = kind_array = np.array(self.kind[:n], dtype=np.uint8)
-        columns.token_id[:] = self.token_id[:n]
-        columns.logprob[:] = self.logprob[:n]
+        columns.stream_id[:] = sids
+        columns.seq[:] = seqs
+        columns.token_id[:] = token_ids
+        columns.logprob[:] = logprobs
         columns.recv_ns[:] = recv_ns
-        columns.text_end[:] = np.cumsum(lengths, dtype=np.uint32)
-        columns.text[:] = np.frombuffer(b"".join(texts), dtype=np.uint8)
+        columns.text_end[:] = text_end
+        columns.text[:] = np.frombuffer(b"".join(texts), np.uint8)
+        # read back from the record (numpy arrays, no list to convert) before it is let go
+        next_seq = columns.seq + 1
+        received = columns.recv_ns.copy()
+        if specials:
+            columns.kind[:] = kinds
+            received = received[columns.kind == _TOKEN]
+        else:  # the usual record: tokens only
+            columns.kind[:] = _TOKEN
         del columns
         view.release()
         self.out.commit(RECORD_TYPE)
+        ended = [sid for sid, kind in zip(sids, kinds, strict=True) if kind > _TOKEN] if specials else []
         if self.tops:
             for key in zip(sids, seqs, strict=True):
                 self.tops.pop(key, None)
-        for column in (self.stream_id, self.seq, self.kind, self.token_id, self.logprob, self.recv_ns, self.text):
+        return Committed(sids, next_seq, ended, received)
+
+    def _take(self, n: int) -> tuple[list, list, list, list, list, list, list[bytes]]:
+        """Remove the first ``n`` rows and return their columns."""
+        columns = (self.stream_id, self.seq, self.kind, self.token_id, self.logprob, self.recv_ns, self.text)
+        if n == len(self.stream_id):  # the usual write, every row: the lists themselves, new ones here
+            self._new_columns()
+            return columns
+        taken = tuple(column[:n] for column in columns)
+        for column in columns:
             del column[:n]
-        tokens = kind_array == _TOKEN
-        ended = [] if tokens.all() else [sids[i] for i in np.flatnonzero(kind_array > _TOKEN)]
-        return Committed(sids, seqs, ended, recv_ns[tokens])
+        return taken
 
     def _top_rows(self, n: int) -> TopRows | None:
         """The first ``n`` rows' top logprobs, or None when none of them has any. Alternatives'

@@ -56,6 +56,7 @@ from stages.ingest.ratelimit import KeyedBuckets, TokenCredit
 from stages.ingest.rows import Committed, RowBuffer
 
 _LATENCY_SAMPLES = 4096
+_LATENCY_PENDING = 512  # records whose latency waits for the next heartbeat, at most
 _TOKEN = int(Kind.TOKEN)
 _BACKLOG_BATCHES = 8  # rows waiting, in batches, beyond which streams stop reading their upstreams
 
@@ -89,6 +90,7 @@ class Ingest(AsyncStage):
         self.operator_token = ensure_token(ctx.runtime_dir, OPERATOR)
         self.latency_ns = np.zeros(_LATENCY_SAMPLES, dtype=np.int64)  # a ring of recent samples
         self.latency_count = 0
+        self.latency_pending: list[tuple[int, np.ndarray]] = []  # (commit time, its tokens' receive times)
         self.counts = {"accepted": 0, "rejected": 0, "tokens": 0, "errors": 0, "completed": 0, "cancelled": 0}
         self._init_state(params.max_streams)
         self.request_buckets = KeyedBuckets(params.client_requests_per_s, params.client_burst)
@@ -373,14 +375,27 @@ class Ingest(AsyncStage):
         if committed is None:
             return False
         self._committed(committed)
-        self._record_latency(time.monotonic_ns(), committed.token_recv_ns)
-        self.ctx.telemetry.observe_since_ns("neuralpipe_stage_latency_seconds", committed.token_recv_ns, stage="ingest")
+        # the latency figures are made at the next heartbeat, a batch of records at a time
+        self.latency_pending.append((time.monotonic_ns(), committed.token_recv_ns))
+        if len(self.latency_pending) >= _LATENCY_PENDING:
+            self._take_latency()
         return True
 
-    def _record_latency(self, now: int, received: np.ndarray) -> None:
-        """Keep SSE-event-parsed -> committed-to-ring times of the most recent tokens."""
+    def _take_latency(self) -> None:
+        """SSE-event-parsed -> committed-to-ring times of the tokens of the records written since
+        the last call: into the stage latency histogram and the ring of recent samples."""
+        pending, self.latency_pending = self.latency_pending, []
+        received = np.concatenate([tokens for _, tokens in pending]) if pending else ()
+        if not len(received):
+            return
+        committed = np.repeat([now for now, _ in pending], [len(tokens) for _, tokens in pending])
+        samples = committed - received
+        self.ctx.telemetry.observe("neuralpipe_stage_latency_seconds", samples / 1e9, stage="ingest")
+        self._record_latency(samples[-_LATENCY_SAMPLES:])
+
+    def _record_latency(self, samples: np.ndarray) -> None:
+        """Keep the most recent samples (at most _LATENCY_SAMPLES at a time) in the ring."""
         at = self.latency_count % _LATENCY_SAMPLES
-        samples = now - received[-_LATENCY_SAMPLES:]
         first = samples[: _LATENCY_SAMPLES - at]
         self.latency_ns[at : at + len(first)] = first
         self.latency_ns[: len(samples) - len(first)] = samples[len(first) :]
@@ -394,6 +409,7 @@ class Ingest(AsyncStage):
         # closed only once its END/ERROR row is committed, so a restart finds every stream that
         # had not ended in the ring
         self.active = StreamTable(self.ctx.state_array("active_streams", "u8", (max_streams, 2)))
+        self.committed_seq = self.active.rows[:, 1]  # each slot's value 0 (the table's layout), stored per record
         self.next_seq: dict[int, int] = {}
 
     def _new_stream_id(self) -> int:
@@ -411,8 +427,10 @@ class Ingest(AsyncStage):
     def _committed(self, committed: Committed) -> None:
         """Record in the restart-surviving table how far each stream of a committed batch got:
         one numpy store for all of them, then the streams the batch ended free their slots."""
-        last = dict(zip(committed.stream_id, committed.seq, strict=True))  # each stream's last row
-        self.active.set_many(list(last), 0, np.fromiter(last.values(), np.uint64, len(last)) + 1)
+        sids = committed.stream_id
+        slots = np.fromiter(map(self.active.slot_of.__getitem__, sids), np.intp, len(sids))
+        # a stream with several rows in the batch: its last (highest) seq is the one kept
+        np.maximum.at(self.committed_seq, slots, committed.next_seq)
         for sid in committed.ended:
             self._free(sid)
 
@@ -459,6 +477,7 @@ class Ingest(AsyncStage):
         stats = {**self.counts, "active": len(self.tasks), **(self.cache.counts if self.cache else {})}
         # what grows with distinct clients: bounded (KeyedBuckets' max_keys; entries leave with their streams)
         stats |= {"clients_tracked": len(self.request_buckets) + len(self.token_buckets) + len(self.queued)}
+        self._take_latency()
         n = min(self.latency_count, _LATENCY_SAMPLES)
         if n:  # np.percentile partitions in O(n): cheap enough for the event loop's heartbeat
             p50, p99 = np.percentile(self.latency_ns[:n], (50, 99)) / 1e3

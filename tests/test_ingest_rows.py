@@ -1,0 +1,159 @@
+"""Ingest's row buffer (stages/ingest/rows.py) over a real ring: what a record carries, what the
+writer is told was committed, and the rows that wait (a row cap, large texts, a full ring)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from shm_helpers import make_ring
+
+from engine.protocol.streamtable import StreamTable
+from shm.batch import Kind, TokenBatch, top_alternatives
+from shm.naming import segment_name
+from shm.ring import Consumer, Producer
+from stages.ingest.rows import RowBuffer
+from stages.ingest.stage import Ingest
+
+TOKEN, START, END, ERROR = int(Kind.TOKEN), int(Kind.START), int(Kind.END), int(Kind.ERROR)
+
+
+@pytest.fixture
+def ring(instance) -> Iterator[tuple[Producer, Consumer]]:
+    name = segment_name(instance, "rows")
+    with make_ring(name, 1 << 16) as _, contextlib.ExitStack() as stack:
+        producer, consumer = Producer.attach(name), Consumer.attach(name)
+        stack.callback(producer.close)
+        stack.callback(consumer.close)
+        yield producer, consumer
+
+
+def read_rows(consumer: Consumer) -> list[list[tuple]]:
+    """Every record waiting in the ring, as (stream_id, seq, kind, token_id, logprob, recv_ns, text) rows."""
+    records = []
+    while (record := consumer.try_read()) is not None:
+        batch = TokenBatch.decode(record[1])
+        columns = (batch.stream_id, batch.seq, batch.kind, batch.token_id, batch.logprob, batch.recv_ns)
+        records.append(list(zip(*(c.tolist() for c in columns), batch.texts(), strict=True)))
+        del batch, record
+    consumer.release()
+    return records
+
+
+def test_a_record_holds_the_rows_in_order_and_the_writer_learns_what_it_held(ring):
+    producer, consumer = ring
+    rows = RowBuffer(producer, 64)
+    rows.append(7, 0, START, 0, math.nan, 100, b'{"model":"m"}')
+    rows.append(7, 1, TOKEN, 11, -0.5, 101, b" hi")
+    rows.add_tokens(9, 4, [12, 13], [-1.0, -2.0], 102, [b"a", b""])
+    rows.append(7, 2, END, 0, math.nan, 103, b"{}")
+    rows.append(9, 6, ERROR, 0, math.nan, 104, b"boom")
+    committed = rows.write(64)
+    assert len(rows) == 0
+    assert committed.stream_id == [7, 7, 9, 9, 7, 9]
+    assert committed.next_seq.tolist() == [1, 2, 5, 6, 3, 7]
+    assert committed.ended == [7, 9]
+    assert committed.token_recv_ns.tolist() == [101, 102, 102]  # TOKEN rows only
+    [record] = read_rows(consumer)
+    assert [row[:4] for row in record] == [
+        (7, 0, START, 0),
+        (7, 1, TOKEN, 11),
+        (9, 4, TOKEN, 12),
+        (9, 5, TOKEN, 13),
+        (7, 2, END, 0),
+        (9, 6, ERROR, 0),
+    ]
+    assert [row[4] for row in record][1:4] == [-0.5, -1.0, -2.0] and math.isnan(record[0][4])
+    assert [row[6] for row in record] == ['{"model":"m"}', " hi", "a", "", "{}", "boom"]
+
+
+def test_rows_beyond_the_limit_wait_for_the_next_record(ring):
+    producer, consumer = ring
+    rows = RowBuffer(producer, 64)
+    for i in range(5):
+        rows.append(i, 0, TOKEN, i, 0.0, i, f"t{i}".encode() * (i + 1))
+    first = rows.write(2)
+    assert first.stream_id == [0, 1] and first.ended == [] and len(rows) == 3
+    second = rows.write(64)
+    assert second.stream_id == [2, 3, 4] and len(rows) == 0
+    records = read_rows(consumer)
+    assert [[row[6] for row in record] for record in records] == [["t0", "t1t1"], ["t2" * 3, "t3" * 4, "t4" * 5]]
+
+
+def test_large_texts_go_in_fewer_rows_per_record_and_none_is_lost(ring):
+    producer, consumer = ring
+    rows = RowBuffer(producer, 64)
+    texts = [bytes([65 + i]) * (rows.max_text // 2) for i in range(6)]
+    for i, text in enumerate(texts):
+        rows.append(1, i, TOKEN, i, 0.0, i, text)
+    written = []
+    while len(rows):
+        committed = rows.write(64)
+        assert committed is not None
+        written.append(len(committed.stream_id))
+        records = read_rows(consumer)
+        assert [row[1] + 1 for record in records for row in record] == committed.next_seq.tolist()
+        assert [row[6].encode() for record in records for row in record] == texts[: len(committed.stream_id)]
+        del texts[: len(committed.stream_id)]
+    assert max(written) < 6 and sum(written) == 6
+
+
+def test_a_full_ring_writes_nothing_and_keeps_the_rows(ring):
+    producer, consumer = ring
+    rows = RowBuffer(producer, 64)
+    text = b"x" * 4000
+    sent = 0
+    while True:
+        rows.append(3, sent, TOKEN, 1, 0.0, 5, text)
+        if rows.write(64) is None:
+            break
+        sent += 1
+    assert len(rows) == 1  # the row that found the ring full waits
+    got = [row[1] for record in read_rows(consumer) for row in record]
+    committed = rows.write(64)
+    assert committed.next_seq.tolist() == [sent + 1] and len(rows) == 0
+    assert got + [row[1] for record in read_rows(consumer) for row in record] == list(range(sent + 1))
+
+
+def test_top_logprobs_go_in_the_record_of_their_row_and_are_then_forgotten(ring):
+    producer, consumer = ring
+    rows = RowBuffer(producer, 64)
+    rows.append(4, 0, TOKEN, 1, -0.1, 5, b"a")
+    rows.append(4, 1, TOKEN, 2, -0.2, 5, b"b")
+    rows.tops[(4, 1)] = (("b", -0.2), ("c", -1.5))
+    rows.write(64)
+    assert rows.tops == {}
+    record = consumer.try_read()
+    top = TokenBatch.decode(record[1]).extra["top"]
+    assert top_alternatives(top, 0) == () and top_alternatives(top, 1) == (("b", np.float32(-0.2)), ("c", -1.5))
+    del top, record
+    consumer.release()
+
+
+class _StateOnly:
+    """What Ingest's restart-surviving state needs of a worker context."""
+
+    telemetry = None
+
+    @staticmethod
+    def state_array(name: str, dtype: str, shape) -> np.ndarray:
+        return np.zeros(shape, dtype)
+
+
+def test_the_restart_table_gets_each_streams_last_row_of_a_record_and_ended_streams_leave_it(ring):
+    producer, _ = ring
+    ingest = Ingest.__new__(Ingest)
+    ingest.ctx = _StateOnly()
+    ingest._init_state(8)
+    rows = RowBuffer(producer, 64)
+    a, b = ingest._new_stream_id(), ingest._new_stream_id()
+    rows.append(a, 0, START, 0, math.nan, 1, b"{}")
+    rows.add_tokens(a, 1, [5, 6, 7], [0.0] * 3, 2, [b"x", b"y", b"z"])
+    rows.append(b, 0, START, 0, math.nan, 1, b"{}")
+    rows.append(a, 4, TOKEN, 8, 0.0, 3, b"w")
+    rows.append(b, 1, END, 0, math.nan, 4, b"{}")
+    ingest._committed(rows.write(64))
+    assert {sid: int(values[0]) for sid, values in StreamTable(ingest.active.array).left.items()} == {a: 5}
