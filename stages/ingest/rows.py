@@ -136,7 +136,7 @@ class RowBuffer:
         columns.logprob[:] = logprobs
         columns.recv_ns[:] = recv_ns
         columns.text_end[:] = text_end
-        columns.text[:] = np.frombuffer(b"".join(texts), np.uint8)
+        columns.text.data[:] = b"".join(texts)  # a memoryview's copy: no array made of the bytes
         # read back from the record (numpy arrays, no list to convert) before it is let go
         next_seq = columns.seq + 1
         received = columns.recv_ns.copy()
