@@ -127,3 +127,23 @@ def test_a_cancel_as_an_upstream_frees_does_not_take_its_slot():
         return upstream.outstanding
 
     assert asyncio.run(main()) == 0
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        b'{"choices": [{"delta": {"content": "a"}, "token_ids": [4294967296]}]}',
+        b'{"choices": [{"delta": {"content": "a"}, "token_ids": [-1]}]}',
+        b'{"choices": [{"delta": {"content": "a"}, "token_ids": [2147483648]}]}',
+        b'{"choices":[{"delta":{"content":"a"},"logprobs":{"content":[{"token":"a","logprob":-1,"id":1099511627776}]}}]}',
+        b'{"choices":[{"delta":{"content":"a"},"logprobs":{"content":[{"token":"token_id:99999999999","logprob":-1}]}}]}',
+    ],
+)
+def test_an_upstream_token_id_outside_the_vocabulary_range_is_not_taken(chunk):
+    """A batch's token_id is u32, upstream ids below 2**31 (the stable hashes of texts set bit 31).
+    Before, an id of 2**32 or more (or negative) failed the record's write: the ingest worker
+    restarted and every open stream ended with "ingest restarted". Now the token is named by its
+    text, as when the upstream gives no id."""
+    tokens = Tokens([], [], [], [], 0)
+    _ChunkDecoder(chat=True).decode("message", chunk, tokens)
+    assert tokens.texts == ["a"] and tokens.ids == [None]

@@ -59,6 +59,7 @@ DRAIN_TIMEOUT_S = http_stream.DRAIN_TIMEOUT_S
 MAX_EVENT_BYTES = 256 * 1024  # one SSE line or event: a chunk with 20 top logprobs is a few KB
 _SNIPPET = 160  # characters of a bad chunk or body quoted in an error message
 _VLLM_TOKEN_ID = "token_id:"
+_VOCABULARY_IDS = 1 << 31  # upstream token ids a batch takes: 0 .. 2**31 - 1
 
 
 class UpstreamError(Exception):
@@ -702,9 +703,11 @@ def _add_tokens(tokens: Tokens, text: str, entries: list[_Entry], token_ids: Any
 
 def _token_id(upstream_id: int | None, ids: list | None, i: int) -> int | None:
     """The upstream's vocabulary id when it gives one (in the logprob entry, or vLLM's
-    ``token_ids`` of the choice); None: the reader names the token by its text's stable hash."""
-    if upstream_id is not None:
+    ``token_ids`` of the choice); None: the reader names the token by its text's stable hash.
+    An id outside the batch's vocabulary range (shm/batch.py: below 2**31, the hashes above)
+    is not taken: it would collide with a hash, or not fit the record's u32 column at all."""
+    if upstream_id is None and ids is not None and isinstance(ids[i], int) and not isinstance(ids[i], bool):
+        upstream_id = ids[i]
+    if upstream_id is not None and 0 <= upstream_id < _VOCABULARY_IDS:
         return upstream_id
-    if ids is not None and isinstance(ids[i], int) and not isinstance(ids[i], bool):
-        return ids[i]
     return None
