@@ -461,3 +461,28 @@ def test_params_defaults_and_extra_endpoints():
     )
     assert p.endpoints == [Endpoint(url="tcp://0.0.0.0:5556", encoding="binary")]
     assert p.retention_s == 10.0 and p.sndhwm == 10_000
+
+
+def test_requests_and_subscriptions_are_read_while_records_flow_back_to_back(stage_on_ring):
+    """A turn with a record waiting does not ask every socket (each asking is a system call), but
+    one does every SOCKETS_EVERY_S: records that never let a turn idle starve no snapshot request
+    and hide no new subscriber."""
+    stage, producer, ctx = stage_on_ring()
+    sock = snapshot_client(ctx)
+    sub = sub_socket(ctx.endpoint(), wire.ALL_TOPIC)
+    try:
+        sock.send(orjson.dumps({"type": "batches", "from": None, "encoding": "binary"}))
+        answer, received, seq = None, [], 0
+        deadline = time.monotonic() + 5
+        while (answer is None or not received) and time.monotonic() < deadline:
+            _write(producer, [(1, seq, Kind.TOKEN, b"x")])
+            seq += 1
+            assert stage.do_work() >= 1  # a record in every turn: none idle
+            if sock.poll(0):
+                answer = orjson.loads(sock.recv_multipart()[1])
+            received += drain(sub)
+        assert answer is not None and answer["type"] == "batches_end"
+        assert received and all(isinstance(b, wire.Batch) for b in received)
+    finally:
+        sock.close(0)
+        sub.close(0)

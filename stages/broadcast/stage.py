@@ -67,6 +67,7 @@ from stages.broadcast.subscriptions import Subscriptions
 
 HOLD_S = 0.5  # how long published records stay unreleased: what a restarted broadcast publishes again
 SUBSCRIPTION_MESSAGES_PER_CYCLE = 1024  # (un)subscriptions read per duty cycle
+SOCKETS_EVERY_S = 0.01  # while records flow, subscriptions and snapshot requests are read this often
 SNAPSHOT_SNDHWM = 100_000  # reply messages queued per snapshot client
 SNAPSHOT_RCVHWM = 1000  # requests queued per snapshot client; ZeroMQ drops beyond it
 _OPEN_KEPT = 100_000  # streams remembered as open, for the heartbeat's active_streams
@@ -132,6 +133,8 @@ class Broadcast(Stage):
         self.snapshots = Snapshots(self.retention, self.published, self.epoch, self.counts)
         self.open_streams: OrderedDict[int, None] = OrderedDict()
         self.last_heartbeat = 0.0
+        self.next_subscriptions = self.next_serve = 0.0
+        self.woken, self.requests_left = True, False
         # (read position, records read before it since the previous mark, when published)
         self.unreleased: deque[tuple[int, int, float]] = deque()
         # records a killed predecessor left unreleased end here: publish them again, all of them
@@ -171,8 +174,8 @@ class Broadcast(Stage):
 
     def pollables(self) -> list[Any]:
         # the XPUB sockets are not polled: what subscribers send matters only when something is
-        # published, and do_work reads it before publishing (and at each heartbeat, which the idle
-        # hint wakes it for), so a subscription never wakes an idle worker
+        # published, and do_work reads it before publishing (at most every SOCKETS_EVERY_S, and at
+        # each heartbeat, which the idle hint wakes it for), so a subscription never wakes an idle worker
         return list(self.routers)
 
     def idle_timeout_s(self) -> float:
@@ -183,9 +186,13 @@ class Broadcast(Stage):
     def do_work(self) -> int:
         now = time.monotonic()
         heartbeat_due = now - self.last_heartbeat >= self.heartbeat_s
-        if heartbeat_due or self.inp.available():  # subscriptions matter only to what is published
+        available = self.inp.available()
+        # subscriptions matter only to what is published: read before publishing, at most every
+        # SOCKETS_EVERY_S while records flow (each socket asked costs a system call)
+        if heartbeat_due or (available and now >= self.next_subscriptions):
             self._read_subscriptions()
-        handled = self._serve()
+            self.next_subscriptions = now + SOCKETS_EVERY_S
+        handled = self._serve(now) if self._serve_due(now, available) else 0
         self._release_sent(now)
         read = 0
         while read < 64:
@@ -210,7 +217,16 @@ class Broadcast(Stage):
             for pub in self.publishers:
                 _send(pub.sock, frames)
             self.retention.expire(now)
+        self.woken = not (handled or read)  # the next turn follows an idle spell
         return handled + read
+
+    def _serve_due(self, now: float, available: int) -> bool:
+        """Whether to ask the snapshot ROUTERs this turn: after an idle spell with no record
+        waiting (a request is what woke the park, the ROUTERs being among its sockets), while the
+        last turn read as many requests as a turn may, or SOCKETS_EVERY_S after the last asking
+        (records flowing back to back: no turn is idle). Not every turn: asking costs a system
+        call, and a turn right after a record finds nothing new but rarely."""
+        return (self.woken and not available) or self.requests_left or now >= self.next_serve
 
     def _release_sent(self, now: float) -> None:
         """Release the records published at least HOLD_S ago, and the oldest while the held ones
@@ -346,12 +362,13 @@ class Broadcast(Stage):
                     break
                 pub.subs.feed(frame)
 
-    def _serve(self) -> int:
+    def _serve(self, now: float) -> int:
         """Answer snapshot requests, without blocking and bounded."""
         served = 0
-        now = time.monotonic()
+        self.next_serve = now + SOCKETS_EVERY_S
+        share = REQUESTS_PER_CYCLE // len(self.routers)
         for router in self.routers:  # each its share, so a flood on one starves no other
-            for _ in range(REQUESTS_PER_CYCLE // len(self.routers)):
+            for _ in range(share):
                 try:
                     frames = router.recv_multipart(zmq.NOBLOCK) if _readable(router) else None
                 except zmq.Again:
@@ -362,6 +379,7 @@ class Broadcast(Stage):
                 if len(frames) < 2 or not self.snapshots.admit(frames[0], now):
                     continue
                 self.snapshots.answer(frames[0], frames[-1], self.next_position, router.send_multipart)
+        self.requests_left = served >= share
         return served
 
     # ---- hooks ----------------------------------------------------------------------------
