@@ -428,8 +428,9 @@ class Compute(Stage):
         grams = max(ngram - 1, 1)  # consecutive pair keys that hold an n-gram's ids
         ended = []
         kinds, sids, logprobs = batch.kind.tolist(), batch.stream_id.tolist(), batch.logprob.tolist()
+        tokens = batch.token_id.tolist()
         ppl, rep, flagged = [0.0] * batch.rows, [0.0] * batch.rows, [False] * batch.rows
-        for i, (kind, sid, logprob) in enumerate(zip(kinds, sids, logprobs, strict=True)):
+        for i, (kind, sid, logprob, token) in enumerate(zip(kinds, sids, logprobs, tokens, strict=True)):
             slot = state.slot(sid)
             nll, counted, position = state.running[slot].tolist()
             if kind != _TOKEN:
@@ -442,11 +443,11 @@ class Compute(Stage):
             state.running[slot] = (nll, counted, position + 1)
             ppl[i] = math.exp(nll / counted) if counted else 0.0
             position = int(position)  # this token's index in its stream
-            if position + 1 - int(state.origin[slot]) > state.width:
-                state.compact(slot, position)
             at = position - int(state.origin[slot])  # its column
+            if at >= state.width:  # the row is full: its last span columns to the front
+                state.compact(slot, position)
+                at = position - int(state.origin[slot])
             keys, flags = state.keys[slot], state.flags[slot]
-            token = int(batch.token_id[i])
             keys[at] = token | (int(keys[at - 1]) & 0xFFFFFFFF) << 32 if ngram > 1 else token
             match = False
             reach = min(window, position - (ngram - 1))  # n-grams back that lie within the stream
