@@ -4,17 +4,25 @@ passing streams, replay batches, and snapshots (round trip, corrupt, foreign, at
 from __future__ import annotations
 
 import os
+import time
+import uuid
 
 import numpy as np
 import orjson
 import pytest
+import zmq
 
+from engine.logs import JsonLogger
 from engine.protocol.cache import CacheProtocolError, parse_request
 from engine.protocol.cachekey import cache_key, check_policy, key_for, producer_id
+from engine.stage import WorkerContext
 from shm.batch import BatchColumns, ExtraColumn, Kind, TokenBatch, batch_size, write_batch
+from shm.naming import segment_name
+from shm.ring import Consumer, Producer, Ring
 from stages.cache.collect import Collector
 from stages.cache.replay import Replay
 from stages.cache.snapshot import SnapshotError, read_snapshot, write_snapshot
+from stages.cache.stage import Cache
 from stages.cache.store import LruStore
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 8}
@@ -102,6 +110,11 @@ EXTRA = (ExtraColumn("conf", "f4"), ExtraColumn("rgba", "u1", 4))
 
 def make_batch(rows: list[tuple[int, int, int, bytes]], extra: tuple[ExtraColumn, ...] = EXTRA) -> BatchColumns:
     """rows: (stream id, seq, kind, text)."""
+    return TokenBatch.decode(make_record(rows, extra))
+
+
+def make_record(rows: list[tuple[int, int, int, bytes]], extra: tuple[ExtraColumn, ...] = EXTRA) -> memoryview:
+    """The bytes of a batch record of ``rows`` (stream id, seq, kind, text)."""
     text = b"".join(r[3] for r in rows)
     buf = memoryview(bytearray(batch_size(len(rows), len(text), extra)))
     cols = write_batch(buf, len(rows), len(text), extra)
@@ -116,7 +129,7 @@ def make_batch(rows: list[tuple[int, int, int, bytes]], extra: tuple[ExtraColumn
     if extra:
         cols.extra["conf"][:] = [r[1] / 10 for r in rows]
         cols.extra["rgba"][:] = [[r[1], 1, 2, 3] for r in rows]
-    return TokenBatch.decode(buf)
+    return buf
 
 
 def start(key: str | None, cached: bool = False) -> bytes:
@@ -240,3 +253,43 @@ def test_corrupt_or_foreign_snapshot_raises_a_named_error(tmp_path, damage, mess
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(SnapshotError, match=message):
         read_snapshot(str(path))
+
+
+# ---- the stage's duty cycle ----------------------------------------------------------------
+
+
+def test_requests_are_answered_while_records_flow_back_to_back(tmp_path):
+    """A turn with a record waiting does not ask the ROUTER every time (each asking is a system
+    call), but one does every SERVE_EVERY_S: records that never let a turn idle starve no lookup."""
+    instance = "t" + uuid.uuid4().hex[:10]
+    rings = [Ring.create(segment_name(instance, name), 1 << 20) for name in ("in", "out")]
+    source, sink = Producer.attach(rings[0].name), Consumer.attach(rings[1].name)
+    ctx = WorkerContext("cache", {"snapshot_path": ""}, [Consumer.attach(rings[0].name)],
+                        [Producer.attach(rings[1].name)], JsonLogger("cache", "error"), str(tmp_path),
+                        str(tmp_path), 0)  # fmt: skip
+    stage = Cache()
+    stage.start(ctx)
+    client = zmq.Context.instance().socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    client.connect(ctx.endpoint())
+    raw = make_record([(1, 0, Kind.TOKEN, b"x")])
+    try:
+        client.send_multipart([b"t1", orjson.dumps({"type": "stats"})])
+        reply, deadline = None, time.monotonic() + 5
+        while reply is None and time.monotonic() < deadline:
+            source.try_claim(len(raw))[:] = raw
+            source.commit(16)
+            assert stage.do_work() >= 1  # a record in every turn: none idle
+            while sink.try_read() is not None:
+                pass
+            sink.release()
+            if client.poll(0):
+                reply = client.recv_multipart()
+        assert reply is not None and reply[0] == b"t1" and orjson.loads(reply[1])["type"] == "stats"
+    finally:
+        client.close(0)
+        stage.close()
+        for side in (source, sink, *ctx.inputs, *ctx.outputs):
+            side.close()
+        for ring in rings:
+            ring.destroy()

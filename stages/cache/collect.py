@@ -29,28 +29,14 @@ class Collector:
 
     def observe(self, batch: BatchColumns, record_type: int) -> list[tuple[str, StoredStream]]:
         """Take the rows of collected streams from ``batch``; the streams it finished, with keys."""
-        arena: bytes | None = None
-        ends = batch.text_end
-        for i in np.flatnonzero(batch.kind == _START).tolist():
-            sid = int(batch.stream_id[i])
-            if batch.seq[i] != 0 or sid in self.open:
-                continue  # not a stream's start, or a re-sent START of one already collected
-            arena = arena if arena is not None else batch.text.tobytes()
-            start = read_start(arena[int(ends[i - 1]) if i else 0 : int(ends[i])])
-            model, key, cached = start.model, start.cache_key, start.cached
-            if key is None or cached:
-                continue
-            if len(self.open) >= self.max_open:
-                self.counts["untracked"] += 1
-                continue
-            self.open[sid] = (key, StreamBuilder(model, record_type))
-            self._open_ids = np.fromiter(self.open, dtype=np.uint64, count=len(self.open))
+        if _START in batch.kind.tobytes():  # one C scan: most records hold no START row
+            self._open_started(batch, record_type)
         if not self.open:
             return []
         rows = np.flatnonzero(np.isin(batch.stream_id, self._open_ids))
         if not len(rows):
             return []
-        arena = arena if arena is not None else batch.text.tobytes()
+        arena = batch.text.tobytes()
         sids = batch.stream_id[rows]
         rows = rows[np.argsort(sids, kind="stable")]  # grouped by stream, in batch order within each
         bounds = np.flatnonzero(np.diff(batch.stream_id[rows])) + 1
@@ -60,6 +46,25 @@ class Collector:
             if done is not None:
                 finished.append(done)
         return finished
+
+    def _open_started(self, batch: BatchColumns, record_type: int) -> None:
+        """Begin collecting the streams whose START row (seq 0) the batch holds and carries a
+        cache key (not a replay's)."""
+        arena = batch.text.tobytes()
+        ends = batch.text_end
+        for i in np.flatnonzero(batch.kind == _START).tolist():
+            sid = int(batch.stream_id[i])
+            if batch.seq[i] != 0 or sid in self.open:
+                continue  # not a stream's start, or a re-sent START of one already collected
+            start = read_start(arena[int(ends[i - 1]) if i else 0 : int(ends[i])])
+            model, key, cached = start.model, start.cache_key, start.cached
+            if key is None or cached:
+                continue
+            if len(self.open) >= self.max_open:
+                self.counts["untracked"] += 1
+                continue
+            self.open[sid] = (key, StreamBuilder(model, record_type))
+            self._open_ids = np.fromiter(self.open, dtype=np.uint64, count=len(self.open))
 
     def _take(self, sid: int, rows: np.ndarray, batch: BatchColumns, arena: bytes) -> tuple[str, StoredStream] | None:
         key, builder = self.open[sid]

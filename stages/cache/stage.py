@@ -45,6 +45,8 @@ from stages.cache.snapshot import SnapshotError, read_snapshot, write_snapshot
 from stages.cache.store import LruStore
 
 _HOUSEKEEPING_S = 1.0
+SERVE_EVERY_S = 0.005  # records flowing back to back, the ROUTER is read this often: a lookup waits 5 ms at most
+REQUESTS_PER_TURN = 64
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
@@ -90,6 +92,8 @@ class Cache(Stage):
         self.next_snapshot = now + self.snapshot_interval_s
         self.next_housekeeping = now + _HOUSEKEEPING_S
         self._rate = (now, 0)
+        self.next_serve = 0.0
+        self.woken, self.requests_left = True, False
         self.replay_rate = 0.0
         self._restore()
         self.replays: dict[int, Replay] = {}
@@ -111,11 +115,21 @@ class Cache(Stage):
     # ---- the duty cycle -----------------------------------------------------------------------
 
     def do_work(self) -> int:
-        done = self._serve() + self._pass_through() + self._replay()
         now = time.monotonic()
+        served = self._serve(now) if self._serve_due(now) else 0
+        done = served + self._pass_through() + self._replay()
         if now >= self.next_housekeeping:
             self._housekeeping(now)
+        self.woken = not done  # the next turn follows an idle spell
         return done
+
+    def _serve_due(self, now: float) -> bool:
+        """Whether to ask the ROUTER this turn: after an idle spell with no record waiting (a
+        request is what woke the park, the ROUTER being among its sockets), while the last turn
+        read as many requests as a turn may, or SERVE_EVERY_S after the last asking (records
+        flowing back to back: no turn is idle). Not every turn: asking costs a system call, and
+        the turn right after a record finds nothing new but rarely."""
+        return (self.woken and not self.inp.available()) or self.requests_left or now >= self.next_serve
 
     def _pass_through(self) -> int:
         inp, out = self.inp, self.out
@@ -184,12 +198,13 @@ class Cache(Stage):
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def _serve(self) -> int:
+    def _serve(self, now: float) -> int:
         served = 0
+        self.next_serve = now + SERVE_EVERY_S
         # asked before each receive: one that finds nothing costs an exception and two system
-        # calls more, and do_work runs at least twice per record (plain ints: pyzmq's constants
-        # are enum flags, and ``&`` on them costs more than the call)
-        while served < 64 and self.router.getsockopt(_EVENTS) & _POLLIN:
+        # calls more (plain ints: pyzmq's constants are enum flags, and ``&`` on them costs more
+        # than the call)
+        while served < REQUESTS_PER_TURN and self.router.getsockopt(_EVENTS) & _POLLIN:
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -204,6 +219,7 @@ class Cache(Stage):
             except CacheProtocolError as exc:
                 reply = {"type": "error", "reason": str(exc)}
             self.router.send_multipart([*envelope, orjson.dumps(reply)])
+        self.requests_left = served == REQUESTS_PER_TURN
         return served
 
     def _answer(self, msg: dict[str, Any]) -> dict[str, Any]:
