@@ -463,6 +463,43 @@ def test_long_streams_through_every_path_equal_the_reference(rig):
     assert r.stage.stats()["repetitions"] == fired > 0
 
 
+def test_records_of_one_token_per_stream_equal_the_reference(rig):
+    # the paced load's record: a token of each of 24 streams (their order shuffled), records with a
+    # logprob on every row and records with some missing (the two ways the running sums move on),
+    # streams longer than a state row (compacted); the same rows cut into records of at most
+    # _SMALL_RECORD rows (row by row) give the same rep and repflag, bit for bit
+    rng = np.random.default_rng(17)
+    params = {"repetition": {"ngram": 4, "window": 16, "threshold": 0.5}, "coalesce_rows": 1}
+    streams, length = list(range(1, 25)), 150
+    ids = {sid: rng.integers(0, 2 if sid % 4 == 0 else 50, length).tolist() for sid in streams}
+    records = []
+    for t in range(length):
+        missing = t % 5 == 3  # every fifth record has rows without a logprob
+        rows = []
+        for sid in rng.permutation(streams).tolist():
+            lp = math.nan if missing and rng.random() < 0.3 else -float(rng.exponential(1.0))
+            rows.append((sid, t, Kind.TOKEN, ids[sid][t], lp, b"t"))
+        records.append(rows)
+    distinct, small = rig(backend="numpy", **params), rig(backend="numpy", **params)
+    for record in records:
+        distinct.send(record)
+        assert distinct.stage.do_work() == 1
+        for start in range(0, len(record), stage_module._SMALL_RECORD):
+            small.send(record[start : start + stage_module._SMALL_RECORD])
+            assert small.stage.do_work() == 1
+    got, other = (
+        {k: np.concatenate([b[k] for b in out]) for k in ("ppl", "rep", "repflag")}
+        for out in (distinct.receive(), small.receive())
+    )
+    want, fired = per_stream_reference([row for record in records for row in record], distinct.stage)
+    assert np.allclose(got["ppl"], want["ppl"], rtol=1e-5, atol=0)
+    assert np.allclose(got["rep"], want["rep"], atol=1e-6)
+    assert got["repflag"].tolist() == want["repflag"].astype(int).tolist()
+    assert got["rep"].tobytes() == other["rep"].tobytes() and got["repflag"].tolist() == other["repflag"].tolist()
+    assert np.allclose(got["ppl"], other["ppl"], rtol=1e-6, atol=0)
+    assert distinct.stage.stats()["repetitions"] == fired == small.stage.stats()["repetitions"] > 0
+
+
 @pytest.fixture(scope="module")
 def lavapipe_params():
     try:
