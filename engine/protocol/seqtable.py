@@ -51,16 +51,20 @@ class SeqTable:
         n = len(sids)
         if not n:
             return np.ones(0, bool), 0
-        if n <= SMALL and grouped is None:
-            return self._admit_small(sids.tolist(), seqs.tolist(), drop_seen)
+        if grouped is None:
+            if n <= SMALL:
+                return self._admit_small(sids.tolist(), seqs.tolist(), drop_seen)
+            ids = sids.tolist()  # checked in plain Python: cheaper than numpy's sort and compare
+            if len(set(ids)) == n and max(ids) - min(ids) < self.slots:  # a slot each (paced loads)
+                return self._admit_rows(sids, seqs, drop_seen, sids % self.modulus)
         order, starts = grouped or stream_order(sids)
         # distinct ids less than the table apart never share a slot (the usual case: no check)
         if int(sids[order[-1]]) - int(sids[order[0]]) >= self.slots:
             uniq = sids[order[starts]]
             if len(np.unique(uniq % self.slots)) < len(uniq):
                 return self._admit_each(sids, seqs, drop_seen, uniq)
-        if len(starts) == n:  # every row its own stream (paced loads): no grouping needed
-            return self._admit_rows(sids, seqs, drop_seen)
+        if len(starts) == n:  # every row its own stream: no grouping needed
+            return self._admit_rows(sids, seqs, drop_seen, sids % self.modulus)
         uniq = sids[order[starts]]
         slots = uniq % self.modulus
         pairs = self.table[slots]
@@ -110,9 +114,10 @@ class SeqTable:
             table[sid % slots] = (sid + 1, floor)
         return np.array(fresh, bool), gaps
 
-    def _admit_rows(self, sids: np.ndarray, seqs: np.ndarray, drop_seen: bool) -> tuple[np.ndarray, int]:
-        """:meth:`admit` for rows of distinct streams."""
-        slots = sids % self.modulus
+    def _admit_rows(
+        self, sids: np.ndarray, seqs: np.ndarray, drop_seen: bool, slots: np.ndarray
+    ) -> tuple[np.ndarray, int]:
+        """:meth:`admit` for rows of distinct streams in distinct ``slots``."""
         pairs = self.table[slots]
         owners = sids + 1
         floors = np.where(pairs[:, 0] == owners, pairs[:, 1], 0)

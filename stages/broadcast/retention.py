@@ -9,15 +9,13 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-import numpy as np
-
 
 @dataclass
 class Retained:
     at: int
     next: int
     frames: tuple[bytes, bytes, bytes]  # the batch message, binary encoding
-    streams: np.ndarray  # the stream ids with rows in it, sorted
+    streams: list[int]  # the stream ids with rows in it, each once
     ended: tuple[int, ...]  # streams whose end or error row it holds
     size: int
     when: float
@@ -33,12 +31,13 @@ class Retention:
         self.bytes = 0
         self.evicted = 0
 
-    def add(self, at: int, nxt: int, frames: tuple[bytes, bytes, bytes], streams: np.ndarray, ended: tuple) -> None:
+    def add(self, at: int, nxt: int, frames: tuple[bytes, bytes, bytes], streams: list[int], ended: tuple) -> None:
+        """Keep a published batch; ``streams``: the stream ids with rows in it, each once."""
         if at in self.batches:  # a republished record (after a restart that kept this memory): keep the first
             return
         size = sum(map(len, frames)) + 64
         self.batches[at] = Retained(at, nxt, frames, streams, ended, size, time.monotonic())
-        for sid in streams.tolist():
+        for sid in streams:
             positions = self.by_stream.get(sid)
             if positions is None:
                 positions = self.by_stream[sid] = deque()
@@ -56,7 +55,7 @@ class Retention:
         _, kept = self.batches.popitem(last=False)
         self.bytes -= kept.size
         self.evicted += 1
-        for sid in kept.streams.tolist():
+        for sid in kept.streams:
             positions = self.by_stream[sid]
             positions.popleft()
             if not positions:

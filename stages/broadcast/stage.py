@@ -247,8 +247,7 @@ class Broadcast(Stage):
     def _publish(self, record, at: int, nxt: int, republish: bool) -> None:
         """One input record: its batch message (and per-stream messages where subscribed)."""
         n = record.rows
-        grouped = wire.stream_order(record.stream_id)
-        fresh, gaps = self.published.admit(record.stream_id, record.seq, not republish, grouped)
+        fresh, gaps = self.published.admit(record.stream_id, record.seq, not republish)
         kept = int(np.count_nonzero(fresh))
         self.counts["duplicates"] += n - kept
         self.counts["gaps"] += gaps
@@ -262,7 +261,6 @@ class Broadcast(Stage):
             rows = np.flatnonzero(fresh)
             columns = {name: values[rows] for name, values in columns.items()}
             texts = texts.take(rows)
-            grouped = wire.stream_order(columns["stream_id"])
         batch = wire.Batch(self.epoch, at, nxt, columns, texts, {"encoding": "binary"})
         tokens = columns["kind"].tobytes().count(wire.TOKEN)  # one C loop, no temporary array
         ended = self._events(batch) if tokens < kept else ()
@@ -277,10 +275,10 @@ class Broadcast(Stage):
                     _send(pub.sock, json_frames)
         if kept:
             self._publish_streams(batch)
-        order, starts = grouped
-        self.retention.add(at, nxt, binary, columns["stream_id"][order[starts]], ended)
+        streams = list(dict.fromkeys(columns["stream_id"].tolist()))  # each once, in order of first row
+        self.retention.add(at, nxt, binary, streams, ended)
         self.next_position = nxt
-        self._count(batch, record, grouped, tokens)
+        self._count(batch, record, len(streams), tokens)
 
     def _events(self, batch: wire.Batch) -> tuple[int, ...]:
         """Rewrite start and end rows' texts to their documented fields (a start row carries the
@@ -324,16 +322,17 @@ class Broadcast(Stage):
                 for message in frames[key]:
                     _send(pub.sock, message)
 
-    def _count(self, batch: wire.Batch, record, grouped: tuple[np.ndarray, np.ndarray], tokens: int) -> None:
-        """Count the batch, its token rows and the per-stream messages its rows make."""
+    def _count(self, batch: wire.Batch, record, streams: int, tokens: int) -> None:
+        """Count the batch, its token rows and the per-stream messages its rows make (of
+        ``streams`` streams)."""
         counts = self.counts
         counts["batches"] += 1
         if record.rows and time.monotonic_ns() - int(record.recv_ns[0]) <= self.budget_ns:
             counts["batches_within_budget"] += 1
         if not batch.rows:
             return
-        order, starts = grouped
         if tokens < batch.rows:
+            order, _ = wire.stream_order(batch.columns["stream_id"])
             kinds = batch.columns["kind"]
             events = kinds != wire.TOKEN
             s, e = batch.columns["stream_id"][order], events[order]
@@ -341,7 +340,7 @@ class Broadcast(Stage):
             counts["messages"] += 1 + int(np.count_nonzero((s[1:] != s[:-1]) | e[1:] | e[:-1]))
             counts["streams_ended"] += int(np.count_nonzero(kinds >= wire.END))
         else:  # token rows only (most records): one message per stream
-            counts["messages"] += len(starts)
+            counts["messages"] += streams
         counts["tokens"] += tokens
         self.ctx.telemetry.observe_since_ns(
             "neuralpipe_stage_latency_seconds", batch.columns["recv_ns"], stage="broadcast"
