@@ -56,7 +56,7 @@ def test_a_record_holds_the_rows_in_order_and_the_writer_learns_what_it_held(rin
     assert committed.stream_id == [7, 7, 9, 9, 7, 9]
     assert committed.next_seq.tolist() == [1, 2, 5, 6, 3, 7]
     assert committed.ended == [7, 9]
-    assert committed.token_recv_ns.tolist() == [101, 102, 102]  # TOKEN rows only
+    assert committed.token_recv_ns == [101, 102, 102]  # TOKEN rows only
     [record] = read_rows(consumer)
     assert [row[:4] for row in record] == [
         (7, 0, START, 0),

@@ -38,7 +38,7 @@ class Committed:
     stream_id: list[int]  # of each row
     next_seq: np.ndarray  # u8: each row's seq + 1
     ended: list[int]  # the streams whose END or ERROR row it held
-    token_recv_ns: np.ndarray  # receive times of its TOKEN rows
+    token_recv_ns: list[int]  # receive times of its TOKEN rows
 
 
 class RowBuffer:
@@ -137,21 +137,18 @@ class RowBuffer:
         columns.recv_ns[:] = recv_ns
         columns.text_end[:] = text_end
         columns.text.data[:] = b"".join(texts)  # a memoryview's copy: no array made of the bytes
-        # read back from the record (numpy arrays, no list to convert) before it is let go
-        next_seq = columns.seq + 1
-        received = columns.recv_ns.copy()
-        if specials:
-            columns.kind[:] = kinds
-            received = received[columns.kind == _TOKEN]
-        else:  # the usual record: tokens only
-            columns.kind[:] = _TOKEN
+        next_seq = columns.seq + 1  # from the record's column: no list to convert
+        columns.kind[:] = kinds if specials else _TOKEN  # the usual record: tokens only
         del columns
         view.release()
         self.out.commit(RECORD_TYPE)
-        ended = [sid for sid, kind in zip(sids, kinds, strict=True) if kind > _TOKEN] if specials else []
         if self.tops:
             for key in zip(sids, seqs, strict=True):
                 self.tops.pop(key, None)
+        if not specials:
+            return Committed(sids, next_seq, [], recv_ns)
+        ended = [sid for sid, kind in zip(sids, kinds, strict=True) if kind > _TOKEN]
+        received = [ns for ns, kind in zip(recv_ns, kinds, strict=True) if kind == _TOKEN]
         return Committed(sids, next_seq, ended, received)
 
     def _take(self, n: int) -> tuple[list, list, list, list, list, list, list[bytes]]:

@@ -31,6 +31,7 @@ import math
 import secrets
 import time
 from collections.abc import Awaitable
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -90,7 +91,7 @@ class Ingest(AsyncStage):
         self.operator_token = ensure_token(ctx.runtime_dir, OPERATOR)
         self.latency_ns = np.zeros(_LATENCY_SAMPLES, dtype=np.int64)  # a ring of recent samples
         self.latency_count = 0
-        self.latency_pending: list[tuple[int, np.ndarray]] = []  # (commit time, its tokens' receive times)
+        self.latency_pending: list[tuple[int, list[int]]] = []  # (commit time, its tokens' receive times)
         self.counts = {"accepted": 0, "rejected": 0, "tokens": 0, "errors": 0, "completed": 0, "cancelled": 0}
         self._init_state(params.max_streams)
         self.request_buckets = KeyedBuckets(params.client_requests_per_s, params.client_burst)
@@ -385,7 +386,7 @@ class Ingest(AsyncStage):
         """SSE-event-parsed -> committed-to-ring times of the tokens of the records written since
         the last call: into the stage latency histogram and the ring of recent samples."""
         pending, self.latency_pending = self.latency_pending, []
-        received = np.concatenate([tokens for _, tokens in pending]) if pending else ()
+        received = np.fromiter(chain.from_iterable(tokens for _, tokens in pending), np.int64)
         if not len(received):
             return
         committed = np.repeat([now for now, _ in pending], [len(tokens) for _, tokens in pending])
