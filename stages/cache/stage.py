@@ -48,6 +48,7 @@ _HOUSEKEEPING_S = 1.0
 SERVE_EVERY_S = 0.005  # records flowing back to back, the ROUTER is read this often: a lookup waits 5 ms at most
 REQUESTS_PER_TURN = 64
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_TOKEN = int(Kind.TOKEN)
 
 
 def default_snapshot_path(runtime_dir: str, worker: str) -> str:
@@ -77,6 +78,7 @@ class Cache(Stage):
         self.snapshot_interval_s = p.snapshot_interval_s
         self.counts = {
             "passed": 0,
+            "tokens": 0,
             "undecodable": 0,
             "late_lookups": 0,
             "busy": 0,
@@ -157,8 +159,8 @@ class Cache(Stage):
         except BatchError:
             self.counts["undecodable"] += 1
             return
-        tokens = batch.kind.tobytes().count(Kind.TOKEN)  # one C loop, no temporary array
-        self.ctx.telemetry.count("neuralpipe_tokens_total", tokens, stage="cache")
+        # one C loop, no temporary array; the metric is set from the count at each heartbeat (stats)
+        self.counts["tokens"] += batch.kind.tobytes().count(_TOKEN)
         self.ctx.telemetry.observe_since_ns("neuralpipe_stage_latency_seconds", batch.recv_ns, stage="cache")
         for key, stream in self.collector.observe(batch, record_type):
             if self.store.put(key, stream):
@@ -326,6 +328,7 @@ class Cache(Stage):
         counts = self.store.counts
         lookups = counts["hits"] + counts["misses"]
         tel = self.ctx.telemetry  # metrics from the counters kept anyway (engine/telemetry.py)
+        tel.total("neuralpipe_tokens_total", self.counts["tokens"], stage="cache")
         tel.total("neuralpipe_cache_hits_total", counts["hits"])
         tel.total("neuralpipe_cache_misses_total", counts["misses"])
         tel.total("neuralpipe_cache_evictions_total", counts["evictions"] + counts["expired"])
