@@ -140,6 +140,7 @@ class Broadcast(Stage):
         # records a killed predecessor left unreleased end here: publish them again, all of them
         self.backlog_end = self.inp.position + self.inp.available()
         self.released = self.inp.position  # where the records held unreleased begin
+        self.hold_limit = self.inp.capacity // 4 or None  # records held past this are released sooner
         self.next_position = self.inp.position  # ``next`` of the last batch published (or republished)
         ctx.log.info(
             "broadcast_ready",
@@ -193,7 +194,22 @@ class Broadcast(Stage):
             self._read_subscriptions()
             self.next_subscriptions = now + SOCKETS_EVERY_S
         handled = self._serve(now) if self._serve_due(now, available) else 0
-        self._release_sent(now)
+        if self.unreleased:
+            self._release_sent(now)
+        read = self._publish_records() if available else 0
+        if heartbeat_due:
+            self.last_heartbeat = now
+            frames = wire.encode_heartbeat(
+                time.monotonic_ns(), len(self.open_streams), self.epoch, self.next_position, self.heartbeat_s
+            )
+            for pub in self.publishers:
+                _send(pub.sock, frames)
+            self.retention.expire(now)
+        self.woken = not (handled or read)  # the next turn follows an idle spell
+        return handled + read
+
+    def _publish_records(self) -> int:
+        """Publish up to 64 input records; how many."""
         read = 0
         while read < 64:
             republish = self.inp.position < self.backlog_end
@@ -209,16 +225,7 @@ class Broadcast(Stage):
             read += 1
         if read:
             self.unreleased.append((self.inp.position, read, time.monotonic()))
-        if heartbeat_due:
-            self.last_heartbeat = now
-            frames = wire.encode_heartbeat(
-                time.monotonic_ns(), len(self.open_streams), self.epoch, self.next_position, self.heartbeat_s
-            )
-            for pub in self.publishers:
-                _send(pub.sock, frames)
-            self.retention.expire(now)
-        self.woken = not (handled or read)  # the next turn follows an idle spell
-        return handled + read
+        return read
 
     def _serve_due(self, now: float, available: int) -> bool:
         """Whether to ask the snapshot ROUTERs this turn: after an idle spell with no record
@@ -231,7 +238,7 @@ class Broadcast(Stage):
     def _release_sent(self, now: float) -> None:
         """Release the records published at least HOLD_S ago, and the oldest while the held ones
         take more than a quarter of the ring (its capacity and position in the same unit, shm.ports)."""
-        limit = self.inp.capacity // 4 or None
+        limit = self.hold_limit
         position, records = -1, 0
         while self.unreleased and (
             now - self.unreleased[0][2] >= HOLD_S or (limit and self.inp.position - self.released > limit)
