@@ -118,20 +118,21 @@ class Cache(Stage):
 
     def do_work(self) -> int:
         now = time.monotonic()
-        served = self._serve(now) if self._serve_due(now) else 0
-        done = served + self._pass_through() + self._replay()
+        available = self.inp.available()
+        served = self._serve(now) if self._serve_due(now, available) else 0
+        done = served + (self._pass_through() if available else 0) + (self._replay() if self.turns else 0)
         if now >= self.next_housekeeping:
             self._housekeeping(now)
         self.woken = not done  # the next turn follows an idle spell
         return done
 
-    def _serve_due(self, now: float) -> bool:
+    def _serve_due(self, now: float, available: int) -> bool:
         """Whether to ask the ROUTER this turn: after an idle spell with no record waiting (a
         request is what woke the park, the ROUTER being among its sockets), while the last turn
         read as many requests as a turn may, or SERVE_EVERY_S after the last asking (records
         flowing back to back: no turn is idle). Not every turn: asking costs a system call, and
         the turn right after a record finds nothing new but rarely."""
-        return (self.woken and not self.inp.available()) or self.requests_left or now >= self.next_serve
+        return (self.woken and not available) or self.requests_left or now >= self.next_serve
 
     def _pass_through(self) -> int:
         inp, out = self.inp, self.out
