@@ -1,7 +1,8 @@
 """Cache: between compute and broadcast. Passes every record through unchanged, stores finished
 streams that carry a cache key, and replays a stored stream when ingest's lookup hits.
 
-Duty cycle: serve the ROUTER (lookups and operator commands, engine.protocol.cache), copy up to
+Duty cycle: serve the ROUTER (lookups and operator commands, engine.protocol.cache; in a turn
+after an idle spell, or every SERVE_EVERY_S while records flow back to back), copy up to
 64 input records to the output (each input record is released only after its copy is committed,
 as in stages/testing/relay.py), then write one batch of each active replay, round robin, so
 replays and live traffic share the output ring fairly.
