@@ -18,7 +18,7 @@ def test_a_successor_finds_what_was_open_and_nothing_that_ended(tmp_path):
     first = StreamTable(_array(tmp_path / "t.npy"))
     assert first.open(0, 5) and first.open(7, 0) and first.open(9, 2)
     first.set(7, 3)
-    first.set_many([0, 9], 0, np.array([6, 4], np.uint64))
+    first.advance_many([0, 9, 0], 0, [6, 4, 2])  # a stream twice: its highest
     first.close(9)
     del first  # the process dies: nothing flushed by hand
     second = StreamTable(_array(tmp_path / "t.npy"))

@@ -57,9 +57,12 @@ class StreamTable:
     def set(self, sid: int, *values: int) -> None:
         self.rows[self.slot_of[sid], 1:] = values
 
-    def set_many(self, sids: list[int], column: int, values: np.ndarray) -> None:
-        """One numpy store: value ``column`` (0-based, after the id) of each of ``sids``."""
-        self.rows[[self.slot_of[sid] for sid in sids], 1 + column] = values
+    def advance_many(self, sids: list[int], column: int, values: list[int] | np.ndarray) -> None:
+        """Raise value ``column`` (0-based, after the id) of each of ``sids`` to the matching
+        ``values`` entry, in one numpy call; a stream listed more than once keeps the highest
+        (a record's rows of one stream, in any order)."""
+        slots = np.fromiter(map(self.slot_of.__getitem__, sids), np.intp, len(sids))
+        np.maximum.at(self.rows[:, 1 + column], slots, values)
 
     def values(self, sid: int) -> np.ndarray:
         return self.rows[self.slot_of[sid], 1:]

@@ -410,8 +410,6 @@ class Ingest(AsyncStage):
         # closed only once its END/ERROR row is committed, so a restart finds every stream that
         # had not ended in the ring
         self.active = StreamTable(self.ctx.state_array("active_streams", "u8", (max_streams, 2)))
-        # the table's value 0 of every slot (its layout: id + 1, then the values): the next seq committed
-        self.committed_seq = self.active.rows[:, 1]
         self.next_seq: dict[int, int] = {}
 
     def _new_stream_id(self) -> int:
@@ -429,10 +427,7 @@ class Ingest(AsyncStage):
     def _committed(self, committed: Committed) -> None:
         """Record in the restart-surviving table how far each stream of a committed batch got:
         one numpy call for all of them, then the streams the batch ended free their slots."""
-        sids = committed.stream_id
-        slots = np.fromiter(map(self.active.slot_of.__getitem__, sids), np.intp, len(sids))
-        # a stream with several rows in the batch: its last (highest) seq is the one kept
-        np.maximum.at(self.committed_seq, slots, committed.next_seq)
+        self.active.advance_many(committed.stream_id, 0, committed.next_seq)
         for sid in committed.ended:
             self._free(sid)
 
