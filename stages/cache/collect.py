@@ -36,15 +36,18 @@ class Collector:
         rows = np.flatnonzero(np.isin(batch.stream_id, self._open_ids))
         if not len(rows):
             return []
-        arena = batch.text.tobytes()
-        sids = batch.stream_id[rows]
-        rows = rows[np.argsort(sids, kind="stable")]  # grouped by stream, in batch order within each
-        bounds = np.flatnonzero(np.diff(batch.stream_id[rows])) + 1
+        rows = rows[np.argsort(batch.stream_id[rows], kind="stable")]  # grouped by stream, in batch order
+        taken = _Taken(batch, rows)
         finished = []
-        for group in np.split(rows, bounds):
-            done = self._take(int(batch.stream_id[group[0]]), group, batch, arena)
+        first, n = 0, len(rows)
+        while first < n:  # each stream's run of rows
+            sid, end = taken.sids[first], first + 1
+            while end < n and taken.sids[end] == sid:
+                end += 1
+            done = self._take(sid, taken, first, end)
             if done is not None:
                 finished.append(done)
+            first = end
         return finished
 
     def _open_started(self, batch: BatchColumns, record_type: int) -> None:
@@ -66,27 +69,22 @@ class Collector:
             self.open[sid] = (key, StreamBuilder(model, record_type))
             self._open_ids = np.fromiter(self.open, dtype=np.uint64, count=len(self.open))
 
-    def _take(self, sid: int, rows: np.ndarray, batch: BatchColumns, arena: bytes) -> tuple[str, StoredStream] | None:
+    def _take(self, sid: int, taken: _Taken, first: int, end: int) -> tuple[str, StoredStream] | None:
+        """Rows ``first:end`` of ``taken``: the stream's, in seq order (as a record holds them)."""
         key, builder = self.open[sid]
-        seqs = batch.seq[rows]
-        rows = rows[seqs >= builder.next_seq]  # already taken: a re-sent batch
-        if not len(rows):
+        seqs = taken.seqs
+        while first < end and seqs[first] < builder.next_seq:
+            first += 1  # already taken: a re-sent batch
+        if first == end:
             return None
-        if not np.array_equal(batch.seq[rows], np.arange(builder.next_seq, builder.next_seq + len(rows))):
+        if seqs[first:end] != list(range(builder.next_seq, builder.next_seq + end - first)):
             return self._close(sid, "incomplete")
-        kinds = batch.kind[rows]
+        kinds = taken.kinds[first:end]
         if _ERROR in kinds:
             return self._close(sid, "discarded")
-        ends = batch.text_end.astype(np.int64)
-        starts = np.concatenate(([0], ends[:-1]))
-        lengths = (ends - starts)[rows]
-        text = b"".join(arena[s:e] for s, e in zip(starts[rows].tolist(), ends[rows].tolist(), strict=True))
-        extras = tuple(
-            (ExtraColumn(name, str(array.dtype.str[1:]), array.shape[1] if array.ndim > 1 else 1), array[rows])
-            for name, array in batch.extra.items()
-        )
-        base = (kinds.copy(), batch.token_id[rows], batch.logprob[rows], batch.recv_ns[rows], lengths.astype(np.uint32))
-        if not builder.add(base, text, extras):
+        base = tuple(array[first:end] for array in taken.base)
+        extras = tuple((column, array[first:end]) for column, array in taken.extras)
+        if not builder.add(base, b"".join(taken.texts[first:end]), extras):
             return self._close(sid, "incomplete")
         if builder.nbytes > self.max_stream_bytes:
             return self._close(sid, "too_large")
@@ -99,3 +97,25 @@ class Collector:
         del self.open[sid]
         self._open_ids = np.fromiter(self.open, dtype=np.uint64, count=len(self.open))
         self.counts[outcome] += 1
+
+
+class _Taken:
+    """The rows of the collected streams in one batch, copied out of the ring once (one gather
+    per column for the whole batch, not one per stream and column): streams keep slices of them."""
+
+    __slots__ = ("base", "extras", "kinds", "seqs", "sids", "texts")
+
+    def __init__(self, batch: BatchColumns, rows: np.ndarray) -> None:
+        self.sids = batch.stream_id[rows].tolist()
+        self.seqs = batch.seq[rows].tolist()
+        kinds = batch.kind[rows]
+        self.kinds = kinds.tolist()
+        arena, ends = batch.text.tobytes(), batch.text_end.tolist()
+        self.texts = [arena[ends[row - 1] if row else 0 : ends[row]] for row in rows.tolist()]
+        lengths = np.fromiter(map(len, self.texts), np.uint32, len(self.texts))
+        # (kind, token_id, logprob, recv_ns, text_len): StreamBuilder.add's base columns
+        self.base = (kinds, batch.token_id[rows], batch.logprob[rows], batch.recv_ns[rows], lengths)
+        self.extras = tuple(
+            (ExtraColumn(name, str(array.dtype.str[1:]), array.shape[1] if array.ndim > 1 else 1), array[rows])
+            for name, array in batch.extra.items()
+        )
