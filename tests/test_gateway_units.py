@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import numpy as np
 
 from engine.protocol import wire
-from stages.gateway.completions import Follow
-from stages.gateway.follower import Inbox
+from stages.gateway.completions import Ask, Completions, Follow, _Tally
+from stages.gateway.follower import BroadcastFollower, Inbox
 from stages.gateway.health import health_body
 from stages.gateway.shapes import Shaper, Usage, estimate_prompt_tokens
 
@@ -76,3 +77,135 @@ def test_chunks_are_json_with_one_id_and_usage_only_when_asked():
         assert parsed[-1]["choices"] == [] and parsed[-1]["usage"]["total_tokens"] == 4
         assert parsed[-1]["usage"]["neuralpipe"] == {"prompt_tokens_estimated": True}
         assert "usage" not in json.loads(Shaper(chat, "m", include_usage=False).content("x")[6:])
+
+
+def test_a_plain_token_chunk_is_the_bytes_the_general_shape_gives():
+    for chat in (True, False):
+        for usage in (True, False):
+            for model in ("m", "\0", 'a"\0'):
+                shaper = Shaper(chat, model, usage)
+                for text in ("hi", "", '\0"\n', "é😀"):
+                    general = shaper.content(text, extension={})[:-2].replace(b',"neuralpipe":{}', b"") + b"\n\n"
+                    assert shaper.content(text) == general
+                    assert json.loads(shaper.content(text)[6:])["choices"][0]["finish_reason"] is None
+
+
+def _batch(rows: list[tuple[int, int, int, str]]) -> list[bytes]:
+    """The binary frames of a batch of (stream, seq, kind, text) rows with one appended column."""
+    sids, seqs, kinds, texts = zip(*rows, strict=True)
+    n = len(rows)
+    columns = {
+        "stream_id": np.array(sids, np.uint64),
+        "seq": np.array(seqs, np.uint64),
+        "kind": np.array(kinds, np.uint8),
+        "token_id": np.arange(n, dtype=np.uint32),
+        "logprob": np.linspace(-1, 0, n, dtype=np.float32),
+        "recv_ns": np.arange(n, dtype=np.int64),
+        "entropy": np.arange(n, dtype=np.float32),
+    }
+    return list(wire.encode_batch(wire.Batch(1, 0, 1, columns, wire.Texts.from_list(list(texts))), "binary"))
+
+
+def test_routing_gives_each_stream_the_messages_the_wire_split_makes(tmp_path):
+    start, end = '{"model": "m", "cached": true}', '{"finish_reason": "stop", "usage": null}'
+    T = wire.TOKEN
+    rows = [(5, 0, wire.START, start), (6, 3, T, "x"), (5, 1, T, "a"), (6, 4, T, "y"), (5, 2, T, "b")]
+    rows += [(5, 3, wire.END, end), (7, 0, T, "z"), (6, 5, T, "w")]
+    frames = _batch(rows)
+    expected: dict[int, list[wire.Message]] = {}
+    for message in wire.decode(frames).stream_messages():
+        expected.setdefault(message.stream, []).append(message)
+
+    async def run() -> dict[int, list]:
+        follower = BroadcastFollower(str(tmp_path))
+        try:
+            follower.core.feed([b"", b'{"type":"batches_end","first":0,"next":0,"epoch":1}', b""], False)
+            inboxes = {sid: follower.register(sid) for sid in (5, 6)}
+            follower.core.feed(frames, True)
+            follower._deliver()
+            return {sid: list(inbox.messages) for sid, inbox in inboxes.items()}
+        finally:
+            await follower.close()
+
+    routed = asyncio.run(run())
+    for sid, messages in routed.items():
+        assert [(m.type, m.seq, m.text if m.type == "tokens" else None) for m in messages] == [
+            (m.type, m.seq, m.text if m.type == "tokens" else None) for m in expected[sid]
+        ]
+        for got, want in zip(messages, expected[sid], strict=True):
+            assert got.header == want.header
+            assert got.columns.keys() == want.columns.keys()
+            assert all(np.array_equal(got.columns[k], want.columns[k]) for k in want.columns)
+
+
+def test_a_wait_ends_at_its_own_timeout_and_a_direct_delivery_restarts_it():
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        inbox = Inbox()
+        began = loop.time()
+        assert not await inbox.wait(0.3)  # arms the timer at +0.3
+        assert not await inbox.wait(0.05)  # a shorter wait is not held to the longer timer
+        assert loop.time() - began < 0.3 + 0.2
+        taken: list = []
+        loop.call_later(0.1, inbox.put, tokens(7, 1, ["a"]))  # taken at once: the wait goes on
+        began = loop.time()
+        assert not await inbox.wait(0.2, lambda m: taken.append(m) or True)
+        assert len(taken) == 1 and loop.time() - began >= 0.3 - 0.02 and not inbox.messages
+        loop.call_later(0.05, inbox.put, tokens(7, 2, ["b"]))  # refused: queued and the wait ends
+        assert await inbox.wait(5.0, lambda m: False)
+        assert [m.seq for m in inbox.messages] == [(2, 2)]
+        inbox.close()
+
+    asyncio.run(run())
+
+
+class _Transport:
+    def __init__(self, buffered: int = 0, closing: bool = False) -> None:
+        self.buffered, self.closing, self.written = buffered, closing, []
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+class _Lease:
+    def __init__(self) -> None:
+        self.delivered = 0
+
+    def tokens(self, n: int) -> None:
+        self.delivered += n
+
+
+def test_tokens_go_straight_to_the_socket_only_when_they_follow_on_and_the_client_keeps_up():
+    def attempt(transport: _Transport, message: wire.Message, chunked: bool = True):
+        completions = Completions(None, None, None, None, 10.0, 120.0)
+        request, response = SimpleNamespace(transport=transport), SimpleNamespace(chunked=chunked)
+        stream = Follow(None, 7)
+        stream.next_seq = 3
+        shaper, state, lease = Shaper(True, "m", False), _Tally(0), _Lease()
+        ask = Ask(True, True, "m", {})
+        done = completions._write_now(request, response, ask, stream, shaper, state, lease, message)
+        return done, stream.next_seq, state.tokens, lease.delivered, shaper.content("ab")
+
+    wrote = _Transport()
+    done, next_seq, counted, delivered, chunk = attempt(wrote, tokens(7, 3, ["a", "b"]))
+    assert (done, next_seq, counted, delivered) == (True, 5, 2, 2)
+    assert wrote.written == [b"%x\r\n" % len(chunk) + chunk + b"\r\n"]  # HTTP/1.1 chunked framing
+    plain = _Transport()
+    done, *_, chunk = attempt(plain, tokens(7, 3, ["a", "b"]), chunked=False)
+    assert done and plain.written == [chunk]
+    # left to the stream's task (queued, nothing written): a client behind on reading, one gone,
+    # rows that do not follow on, anything but tokens
+    for transport, message in (
+        (_Transport(buffered=1 << 17), tokens(7, 3, ["a"])),
+        (_Transport(closing=True), tokens(7, 3, ["a"])),
+        (_Transport(), tokens(7, 4, ["a"])),
+        (_Transport(), tokens(7, 3, ["a", "c"], last=5)),
+        (_Transport(), wire.event_message(wire.END, 7, 3, '{"finish_reason": "stop"}', 0)),
+    ):
+        assert attempt(transport, message)[:4] == (False, 3, 0, 0) and not transport.written

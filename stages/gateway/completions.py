@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from engine.protocol.requests import RequestError
 from engine.telemetry import Telemetry
 from shm.batch import TOP_COLUMN, TopAlternatives, top_alternatives
 from stages.gateway.errors import rejection, stream_error
-from stages.gateway.follower import BroadcastFollower, Inbox
+from stages.gateway.follower import BroadcastFollower, Inbox, Tokens
 from stages.gateway.inflight import InFlight
 from stages.gateway.shapes import (
     DONE,
@@ -42,6 +43,8 @@ from stages.gateway.shapes import (
 # 100 new streams/s and 64 waiting (a burst of 100 concurrent requests got 429s). It submits under
 # LANES names in turn instead; its callers are limited per key by the Gate.
 LANES = 256
+# bytes a client may leave unread before tokens wait for the stream's task, which drains them
+DIRECT_WRITE_BUFFERED = 1 << 16
 
 
 @dataclass
@@ -70,26 +73,32 @@ class Follow:
         self.ended = False
         self.cached = False
 
-    def take(self) -> list[wire.Message]:
+    def take(self) -> list[wire.Message | Tokens]:
         """What is there now, up to the stream's end."""
         out = []
         messages = self.inbox.messages
         while messages and not self.ended:
-            message = messages.popleft()
-            first, last = message.seq
-            # a tokens message spans its rows' seqs: a hole inside one (rows the engine lost) shows as
-            # fewer texts than seqs
-            if first != self.next_seq or (message.type == "tokens" and last - first + 1 != len(message.text)):
-                reason = f"lost: rows of stream {self.stream_id} from seq {self.next_seq} never reached the gateway"
-                head = wire.header("error", self.stream_id, self.next_seq, self.next_seq, "json", reason=reason)
-                message = wire.Message("error", self.stream_id, (self.next_seq, self.next_seq), head)
-            self.next_seq = message.seq[1] + 1
-            if message.type == "start":
-                self.cached = bool(message.header.get("cached"))
-            elif message.type in ("end", "error"):
-                self.ended = True
-            out.append(message)
+            out.append(self.accept(messages.popleft()))
         return out
+
+    def follows_on(self, message: wire.Message | Tokens) -> bool:
+        """Whether ``message`` starts where the last ended, without a hole inside (a tokens
+        message spans its rows' seqs: rows the engine lost show as fewer texts than seqs)."""
+        first, last = message.seq
+        return first == self.next_seq and (message.type != "tokens" or last - first + 1 == len(message.text))
+
+    def accept(self, message: wire.Message | Tokens) -> wire.Message | Tokens:
+        """``message`` as the next of the stream, or the error that ends it where it does not follow on."""
+        if not self.follows_on(message):
+            reason = f"lost: rows of stream {self.stream_id} from seq {self.next_seq} never reached the gateway"
+            head = wire.header("error", self.stream_id, self.next_seq, self.next_seq, "json", reason=reason)
+            message = wire.Message("error", self.stream_id, (self.next_seq, self.next_seq), head)
+        self.next_seq = message.seq[1] + 1
+        if message.type == "start":
+            self.cached = bool(message.header.get("cached"))
+        elif message.type in ("end", "error"):
+            self.ended = True
+        return message
 
 
 class Completions:
@@ -233,7 +242,10 @@ class Completions:
                     out.clear()
                 if done:
                     break
-                if not await follow.inbox.wait(self.keepalive_s):
+                direct = None
+                if state.tokens:  # the headers and the first token are out: later tokens may go at once
+                    direct = functools.partial(self._write_now, request, response, ask, follow, shaper, state, lease)
+                if not await follow.inbox.wait(self.keepalive_s, direct):
                     if not state.tokens and time.monotonic() >= deadline:
                         state.failed = True
                         reason = f"no first token within {self.first_token_timeout_s:g} s (first_token_timeout_s)"
@@ -247,10 +259,42 @@ class Completions:
             self.telemetry.set("neuralpipe_gateway_active_streams", self.active_streams)
         return response
 
-    async def _first(self, follow: Follow, wait_s: float) -> list[wire.Message]:
+    def _write_now(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        ask: Ask,
+        follow: Follow,
+        shaper: Shaper,
+        state: _Tally,
+        lease: Lease,
+        message: wire.Message | Tokens,
+    ) -> bool:
+        """Write a tokens message that follows on straight to the socket, from the follower's
+        routing, while the stream's task waits (no wake-up of it per token); False leaves it to
+        the task: anything else, a client gone, or one that reads slower than it is written
+        (the task's write then waits for the socket to drain)."""
+        transport = request.transport
+        if (
+            message.type != "tokens"
+            or not follow.follows_on(message)
+            or transport is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size() > DIRECT_WRITE_BUFFERED
+        ):
+            return False
+        follow.accept(message)
+        out: list[bytes] = []
+        self._chunks([message], ask, shaper, state, lease, out)
+        data = out[0]
+        # what response.write does for a body already under way (aiohttp's chunked framing)
+        transport.write(b"%x\r\n%s\r\n" % (len(data), data) if response.chunked else data)
+        return True
+
+    async def _first(self, follow: Follow, wait_s: float) -> list[wire.Message | Tokens]:
         """The stream's rows up to its first token, end or error, or what came within ``wait_s``."""
         until = time.monotonic() + wait_s
-        taken: list[wire.Message] = []
+        taken: list[wire.Message | Tokens] = []
         while True:
             taken += follow.take()
             if any(m.type != "start" for m in taken):
@@ -260,7 +304,13 @@ class Completions:
                 return taken
 
     def _chunks(
-        self, messages: list[wire.Message], ask: Ask, shaper: Shaper, state: _Tally, lease: Lease, out: list[bytes]
+        self,
+        messages: list[wire.Message | Tokens],
+        ask: Ask,
+        shaper: Shaper,
+        state: _Tally,
+        lease: Lease,
+        out: list[bytes],
     ) -> bool:
         """The SSE bytes of ``messages`` appended to ``out``; True once the stream is over."""
         for message in messages:
@@ -268,7 +318,7 @@ class Completions:
             if kind == "tokens":
                 texts = message.text
                 logprobs = self._logprobs(ask, texts, message.columns, state.chars) if ask.logprobs else None
-                extension = _columns(ask.columns, message.columns)
+                extension = _columns(ask.columns, message.columns) if ask.columns else None
                 text = "".join(texts)
                 out.append(shaper.content(text, logprobs, extension))
                 state.add(len(texts), len(text))
@@ -373,10 +423,8 @@ class _Tally:
         return usage_of(self.end_usage, self.tokens, self.estimate, cached)
 
 
-def _columns(names: list[str], columns: dict) -> dict[str, Any] | None:
+def _columns(names: list[str], columns: dict) -> dict[str, Any]:
     """The extension of one chunk: each asked-for column's values, one per token."""
-    if not names:
-        return None
     return {"columns": {name: columns[name].tolist() for name in names if name in columns}}
 
 

@@ -20,7 +20,9 @@ import contextlib
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import zmq
 
 from engine.clients.consumer import RESYNC_S, ConsumerCore
@@ -39,30 +41,93 @@ ORPHAN_MESSAGES = 10_000  # kept per such stream; beyond, it is dropped (then lo
 class Inbox:
     """One stream's messages, in seq order, for the request that follows it."""
 
-    __slots__ = ("_loop", "_waiter", "messages")
+    __slots__ = ("_deadline", "_loop", "_timer", "_timer_at", "_wait_s", "_waiter", "direct", "messages")
 
     def __init__(self) -> None:
-        self.messages: deque[wire.Message] = deque()
+        self.messages: deque[wire.Message | Tokens] = deque()
         self._waiter: asyncio.Future | None = None
         self._loop = asyncio.get_running_loop()
+        # the follower of the stream while it waits: takes a message at once (True) or leaves it
+        # queued (False); it spares a task wake-up per token (Completions._stream)
+        self.direct: Callable[[wire.Message | Tokens], bool] | None = None
+        # one timer, re-armed only when it fires early, rather than a timer per wait (per token)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline = 0.0
+        self._wait_s = 0.0
 
-    def put(self, message: wire.Message) -> None:
+    def put(self, message: wire.Message | Tokens) -> None:
+        if self.direct is not None and not self.messages and self.direct(message):
+            self._deadline = self._loop.time() + self._wait_s  # delivered: the wait starts again
+            return
         self.messages.append(message)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def wait(self, timeout_s: float) -> bool:
-        """Until a message is there (True) or ``timeout_s`` passed (False)."""
+    async def wait(self, timeout_s: float, direct: Callable[[wire.Message | Tokens], bool] | None = None) -> bool:
+        """Until a message is there (True) or ``timeout_s`` passed without one (False); meanwhile
+        ``direct`` (if given) is offered each message first."""
         if self.messages:
             return True
+        self._wait_s = timeout_s
+        self._deadline = self._loop.time() + timeout_s
+        if self._timer is None or self._timer_at > self._deadline:
+            self._arm()
         waiter = self._waiter = self._loop.create_future()
-        timer = self._loop.call_later(timeout_s, lambda: waiter.done() or waiter.set_result(None))
+        self.direct = direct
         try:
             await waiter
         finally:
-            timer.cancel()
-            self._waiter = None
+            self._waiter = self.direct = None
         return bool(self.messages)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self) -> None:
+        self.close()
+        self._timer_at = self._deadline
+        self._timer = self._loop.call_at(self._deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._waiter is None or self._waiter.done():
+            return
+        if self._loop.time() < self._deadline:  # something came meanwhile: wait on
+            self._arm()
+        else:
+            self._waiter.set_result(None)
+
+
+class Tokens:
+    """A run of one stream's token rows routed from a batch: what the gateway reads of a tokens
+    message (``type``, ``stream``, ``seq``, ``text``), with ``columns`` and ``header`` made only
+    when read (most requests ask for neither: the batch's columns are not sliced for them)."""
+
+    __slots__ = ("_batch", "_columns", "_rows", "seq", "stream", "text")
+    type = "tokens"
+
+    def __init__(self, batch: wire.Batch, rows: list[int], stream: int, seq: tuple[int, int], text: list[str]) -> None:
+        self._batch, self._rows = batch, rows
+        self.stream, self.seq, self.text = stream, seq, text
+        self._columns: dict[str, np.ndarray] | None = None
+
+    @property
+    def columns(self) -> dict[str, np.ndarray]:
+        """seq and the other columns of the rows, as in a tokens message (wire.Message)."""
+        if self._columns is None:
+            rows, columns = self._rows, self._batch.columns
+            self._columns = {name: values[rows] for name, values in columns.items() if name not in _NOT_TOKEN_COLUMNS}
+        return self._columns
+
+    @property
+    def header(self) -> dict[str, Any]:
+        return wire.header("tokens", self.stream, *self.seq, self._batch.header.get("encoding", "binary"))
+
+
+_NOT_TOKEN_COLUMNS = frozenset(("stream_id", "kind"))
 
 
 class BroadcastFollower:
@@ -135,7 +200,9 @@ class BroadcastFollower:
         return inbox
 
     def unregister(self, stream_id: int) -> None:
-        self.inboxes.pop(stream_id, None)
+        inbox = self.inboxes.pop(stream_id, None)
+        if inbox is not None:
+            inbox.close()
 
     # ---- reading ------------------------------------------------------------------------------
 
@@ -189,8 +256,23 @@ class BroadcastFollower:
     def _route(self, batch: wire.Batch) -> None:
         if not self.inboxes and not self.expecting:
             return
-        if not self.expecting and self.inboxes.keys().isdisjoint(batch.columns["stream_id"].tolist()):
+        sids = batch.columns["stream_id"].tolist()
+        if not self.expecting and self.inboxes.keys().isdisjoint(sids):
             return
+        events = set(np.flatnonzero(batch.columns["kind"] != wire.TOKEN).tolist())
+        seqs, texts = batch.columns["seq"].tolist(), batch.texts
+        split: list[int] = []  # rows of streams with a start, end or error, or nobody registered yet
+        for sid, rows in _rows_by_stream(sids).items():
+            inbox = self.inboxes.get(sid)
+            if inbox is not None and events.isdisjoint(rows):  # the usual case: a run of tokens
+                inbox.put(Tokens(batch, rows, sid, (seqs[rows[0]], seqs[rows[-1]]), [texts[i] for i in rows]))
+            elif inbox is not None or self.expecting:
+                split += rows
+        if split:
+            self._route_split(batch.take(np.array(split)))
+
+    def _route_split(self, batch: wire.Batch) -> None:
+        """The batch's per-stream messages (wire's split), each to its stream or kept as an orphan."""
         now = time.monotonic()
         for message in batch.stream_messages():
             inbox = self.inboxes.get(message.stream)
@@ -214,3 +296,16 @@ class BroadcastFollower:
             self.counts["orphans_dropped"] += 1
             return
         kept[1].append(message)
+
+
+def _rows_by_stream(sids: list[int]) -> dict[int, list[int]]:
+    """Each stream's row indices, in row order (a record's rows of a stream are in seq order).
+    Plain Python: a record carries a few dozen rows, where numpy's grouping costs more."""
+    rows_of: dict[int, list[int]] = {}
+    for i, sid in enumerate(sids):
+        rows = rows_of.get(sid)
+        if rows is None:
+            rows_of[sid] = [i]
+        else:
+            rows.append(i)
+    return rows_of

@@ -79,7 +79,7 @@ class Shaper:
     """The chunks of one response, chat (``chat.completion.chunk``) or legacy completions
     (``text_completion``)."""
 
-    __slots__ = ("_prefix", "chat", "created", "id", "include_usage", "model")
+    __slots__ = ("_plain", "_prefix", "chat", "created", "id", "include_usage", "model")
 
     def __init__(self, chat: bool, model: str, include_usage: bool) -> None:
         self.chat = chat
@@ -92,6 +92,9 @@ class Shaper:
         # spliced chunk is valid JSON)
         head = {"id": self.id, "object": obj, "created": self.created, "model": model, "system_fingerprint": None}
         self._prefix = orjson.dumps(head)[:-1] + b',"choices":['
+        # a token chunk without logprobs or extension (nearly every one): the bytes around its text
+        around = self._chunk(self._content_choice("\0", None, None)).rsplit(b'"\\u0000"', 1)
+        self._plain = (around[0], around[1])
 
     def _chunk(self, choice: dict[str, Any] | None) -> bytes:
         usage = b',"usage":null' if self.include_usage else b""
@@ -107,6 +110,12 @@ class Shaper:
         )
 
     def content(self, text: str, logprobs: Any = None, extension: dict[str, Any] | None = None) -> bytes:
+        if logprobs is None and extension is None:
+            head, tail = self._plain
+            return head + orjson.dumps(text) + tail
+        return self._chunk(self._content_choice(text, logprobs, extension))
+
+    def _content_choice(self, text: str, logprobs: Any, extension: dict[str, Any] | None) -> dict[str, Any]:
         if self.chat:
             choice: dict[str, Any] = {
                 "index": 0,
@@ -118,7 +127,7 @@ class Shaper:
             choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": None}
         if extension is not None:
             choice["neuralpipe"] = extension
-        return self._chunk(choice)
+        return choice
 
     def finish(self, reason: str) -> bytes:
         if self.chat:
