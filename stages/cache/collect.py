@@ -10,10 +10,13 @@ collected. Streams growing past ``max_stream_bytes`` are dropped.
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import numpy as np
 
 from engine.protocol.rows import read_start
-from shm.batch import BatchColumns, ExtraColumn, Kind
+from shm.batch import TOP_COLUMN, BatchColumns, ExtraColumn, Kind
 from stages.cache.stream import StoredStream, StreamBuilder
 
 _START, _END, _ERROR = int(Kind.START), int(Kind.END), int(Kind.ERROR)
@@ -82,9 +85,10 @@ class Collector:
         kinds = taken.kinds[first:end]
         if _ERROR in kinds:
             return self._close(sid, "discarded")
-        base = tuple(array[first:end] for array in taken.base)
-        extras = tuple((column, array[first:end]) for column, array in taken.extras)
-        if not builder.add(base, b"".join(taken.texts[first:end]), extras):
+        rows = operator.itemgetter(slice(first, end))
+        base, arrays = tuple(map(rows, taken.base)), tuple(map(rows, taken.arrays))
+        top = None if taken.top is None else taken.top[first:end]
+        if not builder.add(base, b"".join(taken.texts[first:end]), taken.columns, arrays, top):
             return self._close(sid, "incomplete")
         if builder.nbytes > self.max_stream_bytes:
             return self._close(sid, "too_large")
@@ -103,7 +107,7 @@ class _Taken:
     """The rows of the collected streams in one batch, copied out of the ring once (one gather
     per column for the whole batch, not one per stream and column): streams keep slices of them."""
 
-    __slots__ = ("base", "extras", "kinds", "seqs", "sids", "texts")
+    __slots__ = ("arrays", "base", "columns", "kinds", "seqs", "sids", "texts", "top")
 
     def __init__(self, batch: BatchColumns, rows: np.ndarray) -> None:
         self.sids = batch.stream_id[rows].tolist()
@@ -115,7 +119,14 @@ class _Taken:
         lengths = np.fromiter(map(len, self.texts), np.uint32, len(self.texts))
         # (kind, token_id, logprob, recv_ns, text_len): StreamBuilder.add's base columns
         self.base = (kinds, batch.token_id[rows], batch.logprob[rows], batch.recv_ns[rows], lengths)
-        self.extras = tuple(
-            (ExtraColumn(name, str(array.dtype.str[1:]), array.shape[1] if array.ndim > 1 else 1), array[rows])
-            for name, array in batch.extra.items()
-        )
+        extra = {name: array for name, array in batch.extra.items() if name != TOP_COLUMN}
+        self.columns = _columns(tuple((name, array.dtype.str[1:], array.shape[1] if array.ndim > 1 else 1)
+                                      for name, array in extra.items()))  # fmt: skip
+        self.arrays = tuple(array[rows] for array in extra.values())
+        top = batch.extra.get(TOP_COLUMN)
+        self.top = None if top is None else top[rows]
+
+
+@functools.lru_cache(maxsize=256)  # records repeat their appended columns: the same objects each time
+def _columns(layout: tuple[tuple[str, str, int], ...]) -> tuple[ExtraColumn, ...]:
+    return tuple(ExtraColumn(name, dtype, width) for name, dtype, width in layout)

@@ -10,11 +10,14 @@ only: they are kept per row and laid out as one column when the stream is finish
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import numpy as np
 
-from shm.batch import TOP_COLUMN, ExtraColumn, TopAlternatives, encode_tops, top_alternatives, top_rows
+from shm.batch import ExtraColumn, TopAlternatives, encode_tops, top_alternatives, top_rows
+
+_NBYTES = operator.attrgetter("nbytes")
 
 # Bookkeeping per entry beyond its arrays (key, dict slot, objects): counted in the byte bound.
 ENTRY_OVERHEAD = 512
@@ -73,24 +76,27 @@ class StreamBuilder:
         self.tops: list[TopAlternatives] | None = None  # per row, once a record had a ``top`` column
 
     def add(
-        self, base: tuple[np.ndarray, ...], text: bytes, extras: tuple[tuple[ExtraColumn, np.ndarray], ...]
+        self,
+        base: tuple[np.ndarray, ...],
+        text: bytes,
+        columns: tuple[ExtraColumn, ...],
+        arrays: tuple[np.ndarray, ...],
+        top: np.ndarray | None = None,
     ) -> bool:
-        """Append rows ``base`` = (kind, token_id, logprob, recv_ns, text_len); False when their
-        appended columns differ from the earlier rows' (the stream cannot be stored whole)."""
-        top = next((array for column, array in extras if column.name == TOP_COLUMN), None)
+        """Append rows ``base`` = (kind, token_id, logprob, recv_ns, text_len), their appended
+        ``columns`` (``arrays``, one each; the ``top`` column apart); False when the columns
+        differ from the earlier rows' (the stream cannot be stored whole)."""
         if top is not None or self.tops is not None:
             self._add_tops(top, len(base[0]))
-            extras = tuple((column, array) for column, array in extras if column.name != TOP_COLUMN)
-        columns = tuple(column for column, _ in extras)
         if self.columns is None:
             self.columns = columns
-        elif columns != self.columns:
+        elif columns != self.columns:  # the same tuple object, usually (collect.py interns them)
             return False
-        chunk = (*base, *(array for _, array in extras))
+        chunk = (*base, *arrays)
         self.chunks.append(chunk)
         self.texts.append(text)
         self.next_seq += len(base[0])
-        self.nbytes += len(text) + sum(a.nbytes for a in chunk)
+        self.nbytes += len(text) + sum(map(_NBYTES, chunk))
         return True
 
     def _add_tops(self, top: np.ndarray | None, rows: int) -> None:
