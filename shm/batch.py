@@ -171,11 +171,10 @@ def write_batch(buf: memoryview, rows: int, text_bytes: int, extra: tuple[ExtraC
     and return writable column views to fill in place."""
     if len(extra) > MAX_EXTRA:
         raise BatchError(f"{len(extra)} extra columns; a batch has room for {MAX_EXTRA}")
-    need = batch_size(rows, text_bytes, extra)
+    entries, directory, need = _extra_layout(rows, text_bytes, extra)
     if len(buf) < need:
         raise BatchError(f"buffer of {len(buf)} bytes too small for a batch needing {need}")
     _FIXED.pack_into(buf, 0, MAGIC, VERSION, len(extra), rows, text_bytes)
-    entries, directory = _extra_layout(rows, text_bytes, extra)
     buf[DIRECTORY_OFFSET : DIRECTORY_OFFSET + len(entries)] = entries
     return BatchColumns(buf, rows, text_bytes, directory)
 
@@ -183,15 +182,16 @@ def write_batch(buf: memoryview, rows: int, text_bytes: int, extra: tuple[ExtraC
 @functools.lru_cache(maxsize=1 << 10)  # a stage writes the same columns batch after batch
 def _extra_layout(
     rows: int, text_bytes: int, extra: tuple[ExtraColumn, ...]
-) -> tuple[bytes, dict[str, tuple[str, int, int]]]:
-    """The directory entries of ``extra`` columns (packed) and where each column lies."""
+) -> tuple[bytes, dict[str, tuple[str, int, int]], int]:
+    """The directory entries of ``extra`` columns (packed), where each column lies, and the
+    batch's size (:func:`batch_size`)."""
     _, at = _base_offsets(rows, text_bytes)
     entries, directory = bytearray(len(extra) * _ENTRY.size), {}
     for i, column in enumerate(extra):
         _ENTRY.pack_into(entries, i * _ENTRY.size, column.name.encode(), column.dtype.encode(), column.width, at)
         directory[column.name] = (column.dtype, column.width, at)
         at = _align8(at + rows * column.width * _DTYPES[column.dtype].itemsize)
-    return bytes(entries), directory
+    return bytes(entries), directory, at
 
 
 class TokenBatch:
