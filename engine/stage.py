@@ -125,6 +125,34 @@ class Stage:
         """Release what ``start`` took."""
 
 
+class SocketTurns:
+    """When a duty-cycle stage asks its own sockets (its ``pollables``) for messages: each ask is a
+    system call, and the turn right after a record finds nothing new but rarely. Asked:
+
+    - in a turn after an idle spell with no record waiting: a message is then what woke the
+      worker's park (the sockets are among what it parks on);
+    - while the last ask read as many messages as a turn may (more are waiting);
+    - ``every_s`` after the last ask, for records flowing back to back (no turn is idle).
+
+    The stage calls :meth:`due` at the start of a turn, :meth:`asked` after asking and
+    :meth:`turn_done` at its end."""
+
+    __slots__ = ("after_idle", "every_s", "left", "next_at")
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.after_idle, self.left, self.next_at = True, False, 0.0
+
+    def due(self, now: float, records_waiting: int) -> bool:
+        return (self.after_idle and not records_waiting) or self.left or now >= self.next_at
+
+    def asked(self, now: float, more_waiting: bool) -> None:
+        self.next_at, self.left = now + self.every_s, more_waiting
+
+    def turn_done(self, did_work: bool) -> None:
+        self.after_idle = not did_work  # the next turn follows an idle spell
+
+
 class AsyncStage(Stage):
     """An asyncio stage: implement ``run``, which returns when ``ctx.draining`` or on cancel."""
 

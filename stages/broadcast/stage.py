@@ -58,7 +58,7 @@ import zmq
 from engine.keys import CurveServer
 from engine.protocol import wire
 from engine.protocol.seqtable import SLOTS, SeqTable
-from engine.stage import Stage, WorkerContext
+from engine.stage import SocketTurns, Stage, WorkerContext
 from engine.validated import ModelRef
 from shm.batch import TokenBatch
 from stages.broadcast.retention import Retention
@@ -133,8 +133,8 @@ class Broadcast(Stage):
         self.snapshots = Snapshots(self.retention, self.published, self.epoch, self.counts)
         self.open_streams: OrderedDict[int, None] = OrderedDict()
         self.last_heartbeat = 0.0
-        self.next_subscriptions = self.next_serve = 0.0
-        self.woken, self.requests_left = True, False
+        self.next_subscriptions = 0.0
+        self.serving = SocketTurns(SOCKETS_EVERY_S)
         # (read position, records read before it since the previous mark, when published)
         self.unreleased: deque[tuple[int, int, float]] = deque()
         # records a killed predecessor left unreleased end here: publish them again, all of them
@@ -193,7 +193,7 @@ class Broadcast(Stage):
         if heartbeat_due or (available and now >= self.next_subscriptions):
             self._read_subscriptions()
             self.next_subscriptions = now + SOCKETS_EVERY_S
-        handled = self._serve(now) if self._serve_due(now, available) else 0
+        handled = self._serve(now) if self.serving.due(now, available) else 0  # engine.stage.SocketTurns
         if self.unreleased:
             self._release_sent(now)
         read = self._publish_records() if available else 0
@@ -205,7 +205,7 @@ class Broadcast(Stage):
             for pub in self.publishers:
                 _send(pub.sock, frames)
             self.retention.expire(now)
-        self.woken = not (handled or read)  # the next turn follows an idle spell
+        self.serving.turn_done(bool(handled or read))
         return handled + read
 
     def _publish_records(self) -> int:
@@ -226,14 +226,6 @@ class Broadcast(Stage):
         if read:
             self.unreleased.append((self.inp.position, read, time.monotonic()))
         return read
-
-    def _serve_due(self, now: float, available: int) -> bool:
-        """Whether to ask the snapshot ROUTERs this turn: after an idle spell with no record
-        waiting (a request is what woke the park, the ROUTERs being among its sockets), while the
-        last turn read as many requests as a turn may, or SOCKETS_EVERY_S after the last asking
-        (records flowing back to back: no turn is idle). Not every turn: asking costs a system
-        call, and a turn right after a record finds nothing new but rarely."""
-        return (self.woken and not available) or self.requests_left or now >= self.next_serve
 
     def _release_sent(self, now: float) -> None:
         """Release the records published at least HOLD_S ago, and the oldest while the held ones
@@ -371,7 +363,6 @@ class Broadcast(Stage):
     def _serve(self, now: float) -> int:
         """Answer snapshot requests, without blocking and bounded."""
         served = 0
-        self.next_serve = now + SOCKETS_EVERY_S
         share = REQUESTS_PER_CYCLE // len(self.routers)
         for router in self.routers:  # each its share, so a flood on one starves no other
             for _ in range(share):
@@ -385,7 +376,7 @@ class Broadcast(Stage):
                 if len(frames) < 2 or not self.snapshots.admit(frames[0], now):
                     continue
                 self.snapshots.answer(frames[0], frames[-1], self.next_position, router.send_multipart)
-        self.requests_left = served >= share
+        self.serving.asked(now, served >= share)
         return served
 
     # ---- hooks ----------------------------------------------------------------------------

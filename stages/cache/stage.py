@@ -36,7 +36,7 @@ import zmq
 from engine.clients.correlation import split_request
 from engine.protocol.cache import MAX_MESSAGE_BYTES, CacheProtocolError, authority, parse_request
 from engine.protocol.streamtable import StreamTable
-from engine.stage import Stage, WorkerContext
+from engine.stage import SocketTurns, Stage, WorkerContext
 from engine.tokens import ensure_token, matches
 from engine.validated import ModelRef
 from shm.batch import RECORD_TYPE, BatchError, Kind, TokenBatch
@@ -95,8 +95,7 @@ class Cache(Stage):
         self.next_snapshot = now + self.snapshot_interval_s
         self.next_housekeeping = now + _HOUSEKEEPING_S
         self._rate = (now, 0)
-        self.next_serve = 0.0
-        self.woken, self.requests_left = True, False
+        self.serving = SocketTurns(SERVE_EVERY_S)
         self.replay_rate = 0.0
         self._restore()
         self.replays: dict[int, Replay] = {}
@@ -120,20 +119,12 @@ class Cache(Stage):
     def do_work(self) -> int:
         now = time.monotonic()
         available = self.inp.available()
-        served = self._serve(now) if self._serve_due(now, available) else 0
+        served = self._serve(now) if self.serving.due(now, available) else 0  # engine.stage.SocketTurns
         done = served + (self._pass_through() if available else 0) + (self._replay() if self.turns else 0)
         if now >= self.next_housekeeping:
             self._housekeeping(now)
-        self.woken = not done  # the next turn follows an idle spell
+        self.serving.turn_done(bool(done))
         return done
-
-    def _serve_due(self, now: float, available: int) -> bool:
-        """Whether to ask the ROUTER this turn: after an idle spell with no record waiting (a
-        request is what woke the park, the ROUTER being among its sockets), while the last turn
-        read as many requests as a turn may, or SERVE_EVERY_S after the last asking (records
-        flowing back to back: no turn is idle). Not every turn: asking costs a system call, and
-        the turn right after a record finds nothing new but rarely."""
-        return (self.woken and not available) or self.requests_left or now >= self.next_serve
 
     def _pass_through(self) -> int:
         inp, out = self.inp, self.out
@@ -204,7 +195,6 @@ class Cache(Stage):
 
     def _serve(self, now: float) -> int:
         served = 0
-        self.next_serve = now + SERVE_EVERY_S
         # asked before each receive: one that finds nothing costs an exception and two system
         # calls more (plain ints: pyzmq's constants are enum flags, and ``&`` on them costs more
         # than the call)
@@ -223,7 +213,7 @@ class Cache(Stage):
             except CacheProtocolError as exc:
                 reply = {"type": "error", "reason": str(exc)}
             self.router.send_multipart([*envelope, orjson.dumps(reply)])
-        self.requests_left = served == REQUESTS_PER_TURN
+        self.serving.asked(now, served == REQUESTS_PER_TURN)
         return served
 
     def _answer(self, msg: dict[str, Any]) -> dict[str, Any]:
