@@ -5,7 +5,9 @@ an explicit error for whatever can no longer be had), handed out by stream id.
 One subscription serves every request (topic ``all`` on the binary socket, which the broadcast
 builds whatever else is subscribed, so following costs the broadcast nothing extra). A request
 registers its stream id once ingest has accepted it and reads that stream's messages (start,
-tokens, end | error; engine/protocol/wire.py) from its :class:`Inbox`. Rows can arrive before the
+tokens, end | error; engine/protocol/wire.py; a batch's run of a stream's tokens as
+:class:`Tokens`) from its :class:`Inbox`, or takes them as they are routed while it waits
+(``Inbox.wait``'s ``direct``). Rows can arrive before the
 accepted reply is read, so while submits are in flight, messages of streams nobody registered yet
 are kept for a little while (bounded) and handed over on registration.
 
