@@ -18,7 +18,6 @@ follower's counts (``broadcast_gaps``, ``broadcast_lost_streams``, ...).
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 from typing import Any
 
@@ -81,9 +80,6 @@ class Gateway(AsyncStage):
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"http://{shown}:{bound_port}/v1"
         ctx.log.info("gateway_ready", url=self.url, auth=params.auth, following=self.follower.ready)
-        # what setup made lives as long as the worker: out of the collector's full passes, each of
-        # which otherwise stops every stream for ~10 ms (the ~57k objects of the imports alone)
-        gc.freeze()
 
     async def _cancel_left_open(self) -> None:
         """The streams a killed predecessor had open: their clients are gone, so cancel them."""
