@@ -308,6 +308,9 @@ def test_cancelling_the_consuming_task_frees_the_slot():
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await wait_until(lambda: ups[0][0].stats.active_streams == 0)
+            # nothing of the stream is left waiting (a read's back-pressure wait on a reader that
+            # is gone would wait for ever)
+            await wait_until(lambda: not any("_resume_after" in t.get_coro().__qualname__ for t in asyncio.all_tasks()))
             return pool.snapshot()[0]["outstanding"]
 
     assert run(scenario()) == 0

@@ -168,6 +168,7 @@ class _Stream(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.keep_alive = False  # httptools' verdict, once the response is complete
         self.waiting = False  # a reader's wait is pending: reading is paused
+        self.resuming: asyncio.Task | None = None  # the task reading on once that wait is over
         self.released = False  # the caller is gone: what is left of the body is only drained
         self.finished: asyncio.Future[None] = loop.create_future()
         self.transport: asyncio.Transport | None = None
@@ -281,14 +282,18 @@ class _Stream(asyncio.Protocol):
         """Back-pressure: read on once the reader's wait is over."""
         self.waiting = True
         self.transport.pause_reading()
-        self.loop.create_task(self._resume_after(wait))
+        # kept: a stream stopped meanwhile cancels it (its reader may be gone, and a wait on a
+        # reader that is gone never ends)
+        self.resuming = self.loop.create_task(self._resume_after(wait))
 
     async def _resume_after(self, wait: Awaitable[None]) -> None:
         try:
             await wait
         except BaseException as exc:  # cancelled with its stream, too
+            self.resuming = None
             self._fail(exc)
             return
+        self.resuming = None
         self.waiting = False
         if self.reader.complete:
             self._succeed()
@@ -349,5 +354,7 @@ class _Stream(asyncio.Protocol):
 
     def stop(self) -> None:
         self.watchdog.cancel()
+        if self.resuming is not None:
+            self.resuming.cancel()
         if self.transport is not None:
             self.transport.close()
