@@ -286,9 +286,7 @@ class Completions:
         follow.accept(message)
         out: list[bytes] = []
         self._chunks([message], ask, shaper, state, lease, out)
-        data = out[0]
-        # what response.write does for a body already under way (aiohttp's chunked framing)
-        transport.write(b"%x\r\n%s\r\n" % (len(data), data) if response.chunked else data)
+        _write_at_once(response, out[0])
         return True
 
     async def _first(self, follow: Follow, wait_s: float) -> list[wire.Message | Tokens]:
@@ -435,3 +433,17 @@ def _tops(ask: Ask, columns: dict, rows: int) -> list[TopAlternatives]:
     if not ask.top_logprobs or column is None:
         return [()] * rows
     return [top_alternatives(column, i)[: ask.top_logprobs] for i in range(rows)]
+
+
+def _write_at_once(response: web.StreamResponse, data: bytes) -> None:
+    """aiohttp's own ``response.write`` (its framing and byte counts), run to its end here instead
+    of in a task: it waits only to drain a socket whose buffer is full (the caller checked it is
+    not), as the gateway sets neither compression nor chunk signals, so it ends at its first step.
+    Should it wait all the same, its bytes are written already (draining comes last): the wait
+    is dropped and the stream's next write, from its task, drains."""
+    step = response.write(data)
+    try:
+        step.send(None)
+    except StopIteration:
+        return
+    step.close()
