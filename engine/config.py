@@ -305,6 +305,8 @@ class WorkerConfig(_Model):
     inputs: list[Annotated[str, AfterValidator(_ring_name)]] = []
     outputs: list[Annotated[str, AfterValidator(_ring_name)]] = []
     params: dict[str, Any] = {}
+    # the CPUs the worker's process may run on (its threads and children too); empty: any
+    cpus: list[int] = []
 
     @field_validator("stage")
     @classmethod
@@ -324,6 +326,17 @@ class WorkerConfig(_Model):
             if reason:
                 raise _KeyedError(("params", *path), reason)
         return self
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus(cls, value: list[int]) -> list[int]:
+        usable = os.sched_getaffinity(0)
+        for cpu in value:
+            if cpu not in usable:
+                raise ValueError(f"CPU {cpu} is not one this engine may run on ({', '.join(map(str, sorted(usable)))})")
+        if len(set(value)) != len(value):
+            raise ValueError(f"a CPU listed twice in {value}")
+        return value
 
     @field_validator("inputs", "outputs")
     @classmethod

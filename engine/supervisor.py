@@ -202,6 +202,7 @@ class Supervisor:
             heartbeat_interval_s=self.cfg.engine.heartbeat_interval_s,
             log_level=self.cfg.engine.log_level,
             params=self.params[name],
+            cpus=tuple(wcfg.cpus),
         )
 
     def _check_ready(self) -> None:

@@ -67,6 +67,7 @@ class WorkerSpec:
     log_level: str = "info"
     # as the supervisor validated them (engine.validated.ValidatedParams), or a dict the stage validates
     params: ValidatedParams | dict[str, Any] = field(default_factory=dict)
+    cpus: tuple[int, ...] = ()  # the CPUs the process may run on (empty: any)
 
 
 def stage_class(ref: str) -> type[Stage]:
@@ -370,6 +371,8 @@ def main(spec: WorkerSpec) -> None:
     """Entry point of a worker process (the target the supervisor spawns)."""
     die_with_parent(spec.supervisor_pid)  # the kernel kills us if the supervisor dies
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if spec.cpus:  # before any thread (ZeroMQ's I/O thread) or child starts: they inherit it
+        os.sched_setaffinity(0, spec.cpus)
     try:
         rt = _Runtime(spec)
     except Exception as exc:
