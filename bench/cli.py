@@ -96,6 +96,12 @@ def bench_ingest(as_json: bool, quick: bool) -> None:
     type=click.FloatRange(0, 100),
     help="Ingest's flush window in ms (default: the engine's, 2): the CPU-per-token against latency trade.",
 )
+@click.option(
+    "--pin",
+    is_flag=True,
+    help="Pin ingest (with the embedded upstream and the bench's consumer) to one CPU and compute, cache and "
+    "broadcast to another ([workers.*] cpus).",
+)
 def bench_pipeline(
     as_json: bool,
     quick: bool,
@@ -104,6 +110,7 @@ def bench_pipeline(
     streams: int | None,
     duration_s: float | None,
     flush_ms: float | None,
+    pin: bool,
 ) -> None:
     """Paced load through ingest -> compute -> cache -> broadcast over shm rings, Queue, zmq: delivered/offered,
     steady-state latency, CPU µs per token of each process, and each transport's saturation point."""
@@ -117,6 +124,7 @@ def bench_pipeline(
         streams=streams,
         duration_s=duration_s,
         flush_ms=flush_ms,
+        pin=pin,
     )
 
 

@@ -86,6 +86,7 @@ class Settings:
     warmup_s: float  # after the first submit, left out of every figure
     drain_s: float  # after the load, how long its last tokens may take to come
     flush_ms: float | None = None  # ingest's flush window (None: the engine's default)
+    pin: bool = False  # ingest (and the load around it) on one CPU, compute, cache and broadcast on another
 
 
 FULL = Settings(
@@ -112,11 +113,23 @@ QUICK = Settings(
 )
 
 
-def engine_toml(transport: str, tokens_per_s: float, flush_ms: float | None = None) -> str:
+def pinned_cpus() -> tuple[int, int]:
+    """(the CPU of ingest, its embedded upstream and the bench's consumer; the CPU of compute, cache
+    and broadcast) for ``--pin``: the first two this process may run on."""
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2:
+        raise ValueError(f"--pin needs 2 CPUs; this process may run on {len(usable)}")
+    return usable[0], usable[1]
+
+
+def engine_toml(transport: str, tokens_per_s: float, flush_ms: float | None = None, pin: bool = False) -> str:
     """The full topology over ``transport``; the upstream paced at ``tokens_per_s`` per stream
     (0: unpaced); limits per client far above the load (one client submits everything); ingest's
-    flush window ``flush_ms`` (None: its default)."""
+    flush window ``flush_ms`` (None: its default); with ``pin``, each worker's ``cpus``
+    (:func:`pinned_cpus`; the embedded upstream is ingest's child: on its CPU)."""
     flush = "" if flush_ms is None else f"params.flush_ms = {flush_ms}"
+    io_cpu, chain_cpu = pinned_cpus() if pin else (None, None)
+    ingest_cpus, chain_cpus = (f"cpus = [{io_cpu}]", f"cpus = [{chain_cpu}]") if pin else ("", "")
     return f"""
 [engine]
 transport = "{REFERENCES[transport]}"
@@ -127,6 +140,7 @@ capacity = {RING_CAPACITY}
 [workers.ingest]
 stage = "ingest"
 outputs = ["ingest-compute"]
+{ingest_cpus}
 params.client_requests_per_s = 1e6
 params.client_burst = 1e6
 params.client_tokens_per_s = 1e9
@@ -137,18 +151,21 @@ params.embedded = {{ tokens_per_s = {tokens_per_s}, max_concurrency = {MAX_STREA
 
 [workers.compute]
 stage = "compute"
+{chain_cpus}
 inputs = ["ingest-compute"]
 outputs = ["compute-cache"]
 params.backend = "numpy"
 
 [workers.cache]
 stage = "cache"
+{chain_cpus}
 inputs = ["compute-cache"]
 outputs = ["cache-broadcast"]
 params.snapshot_path = ""
 
 [workers.broadcast]
 stage = "broadcast"
+{chain_cpus}
 inputs = ["cache-broadcast"]
 params.sndhwm = 1000000
 """
@@ -299,6 +316,12 @@ def _processes(engine: BenchEngine, consumer: Consumer) -> tuple[dict[str, int],
     return engine_pids, {"upstream": upstream[0], "consumer": consumer.proc.pid}
 
 
+def _pin(pid: int, cpu: int) -> None:
+    """Every thread of ``pid`` onto ``cpu`` (threads it starts later inherit it)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(task), {cpu})
+
+
 def _cpu(pids: dict[str, int]) -> dict[str, float]:
     try:
         return {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -313,8 +336,9 @@ def _restarts(engine: BenchEngine) -> dict[str, int]:
 def run_step(load: Load, settings: Settings) -> dict[str, Any]:
     """Run one load on an engine of its own; its row (see the module docstring)."""
     label = f"{load.transport} {load.offered:g}"
+    config = engine_toml(load.transport, load.pace, settings.flush_ms, settings.pin)
     with (
-        BenchEngine(engine_toml(load.transport, load.pace, settings.flush_ms), f"pipeline-{load.transport}") as engine,
+        BenchEngine(config, f"pipeline-{load.transport}") as engine,
         Consumer(engine.info["runtime_dir"]) as consumer,
     ):
         # a SUB socket misses what is published before its subscription reaches the XPUB
@@ -326,6 +350,8 @@ def run_step(load: Load, settings: Settings) -> dict[str, Any]:
         )
         _warm_up(engine, consumer, label, load.pace)
         engine_pids, load_pids = _processes(engine, consumer)
+        if settings.pin:  # the measuring consumer beside ingest, as the upstream is
+            _pin(load_pids["consumer"], pinned_cpus()[0])
         restarts = _restarts(engine)
         first = _submit(engine, load, label)
         # a load so heavy that submitting outlasts the warm-up starts the window when every stream is in
@@ -518,6 +544,7 @@ def main(
     streams: int | None = None,
     duration_s: float | None = None,
     flush_ms: float | None = None,
+    pin: bool = False,
 ) -> dict[str, Any]:
     """Run the sweep (or, with ``offered``, one step per transport), print a table (or one JSON
     object) and return the results. A full default sweep of every transport from a checkout
@@ -534,6 +561,12 @@ def main(
         settings = replace(settings, duration_s=duration_s)
     if flush_ms is not None:
         settings = replace(settings, flush_ms=flush_ms)
+    if pin:
+        try:
+            pinned_cpus()
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+        settings = replace(settings, pin=True)
     if offered is not None:
         settings = replace(settings, ladder=(offered,), halvings=0, bisections=0, retries=0, always=())
     try:
@@ -644,6 +677,7 @@ def _settings_line(result: dict[str, Any]) -> str:
         f"{s['streams']} streams paced per stream, each {s['duration_s']:g} s long; the first "
         f"{s['warmup_s']:g} s after the first submit left out; ingest's flush window "
         + (f"{s['flush_ms']:g} ms" if s["flush_ms"] is not None else "its default")
+        + ("; workers pinned (ingest, upstream and consumer on one CPU, the rest on another)" if s["pin"] else "")
         + f"; a step holds with delivered >= "
         f"{HOLD_DELIVERED:.0%}, p99 <= {HOLD_P99_US / 1e3:g} ms, no token missing and no stream error"
         + (f"; one that did not is run {s['retries']} more time(s) before it counts." if s["retries"] else ".")

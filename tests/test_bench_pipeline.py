@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -64,14 +65,29 @@ def test_quick_json_measures_every_transport_and_process() -> None:
     assert _results_files() == before
 
 
+PINNABLE = len(os.sched_getaffinity(0)) >= 2  # --pin puts ingest and the compute chain on CPUs of their own
+
+
 @pytest.mark.timeout(60)
 def test_one_targeted_step() -> None:
     out = _bench(
-        "--offered", "500", "--streams", "5", "--duration", "2", "--transport", "shm", "--flush-ms", "1", "--json"
+        "--offered",
+        "500",
+        "--streams",
+        "5",
+        "--duration",
+        "2",
+        "--transport",
+        "shm",
+        "--flush-ms",
+        "1",
+        *(("--pin",) if PINNABLE else ()),
+        "--json",
     )
     assert out.returncode == 0, out.stderr[-4000:]
     result = orjson.loads(out.stdout)
     assert result["settings"]["mode"] == "targeted" and result["settings"]["flush_ms"] == 1
+    assert result["settings"]["pin"] == PINNABLE
     [row] = result["rows"]
     assert (row["transport"], row["offered_tokens_per_s"], row["streams"]) == ("shm", 500, 5)
     assert row["tokens_per_stream"] == 200 and row["missing"] == 0
