@@ -5,8 +5,8 @@ the figures of a step, the sweep and the targets from given inputs. Never a spee
 from __future__ import annotations
 
 import math
-import subprocess
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import replace
