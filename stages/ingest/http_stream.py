@@ -168,7 +168,7 @@ class _Stream(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.keep_alive = False  # httptools' verdict, once the response is complete
         self.waiting = False  # a reader's wait is pending: reading is paused
-        self.resuming: asyncio.Task | None = None  # the task reading on once that wait is over
+        self.pending: asyncio.Future | None = None  # that wait, run as a task of its own
         self.released = False  # the caller is gone: what is left of the body is only drained
         self.finished: asyncio.Future[None] = loop.create_future()
         self.transport: asyncio.Transport | None = None
@@ -282,18 +282,19 @@ class _Stream(asyncio.Protocol):
         """Back-pressure: read on once the reader's wait is over."""
         self.waiting = True
         self.transport.pause_reading()
-        # kept: a stream stopped meanwhile cancels it (its reader may be gone, and a wait on a
-        # reader that is gone never ends)
-        self.resuming = self.loop.create_task(self._resume_after(wait))
+        # a task of its own at once, kept: a stream stopped meanwhile cancels it (its reader may be
+        # gone, and a wait on a reader that is gone never ends)
+        self.pending = asyncio.ensure_future(wait)
+        self.loop.create_task(self._resume_after(self.pending))
 
-    async def _resume_after(self, wait: Awaitable[None]) -> None:
+    async def _resume_after(self, wait: asyncio.Future) -> None:
         try:
             await wait
         except BaseException as exc:  # cancelled with its stream, too
-            self.resuming = None
             self._fail(exc)
             return
-        self.resuming = None
+        finally:
+            self.pending = None
         self.waiting = False
         if self.reader.complete:
             self._succeed()
@@ -354,7 +355,7 @@ class _Stream(asyncio.Protocol):
 
     def stop(self) -> None:
         self.watchdog.cancel()
-        if self.resuming is not None:
-            self.resuming.cancel()
+        if self.pending is not None:
+            self.pending.cancel()
         if self.transport is not None:
             self.transport.close()
