@@ -266,9 +266,9 @@ def encode_tokens(
     if encoding == "json":
         payload = orjson.dumps({**columns, "text": texts}, option=_JSON_OPTS)
         return topic(stream), orjson.dumps(header("tokens", stream, first, last, "json")), payload
-    directory, payload = _binary_columns(columns, Texts.from_list(texts))
-    head = header("tokens", stream, first, last, "binary", rows=len(seq))
-    return topic(stream), _with_columns(head, directory), payload
+    described, payload = _binary_columns(columns, Texts.from_list(texts))
+    head = header("tokens", stream, first, last, "binary", rows=len(seq), columns=described)
+    return topic(stream), orjson.dumps(head), payload
 
 
 def encode_event(kind: str, stream: int, seq: int, encoding: str, **fields: Any) -> tuple[bytes, bytes, bytes]:
@@ -283,40 +283,39 @@ def encode_batch(batch: Batch, encoding: str) -> tuple[bytes, bytes, bytes]:
     if encoding == "json":
         payload = orjson.dumps({**batch.columns, "text": batch.texts}, option=_JSON_OPTS)
         return ALL_TOPIC, orjson.dumps(head), payload
-    directory, payload = _binary_columns(batch.columns, batch.text)
-    return ALL_TOPIC, _with_columns(head, directory), payload
+    described, payload = _binary_columns(batch.columns, batch.text)
+    return ALL_TOPIC, orjson.dumps(head | {"columns": described}), payload
 
 
-def _with_columns(head: dict[str, Any], directory: bytes) -> bytes:
-    """``orjson.dumps(head | {"columns": ...})`` with the directory already serialised."""
-    return orjson.dumps(head)[:-1] + b',"columns":' + directory + b"}"
-
-
-def _binary_columns(columns: dict[str, np.ndarray], texts: Texts) -> tuple[bytes, bytes]:
-    """The payload's directory (JSON) and the payload: the arrays back to back, then the texts."""
+def _binary_columns(columns: dict[str, np.ndarray], texts: Texts) -> tuple[list[dict[str, Any]], bytes]:
+    """The payload's directory and the payload: the arrays back to back, then the texts."""
     arena, ends = texts.arena()
     arrays = [*columns.values(), ends]
-    directory, at = _directory((*columns, "text_end"), tuple(map(_DTYPE_AND_SHAPE, arrays)))
+    described, at = _directory((*columns, "text_end"), tuple(map(_DTYPE_AND_SHAPE, arrays)))
     try:  # numpy arrays are bytes-like: joined without a copy of each first
         payload = b"".join([*arrays, arena])
     except TypeError:  # a strided column (a slice of a wider one) is not bytes-like
         payload = b"".join([*map(np.ascontiguousarray, arrays), arena])
-    return directory + b'{"name":"text","dtype":"|u1","width":1,"offset":%d,"bytes":%d}]' % (at, len(arena)), payload
+    text = {"name": "text", "dtype": "|u1", "width": 1, "offset": at, "bytes": len(arena)}
+    return [*described, text], payload
 
 
 _DTYPE_AND_SHAPE = operator.attrgetter("dtype", "shape")
 
 
 @functools.lru_cache(maxsize=1 << 12)  # records repeat their columns and row counts
-def _directory(names: tuple[str, ...], layouts: tuple[tuple[np.dtype, tuple[int, ...]], ...]) -> tuple[bytes, int]:
-    """The directory's JSON up to the text's entry (an open list) and where the text begins."""
+def _directory(
+    names: tuple[str, ...], layouts: tuple[tuple[np.dtype, tuple[int, ...]], ...]
+) -> tuple[tuple[dict[str, Any], ...], int]:
+    """The directory's entries up to the text's (shared between calls: never changed) and where
+    the text begins."""
     described, at = [], 0
     for name, (dtype, shape) in zip(names, layouts, strict=True):
         size = dtype.itemsize * math.prod(shape)
         width = shape[1] if len(shape) > 1 else 1
         described.append({"name": name, "dtype": dtype.str, "width": width, "offset": at, "bytes": size})
         at += size
-    return orjson.dumps(described)[:-1] + b",", at
+    return tuple(described), at
 
 
 def encode_heartbeat(now_ns: int, active_streams: int, epoch: int, next_position: int, interval_s: float) -> tuple:
