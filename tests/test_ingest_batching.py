@@ -79,6 +79,18 @@ def test_a_lone_token_leaves_within_the_window_not_when_a_batch_fills(engine):
     assert stats(e, "ingest")["completed"] == 0
 
 
+@pytest.mark.timeout(60)
+def test_a_token_after_a_quiet_spell_leaves_at_once_not_after_the_window(engine):
+    """One stream at 5 tokens/s (200 ms apart) with a 50 ms window: no record has been written
+    for longer than the window when a token arrives, so it goes at once (before: every token
+    waited the whole window, p50 ~50 ms). Under load the window still bounds the record rate."""
+    e = engine(flush_ms=50, rate=5)
+    with RequestClient(ingest_endpoint(e.info()["runtime_dir"])) as c:
+        c.submit(chat("slow", 8))
+    ingest = wait_for(lambda: (s := stats(e, "ingest")).get("completed") == 1 and s, 20, "the stream to complete")
+    assert ingest["latency_p50_us"] < 25_000, ingest
+
+
 @pytest.mark.timeout(90)
 def test_one_stream_over_max_streams_is_rejected_and_the_others_go_on(engine):
     """The stream past ``max_streams`` gets a clear rejection; ingest does not crash, the open

@@ -7,7 +7,8 @@ Params (all optional; a bad value is refused at start with the key named, ``stag
     pool             PoolPolicy fields (strategy, retries, mid_stream, ...)
     batch_rows       most rows per batch record (64, 1..65536); a full batch is written at once
     flush_ms         longest a row waits for its batch to fill (2.0, 0..100): rows written within
-                     this window of the first one waiting, or as soon as batch_rows are there
+                     this window of the first one waiting, or as soon as batch_rows are there; a row
+                     after a quiet spell (no record written for flush_ms) goes at once
     client_requests_per_s, client_burst, client_tokens_per_s, client_burst_tokens, queue_bound
                      rate limits per client
     max_streams      concurrent streams (4096, 1..2**20); one more is rejected ("at capacity")
@@ -81,7 +82,8 @@ class Ingest(AsyncStage):
         self.backlog_rows = _BACKLOG_BATCHES * params.batch_rows  # beyond: streams stop reading
         self.loop = asyncio.get_running_loop()
         self.flush_s = params.flush_ms / 1e3
-        self.flush_timer: asyncio.TimerHandle | None = None
+        self.flush_timer: asyncio.Handle | None = None
+        self.last_write = -math.inf  # time.monotonic() of the last record written (the loop clock is in whole ms)
         self.wake_flusher = asyncio.Event()
         self.room = asyncio.Event()
         self.room.set()
@@ -314,7 +316,8 @@ class Ingest(AsyncStage):
     def _rows_added(self) -> None:
         """Full batches go now, from the stream task that filled one: the flusher's turn comes
         only after every stream task ready in this turn of the event loop has run (with 1,000
-        streams, hundreds of milliseconds). A partial batch waits at most flush_ms for more rows."""
+        streams, hundreds of milliseconds). A partial batch waits at most flush_ms for more rows,
+        and not at all when no record was written for flush_ms."""
         rows = self.rows
         waiting = len(rows.stream_id)
         if waiting >= rows.batch_rows:
@@ -326,7 +329,12 @@ class Ingest(AsyncStage):
                     self.flush_timer = None
                 return
         if self.flush_timer is None:
-            self.flush_timer = self.loop.call_later(self.flush_s, self._flush_due)
+            # after a quiet spell (no record for flush_ms) a row goes at the end of this turn of
+            # the loop, with whatever else the turn reads; else it waits the window out
+            if time.monotonic() - self.last_write >= self.flush_s:
+                self.flush_timer = self.loop.call_soon(self._flush_due)
+            else:
+                self.flush_timer = self.loop.call_later(self.flush_s, self._flush_due)
         if waiting >= self.backlog_rows:
             self.room.clear()
             self.wake_flusher.set()
@@ -375,6 +383,7 @@ class Ingest(AsyncStage):
         committed = self.rows.write(limit)
         if committed is None:
             return False
+        self.last_write = time.monotonic()
         self._committed(committed)
         # the latency figures are made at the next heartbeat, a batch of records at a time
         self.latency_pending.append((time.monotonic_ns(), committed.token_recv_ns))
