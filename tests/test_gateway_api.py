@@ -89,6 +89,33 @@ def test_raw_stream_ends_with_done_and_carries_no_non_json_data(gw):
     assert data[-1] == "[DONE]" and all(isinstance(json.loads(d), dict) for d in data[:-1])
 
 
+def test_several_choices_whole_and_streamed_as_openai_gives_them(client):
+    """n = 3: three engine streams answered as one response, choices by index; streamed, each
+    choice has its role chunk first and one finish chunk, and usage sums the completions."""
+    whole = client.chat.completions.create(**ask("three choices", temperature=0, n=3))
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    texts = {c.message.content for c in whole.choices}
+    assert len(texts) == 1 and texts.pop()  # temperature 0: the same answer three times
+    assert all(c.finish_reason in ("length", "stop") for c in whole.choices)
+    assert whole.usage.completion_tokens == 36 and whole.usage.prompt_tokens > 0
+
+    chunks = list(
+        client.chat.completions.create(
+            **ask("three choices", temperature=0, n=3), stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 36
+    for index in range(3):
+        mine = [c.choices[0] for c in chunks[:-1] if c.choices[0].index == index]
+        assert mine[0].delta.role == "assistant"
+        assert [c for c in mine if c.finish_reason] == [mine[-1]]
+        assert "".join(c.delta.content or "" for c in mine) == whole.choices[0].message.content
+
+    legacy = client.completions.create(model=MODEL, prompt="two", max_tokens=5, n=2)
+    assert [c.index for c in legacy.choices] == [0, 1] and legacy.usage.completion_tokens == 10
+
+
 def test_completions_whole_and_streamed(client):
     whole = client.completions.create(model=MODEL, prompt="legacy completions", max_tokens=8, temperature=0)
     assert whole.object == "text_completion" and whole.choices[0].text and whole.usage.completion_tokens == 8
@@ -193,7 +220,8 @@ def _error(answer: httpx.Response, status: int) -> dict:
             "messages[0].role",
         ),
         (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), 422, "model"),
-        (json.dumps(ask("x", n=2)).encode(), 422, "n"),
+        (json.dumps(ask("x", n=17)).encode(), 422, "n"),
+        (json.dumps(ask("x", n=0)).encode(), 422, "n"),
         (json.dumps(ask("x", temperature=3)).encode(), 422, "temperature"),
         (json.dumps(ask("x", top_logprobs=3)).encode(), 400, "top_logprobs"),  # without logprobs: true
         (json.dumps(ask("x", model="no-such-model")).encode(), 404, "model"),

@@ -185,3 +185,13 @@ def test_a_request_ingest_refuses_frees_the_keys_stream_slot(keyed):
         client.chat.completions.create(model=MODEL, messages=wide, max_tokens=2)
     for _ in range(2):  # its one stream slot is free again, each time
         assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_request_of_more_choices_than_the_key_has_streams_gets_429(keyed):
+    """n choices are n streams of the key: n = 3 against --max-streams 2 is refused, n = 2 goes,
+    and its usage in the ledger counts both choices' tokens."""
+    client = openai.OpenAI(base_url=keyed.url, api_key=make_key(keyed, "fay", "--max-streams", "2"), max_retries=0)
+    with pytest.raises(openai.RateLimitError, match="2 concurrent streams"):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, n=3)
+    answer = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, n=2)
+    assert len(answer.choices) == 2 and answer.usage.completion_tokens == 4

@@ -9,8 +9,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from engine.clients.requests_async import Submitted
 from engine.protocol import wire
-from stages.gateway.completions import Ask, Completions, Follow, _Tally
+from stages.gateway.completions import Ask, Choice, Choices, Completions
 from stages.gateway.follower import BroadcastFollower, Inbox
 from stages.gateway.health import health_body
 from stages.gateway.shapes import Shaper, Usage, estimate_prompt_tokens
@@ -27,7 +28,7 @@ def follow(*messages: wire.Message) -> list[wire.Message]:
         inbox = Inbox()
         for message in messages:
             inbox.put(message)
-        return Follow(inbox, 7).take()
+        return [m for _, m in Choices(inbox, [Choice(Submitted(7, "t"), inbox, Shaper(True, "m", False), 0)]).take()]
 
     return asyncio.run(run())
 
@@ -196,12 +197,12 @@ def test_tokens_go_straight_to_the_socket_only_when_they_follow_on_and_the_clien
     def attempt(transport: _Transport, message: wire.Message, response: _Response | None = None):
         completions = Completions(None, None, None, None, 10.0, 120.0)
         request, response = SimpleNamespace(transport=transport), response or _Response()
-        stream = Follow(None, 7)
-        stream.next_seq = 3
-        shaper, state, lease = Shaper(True, "m", False), _Tally(0), _Lease()
+        choice, lease = Choice(Submitted(7, "t"), None, Shaper(True, "m", False), 0), _Lease()
+        choice.follow.next_seq = 3
         ask = Ask(True, True, "m", {})
-        done = completions._write_now(request, response, ask, stream, shaper, state, lease, message)
-        return done, stream.next_seq, state.tokens, lease.delivered, shaper.content("ab"), response.written
+        done = completions._write_now(request, response, ask, choice, lease, message)
+        stream, state = choice.follow, choice.state
+        return done, stream.next_seq, state.tokens, lease.delivered, choice.shaper.content("ab"), response.written
 
     done, next_seq, counted, delivered, chunk, written = attempt(_Transport(), tokens(7, 3, ["a", "b"]))
     assert (done, next_seq, counted, delivered) == (True, 5, 2, 2)

@@ -116,6 +116,36 @@ def test_a_whole_request_whose_client_gives_up_is_cancelled_too(rig):
     assert slow.stats.active_streams == 0
 
 
+def test_a_client_gone_cancels_every_choice_of_its_request(rig):
+    """n = 3: three upstream requests; the client leaving (streamed after its first tokens, or
+    whole while it waits) cancels all three."""
+    engine, slow = rig[:2]
+    body = {"model": "slow", "messages": [{"role": "user", "content": "three"}], "max_tokens": 400, "n": 3}
+    url = engine.url + "/chat/completions"
+    before = slow.stats.cancelled
+    with httpx.stream("POST", url, json=body | {"stream": True}, timeout=10) as answer:
+        for line in answer.iter_lines():
+            if '"content":"' in line and '"content":""' not in line:
+                break  # a token came: the client goes away
+    wait_for(lambda: slow.stats.cancelled >= before + 3, 5, "the upstream to see three streamed clients gone")
+    before = slow.stats.cancelled
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=body, timeout=1.5)  # the answer is 20 s away
+    wait_for(lambda: slow.stats.cancelled >= before + 3, 5, "the upstream to see three whole clients gone")
+    wait_for(lambda: slow.stats.active_streams == 0, 5, "no upstream request left")
+
+
+def test_a_failure_of_one_choice_ends_the_response_with_an_error(rig):
+    engine = rig[0]
+    client = openai.OpenAI(base_url=engine.url, api_key="unused", max_retries=0, timeout=30)
+    messages = [{"role": "user", "content": "these break"}]
+    with pytest.raises(openai.APIError, match="upstream"):
+        for _ in client.chat.completions.create(model="broken", messages=messages, max_tokens=20, stream=True, n=2):
+            pass
+    with pytest.raises(openai.InternalServerError, match="upstream"):
+        client.chat.completions.create(model="broken", messages=messages, max_tokens=20, n=2)
+
+
 def test_a_failure_mid_stream_is_an_error_the_client_raises_on(rig):
     engine = rig[0]
     client = openai.OpenAI(base_url=engine.url, api_key="unused", max_retries=0, timeout=30)

@@ -92,6 +92,18 @@ def test_concurrent_streams(gate):
     third.close()
 
 
+def test_a_request_of_several_choices_holds_a_stream_slot_per_choice(gate, clock):
+    """n choices are n engine streams: they count n against max_streams and one request."""
+    alice = _key("alice", max_streams=3, rpm=2)
+    three = gate.admit(alice, streams=3)
+    assert _refused(gate, alice).reason == "streams"
+    three.close()
+    with pytest.raises(LimitExceeded, match="3 concurrent streams"):
+        gate.admit(alice, streams=4)  # more than the key may ever hold at once
+    gate.admit(alice, streams=2).close()
+    assert _refused(gate, alice).reason == "rpm"  # two requests, whatever their choices
+
+
 def test_budget_from_the_ledger_survives_a_restart(tmp_path, clock):
     path = keystore_path(str(tmp_path))
     alice = _key("alice", budget_tokens=1000, budget_period_s=2 * HOUR_S)

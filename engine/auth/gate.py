@@ -40,15 +40,16 @@ READ_BUSY_TIMEOUT_S = 0.25
 
 
 class Lease:
-    """One admitted stream: report delivered tokens with :meth:`tokens`, end it with :meth:`close`
-    (exactly once counts; later calls do nothing)."""
+    """One admitted request (its ``streams``: one per choice): report delivered tokens with
+    :meth:`tokens`, end it with :meth:`close` (exactly once counts; later calls do nothing)."""
 
-    __slots__ = ("_closed", "_delivered", "_gate", "_state", "principal")
+    __slots__ = ("_closed", "_delivered", "_gate", "_state", "_streams", "principal")
 
-    def __init__(self, gate: Gate, principal: Principal, state: PrincipalState | None) -> None:
+    def __init__(self, gate: Gate, principal: Principal, state: PrincipalState | None, streams: int = 1) -> None:
         self.principal = principal
         self._gate = gate
         self._state = state
+        self._streams = streams
         self._delivered = 0
         self._closed = False
 
@@ -69,7 +70,7 @@ class Lease:
         prompt, cached = _clamp(prompt_tokens), _clamp(cached_tokens)
         completion = max(_clamp(completion_tokens), self._delivered)
         if self._state is not None:
-            self._gate._limiter.release(self._state, self._delivered, prompt + completion)
+            self._gate._limiter.release(self._state, self._delivered, prompt + completion, self._streams)
         self._gate._record(self.principal, prompt, completion, min(cached, completion))
 
     def __del__(self) -> None:
@@ -182,13 +183,14 @@ class Gate:
 
     # -- how much ---------------------------------------------------------------------------------
 
-    def admit(self, principal: Principal) -> Lease:
-        """A lease for one stream, or LimitExceeded (429) naming the limit, with Retry-After."""
+    def admit(self, principal: Principal, streams: int = 1) -> Lease:
+        """A lease for one request of ``streams`` streams (its choices), or LimitExceeded (429)
+        naming the limit, with Retry-After."""
         if principal.limits.unlimited:
             return Lease(self, principal, None)
         state = self._limiter.state(principal)
-        self._limiter.admit(principal, state)
-        return Lease(self, principal, state)
+        self._limiter.admit(principal, state, streams)
+        return Lease(self, principal, state, streams)
 
     def _read_budget(self, principal: Principal, period_s: int, budget: int) -> tuple[int, float]:
         """(tokens the ledger holds for the last ``period_s``, plus any not written yet; seconds until

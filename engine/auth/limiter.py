@@ -127,8 +127,9 @@ class Limiter:
             else:
                 del states[label]
 
-    def admit(self, principal: Principal, state: PrincipalState) -> None:
-        """Count one request and one open stream, or raise LimitExceeded (nothing counted)."""
+    def admit(self, principal: Principal, state: PrincipalState, streams: int = 1) -> None:
+        """Count one request and ``streams`` open streams (a request's choices), or raise
+        LimitExceeded (nothing counted)."""
         limits = principal.limits
         now = self._clock()
         if limits.budget_tokens is not None:
@@ -139,10 +140,10 @@ class Limiter:
         if limits.tpm is not None and state.tokens.total(now) >= limits.tpm:
             wait = state.tokens.seconds_until_below(now, limits.tpm)
             raise LimitExceeded("tpm", wait, f"rate limit reached: {limits.tpm} tokens per minute")
-        if limits.max_streams is not None and state.streams >= limits.max_streams:
+        if limits.max_streams is not None and state.streams + streams > limits.max_streams:
             raise LimitExceeded("streams", 1.0, f"rate limit reached: {limits.max_streams} concurrent streams")
         state.requests.add(now)
-        state.streams += 1
+        state.streams += streams
 
     def _check_budget(self, principal: Principal, state: PrincipalState) -> None:
         limits = principal.limits
@@ -172,9 +173,10 @@ class Limiter:
         state.in_flight += n
         state.budget_used += n
 
-    def release(self, state: PrincipalState, delivered: int, spent: int) -> None:
-        """A stream ended after ``delivered`` tokens went through :meth:`delivered`; ``spent`` is
-        what the ledger gets for it (prompt + completion): the budget figure moves by the rest."""
-        state.streams -= 1
+    def release(self, state: PrincipalState, delivered: int, spent: int, streams: int = 1) -> None:
+        """A request of ``streams`` streams ended after ``delivered`` tokens went through
+        :meth:`delivered`; ``spent`` is what the ledger gets for it (prompt + completion): the
+        budget figure moves by the rest."""
+        state.streams -= streams
         state.in_flight -= delivered
         state.budget_used += max(0, spent - delivered)

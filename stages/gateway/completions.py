@@ -59,6 +59,15 @@ class Ask:
     logprobs: bool = False  # each token's own logprob
     columns: list[str] = field(default_factory=list)  # compute's columns per token (extension)
     top_logprobs: int = 0  # alternatives per token (the ring's ``top`` column), 0: none asked
+    n: int = 1  # choices: an engine stream each
+
+    def body_of(self, index: int) -> dict[str, Any]:
+        """What choice ``index`` submits: the body, its ``seed`` (if any) moved on by the index,
+        so the choices are distinct samples that a repeat of the request gives again."""
+        seed = self.body.get("seed")
+        if index and type(seed) is int:
+            return self.body | {"seed": seed + index}
+        return self.body
 
 
 class Follow:
@@ -72,14 +81,6 @@ class Follow:
         self.next_seq = 0
         self.ended = False
         self.cached = False
-
-    def take(self) -> list[wire.Message | Tokens]:
-        """What is there now, up to the stream's end."""
-        out = []
-        messages = self.inbox.messages
-        while messages and not self.ended:
-            out.append(self.accept(messages.popleft()))
-        return out
 
     def follows_on(self, message: wire.Message | Tokens) -> bool:
         """Whether ``message`` starts where the last ended, without a hole inside (a tokens
@@ -99,6 +100,64 @@ class Follow:
         elif message.type in ("end", "error"):
             self.ended = True
         return message
+
+
+class Choice:
+    """One choice of a response: its engine stream, what came of it so far, its chunks."""
+
+    __slots__ = ("follow", "shaper", "state", "submitted")
+
+    def __init__(self, submitted: Submitted, inbox: Inbox, shaper: Shaper, estimate: int) -> None:
+        self.submitted = submitted
+        self.follow = Follow(inbox, submitted.stream_id)
+        self.shaper = shaper
+        self.state = _Tally(estimate)
+
+
+class Choices:
+    """A request's choices, whose streams share one inbox: its messages, each accepted by the
+    follow of its stream (what comes after a stream's end is dropped)."""
+
+    __slots__ = ("all", "by_stream", "inbox")
+
+    def __init__(self, inbox: Inbox, choices: list[Choice]) -> None:
+        self.inbox, self.all = inbox, choices
+        self.by_stream = {choice.follow.stream_id: choice for choice in choices}
+
+    def take(self) -> list[tuple[Choice, wire.Message | Tokens]]:
+        out = []
+        messages, by_stream = self.inbox.messages, self.by_stream
+        while messages:
+            message = messages.popleft()
+            choice = by_stream[message.stream]
+            if not choice.follow.ended:
+                out.append((choice, choice.follow.accept(message)))
+        return out
+
+    @property
+    def ended(self) -> bool:
+        return all(choice.follow.ended for choice in self.all)
+
+    @property
+    def failed(self) -> bool:
+        return any(choice.state.failed for choice in self.all)
+
+    @property
+    def cached(self) -> bool:
+        return all(choice.follow.cached for choice in self.all)
+
+    @property
+    def tokens(self) -> int:
+        return sum(choice.state.tokens for choice in self.all)
+
+    def usage(self) -> tuple[Usage, int]:
+        """The response's usage (the prompt once, every choice's completion tokens) and how many
+        of those were served from the engine's cache."""
+        each = [(choice.state.usage(choice.follow.cached), choice.follow.cached) for choice in self.all]
+        first = each[0][0]
+        completion = sum(usage.completion_tokens for usage, _ in each)
+        cached = sum(usage.completion_tokens for usage, hit in each if hit)
+        return Usage(first.prompt_tokens, completion, first.prompt_estimated, self.cached), cached
 
 
 class Completions:
@@ -126,39 +185,64 @@ class Completions:
 
     async def answer(self, request: web.Request, ask: Ask, lease: Lease, received: float) -> web.StreamResponse:
         try:
-            submitted, inbox = await self._submit(ask)
+            inbox, accepted = await self._submit_all(ask)
         except BaseException:
             lease.close()  # refused, or the client left before ingest answered: the slot is free again
             raise
-        self.inflight.add(submitted.stream_id, submitted.cancel_token)
-        follow = Follow(inbox, submitted.stream_id)
         shaper = Shaper(ask.chat, ask.model, ask.include_usage)
-        state = _Tally(estimate_prompt_tokens(ask.chat, ask.body))
+        estimate = estimate_prompt_tokens(ask.chat, ask.body)
+        choices = Choices(
+            inbox, [Choice(s, inbox, shaper.sibling(i) if i else shaper, estimate) for i, s in enumerate(accepted)]
+        )
+        for submitted in accepted:
+            self.inflight.add(submitted.stream_id, submitted.cancel_token)
         try:
             if ask.stream:
-                return await self._stream(request, ask, follow, shaper, state, lease, received)
-            return await self._whole(ask, follow, shaper, state, lease)
+                return await self._stream(request, ask, choices, lease, received)
+            return await self._whole(ask, choices, lease)
         finally:
-            self.follower.unregister(submitted.stream_id)
-            self.inflight.remove(submitted.stream_id)
-            if not follow.ended:  # the client went away, or the first token never came
-                self.counts["cancelled"] += 1
-                self._cancel(submitted)
-            elif state.failed:
-                self.counts["failed"] += 1
-            else:
-                self.counts["completed"] += 1
-            if follow.cached:
-                self.counts["cache_hits"] += 1
-            usage = state.usage(follow.cached)
-            cached = usage.completion_tokens if follow.cached else 0
+            for choice in choices.all:
+                self._ended(choice)
+            usage, cached = choices.usage()
             lease.close(usage.prompt_tokens, usage.completion_tokens, cached)
             self._count_key(lease, usage, cached)
 
-    async def _submit(self, ask: Ask) -> tuple[Submitted, Inbox]:
+    def _ended(self, choice: Choice) -> None:
+        """A choice's stream is no longer followed: cancelled if it had not ended, and counted."""
+        submitted, follow = choice.submitted, choice.follow
+        self.follower.unregister(submitted.stream_id)
+        self.inflight.remove(submitted.stream_id)
+        if not follow.ended:  # the client went away, the first token never came, another choice failed
+            self.counts["cancelled"] += 1
+            self._cancel(submitted)
+        elif choice.state.failed:
+            self.counts["failed"] += 1
+        else:
+            self.counts["completed"] += 1
+        if follow.cached:
+            self.counts["cache_hits"] += 1
+
+    async def _submit_all(self, ask: Ask) -> tuple[Inbox, list[Submitted]]:
+        """Every choice's stream submitted, each registered on one inbox; on any refusal (or the
+        client leaving) the ones already accepted are cancelled."""
+        inbox = Inbox()
+        calls = [asyncio.ensure_future(self._submit(ask, i, inbox)) for i in range(ask.n)]
+        try:
+            return inbox, list(await asyncio.gather(*calls))
+        except BaseException:
+            for call in calls:
+                if not call.done():
+                    call.cancel()  # one accepted later is cancelled then (_submit)
+                elif not call.cancelled() and call.exception() is None:
+                    self.follower.unregister(call.result().stream_id)
+                    self._cancel_when_accepted(call)
+            inbox.close()
+            raise
+
+    async def _submit(self, ask: Ask, index: int, inbox: Inbox) -> Submitted:
         endpoint = "chat" if ask.chat else "completions"
         self._lane = (self._lane + 1) % LANES
-        call = asyncio.ensure_future(self.requests.submit(ask.body, endpoint, client=f"gateway-{self._lane}"))
+        call = asyncio.ensure_future(self.requests.submit(ask.body_of(index), endpoint, client=f"gateway-{self._lane}"))
         with self.follower.expecting_one():
             try:
                 submitted = await asyncio.shield(call)
@@ -175,9 +259,9 @@ class Completions:
                     "engine_unavailable",
                     retry_after="1",
                 ) from None
-            inbox = self.follower.register(submitted.stream_id)  # while rows of unknown streams are kept
+            self.follower.register(submitted.stream_id, inbox)  # while rows of unknown streams are kept
         self.counts["submitted"] += 1
-        return submitted, inbox
+        return submitted
 
     def _cancel_when_accepted(self, call: asyncio.Future) -> None:
         if not call.cancelled() and call.exception() is None:
@@ -199,27 +283,22 @@ class Completions:
     # ---- streaming ----------------------------------------------------------------------------
 
     async def _stream(
-        self,
-        request: web.Request,
-        ask: Ask,
-        follow: Follow,
-        shaper: Shaper,
-        state: _Tally,
-        lease: Lease,
-        received: float,
+        self, request: web.Request, ask: Ask, choices: Choices, lease: Lease, received: float
     ) -> web.StreamResponse:
-        # Hold the response for the stream's first row after its start, up to keepalive_s: a
-        # stream that fails at once gets a proper error status, and the cache header is known.
-        pending = await self._first(follow, min(self.keepalive_s, self.first_token_timeout_s))
-        if pending and pending[-1].type == "error" and not any(m.type == "tokens" for m in pending):
-            state.failed = True
-            raise stream_error(pending[-1].header.get("reason", ""))
+        # Hold the response for the first row after the starts, up to keepalive_s: a stream
+        # that fails at once gets a proper error status, and the cache header is known.
+        pending = await self._first(choices, min(self.keepalive_s, self.first_token_timeout_s))
+        if any(m.type == "error" for _, m in pending) and not any(m.type == "tokens" for _, m in pending):
+            failure = next(m for _, m in pending if m.type == "error")
+            for choice, message in pending:
+                choice.state.failed |= message is failure
+            raise stream_error(failure.header.get("reason", ""))
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",  # nginx: pass each chunk on at once
-                "x-neuralpipe-cache": "hit" if follow.cached else "miss",
+                "x-neuralpipe-cache": "hit" if choices.cached else "miss",
             }
         )
         if request.version >= (1, 1):
@@ -228,31 +307,37 @@ class Completions:
         self.active_streams += 1
         self.telemetry.set("neuralpipe_gateway_active_streams", self.active_streams)
         try:
-            out = [shaper.role()]
+            out = [choice.shaper.role() for choice in choices.all]
             deadline = received + self.first_token_timeout_s
+            first_token_at = None
             while True:
-                done = self._chunks(pending, ask, shaper, state, lease, out)
-                if state.first_token_at is None and state.tokens:
-                    state.first_token_at = time.monotonic()
-                    self.telemetry.observe(
-                        "neuralpipe_gateway_time_to_first_token_seconds", state.first_token_at - received
-                    )
+                for choice, message in pending:
+                    self._chunks(message, ask, choice, lease, out)
+                if first_token_at is None and choices.tokens:
+                    first_token_at = time.monotonic()
+                    self.telemetry.observe("neuralpipe_gateway_time_to_first_token_seconds", first_token_at - received)
+                done = choices.ended or choices.failed
+                if done and not choices.failed:
+                    if ask.include_usage:
+                        out.append(choices.all[0].shaper.usage_chunk(choices.usage()[0]))
+                    out.append(DONE)
                 if out:
                     await response.write(b"".join(out))
                     out.clear()
                 if done:
                     break
                 direct = None
-                if state.tokens:  # the headers and the first token are out: later tokens may go at once
-                    direct = functools.partial(self._write_now, request, response, ask, follow, shaper, state, lease)
-                if not await follow.inbox.wait(self.keepalive_s, direct):
-                    if not state.tokens and time.monotonic() >= deadline:
-                        state.failed = True
+                if first_token_at is not None and len(choices.all) == 1:
+                    # the headers and the first token are out: later tokens may go at once
+                    direct = functools.partial(self._write_now, request, response, ask, choices.all[0], lease)
+                if not await choices.inbox.wait(self.keepalive_s, direct):
+                    if first_token_at is None and time.monotonic() >= deadline:
+                        choices.all[0].state.failed = True
                         reason = f"no first token within {self.first_token_timeout_s:g} s (first_token_timeout_s)"
                         await response.write(sse(ApiError(503, reason, "server_error", "timeout").body()))
                         break
                     out.append(KEEPALIVE)  # proxies cut streams idle for 60 s
-                pending = follow.take()
+                pending = choices.take()
             await response.write_eof()
         finally:
             self.active_streams -= 1
@@ -264,121 +349,89 @@ class Completions:
         request: web.Request,
         response: web.StreamResponse,
         ask: Ask,
-        follow: Follow,
-        shaper: Shaper,
-        state: _Tally,
+        choice: Choice,
         lease: Lease,
         message: wire.Message | Tokens,
     ) -> bool:
-        """Write a tokens message that follows on straight to the socket, from the follower's
-        routing, while the stream's task waits (no wake-up of it per token); False leaves it to
-        the task: anything else, a client gone, or one that reads slower than it is written
-        (the task's write then waits for the socket to drain)."""
+        """Write a tokens message of a one-choice response that follows on straight to the
+        socket, from the follower's routing, while the stream's task waits (no wake-up of it per
+        token); False leaves it to the task: anything else, a client gone, or one that reads
+        slower than it is written (the task's write then waits for the socket to drain)."""
         transport = request.transport
         if (
             message.type != "tokens"
-            or not follow.follows_on(message)
+            or not choice.follow.follows_on(message)
             or transport is None
             or transport.is_closing()
             or transport.get_write_buffer_size() > DIRECT_WRITE_BUFFERED
         ):
             return False
-        follow.accept(message)
+        choice.follow.accept(message)
         out: list[bytes] = []
-        self._chunks([message], ask, shaper, state, lease, out)
+        self._chunks(message, ask, choice, lease, out)
         _write_at_once(response, out[0])
         return True
 
-    async def _first(self, follow: Follow, wait_s: float) -> list[wire.Message | Tokens]:
-        """The stream's rows up to its first token, end or error, or what came within ``wait_s``."""
+    async def _first(self, choices: Choices, wait_s: float) -> list[tuple[Choice, wire.Message | Tokens]]:
+        """The rows up to the first token, end or error of any choice, or what came within ``wait_s``."""
         until = time.monotonic() + wait_s
-        taken: list[wire.Message | Tokens] = []
+        taken: list[tuple[Choice, wire.Message | Tokens]] = []
         while True:
-            taken += follow.take()
-            if any(m.type != "start" for m in taken):
+            taken += choices.take()
+            if any(m.type != "start" for _, m in taken):
                 return taken
             left = until - time.monotonic()
-            if left <= 0 or not await follow.inbox.wait(left):
+            if left <= 0 or not await choices.inbox.wait(left):
                 return taken
 
-    def _chunks(
-        self,
-        messages: list[wire.Message | Tokens],
-        ask: Ask,
-        shaper: Shaper,
-        state: _Tally,
-        lease: Lease,
-        out: list[bytes],
-    ) -> bool:
-        """The SSE bytes of ``messages`` appended to ``out``; True once the stream is over."""
-        for message in messages:
-            kind = message.type
-            if kind == "tokens":
-                texts = message.text
-                logprobs = self._logprobs(ask, texts, message.columns, state.chars) if ask.logprobs else None
-                extension = _columns(ask.columns, message.columns) if ask.columns else None
-                text = "".join(texts)
-                out.append(shaper.content(text, logprobs, extension))
-                state.add(len(texts), len(text))
-                lease.tokens(len(texts))
-            elif kind == "end":
-                state.end_usage = message.header.get("usage")
-                out.append(shaper.finish(message.header.get("finish_reason") or "stop"))
-                if ask.include_usage:
-                    out.append(shaper.usage_chunk(state.usage(False)))
-                out.append(DONE)
-                return True
-            elif kind == "error":
-                state.failed = True
-                out.append(sse(stream_error(message.header.get("reason", "")).body()))  # the client raises on it
-                return True
-        return False
+    def _chunks(self, message: wire.Message | Tokens, ask: Ask, choice: Choice, lease: Lease, out: list[bytes]) -> None:
+        """The SSE bytes of one of a choice's messages appended to ``out``: its tokens, its finish
+        chunk, or the error event that ends the response (the client raises on it)."""
+        kind, state = message.type, choice.state
+        if kind == "tokens":
+            texts = message.text
+            logprobs = self._logprobs(ask, texts, message.columns, state.chars) if ask.logprobs else None
+            extension = _columns(ask.columns, message.columns) if ask.columns else None
+            text = "".join(texts)
+            out.append(choice.shaper.content(text, logprobs, extension))
+            state.add(len(texts), len(text))
+            lease.tokens(len(texts))
+        elif kind == "end":
+            state.end_usage = message.header.get("usage")
+            out.append(choice.shaper.finish(message.header.get("finish_reason") or "stop"))
+        elif kind == "error":
+            state.failed = True
+            out.append(sse(stream_error(message.header.get("reason", "")).body()))
 
     # ---- whole responses ----------------------------------------------------------------------
 
-    async def _whole(self, ask: Ask, follow: Follow, shaper: Shaper, state: _Tally, lease: Lease) -> web.Response:
-        texts: list[str] = []
-        logprobs: list[float] = []
-        tops: list[TopAlternatives] = []
-        columns: dict[str, list] = {name: [] for name in ask.columns}
+    async def _whole(self, ask: Ask, choices: Choices, lease: Lease) -> web.Response:
+        collected = {id(choice): _Collected(ask) for choice in choices.all}
         deadline = time.monotonic() + self.first_token_timeout_s
-        while True:
-            for message in follow.take():
+        while not choices.ended:
+            for choice, message in choices.take():
                 if message.type == "tokens":
-                    texts += message.text
-                    state.add(len(message.text), sum(map(len, message.text)))
+                    collected[id(choice)].add(message)
+                    choice.state.add(len(message.text), sum(map(len, message.text)))
                     lease.tokens(len(message.text))
-                    if ask.logprobs:
-                        logprobs += message.columns["logprob"].tolist()
-                        tops += _tops(ask, message.columns, len(message.text))
-                    for name, values in columns.items():
-                        if name in message.columns:
-                            values += message.columns[name].tolist()
                 elif message.type == "end":
-                    state.end_usage = message.header.get("usage")
-                    reason = message.header.get("finish_reason") or "stop"
-                    text = "".join(texts)
-                    lp = None
-                    if ask.logprobs:
-                        lp = (
-                            chat_logprobs(texts, logprobs, tops)
-                            if ask.chat
-                            else completion_logprobs(texts, logprobs, 0, tops if ask.top_logprobs else None)
-                        )
-                    extension = {"columns": columns} if ask.columns else None
-                    usage = state.usage(follow.cached)
-                    headers = {"x-neuralpipe-cache": "hit" if follow.cached else "miss"}
-                    body = orjson.dumps(shaper.whole(text, reason, usage, lp, extension))
-                    return web.Response(body=body, content_type="application/json", headers=headers)
+                    choice.state.end_usage = message.header.get("usage")
+                    collected[id(choice)].reason = message.header.get("finish_reason") or "stop"
                 elif message.type == "error":
-                    state.failed = True
+                    choice.state.failed = True
                     raise stream_error(message.header.get("reason", ""))
-            wait = self.keepalive_s if state.tokens else deadline - time.monotonic()
+            if choices.ended:
+                break
+            wait = self.keepalive_s if choices.tokens else deadline - time.monotonic()
             if wait <= 0:
-                state.failed = True
+                choices.all[0].state.failed = True
                 reason = f"no first token within {self.first_token_timeout_s:g} s (first_token_timeout_s)"
                 raise ApiError(503, reason, "server_error", "timeout", retry_after="1")
-            await follow.inbox.wait(wait)
+            await choices.inbox.wait(wait)
+        answer = [collected[id(choice)].choice(choice.shaper) for choice in choices.all]
+        headers = {"x-neuralpipe-cache": "hit" if choices.cached else "miss"}
+        body = orjson.dumps(choices.all[0].shaper.whole(answer, choices.usage()[0]))
+        return web.Response(body=body, content_type="application/json", headers=headers)
 
     # ---- accounting ---------------------------------------------------------------------------
 
@@ -419,6 +472,40 @@ class _Tally:
 
     def usage(self, cached: bool) -> Usage:
         return usage_of(self.end_usage, self.tokens, self.estimate, cached)
+
+
+class _Collected:
+    """A whole response's choice as its rows come: texts, logprobs, the columns asked for."""
+
+    __slots__ = ("ask", "columns", "logprobs", "reason", "texts", "tops")
+
+    def __init__(self, ask: Ask) -> None:
+        self.ask = ask
+        self.texts: list[str] = []
+        self.logprobs: list[float] = []
+        self.tops: list[TopAlternatives] = []
+        self.columns: dict[str, list] = {name: [] for name in ask.columns}
+        self.reason = "stop"
+
+    def add(self, message: wire.Message | Tokens) -> None:
+        self.texts += message.text
+        if self.ask.logprobs:
+            self.logprobs += message.columns["logprob"].tolist()
+            self.tops += _tops(self.ask, message.columns, len(message.text))
+        for name, values in self.columns.items():
+            if name in message.columns:
+                values += message.columns[name].tolist()
+
+    def choice(self, shaper: Shaper) -> dict[str, Any]:
+        ask, lp = self.ask, None
+        if ask.logprobs:
+            lp = (
+                chat_logprobs(self.texts, self.logprobs, self.tops)
+                if ask.chat
+                else completion_logprobs(self.texts, self.logprobs, 0, self.tops if ask.top_logprobs else None)
+            )
+        extension = {"columns": self.columns} if ask.columns else None
+        return shaper.choice("".join(self.texts), self.reason, lp, extension)
 
 
 def _columns(names: list[str], columns: dict) -> dict[str, Any]:

@@ -193,8 +193,10 @@ class BroadcastFollower:
         finally:
             self.expecting -= 1
 
-    def register(self, stream_id: int) -> Inbox:
-        inbox = self.inboxes[stream_id] = Inbox()
+    def register(self, stream_id: int, inbox: Inbox | None = None) -> Inbox:
+        """``stream_id``'s messages from now on (and any kept for it) into ``inbox`` (shared by
+        the streams of one request's choices), or a new one."""
+        inbox = self.inboxes[stream_id] = inbox or Inbox()
         kept = self.orphans.pop(stream_id, None)
         if kept is not None:
             for message in kept[1]:

@@ -179,7 +179,7 @@ class GatewayServer:
         ask = self._ask(req, raw, chat)
         await self._check_model(req.model)
         try:
-            lease = self.gate.admit(principal)
+            lease = self.gate.admit(principal, ask.n)
         except LimitExceeded as exc:
             self.ctx.telemetry.count("neuralpipe_gateway_limited_total", key=principal.label, reason=exc.reason)
             raise ApiError(429, exc.message, exc.type, exc.code, retry_after=exc.retry_after_header) from None
@@ -207,7 +207,8 @@ class GatewayServer:
                 code="invalid_value",
             )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Ask(chat, req.stream, req.model, upstream_body(req, raw), include_usage, logprobs, columns, top)
+        body = upstream_body(req, raw)
+        return Ask(chat, req.stream, req.model, body, include_usage, logprobs, columns, top, req.n or 1)
 
     async def _check_model(self, model: str) -> None:
         models = await self._current_models()

@@ -76,17 +76,18 @@ def usage_of(upstream: dict[str, Any] | None, counted: int, estimate: int, cache
 
 
 class Shaper:
-    """The chunks of one response, chat (``chat.completion.chunk``) or legacy completions
-    (``text_completion``)."""
+    """The chunks of one choice of a response, chat (``chat.completion.chunk``) or legacy
+    completions (``text_completion``); the other choices' shapers come from :meth:`sibling`."""
 
-    __slots__ = ("_plain", "_prefix", "chat", "created", "id", "include_usage", "model")
+    __slots__ = ("_plain", "_prefix", "chat", "created", "id", "include_usage", "index", "model")
 
-    def __init__(self, chat: bool, model: str, include_usage: bool) -> None:
+    def __init__(self, chat: bool, model: str, include_usage: bool, index: int = 0, of: Shaper | None = None) -> None:
         self.chat = chat
-        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        self.created = int(time.time())
+        self.id = of.id if of else ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.created = of.created if of else int(time.time())
         self.model = model
         self.include_usage = include_usage
+        self.index = index
         obj = "chat.completion.chunk" if chat else "text_completion"
         # every chunk starts the same: encoded once (orjson output is canonical JSON, so the
         # spliced chunk is valid JSON)
@@ -95,6 +96,10 @@ class Shaper:
         # a token chunk without logprobs or extension (nearly every one): the bytes around its text
         around = self._chunk(self._content_choice("\0", None, None)).rsplit(b'"\\u0000"', 1)
         self._plain = (around[0], around[1])
+
+    def sibling(self, index: int) -> Shaper:
+        """The shaper of choice ``index`` of the same response (its id and time)."""
+        return Shaper(self.chat, self.model, self.include_usage, index, self)
 
     def _chunk(self, choice: dict[str, Any] | None) -> bytes:
         usage = b',"usage":null' if self.include_usage else b""
@@ -105,9 +110,8 @@ class Shaper:
         """The first chunk of a chat stream: the role, empty content (none for completions)."""
         if not self.chat:
             return b""
-        return self._chunk(
-            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        )
+        delta = {"role": "assistant", "content": ""}
+        return self._chunk({"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None})
 
     def content(self, text: str, logprobs: Any = None, extension: dict[str, Any] | None = None) -> bytes:
         if logprobs is None and extension is None:
@@ -118,48 +122,51 @@ class Shaper:
     def _content_choice(self, text: str, logprobs: Any, extension: dict[str, Any] | None) -> dict[str, Any]:
         if self.chat:
             choice: dict[str, Any] = {
-                "index": 0,
+                "index": self.index,
                 "delta": {"content": text},
                 "logprobs": logprobs,
                 "finish_reason": None,
             }
         else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": None}
+            choice = {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": None}
         if extension is not None:
             choice["neuralpipe"] = extension
         return choice
 
     def finish(self, reason: str) -> bytes:
         if self.chat:
-            return self._chunk({"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason})
-        return self._chunk({"index": 0, "text": "", "logprobs": None, "finish_reason": reason})
+            return self._chunk({"index": self.index, "delta": {}, "logprobs": None, "finish_reason": reason})
+        return self._chunk({"index": self.index, "text": "", "logprobs": None, "finish_reason": reason})
 
     def usage_chunk(self, usage: Usage) -> bytes:
         return b"data: " + self._prefix + b'],"usage":' + orjson.dumps(usage.as_dict()) + b"}\n\n"
 
-    def whole(
-        self, text: str, reason: str, usage: Usage, logprobs: Any = None, extension: dict[str, Any] | None = None
+    def choice(
+        self, text: str, reason: str, logprobs: Any = None, extension: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        """The non-streaming response."""
+        """This choice of the non-streaming response."""
         if self.chat:
             choice: dict[str, Any] = {
-                "index": 0,
+                "index": self.index,
                 "message": {"role": "assistant", "content": text, "refusal": None},
                 "logprobs": logprobs,
                 "finish_reason": reason,
             }
         else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}
+            choice = {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": reason}
         if extension is not None:
             choice["neuralpipe"] = extension
-        obj = "chat.completion" if self.chat else "text_completion"
+        return choice
+
+    def whole(self, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
+        """The non-streaming response of ``choices`` (:meth:`choice` of each, by index)."""
         return {
             "id": self.id,
-            "object": obj,
+            "object": "chat.completion" if self.chat else "text_completion",
             "created": self.created,
             "model": self.model,
             "system_fingerprint": None,
-            "choices": [choice],
+            "choices": choices,
             "usage": usage.as_dict(),
         }
 

@@ -6,7 +6,8 @@ Fields the gateway does not know pass through to the upstream unchanged (OpenAI-
 grow fields faster than any proxy), but the ones it knows are checked strictly: types (no
 coercion: ``"max_tokens": "5"`` is an error), ranges, and the limits the request protocol sets
 (engine/protocol/requests.py). The gateway's own fields (``stream``, ``stream_options``,
-``neuralpipe``) are taken out of the body it submits."""
+``neuralpipe``, ``n``: each choice is submitted as a stream of its own) are taken out of the body
+it submits."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from engine.protocol.requests import MAX_CONTENT_BYTES, MAX_MESSAGES, MAX_MODEL_BYTES, MAX_TOKENS_LIMIT, ROLES
 
 MAX_COLUMNS = 32
-GATEWAY_FIELDS = ("stream", "stream_options", "neuralpipe")
+MAX_CHOICES = 16  # ``n``: each choice is a stream of its own, counted against the key's max_streams
+GATEWAY_FIELDS = ("stream", "stream_options", "neuralpipe", "n")
 
 Number = StrictInt | StrictFloat
 
@@ -60,7 +62,7 @@ class _Common(_Open):
     max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
     temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
     top_p: Annotated[Number, Field(ge=0, le=1)] | None = None
-    n: Annotated[StrictInt, Field(ge=1, le=1)] | None = None  # one choice per request (llama.cpp's rule too)
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None  # choices: an engine stream each
     seed: StrictInt | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
     presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
