@@ -91,6 +91,18 @@ def test_a_token_after_a_quiet_spell_leaves_at_once_not_after_the_window(engine)
     assert ingest["latency_p50_us"] < 25_000, ingest
 
 
+@pytest.mark.timeout(60)
+def test_a_streams_first_token_does_not_wait_for_the_window_its_start_opened(engine):
+    """The START row goes at once (a quiet spell) and the first token follows within
+    milliseconds: it goes at once too, as time to first token is what a chat waits on (before:
+    it waited the whole window the START row's write had begun, here 100 ms)."""
+    e = engine(flush_ms=100, rate=2)
+    with RequestClient(ingest_endpoint(e.info()["runtime_dir"])) as c:
+        c.submit(chat("first", 3))
+    ingest = wait_for(lambda: (s := stats(e, "ingest")).get("completed") == 1 and s, 20, "the stream to complete")
+    assert ingest["latency_p99_us"] < 50_000, ingest
+
+
 @pytest.mark.timeout(90)
 def test_one_stream_over_max_streams_is_rejected_and_the_others_go_on(engine):
     """The stream past ``max_streams`` gets a clear rejection; ingest does not crash, the open

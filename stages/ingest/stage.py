@@ -7,8 +7,9 @@ Params (all optional; a bad value is refused at start with the key named, ``stag
     pool             PoolPolicy fields (strategy, retries, mid_stream, ...)
     batch_rows       most rows per batch record (64, 1..65536); a full batch is written at once
     flush_ms         longest a row waits for its batch to fill (2.0, 0..100): rows written within
-                     this window of the first one waiting, or as soon as batch_rows are there; a row
-                     after a quiet spell (no record written for flush_ms) goes at once
+                     this window of the first one waiting, or as soon as batch_rows are there; a
+                     stream's first token, and a row after a quiet spell (no record written for
+                     flush_ms), go at once
     client_requests_per_s, client_burst, client_tokens_per_s, client_burst_tokens, queue_bound
                      rate limits per client
     max_streams      concurrent streams (4096, 1..2**20); one more is rejected ("at capacity")
@@ -83,6 +84,7 @@ class Ingest(AsyncStage):
         self.loop = asyncio.get_running_loop()
         self.flush_s = params.flush_ms / 1e3
         self.flush_timer: asyncio.Handle | None = None
+        self.flush_soon = False  # flush_timer is a call_soon, not the window's timer
         self.last_write = -math.inf  # time.monotonic() of the last record written (the loop clock is in whole ms)
         self.wake_flusher = asyncio.Event()
         self.room = asyncio.Event()
@@ -248,6 +250,7 @@ class Ingest(AsyncStage):
             response closed."""
             texts = tokens.texts
             n = len(texts)
+            first = next_seq[sid] == 1  # the stream's first token (seq 0 is its START row)
             if n == 1:
                 text = texts[0].encode()
                 if len(text) > max_text:
@@ -263,8 +266,8 @@ class Ingest(AsyncStage):
             else:
                 self._add_tokens(sid, tokens)
             counts["tokens"] += n
-            if self.flush_timer is None or len(rows.stream_id) >= batch_rows:  # else: nothing to do yet
-                self._rows_added()
+            if first or self.flush_timer is None or len(rows.stream_id) >= batch_rows:  # else: nothing to do yet
+                self._rows_added(first)
             throttle = credit.take(n)
             if room.is_set():
                 return throttle
@@ -313,11 +316,11 @@ class Ingest(AsyncStage):
         self.rows.append(sid, seq, kind, 0, math.nan, recv_ns, text)
         self._rows_added()
 
-    def _rows_added(self) -> None:
+    def _rows_added(self, first_token: bool = False) -> None:
         """Full batches go now, from the stream task that filled one: the flusher's turn comes
         only after every stream task ready in this turn of the event loop has run (with 1,000
         streams, hundreds of milliseconds). A partial batch waits at most flush_ms for more rows,
-        and not at all when no record was written for flush_ms."""
+        and not at all when no record was written for flush_ms or it holds a stream's first token."""
         rows = self.rows
         waiting = len(rows.stream_id)
         if waiting >= rows.batch_rows:
@@ -328,10 +331,14 @@ class Ingest(AsyncStage):
                     self.flush_timer.cancel()
                     self.flush_timer = None
                 return
-        if self.flush_timer is None:
-            # after a quiet spell (no record for flush_ms) a row goes at the end of this turn of
-            # the loop, with whatever else the turn reads; else it waits the window out
-            if time.monotonic() - self.last_write >= self.flush_s:
+        if self.flush_timer is None or (first_token and not self.flush_soon):
+            # a stream's first token (time to first token is what a chat waits on) and a row after
+            # a quiet spell (no record for flush_ms) go at the end of this turn of the loop, with
+            # whatever else the turn reads; other rows wait the window out
+            if self.flush_timer is not None:
+                self.flush_timer.cancel()
+            self.flush_soon = first_token or time.monotonic() - self.last_write >= self.flush_s
+            if self.flush_soon:
                 self.flush_timer = self.loop.call_soon(self._flush_due)
             else:
                 self.flush_timer = self.loop.call_later(self.flush_s, self._flush_due)
