@@ -321,11 +321,11 @@ class Completions:
                     if ask.include_usage:
                         out.append(choices.all[0].shaper.usage_chunk(choices.usage()[0]))
                     out.append(DONE)
+                if done:
+                    break  # the last chunks go with the end of the body: one write
                 if out:
                     await response.write(b"".join(out))
                     out.clear()
-                if done:
-                    break
                 direct = None
                 if first_token_at is not None and len(choices.all) == 1:
                     # the headers and the first token are out: later tokens may go at once
@@ -334,11 +334,11 @@ class Completions:
                     if first_token_at is None and time.monotonic() >= deadline:
                         choices.all[0].state.failed = True
                         reason = f"no first token within {self.first_token_timeout_s:g} s (first_token_timeout_s)"
-                        await response.write(sse(ApiError(503, reason, "server_error", "timeout").body()))
+                        out.append(sse(ApiError(503, reason, "server_error", "timeout").body()))
                         break
                     out.append(KEEPALIVE)  # proxies cut streams idle for 60 s
                 pending = choices.take()
-            await response.write_eof()
+            await response.write_eof(b"".join(out))
         finally:
             self.active_streams -= 1
             self.telemetry.set("neuralpipe_gateway_active_streams", self.active_streams)
