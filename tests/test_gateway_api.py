@@ -112,6 +112,10 @@ def test_several_choices_whole_and_streamed_as_openai_gives_them(client):
         assert [c for c in mine if c.finish_reason] == [mine[-1]]
         assert "".join(c.delta.content or "" for c in mine) == whole.choices[0].message.content
 
+    # seeded: distinct choices, the same again on a repeat; the seed's index step stays in int64
+    seeded = [client.chat.completions.create(**ask("seeded", n=2, seed=2**63 - 1)) for _ in range(2)]
+    assert [c.message.content for c in seeded[0].choices] == [c.message.content for c in seeded[1].choices]
+
     legacy = client.completions.create(model=MODEL, prompt="two", max_tokens=5, n=2)
     assert [c.index for c in legacy.choices] == [0, 1] and legacy.usage.completion_tokens == 10
 
@@ -223,6 +227,7 @@ def _error(answer: httpx.Response, status: int) -> dict:
         (json.dumps(ask("x", n=17)).encode(), 422, "n"),
         (json.dumps(ask("x", n=0)).encode(), 422, "n"),
         (json.dumps(ask("x", temperature=3)).encode(), 422, "temperature"),
+        (json.dumps(ask("x", seed=2**64 - 1, n=2)).encode(), 422, "seed"),  # int64, as OpenAI's
         (json.dumps(ask("x", top_logprobs=3)).encode(), 400, "top_logprobs"),  # without logprobs: true
         (json.dumps(ask("x", model="no-such-model")).encode(), 404, "model"),
     ],

@@ -37,6 +37,7 @@ from stages.gateway.shapes import (
     sse,
     usage_of,
 )
+from stages.gateway.validation import INT64_MAX
 
 # Ingest's per-client limits (requests per second, a burst, a queue bound) are for the request
 # protocol's direct clients; under one name the gateway as a whole would be capped at one client's
@@ -65,8 +66,8 @@ class Ask:
         """What choice ``index`` submits: the body, its ``seed`` (if any) moved on by the index,
         so the choices are distinct samples that a repeat of the request gives again."""
         seed = self.body.get("seed")
-        if index and type(seed) is int:
-            return self.body | {"seed": seed + index}
+        if index and type(seed) is int:  # validated within int64: the step stays there
+            return self.body | {"seed": seed + index if seed + index <= INT64_MAX else seed - index}
         return self.body
 
 

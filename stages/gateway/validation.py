@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from engine.protocol.requests import MAX_CONTENT_BYTES, MAX_MESSAGES, MAX_MODEL_BYTES, MAX_TOKENS_LIMIT, ROLES
 
 MAX_COLUMNS = 32
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # ``seed``, as OpenAI bounds it
 MAX_CHOICES = 16  # ``n``: each choice is a stream of its own, counted against the key's max_streams
 GATEWAY_FIELDS = ("stream", "stream_options", "neuralpipe", "n")
 
@@ -63,7 +64,7 @@ class _Common(_Open):
     temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
     top_p: Annotated[Number, Field(ge=0, le=1)] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None  # choices: an engine stream each
-    seed: StrictInt | None = None
+    seed: Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
     presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
