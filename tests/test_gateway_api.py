@@ -14,6 +14,7 @@ import uuid
 import httpx
 import openai
 import pytest
+from engine_harness import wait_for
 from gateway_harness import GatewayEngine, default_topology
 
 MODEL = "neuralpipe-echo"
@@ -306,3 +307,29 @@ def test_the_browser_feed_every_stream_then_one_stream_from_its_beginning(gw, cl
     for junk in ("-3", "9" * 5000, "\u0661\u0662", str(2**63)):  # 5000 digits: beyond int()'s own limit
         bad = httpx.get(feed_url, params={"stream": junk}, timeout=10)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "stream", junk
+
+
+def test_choices_past_ingests_capacity_are_refused_and_the_accepted_ones_cancelled(tmp_path):
+    """n = 5 against an ingest of 3 streams: 503 engine_busy, and the choices ingest had accepted
+    are cancelled, not left streaming for nobody; n = 3 then fits."""
+    engine = GatewayEngine(
+        tmp_path,
+        default_topology(ingest="params.max_streams = 3", embedded="tokens_per_s = 20"),
+        "c" + uuid.uuid4().hex[:10],
+    )
+    try:
+        engine.start()
+        busy = _error(httpx.post(engine.url + "/chat/completions", json=ask("five", n=5), timeout=30), 503)
+        assert busy["code"] == "engine_busy" and "capacity" in busy["message"]
+
+        def settled():
+            stats = engine.stats("ingest")
+            ended = stats["accepted"] == stats["cancelled"] + stats["completed"]
+            return stats["rejected"] >= 1 and stats["active"] == 0 and ended and stats
+
+        stats = wait_for(settled, 10, "the accepted choices to be cancelled")
+        assert stats["accepted"] <= 3 and stats["completed"] == 0, stats
+        client = openai.OpenAI(base_url=engine.url, api_key="unused", max_retries=0, timeout=30)
+        assert len(client.chat.completions.create(**ask("three", n=3, max_tokens=2)).choices) == 3
+    finally:
+        engine.stop()
