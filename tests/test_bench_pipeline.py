@@ -159,7 +159,7 @@ def test_sweep_finds_the_highest_load_that_holds(
     monkeypatch: pytest.MonkeyPatch, capacity: float, tried: list[float], saturation: float | None
 ) -> None:
     offered = _fake_steps(monkeypatch, lambda rate, attempt: rate <= capacity)
-    rows = pipeline.sweep("shm", replace(pipeline.FULL, retries=0, always=()), progress=False)
+    rows = pipeline.sweep("shm", replace(pipeline.FULL, retries=0, always=(), target_runs=1), progress=False)
     assert offered == tried
     assert [r["offered_tokens_per_s"] for r in rows] == sorted(tried)
     assert pipeline.saturation(rows, "shm") == saturation
@@ -173,6 +173,25 @@ def test_sweep_retries_a_step_that_failed_and_runs_the_targets_load(monkeypatch:
     assert offered == [2_500, 2_500, 5_000, 5_000, 3_800, 10_000]  # then halfway; the targets' 10k once
     assert pipeline.saturation(rows, "shm") == 3_800
     assert [r["held"] for r in rows] == [False, True, True, False, False, False]
+
+
+def test_sweep_runs_the_targets_load_three_times_when_it_holds_and_targets_take_the_median(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    offered = _fake_steps(monkeypatch, lambda rate, attempt: rate <= 26_000)
+    rows = pipeline.sweep("shm", pipeline.FULL, progress=False)
+    assert offered == [2_500, 5_000, 10_000, 20_000, 30_000, 30_000, 25_000, 10_000, 10_000]
+    assert pipeline.saturation(rows, "shm") == 25_000
+    assert pipeline.sweep("queue", pipeline.FULL, progress=False)  # one run at each load elsewhere
+    assert offered[9:].count(10_000) == 1
+
+    at_target = [
+        _step(pipeline.TARGET_LOAD) | {"streams": pipeline.STREAMS, "engine_cpu_us_per_token": cpu}
+        for cpu in (44.0, 38.0, 39.0)
+    ]
+    result = {"rows": at_target, "saturation_tokens_per_s": {"shm": None}, "ratios": []}
+    engine = next(t for t in pipeline.targets(result) if t["target"].startswith("engine CPU"))
+    assert engine["value"] == 39.0 and engine["met"] and "median of 3 runs" in engine["target"]
 
 
 def _fake_steps(monkeypatch: pytest.MonkeyPatch, holds: Callable[[float, int], bool]) -> list[float]:
