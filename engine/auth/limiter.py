@@ -141,7 +141,10 @@ class Limiter:
             wait = state.tokens.seconds_until_below(now, limits.tpm)
             raise LimitExceeded("tpm", wait, f"rate limit reached: {limits.tpm} tokens per minute")
         if limits.max_streams is not None and state.streams + streams > limits.max_streams:
-            raise LimitExceeded("streams", 1.0, f"rate limit reached: {limits.max_streams} concurrent streams")
+            never = ""
+            if streams > limits.max_streams:
+                never = f"; a request of {streams} streams (its choices) can never fit"
+            raise LimitExceeded("streams", 1.0, f"rate limit reached: {limits.max_streams} concurrent streams{never}")
         state.requests.add(now)
         state.streams += streams
 

@@ -317,12 +317,11 @@ class Completions:
                 if first_token_at is None and choices.tokens:
                     first_token_at = time.monotonic()
                     self.telemetry.observe("neuralpipe_gateway_time_to_first_token_seconds", first_token_at - received)
-                done = choices.ended or choices.failed
-                if done and not choices.failed:
-                    if ask.include_usage:
-                        out.append(choices.all[0].shaper.usage_chunk(choices.usage()[0]))
-                    out.append(DONE)
-                if done:
+                if choices.ended or choices.failed:
+                    if not choices.failed:
+                        if ask.include_usage:
+                            out.append(choices.all[0].shaper.usage_chunk(choices.usage()[0]))
+                        out.append(DONE)
                     break  # the last chunks go with the end of the body: one write
                 if out:
                     await response.write(b"".join(out))
@@ -407,17 +406,17 @@ class Completions:
     # ---- whole responses ----------------------------------------------------------------------
 
     async def _whole(self, ask: Ask, choices: Choices, lease: Lease) -> web.Response:
-        collected = {id(choice): _Collected(ask) for choice in choices.all}
+        collected = [_Collected(ask) for _ in choices.all]  # by choice index
         deadline = time.monotonic() + self.first_token_timeout_s
         while not choices.ended:
             for choice, message in choices.take():
                 if message.type == "tokens":
-                    collected[id(choice)].add(message)
+                    collected[choice.shaper.index].add(message)
                     choice.state.add(len(message.text), sum(map(len, message.text)))
                     lease.tokens(len(message.text))
                 elif message.type == "end":
                     choice.state.end_usage = message.header.get("usage")
-                    collected[id(choice)].reason = message.header.get("finish_reason") or "stop"
+                    collected[choice.shaper.index].reason = message.header.get("finish_reason") or "stop"
                 elif message.type == "error":
                     choice.state.failed = True
                     raise stream_error(message.header.get("reason", ""))
@@ -429,7 +428,7 @@ class Completions:
                 reason = f"no first token within {self.first_token_timeout_s:g} s (first_token_timeout_s)"
                 raise ApiError(503, reason, "server_error", "timeout", retry_after="1")
             await choices.inbox.wait(wait)
-        answer = [collected[id(choice)].choice(choice.shaper) for choice in choices.all]
+        answer = [part.choice(choice.shaper) for part, choice in zip(collected, choices.all, strict=True)]
         headers = {"x-neuralpipe-cache": "hit" if choices.cached else "miss"}
         body = orjson.dumps(choices.all[0].shaper.whole(answer, choices.usage()[0]))
         return web.Response(body=body, content_type="application/json", headers=headers)
