@@ -98,8 +98,9 @@ def test_a_request_of_several_choices_holds_a_stream_slot_per_choice(gate, clock
     three = gate.admit(alice, streams=3)
     assert _refused(gate, alice).reason == "streams"
     three.close()
-    with pytest.raises(LimitExceeded, match="3 concurrent streams"):
+    with pytest.raises(LimitExceeded, match="3 concurrent streams") as never:
         gate.admit(alice, streams=4)  # more than the key may ever hold at once
+    assert "4 streams (its choices) can never fit" in str(never.value)
     gate.admit(alice, streams=2).close()
     assert _refused(gate, alice).reason == "rpm"  # two requests, whatever their choices
 
