@@ -375,12 +375,13 @@ def test_vectorised_streams_equal_a_per_stream_reference(rig, seed):
     assert r.stage.stats()["repetitions"] == fired and fired > 0
 
 
-def test_small_records_equal_the_reference_and_the_vectorised_path(rig):
-    # a paced stream's records: 1-8 rows each (computed row by row), against the plain per-stream
-    # reference and against the same rows computed in large records (the vectorised path); a
-    # threshold of 0.7 with a window of 10: a share of 7/10 sits on the f32 rounding edge
+@pytest.mark.parametrize("compiled", [False, True], ids=["numpy", "compiled"])
+def test_small_records_equal_the_reference_and_the_vectorised_path(rig, compiled):
+    # a paced stream's records: 1-8 rows each (numpy: row by row), against the plain per-stream
+    # reference and against the same rows computed in large records (numpy: the vectorised path);
+    # a threshold of 0.7 with a window of 10: a share of 7/10 sits on the f32 rounding edge
     rng = np.random.default_rng(11)
-    params = {"repetition": {"ngram": 3, "window": 10, "threshold": 0.7}, "coalesce_rows": 1}
+    params = {"repetition": {"ngram": 3, "window": 10, "threshold": 0.7}, "coalesce_rows": 1, "compiled": compiled}
     streams = []
     for sid in range(1, 6):
         length = int(rng.integers(20, 70))
@@ -414,13 +415,14 @@ def test_small_records_equal_the_reference_and_the_vectorised_path(rig):
     assert np.isclose(got["rep"], 0.7).any()  # the edge was reached
 
 
-def test_long_streams_through_every_path_equal_the_reference(rig):
+@pytest.mark.parametrize("compiled", [False, True], ids=["numpy", "compiled"])
+def test_long_streams_through_every_path_equal_the_reference(rig, compiled):
     # streams longer than a state row (compacted: its last window + ngram - 1 columns moved to the
-    # front), records with more of one stream's tokens than a row has free (the rows widened), and
-    # records of each shape: a few rows (row by row), one stream (views), a token of each of many
-    # streams (no sort) and several tokens of several streams (sorted)
+    # front), records with more of one stream's tokens than a row has free (numpy: the rows
+    # widened), and records of each shape: a few rows (numpy: row by row), one stream (views), a
+    # token of each of many streams (no sort) and several tokens of several streams (sorted)
     rng = np.random.default_rng(5)
-    params = {"repetition": {"ngram": 3, "window": 16, "threshold": 0.5}, "coalesce_rows": 1}
+    params = {"repetition": {"ngram": 3, "window": 16, "threshold": 0.5}, "coalesce_rows": 1, "compiled": compiled}
     queues = {}
     for sid in range(1, 25):
         length = int(rng.integers(400, 600)) if sid <= 4 else int(rng.integers(5, 60))
@@ -456,20 +458,22 @@ def test_long_streams_through_every_path_equal_the_reference(rig):
     got = {k: np.concatenate([b[k] for b in out]) for k in ("ppl", "rep", "repflag")}
     flat = [row for record in records for row in record]
     want, fired = per_stream_reference(flat, r.stage)
-    assert r.stage.states.span + 64 < r.stage.states.width <= r.stage.states.span + stage_module._ROWS_AT_ONCE
+    if not compiled:  # the C kernel takes a token at a time: its rows never widen
+        assert r.stage.states.span + 64 < r.stage.states.width <= r.stage.states.span + stage_module._ROWS_AT_ONCE
     assert np.allclose(got["ppl"], want["ppl"], rtol=1e-5, atol=0)
     assert np.allclose(got["rep"], want["rep"], atol=1e-6)
     assert got["repflag"].tolist() == want["repflag"].astype(int).tolist()
     assert r.stage.stats()["repetitions"] == fired > 0
 
 
-def test_records_of_one_token_per_stream_equal_the_reference(rig):
+@pytest.mark.parametrize("compiled", [False, True], ids=["numpy", "compiled"])
+def test_records_of_one_token_per_stream_equal_the_reference(rig, compiled):
     # the paced load's record: a token of each of 24 streams (their order shuffled), records with a
     # logprob on every row and records with some missing (the two ways the running sums move on),
     # streams longer than a state row (compacted); the same rows cut into records of at most
     # _SMALL_RECORD rows (row by row) give the same rep and repflag, bit for bit
     rng = np.random.default_rng(17)
-    params = {"repetition": {"ngram": 4, "window": 16, "threshold": 0.5}, "coalesce_rows": 1}
+    params = {"repetition": {"ngram": 4, "window": 16, "threshold": 0.5}, "coalesce_rows": 1, "compiled": compiled}
     streams, length = list(range(1, 25)), 150
     ids = {sid: rng.integers(0, 2 if sid % 4 == 0 else 50, length).tolist() for sid in streams}
     records = []
@@ -755,3 +759,46 @@ def test_a_record_too_large_for_the_output_is_split_without_changing_its_values(
     assert [s for b in got for s in b["seq"]] == want[0]["seq"]
     for column in ("conf", "ppl", "rep", "entropy", "hilbert"):
         np.testing.assert_array_equal(np.concatenate([b[column] for b in got]), want[0][column])
+
+
+# ---- the compiled record (stages/compute/compiled.c) -------------------------------------------
+
+
+def test_the_compiled_record_equals_numpy_in_every_column(rig):
+    # records of every shape through both paths: control rows, missing, positive and extreme
+    # logprobs, ids with bit 31 set (hashed) and past the curve's cells; the floats within an ulp
+    # or two of numpy's exp and log (libm's here), the colour within one step of its rounding, the
+    # rest exact
+    rng = np.random.default_rng(23)
+    rows = []
+    for sid in range(1, 13):
+        length = int(rng.integers(1, 120))
+        logprobs = -rng.exponential(2.0, length)
+        logprobs[rng.random(length) < 0.1] = math.nan
+        logprobs[rng.random(length) < 0.05] = 0.3
+        logprobs[rng.random(length) < 0.05] = -1e-30
+        logprobs[rng.random(length) < 0.05] = -40.0
+        ids = rng.integers(0, 3, length)
+        ids[rng.random(length) < 0.05] = rng.integers(1 << 31, 1 << 32)
+        rows += stream_rows(sid, ids.tolist(), logprobs.tolist(), end=sid % 3 != 0)
+    rows.sort(key=lambda row: (row[1], rng.random()))  # streams interleaved, each in order
+    parts = np.split(np.arange(len(rows)), np.sort(rng.choice(np.arange(1, len(rows)), 40, replace=False)))
+    outputs = []
+    for compiled in (False, True):
+        r = rig(backend="numpy", repetition={"ngram": 3, "window": 12}, coalesce_rows=1, compiled=compiled)
+        assert (r.stage.compiled is not None) == compiled
+        for part in parts:
+            r.send([rows[i] for i in part])
+            assert r.stage.do_work() == 1
+        out = r.receive()
+        outputs.append({k: np.concatenate([np.asarray(b[k]) for b in out]) for k in out[0] if k != "texts"})
+        outputs[-1]["repetitions"] = r.stage.stats()["repetitions"]
+    numpy_path, compiled_path = outputs
+    for name in ("stream_id", "seq", "kind", "token_id", "hilbert", "rep", "repflag", "repetitions"):
+        np.testing.assert_array_equal(compiled_path[name], numpy_path[name], err_msg=name)
+    np.testing.assert_allclose(compiled_path["conf"], numpy_path["conf"], rtol=3e-7, atol=0)
+    # entropy's r ln r, r = 1 - p: an ulp of p near 1 is a few parts per million of r
+    np.testing.assert_allclose(compiled_path["entropy"], numpy_path["entropy"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(compiled_path["ppl"], numpy_path["ppl"], rtol=1e-6, atol=0)
+    assert np.abs(compiled_path["rgba"].astype(int) - numpy_path["rgba"]).max() <= 1
+    assert numpy_path["repetitions"] > 0

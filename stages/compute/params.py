@@ -46,5 +46,6 @@ class ComputeParams(StageParams):
     adapter: str | None = None  # a device-name substring
     hilbert_order: IntIn(1, MAX_ORDER) = 8
     coalesce_rows: IntIn(1, MAX_COALESCE_ROWS) = 256
+    compiled: bool = True  # the C record kernel (stages/compute/compiled.c) where it is built and applies
     repetition: RepetitionParams = RepetitionParams()
     probes: ProbeParams = ProbeParams()

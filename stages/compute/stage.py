@@ -16,11 +16,14 @@ Params (all optional): backend ("auto" | "numpy" | "wgpu"; env NEURALPIPE_COMPUT
 allow_cpu_adapter (false), adapter (a device-name substring), hilbert_order (8), repetition
 {ngram 4, window 64, threshold 0.5, action "mark" | "cancel"}, probes {count K (0: off), vectors,
 table "hashed" (rows 4096, dim 64) or a GGUF file path (its token_embd), seed 0, window 32},
-coalesce_rows (256: records waiting together are computed and written as one, up to this many rows).
+coalesce_rows (256: records waiting together are computed and written as one, up to this many rows),
+compiled (true: the C record kernel, stages/compute/compiled.c, where it is built and applies).
 
 The backend (stages.compute.backends.open_kernels; docs/compute.md): with ``auto`` the worker is
 ready at once on numpy while a background thread looks for a wgpu adapter, adopted between
-records; on numpy the per-token kernels run fused (stages.compute.fused), records of up to
+records. On the CPU a record is one call of the compiled kernel (stages/compute/compiled.c) when
+it is built, ``compiled`` is on, probes are off and the curve is tabulated (order <= 10); else
+numpy: the per-token kernels run fused (stages.compute.fused), records of up to
 ``_SMALL_RECORD`` rows have their running columns computed row by row, larger ones vectorised over
 all their streams (stages.compute.streams). A kernel that fails on the GPU is run again in numpy
 for that batch (counted in ``fallbacks``): no batch is lost. The input record is released only
@@ -56,6 +59,11 @@ from shm.batch import (
     write_batch,
 )
 from stages.compute import fused, streams
+
+try:  # built at install where a C compiler is (setup.py); the numpy path otherwise
+    from stages.compute import _compiled
+except ImportError:
+    _compiled = None
 from stages.compute.backends import open_kernels
 from stages.compute.probes import probe_table
 
@@ -99,6 +107,9 @@ class Compute(Stage):
         self.curve = fused.CurveTable(self.order)  # built now (~10 ms at order 8), not on the first tokens
         k = len(self.probe_vectors) if self.table is not None else 0
         self.states = streams.StreamStates(self.window, self.ngram, self.probe_window if k else 0, k)
+        # the C kernel's columns are compute's own: not the probes', nor an untabulated curve's
+        applies = p.compiled and k == 0 and self.curve.xy is not None
+        self.compiled = _compiled if applies else None
         self.counts = {
             "batches": 0,
             "tokens": 0,
@@ -273,6 +284,38 @@ class Compute(Stage):
         zero but for ``ppl``."""
         kind = batch.kind
         count = kind.tobytes().count(_TOKEN)  # one C loop: no temporary array for the usual all-token batch
+        # with a wgpu device, only a record too small to be worth a device call stays on the CPU
+        if self.compiled is not None and (self.kernels.device is None or batch.rows <= _SMALL_RECORD):
+            self._compiled_record(batch, values, count == batch.rows)
+        else:
+            self._numpy_record(batch, values, count)
+        self.counts["batches"] += 1
+        self.counts["tokens"] += count
+        self.ctx.telemetry.observe_since_ns("neuralpipe_stage_latency_seconds", batch.recv_ns, stage="compute")
+
+    def _compiled_record(self, batch: BatchColumns, values: dict[str, np.ndarray], every: bool) -> None:
+        """:meth:`compute` in one call of the C kernel: the values of :meth:`_row_by_row` and
+        :func:`fused.token_columns`, whatever the record's rows and streams."""
+        state, curve = self.states, self.curve
+        sids = batch.stream_id.tolist()
+        slots = state.row_slots(sids)
+        fired = self.compiled.record(
+            batch.kind, slots, batch.token_id, batch.logprob,
+            state.running, state.origin, state.keys, state.flags, state.fired, curve.xy, curve.base,
+            values["hilbert"], values["conf"], values["rgba"], values["entropy"],
+            values["ppl"], values["rep"], values["repflag"],
+            batch.rows, state.width, int(curve.mask), self.ngram, self.window, self.threshold32,
+        )  # fmt: skip
+        for row in fired:
+            self._fired(sids[row], float(values["rep"][row]))
+        if not every:
+            ended = np.flatnonzero(batch.kind >= _END)  # END or ERROR: the stream's state goes
+            if len(ended):
+                state.drop(list(dict.fromkeys(sids[i] for i in ended.tolist())))
+
+    def _numpy_record(self, batch: BatchColumns, values: dict[str, np.ndarray], count: int) -> None:
+        """:meth:`compute` in numpy (or the per-token kernels on the wgpu device)."""
+        kind = batch.kind
         every = count == batch.rows  # the usual batch, token rows only: no gathers or zeroing
         tokens = slice(None) if every else np.flatnonzero(kind == _TOKEN)
         if not every:
@@ -294,9 +337,6 @@ class Compute(Stage):
                 piece = _Merged(batch, start, min(start + _ROWS_AT_ONCE, batch.rows))
                 part = {name: column[start : start + piece.rows] for name, column in values.items()}
                 self._per_stream(piece, part, None if every else piece.kind == _TOKEN)
-        self.counts["batches"] += 1
-        self.counts["tokens"] += count
-        self.ctx.telemetry.observe_since_ns("neuralpipe_stage_latency_seconds", batch.recv_ns, stage="compute")
 
     def _per_token(self, ids, lps, values: dict[str, np.ndarray], tokens, every: bool, on_cpu: bool) -> None:
         if on_cpu:  # numpy: the fused path, straight into the output columns

@@ -64,6 +64,14 @@ class StreamStates:
         self.last_seen[slots] = self.batches
         return slots
 
+    def row_slots(self, sids: list[int]) -> np.ndarray:
+        """The slot of each row's stream (``sids`` may repeat): :meth:`slots` of the distinct ones."""
+        distinct = list(dict.fromkeys(sids))
+        slots = self.slots(distinct)
+        if len(distinct) == len(sids):
+            return slots
+        return np.array(list(map(self.slot_of.__getitem__, sids)), dtype=np.intp)
+
     def slot(self, sid: int) -> int:
         """:meth:`slots` of one stream."""
         slot = self.slot_of.get(sid)
