@@ -233,24 +233,31 @@ def time_stage(stage_ref: str, params: dict, rows: int, streams: int, records: i
     return samples[len(samples) // 10 :]  # the first tenth warms caches up
 
 
-def stage_medians(records: int, cases: tuple[int, ...] | None = None) -> list[dict[str, float]]:
+def stage_medians(records: int, cases: tuple[int, ...] | None = None, numpy_too: bool = True) -> list[dict[str, float]]:
     """Per case of :data:`STAGE_CASES` (those of index in ``cases``, default all): p50 and p99 µs of
-    the relay and of compute (numpy)."""
+    the relay and of compute on the CPU with its default params (the C kernel where it is built)
+    and, with ``numpy_too``, p50 of its numpy path (``compiled`` off; a baseline checkout may not
+    know the param)."""
     out = []
     for i in range(len(STAGE_CASES)) if cases is None else cases:
         rows, streams = STAGE_CASES[i]
         relay = time_stage("stages.testing.relay:Relay", {}, rows, streams, records)
         compute = time_stage("stages.compute.stage:Compute", {"backend": "numpy"}, rows, streams, records)
-        out.append(
-            {
-                "rows": rows,
-                "streams": streams,
-                "relay_p50_us": round(float(np.percentile(relay, 50)) * 1e6, 1),
-                "compute_p50_us": round(float(np.percentile(compute, 50)) * 1e6, 1),
-                "compute_p99_us": round(float(np.percentile(compute, 99)) * 1e6, 1),
-            }
-        )
+        row = {
+            "rows": rows,
+            "streams": streams,
+            "relay_p50_us": round(float(np.percentile(relay, 50)) * 1e6, 1),
+            "compute_p50_us": round(float(np.percentile(compute, 50)) * 1e6, 1),
+            "compute_p99_us": round(float(np.percentile(compute, 99)) * 1e6, 1),
+        }
+        if numpy_too:
+            numpy_path = time_stage("stages.compute.stage:Compute", _NUMPY_PATH, rows, streams, records)
+            row["numpy_p50_us"] = round(float(np.percentile(numpy_path, 50)) * 1e6, 1)
+        out.append(row)
     return out
+
+
+_NUMPY_PATH = {"backend": "numpy", "compiled": False}
 
 
 _IN_BASELINE = """
@@ -284,12 +291,13 @@ def stage_rows(settings: Settings, baseline: str | None) -> list[dict[str, Any]]
         now, before = [], []
         for _ in range(settings.stage_rounds):
             if baseline:
-                before += in_baseline(baseline, f"stage_medians({settings.stage_batches}, ({i},))")
+                before += in_baseline(baseline, f"stage_medians({settings.stage_batches}, ({i},), numpy_too=False)")
             now += stage_medians(settings.stage_batches, (i,))
         row = {key: now[0][key] for key in ("rows", "streams")}
-        for key in ("relay_p50_us", "compute_p50_us", "compute_p99_us"):
+        for key in ("relay_p50_us", "compute_p50_us", "compute_p99_us", "numpy_p50_us"):
             row[key] = round(statistics.median(r[key] for r in now), 1)
         row["added_p50_us"] = round(row["compute_p50_us"] - row["relay_p50_us"], 1)
+        row["compiled_speedup"] = round(row["numpy_p50_us"] / row["compute_p50_us"], 2)
         row["before_p50_us"] = round(statistics.median(r["compute_p50_us"] for r in before), 1) if before else None
         row["speedup"] = round(row["before_p50_us"] / row["compute_p50_us"], 2) if before else None
         rows.append(row)
@@ -397,7 +405,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     worst = max(r["compute_p50_us"] for r in result["stage"] if r["rows"] == 64)
     out = [
         {
-            "target": "compute's time per 64-row record (numpy, default kernels), p50 µs",
+            "target": "compute's time per 64-row record (on the CPU, default params), p50 µs",
             "goal": f"<= {TARGET_STAGE_US:g}",
             "value": worst,
             "met": worst <= TARGET_STAGE_US,
@@ -434,6 +442,12 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def compiled_kernel_built() -> bool:
+    from stages.compute import stage
+
+    return stage._compiled is not None
+
+
 def main(as_json: bool = False, quick: bool = False, baseline: str | None = None) -> dict[str, Any]:
     """Run the benchmark, print a table (or one JSON object) and return the results.
 
@@ -454,6 +468,7 @@ def main(as_json: bool = False, quick: bool = False, baseline: str | None = None
         "notes": notes,
         "rows": kernel_rows(settings, backends, progress=not as_json),
         "baseline": baseline,
+        "compiled": compiled_kernel_built(),
         "stage": stage_rows(settings, baseline),
         "startup": startup_rows(settings, baseline),
         "load_after": report.load(),
@@ -481,10 +496,12 @@ _STAGE_COLUMNS: tuple[report.Column, ...] = (
     ("streams", "streams", "{:,}"),
     ("relay_p50_us", "relay p50 µs", "{:.1f}"),
     ("before_p50_us", "compute before p50 µs", "{}"),
+    ("numpy_p50_us", "numpy path p50 µs", "{:.1f}"),
     ("compute_p50_us", "compute p50 µs", "{:.1f}"),
     ("compute_p99_us", "compute p99 µs", "{:.1f}"),
     ("added_p50_us", "added p50 µs", "{:.1f}"),
-    ("speedup", "speed-up (x)", "{}"),
+    ("compiled_speedup", "compiled vs numpy (x)", "{}"),
+    ("speedup", "vs before (x)", "{}"),
 )
 _STARTUP_COLUMNS: tuple[report.Column, ...] = (
     ("code", "code", "{}"),
@@ -513,9 +530,10 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             report.markdown_table(_dashes(result["rows"]), _KERNEL_COLUMNS),
             "",
-            "The stage's time per record (`do_work`: read, compute, write, commit), numpy backend, default "
-            "kernels, one record per call between in-process rings; *before*: the baseline checkout "
-            f"({result['baseline'] or 'none'}) in the same run:",
+            "The stage's time per record (`do_work`: read, compute, write, commit) on the CPU (backend numpy), "
+            f"default params ({'the C kernel' if result['compiled'] else 'the C kernel is not built: numpy'}), "
+            "one record per call between in-process rings; *numpy path*: the same with `compiled = false`; "
+            f"*before*: the baseline checkout ({result['baseline'] or 'none'}) in the same run:",
             "",
             report.markdown_table(_dashes(result["stage"]), _STAGE_COLUMNS),
             "",
