@@ -621,7 +621,8 @@ class Compute(Stage):
             self.kernels.adopt()
         per_batch = self.busy_ns / self.counts["batches"] / 1e3 if self.counts["batches"] else 0.0
         self.ctx.telemetry.total("neuralpipe_tokens_total", self.counts["tokens"], stage="compute")
-        return {**self.counts, **self.kernels.stats(), "busy_us_per_batch": round(per_batch, 1)}
+        compiled = self.compiled is not None  # the C kernel computes the CPU's records
+        return {**self.counts, **self.kernels.stats(), "compiled": compiled, "busy_us_per_batch": round(per_batch, 1)}
 
     def close(self) -> None:
         if self.requests is not None:
