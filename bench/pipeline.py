@@ -93,7 +93,19 @@ class Settings:
 
 FULL = Settings(
     streams=STREAMS,
-    ladder=(2_500.0, 5_000.0, 10_000.0, 20_000.0, 30_000.0, 40_000.0, 60_000.0, 80_000.0),
+    ladder=(
+        2_500.0,
+        5_000.0,
+        10_000.0,
+        20_000.0,
+        30_000.0,
+        40_000.0,
+        60_000.0,
+        80_000.0,
+        100_000.0,
+        120_000.0,
+        160_000.0,
+    ),
     halvings=3,
     bisections=1,
     retries=1,
@@ -478,13 +490,15 @@ def saturation(rows: list[dict[str, Any]], transport: str) -> float | None:
     return max((r["offered_tokens_per_s"] for r in rows if r["transport"] == transport and r["held"]), default=None)
 
 
-def ratios(saturations: dict[str, float | None]) -> list[dict[str, Any]]:
-    """The rings' saturation point over each other transport's."""
+def ratios(saturations: dict[str, float | None], topped: set[str]) -> list[dict[str, Any]]:
+    """The rings' saturation point over each other transport's; ``lower_bound`` where the rings
+    held at the ladder's top (their saturation is higher than the sweep went), none where the other
+    transport did too (unknown)."""
     shm = saturations.get("shm")
     return [
-        {"versus": transport, "shm_over": round(shm / rate, 2)}
+        {"versus": transport, "shm_over": round(shm / rate, 2), "lower_bound": "shm" in topped}
         for transport, rate in saturations.items()
-        if transport != "shm" and shm and rate
+        if transport != "shm" and shm and rate and transport not in topped
     ]
 
 
@@ -593,6 +607,8 @@ def main(
         rows += sweep(transport, settings, progress=not as_json)
     swept = offered is None
     saturations = {t: saturation(rows, t) if swept else None for t in chosen}
+    # held at the ladder's last step: the saturation point is above what the sweep offered
+    topped = {t for t, rate in saturations.items() if rate is not None and rate >= settings.ladder[-1]}
     result = {
         "benchmark": "pipeline",
         "machine": info,
@@ -607,7 +623,8 @@ def main(
         },
         "rows": rows,
         "saturation_tokens_per_s": saturations,
-        "ratios": ratios(saturations),
+        "saturation_above_ladder": sorted(topped),
+        "ratios": ratios(saturations, topped),
     }
     result["targets"] = targets(result)
     _print(result, as_json)
@@ -658,12 +675,13 @@ def _display_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _saturation_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    over = {r["versus"]: r["shm_over"] for r in result["ratios"]}
+    over = {r["versus"]: (">= " if r["lower_bound"] else "") + f"{r['shm_over']:.2f}" for r in result["ratios"]}
+    topped = result["saturation_above_ladder"]
     return [
         {
             "transport": transport,
-            "saturation": _value_text(rate),
-            "shm_over": f"{over[transport]:.2f}" if transport in over else "",
+            "saturation": (">= " if transport in topped else "") + _value_text(rate),
+            "shm_over": over.get(transport, ""),
         }
         for transport, rate in result["saturation_tokens_per_s"].items()
     ]

@@ -210,9 +210,25 @@ def _fake_steps(monkeypatch: pytest.MonkeyPatch, holds: Callable[[float, int], b
 def test_targets_from_rows() -> None:
     row = _step(pipeline.TARGET_LOAD) | {"streams": pipeline.STREAMS}
     saturations = {"shm": 40_000.0, "queue": 32_000.0, "zmq": None}
-    result = {"rows": [row], "saturation_tokens_per_s": saturations, "ratios": pipeline.ratios(saturations)}
-    assert result["ratios"] == [{"versus": "queue", "shm_over": 1.25}]
+    result = {"rows": [row], "saturation_tokens_per_s": saturations, "ratios": pipeline.ratios(saturations, set())}
+    assert result["ratios"] == [{"versus": "queue", "shm_over": 1.25, "lower_bound": False}]
     # delivered 100 %, p99 1 ms, engine 5.5 µs/token, saturation 40k; 1.25x the Queue (< 1.5x)
     assert [t["met"] for t in pipeline.targets(result)] == [True, True, True, True, False]
     none = pipeline.targets({"rows": [], "saturation_tokens_per_s": {"shm": None}, "ratios": []})
     assert [t["met"] for t in none] == [None] * 5
+
+
+def test_a_saturation_above_the_ladder_is_a_lower_bound() -> None:
+    # the rings held at the ladder's top: their ratio over Queue is at least the one measured;
+    # over a transport that held there too it is unknown
+    top = pipeline.FULL.ladder[-1]
+    saturations = {"shm": top, "queue": top / 2, "zmq": top}
+    ratios = pipeline.ratios(saturations, {"shm", "zmq"})
+    assert ratios == [{"versus": "queue", "shm_over": 2.0, "lower_bound": True}]
+    result = {"saturation_tokens_per_s": saturations, "saturation_above_ladder": ["shm", "zmq"], "ratios": ratios}
+    shown = {r["transport"]: (r["saturation"], r["shm_over"]) for r in pipeline._saturation_rows(result)}
+    assert shown == {
+        "shm": (f">= {top:,.0f}", ""),
+        "queue": (f"{top / 2:,.0f}", ">= 2.00"),
+        "zmq": (f">= {top:,.0f}", ""),
+    }
