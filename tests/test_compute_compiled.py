@@ -80,6 +80,7 @@ def test_a_valid_call_moves_the_state_on():
         ({"mask": CELLS}, "mask"),
         ({"width": 5}, "width"),
         ({"window": 0}, "window"),
+        ({"origin": np.array([-5, 3], np.int64)}, "origin"),  # a state whose row has no window before the token
     ],
 )
 def test_what_does_not_fit_is_refused_by_name(change, named):

@@ -142,6 +142,12 @@ static PyObject *record(PyObject *self, PyObject *args) {
         uint64_t *row = (uint64_t *)keys_b.buf + s * width;
         uint8_t *flag = (uint8_t *)flags_b.buf + s * width;
         int64_t at = position - origin[s]; /* its column */
+        if (at < span) { /* a row keeps the span before each token: a state that does not is refused */
+            PyErr_Format(PyExc_ValueError, "record: row %zd's column %lld (origin) leaves no window before it", i,
+                         (long long)at);
+            Py_CLEAR(fired_rows);
+            goto done;
+        }
         if (at >= width) {                 /* the row is full: its last span columns to the front */
             int64_t from = position - span - origin[s];
             memmove(row, row + from, span * sizeof(uint64_t));

@@ -59,13 +59,13 @@ from shm.batch import (
     write_batch,
 )
 from stages.compute import fused, streams
+from stages.compute.backends import open_kernels
+from stages.compute.probes import probe_table
 
 try:  # built at install where a C compiler is (setup.py); the numpy path otherwise
     from stages.compute import _compiled
 except ImportError:
     _compiled = None
-from stages.compute.backends import open_kernels
-from stages.compute.probes import probe_table
 
 _TOKEN, _END, _ERROR = int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR)
 _SMALL_RECORD = 8  # rows up to which a record's running columns go row by row (numpy's turn from 8-12 rows)
@@ -309,9 +309,7 @@ class Compute(Stage):
         for row in fired:
             self._fired(sids[row], float(values["rep"][row]))
         if not every:
-            ended = np.flatnonzero(batch.kind >= _END)  # END or ERROR: the stream's state goes
-            if len(ended):
-                state.drop(list(dict.fromkeys(sids[i] for i in ended.tolist())))
+            self._drop_ended(batch)
 
     def _numpy_record(self, batch: BatchColumns, values: dict[str, np.ndarray], count: int) -> None:
         """:meth:`compute` in numpy (or the per-token kernels on the wgpu device)."""
@@ -407,9 +405,13 @@ class Compute(Stage):
             at = None if group is None else position + self.states.make_room(slots, seen, counts)[group]
             self._token_streams(batch, values, rows, group, position, seen, slots, sids, counts, at)
         if is_token is not None:
-            ended = np.flatnonzero(batch.kind >= _END)  # END or ERROR: the stream's state goes
-            if len(ended):
-                self.states.drop(np.unique(batch.stream_id[ended]).tolist())
+            self._drop_ended(batch)
+
+    def _drop_ended(self, batch: BatchColumns) -> None:
+        """The state of the streams that end in ``batch`` (an END or ERROR row) goes."""
+        ended = np.flatnonzero(batch.kind >= _END)
+        if len(ended):
+            self.states.drop(np.unique(batch.stream_id[ended]).tolist())
 
     def _single_stream(self, batch: BatchColumns, values: dict[str, np.ndarray], sid: int) -> None:
         """:meth:`_per_stream` of a record of token rows of one stream: scalar state, one
