@@ -181,6 +181,63 @@ def test_a_repeated_deterministic_request_is_a_cache_hit(client):
     assert "".join(c.choices[0].delta.content or "" for c in streamed.parse() if c.choices)
 
 
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "Look a text up.",
+            "parameters": {"type": "object", "properties": {"text": {"type": "string"}}},
+        },
+    }
+]
+
+
+def _joined_tool_calls(chunks) -> dict[int, dict[str, str]]:
+    """The tool calls of a stream, its deltas joined by index as OpenAI's stream helpers join them."""
+    calls: dict[int, dict[str, str]] = {}
+    for chunk in chunks:
+        for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            call = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+            call["id"] += delta.id or ""
+            call["name"] += delta.function.name or ""
+            call["arguments"] += delta.function.arguments or ""
+    return calls
+
+
+def test_tool_calls_whole_and_streamed_and_from_the_cache_as_openai_gives_them(client):
+    body = ask("call it " + uuid.uuid4().hex, temperature=0, max_tokens=2000)
+    forced = {"type": "function", "function": {"name": "lookup"}}
+    whole = client.chat.completions.create(**body, tools=TOOLS, tool_choice=forced)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "lookup" and call.id.startswith("call_")
+    assert set(json.loads(call.function.arguments)) == {"text"}
+    assert whole.usage.completion_tokens > 0  # the calls' estimate: the upstream reported no usage
+    assert whole.usage.model_extra["neuralpipe"]["completion_tokens_estimated"] is True
+
+    streamed = client.chat.completions.with_raw_response.create(
+        **body, tools=TOOLS, tool_choice=forced, stream=True, stream_options={"include_usage": True}
+    )
+    assert streamed.headers["x-neuralpipe-cache"] == "hit"  # the same request: the cache replays the calls
+    chunks = list(streamed.parse())
+    assert _joined_tool_calls(chunks) == {0: {"id": call.id, "name": "lookup", "arguments": call.function.arguments}}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_a_conversation_with_tool_calls_and_results_is_answered(client):
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"text": "x"}'}}
+    messages = [
+        {"role": "user", "content": "look x up"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "x is 42"},
+    ]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=5)
+    assert reply.choices[0].message.content and reply.choices[0].message.tool_calls is None
+
+
 def test_columns_extension_and_logprobs(client):
     whole = client.chat.completions.create(
         **ask("columns"), logprobs=True, extra_body={"neuralpipe": {"columns": ["conf", "hilbert"]}}
@@ -216,6 +273,11 @@ def _error(answer: httpx.Response, status: int) -> dict:
         (json.dumps({"model": MODEL, "messages": []}).encode(), 422, "messages"),
         (
             json.dumps({"model": MODEL, "messages": [{"role": "user", "content": 5}]}).encode(),
+            422,
+            "messages[0].content",
+        ),
+        (
+            json.dumps({"model": MODEL, "messages": [{"role": "user", "content": None}]}).encode(),
             422,
             "messages[0].content",
         ),

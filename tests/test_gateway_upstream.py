@@ -45,7 +45,9 @@ class Upstreams:
 def rig(tmp_path_factory):
     upstreams = Upstreams(
         UpstreamServerConfig(models=("slow",), tokens_per_s=20, first_token_delay_s=1.0),
-        UpstreamServerConfig(models=("broken",), faults="disconnect_after=3"),
+        # paced: unpaced, its three tokens and the cut can come in one read, and the gateway then
+        # answers with the error status before any chunk (an error too, but not the one tested)
+        UpstreamServerConfig(models=("broken",), tokens_per_s=50, faults="disconnect_after=3"),
         UpstreamServerConfig(models=("stalled",), first_token_delay_s=60, keepalive_s=0.5),  # looks every 0.5 s
     )
     entries = "".join(

@@ -13,6 +13,7 @@ from contextlib import aclosing
 
 import aiohttp
 import orjson
+import pytest
 import uvloop
 from aiohttp import web
 
@@ -336,6 +337,72 @@ def test_vllm_style_several_tokens_per_delta_token_ids_and_usage_only_last_chunk
     ]
     assert tokens(events)[0].top_logprobs == (("a", -0.5),)
     assert events[-1].finish_reason == "length" and events[-1].usage == usage
+
+
+def test_tool_call_deltas_are_assembled_into_the_end_event():
+    """vLLM/OpenAI stream a tool call as deltas: the first with its id, type and name, then pieces of
+    the arguments; a content token may come before. Nothing of it may be dropped."""
+    first = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "lookup", "arguments": ""}}
+    stream = [
+        chat_chunk({"role": "assistant", "content": None}),
+        chat_chunk({"content": "Checking."}),
+        chat_chunk({"tool_calls": [first]}),
+        chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"q": '}}]}),
+        chat_chunk({"content": None, "tool_calls": [{"index": 0, "function": {"arguments": '"x"}'}}]}),
+        chat_chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function", "function": {"name": "now"}}]}),
+        chat_chunk({}, finish="tool_calls"),
+        DONE,
+    ]
+
+    async def scenario():
+        async with scripted(*stream) as url:
+            return await collect(url, CHAT)
+
+    events = run(scenario())
+    check_shape(events, "end")
+    assert [e.text for e in tokens(events)] == ["Checking."]
+    assert events[-1].finish_reason == "tool_calls"
+    assert events[-1].tool_calls == [
+        {"id": "call_a", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x"}'}},
+        {"id": "call_b", "type": "function", "function": {"name": "now", "arguments": ""}},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("delta", "named"),
+    [
+        ({"tool_calls": {"index": 0}}, "tool_calls"),
+        ({"tool_calls": [{"index": "0", "function": {"arguments": "x"}}]}, "tool call index"),
+        ({"tool_calls": [{"index": 99999, "function": {"arguments": "x"}}]}, "tool call index"),
+        ({"tool_calls": [{"index": 0, "function": {"arguments": 7}}]}, "tool call"),
+        ({"tool_calls": [{"index": 0, "function": "lookup"}]}, "tool call"),
+        ({"function_call": {"name": "lookup", "arguments": "{}"}}, "function_call"),
+    ],
+)
+def test_a_malformed_or_unsupported_tool_call_ends_the_stream_with_an_error_naming_it(delta, named):
+    stream = [chat_chunk({"role": "assistant"}), chat_chunk(delta), chat_chunk({}, finish="tool_calls"), DONE]
+
+    async def scenario():
+        async with scripted(*stream) as url:
+            return await collect(url, CHAT)
+
+    events = run(scenario())
+    check_shape(events, "error")
+    assert named in events[-1].error
+
+
+def test_tool_call_arguments_past_the_limit_end_the_stream_with_an_error():
+    piece = {"index": 0, "function": {"arguments": "x" * 40_000}}
+    first = {**piece, "id": "c", "type": "function"}
+    stream = [chat_chunk({"tool_calls": [first]}), chat_chunk({"tool_calls": [piece]})]
+
+    async def scenario():
+        async with scripted(*stream, chat_chunk({}, finish="tool_calls"), DONE) as url:
+            return await collect(url, CHAT)
+
+    events = run(scenario())
+    check_shape(events, "error")
+    assert "tool calls" in events[-1].error and "bytes" in events[-1].error
 
 
 def test_llama_cpp_style_ids_then_error_line_split_across_writes():

@@ -227,6 +227,60 @@ def test_completions_logprobs_shape() -> None:
     run(body)
 
 
+TOOLS = [
+    {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}},
+    {"type": "function", "function": {"name": "note"}},
+]
+
+
+def test_a_forced_tool_call_streams_as_openai_deltas_and_matches_the_whole_answer() -> None:
+    async def body(c: Client) -> None:
+        named = {"type": "function", "function": {"name": "note"}}
+        req = chat_body(stream=True, max_tokens=6, tools=TOOLS, tool_choice=named)
+        status, _, raw = await c.post(CHAT, req)
+        assert status == 200
+        cs = chunks(raw)
+        pieces = [ch["choices"][0]["delta"]["tool_calls"] for ch in cs[1:-1]]
+        assert len(pieces) == 6 and all(len(p) == 1 and p[0]["index"] == 0 for p in pieces)
+        assert pieces[0][0]["id"].startswith("call_") and pieces[0][0]["type"] == "function"
+        assert pieces[0][0]["function"]["name"] == "note"
+        assert all(set(p[0]) == {"index", "function"} for p in pieces[1:])
+        arguments = "".join(p[0]["function"]["arguments"] for p in pieces)
+        assert set(orjson.loads(arguments)) == {"text"}
+        assert cs[-1]["choices"][0]["finish_reason"] == "length"
+
+        status, _, whole = await c.post(CHAT, chat_body(max_tokens=6, tools=TOOLS, tool_choice=named))
+        message = orjson.loads(whole)["choices"][0]["message"]
+        assert message["content"] is None and message["tool_calls"][0]["function"]["arguments"] == arguments
+
+        status, _, whole = await c.post(CHAT, chat_body(max_tokens=5000, tools=TOOLS, tool_choice="required"))
+        reply = orjson.loads(whole)["choices"][0]
+        assert reply["finish_reason"] == "tool_calls"
+        assert reply["message"]["tool_calls"][0]["function"]["name"] == "lookup"
+        _, _, whole = await c.post(CHAT, chat_body(max_tokens=4, tools=TOOLS, tool_choice="auto"))
+        assert orjson.loads(whole)["choices"][0]["message"]["content"]  # the echo model answers in text
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [], "tool_choice": "required"}, "tools"),
+        ({"tools": [{"type": "function", "function": {}}]}, "tools"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "missing"}}}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    ],
+)
+def test_bad_tools_get_openai_style_errors(extra: dict, param: str) -> None:
+    async def body(c: Client) -> None:
+        status, _, raw = await c.post(CHAT, chat_body(**extra))
+        assert assert_error(status, raw, 400)["param"] == param
+
+    run(body)
+
+
 # --------------------------------------------------------------------------- content
 
 

@@ -38,6 +38,8 @@ class RequestError(ValueError):
 
 
 def _content_size(content: Any, where: str) -> int:
+    if content is None:  # an assistant's turn that called tools (OpenAI sends content: null)
+        return 0
     if isinstance(content, str):
         return len(content.encode())
     if isinstance(content, list):  # OpenAI content parts: [{"type": "text", "text": ...}, ...]

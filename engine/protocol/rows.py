@@ -25,6 +25,8 @@ class Start:
 class End:
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
+    # a chat reply's tool calls, whole: [{"id", "type", "function": {"name", "arguments"}}]
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 def start_text(start: Start) -> bytes:
@@ -40,14 +42,20 @@ def read_start(text: bytes | str) -> Start:
 
 
 def end_text(end: End) -> bytes:
-    return orjson.dumps({"finish_reason": end.finish_reason, "usage": end.usage})
+    fields: dict[str, Any] = {"finish_reason": end.finish_reason, "usage": end.usage}
+    if end.tool_calls:
+        fields["tool_calls"] = end.tool_calls
+    return orjson.dumps(fields)
 
 
 def read_end(text: bytes | str) -> End:
     fields = _object(text)
     usage = fields.get("usage")
     reason = fields.get("finish_reason")
-    return End(reason if isinstance(reason, str) else None, usage if isinstance(usage, dict) else None)
+    calls = fields.get("tool_calls")
+    if not (isinstance(calls, list) and calls and all(isinstance(call, dict) for call in calls)):
+        calls = None
+    return End(reason if isinstance(reason, str) else None, usage if isinstance(usage, dict) else None, calls)
 
 
 def _object(text: bytes | str) -> dict[str, Any]:

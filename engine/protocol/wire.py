@@ -227,7 +227,10 @@ def event_fields(kind: int, text: str) -> dict[str, Any]:
         return {"model": start.model, "cached": start.cached}
     if kind == END:
         end = read_end(text)
-        return {"finish_reason": end.finish_reason, "usage": end.usage}
+        fields = {"finish_reason": end.finish_reason, "usage": end.usage}
+        if end.tool_calls:
+            fields["tool_calls"] = end.tool_calls
+        return fields
     return {"reason": text}
 
 

@@ -34,6 +34,7 @@ from stages.gateway.shapes import (
     chat_logprobs,
     completion_logprobs,
     estimate_prompt_tokens,
+    estimate_tool_call_tokens,
     sse,
     usage_of,
 )
@@ -158,7 +159,8 @@ class Choices:
         first = each[0][0]
         completion = sum(usage.completion_tokens for usage, _ in each)
         cached = sum(usage.completion_tokens for usage, hit in each if hit)
-        return Usage(first.prompt_tokens, completion, first.prompt_estimated, self.cached), cached
+        estimated = any(usage.completion_estimated for usage, _ in each)
+        return Usage(first.prompt_tokens, completion, first.prompt_estimated, self.cached, estimated), cached
 
 
 class Completions:
@@ -398,6 +400,9 @@ class Completions:
             lease.tokens(len(texts))
         elif kind == "end":
             state.end_usage = message.header.get("usage")
+            calls = state.end_tool_calls(message.header, lease)
+            if calls:
+                out.append(choice.shaper.tool_calls(calls))
             out.append(choice.shaper.finish(message.header.get("finish_reason") or "stop"))
         elif kind == "error":
             state.failed = True
@@ -416,7 +421,9 @@ class Completions:
                     lease.tokens(len(message.text))
                 elif message.type == "end":
                     choice.state.end_usage = message.header.get("usage")
-                    collected[choice.shaper.index].reason = message.header.get("finish_reason") or "stop"
+                    part = collected[choice.shaper.index]
+                    part.tool_calls = choice.state.end_tool_calls(message.header, lease)
+                    part.reason = message.header.get("finish_reason") or "stop"
                 elif message.type == "error":
                     choice.state.failed = True
                     raise stream_error(message.header.get("reason", ""))
@@ -456,7 +463,7 @@ class Completions:
 class _Tally:
     """What one response delivered, for its usage."""
 
-    __slots__ = ("chars", "end_usage", "estimate", "failed", "first_token_at", "tokens")
+    __slots__ = ("chars", "end_usage", "estimate", "failed", "first_token_at", "tokens", "tool_tokens")
 
     def __init__(self, estimate: int) -> None:
         self.estimate = estimate
@@ -465,19 +472,31 @@ class _Tally:
         self.end_usage: dict | None = None
         self.failed = False
         self.first_token_at: float | None = None
+        self.tool_tokens = 0  # estimated tokens of the reply's tool calls, counted in ``tokens``
 
     def add(self, tokens: int, chars: int) -> None:
         self.tokens += tokens
         self.chars += chars
 
+    def end_tool_calls(self, header: dict[str, Any], lease: Lease) -> list[dict[str, Any]] | None:
+        """The end's tool calls; their estimated tokens count as delivered (the key's limits and
+        ledger) when the upstream gave no completion count."""
+        calls = header.get("tool_calls")
+        if not calls:
+            return None
+        self.tool_tokens = estimate_tool_call_tokens(calls)
+        self.tokens += self.tool_tokens
+        lease.tokens(self.tool_tokens)
+        return calls
+
     def usage(self, cached: bool) -> Usage:
-        return usage_of(self.end_usage, self.tokens, self.estimate, cached)
+        return usage_of(self.end_usage, self.tokens, self.estimate, cached, self.tool_tokens > 0)
 
 
 class _Collected:
     """A whole response's choice as its rows come: texts, logprobs, the columns asked for."""
 
-    __slots__ = ("ask", "columns", "logprobs", "reason", "texts", "tops")
+    __slots__ = ("ask", "columns", "logprobs", "reason", "texts", "tool_calls", "tops")
 
     def __init__(self, ask: Ask) -> None:
         self.ask = ask
@@ -486,6 +505,7 @@ class _Collected:
         self.tops: list[TopAlternatives] = []
         self.columns: dict[str, list] = {name: [] for name in ask.columns}
         self.reason = "stop"
+        self.tool_calls: list[dict[str, Any]] | None = None
 
     def add(self, message: wire.Message | Tokens) -> None:
         self.texts += message.text
@@ -505,7 +525,7 @@ class _Collected:
                 else completion_logprobs(self.texts, self.logprobs, 0, self.tops if ask.top_logprobs else None)
             )
         extension = {"columns": self.columns} if ask.columns else None
-        return shaper.choice("".join(self.texts), self.reason, lp, extension)
+        return shaper.choice("".join(self.texts), self.reason, lp, extension, self.tool_calls)
 
 
 def _columns(names: list[str], columns: dict) -> dict[str, Any]:

@@ -43,12 +43,19 @@ def _text_tokens(text: str) -> int:
     return math.ceil(len(text) / 4) if text else 0
 
 
+def estimate_tool_call_tokens(calls: list[dict[str, Any]]) -> int:
+    """Completion tokens of tool calls when the upstream reports none (they come as no token
+    rows): the same ~4 characters per token over each call's name and arguments."""
+    return sum(_text_tokens(name) + _text_tokens(arguments) for name, arguments in map(_function_of, calls))
+
+
 @dataclass
 class Usage:
     prompt_tokens: int
     completion_tokens: int
     prompt_estimated: bool  # the upstream gave no prompt count: ours is an estimate
     cached: bool = False  # served from the engine's cache (no upstream tokens spent)
+    completion_estimated: bool = False  # the engine's count includes tool calls' estimated tokens
 
     def as_dict(self) -> dict[str, Any]:
         usage: dict[str, Any] = {
@@ -56,22 +63,31 @@ class Usage:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
-        if self.prompt_estimated:
-            usage["neuralpipe"] = {"prompt_tokens_estimated": True}
+        flags = {
+            "prompt_tokens_estimated": self.prompt_estimated,
+            "completion_tokens_estimated": self.completion_estimated,
+        }
+        if any(flags.values()):
+            usage["neuralpipe"] = {name: True for name, flag in flags.items() if flag}
         return usage
 
 
-def usage_of(upstream: dict[str, Any] | None, counted: int, estimate: int, cached: bool = False) -> Usage:
+def usage_of(
+    upstream: dict[str, Any] | None, counted: int, estimate: int, cached: bool = False, counted_estimated: bool = False
+) -> Usage:
     """The upstream's counts where it gave them (integers >= 0), else the engine's: completion
-    tokens counted as token rows, prompt tokens estimated (:func:`estimate_prompt_tokens`)."""
+    tokens counted as token rows (plus the estimate of tool calls: ``counted_estimated``), prompt
+    tokens estimated (:func:`estimate_prompt_tokens`)."""
     upstream = upstream or {}
     prompt, completion = upstream.get("prompt_tokens"), upstream.get("completion_tokens")
     known_prompt = type(prompt) is int and prompt >= 0
+    known_completion = type(completion) is int and completion >= 0
     return Usage(
         prompt if known_prompt else estimate,
-        completion if type(completion) is int and completion >= 0 else counted,
+        completion if known_completion else counted,
         not known_prompt,
         cached,
+        counted_estimated and not known_completion,
     )
 
 
@@ -138,17 +154,32 @@ class Shaper:
             return self._chunk({"index": self.index, "delta": {}, "logprobs": None, "finish_reason": reason})
         return self._chunk({"index": self.index, "text": "", "logprobs": None, "finish_reason": reason})
 
+    def tool_calls(self, calls: list[dict[str, Any]]) -> bytes:
+        """A chat stream's tool calls, whole, in one delta before the finish chunk (a client that
+        joins the deltas of each ``index`` gets the same calls as from pieces)."""
+        delta = {"tool_calls": [_tool_call(call, i) for i, call in enumerate(calls)]}
+        return self._chunk({"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None})
+
     def usage_chunk(self, usage: Usage) -> bytes:
         return b"data: " + self._prefix + b'],"usage":' + orjson.dumps(usage.as_dict()) + b"}\n\n"
 
     def choice(
-        self, text: str, reason: str, logprobs: Any = None, extension: dict[str, Any] | None = None
+        self,
+        text: str,
+        reason: str,
+        logprobs: Any = None,
+        extension: dict[str, Any] | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """This choice of the non-streaming response."""
         if self.chat:
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            if tool_calls:  # as OpenAI answers a call: content null unless the model also wrote text
+                message["content"] = text or None
+                message["tool_calls"] = [_tool_call(call) for call in tool_calls]
             choice: dict[str, Any] = {
                 "index": self.index,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": message,
                 "logprobs": logprobs,
                 "finish_reason": reason,
             }
@@ -169,6 +200,25 @@ class Shaper:
             "choices": choices,
             "usage": usage.as_dict(),
         }
+
+
+def _function_of(call: dict[str, Any]) -> tuple[str, str]:
+    function = call.get("function")
+    function = function if isinstance(function, dict) else {}
+    name, arguments = function.get("name"), function.get("arguments")
+    return (name if isinstance(name, str) else "", arguments if isinstance(arguments, str) else "")
+
+
+def _tool_call(call: dict[str, Any], index: int | None = None) -> dict[str, Any]:
+    """One tool call as OpenAI gives it (``index`` in a streamed delta), from an END row's entry:
+    only its documented fields, each a string (the row came from another process)."""
+    name, arguments = _function_of(call)
+    call_id, kind = call.get("id"), call.get("type")
+    out: dict[str, Any] = {} if index is None else {"index": index}
+    out["id"] = call_id if isinstance(call_id, str) else ""
+    out["type"] = kind if isinstance(kind, str) and kind else "function"
+    out["function"] = {"name": name, "arguments": arguments}
+    return out
 
 
 def chat_logprobs(texts: list[str], logprobs: list[float], tops: list[TopAlternatives]) -> dict[str, Any]:

@@ -13,7 +13,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from engine.protocol.requests import MAX_CONTENT_BYTES, MAX_MESSAGES, MAX_MODEL_BYTES, MAX_TOKENS_LIMIT, ROLES
 
@@ -40,8 +52,16 @@ class TextPart(_Open):
 
 class Message(_Open):
     role: Literal[ROLES]
-    content: Annotated[StrictStr, Field(max_length=MAX_CONTENT_BYTES)] | list[TextPart] = ""
+    # null only for an assistant's turn that called tools (its ``tool_calls`` pass through)
+    content: Annotated[StrictStr, Field(max_length=MAX_CONTENT_BYTES)] | list[TextPart] | None = ""
     name: StrictStr | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _null_only_for_the_assistant(cls, content: Any, info: ValidationInfo) -> Any:
+        if content is None and info.data.get("role") != "assistant":
+            raise PydanticCustomError("null_content", "null is only for an assistant message")
+        return content
 
 
 class StreamOptions(_Closed):

@@ -37,6 +37,7 @@ import orjson
 from shm.batch import stable_token_id
 from stages.ingest import http_stream
 from stages.ingest.sse import SSEParser
+from stages.ingest.toolcalls import ToolCalls
 
 __all__ = [
     "ENDPOINTS",
@@ -96,6 +97,7 @@ class TokenEvent:
     top_logprobs: tuple[tuple[str, float], ...] = ()
     finish_reason: str | None = None
     usage: dict | None = None
+    tool_calls: list[dict] | None = None
     error: str = ""
     recv_ns: int = 0  # time.monotonic_ns() when the SSE event that carried it was parsed
 
@@ -126,6 +128,7 @@ class StreamEnd:
     finish_reason: str | None
     usage: dict | None
     recv_ns: int
+    tool_calls: list[dict] | None = None  # a chat reply's whole tool calls (stages/ingest/toolcalls.py)
 
 
 # Called with each read's tokens; returns None, or an awaitable the reader awaits before reading on.
@@ -200,7 +203,17 @@ async def batches_of(run: Callable[[TokenSink], Awaitable[StreamEnd]]) -> AsyncI
     async def relay() -> None:
         try:
             end = await run(deliver)
-            await queue.put([TokenEvent("end", finish_reason=end.finish_reason, usage=end.usage, recv_ns=end.recv_ns)])
+            await queue.put(
+                [
+                    TokenEvent(
+                        "end",
+                        finish_reason=end.finish_reason,
+                        usage=end.usage,
+                        tool_calls=end.tool_calls,
+                        recv_ns=end.recv_ns,
+                    )
+                ]
+            )
         except UpstreamError as err:
             await queue.put([error_event(str(err))])
         except Exception as exc:  # a programming error: raised to the reader, not lost in the task
@@ -472,7 +485,7 @@ class _BodyReader:
 
     def _done(self, recv_ns: int) -> None:
         decoder = self.decoder
-        self.end = StreamEnd(decoder.finish_reason, decoder.usage, recv_ns)
+        self.end = StreamEnd(decoder.finish_reason, decoder.usage, recv_ns, decoder.tool_calls.result())
         self.complete = True
 
 
@@ -526,13 +539,14 @@ class _ChunkDecoder:
     """Turns the JSON chunks of one stream into token events and remembers what the final
     event reports (finish_reason, usage)."""
 
-    __slots__ = ("chat", "finish_reason", "tokens", "usage")
+    __slots__ = ("chat", "finish_reason", "tokens", "tool_calls", "usage")
 
     def __init__(self, chat: bool) -> None:
         self.chat = chat
         self.finish_reason: str | None = None
         self.usage: dict | None = None
         self.tokens = 0  # token events delivered so far
+        self.tool_calls = ToolCalls()
 
     def closed_error(self) -> UpstreamError:
         detail = f" (finish_reason {self.finish_reason!r})" if self.finish_reason else ""
@@ -576,6 +590,14 @@ class _ChunkDecoder:
             if type(delta) is not dict:
                 raise UpstreamError(f"malformed chunk from upstream: a delta {_text_snippet(data)!r}", retryable=True)
             text = delta.get("content") or ""
+            calls = delta.get("tool_calls")
+            if calls is not None:
+                self._add_tool_calls(calls, data)
+            elif delta.get("function_call"):  # OpenAI's deprecated form: refused, never dropped
+                raise UpstreamError(
+                    "upstream sent a function_call delta (the deprecated form): this engine relays tool_calls only",
+                    retryable=False,
+                )
         else:
             text = choice.get("text") or ""
         if type(text) is not str:
@@ -595,6 +617,13 @@ class _ChunkDecoder:
                 f"malformed chunk from upstream: logprobs {_text_snippet(data)!r}", retryable=True
             ) from None
         _add_tokens(tokens, text, entries, choice.get("token_ids"))
+
+    def _add_tool_calls(self, calls: Any, data: str | bytes) -> None:
+        try:
+            self.tool_calls.add(calls)
+        except ValueError as exc:
+            snippet = _text_snippet(data)
+            raise UpstreamError(f"malformed chunk from upstream: {exc}: {snippet!r}", retryable=True) from None
 
 
 def _first_choice(choices: Any) -> dict | None:

@@ -284,10 +284,15 @@ class Ingest(AsyncStage):
             return
         finally:
             credit.close()
+        text = end_text(End(end.finish_reason, end.usage, end.tool_calls))
+        if len(text) > self.rows.max_text:
+            if end.tool_calls:  # the reply itself does not fit: an error, never a reply without its calls
+                self.counts["errors"] += 1
+                reason = f"the reply's tool calls ({len(text)} bytes) do not fit a row (at most {self.rows.max_text})"
+                self._emit(sid, Kind.ERROR, reason.encode(), end.recv_ns)
+                return
+            text = end_text(End(str(end.finish_reason)[:256], None))  # an oversized usage object: keep the reason
         self.counts["completed"] += 1
-        text = end_text(End(end.finish_reason, end.usage))
-        if len(text) > self.rows.max_text:  # an upstream's oversized usage object: keep the reason
-            text = end_text(End(str(end.finish_reason)[:256], None))
         self._emit(sid, Kind.END, text, end.recv_ns)
 
     def _add_tokens(self, sid: int, tokens: Tokens) -> None:

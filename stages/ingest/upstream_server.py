@@ -197,6 +197,7 @@ class GenRequest:
     ignore_eos: bool
     prompt_tokens: int
     key: bytes
+    tool: str | None = None  # the function the reply calls (tool_choice made it), else a text reply
 
 
 def parse_request(body: Any, chat: bool, models: tuple[str, ...]) -> GenRequest:
@@ -223,7 +224,34 @@ def parse_request(body: Any, chat: bool, models: tuple[str, ...]) -> GenRequest:
         ignore_eos=_optional(body, "ignore_eos", bool, False),
         prompt_tokens=len(corpus.tokenize(prompt_text)),
         key=corpus.request_key(model, content, seed),
+        tool=_forced_tool(body) if chat else None,
     )
+
+
+def _forced_tool(body: dict) -> str | None:
+    """The function a chat reply calls: the echo model never decides to call one by itself, so
+    only a ``tool_choice`` of "required" (the first tool) or naming a function makes it."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none", "auto"):
+            raise ApiError(400, "'tool_choice' requires 'tools'", param="tool_choice")
+        return None
+    if not isinstance(tools, list) or not tools:
+        raise ApiError(400, "'tools' must be a non-empty array", param="tools")
+    names = []
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise ApiError(400, "each tool must be {'type': 'function', 'function': {'name': ...}}", param="tools")
+        names.append(function["name"])
+    if choice in (None, "none", "auto"):
+        return None
+    if choice == "required":
+        return names[0]
+    named = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    if not isinstance(named, dict) or named.get("name") not in names:
+        raise ApiError(400, "'tool_choice' must be 'none', 'auto', 'required' or one of the tools", param="tool_choice")
+    return named["name"]
 
 
 def _optional(body: dict, name: str, kind: type, default: Any) -> Any:
@@ -306,6 +334,9 @@ class _Shape:
         # Completions' text_offset: characters of completion text before the next token. A shape
         # is either streamed token by token or rendered whole, never both, so one counter does.
         self.offset = 0
+        # a tool call's arguments, {"text": <the sample's text>}, one piece per token
+        self.call_id = "call_" + uuid.uuid4().hex[:24]
+        self.arguments = _argument_pieces(sample.tokens) if req.tool else []
 
     def _envelope(self, obj: str, choices: list) -> dict:
         out = {"id": self.id, "object": obj, "created": self.created, "model": self.req.model}
@@ -329,14 +360,31 @@ class _Shape:
     def token(self, i: int, text: str | None = None) -> bytes:
         """Token ``i``'s chunk (its text replaced by ``text`` when given: a fault)."""
         tok = self.sample.tokens[i] if text is None else text
+        if self.req.tool:
+            return self._chunk(_chat_choice({"tool_calls": [self._call_piece(i, text)]}, None, None))
         if self.req.chat:
             logprobs = {"content": [self._chat_logprob(i)]} if self.req.logprobs else None
             return self._chunk(_chat_choice({"content": tok}, logprobs, None))
         logprobs = self._completion_logprobs(i, i + 1) if self.req.logprobs else None
         return self._chunk({"text": tok, "index": 0, "logprobs": logprobs, "finish_reason": None})
 
-    def finish(self) -> bytes:
+    def _call_piece(self, i: int, text: str | None) -> dict:
+        """Token ``i``'s delta of the tool call: the first names it, each carries a piece."""
+        piece: dict[str, Any] = {"index": 0}
+        if i == 0:
+            piece.update(id=self.call_id, type="function")
+        piece["function"] = {"arguments": self.arguments[i] if text is None else text}
+        if i == 0:
+            piece["function"]["name"] = self.req.tool
+        return piece
+
+    @property
+    def finish_reason(self) -> str:
         reason = self.sample.finish_reason
+        return "tool_calls" if self.req.tool and reason == "stop" else reason
+
+    def finish(self) -> bytes:
+        reason = self.finish_reason
         if self.req.chat:
             return self._chunk(_chat_choice({}, None, reason))
         return self._chunk({"text": "", "index": 0, "logprobs": None, "finish_reason": reason})
@@ -356,7 +404,13 @@ class _Shape:
     def whole(self) -> dict:
         """The non-streaming response: one chat.completion or text_completion object."""
         n, text = len(self.sample.tokens), "".join(self.sample.tokens)
-        if self.req.chat:
+        if self.req.tool:
+            call = {"id": self.call_id, "type": "function", "function": {"name": self.req.tool, "arguments": ""}}
+            call["function"]["arguments"] = "".join(self.arguments)
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
+            obj = "chat.completion"
+        elif self.req.chat:
             logprobs = {"content": [self._chat_logprob(i) for i in range(n)]} if self.req.logprobs else None
             choice = {
                 "index": 0,
@@ -397,6 +451,15 @@ class _Shape:
             out["text_offset"].append(self.offset)
             self.offset += len(tok)
         return out
+
+
+def _argument_pieces(tokens: list[str]) -> list[str]:
+    """The JSON text ``{"text": <the tokens joined>}`` cut at the tokens' boundaries: one piece
+    per token, which joined are the arguments (each token's text escaped on its own)."""
+    pieces = [orjson.dumps(token).decode()[1:-1] for token in tokens]
+    pieces[0] = '{"text": "' + pieces[0]
+    pieces[-1] += '"}'
+    return pieces
 
 
 def _chat_choice(delta: dict, logprobs: dict | None, finish_reason: str | None) -> dict:
