@@ -64,8 +64,8 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_gguf.write(tmp_path_factory.mktemp("model") / "tiny.gguf", seed=0)
 
 
-@pytest.fixture
-def llama_server(model_path: Path, tmp_path: Path) -> Iterator[str]:
+@contextlib.contextmanager
+def _serving(model_path: Path, tmp_path: Path, *extra: str) -> Iterator[str]:
     """A llama.cpp server on a free loopback port; its base URL. Always stopped (and reaped)."""
     port = free_port()
     log = (tmp_path / "server.log").open("wb")
@@ -91,6 +91,7 @@ def llama_server(model_path: Path, tmp_path: Path) -> Iterator[str]:
         # Without it a new request cuts the running stream short, with no finish_reason.
         "--interrupt_requests",
         "False",
+        *extra,
     ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
@@ -105,6 +106,19 @@ def llama_server(model_path: Path, tmp_path: Path) -> Iterator[str]:
             proc.kill()
             proc.wait(10)
         log.close()
+
+
+@pytest.fixture
+def llama_server(model_path: Path, tmp_path: Path) -> Iterator[str]:
+    with _serving(model_path, tmp_path) as base_url:
+        yield base_url
+
+
+@pytest.fixture
+def llama_tools_server(model_path: Path, tmp_path: Path) -> Iterator[str]:
+    """One whose chat format makes tool calls (a grammar forces the named function's JSON)."""
+    with _serving(model_path, tmp_path, "--chat_format", "chatml-function-calling") as base_url:
+        yield base_url
 
 
 def _wait_ready(proc: subprocess.Popen, base_url: str, log_path: Path) -> None:
@@ -146,6 +160,29 @@ def test_chat_stream_ends_with_finish_reason_and_respects_max_tokens(llama_serve
     assert "".join(t.text for t in tokens).strip()
     if events[-1].usage is not None:  # llama-cpp-python's stream may carry no usage
         assert events[-1].usage["completion_tokens"] == CHAT["max_tokens"]
+
+
+def test_a_tool_call_streamed_in_pieces_is_assembled_as_the_whole_answer_gives_it(llama_tools_server: str) -> None:
+    """llama-cpp-python streams a call as tool_calls pieces that repeat the call's id and name, each
+    mirrored by the deprecated function_call: the pieces join into what the whole answer gives."""
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    forced = {"type": "function", "function": {"name": "lookup"}}
+    body = {**CHAT, "max_tokens": 12, "temperature": 0, "seed": 1, "tools": [tool], "tool_choice": forced}
+    events = run(one_stream(llama_tools_server, body))
+    assert events[-1].kind == "end", events[-1]
+    assert not tokens_of(events) and events[-1].finish_reason == "tool_calls"
+    with urllib.request.urlopen(
+        urllib.request.Request(
+            llama_tools_server + "/v1/chat/completions",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        ),
+        timeout=60,
+    ) as answer:
+        (whole,) = json.load(answer)["choices"][0]["message"]["tool_calls"]
+    (call,) = events[-1].tool_calls
+    assert call["function"]["name"] == "lookup" and call["id"].startswith("call_")
+    assert call["function"]["arguments"].startswith("{") and call["function"] == whole["function"]
 
 
 def test_completions_with_logprobs(llama_server: str) -> None:
