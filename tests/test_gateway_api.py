@@ -76,6 +76,10 @@ def test_chat_whole_and_streamed_as_openai_gives_them(client, gw):
     assert all(c.usage is None for c in chunks[:-1])
     assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == text  # deterministic
 
+    # OpenAI's newer stream option: accepted (the gateway pads no chunk, so there is nothing to turn off)
+    options = {"include_usage": True, "include_obfuscation": False}
+    assert list(client.chat.completions.create(**ask("options"), stream=True, stream_options=options))[-1].usage
+
     newer = {k: v for k, v in ask("newer name").items() if k != "max_tokens"}
     assert client.chat.completions.create(**newer, max_completion_tokens=7).usage.completion_tokens == 7
 

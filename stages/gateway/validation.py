@@ -66,6 +66,9 @@ class Message(_Open):
 
 class StreamOptions(_Closed):
     include_usage: StrictBool = False
+    # OpenAI's random padding of chunks against length side channels: accepted, without effect
+    # (the gateway pads nothing; docs/gateway.md)
+    include_obfuscation: StrictBool = True
 
 
 class Extension(_Closed):
