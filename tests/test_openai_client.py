@@ -368,6 +368,27 @@ def test_tool_call_deltas_are_assembled_into_the_end_event():
     ]
 
 
+def test_reasoning_pieces_are_counted_not_relayed():
+    """llama.cpp, vLLM and LM Studio send a reasoning model's thinking as delta.reasoning_content
+    (vLLM's newer name: reasoning): the rows carry content tokens only, so these are counted."""
+    stream = [
+        chat_chunk({"role": "assistant", "content": None}),
+        chat_chunk({"content": None, "reasoning_content": "Let me"}),
+        chat_chunk({"reasoning": " think."}),
+        chat_chunk({"content": "Yes."}),
+        chat_chunk({}, finish="stop"),
+        DONE,
+    ]
+
+    async def scenario():
+        async with scripted(*stream) as url:
+            return await collect(url, CHAT)
+
+    events = run(scenario())
+    check_shape(events, "end")
+    assert [e.text for e in tokens(events)] == ["Yes."] and events[-1].reasoning_pieces == 2
+
+
 @pytest.mark.parametrize(
     ("delta", "named"),
     [

@@ -98,6 +98,7 @@ class TokenEvent:
     finish_reason: str | None = None
     usage: dict | None = None
     tool_calls: list[dict] | None = None
+    reasoning_pieces: int = 0  # reasoning deltas the stream had, not relayed (docs/upstreams.md)
     error: str = ""
     recv_ns: int = 0  # time.monotonic_ns() when the SSE event that carried it was parsed
 
@@ -129,6 +130,7 @@ class StreamEnd:
     usage: dict | None
     recv_ns: int
     tool_calls: list[dict] | None = None  # a chat reply's whole tool calls (stages/ingest/toolcalls.py)
+    reasoning_pieces: int = 0  # a reasoning model's thinking deltas, counted, not relayed
 
 
 # Called with each read's tokens; returns None, or an awaitable the reader awaits before reading on.
@@ -210,6 +212,7 @@ async def batches_of(run: Callable[[TokenSink], Awaitable[StreamEnd]]) -> AsyncI
                         finish_reason=end.finish_reason,
                         usage=end.usage,
                         tool_calls=end.tool_calls,
+                        reasoning_pieces=end.reasoning_pieces,
                         recv_ns=end.recv_ns,
                     )
                 ]
@@ -485,7 +488,9 @@ class _BodyReader:
 
     def _done(self, recv_ns: int) -> None:
         decoder = self.decoder
-        self.end = StreamEnd(decoder.finish_reason, decoder.usage, recv_ns, decoder.tool_calls.result())
+        self.end = StreamEnd(
+            decoder.finish_reason, decoder.usage, recv_ns, decoder.tool_calls.result(), decoder.reasoning
+        )
         self.complete = True
 
 
@@ -539,7 +544,7 @@ class _ChunkDecoder:
     """Turns the JSON chunks of one stream into token events and remembers what the final
     event reports (finish_reason, usage)."""
 
-    __slots__ = ("chat", "finish_reason", "tokens", "tool_calls", "usage")
+    __slots__ = ("chat", "finish_reason", "reasoning", "tokens", "tool_calls", "usage")
 
     def __init__(self, chat: bool) -> None:
         self.chat = chat
@@ -547,6 +552,7 @@ class _ChunkDecoder:
         self.usage: dict | None = None
         self.tokens = 0  # token events delivered so far
         self.tool_calls = ToolCalls()
+        self.reasoning = 0  # reasoning deltas: the rows carry content tokens only
 
     def closed_error(self) -> UpstreamError:
         detail = f" (finish_reason {self.finish_reason!r})" if self.finish_reason else ""
@@ -598,6 +604,8 @@ class _ChunkDecoder:
                     "upstream sent a function_call delta (the deprecated form): this engine relays tool_calls only",
                     retryable=False,
                 )
+            if not text and (delta.get("reasoning_content") or delta.get("reasoning")):
+                self.reasoning += 1  # llama.cpp, LM Studio: reasoning_content; newer vLLM: reasoning
         else:
             text = choice.get("text") or ""
         if type(text) is not str:

@@ -96,7 +96,10 @@ class Ingest(AsyncStage):
         self.latency_ns = np.zeros(_LATENCY_SAMPLES, dtype=np.int64)  # a ring of recent samples
         self.latency_count = 0
         self.latency_pending: list[tuple[int, list[int]]] = []  # (commit time, its tokens' receive times)
-        self.counts = {"accepted": 0, "rejected": 0, "tokens": 0, "errors": 0, "completed": 0, "cancelled": 0}
+        self.counts = {
+            **dict.fromkeys(("accepted", "rejected", "tokens", "errors", "completed", "cancelled"), 0),
+            "reasoning_dropped": 0,  # reasoning deltas of completed streams, not relayed (docs/ingest.md)
+        }
         self._init_state(params.max_streams)
         self.request_buckets = KeyedBuckets(params.client_requests_per_s, params.client_burst)
         self.token_buckets = KeyedBuckets(params.client_tokens_per_s, params.client_burst_tokens)
@@ -293,6 +296,7 @@ class Ingest(AsyncStage):
                 return
             text = end_text(End(str(end.finish_reason)[:256], None))  # an oversized usage object: keep the reason
         self.counts["completed"] += 1
+        self.counts["reasoning_dropped"] += end.reasoning_pieces
         self._emit(sid, Kind.END, text, end.recv_ns)
 
     def _add_tokens(self, sid: int, tokens: Tokens) -> None:
