@@ -80,6 +80,9 @@ def test_chat_whole_and_streamed_as_openai_gives_them(client, gw):
     options = {"include_usage": True, "include_obfuscation": False}
     assert list(client.chat.completions.create(**ask("options"), stream=True, stream_options=options))[-1].usage
 
+    long_reply = {**ask("a long answer may be asked for"), "max_tokens": 65_536}  # the echo model stops on its own
+    assert client.chat.completions.create(**long_reply).choices[0].finish_reason == "stop"
+
     newer = {k: v for k, v in ask("newer name").items() if k != "max_tokens"}
     assert client.chat.completions.create(**newer, max_completion_tokens=7).usage.completion_tokens == 7
 
@@ -292,6 +295,7 @@ def _error(answer: httpx.Response, status: int) -> dict:
         ),
         (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), 422, "model"),
         (json.dumps(ask("x", n=17)).encode(), 422, "n"),
+        (json.dumps(ask("x", max_tokens=131_073)).encode(), 422, "max_tokens"),
         (json.dumps(ask("x", n=0)).encode(), 422, "n"),
         (json.dumps(ask("x", temperature=3)).encode(), 422, "temperature"),
         (json.dumps(ask("x", seed=2**64 - 1, n=2)).encode(), 422, "seed"),  # int64, as OpenAI's

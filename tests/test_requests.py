@@ -21,6 +21,12 @@ def test_valid_submit_forces_streaming_and_defaults_to_chat():
     assert parse_request(frame(type="submit", body={"prompt": "x"}, endpoint="completions"))["body"]["prompt"] == "x"
 
 
+def test_long_replies_of_todays_models_may_be_asked_for():
+    """Reasoning models write tens of thousands of tokens (gpt-oss and OpenAI's own models allow
+    128k): a limit of 32,768 refused such requests and cut such replies."""
+    assert validate_body({**CHAT, "max_tokens": 131_072}, "chat")["max_tokens"] == 131_072
+
+
 def test_valid_cancel():
     assert parse_request(frame(type="cancel", stream_id=7))["stream_id"] == 7
 
@@ -35,6 +41,7 @@ def test_valid_cancel():
         ({"messages": [{"role": "user", "content": "x" * 300_000}]}, "chat", "body.messages[0].content"),
         ({**CHAT, "max_tokens": 0}, "chat", "body.max_tokens"),
         ({**CHAT, "max_tokens": True}, "chat", "body.max_tokens"),
+        ({**CHAT, "max_tokens": 131_073}, "chat", "body.max_tokens"),
         ({**CHAT, "temperature": 3}, "chat", "body.temperature"),
         ({**CHAT, "model": 3}, "chat", "body.model"),
         ({"prompt": ""}, "completions", "body.prompt"),

@@ -24,7 +24,9 @@ from engine.protocol.endpoints import endpoint
 MAX_REQUEST_BYTES = 1 << 20
 MAX_MESSAGES = 512
 MAX_CONTENT_BYTES = 256 * 1024
-MAX_TOKENS_LIMIT = 32768
+# a reply's tokens: today's models write up to 128k (reasoning models need tens of thousands); also
+# what a stream that names no max_tokens may bring before the pool ends it (docs/upstreams.md)
+MAX_TOKENS_LIMIT = 131_072
 MAX_MODEL_BYTES = 256  # a model name travels in every stream's START row: bounded like any field
 MAX_CLIENT_BYTES = 256  # a client name keys the rate limits
 MAX_STREAM_ID = 2**63 - 1
