@@ -80,6 +80,10 @@ def test_chat_whole_and_streamed_as_openai_gives_them(client, gw):
     options = {"include_usage": True, "include_obfuscation": False}
     assert list(client.chat.completions.create(**ask("options"), stream=True, stream_options=options))[-1].usage
 
+    # null where OpenAI allows it (clients pass None through): "stream": null is a whole answer
+    nulls = httpx.post(gw.url + "/chat/completions", json=ask("nulls", stream=None, stream_options=None), timeout=10)
+    assert nulls.status_code == 200 and nulls.json()["object"] == "chat.completion"
+
     long_reply = {**ask("a long answer may be asked for"), "max_tokens": 65_536}  # the echo model stops on its own
     assert client.chat.completions.create(**long_reply).choices[0].finish_reason == "stop"
 
@@ -296,6 +300,7 @@ def _error(answer: httpx.Response, status: int) -> dict:
         (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), 422, "model"),
         (json.dumps(ask("x", n=17)).encode(), 422, "n"),
         (json.dumps(ask("x", max_tokens=131_073)).encode(), 422, "max_tokens"),
+        (json.dumps(ask("x", stream="yes")).encode(), 422, "stream"),
         (json.dumps(ask("x", n=0)).encode(), 422, "n"),
         (json.dumps(ask("x", temperature=3)).encode(), 422, "temperature"),
         (json.dumps(ask("x", seed=2**64 - 1, n=2)).encode(), 422, "seed"),  # int64, as OpenAI's

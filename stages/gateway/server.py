@@ -208,7 +208,7 @@ class GatewayServer:
             )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = upstream_body(req, raw)
-        return Ask(chat, req.stream, req.model, body, include_usage, logprobs, columns, top, req.n or 1)
+        return Ask(chat, bool(req.stream), req.model, body, include_usage, logprobs, columns, top, req.n or 1)
 
     async def _check_model(self, model: str) -> None:
         models = await self._current_models()

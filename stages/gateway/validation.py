@@ -81,7 +81,7 @@ class Extension(_Closed):
 
 class _Common(_Open):
     model: Annotated[StrictStr, Field(min_length=1, max_length=MAX_MODEL_BYTES)]
-    stream: StrictBool = False
+    stream: StrictBool | None = False  # null (a client passing None through) is OpenAI's default: false
     stream_options: StreamOptions | None = None
     max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
     temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
