@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
+import orjson
 import pytest
 import uvloop
 from aiohttp import web
@@ -481,6 +482,40 @@ def test_keepalives_without_a_token_end_at_the_first_token_deadline():
     events, took, snap = run(scenario())
     assert events[-1].kind == "error" and "no first token within 0.2 s" in events[-1].error
     assert took < 3 and snap["outstanding"] == 0
+
+
+def test_thinking_or_a_tool_call_is_output_for_the_first_token_deadline():
+    """A reasoning model thinks (delta.reasoning_content) and a tool call comes in pieces before any
+    content token, if one ever comes: both are the upstream producing, not stalling, so neither may
+    end at first_token_timeout_s (the reply was cut and re-run elsewhere)."""
+
+    def delta_chunk(delta: dict, finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return b"data: " + orjson.dumps({"choices": [choice]}) + b"\n\n"
+
+    async def think(resp: web.StreamResponse) -> None:
+        for _ in range(10):
+            await resp.write(delta_chunk({"reasoning_content": "hm "}))
+            await asyncio.sleep(0.05)
+        await resp.write(token_chunk("yes"))
+        await resp.write(b"data: [DONE]\n\n")
+
+    async def call(resp: web.StreamResponse) -> None:
+        first = {"index": 0, "id": "c", "type": "function", "function": {"name": "f", "arguments": ""}}
+        await resp.write(delta_chunk({"tool_calls": [first]}))
+        for _ in range(10):
+            await asyncio.sleep(0.05)
+            await resp.write(delta_chunk({"tool_calls": [{"index": 0, "function": {"arguments": "x"}}]}))
+        await resp.write(delta_chunk({}, "tool_calls") + b"data: [DONE]\n\n")
+
+    async def scenario(script):
+        async with hostile(script) as up, pool_of([up], first_token_timeout_s=0.2, retries=0) as pool:
+            return await collect(pool)
+
+    thought = run(scenario(think))
+    assert thought[-1].kind == "end" and texts(thought) == ["yes"] and thought[-1].reasoning_pieces == 10
+    called = run(scenario(call))
+    assert called[-1].kind == "end" and called[-1].tool_calls[0]["function"]["arguments"] == "x" * 10
 
 
 def test_a_stream_that_never_ends_is_cut_at_its_deadline():

@@ -253,10 +253,12 @@ async def relay_completion(
     headers: dict | None = None,
     connect_timeout_s: float = 5,
     idle_timeout_s: float = 60,
+    on_output: Callable[[], None] | None = None,
 ) -> StreamEnd:
     """Stream one request: ``sink`` gets the tokens of each read; returns how it ended. Every
     upstream failure raises :class:`UpstreamError` (``before_first_token`` tells whether ``sink``
-    got a token)."""
+    got a token). ``on_output`` is called once, at the first piece of output that is not a token
+    (a reasoning model's thinking, a tool call's piece): the upstream is producing."""
     if endpoint not in ENDPOINTS:
         raise ValueError(f"endpoint must be one of {sorted(ENDPOINTS)}, not {endpoint!r}")
     url = base_url.rstrip("/") + ENDPOINTS[endpoint]
@@ -264,7 +266,7 @@ async def relay_completion(
     # a keep-alive comment resets, and no limit on how long a healthy stream may run.
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=idle_timeout_s)
     request_headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **(headers or {})}
-    decoder = _ChunkDecoder(chat=endpoint == "chat")
+    decoder = _ChunkDecoder(chat=endpoint == "chat", on_output=on_output)
     reader = _BodyReader(decoder, sink)
     payload = orjson.dumps({**body, "stream": True})
     if url.startswith("http://"):  # the fast path: a bare protocol, no aiohttp per read
@@ -544,10 +546,11 @@ class _ChunkDecoder:
     """Turns the JSON chunks of one stream into token events and remembers what the final
     event reports (finish_reason, usage)."""
 
-    __slots__ = ("chat", "finish_reason", "reasoning", "tokens", "tool_calls", "usage")
+    __slots__ = ("chat", "finish_reason", "on_output", "reasoning", "tokens", "tool_calls", "usage")
 
-    def __init__(self, chat: bool) -> None:
+    def __init__(self, chat: bool, on_output: Callable[[], None] | None = None) -> None:
         self.chat = chat
+        self.on_output = on_output  # called at the first reasoning or tool-call piece, then dropped
         self.finish_reason: str | None = None
         self.usage: dict | None = None
         self.tokens = 0  # token events delivered so far
@@ -606,6 +609,7 @@ class _ChunkDecoder:
                 )
             if not text and (delta.get("reasoning_content") or delta.get("reasoning")):
                 self.reasoning += 1  # llama.cpp, LM Studio: reasoning_content; newer vLLM: reasoning
+                self._output()
         else:
             text = choice.get("text") or ""
         if type(text) is not str:
@@ -626,7 +630,13 @@ class _ChunkDecoder:
             ) from None
         _add_tokens(tokens, text, entries, choice.get("token_ids"))
 
+    def _output(self) -> None:
+        if self.on_output is not None:
+            self.on_output()
+            self.on_output = None
+
     def _add_tool_calls(self, calls: Any, data: str | bytes) -> None:
+        self._output()
         try:
             self.tool_calls.add(calls)
         except ValueError as exc:
