@@ -81,6 +81,16 @@ async def collect(url: str, body: dict, session: aiohttp.ClientSession | None = 
             return [event async for event in events]
 
 
+def chat_events(*chunks: bytes) -> list[TokenEvent]:
+    """The events of a chat request to a server that answers it with ``chunks``."""
+
+    async def scenario():
+        async with scripted(*chunks) as url:
+            return await collect(url, CHAT)
+
+    return run(scenario())
+
+
 def sse(obj: object) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
@@ -298,11 +308,7 @@ def test_lm_studio_style_stream_with_fingerprint_null_content_and_keepalive_comm
         DONE,
     ]
 
-    async def scenario():
-        async with scripted(*stream) as url:
-            return await collect(url, CHAT)
-
-    events = run(scenario())
+    events = chat_events(*stream)
     check_shape(events, "end")
     assert [(e.text, e.token_id) for e in tokens(events)] == [
         ("Hel", stable_token_id(b"Hel")),
@@ -324,11 +330,7 @@ def test_vllm_style_several_tokens_per_delta_token_ids_and_usage_only_last_chunk
         DONE,
     ]
 
-    async def scenario():
-        async with scripted(*stream) as url:
-            return await collect(url, CHAT)
-
-    events = run(scenario())
+    events = chat_events(*stream)
     check_shape(events, "end")
     assert [(e.text, e.token_id, e.logprob) for e in tokens(events)] == [
         ("a", 7, -0.5),
@@ -354,11 +356,7 @@ def test_tool_call_deltas_are_assembled_into_the_end_event():
         DONE,
     ]
 
-    async def scenario():
-        async with scripted(*stream) as url:
-            return await collect(url, CHAT)
-
-    events = run(scenario())
+    events = chat_events(*stream)
     check_shape(events, "end")
     assert [e.text for e in tokens(events)] == ["Checking."]
     assert events[-1].finish_reason == "tool_calls"
@@ -380,11 +378,7 @@ def test_reasoning_pieces_are_counted_not_relayed():
         DONE,
     ]
 
-    async def scenario():
-        async with scripted(*stream) as url:
-            return await collect(url, CHAT)
-
-    events = run(scenario())
+    events = chat_events(*stream)
     check_shape(events, "end")
     assert [e.text for e in tokens(events)] == ["Yes."] and events[-1].reasoning_pieces == 2
 
@@ -403,11 +397,7 @@ def test_reasoning_pieces_are_counted_not_relayed():
 def test_a_malformed_or_unsupported_tool_call_ends_the_stream_with_an_error_naming_it(delta, named):
     stream = [chat_chunk({"role": "assistant"}), chat_chunk(delta), chat_chunk({}, finish="tool_calls"), DONE]
 
-    async def scenario():
-        async with scripted(*stream) as url:
-            return await collect(url, CHAT)
-
-    events = run(scenario())
+    events = chat_events(*stream)
     check_shape(events, "error")
     assert named in events[-1].error
 
@@ -417,11 +407,7 @@ def test_tool_call_arguments_past_the_limit_end_the_stream_with_an_error():
     first = {**piece, "id": "c", "type": "function"}
     stream = [chat_chunk({"tool_calls": [first]}), chat_chunk({"tool_calls": [piece]})]
 
-    async def scenario():
-        async with scripted(*stream, chat_chunk({}, finish="tool_calls"), DONE) as url:
-            return await collect(url, CHAT)
-
-    events = run(scenario())
+    events = chat_events(*stream, chat_chunk({}, finish="tool_calls"), DONE)
     check_shape(events, "error")
     assert "tool calls" in events[-1].error and "bytes" in events[-1].error
 
@@ -431,11 +417,7 @@ def test_llama_cpp_style_ids_then_error_line_split_across_writes():
     error_line = b'error: {"code":500,"message":"slot crashed","type":"server_error"}\n\n'
     stream = [chat_chunk({"content": " hi"}, logprobs={"content": [entry]}), error_line[:4], error_line[4:]]
 
-    async def scenario():
-        async with scripted(*stream) as url:
-            return await collect(url, CHAT)
-
-    events = run(scenario())
+    events = chat_events(*stream)
     check_shape(events, "error")
     assert [(e.text, e.token_id) for e in tokens(events)] == [(" hi", 1234)]
     assert events[-1].error == "upstream error line: slot crashed"
@@ -444,11 +426,7 @@ def test_llama_cpp_style_ids_then_error_line_split_across_writes():
 def test_data_chunk_with_an_error_object_is_an_error():
     stream = [chat_chunk({"content": "x"}), sse({"error": {"message": "overloaded", "code": 503}})]
 
-    async def scenario():
-        async with scripted(*stream) as url:
-            return await collect(url, CHAT)
-
-    events = run(scenario())
+    events = chat_events(*stream)
     check_shape(events, "error")
     assert events[-1].error == "upstream error: overloaded"
 
