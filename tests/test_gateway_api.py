@@ -238,6 +238,19 @@ def test_tool_calls_whole_and_streamed_and_from_the_cache_as_openai_gives_them(c
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_several_choices_each_carry_their_tool_calls(client):
+    forced = {"type": "function", "function": {"name": "lookup"}}
+    body = ask("two calls", seed=7, n=2, max_tokens=2000, tools=TOOLS, tool_choice=forced)
+    whole = client.chat.completions.create(**body)
+    calls = [choice.message.tool_calls for choice in whole.choices]
+    assert [choice.index for choice in whole.choices] == [0, 1] and all(len(c) == 1 for c in calls)
+    assert calls[0][0].function.arguments != calls[1][0].function.arguments  # seeds 7 and 8: two samples
+    chunks = list(client.chat.completions.create(**body, stream=True))
+    for index, (call,) in enumerate(calls):
+        mine = [c for c in chunks if c.choices and c.choices[0].index == index]
+        assert _joined_tool_calls(mine)[0]["arguments"] == call.function.arguments
+
+
 def test_a_conversation_with_tool_calls_and_results_is_answered(client):
     call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"text": "x"}'}}
     messages = [
