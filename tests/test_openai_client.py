@@ -343,12 +343,11 @@ def test_vllm_style_several_tokens_per_delta_token_ids_and_usage_only_last_chunk
 
 def test_tool_call_deltas_are_assembled_into_the_end_event():
     """vLLM/OpenAI stream a tool call as deltas: the first with its id, type and name, then pieces of
-    the arguments; a content token may come before. Nothing of it may be dropped."""
+    the arguments; content may come before or beside them. Nothing of it may be dropped."""
     first = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "lookup", "arguments": ""}}
     stream = [
         chat_chunk({"role": "assistant", "content": None}),
-        chat_chunk({"content": "Checking."}),
-        chat_chunk({"tool_calls": [first]}),
+        chat_chunk({"content": "Checking.", "tool_calls": [first]}),  # both in one delta: neither lost
         chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"q": '}}]}),
         chat_chunk({"content": None, "tool_calls": [{"index": 0, "function": {"arguments": '"x"}'}}]}),
         chat_chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function", "function": {"name": "now"}}]}),

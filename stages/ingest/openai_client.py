@@ -599,17 +599,8 @@ class _ChunkDecoder:
             if type(delta) is not dict:
                 raise UpstreamError(f"malformed chunk from upstream: a delta {_text_snippet(data)!r}", retryable=True)
             text = delta.get("content") or ""
-            calls = delta.get("tool_calls")
-            if calls is not None:
-                self._add_tool_calls(calls, data)
-            elif delta.get("function_call"):  # OpenAI's deprecated form: refused, never dropped
-                raise UpstreamError(
-                    "upstream sent a function_call delta (the deprecated form): this engine relays tool_calls only",
-                    retryable=False,
-                )
-            if not text and (delta.get("reasoning_content") or delta.get("reasoning")):
-                self.reasoning += 1  # llama.cpp, LM Studio: reasoning_content; newer vLLM: reasoning
-                self._output()
+            if not text or len(delta) > 1:  # the usual delta is {"content": token}: nothing beside it
+                self._beside_content(delta, text, data)
         else:
             text = choice.get("text") or ""
         if type(text) is not str:
@@ -629,6 +620,21 @@ class _ChunkDecoder:
                 f"malformed chunk from upstream: logprobs {_text_snippet(data)!r}", retryable=True
             ) from None
         _add_tokens(tokens, text, entries, choice.get("token_ids"))
+
+    def _beside_content(self, delta: dict, text: str, data: str | bytes) -> None:
+        """What a delta carries besides its content: a tool call's pieces (kept for the END row), the
+        deprecated function_call (refused, never dropped), a reasoning model's thinking (counted)."""
+        calls = delta.get("tool_calls")
+        if calls is not None:
+            self._add_tool_calls(calls, data)
+        elif delta.get("function_call"):
+            raise UpstreamError(
+                "upstream sent a function_call delta (the deprecated form): this engine relays tool_calls only",
+                retryable=False,
+            )
+        if not text and (delta.get("reasoning_content") or delta.get("reasoning")):
+            self.reasoning += 1  # llama.cpp, LM Studio: reasoning_content; newer vLLM: reasoning
+            self._output()
 
     def _output(self) -> None:
         if self.on_output is not None:
