@@ -18,6 +18,7 @@ export NODEVICE_SELECT=1
 if [ -z "${XDG_RUNTIME_DIR:-}" ] || [ ! -d "$XDG_RUNTIME_DIR" ]; then
     XDG_RUNTIME_DIR="$(mktemp -d)"
     export XDG_RUNTIME_DIR
+    trap 'rm -rf "$XDG_RUNTIME_DIR"' EXIT  # ours: not left behind in /tmp (one per run, before)
 fi
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
 # The llamacpp extra: a real llama.cpp server for tests/test_llamacpp_upstream.py (docs/upstreams.md).
