@@ -132,7 +132,7 @@ def test_several_choices_whole_and_streamed_as_openai_gives_them(client):
     assert [c.index for c in legacy.choices] == [0, 1] and legacy.usage.completion_tokens == 10
 
 
-def test_completions_whole_and_streamed(client):
+def test_completions_whole_and_streamed(client, gw):
     whole = client.completions.create(model=MODEL, prompt="legacy completions", max_tokens=8, temperature=0)
     assert whole.object == "text_completion" and whole.choices[0].text and whole.usage.completion_tokens == 8
     chunks = list(
@@ -143,6 +143,11 @@ def test_completions_whole_and_streamed(client):
     )  # fmt: skip
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert chunks[-1].usage.completion_tokens == 8
+    # a batch of one prompt, as LangChain's OpenAI LLM sends every prompt
+    batch = client.completions.create(model=MODEL, prompt=["legacy completions"], max_tokens=8, temperature=0)
+    assert batch.choices[0].text == whole.choices[0].text
+    several = httpx.post(gw.url + "/completions", json={"model": MODEL, "prompt": ["a", "b"]}, timeout=10)
+    assert _error(several, 422)["param"] == "prompt" and "one prompt" in several.json()["error"]["message"]
 
 
 def test_a_hundred_concurrent_streams_all_complete(gw):

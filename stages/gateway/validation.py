@@ -102,10 +102,22 @@ class ChatRequest(_Common):
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
 
 
+Prompt = Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_BYTES)]
+
+
 class CompletionRequest(_Common):
-    prompt: Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_BYTES)]
+    prompt: Prompt | list[Prompt]  # a list: a batch, of one prompt only (LangChain sends every prompt so)
     logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
     echo: StrictBool | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt: str | list[str]) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        if len(prompt) != 1:
+            raise PydanticCustomError("one_prompt", "one prompt per request (a batch of one is fine)")
+        return prompt[0]
 
 
 class Invalid(Exception):
@@ -157,4 +169,6 @@ def upstream_body(request: ChatRequest | CompletionRequest, raw: dict[str, Any])
     body = {key: value for key, value in raw.items() if key not in GATEWAY_FIELDS}
     if isinstance(request, ChatRequest) and request.max_completion_tokens and request.max_tokens is None:
         body["max_tokens"] = request.max_completion_tokens
+    if isinstance(request, CompletionRequest):
+        body["prompt"] = request.prompt  # a batch of one: the prompt itself, as the engine takes it
     return body
