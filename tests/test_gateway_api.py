@@ -84,6 +84,10 @@ def test_chat_whole_and_streamed_as_openai_gives_them(client, gw):
     nulls = httpx.post(gw.url + "/chat/completions", json=ask("nulls", stream=None, stream_options=None), timeout=10)
     assert nulls.status_code == 200 and nulls.json()["object"] == "chat.completion"
 
+    # more stop sequences than OpenAI's 4: local servers take them, and editors' completions send them
+    stops = ["<|endoftext|>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>", "\n\n\n", "```"]
+    assert client.chat.completions.create(**ask("stops"), stop=stops).choices[0].message.content
+
     long_reply = {**ask("a long answer may be asked for"), "max_tokens": 65_536}  # the echo model stops on its own
     assert client.chat.completions.create(**long_reply).choices[0].finish_reason == "stop"
 
@@ -319,6 +323,7 @@ def _error(answer: httpx.Response, status: int) -> dict:
         (json.dumps(ask("x", n=17)).encode(), 422, "n"),
         (json.dumps(ask("x", max_tokens=131_073)).encode(), 422, "max_tokens"),
         (json.dumps(ask("x", stream="yes")).encode(), 422, "stream"),
+        (json.dumps(ask("x", stop=["s"] * 65)).encode(), 422, "stop"),
         (json.dumps(ask("x", n=0)).encode(), 422, "n"),
         (json.dumps(ask("x", temperature=3)).encode(), 422, "temperature"),
         (json.dumps(ask("x", seed=2**64 - 1, n=2)).encode(), 422, "seed"),  # int64, as OpenAI's

@@ -31,6 +31,7 @@ from engine.protocol.requests import MAX_CONTENT_BYTES, MAX_MESSAGES, MAX_MODEL_
 
 MAX_COLUMNS = 32
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # ``seed``, as OpenAI bounds it
+MAX_STOPS = 64  # stop sequences: a bound, not OpenAI's 4 (docs/gateway.md)
 MAX_CHOICES = 16  # ``n``: each choice is a stream of its own, counted against the key's max_streams
 GATEWAY_FIELDS = ("stream", "stream_options", "neuralpipe", "n")
 
@@ -88,7 +89,8 @@ class _Common(_Open):
     top_p: Annotated[Number, Field(ge=0, le=1)] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None  # choices: an engine stream each
     seed: Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
+    # OpenAI takes 4; the servers behind the engine take more, and editors' completions send more
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOPS)] | None = None
     presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
     user: Annotated[StrictStr, Field(max_length=256)] | None = None
