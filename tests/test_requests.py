@@ -27,6 +27,16 @@ def test_long_replies_of_todays_models_may_be_asked_for():
     assert validate_body({**CHAT, "max_tokens": 131_072}, "chat")["max_tokens"] == 131_072
 
 
+def test_an_agents_long_conversation_may_be_sent():
+    """An agent's history (a tool call and its result per step) runs to hundreds of messages; the
+    request's bytes are bounded anyway (MAX_REQUEST_BYTES)."""
+    step = [{"role": "assistant", "content": "call"}, {"role": "tool", "tool_call_id": "c", "content": "ok"}]
+    history = [{"role": "user", "content": "go"}, *step * 1000]
+    assert len(validate_body({"model": "m", "messages": history}, "chat")["messages"]) == 2001
+    with pytest.raises(RequestError, match="at most 4096"):
+        validate_body({"model": "m", "messages": history * 3}, "chat")
+
+
 def test_valid_cancel():
     assert parse_request(frame(type="cancel", stream_id=7))["stream_id"] == 7
 

@@ -22,7 +22,7 @@ from engine.protocol.control import load_object
 from engine.protocol.endpoints import endpoint
 
 MAX_REQUEST_BYTES = 1 << 20
-MAX_MESSAGES = 512
+MAX_MESSAGES = 4096  # an agent's history runs to hundreds (a call and its result per step); bytes are bounded anyway
 MAX_CONTENT_BYTES = 256 * 1024
 # a reply's tokens: today's models write up to 128k (reasoning models need tens of thousands); also
 # what a stream that names no max_tokens may bring before the pool ends it (docs/upstreams.md)
