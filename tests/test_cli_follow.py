@@ -10,6 +10,9 @@ import orjson
 import pytest
 from engine_harness import full_config
 
+from engine.clients.tail import _stream_text
+from engine.protocol import wire
+
 pytestmark = pytest.mark.timeout(90)
 
 
@@ -62,3 +65,12 @@ def test_tail_of_a_finished_stream_prints_it_whole(start_engine):
     assert done.returncode == 0, done.stderr
     kinds = [orjson.loads(line)["type"] for line in done.stdout.splitlines()]
     assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("tokens") == 5
+
+
+def test_an_end_that_called_tools_prints_the_calls():
+    """A reply that called a tool has no token text: without its calls, the text form showed nothing."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x"}'}}
+    head = {"finish_reason": "tool_calls", "usage": None, "tool_calls": [call]}
+    printed = _stream_text(wire.Message("end", 7, (3, 3), head))
+    assert 'tool calls: lookup({"q": "x"})' in printed and "[end: tool_calls" in printed
+    assert "tool calls" not in _stream_text(wire.Message("end", 7, (3, 3), {"finish_reason": "stop"}))

@@ -57,8 +57,15 @@ def _stream_text(message: wire.Message) -> str:
     if message.type == "start":
         return f"[stream {message.stream} model={head.get('model') or '-'}{' cached' if head.get('cached') else ''}]\n"
     if message.type == "end":
-        return f"\n[end: {head.get('finish_reason')}, usage {head.get('usage')}]\n"
+        return f"\n[end: {head.get('finish_reason')}, usage {head.get('usage')}{_calls_text(head)}]\n"
     return f"\n[error: {head.get('reason')}]\n"
+
+
+def _calls_text(head: dict) -> str:
+    """A reply's tool calls (the end row carries them whole), as ``name(arguments)``."""
+    functions = [call.get("function") or {} for call in head.get("tool_calls") or []]
+    shown = [f"{function.get('name')}({function.get('arguments')})" for function in functions]
+    return f", tool calls: {', '.join(shown)}" if shown else ""
 
 
 def _json_lines(message: wire.Message) -> str:
