@@ -17,6 +17,8 @@ def test_round_trip() -> None:
     with_calls = End("tool_calls", None, [call])
     assert read_end(end_text(with_calls)) == with_calls
     assert b"tool_calls" not in end_text(end)  # an end without calls reads as before
+    odd = read_end(b'{"tool_calls": [{"id": 5, "function": {"name": ["x"]}}]}').tool_calls
+    assert odd == [{"id": "", "type": "function", "function": {"name": "", "arguments": ""}}]
 
 
 @pytest.mark.parametrize(

@@ -63,8 +63,7 @@ def _stream_text(message: wire.Message) -> str:
 
 def _calls_text(head: dict) -> str:
     """A reply's tool calls (the end row carries them whole), as ``name(arguments)``."""
-    functions = [call.get("function") or {} for call in head.get("tool_calls") or []]
-    shown = [f"{function.get('name')}({function.get('arguments')})" for function in functions]
+    shown = [f"{call['function']['name']}({call['function']['arguments']})" for call in head.get("tool_calls") or []]
     return f", tool calls: {', '.join(shown)}" if shown else ""
 
 

@@ -53,9 +53,27 @@ def read_end(text: bytes | str) -> End:
     usage = fields.get("usage")
     reason = fields.get("finish_reason")
     calls = fields.get("tool_calls")
-    if not (isinstance(calls, list) and calls and all(isinstance(call, dict) for call in calls)):
+    if isinstance(calls, list) and calls and all(isinstance(call, dict) for call in calls):
+        calls = [_tool_call(call) for call in calls]
+    else:
         calls = None
     return End(reason if isinstance(reason, str) else None, usage if isinstance(usage, dict) else None, calls)
+
+
+def _tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    """One call in its documented shape, every field a string, whatever the row held (a reader
+    need not check it again)."""
+    function = call.get("function")
+    function = function if isinstance(function, dict) else {}
+    call_id, kind, name, arguments = call.get("id"), call.get("type"), function.get("name"), function.get("arguments")
+    return {
+        "id": call_id if isinstance(call_id, str) else "",
+        "type": kind if isinstance(kind, str) and kind else "function",
+        "function": {
+            "name": name if isinstance(name, str) else "",
+            "arguments": arguments if isinstance(arguments, str) else "",
+        },
+    }
 
 
 def _object(text: bytes | str) -> dict[str, Any]:

@@ -46,7 +46,7 @@ def _text_tokens(text: str) -> int:
 def estimate_tool_call_tokens(calls: list[dict[str, Any]]) -> int:
     """Completion tokens of tool calls when the upstream reports none (they come as no token
     rows): the same ~4 characters per token over each call's name and arguments."""
-    return sum(_text_tokens(name) + _text_tokens(arguments) for name, arguments in map(_function_of, calls))
+    return sum(_text_tokens(call["function"]["name"]) + _text_tokens(call["function"]["arguments"]) for call in calls)
 
 
 @dataclass
@@ -157,7 +157,7 @@ class Shaper:
     def tool_calls(self, calls: list[dict[str, Any]]) -> bytes:
         """A chat stream's tool calls, whole, in one delta before the finish chunk (a client that
         joins the deltas of each ``index`` gets the same calls as from pieces)."""
-        delta = {"tool_calls": [_tool_call(call, i) for i, call in enumerate(calls)]}
+        delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
         return self._chunk({"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None})
 
     def usage_chunk(self, usage: Usage) -> bytes:
@@ -176,7 +176,7 @@ class Shaper:
             message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
             if tool_calls:  # as OpenAI answers a call: content null unless the model also wrote text
                 message["content"] = text or None
-                message["tool_calls"] = [_tool_call(call) for call in tool_calls]
+                message["tool_calls"] = tool_calls
             choice: dict[str, Any] = {
                 "index": self.index,
                 "message": message,
@@ -200,25 +200,6 @@ class Shaper:
             "choices": choices,
             "usage": usage.as_dict(),
         }
-
-
-def _function_of(call: dict[str, Any]) -> tuple[str, str]:
-    function = call.get("function")
-    function = function if isinstance(function, dict) else {}
-    name, arguments = function.get("name"), function.get("arguments")
-    return (name if isinstance(name, str) else "", arguments if isinstance(arguments, str) else "")
-
-
-def _tool_call(call: dict[str, Any], index: int | None = None) -> dict[str, Any]:
-    """One tool call as OpenAI gives it (``index`` in a streamed delta), from an END row's entry:
-    only its documented fields, each a string (the row came from another process)."""
-    name, arguments = _function_of(call)
-    call_id, kind = call.get("id"), call.get("type")
-    out: dict[str, Any] = {} if index is None else {"index": index}
-    out["id"] = call_id if isinstance(call_id, str) else ""
-    out["type"] = kind if isinstance(kind, str) and kind else "function"
-    out["function"] = {"name": name, "arguments": arguments}
-    return out
 
 
 def chat_logprobs(texts: list[str], logprobs: list[float], tops: list[TopAlternatives]) -> dict[str, Any]:
