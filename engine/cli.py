@@ -302,6 +302,11 @@ def _write(text: str) -> None:
 @click.option("--model", default="", help="Model name to route by (default: any upstream's).")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--temperature", type=float, default=None, help="Sampling temperature (0 = deterministic).")
+@click.option(
+    "--reasoning-effort",
+    type=click.Choice(["none", "minimal", "low", "medium", "high"]),
+    help="For a reasoning model: how long it thinks (its thinking prints between [thinking] and [/thinking]).",
+)
 @click.option("--config", "path", type=click.Path(exists=True, dir_okay=False), help="TOML config file.")
 @click.option("--instance", help="Engine instance id (default: the only one running).")
 @click.option("--follow", is_flag=True, help="Then print the stream's tokens until it ends.")
@@ -311,6 +316,7 @@ def submit(
     model: str,
     max_tokens: int,
     temperature: float | None,
+    reasoning_effort: str | None,
     path: str | None,
     instance: str | None,
     follow: bool,
@@ -329,6 +335,8 @@ def submit(
         body["model"] = model
     if temperature is not None:
         body["temperature"] = temperature
+    if reasoning_effort is not None:
+        body["reasoning_effort"] = reasoning_effort
     try:
         with RequestClient(ingest_endpoint(info["runtime_dir"])) as client:
             stream_id = client.submit(body)

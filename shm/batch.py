@@ -67,6 +67,7 @@ class Kind(IntEnum):
     TOKEN = 2
     END = 3
     ERROR = 4
+    REASONING = 5  # a token of a reasoning model's thinking, before its reply (docs/data-plane.md)
 
 
 class BatchError(ValueError):

@@ -67,6 +67,19 @@ def test_tail_of_a_finished_stream_prints_it_whole(start_engine):
     assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("tokens") == 5
 
 
+def test_follow_prints_a_reasoning_models_thinking_marked_then_the_reply(start_engine):
+    """Before, a reasoning message printed as "[error: None]" (every type but the known ones did)."""
+    engine = start_engine(full_config())
+    args = ("submit", "think first", "--max-tokens", "12", "--reasoning-effort", "low", "--follow")
+    text = cli(engine, *args)
+    assert text.returncode == 0, text.stderr
+    assert "error" not in text.stdout
+    thought = text.stdout.split("[thinking] ", 1)[1].split(" [/thinking]\n", 1)
+    assert len(thought) == 2 and thought[0] and thought[1].split("\n[end:", 1)[0]  # thinking, then the reply
+    lines = [orjson.loads(line) for line in cli(engine, *args, "--json").stdout.splitlines()[1:]]
+    assert [line["type"] for line in lines] == ["start"] + ["reasoning"] * 8 + ["tokens"] * 4 + ["end"]
+
+
 def test_an_end_that_called_tools_prints_the_calls():
     """A reply that called a tool has no token text: without its calls, the text form showed nothing."""
     call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x"}'}}

@@ -236,11 +236,16 @@ def rig(instance, tmp_path):
         r.close()
 
 
-def stream_rows(sid: int, token_ids: list[int], logprobs: list[float], end: bool = True) -> list[tuple]:
+def stream_rows(
+    sid: int, token_ids: list[int], logprobs: list[float], end: bool = True, thinking: int = 0
+) -> list[tuple]:
+    """A stream's rows: START, ``thinking`` REASONING rows (a reasoning model's), its tokens, END."""
     start = orjson.dumps({"model": "m", "cached": False, "cache_key": None})
     rows = [(sid, 0, Kind.START, 0, math.nan, start)]
+    rows += [(sid, i + 1, Kind.REASONING, 77, -0.5, b"hm") for i in range(thinking)]
     rows += [
-        (sid, i + 1, Kind.TOKEN, t, lp, b"t%d" % t) for i, (t, lp) in enumerate(zip(token_ids, logprobs, strict=True))
+        (sid, len(rows) + i, Kind.TOKEN, t, lp, b"t%d" % t)
+        for i, (t, lp) in enumerate(zip(token_ids, logprobs, strict=True))
     ]
     if end:
         rows.append((sid, len(rows), Kind.END, 0, math.nan, b'{"finish_reason": "stop", "usage": null}'))
@@ -352,7 +357,8 @@ def test_vectorised_streams_equal_a_per_stream_reference(rig, seed):
         length = int(rng.integers(0, 60))
         logprobs = np.where(rng.random(length) < 0.2, math.nan, -rng.exponential(1.0, length)).tolist()
         ends = len(streams) == 2 or rng.random() < 0.7  # id 3's first life (the third stream) ends
-        streams.append(stream_rows(sid, rng.integers(0, 4, length).tolist(), logprobs, end=bool(ends)))
+        tokens = rng.integers(0, 4, length).tolist()
+        streams.append(stream_rows(sid, tokens, logprobs, end=bool(ends), thinking=sid % 3))  # thinking: not tokens
     rows, queues, second = [], [list(s) for s in streams[:8]], list(streams[8])
     while any(queues) or second:
         if second and not queues[2]:  # id 3 comes back once its first life has ended
@@ -386,7 +392,8 @@ def test_small_records_equal_the_reference_and_the_vectorised_path(rig, compiled
     for sid in range(1, 6):
         length = int(rng.integers(20, 70))
         logprobs = np.where(rng.random(length) < 0.2, math.nan, -rng.exponential(1.0, length)).tolist()
-        streams.append(stream_rows(sid, rng.integers(0, 3, length).tolist(), logprobs, end=sid != 5))
+        tokens = rng.integers(0, 3, length).tolist()
+        streams.append(stream_rows(sid, tokens, logprobs, end=sid != 5, thinking=sid % 3))  # thinking: not tokens
     rows, queues = [], [list(q) for q in streams]
     while any(queues):
         live = [q for q in queues if q]

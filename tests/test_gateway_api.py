@@ -271,6 +271,35 @@ def test_a_conversation_with_tool_calls_and_results_is_answered(client):
     assert reply.choices[0].message.content and reply.choices[0].message.tool_calls is None
 
 
+def test_a_reasoning_models_thinking_is_relayed_whole_streamed_and_from_the_cache(client):
+    """llama.cpp, vLLM and LM Studio stream a reasoning model's thinking as delta.reasoning_content
+    (vLLM's newer name: reasoning); the gateway relays it under both names, before the content."""
+    body = ask("think " + uuid.uuid4().hex, temperature=0, max_tokens=14, reasoning_effort="low")
+    whole = client.chat.completions.create(**body)
+    message = whole.choices[0].message
+    thought = message.model_extra["reasoning_content"]
+    assert thought and message.model_extra["reasoning"] == thought and message.content
+    assert whole.usage.completion_tokens == 8 + 6  # the upstream's count: thinking included
+    assert whole.usage.completion_tokens_details.reasoning_tokens == 8
+
+    streamed = client.chat.completions.with_raw_response.create(
+        **body, stream=True, stream_options={"include_usage": True}
+    )
+    assert streamed.headers["x-neuralpipe-cache"] == "hit"  # the cache replays the thinking too
+    chunks = [c for c in streamed.parse() if c.choices]
+    deltas = [c.choices[0].delta.model_extra for c in chunks]
+    thinking = [d["reasoning_content"] for d in deltas if d.get("reasoning_content")]
+    assert "".join(thinking) == thought and [d["reasoning"] for d in deltas if "reasoning" in d] == thinking
+    content = [i for i, c in enumerate(chunks) if c.choices[0].delta.content]
+    last_thought = max(i for i, d in enumerate(deltas) if d.get("reasoning_content"))
+    assert content and last_thought < content[0]  # thinking first, as the upstream sent it
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == message.content
+
+    fresh = ask("think again " + uuid.uuid4().hex, max_tokens=19, reasoning_effort="medium")
+    usage = list(client.chat.completions.create(**fresh, stream=True, stream_options={"include_usage": True}))[-1]
+    assert usage.usage.completion_tokens == 16 + 3
+
+
 def test_columns_extension_and_logprobs(client):
     whole = client.chat.completions.create(
         **ask("columns"), logprobs=True, extra_body={"neuralpipe": {"columns": ["conf", "hilbert"]}}

@@ -19,6 +19,7 @@ from stages.ingest.rows import RowBuffer
 from stages.ingest.stage import Ingest
 
 TOKEN, START, END, ERROR = int(Kind.TOKEN), int(Kind.START), int(Kind.END), int(Kind.ERROR)
+REASONING = int(Kind.REASONING)
 
 
 @pytest.fixture
@@ -68,6 +69,19 @@ def test_a_record_holds_the_rows_in_order_and_the_writer_learns_what_it_held(rin
     ]
     assert [row[4] for row in record][1:4] == [-0.5, -1.0, -2.0] and math.isnan(record[0][4])
     assert [row[6] for row in record] == ['{"model":"m"}', " hi", "a", "", "{}", "boom"]
+
+
+def test_a_reasoning_models_thinking_rows_are_tokens_to_the_writer_not_ends(ring):
+    """Before, every row of a kind above TOKEN was taken for its stream's END (the restart table
+    let the stream go at its first piece of thinking)."""
+    producer, consumer = ring
+    rows = RowBuffer(producer, 64)
+    rows.add_tokens(5, 1, [1, 2, 3], [math.nan] * 3, 200, [b"Let", b" me", b"Yes"], [REASONING, REASONING, TOKEN])
+    rows.append(5, 4, REASONING, 4, math.nan, 201, b" hm")
+    committed = rows.write(64)
+    assert committed.ended == [] and committed.token_recv_ns == [200, 200, 200, 201]
+    [record] = read_rows(consumer)
+    assert [row[2] for row in record] == [REASONING, REASONING, TOKEN, REASONING]
 
 
 def test_rows_beyond_the_limit_wait_for_the_next_record(ring):

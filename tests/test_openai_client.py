@@ -108,10 +108,10 @@ def tokens(events: list[TokenEvent]) -> list[TokenEvent]:
 
 
 def check_shape(events: list[TokenEvent], last: str) -> None:
-    """One start first, then tokens, then exactly one end or error."""
+    """One start first, then tokens (a reasoning model's thinking among them), then exactly one end or error."""
     assert events[0].kind == "start"
     assert events[-1].kind == last
-    assert all(e.kind == "token" for e in events[1:-1])
+    assert all(e.kind in ("token", "reasoning") for e in events[1:-1])
     assert all(e.recv_ns > 0 for e in events)
 
 
@@ -365,21 +365,38 @@ def test_tool_call_deltas_are_assembled_into_the_end_event():
     ]
 
 
-def test_reasoning_pieces_are_counted_not_relayed():
+def test_reasoning_pieces_are_relayed_as_reasoning_events_before_the_content():
     """llama.cpp, vLLM and LM Studio send a reasoning model's thinking as delta.reasoning_content
-    (vLLM's newer name: reasoning): the rows carry content tokens only, so these are counted."""
+    (vLLM's newer name: reasoning): each piece is a "reasoning" event, in order with the tokens."""
     stream = [
         chat_chunk({"role": "assistant", "content": None}),
         chat_chunk({"content": None, "reasoning_content": "Let me"}),
         chat_chunk({"reasoning": " think."}),
-        chat_chunk({"content": "Yes."}),
+        chat_chunk({"reasoning_content": " So:", "content": "Yes"}),  # the turn: both in one delta
+        chat_chunk({"content": "."}),
         chat_chunk({}, finish="stop"),
         DONE,
     ]
 
     events = chat_events(*stream)
     check_shape(events, "end")
-    assert [e.text for e in tokens(events)] == ["Yes."] and events[-1].reasoning_pieces == 2
+    kinds_and_texts = [(e.kind, e.text) for e in events[1:-1]]
+    assert kinds_and_texts == [
+        ("reasoning", "Let me"),
+        ("reasoning", " think."),
+        ("reasoning", " So:"),
+        ("token", "Yes"),
+        ("token", "."),
+    ]
+    # several pieces in one read keep their order and kinds
+    one_read = b"".join(stream)
+    assert [(e.kind, e.text) for e in chat_events(one_read)[1:-1]] == kinds_and_texts
+
+
+def test_a_reasoning_piece_that_is_not_text_ends_the_stream_with_an_error():
+    events = chat_events(chat_chunk({"reasoning_content": 7}), chat_chunk({}, finish="stop"), DONE)
+    check_shape(events, "error")
+    assert "reasoning" in events[-1].error
 
 
 @pytest.mark.parametrize(

@@ -263,6 +263,34 @@ def test_a_forced_tool_call_streams_as_openai_deltas_and_matches_the_whole_answe
     run(body)
 
 
+def test_reasoning_effort_streams_thinking_before_the_reply_and_counts_it() -> None:
+    async def body(c: Client) -> None:
+        status, _, raw = await c.post(CHAT, chat_body(stream=True, max_tokens=13, reasoning_effort="low"))
+        assert status == 200
+        deltas = [ch["choices"][0]["delta"] for ch in chunks(raw)[1:-1]]
+        assert [set(d) for d in deltas] == [{"reasoning_content"}] * 8 + [{"content"}] * 5
+        thought = "".join(d["reasoning_content"] for d in deltas[:8])
+        status, _, whole = await c.post(CHAT, chat_body(max_tokens=13, reasoning_effort="low"))
+        reply = orjson.loads(whole)
+        assert reply["choices"][0]["message"]["reasoning_content"] == thought
+        assert reply["choices"][0]["message"]["content"] == "".join(d["content"] for d in deltas[8:])
+        assert reply["usage"]["completion_tokens"] == 13
+        assert reply["usage"]["completion_tokens_details"] == {"reasoning_tokens": 8}
+        _, _, plain = await c.post(CHAT, chat_body(max_tokens=5, reasoning_effort="none"))
+        assert "reasoning_content" not in orjson.loads(plain)["choices"][0]["message"]
+        # max_tokens bounds the thinking too: cut while thinking, no reply, "length"
+        _, _, raw = await c.post(
+            CHAT, chat_body(stream=True, max_tokens=5, reasoning_effort="low", tool_choice="required", tools=TOOLS)
+        )
+        cut = chunks(raw)
+        assert [set(ch["choices"][0]["delta"]) for ch in cut[1:-1]] == [{"reasoning_content"}] * 5
+        assert cut[-1]["choices"][0]["finish_reason"] == "length"
+        status, _, raw = await c.post(CHAT, chat_body(reasoning_effort="deep"))
+        assert assert_error(status, raw, 400)["param"] == "reasoning_effort"
+
+    run(body)
+
+
 @pytest.mark.parametrize(
     ("extra", "param"),
     [

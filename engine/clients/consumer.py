@@ -218,7 +218,7 @@ class ConsumerCore:
             batch = batch.take(np.flatnonzero(fresh))
         if not batch.rows:
             return
-        ends = batch.columns["kind"] >= wire.END
+        ends = wire.ending_rows(batch.columns["kind"])
         if ends.any():
             self.seen.close(batch.columns["stream_id"][ends])
         self.ready_batches.append(batch)

@@ -25,10 +25,12 @@ def follow(
     printed ended its stream ("end" or "error"; None when no stream ended), or "timeout" when nothing
     came within ``first_timeout_s`` (None: wait as long as it takes).
 
-    ``text``: one stream's tokens run together as they come; with every stream, one line per
-    message prefixed by its stream id. ``json``: one object per token and per start/end/error."""
+    ``text``: one stream's tokens run together as they come (a reasoning model's thinking between
+    ``[thinking]`` and ``[/thinking]``); with every stream, one line per message prefixed by its
+    stream id. ``json``: one object per token (type tokens or reasoning) and per start/end/error."""
     ended = None
     timeout = first_timeout_s
+    thinking = False  # one stream: its thinking is being printed
     while True:
         seen = False
         for message in consumer.messages(idle_timeout_s=timeout):
@@ -38,9 +40,13 @@ def follow(
             if fmt == "json":
                 write(_json_lines(message))
             elif one_stream:
+                if thinking != (message.type == "reasoning"):
+                    thinking = not thinking
+                    write("[thinking] " if thinking else " [/thinking]\n")
                 write(_stream_text(message))
             else:
-                write(f"[{message.stream}] {_stream_text(message).strip()}\n")
+                mark = "[thinking] " if message.type == "reasoning" else ""
+                write(f"[{message.stream}] {mark}{_stream_text(message).strip()}\n")
             if timeout is not None:
                 break  # something came: from now on, wait as long as the stream takes
         if timeout is None:
@@ -52,7 +58,7 @@ def follow(
 
 def _stream_text(message: wire.Message) -> str:
     head = message.header
-    if message.type == "tokens":
+    if message.type in wire.TOKEN_TYPES:
         return "".join(message.text)
     if message.type == "start":
         return f"[stream {message.stream} model={head.get('model') or '-'}{' cached' if head.get('cached') else ''}]\n"
@@ -69,7 +75,7 @@ def _calls_text(head: dict) -> str:
 
 def _json_lines(message: wire.Message) -> str:
     base = {"stream": message.stream, "type": message.type}
-    if message.type != "tokens":
+    if message.type not in wire.TOKEN_TYPES:
         fields = {k: v for k, v in message.header.items() if k not in ("v", "type", "stream", "encoding")}
         return orjson.dumps({**base, **fields}, option=_JSON_OPTS).decode()
     cols = message.columns

@@ -8,11 +8,11 @@ and ``type``:
   ``epoch``, ``at`` and ``next`` place it in the broadcast's input (``at`` of a batch is the
   ``next`` of the one before, so a hole shows); ``rows``; ``encoding`` (json | binary) and for
   binary ``columns`` (name, dtype, width, offset, bytes of each array in the payload). Columns:
-  stream_id, seq, kind (1 start, 2 token, 3 end, 4 error), token_id, logprob, recv_ns, every column
+  stream_id, seq, kind (1 start, 2 token, 3 end, 4 error, 5 reasoning), token_id, logprob, recv_ns, every column
   compute appended, and the row texts (JSON: a ``text`` list; binary: ``text_end`` offsets into a
   UTF-8 ``text`` arena). A start row's text is JSON ``{model, cached}``, an end row's JSON
   ``{finish_reason, usage}``, an error row's the reason.
-- topic = a stream id as 16 hex digits, type start | tokens | end | error: that stream's rows
+- topic = a stream id as 16 hex digits, type start | tokens | reasoning | end | error: that stream's rows
   (``stream``, ``seq`` [first, last]), published only while someone subscribed to that topic.
 - topic ``heartbeat``: ``time_ns``, ``active_streams``, ``epoch``, ``next``, ``interval_s``.
 
@@ -37,19 +37,32 @@ VERSION = 2
 ALL_TOPIC = b"all"
 HEARTBEAT_TOPIC = b"heartbeat"
 ENCODINGS = ("json", "binary")
-STREAM_TYPES = ("start", "tokens", "end", "error")
+STREAM_TYPES = ("start", "tokens", "reasoning", "end", "error")
+# per-stream messages of token rows, the reply's and its thinking's (a reasoning model's): one body
+TOKEN_TYPES = ("tokens", "reasoning")
 MESSAGE_TYPES = (*STREAM_TYPES, "batch", "heartbeat")
 # Base token columns every per-stream tokens message carries, besides the text.
 BASE_COLUMNS = ("seq", "token_id", "logprob", "recv_ns")
 # Base columns of a batch message, in payload order; the appended (compute) columns follow.
 BATCH_COLUMNS = ("stream_id", "seq", "kind", "token_id", "logprob", "recv_ns")
 START, TOKEN, END, ERROR = int(Kind.START), int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR)
+REASONING = int(Kind.REASONING)
 KIND_TYPES = {START: "start", END: "end", ERROR: "error"}
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 
 
 class WireError(ValueError):
     """A message that does not follow the wire format; the text says what is wrong."""
+
+
+def event_rows(kinds: np.ndarray) -> np.ndarray:
+    """Which rows are start, end or error rows (events), not tokens of a reply or of its thinking."""
+    return (kinds != TOKEN) & (kinds != REASONING)
+
+
+def ending_rows(kinds: np.ndarray) -> np.ndarray:
+    """Which rows end their stream: end and error rows."""
+    return (kinds == END) | (kinds == ERROR)
 
 
 def topic(stream_id: int) -> bytes:
@@ -176,8 +189,8 @@ class Batch:
 
     def stream_messages(self) -> list[Message]:
         """The per-stream messages the batch's rows make: per stream, runs of token rows become
-        one tokens message, each start, end or error row one message (one numpy gather per
-        column for the whole batch, then slices)."""
+        one tokens message (of reasoning rows, one reasoning message), each start, end or error
+        row one message (one numpy gather per column for the whole batch, then slices)."""
         n = self.rows
         if not n:
             return []
@@ -186,9 +199,10 @@ class Batch:
         texts = self.texts
         texts = [texts[i] for i in order.tolist()]
         sids, kinds = columns.pop("stream_id"), columns.pop("kind")
-        events = kinds != TOKEN
-        # a message starts where the stream changes and at and after each event row
-        starts = np.flatnonzero(np.concatenate(([True], (sids[1:] != sids[:-1]) | events[1:] | events[:-1])))
+        events = event_rows(kinds)
+        # a message starts where the stream or the kind of row changes, and at and after each event row
+        changes = (sids[1:] != sids[:-1]) | (kinds[1:] != kinds[:-1]) | events[1:] | events[:-1]
+        starts = np.flatnonzero(np.concatenate(([True], changes)))
         seqs, recv_ns = columns["seq"], columns["recv_ns"]
         encoding = self.header.get("encoding", "binary")
         flags = {"synthetic": True} if self.header.get("synthetic") else {}  # ended at the client, not by the engine
@@ -199,9 +213,10 @@ class Batch:
                 out.append(event_message(int(kinds[a]), sid, int(seqs[a]), texts[a], int(recv_ns[a]), **flags))
                 continue
             first, last = int(seqs[a]), int(seqs[b - 1])
-            head = header("tokens", sid, first, last, encoding)
+            kind = "tokens" if kinds[a] == TOKEN else "reasoning"
+            head = header(kind, sid, first, last, encoding)
             part = {name: values[a:b] for name, values in columns.items()}
-            out.append(Message("tokens", sid, (first, last), head, part, texts[a:b]))
+            out.append(Message(kind, sid, (first, last), head, part, texts[a:b]))
         return out
 
 
@@ -254,23 +269,23 @@ def header(kind: str, stream: int, first: int, last: int, encoding: str, **field
 
 def encode_message(message: Message, encoding: str) -> tuple[bytes, bytes, bytes]:
     """Frames of a per-stream message."""
-    if message.type == "tokens":
-        return encode_tokens(message.stream, message.columns, message.text, encoding)
+    if message.type in TOKEN_TYPES:
+        return encode_tokens(message.stream, message.columns, message.text, encoding, message.type)
     fields = {k: v for k, v in message.header.items() if k not in ("v", "type", "stream", "seq", "encoding")}
     return encode_event(message.type, message.stream, message.seq[0], encoding, **fields)
 
 
 def encode_tokens(
-    stream: int, columns: dict[str, np.ndarray], texts: list[str], encoding: str
+    stream: int, columns: dict[str, np.ndarray], texts: list[str], encoding: str, kind: str = "tokens"
 ) -> tuple[bytes, bytes, bytes]:
-    """Frames of a tokens message; ``columns`` holds seq and the other columns of its rows."""
+    """Frames of a tokens (or reasoning) message; ``columns`` holds seq and the other columns of its rows."""
     seq = columns["seq"]
     first, last = int(seq[0]), int(seq[-1])
     if encoding == "json":
         payload = orjson.dumps({**columns, "text": texts}, option=_JSON_OPTS)
-        return topic(stream), orjson.dumps(header("tokens", stream, first, last, "json")), payload
+        return topic(stream), orjson.dumps(header(kind, stream, first, last, "json")), payload
     described, payload = _binary_columns(columns, Texts.from_list(texts))
-    head = header("tokens", stream, first, last, "binary", rows=len(seq), columns=described)
+    head = header(kind, stream, first, last, "binary", rows=len(seq), columns=described)
     return topic(stream), orjson.dumps(head), payload
 
 
@@ -348,7 +363,7 @@ def decode(frames: list[bytes]) -> Message | Batch:
             return Message("heartbeat", -1, (-1, -1), head)
         first, last = head["seq"]
         message = Message(head["type"], int(head["stream"]), (int(first), int(last)), head)
-        if head["type"] == "tokens":
+        if head["type"] in TOKEN_TYPES:
             message.columns, texts = _decode_columns(head, payload, int(last) - int(first) + 1)
             message.text = texts.list()
         return message

@@ -261,8 +261,10 @@ class Broadcast(Stage):
             columns = {name: values[rows] for name, values in columns.items()}
             texts = texts.take(rows)
         batch = wire.Batch(self.epoch, at, nxt, columns, texts, {"encoding": "binary"})
-        tokens = columns["kind"].tobytes().count(wire.TOKEN)  # one C loop, no temporary array
-        ended = self._events(batch) if tokens < kept else ()
+        kinds = columns["kind"].tobytes()
+        tokens = kinds.count(wire.TOKEN)  # one C loop, no temporary array
+        plain = tokens == kept  # the usual batch: the replies' tokens only
+        ended = () if plain else self._events(batch)
         binary = wire.encode_batch(batch, "binary")
         json_frames = None
         for pub in self.publishers:
@@ -277,13 +279,13 @@ class Broadcast(Stage):
         streams = list(dict.fromkeys(columns["stream_id"].tolist()))  # each once, in order of first row
         self.retention.add(at, nxt, binary, streams, ended)
         self.next_position = nxt
-        self._count(batch, record, len(streams), tokens)
+        self._count(batch, record, len(streams), plain)
 
     def _events(self, batch: wire.Batch) -> tuple[int, ...]:
         """Rewrite start and end rows' texts to their documented fields (a start row carries the
         cache's key inside the engine); track open streams; the streams this batch ends."""
         kinds = batch.columns["kind"]
-        events = np.flatnonzero(kinds != wire.TOKEN)
+        events = np.flatnonzero(wire.event_rows(kinds))
         if not len(events):
             return ()
         texts = list(batch.texts)
@@ -321,26 +323,27 @@ class Broadcast(Stage):
                 for message in frames[key]:
                     _send(pub.sock, message)
 
-    def _count(self, batch: wire.Batch, record, streams: int, tokens: int) -> None:
-        """Count the batch, its token rows and the per-stream messages its rows make (of
-        ``streams`` streams)."""
+    def _count(self, batch: wire.Batch, record, streams: int, plain: bool) -> None:
+        """Count the batch, its token rows (a reply's and its thinking's) and the per-stream
+        messages its rows make (of ``streams`` streams; ``plain``: token rows only)."""
         counts = self.counts
         counts["batches"] += 1
         if record.rows and time.monotonic_ns() - int(record.recv_ns[0]) <= self.budget_ns:
             counts["batches_within_budget"] += 1
         if not batch.rows:
             return
-        if tokens < batch.rows:
+        if plain:  # token rows only (most records): one message per stream
+            counts["messages"] += streams
+            counts["tokens"] += batch.rows
+        else:
             order, _ = wire.stream_order(batch.columns["stream_id"])
             kinds = batch.columns["kind"]
-            events = kinds != wire.TOKEN
-            s, e = batch.columns["stream_id"][order], events[order]
-            # the per-stream messages these rows make: a new one where the stream changes or at an event row
-            counts["messages"] += 1 + int(np.count_nonzero((s[1:] != s[:-1]) | e[1:] | e[:-1]))
-            counts["streams_ended"] += int(np.count_nonzero(kinds >= wire.END))
-        else:  # token rows only (most records): one message per stream
-            counts["messages"] += streams
-        counts["tokens"] += tokens
+            s, k = batch.columns["stream_id"][order], kinds[order]
+            e = wire.event_rows(k)
+            # the per-stream messages these rows make: a new one where the stream or the kind changes or at an event row
+            counts["messages"] += 1 + int(np.count_nonzero((s[1:] != s[:-1]) | (k[1:] != k[:-1]) | e[1:] | e[:-1]))
+            counts["tokens"] += batch.rows - int(np.count_nonzero(e))
+            counts["streams_ended"] += int(np.count_nonzero(wire.ending_rows(kinds)))
         self.ctx.telemetry.observe_since_ns(
             "neuralpipe_stage_latency_seconds", batch.columns["recv_ns"], stage="broadcast"
         )

@@ -67,7 +67,7 @@ try:  # built at install where a C compiler is (setup.py); the numpy path otherw
 except ImportError:
     _compiled = None
 
-_TOKEN, _END, _ERROR = int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR)
+_TOKEN, _END, _ERROR = int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR)  # REASONING rows: as START rows
 _SMALL_RECORD = 8  # rows up to which a record's running columns go row by row (numpy's turn from 8-12 rows)
 _ROWS_AT_ONCE = 256  # rows whose running columns are computed together: bounds the state rows' free columns
 COLUMNS = (  # what compute appends (and ``probe`` when probes are configured)
@@ -409,7 +409,7 @@ class Compute(Stage):
 
     def _drop_ended(self, batch: BatchColumns) -> None:
         """The state of the streams that end in ``batch`` (an END or ERROR row) goes."""
-        ended = np.flatnonzero(batch.kind >= _END)
+        ended = np.flatnonzero((batch.kind == _END) | (batch.kind == _ERROR))
         if len(ended):
             self.states.drop(np.unique(batch.stream_id[ended]).tolist())
 
@@ -477,7 +477,7 @@ class Compute(Stage):
             nll, counted, position = state.running[slot].tolist()
             if kind != _TOKEN:
                 ppl[i] = math.exp(nll / counted) if counted else 0.0
-                if kind >= _END:
+                if kind in (_END, _ERROR):
                     ended.append(sid)
                 continue
             if logprob == logprob:  # not NaN

@@ -88,7 +88,9 @@ class Follow:
         """Whether ``message`` starts where the last ended, without a hole inside (a tokens
         message spans its rows' seqs: rows the engine lost show as fewer texts than seqs)."""
         first, last = message.seq
-        return first == self.next_seq and (message.type != "tokens" or last - first + 1 == len(message.text))
+        return first == self.next_seq and (
+            message.type not in wire.TOKEN_TYPES or last - first + 1 == len(message.text)
+        )
 
     def accept(self, message: wire.Message | Tokens) -> wire.Message | Tokens:
         """``message`` as the next of the stream, or the error that ends it where it does not follow on."""
@@ -160,7 +162,9 @@ class Choices:
         completion = sum(usage.completion_tokens for usage, _ in each)
         cached = sum(usage.completion_tokens for usage, hit in each if hit)
         estimated = any(usage.completion_estimated for usage, _ in each)
-        return Usage(first.prompt_tokens, completion, first.prompt_estimated, self.cached, estimated), cached
+        reasoning = sum(usage.reasoning_tokens for usage, _ in each)
+        usage = Usage(first.prompt_tokens, completion, first.prompt_estimated, self.cached, estimated, reasoning)
+        return usage, cached
 
 
 class Completions:
@@ -291,7 +295,7 @@ class Completions:
         # Hold the response for the first row after the starts, up to keepalive_s: a stream
         # that fails at once gets a proper error status, and the cache header is known.
         pending = await self._first(choices, min(self.keepalive_s, self.first_token_timeout_s))
-        if any(m.type == "error" for _, m in pending) and not any(m.type == "tokens" for _, m in pending):
+        if any(m.type == "error" for _, m in pending) and not any(m.type in wire.TOKEN_TYPES for _, m in pending):
             failure = next(m for _, m in pending if m.type == "error")
             for choice, message in pending:
                 choice.state.failed |= message is failure
@@ -355,13 +359,13 @@ class Completions:
         lease: Lease,
         message: wire.Message | Tokens,
     ) -> bool:
-        """Write a tokens message of a one-choice response that follows on straight to the
+        """Write a tokens (or reasoning) message of a one-choice response that follows on straight to the
         socket, from the follower's routing, while the stream's task waits (no wake-up of it per
         token); False leaves it to the task: anything else, a client gone, or one that reads
         slower than it is written (the task's write then waits for the socket to drain)."""
         transport = request.transport
         if (
-            message.type != "tokens"
+            message.type not in wire.TOKEN_TYPES
             or not choice.follow.follows_on(message)
             or transport is None
             or transport.is_closing()
@@ -398,6 +402,10 @@ class Completions:
             out.append(choice.shaper.content(text, logprobs, extension))
             state.add(len(texts), len(text))
             lease.tokens(len(texts))
+        elif kind == "reasoning":
+            out.append(choice.shaper.reasoning("".join(message.text)))
+            state.add(len(message.text), 0, thinking=True)
+            lease.tokens(len(message.text))
         elif kind == "end":
             state.end_usage = message.header.get("usage")
             calls = state.end_tool_calls(message.header, lease)
@@ -415,9 +423,10 @@ class Completions:
         deadline = time.monotonic() + self.first_token_timeout_s
         while not choices.ended:
             for choice, message in choices.take():
-                if message.type == "tokens":
-                    collected[choice.shaper.index].add(message)
-                    choice.state.add(len(message.text), sum(map(len, message.text)))
+                if message.type in wire.TOKEN_TYPES:
+                    thinking = message.type == "reasoning"
+                    collected[choice.shaper.index].add(message, thinking)
+                    choice.state.add(len(message.text), sum(map(len, message.text)), thinking)
                     lease.tokens(len(message.text))
                 elif message.type == "end":
                     choice.state.end_usage = message.header.get("usage")
@@ -463,7 +472,7 @@ class Completions:
 class _Tally:
     """What one response delivered, for its usage."""
 
-    __slots__ = ("chars", "end_usage", "estimate", "failed", "first_token_at", "tokens", "tool_tokens")
+    __slots__ = ("chars", "end_usage", "estimate", "failed", "first_token_at", "reasoning", "tokens", "tool_tokens")
 
     def __init__(self, estimate: int) -> None:
         self.estimate = estimate
@@ -473,10 +482,14 @@ class _Tally:
         self.failed = False
         self.first_token_at: float | None = None
         self.tool_tokens = 0  # estimated tokens of the reply's tool calls, counted in ``tokens``
+        self.reasoning = 0  # tokens of a reasoning model's thinking, counted in ``tokens``
 
-    def add(self, tokens: int, chars: int) -> None:
+    def add(self, tokens: int, chars: int, thinking: bool = False) -> None:
         self.tokens += tokens
-        self.chars += chars
+        if thinking:
+            self.reasoning += tokens
+        else:
+            self.chars += chars
 
     def end_tool_calls(self, header: dict[str, Any], lease: Lease) -> list[dict[str, Any]] | None:
         """The end's tool calls; their estimated tokens count as delivered (the key's limits and
@@ -490,24 +503,28 @@ class _Tally:
         return calls
 
     def usage(self, cached: bool) -> Usage:
-        return usage_of(self.end_usage, self.tokens, self.estimate, cached, self.tool_tokens > 0)
+        return usage_of(self.end_usage, self.tokens, self.estimate, cached, self.tool_tokens > 0, self.reasoning)
 
 
 class _Collected:
     """A whole response's choice as its rows come: texts, logprobs, the columns asked for."""
 
-    __slots__ = ("ask", "columns", "logprobs", "reason", "texts", "tool_calls", "tops")
+    __slots__ = ("ask", "columns", "logprobs", "reason", "texts", "thinking", "tool_calls", "tops")
 
     def __init__(self, ask: Ask) -> None:
         self.ask = ask
         self.texts: list[str] = []
+        self.thinking: list[str] = []  # a reasoning model's, before the reply
         self.logprobs: list[float] = []
         self.tops: list[TopAlternatives] = []
         self.columns: dict[str, list] = {name: [] for name in ask.columns}
         self.reason = "stop"
         self.tool_calls: list[dict[str, Any]] | None = None
 
-    def add(self, message: wire.Message | Tokens) -> None:
+    def add(self, message: wire.Message | Tokens, thinking: bool = False) -> None:
+        if thinking:  # no logprobs or columns: the reply's tokens have them
+            self.thinking += message.text
+            return
         self.texts += message.text
         if self.ask.logprobs:
             self.logprobs += message.columns["logprob"].tolist()
@@ -525,7 +542,7 @@ class _Collected:
                 else completion_logprobs(self.texts, self.logprobs, 0, self.tops if ask.top_logprobs else None)
             )
         extension = {"columns": self.columns} if ask.columns else None
-        return shaper.choice("".join(self.texts), self.reason, lp, extension, self.tool_calls)
+        return shaper.choice("".join(self.texts), self.reason, lp, extension, self.tool_calls, "".join(self.thinking))
 
 
 def _columns(names: list[str], columns: dict) -> dict[str, Any]:

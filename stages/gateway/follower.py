@@ -263,6 +263,7 @@ class BroadcastFollower:
         sids = batch.columns["stream_id"].tolist()
         if not self.expecting and self.inboxes.keys().isdisjoint(sids):
             return
+        # rows of events, and of a reasoning model's thinking, take the split (wire's per-stream messages)
         events = set(np.flatnonzero(batch.columns["kind"] != wire.TOKEN).tolist())
         seqs, texts = batch.columns["seq"].tolist(), batch.texts
         split: list[int] = []  # rows of streams with a start, end or error, or nobody registered yet

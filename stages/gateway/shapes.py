@@ -56,6 +56,7 @@ class Usage:
     prompt_estimated: bool  # the upstream gave no prompt count: ours is an estimate
     cached: bool = False  # served from the engine's cache (no upstream tokens spent)
     completion_estimated: bool = False  # the engine's count includes tool calls' estimated tokens
+    reasoning_tokens: int = 0  # of the completion's: a reasoning model's thinking
 
     def as_dict(self) -> dict[str, Any]:
         usage: dict[str, Any] = {
@@ -67,27 +68,37 @@ class Usage:
             "prompt_tokens_estimated": self.prompt_estimated,
             "completion_tokens_estimated": self.completion_estimated,
         }
+        if self.reasoning_tokens:
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
         if any(flags.values()):
             usage["neuralpipe"] = {name: True for name, flag in flags.items() if flag}
         return usage
 
 
 def usage_of(
-    upstream: dict[str, Any] | None, counted: int, estimate: int, cached: bool = False, counted_estimated: bool = False
+    upstream: dict[str, Any] | None,
+    counted: int,
+    estimate: int,
+    cached: bool = False,
+    counted_estimated: bool = False,
+    reasoning: int = 0,
 ) -> Usage:
     """The upstream's counts where it gave them (integers >= 0), else the engine's: completion
-    tokens counted as token rows (plus the estimate of tool calls: ``counted_estimated``), prompt
-    tokens estimated (:func:`estimate_prompt_tokens`)."""
+    tokens counted as token rows (plus the estimate of tool calls: ``counted_estimated``), of them
+    ``reasoning`` the thinking's, prompt tokens estimated (:func:`estimate_prompt_tokens`)."""
     upstream = upstream or {}
     prompt, completion = upstream.get("prompt_tokens"), upstream.get("completion_tokens")
     known_prompt = type(prompt) is int and prompt >= 0
     known_completion = type(completion) is int and completion >= 0
+    details = upstream.get("completion_tokens_details")
+    told = details.get("reasoning_tokens") if isinstance(details, dict) else None
     return Usage(
         prompt if known_prompt else estimate,
         completion if known_completion else counted,
         not known_prompt,
         cached,
         counted_estimated and not known_completion,
+        told if known_completion and type(told) is int and 0 <= told <= completion else reasoning,
     )
 
 
@@ -154,6 +165,12 @@ class Shaper:
             return self._chunk({"index": self.index, "delta": {}, "logprobs": None, "finish_reason": reason})
         return self._chunk({"index": self.index, "text": "", "logprobs": None, "finish_reason": reason})
 
+    def reasoning(self, text: str) -> bytes:
+        """A piece of a reasoning model's thinking (chat), under both names clients read:
+        ``reasoning_content`` (DeepSeek, llama.cpp, LiteLLM) and ``reasoning`` (vLLM, OpenRouter)."""
+        delta = {"reasoning_content": text, "reasoning": text}
+        return self._chunk({"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None})
+
     def tool_calls(self, calls: list[dict[str, Any]]) -> bytes:
         """A chat stream's tool calls, whole, in one delta before the finish chunk (a client that
         joins the deltas of each ``index`` gets the same calls as from pieces)."""
@@ -170,13 +187,16 @@ class Shaper:
         logprobs: Any = None,
         extension: dict[str, Any] | None = None,
         tool_calls: list[dict[str, Any]] | None = None,
+        reasoning: str = "",
     ) -> dict[str, Any]:
-        """This choice of the non-streaming response."""
+        """This choice of the non-streaming response (``reasoning``: the thinking, chat only)."""
         if self.chat:
             message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
             if tool_calls:  # as OpenAI answers a call: content null unless the model also wrote text
                 message["content"] = text or None
                 message["tool_calls"] = tool_calls
+            if reasoning:  # both names, as in the stream (:meth:`reasoning`)
+                message["reasoning_content"] = message["reasoning"] = reasoning
             choice: dict[str, Any] = {
                 "index": self.index,
                 "message": message,

@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from shm.batch import stable_token_id
+from shm.batch import Kind, stable_token_id
 from stages.ingest import http_stream
 from stages.ingest.sse import SSEParser
 from stages.ingest.toolcalls import ToolCalls
@@ -61,6 +61,7 @@ MAX_EVENT_BYTES = 256 * 1024  # one SSE line or event: a chunk with 20 top logpr
 _SNIPPET = 160  # characters of a bad chunk or body quoted in an error message
 _VLLM_TOKEN_ID = "token_id:"
 _VOCABULARY_IDS = 1 << 31  # upstream token ids a batch takes: 0 .. 2**31 - 1
+_TOKEN, _REASONING = int(Kind.TOKEN), int(Kind.REASONING)
 
 
 class UpstreamError(Exception):
@@ -90,7 +91,7 @@ class UpstreamError(Exception):
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 3x, per token
 class TokenEvent:
-    kind: str  # "start" | "token" | "end" | "error"
+    kind: str  # "start" | "token" | "reasoning" (a reasoning model's thinking) | "end" | "error"
     text: str = ""
     token_id: int = 0
     logprob: float = math.nan
@@ -98,7 +99,6 @@ class TokenEvent:
     finish_reason: str | None = None
     usage: dict | None = None
     tool_calls: list[dict] | None = None
-    reasoning_pieces: int = 0  # reasoning deltas the stream had, not relayed (docs/upstreams.md)
     error: str = ""
     recv_ns: int = 0  # time.monotonic_ns() when the SSE event that carried it was parsed
 
@@ -112,14 +112,24 @@ class Tokens:
     logprobs: list[float]
     tops: list[tuple[tuple[str, float], ...]]
     recv_ns: int  # time.monotonic_ns() when the read was parsed
+    # the row kind (shm.batch.Kind) of the first len(kinds) tokens, those after it TOKEN; None: all
+    # TOKEN (the usual read: a content token costs nothing here). REASONING: a reasoning model's thinking.
+    kinds: list[int] | None = None
+
+    def all_kinds(self) -> list[int] | None:
+        """Every token's row kind, or None when all are TOKEN."""
+        kinds = self.kinds
+        return None if kinds is None else kinds + [_TOKEN] * (len(self.texts) - len(kinds))
 
     def after(self, skip: int) -> Tokens:
         """These tokens without the first ``skip``."""
-        return Tokens(self.texts[skip:], self.ids[skip:], self.logprobs[skip:], self.tops[skip:], self.recv_ns)
+        kinds = None if self.kinds is None else self.kinds[skip:]
+        return Tokens(self.texts[skip:], self.ids[skip:], self.logprobs[skip:], self.tops[skip:], self.recv_ns, kinds)
 
     def upto(self, n: int) -> Tokens:
         """The first ``n`` of these tokens."""
-        return Tokens(self.texts[:n], self.ids[:n], self.logprobs[:n], self.tops[:n], self.recv_ns)
+        kinds = None if self.kinds is None else self.kinds[:n]
+        return Tokens(self.texts[:n], self.ids[:n], self.logprobs[:n], self.tops[:n], self.recv_ns, kinds)
 
 
 @dataclass(slots=True)
@@ -130,7 +140,6 @@ class StreamEnd:
     usage: dict | None
     recv_ns: int
     tool_calls: list[dict] | None = None  # a chat reply's whole tool calls (stages/ingest/toolcalls.py)
-    reasoning_pieces: int = 0  # a reasoning model's thinking deltas, counted, not relayed
 
 
 # Called with each read's tokens; returns None, or an awaitable the reader awaits before reading on.
@@ -178,16 +187,19 @@ async def stream_completion(
 
 
 def token_events(tokens: Tokens) -> list[TokenEvent]:
+    kinds = tokens.all_kinds() or [_TOKEN] * len(tokens.texts)
     return [
         TokenEvent(
-            "token",
+            "token" if kind == _TOKEN else "reasoning",
             text,
             token_id if token_id is not None else stable_token_id(text.encode()),
             logprob,
             top,
             recv_ns=tokens.recv_ns,
         )
-        for text, token_id, logprob, top in zip(tokens.texts, tokens.ids, tokens.logprobs, tokens.tops, strict=True)
+        for text, token_id, logprob, top, kind in zip(
+            tokens.texts, tokens.ids, tokens.logprobs, tokens.tops, kinds, strict=True
+        )
     ]
 
 
@@ -212,7 +224,6 @@ async def batches_of(run: Callable[[TokenSink], Awaitable[StreamEnd]]) -> AsyncI
                         finish_reason=end.finish_reason,
                         usage=end.usage,
                         tool_calls=end.tool_calls,
-                        reasoning_pieces=end.reasoning_pieces,
                         recv_ns=end.recv_ns,
                     )
                 ]
@@ -229,7 +240,7 @@ async def batches_of(run: Callable[[TokenSink], Awaitable[StreamEnd]]) -> AsyncI
             if isinstance(batch, Exception):
                 raise batch
             yield batch
-            if batch[-1].kind != "token":
+            if batch[-1].kind not in ("token", "reasoning"):
                 return
             queue.task_done()
     finally:
@@ -258,7 +269,7 @@ async def relay_completion(
     """Stream one request: ``sink`` gets the tokens of each read; returns how it ended. Every
     upstream failure raises :class:`UpstreamError` (``before_first_token`` tells whether ``sink``
     got a token). ``on_output`` is called once, at the first piece of output that is not a token
-    (a reasoning model's thinking, a tool call's piece): the upstream is producing."""
+    (a tool call's piece): the upstream is producing."""
     if endpoint not in ENDPOINTS:
         raise ValueError(f"endpoint must be one of {sorted(ENDPOINTS)}, not {endpoint!r}")
     url = base_url.rstrip("/") + ENDPOINTS[endpoint]
@@ -490,9 +501,7 @@ class _BodyReader:
 
     def _done(self, recv_ns: int) -> None:
         decoder = self.decoder
-        self.end = StreamEnd(
-            decoder.finish_reason, decoder.usage, recv_ns, decoder.tool_calls.result(), decoder.reasoning
-        )
+        self.end = StreamEnd(decoder.finish_reason, decoder.usage, recv_ns, decoder.tool_calls.result())
         self.complete = True
 
 
@@ -546,16 +555,15 @@ class _ChunkDecoder:
     """Turns the JSON chunks of one stream into token events and remembers what the final
     event reports (finish_reason, usage)."""
 
-    __slots__ = ("chat", "finish_reason", "on_output", "reasoning", "tokens", "tool_calls", "usage")
+    __slots__ = ("chat", "finish_reason", "on_output", "tokens", "tool_calls", "usage")
 
     def __init__(self, chat: bool, on_output: Callable[[], None] | None = None) -> None:
         self.chat = chat
-        self.on_output = on_output  # called at the first reasoning or tool-call piece, then dropped
+        self.on_output = on_output  # called at the first tool-call piece, then dropped
         self.finish_reason: str | None = None
         self.usage: dict | None = None
         self.tokens = 0  # token events delivered so far
         self.tool_calls = ToolCalls()
-        self.reasoning = 0  # reasoning deltas: the rows carry content tokens only
 
     def closed_error(self) -> UpstreamError:
         detail = f" (finish_reason {self.finish_reason!r})" if self.finish_reason else ""
@@ -600,7 +608,11 @@ class _ChunkDecoder:
                 raise UpstreamError(f"malformed chunk from upstream: a delta {_text_snippet(data)!r}", retryable=True)
             text = delta.get("content") or ""
             if not text or len(delta) > 1:  # the usual delta is {"content": token}: nothing beside it
-                self._beside_content(delta, text, data)
+                thought = self._beside_content(delta, data)
+                if thought:
+                    _add_reasoning(tokens, thought)
+                    if not text:  # thinking only: logprobs, if any, are the thinking's (not relayed)
+                        return
         else:
             text = choice.get("text") or ""
         if type(text) is not str:
@@ -621,9 +633,9 @@ class _ChunkDecoder:
             ) from None
         _add_tokens(tokens, text, entries, choice.get("token_ids"))
 
-    def _beside_content(self, delta: dict, text: str, data: str | bytes) -> None:
+    def _beside_content(self, delta: dict, data: str | bytes) -> str:
         """What a delta carries besides its content: a tool call's pieces (kept for the END row), the
-        deprecated function_call (refused, never dropped), a reasoning model's thinking (counted)."""
+        deprecated function_call (refused, never dropped); returned, a reasoning model's thinking."""
         calls = delta.get("tool_calls")
         if calls is not None:
             self._add_tool_calls(calls, data)
@@ -632,9 +644,13 @@ class _ChunkDecoder:
                 "upstream sent a function_call delta (the deprecated form): this engine relays tool_calls only",
                 retryable=False,
             )
-        if not text and (delta.get("reasoning_content") or delta.get("reasoning")):
-            self.reasoning += 1  # llama.cpp, LM Studio: reasoning_content; newer vLLM: reasoning
-            self._output()
+        # llama.cpp, LM Studio, DeepSeek: reasoning_content; newer vLLM: reasoning (some send both, alike)
+        thought = delta.get("reasoning_content") or delta.get("reasoning") or ""
+        if type(thought) is not str:
+            raise UpstreamError(
+                f"malformed chunk from upstream: a reasoning text {_text_snippet(data)!r}", retryable=True
+            )
+        return thought
 
     def _output(self) -> None:
         if self.on_output is not None:
@@ -726,6 +742,19 @@ def _vllm_token_id(token: str) -> int | None:
     if token.startswith(_VLLM_TOKEN_ID) and token[len(_VLLM_TOKEN_ID) :].isdigit():
         return int(token[len(_VLLM_TOKEN_ID) :])
     return None
+
+
+def _add_reasoning(tokens: Tokens, text: str) -> None:
+    """A piece of a reasoning model's thinking: a token of kind REASONING, in order with the content's."""
+    kinds = tokens.kinds
+    if kinds is None:
+        kinds = tokens.kinds = []
+    kinds += [_TOKEN] * (len(tokens.texts) - len(kinds))
+    kinds.append(_REASONING)
+    tokens.texts.append(text)
+    tokens.ids.append(None)
+    tokens.logprobs.append(math.nan)
+    tokens.tops.append(())
 
 
 def _add_tokens(tokens: Tokens, text: str, entries: list[_Entry], token_ids: Any) -> None:

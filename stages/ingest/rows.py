@@ -28,7 +28,7 @@ from shm.batch import (
 
 ROW_TEXT_LIMIT = 64 * 1024  # bytes of one row's text, whatever the ring could take
 
-_TOKEN = int(Kind.TOKEN)
+_TOKEN, _END, _ERROR, _REASONING = int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR), int(Kind.REASONING)
 
 
 @dataclass(slots=True)
@@ -92,14 +92,21 @@ class RowBuffer:
         self.text.append(text)
 
     def add_tokens(
-        self, sid: int, seq: int, token_ids: list[int], logprobs: list[float], recv_ns: int, texts: list[bytes]
+        self,
+        sid: int,
+        seq: int,
+        token_ids: list[int],
+        logprobs: list[float],
+        recv_ns: int,
+        texts: list[bytes],
+        kinds: list[int] | None = None,
     ) -> None:
-        """The TOKEN rows of one network read of one stream (seq, seq + 1, ...), all received at
-        ``recv_ns``; every text at most :attr:`max_text` bytes."""
+        """The TOKEN rows (or those ``kinds`` gives: REASONING) of one network read of one stream
+        (seq, seq + 1, ...), all received at ``recv_ns``; every text at most :attr:`max_text` bytes."""
         n = len(texts)
         self.stream_id += [sid] * n
         self.seq += range(seq, seq + n)
-        self.kind += [_TOKEN] * n
+        self.kind += [_TOKEN] * n if kinds is None else kinds
         self.token_id += token_ids
         self.logprob += logprobs
         self.recv_ns += [recv_ns] * n
@@ -126,7 +133,7 @@ class RowBuffer:
         if view is None:
             return None
         sids, seqs, kinds, token_ids, logprobs, recv_ns, texts = self._take(n)
-        specials = n - kinds.count(_TOKEN)  # START, END and ERROR rows
+        specials = n - kinds.count(_TOKEN)  # START, END, ERROR and REASONING rows
         columns = write_batch(view, n, text_bytes, extra)
         if top is not None:
             encode_tops(columns.extra["top"], top)
@@ -147,8 +154,8 @@ class RowBuffer:
                 self.tops.pop(key, None)
         if not specials:
             return Committed(sids, next_seq, [], recv_ns)
-        ended = [sid for sid, kind in zip(sids, kinds, strict=True) if kind > _TOKEN]
-        received = [ns for ns, kind in zip(recv_ns, kinds, strict=True) if kind == _TOKEN]
+        ended = [sid for sid, kind in zip(sids, kinds, strict=True) if kind in (_END, _ERROR)]
+        received = [ns for ns, kind in zip(recv_ns, kinds, strict=True) if kind in (_TOKEN, _REASONING)]
         return Committed(sids, next_seq, ended, received)
 
     def _take(self, n: int) -> tuple[list, list, list, list, list, list, list[bytes]]:

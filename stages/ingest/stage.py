@@ -98,7 +98,6 @@ class Ingest(AsyncStage):
         self.latency_pending: list[tuple[int, list[int]]] = []  # (commit time, its tokens' receive times)
         self.counts = {
             **dict.fromkeys(("accepted", "rejected", "tokens", "errors", "completed", "cancelled"), 0),
-            "reasoning_dropped": 0,  # reasoning deltas of completed streams, not relayed (docs/ingest.md)
         }
         self._init_state(params.max_streams)
         self.request_buckets = KeyedBuckets(params.client_requests_per_s, params.client_burst)
@@ -263,7 +262,8 @@ class Ingest(AsyncStage):
                 next_seq[sid] = seq + 1
                 if token_id is None:  # no vocabulary id from the upstream: the stable hash of the token's bytes
                     token_id = stable_token_id(text)
-                append(sid, seq, _TOKEN, token_id, tokens.logprobs[0], tokens.recv_ns, text)
+                kind = tokens.kinds[0] if tokens.kinds else _TOKEN  # REASONING: a reasoning model's thinking
+                append(sid, seq, kind, token_id, tokens.logprobs[0], tokens.recv_ns, text)
                 if tokens.tops[0]:  # top logprobs asked for: kept aside, by row
                     rows.tops[(sid, seq)] = tokens.tops[0]
             else:
@@ -296,7 +296,6 @@ class Ingest(AsyncStage):
                 return
             text = end_text(End(str(end.finish_reason)[:256], None))  # an oversized usage object: keep the reason
         self.counts["completed"] += 1
-        self.counts["reasoning_dropped"] += end.reasoning_pieces
         self._emit(sid, Kind.END, text, end.recv_ns)
 
     def _add_tokens(self, sid: int, tokens: Tokens) -> None:
@@ -310,7 +309,7 @@ class Ingest(AsyncStage):
             ids = [stable_token_id(text) if i is None else i for i, text in zip(ids, texts, strict=True)]
         seq = self.next_seq[sid]
         self.next_seq[sid] = seq + len(texts)
-        self.rows.add_tokens(sid, seq, ids, tokens.logprobs, tokens.recv_ns, texts)
+        self.rows.add_tokens(sid, seq, ids, tokens.logprobs, tokens.recv_ns, texts, tokens.all_kinds())
         if any(tokens.tops):  # top logprobs asked for: kept aside, by row
             self.rows.tops.update(((sid, seq + i), top) for i, top in enumerate(tokens.tops) if top)
 

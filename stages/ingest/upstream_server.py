@@ -198,6 +198,7 @@ class GenRequest:
     prompt_tokens: int
     key: bytes
     tool: str | None = None  # the function the reply calls (tool_choice made it), else a text reply
+    thinking: int = 0  # reasoning tokens written before the reply (reasoning_effort), within max_tokens
 
 
 def parse_request(body: Any, chat: bool, models: tuple[str, ...]) -> GenRequest:
@@ -213,19 +214,37 @@ def parse_request(body: Any, chat: bool, models: tuple[str, ...]) -> GenRequest:
         raise ApiError(400, "only n=1 is supported", param="n")
     seed = _optional(body, "seed", int, None)
     stream_options = _optional(body, "stream_options", dict, {})
+    max_tokens = _max_tokens(body)
     return GenRequest(
         chat=chat,
         model=model,
         stream=_optional(body, "stream", bool, False),
         include_usage=bool(stream_options.get("include_usage", False)),
-        max_tokens=_max_tokens(body),
+        max_tokens=max_tokens,
         logprobs=logprobs,
         top_logprobs=top,
         ignore_eos=_optional(body, "ignore_eos", bool, False),
         prompt_tokens=len(corpus.tokenize(prompt_text)),
         key=corpus.request_key(model, content, seed),
         tool=_forced_tool(body) if chat else None,
+        thinking=min(_thinking_tokens(body), max_tokens) if chat else 0,  # max_tokens bounds thinking too
     )
+
+
+# reasoning_effort -> reasoning tokens written before the reply (OpenAI's values; "none" and
+# "minimal" think not at all here)
+THINKING_TOKENS = {"none": 0, "minimal": 0, "low": 8, "medium": 16, "high": 32}
+
+
+def _thinking_tokens(body: dict) -> int:
+    """How long the echo model thinks: a reasoning model's ``delta.reasoning_content`` comes
+    before its content, as llama.cpp and vLLM stream it."""
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        return 0
+    if effort not in THINKING_TOKENS:
+        raise ApiError(400, f"'reasoning_effort' must be one of {', '.join(THINKING_TOKENS)}", param="reasoning_effort")
+    return THINKING_TOKENS[effort]
 
 
 def _forced_tool(body: dict) -> str | None:
@@ -336,7 +355,13 @@ class _Shape:
         self.offset = 0
         # a tool call's arguments, {"text": <the sample's text>}, one piece per token
         self.call_id = "call_" + uuid.uuid4().hex[:24]
-        self.arguments = _argument_pieces(sample.tokens) if req.tool else []
+        # the function called; none when thinking took every token max_tokens allowed
+        self.tool = req.tool if sample.tokens else None
+        self.arguments = _argument_pieces(sample.tokens) if self.tool else []
+        # a reasoning model's thinking, before the reply: tokens of a sample of its own
+        thinking = corpus.sample(req.key + b"thinking", req.thinking, ignore_eos=True) if req.thinking else None
+        self.thinking = thinking.tokens if thinking else ()
+        self.tokens = len(self.thinking) + len(sample.tokens)  # the stream's token events
 
     def _envelope(self, obj: str, choices: list) -> dict:
         out = {"id": self.id, "object": obj, "created": self.created, "model": self.req.model}
@@ -358,9 +383,13 @@ class _Shape:
         return self._chunk(_chat_choice({"role": "assistant", "content": ""}, None, None))
 
     def token(self, i: int, text: str | None = None) -> bytes:
-        """Token ``i``'s chunk (its text replaced by ``text`` when given: a fault)."""
+        """Token ``i``'s chunk, thinking first (its text replaced by ``text`` when given: a fault)."""
+        if i < len(self.thinking):
+            thought = self.thinking[i] if text is None else text
+            return self._chunk(_chat_choice({"reasoning_content": thought}, None, None))
+        i -= len(self.thinking)
         tok = self.sample.tokens[i] if text is None else text
-        if self.req.tool:
+        if self.tool:
             return self._chunk(_chat_choice({"tool_calls": [self._call_piece(i, text)]}, None, None))
         if self.req.chat:
             logprobs = {"content": [self._chat_logprob(i)]} if self.req.logprobs else None
@@ -375,13 +404,13 @@ class _Shape:
             piece.update(id=self.call_id, type="function")
         piece["function"] = {"arguments": self.arguments[i] if text is None else text}
         if i == 0:
-            piece["function"]["name"] = self.req.tool
+            piece["function"]["name"] = self.tool
         return piece
 
     @property
     def finish_reason(self) -> str:
         reason = self.sample.finish_reason
-        return "tool_calls" if self.req.tool and reason == "stop" else reason
+        return "tool_calls" if self.tool and reason == "stop" else reason
 
     def finish(self) -> bytes:
         reason = self.finish_reason
@@ -397,24 +426,28 @@ class _Shape:
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     def usage(self) -> dict:
-        completion = len(self.sample.tokens)
+        completion = self.tokens  # OpenAI counts the reasoning tokens among the completion's
         prompt = self.req.prompt_tokens
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if self.thinking:
+            usage["completion_tokens_details"] = {"reasoning_tokens": len(self.thinking)}
+        return usage
 
     def whole(self) -> dict:
         """The non-streaming response: one chat.completion or text_completion object."""
         n, text = len(self.sample.tokens), "".join(self.sample.tokens)
-        if self.req.tool:
-            call = {"id": self.call_id, "type": "function", "function": {"name": self.req.tool, "arguments": ""}}
+        if self.tool:
+            call = {"id": self.call_id, "type": "function", "function": {"name": self.tool, "arguments": ""}}
             call["function"]["arguments"] = "".join(self.arguments)
             message = {"role": "assistant", "content": None, "tool_calls": [call]}
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
             obj = "chat.completion"
         elif self.req.chat:
             logprobs = {"content": [self._chat_logprob(i) for i in range(n)]} if self.req.logprobs else None
+            message = {"role": "assistant", "content": text}
             choice = {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": logprobs,
                 "finish_reason": self.sample.finish_reason,
             }
@@ -423,6 +456,8 @@ class _Shape:
             logprobs = self._completion_logprobs(0, n) if self.req.logprobs else None
             choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": self.sample.finish_reason}
             obj = "text_completion"
+        if self.thinking:
+            choice["message"]["reasoning_content"] = "".join(self.thinking)
         out = self._envelope(obj, [choice])
         out["usage"] = self.usage()
         return out
@@ -517,7 +552,7 @@ class _Emission:
         if self.transport.get_write_buffer_size() > WRITE_HIGH_WATER:  # the client reads slower
             return now + TICK_S
         shape, faults, out, first = self.shape, self.faults, [], self.i
-        tokens = len(shape.sample.tokens)
+        tokens = shape.tokens
         while self.i < tokens and len(out) < MAX_EVENTS_PER_WRITE and self.start + self.offset_s(self.i) <= now:
             if self.i == faults.disconnect_after:
                 self.stats.tokens_sent += self.i - first
@@ -709,7 +744,7 @@ class UpstreamServer:
         req = parse_request(body, chat, self.cfg.models)
         faults = self._request_faults(request)
         await self._apply_early_faults(faults)
-        shape = _Shape(req, corpus.sample(req.key, req.max_tokens, req.ignore_eos))
+        shape = _Shape(req, corpus.sample(req.key, req.max_tokens - req.thinking, req.ignore_eos))
         if req.stream:
             return await self._stream(request, shape, faults)
         return await self._whole(request, shape, faults)
@@ -721,7 +756,7 @@ class UpstreamServer:
 
     async def _whole(self, request: web.Request, shape: _Shape, faults: Faults) -> web.StreamResponse:
         """Non-streaming: answer once the paced stream would have ended (or drop the connection)."""
-        n = len(shape.sample.tokens)
+        n = shape.tokens
         await asyncio.sleep(self._token_offset_s(n - 1))
         if faults.disconnect_after is not None and faults.disconnect_after < n:
             _drop_connection(request)
