@@ -68,6 +68,7 @@ class Kind(IntEnum):
     END = 3
     ERROR = 4
     REASONING = 5  # a token of a reasoning model's thinking, before its reply (docs/data-plane.md)
+    TOOL_CALL = 6  # a piece of a tool call, its text JSON (engine/protocol/toolcalls.py)
 
 
 class BatchError(ValueError):

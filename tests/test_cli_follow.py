@@ -12,6 +12,7 @@ from engine_harness import full_config
 
 from engine.clients.tail import _stream_text
 from engine.protocol import wire
+from engine.protocol.toolcalls import piece_text
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -80,10 +81,12 @@ def test_follow_prints_a_reasoning_models_thinking_marked_then_the_reply(start_e
     assert [line["type"] for line in lines] == ["start"] + ["reasoning"] * 8 + ["tokens"] * 4 + ["end"]
 
 
-def test_an_end_that_called_tools_prints_the_calls():
+def test_a_tool_calls_pieces_print_as_the_call_and_its_arguments():
     """A reply that called a tool has no token text: without its calls, the text form showed nothing."""
-    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x"}'}}
-    head = {"finish_reason": "tool_calls", "usage": None, "tool_calls": [call]}
-    printed = _stream_text(wire.Message("end", 7, (3, 3), head))
-    assert 'tool calls: lookup({"q": "x"})' in printed and "[end: tool_calls" in printed
-    assert "tool calls" not in _stream_text(wire.Message("end", 7, (3, 3), {"finish_reason": "stop"}))
+    pieces = [
+        piece_text(0, '{"q": ', "call_1", "function", "lookup"),
+        piece_text(0, '"x"}'),
+        piece_text(1, "{}", "call_2", "function", "note"),
+    ]
+    printed = _stream_text(wire.Message("tool_calls", 7, (3, 5), {}, text=pieces))
+    assert printed == '\n[tool call 0: lookup] {"q": "x"}\n[tool call 1: note] {}'

@@ -25,6 +25,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from engine.protocol.toolcalls import ToolCallJoiner
 from stages.ingest.openai_client import TokenEvent, stream_completion
 from stages.ingest.pool import PoolPolicy, UpstreamConfig, UpstreamPool
 
@@ -180,7 +181,11 @@ def test_a_tool_call_streamed_in_pieces_is_assembled_as_the_whole_answer_gives_i
         timeout=60,
     ) as answer:
         (whole,) = json.load(answer)["choices"][0]["message"]["tool_calls"]
-    (call,) = events[-1].tool_calls
+    joined = ToolCallJoiner()
+    for event in events:
+        if event.kind == "tool_call":
+            joined.add(event.text)
+    (call,) = joined.result()
     assert call["function"]["name"] == "lookup" and call["id"].startswith("call_")
     assert call["function"]["arguments"].startswith("{") and call["function"] == whole["function"]
 

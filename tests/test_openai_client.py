@@ -17,6 +17,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
+from engine.protocol.toolcalls import ToolCallJoiner
 from shm.batch import stable_token_id
 from stages.ingest.openai_client import TokenEvent, stream_completion
 from stages.ingest.upstream_server import UpstreamServer, UpstreamServerConfig
@@ -108,10 +109,11 @@ def tokens(events: list[TokenEvent]) -> list[TokenEvent]:
 
 
 def check_shape(events: list[TokenEvent], last: str) -> None:
-    """One start first, then tokens (a reasoning model's thinking among them), then exactly one end or error."""
+    """One start first, then tokens (a reasoning model's thinking, a tool call's pieces among them),
+    then exactly one end or error."""
     assert events[0].kind == "start"
     assert events[-1].kind == last
-    assert all(e.kind in ("token", "reasoning") for e in events[1:-1])
+    assert all(e.kind in ("token", "reasoning", "tool_call") for e in events[1:-1])
     assert all(e.recv_ns > 0 for e in events)
 
 
@@ -341,9 +343,10 @@ def test_vllm_style_several_tokens_per_delta_token_ids_and_usage_only_last_chunk
     assert events[-1].finish_reason == "length" and events[-1].usage == usage
 
 
-def test_tool_call_deltas_are_assembled_into_the_end_event():
+def test_tool_call_deltas_are_relayed_as_pieces_in_order_and_join_into_the_calls():
     """vLLM/OpenAI stream a tool call as deltas: the first with its id, type and name, then pieces of
-    the arguments; content may come before or beside them. Nothing of it may be dropped."""
+    the arguments; content may come before or beside them. Nothing of it may be dropped: each piece
+    is a "tool_call" event (its text the piece's JSON), after the content of its delta."""
     first = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "lookup", "arguments": ""}}
     stream = [
         chat_chunk({"role": "assistant", "content": None}),
@@ -357,12 +360,35 @@ def test_tool_call_deltas_are_assembled_into_the_end_event():
 
     events = chat_events(*stream)
     check_shape(events, "end")
+    assert [e.kind for e in events[1:-1]] == ["token"] + ["tool_call"] * 4
     assert [e.text for e in tokens(events)] == ["Checking."]
     assert events[-1].finish_reason == "tool_calls"
-    assert events[-1].tool_calls == [
+    pieces = [orjson.loads(e.text) for e in events if e.kind == "tool_call"]
+    assert pieces[0] == {
+        "index": 0,
+        "id": "call_a",
+        "type": "function",
+        "function": {"name": "lookup", "arguments": ""},
+    }
+    assert pieces[1] == {"index": 0, "function": {"arguments": '{"q": '}}
+    joined = ToolCallJoiner()
+    for e in events:
+        if e.kind == "tool_call":
+            joined.add(e.text)
+    assert joined.result() == [
         {"id": "call_a", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x"}'}},
         {"id": "call_b", "type": "function", "function": {"name": "now", "arguments": ""}},
     ]
+
+
+def test_a_call_id_and_name_repeated_in_every_piece_are_sent_once():
+    """llama-cpp-python repeats the call's id and name in every piece: relayed as they came, a client
+    that joins pieces (the official client's stream helpers) would read the name ten times over."""
+    piece = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "lookup", "arguments": "x"}}
+    events = chat_events(*[chat_chunk({"tool_calls": [piece]})] * 3, chat_chunk({}, finish="tool_calls"), DONE)
+    pieces = [orjson.loads(e.text) for e in events if e.kind == "tool_call"]
+    assert pieces[0]["function"] == {"name": "lookup", "arguments": "x"} and pieces[0]["id"] == "call_a"
+    assert pieces[1:] == [{"index": 0, "function": {"arguments": "x"}}] * 2
 
 
 def test_reasoning_pieces_are_relayed_as_reasoning_events_before_the_content():
@@ -418,14 +444,16 @@ def test_a_malformed_or_unsupported_tool_call_ends_the_stream_with_an_error_nami
     assert named in events[-1].error
 
 
-def test_tool_call_arguments_past_the_limit_end_the_stream_with_an_error():
+def test_tool_call_arguments_of_any_length_are_relayed():
+    """Before, calls of more than 60 KiB together (what a stream's END row held) ended the stream
+    with an error: an agent writing a file through a call lost it. Each piece is its own row now."""
     piece = {"index": 0, "function": {"arguments": "x" * 40_000}}
     first = {**piece, "id": "c", "type": "function"}
-    stream = [chat_chunk({"tool_calls": [first]}), chat_chunk({"tool_calls": [piece]})]
+    stream = [chat_chunk({"tool_calls": [first]}), *[chat_chunk({"tool_calls": [piece]})] * 3]
 
     events = chat_events(*stream, chat_chunk({}, finish="tool_calls"), DONE)
-    check_shape(events, "error")
-    assert "tool calls" in events[-1].error and "bytes" in events[-1].error
+    check_shape(events, "end")
+    assert sum(len(orjson.loads(e.text)["function"]["arguments"]) for e in events[1:-1]) == 160_000
 
 
 def test_llama_cpp_style_ids_then_error_line_split_across_writes():

@@ -68,20 +68,24 @@ def test_a_binary_tokens_message_decodes_to_what_was_encoded():
     }
 
 
-def test_a_reasoning_models_thinking_splits_into_reasoning_messages_before_its_tokens():
-    """Kind 5 rows (a reasoning model's thinking) make reasoning messages, the body of a tokens
-    message; before, every row that was not a token was taken for an event (an "error")."""
+def test_thinking_and_tool_call_rows_split_into_their_own_messages():
+    """Kind 5 rows (a reasoning model's thinking) make reasoning messages and kind 6 rows (a tool
+    call's pieces) tool_calls messages, the body of a tokens message; before, every row that was not
+    a token was taken for an event (an "error")."""
+    piece = '{"index":0,"id":"c","type":"function","function":{"name":"f","arguments":""}}'
     kinds = [wire.START, wire.REASONING, wire.REASONING, wire.TOKEN, wire.REASONING, wire.TOKEN, wire.END]
+    kinds.append(wire.TOOL_CALL)
     n = len(kinds)
     columns = {
-        "stream_id": np.array([7, 7, 7, 7, 8, 8, 7], "<u8"),
-        "seq": np.array([0, 1, 2, 3, 4, 5, 4], "<u8"),
+        "stream_id": np.array([7, 7, 7, 7, 8, 8, 7, 8], "<u8"),
+        "seq": np.array([0, 1, 2, 3, 4, 5, 4, 6], "<u8"),
         "kind": np.array(kinds, "u1"),
         "token_id": np.arange(n, dtype="<u4"),
         "logprob": np.full(n, np.nan, "<f4"),
         "recv_ns": np.arange(n, dtype="<i8"),
     }
-    texts = ['{"model":"m","cached":false}', "Let", " me", "Yes", "Hm", "No", '{"finish_reason":"stop","usage":null}']
+    end = '{"finish_reason":"stop","usage":null}'
+    texts = ['{"model":"m","cached":false}', "Let", " me", "Yes", "Hm", "No", end, piece]
     batch = wire.Batch(1, 0, 1, columns, wire.Texts.from_list(texts))
     split = [(m.type, m.stream, m.seq, m.text) for m in batch.stream_messages()]
     assert split == [
@@ -91,16 +95,14 @@ def test_a_reasoning_models_thinking_splits_into_reasoning_messages_before_its_t
         ("end", 7, (4, 4), []),
         ("reasoning", 8, (4, 4), ["Hm"]),
         ("tokens", 8, (5, 5), ["No"]),
+        ("tool_calls", 8, (6, 6), [piece]),
     ]
-    thinking = batch.stream_messages()[1]
-    for encoding in wire.ENCODINGS:
-        frames = wire.encode_message(thinking, encoding)
-        assert frames[1].startswith(b'{"v":2,"type":"reasoning","stream":7,"seq":[1,2]')
-        decoded = wire.decode(list(frames))
-        assert (decoded.type, decoded.text, decoded.columns["token_id"].tolist()) == (
-            "reasoning",
-            ["Let", " me"],
-            [1, 2],
-        )
-    ends = wire.ending_rows(columns["kind"])
-    assert ends.tolist() == [False] * 6 + [True]
+    messages = batch.stream_messages()
+    for message, want in ((messages[1], ["Let", " me"]), (messages[-1], [piece])):
+        for encoding in wire.ENCODINGS:
+            frames = wire.encode_message(message, encoding)
+            assert frames[1].startswith(b'{"v":2,"type":"%s","stream":' % message.type.encode())
+            decoded = wire.decode(list(frames))
+            assert (decoded.type, decoded.text) == (message.type, want)
+    assert wire.ending_rows(columns["kind"]).tolist() == [False] * 6 + [True, False]
+    assert wire.event_rows(columns["kind"]).tolist() == [True] + [False] * 5 + [True, False]

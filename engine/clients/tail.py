@@ -10,6 +10,7 @@ import orjson
 
 from engine.clients.consumer import StreamConsumer
 from engine.protocol import wire
+from engine.protocol.toolcalls import merged_pieces
 
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
 
@@ -26,8 +27,9 @@ def follow(
     came within ``first_timeout_s`` (None: wait as long as it takes).
 
     ``text``: one stream's tokens run together as they come (a reasoning model's thinking between
-    ``[thinking]`` and ``[/thinking]``); with every stream, one line per message prefixed by its
-    stream id. ``json``: one object per token (type tokens or reasoning) and per start/end/error."""
+    ``[thinking]`` and ``[/thinking]``, a tool call as ``[tool call I: NAME]`` and its arguments);
+    with every stream, one line per message prefixed by its stream id. ``json``: one object per
+    token (type tokens, reasoning or tool_calls: its text a piece's JSON) and per start/end/error."""
     ended = None
     timeout = first_timeout_s
     thinking = False  # one stream: its thinking is being printed
@@ -58,19 +60,22 @@ def follow(
 
 def _stream_text(message: wire.Message) -> str:
     head = message.header
+    if message.type == "tool_calls":
+        return "".join(map(_piece_shown, merged_pieces(message.text)))
     if message.type in wire.TOKEN_TYPES:
         return "".join(message.text)
     if message.type == "start":
         return f"[stream {message.stream} model={head.get('model') or '-'}{' cached' if head.get('cached') else ''}]\n"
     if message.type == "end":
-        return f"\n[end: {head.get('finish_reason')}, usage {head.get('usage')}{_calls_text(head)}]\n"
+        return f"\n[end: {head.get('finish_reason')}, usage {head.get('usage')}]\n"
     return f"\n[error: {head.get('reason')}]\n"
 
 
-def _calls_text(head: dict) -> str:
-    """A reply's tool calls (the end row carries them whole), as ``name(arguments)``."""
-    shown = [f"{call['function']['name']}({call['function']['arguments']})" for call in head.get("tool_calls") or []]
-    return f", tool calls: {', '.join(shown)}" if shown else ""
+def _piece_shown(piece: dict) -> str:
+    """A tool call's piece: its arguments, after a header where the call begins (its name)."""
+    function = piece["function"]
+    head = f"\n[tool call {piece['index']}: {function['name']}] " if function.get("name") else ""
+    return head + function.get("arguments", "")
 
 
 def _json_lines(message: wire.Message) -> str:

@@ -1,7 +1,8 @@
 """The texts of a stream's START and END rows (docs/data-plane.md, "Rows of a stream"). Ingest and
 the cache's replay write them; the cache's collector and the broadcast read them. Both sides use
-this module, so the format is written once. A TOKEN row's text is the token, an ERROR row's the
-reason: plain text, nothing to encode.
+this module, so the format is written once. A TOKEN or REASONING row's text is the token, an ERROR
+row's the reason: plain text, nothing to encode; a TOOL_CALL row's is a piece of a tool call
+(engine/protocol/toolcalls.py).
 
 Reading is forgiving: a text that is not the JSON object expected reads as the defaults (a row is
 data from another process, and a bad one must not stop the reader)."""
@@ -25,8 +26,6 @@ class Start:
 class End:
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
-    # a chat reply's tool calls, whole: [{"id", "type", "function": {"name", "arguments"}}]
-    tool_calls: list[dict[str, Any]] | None = None
 
 
 def start_text(start: Start) -> bytes:
@@ -42,38 +41,14 @@ def read_start(text: bytes | str) -> Start:
 
 
 def end_text(end: End) -> bytes:
-    fields: dict[str, Any] = {"finish_reason": end.finish_reason, "usage": end.usage}
-    if end.tool_calls:
-        fields["tool_calls"] = end.tool_calls
-    return orjson.dumps(fields)
+    return orjson.dumps({"finish_reason": end.finish_reason, "usage": end.usage})
 
 
 def read_end(text: bytes | str) -> End:
     fields = _object(text)
     usage = fields.get("usage")
     reason = fields.get("finish_reason")
-    calls = fields.get("tool_calls")
-    if isinstance(calls, list) and calls and all(isinstance(call, dict) for call in calls):
-        calls = [_tool_call(call) for call in calls]
-    else:
-        calls = None
-    return End(reason if isinstance(reason, str) else None, usage if isinstance(usage, dict) else None, calls)
-
-
-def _tool_call(call: dict[str, Any]) -> dict[str, Any]:
-    """One call in its documented shape, every field a string, whatever the row held (a reader
-    need not check it again)."""
-    function = call.get("function")
-    function = function if isinstance(function, dict) else {}
-    call_id, kind, name, arguments = call.get("id"), call.get("type"), function.get("name"), function.get("arguments")
-    return {
-        "id": call_id if isinstance(call_id, str) else "",
-        "type": kind if isinstance(kind, str) and kind else "function",
-        "function": {
-            "name": name if isinstance(name, str) else "",
-            "arguments": arguments if isinstance(arguments, str) else "",
-        },
-    }
+    return End(reason if isinstance(reason, str) else None, usage if isinstance(usage, dict) else None)
 
 
 def _object(text: bytes | str) -> dict[str, Any]:

@@ -8,12 +8,14 @@ and ``type``:
   ``epoch``, ``at`` and ``next`` place it in the broadcast's input (``at`` of a batch is the
   ``next`` of the one before, so a hole shows); ``rows``; ``encoding`` (json | binary) and for
   binary ``columns`` (name, dtype, width, offset, bytes of each array in the payload). Columns:
-  stream_id, seq, kind (1 start, 2 token, 3 end, 4 error, 5 reasoning), token_id, logprob, recv_ns, every column
-  compute appended, and the row texts (JSON: a ``text`` list; binary: ``text_end`` offsets into a
-  UTF-8 ``text`` arena). A start row's text is JSON ``{model, cached}``, an end row's JSON
-  ``{finish_reason, usage}``, an error row's the reason.
-- topic = a stream id as 16 hex digits, type start | tokens | reasoning | end | error: that stream's rows
-  (``stream``, ``seq`` [first, last]), published only while someone subscribed to that topic.
+  stream_id, seq, kind (1 start, 2 token, 3 end, 4 error, 5 reasoning, 6 tool call), token_id,
+  logprob, recv_ns, every column compute appended, and the row texts (JSON: a ``text`` list;
+  binary: ``text_end`` offsets into a UTF-8 ``text`` arena). A start row's text is JSON ``{model,
+  cached}``, an end row's JSON ``{finish_reason, usage}``, an error row's the reason, a tool call
+  row's a piece of the call (engine/protocol/toolcalls.py).
+- topic = a stream id as 16 hex digits, type start | tokens | reasoning | tool_calls | end | error:
+  that stream's rows (``stream``, ``seq`` [first, last]), published only while someone subscribed
+  to that topic.
 - topic ``heartbeat``: ``time_ns``, ``active_streams``, ``epoch``, ``next``, ``interval_s``.
 
 Both sides use this module, so the format is written once.
@@ -37,17 +39,19 @@ VERSION = 2
 ALL_TOPIC = b"all"
 HEARTBEAT_TOPIC = b"heartbeat"
 ENCODINGS = ("json", "binary")
-STREAM_TYPES = ("start", "tokens", "reasoning", "end", "error")
-# per-stream messages of token rows, the reply's and its thinking's (a reasoning model's): one body
-TOKEN_TYPES = ("tokens", "reasoning")
+STREAM_TYPES = ("start", "tokens", "reasoning", "tool_calls", "end", "error")
 MESSAGE_TYPES = (*STREAM_TYPES, "batch", "heartbeat")
 # Base token columns every per-stream tokens message carries, besides the text.
 BASE_COLUMNS = ("seq", "token_id", "logprob", "recv_ns")
 # Base columns of a batch message, in payload order; the appended (compute) columns follow.
 BATCH_COLUMNS = ("stream_id", "seq", "kind", "token_id", "logprob", "recv_ns")
 START, TOKEN, END, ERROR = int(Kind.START), int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR)
-REASONING = int(Kind.REASONING)
+REASONING, TOOL_CALL = int(Kind.REASONING), int(Kind.TOOL_CALL)
 KIND_TYPES = {START: "start", END: "end", ERROR: "error"}
+# per-stream messages of a run of rows, one body for each: the reply's tokens, a reasoning model's
+# thinking, a tool call's pieces (their texts JSON: engine/protocol/toolcalls.py)
+RUN_TYPES = {TOKEN: "tokens", REASONING: "reasoning", TOOL_CALL: "tool_calls"}
+TOKEN_TYPES = tuple(RUN_TYPES.values())
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 
 
@@ -56,8 +60,8 @@ class WireError(ValueError):
 
 
 def event_rows(kinds: np.ndarray) -> np.ndarray:
-    """Which rows are start, end or error rows (events), not tokens of a reply or of its thinking."""
-    return (kinds != TOKEN) & (kinds != REASONING)
+    """Which rows are start, end or error rows (events), not tokens (of a reply, its thinking, a tool call)."""
+    return (kinds == START) | (kinds == END) | (kinds == ERROR)
 
 
 def ending_rows(kinds: np.ndarray) -> np.ndarray:
@@ -189,8 +193,9 @@ class Batch:
 
     def stream_messages(self) -> list[Message]:
         """The per-stream messages the batch's rows make: per stream, runs of token rows become
-        one tokens message (of reasoning rows, one reasoning message), each start, end or error
-        row one message (one numpy gather per column for the whole batch, then slices)."""
+        one tokens message (of reasoning rows one reasoning message, of tool call rows one
+        tool_calls message), each start, end or error row one message (one numpy gather per column
+        for the whole batch, then slices)."""
         n = self.rows
         if not n:
             return []
@@ -213,7 +218,7 @@ class Batch:
                 out.append(event_message(int(kinds[a]), sid, int(seqs[a]), texts[a], int(recv_ns[a]), **flags))
                 continue
             first, last = int(seqs[a]), int(seqs[b - 1])
-            kind = "tokens" if kinds[a] == TOKEN else "reasoning"
+            kind = RUN_TYPES[int(kinds[a])]
             head = header(kind, sid, first, last, encoding)
             part = {name: values[a:b] for name, values in columns.items()}
             out.append(Message(kind, sid, (first, last), head, part, texts[a:b]))
@@ -242,10 +247,7 @@ def event_fields(kind: int, text: str) -> dict[str, Any]:
         return {"model": start.model, "cached": start.cached}
     if kind == END:
         end = read_end(text)
-        fields = {"finish_reason": end.finish_reason, "usage": end.usage}
-        if end.tool_calls:
-            fields["tool_calls"] = end.tool_calls
-        return fields
+        return {"finish_reason": end.finish_reason, "usage": end.usage}
     return {"reason": text}
 
 

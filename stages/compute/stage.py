@@ -67,7 +67,8 @@ try:  # built at install where a C compiler is (setup.py); the numpy path otherw
 except ImportError:
     _compiled = None
 
-_TOKEN, _END, _ERROR = int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR)  # REASONING rows: as START rows
+# REASONING and TOOL_CALL rows are computed as START rows are (zeros): the columns are the reply's tokens
+_TOKEN, _END, _ERROR = int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR)
 _SMALL_RECORD = 8  # rows up to which a record's running columns go row by row (numpy's turn from 8-12 rows)
 _ROWS_AT_ONCE = 256  # rows whose running columns are computed together: bounds the state rows' free columns
 COLUMNS = (  # what compute appends (and ``probe`` when probes are configured)

@@ -21,6 +21,7 @@ from engine.clients.requests_async import AsyncRequestClient, Submitted
 from engine.protocol import wire
 from engine.protocol.openai_errors import ApiError
 from engine.protocol.requests import RequestError
+from engine.protocol.toolcalls import ToolCallJoiner
 from engine.telemetry import Telemetry
 from shm.batch import TOP_COLUMN, TopAlternatives, top_alternatives
 from stages.gateway.errors import rejection, stream_error
@@ -34,7 +35,6 @@ from stages.gateway.shapes import (
     chat_logprobs,
     completion_logprobs,
     estimate_prompt_tokens,
-    estimate_tool_call_tokens,
     sse,
     usage_of,
 )
@@ -161,9 +161,8 @@ class Choices:
         first = each[0][0]
         completion = sum(usage.completion_tokens for usage, _ in each)
         cached = sum(usage.completion_tokens for usage, hit in each if hit)
-        estimated = any(usage.completion_estimated for usage, _ in each)
         reasoning = sum(usage.reasoning_tokens for usage, _ in each)
-        usage = Usage(first.prompt_tokens, completion, first.prompt_estimated, self.cached, estimated, reasoning)
+        usage = Usage(first.prompt_tokens, completion, first.prompt_estimated, self.cached, reasoning)
         return usage, cached
 
 
@@ -406,11 +405,12 @@ class Completions:
             out.append(choice.shaper.reasoning("".join(message.text)))
             state.add(len(message.text), 0, thinking=True)
             lease.tokens(len(message.text))
+        elif kind == "tool_calls":
+            out.append(choice.shaper.tool_call_pieces(message.text))
+            state.add(len(message.text), 0)
+            lease.tokens(len(message.text))
         elif kind == "end":
             state.end_usage = message.header.get("usage")
-            calls = state.end_tool_calls(message.header, lease)
-            if calls:
-                out.append(choice.shaper.tool_calls(calls))
             out.append(choice.shaper.finish(message.header.get("finish_reason") or "stop"))
         elif kind == "error":
             state.failed = True
@@ -425,14 +425,13 @@ class Completions:
             for choice, message in choices.take():
                 if message.type in wire.TOKEN_TYPES:
                     thinking = message.type == "reasoning"
-                    collected[choice.shaper.index].add(message, thinking)
-                    choice.state.add(len(message.text), sum(map(len, message.text)), thinking)
+                    collected[choice.shaper.index].add(message)
+                    chars = sum(map(len, message.text)) if message.type == "tokens" else 0
+                    choice.state.add(len(message.text), chars, thinking)
                     lease.tokens(len(message.text))
                 elif message.type == "end":
                     choice.state.end_usage = message.header.get("usage")
-                    part = collected[choice.shaper.index]
-                    part.tool_calls = choice.state.end_tool_calls(message.header, lease)
-                    part.reason = message.header.get("finish_reason") or "stop"
+                    collected[choice.shaper.index].reason = message.header.get("finish_reason") or "stop"
                 elif message.type == "error":
                     choice.state.failed = True
                     raise stream_error(message.header.get("reason", ""))
@@ -472,7 +471,7 @@ class Completions:
 class _Tally:
     """What one response delivered, for its usage."""
 
-    __slots__ = ("chars", "end_usage", "estimate", "failed", "first_token_at", "reasoning", "tokens", "tool_tokens")
+    __slots__ = ("chars", "end_usage", "estimate", "failed", "first_token_at", "reasoning", "tokens")
 
     def __init__(self, estimate: int) -> None:
         self.estimate = estimate
@@ -481,7 +480,6 @@ class _Tally:
         self.end_usage: dict | None = None
         self.failed = False
         self.first_token_at: float | None = None
-        self.tool_tokens = 0  # estimated tokens of the reply's tool calls, counted in ``tokens``
         self.reasoning = 0  # tokens of a reasoning model's thinking, counted in ``tokens``
 
     def add(self, tokens: int, chars: int, thinking: bool = False) -> None:
@@ -491,25 +489,14 @@ class _Tally:
         else:
             self.chars += chars
 
-    def end_tool_calls(self, header: dict[str, Any], lease: Lease) -> list[dict[str, Any]] | None:
-        """The end's tool calls; their estimated tokens count as delivered (the key's limits and
-        ledger) when the upstream gave no completion count."""
-        calls = header.get("tool_calls")
-        if not calls:
-            return None
-        self.tool_tokens = estimate_tool_call_tokens(calls)
-        self.tokens += self.tool_tokens
-        lease.tokens(self.tool_tokens)
-        return calls
-
     def usage(self, cached: bool) -> Usage:
-        return usage_of(self.end_usage, self.tokens, self.estimate, cached, self.tool_tokens > 0, self.reasoning)
+        return usage_of(self.end_usage, self.tokens, self.estimate, cached, self.reasoning)
 
 
 class _Collected:
     """A whole response's choice as its rows come: texts, logprobs, the columns asked for."""
 
-    __slots__ = ("ask", "columns", "logprobs", "reason", "texts", "thinking", "tool_calls", "tops")
+    __slots__ = ("ask", "calls", "columns", "logprobs", "reason", "texts", "thinking", "tops")
 
     def __init__(self, ask: Ask) -> None:
         self.ask = ask
@@ -519,11 +506,15 @@ class _Collected:
         self.tops: list[TopAlternatives] = []
         self.columns: dict[str, list] = {name: [] for name in ask.columns}
         self.reason = "stop"
-        self.tool_calls: list[dict[str, Any]] | None = None
+        self.calls = ToolCallJoiner()
 
-    def add(self, message: wire.Message | Tokens, thinking: bool = False) -> None:
-        if thinking:  # no logprobs or columns: the reply's tokens have them
+    def add(self, message: wire.Message | Tokens) -> None:
+        if message.type == "reasoning":  # no logprobs or columns: the reply's tokens have them
             self.thinking += message.text
+            return
+        if message.type == "tool_calls":
+            for text in message.text:
+                self.calls.add(text)
             return
         self.texts += message.text
         if self.ask.logprobs:
@@ -542,7 +533,8 @@ class _Collected:
                 else completion_logprobs(self.texts, self.logprobs, 0, self.tops if ask.top_logprobs else None)
             )
         extension = {"columns": self.columns} if ask.columns else None
-        return shaper.choice("".join(self.texts), self.reason, lp, extension, self.tool_calls, "".join(self.thinking))
+        thinking = "".join(self.thinking)
+        return shaper.choice("".join(self.texts), self.reason, lp, extension, self.calls.result(), thinking)
 
 
 def _columns(names: list[str], columns: dict) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from engine.protocol.toolcalls import merged_pieces
 from shm.batch import TopAlternatives
 
 DONE = b"data: [DONE]\n\n"
@@ -43,19 +44,12 @@ def _text_tokens(text: str) -> int:
     return math.ceil(len(text) / 4) if text else 0
 
 
-def estimate_tool_call_tokens(calls: list[dict[str, Any]]) -> int:
-    """Completion tokens of tool calls when the upstream reports none (they come as no token
-    rows): the same ~4 characters per token over each call's name and arguments."""
-    return sum(_text_tokens(call["function"]["name"]) + _text_tokens(call["function"]["arguments"]) for call in calls)
-
-
 @dataclass
 class Usage:
     prompt_tokens: int
     completion_tokens: int
     prompt_estimated: bool  # the upstream gave no prompt count: ours is an estimate
     cached: bool = False  # served from the engine's cache (no upstream tokens spent)
-    completion_estimated: bool = False  # the engine's count includes tool calls' estimated tokens
     reasoning_tokens: int = 0  # of the completion's: a reasoning model's thinking
 
     def as_dict(self) -> dict[str, Any]:
@@ -64,14 +58,10 @@ class Usage:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
-        flags = {
-            "prompt_tokens_estimated": self.prompt_estimated,
-            "completion_tokens_estimated": self.completion_estimated,
-        }
         if self.reasoning_tokens:
             usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
-        if any(flags.values()):
-            usage["neuralpipe"] = {name: True for name, flag in flags.items() if flag}
+        if self.prompt_estimated:
+            usage["neuralpipe"] = {"prompt_tokens_estimated": True}
         return usage
 
 
@@ -80,12 +70,11 @@ def usage_of(
     counted: int,
     estimate: int,
     cached: bool = False,
-    counted_estimated: bool = False,
     reasoning: int = 0,
 ) -> Usage:
     """The upstream's counts where it gave them (integers >= 0), else the engine's: completion
-    tokens counted as token rows (plus the estimate of tool calls: ``counted_estimated``), of them
-    ``reasoning`` the thinking's, prompt tokens estimated (:func:`estimate_prompt_tokens`)."""
+    tokens counted as token rows (a tool call's pieces and a reasoning model's thinking among
+    them, ``reasoning`` of them the thinking's), prompt tokens estimated (:func:`estimate_prompt_tokens`)."""
     upstream = upstream or {}
     prompt, completion = upstream.get("prompt_tokens"), upstream.get("completion_tokens")
     known_prompt = type(prompt) is int and prompt >= 0
@@ -97,7 +86,6 @@ def usage_of(
         completion if known_completion else counted,
         not known_prompt,
         cached,
-        counted_estimated and not known_completion,
         told if known_completion and type(told) is int and 0 <= told <= completion else reasoning,
     )
 
@@ -171,10 +159,10 @@ class Shaper:
         delta = {"reasoning_content": text, "reasoning": text}
         return self._chunk({"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None})
 
-    def tool_calls(self, calls: list[dict[str, Any]]) -> bytes:
-        """A chat stream's tool calls, whole, in one delta before the finish chunk (a client that
-        joins the deltas of each ``index`` gets the same calls as from pieces)."""
-        delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+    def tool_call_pieces(self, texts: list[str]) -> bytes:
+        """A run of a chat stream's tool call pieces (engine/protocol/toolcalls.py) as one delta,
+        as OpenAI streams them: a client joins each ``index``'s pieces into the call."""
+        delta = {"tool_calls": merged_pieces(texts)}
         return self._chunk({"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None})
 
     def usage_chunk(self, usage: Usage) -> bytes:

@@ -37,7 +37,7 @@ import orjson
 from shm.batch import Kind, stable_token_id
 from stages.ingest import http_stream
 from stages.ingest.sse import SSEParser
-from stages.ingest.toolcalls import ToolCalls
+from stages.ingest.toolcalls import ToolCallPieces
 
 __all__ = [
     "ENDPOINTS",
@@ -61,7 +61,8 @@ MAX_EVENT_BYTES = 256 * 1024  # one SSE line or event: a chunk with 20 top logpr
 _SNIPPET = 160  # characters of a bad chunk or body quoted in an error message
 _VLLM_TOKEN_ID = "token_id:"
 _VOCABULARY_IDS = 1 << 31  # upstream token ids a batch takes: 0 .. 2**31 - 1
-_TOKEN, _REASONING = int(Kind.TOKEN), int(Kind.REASONING)
+_TOKEN, _REASONING, _TOOL_CALL = int(Kind.TOKEN), int(Kind.REASONING), int(Kind.TOOL_CALL)
+_EVENT_KINDS = {_TOKEN: "token", _REASONING: "reasoning", _TOOL_CALL: "tool_call"}
 
 
 class UpstreamError(Exception):
@@ -91,14 +92,15 @@ class UpstreamError(Exception):
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 3x, per token
 class TokenEvent:
-    kind: str  # "start" | "token" | "reasoning" (a reasoning model's thinking) | "end" | "error"
+    # "start" | "token" | "reasoning" (a reasoning model's thinking) | "tool_call" (a piece of a tool
+    # call: text is its JSON, engine/protocol/toolcalls.py) | "end" | "error"
+    kind: str
     text: str = ""
     token_id: int = 0
     logprob: float = math.nan
     top_logprobs: tuple[tuple[str, float], ...] = ()
     finish_reason: str | None = None
     usage: dict | None = None
-    tool_calls: list[dict] | None = None
     error: str = ""
     recv_ns: int = 0  # time.monotonic_ns() when the SSE event that carried it was parsed
 
@@ -113,7 +115,8 @@ class Tokens:
     tops: list[tuple[tuple[str, float], ...]]
     recv_ns: int  # time.monotonic_ns() when the read was parsed
     # the row kind (shm.batch.Kind) of the first len(kinds) tokens, those after it TOKEN; None: all
-    # TOKEN (the usual read: a content token costs nothing here). REASONING: a reasoning model's thinking.
+    # TOKEN (the usual read: a content token costs nothing here). REASONING: a reasoning model's
+    # thinking; TOOL_CALL: a piece of a tool call (its text the piece's JSON).
     kinds: list[int] | None = None
 
     def all_kinds(self) -> list[int] | None:
@@ -139,7 +142,6 @@ class StreamEnd:
     finish_reason: str | None
     usage: dict | None
     recv_ns: int
-    tool_calls: list[dict] | None = None  # a chat reply's whole tool calls (stages/ingest/toolcalls.py)
 
 
 # Called with each read's tokens; returns None, or an awaitable the reader awaits before reading on.
@@ -190,7 +192,7 @@ def token_events(tokens: Tokens) -> list[TokenEvent]:
     kinds = tokens.all_kinds() or [_TOKEN] * len(tokens.texts)
     return [
         TokenEvent(
-            "token" if kind == _TOKEN else "reasoning",
+            _EVENT_KINDS[kind],
             text,
             token_id if token_id is not None else stable_token_id(text.encode()),
             logprob,
@@ -223,7 +225,6 @@ async def batches_of(run: Callable[[TokenSink], Awaitable[StreamEnd]]) -> AsyncI
                         "end",
                         finish_reason=end.finish_reason,
                         usage=end.usage,
-                        tool_calls=end.tool_calls,
                         recv_ns=end.recv_ns,
                     )
                 ]
@@ -240,7 +241,7 @@ async def batches_of(run: Callable[[TokenSink], Awaitable[StreamEnd]]) -> AsyncI
             if isinstance(batch, Exception):
                 raise batch
             yield batch
-            if batch[-1].kind not in ("token", "reasoning"):
+            if batch[-1].kind in ("end", "error"):
                 return
             queue.task_done()
     finally:
@@ -264,12 +265,10 @@ async def relay_completion(
     headers: dict | None = None,
     connect_timeout_s: float = 5,
     idle_timeout_s: float = 60,
-    on_output: Callable[[], None] | None = None,
 ) -> StreamEnd:
     """Stream one request: ``sink`` gets the tokens of each read; returns how it ended. Every
     upstream failure raises :class:`UpstreamError` (``before_first_token`` tells whether ``sink``
-    got a token). ``on_output`` is called once, at the first piece of output that is not a token
-    (a tool call's piece): the upstream is producing."""
+    got a token: a reasoning model's thinking and a tool call's pieces come as tokens too)."""
     if endpoint not in ENDPOINTS:
         raise ValueError(f"endpoint must be one of {sorted(ENDPOINTS)}, not {endpoint!r}")
     url = base_url.rstrip("/") + ENDPOINTS[endpoint]
@@ -277,7 +276,7 @@ async def relay_completion(
     # a keep-alive comment resets, and no limit on how long a healthy stream may run.
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=idle_timeout_s)
     request_headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **(headers or {})}
-    decoder = _ChunkDecoder(chat=endpoint == "chat", on_output=on_output)
+    decoder = _ChunkDecoder(chat=endpoint == "chat")
     reader = _BodyReader(decoder, sink)
     payload = orjson.dumps({**body, "stream": True})
     if url.startswith("http://"):  # the fast path: a bare protocol, no aiohttp per read
@@ -501,7 +500,7 @@ class _BodyReader:
 
     def _done(self, recv_ns: int) -> None:
         decoder = self.decoder
-        self.end = StreamEnd(decoder.finish_reason, decoder.usage, recv_ns, decoder.tool_calls.result())
+        self.end = StreamEnd(decoder.finish_reason, decoder.usage, recv_ns)
         self.complete = True
 
 
@@ -555,15 +554,14 @@ class _ChunkDecoder:
     """Turns the JSON chunks of one stream into token events and remembers what the final
     event reports (finish_reason, usage)."""
 
-    __slots__ = ("chat", "finish_reason", "on_output", "tokens", "tool_calls", "usage")
+    __slots__ = ("chat", "finish_reason", "tokens", "tool_calls", "usage")
 
-    def __init__(self, chat: bool, on_output: Callable[[], None] | None = None) -> None:
+    def __init__(self, chat: bool) -> None:
         self.chat = chat
-        self.on_output = on_output  # called at the first tool-call piece, then dropped
         self.finish_reason: str | None = None
         self.usage: dict | None = None
         self.tokens = 0  # token events delivered so far
-        self.tool_calls = ToolCalls()
+        self.tool_calls = ToolCallPieces()
 
     def closed_error(self) -> UpstreamError:
         detail = f" (finish_reason {self.finish_reason!r})" if self.finish_reason else ""
@@ -602,17 +600,19 @@ class _ChunkDecoder:
             return
         if choice.get("finish_reason"):
             self.finish_reason = choice["finish_reason"]
+        calls: list[str] = _NO_CALLS  # a tool call's pieces: rows after the delta's content
         if self.chat:
             delta = choice.get("delta") or {}  # LM Studio/Ollama send null
             if type(delta) is not dict:
                 raise UpstreamError(f"malformed chunk from upstream: a delta {_text_snippet(data)!r}", retryable=True)
             text = delta.get("content") or ""
             if not text or len(delta) > 1:  # the usual delta is {"content": token}: nothing beside it
-                thought = self._beside_content(delta, data)
+                thought, calls = self._beside_content(delta, data)
                 if thought:
-                    _add_reasoning(tokens, thought)
-                    if not text:  # thinking only: logprobs, if any, are the thinking's (not relayed)
-                        return
+                    _add_rows(tokens, (thought,), _REASONING)
+                if not text and (thought or calls):  # logprobs, if any, are theirs (not relayed)
+                    _add_rows(tokens, calls, _TOOL_CALL)
+                    return
         else:
             text = choice.get("text") or ""
         if type(text) is not str:
@@ -624,6 +624,8 @@ class _ChunkDecoder:
                 tokens.ids.append(None)
                 tokens.logprobs.append(math.nan)
                 tokens.tops.append(())
+            if calls:
+                _add_rows(tokens, calls, _TOOL_CALL)
             return
         try:  # a shape none of the servers sends (a number for a list, a list for an object, ...)
             entries = _chat_logprobs(logprobs) if self.chat else _completion_logprobs(logprobs)
@@ -632,13 +634,19 @@ class _ChunkDecoder:
                 f"malformed chunk from upstream: logprobs {_text_snippet(data)!r}", retryable=True
             ) from None
         _add_tokens(tokens, text, entries, choice.get("token_ids"))
+        if calls:
+            _add_rows(tokens, calls, _TOOL_CALL)
 
-    def _beside_content(self, delta: dict, data: str | bytes) -> str:
-        """What a delta carries besides its content: a tool call's pieces (kept for the END row), the
-        deprecated function_call (refused, never dropped); returned, a reasoning model's thinking."""
-        calls = delta.get("tool_calls")
-        if calls is not None:
-            self._add_tool_calls(calls, data)
+    def _beside_content(self, delta: dict, data: str | bytes) -> tuple[str, list[str]]:
+        """What a delta carries besides its content: a reasoning model's thinking and a tool call's
+        pieces (their row texts), returned; the deprecated function_call is refused, never dropped."""
+        calls = _NO_CALLS
+        if (pieces := delta.get("tool_calls")) is not None:
+            try:
+                calls = self.tool_calls.add(pieces)
+            except ValueError as exc:
+                snippet = _text_snippet(data)
+                raise UpstreamError(f"malformed chunk from upstream: {exc}: {snippet!r}", retryable=True) from None
         elif delta.get("function_call"):
             raise UpstreamError(
                 "upstream sent a function_call delta (the deprecated form): this engine relays tool_calls only",
@@ -650,20 +658,7 @@ class _ChunkDecoder:
             raise UpstreamError(
                 f"malformed chunk from upstream: a reasoning text {_text_snippet(data)!r}", retryable=True
             )
-        return thought
-
-    def _output(self) -> None:
-        if self.on_output is not None:
-            self.on_output()
-            self.on_output = None
-
-    def _add_tool_calls(self, calls: Any, data: str | bytes) -> None:
-        self._output()
-        try:
-            self.tool_calls.add(calls)
-        except ValueError as exc:
-            snippet = _text_snippet(data)
-            raise UpstreamError(f"malformed chunk from upstream: {exc}: {snippet!r}", retryable=True) from None
+        return thought, calls
 
 
 def _first_choice(choices: Any) -> dict | None:
@@ -744,17 +739,23 @@ def _vllm_token_id(token: str) -> int | None:
     return None
 
 
-def _add_reasoning(tokens: Tokens, text: str) -> None:
-    """A piece of a reasoning model's thinking: a token of kind REASONING, in order with the content's."""
+_NO_CALLS: list[str] = []  # never appended to
+
+
+def _add_rows(tokens: Tokens, texts: list[str] | tuple[str, ...], kind: int) -> None:
+    """Tokens of ``kind`` (REASONING, TOOL_CALL), in order with the content's."""
+    if not texts:
+        return
     kinds = tokens.kinds
     if kinds is None:
         kinds = tokens.kinds = []
     kinds += [_TOKEN] * (len(tokens.texts) - len(kinds))
-    kinds.append(_REASONING)
-    tokens.texts.append(text)
-    tokens.ids.append(None)
-    tokens.logprobs.append(math.nan)
-    tokens.tops.append(())
+    kinds += [kind] * len(texts)
+    n = len(texts)
+    tokens.texts += texts
+    tokens.ids += [None] * n
+    tokens.logprobs += [math.nan] * n
+    tokens.tops += [()] * n
 
 
 def _add_tokens(tokens: Tokens, text: str, entries: list[_Entry], token_ids: Any) -> None:

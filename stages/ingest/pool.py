@@ -281,13 +281,6 @@ class UpstreamPool:
         # the usual stream: nothing to keep for a reissue, no token rate of the upstream's to take
         unchecked = progress.texts is None and upstream.token_bucket is None
 
-        producing = False  # thinking or a tool call came before any token: the upstream works
-
-        def produced() -> None:
-            nonlocal producing
-            producing = True
-            budget.reschedule(deadline)  # as a first token does: the whole-stream deadline from now on
-
         def fresh(tokens: Tokens) -> Awaitable[None] | None:
             nonlocal seen
             n = len(tokens.texts)
@@ -330,7 +323,6 @@ class UpstreamPool:
                     headers=upstream.headers,
                     connect_timeout_s=policy.connect_timeout_s,
                     idle_timeout_s=policy.idle_timeout_s,
-                    on_output=produced,
                 )
             if seen < skip:  # the end of a re-issued stream shorter than what was sent
                 raise UpstreamError(f"re-issued request ended after {seen} of {skip} tokens", retryable=False)
@@ -338,7 +330,7 @@ class UpstreamPool:
             return end
         except TimeoutError:
             self._count_error(upstream, "timeout")
-            if seen == 0 and not producing:
+            if seen == 0:
                 err = UpstreamError(f"no first token within {policy.first_token_timeout_s:g} s", retryable=True)
                 self._record_failure(upstream, str(err))
             else:

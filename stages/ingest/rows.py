@@ -28,7 +28,7 @@ from shm.batch import (
 
 ROW_TEXT_LIMIT = 64 * 1024  # bytes of one row's text, whatever the ring could take
 
-_TOKEN, _END, _ERROR, _REASONING = int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR), int(Kind.REASONING)
+_START, _TOKEN, _END, _ERROR = int(Kind.START), int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR)
 
 
 @dataclass(slots=True)
@@ -101,7 +101,7 @@ class RowBuffer:
         texts: list[bytes],
         kinds: list[int] | None = None,
     ) -> None:
-        """The TOKEN rows (or those ``kinds`` gives: REASONING) of one network read of one stream
+        """The TOKEN rows (or those ``kinds`` gives: REASONING, TOOL_CALL) of one network read of one stream
         (seq, seq + 1, ...), all received at ``recv_ns``; every text at most :attr:`max_text` bytes."""
         n = len(texts)
         self.stream_id += [sid] * n
@@ -133,7 +133,7 @@ class RowBuffer:
         if view is None:
             return None
         sids, seqs, kinds, token_ids, logprobs, recv_ns, texts = self._take(n)
-        specials = n - kinds.count(_TOKEN)  # START, END, ERROR and REASONING rows
+        specials = n - kinds.count(_TOKEN)  # START, END, ERROR, REASONING and TOOL_CALL rows
         columns = write_batch(view, n, text_bytes, extra)
         if top is not None:
             encode_tops(columns.extra["top"], top)
@@ -155,7 +155,7 @@ class RowBuffer:
         if not specials:
             return Committed(sids, next_seq, [], recv_ns)
         ended = [sid for sid, kind in zip(sids, kinds, strict=True) if kind in (_END, _ERROR)]
-        received = [ns for ns, kind in zip(recv_ns, kinds, strict=True) if kind in (_TOKEN, _REASONING)]
+        received = [ns for ns, kind in zip(recv_ns, kinds, strict=True) if kind not in (_START, _END, _ERROR)]
         return Committed(sids, next_seq, ended, received)
 
     def _take(self, n: int) -> tuple[list, list, list, list, list, list, list[bytes]]:

@@ -262,7 +262,9 @@ class Ingest(AsyncStage):
                 next_seq[sid] = seq + 1
                 if token_id is None:  # no vocabulary id from the upstream: the stable hash of the token's bytes
                     token_id = stable_token_id(text)
-                kind = tokens.kinds[0] if tokens.kinds else _TOKEN  # REASONING: a reasoning model's thinking
+                kind = (
+                    tokens.kinds[0] if tokens.kinds else _TOKEN
+                )  # or a reasoning model's thinking, a tool call's piece
                 append(sid, seq, kind, token_id, tokens.logprobs[0], tokens.recv_ns, text)
                 if tokens.tops[0]:  # top logprobs asked for: kept aside, by row
                     rows.tops[(sid, seq)] = tokens.tops[0]
@@ -287,13 +289,8 @@ class Ingest(AsyncStage):
             return
         finally:
             credit.close()
-        text = end_text(End(end.finish_reason, end.usage, end.tool_calls))
+        text = end_text(End(end.finish_reason, end.usage))
         if len(text) > self.rows.max_text:
-            if end.tool_calls:  # the reply itself does not fit: an error, never a reply without its calls
-                self.counts["errors"] += 1
-                reason = f"the reply's tool calls ({len(text)} bytes) do not fit a row (at most {self.rows.max_text})"
-                self._emit(sid, Kind.ERROR, reason.encode(), end.recv_ns)
-                return
             text = end_text(End(str(end.finish_reason)[:256], None))  # an oversized usage object: keep the reason
         self.counts["completed"] += 1
         self._emit(sid, Kind.END, text, end.recv_ns)

@@ -1,35 +1,34 @@
-"""A chat stream's tool calls, assembled from OpenAI's streamed ``delta.tool_calls``.
+"""A chat stream's ``delta.tool_calls``, checked and put in the shape the engine carries them
+(engine/protocol/toolcalls.py): one row text per piece, a call's ``id``, ``type`` and ``name`` once.
 
-A tool call comes as deltas keyed by ``index``: the first carries its ``id``, ``type`` and
-``function.name``, the next ones pieces of ``function.arguments`` (a JSON text, only whole once the
-last piece is in). The ring's rows carry token text, so the pieces are kept here and the whole calls
-travel in the stream's END row (engine/protocol/rows.py); the gateway gives them to the client
-before the finish chunk. A delta of the wrong shape, or calls larger than a row can carry, is the
-upstream's malformed stream: ValueError names what is wrong, and the stream ends with that error
-rather than without its calls."""
+Servers differ in how they stream a call: OpenAI and vLLM send the id, type and name in the call's
+first piece and then pieces of its arguments; llama-cpp-python repeats the id and name in every
+piece. Clients join the pieces by ``index`` and concatenate what repeats (the official client's
+stream helpers would read a name sent ten times as the name ten times over), so a field already
+sent for a call is left out of later pieces, and a piece with nothing new makes no row. A piece of
+the wrong shape is the upstream's malformed stream: ValueError names what is wrong, and the stream
+ends with that error rather than without its calls."""
 
 from __future__ import annotations
 
 from typing import Any
 
-MAX_TOOL_CALLS = 128  # per stream: an index past it is a malformed delta
-# names, ids and arguments together: the END row that carries them holds at most 64 KiB
-MAX_TOOL_CALL_BYTES = 60 * 1024
+from engine.protocol.toolcalls import MAX_TOOL_CALLS, piece_text
 
 
-class ToolCalls:
-    """The tool calls of one stream so far."""
+class ToolCallPieces:
+    """One stream's tool calls so far: which of each call's id, type and name were sent."""
 
-    __slots__ = ("calls", "size")
+    __slots__ = ("sent",)
 
     def __init__(self) -> None:
-        self.calls: dict[int, dict[str, Any]] = {}
-        self.size = 0  # bytes of ids, names and arguments so far
+        self.sent: dict[int, set[str]] = {}
 
-    def add(self, deltas: Any) -> None:
-        """Fold one chunk's ``delta.tool_calls`` in; ValueError names a malformed delta."""
+    def add(self, deltas: Any) -> list[str]:
+        """The row texts of one chunk's ``delta.tool_calls``; ValueError names a malformed piece."""
         if type(deltas) is not list:
             raise ValueError(f"tool_calls must be a list, got {type(deltas).__name__}")
+        texts = []
         for delta in deltas:
             if type(delta) is not dict:
                 raise ValueError(f"a tool call delta must be an object, got {type(delta).__name__}")
@@ -39,26 +38,21 @@ class ToolCalls:
             function = delta.get("function") or {}
             if type(function) is not dict:
                 raise ValueError(f"tool call {index}: function must be an object, got {type(function).__name__}")
-            call = self.calls.get(index)
-            if call is None:
-                call = self.calls[index] = {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
-            for key, value in (("id", delta.get("id")), ("type", delta.get("type"))):
-                if value:
-                    call[key] = self._text(value, index, key)
-            name, arguments = function.get("name"), function.get("arguments")
-            if name:
-                call["function"]["name"] = self._text(name, index, "function.name")
-            if arguments:
-                call["function"]["arguments"] += self._text(arguments, index, "function.arguments")
-        if self.size > MAX_TOOL_CALL_BYTES:
-            raise ValueError(f"tool calls of more than {MAX_TOOL_CALL_BYTES} bytes: more than a stream's end row holds")
+            sent = self.sent.setdefault(index, set())
+            fields = {}
+            for key, value in (("id", delta.get("id")), ("type", delta.get("type")), ("name", function.get("name"))):
+                if value and key not in sent:
+                    fields[key] = _text(value, index, key)
+                    sent.add(key)
+            arguments = _text(function.get("arguments") or "", index, "function.arguments")
+            if fields or arguments:
+                texts.append(
+                    piece_text(index, arguments, fields.get("id", ""), fields.get("type", ""), fields.get("name", ""))
+                )
+        return texts
 
-    def _text(self, value: Any, index: int, key: str) -> str:
-        if type(value) is not str:
-            raise ValueError(f"tool call {index}: {key} must be a string, got {type(value).__name__}")
-        self.size += len(value.encode())
-        return value
 
-    def result(self) -> list[dict[str, Any]] | None:
-        """The calls in index order, None when there were none."""
-        return [self.calls[i] for i in sorted(self.calls)] or None
+def _text(value: Any, index: int, key: str) -> str:
+    if type(value) is not str:
+        raise ValueError(f"tool call {index}: {key} must be a string, got {type(value).__name__}")
+    return value
