@@ -244,6 +244,13 @@ def test_tool_calls_whole_and_streamed_and_from_the_cache_as_openai_gives_them(c
     assert _joined_tool_calls(chunks) == {0: {"id": call.id, "name": "lookup", "arguments": call.function.arguments}}
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # the official client's stream helper joins the pieces into the same call (a repeated name
+    # would come out repeated: it concatenates what each delta carries)
+    with client.chat.completions.stream(**body, tools=TOOLS, tool_choice=forced) as stream:
+        seen = {event.type for event in stream}
+        (helped,) = stream.get_final_completion().choices[0].message.tool_calls
+    assert {"tool_calls.function.arguments.delta", "tool_calls.function.arguments.done"} <= seen
+    assert (helped.function.name, helped.function.arguments) == ("lookup", call.function.arguments)
 
 
 def test_a_tool_call_larger_than_a_row_streams_in_pieces_and_answers_whole(client):
