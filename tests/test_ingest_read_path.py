@@ -12,6 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine.protocol.toolcalls import read_piece
+from shm.batch import Kind
 from stages.ingest.openai_client import Tokens, UpstreamError, _ChunkDecoder
 from stages.ingest.ratelimit import TokenBucket, TokenCredit
 from stages.ingest.sse import SSEParser
@@ -64,22 +66,50 @@ _values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=12,
 )
-_fields = ["index", "delta", "content", "text", "logprobs", "finish_reason", "token_ids", "tokens", "top_logprobs"]
-_choice = st.dictionaries(st.sampled_from(_fields), _values | st.dictionaries(st.sampled_from(_fields), _values))
+_fields = [
+    "index", "delta", "content", "text", "logprobs", "finish_reason", "token_ids", "tokens", "top_logprobs",
+    "reasoning_content", "reasoning", "tool_calls", "function_call", "function", "name", "arguments", "id", "type",
+]  # fmt: skip
+_inner = st.dictionaries(st.sampled_from(_fields), _values, max_size=4)
+_nested = _inner | st.lists(_inner, max_size=2) | st.dictionaries(st.sampled_from(_fields), _inner, max_size=3)
+_choice = st.dictionaries(st.sampled_from(_fields), _values | _nested)
 _chunks = st.fixed_dictionaries({}, optional={"choices": st.lists(_choice, max_size=2) | _values, "usage": _values})
+# chat deltas of the usual shape with the fields beside the content drawn near-valid
+_short = st.text(max_size=6)
+_function = st.fixed_dictionaries({}, optional={"name": _short | _values, "arguments": _short | _values})
+_piece = st.fixed_dictionaries(
+    {}, optional={"index": st.integers(-1, 130) | _values, "id": _short | _values, "function": _function | _values}
+)
+_delta = st.fixed_dictionaries(
+    {},
+    optional={
+        "content": _short | _values,
+        "reasoning_content": _short | _values,
+        "reasoning": _short | _values,
+        "tool_calls": st.lists(_piece, max_size=3) | _values,
+    },
+)
+_delta_chunks = st.builds(lambda delta: {"choices": [{"index": 0, "delta": delta}]}, _delta)
 
 
-@given(_chunks, st.booleans())
-@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-def test_the_chunk_decoder_raises_only_upstream_errors(obj, chat):
-    """Near-valid chunks with values of any type: decoded into str texts, or an UpstreamError."""
+@given(st.lists(_chunks | _delta_chunks, min_size=1, max_size=4), st.booleans())
+@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+def test_the_chunk_decoder_raises_only_upstream_errors(objs, chat):
+    """Near-valid chunks of one stream with values of any type (reasoning and tool call fields
+    among them): decoded into str texts of known kinds (a tool call's piece readable as one), or
+    an UpstreamError."""
     tokens = Tokens([], [], [], [], 0)
+    decoder = _ChunkDecoder(chat=chat)
     try:
-        _ChunkDecoder(chat=chat).decode("message", json.dumps(obj).encode(), tokens)
+        for obj in objs:
+            decoder.decode("message", json.dumps(obj).encode(), tokens)
     except UpstreamError:
         return
     assert all(isinstance(text, str) for text in tokens.texts)
     assert len(tokens.texts) == len(tokens.ids) == len(tokens.logprobs) == len(tokens.tops)
+    kinds = tokens.all_kinds() or [Kind.TOKEN] * len(tokens.texts)
+    assert len(kinds) == len(tokens.texts) and set(kinds) <= {Kind.TOKEN, Kind.REASONING, Kind.TOOL_CALL}
+    assert all(read_piece(text) for text, kind in zip(tokens.texts, kinds, strict=True) if kind == Kind.TOOL_CALL)
 
 
 def test_a_credit_takes_ahead_and_gives_back_what_it_did_not_use():
