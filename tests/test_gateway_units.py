@@ -112,6 +112,10 @@ def test_routing_gives_each_stream_the_messages_the_wire_split_makes(tmp_path):
     T = wire.TOKEN
     rows = [(5, 0, wire.START, start), (6, 3, T, "x"), (5, 1, T, "a"), (6, 4, T, "y"), (5, 2, T, "b")]
     rows += [(5, 3, wire.END, end), (7, 0, T, "z"), (6, 5, T, "w")]
+    # a reasoning model's thinking, a tool call's pieces: runs of their own kinds, alone or mixed
+    piece = '{"index":0,"function":{"arguments":"{}"}}'
+    rows += [(8, 4, wire.REASONING, "hm"), (9, 2, wire.TOOL_CALL, piece), (8, 5, wire.REASONING, " so")]
+    rows += [(10, 7, wire.REASONING, "ok"), (10, 8, T, "Yes"), (9, 3, wire.TOOL_CALL, piece)]
     frames = _batch(rows)
     expected: dict[int, list[wire.Message]] = {}
     for message in wire.decode(frames).stream_messages():
@@ -121,7 +125,7 @@ def test_routing_gives_each_stream_the_messages_the_wire_split_makes(tmp_path):
         follower = BroadcastFollower(str(tmp_path))
         try:
             follower.core.feed([b"", b'{"type":"batches_end","first":0,"next":0,"epoch":1}', b""], False)
-            inboxes = {sid: follower.register(sid) for sid in (5, 6)}
+            inboxes = {sid: follower.register(sid) for sid in (5, 6, 8, 9, 10)}
             follower.core.feed(frames, True)
             follower._deliver()
             return {sid: list(inbox.messages) for sid, inbox in inboxes.items()}
@@ -129,9 +133,11 @@ def test_routing_gives_each_stream_the_messages_the_wire_split_makes(tmp_path):
             await follower.close()
 
     routed = asyncio.run(run())
+    assert [type(m).__name__ for sid in (8, 9) for m in routed[sid]] == ["Tokens", "Tokens"]  # no split
+    assert [m.type for m in routed[10]] == ["reasoning", "tokens"]
     for sid, messages in routed.items():
-        assert [(m.type, m.seq, m.text if m.type == "tokens" else None) for m in messages] == [
-            (m.type, m.seq, m.text if m.type == "tokens" else None) for m in expected[sid]
+        assert [(m.type, m.seq, m.text if m.type in wire.TOKEN_TYPES else None) for m in messages] == [
+            (m.type, m.seq, m.text if m.type in wire.TOKEN_TYPES else None) for m in expected[sid]
         ]
         for got, want in zip(messages, expected[sid], strict=True):
             assert got.header == want.header

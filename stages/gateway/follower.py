@@ -106,14 +106,23 @@ class Inbox:
 class Tokens:
     """A run of one stream's token rows routed from a batch: what the gateway reads of a tokens
     message (``type``, ``stream``, ``seq``, ``text``), with ``columns`` and ``header`` made only
-    when read (most requests ask for neither: the batch's columns are not sliced for them)."""
+    when read (most requests ask for neither: the batch's columns are not sliced for them).
+    ``type`` is the run's (wire.RUN_TYPES): tokens, or a reasoning model's thinking, or a tool
+    call's pieces."""
 
-    __slots__ = ("_batch", "_columns", "_rows", "seq", "stream", "text")
-    type = "tokens"
+    __slots__ = ("_batch", "_columns", "_rows", "seq", "stream", "text", "type")
 
-    def __init__(self, batch: wire.Batch, rows: list[int], stream: int, seq: tuple[int, int], text: list[str]) -> None:
+    def __init__(
+        self,
+        batch: wire.Batch,
+        rows: list[int],
+        stream: int,
+        seq: tuple[int, int],
+        text: list[str],
+        kind: str = "tokens",
+    ) -> None:
         self._batch, self._rows = batch, rows
-        self.stream, self.seq, self.text = stream, seq, text
+        self.stream, self.seq, self.text, self.type = stream, seq, text, kind
         self._columns: dict[str, np.ndarray] | None = None
 
     @property
@@ -126,7 +135,7 @@ class Tokens:
 
     @property
     def header(self) -> dict[str, Any]:
-        return wire.header("tokens", self.stream, *self.seq, self._batch.header.get("encoding", "binary"))
+        return wire.header(self.type, self.stream, *self.seq, self._batch.header.get("encoding", "binary"))
 
 
 _NOT_TOKEN_COLUMNS = frozenset(("stream_id", "kind"))
@@ -263,15 +272,20 @@ class BroadcastFollower:
         sids = batch.columns["stream_id"].tolist()
         if not self.expecting and self.inboxes.keys().isdisjoint(sids):
             return
-        # rows of events, and of a reasoning model's thinking, take the split (wire's per-stream messages)
-        events = set(np.flatnonzero(batch.columns["kind"] != wire.TOKEN).tolist())
+        kinds = batch.columns["kind"]
+        others = set(np.flatnonzero(kinds != wire.TOKEN).tolist())  # rows that are not the reply's tokens
         seqs, texts = batch.columns["seq"].tolist(), batch.texts
         split: list[int] = []  # rows of streams with a start, end or error, or nobody registered yet
         for sid, rows in _rows_by_stream(sids).items():
             inbox = self.inboxes.get(sid)
-            if inbox is not None and events.isdisjoint(rows):  # the usual case: a run of tokens
-                inbox.put(Tokens(batch, rows, sid, (seqs[rows[0]], seqs[rows[-1]]), [texts[i] for i in rows]))
-            elif inbox is not None or self.expecting:
+            if inbox is None:
+                if self.expecting:
+                    split += rows
+                continue
+            kind = "tokens" if others.isdisjoint(rows) else _one_run(kinds, rows)
+            if kind is not None:  # the usual case: a run of tokens (or of thinking, of a call's pieces)
+                inbox.put(Tokens(batch, rows, sid, (seqs[rows[0]], seqs[rows[-1]]), [texts[i] for i in rows], kind))
+            else:  # a start, end or error among them, or runs of several kinds: wire's split
                 split += rows
         if split:
             self._route_split(batch.take(np.array(split)))
@@ -301,6 +315,14 @@ class BroadcastFollower:
             self.counts["orphans_dropped"] += 1
             return
         kept[1].append(message)
+
+
+def _one_run(kinds: np.ndarray, rows: list[int]) -> str | None:
+    """The message type of ``rows`` when they are all of one kind of token run, else None."""
+    first = int(kinds[rows[0]])
+    if first not in wire.RUN_TYPES or any(int(kinds[i]) != first for i in rows):
+        return None
+    return wire.RUN_TYPES[first]
 
 
 def _rows_by_stream(sids: list[int]) -> dict[int, list[int]]:
