@@ -71,6 +71,9 @@ class Kind(IntEnum):
     TOOL_CALL = 6  # a piece of a tool call, its text JSON (engine/protocol/toolcalls.py)
 
 
+KINDS = np.array(sorted(int(kind) for kind in Kind), np.uint8)  # the row kinds this version knows
+
+
 class BatchError(ValueError):
     """A buffer that does not hold a valid token batch; the message names the field."""
 

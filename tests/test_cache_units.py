@@ -255,6 +255,16 @@ def test_corrupt_or_foreign_snapshot_raises_a_named_error(tmp_path, damage, mess
         read_snapshot(str(path))
 
 
+def test_a_snapshot_row_of_an_unknown_kind_is_refused_naming_it(tmp_path):
+    """Checksummed, yet not rows this engine writes: a kind 9 would reach every stage on replay."""
+    path = str(tmp_path / "c.snapshot")
+    entries = stored_streams(1)
+    entries[0][2].kind[1] = 9
+    write_snapshot(path, entries)
+    with pytest.raises(SnapshotError, match="kind 9"):
+        read_snapshot(path)
+
+
 # ---- the stage's duty cycle ----------------------------------------------------------------
 
 

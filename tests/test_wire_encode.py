@@ -106,3 +106,21 @@ def test_thinking_and_tool_call_rows_split_into_their_own_messages():
             assert (decoded.type, decoded.text) == (message.type, want)
     assert wire.ending_rows(columns["kind"]).tolist() == [False] * 6 + [True, False]
     assert wire.event_rows(columns["kind"]).tolist() == [True] + [False] * 5 + [True, False]
+
+
+def test_rows_of_a_kind_this_reader_does_not_know_are_skipped():
+    """A later version's kind (or a corrupt one) is skipped, as the format says; before, the split
+    raised KeyError (and, earlier still, took such a row for an error ending its stream)."""
+    columns = {
+        "stream_id": np.array([7, 7, 7], "<u8"),
+        "seq": np.array([1, 2, 3], "<u8"),
+        "kind": np.array([wire.TOKEN, 9, wire.TOKEN], "u1"),
+        "token_id": np.arange(3, dtype="<u4"),
+        "logprob": np.zeros(3, "<f4"),
+        "recv_ns": np.arange(3, dtype="<i8"),
+    }
+    batch = wire.Batch(1, 0, 1, columns, wire.Texts.from_list(["a", "?", "b"]))
+    assert [(m.type, m.seq, m.text) for m in batch.stream_messages()] == [
+        ("tokens", (1, 1), ["a"]),
+        ("tokens", (3, 3), ["b"]),
+    ]

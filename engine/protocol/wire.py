@@ -33,7 +33,7 @@ import numpy as np
 import orjson
 
 from engine.protocol.rows import read_end, read_start
-from shm.batch import Kind
+from shm.batch import KINDS, Kind
 
 VERSION = 2
 ALL_TOPIC = b"all"
@@ -205,8 +205,10 @@ class Batch:
         texts = [texts[i] for i in order.tolist()]
         sids, kinds = columns.pop("stream_id"), columns.pop("kind")
         events = event_rows(kinds)
-        # a message starts where the stream or the kind of row changes, and at and after each event row
-        changes = (sids[1:] != sids[:-1]) | (kinds[1:] != kinds[:-1]) | events[1:] | events[:-1]
+        unknown = ~np.isin(kinds, KINDS)  # a later version's kind (or a corrupt row): skipped, as documented
+        apart = events | unknown
+        # a message starts where the stream or the kind of row changes, and at and after each row apart
+        changes = (sids[1:] != sids[:-1]) | (kinds[1:] != kinds[:-1]) | apart[1:] | apart[:-1]
         starts = np.flatnonzero(np.concatenate(([True], changes)))
         seqs, recv_ns = columns["seq"], columns["recv_ns"]
         encoding = self.header.get("encoding", "binary")
@@ -214,6 +216,8 @@ class Batch:
         out: list[Message] = []
         for a, b in zip(starts.tolist(), [*starts[1:].tolist(), n], strict=True):
             sid = int(sids[a])
+            if unknown[a]:
+                continue
             if events[a]:
                 out.append(event_message(int(kinds[a]), sid, int(seqs[a]), texts[a], int(recv_ns[a]), **flags))
                 continue

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import numpy as np
 import orjson
 
-from shm.batch import BatchError, ExtraColumn
+from shm.batch import KINDS, BatchError, ExtraColumn
 from stages.cache.stream import BASE_ARRAYS, StoredStream
 
 MAGIC = b"NPCACHE\0"
@@ -137,6 +137,9 @@ def _entries(meta: list[dict], body: memoryview) -> list[tuple[str, float, Store
             extras.append((column, array.reshape(rows, column.width) if column.width > 1 else array))
         if int(base["text_len"].sum()) != len(text):
             raise ValueError(f"entry {m['key']!r}: row texts do not add up to its text")
+        unknown = np.setdiff1d(base["kind"], KINDS)
+        if len(unknown):
+            raise ValueError(f"entry {m['key']!r}: a row of kind {int(unknown[0])}, not one of {KINDS.tolist()}")
         stream = StoredStream(
             model=str(m["model"]), record_type=int(m["record_type"]), text=text, extras=tuple(extras), **base
         )
