@@ -28,6 +28,7 @@ from engine.keys import exposed_without_curve
 from engine.listen import exposed_without_auth
 from engine.notify import MAX_WEBHOOKS, check_webhook_url
 from engine.ports import REFERENCE
+from engine.protocol.requests import MAX_REQUEST_BYTES, SUBMIT_OVERHEAD
 from engine.redact import redact
 from engine.statedir import state_dir_path
 from engine.upstreams import UpstreamEntry
@@ -438,6 +439,28 @@ class Config(_Model):
             if reason:
                 key = ("gateway",) if "listen" in self.gateway or "auth" in self.gateway else ("params", name)
                 raise _KeyedError((*key, "listen"), reason)
+        self._check_request_limit()
+
+    def _check_request_limit(self) -> None:
+        """An ingest's max_request_bytes set below what a gateway takes would refuse its requests."""
+        needed = self._gateway_body_bytes() + SUBMIT_OVERHEAD
+        for name, worker in self.workers.items():
+            if worker.stage != STAGE_ALIASES["ingest"]:
+                continue
+            limit = self.worker_params(name).get("max_request_bytes")
+            if type(limit) is int and limit < needed:
+                key = ("workers", name, "params") if "max_request_bytes" in worker.params else ("params", name)
+                raise _KeyedError(
+                    (*key, "max_request_bytes"),
+                    f"{limit:,} bytes, less than the gateway's max_body_bytes + {SUBMIT_OVERHEAD:,}"
+                    f" ({needed:,}): ingest would refuse requests the gateway takes; raise it, or leave"
+                    " it out (it follows the gateway)",
+                )
+
+    def _gateway_body_bytes(self) -> int:
+        """The largest body a gateway of this topology takes (an invalid value: the params check names it)."""
+        sizes = [self.worker_params(name).get("max_body_bytes", MAX_REQUEST_BYTES) for name in self._gateway_workers()]
+        return max((size for size in sizes if type(size) is int), default=0)
 
     def _check_param_overrides(self) -> None:
         """Each ``[params.<worker>]`` names a worker; a tcp endpoint it adds beyond loopback
@@ -495,6 +518,11 @@ class Config(_Model):
             params.setdefault("state_dir", state_dir_path(self.engine.instance, self.engine.state_dir or None))
         if worker.stage == STAGE_ALIASES["ingest"] and self.upstreams and "upstreams" not in params:
             params["upstreams"] = [u.model_dump(mode="json") for u in self.upstreams]  # as TOML gives them
+        if worker.stage == STAGE_ALIASES["ingest"] and "max_request_bytes" not in params:
+            # what a gateway lets through, ingest takes: a submit is the body and a little more
+            needed = self._gateway_body_bytes() + SUBMIT_OVERHEAD
+            if needed > MAX_REQUEST_BYTES:
+                params["max_request_bytes"] = needed
         return params
 
     def ring(self, name: str) -> RingConfig:

@@ -79,6 +79,18 @@ def test_a_file_of_only_upstreams_points_the_default_topology_at_them(write):
     assert [u["base_url"] for u in cfg.worker_params("ingest")["upstreams"]] == ["http://localhost:1234"]
 
 
+def test_ingest_takes_what_the_gateway_lets_through(write):
+    """A gateway's max_body_bytes raised for images or long documents raises ingest's request limit
+    with it (before, ingest's fixed 1 MiB refused them: the client waited for a 503); set below it,
+    it is a config error naming the key."""
+    # the default gateway's 1 MiB body and the submit around it
+    assert load_config(env=NO_ENV).worker_params("ingest")["max_request_bytes"] == (1 << 20) + 65536
+    cfg = load_config(write("[gateway]\nmax_body_bytes = 8388608\n"), env=NO_ENV)
+    assert cfg.worker_params("ingest")["max_request_bytes"] == 8388608 + 65536
+    text = "[gateway]\nmax_body_bytes = 8388608\n[params.ingest]\nmax_request_bytes = 2097152\n"
+    assert "params.ingest.max_request_bytes: 2,097,152 bytes, less than" in error_of(write(text))
+
+
 def test_round_trip_render_then_load(write):
     text = (
         PAIR

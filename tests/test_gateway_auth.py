@@ -18,6 +18,7 @@ import jwt
 import openai
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from engine_harness import wait_for
 from gateway_harness import GatewayEngine, default_topology
 from jwt.algorithms import RSAAlgorithm
 
@@ -178,13 +179,38 @@ def test_beyond_max_connections_is_503_until_one_closes(keyed):
     assert asyncio.run(run()) == (503, "1", "gateway_busy", 200)
 
 
-def test_a_request_ingest_refuses_frees_the_keys_stream_slot(keyed):
-    client = openai.OpenAI(base_url=keyed.url, api_key=make_key(keyed, "erin", "--max-streams", "1"), max_retries=0)
-    wide = [{"role": "user", "content": "\u00e9" * 200_000}]  # 200,000 characters (gateway ok), 400 KB (ingest: no)
-    with pytest.raises(openai.BadRequestError, match="bytes, at most"):
-        client.chat.completions.create(model=MODEL, messages=wide, max_tokens=2)
-    for _ in range(2):  # its one stream slot is free again, each time
-        assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).usage.completion_tokens == 2
+def test_a_request_ingest_refuses_frees_the_keys_stream_slot(tmp_path):
+    """Ingest at capacity (its one stream held by another key) refuses the request with 503; the
+    key's one stream slot is free again at once, each time."""
+    engine = GatewayEngine(
+        tmp_path,
+        default_topology(gateway='auth = "keys"', ingest="params.max_streams = 1", embedded="tokens_per_s = 20"),
+        "r" + uuid.uuid4().hex[:10],
+    ).start()
+    try:
+        holder = openai.OpenAI(base_url=engine.url, api_key=make_key(engine, "hold"), max_retries=0)
+        client = openai.OpenAI(
+            base_url=engine.url, api_key=make_key(engine, "erin", "--max-streams", "1"), max_retries=0
+        )
+        held = holder.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=200, stream=True)
+        next(iter(held))  # ingest's one stream is taken
+        for _ in range(2):
+            with pytest.raises(openai.InternalServerError, match="capacity"):
+                client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+        held.close()  # the holder goes: its stream is cancelled, ingest's slot frees
+
+        def answered() -> bool:
+            try:
+                return (
+                    client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).usage.completion_tokens
+                    == 2
+                )
+            except openai.InternalServerError:  # ingest's slot not free yet
+                return False
+
+        wait_for(answered, 10, "a request of the key after two refused ones")
+    finally:
+        engine.stop()
 
 
 def test_a_request_of_more_choices_than_the_key_has_streams_gets_429(keyed):

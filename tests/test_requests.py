@@ -48,7 +48,11 @@ def test_valid_cancel():
         ({"messages": []}, "chat", "body.messages"),
         ({"messages": [{"role": "king", "content": "x"}]}, "chat", "body.messages[0].role"),
         ({"messages": [{"role": "user", "content": 5}]}, "chat", "body.messages[0].content"),
-        ({"messages": [{"role": "user", "content": "x" * 300_000}]}, "chat", "body.messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+            "chat",
+            "body.messages[0].content[0]",
+        ),
         ({**CHAT, "max_tokens": 0}, "chat", "body.max_tokens"),
         ({**CHAT, "max_tokens": True}, "chat", "body.max_tokens"),
         ({**CHAT, "max_tokens": 131_073}, "chat", "body.max_tokens"),
@@ -61,6 +65,17 @@ def test_valid_cancel():
 def test_bad_bodies_name_the_field(body, endpoint, named):
     with pytest.raises(RequestError, match=named.replace("[", r"\[").replace("]", r"\]")):
         validate_body(body, endpoint)
+
+
+def test_a_long_document_is_bounded_by_the_request_only():
+    """A 100k-token document is ~400 KB in one message: before, any content over 256 KiB was refused."""
+    long = {"messages": [{"role": "user", "content": "x" * 400_000}]}
+    assert validate_body(long, "chat")["messages"] == long["messages"]
+    assert parse_request(frame(type="submit", body=long))["body"]["messages"] == long["messages"]
+    longer = frame(type="submit", body={"messages": [{"role": "user", "content": "x" * 2_000_000}]})
+    with pytest.raises(RequestError, match="exceeds"):
+        parse_request(longer)  # the default limit: 1 MiB
+    assert parse_request(longer, 4 << 20)["type"] == "submit"  # ingest's max_request_bytes
 
 
 @pytest.mark.parametrize(

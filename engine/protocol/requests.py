@@ -21,9 +21,12 @@ from typing import Any
 from engine.protocol.control import load_object
 from engine.protocol.endpoints import endpoint
 
+# A request's bytes: ingest's ``max_request_bytes`` (this by default), the one bound on its size; a
+# long document in one message or an image in a data URL is as large as the whole request may be
 MAX_REQUEST_BYTES = 1 << 20
+SUBMIT_OVERHEAD = 64 << 10  # what a submit adds around the body it carries (a gateway's: docs/gateway.md)
+MOST_REQUEST_BYTES = (64 << 20) + SUBMIT_OVERHEAD  # the most max_request_bytes may be set to
 MAX_MESSAGES = 4096  # an agent's history runs to hundreds (a call and its result per step); bytes are bounded anyway
-MAX_CONTENT_BYTES = 256 * 1024
 # a reply's tokens: today's models write up to 128k (reasoning models need tens of thousands); also
 # what a stream that names no max_tokens may bring before the pool ends it (docs/upstreams.md)
 MAX_TOKENS_LIMIT = 131_072
@@ -39,18 +42,14 @@ class RequestError(ValueError):
     """A request that is not valid; the message names the field and the reason."""
 
 
-def _content_size(content: Any, where: str) -> int:
-    if content is None:  # an assistant's turn that called tools (OpenAI sends content: null)
-        return 0
-    if isinstance(content, str):
-        return len(content.encode())
-    if isinstance(content, list):  # OpenAI content parts: [{"type": "text", "text": ...}, ...]
-        total = 0
+def _check_content(content: Any, where: str) -> None:
+    if content is None or isinstance(content, str):  # null: an assistant's turn that called tools
+        return
+    if isinstance(content, list):  # OpenAI content parts: [{"type": "text", "text": ...}, {"type": "image_url", ...}]
         for i, part in enumerate(content):
             if not isinstance(part, dict) or not isinstance(part.get("text", ""), str):
                 raise RequestError(f"{where}[{i}]: content parts must be objects with a string 'text'")
-            total += len(part.get("text", "").encode())
-        return total
+        return
     raise RequestError(f"{where}: must be a string or a list of content parts")
 
 
@@ -82,15 +81,11 @@ def validate_body(body: Any, endpoint: str) -> dict[str, Any]:
         for i, msg in enumerate(messages):
             if not isinstance(msg, dict) or msg.get("role") not in ROLES:
                 raise RequestError(f"body.messages[{i}].role: must be one of {', '.join(ROLES)}")
-            size = _content_size(msg.get("content", ""), f"body.messages[{i}].content")
-            if size > MAX_CONTENT_BYTES:
-                raise RequestError(f"body.messages[{i}].content: {size} bytes, at most {MAX_CONTENT_BYTES}")
+            _check_content(msg.get("content", ""), f"body.messages[{i}].content")
     else:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise RequestError("body.prompt: must be a non-empty string")
-        if len(prompt.encode()) > MAX_CONTENT_BYTES:
-            raise RequestError(f"body.prompt: longer than {MAX_CONTENT_BYTES} bytes")
     _check_number(body, "max_tokens", 1, MAX_TOKENS_LIMIT, integer=True)
     _check_number(body, "temperature", 0, 2)
     _check_number(body, "top_p", 0, 1)
@@ -98,9 +93,9 @@ def validate_body(body: Any, endpoint: str) -> dict[str, Any]:
     return {**body, "stream": True}
 
 
-def parse_request(frame: bytes) -> dict[str, Any]:
-    """Decode and validate one request frame; raises :class:`RequestError`."""
-    msg = load_object(frame, MAX_REQUEST_BYTES, "request", RequestError)
+def parse_request(frame: bytes, limit: int = MAX_REQUEST_BYTES) -> dict[str, Any]:
+    """Decode and validate one request frame of at most ``limit`` bytes; raises :class:`RequestError`."""
+    msg = load_object(frame, limit, "request", RequestError)
     kind = msg.get("type")
     if kind == "submit":
         endpoint = msg.get("endpoint", "chat")

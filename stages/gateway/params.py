@@ -13,8 +13,9 @@ from pydantic import Field, field_validator, model_validator
 
 from engine.listen import AUTH_MODES, exposed_without_auth, parse_listen
 from engine.params import FloatIn, IntIn, StageParams
+from engine.protocol.requests import MAX_REQUEST_BYTES, MOST_REQUEST_BYTES, SUBMIT_OVERHEAD
 
-MAX_BODY_BYTES = 64 << 20  # the most max_body_bytes may be set to
+MAX_BODY_BYTES = MOST_REQUEST_BYTES - SUBMIT_OVERHEAD  # the most max_body_bytes may be set to (64 MiB)
 MAX_MODEL_NAMES = 1024
 MAX_CORS_ORIGINS = 256
 # an origin as browsers send it: lower-case scheme://host[:port], an IPv6 host in brackets, no path
@@ -54,7 +55,8 @@ class GatewayParams(StageParams):
     issuer: str = ""  # required "iss" of a JWT ("": not checked)
     # the API keys' database and the usage ledger; filled in from [engine] state_dir (engine/statedir.py)
     state_dir: str = ""
-    max_body_bytes: IntIn(1024, MAX_BODY_BYTES) = 1 << 20  # larger bodies: 413
+    # larger bodies: 413; ingest takes what this lets through (its max_request_bytes follows: engine/config.py)
+    max_body_bytes: IntIn(1024, MAX_BODY_BYTES) = MAX_REQUEST_BYTES
     body_timeout_s: FloatIn(0.1, 300.0) = 10.0  # a body not received whole this soon: 408 (slow clients)
     keepalive_s: FloatIn(0.05, 55.0) = 10.0  # an SSE comment after this long without a token
     first_token_timeout_s: FloatIn(0.1, 3600.0) = 120.0  # no first token this soon: the stream ends in an error

@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from engine.protocol.requests import MAX_CONTENT_BYTES, MAX_MESSAGES, MAX_MODEL_BYTES, MAX_TOKENS_LIMIT, ROLES
+from engine.protocol.requests import MAX_MESSAGES, MAX_MODEL_BYTES, MAX_TOKENS_LIMIT, ROLES
 
 MAX_COLUMNS = 32
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # ``seed``, as OpenAI bounds it
@@ -48,13 +48,13 @@ class _Open(BaseModel):
 
 class TextPart(_Open):
     type: StrictStr = "text"
-    text: Annotated[StrictStr, Field(max_length=MAX_CONTENT_BYTES)] = ""
+    text: StrictStr = ""  # as long as the body may be (max_body_bytes): a long document in one message
 
 
 class Message(_Open):
     role: Literal[ROLES]
     # null only for an assistant's turn that called tools (its ``tool_calls`` pass through)
-    content: Annotated[StrictStr, Field(max_length=MAX_CONTENT_BYTES)] | list[TextPart] | None = ""
+    content: StrictStr | list[TextPart] | None = ""
     name: StrictStr | None = None
 
     @field_validator("content")
@@ -104,7 +104,7 @@ class ChatRequest(_Common):
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
 
 
-Prompt = Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_BYTES)]
+Prompt = Annotated[StrictStr, Field(min_length=1)]
 
 
 class CompletionRequest(_Common):

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from engine.params import FloatIn, IntIn, StageParams
 from engine.protocol.cachekey import POLICIES
+from engine.protocol.requests import MAX_REQUEST_BYTES, MOST_REQUEST_BYTES
 from engine.upstreams import UpstreamEntry
 
 MAX_FLUSH_MS = 100.0  # a longer window only adds latency: batches fill from batch_rows under load
@@ -29,6 +30,8 @@ class IngestParams(StageParams):
     flush_ms: FloatIn(0.0, MAX_FLUSH_MS) = 2.0
     max_streams: IntIn(1, MAX_STREAMS) = 4096
     queue_bound: IntIn(1, MAX_STREAMS) = 64
+    # a request's bytes (a gateway's max_body_bytes raises it: engine/config.py)
+    max_request_bytes: IntIn(64 << 10, MOST_REQUEST_BYTES) = MAX_REQUEST_BYTES
     # rate limits per client: finite (StageParams forbids inf and NaN) and > 0
     client_requests_per_s: float = Field(100.0, gt=0)
     client_burst: float = Field(20.0, gt=0)

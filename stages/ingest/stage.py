@@ -45,7 +45,7 @@ from engine.clients.cache import CacheLookup
 from engine.clients.correlation import split_request
 from engine.protocol.cache import socket_path
 from engine.protocol.cachekey import is_deterministic, key_for, producer_id
-from engine.protocol.requests import MAX_REQUEST_BYTES, RequestError, parse_request
+from engine.protocol.requests import RequestError, parse_request
 from engine.protocol.rows import End, Start, end_text, start_text
 from engine.protocol.streamtable import StreamTable
 from engine.protocol.tokens import LOOKUP, OPERATOR
@@ -83,6 +83,7 @@ class Ingest(AsyncStage):
         self.backlog_rows = _BACKLOG_BATCHES * params.batch_rows  # beyond: streams stop reading
         self.loop = asyncio.get_running_loop()
         self.flush_s = params.flush_ms / 1e3
+        self.max_request_bytes = params.max_request_bytes
         self.flush_timer: asyncio.Handle | None = None
         self.flush_soon = False  # flush_timer is a call_soon, not the window's timer
         self.last_write = -math.inf  # time.monotonic() of the last record written (the loop clock is in whole ms)
@@ -122,7 +123,7 @@ class Ingest(AsyncStage):
         self.sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         # a frame up to twice the request limit gets a clear rejection; a larger one is never buffered
-        self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * MAX_REQUEST_BYTES)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * params.max_request_bytes)
         self.sock.bind(ctx.endpoint())
         ctx.log.info("ingest_ready", endpoint=ctx.endpoint(), upstreams=[u.base_url for u in upstreams])
 
@@ -171,7 +172,7 @@ class Ingest(AsyncStage):
         cancelled with the random token its ``accepted`` reply carried (proof of having submitted
         it: a routing identity can be claimed by a later connection) or the operator token."""
         try:
-            msg = parse_request(frame)
+            msg = parse_request(frame, self.max_request_bytes)
         except RequestError as exc:
             return self._reject(str(exc))
         if msg["type"] == "models":  # what the upstreams serve (the gateway's GET /v1/models)

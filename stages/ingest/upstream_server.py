@@ -38,6 +38,7 @@ from aiohttp import web
 
 from engine.lifeline import die_with_parent
 from engine.protocol.openai_errors import ApiError
+from engine.protocol.requests import MOST_REQUEST_BYTES
 from stages.ingest import corpus
 
 FAULT_HEADER = "X-Neuralpipe-Fault"
@@ -675,7 +676,8 @@ class UpstreamServer:
     async def start(self) -> str:
         """Listen; return the base URL (``http://127.0.0.1:PORT``)."""
         self._ticker = _Ticker()
-        app = web.Application()
+        # a body as large as ingest may send (an image, a long document), as real servers take
+        app = web.Application(client_max_size=MOST_REQUEST_BYTES)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
