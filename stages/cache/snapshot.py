@@ -31,7 +31,9 @@ from shm.batch import KINDS, BatchError, ExtraColumn
 from stages.cache.stream import BASE_ARRAYS, StoredStream
 
 MAGIC = b"NPCACHE\0"
-VERSION = 1
+# 2: a reply's tool calls are TOOL_CALL rows, no longer its END row's (a version 1 snapshot
+# replayed would give those replies without their calls: it is skipped, the cache starts empty)
+VERSION = 2
 _HEADER = struct.Struct("<8sII QQ 32s")
 
 
