@@ -1,6 +1,6 @@
 """docs/wire-format.md is enough to read the broadcast: live messages and snapshot replies of a
-real engine (ingest -> broadcast), decoded here with raw pyzmq sockets, json, struct and numpy
-only, as a consumer in another language would (this file must not import engine.protocol.wire or the
+real engine (ingest -> broadcast; a reply that thinks, then calls a tool: kinds 5 and 6), decoded
+here with raw pyzmq sockets, json, struct and numpy only, as a consumer in another language would (this file must not import engine.protocol.wire or the
 consumer client)."""
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ inputs = ["ingest-broadcast"]
 params.heartbeat_s = 0.2
 """
 TOKENS = 12
-KIND = {1: "start", 2: "token", 3: "end", 4: "error"}
+THINKING = 8  # the embedded upstream thinks 8 tokens at reasoning_effort "low", then calls the tool
+KIND = {1: "start", 2: "token", 3: "end", 4: "error", 5: "reasoning", 6: "tool call"}
 
 
 def decode_binary_columns(header: dict, payload: bytes) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -59,7 +60,7 @@ def decode(frames: list[bytes]) -> tuple[bytes, dict, dict[str, np.ndarray], lis
     topic, raw_header, payload = frames
     header = json.loads(raw_header)
     assert header["v"] == 2
-    if header["type"] not in ("batch", "tokens"):
+    if header["type"] not in ("batch", "tokens", "reasoning", "tool_calls"):
         assert payload == b""
         return topic, header, {}, []
     if header["encoding"] == "json":
@@ -94,7 +95,9 @@ def test_live_and_snapshot_messages_decode_from_the_documented_format(start_engi
             assert heartbeat["type"] == "heartbeat" and heartbeat["interval_s"] == 0.2
             epochs.add(heartbeat["epoch"])
         with RequestClient(ingest_endpoint(rd)) as client:
-            body = {"messages": [{"role": "user", "content": "raw"}], "max_tokens": TOKENS, "ignore_eos": True}
+            body = {"messages": [{"role": "user", "content": "raw"}], "max_tokens": THINKING + TOKENS}
+            tool = {"type": "function", "function": {"name": "lookup"}}
+            body |= {"ignore_eos": True, "reasoning_effort": "low", "tools": [tool], "tool_choice": "required"}
             sid = client.submit(body)
         got = {name: {"rows": [], "positions": [], "heartbeats": []} for name in subs}
         deadline = time.monotonic() + 30
@@ -114,8 +117,11 @@ def test_live_and_snapshot_messages_decode_from_the_documented_format(start_engi
                         got[name]["rows"].append((*row, text, int(columns["recv_ns"][i])))
         for name, g in got.items():
             rows = [r for r in g["rows"] if r[0] == sid]
-            assert [r[1] for r in rows] == list(range(TOKENS + 2)), name
-            assert [r[2] for r in rows] == ["start", *["token"] * TOKENS, "end"], name
+            assert [r[1] for r in rows] == list(range(THINKING + TOKENS + 2)), name
+            assert [r[2] for r in rows] == ["start", *["reasoning"] * THINKING, *["tool call"] * TOKENS, "end"], name
+            pieces = [json.loads(r[3]) for r in rows if r[2] == "tool call"]
+            assert pieces[0]["function"]["name"] == "lookup" and {p["index"] for p in pieces} == {0}
+            assert set(json.loads("".join(p["function"]["arguments"] for p in pieces))) == {"text"}
             assert json.loads(rows[0][3]) == {"model": json.loads(rows[0][3])["model"], "cached": False}
             assert json.loads(rows[-1][3])["finish_reason"] in ("length", "stop")
             assert all(r[4] > 0 for r in rows)
@@ -135,12 +141,14 @@ def test_live_and_snapshot_messages_decode_from_the_documented_format(start_engi
             topic, header, columns, texts = decode(frames)
             assert topic == b"%016x" % sid and header["stream"] == sid
             messages.append((header["type"], tuple(header["seq"]), texts))
+        last = THINKING + TOKENS + 1
         assert end == {"v": 2, "type": "snapshot_end", "stream": sid, "complete": True, "ended": True,
-                       "published": TOKENS + 2, "more": False}  # fmt: skip
-        assert messages[0][:2] == ("start", (0, 0)) and messages[-1][:2] == ("end", (TOKENS + 1, TOKENS + 1))
-        assert [s for m in messages if m[0] == "tokens" for s in range(m[1][0], m[1][1] + 1)] == list(
-            range(1, TOKENS + 1)
-        )
+                       "published": last + 1, "more": False}  # fmt: skip
+        assert messages[0][:2] == ("start", (0, 0)) and messages[-1][:2] == ("end", (last, last))
+        runs = [(m[0], s) for m in messages[1:-1] for s in range(m[1][0], m[1][1] + 1)]
+        assert runs == [("reasoning", s) for s in range(1, THINKING + 1)] + [
+            ("tool_calls", s) for s in range(THINKING + 1, last)
+        ]
 
         # the retained batches from a position, JSON, then batches_end
         snap.send(json.dumps({"type": "batches", "from": first_at}).encode())
