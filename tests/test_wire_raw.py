@@ -1,7 +1,7 @@
 """docs/wire-format.md is enough to read the broadcast: live messages and snapshot replies of a
 real engine (ingest -> broadcast; a reply that thinks, then calls a tool: kinds 5 and 6), decoded
-here with raw pyzmq sockets, json, struct and numpy only, as a consumer in another language would (this file must not import engine.protocol.wire or the
-consumer client)."""
+here with raw pyzmq sockets, json, struct and numpy only, as a consumer in another language would
+(this file must not import engine.protocol.wire or the consumer client)."""
 
 from __future__ import annotations
 
