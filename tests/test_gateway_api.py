@@ -155,18 +155,29 @@ def test_completions_whole_and_streamed(client, gw):
 
 
 def test_a_hundred_concurrent_streams_all_complete(gw):
-    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, str | None, int]:
+    """Plain replies, replies that think first and replies that call a tool, side by side: each
+    stream whole and in its order."""
+    forced = {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "lookup"}}}
+    kinds = [{}, {"reasoning_effort": "low"}, forced]
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[int, str, str, str, str | None, int]:
         stream = await client.chat.completions.create(
-            **ask(f"concurrent {i}", max_tokens=20), stream=True, stream_options={"include_usage": True}
+            **ask(f"concurrent {i}", max_tokens=20, **kinds[i % 3]),
+            stream=True,
+            stream_options={"include_usage": True},
         )
-        text, reason, usage = "", None, 0
+        text, thought, arguments, reason, usage = "", "", "", None, 0
         async for chunk in stream:
             if chunk.choices:
-                text += chunk.choices[0].delta.content or ""
+                delta = chunk.choices[0].delta
+                text += delta.content or ""
+                if not text and not arguments:  # thinking comes first, or not at all
+                    thought += (delta.model_extra or {}).get("reasoning_content") or ""
+                arguments += "".join(call.function.arguments or "" for call in delta.tool_calls or [])
                 reason = chunk.choices[0].finish_reason or reason
             elif chunk.usage:
                 usage = chunk.usage.completion_tokens
-        return text, reason, usage
+        return i % 3, text, thought, arguments, reason, usage
 
     async def run() -> list:
         async with openai.AsyncOpenAI(base_url=gw.url, api_key="unused", max_retries=0, timeout=60) as client:
@@ -174,7 +185,10 @@ def test_a_hundred_concurrent_streams_all_complete(gw):
 
     before = gw.stats("gateway")["completed"]
     results = asyncio.run(run())
-    assert all(text and reason and usage == 20 for text, reason, usage in results)
+    assert all(reason and usage == 20 for _, _, _, _, reason, usage in results)
+    assert all(text and not thought and not arguments for kind, text, thought, arguments, _, _ in results if kind == 0)
+    assert all(text and thought for kind, text, thought, _, _, _ in results if kind == 1)
+    assert all(not text and json.loads(arguments) for kind, text, _, arguments, _, _ in results if kind == 2)
     assert gw.stats("gateway")["completed"] >= before + 100 or _eventually(
         lambda: gw.stats("gateway")["completed"] >= before + 100
     )
