@@ -503,7 +503,8 @@ class StreamConsumer(ConsumerCore):
             self._pump()
 
     def tokens(self, idle_timeout_s: float | None = None) -> Iterator[Token]:
-        """The tokens of :meth:`messages`, one by one."""
+        """The replies' tokens of :meth:`messages`, one by one (a reasoning model's thinking and a
+        tool call's pieces come as ``reasoning`` and ``tool_calls`` messages there, not here)."""
         for message in self.messages(idle_timeout_s):
             if message.type != "tokens":
                 continue
