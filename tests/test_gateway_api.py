@@ -333,6 +333,10 @@ def test_a_reasoning_models_thinking_is_relayed_whole_streamed_and_from_the_cach
     fresh = ask("think again " + uuid.uuid4().hex, max_tokens=19, reasoning_effort="medium")
     usage = list(client.chat.completions.create(**fresh, stream=True, stream_options={"include_usage": True}))[-1]
     assert usage.usage.completion_tokens == 16 + 3
+    # logprobs are the reply's tokens' (the thinking has none)
+    scored = client.chat.completions.create(**fresh, logprobs=True, top_logprobs=2)
+    content = scored.choices[0].logprobs.content
+    assert len(content) == 3 and "".join(t.token for t in content) == scored.choices[0].message.content
 
 
 def test_columns_extension_and_logprobs(client):
