@@ -89,6 +89,10 @@ def test_a_plain_token_chunk_is_the_bytes_the_general_shape_gives():
                     general = shaper.content(text, extension={})[:-2].replace(b',"neuralpipe":{}', b"") + b"\n\n"
                     assert shaper.content(text) == general
                     assert json.loads(shaper.content(text)[6:])["choices"][0]["finish_reason"] is None
+                    if chat:  # a piece of thinking, its text twice
+                        assert shaper.reasoning(text) == shaper._chunk(shaper._reasoning_choice(text))
+                        delta = json.loads(shaper.reasoning(text)[6:])["choices"][0]["delta"]
+                        assert delta == {"reasoning_content": text, "reasoning": text}
 
 
 def _batch(rows: list[tuple[int, int, int, str]]) -> list[bytes]:

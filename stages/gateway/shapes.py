@@ -94,7 +94,7 @@ class Shaper:
     """The chunks of one choice of a response, chat (``chat.completion.chunk``) or legacy
     completions (``text_completion``); the other choices' shapers come from :meth:`sibling`."""
 
-    __slots__ = ("_plain", "_prefix", "chat", "created", "id", "include_usage", "index", "model")
+    __slots__ = ("_plain", "_prefix", "_thinking", "chat", "created", "id", "include_usage", "index", "model")
 
     def __init__(self, chat: bool, model: str, include_usage: bool, index: int = 0, of: Shaper | None = None) -> None:
         self.chat = chat
@@ -111,6 +111,9 @@ class Shaper:
         # a token chunk without logprobs or extension (nearly every one): the bytes around its text
         around = self._chunk(self._content_choice("\0", None, None)).rsplit(b'"\\u0000"', 1)
         self._plain = (around[0], around[1])
+        # a piece of thinking (most of a reasoning model's tokens): the bytes around its text, twice
+        head, middle, tail = self._chunk(self._reasoning_choice("\0")).rsplit(b'"\\u0000"', 2)
+        self._thinking = (head, middle, tail)
 
     def sibling(self, index: int) -> Shaper:
         """The shaper of choice ``index`` of the same response (its id and time)."""
@@ -156,8 +159,13 @@ class Shaper:
     def reasoning(self, text: str) -> bytes:
         """A piece of a reasoning model's thinking (chat), under both names clients read:
         ``reasoning_content`` (DeepSeek, llama.cpp, LiteLLM) and ``reasoning`` (vLLM, OpenRouter)."""
+        head, middle, tail = self._thinking
+        encoded = orjson.dumps(text)
+        return head + encoded + middle + encoded + tail
+
+    def _reasoning_choice(self, text: str) -> dict[str, Any]:
         delta = {"reasoning_content": text, "reasoning": text}
-        return self._chunk({"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None})
+        return {"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None}
 
     def tool_call_pieces(self, texts: list[str]) -> bytes:
         """A run of a chat stream's tool call pieces (engine/protocol/toolcalls.py) as one delta,
