@@ -74,6 +74,16 @@ class Kind(IntEnum):
 KINDS = np.array(sorted(int(kind) for kind in Kind), np.uint8)  # the row kinds this version knows
 
 
+def event_rows(kinds: np.ndarray) -> np.ndarray:
+    """Which rows are start, end or error rows (events), not tokens (of a reply, its thinking, a tool call)."""
+    return (kinds == Kind.START) | (kinds == Kind.END) | (kinds == Kind.ERROR)
+
+
+def ending_rows(kinds: np.ndarray) -> np.ndarray:
+    """Which rows end their stream: end and error rows (never ``kind > TOKEN``: kinds 5 and 6 are tokens)."""
+    return (kinds == Kind.END) | (kinds == Kind.ERROR)
+
+
 class BatchError(ValueError):
     """A buffer that does not hold a valid token batch; the message names the field."""
 

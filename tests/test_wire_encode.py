@@ -10,6 +10,7 @@ import re
 import numpy as np
 
 from engine.protocol import wire
+from shm.batch import ending_rows, event_rows
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "wire-format.md"
 
@@ -104,8 +105,8 @@ def test_thinking_and_tool_call_rows_split_into_their_own_messages():
             assert frames[1].startswith(b'{"v":2,"type":"%s","stream":' % message.type.encode())
             decoded = wire.decode(list(frames))
             assert (decoded.type, decoded.text) == (message.type, want)
-    assert wire.ending_rows(columns["kind"]).tolist() == [False] * 6 + [True, False]
-    assert wire.event_rows(columns["kind"]).tolist() == [True] + [False] * 5 + [True, False]
+    assert ending_rows(columns["kind"]).tolist() == [False] * 6 + [True, False]
+    assert event_rows(columns["kind"]).tolist() == [True] + [False] * 5 + [True, False]
 
 
 def test_rows_of_a_kind_this_reader_does_not_know_are_skipped():

@@ -47,6 +47,7 @@ from engine.keys import ClientKeys
 from engine.protocol import wire
 from engine.protocol.endpoints import endpoint
 from engine.protocol.seqtable import SeqTable
+from shm.batch import ending_rows
 
 RESYNC_S = 1.0  # one stream: silent this long before its end, it is asked for again
 ASK_TIMEOUT_S = 2.0  # a snapshot request unanswered this long is sent again
@@ -218,7 +219,7 @@ class ConsumerCore:
             batch = batch.take(np.flatnonzero(fresh))
         if not batch.rows:
             return
-        ends = wire.ending_rows(batch.columns["kind"])
+        ends = ending_rows(batch.columns["kind"])
         if ends.any():
             self.seen.close(batch.columns["stream_id"][ends])
         self.ready_batches.append(batch)

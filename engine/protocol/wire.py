@@ -33,7 +33,7 @@ import numpy as np
 import orjson
 
 from engine.protocol.rows import read_end, read_start
-from shm.batch import KINDS, Kind
+from shm.batch import KINDS, Kind, event_rows
 
 VERSION = 2
 ALL_TOPIC = b"all"
@@ -57,16 +57,6 @@ _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 
 class WireError(ValueError):
     """A message that does not follow the wire format; the text says what is wrong."""
-
-
-def event_rows(kinds: np.ndarray) -> np.ndarray:
-    """Which rows are start, end or error rows (events), not tokens (of a reply, its thinking, a tool call)."""
-    return (kinds == START) | (kinds == END) | (kinds == ERROR)
-
-
-def ending_rows(kinds: np.ndarray) -> np.ndarray:
-    """Which rows end their stream: end and error rows."""
-    return (kinds == END) | (kinds == ERROR)
 
 
 def topic(stream_id: int) -> bytes:
@@ -284,7 +274,7 @@ def encode_message(message: Message, encoding: str) -> tuple[bytes, bytes, bytes
 def encode_tokens(
     stream: int, columns: dict[str, np.ndarray], texts: list[str], encoding: str, kind: str = "tokens"
 ) -> tuple[bytes, bytes, bytes]:
-    """Frames of a tokens (or reasoning) message; ``columns`` holds seq and the other columns of its rows."""
+    """Frames of a tokens (reasoning, tool_calls) message; ``columns`` holds seq and the other columns of its rows."""
     seq = columns["seq"]
     first, last = int(seq[0]), int(seq[-1])
     if encoding == "json":

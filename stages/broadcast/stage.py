@@ -60,7 +60,7 @@ from engine.protocol import wire
 from engine.protocol.seqtable import SLOTS, SeqTable
 from engine.stage import SocketTurns, Stage, WorkerContext
 from engine.validated import ModelRef
-from shm.batch import TokenBatch
+from shm.batch import TokenBatch, ending_rows, event_rows
 from stages.broadcast.retention import Retention
 from stages.broadcast.snapshots import REQUESTS_PER_CYCLE, Snapshots
 from stages.broadcast.subscriptions import Subscriptions
@@ -285,7 +285,7 @@ class Broadcast(Stage):
         """Rewrite start and end rows' texts to their documented fields (a start row carries the
         cache's key inside the engine); track open streams; the streams this batch ends."""
         kinds = batch.columns["kind"]
-        events = np.flatnonzero(wire.event_rows(kinds))
+        events = np.flatnonzero(event_rows(kinds))
         if not len(events):
             return ()
         texts = list(batch.texts)
@@ -339,11 +339,11 @@ class Broadcast(Stage):
             order, _ = wire.stream_order(batch.columns["stream_id"])
             kinds = batch.columns["kind"]
             s, k = batch.columns["stream_id"][order], kinds[order]
-            e = wire.event_rows(k)
+            e = event_rows(k)
             # the per-stream messages these rows make: a new one where the stream or the kind changes or at an event row
             counts["messages"] += 1 + int(np.count_nonzero((s[1:] != s[:-1]) | (k[1:] != k[:-1]) | e[1:] | e[:-1]))
             counts["tokens"] += batch.rows - int(np.count_nonzero(e))
-            counts["streams_ended"] += int(np.count_nonzero(wire.ending_rows(kinds)))
+            counts["streams_ended"] += int(np.count_nonzero(ending_rows(kinds)))
         self.ctx.telemetry.observe_since_ns(
             "neuralpipe_stage_latency_seconds", batch.columns["recv_ns"], stage="broadcast"
         )

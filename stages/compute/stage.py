@@ -55,6 +55,7 @@ from shm.batch import (
     Kind,
     TokenBatch,
     batch_size,
+    ending_rows,
     top_logprobs,
     write_batch,
 )
@@ -410,7 +411,7 @@ class Compute(Stage):
 
     def _drop_ended(self, batch: BatchColumns) -> None:
         """The state of the streams that end in ``batch`` (an END or ERROR row) goes."""
-        ended = np.flatnonzero((batch.kind == _END) | (batch.kind == _ERROR))
+        ended = np.flatnonzero(ending_rows(batch.kind))
         if len(ended):
             self.states.drop(np.unique(batch.stream_id[ended]).tolist())
 

@@ -263,9 +263,8 @@ class Ingest(AsyncStage):
                 next_seq[sid] = seq + 1
                 if token_id is None:  # no vocabulary id from the upstream: the stable hash of the token's bytes
                     token_id = stable_token_id(text)
-                kind = (
-                    tokens.kinds[0] if tokens.kinds else _TOKEN
-                )  # or a reasoning model's thinking, a tool call's piece
+                # TOKEN, or a piece of a reasoning model's thinking or of a tool call
+                kind = tokens.kinds[0] if tokens.kinds else _TOKEN
                 append(sid, seq, kind, token_id, tokens.logprobs[0], tokens.recv_ns, text)
                 if tokens.tops[0]:  # top logprobs asked for: kept aside, by row
                     rows.tops[(sid, seq)] = tokens.tops[0]
