@@ -70,8 +70,12 @@ def open_channel(transport: str, ctx: Any, message_bytes: int) -> Iterator[tuple
     elif transport == "zmq":
         directory = tempfile.mkdtemp(prefix="neuralpipe-bench-")
         address = f"ipc://{os.path.join(directory, 'ipc.sock')}"
+        # The consumer's close tells the producer's that it has read what it wanted: libzmq drops
+        # what is still queued when a PUSH socket closes while its peer is at its high-water mark,
+        # whatever LINGER says (zeromq/libzmq#4660), so the producer keeps its socket open till then.
+        received = ctx.Event()
         try:
-            yield (address, slots), (address, slots)
+            yield (address, slots, received), (address, slots, received)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
     elif transport == "faster-fifo":
@@ -142,14 +146,20 @@ def open_sender(transport: str, end: Any, wait: str, message: Message, timeout_s
     if transport == "zmq":
         import zmq
 
-        address, slots = end
+        address, slots, received = end
         context = zmq.Context()
         sock = context.socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, slots)
         sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
-        sock.setsockopt(zmq.LINGER, int(timeout_s * 1000))  # deliver what is queued before exiting
+        sock.setsockopt(zmq.LINGER, 0)  # what is queued once the consumer is done is not wanted
         sock.connect(address)
-        return Sender(message, sock.send, _close_zmq(context, sock))
+
+        def close() -> None:
+            received.wait(timeout_s)  # a consumer that died is given up on after timeout_s
+            sock.close()
+            context.term()
+
+        return Sender(message, sock.send, close)
     if transport == "faster-fifo":
         return Sender(message, lambda msg: end.put(msg, timeout=timeout_s), _nothing)
     raise ValueError(f"unknown transport {transport!r}")
@@ -167,14 +177,20 @@ def open_receiver(transport: str, end: Any, wait: str, timeout_s: float) -> Rece
     if transport == "zmq":
         import zmq
 
-        address, slots = end
+        address, slots, received = end
         context = zmq.Context()
         sock = context.socket(zmq.PULL)
         sock.setsockopt(zmq.RCVHWM, slots)
         sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(address)
-        return Receiver(sock.recv, _nothing, _close_zmq(context, sock))
+
+        def close() -> None:
+            received.set()
+            sock.close()
+            context.term()
+
+        return Receiver(sock.recv, _nothing, close)
     if transport == "faster-fifo":
         return Receiver(lambda: end.get(timeout=timeout_s), _nothing, _nothing)
     raise ValueError(f"unknown transport {transport!r}")
@@ -200,13 +216,5 @@ def _close_queue(queue: Any) -> Callable[[], None]:
     def close() -> None:
         queue.close()
         queue.join_thread()  # flush the feeder thread, so nothing sent is lost at exit
-
-    return close
-
-
-def _close_zmq(context: Any, sock: Any) -> Callable[[], None]:
-    def close() -> None:
-        sock.close()
-        context.term()
 
     return close
