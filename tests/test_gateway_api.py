@@ -56,6 +56,16 @@ def test_models_lists_the_upstreams_models(client):
     assert [m.id for m in client.models.list()] == [MODEL]
 
 
+def test_a_model_is_retrieved_by_id_and_an_unknown_one_is_404(client, gw):
+    model = client.models.retrieve(MODEL)
+    assert (model.id, model.object) == (MODEL, "model")
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.models.retrieve("org/no-such-model")  # the client sends the slash as %2F
+    assert raised.value.body["code"] == "model_not_found" and "org/no-such-model" in raised.value.body["message"]
+    answer = httpx.get(gw.url + "/models/org/no-such-model", timeout=10)  # curl's literal slash
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "model_not_found"
+
+
 def test_chat_whole_and_streamed_as_openai_gives_them(client, gw):
     whole = client.chat.completions.create(**ask("whole and streamed", temperature=0))
     assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"

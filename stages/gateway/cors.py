@@ -9,7 +9,7 @@ Access-Control-* headers in ``on_response_prepare``, which runs as its head is s
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from aiohttp import hdrs, web
 
@@ -41,10 +41,10 @@ MAX_AGE_S = "600"  # browsers cache a preflight this long (Chrome caps it at 720
 
 
 class Cors:
-    def __init__(self, origins: Collection[str], paths: Collection[str]) -> None:
+    def __init__(self, origins: Collection[str], covers: Callable[[str], bool]) -> None:
         self.any_origin = "*" in origins
         self.origins = frozenset(origins)
-        self.paths = frozenset(paths)
+        self.covers = covers  # the paths it answers for
 
     def install(self, app: web.Application) -> None:
         app.middlewares.append(self._preflight)
@@ -64,7 +64,7 @@ class Cors:
         is_preflight = (
             request.method == hdrs.METH_OPTIONS
             and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
-            and request.path in self.paths
+            and self.covers(request.path)
             and hdrs.ORIGIN in request.headers
         )
         if not is_preflight:
@@ -80,7 +80,7 @@ class Cors:
         return web.Response(status=204, headers=headers)  # Allow-Origin and Vary: _add_headers
 
     async def _add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
-        if request.path not in self.paths:
+        if not self.covers(request.path):
             return
         response.headers.add(hdrs.VARY, hdrs.ORIGIN)  # the answer depends on Origin: caches must key on it
         allow = self._allowed(request)

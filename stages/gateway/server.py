@@ -42,6 +42,12 @@ ENDPOINTS = {
     "/health": "health",
     "/v1/feed": "feed",
 }
+MODEL_PATH = "/v1/models/"  # + a model's id: one model (ids hold slashes: "Qwen/Qwen3-8B")
+
+
+def endpoint_of(path: str) -> str | None:
+    """The API endpoint ``path`` names, as metrics label it; None for any other path."""
+    return ENDPOINTS.get(path) or ("models" if path.startswith(MODEL_PATH) else None)
 
 
 class GatewayServer:
@@ -74,18 +80,19 @@ class GatewayServer:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completion)
         app.router.add_get("/v1/models", self._list_models)
+        app.router.add_get(MODEL_PATH + "{model:.+}", self._retrieve_model)
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/feed", self._feed)
         add_dashboard_routes(app, self.ctx, self._principal, self.health)
         if self.params.cors_origins:
-            Cors(self.params.cors_origins, ENDPOINTS).install(app)
+            Cors(self.params.cors_origins, lambda path: endpoint_of(path) is not None).install(app)
         return app
 
     # ---- every request ------------------------------------------------------------------------
 
     @web.middleware
     async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
-        endpoint = ENDPOINTS.get(request.path, "dashboard" if request.path.startswith("/dashboard") else "other")
+        endpoint = endpoint_of(request.path) or ("dashboard" if request.path.startswith("/dashboard") else "other")
         started = time.monotonic()
         status = 499  # the client went away first
         self.counts["requests"] += 1
@@ -243,10 +250,13 @@ class GatewayServer:
     async def _list_models(self, request: web.Request) -> web.Response:
         self._principal(request)
         self._models_at = min(self._models_at, time.monotonic() - MODELS_REFRESH_S + 1.0)  # at most 1 s old
-        data = [
-            {"id": m, "object": "model", "created": 0, "owned_by": "neuralpipe"} for m in await self._current_models()
-        ]
-        return _json({"object": "list", "data": data})
+        return _json({"object": "list", "data": [_model(m) for m in await self._current_models()]})
+
+    async def _retrieve_model(self, request: web.Request) -> web.Response:
+        self._principal(request)
+        model = request.match_info["model"]
+        await self._check_model(model)  # 404 model_not_found; any id while the list is not known, as requests take
+        return _json(_model(model))
 
     async def _health(self, request: web.Request) -> web.Response:
         status, body = health_body(await self.health.status(), self.follower.ready)
@@ -279,6 +289,11 @@ class GatewayServer:
             **self.follower.counts,
             **{f"broadcast_{k}": v for k, v in self.follower.core.counts.items()},
         }
+
+
+def _model(model_id: str) -> dict:
+    """OpenAI's model object (no creation time or owner is known: 0 and "neuralpipe")."""
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "neuralpipe"}
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
