@@ -74,6 +74,9 @@ def test_a_key_over_its_rate_gets_429_with_retry_after_and_usage_is_in_the_ledge
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)
     assert refused.value.code == "rate_limit_exceeded"
     assert int(refused.value.response.headers["Retry-After"]) >= 1
+    headers = refused.value.response.headers
+    assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]) == ("3", "0")
+    assert re.fullmatch(r"(\d+s|1m0s)", headers["x-ratelimit-reset-requests"])
 
     usage = json.loads(keyed.cli("keys", "usage", "bob", "--json").stdout)["bob"]
     assert usage["requests"] == 3 and usage["completion_tokens"] == 12 and usage["prompt_tokens"] > 0
@@ -84,6 +87,30 @@ def test_a_key_over_its_rate_gets_429_with_retry_after_and_usage_is_in_the_ledge
     metrics = keyed.metrics()
     assert re.search(r'neuralpipe_gateway_key_requests_total\{[^}]*key="bob"[^}]*\} 3', metrics)
     assert re.search(r'neuralpipe_gateway_key_tokens_total\{[^}]*key="bob"[^}]*kind="completion"[^}]*\} 12', metrics)
+
+
+def test_answers_to_a_key_with_per_minute_limits_say_what_is_left(keyed):
+    """OpenAI's x-ratelimit-* headers, on whole and streamed answers alike."""
+    key = make_key(keyed, "erin", "--rpm", "10", "--tpm", "1000")
+    client = openai.OpenAI(base_url=keyed.url, api_key=key, max_retries=0, timeout=30)
+    whole = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=4)
+    assert whole.headers["x-ratelimit-limit-requests"] == "10"
+    assert whole.headers["x-ratelimit-remaining-requests"] == "9"
+    assert (whole.headers["x-ratelimit-limit-tokens"], whole.headers["x-ratelimit-remaining-tokens"]) == (
+        "1000",
+        "1000",
+    )
+    assert whole.parse().usage.completion_tokens == 4
+    with client.chat.completions.with_streaming_response.create(
+        model=MODEL, messages=MESSAGES, max_tokens=4, stream=True
+    ) as streamed:
+        assert streamed.headers["x-ratelimit-remaining-requests"] == "8"
+        assert streamed.headers["x-ratelimit-remaining-tokens"] == "996"  # the first answer's 4 delivered tokens
+        assert streamed.headers["x-ratelimit-reset-tokens"].endswith("s")
+        assert any(line == "data: [DONE]" for line in streamed.iter_lines())
+    unlimited = openai.OpenAI(base_url=keyed.url, api_key=make_key(keyed, "frank"), max_retries=0, timeout=30)
+    answer = unlimited.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+    assert not any(name.startswith("x-ratelimit-") for name in answer.headers)
 
 
 def test_the_browser_feed_needs_a_key_too(keyed):

@@ -59,7 +59,7 @@ def assert_cors(answer: httpx.Response, origin: str = APP) -> None:
     assert answer.headers.get("Access-Control-Allow-Origin") == origin, dict(answer.headers)
     assert "origin" in answer.headers.get("Vary", "").lower()
     exposed = answer.headers.get("Access-Control-Expose-Headers", "").lower()
-    assert "x-neuralpipe-cache" in exposed and "retry-after" in exposed
+    assert "x-neuralpipe-cache" in exposed and "retry-after" in exposed and "x-ratelimit-remaining-tokens" in exposed
 
 
 def test_a_preflight_needs_no_key_and_allows_what_the_openai_js_client_sends(gw):

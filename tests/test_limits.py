@@ -79,6 +79,33 @@ def test_tokens_per_minute_count_delivered_tokens(gate, clock):
     gate.admit(alice).close()
 
 
+def test_rate_headers_say_each_limit_what_is_left_and_when_it_is_all_back(gate, clock):
+    """OpenAI's x-ratelimit-* headers, for the per-minute limits a key has."""
+    alice = _key("alice", rpm=3, tpm=100)
+    first = gate.admit(alice)  # at 0 s
+    assert first.headers == {
+        "x-ratelimit-limit-requests": "3",
+        "x-ratelimit-remaining-requests": "2",
+        "x-ratelimit-reset-requests": "1m0s",  # this request leaves the window at 60 s
+        "x-ratelimit-limit-tokens": "100",
+        "x-ratelimit-remaining-tokens": "100",
+        "x-ratelimit-reset-tokens": "0s",
+    }
+    first.tokens(30)
+    clock.now += 10.5
+    second = gate.admit(alice)
+    assert second.headers["x-ratelimit-remaining-requests"] == "1"
+    assert second.headers["x-ratelimit-reset-requests"] == "1m0s"  # 59.5 s, rounded up
+    assert (second.headers["x-ratelimit-remaining-tokens"], second.headers["x-ratelimit-reset-tokens"]) == ("70", "50s")
+    gate.admit(alice).close()
+    _refused(gate, alice)
+    assert gate.rate_headers(alice)["x-ratelimit-remaining-requests"] == "0"  # what a 429 carries
+    first.close()
+    second.close()
+    streams_only = gate.admit(_key("bob", max_streams=2))
+    assert streams_only.headers == {} and gate.admit(ANONYMOUS).headers == {}  # no per-minute limit: no headers
+
+
 def test_concurrent_streams(gate):
     alice = _key("alice", max_streams=2)
     first, second = gate.admit(alice), gate.admit(alice)

@@ -43,10 +43,12 @@ class Lease:
     """One admitted request (its ``streams``: one per choice): report delivered tokens with
     :meth:`tokens`, end it with :meth:`close` (exactly once counts; later calls do nothing)."""
 
-    __slots__ = ("_closed", "_delivered", "_gate", "_state", "_streams", "principal")
+    __slots__ = ("_closed", "_delivered", "_gate", "_state", "_streams", "headers", "principal")
 
     def __init__(self, gate: Gate, principal: Principal, state: PrincipalState | None, streams: int = 1) -> None:
         self.principal = principal
+        # the answer's x-ratelimit-* headers, as they stood once this request was counted
+        self.headers = gate._limiter.rate_headers(principal, state) if state is not None else {}
         self._gate = gate
         self._state = state
         self._streams = streams
@@ -191,6 +193,12 @@ class Gate:
         state = self._limiter.state(principal)
         self._limiter.admit(principal, state, streams)
         return Lease(self, principal, state, streams)
+
+    def rate_headers(self, principal: Principal) -> dict[str, str]:
+        """The ``x-ratelimit-*`` headers for ``principal`` now (a 429 carries them too)."""
+        if principal.limits.rpm is None and principal.limits.tpm is None:
+            return {}
+        return self._limiter.rate_headers(principal, self._limiter.state(principal))
 
     def _read_budget(self, principal: Principal, period_s: int, budget: int) -> tuple[int, float]:
         """(tokens the ledger holds for the last ``period_s``, plus any not written yet; seconds until

@@ -12,6 +12,7 @@ admit up to N times each rate (docs/gateway.md, "Auth and limits").
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -65,6 +66,15 @@ class SlidingWindow:
             if remaining < limit:
                 return max(0.0, s + WINDOW_S - now)
         return 0.0 if remaining < limit else float(WINDOW_S)
+
+    def seconds_until_empty(self, now: float) -> float:
+        """Seconds until every count now in the window has left it."""
+        second = int(now)
+        self._advance(second)
+        for s in range(second, second - WINDOW_S, -1):  # the newest counted second leaves last
+            if self._buckets[s % WINDOW_S]:
+                return max(0.0, s + WINDOW_S - now)
+        return 0.0
 
 
 class PrincipalState:
@@ -171,6 +181,17 @@ class Limiter:
     def _spent(budget: int, wait: float) -> LimitExceeded:
         return LimitExceeded("budget", wait, f"token budget of {budget} spent for this period")
 
+    def rate_headers(self, principal: Principal, state: PrincipalState) -> dict[str, str]:
+        """OpenAI's ``x-ratelimit-*`` headers for the per-minute limits ``principal`` has: each
+        limit, what is left of it now, and when all of it is back (``1m0s``, ``12s``)."""
+        limits, now, headers = principal.limits, self._clock(), {}
+        for limit, window, name in ((limits.rpm, state.requests, "requests"), (limits.tpm, state.tokens, "tokens")):
+            if limit is not None:
+                headers[f"x-ratelimit-limit-{name}"] = str(limit)
+                headers[f"x-ratelimit-remaining-{name}"] = str(max(0, limit - window.total(now)))
+                headers[f"x-ratelimit-reset-{name}"] = _duration(window.seconds_until_empty(now))
+        return headers
+
     def delivered(self, state: PrincipalState, n: int) -> None:
         state.tokens.add(self._clock(), n)
         state.in_flight += n
@@ -183,3 +204,9 @@ class Limiter:
         state.streams -= streams
         state.in_flight -= delivered
         state.budget_used += max(0, spent - delivered)
+
+
+def _duration(seconds: float) -> str:
+    """Whole seconds, rounded up, as OpenAI writes them: ``0s``, ``59s``, ``1m0s``."""
+    whole = math.ceil(seconds)
+    return f"{whole // 60}m{whole % 60}s" if whole >= 60 else f"{whole}s"

@@ -25,10 +25,12 @@ class ApiError(Exception):
         code: str | None = None,
         param: str | None = None,
         retry_after: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         self.retry_after = retry_after
+        self.extra_headers = headers  # e.g. a 429's x-ratelimit-* headers
 
     def body(self) -> dict[str, Any]:
         return error_object(self.message, self.type, self.code, self.param)
@@ -37,4 +39,7 @@ class ApiError(Exception):
         return orjson.dumps(self.body())
 
     def headers(self) -> dict[str, str] | None:
-        return {"Retry-After": self.retry_after} if self.retry_after else None
+        headers = dict(self.extra_headers or {})
+        if self.retry_after:
+            headers["Retry-After"] = self.retry_after
+        return headers or None

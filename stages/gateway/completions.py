@@ -305,6 +305,7 @@ class Completions:
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",  # nginx: pass each chunk on at once
                 "x-neuralpipe-cache": "hit" if choices.cached else "miss",
+                **lease.headers,
             }
         )
         if request.version >= (1, 1):
@@ -444,7 +445,7 @@ class Completions:
                 raise ApiError(503, reason, "server_error", "timeout", retry_after="1")
             await choices.inbox.wait(wait)
         answer = [part.choice(choice.shaper) for part, choice in zip(collected, choices.all, strict=True)]
-        headers = {"x-neuralpipe-cache": "hit" if choices.cached else "miss"}
+        headers = {"x-neuralpipe-cache": "hit" if choices.cached else "miss", **lease.headers}
         body = orjson.dumps(choices.all[0].shaper.whole(answer, choices.usage()[0]))
         return web.Response(body=body, content_type="application/json", headers=headers)
 

@@ -36,7 +36,11 @@ ALLOW_HEADERS = ", ".join(
     )
 )
 ALLOW_METHODS = "GET, POST, OPTIONS"
-EXPOSE_HEADERS = "x-neuralpipe-cache, Retry-After"  # neither is CORS-safelisted: scripts could not read them
+# none is CORS-safelisted: scripts could not read them
+EXPOSE_HEADERS = ", ".join(
+    ["x-neuralpipe-cache", "Retry-After"]
+    + [f"x-ratelimit-{what}-{name}" for name in ("requests", "tokens") for what in ("limit", "remaining", "reset")]
+)
 MAX_AGE_S = "600"  # browsers cache a preflight this long (Chrome caps it at 7200)
 
 

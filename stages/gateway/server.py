@@ -189,7 +189,14 @@ class GatewayServer:
             lease = self.gate.admit(principal, ask.n)
         except LimitExceeded as exc:
             self.ctx.telemetry.count("neuralpipe_gateway_limited_total", key=principal.label, reason=exc.reason)
-            raise ApiError(429, exc.message, exc.type, exc.code, retry_after=exc.retry_after_header) from None
+            raise ApiError(
+                429,
+                exc.message,
+                exc.type,
+                exc.code,
+                retry_after=exc.retry_after_header,
+                headers=self.gate.rate_headers(principal),
+            ) from None
         return await self.completions.answer(request, ask, lease, received)
 
     def _ask(self, req: Any, raw: dict[str, Any], chat: bool) -> Ask:
