@@ -84,6 +84,13 @@ def bench_ingest(as_json: bool, quick: bool) -> None:
     ingest.main(as_json=as_json, quick=quick)
 
 
+flush_ms_option = click.option(
+    "--flush-ms",
+    type=click.FloatRange(0, 100),
+    help="Ingest's flush window in ms (default: the engine's, 2): the CPU-per-token against latency trade.",
+)
+
+
 @bench.command("pipeline")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a `rows` list.")
 @click.option("--quick", is_flag=True, help="One short step per transport: a smoke run, not a measurement.")
@@ -91,11 +98,7 @@ def bench_ingest(as_json: bool, quick: bool) -> None:
 @click.option("--offered", type=float, help="One step at this many tokens/s (all streams together), not the sweep.")
 @click.option("--streams", type=int, help="Paced streams sharing the offered load (default 100; --quick 20).")
 @click.option("--duration", "duration_s", type=float, help="Each stream's length in seconds (default 6; --quick 2).")
-@click.option(
-    "--flush-ms",
-    type=click.FloatRange(0, 100),
-    help="Ingest's flush window in ms (default: the engine's, 2): the CPU-per-token against latency trade.",
-)
+@flush_ms_option
 @click.option(
     "--pin",
     is_flag=True,
@@ -161,8 +164,9 @@ def bench_cache(as_json: bool, quick: bool) -> None:
 @bench.command("gateway")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quick", is_flag=True, help="1 and 10 short streams, no LiteLLM: a smoke run, not a measurement.")
-def bench_gateway(as_json: bool, quick: bool) -> None:
+@flush_ms_option
+def bench_gateway(as_json: bool, quick: bool, flush_ms: float | None) -> None:
     """Latency and CPU the gateway adds against calling the upstream directly (1 and 100 streams), LiteLLM beside it."""
     from . import gateway
 
-    gateway.main(as_json=as_json, quick=quick)
+    gateway.main(as_json=as_json, quick=quick, flush_ms=flush_ms)

@@ -40,7 +40,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import click
@@ -74,15 +74,18 @@ class Settings:
     # each load runs this many times on every target in turn (direct, gateway, litellm, direct, ...):
     # a figure is the median over the repeats, an added figure the median of each repeat's difference
     repeats: int
+    flush_ms: float | None = None  # ingest's flush window (None: the engine's default, 2 ms)
 
 
 FULL = Settings(tokens_per_s=20.0, loads=((1, 8, 20), (100, 1, 100)), litellm=True, repeats=3)
 QUICK = Settings(tokens_per_s=100.0, loads=((1, 2, 10), (10, 1, 20)), litellm=False, repeats=1)
 
 
-def engine_toml(upstream_url: str, state_dir: str) -> str:
+def engine_toml(upstream_url: str, state_dir: str, flush_ms: float | None = None) -> str:
     """The default topology with the bench's upstream as ingest's one upstream; the gateway is one
-    client of ingest, so the per-client limits are far above the load."""
+    client of ingest, so the per-client limits are far above the load. ``flush_ms``: ingest's
+    flush window (None: its default)."""
+    flush = "" if flush_ms is None else f"params.flush_ms = {flush_ms}"
     return f"""
 [engine]
 heartbeat_interval_s = 0.2
@@ -97,6 +100,7 @@ params.client_tokens_per_s = 1e9
 params.client_burst_tokens = 1e9
 params.queue_bound = 100000
 params.upstreams = [{{ name = "bench", base_url = "{upstream_url}", models = ["{MODEL}"], max_concurrency = 4096 }}]
+{flush}
 
 [workers.compute]
 stage = "compute"
@@ -351,7 +355,7 @@ def measure(settings: Settings, progress: bool) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     try:
         with (
-            BenchEngine(engine_toml(upstream_url, state_dir), "gateway") as engine,
+            BenchEngine(engine_toml(upstream_url, state_dir, settings.flush_ms), "gateway") as engine,
             ChildProcess(serve, (), "load generator", 30) as loadgen,
             ChildProcess(tap, (engine.info["runtime_dir"],), "broadcast tap", 30) as broadcast_tap,
             contextlib.ExitStack() as stack,
@@ -432,11 +436,11 @@ def _litellm_text(litellm: dict[str, Any]) -> str:
     return f"LiteLLM {litellm['version']}" if litellm["available"] else f"unavailable ({litellm['reason']})"
 
 
-def main(as_json: bool = False, quick: bool = False) -> dict[str, Any]:
-    """Run the benchmark, print a table (or one JSON object) and return the results. A full run from
-    a checkout also writes bench/results/gateway-<machine>.json and the generated section of
-    docs/gateway.md."""
-    settings = QUICK if quick else FULL
+def main(as_json: bool = False, quick: bool = False, flush_ms: float | None = None) -> dict[str, Any]:
+    """Run the benchmark, print a table (or one JSON object) and return the results. A full run
+    from a checkout with the engine's defaults also writes bench/results/gateway-<machine>.json and
+    the generated section of docs/gateway.md."""
+    settings = replace(QUICK if quick else FULL, flush_ms=flush_ms)
     info, load_before = report.machine(), report.load()
     began = time.monotonic()
     run = measure(settings, progress=not as_json)
@@ -453,7 +457,7 @@ def main(as_json: bool = False, quick: bool = False) -> dict[str, Any]:
     result["ratios"] = ratios(result["rows"])
     result["targets"] = targets(result)
     _print(result, as_json)
-    if not quick:
+    if not quick and flush_ms is None:
         report.publish("gateway", info, result, markdown(result), docs=DOCS)
     return result
 

@@ -39,13 +39,14 @@ def test_upstream_stamps_each_token_with_its_send_time():
 @pytest.mark.timeout(150)
 def test_bench_gateway_quick_json():
     out = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "bench", "gateway", "--quick", "--json"],
+        [sys.executable, "-m", "engine.cli", "bench", "gateway", "--quick", "--json", "--flush-ms", "0.5"],
         capture_output=True,
         timeout=140,
     )
     assert out.returncode == 0, out.stderr.decode(errors="replace")[-4000:]
     result = orjson.loads(out.stdout)
     assert result["benchmark"] == "gateway" and result["machine"]["cores"] >= 1
+    assert result["settings"]["flush_ms"] == 0.5  # ingest's window, as the engine was given it
     assert result["litellm"] == {"available": False, "reason": "skipped (--quick)", "version": None}
     rows = result["rows"]
     assert [(r["target"], r["streams"]) for r in rows] == [(t, n) for n in (1, 10) for t in ("direct", "gateway")]
