@@ -64,6 +64,8 @@ def test_a_model_is_retrieved_by_id_and_an_unknown_one_is_404(client, gw):
     assert raised.value.body["code"] == "model_not_found" and "org/no-such-model" in raised.value.body["message"]
     answer = httpx.get(gw.url + "/models/org/no-such-model", timeout=10)  # curl's literal slash
     assert answer.status_code == 404 and answer.json()["error"]["code"] == "model_not_found"
+    long = httpx.get(gw.url + "/models/" + "m" * 4000, timeout=10)
+    assert long.status_code == 404 and long.json()["error"]["code"] == "model_not_found" and len(long.content) < 300
 
 
 def test_chat_whole_and_streamed_as_openai_gives_them(client, gw):

@@ -22,7 +22,7 @@ from engine.auth.errors import AuthError, LimitExceeded
 from engine.auth.gate import Gate
 from engine.clients.requests_async import AsyncRequestClient
 from engine.protocol.openai_errors import ApiError
-from engine.protocol.requests import MAX_STREAM_ID, RequestError
+from engine.protocol.requests import MAX_MODEL_BYTES, MAX_STREAM_ID, RequestError
 from engine.stage import WorkerContext
 from stages.gateway.completions import Ask, Completions
 from stages.gateway.cors import Cors
@@ -262,6 +262,8 @@ class GatewayServer:
     async def _retrieve_model(self, request: web.Request) -> web.Response:
         self._principal(request)
         model = request.match_info["model"]
+        if len(model.encode()) > MAX_MODEL_BYTES:  # no model is named so (nor echoed back in full)
+            raise ApiError(404, f"no model id is longer than {MAX_MODEL_BYTES} bytes", code="model_not_found")
         await self._check_model(model)  # 404 model_not_found; any id while the list is not known, as requests take
         return _json(_model(model))
 
