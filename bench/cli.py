@@ -77,11 +77,16 @@ def bench_sse(as_json: bool, quick: bool) -> None:
 @bench.command("ingest")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quick", is_flag=True, help="Short streams: a smoke run, not a measurement.")
-def bench_ingest(as_json: bool, quick: bool) -> None:
+@click.option(
+    "--decode-steps",
+    is_flag=True,
+    help="The paced upstream writes every stream's tokens on one clock, as a server batching its streams does.",
+)
+def bench_ingest(as_json: bool, quick: bool, decode_steps: bool) -> None:
     """Ingest throughput with 1, 100, 1,000 streams from the embedded upstream; added latency p50/p99."""
     from . import ingest
 
-    ingest.main(as_json=as_json, quick=quick)
+    ingest.main(as_json=as_json, quick=quick, decode_steps=decode_steps)
 
 
 flush_ms_option = click.option(

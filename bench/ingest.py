@@ -33,7 +33,7 @@ import contextlib
 import glob
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import click
@@ -68,6 +68,8 @@ class Settings:
     unpaced: tuple[tuple[int, int], ...]  # (streams, tokens per stream)
     paced: tuple[tuple[int, float, int], ...]  # (streams, tokens/s per stream, tokens per stream)
     cpu: tuple[int, float, int]  # the paced load whose CPU per token is the headline (issue 11)
+    # the paced upstream writes every stream's tokens on one clock, as a batching server does
+    decode_steps: bool = False
 
 
 FULL = Settings(
@@ -78,8 +80,9 @@ FULL = Settings(
 QUICK = Settings(unpaced=((1, 2000), (100, 40), (1000, 4)), paced=((100, 20.0, 30),), cpu=(100, 100.0, 150))
 
 
-def engine_toml(tokens_per_s: float) -> str:
+def engine_toml(tokens_per_s: float, decode_steps: bool = False) -> str:
     """Ingest -> verifying sink; limits per client far above the load (one client submits all)."""
+    steps = ", decode_steps = true" if decode_steps else ""
     return f"""
 [engine]
 heartbeat_interval_s = {HEARTBEAT_S}
@@ -95,7 +98,7 @@ params.client_burst = 1e6
 params.client_tokens_per_s = 1e9
 params.client_burst_tokens = 1e9
 params.queue_bound = 100000
-params.embedded = {{ tokens_per_s = {tokens_per_s}, max_concurrency = 2048 }}
+params.embedded = {{ tokens_per_s = {tokens_per_s}, max_concurrency = 2048{steps} }}
 
 [workers.sink]
 stage = "verify"
@@ -263,11 +266,14 @@ def paced_run(load: Load, streams: int, rate: float, tokens: int) -> dict[str, A
     }
 
 
-def run_engine(pace: float, runs: list[Any], measure: Any, progress: bool) -> tuple[list[dict], dict]:
+def run_engine(
+    pace: float, runs: list[Any], measure: Any, progress: bool, decode_steps: bool = False
+) -> tuple[list[dict], dict]:
     """Each of ``runs`` measured with ``measure`` on one engine whose upstream runs at ``pace``
-    tokens/s per stream (0: unpaced); the rows and the sink's final counters."""
+    tokens/s per stream (0: unpaced), on one clock with ``decode_steps``; the rows and the sink's
+    final counters."""
     rows = []
-    with BenchEngine(engine_toml(pace), "ingest") as engine:
+    with BenchEngine(engine_toml(pace, decode_steps), "ingest") as engine:
         load = Load(engine)
         try:
             for args in runs:
@@ -283,8 +289,8 @@ def run_engine(pace: float, runs: list[Any], measure: Any, progress: bool) -> tu
 def measure(settings: Settings, progress: bool) -> dict[str, Any]:
     unpaced, sink_unpaced = run_engine(0.0, list(settings.unpaced), unpaced_run, progress)
     rate = settings.paced[0][1]  # the upstream's pace is per engine: every paced load uses the first's
-    paced, sink_paced = run_engine(rate, list(settings.paced), paced_run, progress)
-    cpu, sink_cpu = run_engine(settings.cpu[1], [settings.cpu], paced_run, progress)
+    paced, sink_paced = run_engine(rate, list(settings.paced), paced_run, progress, settings.decode_steps)
+    cpu, sink_cpu = run_engine(settings.cpu[1], [settings.cpu], paced_run, progress, settings.decode_steps)
     return {"unpaced": unpaced, "paced": paced, "cpu": cpu[0], "sink": _sum_counts(sink_unpaced, sink_paced, sink_cpu)}
 
 
@@ -319,12 +325,12 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def main(as_json: bool = False, quick: bool = False) -> dict[str, Any]:
+def main(as_json: bool = False, quick: bool = False, decode_steps: bool = False) -> dict[str, Any]:
     """Run the benchmark, print a table (or one JSON object) and return the results.
 
-    A full run from a checkout also writes bench/results/ingest-<machine>.json and the generated
-    section of docs/ingest.md."""
-    settings = QUICK if quick else FULL
+    A full run from a checkout with independently paced streams also writes
+    bench/results/ingest-<machine>.json and the generated section of docs/ingest.md."""
+    settings = replace(QUICK if quick else FULL, decode_steps=decode_steps)
     info, load_before = report.machine(), report.load()
     run = measure(settings, progress=not as_json)
     result = {
@@ -337,7 +343,7 @@ def main(as_json: bool = False, quick: bool = False) -> dict[str, Any]:
     }
     result["targets"] = targets(result)
     _print(result, as_json)
-    if not quick:
+    if not quick and not decode_steps:
         report.publish("ingest", info, result, markdown(result), docs=DOCS)
     return result
 

@@ -12,13 +12,14 @@ import pytest
 @pytest.mark.timeout(180)
 def test_bench_ingest_quick_json():
     out = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "bench", "ingest", "--quick", "--json"],
+        [sys.executable, "-m", "engine.cli", "bench", "ingest", "--quick", "--json", "--decode-steps"],
         capture_output=True,
         timeout=170,
     )
     assert out.returncode == 0, out.stderr.decode(errors="replace")[-4000:]
     result = orjson.loads(out.stdout)
     assert result["benchmark"] == "ingest" and result["machine"]["cores"] >= 1
+    assert result["settings"]["decode_steps"] is True  # the paced upstream on one clock
     assert [r["streams"] for r in result["unpaced"]] == [1, 100, 1000]
     for row in result["unpaced"]:
         assert row["tokens"] == row["streams"] * row["tokens_per_stream"]

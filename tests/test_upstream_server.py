@@ -415,6 +415,36 @@ def test_concurrent_paced_streams_share_the_ticker_and_all_complete() -> None:
     run(body, tokens_per_s=100.0)
 
 
+def _send_phases(decode_steps: bool) -> list[float]:
+    """Two streams at 20 tokens/s started 25 ms apart (half a step): each token's send time (its
+    stamped text) as its distance in ms from the first token's on the 50 ms clock, 0..25."""
+    step_ns, stamps = 50_000_000, []
+
+    async def body(c: Client) -> None:
+        async def one(i: int) -> list[int]:
+            await asyncio.sleep(i * 0.025)
+            _, _, raw = await c.post(CHAT, chat_body(stream=True, max_tokens=5, seed=i))
+            return [
+                int(ch["choices"][0]["delta"]["content"])
+                for ch in chunks(raw)
+                if ch["choices"] and ch["choices"][0]["delta"].get("content")
+            ]
+
+        stamps.extend(await asyncio.gather(one(0), one(1)))
+
+    run(body, tokens_per_s=20.0, stamp_tokens=True, decode_steps=decode_steps)
+    first = stamps[0][0]
+    return [min((t - first) % step_ns, -(t - first) % step_ns) / 1e6 for stream in stamps for t in stream]
+
+
+def test_decode_steps_put_every_streams_tokens_on_one_clock() -> None:
+    """A batching server writes a token of every stream at the end of each decode step: with
+    ``decode_steps`` the second stream's tokens go out with the first's; without, each stream
+    keeps its own phase (half a step apart here)."""
+    assert max(_send_phases(decode_steps=True)) < 10  # ms off the shared clock (timer slack on a busy machine)
+    assert max(_send_phases(decode_steps=False)) > 15
+
+
 def test_first_token_delay_with_keepalives_meanwhile() -> None:
     async def body(c: Client) -> None:
         start = time.monotonic()
@@ -622,3 +652,4 @@ def test_cli_arguments_make_a_config() -> None:
     cfg = _parse_args(["--port", "9000", "--rate", "25", "--model", "a", "--model", "b", "--faults", "no_done"])
     assert (cfg.port, cfg.tokens_per_s, cfg.models, cfg.faults) == (9000, 25.0, ("a", "b"), "no_done")
     assert _parse_args([]).models == UpstreamServerConfig.models
+    assert _parse_args(["--decode-steps"]).decode_steps and not _parse_args([]).decode_steps

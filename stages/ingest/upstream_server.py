@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import math
 import multiprocessing
 import os
 import random
@@ -78,6 +79,9 @@ class UpstreamServerConfig:
     # each streamed token's text is its send time, f"{time.monotonic_ns()} " (CLOCK_MONOTONIC is
     # system-wide): a benchmark on the same host reads per-token latency through any proxy from it
     stamp_tokens: bool = False
+    # every stream's tokens on one clock, as a server batching its streams writes them: one decode
+    # step (1 / tokens_per_s) makes a token of each, and they go out together at the step's end
+    decode_steps: bool = False
 
 
 @dataclass
@@ -512,11 +516,11 @@ class _Emission:
 
     __slots__ = (
         "done",
+        "due",
         "faults",
         "i",
         "keepalive_s",
         "last_write",
-        "offset_s",
         "response",
         "shape",
         "stamp",
@@ -532,7 +536,7 @@ class _Emission:
         self.shape, self.faults, self.response = shape, faults, response
         self.transport = request.transport
         self.stats = server.stats
-        self.offset_s = server._token_offset_s
+        self.due = server._token_due
         self.keepalive_s = server.cfg.keepalive_s
         self.stamp = server.cfg.stamp_tokens
         self.start = self.last_write = loop.time()
@@ -542,7 +546,7 @@ class _Emission:
 
     def next_at(self) -> float:
         """When :meth:`send` has something to do: the next token, or a keep-alive comment."""
-        return min(self.start + self.offset_s(self.i), self.last_write + self.keepalive_s)
+        return min(self.due(self.start, self.i), self.last_write + self.keepalive_s)
 
     def send(self, now: float) -> float | None:
         """Write every token due by ``now`` (up to MAX_EVENTS_PER_WRITE: the other streams' turn
@@ -554,7 +558,7 @@ class _Emission:
             return now + TICK_S
         shape, faults, out, first = self.shape, self.faults, [], self.i
         tokens = shape.tokens
-        while self.i < tokens and len(out) < MAX_EVENTS_PER_WRITE and self.start + self.offset_s(self.i) <= now:
+        while self.i < tokens and len(out) < MAX_EVENTS_PER_WRITE and self.due(self.start, self.i) <= now:
             if self.i == faults.disconnect_after:
                 self.stats.tokens_sent += self.i - first
                 self._write(out)
@@ -672,10 +676,12 @@ class UpstreamServer:
         self._fault_rng = random.Random(0)  # p is drawn from a fixed sequence: runs are repeatable
         self._runner: web.AppRunner | None = None
         self._ticker: _Ticker | None = None
+        self._epoch = 0.0  # the decode clock's first step (loop time), set by start()
 
     async def start(self) -> str:
         """Listen; return the base URL (``http://127.0.0.1:PORT``)."""
         self._ticker = _Ticker()
+        self._epoch = asyncio.get_running_loop().time()
         # a body as large as ingest may send (an image, a long document), as real servers take
         app = web.Application(client_max_size=MOST_REQUEST_BYTES)
         app.router.add_get("/v1/models", self._models)
@@ -755,6 +761,16 @@ class UpstreamServer:
         """When token ``i`` is due, in seconds after the response started."""
         rate = self.cfg.tokens_per_s
         return self.cfg.first_token_delay_s + (i / rate if rate > 0 else 0.0)
+
+    def _token_due(self, start: float, i: int) -> float:
+        """When token ``i`` of a stream that started at ``start`` (loop time) is due: at its own
+        pace, or with ``decode_steps`` at the end of the first step of the server's clock after it."""
+        due = start + self._token_offset_s(i)
+        rate = self.cfg.tokens_per_s
+        if not (self.cfg.decode_steps and rate > 0):
+            return due
+        steps = math.ceil((due - self._epoch) * rate - 1e-9)  # 1e-9: a due time on a step is that step
+        return self._epoch + steps / rate
 
     async def _whole(self, request: web.Request, shape: _Shape, faults: Faults) -> web.StreamResponse:
         """Non-streaming: answer once the paced stream would have ended (or drop the connection)."""
@@ -847,6 +863,11 @@ def _parse_args(argv: list[str] | None) -> UpstreamServerConfig:
     parser.add_argument("--model", action="append", dest="models", help="a model name to serve (repeatable)")
     parser.add_argument("--faults", default="", help='e.g. "disconnect_after=10,p=0.1" (docs/embedded-upstream.md)')
     parser.add_argument("--stamp-tokens", action="store_true", help="each token's text is its send time (monotonic ns)")
+    parser.add_argument(
+        "--decode-steps",
+        action="store_true",
+        help="every stream's tokens on one clock, as a batching server writes them",
+    )
     args = parser.parse_args(argv)
     return UpstreamServerConfig(
         host=args.host,
@@ -858,6 +879,7 @@ def _parse_args(argv: list[str] | None) -> UpstreamServerConfig:
         keepalive_s=args.keepalive,
         faults=args.faults,
         stamp_tokens=args.stamp_tokens,
+        decode_steps=args.decode_steps,
     )
 
 
