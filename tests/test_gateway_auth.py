@@ -54,7 +54,11 @@ def test_no_key_or_a_wrong_key_is_401_and_a_good_one_works(keyed):
         assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
         assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
     wrong = openai.OpenAI(base_url=keyed.url, api_key="np-wrong-key", max_retries=0)
-    for call in (wrong.models.list, lambda: wrong.models.retrieve(MODEL)):
+    for call in (
+        wrong.models.list,
+        lambda: wrong.models.retrieve(MODEL),
+        lambda: wrong.responses.create(model=MODEL, input="who goes there"),
+    ):
         with pytest.raises(openai.AuthenticationError):
             call()
     assert httpx.get(keyed.url.removesuffix("/v1") + "/health").status_code == 200  # no key needed

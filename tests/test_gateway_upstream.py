@@ -161,6 +161,14 @@ def test_a_failure_mid_stream_is_an_error_the_client_raises_on(rig):
     assert seen and seen[0].choices[0].delta.role == "assistant"  # it had begun: a 200, then the error
     wait_for(lambda: engine.stats("gateway")["failed"] >= 2, 5, "the gateway to count both failures")
 
+    events = []  # the Responses API alike: response.failed, with the error the client raises on
+    with pytest.raises(openai.APIError, match="upstream"):
+        for event in client.responses.create(model="broken", input="this one breaks", stream=True):
+            events.append(event.type)
+    assert events[:2] == ["response.created", "response.in_progress"]
+    with pytest.raises(openai.InternalServerError, match="upstream"):
+        client.responses.create(model="broken", input="this one breaks")
+
 
 def test_no_first_token_in_time_is_an_error_and_the_upstream_request_is_cancelled(rig):
     engine, stalled = rig[0], rig[3]

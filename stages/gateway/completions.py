@@ -27,15 +27,14 @@ from shm.batch import TOP_COLUMN, TopAlternatives, top_alternatives
 from stages.gateway.errors import rejection, stream_error
 from stages.gateway.follower import BroadcastFollower, Inbox, Tokens
 from stages.gateway.inflight import InFlight
+from stages.gateway.responses import ResponsesRequest, ResponsesShaper
 from stages.gateway.shapes import (
-    DONE,
     KEEPALIVE,
     Shaper,
     Usage,
     chat_logprobs,
     completion_logprobs,
     estimate_prompt_tokens,
-    sse,
     usage_of,
 )
 from stages.gateway.validation import INT64_MAX
@@ -62,6 +61,7 @@ class Ask:
     columns: list[str] = field(default_factory=list)  # compute's columns per token (extension)
     top_logprobs: int = 0  # alternatives per token (the ring's ``top`` column), 0: none asked
     n: int = 1  # choices: an engine stream each
+    responses: ResponsesRequest | None = None  # asked through the Responses API: answered in its shapes
 
     def body_of(self, index: int) -> dict[str, Any]:
         """What choice ``index`` submits: the body, its ``seed`` (if any) moved on by the index,
@@ -195,7 +195,7 @@ class Completions:
         except BaseException:
             lease.close()  # refused, or the client left before ingest answered: the slot is free again
             raise
-        shaper = Shaper(ask.chat, ask.model, ask.include_usage)
+        shaper = ResponsesShaper(ask.responses) if ask.responses else Shaper(ask.chat, ask.model, ask.include_usage)
         estimate = estimate_prompt_tokens(ask.chat, ask.body)
         choices = Choices(
             inbox, [Choice(s, inbox, shaper.sibling(i) if i else shaper, estimate) for i, s in enumerate(accepted)]
@@ -325,9 +325,7 @@ class Completions:
                     self.telemetry.observe("neuralpipe_gateway_time_to_first_token_seconds", first_token_at - received)
                 if choices.ended or choices.failed:
                     if not choices.failed:
-                        if ask.include_usage:
-                            out.append(choices.all[0].shaper.usage_chunk(choices.usage()[0]))
-                        out.append(DONE)
+                        out.append(choices.all[0].shaper.closing(choices.usage()[0]))
                     break  # the last chunks go with the end of the body: one write
                 if out:
                     await response.write(b"".join(out))
@@ -340,7 +338,7 @@ class Completions:
                     if first_token_at is None and time.monotonic() >= deadline:
                         choices.all[0].state.failed = True
                         reason = f"no first token within {self.first_token_timeout_s:g} s (first_token_timeout_s)"
-                        out.append(sse(ApiError(503, reason, "server_error", "timeout").body()))
+                        out.append(choices.all[0].shaper.error(ApiError(503, reason, "server_error", "timeout")))
                         break
                     out.append(KEEPALIVE)  # proxies cut streams idle for 60 s
                 pending = choices.take()
@@ -375,7 +373,7 @@ class Completions:
         choice.follow.accept(message)
         out: list[bytes] = []
         self._chunks(message, ask, choice, lease, out)
-        _write_at_once(response, out[0])
+        _write_at_once(response, out[0])  # (an empty one, e.g. a piece of a call without events, is not sent)
         return True
 
     async def _first(self, choices: Choices, wait_s: float) -> list[tuple[Choice, wire.Message | Tokens]]:
@@ -415,7 +413,7 @@ class Completions:
             out.append(choice.shaper.finish(message.header.get("finish_reason") or "stop"))
         elif kind == "error":
             state.failed = True
-            out.append(sse(stream_error(message.header.get("reason", "")).body()))
+            out.append(choice.shaper.error(stream_error(message.header.get("reason", ""))))
 
     # ---- whole responses ----------------------------------------------------------------------
 

@@ -32,12 +32,14 @@ from stages.gateway.feed import FeedHub
 from stages.gateway.follower import BroadcastFollower
 from stages.gateway.health import EngineHealth, health_body
 from stages.gateway.inflight import InFlight
+from stages.gateway.responses import chat_body, responses_param, validate_responses
 from stages.gateway.validation import Invalid, upstream_body, validate
 
 MODELS_REFRESH_S = 30.0  # how long ingest's model list is taken as current
 ENDPOINTS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completions",
+    "/v1/responses": "responses",
     "/v1/models": "models",
     "/health": "health",
     "/v1/feed": "feed",
@@ -79,6 +81,7 @@ class GatewayServer:
         app = web.Application(client_max_size=self.params.max_body_bytes, middlewares=[self._guard])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completion)
+        app.router.add_post("/v1/responses", self._responses)
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_get(MODEL_PATH + "{model:.+}", self._retrieve_model)
         app.router.add_get("/health", self._health)
@@ -179,12 +182,29 @@ class GatewayServer:
         try:
             req = validate(raw, chat)
         except Invalid as exc:
-            status = 400 if exc.param is None else 422
-            raise ApiError(
-                status, exc.message, param=exc.param, code="invalid_value" if exc.param else "invalid_body"
-            ) from None
-        ask = self._ask(req, raw, chat)
-        await self._check_model(req.model)
+            raise _refused(exc) from None
+        return await self._admitted(request, principal, self._ask(req, raw, chat), received)
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """The Responses API: its request as the chat request it asks for (checked as one), its
+        answer in its own shapes (stages/gateway/responses.py)."""
+        received = time.monotonic()
+        principal = self._principal(request)
+        raw = await self._json_body(request)
+        try:
+            req = validate_responses(raw)
+            body = chat_body(req)
+        except Invalid as exc:
+            raise _refused(exc) from None
+        try:
+            chat = validate(body, chat=True)
+        except Invalid as exc:
+            raise _refused(responses_param(exc)) from None
+        ask = Ask(True, bool(req.stream), req.model, upstream_body(chat, body), responses=req)
+        return await self._admitted(request, principal, ask, received)
+
+    async def _admitted(self, request: web.Request, principal: Any, ask: Ask, received: float) -> web.StreamResponse:
+        await self._check_model(ask.model)
         try:
             lease = self.gate.admit(principal, ask.n)
         except LimitExceeded as exc:
@@ -307,6 +327,13 @@ def _model(model_id: str) -> dict:
 
 def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _refused(exc: Invalid) -> ApiError:
+    """A body that fails validation: 422 naming the field, 400 for the body as a whole."""
+    if exc.param is None:
+        return ApiError(400, exc.message, code="invalid_body")
+    return ApiError(422, exc.message, param=exc.param, code="invalid_value")
 
 
 def _too_large(size: int | None, limit: int) -> ApiError:

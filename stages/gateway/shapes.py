@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from engine.protocol.openai_errors import ApiError
 from engine.protocol.toolcalls import merged_pieces
 from shm.batch import TopAlternatives
 
@@ -175,6 +176,14 @@ class Shaper:
 
     def usage_chunk(self, usage: Usage) -> bytes:
         return b"data: " + self._prefix + b'],"usage":' + orjson.dumps(usage.as_dict()) + b"}\n\n"
+
+    def closing(self, usage: Usage) -> bytes:
+        """What ends a stream that did not fail: the usage chunk when asked for, then ``[DONE]``."""
+        return (self.usage_chunk(usage) if self.include_usage else b"") + DONE
+
+    def error(self, err: ApiError) -> bytes:
+        """The event that ends a failed stream: the error object, which the client raises on."""
+        return sse(err.body())
 
     def choice(
         self,

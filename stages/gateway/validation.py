@@ -42,16 +42,18 @@ class _Closed(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-class _Open(BaseModel):
+class OpenModel(BaseModel):
+    """Fields beyond the declared ones are kept: they pass on to the upstream."""
+
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
-class TextPart(_Open):
+class TextPart(OpenModel):
     type: StrictStr = "text"
     text: StrictStr = ""  # as long as the body may be (max_body_bytes): a long document in one message
 
 
-class Message(_Open):
+class Message(OpenModel):
     role: Literal[ROLES]
     # null only for an assistant's turn that called tools (its ``tool_calls`` pass through)
     content: StrictStr | list[TextPart] | None = ""
@@ -80,7 +82,7 @@ class Extension(_Closed):
     ] = []
 
 
-class _Common(_Open):
+class _Common(OpenModel):
     model: Annotated[StrictStr, Field(min_length=1, max_length=MAX_MODEL_BYTES)]
     stream: StrictBool | None = False  # null (a client passing None through) is OpenAI's default: false
     stream_options: StreamOptions | None = None
@@ -138,10 +140,15 @@ def validate(body: Any, chat: bool) -> ChatRequest | CompletionRequest:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in _location(error["loc"]))
-        param = param.removeprefix(".")
-        raise Invalid(f"{param or 'body'}: {_reason(error)}", param or None) from None
+        raise invalid(exc) from None
+
+
+def invalid(exc: ValidationError) -> Invalid:
+    """pydantic's first complaint as :class:`Invalid`, naming the field as OpenAI's ``param`` does."""
+    error = exc.errors(include_url=False)[0]
+    param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in _location(error["loc"]))
+    param = param.removeprefix(".")
+    return Invalid(f"{param or 'body'}: {_reason(error)}", param or None)
 
 
 def _location(loc: tuple) -> list:
