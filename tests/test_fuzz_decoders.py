@@ -206,3 +206,47 @@ def test_config_nesting(tmp_path, depth):
     path.write_text("a = " + "[" * depth + "]" * depth)
     with pytest.raises(ConfigError):
         load_config(str(path), env={})
+
+
+RESPONSES_FIELDS = [
+    "model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "tools",
+    "tool_choice", "parallel_tool_calls", "reasoning", "text", "background", "previous_response_id",
+    "type", "role", "content", "call_id", "name", "arguments", "output", "image_url", "effort", "format",
+    "schema", "text", "store", "include",
+]  # fmt: skip
+RESPONSES_TYPES = [
+    "message", "function_call", "function_call_output", "reasoning", "input_text", "output_text",
+    "input_image", "function", "json_schema", "json_object", "web_search", "user", "assistant",
+]  # fmt: skip
+responses_values = st.recursive(
+    scalars | st.sampled_from(RESPONSES_TYPES),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(RESPONSES_FIELDS) | st.text(max_size=6), inner, max_size=5)
+    ),
+    max_leaves=30,
+)
+responses_bodies = st.fixed_dictionaries(
+    {"model": st.just("m") | scalars, "input": st.text(max_size=10) | responses_values},
+    optional={name: responses_values for name in RESPONSES_FIELDS[2:13]},
+)
+
+
+@FUZZ
+@given(responses_bodies | json_values)
+def test_responses_requests_become_chat_requests_or_name_the_problem(body):
+    """The gateway's Responses API: a body becomes a valid chat request or an Invalid naming why."""
+    from stages.gateway.responses import chat_body, responses_param, validate_responses
+    from stages.gateway.validation import Invalid, validate
+
+    try:
+        chat = chat_body(validate_responses(body))
+    except Invalid as exc:
+        assert exc.message
+        return
+    try:
+        validate(chat, chat=True)
+    except Invalid as exc:
+        assert responses_param(exc).message
+        return
+    assert chat["model"] == body["model"] and chat["messages"]
