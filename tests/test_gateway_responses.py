@@ -6,6 +6,7 @@ served is named. A failure mid-stream is in tests/test_gateway_upstream.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -79,6 +80,19 @@ def test_a_streamed_response_is_assembled_by_the_clients_stream_helper(client):
     deltas = "".join(event.delta for event in events if event.type == "response.output_text.delta")
     assert deltas == final.output_text == whole.output_text != ""
     assert final.id == events[0].response.id and final.usage.output_tokens == whole.usage.output_tokens > 0
+
+
+@pytest.mark.timeout(60)
+def test_the_async_client_streams_a_response_too(gw):
+    async def run() -> tuple[str, str]:
+        client = openai.AsyncOpenAI(base_url=gw.url, api_key="unused", max_retries=0, timeout=30)
+        async with client, client.responses.stream(model=MODEL, input="async", max_output_tokens=ROOM) as stream:
+            deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+            final = await stream.get_final_response()
+        return "".join(deltas), final.output_text
+
+    streamed, final = asyncio.run(run())
+    assert streamed == final != ""
 
 
 @pytest.mark.timeout(60)
