@@ -31,6 +31,12 @@ RESPONSES_ONLY = {
     "service_tier", "stream_options", "top_logprobs", "max_tool_calls", *STATEFUL,
 }  # fmt: skip
 TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
+# an output item's type -> the event that streams its text
+DELTAS = {
+    "message": "response.output_text.delta",
+    "reasoning": "response.reasoning_text.delta",
+    "function_call": "response.function_call_arguments.delta",
+}
 
 
 class ResponsesRequest(OpenModel):
@@ -183,6 +189,8 @@ class ResponsesShaper:
         }
         self.items: list[dict[str, Any]] = []  # the output, as it grows
         self.open: dict[str, Any] | None = None  # the item being written
+        self.pieces: list[str] = []  # its text (or a call's arguments) so far: joined once, at its end
+        self.delta = (b"", b"", b"")  # its delta event's bytes around the sequence number and the text
         self.calls: dict[int, dict[str, Any]] = {}  # chat's tool call index -> its item
         self.reason = "stop"
         self.seq = 0
@@ -195,15 +203,10 @@ class ResponsesShaper:
         )
 
     def content(self, text: str, logprobs: Any = None, extension: Any = None) -> bytes:
-        out = self._begin("message")
-        part = self.open["content"][0]
-        part["text"] += text
-        return out + self._event("response.output_text.delta", **self._at(), content_index=0, delta=text, logprobs=[])
+        return self._begin("message") + self._delta(text)
 
     def reasoning(self, text: str) -> bytes:
-        out = self._begin("reasoning")
-        self.open["content"][0]["text"] += text
-        return out + self._event("response.reasoning_text.delta", **self._at(), content_index=0, delta=text)
+        return self._begin("reasoning") + self._delta(text)
 
     def tool_call_pieces(self, texts: list[str]) -> bytes:
         out = b""
@@ -223,9 +226,10 @@ class ResponsesShaper:
                 self.calls[piece["index"]] = item
                 out += self._add(item)
             arguments = function.get("arguments", "")
-            item["arguments"] += arguments
-            if arguments and item is self.open:
-                out += self._event("response.function_call_arguments.delta", **self._at(), delta=arguments)
+            if item is not self.open:  # more of a call after the next began (no event for it now)
+                item["arguments"] += arguments
+            elif arguments:
+                out += self._delta(arguments)
         return out
 
     def finish(self, reason: str) -> bytes:
@@ -240,6 +244,7 @@ class ResponsesShaper:
     def error(self, err: ApiError) -> bytes:
         """The response failed mid-stream: ``response.failed`` as OpenAI sends it, with the error
         object beside it too, which the official clients raise on."""
+        self._settle()
         response = self._response("failed") | {"error": {"code": err.code, "message": err.message}}
         return self._event("response.failed", response=response, error=err.body()["error"])
 
@@ -303,6 +308,24 @@ class ResponsesShaper:
     def _at(self) -> dict[str, Any]:
         return {"item_id": self.open["id"], "output_index": len(self.items) - 1}
 
+    def _delta(self, text: str) -> bytes:
+        """The open item's delta event: its bytes around the sequence number and the text made once
+        per item (as the chat shaper splices a chunk's), so a token costs two small encodes."""
+        self.pieces.append(text)
+        head, middle, tail = self.delta
+        self.seq += 1
+        return head + str(self.seq - 1).encode() + middle + orjson.dumps(text) + tail
+
+    def _settle(self) -> None:
+        """The open item's text (or arguments) so far, joined into it."""
+        item, text = self.open, "".join(self.pieces)
+        if item is None:
+            return
+        if item["type"] == "function_call":
+            item["arguments"] = text
+        else:
+            item["content"][0]["text"] = text
+
     def _begin(self, kind: str) -> bytes:
         """Open an item of ``kind`` unless one is open: the other one is done first."""
         if self.open is not None and self.open["type"] == kind:
@@ -317,7 +340,19 @@ class ResponsesShaper:
 
     def _add(self, item: dict[str, Any]) -> bytes:
         self.items.append(item)
-        self.open = item
+        self.open, self.pieces = item, []
+        kind = DELTAS[item["type"]]
+        # the delta event as _event writes it, split around its sequence number and its text
+        fields = {"type": kind, "sequence_number": -1, **self._at()}
+        if item["type"] != "function_call":
+            fields["content_index"] = 0
+        fields["delta"] = "\0"
+        if item["type"] == "message":
+            fields["logprobs"] = []
+        encoded = b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(fields) + b"\n\n"
+        head, rest = encoded.split(b'"sequence_number":-1', 1)
+        middle, tail = rest.rsplit(b'"\\u0000"', 1)
+        self.delta = (head + b'"sequence_number":', middle, tail)
         added = {key: ("" if key == "arguments" else value) for key, value in item.items()}
         if "content" in added:
             added["content"] = []
@@ -328,6 +363,7 @@ class ResponsesShaper:
         if item is None:
             return b""
         at = self._at()
+        self._settle()
         item["status"] = "completed"
         if item["type"] == "message":
             part = item["content"][0]
