@@ -170,8 +170,14 @@ def bench_cache(as_json: bool, quick: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quick", is_flag=True, help="1 and 10 short streams, no LiteLLM: a smoke run, not a measurement.")
 @flush_ms_option
-def bench_gateway(as_json: bool, quick: bool, flush_ms: float | None) -> None:
+@click.option(
+    "--api",
+    type=click.Choice(["chat", "responses"]),
+    default="chat",
+    help="Ask the gateway through chat completions (default) or the Responses API (no LiteLLM then).",
+)
+def bench_gateway(as_json: bool, quick: bool, flush_ms: float | None, api: str) -> None:
     """Latency and CPU the gateway adds against calling the upstream directly (1 and 100 streams), LiteLLM beside it."""
     from . import gateway
 
-    gateway.main(as_json=as_json, quick=quick, flush_ms=flush_ms)
+    gateway.main(as_json=as_json, quick=quick, flush_ms=flush_ms, api=api)

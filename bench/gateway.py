@@ -75,6 +75,7 @@ class Settings:
     # a figure is the median over the repeats, an added figure the median of each repeat's difference
     repeats: int
     flush_ms: float | None = None  # ingest's flush window (None: the engine's default, 2 ms)
+    api: str = "chat"  # what the gateway is asked through: "chat" or "responses" (the Responses API)
 
 
 FULL = Settings(tokens_per_s=20.0, loads=((1, 8, 20), (100, 1, 100)), litellm=True, repeats=3)
@@ -131,9 +132,18 @@ class Target:
     """One thing the load is pointed at: its /v1 URL, the processes whose CPU is its cost, and (the
     gateway) a tap on the broadcast that tells the engine path from the gateway worker."""
 
-    def __init__(self, name: str, url: str, processes: Any, tap: ChildProcess | None = None, metrics_port: int = 0):
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        processes: Any,
+        tap: ChildProcess | None = None,
+        metrics_port: int = 0,
+        api: str = "chat",
+    ) -> None:
         self.name, self.url, self.processes, self.tap = name, url, processes, tap  # processes(): name -> pid
         self.metrics_port = metrics_port  # the engine's /metrics (0: none)
+        self.api = api  # the load's requests: chat completions, or the Responses API
 
     def stages(self, before: stage_latency.Buckets | None, tokens: int) -> dict[str, dict[str, float]] | None:
         """With ``before`` None: a reading to start from; else the engine's per-stage latency since
@@ -192,6 +202,7 @@ def run_load(
         spread_s=1.0 / settings.tokens_per_s,
         tag=uuid.uuid4().hex[:12],
         extra={"ignore_eos": True},
+        api=target.api,
     )
     # warm-up at the load's concurrency: connections (client -> proxy -> upstream) are open before it
     loadgen.conn.send(Job(**{**asdict(job), "rounds": 1, "tokens": 4, "tag": job.tag + "-warm"}))
@@ -252,7 +263,7 @@ def _engine_path(row: dict[str, Any], tap: dict[str, list[int]]) -> dict[str, fl
     return out
 
 
-def _engine_target(engine: BenchEngine, broadcast_tap: ChildProcess) -> Target:
+def _engine_target(engine: BenchEngine, broadcast_tap: ChildProcess, api: str) -> Target:
     workers = engine.workers()
     url = wait_for(lambda: engine.workers()["gateway"]["stats"].get("url"), 30, "the gateway's URL")
     wait_for(lambda: engine.workers()["gateway"]["stats"].get("following"), 30, "the gateway to follow the broadcast")
@@ -266,7 +277,7 @@ def _engine_target(engine: BenchEngine, broadcast_tap: ChildProcess) -> Target:
         named = {s: found[s] for s in ENGINE_STAGES}
         return {**named, **{f"supervisor:{k}": v for k, v in found.items() if k not in ENGINE_STAGES}}
 
-    return Target("gateway", url, processes, broadcast_tap, int(engine.info["metrics_port"]))
+    return Target("gateway", url, processes, broadcast_tap, int(engine.info["metrics_port"]), api)
 
 
 def _added(rows: list[dict[str, Any]]) -> None:
@@ -360,8 +371,11 @@ def measure(settings: Settings, progress: bool) -> dict[str, Any]:
             ChildProcess(tap, (engine.info["runtime_dir"],), "broadcast tap", 30) as broadcast_tap,
             contextlib.ExitStack() as stack,
         ):
-            found = [Target("direct", f"{upstream_url}/v1", dict), _engine_target(engine, broadcast_tap)]
-            if settings.litellm:
+            found = [Target("direct", f"{upstream_url}/v1", dict), _engine_target(engine, broadcast_tap, settings.api)]
+            if settings.litellm and settings.api != "chat":
+                # its openai provider passes /v1/responses on to the upstream, which serves chat only
+                litellm = {"available": False, "reason": f"skipped (--api {settings.api})", "version": None}
+            elif settings.litellm:
                 try:
                     proxy = stack.enter_context(LiteLLMProxy(upstream_url, MODEL))
                     litellm = {"available": True, "reason": None, "version": proxy.version}
@@ -436,11 +450,13 @@ def _litellm_text(litellm: dict[str, Any]) -> str:
     return f"LiteLLM {litellm['version']}" if litellm["available"] else f"unavailable ({litellm['reason']})"
 
 
-def main(as_json: bool = False, quick: bool = False, flush_ms: float | None = None) -> dict[str, Any]:
+def main(
+    as_json: bool = False, quick: bool = False, flush_ms: float | None = None, api: str = "chat"
+) -> dict[str, Any]:
     """Run the benchmark, print a table (or one JSON object) and return the results. A full run
-    from a checkout with the engine's defaults also writes bench/results/gateway-<machine>.json and
-    the generated section of docs/gateway.md."""
-    settings = replace(QUICK if quick else FULL, flush_ms=flush_ms)
+    from a checkout with the engine's defaults and chat completions also writes
+    bench/results/gateway-<machine>.json and the generated section of docs/gateway.md."""
+    settings = replace(QUICK if quick else FULL, flush_ms=flush_ms, api=api)
     info, load_before = report.machine(), report.load()
     began = time.monotonic()
     run = measure(settings, progress=not as_json)
@@ -457,7 +473,7 @@ def main(as_json: bool = False, quick: bool = False, flush_ms: float | None = No
     result["ratios"] = ratios(result["rows"])
     result["targets"] = targets(result)
     _print(result, as_json)
-    if not quick and flush_ms is None:
+    if not quick and flush_ms is None and api == "chat":
         report.publish("gateway", info, result, markdown(result), docs=DOCS)
     return result
 

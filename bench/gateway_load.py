@@ -1,5 +1,6 @@
-"""The load generator of ``neuralpipe bench gateway``: streaming chat completions over aiohttp
-(under uvloop) in a process of its own, so its CPU is counted apart from what it measures.
+"""The load generator of ``neuralpipe bench gateway``: streaming chat completions (or Responses API
+responses) over aiohttp (under uvloop) in a process of its own, so its CPU is counted apart from
+what it measures.
 
 Each token's latency is read from its text: the embedded upstream, run with ``stamp_tokens``,
 writes each token as its send time (``time.monotonic_ns()``, CLOCK_MONOTONIC is system-wide), and a
@@ -35,6 +36,7 @@ class Job:
     spread_s: float  # the streams' starts are spread evenly over this
     tag: str  # in every prompt: no two requests alike (no cache hit)
     extra: dict[str, Any] = field(default_factory=dict)  # more body fields (ignore_eos)
+    api: str = "chat"  # or "responses": OpenAI's Responses API (POST /responses)
 
 
 class _Tally:
@@ -78,13 +80,23 @@ def _token_texts(event: bytes) -> tuple[str | None, str | None]:
     return (delta.get("content") if delta is not None else choice.get("text")) or None, None
 
 
+def _response_texts(event: bytes) -> tuple[str | None, str | None]:
+    """(text, error) of one Responses API event: an output text delta's text, a failure's error."""
+    data = event.rpartition(b"data: ")[2]
+    if not data:
+        return None, None
+    body = orjson.loads(data)
+    if "error" in body:
+        return None, str(body["error"])[:300]
+    return (body.get("delta") or None) if body.get("type") == "response.output_text.delta" else None, None
+
+
 async def _one(session: aiohttp.ClientSession, job: Job, body: bytes, tally: _Tally) -> None:
     tally.requests += 1
     began = time.monotonic_ns()
     first = True
-    async with session.post(
-        f"{job.base_url}/chat/completions", data=body, headers={"Content-Type": "application/json"}
-    ) as resp:
+    path, texts = ("/responses", _response_texts) if job.api == "responses" else ("/chat/completions", _token_texts)
+    async with session.post(f"{job.base_url}{path}", data=body, headers={"Content-Type": "application/json"}) as resp:
         if resp.status != 200:
             tally.error(f"HTTP {resp.status}: {(await resp.text())[:300]}")
             return
@@ -95,7 +107,7 @@ async def _one(session: aiohttp.ClientSession, job: Job, body: bytes, tally: _Ta
             now = time.monotonic_ns()
             *events, pending = (pending + data).replace(b"\r\n", b"\n").split(b"\n\n")
             for event in events:
-                text, error = _token_texts(event)
+                text, error = texts(event)
                 if error is not None:
                     tally.error(error)
                     return
@@ -118,13 +130,11 @@ async def _stream(session: aiohttp.ClientSession, job: Job, index: int, tally: _
     await asyncio.sleep(index * job.spread_s / job.streams)
     for round_ in range(job.rounds):
         prompt = f"gateway bench {job.tag} stream {index} round {round_}"
-        body = {
-            "model": job.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": job.tokens,
-            "stream": True,
-            **job.extra,
-        }
+        if job.api == "responses":
+            body = {"model": job.model, "input": prompt, "max_output_tokens": job.tokens}
+        else:
+            body = {"model": job.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": job.tokens}
+        body |= {"stream": True, **job.extra}
         try:
             await _one(session, job, orjson.dumps(body), tally)
         except (TimeoutError, aiohttp.ClientError) as exc:

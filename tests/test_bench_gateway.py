@@ -69,3 +69,20 @@ def test_bench_gateway_quick_json():
     assert gateway["engine_path"]["tokens"] == gateway["tokens"]  # the tap saw every token the client got
     assert [t["met"] for t in result["targets"]][2:] == [None, None, None, None]  # LiteLLM's ratios
     assert all(isinstance(t["met"], bool) for t in result["targets"][:2])
+
+
+@pytest.mark.timeout(150)
+def test_bench_gateway_quick_through_the_responses_api():
+    out = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "bench", "gateway", "--quick", "--json", "--api", "responses"],
+        capture_output=True,
+        timeout=140,
+    )
+    assert out.returncode == 0, out.stderr.decode(errors="replace")[-4000:]
+    result = orjson.loads(out.stdout)
+    assert result["settings"]["api"] == "responses"
+    gateway = [row for row in result["rows"] if row["target"] == "gateway"]
+    assert [row["streams"] for row in gateway] == [1, 10]
+    for row in gateway:  # every token's stamp came back through the Responses API's text deltas
+        assert row["errors"] == 0 and row["tokens"] == row["tokens_expected"] > 0, row["error_samples"]
+        assert 0 < row["token_p50_us"] <= row["token_p99_us"]
