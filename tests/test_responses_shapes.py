@@ -55,6 +55,16 @@ def test_a_reply_with_thinking_text_and_calls_streams_as_the_responses_api_does(
     assert [item["status"] for item in added] == ["in_progress"] * 4 and added[2]["arguments"] == ""
 
 
+@pytest.mark.parametrize(("finish", "why"), [("length", "max_output_tokens"), ("content_filter", "content_filter")])
+def test_a_reply_cut_short_is_incomplete_and_says_why(finish, why):
+    shaper = ResponsesShaper(validate_responses({"model": "m", "input": "hi"}))
+    raw = shaper.role() + shaper.content("cut") + shaper.finish(finish) + shaper.closing(Usage(1, 1, False))
+    last = _events(raw)[-1]
+    assert last["type"] == "response.incomplete" and last["response"]["incomplete_details"] == {"reason": why}
+    shaper.choice("cut", finish)
+    assert shaper.whole([], Usage(1, 1, False))["status"] == "incomplete"
+
+
 def test_a_failure_mid_stream_carries_what_was_written_and_the_error():
     shaper = ResponsesShaper(validate_responses({"model": "m", "input": "hi"}))
     raw = shaper.role() + shaper.content("partial") + shaper.error(ApiError(503, "upstream lost", "server_error"))

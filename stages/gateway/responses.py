@@ -31,6 +31,8 @@ RESPONSES_ONLY = {
     "service_tier", "stream_options", "top_logprobs", "max_tool_calls", *STATEFUL,
 }  # fmt: skip
 TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
+# a chat finish_reason that cuts the reply short -> the Responses API's incomplete_details.reason
+INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 # an output item's type -> the event that streams its text
 DELTAS = {
     "message": "response.output_text.delta",
@@ -238,7 +240,7 @@ class ResponsesShaper:
 
     def closing(self, usage: Usage) -> bytes:
         """The open item's done events and the response's last event, with its usage."""
-        status = "incomplete" if self.reason == "length" else "completed"
+        status = "incomplete" if self.reason in INCOMPLETE else "completed"
         return self._close() + self._event(f"response.{status}", response=self._response(status, usage))
 
     def error(self, err: ApiError) -> bytes:
@@ -279,7 +281,7 @@ class ResponsesShaper:
         return {}
 
     def whole(self, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
-        return self._response("incomplete" if self.reason == "length" else "completed", usage)
+        return self._response("incomplete" if self.reason in INCOMPLETE else "completed", usage)
 
     # -- parts ------------------------------------------------------------------------------------
 
@@ -290,7 +292,7 @@ class ResponsesShaper:
             "created_at": self.created,
             "status": status,
             "error": None,
-            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "incomplete_details": {"reason": INCOMPLETE[self.reason]} if status == "incomplete" else None,
             "output": self.items if status != "in_progress" else [],
             "usage": _usage(usage) if usage is not None else None,
             "store": False,
