@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 import urllib.request
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from engine.clients.supervisor import find_engine, request
@@ -125,3 +127,14 @@ class GatewayEngine:
         if not wait_exit(self.pid, 30):
             os.kill(self.pid, 9)
             raise AssertionError(f"engine {self.instance} still running 30 s after stop")
+
+
+def serving(tmp_path_factory, name: str, config: str = "") -> Iterator[GatewayEngine]:
+    """A module fixture's body: an engine (``config``, else the default topology) started for the
+    module's tests and stopped after them (``yield from serving(...)``)."""
+    instance = name[:2] + uuid.uuid4().hex[:10]
+    engine = GatewayEngine(tmp_path_factory.mktemp(name), config or default_topology(), instance)
+    try:
+        yield engine.start()
+    finally:
+        engine.stop()

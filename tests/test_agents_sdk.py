@@ -6,12 +6,11 @@ makes it), the SDK runs it and sends its output back in ``input``, and the model
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 from agents import Agent, ModelSettings, Runner, function_tool, set_tracing_disabled
 from agents.models.openai_responses import OpenAIResponsesModel
-from gateway_harness import GatewayEngine, default_topology
+from gateway_harness import serving
 from openai import AsyncOpenAI
 
 MODEL = "neuralpipe-echo"
@@ -20,11 +19,7 @@ MODEL = "neuralpipe-echo"
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
     set_tracing_disabled(True)  # the SDK would send its traces to OpenAI
-    engine = GatewayEngine(tmp_path_factory.mktemp("gwagents"), default_topology(), "s" + uuid.uuid4().hex[:10])
-    try:
-        yield engine.start()
-    finally:
-        engine.stop()
+    yield from serving(tmp_path_factory, "gwagents")
 
 
 def _agent(url: str, calls: list[str]) -> Agent:

@@ -36,15 +36,20 @@ def test_upstream_stamps_each_token_with_its_send_time():
     assert began <= stamps[0] <= stamps[-1] <= ended and stamps == sorted(stamps)
 
 
-@pytest.mark.timeout(150)
-def test_bench_gateway_quick_json():
+def _quick(*args: str) -> dict:
+    """``neuralpipe bench gateway --quick --json`` with ``args``: its JSON."""
     out = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "bench", "gateway", "--quick", "--json", "--flush-ms", "0.5"],
+        [sys.executable, "-m", "engine.cli", "bench", "gateway", "--quick", "--json", *args],
         capture_output=True,
         timeout=140,
     )
     assert out.returncode == 0, out.stderr.decode(errors="replace")[-4000:]
-    result = orjson.loads(out.stdout)
+    return orjson.loads(out.stdout)
+
+
+@pytest.mark.timeout(150)
+def test_bench_gateway_quick_json():
+    result = _quick("--flush-ms", "0.5")
     assert result["benchmark"] == "gateway" and result["machine"]["cores"] >= 1
     assert result["settings"]["flush_ms"] == 0.5  # ingest's window, as the engine was given it
     assert result["litellm"] == {"available": False, "reason": "skipped (--quick)", "version": None}
@@ -73,13 +78,7 @@ def test_bench_gateway_quick_json():
 
 @pytest.mark.timeout(150)
 def test_bench_gateway_quick_through_the_responses_api():
-    out = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "bench", "gateway", "--quick", "--json", "--api", "responses"],
-        capture_output=True,
-        timeout=140,
-    )
-    assert out.returncode == 0, out.stderr.decode(errors="replace")[-4000:]
-    result = orjson.loads(out.stdout)
+    result = _quick("--api", "responses")
     assert result["settings"]["api"] == "responses"
     gateway = [row for row in result["rows"] if row["target"] == "gateway"]
     assert [row["streams"] for row in gateway] == [1, 10]

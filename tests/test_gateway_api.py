@@ -15,22 +15,14 @@ import httpx
 import openai
 import pytest
 from engine_harness import wait_for
-from gateway_harness import GatewayEngine, default_topology
+from gateway_harness import GatewayEngine, default_topology, serving
 
 MODEL = "neuralpipe-echo"
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    engine = GatewayEngine(
-        tmp_path_factory.mktemp("gw"),
-        default_topology(gateway="max_body_bytes = 65536\nbody_timeout_s = 1.0"),
-        "g" + uuid.uuid4().hex[:10],
-    )
-    try:
-        yield engine.start()
-    finally:
-        engine.stop()
+    yield from serving(tmp_path_factory, "gw", default_topology(gateway="max_body_bytes = 65536\nbody_timeout_s = 1.0"))
 
 
 @pytest.fixture

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 
 import openai
 import pytest
-from gateway_harness import GatewayEngine, default_topology
+from gateway_harness import serving
 
 MODEL = "neuralpipe-echo"
 ROOM = 4096  # max_output_tokens above any natural reply of the embedded upstream
@@ -26,11 +25,7 @@ TOOL = {
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    engine = GatewayEngine(tmp_path_factory.mktemp("gwresp"), default_topology(), "r" + uuid.uuid4().hex[:10])
-    try:
-        yield engine.start()
-    finally:
-        engine.stop()
+    yield from serving(tmp_path_factory, "gwresp")
 
 
 @pytest.fixture
