@@ -13,6 +13,8 @@ from stages.gateway.responses import ResponsesShaper, chat_body, validate_respon
 from stages.gateway.shapes import Usage
 from stages.gateway.validation import Invalid
 
+IMAGE = {"type": "input_image", "image_url": "u"}
+
 
 def _events(raw: bytes) -> list[dict]:
     out = []
@@ -82,6 +84,7 @@ def test_a_request_becomes_the_chat_request_it_asks_for():
             "input": [
                 {"role": "developer", "content": "rules"},
                 {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "look"}]},
+                {"role": "user", "content": [{"type": "input_text", "text": "at"}, IMAGE]},
                 {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
                 {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}"},
                 {"type": "function_call_output", "call_id": "c1", "output": "one"},
@@ -98,9 +101,13 @@ def test_a_request_becomes_the_chat_request_it_asks_for():
     )
     body = chat_body(req)
     assert body["messages"][0] == {"role": "system", "content": "be brief"}
-    assert body["messages"][2]["content"] == [{"type": "text", "text": "look"}]
-    assert [c["id"] for c in body["messages"][3]["tool_calls"]] == ["c1", "c2"]  # one assistant turn
-    assert body["messages"][4] == {"role": "tool", "tool_call_id": "c1", "content": "one"}
+    assert body["messages"][2]["content"] == "look"  # one text part: a string, as every template reads
+    assert body["messages"][3]["content"] == [
+        {"type": "text", "text": "at"},
+        {"type": "image_url", "image_url": {"url": "u"}},
+    ]
+    assert [c["id"] for c in body["messages"][4]["tool_calls"]] == ["c1", "c2"]  # one assistant turn
+    assert body["messages"][5] == {"role": "tool", "tool_call_id": "c1", "content": "one"}
     assert body["tools"] == [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     assert body["tool_choice"] == {"type": "function", "function": {"name": "f"}}
     assert (body["max_tokens"], body["reasoning_effort"], body["seed"]) == (50, "high", 4)

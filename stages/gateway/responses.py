@@ -161,6 +161,8 @@ def _content(content: Any, where: str) -> Any:
             parts.append({"type": "image_url", "image_url": image})
         else:
             raise Invalid(f"{where}.content[{i}].type: {kind!r} is not served (input_text, input_image)", where)
+    if len(parts) == 1 and parts[0]["type"] == "text":  # what SDKs send: one text, as a string
+        return parts[0]["text"]  # (every chat template reads a string; not all read parts)
     return parts
 
 
