@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 import openai
 import pytest
@@ -88,6 +89,34 @@ def test_the_async_client_streams_a_response_too(gw):
 
     streamed, final = asyncio.run(run())
     assert streamed == final != ""
+
+
+@pytest.mark.timeout(90)
+def test_100_concurrent_streamed_responses_each_complete_with_their_own_items(gw):
+    """Plain, thinking and tool-calling replies at once, each stream's events its own."""
+    forced = {"type": "function", "name": "echo"}
+    extra = [{}, {"reasoning": {"effort": "low"}}, {"tools": [TOOL], "tool_choice": forced}]
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[int, list[str], int, list[int]]:
+        stream = await client.responses.create(
+            model=MODEL, input=f"concurrent {i} {uuid.uuid4().hex}", max_output_tokens=20, stream=True, **extra[i % 3]
+        )
+        kinds, sequence = [], []
+        async for event in stream:
+            sequence.append(event.sequence_number)
+            if event.type == "response.output_item.added":
+                kinds.append(event.item.type)
+            if event.type in ("response.completed", "response.incomplete"):
+                tokens = event.response.usage.output_tokens
+        return i % 3, kinds, tokens, sequence
+
+    async def run() -> list:
+        async with openai.AsyncOpenAI(base_url=gw.url, api_key="unused", max_retries=0, timeout=60) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(100)))
+
+    expected = {0: ["message"], 1: ["reasoning", "message"], 2: ["function_call"]}
+    for kind, items, tokens, sequence in asyncio.run(run()):
+        assert items == expected[kind] and tokens == 20 and sequence == list(range(len(sequence)))
 
 
 @pytest.mark.timeout(60)
