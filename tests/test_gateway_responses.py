@@ -120,6 +120,27 @@ def test_100_concurrent_streamed_responses_each_complete_with_their_own_items(gw
 
 
 @pytest.mark.timeout(60)
+def test_logprobs_when_included_streamed_and_whole_as_chat_gives_them(client):
+    ask = {"model": MODEL, "input": "with logprobs", "max_output_tokens": 6, "top_logprobs": 2}
+    ask["include"] = ["message.output_text.logprobs"]
+    whole = client.responses.create(**ask)
+    entries = whole.output[0].content[0].logprobs
+    messages = [{"role": "user", "content": "with logprobs"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, logprobs=True, top_logprobs=2)
+    expected = chat.choices[0].logprobs.content
+    assert [(e.token, e.logprob) for e in entries] == [(e.token, e.logprob) for e in expected]
+    assert all(len(e.top_logprobs) == 2 for e in entries)
+    with client.responses.stream(**ask) as stream:
+        events = list(stream)
+    streamed = [entry for e in events if e.type == "response.output_text.delta" for entry in e.logprobs]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in done.logprobs]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    plain = client.responses.create(model=MODEL, input="without", max_output_tokens=3)
+    assert plain.output[0].content[0].logprobs == []
+
+
+@pytest.mark.timeout(60)
 def test_instructions_and_a_conversation_with_tool_calls_in_input(client):
     response = client.responses.create(
         model=MODEL,

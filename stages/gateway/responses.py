@@ -24,11 +24,12 @@ from stages.gateway.validation import Invalid, Number, OpenModel, invalid
 
 ECHOED = ("instructions", "max_output_tokens", "temperature", "top_p", "tool_choice", "parallel_tool_calls")
 STATEFUL = ("previous_response_id", "conversation")  # need a stored response: not kept here
+LOGPROBS = "message.output_text.logprobs"  # in ``include``: each output token's logprob
 # the Responses API's own fields that chat has no use for; any other unknown field (seed, top_k,
 # ...) passes on to the upstream, as the chat endpoint passes it
 RESPONSES_ONLY = {
-    "store", "metadata", "include", "truncation", "prompt", "prompt_cache_key", "safety_identifier",
-    "service_tier", "stream_options", "top_logprobs", "max_tool_calls", *STATEFUL,
+    "store", "metadata", "truncation", "prompt", "prompt_cache_key", "safety_identifier",
+    "service_tier", "stream_options", "max_tool_calls", *STATEFUL,
 }  # fmt: skip
 TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
 # a chat finish_reason that cuts the reply short -> the Responses API's incomplete_details.reason
@@ -55,6 +56,12 @@ class ResponsesRequest(OpenModel):
     reasoning: dict | None = None
     text: dict | None = None
     background: StrictBool | None = None
+    include: list[StrictStr] | None = None  # of what it names, logprobs are given (LOGPROBS)
+    top_logprobs: Annotated[int, Field(strict=True, ge=0, le=20)] | None = None
+
+    @property
+    def logprobs(self) -> bool:
+        return LOGPROBS in (self.include or ())
 
 
 def validate_responses(body: Any) -> ResponsesRequest:
@@ -110,6 +117,10 @@ def chat_body(req: ResponsesRequest) -> dict[str, Any]:
         if isinstance(choice, dict) and choice.get("type") == "function":
             choice = {"type": "function", "function": {"name": choice.get("name")}}
         body["tool_choice"] = choice
+    if req.logprobs:
+        body["logprobs"] = True
+        if req.top_logprobs:
+            body["top_logprobs"] = req.top_logprobs
     if req.parallel_tool_calls is not None:
         body["parallel_tool_calls"] = req.parallel_tool_calls
     effort = (req.reasoning or {}).get("effort")
@@ -194,6 +205,7 @@ class ResponsesShaper:
         self.items: list[dict[str, Any]] = []  # the output, as it grows
         self.open: dict[str, Any] | None = None  # the item being written
         self.pieces: list[str] = []  # its text (or a call's arguments) so far: joined once, at its end
+        self.logprobs: list[dict[str, Any]] = []  # the message's tokens' logprobs, when asked for
         self.delta = (b"", b"", b"")  # its delta event's bytes around the sequence number and the text
         self.calls: dict[int, dict[str, Any]] = {}  # chat's tool call index -> its item
         self.reason = "stop"
@@ -207,7 +219,14 @@ class ResponsesShaper:
         )
 
     def content(self, text: str, logprobs: Any = None, extension: Any = None) -> bytes:
-        return self._begin("message") + self._delta(text)
+        out = self._begin("message")
+        if logprobs is None:
+            return out + self._delta(text)
+        entries = logprobs["content"]  # chat's shape (shapes.chat_logprobs): the Responses API's entries
+        self.pieces.append(text)
+        self.logprobs += entries
+        delta = {**self._at(), "content_index": 0, "delta": text, "logprobs": entries}
+        return out + self._event("response.output_text.delta", **delta)
 
     def reasoning(self, text: str) -> bytes:
         return self._begin("reasoning") + self._delta(text)
@@ -268,6 +287,8 @@ class ResponsesShaper:
             self.items.append(_reasoning_item(reasoning))
         if text or not tool_calls:
             self.items.append(_message_item(text))
+            if logprobs is not None:
+                self.items[-1]["content"][0]["logprobs"] = logprobs["content"]
         for call in tool_calls or ():
             function = call.get("function", {})
             self.items.append(
@@ -329,6 +350,8 @@ class ResponsesShaper:
             item["arguments"] = text
         else:
             item["content"][0]["text"] = text
+        if item["type"] == "message":
+            item["content"][0]["logprobs"] = self.logprobs
 
     def _begin(self, kind: str) -> bytes:
         """Open an item of ``kind`` unless one is open: the other one is done first."""
@@ -344,7 +367,7 @@ class ResponsesShaper:
 
     def _add(self, item: dict[str, Any]) -> bytes:
         self.items.append(item)
-        self.open, self.pieces = item, []
+        self.open, self.pieces, self.logprobs = item, [], []
         kind = DELTAS[item["type"]]
         # the delta event as _event writes it, split around its sequence number and its text
         fields = {"type": kind, "sequence_number": -1, **self._at()}
@@ -371,7 +394,9 @@ class ResponsesShaper:
         item["status"] = "completed"
         if item["type"] == "message":
             part = item["content"][0]
-            out = self._event("response.output_text.done", **at, content_index=0, text=part["text"], logprobs=[])
+            out = self._event(
+                "response.output_text.done", **at, content_index=0, text=part["text"], logprobs=part["logprobs"]
+            )
             out += self._event("response.content_part.done", **at, content_index=0, part=part)
         elif item["type"] == "reasoning":
             text = item["content"][0]["text"]

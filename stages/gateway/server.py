@@ -200,7 +200,15 @@ class GatewayServer:
             chat = validate(body, chat=True)
         except Invalid as exc:
             raise _refused(responses_param(exc)) from None
-        ask = Ask(True, bool(req.stream), req.model, upstream_body(chat, body), responses=req)
+        ask = Ask(
+            True,
+            bool(req.stream),
+            req.model,
+            upstream_body(chat, body),
+            logprobs=req.logprobs,
+            top_logprobs=req.top_logprobs or 0 if req.logprobs else 0,
+            responses=req,
+        )
         return await self._admitted(request, principal, ask, received)
 
     async def _admitted(self, request: web.Request, principal: Any, ask: Ask, received: float) -> web.StreamResponse:
