@@ -373,7 +373,7 @@ class Completions:
         choice.follow.accept(message)
         out: list[bytes] = []
         self._chunks(message, ask, choice, lease, out)
-        _write_at_once(response, out[0])  # (an empty one, e.g. a piece of a call without events, is not sent)
+        _write_at_once(response, out[0])  # empty (a call's piece that makes no event): aiohttp sends nothing
         return True
 
     async def _first(self, choices: Choices, wait_s: float) -> list[tuple[Choice, wire.Message | Tokens]]:

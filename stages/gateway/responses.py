@@ -238,14 +238,8 @@ class ResponsesShaper:
             item = self.calls.get(piece["index"])
             if item is None:
                 out += self._close()
-                item = {
-                    "type": "function_call",
-                    "id": "fc_" + secrets.token_hex(12),
-                    "call_id": piece.get("id") or "call_" + secrets.token_hex(12),
-                    "name": function.get("name", ""),
-                    "arguments": "",
-                    "status": "in_progress",
-                }
+                call_id = piece.get("id") or "call_" + secrets.token_hex(12)
+                item = _call_item(call_id, function.get("name", ""), "", "in_progress")
                 self.calls[piece["index"]] = item
                 out += self._add(item)
             arguments = function.get("arguments", "")
@@ -291,16 +285,7 @@ class ResponsesShaper:
                 self.items[-1]["content"][0]["logprobs"] = logprobs["content"]
         for call in tool_calls or ():
             function = call.get("function", {})
-            self.items.append(
-                {
-                    "type": "function_call",
-                    "id": "fc_" + secrets.token_hex(12),
-                    "call_id": call.get("id"),
-                    "name": function.get("name"),
-                    "arguments": function.get("arguments", ""),
-                    "status": "completed",
-                }
-            )
+            self.items.append(_call_item(call.get("id"), function.get("name"), function.get("arguments", "")))
         return {}
 
     def whole(self, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
@@ -418,6 +403,17 @@ def _message_item(text: str) -> dict[str, Any]:
         "status": "completed",
         "role": "assistant",
         "content": [_text_part(text)],
+    }
+
+
+def _call_item(call_id: Any, name: Any, arguments: str, status: str = "completed") -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "id": "fc_" + secrets.token_hex(12),
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
     }
 
 

@@ -206,7 +206,7 @@ class GatewayServer:
             req.model,
             upstream_body(chat, body),
             logprobs=req.logprobs,
-            top_logprobs=req.top_logprobs or 0 if req.logprobs else 0,
+            top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
             responses=req,
         )
         return await self._admitted(request, principal, ask, received)
