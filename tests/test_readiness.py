@@ -121,6 +121,40 @@ def test_run_detach_reports_a_start_failure_in_one_line(tmp_path, instance: str)
         find_engine(engine.base, instance)
 
 
+EMBEDDED = """
+[workers.ingest]
+stage = "ingest"
+outputs = ["x"]
+params.embedded = {{ {embedded} }}
+
+[workers.sink]
+stage = "verify"
+inputs = ["x"]
+"""
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("embedded", "named"),
+    [
+        ('decode_steps = "yes"', "params.embedded.decode_steps: must be a bool (got 'yes')"),
+        ("decode_step = true", "params.embedded: unknown key 'decode_step'"),
+    ],
+)
+def test_a_bad_embedded_upstream_setting_is_named_at_start(tmp_path, instance: str, embedded: str, named: str) -> None:
+    """Before, a string where a flag belongs was taken as true, and a word where a number belongs
+    stopped the upstream's process with no reason given."""
+    engine = Engine(tmp_path, EMBEDDED.format(embedded=embedded), instance)
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "run", "--detach", "--config", str(engine.config_path)],
+        env=engine.env(),
+        capture_output=True,
+        text=True,
+        timeout=80,
+    )
+    assert done.returncode != 0 and named in done.stderr, done.stderr
+
+
 @pytest.mark.timeout(60)
 def test_run_detach_relays_a_refused_start_in_one_line(tmp_path, instance: str) -> None:
     """The engine refusing to start (here: its metrics port is taken) reaches `run --detach` as

@@ -382,6 +382,19 @@ def test_bad_config_fails_at_construction() -> None:
         UpstreamServer(UpstreamServerConfig(models=()))
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("decode_steps", "yes"), ("stamp_tokens", 1), ("tokens_per_s", "fast"), ("port", 80.5), ("port", True),
+     ("models", "m"), ("models", ["m", 3]), ("faults", None), ("keepalive_s", float("nan"))],
+)  # fmt: skip
+def test_a_value_of_the_wrong_type_is_refused_naming_its_field(field: str, value: Any) -> None:
+    """``params.embedded`` comes from a config file: a string where a flag belongs is no flag."""
+    with pytest.raises(ValueError, match=f"^{field}: must be "):
+        UpstreamServerConfig(**{field: value})
+    assert UpstreamServerConfig(models=["a", "b"]).models == ("a", "b")  # TOML's arrays are lists
+    assert UpstreamServerConfig(tokens_per_s=20).tokens_per_s == 20.0
+
+
 # --------------------------------------------------------------------------- pacing, concurrency
 
 

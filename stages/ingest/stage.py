@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import secrets
 import time
@@ -481,7 +482,14 @@ class Ingest(AsyncStage):
     async def _start_embedded(self, embedded: dict[str, Any]) -> UpstreamConfig:
         from stages.ingest.upstream_server import UpstreamServerConfig, serve_in_process
 
-        cfg = UpstreamServerConfig(**embedded)
+        known = {f.name for f in dataclasses.fields(UpstreamServerConfig)}
+        unknown = sorted(set(embedded) - known)
+        if unknown:
+            raise ValueError(f"params.embedded: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        try:
+            cfg = UpstreamServerConfig(**embedded)
+        except ValueError as exc:
+            raise ValueError(f"params.embedded.{exc}") from None
         self.producer = producer_id([{"embedded": list(cfg.models)}])
         # in a thread: the start takes a spawn and the child's imports, and the loop must go on
         # sending heartbeats meanwhile (issue 12 item 5)

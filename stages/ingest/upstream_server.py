@@ -29,7 +29,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -82,6 +82,21 @@ class UpstreamServerConfig:
     # every stream's tokens on one clock, as a server batching its streams writes them: one decode
     # step (1 / tokens_per_s) makes a token of each, and they go out together at the step's end
     decode_steps: bool = False
+
+    def __post_init__(self) -> None:
+        # params.embedded comes from a config file: each value of its field's type, or an error naming it
+        for f in fields(self):
+            value, kind = getattr(self, f.name), f.type
+            if kind == "tuple[str, ...]" and isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+                setattr(self, f.name, tuple(value))
+            elif kind == "float" and type(value) in (int, float) and math.isfinite(value):
+                setattr(self, f.name, float(value))
+            elif not (kind in _TYPES and type(value) is _TYPES[kind]):
+                what = {"tuple[str, ...]": "a list of strings", "float": "a finite number"}.get(kind, f"a {kind}")
+                raise ValueError(f"{f.name}: must be {what} (got {value!r})")
+
+
+_TYPES = {"str": str, "int": int, "bool": bool}  # exactly: True is no port number
 
 
 @dataclass
