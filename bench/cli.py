@@ -74,6 +74,13 @@ def bench_sse(as_json: bool, quick: bool) -> None:
     sse.main(as_json=as_json, quick=quick)
 
 
+sched_policy_option = click.option(
+    "--sched-policy",
+    type=click.Choice(["batch", "normal"]),
+    help="The workers' scheduling policy ([engine] sched_policy; default: the engine's, batch): one against the other.",
+)
+
+
 @bench.command("ingest")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quick", is_flag=True, help="Short streams: a smoke run, not a measurement.")
@@ -82,11 +89,12 @@ def bench_sse(as_json: bool, quick: bool) -> None:
     is_flag=True,
     help="The paced upstream writes every stream's tokens on one clock, as a server batching its streams does.",
 )
-def bench_ingest(as_json: bool, quick: bool, decode_steps: bool) -> None:
+@sched_policy_option
+def bench_ingest(as_json: bool, quick: bool, decode_steps: bool, sched_policy: str | None) -> None:
     """Ingest throughput with 1, 100, 1,000 streams from the embedded upstream; added latency p50/p99."""
     from . import ingest
 
-    ingest.main(as_json=as_json, quick=quick, decode_steps=decode_steps)
+    ingest.main(as_json=as_json, quick=quick, decode_steps=decode_steps, sched_policy=sched_policy)
 
 
 flush_ms_option = click.option(
@@ -110,6 +118,7 @@ flush_ms_option = click.option(
     help="Pin ingest (with the embedded upstream and the bench's consumer) to one CPU and compute, cache and "
     "broadcast to another ([workers.*] cpus).",
 )
+@sched_policy_option
 def bench_pipeline(
     as_json: bool,
     quick: bool,
@@ -119,6 +128,7 @@ def bench_pipeline(
     duration_s: float | None,
     flush_ms: float | None,
     pin: bool,
+    sched_policy: str | None,
 ) -> None:
     """Paced load through ingest -> compute -> cache -> broadcast over shm rings, Queue, zmq: delivered/offered,
     steady-state latency, CPU µs per token of each process, and each transport's saturation point."""
@@ -133,6 +143,7 @@ def bench_pipeline(
         duration_s=duration_s,
         flush_ms=flush_ms,
         pin=pin,
+        sched_policy=sched_policy,
     )
 
 
@@ -176,8 +187,9 @@ def bench_cache(as_json: bool, quick: bool) -> None:
     default="chat",
     help="Ask the gateway through chat completions (default) or the Responses API (no LiteLLM then).",
 )
-def bench_gateway(as_json: bool, quick: bool, flush_ms: float | None, api: str) -> None:
+@sched_policy_option
+def bench_gateway(as_json: bool, quick: bool, flush_ms: float | None, api: str, sched_policy: str | None) -> None:
     """Latency and CPU the gateway adds against calling the upstream directly (1 and 100 streams), LiteLLM beside it."""
     from . import gateway
 
-    gateway.main(as_json=as_json, quick=quick, flush_ms=flush_ms, api=api)
+    gateway.main(as_json=as_json, quick=quick, flush_ms=flush_ms, api=api, sched_policy=sched_policy)

@@ -53,7 +53,7 @@ from .gateway_load import Job, serve
 from .gateway_tap import serve as tap
 from .litellm_proxy import LiteLLMProxy, Unavailable
 from .proc import BenchError, ChildProcess, children, cpu_seconds
-from .recovery import BenchEngine, wait_for
+from .recovery import BenchEngine, sched_policy_line, wait_for
 
 DOCS = report.DOCS.parent / "gateway.md"
 MODEL = "neuralpipe-echo"
@@ -76,13 +76,16 @@ class Settings:
     repeats: int
     flush_ms: float | None = None  # ingest's flush window (None: the engine's default, 2 ms)
     api: str = "chat"  # what the gateway is asked through: "chat" or "responses" (the Responses API)
+    sched_policy: str | None = None  # the workers' scheduling policy (None: the engine's default)
 
 
 FULL = Settings(tokens_per_s=20.0, loads=((1, 8, 20), (100, 1, 100)), litellm=True, repeats=3)
 QUICK = Settings(tokens_per_s=100.0, loads=((1, 2, 10), (10, 1, 20)), litellm=False, repeats=1)
 
 
-def engine_toml(upstream_url: str, state_dir: str, flush_ms: float | None = None) -> str:
+def engine_toml(
+    upstream_url: str, state_dir: str, flush_ms: float | None = None, sched_policy: str | None = None
+) -> str:
     """The default topology with the bench's upstream as ingest's one upstream; the gateway is one
     client of ingest, so the per-client limits are far above the load. ``flush_ms``: ingest's
     flush window (None: its default)."""
@@ -91,6 +94,7 @@ def engine_toml(upstream_url: str, state_dir: str, flush_ms: float | None = None
 [engine]
 heartbeat_interval_s = 0.2
 state_dir = "{state_dir}"
+{sched_policy_line(sched_policy)}
 
 [workers.ingest]
 stage = "ingest"
@@ -364,9 +368,10 @@ def measure(settings: Settings, progress: bool) -> dict[str, Any]:
     )
     litellm: dict[str, Any] = {"available": False, "reason": "skipped (--quick)", "version": None}
     rows: list[dict[str, Any]] = []
+    config = engine_toml(upstream_url, state_dir, settings.flush_ms, settings.sched_policy)
     try:
         with (
-            BenchEngine(engine_toml(upstream_url, state_dir, settings.flush_ms), "gateway") as engine,
+            BenchEngine(config, "gateway") as engine,
             ChildProcess(serve, (), "load generator", 30) as loadgen,
             ChildProcess(tap, (engine.info["runtime_dir"],), "broadcast tap", 30) as broadcast_tap,
             contextlib.ExitStack() as stack,
@@ -451,12 +456,16 @@ def _litellm_text(litellm: dict[str, Any]) -> str:
 
 
 def main(
-    as_json: bool = False, quick: bool = False, flush_ms: float | None = None, api: str = "chat"
+    as_json: bool = False,
+    quick: bool = False,
+    flush_ms: float | None = None,
+    api: str = "chat",
+    sched_policy: str | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark, print a table (or one JSON object) and return the results. A full run
     from a checkout with the engine's defaults and chat completions also writes
     bench/results/gateway-<machine>.json and the generated section of docs/gateway.md."""
-    settings = replace(QUICK if quick else FULL, flush_ms=flush_ms, api=api)
+    settings = replace(QUICK if quick else FULL, flush_ms=flush_ms, api=api, sched_policy=sched_policy)
     info, load_before = report.machine(), report.load()
     began = time.monotonic()
     run = measure(settings, progress=not as_json)
@@ -473,7 +482,7 @@ def main(
     result["ratios"] = ratios(result["rows"])
     result["targets"] = targets(result)
     _print(result, as_json)
-    if not quick and flush_ms is None and api == "chat":
+    if not quick and flush_ms is None and api == "chat" and sched_policy is None:
         report.publish("gateway", info, result, markdown(result), docs=DOCS)
     return result
 

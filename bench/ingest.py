@@ -47,7 +47,7 @@ from shm.naming import segment_name
 from . import report
 from .idle import usage
 from .proc import BenchError
-from .recovery import BenchEngine, RingWatch, wait_for
+from .recovery import BenchEngine, RingWatch, sched_policy_line, wait_for
 
 DOCS = report.DOCS.parent / "ingest.md"
 
@@ -70,6 +70,7 @@ class Settings:
     cpu: tuple[int, float, int]  # the paced load whose CPU per token is the headline (issue 11)
     # the paced upstream writes every stream's tokens on one clock, as a batching server does
     decode_steps: bool = False
+    sched_policy: str | None = None  # the workers' scheduling policy (None: the engine's default)
 
 
 FULL = Settings(
@@ -80,12 +81,13 @@ FULL = Settings(
 QUICK = Settings(unpaced=((1, 2000), (100, 40), (1000, 4)), paced=((100, 20.0, 30),), cpu=(100, 100.0, 150))
 
 
-def engine_toml(tokens_per_s: float, decode_steps: bool = False) -> str:
+def engine_toml(tokens_per_s: float, decode_steps: bool = False, sched_policy: str | None = None) -> str:
     """Ingest -> verifying sink; limits per client far above the load (one client submits all)."""
     steps = ", decode_steps = true" if decode_steps else ""
     return f"""
 [engine]
 heartbeat_interval_s = {HEARTBEAT_S}
+{sched_policy_line(sched_policy)}
 
 [ring_defaults]
 capacity = {1 << 23}
@@ -267,13 +269,13 @@ def paced_run(load: Load, streams: int, rate: float, tokens: int) -> dict[str, A
 
 
 def run_engine(
-    pace: float, runs: list[Any], measure: Any, progress: bool, decode_steps: bool = False
+    pace: float, runs: list[Any], measure: Any, progress: bool, settings: Settings, decode_steps: bool = False
 ) -> tuple[list[dict], dict]:
     """Each of ``runs`` measured with ``measure`` on one engine whose upstream runs at ``pace``
     tokens/s per stream (0: unpaced), on one clock with ``decode_steps``; the rows and the sink's
     final counters."""
     rows = []
-    with BenchEngine(engine_toml(pace, decode_steps), "ingest") as engine:
+    with BenchEngine(engine_toml(pace, decode_steps, settings.sched_policy), "ingest") as engine:
         load = Load(engine)
         try:
             for args in runs:
@@ -287,10 +289,10 @@ def run_engine(
 
 
 def measure(settings: Settings, progress: bool) -> dict[str, Any]:
-    unpaced, sink_unpaced = run_engine(0.0, list(settings.unpaced), unpaced_run, progress)
+    unpaced, sink_unpaced = run_engine(0.0, list(settings.unpaced), unpaced_run, progress, settings)
     rate = settings.paced[0][1]  # the upstream's pace is per engine: every paced load uses the first's
-    paced, sink_paced = run_engine(rate, list(settings.paced), paced_run, progress, settings.decode_steps)
-    cpu, sink_cpu = run_engine(settings.cpu[1], [settings.cpu], paced_run, progress, settings.decode_steps)
+    paced, sink_paced = run_engine(rate, list(settings.paced), paced_run, progress, settings, settings.decode_steps)
+    cpu, sink_cpu = run_engine(settings.cpu[1], [settings.cpu], paced_run, progress, settings, settings.decode_steps)
     return {"unpaced": unpaced, "paced": paced, "cpu": cpu[0], "sink": _sum_counts(sink_unpaced, sink_paced, sink_cpu)}
 
 
@@ -325,12 +327,14 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def main(as_json: bool = False, quick: bool = False, decode_steps: bool = False) -> dict[str, Any]:
+def main(
+    as_json: bool = False, quick: bool = False, decode_steps: bool = False, sched_policy: str | None = None
+) -> dict[str, Any]:
     """Run the benchmark, print a table (or one JSON object) and return the results.
 
     A full run from a checkout with independently paced streams also writes
     bench/results/ingest-<machine>.json and the generated section of docs/ingest.md."""
-    settings = replace(QUICK if quick else FULL, decode_steps=decode_steps)
+    settings = replace(QUICK if quick else FULL, decode_steps=decode_steps, sched_policy=sched_policy)
     info, load_before = report.machine(), report.load()
     run = measure(settings, progress=not as_json)
     result = {
@@ -343,7 +347,7 @@ def main(as_json: bool = False, quick: bool = False, decode_steps: bool = False)
     }
     result["targets"] = targets(result)
     _print(result, as_json)
-    if not quick and not decode_steps:
+    if not quick and not decode_steps and sched_policy is None:
         report.publish("ingest", info, result, markdown(result), docs=DOCS)
     return result
 

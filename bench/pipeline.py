@@ -52,7 +52,7 @@ from engine.protocol.requests import ingest_endpoint
 
 from . import report
 from .proc import BenchError, ChildProcess, children, cpu_seconds
-from .recovery import BenchEngine, wait_for
+from .recovery import BenchEngine, sched_policy_line, wait_for
 from .ring_transports import REFERENCES
 
 TRANSPORTS = ("shm", "queue", "zmq")
@@ -89,6 +89,7 @@ class Settings:
     target_runs: int = 1  # runs at the targets' load on the rings that held: its target figures are their medians
     flush_ms: float | None = None  # ingest's flush window (None: the engine's default)
     pin: bool = False  # ingest (and the load around it) on one CPU, compute, cache and broadcast on another
+    sched_policy: str | None = None  # the workers' scheduling policy (None: the engine's default)
 
 
 FULL = Settings(
@@ -137,7 +138,13 @@ def pinned_cpus() -> tuple[int, int]:
     return usable[0], usable[1]
 
 
-def engine_toml(transport: str, tokens_per_s: float, flush_ms: float | None = None, pin: bool = False) -> str:
+def engine_toml(
+    transport: str,
+    tokens_per_s: float,
+    flush_ms: float | None = None,
+    pin: bool = False,
+    sched_policy: str | None = None,
+) -> str:
     """The full topology over ``transport``; the upstream paced at ``tokens_per_s`` per stream
     (0: unpaced); limits per client far above the load (one client submits everything); ingest's
     flush window ``flush_ms`` (None: its default); with ``pin``, each worker's ``cpus``
@@ -148,6 +155,7 @@ def engine_toml(transport: str, tokens_per_s: float, flush_ms: float | None = No
     return f"""
 [engine]
 transport = "{REFERENCES[transport]}"
+{sched_policy_line(sched_policy)}
 
 [ring_defaults]
 capacity = {RING_CAPACITY}
@@ -351,7 +359,7 @@ def _restarts(engine: BenchEngine) -> dict[str, int]:
 def run_step(load: Load, settings: Settings) -> dict[str, Any]:
     """Run one load on an engine of its own; its row (see the module docstring)."""
     label = f"{load.transport} {load.offered:g}"
-    config = engine_toml(load.transport, load.pace, settings.flush_ms, settings.pin)
+    config = engine_toml(load.transport, load.pace, settings.flush_ms, settings.pin, settings.sched_policy)
     with (
         BenchEngine(config, f"pipeline-{load.transport}") as engine,
         Consumer(engine.info["runtime_dir"]) as consumer,
@@ -572,6 +580,7 @@ def main(
     duration_s: float | None = None,
     flush_ms: float | None = None,
     pin: bool = False,
+    sched_policy: str | None = None,
 ) -> dict[str, Any]:
     """Run the sweep (or, with ``offered``, one step per transport), print a table (or one JSON
     object) and return the results. A full default sweep of every transport from a checkout
@@ -588,6 +597,8 @@ def main(
         settings = replace(settings, duration_s=duration_s)
     if flush_ms is not None:
         settings = replace(settings, flush_ms=flush_ms)
+    if sched_policy is not None:
+        settings = replace(settings, sched_policy=sched_policy)
     if pin:
         try:
             pinned_cpus()
@@ -709,6 +720,7 @@ def _settings_line(result: dict[str, Any]) -> str:
         f"{s['warmup_s']:g} s after the first submit left out; ingest's flush window "
         + (f"{s['flush_ms']:g} ms" if s["flush_ms"] is not None else "its default")
         + ("; workers pinned (ingest, upstream and consumer on one CPU, the rest on another)" if s["pin"] else "")
+        + (f"; workers' scheduling policy {s['sched_policy']}" if s.get("sched_policy") else "")
         + f"; a step holds with delivered >= "
         f"{HOLD_DELIVERED:.0%}, p99 <= {HOLD_P99_US / 1e3:g} ms, no token missing and no stream error"
         + (f"; one that did not is run {s['retries']} more time(s) before it counts" if s["retries"] else "")

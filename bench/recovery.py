@@ -148,6 +148,11 @@ def _term_with_parent() -> None:
     ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
+def sched_policy_line(policy: str | None) -> str:
+    """The ``[engine]`` line that sets the workers' scheduling policy; "" keeps the engine's default."""
+    return f'sched_policy = "{policy}"' if policy else ""
+
+
 class BenchEngine:
     """A real engine, ``python -m engine.cli run``, in a subprocess with its config, runtime
     directory and log in a private temporary directory.

@@ -140,6 +140,10 @@ class EngineConfig(_Model):
     # What carries records between workers: the shared-memory rings, or a port factory named
     # "package.module:NAME" (engine/ports.py; `neuralpipe bench pipeline` compares bench's own)
     transport: str = "shm"
+    # The Linux scheduling policy of the worker processes: "batch" (SCHED_BATCH) keeps a woken
+    # worker from preempting the process that woke it, so a record's hand-off costs no context
+    # switch pair; "normal" (SCHED_OTHER) is the kernel's default (docs/benchmarks.md, "Scheduling policy")
+    sched_policy: Literal["batch", "normal"] = "batch"
 
     @field_validator("transport")
     @classmethod

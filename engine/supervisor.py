@@ -203,6 +203,7 @@ class Supervisor:
             log_level=self.cfg.engine.log_level,
             params=self.params[name],
             cpus=tuple(wcfg.cpus),
+            sched_policy=self.cfg.engine.sched_policy,
         )
 
     def _check_ready(self) -> None:

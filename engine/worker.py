@@ -68,6 +68,7 @@ class WorkerSpec:
     # as the supervisor validated them (engine.validated.ValidatedParams), or a dict the stage validates
     params: ValidatedParams | dict[str, Any] = field(default_factory=dict)
     cpus: tuple[int, ...] = ()  # the CPUs the process may run on (empty: any)
+    sched_policy: str = "normal"  # "batch" or "normal" ([engine] sched_policy); "normal": as started
 
 
 def stage_class(ref: str) -> type[Stage]:
@@ -367,11 +368,21 @@ async def _run_async(rt: _Runtime) -> None:
             loop.remove_reader(rt.parent_sentinel)
 
 
+def _set_sched_policy(policy: str) -> None:
+    """With "batch", this process runs SCHED_BATCH instead of the kernel's normal SCHED_OTHER
+    (which needs no privilege); a policy the engine was started with otherwise (``chrt``: idle,
+    real-time) is the operator's and stays, as does everything with "normal". Linux only."""
+    if policy == "batch" and hasattr(os, "SCHED_BATCH") and os.sched_getscheduler(0) == os.SCHED_OTHER:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+
+
 def main(spec: WorkerSpec) -> None:
     """Entry point of a worker process (the target the supervisor spawns)."""
     die_with_parent(spec.supervisor_pid)  # the kernel kills us if the supervisor dies
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if spec.cpus:  # before any thread (ZeroMQ's I/O thread) or child starts: they inherit it
+    # before any thread (ZeroMQ's I/O thread) or child starts: they inherit both
+    _set_sched_policy(spec.sched_policy)
+    if spec.cpus:
         os.sched_setaffinity(0, spec.cpus)
     try:
         rt = _Runtime(spec)

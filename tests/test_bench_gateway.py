@@ -49,9 +49,10 @@ def _quick(*args: str) -> dict:
 
 @pytest.mark.timeout(150)
 def test_bench_gateway_quick_json():
-    result = _quick("--flush-ms", "0.5")
+    result = _quick("--flush-ms", "0.5", "--sched-policy", "normal")
     assert result["benchmark"] == "gateway" and result["machine"]["cores"] >= 1
     assert result["settings"]["flush_ms"] == 0.5  # ingest's window, as the engine was given it
+    assert result["settings"]["sched_policy"] == "normal"
     assert result["litellm"] == {"available": False, "reason": "skipped (--quick)", "version": None}
     rows = result["rows"]
     assert [(r["target"], r["streams"]) for r in rows] == [(t, n) for n in (1, 10) for t in ("direct", "gateway")]

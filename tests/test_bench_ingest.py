@@ -12,7 +12,18 @@ import pytest
 @pytest.mark.timeout(180)
 def test_bench_ingest_quick_json():
     out = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "bench", "ingest", "--quick", "--json", "--decode-steps"],
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "bench",
+            "ingest",
+            "--quick",
+            "--json",
+            "--decode-steps",
+            "--sched-policy",
+            "normal",
+        ],
         capture_output=True,
         timeout=170,
     )
@@ -20,6 +31,7 @@ def test_bench_ingest_quick_json():
     result = orjson.loads(out.stdout)
     assert result["benchmark"] == "ingest" and result["machine"]["cores"] >= 1
     assert result["settings"]["decode_steps"] is True  # the paced upstream on one clock
+    assert result["settings"]["sched_policy"] == "normal"
     assert [r["streams"] for r in result["unpaced"]] == [1, 100, 1000]
     for row in result["unpaced"]:
         assert row["tokens"] == row["streams"] * row["tokens_per_stream"]

@@ -82,12 +82,14 @@ def test_one_targeted_step() -> None:
         "--flush-ms",
         "1",
         *(("--pin",) if PINNABLE else ()),
+        "--sched-policy",
+        "normal",
         "--json",
     )
     assert out.returncode == 0, out.stderr[-4000:]
     result = orjson.loads(out.stdout)
     assert result["settings"]["mode"] == "targeted" and result["settings"]["flush_ms"] == 1
-    assert result["settings"]["pin"] == PINNABLE
+    assert result["settings"]["pin"] == PINNABLE and result["settings"]["sched_policy"] == "normal"
     [row] = result["rows"]
     assert (row["transport"], row["offered_tokens_per_s"], row["streams"]) == ("shm", 500, 5)
     assert row["tokens_per_stream"] == 200 and row["missing"] == 0

@@ -173,6 +173,7 @@ def test_workers_keep_file_order(write):
         ("[engine]\nheartbeat_timeout_s = 0.3\n", "engine.heartbeat_timeout_s: must be >= 2 x heartbeat_interval_s"),
         ("[engine]\nhealth_window_s = 0.5\n", "engine.health_window_s: must be >= health_interval_s"),
         ("[engine]\nlatency_budget_ms = inf\n", "engine.latency_budget_ms: must be a finite number"),
+        ("[engine]\nsched_policy = 'fifo'\n", "engine.sched_policy: must be one of batch, normal"),
         ("[supervisor]\nstrategy = 'one_for_all'\n", "supervisor.strategy: must be one of one_for_one, rest_for_one"),
         ("[supervisor]\nintensity = -1\n", "supervisor.intensity: must be >= 0 (got -1)"),
         ("[supervisor]\nbackoff_max_s = 0.001\n", "supervisor.backoff_max_s: must be >= backoff_initial_s"),
