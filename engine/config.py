@@ -142,7 +142,8 @@ class EngineConfig(_Model):
     transport: str = "shm"
     # The Linux scheduling policy of the worker processes: "batch" (SCHED_BATCH) keeps a woken
     # worker from preempting the process that woke it, so a record's hand-off costs no context
-    # switch pair; "normal" (SCHED_OTHER) is the kernel's default (docs/benchmarks.md, "Scheduling policy")
+    # switch pair; "normal" keeps the policy the engine was started with (docs/benchmarks.md,
+    # "Scheduling policy")
     sched_policy: Literal["batch", "normal"] = "batch"
 
     @field_validator("transport")
