@@ -70,6 +70,8 @@ def test_a_loaded_engine_shows_what_an_operator_needs(start_engine):
         found = samples(scrape(engine))
         ok = all(value(found, "neuralpipe_tokens_total", stage=s) >= 260 for s in ("ingest", "compute", "broadcast"))
         ok &= value(found, "neuralpipe_streams_total", outcome="cache_hit") == 1
+        # the cache's own count comes with the cache worker's heartbeat, not ingest's
+        ok &= value(found, "neuralpipe_cache_hits_total") == 1
         ok &= all(value(found, "neuralpipe_worker_cpu_seconds_total", worker=w) > 0 for w in WORKERS)
         return found if ok else None
 
