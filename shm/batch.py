@@ -74,14 +74,39 @@ class Kind(IntEnum):
 KINDS = np.array(sorted(int(kind) for kind in Kind), np.uint8)  # the row kinds this version knows
 
 
+def _kind_table(kinds: list[int]) -> np.ndarray:
+    table = np.zeros(256, bool)
+    table[kinds] = True
+    return table
+
+
+_EVENTS = _kind_table([Kind.START, Kind.END, Kind.ERROR])
+_ENDINGS = _kind_table([Kind.END, Kind.ERROR])
+_KNOWN = _kind_table(KINDS.tolist())
+
+
+def _rows_in(table: np.ndarray, kinds: np.ndarray) -> np.ndarray:
+    """``table[kind]`` of each row: one lookup for the u1 kind column of every record (a batch of a
+    few rows made per-row comparisons cost several µs each); any other dtype (a JSON message, a
+    hostile one: wider integers, negatives, floats) compared by value."""
+    if kinds.dtype == np.uint8:
+        return table[kinds]
+    return np.isin(kinds, np.flatnonzero(table))
+
+
 def event_rows(kinds: np.ndarray) -> np.ndarray:
     """Which rows are start, end or error rows (events), not tokens (of a reply, its thinking, a tool call)."""
-    return (kinds == Kind.START) | (kinds == Kind.END) | (kinds == Kind.ERROR)
+    return _rows_in(_EVENTS, kinds)
 
 
 def ending_rows(kinds: np.ndarray) -> np.ndarray:
     """Which rows end their stream: end and error rows (never ``kind > TOKEN``: kinds 5 and 6 are tokens)."""
-    return (kinds == Kind.END) | (kinds == Kind.ERROR)
+    return _rows_in(_ENDINGS, kinds)
+
+
+def known_rows(kinds: np.ndarray) -> np.ndarray:
+    """Which rows are of a kind this version knows (a later version's kind is skipped by readers)."""
+    return _rows_in(_KNOWN, kinds)
 
 
 class BatchError(ValueError):

@@ -204,3 +204,17 @@ def _corrupt(buf: memoryview, fmt: str, offset: int, *values) -> memoryview:
 def test_corrupt_batch_header_names_the_problem(make, match: str) -> None:
     with pytest.raises(BatchError, match=match):
         TokenBatch.decode(make())
+
+
+@pytest.mark.parametrize("dtype", ["u1", "u2", "i8", "f8"])
+def test_row_classes_by_kind_whatever_the_column_dtype(dtype: str) -> None:
+    """Start/end/error rows, ending rows and known kinds, for the u1 column of every record and
+    for what a JSON or hostile message decodes to (other integer widths, negatives, floats)."""
+    from shm.batch import ending_rows, event_rows, known_rows
+
+    values = [0, 1, 2, 3, 4, 5, 6, 7, 255] + ([-1, 259, 3.5, 4.0] if dtype in ("i8", "f8") else [])
+    values = [v for v in values if dtype == "f8" or float(v).is_integer()]
+    kinds = np.array(values, dtype=dtype)
+    assert event_rows(kinds).tolist() == [v in (1, 3, 4) for v in values]
+    assert ending_rows(kinds).tolist() == [v in (3, 4) for v in values]
+    assert known_rows(kinds).tolist() == [v in (1, 2, 3, 4, 5, 6) for v in values]

@@ -33,7 +33,7 @@ import numpy as np
 import orjson
 
 from engine.protocol.rows import read_end, read_start
-from shm.batch import KINDS, Kind, event_rows
+from shm.batch import Kind, event_rows, known_rows
 
 VERSION = 2
 ALL_TOPIC = b"all"
@@ -195,7 +195,7 @@ class Batch:
         texts = [texts[i] for i in order.tolist()]
         sids, kinds = columns.pop("stream_id"), columns.pop("kind")
         events = event_rows(kinds)
-        unknown = ~np.isin(kinds, KINDS)  # a later version's kind (or a corrupt row): skipped, as documented
+        unknown = ~known_rows(kinds)  # a later version's kind (or a corrupt row): skipped, as documented
         apart = events | unknown
         # a message starts where the stream or the kind of row changes, and at and after each row apart
         changes = (sids[1:] != sids[:-1]) | (kinds[1:] != kinds[:-1]) | apart[1:] | apart[:-1]
