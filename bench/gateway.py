@@ -363,13 +363,14 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def measure(settings: Settings, progress: bool) -> dict[str, Any]:
     state_dir = tempfile.mkdtemp(prefix="neuralpipe-bench-gateway-state-")
-    upstream, upstream_url = serve_in_process(
-        UpstreamServerConfig(tokens_per_s=settings.tokens_per_s, max_concurrency=8192, stamp_tokens=True)
-    )
+    upstream = None
     litellm: dict[str, Any] = {"available": False, "reason": "skipped (--quick)", "version": None}
     rows: list[dict[str, Any]] = []
-    config = engine_toml(upstream_url, state_dir, settings.flush_ms, settings.sched_policy)
     try:
+        upstream, upstream_url = serve_in_process(
+            UpstreamServerConfig(tokens_per_s=settings.tokens_per_s, max_concurrency=8192, stamp_tokens=True)
+        )
+        config = engine_toml(upstream_url, state_dir, settings.flush_ms, settings.sched_policy)
         with (
             BenchEngine(config, "gateway") as engine,
             ChildProcess(serve, (), "load generator", 30) as loadgen,
@@ -396,11 +397,12 @@ def measure(settings: Settings, progress: bool) -> dict[str, Any]:
                         if progress:
                             click.echo(f"  {_progress(rows[-1])}", err=True)
     finally:
-        upstream.terminate()
-        upstream.join(10)
-        if upstream.is_alive():
-            upstream.kill()
-            upstream.join()
+        if upstream is not None:
+            upstream.terminate()
+            upstream.join(10)
+            if upstream.is_alive():
+                upstream.kill()
+                upstream.join()
         shutil.rmtree(state_dir, ignore_errors=True)
     _added(rows)
     for row in rows:

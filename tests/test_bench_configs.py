@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 
 from bench import gateway, ingest, pipeline
@@ -22,3 +24,15 @@ def test_sched_policy_reaches_the_engine_config(tmp_path, bench: str, policy: st
     path = tmp_path / "engine.toml"
     path.write_text(CONFIGS[bench](policy))
     assert load_config(str(path), env={}).engine.sched_policy == expected
+
+
+@pytest.mark.timeout(30)
+def test_bench_gateway_leaves_no_state_dir_when_its_upstream_fails_to_start(tmp_path, monkeypatch) -> None:
+    def fail(*_args, **_kwargs):
+        raise RuntimeError("embedded upstream failed to start (exit code 1)")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(gateway, "serve_in_process", fail)
+    with pytest.raises(RuntimeError, match="failed to start"):
+        gateway.measure(gateway.QUICK, progress=False)
+    assert list(tmp_path.iterdir()) == []
