@@ -25,6 +25,17 @@ def _info(engine: Engine) -> dict:
         return {}
 
 
+def _run_detach(engine: Engine, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``neuralpipe run --detach`` with the engine's config, as a user runs it; its exit and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", "run", "--detach", "--config", str(engine.config_path)],
+        env=env or engine.env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def _with_stage(worker: str, stage: str, params: str) -> str:
     """The test pipeline with ``worker``'s stage replaced (and its params, where it has some)."""
     config = pipeline_config(heartbeat_timeout_s=1.0)
@@ -101,13 +112,7 @@ def test_worker_failing_in_setup_exits_non_zero_and_fails_the_start(tmp_path, in
 @pytest.mark.timeout(60)
 def test_run_detach_reports_a_start_failure_in_one_line(tmp_path, instance: str) -> None:
     engine = Engine(tmp_path, _with_stage("relay", "readiness_stages:SlowRelay", 'fail = "start"'), instance)
-    done = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "run", "--detach", "--config", str(engine.config_path)],
-        env=engine.env(),
-        capture_output=True,
-        text=True,
-        timeout=50,
-    )
+    done = _run_detach(engine, 50)
     assert done.returncode != 0
     assert "Traceback" not in done.stderr + done.stdout
     (line,) = done.stderr.strip().splitlines()
@@ -145,13 +150,7 @@ def test_a_bad_embedded_upstream_setting_is_named_at_start(tmp_path, instance: s
     """Before, a string where a flag belongs was taken as true, and a word where a number belongs
     stopped the upstream's process with no reason given."""
     engine = Engine(tmp_path, EMBEDDED.format(embedded=embedded), instance)
-    done = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "run", "--detach", "--config", str(engine.config_path)],
-        env=engine.env(),
-        capture_output=True,
-        text=True,
-        timeout=80,
-    )
+    done = _run_detach(engine, 80)
     assert done.returncode != 0 and named in done.stderr, done.stderr
 
 
@@ -164,13 +163,7 @@ def test_run_detach_relays_a_refused_start_in_one_line(tmp_path, instance: str) 
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         env = dict(engine.env(), NEURALPIPE_METRICS_PORT=str(busy.getsockname()[1]))
-        done = subprocess.run(
-            [sys.executable, "-m", "engine.cli", "run", "--detach", "--config", str(engine.config_path)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=50,
-        )
+        done = _run_detach(engine, 50, env)
     assert done.returncode != 0
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("Error: engine not started: cannot serve metrics on 127.0.0.1:"), line
