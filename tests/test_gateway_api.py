@@ -156,6 +156,9 @@ def test_completions_whole_and_streamed(client, gw):
     assert batch.choices[0].text == whole.choices[0].text
     several = httpx.post(gw.url + "/completions", json={"model": MODEL, "prompt": ["a", "b"]}, timeout=10)
     assert _error(several, 422)["param"] == "prompt" and "one prompt" in several.json()["error"]["message"]
+    # not a completions field, but ingest checks it on every body: refused here, naming it
+    tops = httpx.post(gw.url + "/completions", json={"model": MODEL, "prompt": "a", "top_logprobs": []}, timeout=10)
+    assert _error(tops, 422)["param"] == "top_logprobs"
 
 
 def test_a_hundred_concurrent_streams_all_complete(gw):

@@ -97,13 +97,15 @@ class _Common(OpenModel):
     frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
     user: Annotated[StrictStr, Field(max_length=256)] | None = None
     neuralpipe: Extension | None = None
+    # chat's alternatives per token; legacy completions ask with ``logprobs`` and pass this on
+    # unused, but ingest checks it on both endpoints, so it is refused here, naming the field
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
 
 
 class ChatRequest(_Common):
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
     logprobs: StrictBool | None = None
-    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
 
 
 Prompt = Annotated[StrictStr, Field(min_length=1)]
