@@ -236,9 +236,10 @@ responses_bodies = st.fixed_dictionaries(
 @FUZZ
 @given(responses_bodies | json_values)
 def test_responses_requests_become_chat_requests_or_name_the_problem(body):
-    """The gateway's Responses API: a body becomes a valid chat request or an Invalid naming why."""
+    """The gateway's Responses API: a body becomes a valid chat request, which ingest accepts, or
+    an Invalid naming why."""
     from stages.gateway.responses import chat_body, responses_param, validate_responses
-    from stages.gateway.validation import Invalid, validate
+    from stages.gateway.validation import Invalid, upstream_body, validate
 
     try:
         chat = chat_body(validate_responses(body))
@@ -246,11 +247,13 @@ def test_responses_requests_become_chat_requests_or_name_the_problem(body):
         assert exc.message
         return
     try:
-        validate(chat, chat=True)
+        request = validate(chat, chat=True)
     except Invalid as exc:
         assert responses_param(exc).message
         return
     assert chat["model"] == body["model"] and chat["messages"]
+    frame = orjson.dumps({"type": "submit", "body": upstream_body(request, chat), "endpoint": "chat"})
+    assert parse_request(frame)["body"]["messages"]
 
 
 CHAT_FIELDS = [

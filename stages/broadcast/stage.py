@@ -19,7 +19,8 @@ Params (all optional):
                      beyond loopback (false)
     keys_dir         the CURVE keys directory (default: engine.keys.default_keys_dir())
     sndhwm           messages queued per subscriber before ZeroMQ drops for it (10000)
-    retention_bytes  bytes of published batch messages kept for snapshots (64 MiB)
+    retention_bytes  memory for the published batch messages kept for snapshots, their index
+                     and bookkeeping included (64 MiB)
     retention_s      how long a published batch is kept (300)
     heartbeat_s      a heartbeat message every this many seconds (1.0)
     latency_budget_ms  a batch is within budget when it is published this soon after its first
