@@ -90,7 +90,7 @@ def cache_client(e: Engine) -> CacheClient:
 
 @pytest.mark.timeout(90)
 def test_repeats_hit_and_never_reach_the_upstream_lru_evicts_by_bytes_ttl_expires(engine):
-    e = engine("max_bytes = 3500, ttl_s = 3.0, snapshot_path = ''")
+    e = engine("max_bytes = 5000, ttl_s = 3.0, snapshot_path = ''")
     first = run(e, "alpha", 1)
     assert first["tokens"] == TOKENS and first.get("cache_misses") == 1
     stored(e, 1)
@@ -100,11 +100,11 @@ def test_repeats_hit_and_never_reach_the_upstream_lru_evicts_by_bytes_ttl_expire
         cache = client.stats()
     assert cache["hits"] == 1 and cache["replays"] == 1 and cache["replay_rows"] == ROWS
     one_entry = cache["bytes"]
-    assert 2 * one_entry <= 3500 < 3 * one_entry  # the budget holds two of these streams
+    assert 2 * one_entry <= 5000 < 3 * one_entry  # the budget holds two of these streams
     run(e, "beta", 3)
     run(e, "gamma", 4)  # a third entry: "alpha", the least recently used, is evicted
     cache = stored(e, 3)
-    assert cache["entries"] == 2 and cache["evictions"] == 1 and cache["bytes"] <= 3500
+    assert cache["entries"] == 2 and cache["evictions"] == 1 and cache["bytes"] <= 5000
     assert run(e, "alpha", 5)["tokens"] == 2 * TOKENS + TOKENS + TOKENS  # a miss again
     # TTL: after ttl_s the entries are gone; a repeat goes upstream
     wait_for(lambda: stats(e, "cache")["entries"] == 0, 10, "entries to expire")

@@ -3,8 +3,10 @@ passing streams, replay batches, and snapshots (round trip, corrupt, foreign, at
 
 from __future__ import annotations
 
+import gc
 import os
 import time
+import tracemalloc
 import uuid
 
 import numpy as np
@@ -101,6 +103,33 @@ def test_ttl_expires_on_lookup_and_on_purge():
     now[0] += 0.2
     assert store.get("a") is None and store.counts["expired"] == 1 and store.counts["misses"] == 1
     assert store.purge_expired() == 1 and len(store) == 0 and store.bytes == 0
+
+
+@pytest.mark.parametrize("tokens", [4, 20, 100, 250])
+def test_the_byte_budget_bounds_the_memory_the_entries_hold(tokens):
+    """Stored streams as the collector makes them, with compute's columns: what ``max_bytes``
+    counts is what they hold (tracemalloc). Before, 512 bytes were counted for an entry's objects
+    (~2.5 KiB: 13 numpy arrays, the tuples and the entry): short replies held 2-3x the budget."""
+    from stages.compute.stage import COLUMNS
+
+    rows = stream_rows(1, "k", tokens)
+    batch = make_batch(rows, COLUMNS)
+    limit = 2 << 20
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        store = LruStore(max_bytes=limit, ttl_s=60)
+        collector = Collector(max_stream_bytes=1 << 20)
+        for i in range(4 * limit // (40 * tokens + 400)):
+            ((_, stored),) = collector.observe(batch, 16)
+            store.put(f"{i:064x}", stored)  # a key as long as the engine's (a sha256)
+        del stored, collector
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert store.counts["evictions"] > 0 and store.bytes <= limit
+    assert 0.8 * store.bytes <= held <= 1.2 * limit, f"{held / store.bytes:.2f} x what is counted"
 
 
 # ---- collector and replay -------------------------------------------------------------------

@@ -19,8 +19,13 @@ from shm.batch import ExtraColumn, TopAlternatives, encode_tops, top_alternative
 
 _NBYTES = operator.attrgetter("nbytes")
 
-# Bookkeeping per entry beyond its arrays (key, dict slot, objects): counted in the byte bound.
-ENTRY_OVERHEAD = 512
+# What an entry holds beyond its arrays' and text's bytes, counted in the byte bound: the key, the
+# store's slot and tuple, this object, the base arrays' numpy headers (ENTRY_OVERHEAD), and each
+# appended column's array and pair (EXTRA_OVERHEAD). CPython 3.11 and numpy 2, measured with
+# tracemalloc (tests/test_cache_units.py checks the sum): an entry of compute's 7 columns holds
+# ~2.6 KiB besides its data, which for short replies is most of it (512 was counted before).
+ENTRY_OVERHEAD = 1270
+EXTRA_OVERHEAD = 210
 
 # The base arrays, in snapshot order: (attribute, dtype).
 BASE_ARRAYS = (("kind", "u1"), ("token_id", "<u4"), ("logprob", "<f4"), ("offset_ns", "<i8"), ("text_len", "<u4"))
@@ -43,6 +48,7 @@ class StoredStream:
         np.cumsum(self.text_len, out=self.text_off[1:])
         self.nbytes = (
             ENTRY_OVERHEAD
+            + EXTRA_OVERHEAD * len(self.extras)
             + len(self.text)
             + self.text_off.nbytes
             + sum(getattr(self, name).nbytes for name, _ in BASE_ARRAYS)
