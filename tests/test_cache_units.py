@@ -185,6 +185,37 @@ def test_collector_keeps_keyed_streams_split_over_batches_and_interleaved():
     assert collector.counts["collected"] == 2 and not collector.open
 
 
+def test_streams_being_collected_hold_what_max_stream_bytes_counts():
+    """100 streams collected a row a record (100 chats at model speed), with compute's columns:
+    what the collector holds is what the streams' ``nbytes`` count (tracemalloc), so
+    ``max_stream_bytes`` bounds it. Before, each stream kept a view per record and column: 1.7 KB
+    a row, 30 times what was counted (100 streams of 10k tokens: 1.7 GB in the cache worker)."""
+    from stages.compute.stage import COLUMNS
+
+    streams, rows = 100, 200
+    starts = make_batch([(sid, 0, Kind.START, start(f"k{sid}")) for sid in range(1, streams + 1)], COLUMNS)
+    records = [make_batch([(sid, seq, Kind.TOKEN, b"tok ") for sid in range(1, streams + 1)], COLUMNS)
+               for seq in range(1, rows + 1)]  # fmt: skip
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        collector = Collector(max_stream_bytes=1 << 30)
+        collector.observe(starts, 16)
+        for record in records:
+            assert collector.observe(record, 16) == []
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    counted = sum(builder.nbytes for _, builder in collector.open.values())
+    assert len(collector.open) == streams and held <= 1.3 * counted, f"{held / counted:.1f} x what is counted"
+    ((_, stored),) = collector.observe(make_batch([(1, rows + 1, Kind.END, b"{}")], COLUMNS), 16)
+    assert stored.rows == rows + 2 and stored.text == start("k1") + b"tok " * rows + b"{}"
+    columns = {column.name: array for column, array in stored.extras}
+    assert np.allclose(columns["conf"][1:-1], np.arange(1, rows + 1) / 10)
+    assert columns["rgba"][1:-1].tolist() == [[seq, 1, 2, 3] for seq in range(1, rows + 1)]
+
+
 def test_collector_never_stores_errors_gaps_unkeyed_replays_or_streams_seen_without_start():
     c = Collector(max_stream_bytes=1 << 20)
     errored = stream_rows(1, "k1", 3, final=Kind.ERROR)

@@ -11,13 +11,12 @@ collected. Streams growing past ``max_stream_bytes`` are dropped.
 from __future__ import annotations
 
 import functools
-import operator
 
 import numpy as np
 
 from engine.protocol.rows import read_start
 from shm.batch import TOP_COLUMN, BatchColumns, ExtraColumn, Kind
-from stages.cache.stream import StoredStream, StreamBuilder
+from stages.cache.stream import StoredStream, StreamBuilder, row_dtype
 
 _START, _END, _ERROR = int(Kind.START), int(Kind.END), int(Kind.ERROR)
 
@@ -85,10 +84,8 @@ class Collector:
         kinds = taken.kinds[first:end]
         if _ERROR in kinds:
             return self._close(sid, "discarded")
-        rows = operator.itemgetter(slice(first, end))
-        base, arrays = tuple(map(rows, taken.base)), tuple(map(rows, taken.arrays))
         top = None if taken.top is None else taken.top[first:end]
-        if not builder.add(base, b"".join(taken.texts[first:end]), taken.columns, arrays, top):
+        if not builder.add(taken.table[first:end], b"".join(taken.texts[first:end]), taken.columns, top):
             return self._close(sid, "incomplete")
         if builder.nbytes > self.max_stream_bytes:
             return self._close(sid, "too_large")
@@ -104,10 +101,11 @@ class Collector:
 
 
 class _Taken:
-    """The rows of the collected streams in one batch, copied out of the ring once (one gather
-    per column for the whole batch, not one per stream and column): streams keep slices of them."""
+    """The rows of the collected streams in one batch, copied out of the ring once into one table
+    (one gather per column for the whole batch, not one per stream and column): each stream then
+    copies its slice of the table, one assignment."""
 
-    __slots__ = ("arrays", "base", "columns", "kinds", "seqs", "sids", "texts", "top")
+    __slots__ = ("columns", "kinds", "seqs", "sids", "table", "texts", "top")
 
     def __init__(self, batch: BatchColumns, rows: np.ndarray) -> None:
         self.sids = batch.stream_id[rows].tolist()
@@ -116,13 +114,17 @@ class _Taken:
         self.kinds = kinds.tolist()
         arena, ends = batch.text.tobytes(), batch.text_end.tolist()
         self.texts = [arena[ends[row - 1] if row else 0 : ends[row]] for row in rows.tolist()]
-        lengths = np.fromiter(map(len, self.texts), np.uint32, len(self.texts))
-        # (kind, token_id, logprob, recv_ns, text_len): StreamBuilder.add's base columns
-        self.base = (kinds, batch.token_id[rows], batch.logprob[rows], batch.recv_ns[rows], lengths)
         extra = {name: array for name, array in batch.extra.items() if name != TOP_COLUMN}
         self.columns = _columns(tuple((name, array.dtype.str[1:], array.shape[1] if array.ndim > 1 else 1)
                                       for name, array in extra.items()))  # fmt: skip
-        self.arrays = tuple(array[rows] for array in extra.values())
+        table = self.table = np.empty(len(rows), row_dtype(self.columns))
+        table["kind"] = kinds
+        table["token_id"] = batch.token_id[rows]
+        table["logprob"] = batch.logprob[rows]
+        table["recv_ns"] = batch.recv_ns[rows]
+        table["text_len"] = np.fromiter(map(len, self.texts), np.uint32, len(self.texts))
+        for i, array in enumerate(extra.values()):
+            table[f"x{i}"] = array[rows]
         top = batch.extra.get(TOP_COLUMN)
         self.top = None if top is None else top[rows]
 

@@ -10,14 +10,12 @@ only: they are kept per row and laid out as one column when the stream is finish
 
 from __future__ import annotations
 
-import operator
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 from shm.batch import ExtraColumn, TopAlternatives, encode_tops, top_alternatives, top_rows
-
-_NBYTES = operator.attrgetter("nbytes")
 
 # What an entry holds beyond its arrays' and text's bytes, counted in the byte bound: the key, the
 # store's slot and tuple, this object, the base arrays' numpy headers (ENTRY_OVERHEAD), and each
@@ -68,53 +66,73 @@ class StoredStream:
         ]
 
 
+# The rows of a stream being collected, one record per row: the base columns in StreamBuilder.add's
+# order, then each appended column as a field "x<i>" (its name may be anything compute chose).
+_BASE_FIELDS = (("kind", "u1"), ("token_id", "<u4"), ("logprob", "<f4"), ("recv_ns", "<i8"), ("text_len", "<u4"))
+FIRST_ROOM = 16  # rows a new stream has room for before its table first doubles
+BUILDER_OVERHEAD = 800  # a stream being collected, besides its rows: its objects, the collector's slot
+
+
+@functools.lru_cache(maxsize=256)  # records repeat their appended columns: the same tuple each time
+def row_dtype(columns: tuple[ExtraColumn, ...]) -> np.dtype:
+    """The structured dtype of a collected row with the appended ``columns``."""
+    extra = [(f"x{i}", c.dtype, (c.width,)) if c.width > 1 else (f"x{i}", c.dtype) for i, c in enumerate(columns)]
+    return np.dtype([*_BASE_FIELDS, *extra])
+
+
 class StreamBuilder:
-    """Rows of one stream collected batch by batch, until its END row."""
+    """Rows of one stream collected batch by batch, until its END row: copied into one table of
+    rows that grows by doubling, so a stream holds about its rows' bytes. (It kept a view per
+    record and column before: ~1.7 KB for each row of a stream that gets one row a record, 30
+    times the row, and ``max_stream_bytes`` counted only the row.)"""
 
     def __init__(self, model: str, record_type: int) -> None:
         self.model = model
         self.record_type = record_type
-        self.next_seq = 0
-        self.nbytes = 0
+        self.next_seq = 0  # rows so far
+        self.nbytes = BUILDER_OVERHEAD
         self.columns: tuple[ExtraColumn, ...] | None = None
-        self.chunks: list[tuple[np.ndarray, ...]] = []
-        self.texts: list[bytes] = []
+        self.table: np.ndarray | None = None  # row_dtype(columns), room for more rows
+        self.text = bytearray()
+        self.top_bytes = 0
         self.tops: list[TopAlternatives] | None = None  # per row, once a record had a ``top`` column
 
     def add(
-        self,
-        base: tuple[np.ndarray, ...],
-        text: bytes,
-        columns: tuple[ExtraColumn, ...],
-        arrays: tuple[np.ndarray, ...],
-        top: np.ndarray | None = None,
+        self, rows: np.ndarray, text: bytes, columns: tuple[ExtraColumn, ...], top: np.ndarray | None = None
     ) -> bool:
-        """Append rows ``base`` = (kind, token_id, logprob, recv_ns, text_len), their appended
-        ``columns`` (``arrays``, one each; the ``top`` column apart); False when the columns
-        differ from the earlier rows' (the stream cannot be stored whole)."""
+        """Append ``rows`` (of :func:`row_dtype` ``(columns)``; the ``top`` column apart) and their
+        texts; False when the columns differ from the earlier rows' (the stream cannot be stored
+        whole)."""
+        n = len(rows)
         if top is not None or self.tops is not None:
-            self._add_tops(top, len(base[0]))
+            self._add_tops(top, n)
         if self.columns is None:
             self.columns = columns
         elif columns != self.columns:  # the same tuple object, usually (collect.py interns them)
             return False
-        chunk = (*base, *arrays)
-        self.chunks.append(chunk)
-        self.texts.append(text)
-        self.next_seq += len(base[0])
-        self.nbytes += len(text) + sum(map(_NBYTES, chunk))
+        at, table = self.next_seq, self.table
+        if table is None:
+            table = self.table = np.empty(max(n, FIRST_ROOM), rows.dtype)
+        elif at + n > len(table):
+            grown = np.empty(max(2 * len(table), at + n), rows.dtype)
+            grown[:at] = table[:at]
+            table = self.table = grown
+        table[at : at + n] = rows
+        self.text += text
+        self.next_seq = at + n
+        self.nbytes = BUILDER_OVERHEAD + table.nbytes + len(self.text) + self.top_bytes
         return True
 
     def _add_tops(self, top: np.ndarray | None, rows: int) -> None:
         if self.tops is None:
             self.tops = [()] * self.next_seq  # the rows before the first record with a top column
         self.tops += [top_alternatives(top, i) for i in range(rows)] if top is not None else [()] * rows
-        self.nbytes += top.nbytes if top is not None else 0
+        self.top_bytes += top.nbytes if top is not None else 0
 
     def finish(self) -> StoredStream:
-        joined = [np.concatenate(parts) for parts in zip(*self.chunks, strict=True)]
-        kind, token_id, logprob, recv_ns, text_len, *extra_arrays = joined
-        extras = tuple(zip(self.columns or (), extra_arrays, strict=True))
+        rows = self.table[: self.next_seq]
+        kind, token_id, logprob, recv_ns, text_len = (rows[name].copy() for name, _ in _BASE_FIELDS)
+        extras = tuple((column, rows[f"x{i}"].copy()) for i, column in enumerate(self.columns or ()))
         if self.tops is not None and any(self.tops):  # one ``top`` column over the whole stream
             rows = top_rows(self.tops)
             array = np.zeros((len(self.tops), rows.column.width), dtype=np.uint8)
@@ -128,6 +146,6 @@ class StreamBuilder:
             logprob=logprob,
             offset_ns=recv_ns - recv_ns[0],
             text_len=text_len,
-            text=b"".join(self.texts),
+            text=bytes(self.text),
             extras=extras,
         )
