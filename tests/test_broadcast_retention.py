@@ -53,7 +53,7 @@ def test_retention_bytes_bounds_the_memory_it_holds(streams_per_batch, span, pay
     try:
         before = tracemalloc.get_traced_memory()[0]
         retention = Retention(limit, 1e9)
-        _fill(retention, 30_000, streams_per_batch, span, payload)
+        _fill(retention, 12_000, streams_per_batch, span, payload)
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
