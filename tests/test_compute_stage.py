@@ -29,7 +29,7 @@ from shm.naming import segment_name
 from shm.ring import Consumer, Producer, Ring
 from stages.compute import backends, gpu
 from stages.compute import stage as stage_module
-from stages.compute.stage import Compute
+from stages.compute.stage import SIZES_KEPT, Compute
 from tests.engine_harness import Engine, wait_for
 
 CPU = {"device": "llvmpipe (LLVM 15.0.6, 256 bits)", "adapter_type": "CPU", "backend_type": "Vulkan"}
@@ -279,6 +279,22 @@ def test_stage_passes_rows_through_and_appends_columns(rig):
     assert col["repflag"][7:13].tolist() == [0, 0, 0, 1, 1, 1]
     assert col["rep"][7:13].tolist() == pytest.approx([0, 0, 1 / 3, 2 / 4, 3 / 4, 4 / 4])
     assert r.stage.stats()["repetitions"] == 1 and r.stage.stats()["backend"] == "numpy"
+
+
+def test_records_of_ever_new_shapes_do_not_grow_compute(rig):
+    """Compute remembered the output size of every (rows, text bytes) it met, without bound:
+    texts' lengths vary without end, so a long-running engine grew by every new shape (~180 bytes
+    each). Now what it keeps is bounded."""
+    r = rig(backend="numpy", coalesce_rows=1)
+    shapes = 6000
+    for i in range(shapes):  # 1-4 rows, their texts longer each time: a (rows, text bytes) never seen
+        rows = 1 + i % 4
+        r.send([(i, seq, Kind.TOKEN, 1, -0.1, b"x" * (1 + i // 4)) for seq in range(rows)])
+        if i % 50 == 49:
+            while r.stage.do_work():
+                pass
+            assert len(r.receive()) == 50
+    assert len(r.stage.sizes) <= SIZES_KEPT < shapes
 
 
 def test_output_full_keeps_the_input(rig):

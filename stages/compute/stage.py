@@ -72,6 +72,7 @@ except ImportError:
 _TOKEN, _END, _ERROR = int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR)
 _SMALL_RECORD = 8  # rows up to which a record's running columns go row by row (numpy's turn from 8-12 rows)
 _ROWS_AT_ONCE = 256  # rows whose running columns are computed together: bounds the state rows' free columns
+SIZES_KEPT = 4096  # output record sizes remembered; texts' lengths vary without end, so the memo starts over
 COLUMNS = (  # what compute appends (and ``probe`` when probes are configured)
     ExtraColumn("hilbert", "f4", 2),
     ExtraColumn("conf", "f4"),
@@ -174,6 +175,8 @@ class Compute(Stage):
         """Bytes of an output record of ``rows`` rows and ``text_bytes`` of text."""
         size = self.sizes.get((rows, text_bytes))
         if size is None:  # batch_size walks the columns: asked once per shape
+            if len(self.sizes) >= SIZES_KEPT:
+                self.sizes.clear()
             size = self.sizes[(rows, text_bytes)] = batch_size(rows, text_bytes, self.columns)
         return size
 
