@@ -80,7 +80,7 @@ class Retention:
             positions = self.by_stream.get(sid)
             if positions is None:
                 positions = self.by_stream[sid] = _Positions()
-                size += STREAM_COST  # counted with the batch it came with, given back when the stream goes
+                size += STREAM_COST  # counted with the batch it came with, and given back with it
             positions.ats.append(at)
         self.batches[at] = Retained(at, nxt, frames, array("Q", streams), ended, size, time.monotonic())
         self.ended.update(ended)

@@ -66,9 +66,10 @@ class StoredStream:
         ]
 
 
-# The rows of a stream being collected, one record per row: the base columns in StreamBuilder.add's
-# order, then each appended column as a field "x<i>" (its name may be anything compute chose).
-_BASE_FIELDS = (("kind", "u1"), ("token_id", "<u4"), ("logprob", "<f4"), ("recv_ns", "<i8"), ("text_len", "<u4"))
+# The rows of a stream being collected, one record per row: the base arrays' columns (with the
+# rows' recv_ns, made offsets when the stream is finished), then each appended column as a field
+# "x<i>" (its name may be anything compute chose).
+_BASE_FIELDS = tuple(("recv_ns" if name == "offset_ns" else name, dtype) for name, dtype in BASE_ARRAYS)
 FIRST_ROOM = 16  # rows a new stream has room for before its table first doubles
 BUILDER_OVERHEAD = 800  # a stream being collected, besides its rows: its objects, the collector's slot
 
@@ -130,9 +131,9 @@ class StreamBuilder:
         self.top_bytes += top.nbytes if top is not None else 0
 
     def finish(self) -> StoredStream:
-        rows = self.table[: self.next_seq]
-        kind, token_id, logprob, recv_ns, text_len = (rows[name].copy() for name, _ in _BASE_FIELDS)
-        extras = tuple((column, rows[f"x{i}"].copy()) for i, column in enumerate(self.columns or ()))
+        filled = self.table[: self.next_seq]
+        kind, token_id, logprob, recv_ns, text_len = (filled[name].copy() for name, _ in _BASE_FIELDS)
+        extras = tuple((column, filled[f"x{i}"].copy()) for i, column in enumerate(self.columns or ()))
         if self.tops is not None and any(self.tops):  # one ``top`` column over the whole stream
             rows = top_rows(self.tops)
             array = np.zeros((len(self.tops), rows.column.width), dtype=np.uint8)
