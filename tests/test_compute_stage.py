@@ -27,7 +27,7 @@ from engine.tokens import ensure_token
 from shm.batch import Kind, TokenBatch, batch_size, encode_texts, write_batch
 from shm.naming import segment_name
 from shm.ring import Consumer, Producer, Ring
-from stages.compute import backends, gpu
+from stages.compute import adapter_probe, backends, gpu
 from stages.compute import stage as stage_module
 from stages.compute.stage import SIZES_KEPT, Compute
 from tests.engine_harness import Engine, wait_for
@@ -66,45 +66,61 @@ def test_overrides():
     assert missing.backend == "numpy" and "NVIDIA H100" in missing.reason
 
 
-def test_open_kernels_falls_back_to_numpy(monkeypatch):
-    log = JsonLogger("compute", "error")
+def test_wgpu_asked_for_opens_here_and_falls_back_to_numpy(monkeypatch, tmp_path):
+    log, memory = JsonLogger("compute", "error"), str(tmp_path / "compute.adapters.json")
     monkeypatch.setattr(gpu, "enumerate_adapters", lambda: [])
-    kernels = backends.open_kernels({"backend": "wgpu"}, log)
-    assert kernels.device is None and kernels.choice["reason"] == "no wgpu adapter found"
-
-    def broken():
-        raise RuntimeError("no Vulkan loader")
-
-    monkeypatch.setattr(gpu, "enumerate_adapters", broken)
-    kernels = backends.open_kernels({}, log)
-    wait_for(kernels.adopt, 10, "the background probe")
-    assert kernels.device is None and "no Vulkan loader" in kernels.choice["reason"]
+    kernels = backends.open_kernels({"backend": "wgpu"}, log, memory)
+    assert kernels.probe is None and kernels.device is None and kernels.choice["reason"] == "no wgpu adapter found"
     monkeypatch.setenv(backends.ENV_BACKEND, "numpy")  # the environment wins over the params
-    assert backends.open_kernels({"backend": "wgpu"}, log).choice["backend"] == "numpy"
+    assert backends.open_kernels({"backend": "wgpu"}, log, memory).choice["backend"] == "numpy"
     monkeypatch.setenv(backends.ENV_BACKEND, "cuda")
     with pytest.raises(ValueError, match="compute backend must be one of"):
-        backends.open_kernels({}, log)
+        backends.open_kernels({}, log, memory)
 
 
-def test_auto_starts_on_numpy_and_probes_in_the_background(monkeypatch, tmp_path):
-    release = threading.Event()
-    infos = [{"device": "NVIDIA H100", "adapter_type": "DiscreteGPU", "backend_type": "Vulkan"}]
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie that its new parent has not reaped yet."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
-    def slow_enumeration():  # a probe that takes as long as the test says
-        release.wait(10)
-        return [types.SimpleNamespace(info=info) for info in infos]
 
-    opened = object()
-    monkeypatch.setattr(gpu, "enumerate_adapters", slow_enumeration)
-    monkeypatch.setattr(gpu, "open_device", lambda adapter: opened)
+AUTO = """
+import json, os, sys, time
+from engine.logs import JsonLogger
+from stages.compute import backends
+kernels = backends.open_kernels({}, JsonLogger("compute", "error"), sys.argv[1])
+began = {"reason": kernels.choice["reason"], "idle": os.sched_getscheduler(kernels.probe.pid) == os.SCHED_IDLE}
+deadline = time.monotonic() + 30
+while not kernels.adopt() and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(json.dumps({"began": began, "choice": kernels.choice, "wgpu": "wgpu" in sys.modules}))
+"""
+
+
+def test_auto_lists_the_adapters_in_an_idle_process_and_imports_wgpu_only_to_use_one(tmp_path):
+    memory = tmp_path / "compute.adapters.json"
+    done = subprocess.run([sys.executable, "-c", AUTO, str(memory)], capture_output=True, timeout=60, check=True)
+    out = orjson.loads(done.stdout.splitlines()[-1])
+    assert out["began"] == {"reason": "looking for a wgpu adapter in the background", "idle": True}
+    found = orjson.loads(memory.read_bytes())
+    chosen = "adapters" in found and gpu.choose_adapter(found["adapters"], "auto", False, None).backend == "wgpu"
+    assert out["choice"]["backend"] == ("wgpu" if chosen else "numpy")
+    assert out["wgpu"] == chosen  # no adapter to use (no GPU here): wgpu never loaded into the worker
+
+
+def test_an_adapter_the_probe_lists_is_opened_in_this_process(tmp_path):
     memory = str(tmp_path / "compute.adapters.json")
-    kernels = backends.open_kernels({}, JsonLogger("compute", "error"), memory)
-    assert kernels.device is None and kernels.choice["backend"] == "numpy"  # at once, the probe still running
-    assert not kernels.adopt()
-    release.set()
-    wait_for(kernels.adopt, 10, "the background probe")
-    assert kernels.device is opened and kernels.choice["adapter"] == "NVIDIA H100"
-    assert orjson.loads(pathlib.Path(memory).read_bytes()) == {"adapters": infos}
+    kernels = backends.open_kernels({"allow_cpu_adapter": True}, JsonLogger("compute", "error"), memory)
+    try:
+        wait_for(kernels.adopt, 30, "the adapter probe and the device")
+    finally:
+        kernels.close()
+    found = adapter_probe.recall(memory)
+    if kernels.choice["backend"] == "numpy":
+        pytest.skip(f"no wgpu adapter here: {found}")
+    assert kernels.device.name == "wgpu" and kernels.choice["adapter"] in {a["device"] for a in found["adapters"]}
 
 
 REMEMBERED = """
@@ -135,26 +151,91 @@ def test_a_restart_that_would_not_use_an_adapter_never_imports_wgpu(tmp_path, fi
     assert not out["probing"] and not out["wgpu"]
 
 
-def test_a_probe_that_fails_anywhere_leaves_numpy_with_the_reason(monkeypatch):
+def test_a_remembered_adapter_is_opened_without_listing_again(monkeypatch, tmp_path):
+    memory = tmp_path / "compute.adapters.json"
+    infos = [{"device": "NVIDIA H100", "adapter_type": "DiscreteGPU", "backend_type": "Vulkan"}]
+    memory.write_bytes(orjson.dumps({"adapters": infos}))
+    release = threading.Event()
+
+    def slow_enumeration():  # opening takes as long as the test says
+        release.wait(10)
+        return [types.SimpleNamespace(info=info) for info in infos]
+
+    opened = object()
+    monkeypatch.setattr(gpu, "enumerate_adapters", slow_enumeration)
+    monkeypatch.setattr(gpu, "open_device", lambda adapter: opened)
+    kernels = backends.open_kernels({}, JsonLogger("compute", "error"), str(memory))
+    assert kernels.probe.pid is None  # no process: the findings are in
+    assert kernels.device is None and kernels.choice["backend"] == "numpy"  # at once, the device still opening
+    assert not kernels.adopt()
+    release.set()
+    wait_for(kernels.adopt, 10, "the device")
+    assert kernels.device is opened and kernels.choice["adapter"] == "NVIDIA H100"
+
+
+def test_no_wgpu_library_means_numpy_with_the_reason_remembered(monkeypatch, tmp_path):
+    monkeypatch.setenv("WGPU_LIB_PATH", str(tmp_path / "missing" / "libwgpu_native.so"))
+    memory = tmp_path / "compute.adapters.json"
+    memory.write_bytes(b'{"adapters": [')  # torn: looked for again
+    kernels = backends.open_kernels({}, JsonLogger("compute", "error"), str(memory))
+    wait_for(kernels.adopt, 30, "the adapter probe")
+    assert kernels.device is None and "cannot load library" in kernels.choice["reason"]
+    assert "cannot load library" in orjson.loads(memory.read_bytes())["error"]
+
+
+def test_a_probe_killed_midway_means_numpy_and_is_not_tried_again(tmp_path):
+    memory = str(tmp_path / "compute.adapters.json")
+    kernels = backends.open_kernels({}, JsonLogger("compute", "error"), memory)
+    os.kill(kernels.probe.pid, signal.SIGKILL)
+    wait_for(kernels.adopt, 10, "the adapter probe's end")
+    assert kernels.choice["reason"] == "wgpu unusable: the adapter probe exited with status -9"
+    again = backends.open_kernels({}, JsonLogger("compute", "error"), memory)
+    assert again.probe is None and "remembered" in again.choice["reason"]
+
+
+def test_closing_the_kernels_stops_the_probe(tmp_path):
+    memory = tmp_path / "compute.adapters.json"
+    kernels = backends.open_kernels({}, JsonLogger("compute", "error"), str(memory))
+    pid = kernels.probe.pid
+    kernels.close()
+    assert kernels.probe is None and not pathlib.Path(f"/proc/{pid}").exists()  # killed and reaped
+    assert not memory.exists()
+
+
+ORPHAN = """
+import sys, time
+from engine.logs import JsonLogger
+from stages.compute import backends
+kernels = backends.open_kernels({}, JsonLogger("compute", "error"), sys.argv[1])
+print(kernels.probe.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_probe_dies_with_its_worker(tmp_path):
+    memory = tmp_path / "compute.adapters.json"
+    worker = subprocess.Popen([sys.executable, "-c", ORPHAN, str(memory)], stdout=subprocess.PIPE)
+    try:
+        pid = int(worker.stdout.readline())
+    finally:
+        worker.kill()
+        worker.wait(10)
+        worker.stdout.close()
+    wait_for(lambda: _gone(pid), 10, "the orphaned probe's end")
+    assert not memory.exists()  # killed, not finished
+
+
+def test_the_probe_process_lists_what_it_can_and_says_why_not(monkeypatch):
     class Odd:  # an adapter whose info cannot be read
         @property
         def info(self):
             raise RuntimeError("driver went away")
 
     monkeypatch.setattr(gpu, "enumerate_adapters", lambda: [Odd()])
-    kernels = backends.open_kernels({}, JsonLogger("compute", "error"))
-    wait_for(kernels.adopt, 10, "the background probe")
-    assert kernels.device is None and "driver went away" in kernels.choice["reason"]
-
-
-def test_a_torn_memory_file_means_probing_again(tmp_path, monkeypatch):
-    memory = tmp_path / "compute.adapters.json"
-    memory.write_bytes(b'{"adapters": [')
-    monkeypatch.setattr(gpu, "enumerate_adapters", lambda: [])
-    kernels = backends.open_kernels({}, JsonLogger("compute", "error"), str(memory))
-    wait_for(kernels.adopt, 10, "the background probe")
-    assert kernels.choice["reason"] == "no wgpu adapter found"
-    assert orjson.loads(memory.read_bytes()) == {"adapters": []}
+    assert adapter_probe.list_adapters() == ([], {"error": "RuntimeError('driver went away')"})
+    monkeypatch.setattr(gpu, "enumerate_adapters", lambda: [types.SimpleNamespace(info=CPU)])
+    assert adapter_probe.list_adapters()[1] == {"adapters": [CPU]}
+    assert adapter_probe.main(["adapter_probe", "findings.json"]) == 2  # no parent pid: usage, nothing probed
 
 
 # ---- the stage between two rings, in this process -------------------------------------------
@@ -698,6 +779,23 @@ def test_compute_worker_killed_mid_run_loses_nothing(tmp_path, instance):
         engine.kill_all()
     with contextlib.suppress(FileNotFoundError):
         assert '"event":"compute_backend"' in engine.log()
+
+
+@pytest.mark.timeout(60)
+def test_an_auto_worker_without_an_adapter_to_use_never_loads_wgpu(tmp_path, instance):
+    config = ENGINE.format(total=4000).replace('backend = "numpy"', 'backend = "auto"')
+    engine = Engine(tmp_path, config, instance).start()
+    try:
+        probed = lambda: "background" not in (w := engine.worker("compute"))["stats"].get("reason", "background") and w  # noqa: E731
+        worker = wait_for(probed, 30, "compute's adapter probe to end")
+        maps = pathlib.Path(f"/proc/{worker['pid']}/maps").read_text()
+        if worker["stats"]["backend"] == "numpy":  # this machine has no adapter auto takes
+            assert "wgpu" not in maps and "libvulkan" not in maps
+        else:
+            assert "wgpu" in maps
+        assert engine.stop() == 0
+    finally:
+        engine.kill_all()
 
 
 def test_probes_from_a_gguf_token_embd(tmp_path):

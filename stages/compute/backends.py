@@ -3,15 +3,16 @@ wgpu device and falls back to numpy for that call when the device fails (counted
 
 from __future__ import annotations
 
-import json
 import os
+import signal
+import sys
 import threading
 from typing import Any, Protocol
 
 import numpy as np
 
 from engine.logs import JsonLogger
-from stages.compute import kernels
+from stages.compute import adapter_probe, kernels
 from stages.compute.shaders import Params
 
 Arrays = dict[str, np.ndarray]
@@ -73,13 +74,20 @@ class Kernels:
         probe = self.probe
         if probe is None:
             return True
-        if probe.thread.is_alive():
+        outcome = probe.poll()
+        if outcome is None:
             return False
         self.probe = None
-        self.device, choice = probe.outcome
+        self.device, choice = outcome
         self.choice = choice.stats()
         self.log.info("compute_backend", **self.choice)
         return True
+
+    def close(self) -> None:
+        """Stop a probe still looking (its process is killed: none is left behind)."""
+        if self.probe is not None:
+            self.probe.stop()
+            self.probe = None
 
     def stats(self) -> dict[str, Any]:
         return {"fallbacks": self.fallbacks, **self.choice}
@@ -89,110 +97,117 @@ ENV_BACKEND = "NEURALPIPE_COMPUTE_BACKEND"
 BACKENDS = ("auto", "numpy", "wgpu")
 
 
-def open_kernels(params: dict[str, Any], log: JsonLogger, memory: str | None = None) -> Kernels:
+def open_kernels(params: dict[str, Any], log: JsonLogger, memory: str) -> Kernels:
     """The stage's kernels on the backend its params (``backend``, overridden by the environment
     variable NEURALPIPE_COMPUTE_BACKEND; ``allow_cpu_adapter``; ``adapter``) choose. No usable
     adapter, or a device that fails to start: numpy, with the reason.
 
-    Looking for adapters costs 0.5-0.7 s (importing wgpu, loading the drivers): with ``auto`` it
-    runs in a background thread while the kernels start on numpy, and its list of adapters is
-    kept in the file ``memory`` (in the engine's state directory), so that a restarted worker
-    that would not use any of them never imports wgpu. ``wgpu`` (asked for explicitly) opens the
-    device before returning."""
+    The adapters found are kept in the file ``memory`` (in the run's state directory), so that a
+    restarted worker does not look again. With ``auto`` and nothing remembered, the kernels start
+    on numpy while a process at SCHED_IDLE lists the adapters (stages.compute.adapter_probe);
+    wgpu is imported here only if they hold one to use, and its device is opened in a thread.
+    ``wgpu`` (asked for explicitly) opens the device here, before returning."""
     from stages.compute import gpu  # wgpu itself is imported only when an adapter is looked for
 
     mode = os.environ.get(ENV_BACKEND) or str(params.get("backend", "auto"))
     if mode not in BACKENDS:
         raise ValueError(f"compute backend must be one of {', '.join(BACKENDS)} (got {mode!r})")
-    allow_cpu, name = bool(params.get("allow_cpu_adapter", False)), params.get("adapter")
-    if mode == "numpy":
-        known = gpu.choose_adapter([], "numpy", False, None)
-    else:
-        known = _recalled_choice(_recall(memory), mode, allow_cpu, name)
+    wanted = (mode, bool(params.get("allow_cpu_adapter", False)), params.get("adapter"))
+    known = gpu.choose_adapter([], "numpy", False, None) if mode == "numpy" else _recalled_choice(memory, wanted)
     if known is not None and known.backend == "numpy":  # nothing to open: wgpu is never imported
         kernels = Kernels(None, log, known.stats())
+    elif mode == "wgpu":
+        device, choice = _open_device(wanted, memory)
+        kernels = Kernels(device, log, choice.stats())
     else:
-        probe = _Probe(mode, allow_cpu, name, memory)
-        if mode == "wgpu":
-            probe.run()
-            device, choice = probe.outcome
-            kernels = Kernels(device, log, choice.stats())
-        else:
-            kernels = Kernels(None, log, gpu.Choice("numpy", "looking for a wgpu adapter in the background").stats())
-            kernels.probe = probe
-            probe.thread.start()
+        kernels = Kernels(None, log, gpu.Choice("numpy", "looking for a wgpu adapter in the background").stats())
+        kernels.probe = _Probe(wanted, memory, listed=known is not None)
     log.info("compute_backend", **kernels.choice)
     return kernels
 
 
 class _Probe:
-    """Enumerate the adapters, choose one and open a device on it (in a thread, or called at once)."""
+    """The background search of ``auto``: a child process lists the adapters (unless they are
+    ``listed`` in ``memory`` already), then, only if they hold one to use, a thread opens its device
+    here. :meth:`poll` gives (device, choice) once both are done."""
 
-    def __init__(self, mode: str, allow_cpu: bool, name: str | None, memory: str | None) -> None:
-        self.args = (mode, allow_cpu, name)
+    def __init__(self, wanted: tuple[str, bool, str | None], memory: str, listed: bool) -> None:
+        self.wanted = wanted
         self.memory = memory
         self.outcome: tuple[Backend | None, Any] = (None, None)
-        # a thread, never a process: a wgpu device made before a fork hangs the child (stages/compute/gpu.py)
-        self.thread = threading.Thread(target=self.run, name="compute-wgpu-probe", daemon=True)
+        # a thread, never a forked process: a wgpu device made before a fork hangs the child (gpu.py)
+        self.thread = threading.Thread(target=self._open, name="compute-wgpu-open", daemon=True)
+        self.pid: int | None = None
+        if listed:
+            self.thread.start()
+        else:
+            self.pid = _spawn_lister(memory)
 
-    def run(self) -> None:
-        from stages.compute import gpu
+    def poll(self) -> tuple[Backend | None, Any] | None:
+        if self.pid is not None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == 0:
+                return None
+            self.pid = None
+            findings = adapter_probe.recall(self.memory)
+            if findings is None:  # it wrote nothing (a driver that crashed it, say): not tried again
+                findings = {"error": f"the adapter probe exited with status {os.waitstatus_to_exitcode(status)}"}
+                adapter_probe.remember(self.memory, findings)
+            choice = _choice(findings, self.wanted)
+            if choice.backend == "numpy":
+                return None, choice
+            self.thread.start()
+        return None if self.thread.is_alive() else self.outcome
 
-        try:
-            self.outcome = self._probe(gpu)
-        except Exception as exc:  # no loader, no wgpu-native library, a device that will not start
-            self.outcome = (None, gpu.Choice("numpy", f"wgpu unusable: {exc!r}"))
+    def stop(self) -> None:
+        """Kill and reap the child if it still runs (the thread cannot be stopped: it is a daemon)."""
+        if self.pid is not None:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.pid = None
 
-    def _probe(self, gpu: Any) -> tuple[Backend | None, Any]:
-        mode, allow_cpu, name = self.args
-        try:
-            adapters = gpu.enumerate_adapters()
-        except Exception as exc:  # remembered: this machine cannot run wgpu at all
-            _remember(self.memory, {"error": repr(exc)})
-            raise
-        infos = [dict(a.info) for a in adapters]
-        _remember(self.memory, {"adapters": infos})
-        choice = gpu.choose_adapter(infos, mode, allow_cpu, name)
-        return (gpu.open_device(adapters[choice.index]) if choice.backend == "wgpu" else None), choice
+    def _open(self) -> None:
+        self.outcome = _open_device(self.wanted, self.memory)
 
 
-def _recalled_choice(remembered: dict[str, Any] | None, mode: str, allow_cpu: bool, name: str | None) -> Any:
-    """The choice the first probe's findings make (None: nothing remembered)."""
+def _spawn_lister(memory: str) -> int:
+    """Start ``python -m stages.compute.adapter_probe`` at SCHED_IDLE: it runs only on a core nobody
+    else wants, so the first streams never wait for it (under full load it waits for them)."""
+    argv = [sys.executable, "-m", "stages.compute.adapter_probe", memory, str(os.getpid())]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # what this worker imports
+    quiet = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]  # drivers chatter
+    pid = os.posix_spawn(sys.executable, argv, env, file_actions=quiet)
+    # set from here: posix_spawn's own scheduler argument takes real-time policies only (EINVAL)
+    os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+    return pid
+
+
+def _open_device(wanted: tuple[str, bool, str | None], memory: str) -> tuple[Backend | None, Any]:
+    """List the adapters in this process (remembering them), choose one and open its device."""
     from stages.compute import gpu
 
-    if remembered is None:
-        return None
-    if "error" in remembered:
-        return gpu.Choice("numpy", f"wgpu unusable: {remembered['error']} (remembered from the first probe)")
-    choice = gpu.choose_adapter(remembered["adapters"], mode, allow_cpu, name)
+    adapters, findings = adapter_probe.list_adapters()
+    adapter_probe.remember(memory, findings)
+    choice = _choice(findings, wanted)
     if choice.backend == "numpy":
-        return gpu.Choice("numpy", f"{choice.reason} (remembered from the first probe)")
-    return choice
-
-
-def _recall(memory: str | None) -> dict[str, Any] | None:
-    """The first probe's findings ({"adapters": [info, ...]} or {"error": why}), None if none."""
-    if memory is None:
-        return None
+        return None, choice
     try:
-        with open(memory, "rb") as f:
-            found = json.load(f)
-    except (OSError, ValueError):
-        return None
-    ok = isinstance(found, dict) and (
-        isinstance(found.get("error"), str)
-        or (isinstance(found.get("adapters"), list) and all(isinstance(a, dict) for a in found["adapters"]))
-    )
-    return found if ok else None  # anything else (a torn or foreign file): probe again
+        return gpu.open_device(adapters[choice.index]), choice
+    except Exception as exc:  # a device that will not start
+        return None, gpu.Choice("numpy", f"wgpu unusable: {exc!r}")
 
 
-def _remember(memory: str | None, findings: dict[str, Any]) -> None:
-    if memory is None:
-        return
-    temporary = f"{memory}.{os.getpid()}"
-    try:
-        with open(temporary, "w") as f:
-            json.dump(findings, f, default=str)
-        os.replace(temporary, memory)  # whole or not at all: a worker killed mid-write leaves no torn file
-    except OSError:
-        pass  # a read-only or full state directory: the next start probes again
+def _recalled_choice(memory: str, wanted: tuple[str, bool, str | None]) -> Any:
+    """The choice the findings remembered in ``memory`` make (None: nothing remembered)."""
+    findings = adapter_probe.recall(memory)
+    return None if findings is None else _choice(findings, wanted, " (remembered from the first probe)")
+
+
+def _choice(findings: dict[str, Any], wanted: tuple[str, bool, str | None], note: str = "") -> Any:
+    """The adapter the findings (an adapter_probe findings file's) give to use, or numpy and why."""
+    from stages.compute import gpu
+
+    if "error" in findings:
+        return gpu.Choice("numpy", f"wgpu unusable: {findings['error']}{note}")
+    choice = gpu.choose_adapter(findings["adapters"], *wanted)
+    return gpu.Choice("numpy", choice.reason + note) if choice.backend == "numpy" else choice

@@ -60,7 +60,7 @@ from shm.batch import (
     write_batch,
 )
 from stages.compute import fused, streams
-from stages.compute.backends import open_kernels
+from stages.compute.backends import Kernels, open_kernels
 from stages.compute.probes import probe_table
 
 try:  # built at install where a C compiler is (setup.py); the numpy path otherwise
@@ -87,6 +87,7 @@ COLUMNS = (  # what compute appends (and ``probe`` when probes are configured)
 class Compute(Stage):
     Params = ModelRef("stages.compute.params:ComputeParams")
     requests: RequestClient | None = None  # made on the first cancel (what close() may meet)
+    kernels: Kernels | None = None  # made in start(), which close() may meet failed before it
 
     def start(self, ctx: WorkerContext) -> None:
         super().start(ctx)
@@ -632,6 +633,8 @@ class Compute(Stage):
         return {**self.counts, **self.kernels.stats(), "compiled": compiled, "busy_us_per_batch": round(per_batch, 1)}
 
     def close(self) -> None:
+        if self.kernels is not None:
+            self.kernels.close()
         if self.requests is not None:
             self.requests.close()
 
