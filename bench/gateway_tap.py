@@ -29,6 +29,8 @@ def serve(runtime_dir: str, conn: Any) -> None:
     """The child's main (bench.proc.ChildProcess): "ready" once subscribed; then, for each request,
     the latencies (ns) collected since the last one: {"broadcast_ns": [...]}; None ends it."""
     with StreamConsumer.for_engine(runtime_dir, binary=True) as consumer:
+        if not consumer.join():
+            raise RuntimeError("the engine's broadcast did not answer")
         conn.send("ready")
         to_tap: list[np.ndarray] = []
         while True:

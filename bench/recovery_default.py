@@ -170,6 +170,8 @@ def _consume(runtime_dir: str, tokens: int, conn: Any) -> None:
     history: deque[tuple[int, int]] = deque(maxlen=CONSUMER_HISTORY)
     query: tuple[int, float] | None = None
     with StreamConsumer.for_engine(runtime_dir, binary=True) as consumer:
+        if not consumer.join():
+            raise RuntimeError("the engine's broadcast did not answer")
         conn.send("ready")
         while True:
             look_at = time.monotonic_ns() + LOOK_NS

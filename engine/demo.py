@@ -33,6 +33,7 @@ PROMPTS = (
     "How should a cache decide what to keep?",
 )
 STREAM_TIMEOUT_S = 60.0
+JOIN_TIMEOUT_S = 10.0
 
 
 def run_demo(cfg: Config, config_path: str | None, prompts: int, max_tokens: int, write: Callable[[str], None]) -> int:
@@ -57,11 +58,14 @@ def run_demo(cfg: Config, config_path: str | None, prompts: int, max_tokens: int
 
 def _show(info: dict[str, Any], prompts: int, max_tokens: int, write: Callable[[str], None]) -> int:
     rd = info["runtime_dir"]
-    bodies = [
-        _chat(PROMPTS[i % len(PROMPTS)] + (f" ({i})" if i >= len(PROMPTS) else ""), max_tokens) for i in range(prompts)
-    ]
+    # the run's instance in each prompt: the cache keeps its replies across runs (its snapshot),
+    # and the live streams must come from the upstream, not from the last demo's cache
+    bodies = [_chat(f"{PROMPTS[i % len(PROMPTS)]} (demo {info['instance']}, {i})", max_tokens) for i in range(prompts)]
     latencies: list[np.ndarray] = []
     with StreamConsumer.for_engine(rd) as consumer, RequestClient(ingest_endpoint(rd)) as client:
+        if not consumer.join(JOIN_TIMEOUT_S):  # else a stream that ends at once could pass it by
+            write(f"the engine's broadcast did not answer within {JOIN_TIMEOUT_S:g} s\n")
+            return 1
         began = time.monotonic()
         sids = [client.submit(body) for body in bodies]
         write(f"submitted {len(sids)} prompts: streams {sids}\n")

@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 import pytest
 import zmq
-from engine_harness import wait_for
+from engine_harness import chat, full_config, wait_for
 
 from engine.clients.consumer import StreamConsumer
 from engine.clients.requests import RequestClient
@@ -139,6 +139,45 @@ def test_subscribers_get_batches_on_all_and_exactly_their_stream_on_its_topic(st
         every.close(0)
         for c in clients.values():
             c.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_new_subscription_is_welcomed_with_a_heartbeat_at_once(start_engine):
+    engine = start_engine(full_config(broadcast="params.heartbeat_s = 30"))
+    sock = sub_socket(ipc(engine, "broadcast"), wire.HEARTBEAT_TOPIC)
+    try:
+        assert sock.poll(10_000), "no heartbeat within 10 s of subscribing (their period is 30 s)"
+        assert wire.decode(sock.recv_multipart()).type == "heartbeat"
+    finally:
+        sock.close(0)
+
+
+def follow(consumer: StreamConsumer, sid: int) -> list[str]:
+    """The types of stream ``sid``'s messages, until its end (or 10 s without a message)."""
+    kinds = []
+    for message in consumer.messages(idle_timeout_s=10):
+        if message.stream == sid:
+            kinds.append(message.type)
+            if message.type in ("end", "error"):
+                break
+    return kinds
+
+
+@pytest.mark.timeout(120)
+def test_a_joined_consumer_gets_a_stream_submitted_after_even_one_that_ends_at_once(start_engine):
+    """A cache hit is replayed and ended within a millisecond or two of its submit: before join
+    existed, a consumer made just before it could miss it whole, without an error (its start
+    position came after the stream), or get it only at the next heartbeat."""
+    engine = start_engine(full_config(broadcast="params.heartbeat_s = 30"))
+    rd, body = engine.info()["runtime_dir"], chat("a reply the cache replays", max_tokens=8)
+    with RequestClient(ingest_endpoint(rd)) as client:
+        for attempt in range(12):  # the first one fills the cache, the others are hits
+            with StreamConsumer.for_engine(rd) as consumer:
+                assert consumer.join(10)
+                sid = client.submit(body)
+                kinds = follow(consumer, sid)
+            assert kinds[:1] == ["start"] and kinds[-1:] == ["end"], (attempt, kinds, consumer.counts)
+    wait_for(lambda: engine.worker("cache")["stats"].get("hits", 0) >= 1, 10, "the cache's hits in its stats")
 
 
 @pytest.mark.timeout(90)

@@ -62,9 +62,11 @@ class Streams:
             self.ended[sid] = (message.type, str(message.header.get("reason", "")))
 
 
-def consume(runtime_dir: str, got: Streams, done: threading.Event, counts: dict) -> None:
+def consume(runtime_dir: str, got: Streams, joined: threading.Event, done: threading.Event, counts: dict) -> None:
     """The wildcard consumer, on its own thread (its sockets live and die here), until ``done``."""
     with StreamConsumer.for_engine(runtime_dir) as consumer:
+        if consumer.join(10):
+            joined.set()
         while not done.is_set():
             for message in consumer.messages(idle_timeout_s=0.2):
                 got.add(message)
@@ -79,9 +81,10 @@ def test_random_kill_9_under_load_loses_nothing_silently(start_engine):
     )
     runtime_dir = engine.info()["runtime_dir"]
     bodies: dict[int, dict] = {}
-    got, done, counts = Streams(), threading.Event(), {}
-    reader = threading.Thread(target=consume, args=(runtime_dir, got, done, counts), daemon=True)
+    got, joined, done, counts = Streams(), threading.Event(), threading.Event(), {}
+    reader = threading.Thread(target=consume, args=(runtime_dir, got, joined, done, counts), daemon=True)
     reader.start()
+    assert joined.wait(15), "the consumer did not join the broadcast"
     kills: list[str] = []
     refused = 0
     try:

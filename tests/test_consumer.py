@@ -275,6 +275,19 @@ def test_positions_no_longer_retained_end_every_open_stream_explicitly(broadcast
     assert c.counts["lost_streams"] == 1 and c.counts["lost_positions"] == 28
 
 
+def test_joined_only_once_the_start_is_known_and_a_live_message_came(broadcast):
+    pub, router = broadcast
+    with consumer(broadcast) as c:
+        assert not c.join(0.3)  # nothing answers: not joined, and join says so within its timeout
+        identity, ask = request(router)
+        assert ask == {"type": "batches", "from": None, "encoding": "json"}
+        end_marker(router, identity, type="batches_end", epoch=EPOCH, first=0, next=4, more=False)
+        wait_for(lambda: c._pump() or c.expected == 4, 5, "the start position")
+        assert not c.joined  # the subscription may not be in place yet: what is published now may be dropped
+        wait_for(lambda: pub.send_multipart(wire.encode_heartbeat(1, 0, EPOCH, 4, 1.0)) or c.join(0.05), 5, "joined")
+        assert c.joined
+
+
 def test_a_heartbeat_ahead_of_the_last_batch_shows_it_was_lost(broadcast):
     _, router = broadcast
     c, _ = started(broadcast)

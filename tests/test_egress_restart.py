@@ -38,6 +38,7 @@ def test_streams_submitted_right_after_a_broadcast_kill_all_reach_a_wildcard_sub
     engine = start_engine(full_config(rate=400))
     rd = engine.info()["runtime_dir"]
     with StreamConsumer.for_engine(rd) as consumer, RequestClient(ingest_endpoint(rd)) as client:
+        assert consumer.join(10)
         first = client.submit(chat("before the kill", TOKENS))
         assert collect(consumer, {first}, 15).get(first, [None])[-1].type == "end"  # subscribed and flowing
         os.kill(engine.worker("broadcast")["pid"], signal.SIGKILL)

@@ -50,6 +50,7 @@ def run_streams(engine, bodies: list[dict]) -> None:
     """Submit ``bodies`` and wait until every stream has ended at the broadcast."""
     rd = engine.info()["runtime_dir"]
     with StreamConsumer.for_engine(rd) as consumer, RequestClient(ingest_endpoint(rd)) as client:
+        assert consumer.join(10)
         sids = {client.submit(body) for body in bodies}
         for message in consumer.messages(idle_timeout_s=15):
             if message.type in ("end", "error"):

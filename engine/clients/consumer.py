@@ -2,6 +2,7 @@
 ended by an explicit error saying what was lost (docs/wire-format.md, "A consumer, step by step").
 
     with StreamConsumer.for_engine(runtime_dir) as consumer:           # every stream
+        consumer.join()                          # before submitting what it is to follow
         for message in consumer.messages(idle_timeout_s=5):
             ...                                  # start, tokens, end | error; per stream in seq order
         for batch in consumer.batches(idle_timeout_s=5):              # or: whole batches, cheaply
@@ -102,6 +103,7 @@ class ConsumerCore:
         self.engine_timeout_s = engine_timeout_s
         self.heartbeat_s = 1.0  # until the broadcast announces its own
         self.last_heard = time.monotonic()
+        self.heard_live = False  # a live message came: this consumer's subscription is in place
         self.counts = dict.fromkeys(
             ("messages", "batches", "duplicates", "gaps", "snapshots", "malformed", "lost_streams", "unreachable"), 0
         )
@@ -125,6 +127,7 @@ class ConsumerCore:
     def feed(self, frames: list[bytes], live: bool) -> None:
         """One message from the live socket (``live``) or the snapshot DEALER."""
         self.last_heard = time.monotonic()
+        self.heard_live = self.heard_live or live
         if not live and len(frames) == 3 and frames[0] == b"":  # [empty topic, end marker, empty]
             self._reply_end(frames[1])
             return
@@ -140,6 +143,14 @@ class ConsumerCore:
                 self._accept_batch(message)
         elif self.only is not None and message.stream == self.only:
             self._accept(message)
+
+    @property
+    def joined(self) -> bool:
+        """Whether every stream submitted from now on reaches this consumer: the broadcast has
+        said where it starts (every stream), and a live message came, so its subscription is in
+        place (ZeroMQ drops what is published before; the broadcast welcomes each new subscription
+        with a heartbeat, so this takes a round trip, not a heartbeat period)."""
+        return self.heard_live and (self.only is not None or self.expected is not None)
 
     def tick(self, now: float) -> None:
         """The timers: repeat unanswered requests, ask again for a silent stream, notice an
@@ -521,6 +532,17 @@ class StreamConsumer(ConsumerCore):
                     int(cols["recv_ns"][i]),
                     {name: _plain(cols[name][i]) for name in extra},
                 )
+
+    def join(self, timeout_s: float = 5.0) -> bool:
+        """Wait until :attr:`joined`: call it before submitting the streams this consumer is to
+        follow, or one that ends before the subscription is in place may never be seen. False
+        if the broadcast did not answer within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while not self.joined:
+            if time.monotonic() >= deadline:
+                return False
+            self._pump()
+        return True
 
     def _pump(self) -> None:
         """Wait a little for the sockets, take what came, and run the timers."""

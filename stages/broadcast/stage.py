@@ -22,7 +22,8 @@ Params (all optional):
     retention_bytes  memory for the published batch messages kept for snapshots, their index
                      and bookkeeping included (64 MiB)
     retention_s      how long a published batch is kept (300)
-    heartbeat_s      a heartbeat message every this many seconds (1.0)
+    heartbeat_s      a heartbeat message every this many seconds (1.0), and one at once when a
+                     subscription comes (the subscriber's sign that it is in place)
     latency_budget_ms  a batch is within budget when it is published this soon after its first
                      row's recv_ns (50; the ``batches_within_budget`` egress count of PAS)
 
@@ -175,10 +176,9 @@ class Broadcast(Stage):
         return int(state[0])
 
     def pollables(self) -> list[Any]:
-        # the XPUB sockets are not polled: what subscribers send matters only when something is
-        # published, and do_work reads it before publishing (at most every SOCKETS_EVERY_S, and at
-        # each heartbeat, which the idle hint wakes it for), so a subscription never wakes an idle worker
-        return list(self.routers)
+        # a subscription wakes an idle broadcast: each new one is welcomed with a heartbeat at once,
+        # the subscriber's proof that what is published from then on reaches it (ConsumerCore.joined)
+        return [*self.routers, *(pub.sock for pub in self.publishers)]
 
     def idle_timeout_s(self) -> float:
         return min(self.heartbeat_s, HOLD_S) if self.unreleased else self.heartbeat_s
@@ -189,10 +189,11 @@ class Broadcast(Stage):
         now = time.monotonic()
         heartbeat_due = now - self.last_heartbeat >= self.heartbeat_s
         available = self.inp.available()
-        # subscriptions matter only to what is published: read before publishing, at most every
-        # SOCKETS_EVERY_S while records flow (each socket asked costs a system call)
-        if heartbeat_due or (available and now >= self.next_subscriptions):
-            self._read_subscriptions()
+        # subscriptions matter to what is published and to the welcome: read them when idle (a
+        # park they woke) and before publishing, at most every SOCKETS_EVERY_S while records
+        # flow (each socket asked costs a system call)
+        if heartbeat_due or not available or now >= self.next_subscriptions:
+            heartbeat_due = self._read_subscriptions() or heartbeat_due
             self.next_subscriptions = now + SOCKETS_EVERY_S
         handled = self._serve(now) if self.serving.due(now, available) else 0  # engine.stage.SocketTurns
         if self.unreleased:
@@ -351,9 +352,10 @@ class Broadcast(Stage):
 
     # ---- subscriptions and snapshots ------------------------------------------------------
 
-    def _read_subscriptions(self) -> None:
-        """Count (un)subscriptions, without blocking and bounded: before publishing, and at each
-        heartbeat (so an idle broadcast's XPUB sockets never hold many)."""
+    def _read_subscriptions(self) -> bool:
+        """Count (un)subscriptions, without blocking and bounded; whether one was added (to be
+        welcomed with a heartbeat: one per duty cycle however many came)."""
+        before = sum(pub.subs.counts["subscriptions"] for pub in self.publishers)
         for pub in self.publishers:
             for _ in range(SUBSCRIPTION_MESSAGES_PER_CYCLE):
                 try:
@@ -363,6 +365,7 @@ class Broadcast(Stage):
                 if frame is None:
                     break
                 pub.subs.feed(frame)
+        return sum(pub.subs.counts["subscriptions"] for pub in self.publishers) > before
 
     def _serve(self, now: float) -> int:
         """Answer snapshot requests, without blocking and bounded."""

@@ -176,8 +176,8 @@ class BroadcastFollower:
 
     @property
     def ready(self) -> bool:
-        """Every stream: the broadcast told where to start (its first ``batches_end`` came)."""
-        return self.core.only is not None or self.core.expected is not None
+        """Requests may come: every stream submitted from now on reaches the gateway (ConsumerCore.joined)."""
+        return self.core.joined
 
     async def close(self) -> None:
         if self._loop is not None:
