@@ -136,6 +136,7 @@ class Broadcast(Stage):
         self.open_streams: OrderedDict[int, None] = OrderedDict()
         self.last_heartbeat = 0.0
         self.next_subscriptions = 0.0
+        self.idle = True  # the last duty cycle did nothing: the next one may follow a park
         self.serving = SocketTurns(SOCKETS_EVERY_S)
         # (read position, records read before it since the previous mark, when published)
         self.unreleased: deque[tuple[int, int, float]] = deque()
@@ -189,10 +190,10 @@ class Broadcast(Stage):
         now = time.monotonic()
         heartbeat_due = now - self.last_heartbeat >= self.heartbeat_s
         available = self.inp.available()
-        # subscriptions matter to what is published and to the welcome: read them when idle (a
-        # park they woke) and before publishing, at most every SOCKETS_EVERY_S while records
-        # flow (each socket asked costs a system call)
-        if heartbeat_due or not available or now >= self.next_subscriptions:
+        # subscriptions matter to what is published and to the welcome: read them before
+        # publishing, at most every SOCKETS_EVERY_S while records flow (each socket asked costs a
+        # system call), and when a park woke an idle broadcast (not on the turn after a publish)
+        if heartbeat_due or (self.idle if not available else now >= self.next_subscriptions):
             heartbeat_due = self._read_subscriptions() or heartbeat_due
             self.next_subscriptions = now + SOCKETS_EVERY_S
         handled = self._serve(now) if self.serving.due(now, available) else 0  # engine.stage.SocketTurns
@@ -208,6 +209,7 @@ class Broadcast(Stage):
                 _send(pub.sock, frames)
             self.retention.expire(now)
         self.serving.turn_done(bool(handled or read))
+        self.idle = not (handled or read)
         return handled + read
 
     def _publish_records(self) -> int:
