@@ -156,22 +156,28 @@ def test_a_killed_upstream_fails_over_and_streams_complete(start_engine):
             proc.join(5)
 
 
+def run_demo(env: dict[str, str], prompts: int, max_tokens: int) -> str:
+    """``neuralpipe demo`` in a process of its own; its output, once it exited 0 with its engine stopped."""
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "demo", "--prompts", str(prompts), "--max-tokens", str(max_tokens)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "stopped" in done.stdout.splitlines()[-1]
+    return done.stdout
+
+
 @pytest.mark.timeout(120)
 def test_demo_runs_end_to_end_and_exits_cleanly(tmp_path):
     env = dict(os.environ, NEURALPIPE_RUNTIME_DIR=str(tmp_path / "run"), NEURALPIPE_METRICS_PORT="0")
     for run in range(2):  # the second restores the first's cache (its snapshot in the runtime dir)
-        done = subprocess.run(
-            [sys.executable, "-m", "engine.cli", "demo", "--prompts", "3", "--max-tokens", "12"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=100,
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert "cache hit" in done.stdout and "PAS" in done.stdout and "conf" in done.stdout
-        assert "stopped" in done.stdout.splitlines()[-1]
+        out = run_demo(env, prompts=3, max_tokens=12)
+        assert "cache hit" in out and "PAS" in out and "conf" in out
         # live streams come from the upstream, on every run: only the repeat is a cache hit
-        assert done.stdout.count("start (cached)") == 1, (run, done.stdout[-3000:])
+        assert out.count("start (cached)") == 1, (run, out[-3000:])
 
 
 @pytest.mark.timeout(120)
@@ -184,12 +190,4 @@ def test_demo_runs_while_the_gateways_default_port_is_taken(tmp_path):
         with contextlib.suppress(OSError):  # already taken by someone else: as good
             taken.bind(("127.0.0.1", 8080))
             taken.listen()
-        done = subprocess.run(
-            [sys.executable, "-m", "engine.cli", "demo", "--prompts", "2", "--max-tokens", "6"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=100,
-        )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "stopped" in done.stdout.splitlines()[-1]
+        run_demo(env, prompts=2, max_tokens=6)
