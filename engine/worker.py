@@ -125,6 +125,9 @@ class _Runtime:
         """The stage is set up: tell the supervisor (the engine is running once every worker is)."""
         self.is_ready = True
         self.state = "running"
+        # numpy 2 imports numpy.ma on the first np.unique or np.percentile (8-20 ms here): compute
+        # paid it at its first stream's end, ingest at its first stats, with tokens waiting
+        importlib.import_module("numpy.ma")
         # what start-up made (imports, the stage's tables) lives as long as the worker: out of the
         # collector's full passes, each of which would stop the worker ~10 ms (~50k objects)
         gc.freeze()

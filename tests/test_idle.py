@@ -8,6 +8,8 @@ import contextlib
 import gc
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -330,6 +332,30 @@ def test_workers_that_never_park_still_obey_control(tmp_path, instance: str, kin
         assert '"event":"worker_drain_timeout"' not in engine.log()
     finally:
         engine.kill_all()
+
+
+READY_IN_A_FRESH_PROCESS = """
+import sys, tempfile, uuid
+from test_idle import relay_runtime
+from shm.wait import WaitStrategy
+with tempfile.TemporaryDirectory() as tmp, relay_runtime(tmp, uuid.uuid4().hex[:8], WaitStrategy("block")) as runtime:
+    dc = runtime[0]
+    before = "numpy.ma" in sys.modules
+    dc.rt.ready()
+    print(before, "numpy.ma" in sys.modules)
+"""
+
+
+def test_a_ready_worker_has_what_numpy_imports_lazily_on_a_first_call(tmp_path) -> None:
+    """numpy 2 imports numpy.ma on the first np.unique or np.percentile: 8-20 ms here, which
+    compute paid at its first stream's end and ingest at its first stats, on the token path (the
+    first streams after a start had p50 7-15 ms against 3-5 later)."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.path.dirname(tests)])}
+    ready = [sys.executable, "-c", READY_IN_A_FRESH_PROCESS]
+    done = subprocess.run(ready, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False", "True"]  # not there before ready, there after
 
 
 def test_a_ready_worker_leaves_its_start_up_heap_out_of_full_collections(tmp_path, instance: str) -> None:
