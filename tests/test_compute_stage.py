@@ -202,6 +202,16 @@ def test_closing_the_kernels_stops_the_probe(tmp_path):
     assert not memory.exists()
 
 
+def test_a_probe_that_cannot_start_means_numpy_with_the_reason(monkeypatch, tmp_path):
+    def no_process(*args, **kwargs):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "posix_spawn", no_process)
+    kernels = backends.open_kernels({}, JsonLogger("compute", "error"), str(tmp_path / "compute.adapters.json"))
+    assert kernels.probe is None and kernels.device is None
+    assert kernels.choice["reason"].startswith("the adapter probe could not start: [Errno 11]")
+
+
 ORPHAN = """
 import sys, time
 from engine.logs import JsonLogger

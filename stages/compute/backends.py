@@ -3,6 +3,7 @@ wgpu device and falls back to numpy for that call when the device fails (counted
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -120,8 +121,12 @@ def open_kernels(params: dict[str, Any], log: JsonLogger, memory: str) -> Kernel
         device, choice = _open_device(wanted, memory)
         kernels = Kernels(device, log, choice.stats())
     else:
-        kernels = Kernels(None, log, gpu.Choice("numpy", "looking for a wgpu adapter in the background").stats())
-        kernels.probe = _Probe(wanted, memory, listed=known is not None)
+        try:
+            probe = _Probe(wanted, memory, listed=known is not None)
+            kernels = Kernels(None, log, gpu.Choice("numpy", "looking for a wgpu adapter in the background").stats())
+            kernels.probe = probe
+        except OSError as exc:  # no process to be had (EAGAIN, ENOMEM): numpy, and why
+            kernels = Kernels(None, log, gpu.Choice("numpy", f"the adapter probe could not start: {exc}").stats())
     log.info("compute_backend", **kernels.choice)
     return kernels
 
@@ -178,7 +183,11 @@ def _spawn_lister(memory: str) -> int:
     quiet = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]  # drivers chatter
     pid = os.posix_spawn(sys.executable, argv, env, file_actions=quiet)
     # set from here: posix_spawn's own scheduler argument takes real-time policies only (EINVAL)
-    os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+    try:
+        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+    except OSError:  # a sandbox that refuses it: the lowest nice value will do
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, pid, 19)
     return pid
 
 
