@@ -4,6 +4,7 @@ stage in-process over a real ring for the row kinds and appended columns the sou
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -406,6 +407,42 @@ def test_junk_from_a_subscriber_never_stops_publishing(stage_on_ring):
     finally:
         good.close(0)
         junk.close(0)
+
+
+def test_a_flood_of_subscriptions_gets_one_welcome_per_duty_cycle_and_publishing_goes_on(stage_on_ring):
+    """Each new subscription is welcomed with a heartbeat; an XSUB subscribing over and over must
+    not turn that into a heartbeat per message, nor hold up publishing."""
+    stage, producer, ctx = stage_on_ring(heartbeat_s=60)
+    good = sub_socket(ctx.endpoint(), wire.ALL_TOPIC, wire.HEARTBEAT_TOPIC)
+    flood = zmq.Context.instance().socket(zmq.XSUB)
+    flood.setsockopt(zmq.LINGER, 0)
+    flood.connect(ctx.endpoint())
+    cycles = 0
+
+    def turn() -> int:
+        nonlocal cycles
+        cycles += 1
+        return stage.do_work()
+
+    try:
+        wait_for(lambda: turn() >= 0 and good.poll(0), 5, "the good subscriber's welcome")
+        drain(good)
+        cycles = 0
+        for i in range(3000):  # what ZeroMQ's queues hold of it reaches the stage (1,000 at least)
+            with contextlib.suppress(zmq.Again):
+                flood.send(b"\x01" + wire.topic(i % 7 + 1), zmq.NOBLOCK)
+        wait_for(lambda: turn() >= 0 and stage.stats()["subscriptions"] >= 1002, 5, "the flood read")
+        _write(producer, [(1, 0, Kind.TOKEN, b"still here")])
+        wait_for(lambda: turn() == 0, 5, "the ring drained")
+        got = []
+        while good.poll(200):
+            got.append(wire.decode(good.recv_multipart()))
+        heartbeats = [m for m in got if m.type == "heartbeat"]
+        assert 1 <= len(heartbeats) <= cycles  # 1,000+ subscriptions, one welcome per duty cycle at most
+        assert [b.texts for b in got if isinstance(b, wire.Batch)] == [["still here"]]
+    finally:
+        good.close(0)
+        flood.close(0)
 
 
 def snapshot_client(ctx) -> zmq.Socket:

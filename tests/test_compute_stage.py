@@ -30,7 +30,7 @@ from shm.ring import Consumer, Producer, Ring
 from stages.compute import adapter_probe, backends, gpu
 from stages.compute import stage as stage_module
 from stages.compute.stage import SIZES_KEPT, Compute
-from tests.engine_harness import Engine, wait_for
+from tests.engine_harness import Engine, alive, wait_for
 
 CPU = {"device": "llvmpipe (LLVM 15.0.6, 256 bits)", "adapter_type": "CPU", "backend_type": "Vulkan"}
 CPU_GL = {**CPU, "backend_type": "OpenGL"}
@@ -76,14 +76,6 @@ def test_wgpu_asked_for_opens_here_and_falls_back_to_numpy(monkeypatch, tmp_path
     monkeypatch.setenv(backends.ENV_BACKEND, "cuda")
     with pytest.raises(ValueError, match="compute backend must be one of"):
         backends.open_kernels({}, log, memory)
-
-
-def _gone(pid: int) -> bool:
-    """No such process, or a zombie that its new parent has not reaped yet."""
-    try:
-        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 AUTO = """
@@ -231,7 +223,7 @@ def test_the_probe_dies_with_its_worker(tmp_path):
         worker.kill()
         worker.wait(10)
         worker.stdout.close()
-    wait_for(lambda: _gone(pid), 10, "the orphaned probe's end")
+    wait_for(lambda: not alive(pid), 10, "the orphaned probe's end")
     assert not memory.exists()  # killed, not finished
 
 

@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 import pytest
 import uvloop
+from engine_harness import alive, wait_for
 
 from stages.ingest import corpus
 from stages.ingest.upstream_server import (
@@ -646,19 +647,7 @@ def test_serve_in_process_child_dies_with_its_parent() -> None:
     finally:
         parent.kill()
         parent.join()
-    deadline = time.monotonic() + 5
-    while _alive(server_pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not _alive(server_pid)
-
-
-def _alive(pid: int) -> bool:
-    """Running or sleeping (a zombie waiting for init to reap it is dead)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    assert wait_for(lambda: not alive(server_pid), 5, "the server to die with its parent")
 
 
 def test_cli_arguments_make_a_config() -> None:

@@ -123,10 +123,11 @@ def open_kernels(params: dict[str, Any], log: JsonLogger, memory: str) -> Kernel
     else:
         try:
             probe = _Probe(wanted, memory, listed=known is not None)
-            kernels = Kernels(None, log, gpu.Choice("numpy", "looking for a wgpu adapter in the background").stats())
-            kernels.probe = probe
         except OSError as exc:  # no process to be had (EAGAIN, ENOMEM): numpy, and why
             kernels = Kernels(None, log, gpu.Choice("numpy", f"the adapter probe could not start: {exc}").stats())
+        else:
+            kernels = Kernels(None, log, gpu.Choice("numpy", "looking for a wgpu adapter in the background").stats())
+            kernels.probe = probe
     log.info("compute_backend", **kernels.choice)
     return kernels
 
