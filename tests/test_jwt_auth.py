@@ -206,6 +206,45 @@ def test_a_rotated_jwks_is_picked_up(tmp_path, rsa_key):
     assert verifier.verify(token).name == "alice"
 
 
+def test_a_broken_rotated_jwks_is_reported_once_and_the_keys_before_it_stay(tmp_path, rsa_key):
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [_public_jwk(rsa_key, "old")]}))
+    errors: list[str] = []
+    verifier = JwtVerifier(None, str(path), on_error=errors.append)
+    token = jwt.encode(_claims(aud=None, iss=None), rsa_key, algorithm="RS256", headers={"kid": "old"})
+    path.write_text('{"keys": [')  # a rotation cut short
+    os.utime(path, (time.time() + 1, time.time() + 1))  # a new mtime even on a coarse clock
+    for _ in range(3):
+        verifier._jwks_checked = float("-inf")  # as if the recheck interval had passed
+        assert verifier.verify(token).name == "alice"
+    assert len(errors) == 1, errors
+    assert str(path) in errors[0] and "stay in use" in errors[0]
+    fresh = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path.write_text(json.dumps({"keys": [_public_jwk(fresh, "new")]}))
+    os.utime(path, (time.time() + 2, time.time() + 2))
+    verifier._jwks_checked = float("-inf")
+    token = jwt.encode(_claims(aud=None, iss=None), fresh, algorithm="RS256", headers={"kid": "new"})
+    assert verifier.verify(token).name == "alice"
+    assert len(errors) == 1
+
+
+def test_the_gate_reports_a_broken_rotated_jwks(tmp_path, rsa_key):
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [_public_jwk(rsa_key, "old")]}))
+    errors: list[str] = []
+    params = {"auth": "jwt", "jwks_file": str(path)}
+    gate = Gate.from_config(params, str(tmp_path / "state"), on_error=errors.append)
+    try:
+        token = jwt.encode(_claims(aud=None, iss=None), rsa_key, algorithm="RS256", headers={"kid": "old"})
+        path.write_text("not json")
+        os.utime(path, (time.time() + 1, time.time() + 1))
+        gate._verifier._jwks_checked = float("-inf")
+        assert gate.authenticate(f"Bearer {token}").name == "alice"
+        assert len(errors) == 1 and "JWKS" in errors[0]
+    finally:
+        gate.close()
+
+
 def test_gate_with_jwt(tmp_path, jwks, ed_key):
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET + "\n")

@@ -135,6 +135,7 @@ class Gate:
                 _param(gateway_params, "jwks_file") or None,
                 _param(gateway_params, "audience") or None,
                 _param(gateway_params, "issuer") or None,
+                on_error,
             )
         if not state_dir:
             raise AuthConfigError(f'auth = "{mode}" needs the state directory ([engine] state_dir)')

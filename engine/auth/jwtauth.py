@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 
 import jwt
 from jwt import PyJWK
@@ -114,7 +115,10 @@ class JwtVerifier:
         jwks_path: str | None = None,
         audience: str | None = None,
         issuer: str | None = None,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_error``: told (once per version of the file) when a changed JWKS file cannot be
+        used, so a rotation cut short shows in the log instead of as refused tokens alone."""
         if not secret and not jwks_path:
             raise JwtConfigError("JWT auth needs an HS256 secret (jwt_secret_file) or a JWKS file (jwks_file)")
         if secret is not None and len(secret.encode()) < MIN_SECRET_BYTES:
@@ -124,6 +128,8 @@ class JwtVerifier:
         self._jwks: dict[str, PyJWK] = load_jwks(jwks_path) if jwks_path else {}
         self._jwks_mtime = _mtime(jwks_path) if jwks_path else 0
         self._jwks_checked = time.monotonic()
+        self._on_error = on_error
+        self._reported_mtime = -1  # the broken version last reported
         self.audience = audience or None
         self.issuer = issuer or None
         self._require = ["exp", "sub"] + (["aud"] if self.audience else []) + (["iss"] if self.issuer else [])
@@ -171,19 +177,23 @@ class JwtVerifier:
         raise AuthError(f"JWT algorithm {str(algorithm)[:20]!r} not accepted (accepted: {', '.join(accepted)})")
 
     def _maybe_reload(self) -> None:
-        """Pick up a rotated JWKS file (checked every few seconds); a broken new file keeps the
-        keys in use (the operator sees the error in the gateway's log on its next start)."""
+        """Pick up a rotated JWKS file (checked every few seconds). A broken new version keeps
+        the keys in use, is reported once through ``on_error`` and read again at the next check
+        (a write still under way can end within the file system's timestamp granularity)."""
         now = time.monotonic()
         if now - self._jwks_checked < JWKS_RECHECK_S:
             return
         self._jwks_checked = now
         mtime = _mtime(self._jwks_path)
-        if mtime != self._jwks_mtime:
-            try:
-                self._jwks = load_jwks(self._jwks_path)
-                self._jwks_mtime = mtime
-            except JwtConfigError:
-                pass
+        if mtime == self._jwks_mtime:
+            return
+        try:
+            self._jwks = load_jwks(self._jwks_path)
+            self._jwks_mtime = mtime
+        except JwtConfigError as exc:
+            if self._on_error is not None and mtime != self._reported_mtime:
+                self._on_error(f"the changed JWKS file cannot be used, the keys before it stay in use: {exc}")
+            self._reported_mtime = mtime
 
     def _reason(self, exc: PyJWTError) -> str:
         if isinstance(exc, ExpiredSignatureError):
