@@ -27,6 +27,7 @@ from typing import Any
 import zmq
 
 from engine.config import STAGE_ALIASES, Config, ConfigError, check_stage_params
+from engine.fdlimit import raise_open_files
 from engine.health import EgressSample, HealthMonitor, Pas, RingSample, WorkerSample
 from engine.logs import JsonLogger
 from engine.metrics import EngineMetrics
@@ -273,6 +274,7 @@ class Supervisor:
             self.params = check_stage_params(self.cfg)
         except ConfigError as exc:
             raise StartupError(str(exc)) from None
+        open_files = raise_open_files()  # before anything is opened: every worker inherits it
         try:
             self._setup()
         except BaseException as exc:
@@ -288,6 +290,8 @@ class Supervisor:
                 runtime_dir=self.dir.path,
                 metrics_port=self.metrics_port,
                 workers=list(self.workers),
+                open_files_limit=open_files[1],
+                open_files_limit_was=open_files[0],
             )
             for handle in self.workers.values():
                 self._start(handle)

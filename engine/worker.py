@@ -317,8 +317,11 @@ class _DutyCycle:
 
 
 def _rung(bell: Any) -> bool:
-    """Whether ``bell`` holds a ring (readable now), without draining it."""
-    return bool(select.select([bell.fileno()], [], [], 0)[0])
+    """Whether ``bell`` holds a ring (readable now), without draining it. ``poll``, not ``select``:
+    select refuses a descriptor above 1023, and the engine raises its open-file limit (engine/fdlimit.py)."""
+    poller = select.poll()
+    poller.register(bell.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 async def _run_async(rt: _Runtime) -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import resource
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
+import aiohttp
 import orjson
 import pytest
 import uvloop
@@ -579,3 +582,49 @@ def test_a_streaming_upstream_whose_health_check_blocks_stays_healthy():
     healthy, events = run(scenario())
     assert healthy is True
     assert events[-1].kind == "end" and len(texts(events)) == 40
+
+
+def test_the_back_off_of_many_failures_stays_within_its_maximum():
+    # a large ``retries`` (pool params are not bounded) or a long wait for a file descriptor: 2.0 ** 1100
+    # overflowed a float and ended the stream as "ingest failed: OverflowError"
+    pool = UpstreamPool([UpstreamConfig("a", "http://127.0.0.1:9")], PoolPolicy(backoff_max_s=2.0))
+    assert all(0 < pool._backoff_s(failed) <= 2.0 for failed in (1, 2, 64, 1100, 10**6))
+
+
+@contextlib.contextmanager
+def no_file_descriptor_left():
+    """This process out of file descriptors for real: its soft limit lowered to what is open, then
+    put back."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 1, hard))
+    held = []
+    try:
+        with contextlib.suppress(OSError):
+            for _ in range(64):
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_health_check_without_a_file_descriptor_gives_no_verdict():
+    def fresh_connections() -> aiohttp.ClientSession:  # no kept connection: the check must open one
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+
+    async def scenario():
+        async with servers({}) as started:
+            pool = UpstreamPool([started[0][1]], PoolPolicy(health_interval_s=3600), fresh_connections)
+            await pool.start()
+            try:
+                upstream = pool._upstreams[0]
+                with no_file_descriptor_left():
+                    await pool._check(upstream)
+                return upstream.healthy, upstream.last_failure
+            finally:
+                await pool.close()
+
+    healthy, last_failure = run(scenario())
+    # ingest's own limit says nothing of the upstream: before, it was taken out of service
+    assert healthy, last_failure

@@ -32,6 +32,8 @@ from urllib.parse import urlsplit
 import h11
 import httptools
 
+from engine.fdlimit import descriptors_message, out_of_descriptors
+
 __all__ = ["BodyReader", "HttpError", "TransportError", "post_stream"]
 
 MAX_HEAD_BYTES = 64 * 1024  # status line and headers (llhttp itself sets no limit)
@@ -59,8 +61,9 @@ class HttpError(Exception):
 
 
 class TransportError(Exception):
-    """The connection failed: ``kind`` is "connect", "idle", "lost" (cut mid-response) or
-    "closed" (the response ended, complete, before the feed had its end); the message says how."""
+    """The connection failed: ``kind`` is "connect", "idle", "lost" (cut mid-response), "closed"
+    (the response ended, complete, before the feed had its end) or "local" (no connection could be
+    made because this process has no file descriptor left); the message says how."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -100,6 +103,8 @@ async def post_stream(
                 raise TransportError("connect", f"no connection within {connect_timeout_s} s") from None
             except OSError as exc:
                 protocol.stop()
+                if out_of_descriptors(exc):  # this process's trouble, not the server's
+                    raise TransportError("local", descriptors_message(exc)) from None
                 raise TransportError("connect", str(exc) or type(exc).__name__) from None
             except BaseException:  # cancelled: no connection left open
                 protocol.stop()

@@ -34,6 +34,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from engine.fdlimit import descriptors_message, out_of_descriptors
 from shm.batch import Kind, stable_token_id
 from stages.ingest import http_stream
 from stages.ingest.sse import SSEParser
@@ -70,11 +71,21 @@ class UpstreamError(Exception):
     (transport errors, 5xx, 429, broken streams), unlike a request the upstream rejected (4xx).
     ``before_first_token``: no token of this attempt was delivered, so a retry repeats nothing."""
 
-    def __init__(self, message: str, *, retryable: bool, before_first_token: bool = True, status: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        before_first_token: bool = True,
+        status: int | None = None,
+        local: bool = False,
+    ):
         super().__init__(message)
         self.retryable = retryable
         self.before_first_token = before_first_token
         self.status = status
+        # ingest's own trouble (no file descriptor left for a connection): says nothing of the upstream
+        self.local = local
         self.retry_after_s: float | None = None  # a 429's or 503's Retry-After: no request to it sooner
 
     @property
@@ -87,7 +98,7 @@ class UpstreamError(Exception):
     def health_failure(self) -> bool:
         """A failure that says the upstream is unwell (transport, 5xx, a broken stream); a 429 is
         back-pressure, honoured through Retry-After and back-off, not a reason to take it out."""
-        return self.retryable and (self.status is None or self.status >= 500)
+        return self.retryable and not self.local and (self.status is None or self.status >= 500)
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 3x, per token
@@ -328,6 +339,8 @@ async def _relay_aiohttp(
     except (aiohttp.SocketTimeoutError, TimeoutError):
         raise _transport_error(f"idle timeout: no data from {url} for {idle_timeout_s} s", decoder) from None
     except aiohttp.ClientConnectorError as exc:
+        if out_of_descriptors(exc):
+            raise _local_error(url, descriptors_message(exc)) from None
         raise _transport_error(f"cannot connect to {url}: {exc.os_error or exc}", decoder) from None
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
         # aiohttp's own text ("400, message='Not enough data...'") names no HTTP status: leave it out
@@ -343,9 +356,16 @@ def _connection_error(
         return decoder.closed_error()
     if err.kind == "connect":
         return _transport_error(f"cannot connect to {url}: {err}", decoder)
+    if err.kind == "local":
+        return _local_error(url, str(err))
     if err.kind == "idle":
         return _transport_error(f"idle timeout: no data from {url} for {idle_timeout_s} s", decoder)
     return _transport_error(f"connection to {url} lost: {err}", decoder)
+
+
+def _local_error(url: str, why: str) -> UpstreamError:
+    # retryable: descriptors free up as other streams end (the pool backs off between attempts)
+    return UpstreamError(f"ingest cannot open a connection to {url}: {why}", retryable=True, local=True)
 
 
 def _transport_error(message: str, decoder: _ChunkDecoder) -> UpstreamError:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from engine.fdlimit import out_of_descriptors
 from engine.protocol.requests import MAX_TOKENS_LIMIT
 from engine.telemetry import Telemetry
 from engine.upstreams import UpstreamEntry as UpstreamConfig  # one definition with the config's [[upstreams]]
@@ -48,6 +49,7 @@ MID_STREAM_POLICIES = ("error", "reissue")
 EWMA_ALPHA = 0.3  # weight of the newest time-to-first-token sample
 MAX_MODELS = 1024  # model ids kept per upstream from its GET /v1/models
 MAX_MODEL_ID = 256
+NO_VERDICT = "no verdict"  # a health check that could not be made (ingest had no file descriptor left)
 
 
 @dataclass(frozen=True)
@@ -236,13 +238,20 @@ class UpstreamPool:
         progress = _Progress(texts=[] if reissue else None)
         model = body.get("model")
         tried: set[_Upstream] = set()
-        failed = 0
+        failed = waited = 0
+        give_up_at = time.monotonic() + self.policy.first_token_timeout_s
         while True:
             try:
                 upstream = await self._acquire(model, tried)
                 tried.add(upstream)
                 return await self._attempt(upstream, body, endpoint, progress, sink)
             except UpstreamError as err:
+                if err.local and time.monotonic() < give_up_at:
+                    # no descriptor for a connection: wait, as for a slot, until a stream ends (its
+                    # connection is kept for the next request) or a back-off passes; not an attempt
+                    waited += 1
+                    await self._changed_within(self._backoff_s(waited))
+                    continue
                 failed += 1
                 final = self._final_error(err, progress, failed, reissue)
                 if final is not None:
@@ -263,7 +272,8 @@ class UpstreamPool:
 
     def _backoff_s(self, failed: int) -> float:
         """Exponential back-off with jitter: retries of many streams that failed together spread out."""
-        base = min(self.policy.backoff_max_s, self.policy.backoff_initial_s * 2 ** (failed - 1))
+        # the exponent capped: a float overflows past 2**1023 (a large ``retries``, a long wait for a descriptor)
+        base = min(self.policy.backoff_max_s, self.policy.backoff_initial_s * 2 ** min(failed - 1, 64))
         return base * random.uniform(0.5, 1.0)
 
     async def _attempt(
@@ -345,7 +355,9 @@ class UpstreamPool:
                 upstream.client_errors += 1
             elif err.health_failure:
                 self._record_failure(upstream, str(err))
-            raise UpstreamError(f"upstream {upstream.cfg.name!r}: {err}", retryable=err.retryable) from None
+            raise UpstreamError(
+                f"upstream {upstream.cfg.name!r}: {err}", retryable=err.retryable, local=err.local
+            ) from None
         except asyncio.CancelledError:
             self._count_error(upstream, "cancelled")
             raise
@@ -434,6 +446,12 @@ class UpstreamPool:
                 return self._upstreams[index]
         raise AssertionError("round robin over no candidates")
 
+    async def _changed_within(self, timeout_s: float) -> None:
+        """Until the next change of slots or health, or ``timeout_s``."""
+        with suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._changed.wait()
+
     def _notify(self) -> None:
         """Wake every request waiting for a slot or for an upstream to come back."""
         self._changed.set()
@@ -452,6 +470,8 @@ class UpstreamPool:
 
     async def _check(self, upstream: _Upstream) -> None:
         failure = await self._probe(upstream)
+        if failure is NO_VERDICT:
+            return
         if failure is not None and self._streaming(upstream):
             failure = None  # a server that blocks its model list while it generates is not down
         ok = failure is None
@@ -471,7 +491,8 @@ class UpstreamPool:
         return upstream.outstanding > 0 and time.monotonic_ns() - upstream.last_token_ns < recent_ns
 
     async def _probe(self, upstream: _Upstream) -> str | None:
-        """None when ``GET /v1/models`` answers 200 with a model list, else what went wrong."""
+        """None when ``GET /v1/models`` answers 200 with a model list, NO_VERDICT when ingest could
+        not ask (no file descriptor left), else what went wrong."""
         url = upstream.cfg.base_url.rstrip("/") + "/v1/models"
         timeout = aiohttp.ClientTimeout(total=self.policy.health_timeout_s)
         try:
@@ -482,6 +503,8 @@ class UpstreamPool:
         except TimeoutError:
             return f"GET /v1/models gave no answer within {self.policy.health_timeout_s:g} s"
         except aiohttp.ClientError as exc:
+            if out_of_descriptors(exc):  # ingest's own limit: says nothing of the upstream
+                return NO_VERDICT
             return f"GET /v1/models failed: {type(exc).__name__}: {exc}"
         except ValueError:  # a body that is not JSON
             return "GET /v1/models answered something that is not JSON"
@@ -492,10 +515,13 @@ class UpstreamPool:
 
 
 def _error_kind(err: UpstreamError) -> str:
-    """A failed request's kind for the errors metric: http (a status), connect, timeout (idle),
-    else protocol (a broken or malformed stream); the messages are openai_client's."""
+    """A failed request's kind for the errors metric: http (a status), local (ingest had no file
+    descriptor for its connection), connect, timeout (idle), else protocol (a broken or malformed
+    stream); the messages are openai_client's."""
     if err.status is not None:
         return "http"
+    if err.local:
+        return "local"
     text = str(err)
     return "connect" if text.startswith("cannot connect") else "timeout" if text.startswith("idle") else "protocol"
 
