@@ -228,6 +228,42 @@ def test_back_pressure_pauses_reading_until_the_wait_is_over():
     assert post(reply, Slow()).body == b"".join(events)
 
 
+def test_back_pressure_longer_than_the_idle_timeout_is_not_the_servers_silence():
+    # ingest stops reading while its output ring is full (a paused or slow compute): the upstream is
+    # not silent then, and before, the stream ended as "idle" and the upstream was blamed for it
+    events = [b"data: one\n\n", b"data: END\n\n"]
+
+    class Stalled(Collect):
+        def feed(self, body: bytes):
+            super().feed(body)
+            return None if self.complete else asyncio.sleep(0.8)  # the ring full for 0.8 s
+
+    async def reply(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for event in events:
+            writer.write(b"%x\r\n%b\r\n" % (len(event), event))
+            await writer.drain()
+            await asyncio.sleep(0.1)  # the next event comes while ingest is not reading
+        writer.write(b"0\r\n\r\n")
+
+    assert post(reply, Stalled(), idle=0.3).body == b"".join(events)
+
+
+def test_a_server_silent_after_back_pressure_still_times_out():
+    class Stalled(Collect):
+        def feed(self, body: bytes):
+            super().feed(body)
+            return asyncio.sleep(0.2)
+
+    async def reply(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\ndata:\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)  # then nothing
+
+    with pytest.raises(http_stream.TransportError, match=r"no data for 0\.3 s"):
+        post(reply, Stalled(), idle=0.3)
+
+
 class FakeTransport(asyncio.Transport):
     """A connection that never gets a byte: where the stream goes once it is connected."""
 

@@ -306,6 +306,7 @@ class _Stream(asyncio.Protocol):
         elif self.body_done:
             self._end_of_body()
         elif self.transport is not None and not self.transport.is_closing():
+            self.last_read = self.loop.time()  # the server's idle time counts from here
             self.transport.resume_reading()
 
     def _end_of_body(self) -> None:
@@ -317,6 +318,9 @@ class _Stream(asyncio.Protocol):
     # ---- ending
 
     def _check_idle(self) -> None:
+        if self.waiting:  # ingest is not reading (back-pressure): the server's silence is not counted
+            self.watchdog = self.loop.call_later(self.idle_timeout_s, self._check_idle)
+            return
         idle = self.loop.time() - self.last_read
         if idle >= self.idle_timeout_s:
             self._fail(TransportError("idle", f"no data for {self.idle_timeout_s:g} s"))
