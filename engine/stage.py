@@ -112,6 +112,11 @@ class Stage:
         None: until a ring or control message wakes it."""
         return None
 
+    def keep_alive(self) -> None:
+        """While the stage is paused (``do_work`` is not called): what it still owes others besides
+        its work, e.g. the broadcast's heartbeats to its subscribers. Called at least every
+        ``idle_timeout_s()`` (when not None) and at each of the worker's heartbeats."""
+
     def drained(self) -> bool:
         """True once a draining stage has nothing left in flight (default: every input empty)."""
         return all(ring.available() == 0 for ring in self.ctx.inputs)

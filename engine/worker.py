@@ -227,7 +227,9 @@ class _DutyCycle:
                 rt.heartbeat(now)
             if rt.state == "paused":
                 self.waiting, self.waiting_for_input = [], False
-                self.park(rt.next_heartbeat - now)
+                hint = stage.idle_timeout_s()
+                self.park(min(rt.next_heartbeat, now + hint if hint is not None else math.inf) - now)
+                stage.keep_alive()
                 continue
             done = stage.do_work()
             if done:

@@ -27,6 +27,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
+def held_for(predicate: Callable[[], Any], seconds: float, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll ``predicate`` until it has been truthy for ``seconds`` in a row; fail after ``timeout``."""
+    deadline, since = time.monotonic() + timeout, None
+    while True:
+        now = time.monotonic()
+        since = (since or now) if predicate() else None
+        if since is not None and now - since >= seconds:
+            return
+        if now > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what} to hold {seconds:g} s")
+        time.sleep(interval)
+
+
 def alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie waiting for its parent, or init, to reap it is dead)."""
     try:

@@ -182,6 +182,31 @@ def test_a_joined_consumer_gets_a_stream_submitted_after_even_one_that_ends_at_o
 
 
 @pytest.mark.timeout(90)
+def test_a_paused_broadcast_still_tells_its_consumers_it_is_alive(start_engine):
+    """Consumers end every open stream ("engine unreachable") once the broadcast is silent for a few
+    heartbeat periods (5 s at least). `neuralpipe pause broadcast` used to silence it: a pause of 5 s
+    ended every gateway stream. Paused, it publishes nothing, but its heartbeats go on."""
+    engine = start_engine(full_config(rate=20))
+    rd = engine.info()["runtime_dir"]
+    cli = [sys.executable, "-m", "engine.cli"]
+    with StreamConsumer.for_engine(rd) as consumer, RequestClient(ingest_endpoint(rd)) as client:
+        assert consumer.join(10)
+        sid = client.submit(chat("held by a paused broadcast", max_tokens=300, temperature=0.9))
+        wait_for(lambda: any(m.stream == sid for m in consumer.messages(idle_timeout_s=0.5)), 10, "the stream")
+        subprocess.run([*cli, "pause", "broadcast"], env=engine.env(), capture_output=True, timeout=20, check=True)
+        paused_at = time.monotonic()
+        wait_for(lambda: engine.worker("broadcast")["state"] == "paused", 10, "the broadcast paused")
+        heard = []
+        while time.monotonic() - paused_at < 7:  # past the consumer's 5 s: it must keep hearing
+            heard += [m.type for m in consumer.messages(idle_timeout_s=0.5)]
+        subprocess.run([*cli, "resume", "broadcast"], env=engine.env(), capture_output=True, timeout=20, check=True)
+        kinds = follow(consumer, sid)
+    assert "error" not in heard, f"the consumer gave up on the paused broadcast: {consumer.counts}"
+    assert kinds[-1:] == ["end"], (kinds[-3:], consumer.counts)
+    assert consumer.counts["unreachable"] == 0
+
+
+@pytest.mark.timeout(90)
 def test_kill9_of_broadcast_loses_and_duplicates_nothing(start_engine):
     per_stream = 100 * BATCH
     engine = start_engine(counter_config(rate=2000, total=STREAMS * per_stream))

@@ -9,10 +9,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
-from engine_harness import chat, full_config, wait_for
+from engine_harness import chat, full_config, held_for, wait_for
 
 from engine.clients.consumer import StreamConsumer
 from engine.clients.requests import RequestClient
@@ -30,18 +29,6 @@ def _follow(runtime_dir: str, ended: dict, joined: threading.Event, done: thread
             for message in consumer.messages(idle_timeout_s=0.2):
                 if message.type in ("end", "error"):
                     ended[message.stream] = (message.type, str(message.header.get("reason", "")))
-
-
-def _held_for(condition, seconds: float, timeout_s: float) -> None:
-    """Wait until ``condition`` has held for ``seconds`` in a row (within ``timeout_s``)."""
-    deadline, since = time.monotonic() + timeout_s, None
-    while True:
-        now = time.monotonic()
-        since = (since or now) if condition() else None
-        if since is not None and now - since >= seconds:
-            return
-        assert now < deadline, f"the condition did not hold for {seconds} s in a row"
-        time.sleep(0.05)
 
 
 @pytest.mark.timeout(90)
@@ -65,7 +52,7 @@ def test_a_pause_longer_than_the_idle_timeout_loses_no_stream(start_engine):
             return ring["used"] > ring["capacity"] // 2  # ingest is held: it waits for room
 
         # ingest held, reading nothing, for three times the upstream's idle timeout
-        _held_for(ring_full, 3 * IDLE_TIMEOUT_S, 30)
+        held_for(ring_full, 3 * IDLE_TIMEOUT_S, 30, "ingest held by a full ring")
         subprocess.run([*cli, "resume", "compute"], env=engine.env(), capture_output=True, timeout=20, check=True)
         wait_for(lambda: set(ids) <= set(ended), 60, "every stream to end")
         errors = {sid: reason for sid, (kind, reason) in ended.items() if kind == "error"}

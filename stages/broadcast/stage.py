@@ -201,16 +201,26 @@ class Broadcast(Stage):
             self._release_sent(now)
         read = self._publish_records() if available else 0
         if heartbeat_due:
-            self.last_heartbeat = now
-            frames = wire.encode_heartbeat(
-                time.monotonic_ns(), len(self.open_streams), self.epoch, self.next_position, self.heartbeat_s
-            )
-            for pub in self.publishers:
-                _send(pub.sock, frames)
-            self.retention.expire(now)
+            self._heartbeat(now)
         self.serving.turn_done(bool(handled or read))
         self.idle = not (handled or read)
         return handled + read
+
+    def keep_alive(self) -> None:
+        """Paused: nothing is published, but subscribers still hear the broadcast is alive (they
+        end every open stream after a few silent heartbeat periods)."""
+        now = time.monotonic()
+        if now - self.last_heartbeat >= self.heartbeat_s:
+            self._heartbeat(now)
+
+    def _heartbeat(self, now: float) -> None:
+        self.last_heartbeat = now
+        frames = wire.encode_heartbeat(
+            time.monotonic_ns(), len(self.open_streams), self.epoch, self.next_position, self.heartbeat_s
+        )
+        for pub in self.publishers:
+            _send(pub.sock, frames)
+        self.retention.expire(now)
 
     def _publish_records(self) -> int:
         """Publish up to 64 input records; how many."""
