@@ -207,6 +207,23 @@ def test_a_paused_broadcast_still_tells_its_consumers_it_is_alive(start_engine):
 
 
 @pytest.mark.timeout(90)
+def test_a_stream_still_open_when_the_engine_stops_ends_saying_so(start_engine):
+    """Stopping drains: ingest lets its open streams run for up to stop_timeout_s, then cancels them.
+    Their error said "cancelled", as a client's cancel does: nothing told a reader the engine stopped."""
+    engine = start_engine(full_config(rate=20).replace("stop_timeout_s = 5.0", "stop_timeout_s = 1.0"))
+    rd = engine.info()["runtime_dir"]
+    with StreamConsumer.for_engine(rd) as consumer, RequestClient(ingest_endpoint(rd)) as client:
+        assert consumer.join(10)
+        sid = client.submit(chat("open when the engine stops", max_tokens=300, temperature=0.9))
+        wait_for(lambda: any(m.stream == sid for m in consumer.messages(idle_timeout_s=0.5)), 10, "the stream")
+        engine.proc.send_signal(signal.SIGTERM)
+        ends = [m for m in consumer.messages(idle_timeout_s=10) if m.stream == sid and m.type in ("end", "error")]
+    assert engine.wait_exit(30) == 0
+    assert [m.type for m in ends] == ["error"], ends
+    assert ends[0].header["reason"].startswith("engine stopping"), ends[0].header
+
+
+@pytest.mark.timeout(90)
 def test_kill9_of_broadcast_loses_and_duplicates_nothing(start_engine):
     per_stream = 100 * BATCH
     engine = start_engine(counter_config(rate=2000, total=STREAMS * per_stream))

@@ -31,7 +31,7 @@ def stream_error(reason: str) -> ApiError:
         return ApiError(400, reason, "invalid_request_error", "upstream_rejected")
     if reason == "cancelled":
         return ApiError(503, "the stream was cancelled", "server_error", "cancelled", retry_after="1")
-    lost = reason.startswith(("lost", "engine unreachable", "ingest restarted"))
+    lost = reason.startswith(("lost", "engine unreachable", "ingest restarted", "engine stopping", "ingest stopped"))
     return ApiError(503, reason, "server_error", "stream_lost" if lost else "upstream_error", retry_after="1")
 
 

@@ -63,6 +63,9 @@ _LATENCY_SAMPLES = 4096
 _LATENCY_PENDING = 512  # records whose latency waits for the next heartbeat, at most
 _TOKEN = int(Kind.TOKEN)
 _BACKLOG_BATCHES = 8  # rows waiting, in batches, beyond which streams stop reading their upstreams
+# an open stream's error when ingest ends: the engine stopping (past [engine] stop_timeout_s), or ingest alone
+STOPPING = "engine stopping: the stream was still open after [engine] stop_timeout_s"
+STOPPED = "ingest stopped with the stream open"
 
 
 class RowTooLarge(Exception):
@@ -143,8 +146,10 @@ class Ingest(AsyncStage):
         finally:
             serve.cancel()
             self.sock.close(0)
+            # the reason each open stream's error row gives (a client's cancel says "cancelled")
+            why = STOPPING if self.ctx.draining else STOPPED
             for task in self.tasks.values():
-                task.cancel()
+                task.cancel(why)
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
             if not self.failed.done() and not (flusher.done() and flusher.exception()):
                 await self._flush_all()
@@ -216,9 +221,10 @@ class Ingest(AsyncStage):
             start = Start(str(body.get("model", "")), cached=False, cache_key=key)
             self._emit(sid, Kind.START, start_text(start), time.monotonic_ns())
             await self._relay(sid, client, body, endpoint)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             self.counts["cancelled"] += 1
-            self._emit(sid, Kind.ERROR, b"cancelled", time.monotonic_ns())
+            reason = exc.args[0] if exc.args and exc.args[0] in (STOPPING, STOPPED) else "cancelled"
+            self._emit(sid, Kind.ERROR, reason.encode(), time.monotonic_ns())
         except RowTooLarge as exc:
             self.counts["errors"] += 1
             self.ctx.log.warning("stream_error", stream_id=sid, error=str(exc))
