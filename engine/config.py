@@ -27,6 +27,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from engine.keys import exposed_without_curve
 from engine.listen import exposed_without_auth
 from engine.notify import MAX_WEBHOOKS, check_webhook_url
+from engine.params import MIN_PERIOD_S
 from engine.ports import REFERENCE
 from engine.protocol.requests import MAX_REQUEST_BYTES, SUBMIT_OVERHEAD
 from engine.redact import redact
@@ -131,10 +132,12 @@ class EngineConfig(_Model):
     metrics_host: str = Field("127.0.0.1", min_length=1)
     metrics_port: int = 9464
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    heartbeat_interval_s: float = Field(0.5, gt=0)
+    # 10 ms at least: every worker's heartbeat is a message the supervisor handles (a microsecond
+    # flooded it: it never reported running)
+    heartbeat_interval_s: float = Field(0.5, ge=MIN_PERIOD_S)
     heartbeat_timeout_s: float = 2.0
     stop_timeout_s: float = Field(5.0, gt=0)
-    health_interval_s: float = Field(1.0, gt=0)
+    health_interval_s: float = Field(1.0, ge=MIN_PERIOD_S)
     health_window_s: float = 60.0
     latency_budget_ms: float = Field(50.0, gt=0)
     # What carries records between workers: the shared-memory rings, or a port factory named

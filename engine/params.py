@@ -27,6 +27,9 @@ class StageParams(BaseModel):
 
 
 M = TypeVar("M", bound=BaseModel)
+# the shortest period a timer of the configuration may have (heartbeats, health ticks): a timer
+# firing every microsecond floods what it feeds rather than helping anyone
+MIN_PERIOD_S = 0.01
 
 
 def _within(low: float, high: float):

@@ -566,6 +566,7 @@ def test_a_flood_of_snapshot_requests_does_not_starve_publishing(stage_on_ring):
         ({"endpoints": [{"url": "tcp://127.0.0.1:1", "encoding": "xml"}]}, r"endpoints\[0\].encoding: must be one of"),
         ({"endpoints": [{"url": "http://x"}]}, r"endpoints\[0\].url: must be a tcp:// or ipc://"),
         ({"heartbeat": 1}, "params.heartbeat: unknown key"),
+        ({"heartbeat_s": 1e-9}, "params.heartbeat_s: must be >= 0.01"),  # a heartbeat every duty cycle
     ],
 )
 def test_bad_params_are_refused_with_the_key_named(given, message):

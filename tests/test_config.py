@@ -166,6 +166,9 @@ def test_workers_keep_file_order(write):
         ("[engine]\nmetrics_port = '9000'\n", "engine.metrics_port: must be an integer (got '9000')"),
         ("[engine]\nstop_timeout_s = true\n", "engine.stop_timeout_s: must be a number (got True)"),
         ("[engine]\nstop_timeout_s = 0\n", "engine.stop_timeout_s: must be > 0 (got 0)"),
+        # a microsecond heartbeat flooded the supervisor: it never reported running, and said not why
+        ("[engine]\nheartbeat_interval_s = 1e-6\n", "engine.heartbeat_interval_s: must be >= 0.01 (got 1e-06)"),
+        ("[engine]\nhealth_interval_s = 0.001\n", "engine.health_interval_s: must be >= 0.01 (got 0.001)"),
         ("[engine]\nmetrics_port = 70000\n", "engine.metrics_port: must be 1..65535, 0 (any free port) or -1"),
         ("[engine]\nlog_level = 'verbose'\n", "engine.log_level: must be one of debug, info, warning, error"),
         ("[engine]\ninstance = 'has-dash'\n", "engine.instance: must be"),

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from engine.keys import exposed_without_curve
-from engine.params import StageParams
+from engine.params import MIN_PERIOD_S, StageParams
 from engine.protocol.wire import ENCODINGS
 
 _SCHEMES = ("tcp://", "ipc://")
@@ -36,7 +36,7 @@ class BroadcastParams(StageParams):
     sndhwm: int = Field(10_000, ge=0)
     retention_bytes: int = Field(64 << 20, ge=1)
     retention_s: float = Field(300.0, gt=0)
-    heartbeat_s: float = Field(1.0, gt=0)
+    heartbeat_s: float = Field(1.0, ge=MIN_PERIOD_S)  # else a heartbeat message every duty cycle
     latency_budget_ms: float = Field(50.0, gt=0)
     curve: bool = False  # CURVE on every tcp endpoint (required for one beyond loopback)
     keys_dir: str = ""  # where the server pair and the allow-list are ("": engine.keys.default_keys_dir)
