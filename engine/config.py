@@ -62,6 +62,7 @@ ENV_OVERRIDES = {
 }
 _ENV_INTEGERS = {"NEURALPIPE_METRICS_PORT"}
 
+MIN_LOG_BYTES = 1 << 20  # a log cut smaller than a megabyte would lose its story too soon
 _INSTANCE = re.compile(r"[A-Za-z0-9_]{1,32}")
 _HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_HOST_LABEL}(?:\.{_HOST_LABEL})*")
@@ -138,6 +139,8 @@ class EngineConfig(_Model):
     heartbeat_timeout_s: float = 2.0
     stop_timeout_s: float = Field(5.0, gt=0)
     health_interval_s: float = Field(1.0, ge=MIN_PERIOD_S)
+    # a detached engine's log past this is cut, its content kept in <instance>.log.1 (engine/logfile.py)
+    log_max_bytes: int = 64 << 20
     health_window_s: float = 60.0
     latency_budget_ms: float = Field(50.0, gt=0)
     # What carries records between workers: the shared-memory rings, or a port factory named
@@ -189,6 +192,13 @@ class EngineConfig(_Model):
     def _metrics_port(cls, value: int) -> int:
         if not -1 <= value <= 65535:
             raise ValueError(f"must be 1..65535, 0 (any free port) or -1 (disabled) (got {value})")
+        return value
+
+    @field_validator("log_max_bytes")
+    @classmethod
+    def _log_max_bytes(cls, value: int) -> int:
+        if value != 0 and not MIN_LOG_BYTES <= value <= 1 << 40:
+            raise ValueError(f"must be 0 (no limit) or {MIN_LOG_BYTES}..2**40 bytes (got {value})")
         return value
 
     @model_validator(mode="after")

@@ -121,6 +121,11 @@ class InstanceDir:
         self.control_socket = os.path.join(self.path, "control.sock")
 
     @property
+    def base_fd(self) -> int:
+        """The runtime base directory, opened (checked: ours, no symlink)."""
+        return self._base_fd
+
+    @property
     def control_endpoint(self) -> str:
         return "ipc://" + self.control_socket
 

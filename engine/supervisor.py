@@ -29,6 +29,7 @@ import zmq
 from engine.config import STAGE_ALIASES, Config, ConfigError, check_stage_params
 from engine.fdlimit import raise_open_files
 from engine.health import EgressSample, HealthMonitor, Pas, RingSample, WorkerSample
+from engine.logfile import keep_under, remove_old_logs
 from engine.logs import JsonLogger
 from engine.metrics import EngineMetrics
 from engine.notify import SupervisorNotices
@@ -48,6 +49,7 @@ EXIT_OK = 0
 EXIT_ESCALATED = 3
 STARTUP_GRACE_S = 10.0  # a fresh worker imports its stage before its first heartbeat
 TERMINATE_GRACE_S = 1.0  # rest_for_one: SIGTERM, then SIGKILL this much later if still alive
+STDERR = 2  # where every process of the engine logs (a detached engine's: <base>/<instance>.log)
 _EGRESS_KEYS = ("messages", "gaps", "duplicates", "batches", "batches_within_budget")
 _RECEIVED = {**control.WORKER_TO_SUPERVISOR, **control.CLIENT_REQUESTS}
 _STAGE_NAMES = {ref: alias for alias, ref in STAGE_ALIASES.items()}  # metrics name a stage by its alias
@@ -132,6 +134,8 @@ class Supervisor:
             self.log.warning("stale_segment_removed", segment=name)
         for name in remove_dead_instances(base):
             self.log.warning("stale_runtime_dir_removed", instance=name)
+        for name in remove_old_logs(base):
+            self.log.info("old_log_removed", file=name)
         self.dir = InstanceDir(base, self.instance)
         self.zmq = zmq.Context()
         self.router = self.zmq.socket(zmq.ROUTER)
@@ -614,6 +618,10 @@ class Supervisor:
         return rings, workers, egress
 
     def _health_tick(self, now: float) -> None:
+        log_name = f"{self.instance}.log"  # a detached engine's (its stderr): kept to its size
+        kept = keep_under(STDERR, self.dir.base_fd, log_name, self.cfg.engine.log_max_bytes)
+        if kept is not None:
+            self.log.info("log_cut", file=log_name, kept=kept or None, max_bytes=self.cfg.engine.log_max_bytes)
         rings, workers, egress = self._samples(now)
         leaked = sum(1 for s in list_segments() if not s.live)
         self.pas = self.health.observe(now, rings, workers, egress, leaked_segments=leaked)

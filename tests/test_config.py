@@ -169,6 +169,7 @@ def test_workers_keep_file_order(write):
         # a microsecond heartbeat flooded the supervisor: it never reported running, and said not why
         ("[engine]\nheartbeat_interval_s = 1e-6\n", "engine.heartbeat_interval_s: must be >= 0.01 (got 1e-06)"),
         ("[engine]\nhealth_interval_s = 0.001\n", "engine.health_interval_s: must be >= 0.01 (got 0.001)"),
+        ("[engine]\nlog_max_bytes = 4096\n", "engine.log_max_bytes: must be 0 (no limit) or 1048576..2**40 bytes"),
         ("[engine]\nmetrics_port = 70000\n", "engine.metrics_port: must be 1..65535, 0 (any free port) or -1"),
         ("[engine]\nlog_level = 'verbose'\n", "engine.log_level: must be one of debug, info, warning, error"),
         ("[engine]\ninstance = 'has-dash'\n", "engine.instance: must be"),
