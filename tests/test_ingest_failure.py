@@ -1,19 +1,27 @@
 """A write that fails inside ingest ends the worker's run (so the supervisor restarts it) instead of
-leaving a half-alive worker whose heartbeats stay fresh while every stream hangs (issue 13 item 1).
-The stage runs in this process on a real ring, with a real upstream over HTTP; the failure itself
-is injected (no valid input makes a write fail any more: rows are bounded)."""
+leaving a half-alive worker whose heartbeats stay fresh while every stream hangs (issue 13 item 1);
+so does the death of its embedded upstream. The write test runs the stage in this process on a real
+ring, with a real upstream over HTTP, the failure itself injected (no valid input makes a write fail
+any more: rows are bounded); the upstream test kills the embedded upstream of a real engine."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import os
+import signal
+import subprocess
 
 import orjson
 import pytest
 import uvloop
+from engine_harness import chat, full_config, wait_for
 from shm_helpers import make_ring
 
+from engine.clients.consumer import StreamConsumer
+from engine.clients.requests import RequestClient
 from engine.logs import JsonLogger
+from engine.protocol.requests import ingest_endpoint
 from engine.stage import WorkerContext
 from shm.ring import Producer
 from stages.ingest.stage import Ingest
@@ -63,3 +71,26 @@ def test_a_failed_write_ends_the_run(tmp_path, instance, batch_rows):
         finally:
             producer.close()
     assert isinstance(failure, RuntimeError) and "injected" in str(failure)  # the runtime logs it and exits
+
+
+@pytest.mark.timeout(90)
+def test_a_dead_embedded_upstream_restarts_ingest_instead_of_failing_every_request(start_engine):
+    """The embedded upstream is ingest's child. Killed (the OOM killer, a crash), nothing noticed:
+    every request failed with "no healthy upstream ... down" for as long as the engine ran. Now
+    ingest dies with it, so the supervisor restarts ingest, which starts a new one."""
+    engine = start_engine(full_config())
+    rd = engine.info()["runtime_dir"]
+    ingest = engine.worker("ingest")
+    (child,) = [
+        int(pid)
+        for pid in subprocess.run(["pgrep", "-P", str(ingest["pid"])], capture_output=True, text=True).stdout.split()
+    ]
+    os.kill(child, signal.SIGKILL)
+    wait_for(lambda: engine.worker("ingest")["restarts"] > ingest["restarts"], 20, "ingest restarted")
+    wait_for(lambda: engine.worker("ingest")["state"] == "running", 20, "ingest running again")
+    with StreamConsumer.for_engine(rd) as consumer, RequestClient(ingest_endpoint(rd), timeout_s=5) as client:
+        assert consumer.join(10)
+        sid = client.submit(chat("after the upstream died", 5, temperature=0.9))
+        ends = [m for m in consumer.messages(idle_timeout_s=10) if m.stream == sid and m.type in ("end", "error")]
+    assert [m.type for m in ends] == ["end"], [m.header for m in ends]
+    assert "embedded_upstream_exited" in engine.log()

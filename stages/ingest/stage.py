@@ -500,6 +500,9 @@ class Ingest(AsyncStage):
         # in a thread: the start takes a spawn and the child's imports, and the loop must go on
         # sending heartbeats meanwhile (issue 12 item 5)
         self.embedded, base_url = await asyncio.to_thread(serve_in_process, cfg)
+        # ingest lives and dies with it: the supervisor's restart brings a new one (before, a dead
+        # embedded upstream left an ingest whose every request failed "no healthy upstream")
+        self.loop.add_reader(self.embedded.sentinel, self._embedded_exited)
         # As many streams in flight as the embedded server accepts (the pool's default is 64).
         return UpstreamConfig(name="embedded", base_url=base_url, models=(), max_concurrency=cfg.max_concurrency)
 
@@ -529,6 +532,14 @@ class Ingest(AsyncStage):
         for upstream in self.pool.snapshot():
             tel.set("neuralpipe_upstream_up", float(upstream["healthy"]), upstream=upstream["name"])
             tel.set("neuralpipe_upstream_in_flight", upstream["outstanding"], upstream=upstream["name"])
+
+    def _embedded_exited(self) -> None:
+        self.loop.remove_reader(self.embedded.sentinel)
+        if self.ctx.draining or self.failed.done():
+            return
+        code = self.embedded.exitcode
+        self.ctx.log.error("embedded_upstream_exited", exit_code=code)
+        self.failed.set_exception(RuntimeError(f"the embedded upstream exited (exit code {code})"))
 
     def close(self) -> None:
         if self.embedded is not None:
