@@ -18,7 +18,7 @@ import uvloop
 from aiohttp import web
 
 from stages.ingest.openai_client import TokenEvent
-from stages.ingest.pool import PoolPolicy, UpstreamConfig, UpstreamPool
+from stages.ingest.pool import MAX_MODELS_BODY, PoolPolicy, UpstreamConfig, UpstreamPool
 from stages.ingest.upstream_server import UpstreamServer, UpstreamServerConfig
 
 POOL_SIDE = ("max_concurrency", "requests_per_s", "tokens_per_s")
@@ -628,3 +628,64 @@ def test_a_health_check_without_a_file_descriptor_gives_no_verdict():
     healthy, last_failure = run(scenario())
     # ingest's own limit says nothing of the upstream: before, it was taken out of service
     assert healthy, last_failure
+
+
+def test_a_health_check_answer_is_read_only_up_to_its_limit():
+    """A /v1/models answer is untrusted: one that streams without end was read whole into ingest
+    (2 GB of RSS within a 5 s health timeout, ad hoc) before the timeout ended it."""
+    sent = {"bytes": 0}
+
+    async def models(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(b'{"data": [], "pad": "')
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):  # 64 MiB
+                await resp.write(b"x" * (1 << 20))
+                sent["bytes"] += 1 << 20
+        return resp
+
+    async def scenario():
+        app = web.Application()
+        app.router.add_get("/v1/models", models)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = "http://{}:{}".format(*runner.addresses[0][:2])
+        try:
+            async with pool_of([UpstreamConfig("big", url)], health_interval_s=3600, health_timeout_s=30) as pool:
+                return pool._upstreams[0].healthy, pool._upstreams[0].last_failure
+        finally:
+            await runner.cleanup()
+
+    healthy, failure = run(scenario())
+    assert not healthy
+    assert failure == f"health check: GET /v1/models answered more than {MAX_MODELS_BODY} bytes", failure
+    assert sent["bytes"] < 32 << 20  # the server could not write it all: ingest stopped reading
+
+
+def test_a_long_model_list_in_many_reads_is_read_whole():
+    listing = orjson.dumps({"data": [{"id": f"model-{i}", "pad": "p" * 300} for i in range(3000)]})  # ~1 MB
+
+    async def models(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for at in range(0, len(listing), 1 << 14):
+            await resp.write(listing[at : at + (1 << 14)])
+        return resp
+
+    async def scenario():
+        app = web.Application()
+        app.router.add_get("/v1/models", models)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = "http://{}:{}".format(*runner.addresses[0][:2])
+        try:
+            async with pool_of([UpstreamConfig("long", url)], health_interval_s=3600) as pool:
+                return pool._upstreams[0].healthy, pool._upstreams[0].reported_models
+        finally:
+            await runner.cleanup()
+
+    healthy, reported = run(scenario())
+    assert healthy and len(reported) == 1024 and reported[0] == "model-0"

@@ -24,6 +24,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 
 import aiohttp
+import orjson
 
 from engine.fdlimit import out_of_descriptors
 from engine.protocol.requests import MAX_TOKENS_LIMIT
@@ -49,6 +50,9 @@ MID_STREAM_POLICIES = ("error", "reissue")
 EWMA_ALPHA = 0.3  # weight of the newest time-to-first-token sample
 MAX_MODELS = 1024  # model ids kept per upstream from its GET /v1/models
 MAX_MODEL_ID = 256
+# a GET /v1/models answer read at most this far (OpenRouter's list of ~300 models with their
+# descriptions is ~1-2 MB; one that streams without end was read whole into ingest's memory)
+MAX_MODELS_BODY = 8 << 20
 NO_VERDICT = "no verdict"  # a health check that could not be made (ingest had no file descriptor left)
 
 
@@ -499,7 +503,12 @@ class UpstreamPool:
             async with self._session.get(url, headers=upstream.headers, timeout=timeout) as resp:
                 if resp.status != 200:
                     return f"GET /v1/models answered HTTP {resp.status}"
-                answer = await resp.json(content_type=None)
+                body = bytearray()
+                async for chunk in resp.content.iter_any():  # bounded: the answer is untrusted
+                    body += chunk
+                    if len(body) > MAX_MODELS_BODY:
+                        return f"GET /v1/models answered more than {MAX_MODELS_BODY} bytes"
+                answer = orjson.loads(body)
         except TimeoutError:
             return f"GET /v1/models gave no answer within {self.policy.health_timeout_s:g} s"
         except aiohttp.ClientError as exc:
