@@ -205,7 +205,7 @@ class _Lease:
 
 def test_tokens_go_straight_to_the_socket_only_when_they_follow_on_and_the_client_keeps_up():
     def attempt(transport: _Transport, message: wire.Message, response: _Response | None = None):
-        completions = Completions(None, None, None, None, 10.0, 120.0)
+        completions = Completions(None, None, None, None, 10.0, 120.0, 1 << 20)
         request, response = SimpleNamespace(transport=transport), response or _Response()
         choice, lease = Choice(Submitted(7, "t"), None, Shaper(True, "m", False), 0), _Lease()
         choice.follow.next_seq = 3

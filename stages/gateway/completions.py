@@ -46,6 +46,12 @@ from stages.gateway.validation import INT64_MAX
 LANES = 256
 # bytes a client may leave unread before tokens wait for the stream's task, which drains them
 DIRECT_WRITE_BUFFERED = 1 << 16
+# a whole answer as it is collected: the JSON of a logprob entry (or of one of its alternatives)
+# without its token text, and of one column value (an estimate, to bound what one request holds)
+LOGPROB_JSON_BYTES = 80
+COLUMN_JSON_BYTES = 12
+YIELD_EVERY = 256  # messages taken in a row before the event loop gets a turn
+ASSEMBLE_INLINE_BYTES = 1 << 20  # a whole answer larger than this is assembled in a thread
 
 
 @dataclass
@@ -177,6 +183,7 @@ class Completions:
         telemetry: Telemetry,
         keepalive_s: float,
         first_token_timeout_s: float,
+        max_whole_bytes: int,
     ) -> None:
         self.requests = requests
         self.follower = follower
@@ -184,6 +191,7 @@ class Completions:
         self.telemetry = telemetry
         self.keepalive_s = keepalive_s
         self.first_token_timeout_s = first_token_timeout_s
+        self.max_whole_bytes = max_whole_bytes
         self.active_streams = 0
         self.counts = {"submitted": 0, "completed": 0, "failed": 0, "cancelled": 0, "cache_hits": 0, "tokens": 0}
         self._cancels: set[asyncio.Task] = set()
@@ -420,11 +428,14 @@ class Completions:
     async def _whole(self, ask: Ask, choices: Choices, lease: Lease) -> web.Response:
         collected = [_Collected(ask) for _ in choices.all]  # by choice index
         deadline = time.monotonic() + self.first_token_timeout_s
+        size = 0  # the answer's JSON, estimated as it comes
         while not choices.ended:
-            for choice, message in choices.take():
+            for taken, (choice, message) in enumerate(choices.take(), 1):
                 if message.type in wire.TOKEN_TYPES:
                     thinking = message.type == "reasoning"
-                    collected[choice.shaper.index].add(message)
+                    size += collected[choice.shaper.index].add(message)
+                    if size > self.max_whole_bytes:
+                        raise _too_large_whole(self.max_whole_bytes)
                     chars = sum(map(len, message.text)) if message.type == "tokens" else 0
                     choice.state.add(len(message.text), chars, thinking)
                     lease.tokens(len(message.text))
@@ -434,6 +445,8 @@ class Completions:
                 elif message.type == "error":
                     choice.state.failed = True
                     raise stream_error(message.header.get("reason", ""))
+                if taken % YIELD_EVERY == 0:  # a backlog of messages: the other clients' turn too
+                    await asyncio.sleep(0)
             if choices.ended:
                 break
             wait = self.keepalive_s if choices.tokens else deadline - time.monotonic()
@@ -442,9 +455,16 @@ class Completions:
                 reason = f"no first token within {self.first_token_timeout_s:g} s (first_token_timeout_s)"
                 raise ApiError(503, reason, "server_error", "timeout", retry_after="1")
             await choices.inbox.wait(wait)
-        answer = [part.choice(choice.shaper) for part, choice in zip(collected, choices.all, strict=True)]
+        usage = choices.usage()[0]
+
+        def assemble() -> bytes:
+            answer = [part.choice(choice.shaper) for part, choice in zip(collected, choices.all, strict=True)]
+            return orjson.dumps(choices.all[0].shaper.whole(answer, usage))
+
+        # a large answer is assembled off the event loop (seconds of Python for a million logprobs:
+        # the gateway's heartbeats and every other client would wait); nothing adds to it any more
+        body = await asyncio.to_thread(assemble) if size > ASSEMBLE_INLINE_BYTES else assemble()
         headers = {"x-neuralpipe-cache": "hit" if choices.cached else "miss", **lease.headers}
-        body = orjson.dumps(choices.all[0].shaper.whole(answer, choices.usage()[0]))
         return web.Response(body=body, content_type="application/json", headers=headers)
 
     # ---- accounting ---------------------------------------------------------------------------
@@ -507,21 +527,28 @@ class _Collected:
         self.reason = "stop"
         self.calls = ToolCallJoiner()
 
-    def add(self, message: wire.Message | Tokens) -> None:
+    def add(self, message: wire.Message | Tokens) -> int:
+        """Keep ``message``; roughly the bytes it adds to the answer's JSON."""
+        size = sum(map(len, message.text))
         if message.type == "reasoning":  # no logprobs or columns: the reply's tokens have them
             self.thinking += message.text
-            return
+            return size
         if message.type == "tool_calls":
             for text in message.text:
                 self.calls.add(text)
-            return
+            return size
         self.texts += message.text
+        rows = len(message.text)
         if self.ask.logprobs:
             self.logprobs += message.columns["logprob"].tolist()
-            self.tops += _tops(self.ask, message.columns, len(message.text))
+            tops = _tops(self.ask, message.columns, rows)
+            self.tops += tops
+            size += 6 * size + LOGPROB_JSON_BYTES * (rows + sum(map(len, tops)))  # token, its bytes, each alternative
         for name, values in self.columns.items():
             if name in message.columns:
                 values += message.columns[name].tolist()
+                size += COLUMN_JSON_BYTES * rows
+        return size
 
     def choice(self, shaper: Shaper) -> dict[str, Any]:
         ask, lp = self.ask, None
@@ -534,6 +561,16 @@ class _Collected:
         extension = {"columns": self.columns} if ask.columns else None
         thinking = "".join(self.thinking)
         return shaper.choice("".join(self.texts), self.reason, lp, extension, self.calls.result(), thinking)
+
+
+def _too_large_whole(limit: int) -> ApiError:
+    return ApiError(
+        400,
+        f'the whole answer would be larger than max_whole_bytes ({limit} bytes): ask with "stream": true',
+        "invalid_request_error",
+        "response_too_large",
+        "stream",
+    )
 
 
 def _columns(names: list[str], columns: dict) -> dict[str, Any]:

@@ -58,6 +58,9 @@ class GatewayParams(StageParams):
     # larger bodies: 413; ingest takes what this lets through (its max_request_bytes follows: engine/config.py)
     max_body_bytes: IntIn(1024, MAX_BODY_BYTES) = MAX_REQUEST_BYTES
     body_timeout_s: FloatIn(0.1, 300.0) = 10.0  # a body not received whole this soon: 408 (slow clients)
+    # a whole (non-streamed) answer is held until it ends: past this estimate of its JSON, 400
+    # response_too_large (stream it instead); its memory in the gateway is several times this
+    max_whole_bytes: IntIn(1 << 20, 1 << 30) = 64 << 20
     keepalive_s: FloatIn(0.05, 55.0) = 10.0  # an SSE comment after this long without a token
     first_token_timeout_s: FloatIn(0.1, 3600.0) = 120.0  # no first token this soon: the stream ends in an error
     submit_timeout_s: FloatIn(0.1, 60.0) = 5.0  # ingest must answer a submit this soon (else 503)

@@ -68,7 +68,13 @@ class GatewayServer:
         self.requests = requests
         self.follower = follower
         self.completions = Completions(
-            requests, follower, inflight, ctx.telemetry, params.keepalive_s, params.first_token_timeout_s
+            requests,
+            follower,
+            inflight,
+            ctx.telemetry,
+            params.keepalive_s,
+            params.first_token_timeout_s,
+            params.max_whole_bytes,
         )
         self.hub = FeedHub(follower, ctx.runtime_dir, params.feed_queue)
         self.health = EngineHealth(ctx.runtime_dir)

@@ -1,0 +1,59 @@
+"""Whole (non-streamed) answers are held in the gateway until they end, so one request decided how
+much memory and event-loop time the gateway spent on it: an answer of 4 choices x 20,000 tokens with
+20 top logprobs each (135 MB of JSON, ~1 GB of RSS) was assembled in one synchronous step of ~5 s,
+the gateway missed its heartbeats and the supervisor killed it as hung, cutting every other client.
+Now an answer past ``[gateway] max_whole_bytes`` is refused (stream it instead), and the one within
+it is assembled off the event loop."""
+
+from __future__ import annotations
+
+import pytest
+from gateway_harness import default_topology, serving
+from openai import BadRequestError, OpenAI
+
+pytestmark = pytest.mark.timeout(120)
+
+MODEL = "neuralpipe-echo"
+BIG_ANSWER = {"max_tokens": 20000, "logprobs": True, "top_logprobs": 20, "extra_body": {"ignore_eos": True}}
+
+
+def _engine(tmp_path_factory, name: str, gateway: str):
+    # a heartbeat missed for a second is a hung worker: what a blocked event loop meets
+    config = default_topology(gateway=gateway).replace("heartbeat_timeout_s = 5.0", "heartbeat_timeout_s = 1.0")
+    yield from serving(tmp_path_factory, name, config)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    yield from _engine(tmp_path_factory, "whole-small", "max_whole_bytes = 1048576")
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory):
+    yield from _engine(tmp_path_factory, "whole-large", "max_whole_bytes = 268435456")
+
+
+def _restarts(engine) -> int:
+    return next(w for w in engine.status()["workers"] if w["name"] == "gateway")["restarts"]
+
+
+def test_an_answer_past_the_limit_is_refused_and_the_gateway_serves_on(small):
+    with OpenAI(base_url=small.url, api_key="unused", max_retries=0, timeout=60) as client:
+        with pytest.raises(BadRequestError) as refused:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a lot"}], **BIG_ANSWER)
+        error = refused.value.body
+        assert error["code"] == "response_too_large" and error["param"] == "stream", error
+        assert "1048576" in error["message"] and '"stream": true' in error["message"]
+        reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert reply.choices[0].message.content
+    assert _restarts(small) == 0
+
+
+def test_a_large_answer_within_the_limit_keeps_the_gateway_alive(large):
+    with OpenAI(base_url=large.url, api_key="unused", max_retries=0, timeout=60) as client:
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "a lot"}], n=2, **BIG_ANSWER
+        )
+    assert [len(choice.logprobs.content) for choice in reply.choices] == [20000, 20000]
+    assert len(reply.choices[0].logprobs.content[-1].top_logprobs) == 20
+    assert _restarts(large) == 0, "the gateway was restarted: its event loop was blocked past its heartbeat"
