@@ -8,6 +8,7 @@ it is assembled off the event loop."""
 from __future__ import annotations
 
 import pytest
+from engine_harness import wait_for
 from gateway_harness import default_topology, serving
 from openai import BadRequestError, OpenAI
 
@@ -17,15 +18,16 @@ MODEL = "neuralpipe-echo"
 BIG_ANSWER = {"max_tokens": 20000, "logprobs": True, "top_logprobs": 20, "extra_body": {"ignore_eos": True}}
 
 
-def _engine(tmp_path_factory, name: str, gateway: str):
+def _engine(tmp_path_factory, name: str, gateway: str, embedded: str = ""):
     # a heartbeat missed for a second is a hung worker: what a blocked event loop meets
-    config = default_topology(gateway=gateway).replace("heartbeat_timeout_s = 5.0", "heartbeat_timeout_s = 1.0")
-    yield from serving(tmp_path_factory, name, config)
+    config = default_topology(gateway=gateway, embedded=embedded)
+    yield from serving(tmp_path_factory, name, config.replace("heartbeat_timeout_s = 5.0", "heartbeat_timeout_s = 1.0"))
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    yield from _engine(tmp_path_factory, "whole-small", "max_whole_bytes = 1048576")
+    # paced: the answer is still coming when it passes the limit, so there is a stream to cancel
+    yield from _engine(tmp_path_factory, "whole-small", "max_whole_bytes = 1048576", "tokens_per_s = 5000")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,8 @@ def test_an_answer_past_the_limit_is_refused_and_the_gateway_serves_on(small):
         error = refused.value.body
         assert error["code"] == "response_too_large" and error["param"] == "stream", error
         assert "1048576" in error["message"] and '"stream": true' in error["message"]
+        # its engine stream, no longer wanted (the stats come with the gateway's heartbeats)
+        wait_for(lambda: small.stats("gateway")["cancelled"] >= 1, 10, "the stream cancelled")
         reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert reply.choices[0].message.content
     assert _restarts(small) == 0
