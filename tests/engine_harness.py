@@ -40,6 +40,20 @@ def held_for(predicate: Callable[[], Any], seconds: float, timeout: float, what:
         time.sleep(interval)
 
 
+def follow_ends(runtime_dir: str, ended: dict, joined: Any, done: Any) -> None:
+    """A wildcard consumer, for a thread: each stream's end into ``ended`` (id -> (end | error,
+    reason)) until ``done`` is set; ``joined`` (an Event) is set once it has joined the broadcast."""
+    from engine.clients.consumer import StreamConsumer
+
+    with StreamConsumer.for_engine(runtime_dir) as consumer:
+        if consumer.join(10):
+            joined.set()
+        while not done.is_set():
+            for message in consumer.messages(idle_timeout_s=0.2):
+                if message.type in ("end", "error"):
+                    ended[message.stream] = (message.type, str(message.header.get("reason", "")))
+
+
 def alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie waiting for its parent, or init, to reap it is dead)."""
     try:

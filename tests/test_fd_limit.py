@@ -12,24 +12,13 @@ import time
 import urllib.request
 
 import pytest
-from engine_harness import Engine, chat, full_config
+from engine_harness import Engine, chat, follow_ends, full_config
 
-from engine.clients.consumer import StreamConsumer
 from engine.clients.requests import RequestClient
 from engine.protocol.requests import ingest_endpoint
 
 STREAMS = 160  # more connections than ingest can open under the limit below
 OPEN_FILES = 120  # soft = hard: the engine cannot raise it
-
-
-def _follow(runtime_dir: str, ended: dict, joined: threading.Event, done: threading.Event) -> None:
-    with StreamConsumer.for_engine(runtime_dir) as consumer:
-        if consumer.join(10):
-            joined.set()
-        while not done.is_set():
-            for message in consumer.messages(idle_timeout_s=0.2):
-                if message.type in ("end", "error"):
-                    ended[message.stream] = (message.type, str(message.header.get("reason", "")))
 
 
 def _local_errors(info: dict) -> float:
@@ -46,7 +35,7 @@ def test_running_out_of_file_descriptors_delays_streams_and_blames_no_upstream(t
     engine = Engine(tmp_path, full_config(rate=20), instance, open_files=OPEN_FILES).start()
     ended: dict[int, tuple[str, str]] = {}
     joined, done = threading.Event(), threading.Event()
-    reader = threading.Thread(target=_follow, args=(engine.info()["runtime_dir"], ended, joined, done), daemon=True)
+    reader = threading.Thread(target=follow_ends, args=(engine.info()["runtime_dir"], ended, joined, done), daemon=True)
     reader.start()
     try:
         assert joined.wait(15), "the consumer did not join the broadcast"

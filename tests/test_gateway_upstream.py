@@ -55,7 +55,10 @@ def rig(tmp_path_factory):
         for name, url in zip(("slow", "broken", "stalled"), upstreams.urls, strict=True)
     )
     gateway = "keepalive_s = 0.2\nfirst_token_timeout_s = 3.0"
-    config = default_topology(gateway=gateway, ingest='params.pool = { mid_stream = "error" }') + entries
+    # "broken" fails every request on purpose: whether its failures cool it down before the next
+    # test depended on how many choices failed before their siblings' cancels (the machine's load)
+    pool = 'params.pool = { mid_stream = "error", failures_to_cool_down = 1000 }'
+    config = default_topology(gateway=gateway, ingest=pool) + entries
     engine = GatewayEngine(tmp_path_factory.mktemp("gwup"), config, "u" + uuid.uuid4().hex[:10])
     try:
         engine.start()

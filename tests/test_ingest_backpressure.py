@@ -11,24 +11,13 @@ import sys
 import threading
 
 import pytest
-from engine_harness import chat, full_config, held_for, wait_for
+from engine_harness import chat, follow_ends, full_config, held_for, wait_for
 
-from engine.clients.consumer import StreamConsumer
 from engine.clients.requests import RequestClient
 from engine.protocol.requests import ingest_endpoint
 
 IDLE_TIMEOUT_S = 1.0
 STREAMS = 20
-
-
-def _follow(runtime_dir: str, ended: dict, joined: threading.Event, done: threading.Event) -> None:
-    with StreamConsumer.for_engine(runtime_dir) as consumer:
-        if consumer.join(10):
-            joined.set()
-        while not done.is_set():
-            for message in consumer.messages(idle_timeout_s=0.2):
-                if message.type in ("end", "error"):
-                    ended[message.stream] = (message.type, str(message.header.get("reason", "")))
 
 
 @pytest.mark.timeout(90)
@@ -38,7 +27,7 @@ def test_a_pause_longer_than_the_idle_timeout_loses_no_stream(start_engine):
     runtime_dir = engine.info()["runtime_dir"]
     ended: dict[int, tuple[str, str]] = {}
     joined, done = threading.Event(), threading.Event()
-    reader = threading.Thread(target=_follow, args=(runtime_dir, ended, joined, done), daemon=True)
+    reader = threading.Thread(target=follow_ends, args=(runtime_dir, ended, joined, done), daemon=True)
     reader.start()
     cli = [sys.executable, "-m", "engine.cli"]
     try:

@@ -630,6 +630,20 @@ def test_a_health_check_without_a_file_descriptor_gives_no_verdict():
     assert healthy, last_failure
 
 
+@contextlib.asynccontextmanager
+async def models_server(models: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> AsyncIterator[str]:
+    """A server whose GET /v1/models is ``models``; its base URL."""
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield "http://{}:{}".format(*runner.addresses[0][:2])
+    finally:
+        await runner.cleanup()
+
+
 def test_a_health_check_answer_is_read_only_up_to_its_limit():
     """A /v1/models answer is untrusted: one that streams without end was read whole into ingest
     (2 GB of RSS within a 5 s health timeout, ad hoc) before the timeout ended it."""
@@ -646,17 +660,11 @@ def test_a_health_check_answer_is_read_only_up_to_its_limit():
         return resp
 
     async def scenario():
-        app = web.Application()
-        app.router.add_get("/v1/models", models)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        url = "http://{}:{}".format(*runner.addresses[0][:2])
-        try:
-            async with pool_of([UpstreamConfig("big", url)], health_interval_s=3600, health_timeout_s=30) as pool:
-                return pool._upstreams[0].healthy, pool._upstreams[0].last_failure
-        finally:
-            await runner.cleanup()
+        async with (
+            models_server(models) as url,
+            pool_of([UpstreamConfig("big", url)], health_interval_s=3600, health_timeout_s=30) as pool,
+        ):
+            return pool._upstreams[0].healthy, pool._upstreams[0].last_failure
 
     healthy, failure = run(scenario())
     assert not healthy
@@ -675,17 +683,8 @@ def test_a_long_model_list_in_many_reads_is_read_whole():
         return resp
 
     async def scenario():
-        app = web.Application()
-        app.router.add_get("/v1/models", models)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        url = "http://{}:{}".format(*runner.addresses[0][:2])
-        try:
-            async with pool_of([UpstreamConfig("long", url)], health_interval_s=3600) as pool:
-                return pool._upstreams[0].healthy, pool._upstreams[0].reported_models
-        finally:
-            await runner.cleanup()
+        async with models_server(models) as url, pool_of([UpstreamConfig("long", url)], health_interval_s=3600) as pool:
+            return pool._upstreams[0].healthy, pool._upstreams[0].reported_models
 
     healthy, reported = run(scenario())
     assert healthy and len(reported) == 1024 and reported[0] == "model-0"
