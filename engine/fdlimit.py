@@ -38,13 +38,17 @@ def open_files_limit() -> int:
 def out_of_descriptors(exc: BaseException | None) -> bool:
     """Whether ``exc`` (an OSError, or an error carrying one as ``os_error``, as aiohttp's connector
     errors do) says this process or the system has no file descriptor left."""
-    exc = getattr(exc, "os_error", exc)
+    exc = _os_error(exc)
     return isinstance(exc, OSError) and exc.errno in EXHAUSTED
+
+
+def _os_error(exc: BaseException | None) -> BaseException | None:
+    return getattr(exc, "os_error", exc)  # aiohttp's connector errors carry the OSError
 
 
 def descriptors_message(exc: OSError) -> str:
     """What to tell about ``exc`` (one that :func:`out_of_descriptors` recognises)."""
-    if getattr(exc, "os_error", exc).errno == errno.ENFILE:
+    if _os_error(exc).errno == errno.ENFILE:
         return "the system has no file descriptor left (its file table is full: fs.file-max)"
     return (
         f"no file descriptor left: the {open_files_limit()} this process may open are open (RLIMIT_NOFILE;"

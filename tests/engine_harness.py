@@ -66,14 +66,14 @@ def alive(pid: int) -> bool:
 class Engine:
     """One engine under test: its config file, runtime directory, log and supervisor process."""
 
-    def __init__(self, tmp_path, config: str, instance: str, open_files: int | None = None) -> None:
+    def __init__(self, tmp_path, config: str, instance: str, open_files: tuple[int, int] | None = None) -> None:
         self.base = str(tmp_path / "run")
         self.instance = instance
         self.config_path = tmp_path / f"{instance}.toml"
         self.config_path.write_text(config)
         self.log_path = tmp_path / f"{instance}.log"
         self.proc: subprocess.Popen | None = None
-        self.open_files = open_files  # the supervisor's RLIMIT_NOFILE, soft and hard (None: this process's)
+        self.open_files = open_files  # the supervisor's RLIMIT_NOFILE (soft, hard); None: this process's
 
     def env(self) -> dict[str, str]:
         # the workers can import the test-only stages of this directory (readiness_stages)
@@ -104,7 +104,7 @@ class Engine:
         """A prefix that runs the command under ``open_files`` (util-linux's prlimit), or none."""
         if self.open_files is None:
             return []
-        return ["prlimit", f"--nofile={self.open_files}:{self.open_files}", "--"]
+        return ["prlimit", "--nofile={}:{}".format(*self.open_files), "--"]
 
     def _running(self) -> bool:
         if self.proc.poll() is not None:

@@ -32,7 +32,7 @@ def _local_errors(info: dict) -> float:
 
 @pytest.mark.timeout(120)
 def test_running_out_of_file_descriptors_delays_streams_and_blames_no_upstream(tmp_path, instance):
-    engine = Engine(tmp_path, full_config(rate=20), instance, open_files=OPEN_FILES).start()
+    engine = Engine(tmp_path, full_config(rate=20), instance, open_files=(OPEN_FILES, OPEN_FILES)).start()
     ended: dict[int, tuple[str, str]] = {}
     joined, done = threading.Event(), threading.Event()
     reader = threading.Thread(target=follow_ends, args=(engine.info()["runtime_dir"], ended, joined, done), daemon=True)
@@ -64,9 +64,7 @@ def test_running_out_of_file_descriptors_delays_streams_and_blames_no_upstream(t
 
 @pytest.mark.timeout(60)
 def test_the_soft_limit_is_raised_to_the_hard_one_for_every_worker(tmp_path, instance):
-    engine = Engine(tmp_path, full_config(), instance)
-    engine._limited = lambda: ["prlimit", "--nofile=256:4096", "--"]
-    engine.start()
+    engine = Engine(tmp_path, full_config(), instance, open_files=(256, 4096)).start()
     try:
         for worker in engine.status()["workers"]:
             with open(f"/proc/{worker['pid']}/limits") as f:

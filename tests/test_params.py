@@ -249,3 +249,9 @@ def test_supervised_workers_get_validated_params_without_importing_pydantic(tmp_
         wait_for(lambda: engine.worker("sink")["stats"]["batches"] == 20, 20, "the source's 320 tokens at the sink")
     finally:
         assert engine.stop() == 0
+
+
+@pytest.mark.parametrize("value", ["1", "2147483648", '"64M"'])
+def test_a_whole_answer_budget_out_of_range_is_refused_naming_it(tmp_path, value):
+    problems = _problems(tmp_path, f"[gateway]\nmax_whole_bytes = {value}\n")
+    assert len(problems) == 1 and problems[0].startswith("gateway.max_whole_bytes: must be"), problems

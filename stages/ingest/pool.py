@@ -410,10 +410,7 @@ class UpstreamPool:
                 self.telemetry.count("neuralpipe_upstream_requests_total", upstream=upstream.cfg.name)
                 return upstream
             # Wake on a freed slot or a change of health, or when the first bucket refills.
-            refill = min((max(u.request_wait(now), u.not_before - now) for u in free), default=None)
-            with suppress(TimeoutError):  # asyncio.timeout: 3.11's wait_for can swallow a cancel
-                async with asyncio.timeout(refill):
-                    await self._changed.wait()
+            await self._changed_within(min((max(u.request_wait(now), u.not_before - now) for u in free), default=None))
 
     @staticmethod
     def _why_down(upstreams: list[_Upstream], now: float) -> str:
@@ -450,9 +447,9 @@ class UpstreamPool:
                 return self._upstreams[index]
         raise AssertionError("round robin over no candidates")
 
-    async def _changed_within(self, timeout_s: float) -> None:
-        """Until the next change of slots or health, or ``timeout_s``."""
-        with suppress(TimeoutError):
+    async def _changed_within(self, timeout_s: float | None) -> None:
+        """Until the next change of slots or health, or ``timeout_s`` (None: no limit)."""
+        with suppress(TimeoutError):  # asyncio.timeout: 3.11's wait_for can swallow a cancel
             async with asyncio.timeout(timeout_s):
                 await self._changed.wait()
 
