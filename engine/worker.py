@@ -338,6 +338,12 @@ async def _run_async(rt: _Runtime) -> None:
         if rt.stopping:
             stopped.set()
 
+    def on_sigterm() -> None:  # at once, not at the next heartbeat: the supervisor waits 1 s, then kills
+        rt.stopping = True
+        stopped.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+
     # ZMQ_FD is edge-triggered: check the socket after registering, and after each wake-up.
     fd = rt.sock.getsockopt(zmq.FD)
     loop.add_reader(fd, lambda: rt.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN and on_control())
@@ -354,26 +360,39 @@ async def _run_async(rt: _Runtime) -> None:
     # set-up that starts an upstream must not get the worker killed as hung)
     beat = asyncio.create_task(heartbeats())
     stop = asyncio.create_task(stopped.wait())
-    tasks = [beat, stop]
+    stage_tasks = []
     try:
         setup = asyncio.create_task(rt.stage.setup(rt.ctx))
-        tasks.append(setup)
+        stage_tasks.append(setup)
         await asyncio.wait({setup, stop}, return_when=asyncio.FIRST_COMPLETED)
         if not setup.done():
             return  # stopped while setting up
         setup.result()  # re-raise a set-up failure
         rt.ready()
         work = asyncio.create_task(rt.stage.run(rt.ctx))
-        tasks.append(work)
+        stage_tasks.append(work)
         await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
         if work.done():
             work.result()  # re-raise a stage failure
     finally:
-        for task in tasks:
+        # The stage's clean-up (ingest's: end each open stream with an error row, flush the rows)
+        # runs to its end here, heartbeats still going: once this returns, the runner cancels every
+        # task left, a clean-up too, at its next await.
+        for task in stage_tasks:
+            task.cancel()
+        await asyncio.gather(*stage_tasks, return_exceptions=True)
+        for task in (beat, stop):
             task.cancel()
         loop.remove_reader(fd)
         if rt.parent_sentinel is not None:
             loop.remove_reader(rt.parent_sentinel)
+        loop.remove_signal_handler(signal.SIGTERM)  # which restores SIG_DFL: the flag again, as before
+        _stop_on_sigterm(rt)
+
+
+def _stop_on_sigterm(rt: _Runtime) -> None:
+    """SIGTERM stops the worker cleanly: its loop sees the flag and ends."""
+    signal.signal(signal.SIGTERM, lambda *_: setattr(rt, "stopping", True))
 
 
 def _set_sched_policy(policy: str) -> None:
@@ -397,7 +416,7 @@ def main(spec: WorkerSpec) -> None:
     except Exception as exc:
         JsonLogger(spec.name, spec.log_level).error("worker_start_failed", error=repr(exc))
         os._exit(EXIT_STAGE_ERROR)
-    signal.signal(signal.SIGTERM, lambda *_: setattr(rt, "stopping", True))
+    _stop_on_sigterm(rt)
     code = 0
     try:
         rt.stage.start(rt.ctx)

@@ -194,6 +194,16 @@ params = {{ streams = 4 }}
 """
 
 
+def with_stage(worker: str, stage: str, params: str) -> str:
+    """The test pipeline with ``worker``'s stage replaced (and its params, where it has some)."""
+    config = pipeline_config(heartbeat_timeout_s=1.0)
+    table = f"[workers.{worker}]\n"
+    head, rest = config.split(table)
+    body, _, tail = rest.partition("\n\n")
+    lines = [line for line in body.splitlines() if not line.startswith(("stage", "params"))]
+    return head + table + "\n".join([f'stage = "{stage}"', f"params = {{ {params} }}", *lines]) + "\n\n" + tail
+
+
 def full_config(
     *,
     rate: float = 0,

@@ -1,5 +1,5 @@
-"""Stages for the runtime's readiness and idle-loop tests (importable by engine workers: the test
-harness puts this directory on their PYTHONPATH).
+"""Stages for the runtime's readiness, idle-loop and stop tests (importable by engine workers: the
+test harness puts this directory on their PYTHONPATH).
 
 ``params``: ``start_s`` seconds spent in ``start`` (duty cycle) or awaited in ``setup`` (asyncio),
 ``fail`` "start" or "setup" to raise there.
@@ -48,3 +48,20 @@ class SlowSetupSource(AsyncStage):
             raise RuntimeError("run before setup")
         while not ctx.draining:
             await asyncio.sleep(0.05)
+
+
+class SlowCleanupSource(AsyncStage):
+    """An asyncio stage whose ``run`` never finishes on its own, draining or not (as ingest with a
+    stream open), and whose clean-up awaits ``cleanup_s`` (as ingest's last flush does) before it
+    writes ``done_path``: the file says the clean-up ran to its end."""
+
+    async def setup(self, ctx: WorkerContext) -> None:
+        pass
+
+    async def run(self, ctx: WorkerContext) -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(float(ctx.params["cleanup_s"]))
+            with open(ctx.params["done_path"], "w") as f:
+                f.write("done")

@@ -12,7 +12,7 @@ import time
 
 import orjson
 import pytest
-from engine_harness import Engine, pipeline_config, wait_for
+from engine_harness import Engine, pipeline_config, wait_for, with_stage
 
 from engine.clients.supervisor import EngineNotFound, find_engine
 from engine.status_view import format_status
@@ -36,19 +36,9 @@ def _run_detach(engine: Engine, timeout: float, env: dict[str, str] | None = Non
     )
 
 
-def _with_stage(worker: str, stage: str, params: str) -> str:
-    """The test pipeline with ``worker``'s stage replaced (and its params, where it has some)."""
-    config = pipeline_config(heartbeat_timeout_s=1.0)
-    table = f"[workers.{worker}]\n"
-    head, rest = config.split(table)
-    body, _, tail = rest.partition("\n\n")
-    lines = [line for line in body.splitlines() if not line.startswith(("stage", "params"))]
-    return head + table + "\n".join([f'stage = "{stage}"', f"params = {{ {params} }}", *lines]) + "\n\n" + tail
-
-
 @pytest.mark.timeout(60)
 def test_engine_is_starting_until_every_worker_is_ready(tmp_path, instance: str) -> None:
-    engine = Engine(tmp_path, _with_stage("relay", "readiness_stages:SlowRelay", "start_s = 1.5"), instance)
+    engine = Engine(tmp_path, with_stage("relay", "readiness_stages:SlowRelay", "start_s = 1.5"), instance)
     engine.start(wait_running=False)
     try:
         info = wait_for(lambda: (i := _info(engine)).get("waiting_for") == ["relay"] and i, 20, "only relay awaited")
@@ -73,7 +63,7 @@ def test_engine_is_starting_until_every_worker_is_ready(tmp_path, instance: str)
 def test_async_setup_is_awaited_with_heartbeats_before_ready(tmp_path, instance: str) -> None:
     """A set-up longer than the heartbeat timeout (1 s here) keeps heartbeats fresh: the worker
     is neither killed as hung nor reported ready before its set-up is done (issue 12 item 5)."""
-    config = _with_stage("source", "readiness_stages:SlowSetupSource", "start_s = 2.5")
+    config = with_stage("source", "readiness_stages:SlowSetupSource", "start_s = 2.5")
     engine = Engine(tmp_path, config, instance).start(wait_running=False)
     try:
         wait_for(lambda: _info(engine).get("waiting_for") == ["source"], 20, "only the source awaited")
@@ -95,7 +85,7 @@ def test_async_setup_is_awaited_with_heartbeats_before_ready(tmp_path, instance:
 
 @pytest.mark.timeout(60)
 def test_worker_failing_in_setup_exits_non_zero_and_fails_the_start(tmp_path, instance: str) -> None:
-    config = _with_stage("source", "readiness_stages:SlowSetupSource", 'fail = "setup"')
+    config = with_stage("source", "readiness_stages:SlowSetupSource", 'fail = "setup"')
     engine = Engine(tmp_path, config, instance).start(wait_running=False)
     try:
         assert engine.wait_exit(30) == 3
@@ -111,7 +101,7 @@ def test_worker_failing_in_setup_exits_non_zero_and_fails_the_start(tmp_path, in
 
 @pytest.mark.timeout(60)
 def test_run_detach_reports_a_start_failure_in_one_line(tmp_path, instance: str) -> None:
-    engine = Engine(tmp_path, _with_stage("relay", "readiness_stages:SlowRelay", 'fail = "start"'), instance)
+    engine = Engine(tmp_path, with_stage("relay", "readiness_stages:SlowRelay", 'fail = "start"'), instance)
     done = _run_detach(engine, 50)
     assert done.returncode != 0
     assert "Traceback" not in done.stderr + done.stdout
