@@ -4,6 +4,8 @@ servers on real sockets: framings, split reads, limits, and what it refuses."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -226,6 +228,71 @@ def test_back_pressure_pauses_reading_until_the_wait_is_over():
         writer.write(b"0\r\n\r\n")
 
     assert post(reply, Slow()).body == b"".join(events)
+
+
+def test_fast_upstreams_share_the_event_loop_a_bounded_read_at_a_time():
+    """Upstreams that send faster than ingest parses (a big answer with top logprobs, a backlog
+    after back-pressure): the event loop read each connection 32 times in a row (libuv's loop for
+    one readable socket), 8 MB a connection, ~1 s of parsing on a loaded machine with no timer run:
+    ingest missed its heartbeats and was killed as hung, every stream lost. Now a turn of the loop
+    reads about READ_BYTES_PER_TURN in all, then timers and other tasks run."""
+    streams, body_bytes = 3, 24 << 20
+    event = b"data: " + b"x" * 2000 + b"\n\n"
+    fed: list[int] = []  # bytes fed by every stream since the last turn of the loop
+
+    class Count:
+        def __init__(self) -> None:
+            self.complete, self.tail = False, b""
+
+        def feed(self, body: bytes) -> None:
+            fed.append(len(body))
+            self.tail = (self.tail + body)[-16:]
+            self.complete = self.tail.endswith(b"data: END\n\n")
+
+    def server(listener: socket.socket) -> None:
+        def answer(conn: socket.socket) -> None:
+            with conn:
+                conn.recv(65536)  # the request: small, one read
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
+                conn.sendall(event * (body_bytes // len(event)) + b"data: END\n\n")
+
+        threads = [threading.Thread(target=answer, args=(listener.accept()[0],)) for _ in range(streams)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    async def main(url: str) -> int:
+        done, most = False, 0
+
+        async def turns() -> None:
+            nonlocal most
+            while not done:
+                most = max(most, sum(fed))
+                fed.clear()
+                await asyncio.sleep(0)  # one turn of the loop
+
+        ticker = asyncio.create_task(turns())
+        await asyncio.gather(
+            *(
+                http_stream.post_stream(url, b"{}", {}, Count(), connect_timeout_s=2, idle_timeout_s=10)
+                for _ in range(streams)
+            )
+        )
+        done = True
+        await ticker
+        return most
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        serving = threading.Thread(target=server, args=(listener,))
+        serving.start()
+        try:
+            port = listener.getsockname()[1]
+            most = uvloop.run(asyncio.wait_for(main(f"http://127.0.0.1:{port}/v1/chat/completions"), 60))
+        finally:
+            serving.join(30)
+    # one read a stream at most once the turn's budget is spent (a read is up to 256 KiB)
+    assert most <= http_stream.READ_BYTES_PER_TURN + streams * (256 << 10), most
 
 
 def test_back_pressure_longer_than_the_idle_timeout_is_not_the_servers_silence():

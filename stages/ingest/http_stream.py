@@ -40,6 +40,7 @@ MAX_HEAD_BYTES = 64 * 1024  # status line and headers (llhttp itself sets no lim
 MAX_IDLE_PER_HOST = 256  # kept connections
 DRAIN_TIMEOUT_S = 1.0  # for the rest of a body after the reader is complete ([DONE])
 ERROR_BODY_LIMIT = 64 * 1024  # an HTML error page can be large; its first bytes name the problem
+READ_BYTES_PER_TURN = 256 * 1024  # read by every stream of a loop in one turn, then timers and tasks run
 
 
 class BodyReader(Protocol):
@@ -87,7 +88,7 @@ async def post_stream(
     loop = asyncio.get_running_loop()
     idle = _idle_connections(loop, key)
     while True:
-        protocol = _Stream(loop, reader, idle_timeout_s, idle)
+        protocol = _Stream(loop, reader, idle_timeout_s, idle, _turn_budget(loop))
         reused = _take_idle(idle)
         if reused is not None:
             reused.set_protocol(protocol)
@@ -136,6 +137,45 @@ def _request(host: str, path: str, query: str, headers: dict[str, str], payload:
 
 
 _IDLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> (host, port) -> transports
+_BUDGETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> _TurnBudget
+
+
+def _turn_budget(loop: asyncio.AbstractEventLoop) -> _TurnBudget:
+    budget = _BUDGETS.get(loop)
+    if budget is None:
+        budget = _BUDGETS[loop] = _TurnBudget(loop)
+    return budget
+
+
+class _TurnBudget:
+    """The bytes every stream of one event loop has read in this turn of the loop. libuv reads a
+    readable socket up to 32 times in a row before anything else runs: upstreams sending faster
+    than ingest parses (a long answer with top logprobs, a backlog after back-pressure) held the
+    loop for a second, past the worker's heartbeat. Past READ_BYTES_PER_TURN a stream waits for
+    the next turn, as it waits for room in the ring."""
+
+    __slots__ = ("loop", "spent", "waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.spent, self.waiters = loop, 0, []
+
+    def spend(self, n: int) -> asyncio.Future | None:
+        """Count a read; a future done at the next turn once the turn's budget is spent."""
+        if not self.spent:
+            self.loop.call_soon(self._next_turn)  # after this turn's reads, before the next turn's timers
+        self.spent += n
+        if self.spent < READ_BYTES_PER_TURN:
+            return None
+        waiter = self.loop.create_future()  # one each: a stream stopped meanwhile cancels its own
+        self.waiters.append(waiter)
+        return waiter
+
+    def _next_turn(self) -> None:
+        self.spent = 0
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 def _idle_connections(loop: asyncio.AbstractEventLoop, key: tuple[str, int]) -> list[asyncio.Transport]:
@@ -168,8 +208,16 @@ class _Stream(asyncio.Protocol):
     """The response, parsed by httptools as each read arrives; the read's body bytes are fed on
     at once. The ``on_*`` methods are httptools' callbacks."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, reader: BodyReader, idle_timeout_s: float, idle: list) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        reader: BodyReader,
+        idle_timeout_s: float,
+        idle: list,
+        budget: _TurnBudget,
+    ) -> None:
         self.loop, self.reader, self.idle_timeout_s, self.idle = loop, reader, idle_timeout_s, idle
+        self.budget = budget
         self.parser = httptools.HttpResponseParser(self)
         self.keep_alive = False  # httptools' verdict, once the response is complete
         self.waiting = False  # a reader's wait is pending: reading is paused
@@ -217,6 +265,9 @@ class _Stream(asyncio.Protocol):
                     pass
                 elif self.error is None:  # the stream's read: to the reader, no call in between
                     wait = self.reader.feed(body)
+                    turn = self.budget.spend(len(body))
+                    if wait is None:
+                        wait = turn
                     if wait is not None:
                         self._wait_for(wait)
                     elif self.reader.complete:
