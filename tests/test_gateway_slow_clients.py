@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import uuid
 
@@ -128,3 +129,45 @@ def test_only_the_head_is_timed_a_body_slower_than_it_is_answered(gw):
     assert elapsed > 3 * HEADER_TIMEOUT_S
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["usage"]["completion_tokens"] == 3
+
+
+def test_a_stream_read_slower_than_it_comes_is_delivered_whole(gw):
+    """A client that reads a fast stream slowly (a phone on a bad network): tokens written straight
+    from the follower's routing filled aiohttp's buffer, its write began to drain, and the drain's
+    wait was dropped half-awaited: the stream's next write raised "await wasn't used with future",
+    the answer was cut and the gateway logged an internal error."""
+    body = json.dumps(
+        {
+            "model": "neuralpipe-echo",
+            "messages": [{"role": "user", "content": "read me slowly"}],
+            "max_tokens": 3000,
+            "logprobs": True,
+            "top_logprobs": 20,
+            "stream": True,
+            "ignore_eos": True,
+        }
+    ).encode()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )
+
+    async def run() -> bytes:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the client's window: small, as on a phone
+        sock.connect(address(gw))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+        writer.write(head + body)
+        await asyncio.sleep(1.0)  # reads nothing for a while: the gateway's socket buffer fills
+        answer = b""
+        while chunk := await asyncio.wait_for(reader.read(65536), 30):
+            answer += chunk
+        writer.close()
+        return answer
+
+    failures_before = gw.log().count("gateway_handler_failed")
+    answer = asyncio.run(run())
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert answer.rstrip().endswith(b"0") and b"data: [DONE]" in answer, answer[-300:]
+    assert b'"error"' not in answer
+    assert gw.log().count("gateway_handler_failed") == failures_before

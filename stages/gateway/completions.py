@@ -591,11 +591,16 @@ def _write_at_once(response: web.StreamResponse, data: bytes) -> None:
     """aiohttp's own ``response.write`` (its framing and byte counts), run to its end here instead
     of in a task: it waits only to drain a socket whose buffer is full (the caller checked it is
     not), as the gateway sets neither compression nor chunk signals, so it ends at its first step.
-    Should it wait all the same, its bytes are written already (draining comes last): the wait
-    is dropped and the stream's next write, from its task, drains."""
+    It waits all the same when this write itself fills the buffer (a message with many top
+    logprobs, a client reading slowly); its bytes are written already (draining comes last), so
+    the wait is dropped and the stream's next write, from its task, drains. Dropped as a task
+    takes a future it is handed (asyncio's Task clears the future's blocking mark): left set, the
+    next await of that future, aiohttp's one drain waiter per connection, raised "await wasn't
+    used with future" and cut the answer with an internal error."""
     step = response.write(data)
     try:
-        step.send(None)
+        waited = step.send(None)
     except StopIteration:
         return
     step.close()
+    waited._asyncio_future_blocking = False
