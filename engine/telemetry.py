@@ -136,6 +136,9 @@ METRICS: dict[str, MetricSpec] = {
         "Gateway request received to the first byte of its first token chunk.", TTFT_BUCKETS
     ),
     "neuralpipe_gateway_active_streams": _g("Streaming responses the gateway is sending."),
+    "neuralpipe_gateway_send_timeouts_total": _c(
+        "Connections the gateway closed because their client took nothing of an answer for send_timeout_s."
+    ),
     "neuralpipe_gateway_key_requests_total": _c(
         "Gateway requests per API key name or JWT subject.", "key", max_values=100
     ),

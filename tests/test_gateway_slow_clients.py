@@ -7,24 +7,29 @@ still answered."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
 import uuid
 
 import pytest
+from engine_harness import wait_for
 from gateway_harness import GatewayEngine, default_topology
 
 HEADER_TIMEOUT_S = 0.5
 CUT_WITHIN_S = 3.0  # header_timeout_s and a loaded 2-core machine's scheduling; today: an hour
 SLOW_CLIENTS = 20
+SEND_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
     engine = GatewayEngine(
         tmp_path_factory.mktemp("gwslow"),
-        default_topology(gateway=f"header_timeout_s = {HEADER_TIMEOUT_S}\nbody_timeout_s = 5.0"),
+        default_topology(
+            gateway=f"header_timeout_s = {HEADER_TIMEOUT_S}\nbody_timeout_s = 5.0\nsend_timeout_s = {SEND_TIMEOUT_S}"
+        ),
         "s" + uuid.uuid4().hex[:10],
     )
     try:
@@ -158,7 +163,7 @@ def test_a_stream_read_slower_than_it_comes_is_delivered_whole(gw):
         sock.connect(address(gw))
         reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
         writer.write(head + body)
-        await asyncio.sleep(1.0)  # reads nothing for a while: the gateway's socket buffer fills
+        await asyncio.sleep(SEND_TIMEOUT_S / 4)  # reads nothing a while (less than send_timeout_s): buffers fill
         answer = b""
         while chunk := await asyncio.wait_for(reader.read(65536), 30):
             answer += chunk
@@ -171,3 +176,47 @@ def test_a_stream_read_slower_than_it_comes_is_delivered_whole(gw):
     assert answer.rstrip().endswith(b"0") and b"data: [DONE]" in answer, answer[-300:]
     assert b'"error"' not in answer
     assert gw.log().count("gateway_handler_failed") == failures_before
+
+
+def _long_stream_request(content: str) -> bytes:
+    body = json.dumps(
+        {
+            "model": "neuralpipe-echo",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 20000,
+            "logprobs": True,
+            "top_logprobs": 20,
+            "stream": True,
+            "ignore_eos": True,
+        }
+    ).encode()
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+
+
+def test_a_client_that_stops_reading_is_closed_after_send_timeout(gw):
+    """A client that stops reading a stream (a frozen app, a dead network with the socket still
+    open) held its stream, its concurrency slot and the rest of its answer in the gateway for as
+    long as it kept the connection: nothing timed a write. Now after send_timeout_s without taking
+    a byte its connection is closed and its engine stream cancelled; a client that reads slowly
+    but steadily is not (the test above)."""
+    before = gw.stats("gateway")
+    with socket.socket() as stalled:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(address(gw))
+        stalled.sendall(_long_stream_request("then never read"))
+        started = time.monotonic()
+        wait_for(lambda: gw.stats("gateway")["active_streams"] == 1, 10, "the stream under way")
+        wait_for(lambda: gw.stats("gateway")["active_streams"] == 0, SEND_TIMEOUT_S + 10, "the stalled stream ended")
+        ended_after = time.monotonic() - started
+        after = gw.stats("gateway")
+        stalled.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):  # the server aborted: what is unread may go
+            while stalled.recv(1 << 20):
+                pass  # the connection is closed from the other side: recv ends
+    assert ended_after >= SEND_TIMEOUT_S * 0.9, ended_after
+    assert after["send_timeouts"] == before.get("send_timeouts", 0) + 1, after
+    assert after["cancelled"] == before["cancelled"] + 1, after  # its engine stream, no longer wanted
+    assert "gateway_handler_failed" not in gw.log()

@@ -71,6 +71,9 @@ class GatewayParams(StageParams):
     # a connection must complete a request head this soon after it opens or its last answer ends
     # (slow-header clients; idle keep-alive connections are closed as late)
     header_timeout_s: FloatIn(0.1, 300.0) = 10.0
+    # a connection whose client takes none of what is sent to it this long is closed, its streams
+    # cancelled (nginx's send_timeout; a stalled reader held its stream, slot and answer for good)
+    send_timeout_s: FloatIn(0.5, 3600.0) = 60.0
     # browser apps on these origins may call the API (CORS); ["*"]: any; empty: no CORS headers
     cors_origins: list[str] = Field(default_factory=list, max_length=MAX_CORS_ORIGINS)
 

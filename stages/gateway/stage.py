@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 from aiohttp import web
@@ -31,6 +32,7 @@ from engine.stage import AsyncStage, WorkerContext
 from engine.validated import ModelRef
 from stages.gateway.follower import BroadcastFollower
 from stages.gateway.inflight import InFlight
+from stages.gateway.sendwatch import SendWatch
 from stages.gateway.server import GatewayServer
 
 FOLLOW_WAIT_S = 20.0  # set-up waits this long for the broadcast's first answer (then /health says 503)
@@ -62,6 +64,7 @@ class Gateway(AsyncStage):
                 break
             await asyncio.sleep(0.05)
         self.server = GatewayServer(ctx, params, self.gate, self.requests, self.follower, self.inflight)
+        self.send_watch = SendWatch(params.send_timeout_s, ctx.log)
         self.runner = web.AppRunner(
             self.server.app(),
             access_log=None,
@@ -94,6 +97,9 @@ class Gateway(AsyncStage):
         try:
             while not ctx.draining:  # a drain comes with the control socket, read each heartbeat
                 await asyncio.sleep(DRAIN_CHECK_S)
+                closed = self.send_watch.check((c.transport for c in self.runner.server.connections), time.monotonic())
+                if closed:
+                    ctx.telemetry.count("neuralpipe_gateway_send_timeouts_total", closed)
         finally:
             await self.runner.cleanup()
             await self.follower.close()
@@ -101,4 +107,9 @@ class Gateway(AsyncStage):
             self.gate.close()
 
     def stats(self) -> dict[str, Any]:
-        return {"url": self.url, "following": self.follower.ready, **self.server.stats()}
+        return {
+            "url": self.url,
+            "following": self.follower.ready,
+            "send_timeouts": self.send_watch.closed,
+            **self.server.stats(),
+        }
