@@ -185,14 +185,14 @@ class _Response:
     """What the direct write uses of an aiohttp StreamResponse: its ``write`` coroutine, which
     writes the bytes (framing them) and then waits only to drain a full socket."""
 
-    def __init__(self, drains: bool = False) -> None:
+    def __init__(self, drain: asyncio.Future | None = None) -> None:
         self.written: list[bytes] = []
-        self.drains = drains
+        self.drain = drain  # aiohttp's one drain waiter per connection, while the socket is full
 
     async def write(self, data: bytes) -> None:
         self.written.append(data)
-        if self.drains:
-            await asyncio.sleep(0)  # a drain: it waits
+        if self.drain is not None:
+            await self.drain  # a drain: it waits
 
 
 class _Lease:
@@ -217,8 +217,19 @@ def test_tokens_go_straight_to_the_socket_only_when_they_follow_on_and_the_clien
     done, next_seq, counted, delivered, chunk, written = attempt(_Transport(), tokens(7, 3, ["a", "b"]))
     assert (done, next_seq, counted, delivered) == (True, 5, 2, 2)
     assert written == [chunk]  # through aiohttp's own write: its framing, its byte counts
-    # a write that would wait to drain all the same: its bytes are out, the wait is dropped
-    done, *_, chunk, written = attempt(_Transport(), tokens(7, 3, ["a", "b"]), _Response(drains=True))
+
+    # a write that would wait to drain all the same: its bytes are out, the wait is dropped, and
+    # the stream's task can still wait on the drain (it raised "await wasn't used with future")
+    async def dropped_drain() -> tuple:
+        drain = asyncio.get_running_loop().create_future()
+        done, *_, chunk, written = attempt(_Transport(), tokens(7, 3, ["a", "b"]), _Response(drain))
+        task_write = asyncio.ensure_future(_Response(drain).write(b"next"))
+        await asyncio.sleep(0)
+        drain.set_result(None)
+        await task_write
+        return done, chunk, written
+
+    done, chunk, written = asyncio.run(dropped_drain())
     assert done and written == [chunk]
     # left to the stream's task (queued, nothing written): a client behind on reading, one gone,
     # rows that do not follow on, anything but tokens

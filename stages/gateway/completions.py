@@ -603,4 +603,5 @@ def _write_at_once(response: web.StreamResponse, data: bytes) -> None:
     except StopIteration:
         return
     step.close()
-    waited._asyncio_future_blocking = False
+    if waited is not None:  # a future (a bare yield, as asyncio.sleep(0)'s, marks nothing)
+        waited._asyncio_future_blocking = False
