@@ -23,6 +23,7 @@ from engine.protocol.openai_errors import ApiError
 from engine.protocol.requests import RequestError
 from engine.protocol.toolcalls import ToolCallJoiner
 from engine.telemetry import Telemetry
+from engine.write_now import write_now
 from shm.batch import TOP_COLUMN, TopAlternatives, top_alternatives
 from stages.gateway.errors import rejection, stream_error
 from stages.gateway.follower import BroadcastFollower, Inbox, Tokens
@@ -381,7 +382,7 @@ class Completions:
         choice.follow.accept(message)
         out: list[bytes] = []
         self._chunks(message, ask, choice, lease, out)
-        _write_at_once(response, out[0])  # empty (a call's piece that makes no event): aiohttp sends nothing
+        write_now(response.write(out[0]))  # empty (a call's piece that makes no event): aiohttp sends nothing
         return True
 
     async def _first(self, choices: Choices, wait_s: float) -> list[tuple[Choice, wire.Message | Tokens]]:
@@ -585,23 +586,3 @@ def _tops(ask: Ask, columns: dict, rows: int) -> list[TopAlternatives]:
     if not ask.top_logprobs or column is None:
         return [()] * rows
     return [top_alternatives(column, i)[: ask.top_logprobs] for i in range(rows)]
-
-
-def _write_at_once(response: web.StreamResponse, data: bytes) -> None:
-    """aiohttp's own ``response.write`` (its framing and byte counts), run to its end here instead
-    of in a task: it waits only to drain a socket whose buffer is full (the caller checked it is
-    not), as the gateway sets neither compression nor chunk signals, so it ends at its first step.
-    It waits all the same when this write itself fills the buffer (a message with many top
-    logprobs, a client reading slowly); its bytes are written already (draining comes last), so
-    the wait is dropped and the stream's next write, from its task, drains. Dropped as a task
-    takes a future it is handed (asyncio's Task clears the future's blocking mark): left set, the
-    next await of that future, aiohttp's one drain waiter per connection, raised "await wasn't
-    used with future" and cut the answer with an internal error."""
-    step = response.write(data)
-    try:
-        waited = step.send(None)
-    except StopIteration:
-        return
-    step.close()
-    if waited is not None:  # a future (a bare yield, as asyncio.sleep(0)'s, marks nothing)
-        waited._asyncio_future_blocking = False

@@ -28,7 +28,7 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from multiprocessing.connection import Connection
 from typing import Any
@@ -40,6 +40,7 @@ from aiohttp import web
 from engine.lifeline import die_with_parent
 from engine.protocol.openai_errors import ApiError
 from engine.protocol.requests import MOST_REQUEST_BYTES
+from engine.write_now import write_now
 from stages.ingest import corpus
 
 FAULT_HEADER = "X-Neuralpipe-Fault"
@@ -606,23 +607,11 @@ class _Emission:
     def _write(self, events: list[bytes]) -> None:
         data = b"".join(events)
         if data:
-            _write_now(self.response.write(data))
+            write_now(self.response.write(data))
 
     def _finish(self, clean: bool) -> None:
         if not self.done.done():
             self.done.set_result(clean)
-
-
-def _write_now(write: Coroutine[Any, Any, None]) -> None:
-    """Run aiohttp's ``StreamResponse.write`` to its end now, without a task per write: it hands
-    the framed bytes to the transport first and only then may wait to drain a full buffer. Such
-    a wait is dropped (the bytes are out already); the ticker's own check of the transport's
-    buffer holds the stream back instead."""
-    try:
-        write.send(None)
-    except StopIteration:
-        return
-    write.close()
 
 
 class _Ticker:
