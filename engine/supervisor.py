@@ -38,7 +38,7 @@ from engine.procstats import cpu_seconds, rss_bytes
 from engine.protocol import control
 from engine.rundir import InstanceDir, RuntimeDirError, remove_dead_instances
 from engine.telemetry import Telemetry, WorkerTotals, check_snapshot, merge, upstream_health, values_of
-from engine.worker import RingEnd, WorkerSpec
+from engine.worker import TERMINATE_GRACE_S, RingEnd, WorkerSpec
 from engine.worker import main as worker_main
 from shm.naming import new_instance_id, segment_name
 from shm.registry import list_segments, remove_stale
@@ -48,7 +48,6 @@ from shm.segment import NoSharedMemory
 EXIT_OK = 0
 EXIT_ESCALATED = 3
 STARTUP_GRACE_S = 10.0  # a fresh worker imports its stage before its first heartbeat
-TERMINATE_GRACE_S = 1.0  # rest_for_one: SIGTERM, then SIGKILL this much later if still alive
 STDERR = 2  # where every process of the engine logs (a detached engine's: <base>/<instance>.log)
 _EGRESS_KEYS = ("messages", "gaps", "duplicates", "batches", "batches_within_budget")
 _RECEIVED = {**control.WORKER_TO_SUPERVISOR, **control.CLIENT_REQUESTS}
@@ -500,7 +499,7 @@ class Supervisor:
             if h.process.exitcode is None:
                 self.log.warning("worker_drain_timeout", worker=h.name)
                 h.process.terminate()
-                h.process.join(1.0)
+                h.process.join(TERMINATE_GRACE_S)
             if h.process.exitcode is None:
                 h.process.kill()
                 h.process.join()

@@ -35,6 +35,9 @@ from engine.validated import ValidatedParams
 from shm.wait import PARK_AT_ONCE, SpinGate, WaitStrategy, idle
 
 EXIT_STAGE_ERROR = 3
+# a worker sent SIGTERM is SIGKILLed this much later (engine/supervisor.py): its stage's clean-up
+# has this long, bounded here too (a clean-up stuck on a paused neighbour would run on for good)
+TERMINATE_GRACE_S = 1.0
 _MAX_PARK_S = 60.0  # WaitStrategy's bound; the next heartbeat comes much sooner anyway
 
 
@@ -376,11 +379,12 @@ async def _run_async(rt: _Runtime) -> None:
             work.result()  # re-raise a stage failure
     finally:
         # The stage's clean-up (ingest's: end each open stream with an error row, flush the rows)
-        # runs to its end here, heartbeats still going: once this returns, the runner cancels every
-        # task left, a clean-up too, at its next await.
+        # runs to its end here, heartbeats still going, for up to TERMINATE_GRACE_S: once this
+        # returns, the runner cancels every task left, a clean-up too, at its next await.
         for task in stage_tasks:
             task.cancel()
-        await asyncio.gather(*stage_tasks, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*stage_tasks, return_exceptions=True), TERMINATE_GRACE_S)
         for task in (beat, stop):
             task.cancel()
         loop.remove_reader(fd)
