@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from engine.clients.consumer import RESYNC_S
 from engine.clients.requests_async import Submitted
 from engine.protocol import wire
 from stages.gateway.completions import Ask, Choice, Choices, Completions
@@ -147,6 +148,37 @@ def test_routing_gives_each_stream_the_messages_the_wire_split_makes(tmp_path):
             assert got.header == want.header
             assert got.columns.keys() == want.columns.keys()
             assert all(np.array_equal(got.columns[k], want.columns[k]) for k in want.columns)
+
+
+def test_a_failure_in_reading_or_routing_is_kept_for_the_gateway_to_fail_on(tmp_path):
+    """A bug in reading or routing (a listener that raises, the consumer's timers) was logged by the
+    event loop and that read's rows dropped, or ended the follower's ticker silently: every stream
+    would then wait for rows never routed. Now the follower keeps it and the gateway fails on it,
+    so the supervisor restarts the gateway (stages/gateway/stage.py)."""
+
+    async def run() -> tuple:
+        follower = BroadcastFollower(str(tmp_path))
+        follower.start()
+        try:
+            failures = []
+
+            def broken(*_):
+                raise ValueError("a bug in routing")
+
+            follower._deliver = broken
+            follower._readable()  # as the sockets' readers call it: nothing escapes to the loop
+            failures.append(follower.failure)
+            follower.failure = None
+            follower.core.tick = broken
+            await asyncio.sleep(RESYNC_S / 2)  # a tick or two
+            failures.append(follower.failure)
+            return failures, follower._ticker.done()
+        finally:
+            await follower.close()
+
+    failures, ticker_ended = asyncio.run(run())
+    assert [repr(f) for f in failures] == [repr(ValueError("a bug in routing"))] * 2
+    assert not ticker_ended  # the ticker goes on
 
 
 def test_a_wait_ends_at_its_own_timeout_and_a_direct_delivery_restarts_it():

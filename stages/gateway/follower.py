@@ -164,6 +164,9 @@ class BroadcastFollower:
         self.counts = {"orphans_dropped": 0}
         self.columns: frozenset[str] = frozenset()  # the appended columns (compute's) batches carry
         self._ticker: asyncio.Task | None = None
+        # a bug in reading or routing: the gateway fails on it (stage.py), so the supervisor restarts
+        # it; a follower that stopped reading would hold every stream open, silent, for good
+        self.failure: Exception | None = None
 
     # ---- lifetime ---------------------------------------------------------------------------
 
@@ -225,7 +228,17 @@ class BroadcastFollower:
         if self._loop is not None:  # a send can swallow the fd's edge for a reply already queued
             self._loop.call_soon(self._readable)
 
-    def _readable(self) -> None:
+    def _readable(self, tick: bool = False) -> None:
+        """Read what came (from the sockets' readers, a send, the ticker, which runs the consumer's
+        timers first: they may send a request); a failure is kept."""
+        try:
+            if tick:
+                self.core.tick(time.monotonic())
+            self._read()
+        except Exception as exc:
+            self.failure = self.failure or exc
+
+    def _read(self) -> None:
         more = False
         for sock, live in ((self.sub, True), (self.snap, False)):
             for _ in range(DRAIN_LIMIT):
@@ -245,9 +258,7 @@ class BroadcastFollower:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(RESYNC_S / 4)
-            self.core.tick(time.monotonic())
-            self._deliver()
-            self._readable()  # the timers may have sent a request
+            self._readable(tick=True)
 
     def _deliver(self) -> None:
         core = self.core

@@ -97,6 +97,8 @@ class Gateway(AsyncStage):
         try:
             while not ctx.draining:  # a drain comes with the control socket, read each heartbeat
                 await asyncio.sleep(DRAIN_CHECK_S)
+                if self.follower.failure is not None:  # the supervisor restarts the gateway
+                    raise RuntimeError("the broadcast follower failed") from self.follower.failure
                 closed = self.send_watch.check((c.transport for c in self.runner.server.connections), time.monotonic())
                 if closed:
                     ctx.telemetry.count("neuralpipe_gateway_send_timeouts_total", closed)
