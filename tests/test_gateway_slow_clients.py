@@ -21,6 +21,7 @@ HEADER_TIMEOUT_S = 0.5
 CUT_WITHIN_S = 3.0  # header_timeout_s and a loaded 2-core machine's scheduling; today: an hour
 SLOW_CLIENTS = 20
 SEND_TIMEOUT_S = 2.0
+MAX_BACKLOG = 4096
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,8 @@ def gw(tmp_path_factory):
     engine = GatewayEngine(
         tmp_path_factory.mktemp("gwslow"),
         default_topology(
-            gateway=f"header_timeout_s = {HEADER_TIMEOUT_S}\nbody_timeout_s = 5.0\nsend_timeout_s = {SEND_TIMEOUT_S}"
+            gateway=f"header_timeout_s = {HEADER_TIMEOUT_S}\nbody_timeout_s = 5.0\nsend_timeout_s = {SEND_TIMEOUT_S}\n"
+            f"max_stream_backlog = {MAX_BACKLOG}"
         ),
         "s" + uuid.uuid4().hex[:10],
     )
@@ -145,7 +147,7 @@ def test_a_stream_read_slower_than_it_comes_is_delivered_whole(gw):
         {
             "model": "neuralpipe-echo",
             "messages": [{"role": "user", "content": "read me slowly"}],
-            "max_tokens": 3000,
+            "max_tokens": 900,  # within max_stream_backlog: this client is slow, not too slow
             "logprobs": True,
             "top_logprobs": 20,
             "stream": True,
@@ -178,12 +180,12 @@ def test_a_stream_read_slower_than_it_comes_is_delivered_whole(gw):
     assert gw.log().count("gateway_handler_failed") == failures_before
 
 
-def _long_stream_request(content: str) -> bytes:
+def _long_stream_request(content: str, max_tokens: int) -> bytes:
     body = json.dumps(
         {
             "model": "neuralpipe-echo",
             "messages": [{"role": "user", "content": content}],
-            "max_tokens": 20000,
+            "max_tokens": max_tokens,
             "logprobs": True,
             "top_logprobs": 20,
             "stream": True,
@@ -206,7 +208,8 @@ def test_a_client_that_stops_reading_is_closed_after_send_timeout(gw):
     with socket.socket() as stalled:
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stalled.connect(address(gw))
-        stalled.sendall(_long_stream_request("then never read"))
+        # within max_stream_backlog (that bound is the next test's), past every buffer on the way (~2 MB)
+        stalled.sendall(_long_stream_request("then never read", MAX_BACKLOG - 100))
         started = time.monotonic()
         wait_for(lambda: gw.stats("gateway")["active_streams"] == 1, 10, "the stream under way")
         wait_for(lambda: gw.stats("gateway")["active_streams"] == 0, SEND_TIMEOUT_S + 10, "the stalled stream ended")
@@ -220,3 +223,33 @@ def test_a_client_that_stops_reading_is_closed_after_send_timeout(gw):
     assert after["send_timeouts"] == before.get("send_timeouts", 0) + 1, after
     assert after["cancelled"] == before["cancelled"] + 1, after  # its engine stream, no longer wanted
     assert "gateway_handler_failed" not in gw.log()
+
+
+def test_a_client_far_behind_its_stream_gets_an_error_and_the_stream_is_cancelled(gw):
+    """A client that reads, but slower than its stream comes (a large answer with top logprobs
+    on a slow link): what it had not read yet waited in the gateway, the whole rest of the answer
+    (n x max_tokens x top_logprobs: hundreds of MB for one request). Past max_stream_backlog
+    tokens waiting, its engine streams are cancelled and the stream ends in an error event."""
+    before, before_ingest = gw.stats("gateway"), gw.stats("ingest")["cancelled"]
+
+    async def run() -> bytes:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(address(gw))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+        writer.write(_long_stream_request("far behind", 20000))
+        answer, slow_until = b"", time.monotonic() + SEND_TIMEOUT_S / 2
+        while chunk := await asyncio.wait_for(reader.read(4096), 30):
+            answer += chunk
+            if time.monotonic() < slow_until:
+                await asyncio.sleep(0.05)  # ~80 kB/s, steadily: never still for send_timeout_s
+        writer.close()
+        return answer
+
+    answer = asyncio.run(run())
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b'"code":"client_too_slow"' in answer and b"data: [DONE]" not in answer, answer[-400:]
+    after = gw.stats("gateway")
+    assert after["too_slow"] == before["too_slow"] + 1, after
+    assert after["send_timeouts"] == before["send_timeouts"]
+    wait_for(lambda: gw.stats("ingest")["cancelled"] > before_ingest, 10, "the engine stream cancelled")

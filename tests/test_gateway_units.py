@@ -181,6 +181,23 @@ def test_a_failure_in_reading_or_routing_is_kept_for_the_gateway_to_fail_on(tmp_
     assert not ticker_ended  # the ticker goes on
 
 
+def test_an_inbox_past_its_row_bound_drops_what_it_holds_takes_no_more_and_says_so_once():
+    async def run() -> tuple:
+        inbox, overflows = Inbox(), []
+        inbox.max_rows, inbox.on_overflow = 4, lambda: overflows.append(inbox.rows)
+        inbox.put(tokens(7, 0, ["a", "b"]))
+        inbox.put(tokens(7, 2, ["c", "d"]))
+        within = (inbox.rows, len(inbox.take()), inbox.rows)  # taking empties the count too
+        inbox.put(tokens(7, 4, ["e", "f", "g"]))
+        inbox.put(tokens(7, 7, ["h", "i"]))  # 5 rows waiting: past the bound
+        inbox.put(tokens(7, 9, ["j"]))
+        return within, overflows, inbox.overflowed, list(inbox.messages), await inbox.wait(5.0)
+
+    within, overflows, overflowed, held, woke = asyncio.run(run())
+    assert within == (4, 2, 0)
+    assert overflows == [0] and overflowed and held == [] and woke  # a wait ends at once
+
+
 def test_a_wait_ends_at_its_own_timeout_and_a_direct_delivery_restarts_it():
     async def run() -> None:
         loop = asyncio.get_running_loop()
@@ -237,7 +254,7 @@ class _Lease:
 
 def test_tokens_go_straight_to_the_socket_only_when_they_follow_on_and_the_client_keeps_up():
     def attempt(transport: _Transport, message: wire.Message, response: _Response | None = None):
-        completions = Completions(None, None, None, None, 10.0, 120.0, 1 << 20)
+        completions = Completions(None, None, None, None, 10.0, 120.0, 1 << 20, 65536)
         request, response = SimpleNamespace(transport=transport), response or _Response()
         choice, lease = Choice(Submitted(7, "t"), None, Shaper(True, "m", False), 0), _Lease()
         choice.follow.next_seq = 3

@@ -137,9 +137,8 @@ class Choices:
 
     def take(self) -> list[tuple[Choice, wire.Message | Tokens]]:
         out = []
-        messages, by_stream = self.inbox.messages, self.by_stream
-        while messages:
-            message = messages.popleft()
+        by_stream = self.by_stream
+        for message in self.inbox.take():
             choice = by_stream[message.stream]
             if not choice.follow.ended:
                 out.append((choice, choice.follow.accept(message)))
@@ -185,6 +184,7 @@ class Completions:
         keepalive_s: float,
         first_token_timeout_s: float,
         max_whole_bytes: int,
+        max_stream_backlog: int,
     ) -> None:
         self.requests = requests
         self.follower = follower
@@ -193,8 +193,12 @@ class Completions:
         self.keepalive_s = keepalive_s
         self.first_token_timeout_s = first_token_timeout_s
         self.max_whole_bytes = max_whole_bytes
+        self.max_stream_backlog = max_stream_backlog
         self.active_streams = 0
-        self.counts = {"submitted": 0, "completed": 0, "failed": 0, "cancelled": 0, "cache_hits": 0, "tokens": 0}
+        self.counts = {
+            **dict.fromkeys(("submitted", "completed", "failed", "cancelled", "cache_hits", "tokens"), 0),
+            "too_slow": 0,  # requests whose client fell max_stream_backlog behind their streams
+        }
         self._cancels: set[asyncio.Task] = set()
         self._lane = 0
 
@@ -300,6 +304,8 @@ class Completions:
     async def _stream(
         self, request: web.Request, ask: Ask, choices: Choices, lease: Lease, received: float
     ) -> web.StreamResponse:
+        choices.inbox.max_rows = self.max_stream_backlog
+        choices.inbox.on_overflow = functools.partial(self._fell_behind, choices)
         # Hold the response for the first row after the starts, up to keepalive_s: a stream
         # that fails at once gets a proper error status, and the cache header is known.
         pending = await self._first(choices, min(self.keepalive_s, self.first_token_timeout_s))
@@ -329,6 +335,9 @@ class Completions:
             while True:
                 for choice, message in pending:
                     self._chunks(message, ask, choice, lease, out)
+                if choices.inbox.overflowed:  # its engine streams are cancelled already (_fell_behind)
+                    out.append(choices.all[0].shaper.error(_too_slow(self.max_stream_backlog)))
+                    break
                 if first_token_at is None and choices.tokens:
                     first_token_at = time.monotonic()
                     self.telemetry.observe("neuralpipe_gateway_time_to_first_token_seconds", first_token_at - received)
@@ -356,6 +365,16 @@ class Completions:
             self.active_streams -= 1
             self.telemetry.set("neuralpipe_gateway_active_streams", self.active_streams)
         return response
+
+    def _fell_behind(self, choices: Choices) -> None:
+        """The client reads slower than its streams come, max_stream_backlog rows behind: the
+        streams are cancelled now (not once the client has read what is already on its way) and
+        end in an error event (_stream)."""
+        self.counts["too_slow"] += 1
+        for choice in choices.all:
+            if not choice.follow.ended:
+                choice.follow.ended = choice.state.failed = True
+                self._cancel(choice.submitted)
 
     def _write_now(
         self,
@@ -562,6 +581,17 @@ class _Collected:
         extension = {"columns": self.columns} if ask.columns else None
         thinking = "".join(self.thinking)
         return shaper.choice("".join(self.texts), self.reason, lp, extension, self.calls.result(), thinking)
+
+
+def _too_slow(limit: int) -> ApiError:
+    return ApiError(
+        400,
+        f"the client read the stream slower than it came: more than {limit} tokens waited to be sent"
+        " (max_stream_backlog); read it as it comes, or ask for less (n, max_tokens, top_logprobs)",
+        "invalid_request_error",
+        "client_too_slow",
+        "stream",
+    )
 
 
 def _too_large_whole(limit: int) -> ApiError:

@@ -43,10 +43,30 @@ ORPHAN_MESSAGES = 10_000  # kept per such stream; beyond, it is dropped (then lo
 class Inbox:
     """One stream's messages, in seq order, for the request that follows it."""
 
-    __slots__ = ("_deadline", "_loop", "_timer", "_timer_at", "_wait_s", "_waiter", "direct", "messages")
+    __slots__ = (
+        "_deadline",
+        "_loop",
+        "_timer",
+        "_timer_at",
+        "_wait_s",
+        "_waiter",
+        "direct",
+        "max_rows",
+        "messages",
+        "on_overflow",
+        "overflowed",
+        "rows",
+    )
 
     def __init__(self) -> None:
         self.messages: deque[wire.Message | Tokens] = deque()
+        # rows waiting (a token each, or an event): past max_rows (0: no bound) the inbox drops
+        # what it holds and takes no more, and on_overflow is called once (a client reading
+        # slower than its stream comes would otherwise hold the rest of the answer here)
+        self.rows = 0
+        self.max_rows = 0
+        self.on_overflow: Callable[[], None] | None = None
+        self.overflowed = False
         self._waiter: asyncio.Future | None = None
         self._loop = asyncio.get_running_loop()
         # the follower of the stream while it waits: takes a message at once (True) or leaves it
@@ -59,17 +79,31 @@ class Inbox:
         self._wait_s = 0.0
 
     def put(self, message: wire.Message | Tokens) -> None:
+        if self.overflowed:
+            return
         if self.direct is not None and not self.messages and self.direct(message):
             self._deadline = self._loop.time() + self._wait_s  # delivered: the wait starts again
             return
         self.messages.append(message)
+        self.rows += len(message.text) if message.type in wire.TOKEN_TYPES else 1
+        if self.max_rows and self.rows > self.max_rows:
+            self.overflowed = True
+            self.messages.clear()
+            self.rows = 0
+            if self.on_overflow is not None:
+                self.on_overflow()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def take(self) -> deque[wire.Message | Tokens]:
+        """Every message waiting, in order; the inbox is empty after."""
+        messages, self.messages, self.rows = self.messages, deque(), 0
+        return messages
+
     async def wait(self, timeout_s: float, direct: Callable[[wire.Message | Tokens], bool] | None = None) -> bool:
         """Until a message is there (True) or ``timeout_s`` passed without one (False); meanwhile
-        ``direct`` (if given) is offered each message first."""
-        if self.messages:
+        ``direct`` (if given) is offered each message first; True at once once overflowed."""
+        if self.messages or self.overflowed:
             return True
         self._wait_s = timeout_s
         self._deadline = self._loop.time() + timeout_s
@@ -81,7 +115,7 @@ class Inbox:
             await waiter
         finally:
             self._waiter = self.direct = None
-        return bool(self.messages)
+        return bool(self.messages) or self.overflowed
 
     def close(self) -> None:
         if self._timer is not None:

@@ -61,6 +61,9 @@ class GatewayParams(StageParams):
     # a whole (non-streamed) answer is held until it ends: past this estimate of its JSON, 400
     # response_too_large (stream it instead); its memory in the gateway is several times this
     max_whole_bytes: IntIn(1 << 20, 1 << 30) = 64 << 20
+    # a stream's tokens waiting for a client that reads slower than they come: past this, the
+    # request's streams are cancelled and it ends in an error event (client_too_slow)
+    max_stream_backlog: IntIn(1024, 1 << 24) = 65536
     keepalive_s: FloatIn(0.05, 55.0) = 10.0  # an SSE comment after this long without a token
     first_token_timeout_s: FloatIn(0.1, 3600.0) = 120.0  # no first token this soon: the stream ends in an error
     submit_timeout_s: FloatIn(0.1, 60.0) = 5.0  # ingest must answer a submit this soon (else 503)

@@ -75,6 +75,7 @@ class GatewayServer:
             params.keepalive_s,
             params.first_token_timeout_s,
             params.max_whole_bytes,
+            params.max_stream_backlog,
         )
         self.hub = FeedHub(follower, ctx.runtime_dir, params.feed_queue)
         self.health = EngineHealth(ctx.runtime_dir)
