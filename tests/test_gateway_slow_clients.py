@@ -224,6 +224,13 @@ def test_a_client_that_stops_reading_is_closed_after_send_timeout(gw):
     assert after["cancelled"] == before["cancelled"] + 1, after  # its engine stream, no longer wanted
     assert "gateway_handler_failed" not in gw.log()
 
+    def counted() -> bool:  # the counter reaches /metrics with the gateway's heartbeats
+        name = "neuralpipe_gateway_send_timeouts_total"
+        lines = [line for line in gw.metrics().splitlines() if line.startswith(name)]
+        return bool(lines) and float(lines[0].rsplit(" ", 1)[1]) >= 1
+
+    wait_for(counted, 10, "neuralpipe_gateway_send_timeouts_total in /metrics")
+
 
 def test_a_client_far_behind_its_stream_gets_an_error_and_the_stream_is_cancelled(gw):
     """A client that reads, but slower than its stream comes (a large answer with top logprobs

@@ -54,6 +54,7 @@ def test_registry_has_every_metric_of_the_contract() -> None:
         "neuralpipe_gateway_request_duration_seconds": ("histogram", ("endpoint",)),
         "neuralpipe_gateway_time_to_first_token_seconds": ("histogram", ()),
         "neuralpipe_gateway_active_streams": ("gauge", ()),
+        "neuralpipe_gateway_send_timeouts_total": ("counter", ()),
         "neuralpipe_gateway_key_requests_total": ("counter", ("key",)),
         "neuralpipe_gateway_key_tokens_total": ("counter", ("key", "kind")),
         "neuralpipe_gateway_limited_total": ("counter", ("key", "reason")),
