@@ -251,7 +251,23 @@ def test_supervised_workers_get_validated_params_without_importing_pydantic(tmp_
         assert engine.stop() == 0
 
 
-@pytest.mark.parametrize("value", ["1", "2147483648", '"64M"'])
-def test_a_whole_answer_budget_out_of_range_is_refused_naming_it(tmp_path, value):
-    problems = _problems(tmp_path, f"[gateway]\nmax_whole_bytes = {value}\n")
-    assert len(problems) == 1 and problems[0].startswith("gateway.max_whole_bytes: must be"), problems
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("max_whole_bytes", "1"),
+        ("max_whole_bytes", "2147483648"),
+        ("max_whole_bytes", '"64M"'),
+        ("send_timeout_s", "0"),
+        ("send_timeout_s", "-1"),
+        ("send_timeout_s", "1e9"),
+        ("send_timeout_s", "nan"),
+        ("send_timeout_s", '"60s"'),
+        ("max_stream_backlog", "0"),
+        ("max_stream_backlog", "16777217"),
+        ("max_stream_backlog", "1.5"),
+        ("max_stream_backlog", '"lots"'),
+    ],
+)
+def test_a_gateway_bound_out_of_range_is_refused_naming_it(tmp_path, key, value):
+    problems = _problems(tmp_path, f"[gateway]\n{key} = {value}\n")
+    assert len(problems) == 1 and problems[0].startswith(f"gateway.{key}: must be"), problems
