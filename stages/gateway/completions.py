@@ -196,8 +196,13 @@ class Completions:
         self.max_stream_backlog = max_stream_backlog
         self.active_streams = 0
         self.counts = {
-            **dict.fromkeys(("submitted", "completed", "failed", "cancelled", "cache_hits", "tokens"), 0),
+            "submitted": 0,
+            "completed": 0,
+            "failed": 0,
+            "cancelled": 0,
             "too_slow": 0,  # requests whose client fell max_stream_backlog behind their streams
+            "cache_hits": 0,
+            "tokens": 0,
         }
         self._cancels: set[asyncio.Task] = set()
         self._lane = 0

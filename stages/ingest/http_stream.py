@@ -159,13 +159,15 @@ class _TurnBudget:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop, self.spent, self.waiters = loop, 0, []
 
-    def spend(self, n: int) -> asyncio.Future | None:
-        """Count a read; a future done at the next turn once the turn's budget is spent."""
+    def spend(self, n: int) -> bool:
+        """Count a read; whether this turn's budget is spent."""
         if not self.spent:
             self.loop.call_soon(self._next_turn)  # after this turn's reads, before the next turn's timers
         self.spent += n
-        if self.spent < READ_BYTES_PER_TURN:
-            return None
+        return self.spent >= READ_BYTES_PER_TURN
+
+    def next_turn(self) -> asyncio.Future:
+        """A future done at the next turn of the loop."""
         waiter = self.loop.create_future()  # one each: a stream stopped meanwhile cancels its own
         self.waiters.append(waiter)
         return waiter
@@ -265,9 +267,8 @@ class _Stream(asyncio.Protocol):
                     pass
                 elif self.error is None:  # the stream's read: to the reader, no call in between
                     wait = self.reader.feed(body)
-                    turn = self.budget.spend(len(body))
-                    if wait is None:
-                        wait = turn
+                    if self.budget.spend(len(body)) and wait is None:
+                        wait = self.budget.next_turn()
                     if wait is not None:
                         self._wait_for(wait)
                     elif self.reader.complete:
