@@ -260,3 +260,51 @@ def test_a_client_far_behind_its_stream_gets_an_error_and_the_stream_is_cancelle
     assert after["too_slow"] == before["too_slow"] + 1, after
     assert after["send_timeouts"] == before["send_timeouts"]
     wait_for(lambda: gw.stats("ingest")["cancelled"] > before_ingest, 10, "the engine stream cancelled")
+
+
+TOTAL_BACKLOG = 8192
+
+
+@pytest.fixture
+def gw_total(tmp_path_factory):
+    engine = GatewayEngine(
+        tmp_path_factory.mktemp("gwtotal"),
+        default_topology(gateway=f"max_stream_backlog = {4 * TOTAL_BACKLOG}\nmax_total_backlog = {TOTAL_BACKLOG}"),
+        "t" + uuid.uuid4().hex[:10],
+    )
+    try:
+        yield engine.start()
+    finally:
+        engine.stop()
+
+
+def test_past_max_total_backlog_the_client_furthest_behind_is_cut_and_the_others_go_on(gw_total):
+    """Each request's backlog was bounded, their sum not: a thousand slow clients held a thousand
+    max_stream_backlogs. Past max_total_backlog the stream furthest behind is cut (client_too_slow
+    naming the key) and the others are served whole."""
+    gw = gw_total
+    with socket.socket() as first, socket.socket() as second:
+        for sock in (first, second):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(address(gw))
+        # 8,000 tokens with 20 top logprobs each: ~3,000 of them fill the buffers on the way, the
+        # rest wait in the gateway; the first client is the furthest behind once it holds over half
+        first.sendall(_long_stream_request("first, then never read", TOTAL_BACKLOG - 192))
+        wait_for(lambda: gw.stats("gateway")["backlog"] > TOTAL_BACKLOG // 2 + 256, 30, "the first client behind")
+        second.sendall(_long_stream_request("second, read later", TOTAL_BACKLOG - 192))
+        wait_for(lambda: gw.stats("gateway")["too_slow"] == 1, 30, "a client cut")
+
+        def read_all(sock: socket.socket) -> bytes:
+            sock.settimeout(30)
+            answer = b""
+            while chunk := sock.recv(1 << 20):
+                answer += chunk
+                if answer.endswith(b"\r\n0\r\n\r\n"):  # the chunked body's end (the connection is kept)
+                    break
+            return answer
+
+        cut, whole = read_all(first), read_all(second)
+    assert b'"code":"client_too_slow"' in cut and b"max_total_backlog" in cut and b"[DONE]" not in cut, cut[-400:]
+    assert whole.count(b'"finish_reason":"length"') == 1 and b"data: [DONE]" in whole and b'"error"' not in whole
+    wait_for(lambda: gw.stats("gateway")["backlog"] == 0, 10, "nothing waiting once both ended")
+    assert gw.stats("gateway")["too_slow"] == 1

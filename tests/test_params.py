@@ -266,6 +266,10 @@ def test_supervised_workers_get_validated_params_without_importing_pydantic(tmp_
         ("max_stream_backlog", "16777217"),
         ("max_stream_backlog", "1.5"),
         ("max_stream_backlog", '"lots"'),
+        ("max_total_backlog", "1023"),
+        ("max_total_backlog", "1073741825"),
+        ("max_total_backlog", "-5"),
+        ("max_total_backlog", "true"),
     ],
 )
 def test_a_gateway_bound_out_of_range_is_refused_naming_it(tmp_path, key, value):

@@ -26,7 +26,7 @@ from engine.telemetry import Telemetry
 from engine.write_now import write_now
 from shm.batch import TOP_COLUMN, TopAlternatives, top_alternatives
 from stages.gateway.errors import rejection, stream_error
-from stages.gateway.follower import BroadcastFollower, Inbox, Tokens
+from stages.gateway.follower import Backlog, BroadcastFollower, Inbox, Tokens
 from stages.gateway.inflight import InFlight
 from stages.gateway.responses import ResponsesRequest, ResponsesShaper
 from stages.gateway.shapes import (
@@ -185,6 +185,7 @@ class Completions:
         first_token_timeout_s: float,
         max_whole_bytes: int,
         max_stream_backlog: int,
+        max_total_backlog: int,
     ) -> None:
         self.requests = requests
         self.follower = follower
@@ -194,13 +195,16 @@ class Completions:
         self.first_token_timeout_s = first_token_timeout_s
         self.max_whole_bytes = max_whole_bytes
         self.max_stream_backlog = max_stream_backlog
+        self.backlog = Backlog(max_total_backlog)  # every stream's waiting tokens, bounded together
         self.active_streams = 0
         self.counts = {
             "submitted": 0,
             "completed": 0,
             "failed": 0,
             "cancelled": 0,
-            "too_slow": 0,  # requests whose client fell max_stream_backlog behind their streams
+            # requests whose client fell max_stream_backlog behind their streams, or was the furthest
+            # behind when every stream's together passed max_total_backlog
+            "too_slow": 0,
             "cache_hits": 0,
             "tokens": 0,
         }
@@ -250,6 +254,7 @@ class Completions:
         """Every choice's stream submitted, each registered on one inbox; on any refusal (or the
         client leaving) the ones already accepted are cancelled."""
         inbox = Inbox()
+        inbox.wants_columns = ask.logprobs or bool(ask.columns)
         calls = [asyncio.ensure_future(self._submit(ask, i, inbox)) for i in range(ask.n)]
         try:
             return inbox, list(await asyncio.gather(*calls))
@@ -309,8 +314,7 @@ class Completions:
     async def _stream(
         self, request: web.Request, ask: Ask, choices: Choices, lease: Lease, received: float
     ) -> web.StreamResponse:
-        choices.inbox.max_rows = self.max_stream_backlog
-        choices.inbox.on_overflow = functools.partial(self._fell_behind, choices)
+        choices.inbox.bound(self.max_stream_backlog, self.backlog, functools.partial(self._fell_behind, choices))
         # Hold the response for the first row after the starts, up to keepalive_s: a stream
         # that fails at once gets a proper error status, and the cache header is known.
         pending = await self._first(choices, min(self.keepalive_s, self.first_token_timeout_s))
@@ -341,7 +345,7 @@ class Completions:
                 for choice, message in pending:
                     self._chunks(message, ask, choice, lease, out)
                 if choices.inbox.overflowed:  # its engine streams are cancelled already (_fell_behind)
-                    out.append(choices.all[0].shaper.error(_too_slow(self.max_stream_backlog)))
+                    out.append(choices.all[0].shaper.error(self._too_slow(choices.inbox.overflowed)))
                     break
                 if first_token_at is None and choices.tokens:
                     first_token_at = time.monotonic()
@@ -372,14 +376,32 @@ class Completions:
         return response
 
     def _fell_behind(self, choices: Choices) -> None:
-        """The client reads slower than its streams come, max_stream_backlog rows behind: the
-        streams are cancelled now (not once the client has read what is already on its way) and
-        end in an error event (_stream)."""
+        """The client reads slower than its streams come, max_stream_backlog rows behind (or the
+        furthest behind when all are max_total_backlog behind): the streams are cancelled now (not
+        once the client has read what is already on its way) and end in an error event (_stream)."""
         self.counts["too_slow"] += 1
         for choice in choices.all:
             if not choice.follow.ended:
                 choice.follow.ended = choice.state.failed = True
                 self._cancel(choice.submitted)
+
+    def _too_slow(self, bound: str) -> ApiError:
+        """The error event of a stream cut by ``bound`` (the key that cut it)."""
+        if bound == "max_total_backlog":
+            what = (
+                f"it was the furthest behind when the gateway's streams together had more than"
+                f" {self.backlog.limit} tokens waiting to be sent (max_total_backlog)"
+            )
+        else:
+            what = f"more than {self.max_stream_backlog} tokens waited to be sent (max_stream_backlog)"
+        return ApiError(
+            400,
+            f"the client read the stream slower than it came: {what};"
+            " read it as it comes, or ask for less (n, max_tokens, top_logprobs)",
+            "invalid_request_error",
+            "client_too_slow",
+            "stream",
+        )
 
     def _write_now(
         self,
@@ -586,17 +608,6 @@ class _Collected:
         extension = {"columns": self.columns} if ask.columns else None
         thinking = "".join(self.thinking)
         return shaper.choice("".join(self.texts), self.reason, lp, extension, self.calls.result(), thinking)
-
-
-def _too_slow(limit: int) -> ApiError:
-    return ApiError(
-        400,
-        f"the client read the stream slower than it came: more than {limit} tokens waited to be sent"
-        " (max_stream_backlog); read it as it comes, or ask for less (n, max_tokens, top_logprobs)",
-        "invalid_request_error",
-        "client_too_slow",
-        "stream",
-    )
 
 
 def _too_large_whole(limit: int) -> ApiError:

@@ -38,12 +38,39 @@ DRAIN_LIMIT = 1000  # messages read per socket per wake-up: then the others' tur
 ORPHAN_STREAMS = 4096  # streams whose rows came before their accepted reply was read
 ORPHAN_TTL_S = 10.0
 ORPHAN_MESSAGES = 10_000  # kept per such stream; beyond, it is dropped (then lost: an explicit error)
+# runs of tokens an inbox keeps with their whole batch (every stream's rows) when its request
+# reads columns; past them a run waiting takes a copy of its own rows' columns (Inbox.put)
+PINNED_BATCHES = 8
+
+
+class Backlog:
+    """The rows waiting in every bounded inbox of the gateway (streams whose clients read slower
+    than their tokens come), against one limit: past it the inbox holding the most is overflowed
+    as if past its own bound, so the client furthest behind is cut first and the gateway's memory
+    for slow clients is bounded as a whole, not only per request."""
+
+    __slots__ = ("inboxes", "limit", "rows")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.rows = 0
+        self.inboxes: set[Inbox] = set()
+
+    def cut(self) -> None:
+        """Overflow the fullest inboxes until the rows are within the limit."""
+        while self.rows > self.limit and self.inboxes:
+            max(self.inboxes, key=_rows_of).overflow("max_total_backlog")
+
+
+def _rows_of(inbox: Inbox) -> int:
+    return inbox.rows
 
 
 class Inbox:
     """One stream's messages, in seq order, for the request that follows it."""
 
     __slots__ = (
+        "_backlog",
         "_deadline",
         "_loop",
         "_timer",
@@ -56,17 +83,23 @@ class Inbox:
         "on_overflow",
         "overflowed",
         "rows",
+        "wants_columns",
     )
 
     def __init__(self) -> None:
         self.messages: deque[wire.Message | Tokens] = deque()
-        # rows waiting (a token each, or an event): past max_rows (0: no bound) the inbox drops
-        # what it holds and takes no more, and on_overflow is called once (a client reading
-        # slower than its stream comes would otherwise hold the rest of the answer here)
+        # rows waiting (a token each, or an event): past max_rows (0: no bound), or past the
+        # gateway's backlog while this inbox holds the most, the inbox drops what it holds and
+        # takes no more, and on_overflow is called once (a client reading slower than its stream
+        # comes would otherwise hold the rest of the answer here)
         self.rows = 0
         self.max_rows = 0
         self.on_overflow: Callable[[], None] | None = None
-        self.overflowed = False
+        self.overflowed = ""  # the bound that cut it: "max_stream_backlog" or "max_total_backlog"
+        self._backlog: Backlog | None = None
+        # whether the request reads its tokens' columns (logprobs, compute's columns); a waiting
+        # run of tokens keeps only what will be read of its batch, never every stream's rows
+        self.wants_columns = True
         self._waiter: asyncio.Future | None = None
         self._loop = asyncio.get_running_loop()
         # the follower of the stream while it waits: takes a message at once (True) or leaves it
@@ -78,25 +111,47 @@ class Inbox:
         self._deadline = 0.0
         self._wait_s = 0.0
 
+    def bound(self, max_rows: int, backlog: Backlog, on_overflow: Callable[[], None]) -> None:
+        """Hold at most ``max_rows`` rows, and count them in the gateway's ``backlog``."""
+        self.max_rows, self.on_overflow, self._backlog = max_rows, on_overflow, backlog
+        backlog.inboxes.add(self)
+        backlog.rows += self.rows
+
     def put(self, message: wire.Message | Tokens) -> None:
         if self.overflowed:
             return
         if self.direct is not None and not self.messages and self.direct(message):
             self._deadline = self._loop.time() + self._wait_s  # delivered: the wait starts again
             return
+        if type(message) is Tokens and (not self.wants_columns or len(self.messages) >= PINNED_BATCHES):
+            message.detach(self.wants_columns)
         self.messages.append(message)
-        self.rows += len(message.text) if message.type in wire.TOKEN_TYPES else 1
-        if self.max_rows and self.rows > self.max_rows:
-            self.overflowed = True
-            self.messages.clear()
-            self.rows = 0
-            if self.on_overflow is not None:
-                self.on_overflow()
+        rows = len(message.text) if message.type in wire.TOKEN_TYPES else 1
+        self.rows += rows
+        backlog = self._backlog
+        if backlog is not None:
+            backlog.rows += rows
+            if self.rows > self.max_rows:
+                self.overflow("max_stream_backlog")
+            elif backlog.rows > backlog.limit:
+                backlog.cut()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def overflow(self, bound: str) -> None:
+        """Drop what is held, take no more, and say so (once); ``bound`` names the key that cut it."""
+        self.overflowed = bound
+        self.take()
+        self._unbound()
+        if self.on_overflow is not None:
+            self.on_overflow()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
     def take(self) -> deque[wire.Message | Tokens]:
         """Every message waiting, in order; the inbox is empty after."""
+        if self._backlog is not None:
+            self._backlog.rows -= self.rows
         messages, self.messages, self.rows = self.messages, deque(), 0
         return messages
 
@@ -115,15 +170,28 @@ class Inbox:
             await waiter
         finally:
             self._waiter = self.direct = None
-        return bool(self.messages) or self.overflowed
+        return bool(self.messages or self.overflowed)
 
     def close(self) -> None:
+        """No more messages will be read: what is held no longer counts in the backlog."""
+        self._cancel_timer()
+        if self._backlog is not None:
+            self._backlog.rows -= self.rows
+            self.rows = 0
+            self._unbound()
+
+    def _unbound(self) -> None:
+        if self._backlog is not None:
+            self._backlog.inboxes.discard(self)
+            self._backlog = None
+
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def _arm(self) -> None:
-        self.close()
+        self._cancel_timer()
         self._timer_at = self._deadline
         self._timer = self._loop.call_at(self._deadline, self._expire)
 
@@ -144,7 +212,7 @@ class Tokens:
     ``type`` is the run's (wire.RUN_TYPES): tokens, or a reasoning model's thinking, or a tool
     call's pieces."""
 
-    __slots__ = ("_batch", "_columns", "_rows", "seq", "stream", "text", "type")
+    __slots__ = ("_batch", "_columns", "_encoding", "_rows", "seq", "stream", "text", "type")
 
     def __init__(
         self,
@@ -155,21 +223,41 @@ class Tokens:
         text: list[str],
         kind: str = "tokens",
     ) -> None:
-        self._batch, self._rows = batch, rows
+        self._batch: wire.Batch | None = batch
+        self._rows = rows
         self.stream, self.seq, self.text, self.type = stream, seq, text, kind
         self._columns: dict[str, np.ndarray] | None = None
+        self._encoding = ""
 
     @property
     def columns(self) -> dict[str, np.ndarray]:
         """seq and the other columns of the rows, as in a tokens message (wire.Message)."""
         if self._columns is None:
-            rows, columns = self._rows, self._batch.columns
-            self._columns = {name: values[rows] for name, values in columns.items() if name not in _NOT_TOKEN_COLUMNS}
+            if self._batch is None:
+                raise RuntimeError("a run of tokens detached without its columns has none to read")
+            self._columns = _own_columns(self._batch, self._rows)
         return self._columns
 
     @property
     def header(self) -> dict[str, Any]:
-        return wire.header(self.type, self.stream, *self.seq, self._batch.header.get("encoding", "binary"))
+        encoding = self._encoding or self._batch.header.get("encoding", "binary")
+        return wire.header(self.type, self.stream, *self.seq, encoding)
+
+    def detach(self, columns: bool) -> None:
+        """Let go of the batch (every stream's rows, which a run waiting for a slow client would
+        keep alive), keeping a copy of this run's ``columns`` if they will be read."""
+        batch = self._batch
+        if batch is None:
+            return
+        if columns and self._columns is None:
+            self._columns = _own_columns(batch, self._rows)
+        self._encoding = batch.header.get("encoding", "binary")
+        self._batch = None
+
+
+def _own_columns(batch: wire.Batch, rows: list[int]) -> dict[str, np.ndarray]:
+    """The columns of ``rows`` of ``batch`` (copies), as a tokens message has them."""
+    return {name: values[rows] for name, values in batch.columns.items() if name not in _NOT_TOKEN_COLUMNS}
 
 
 _NOT_TOKEN_COLUMNS = frozenset(("stream_id", "kind"))

@@ -64,6 +64,9 @@ class GatewayParams(StageParams):
     # a stream's tokens waiting for a client that reads slower than they come: past this, the
     # request's streams are cancelled and it ends in an error event (client_too_slow)
     max_stream_backlog: IntIn(1024, 1 << 24) = 65536
+    # every stream's waiting tokens together: past this, the stream furthest behind is cut the same
+    # way (its client_too_slow names this key), so slow clients' memory is bounded for the gateway
+    max_total_backlog: IntIn(1024, 1 << 30) = 1 << 19
     keepalive_s: FloatIn(0.05, 55.0) = 10.0  # an SSE comment after this long without a token
     first_token_timeout_s: FloatIn(0.1, 3600.0) = 120.0  # no first token this soon: the stream ends in an error
     submit_timeout_s: FloatIn(0.1, 60.0) = 5.0  # ingest must answer a submit this soon (else 503)

@@ -76,6 +76,7 @@ class GatewayServer:
             params.first_token_timeout_s,
             params.max_whole_bytes,
             params.max_stream_backlog,
+            params.max_total_backlog,
         )
         self.hub = FeedHub(follower, ctx.runtime_dir, params.feed_queue)
         self.health = EngineHealth(ctx.runtime_dir)
@@ -329,6 +330,7 @@ class GatewayServer:
             **self.hub.counts,
             "open": self.open,
             "active_streams": self.completions.active_streams,
+            "backlog": self.completions.backlog.rows,  # tokens waiting for slow streaming clients
             "feeds_open": len(self.hub.feeds),
             **self.follower.counts,
             **{f"broadcast_{k}": v for k, v in self.follower.core.counts.items()},
