@@ -198,8 +198,10 @@ def test_after_a_quiet_park_the_next_spells_park_at_once_and_longer_until_work_c
 
 
 def test_a_worker_fed_paced_records_stops_spinning_between_them(tmp_path, instance: str) -> None:
-    """Records 5 ms apart never come within the spin window: after a few spells the worker parks
-    after one look at its input instead of spinning and yielding before each record."""
+    """Records 20 ms apart never come within the spin window: after a few spells the worker parks
+    after one look at its input instead of spinning and yielding before each record. (5 ms apart
+    they did, on a 2-core machine with two busy processes beside the test: each yield gave the CPU
+    away for ~0.8 ms, so the spin and yield phases took ~4 ms and the records came within them.)"""
     wait = WaitStrategy("block", spins=50, yields=5, park_timeout_s=0.5)
     with relay_runtime(tmp_path, instance, wait) as (dc, inp, out):
         consumer, producer = dc.rt.inputs[0], Producer.attach(inp.name)
@@ -208,7 +210,7 @@ def test_a_worker_fed_paced_records_stops_spinning_between_them(tmp_path, instan
 
         def paced() -> None:
             for _ in range(records):
-                time.sleep(0.005)
+                time.sleep(0.02)
                 producer.write(b"paced", h.RECORD_TYPE)
 
         writer = threading.Thread(target=paced)
