@@ -14,8 +14,9 @@ import numpy as np
 from engine.clients.consumer import RESYNC_S
 from engine.clients.requests_async import Submitted
 from engine.protocol import wire
+from stages.gateway.budget import Budget
 from stages.gateway.completions import Ask, Choice, Choices, Completions
-from stages.gateway.follower import PINNED_BATCHES, Backlog, BroadcastFollower, Inbox
+from stages.gateway.follower import PINNED_BATCHES, BroadcastFollower, Inbox
 from stages.gateway.health import health_body
 from stages.gateway.shapes import Shaper, Usage, estimate_prompt_tokens
 
@@ -185,15 +186,15 @@ def test_a_failure_in_reading_or_routing_is_kept_for_the_gateway_to_fail_on(tmp_
 
 def test_an_inbox_past_its_row_bound_drops_what_it_holds_takes_no_more_and_says_so_once():
     async def run() -> tuple:
-        inbox, overflows, backlog = Inbox(), [], Backlog(1 << 20)
+        inbox, overflows, backlog = Inbox(), [], Budget(1 << 20, "max_total_backlog")
         inbox.bound(4, backlog, lambda: overflows.append(inbox.rows))
         inbox.put(tokens(7, 0, ["a", "b"]))
         inbox.put(tokens(7, 2, ["c", "d"]))
-        within = (inbox.rows, backlog.rows, len(inbox.take()), inbox.rows, backlog.rows)  # taking empties the counts
+        within = (inbox.rows, backlog.total, len(inbox.take()), inbox.rows, backlog.total)  # taking empties the counts
         inbox.put(tokens(7, 4, ["e", "f", "g"]))
         inbox.put(tokens(7, 7, ["h", "i"]))  # 5 rows waiting: past the bound
         inbox.put(tokens(7, 9, ["j"]))
-        return within, overflows, inbox.overflowed, list(inbox.messages), await inbox.wait(5.0), backlog.rows
+        return within, overflows, inbox.overflowed, list(inbox.messages), await inbox.wait(5.0), backlog.total
 
     within, overflows, overflowed, held, woke, left = asyncio.run(run())
     assert within == (4, 4, 2, 0, 0)
@@ -207,24 +208,24 @@ def test_past_the_gateways_total_backlog_the_stream_furthest_behind_is_cut():
     overflows (its client is the furthest behind), as if past its own bound."""
 
     async def run() -> tuple:
-        backlog, cut = Backlog(10), []
+        backlog, cut = Budget(10, "max_total_backlog"), []
         a, b, c = Inbox(), Inbox(), Inbox()
         for name, inbox in zip("abc", (a, b, c), strict=True):
             inbox.bound(100, backlog, lambda name=name: cut.append(name))
         a.put(tokens(1, 0, ["x"] * 4))
         b.put(tokens(2, 0, ["x"] * 3))
         c.put(tokens(3, 0, ["x"] * 2))
-        within = (backlog.rows, list(cut))
+        within = (backlog.total, list(cut))
         waiting = asyncio.ensure_future(a.wait(5.0))
         await asyncio.sleep(0)
         b.put(tokens(2, 3, ["x"] * 2))  # 11 waiting: b holds the most (5)
-        first = (backlog.rows, list(cut), b.overflowed, b.rows)
+        first = (backlog.total, list(cut), b.overflowed, b.rows)
         c.take()  # read: no longer counted
         a.put(tokens(1, 4, ["x"] * 7))  # a alone: 11
-        second = (backlog.rows, list(cut), a.overflowed, await waiting)
+        second = (backlog.total, list(cut), a.overflowed, await waiting)
         c.put(tokens(3, 2, ["x"]))
         c.close()  # the request ended: what it held is no longer counted, nor is it cut later
-        return within, first, second, backlog.rows, backlog.inboxes
+        return within, first, second, backlog.total, backlog.held
 
     within, first, second, left, bound = asyncio.run(run())
     assert within == (9, [])
@@ -330,7 +331,7 @@ class _Lease:
 
 def test_tokens_go_straight_to_the_socket_only_when_they_follow_on_and_the_client_keeps_up():
     def attempt(transport: _Transport, message: wire.Message, response: _Response | None = None):
-        completions = Completions(None, None, None, None, 10.0, 120.0, 1 << 20, 65536, 1 << 20)
+        completions = Completions(None, None, None, None, 10.0, 120.0, 1 << 20, 65536, 1 << 20, 1 << 30)
         request, response = SimpleNamespace(transport=transport), response or _Response()
         choice, lease = Choice(Submitted(7, "t"), None, Shaper(True, "m", False), 0), _Lease()
         choice.follow.next_seq = 3

@@ -3,14 +3,17 @@ much memory and event-loop time the gateway spent on it: an answer of 4 choices 
 20 top logprobs each (135 MB of JSON, ~1 GB of RSS) was assembled in one synchronous step of ~5 s,
 the gateway missed its heartbeats and the supervisor killed it as hung, cutting every other client.
 Now an answer past ``[gateway] max_whole_bytes`` is refused (stream it instead), and the one within
-it is assembled off the event loop."""
+it is assembled off the event loop, and all answers being collected together are bounded by
+``max_total_whole_bytes`` (the largest is ended first)."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 from engine_harness import wait_for
 from gateway_harness import default_topology, serving
-from openai import BadRequestError, OpenAI
+from openai import AsyncOpenAI, BadRequestError, InternalServerError, OpenAI
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,6 +36,13 @@ def small(tmp_path_factory):
 @pytest.fixture(scope="module")
 def large(tmp_path_factory):
     yield from _engine(tmp_path_factory, "whole-large", "max_whole_bytes = 268435456")
+
+
+@pytest.fixture(scope="module")
+def bounded_together(tmp_path_factory):
+    # paced: two answers of 1.5 s each, asked at once, are collected side by side
+    gateway = "max_whole_bytes = 8388608\nmax_total_whole_bytes = 8388608"
+    yield from _engine(tmp_path_factory, "whole-total", gateway, "tokens_per_s = 2000")
 
 
 def _restarts(engine) -> int:
@@ -61,3 +71,32 @@ def test_a_large_answer_within_the_limit_keeps_the_gateway_alive(large):
     assert [len(choice.logprobs.content) for choice in reply.choices] == [20000, 20000]
     assert len(reply.choices[0].logprobs.content[-1].top_logprobs) == 20
     assert _restarts(large) == 0, "the gateway was restarted: its event loop was blocked past its heartbeat"
+
+
+def test_past_max_total_whole_bytes_the_largest_answer_is_ended_and_the_other_served(bounded_together):
+    """Each whole answer was bounded (max_whole_bytes), all of them together not: a hundred clients
+    asking for large answers with logprobs held a hundred max_whole_bytes (several times that in
+    memory). Two answers of ~5 MB of JSON each, under a total of 8 MiB: the one ahead is ended with
+    503 gateway_busy once both together pass it, the other is served whole."""
+    engine = bounded_together
+    ask = {"max_tokens": 3000, "logprobs": True, "top_logprobs": 20, "extra_body": {"ignore_eos": True}}
+
+    async def both() -> list:
+        async with AsyncOpenAI(base_url=engine.url, api_key="unused", max_retries=0, timeout=60) as client:
+            calls = [
+                client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"{i}"}], **ask)
+                for i in range(2)
+            ]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(both())
+    ended = [r for r in results if isinstance(r, InternalServerError)]
+    served = [r for r in results if not isinstance(r, BaseException)]
+    assert len(ended) == 1 and len(served) == 1, results
+    error = ended[0].body
+    assert error["code"] == "gateway_busy" and "max_total_whole_bytes" in error["message"], error
+    assert ended[0].response.headers["retry-after"] == "1"
+    assert len(served[0].choices[0].logprobs.content) == 3000
+    # nothing counted once both ended; the ended answer's engine stream was cancelled
+    wait_for(lambda: engine.stats("gateway")["whole_bytes"] == 0, 10, "nothing held once both ended")
+    wait_for(lambda: engine.stats("gateway")["cancelled"] >= 1, 10, "the ended answer's stream cancelled")

@@ -270,6 +270,9 @@ def test_supervised_workers_get_validated_params_without_importing_pydantic(tmp_
         ("max_total_backlog", "1073741825"),
         ("max_total_backlog", "-5"),
         ("max_total_backlog", "true"),
+        ("max_total_whole_bytes", "1048575"),
+        ("max_total_whole_bytes", "1e20"),
+        ("max_total_whole_bytes", '"1G"'),
     ],
 )
 def test_a_gateway_bound_out_of_range_is_refused_naming_it(tmp_path, key, value):

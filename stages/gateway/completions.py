@@ -25,8 +25,9 @@ from engine.protocol.toolcalls import ToolCallJoiner
 from engine.telemetry import Telemetry
 from engine.write_now import write_now
 from shm.batch import TOP_COLUMN, TopAlternatives, top_alternatives
+from stages.gateway.budget import Budget
 from stages.gateway.errors import rejection, stream_error
-from stages.gateway.follower import Backlog, BroadcastFollower, Inbox, Tokens
+from stages.gateway.follower import BroadcastFollower, Inbox, Tokens
 from stages.gateway.inflight import InFlight
 from stages.gateway.responses import ResponsesRequest, ResponsesShaper
 from stages.gateway.shapes import (
@@ -186,6 +187,7 @@ class Completions:
         max_whole_bytes: int,
         max_stream_backlog: int,
         max_total_backlog: int,
+        max_total_whole_bytes: int,
     ) -> None:
         self.requests = requests
         self.follower = follower
@@ -195,7 +197,9 @@ class Completions:
         self.first_token_timeout_s = first_token_timeout_s
         self.max_whole_bytes = max_whole_bytes
         self.max_stream_backlog = max_stream_backlog
-        self.backlog = Backlog(max_total_backlog)  # every stream's waiting tokens, bounded together
+        # what all requests hold together: streams' tokens waiting for slow clients, whole answers
+        self.backlog = Budget(max_total_backlog, "max_total_backlog")
+        self.whole = Budget(max_total_whole_bytes, "max_total_whole_bytes")
         self.active_streams = 0
         self.counts = {
             "submitted": 0,
@@ -389,7 +393,7 @@ class Completions:
         """The error event of a stream cut by ``bound`` (the key that cut it)."""
         if bound == "max_total_backlog":
             what = (
-                f"it was the furthest behind when the gateway's streams together had more than"
+                "it was the furthest behind when the gateway's streams together had more than"
                 f" {self.backlog.limit} tokens waiting to be sent (max_total_backlog)"
             )
         else:
@@ -474,15 +478,36 @@ class Completions:
 
     async def _whole(self, ask: Ask, choices: Choices, lease: Lease) -> web.Response:
         collected = [_Collected(ask) for _ in choices.all]  # by choice index
+        try:  # counted in max_total_whole_bytes until its body is made
+            size = await self._collect(choices, lease, collected)
+            usage = choices.usage()[0]
+
+            def assemble() -> bytes:
+                answer = [part.choice(choice.shaper) for part, choice in zip(collected, choices.all, strict=True)]
+                return orjson.dumps(choices.all[0].shaper.whole(answer, usage))
+
+            # a large answer is assembled off the event loop (seconds of Python for a million logprobs:
+            # the gateway's heartbeats and every other client would wait); nothing adds to it any more
+            body = await asyncio.to_thread(assemble) if size > ASSEMBLE_INLINE_BYTES else assemble()
+        finally:
+            self.whole.release(choices.inbox)
+        headers = {"x-neuralpipe-cache": "hit" if choices.cached else "miss", **lease.headers}
+        return web.Response(body=body, content_type="application/json", headers=headers)
+
+    async def _collect(self, choices: Choices, lease: Lease, collected: list[_Collected]) -> int:
+        """Every choice's messages into ``collected`` until all have ended; the answer's JSON size,
+        estimated as it came."""
         deadline = time.monotonic() + self.first_token_timeout_s
-        size = 0  # the answer's JSON, estimated as it comes
+        size = 0
         while not choices.ended:
             for taken, (choice, message) in enumerate(choices.take(), 1):
                 if message.type in wire.TOKEN_TYPES:
                     thinking = message.type == "reasoning"
-                    size += collected[choice.shaper.index].add(message)
+                    grown = collected[choice.shaper.index].add(message)
+                    size += grown
                     if size > self.max_whole_bytes:
                         raise _too_large_whole(self.max_whole_bytes)
+                    self.whole.add(choices.inbox, grown)  # past the limit the largest answer is cut
                     chars = sum(map(len, message.text)) if message.type == "tokens" else 0
                     choice.state.add(len(message.text), chars, thinking)
                     lease.tokens(len(message.text))
@@ -492,8 +517,12 @@ class Completions:
                 elif message.type == "error":
                     choice.state.failed = True
                     raise stream_error(message.header.get("reason", ""))
+                if choices.inbox.overflowed:
+                    raise self._whole_cut()
                 if taken % YIELD_EVERY == 0:  # a backlog of messages: the other clients' turn too
                     await asyncio.sleep(0)
+            if choices.inbox.overflowed:  # cut while it waited: a larger answer came in
+                raise self._whole_cut()
             if choices.ended:
                 break
             wait = self.keepalive_s if choices.tokens else deadline - time.monotonic()
@@ -502,17 +531,18 @@ class Completions:
                 reason = f"no first token within {self.first_token_timeout_s:g} s (first_token_timeout_s)"
                 raise ApiError(503, reason, "server_error", "timeout", retry_after="1")
             await choices.inbox.wait(wait)
-        usage = choices.usage()[0]
+        return size
 
-        def assemble() -> bytes:
-            answer = [part.choice(choice.shaper) for part, choice in zip(collected, choices.all, strict=True)]
-            return orjson.dumps(choices.all[0].shaper.whole(answer, usage))
-
-        # a large answer is assembled off the event loop (seconds of Python for a million logprobs:
-        # the gateway's heartbeats and every other client would wait); nothing adds to it any more
-        body = await asyncio.to_thread(assemble) if size > ASSEMBLE_INLINE_BYTES else assemble()
-        headers = {"x-neuralpipe-cache": "hit" if choices.cached else "miss", **lease.headers}
-        return web.Response(body=body, content_type="application/json", headers=headers)
+    def _whole_cut(self) -> ApiError:
+        """The answer was the largest when all whole answers together passed max_total_whole_bytes."""
+        return ApiError(
+            503,
+            f"the gateway is collecting more whole answers than max_total_whole_bytes ({self.whole.limit} bytes"
+            ' of JSON) and this one was the largest: try again later, or ask with "stream": true',
+            "server_error",
+            "gateway_busy",
+            retry_after="1",
+        )
 
     # ---- accounting ---------------------------------------------------------------------------
 

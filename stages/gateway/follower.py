@@ -31,6 +31,7 @@ from engine.clients.consumer import RESYNC_S, ConsumerCore
 from engine.protocol import wire
 from engine.protocol.endpoints import endpoint
 from shm.batch import TOP_COLUMN
+from stages.gateway.budget import Budget
 
 RCVHWM = 1_000_000  # batch messages queued for the gateway before ZeroMQ drops (then repaired)
 RECONNECT_IVL_MS = 10
@@ -41,29 +42,6 @@ ORPHAN_MESSAGES = 10_000  # kept per such stream; beyond, it is dropped (then lo
 # runs of tokens an inbox keeps with their whole batch (every stream's rows) when its request
 # reads columns; past them a run waiting takes a copy of its own rows' columns (Inbox.put)
 PINNED_BATCHES = 8
-
-
-class Backlog:
-    """The rows waiting in every bounded inbox of the gateway (streams whose clients read slower
-    than their tokens come), against one limit: past it the inbox holding the most is overflowed
-    as if past its own bound, so the client furthest behind is cut first and the gateway's memory
-    for slow clients is bounded as a whole, not only per request."""
-
-    __slots__ = ("inboxes", "limit", "rows")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.rows = 0
-        self.inboxes: set[Inbox] = set()
-
-    def cut(self) -> None:
-        """Overflow the fullest inboxes until the rows are within the limit."""
-        while self.rows > self.limit and self.inboxes:
-            max(self.inboxes, key=_rows_of).overflow("max_total_backlog")
-
-
-def _rows_of(inbox: Inbox) -> int:
-    return inbox.rows
 
 
 class Inbox:
@@ -96,7 +74,7 @@ class Inbox:
         self.max_rows = 0
         self.on_overflow: Callable[[], None] | None = None
         self.overflowed = ""  # the bound that cut it: "max_stream_backlog" or "max_total_backlog"
-        self._backlog: Backlog | None = None
+        self._backlog: Budget | None = None  # the gateway's bound on every stream's waiting rows
         # whether the request reads its tokens' columns (logprobs, compute's columns); a waiting
         # run of tokens keeps only what will be read of its batch, never every stream's rows
         self.wants_columns = True
@@ -111,11 +89,11 @@ class Inbox:
         self._deadline = 0.0
         self._wait_s = 0.0
 
-    def bound(self, max_rows: int, backlog: Backlog, on_overflow: Callable[[], None]) -> None:
+    def bound(self, max_rows: int, backlog: Budget, on_overflow: Callable[[], None]) -> None:
         """Hold at most ``max_rows`` rows, and count them in the gateway's ``backlog``."""
         self.max_rows, self.on_overflow, self._backlog = max_rows, on_overflow, backlog
-        backlog.inboxes.add(self)
-        backlog.rows += self.rows
+        if self.rows:
+            backlog.add(self, self.rows)
 
     def put(self, message: wire.Message | Tokens) -> None:
         if self.overflowed:
@@ -128,13 +106,11 @@ class Inbox:
         self.messages.append(message)
         rows = len(message.text) if message.type in wire.TOKEN_TYPES else 1
         self.rows += rows
-        backlog = self._backlog
-        if backlog is not None:
-            backlog.rows += rows
+        if self._backlog is not None:
             if self.rows > self.max_rows:
                 self.overflow("max_stream_backlog")
-            elif backlog.rows > backlog.limit:
-                backlog.cut()
+            else:
+                self._backlog.add(self, rows)  # past its limit the fullest inbox overflows, maybe this one
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -142,7 +118,7 @@ class Inbox:
         """Drop what is held, take no more, and say so (once); ``bound`` names the key that cut it."""
         self.overflowed = bound
         self.take()
-        self._unbound()
+        self._backlog = None
         if self.on_overflow is not None:
             self.on_overflow()
         if self._waiter is not None and not self._waiter.done():
@@ -151,7 +127,7 @@ class Inbox:
     def take(self) -> deque[wire.Message | Tokens]:
         """Every message waiting, in order; the inbox is empty after."""
         if self._backlog is not None:
-            self._backlog.rows -= self.rows
+            self._backlog.release(self)
         messages, self.messages, self.rows = self.messages, deque(), 0
         return messages
 
@@ -176,13 +152,7 @@ class Inbox:
         """No more messages will be read: what is held no longer counts in the backlog."""
         self._cancel_timer()
         if self._backlog is not None:
-            self._backlog.rows -= self.rows
-            self.rows = 0
-            self._unbound()
-
-    def _unbound(self) -> None:
-        if self._backlog is not None:
-            self._backlog.inboxes.discard(self)
+            self._backlog.release(self)
             self._backlog = None
 
     def _cancel_timer(self) -> None:

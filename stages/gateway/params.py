@@ -61,6 +61,8 @@ class GatewayParams(StageParams):
     # a whole (non-streamed) answer is held until it ends: past this estimate of its JSON, 400
     # response_too_large (stream it instead); its memory in the gateway is several times this
     max_whole_bytes: IntIn(1 << 20, 1 << 30) = 64 << 20
+    # every whole answer being collected together: past this the largest is ended with 503 gateway_busy
+    max_total_whole_bytes: IntIn(1 << 20, 1 << 40) = 256 << 20
     # a stream's tokens waiting for a client that reads slower than they come: past this, the
     # request's streams are cancelled and it ends in an error event (client_too_slow)
     max_stream_backlog: IntIn(1024, 1 << 24) = 65536

@@ -77,6 +77,7 @@ class GatewayServer:
             params.max_whole_bytes,
             params.max_stream_backlog,
             params.max_total_backlog,
+            params.max_total_whole_bytes,
         )
         self.hub = FeedHub(follower, ctx.runtime_dir, params.feed_queue)
         self.health = EngineHealth(ctx.runtime_dir)
@@ -330,7 +331,8 @@ class GatewayServer:
             **self.hub.counts,
             "open": self.open,
             "active_streams": self.completions.active_streams,
-            "backlog": self.completions.backlog.rows,  # tokens waiting for slow streaming clients
+            "backlog": self.completions.backlog.total,  # tokens waiting for slow streaming clients
+            "whole_bytes": self.completions.whole.total,  # whole answers being collected (estimated JSON)
             "feeds_open": len(self.hub.feeds),
             **self.follower.counts,
             **{f"broadcast_{k}": v for k, v in self.follower.core.counts.items()},

@@ -7,14 +7,15 @@ serves: docs/gateway.md.
 Params (``[gateway]``, stages/gateway/params.py): listen (127.0.0.1:8080; port 0: any free port),
 auth (off | keys | jwt; off only on loopback) and its files, max_body_bytes, body_timeout_s,
 header_timeout_s, send_timeout_s, keepalive_s, first_token_timeout_s, submit_timeout_s,
-max_whole_bytes, max_stream_backlog, max_total_backlog, models, feed_queue, max_connections,
-cors_origins.
+max_whole_bytes, max_total_whole_bytes, max_stream_backlog, max_total_backlog, models, feed_queue,
+max_connections, cors_origins.
 
 Stats (with every heartbeat): ``url`` (the /v1 base URL clients use: ``neuralpipe status --json``
 shows it as gateway.url), requests, open, active_streams, backlog (tokens waiting for slow
-streaming clients), submitted, completed, failed, cancelled, too_slow, send_timeouts, cache_hits,
-tokens, feeds, feeds_open, feeds_dropped, refused_busy, errors, and the broadcast follower's counts
-(``broadcast_gaps``, ``broadcast_lost_streams``, ...).
+streaming clients), whole_bytes (whole answers being collected, estimated JSON), submitted,
+completed, failed, cancelled, too_slow, send_timeouts, cache_hits, tokens, feeds, feeds_open,
+feeds_dropped, refused_busy, errors, and the broadcast follower's counts (``broadcast_gaps``,
+``broadcast_lost_streams``, ...).
 """
 
 from __future__ import annotations
