@@ -139,6 +139,19 @@ METRICS: dict[str, MetricSpec] = {
     "neuralpipe_gateway_send_timeouts_total": _c(
         "Connections the gateway closed because their client took nothing of an answer for send_timeout_s."
     ),
+    "neuralpipe_gateway_backlog_tokens": _g(
+        "Tokens waiting in the gateway for streaming clients that read slower than they come"
+        " (max_total_backlog bounds them)."
+    ),
+    "neuralpipe_gateway_whole_answer_bytes": _g(
+        "Whole (non-streamed) answers being collected in the gateway, estimated bytes of JSON"
+        " (max_total_whole_bytes bounds them)."
+    ),
+    "neuralpipe_gateway_cut_total": _c(
+        "Requests the gateway ended for holding too much, by the bound that ended them: max_stream_backlog,"
+        " max_total_backlog, max_whole_bytes, max_total_whole_bytes.",
+        "bound",
+    ),
     "neuralpipe_gateway_key_requests_total": _c(
         "Gateway requests per API key name or JWT subject.", "key", max_values=100
     ),

@@ -129,6 +129,15 @@ class GatewayEngine:
             raise AssertionError(f"engine {self.instance} still running 30 s after stop")
 
 
+def cuts(engine: GatewayEngine, bound: str) -> float:
+    """``neuralpipe_gateway_cut_total`` for ``bound`` in the engine's /metrics (0 until counted:
+    the gateway's telemetry comes with its heartbeats)."""
+    for line in engine.metrics().splitlines():
+        if line.startswith("neuralpipe_gateway_cut_total{") and f'bound="{bound}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def serving(tmp_path_factory, name: str, config: str = "") -> Iterator[GatewayEngine]:
     """A module fixture's body: an engine (``config``, else the default topology) started for the
     module's tests and stopped after them (``yield from serving(...)``)."""

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 from engine_harness import wait_for
-from gateway_harness import GatewayEngine, default_topology
+from gateway_harness import GatewayEngine, cuts, default_topology
 
 HEADER_TIMEOUT_S = 0.5
 CUT_WITHIN_S = 3.0  # header_timeout_s and a loaded 2-core machine's scheduling; today: an hour
@@ -260,6 +260,7 @@ def test_a_client_far_behind_its_stream_gets_an_error_and_the_stream_is_cancelle
     assert after["too_slow"] == before["too_slow"] + 1, after
     assert after["send_timeouts"] == before["send_timeouts"]
     wait_for(lambda: gw.stats("ingest")["cancelled"] > before_ingest, 10, "the engine stream cancelled")
+    wait_for(lambda: cuts(gw, "max_stream_backlog") >= 1, 10, "the cut counted in /metrics")
 
 
 TOTAL_BACKLOG = 8192
@@ -308,3 +309,4 @@ def test_past_max_total_backlog_the_client_furthest_behind_is_cut_and_the_others
     assert whole.count(b'"finish_reason":"length"') == 1 and b"data: [DONE]" in whole and b'"error"' not in whole
     wait_for(lambda: gw.stats("gateway")["backlog"] == 0, 10, "nothing waiting once both ended")
     assert gw.stats("gateway")["too_slow"] == 1
+    wait_for(lambda: cuts(gw, "max_total_backlog") == 1, 10, "the cut counted in /metrics")

@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 from engine_harness import wait_for
-from gateway_harness import default_topology, serving
+from gateway_harness import cuts, default_topology, serving
 from openai import AsyncOpenAI, BadRequestError, InternalServerError, OpenAI
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,6 +58,7 @@ def test_an_answer_past_the_limit_is_refused_and_the_gateway_serves_on(small):
         assert "1048576" in error["message"] and '"stream": true' in error["message"]
         # its engine stream, no longer wanted (the stats come with the gateway's heartbeats)
         wait_for(lambda: small.stats("gateway")["cancelled"] >= 1, 10, "the stream cancelled")
+        wait_for(lambda: cuts(small, "max_whole_bytes") >= 1, 10, "the cut counted in /metrics")
         reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert reply.choices[0].message.content
     assert _restarts(small) == 0
@@ -100,3 +101,4 @@ def test_past_max_total_whole_bytes_the_largest_answer_is_ended_and_the_other_se
     # nothing counted once both ended; the ended answer's engine stream was cancelled
     wait_for(lambda: engine.stats("gateway")["whole_bytes"] == 0, 10, "nothing held once both ended")
     wait_for(lambda: engine.stats("gateway")["cancelled"] >= 1, 10, "the ended answer's stream cancelled")
+    wait_for(lambda: cuts(engine, "max_total_whole_bytes") == 1, 10, "the cut counted in /metrics")

@@ -384,6 +384,7 @@ class Completions:
         furthest behind when all are max_total_backlog behind): the streams are cancelled now (not
         once the client has read what is already on its way) and end in an error event (_stream)."""
         self.counts["too_slow"] += 1
+        self.telemetry.count("neuralpipe_gateway_cut_total", bound=choices.inbox.overflowed)
         for choice in choices.all:
             if not choice.follow.ended:
                 choice.follow.ended = choice.state.failed = True
@@ -506,6 +507,7 @@ class Completions:
                     grown = collected[choice.shaper.index].add(message)
                     size += grown
                     if size > self.max_whole_bytes:
+                        self.telemetry.count("neuralpipe_gateway_cut_total", bound="max_whole_bytes")
                         raise _too_large_whole(self.max_whole_bytes)
                     self.whole.add(choices.inbox, grown)  # past the limit the largest answer is cut
                     chars = sum(map(len, message.text)) if message.type == "tokens" else 0
@@ -535,6 +537,7 @@ class Completions:
 
     def _whole_cut(self) -> ApiError:
         """The answer was the largest when all whole answers together passed max_total_whole_bytes."""
+        self.telemetry.count("neuralpipe_gateway_cut_total", bound="max_total_whole_bytes")
         return ApiError(
             503,
             f"the gateway is collecting more whole answers than max_total_whole_bytes ({self.whole.limit} bytes"
