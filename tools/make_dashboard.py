@@ -245,6 +245,22 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
                 (q(f"sum(neuralpipe_gateway_active_streams{{{E}}})", "streams"),),
             ),
             PanelSpec(
+                "Tokens waiting for slow clients",
+                (q(f"sum(neuralpipe_gateway_backlog_tokens{{{E}}})", "tokens"),),
+                description="Streams' tokens their clients have not read yet; max_total_backlog bounds them.",
+            ),
+            PanelSpec(
+                "Whole answers being collected",
+                (q(f"sum(neuralpipe_gateway_whole_answer_bytes{{{E}}})", "JSON"),),
+                unit="bytes",
+                description="Estimated JSON of non-streamed answers held until they end; bound: max_total_whole_bytes.",
+            ),
+            PanelSpec(
+                "Requests cut/s by bound",
+                (rate_by("neuralpipe_gateway_cut_total", "bound", "{{bound}}"),),
+                description="Requests ended for holding too much: client_too_slow, response_too_large, gateway_busy.",
+            ),
+            PanelSpec(
                 "Tokens/s per key",
                 (rate_by("neuralpipe_gateway_key_tokens_total", "key, kind", "{{key}} {{kind}}"),),
                 width=12,
