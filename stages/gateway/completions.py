@@ -502,6 +502,8 @@ class Completions:
         size = 0
         while not choices.ended:
             for taken, (choice, message) in enumerate(choices.take(), 1):
+                if choices.inbox.overflowed:  # cut by a larger answer's growth (maybe while it yielded)
+                    raise self._whole_cut()
                 if message.type in wire.TOKEN_TYPES:
                     thinking = message.type == "reasoning"
                     grown = collected[choice.shaper.index].add(message)
@@ -519,11 +521,9 @@ class Completions:
                 elif message.type == "error":
                     choice.state.failed = True
                     raise stream_error(message.header.get("reason", ""))
-                if choices.inbox.overflowed:
-                    raise self._whole_cut()
                 if taken % YIELD_EVERY == 0:  # a backlog of messages: the other clients' turn too
                     await asyncio.sleep(0)
-            if choices.inbox.overflowed:  # cut while it waited: a larger answer came in
+            if choices.inbox.overflowed:  # cut by its last message, or while it waited
                 raise self._whole_cut()
             if choices.ended:
                 break
