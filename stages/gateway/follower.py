@@ -9,7 +9,7 @@ tokens, end | error; engine/protocol/wire.py; a batch's run of a stream's tokens
 :class:`Tokens`) from its :class:`Inbox`, or takes them as they are routed while it waits
 (``Inbox.wait``'s ``direct``). Rows can arrive before the
 accepted reply is read, so while submits are in flight, messages of streams nobody registered yet
-are kept for a little while (bounded) and handed over on registration.
+that started meanwhile are kept for a little while (bounded) and handed over on registration.
 
 A follower of one stream (``stream=N``; a browser feed of one stream) subscribes to that stream's
 topic and gets it from its beginning (the snapshot join), the same way :class:`StreamConsumer` does.
@@ -378,11 +378,14 @@ class BroadcastFollower:
         kinds = batch.columns["kind"]
         others = set(np.flatnonzero(kinds != wire.TOKEN).tolist())  # rows that are not the reply's tokens
         seqs, texts = batch.columns["seq"].tolist(), batch.texts
-        split: list[int] = []  # rows of streams with a start, end or error, or nobody registered yet
+        # while a submit is in flight, the streams that may be its own: those seen starting since
+        # (a stream's start row comes after its submit; one begun before is another client's)
+        starting = {sids[i] for i in others if kinds[i] == wire.START} if self.expecting else ()
+        split: list[int] = []  # rows of streams with a start, end or error, or kept until registered
         for sid, rows in _rows_by_stream(sids).items():
             inbox = self.inboxes.get(sid)
             if inbox is None:
-                if self.expecting:
+                if self.expecting and (sid in starting or sid in self.orphans):
                     split += rows
                 continue
             kind = "tokens" if others.isdisjoint(rows) else _one_run(kinds, rows)
