@@ -296,6 +296,8 @@ class BroadcastFollower:
             yield
         finally:
             self.expecting -= 1
+            if not self.expecting:  # each submit's stream is registered by now: the rest are others'
+                self.orphans.clear()
 
     def register(self, stream_id: int, inbox: Inbox | None = None) -> Inbox:
         """``stream_id``'s messages from now on (and any kept for it) into ``inbox`` (shared by
