@@ -203,6 +203,11 @@ class _DutyCycle:
             self.poller.register(rt.parent_sentinel, zmq.POLLIN)
         for pollable in rt.stage.pollables():
             self.poller.register(pollable, zmq.POLLIN)
+        # SIGTERM's handler only sets a flag, which a park would see at its end (the next heartbeat,
+        # past the supervisor's TERMINATE_GRACE_S): the signal also writes a byte here, which ends it
+        self.signalled, wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake, warn_on_full_buffer=False)
+        self.poller.register(self.signalled, zmq.POLLIN)
         # what a side does while its ring is empty (inputs) or full (outputs): docs/configuration.md
         self.input_wait = WaitStrategy.eagerest([end.wait for end in rt.spec.inputs])
         self.output_wait = WaitStrategy.eagerest([end.wait for end in rt.spec.outputs])
@@ -319,6 +324,10 @@ class _DutyCycle:
             os._exit(EXIT_ORPHANED)
         if rt.sock in events:
             rt.handle_control()
+        if self.signalled in events:  # its handler has run (the flag is set): only the bytes are left
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self.signalled, 64):
+                    pass
 
 
 def _rung(bell: Any) -> bool:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
-from engine_harness import alive, wait_for, with_stage
+from engine_harness import alive, full_config, wait_for, with_stage
 
 from engine.worker import TERMINATE_GRACE_S
 
@@ -39,3 +40,23 @@ def test_a_clean_up_that_does_not_end_is_cut_after_the_terminate_grace(tmp_path,
     os.kill(pid, signal.SIGTERM)
     wait_for(lambda: not alive(pid), TERMINATE_GRACE_S + 5, "the worker gone")
     assert not done.exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_parked_duty_cycle_worker_acts_on_sigterm_at_once(tmp_path, start_engine) -> None:
+    """A duty-cycle worker (compute) idle on its rings parks in one poll for up to its next
+    heartbeat. SIGTERM only set a flag that the poll did not see: the worker went on sleeping and
+    past TERMINATE_GRACE_S the supervisor SIGKILLed it, its clean-up never run."""
+    config = full_config().replace("heartbeat_interval_s = 0.1", "heartbeat_interval_s = 4.0")
+    engine = start_engine(config.replace("heartbeat_timeout_s = 1.0", "heartbeat_timeout_s = 10.0"))
+    pid = engine.worker("compute")["pid"]
+
+    def parked() -> bool:  # idle since its start (its parks doubled up to the next heartbeat) and between two
+        compute = engine.worker("compute")
+        return compute["uptime_s"] > 4.5 and 0.3 < compute["heartbeat_age_s"] < 2.0
+
+    wait_for(parked, 20, "compute idle and half-way between two heartbeats")
+    os.kill(pid, signal.SIGTERM)
+    sent = time.monotonic()
+    wait_for(lambda: not alive(pid), 10, "the worker gone")
+    assert time.monotonic() - sent < 0.5 * TERMINATE_GRACE_S
