@@ -73,7 +73,7 @@ class Inbox:
         self.rows = 0
         self.max_rows = 0
         self.on_overflow: Callable[[], None] | None = None
-        self.overflowed = ""  # the bound that cut it: "max_stream_backlog" or "max_total_backlog"
+        self.overflowed = ""  # the key of the bound that cut it ("" while not cut)
         self._backlog: Budget | None = None  # the gateway's bound on every stream's waiting rows
         # whether the request reads its tokens' columns (logprobs, compute's columns); a waiting
         # run of tokens keeps only what will be read of its batch, never every stream's rows
