@@ -278,3 +278,11 @@ def test_supervised_workers_get_validated_params_without_importing_pydantic(tmp_
 def test_a_gateway_bound_out_of_range_is_refused_naming_it(tmp_path, key, value):
     problems = _problems(tmp_path, f"[gateway]\n{key} = {value}\n")
     assert len(problems) == 1 and problems[0].startswith(f"gateway.{key}: must be"), problems
+
+
+def test_a_total_for_whole_answers_below_one_answers_bound_is_refused(tmp_path):
+    """max_total_whole_bytes under max_whole_bytes would answer a lone large answer 503
+    gateway_busy with Retry-After, a retry that can never succeed, instead of 400 response_too_large."""
+    problems = _problems(tmp_path, "[gateway]\nmax_whole_bytes = 536870912\n")
+    assert len(problems) == 1 and "max_total_whole_bytes" in problems[0] and "max_whole_bytes" in problems[0]
+    assert "536870912" in problems[0], problems

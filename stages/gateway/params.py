@@ -112,4 +112,9 @@ class GatewayParams(StageParams):
             raise ValueError(f"listen: {reason}")
         if self.auth == "jwt" and not (self.jwt_secret_file or self.jwks_file):
             raise ValueError('auth = "jwt" needs jwt_secret_file (HS256) or jwks_file (RS256/EdDSA)')
+        if self.max_total_whole_bytes < self.max_whole_bytes:  # a lone large answer would get a 503 to retry
+            raise ValueError(
+                f"max_total_whole_bytes ({self.max_total_whole_bytes}) must be >= max_whole_bytes"
+                f" ({self.max_whole_bytes}): raise it with max_whole_bytes"
+            )
         return self
