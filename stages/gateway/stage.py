@@ -105,9 +105,9 @@ class Gateway(AsyncStage):
                 closed = self.send_watch.check((c.transport for c in self.runner.server.connections), time.monotonic())
                 if closed:
                     ctx.telemetry.count("neuralpipe_gateway_send_timeouts_total", closed)
-                held = self.server.completions
-                ctx.telemetry.set("neuralpipe_gateway_backlog_tokens", held.backlog.total)
-                ctx.telemetry.set("neuralpipe_gateway_whole_answer_bytes", held.whole.total)
+                completions = self.server.completions  # what all requests hold, 4 samples a second
+                ctx.telemetry.set("neuralpipe_gateway_backlog_tokens", completions.backlog.total)
+                ctx.telemetry.set("neuralpipe_gateway_whole_answer_bytes", completions.whole.total)
         finally:
             await self.runner.cleanup()
             await self.follower.close()
