@@ -1,7 +1,9 @@
-"""The one compiled module: the compute stage's per-record kernel (stages/compute/compiled.c).
+"""The compiled modules: the compute stage's per-record kernel (stages/compute/compiled.c) and
+ingest's usual read (stages/ingest/chunk.c).
 
-Everything else is in pyproject.toml. ``optional``: where it cannot be built (no C compiler),
-the install goes on and compute runs its numpy path (docs/compute.md, "The compiled record").
+Everything else is in pyproject.toml. ``optional``: where they cannot be built (no C compiler),
+the install goes on and the stages run their Python paths (docs/compute.md, "The compiled record";
+docs/ingest.md, "The usual read in C").
 """
 
 from setuptools import Extension, setup
@@ -13,6 +15,7 @@ setup(
             ["stages/compute/compiled.c"],
             extra_compile_args=["-O2", "-ffp-contract=off"],  # no fused multiply-adds: numpy's rounding
             optional=True,
-        )
+        ),
+        Extension("stages.ingest._chunk", ["stages/ingest/chunk.c"], extra_compile_args=["-O2"], optional=True),
     ]
 )

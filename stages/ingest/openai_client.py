@@ -40,6 +40,11 @@ from stages.ingest import http_stream
 from stages.ingest.sse import SSEParser
 from stages.ingest.toolcalls import ToolCallPieces
 
+try:  # the usual read in C (setup.py builds it where a C compiler is); else the Python path alone
+    from stages.ingest._chunk import usual_token
+except ImportError:  # pragma: no cover - a build without a compiler
+    usual_token = None
+
 __all__ = [
     "ENDPOINTS",
     "StreamEnd",
@@ -469,6 +474,12 @@ class _BodyReader:
 
     def feed(self, chunk: bytes) -> Awaitable[None] | None:
         parser, decoder = self.parser, self.decoder
+        if parser.plain and usual_token is not None:
+            # the read at model speed: one event, one content token, nothing the decoder keeps
+            text = usual_token(chunk, decoder.chat, MAX_EVENT_BYTES)
+            if text is not None:
+                decoder.tokens += 1
+                return self.sink(Tokens([text], [None], [math.nan], [()], time.monotonic_ns()))
         plain = parser.feed_plain(chunk)  # the usual read: complete data-only events, bytes kept
         if plain is None:
             return self._feed_events(chunk)

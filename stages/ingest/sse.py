@@ -74,12 +74,15 @@ class SSEParser:
         self._data_size = 0  # characters in it (counted only with max_event)
         self._event_type = ""
         self._id_buffer = self.last_event_id
-        self._plain = False  # nothing buffered that a data-only read could depend on: feed_plain may go
+        # Nothing buffered that a data-only read could depend on (an ``id`` waiting for its blank
+        # line included): a read of complete ``data: `` events may be taken by :meth:`feed_plain`
+        # (or a caller's own equivalent of it) instead of :meth:`feed`, the parser unchanged.
+        self.plain = False
 
     def feed(self, chunk: bytes) -> list[Event]:
         """Parse the next bytes of the stream; return the events that they complete."""
         events = self._feed(chunk)
-        self._plain = not (
+        self.plain = not (
             self._partial
             or self._data
             or self._event_type  # an "event:" line waiting for its data names the next event
@@ -87,6 +90,7 @@ class SSEParser:
             or self._after_cr
             or self.unknown_line is not None
             or self.overflow is not None
+            or self._id_buffer != self.last_event_id
         )
         return events
 
@@ -121,7 +125,7 @@ class SSEParser:
         data of each of its events, as bytes (valid UTF-8); else None (nothing consumed: use
         :meth:`feed`). The events are the ones :meth:`feed` would return, of type "message" with
         the unchanged last event ID."""
-        if not self._plain:
+        if not self.plain:
             return None
         limit = self.max_event
         end = len(chunk) - 2
@@ -143,7 +147,6 @@ class SSEParser:
                 chunk.decode()
             except UnicodeDecodeError:
                 return None
-        self.last_event_id = self._id_buffer  # as each blank line does (it can only be unchanged)
         return pieces
 
     def _lf_line_ends(self, chunk: bytes) -> bytes:
