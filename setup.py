@@ -1,5 +1,5 @@
-"""The compiled modules: the compute stage's per-record kernel (stages/compute/compiled.c) and
-ingest's usual read (stages/ingest/chunk.c).
+"""The compiled modules: the compute stage's per-record kernel (stages/compute/compiled.c),
+ingest's usual read (stages/ingest/chunk.c) and its record fill (stages/ingest/rows.c).
 
 Everything else is in pyproject.toml. ``optional``: where they cannot be built (no C compiler),
 the install goes on and the stages run their Python paths (docs/compute.md, "The compiled record";
@@ -17,5 +17,6 @@ setup(
             optional=True,
         ),
         Extension("stages.ingest._chunk", ["stages/ingest/chunk.c"], extra_compile_args=["-O2"], optional=True),
+        Extension("stages.ingest._rows", ["stages/ingest/rows.c"], extra_compile_args=["-O2"], optional=True),
     ]
 )

@@ -9,12 +9,15 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from shm_helpers import make_ring
 
 from engine.protocol.streamtable import StreamTable
 from shm.batch import Kind, TokenBatch, top_alternatives
 from shm.naming import segment_name
 from shm.ring import Consumer, Producer
+from stages.ingest import rows as rows_module
 from stages.ingest.rows import RowBuffer
 from stages.ingest.stage import Ingest
 
@@ -171,3 +174,78 @@ def test_the_restart_table_gets_each_streams_last_row_of_a_record_and_ended_stre
     rows.append(b, 1, END, 0, math.nan, 4, b"{}")
     ingest._committed(rows.write(64))
     assert {sid: int(values[0]) for sid, values in StreamTable(ingest.active.array).left.items()} == {a: 5}
+
+
+# ---- the record fill in C (stages/ingest/rows.c) against its numpy reference -----------------
+
+COLUMN_TYPES = (np.uint64, np.uint64, np.uint8, np.uint32, np.float32, np.int64, np.uint32)
+
+
+def test_the_record_fill_is_built():
+    # setup.py builds it wherever pip install -e . finds a C compiler (tools/test.sh's machines do)
+    assert rows_module.fill is not rows_module.assign_columns, "stages/ingest/rows.c is not built: pip install -e ."
+
+
+def filled(fill, rows: tuple[list, ...]) -> list[bytes]:
+    """The bytes of each column after ``fill`` wrote ``rows`` into fresh ones."""
+    n = len(rows[0])
+    columns = (*(np.full(n, 0xAB, dtype) for dtype in COLUMN_TYPES), np.full(sum(map(len, rows[6])), 0xAB, np.uint8))
+    with np.errstate(over="ignore"):  # numpy's cast of a double past float's range warns; C's says nothing
+        fill(columns, rows)
+    return [column.tobytes() for column in columns]
+
+
+row = st.tuples(
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 255),
+    st.integers(0, 2**32 - 1),
+    st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([1e300, -1e300, 3.4e38, 1e-50, -0.0]),
+    st.integers(-(2**63), 2**63 - 1),
+    st.binary(max_size=12),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(row, min_size=1, max_size=70))
+def test_the_c_fill_writes_the_bytes_numpy_writes(rows):
+    columns = tuple(list(column) for column in zip(*rows, strict=True))
+    assert filled(rows_module.fill, columns) == filled(rows_module.assign_columns, columns)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "error"),
+    [
+        (0, -1, OverflowError),
+        (1, 2**64, OverflowError),
+        (2, 256, OverflowError),
+        (3, 2**32, OverflowError),
+        (5, 2**63, OverflowError),
+        (4, [0.5], (TypeError, ValueError)),
+        (6, "text", (TypeError, ValueError)),
+    ],
+)
+def test_a_value_a_column_cannot_hold_is_refused_by_both(column, value, error):
+    rows = [[1, 2], [3, 4], [TOKEN, TOKEN], [5, 6], [0.5, -0.5], [7, 8], [b"ab", b"c"]]
+    rows[column][1] = value
+    for fill in (rows_module.fill, rows_module.assign_columns):
+        with pytest.raises(error):
+            filled(fill, tuple(rows))
+
+
+def test_columns_of_the_wrong_size_are_refused():
+    rows = ([1], [2], [TOKEN], [3], [0.0], [4], [b"abc"])
+    good = (*(np.zeros(1, dtype) for dtype in COLUMN_TYPES), np.zeros(3, np.uint8))
+    rows_module.fill(good, rows)
+    with pytest.raises(ValueError, match="stream_id holds 16 bytes for 1 rows"):
+        rows_module.fill((np.zeros(2, np.uint64), *good[1:]), rows)
+    with pytest.raises(ValueError, match="texts hold 3 bytes, the text column 4"):
+        rows_module.fill((*good[:7], np.zeros(4, np.uint8)), rows)
+    with pytest.raises(ValueError, match="overflow the 2-byte text column"):
+        rows_module.fill((*good[:7], np.zeros(2, np.uint8)), rows)
+    with pytest.raises(TypeError, match="lists of one length"):
+        rows_module.fill(good, ([1, 2], *rows[1:]))
+    read_only = np.zeros(1, np.uint64)
+    read_only.setflags(write=False)
+    with pytest.raises((BufferError, ValueError), match="read-only"):
+        rows_module.fill((good[0], read_only, *good[2:]), rows)

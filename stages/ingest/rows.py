@@ -31,6 +31,29 @@ ROW_TEXT_LIMIT = 64 * 1024  # bytes of one row's text, whatever the ring could t
 _START, _TOKEN, _END, _ERROR = int(Kind.START), int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR)
 
 
+def assign_columns(columns: tuple[np.ndarray, ...], rows: tuple[list, ...]) -> None:
+    """Rows into a record's column views (stream_id, seq, kind, token_id, logprob, recv_ns,
+    text_end, text) from the row lists (sids, seqs, kinds, token_ids, logprobs, recv_ns, texts),
+    one numpy assignment per column: what stages/ingest/rows.c's ``fill`` does in one call, its
+    reference and the fallback where it is not built."""
+    stream_id, seq, kind, token_id, logprob, recv_ns, text_end, text = columns
+    sids, seqs, kinds, token_ids, logprobs, received, texts = rows
+    stream_id[:] = sids
+    seq[:] = seqs
+    kind[:] = kinds
+    token_id[:] = token_ids
+    logprob[:] = logprobs
+    recv_ns[:] = received
+    text_end[:] = list(accumulate(map(len, texts)))
+    text.data[:] = b"".join(texts)  # a memoryview's copy: no array made of the bytes
+
+
+try:  # built by setup.py where a C compiler is
+    from stages.ingest._rows import fill
+except ImportError:  # pragma: no cover - a build without a compiler
+    fill = assign_columns
+
+
 @dataclass(slots=True)
 class Committed:
     """What one written record held, for the writer's bookkeeping."""
@@ -115,8 +138,7 @@ class RowBuffer:
     def write(self, limit: int) -> Committed | None:
         """Write up to ``limit`` rows (the first ones) as one record; None when the ring is full."""
         n = min(limit, len(self.stream_id))
-        text_end = list(accumulate(map(len, islice(self.text, n))))
-        text_bytes = text_end[-1]
+        text_bytes = sum(map(len, islice(self.text, n)))
         top = self._top_rows(n) if self.tops else None
         extra = (top.column,) if top is not None else ()
         while batch_size(n, text_bytes, extra) > self.out.max_record:  # large texts: fewer rows
@@ -124,8 +146,7 @@ class RowBuffer:
                 top, extra = None, ()
                 continue
             n //= 2
-            del text_end[n:]
-            text_bytes = text_end[-1]
+            text_bytes = sum(map(len, islice(self.text, n)))
             if top is not None:
                 top = self._top_rows(n)
                 extra = (top.column,) if top is not None else ()
@@ -137,16 +158,13 @@ class RowBuffer:
         columns = write_batch(view, n, text_bytes, extra)
         if top is not None:
             encode_tops(columns.extra["top"], top)
-        columns.stream_id[:] = sids
-        columns.seq[:] = seqs
-        columns.token_id[:] = token_ids
-        columns.logprob[:] = logprobs
-        columns.recv_ns[:] = recv_ns
-        columns.text_end[:] = text_end
-        columns.text.data[:] = b"".join(texts)  # a memoryview's copy: no array made of the bytes
+        c = columns
+        fill(
+            (c.stream_id, c.seq, c.kind, c.token_id, c.logprob, c.recv_ns, c.text_end, c.text),
+            (sids, seqs, kinds, token_ids, logprobs, recv_ns, texts),
+        )
         next_seq = columns.seq + 1  # from the record's column: no list to convert
-        columns.kind[:] = kinds if specials else _TOKEN  # the usual record: tokens only
-        del columns
+        del columns, c
         view.release()
         self.out.commit(RECORD_TYPE)
         if self.tops:
