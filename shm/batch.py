@@ -187,12 +187,7 @@ class BatchColumns:
         self.text_end = view(buf, _U4, rows, at[5])
         self.kind = view(buf, _U1, rows, at[6])
         self.text = view(buf, _U1, text_bytes, at[7])
-        self.extra = {
-            name: view(buf, _DTYPES[dtype], rows * width, offset).reshape(rows, width)
-            if width > 1
-            else view(buf, _DTYPES[dtype], rows, offset)
-            for name, (dtype, width, offset) in extra.items()
-        }
+        self.extra = {name: extra_column(buf, rows, extra, name) for name in extra}
 
     def token_text(self, i: int) -> str:
         """Row ``i``'s text, decoded (invalid UTF-8 replaced)."""
@@ -209,6 +204,17 @@ class BatchColumns:
 def write_batch(buf: memoryview, rows: int, text_bytes: int, extra: tuple[ExtraColumn, ...] = ()) -> BatchColumns:
     """Lay out a batch header in ``buf`` (a claimed record of at least :func:`batch_size` bytes)
     and return writable column views to fill in place."""
+    _, directory = write_header(buf, rows, text_bytes, extra)
+    return BatchColumns(buf, rows, text_bytes, directory)
+
+
+def write_header(
+    buf: memoryview, rows: int, text_bytes: int, extra: tuple[ExtraColumn, ...] = ()
+) -> tuple[tuple[int, ...], dict[str, tuple[str, int, int]]]:
+    """Lay out a batch header in ``buf`` as :func:`write_batch` does, without making a view:
+    where the base columns lie (offsets in ``BASE_COLUMNS`` order, then the text arena's) and the
+    extra columns' directory (:func:`extra_column` makes a view of one). For a writer that fills
+    the columns itself (ingest's compiled fill)."""
     if len(extra) > MAX_EXTRA:
         raise BatchError(f"{len(extra)} extra columns; a batch has room for {MAX_EXTRA}")
     entries, directory, need = _extra_layout(rows, text_bytes, extra)
@@ -216,7 +222,15 @@ def write_batch(buf: memoryview, rows: int, text_bytes: int, extra: tuple[ExtraC
         raise BatchError(f"buffer of {len(buf)} bytes too small for a batch needing {need}")
     _FIXED.pack_into(buf, 0, MAGIC, VERSION, len(extra), rows, text_bytes)
     buf[DIRECTORY_OFFSET : DIRECTORY_OFFSET + len(entries)] = entries
-    return BatchColumns(buf, rows, text_bytes, directory)
+    return _base_offsets(rows, text_bytes)[0], directory
+
+
+def extra_column(buf: memoryview, rows: int, directory: dict[str, tuple[str, int, int]], name: str) -> np.ndarray:
+    """A view of extra column ``name`` of a batch laid out in ``buf`` (``directory`` as
+    :func:`write_header` returns it): ``rows`` values, or ``rows`` x width for a wider column."""
+    dtype, width, offset = directory[name]
+    column = np.frombuffer(buf, _DTYPES[dtype], rows * width, offset)
+    return column.reshape(rows, width) if width > 1 else column
 
 
 @functools.lru_cache(maxsize=1 << 10)  # a stage writes the same columns batch after batch

@@ -19,8 +19,10 @@ from shm.batch import (
     TokenBatch,
     batch_size,
     encode_texts,
+    extra_column,
     stable_token_id,
     write_batch,
+    write_header,
 )
 from shm.naming import segment_name
 from shm.ring import Consumer, Producer
@@ -218,3 +220,22 @@ def test_row_classes_by_kind_whatever_the_column_dtype(dtype: str) -> None:
     assert event_rows(kinds).tolist() == [v in (1, 3, 4) for v in values]
     assert ending_rows(kinds).tolist() == [v in (3, 4) for v in values]
     assert known_rows(kinds).tolist() == [v in (1, 2, 3, 4, 5, 6) for v in values]
+
+
+def test_write_header_lays_out_what_write_batch_does_and_says_where_each_column_lies():
+    """For a writer that fills the columns without views (ingest's compiled fill): each base column
+    written through its offset lands where write_batch's view of it lies."""
+    rows, text_bytes = 5, 13
+    with_views, header_only = (memoryview(bytearray(batch_size(rows, text_bytes, EXTRA))) for _ in range(2))
+    columns = write_batch(with_views, rows, text_bytes, EXTRA)
+    offsets, directory = write_header(header_only, rows, text_bytes, EXTRA)
+    for value, ((name, dtype), offset) in enumerate(zip(BASE_COLUMNS, offsets, strict=False), start=1):
+        getattr(columns, name)[:] = value
+        np.frombuffer(header_only, dtype, rows, offset)[:] = value
+    columns.text[:] = 9
+    header_only[offsets[-1] : offsets[-1] + text_bytes] = b"\x09" * text_bytes
+    columns.extra["hilbert"][:] = 7
+    extra_column(header_only, rows, directory, "hilbert")[:] = 7
+    assert extra_column(header_only, rows, directory, "hilbert").shape == (rows, 4)
+    del columns
+    assert bytes(with_views) == bytes(header_only)

@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from shm_helpers import make_ring
 
 from engine.protocol.streamtable import StreamTable
-from shm.batch import Kind, TokenBatch, top_alternatives
+from shm.batch import BASE_COLUMNS, Kind, TokenBatch, batch_size, top_alternatives, write_header
 from shm.naming import segment_name
 from shm.ring import Consumer, Producer
+from stages.ingest import _rows
 from stages.ingest import rows as rows_module
 from stages.ingest.rows import RowBuffer
 from stages.ingest.stage import Ingest
@@ -178,21 +179,21 @@ def test_the_restart_table_gets_each_streams_last_row_of_a_record_and_ended_stre
 
 # ---- the record fill in C (stages/ingest/rows.c) against its numpy reference -----------------
 
-COLUMN_TYPES = (np.uint64, np.uint64, np.uint8, np.uint32, np.float32, np.int64, np.uint32)
 
-
-def test_the_record_fill_is_built():
+def test_the_record_fill_is_built_for_this_batch_format():
     # setup.py builds it wherever pip install -e . finds a C compiler (tools/test.sh's machines do)
     assert rows_module.fill is not rows_module.assign_columns, "stages/ingest/rows.c is not built: pip install -e ."
+    assert _rows.COLUMNS == BASE_COLUMNS  # else rows.py would take the numpy path
 
 
-def filled(fill, rows: tuple[list, ...]) -> list[bytes]:
-    """The bytes of each column after ``fill`` wrote ``rows`` into fresh ones."""
-    n = len(rows[0])
-    columns = (*(np.full(n, 0xAB, dtype) for dtype in COLUMN_TYPES), np.full(sum(map(len, rows[6])), 0xAB, np.uint8))
+def filled(fill, rows: tuple[list, ...]) -> bytes:
+    """The record ``fill`` makes of ``rows`` (header by shm.batch.write_header, over 0xAB bytes)."""
+    n, text_bytes = len(rows[0]), sum(map(len, rows[6]))
+    record = memoryview(bytearray(b"\xab" * batch_size(n, text_bytes)))
+    offsets, _ = write_header(record, n, text_bytes)
     with np.errstate(over="ignore"):  # numpy's cast of a double past float's range warns; C's says nothing
-        fill(columns, rows)
-    return [column.tobytes() for column in columns]
+        fill(record, offsets, rows)
+    return bytes(record)
 
 
 row = st.tuples(
@@ -210,7 +211,13 @@ row = st.tuples(
 @given(st.lists(row, min_size=1, max_size=70))
 def test_the_c_fill_writes_the_bytes_numpy_writes(rows):
     columns = tuple(list(column) for column in zip(*rows, strict=True))
-    assert filled(rows_module.fill, columns) == filled(rows_module.assign_columns, columns)
+    record = filled(rows_module.fill, columns)
+    assert record == filled(rows_module.assign_columns, columns)
+    batch = TokenBatch.decode(memoryview(record))
+    assert batch.stream_id.tolist() == columns[0] and batch.texts() == [
+        t.decode("utf-8", "replace") for t in columns[6]
+    ]
+    del batch
 
 
 @pytest.mark.parametrize(
@@ -228,24 +235,25 @@ def test_the_c_fill_writes_the_bytes_numpy_writes(rows):
 def test_a_value_a_column_cannot_hold_is_refused_by_both(column, value, error):
     rows = [[1, 2], [3, 4], [TOKEN, TOKEN], [5, 6], [0.5, -0.5], [7, 8], [b"ab", b"c"]]
     rows[column][1] = value
+    record = memoryview(bytearray(batch_size(2, 3) + 8))
+    offsets, _ = write_header(record, 2, 3)
     for fill in (rows_module.fill, rows_module.assign_columns):
         with pytest.raises(error):
-            filled(fill, tuple(rows))
+            fill(record, offsets, tuple(rows))
 
 
-def test_columns_of_the_wrong_size_are_refused():
+def test_offsets_or_texts_past_the_record_are_refused():
     rows = ([1], [2], [TOKEN], [3], [0.0], [4], [b"abc"])
-    good = (*(np.zeros(1, dtype) for dtype in COLUMN_TYPES), np.zeros(3, np.uint8))
-    rows_module.fill(good, rows)
-    with pytest.raises(ValueError, match="stream_id holds 16 bytes for 1 rows"):
-        rows_module.fill((np.zeros(2, np.uint64), *good[1:]), rows)
-    with pytest.raises(ValueError, match="texts hold 3 bytes, the text column 4"):
-        rows_module.fill((*good[:7], np.zeros(4, np.uint8)), rows)
-    with pytest.raises(ValueError, match="overflow the 2-byte text column"):
-        rows_module.fill((*good[:7], np.zeros(2, np.uint8)), rows)
+    record = memoryview(bytearray(batch_size(1, 3)))
+    offsets, _ = write_header(record, 1, 3)
+    rows_module.fill(record, offsets, rows)
+    with pytest.raises(ValueError, match=r"column stream_id at \d+ does not fit the"):
+        rows_module.fill(record, (len(record) - 4, *offsets[1:]), rows)
+    with pytest.raises(ValueError, match="texts overflow the"):
+        rows_module.fill(record, (*offsets[:7], len(record) - 2), rows)
     with pytest.raises(TypeError, match="lists of one length"):
-        rows_module.fill(good, ([1, 2], *rows[1:]))
-    read_only = np.zeros(1, np.uint64)
-    read_only.setflags(write=False)
-    with pytest.raises((BufferError, ValueError), match="read-only"):
-        rows_module.fill((good[0], read_only, *good[2:]), rows)
+        rows_module.fill(record, offsets, ([1, 2], *rows[1:]))
+    with pytest.raises(TypeError, match="8 offsets and 7 row lists"):
+        rows_module.fill(record, offsets[:7], rows)
+    with pytest.raises((BufferError, TypeError), match=r"read-only|writable"):
+        rows_module.fill(bytes(len(record)), offsets, rows)

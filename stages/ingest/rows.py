@@ -9,12 +9,14 @@ text may exceed :attr:`RowBuffer.max_text` (the caller refuses or shortens longe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate, islice
 
 import numpy as np
 
 from shm.batch import (
+    BASE_COLUMNS,
     MAX_TOP_LOGPROBS,
     RECORD_TYPE,
     Kind,
@@ -22,8 +24,9 @@ from shm.batch import (
     TopRows,
     batch_size,
     encode_tops,
+    extra_column,
     top_rows,
-    write_batch,
+    write_header,
 )
 
 ROW_TEXT_LIMIT = 64 * 1024  # bytes of one row's text, whatever the ring could take
@@ -31,27 +34,32 @@ ROW_TEXT_LIMIT = 64 * 1024  # bytes of one row's text, whatever the ring could t
 _START, _TOKEN, _END, _ERROR = int(Kind.START), int(Kind.TOKEN), int(Kind.END), int(Kind.ERROR)
 
 
-def assign_columns(columns: tuple[np.ndarray, ...], rows: tuple[list, ...]) -> None:
-    """Rows into a record's column views (stream_id, seq, kind, token_id, logprob, recv_ns,
-    text_end, text) from the row lists (sids, seqs, kinds, token_ids, logprobs, recv_ns, texts),
-    one numpy assignment per column: what stages/ingest/rows.c's ``fill`` does in one call, its
-    reference and the fallback where it is not built."""
-    stream_id, seq, kind, token_id, logprob, recv_ns, text_end, text = columns
+def assign_columns(record: memoryview, offsets: tuple[int, ...], rows: tuple[list, ...]) -> None:
+    """Rows into a batch laid out in ``record`` by :func:`shm.batch.write_header` (``offsets``:
+    its base columns in ``BASE_COLUMNS`` order, then the text arena), from the row lists (sids,
+    seqs, kinds, token_ids, logprobs, recv_ns, texts), one numpy view and assignment per column:
+    what stages/ingest/rows.c's ``fill`` does in one call, its reference and the fallback where it
+    is not built."""
+    n = len(rows[0])
     sids, seqs, kinds, token_ids, logprobs, received, texts = rows
-    stream_id[:] = sids
-    seq[:] = seqs
-    kind[:] = kinds
-    token_id[:] = token_ids
-    logprob[:] = logprobs
-    recv_ns[:] = received
-    text_end[:] = list(accumulate(map(len, texts)))
-    text.data[:] = b"".join(texts)  # a memoryview's copy: no array made of the bytes
+    values = {"stream_id": sids, "seq": seqs, "kind": kinds, "token_id": token_ids, "logprob": logprobs}
+    values |= {"recv_ns": received, "text_end": list(accumulate(map(len, texts)))}
+    for (name, dtype), offset in zip(BASE_COLUMNS, offsets, strict=False):
+        np.frombuffer(record, dtype, n, offset)[:] = values[name]
+    text = b"".join(texts)
+    record[offsets[-1] : offsets[-1] + len(text)] = text
 
 
-try:  # built by setup.py where a C compiler is
-    from stages.ingest._rows import fill
-except ImportError:  # pragma: no cover - a build without a compiler
-    fill = assign_columns
+def _compiled_fill() -> Callable[[memoryview, tuple[int, ...], tuple[list, ...]], None]:
+    """stages/ingest/rows.c's fill where it is built for this batch format, else the numpy path."""
+    try:  # built by setup.py where a C compiler is
+        from stages.ingest import _rows
+    except ImportError:  # pragma: no cover - a build without a compiler
+        return assign_columns
+    return _rows.fill if _rows.COLUMNS == BASE_COLUMNS else assign_columns
+
+
+fill = _compiled_fill()
 
 
 @dataclass(slots=True)
@@ -155,16 +163,11 @@ class RowBuffer:
             return None
         sids, seqs, kinds, token_ids, logprobs, recv_ns, texts = self._take(n)
         specials = n - kinds.count(_TOKEN)  # START, END, ERROR, REASONING and TOOL_CALL rows
-        columns = write_batch(view, n, text_bytes, extra)
+        offsets, directory = write_header(view, n, text_bytes, extra)
         if top is not None:
-            encode_tops(columns.extra["top"], top)
-        c = columns
-        fill(
-            (c.stream_id, c.seq, c.kind, c.token_id, c.logprob, c.recv_ns, c.text_end, c.text),
-            (sids, seqs, kinds, token_ids, logprobs, recv_ns, texts),
-        )
-        next_seq = columns.seq + 1  # from the record's column: no list to convert
-        del columns, c
+            encode_tops(extra_column(view, n, directory, "top"), top)
+        fill(view, offsets, (sids, seqs, kinds, token_ids, logprobs, recv_ns, texts))
+        next_seq = np.frombuffer(view, np.uint64, n, offsets[1]) + 1  # seq + 1, from the record
         view.release()
         self.out.commit(RECORD_TYPE)
         if self.tops:
