@@ -48,7 +48,16 @@ def read_rows(consumer: Consumer) -> list[list[tuple]]:
     return records
 
 
-def test_a_record_holds_the_rows_in_order_and_the_writer_learns_what_it_held(ring):
+@pytest.fixture(params=["compiled", "numpy"])
+def fill_path(request, monkeypatch) -> str:
+    """Each test that takes it runs with the C fill and again with its numpy reference (the path
+    of an install without a C compiler)."""
+    if request.param == "numpy":
+        monkeypatch.setattr(rows_module, "fill", rows_module.assign_columns)
+    return request.param
+
+
+def test_a_record_holds_the_rows_in_order_and_the_writer_learns_what_it_held(ring, fill_path):
     producer, consumer = ring
     rows = RowBuffer(producer, 64)
     rows.append(7, 0, START, 0, math.nan, 100, b'{"model":"m"}')
@@ -101,7 +110,7 @@ def test_rows_beyond_the_limit_wait_for_the_next_record(ring):
     assert [[row[6] for row in record] for record in records] == [["t0", "t1t1"], ["t2" * 3, "t3" * 4, "t4" * 5]]
 
 
-def test_large_texts_go_in_fewer_rows_per_record_and_none_is_lost(ring):
+def test_large_texts_go_in_fewer_rows_per_record_and_none_is_lost(ring, fill_path):
     producer, consumer = ring
     rows = RowBuffer(producer, 64)
     texts = [bytes([65 + i]) * (rows.max_text // 2) for i in range(6)]
@@ -136,7 +145,7 @@ def test_a_full_ring_writes_nothing_and_keeps_the_rows(ring):
     assert got + [row[1] for record in read_rows(consumer) for row in record] == list(range(sent + 1))
 
 
-def test_top_logprobs_go_in_the_record_of_their_row_and_are_then_forgotten(ring):
+def test_top_logprobs_go_in_the_record_of_their_row_and_are_then_forgotten(ring, fill_path):
     producer, consumer = ring
     rows = RowBuffer(producer, 64)
     rows.append(4, 0, TOKEN, 1, -0.1, 5, b"a")
