@@ -9,7 +9,6 @@ means "wake up", so EAGAIN is ignored.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import select
@@ -43,16 +42,22 @@ class Doorbell:
         return self.fd
 
     def ring(self) -> None:
-        with contextlib.suppress(BlockingIOError):
+        # try/except, not contextlib.suppress: every record of every stage rings, and the context
+        # manager's calls cost ~0.3 µs each time (a try costs nothing until it catches)
+        try:  # noqa: SIM105 (the reason above)
             os.write(self.fd, b"\x01")
+        except BlockingIOError:  # the pipe is full: rung already
+            pass
 
     def drain(self) -> None:
         """Consume pending rings so the next poll blocks until a new one. One read of the pipe's
         whole capacity suffices (a second would only cost a syscall and an EAGAIN): a ring
         written just after only makes the next poll return at once, and the caller re-checks
         its ring anyway."""
-        with contextlib.suppress(BlockingIOError):
+        try:  # noqa: SIM105 (as ring: no context manager on the hot path)
             os.read(self.fd, _PIPE_CAPACITY)
+        except BlockingIOError:  # nothing to drain
+            pass
 
     def wait(self, timeout_s: float) -> bool:
         """Block until rung or ``timeout_s`` passes; True when rung."""
