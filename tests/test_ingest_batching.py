@@ -3,12 +3,16 @@ real engine (ingest -> verifying sink, the embedded upstream over real HTTP)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from engine_harness import Engine, wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from engine.clients.requests import RequestClient
 from engine.protocol.requests import RequestError, ingest_endpoint
-from stages.ingest.stage import Ingest
+from stages.ingest.stage import Ingest, latency_figures
 
 CONFIG = """
 [engine]
@@ -144,3 +148,16 @@ def test_params_default_to_a_window_of_at_most_2_ms():
     p = Ingest.parse_params({})
     assert p.flush_ms <= 2 and p.batch_rows >= 1
     assert Ingest.parse_params({"flush_ms": 0, "batch_rows": 1}).batch_rows == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(hnp.arrays(np.int64, st.integers(0, 5000), elements=st.integers(0, 10**10)))
+def test_the_latency_figures_are_numpys_lower_percentiles(samples):
+    """The status's p50 and p99 by one partition (the heartbeat's cost) are the samples numpy's
+    percentile with method "lower" picks."""
+    figures = latency_figures(samples.copy())
+    if not len(samples):
+        assert figures == {}
+        return
+    expected = np.percentile(samples, (50, 99), method="lower") / 1e3
+    assert [figures["latency_p50_us"], figures["latency_p99_us"]] == [round(float(x), 1) for x in expected]
