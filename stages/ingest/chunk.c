@@ -79,7 +79,7 @@ static PyObject *usual_token(PyObject *module, PyObject *const *args, Py_ssize_t
         Py_RETURN_NONE;
     if (memchr(read, '\n', n - 2) != NULL || memchr(read, '\r', n) != NULL)
         Py_RETURN_NONE;
-    PyObject *value = PyMemoryView_FromMemory((char *)read + 6, n - 8, PyBUF_READ);
+    PyObject *value = PyBytes_FromStringAndSize(read + 6, n - 8); /* a copy: nothing points into `read` after */
     if (value == NULL)
         return NULL;
     PyObject *obj = PyObject_CallOneArg(loads, value);
