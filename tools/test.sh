@@ -8,8 +8,8 @@ command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninte
 # Debian's Chromium: Playwright drives it for the live dashboard's browser tests (tests/test_dashboard_browser.py);
 # Playwright's own browser download is never used.
 command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
-# gcc: pip builds compute's C kernel and ingest's usual read (setup.py; tests/test_compute_compiled.py and
-# tests/test_ingest_usual_chunk.py check they are built).
+# gcc: pip builds compute's C kernel, ingest's usual read and its record fill (setup.py;
+# tests/test_compute_compiled.py, test_ingest_usual_chunk.py and test_ingest_rows.py check they are built).
 command -v gcc >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev)
 # Mesa's lavapipe: a Vulkan CPU adapter, so the WGSL compute kernels run against their numpy reference
 # (tests/test_compute_wgsl.py) on machines without a GPU. NODEVICE_SELECT and XDG_RUNTIME_DIR quiet its stderr.
