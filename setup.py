@@ -3,7 +3,7 @@ ingest's usual read (stages/ingest/chunk.c) and its record fill (stages/ingest/r
 
 Everything else is in pyproject.toml. ``optional``: where they cannot be built (no C compiler),
 the install goes on and the stages run their Python paths (docs/compute.md, "The compiled record";
-docs/ingest.md, "The usual read in C").
+docs/ingest.md, "The usual read and the record fill in C").
 """
 
 from setuptools import Extension, setup

@@ -23,14 +23,14 @@ static const char *const NAMES[COLUMNS] = {"stream_id", "seq", "recv_ns", "token
 static const char *const DTYPES[COLUMNS - 1] = {"<u8", "<u8", "<i8", "<u4", "<f4", "<u4", "u1"};
 static const Py_ssize_t ITEM[COLUMNS] = {8, 8, 8, 4, 4, 4, 1, 1};
 
-/* Row i of a list of ints as an unsigned (`stream_id`, `seq`, `kind`, `token_id`) or signed
- * (`recv_ns`) integer; -1 and an exception when it is not one or does not fit `bits` bits. */
+/* Row i of a list of ints (`stream_id`, `seq`, `kind`, `token_id`) as an unsigned integer; -1 and
+ * an exception when it is not one or does not fit `bits` bits. */
 static int unsigned_at(PyObject *list, Py_ssize_t i, int bits, uint64_t *out, const char *name) {
     unsigned long long v = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(list, i));
     if (v == (unsigned long long)-1 && PyErr_Occurred())
         return -1;
     if (bits < 64 && v >> bits) {
-        PyErr_Format(PyExc_OverflowError, "rows: %s %llu of row %zd does not fit %d bits", name, v, i, bits);
+        PyErr_Format(PyExc_OverflowError, "fill: %s %llu of row %zd does not fit %d bits", name, v, i, bits);
         return -1;
     }
     *out = v;
@@ -44,7 +44,7 @@ PyDoc_STRVAR(fill_doc,
              "row lists sids, seqs, kinds, token_ids, logprobs (floats), recv_ns and texts (bytes),\n"
              "all of one length; the texts' bytes end at the record's end or before it.");
 
-/* A value of `size` bytes at `at` (memcpy: the record's alignment is the ring's business). */
+/* `value` stored at byte `at` of `base` (memcpy: the record's alignment is the ring's business). */
 #define PUT(base, at, value) memcpy((base) + (at), &(value), sizeof(value))
 
 static PyObject *fill(PyObject *module, PyObject *args) {
