@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from unittest import mock
 
 import orjson
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stages.ingest import corpus, openai_client
-from stages.ingest.openai_client import MAX_EVENT_BYTES, UpstreamError, _BodyReader, _ChunkDecoder
+from stages.ingest.openai_client import MAX_EVENT_BYTES, Tokens, UpstreamError, _BodyReader, _ChunkDecoder
 from stages.ingest.sse import SSEParser
 from stages.ingest.upstream_server import _Shape, parse_request
 
@@ -197,10 +198,13 @@ reads = st.lists(
 )
 
 
-def outcome(reads: list[bytes], chat: bool) -> list:
-    """What a reader makes of ``reads``: each read's tokens, its error, the decoder's state."""
+def outcome(reads: list[bytes], chat: bool, one_token: bool = False) -> list:
+    """What a reader makes of ``reads``: each read's tokens, its error, the decoder's state.
+    ``one_token``: the reader has a sink for one-token reads too (what ingest gives it); what
+    that gets is taken as the Tokens the sink would have had."""
     got = []
-    reader = _BodyReader(_ChunkDecoder(chat), lambda tokens: got.append(tokens) and None)
+    one = (lambda text, recv_ns: got.append(Tokens.single(text, recv_ns)) and None) if one_token else None
+    reader = _BodyReader(_ChunkDecoder(chat), lambda tokens: got.append(tokens) and None, one)
     reader.feed(b": opened\n")  # a stream's first read is the full parser's (it may open with a BOM)
     for read in reads:
         try:
@@ -219,9 +223,9 @@ def outcome(reads: list[bytes], chat: bool) -> list:
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(reads=reads, chat=st.booleans())
-def test_every_read_gives_what_the_python_path_gives(reads, chat):
-    with_c = outcome(reads, chat)
+@given(reads=reads, chat=st.booleans(), one_token=st.booleans())
+def test_every_read_gives_what_the_python_path_gives(reads, chat, one_token):
+    with_c = outcome(reads, chat, one_token)
     with mock.patch.object(openai_client, "usual_token", None):
         python = outcome(reads, chat)
     assert with_c == python
@@ -235,3 +239,20 @@ def test_every_chunk_gives_what_the_python_path_gives(obj, chat):
     with_c = outcome([read], chat)
     with mock.patch.object(openai_client, "usual_token", None):
         assert with_c == outcome([read], chat)
+
+
+def test_a_read_of_one_plain_token_goes_to_the_one_token_sink_and_others_to_the_sink():
+    """Ingest's sink for the usual read gets its text and receive time; a read of two events
+    and a read with a logprob go to the Tokens sink, as before."""
+    ones, sunk = [], []
+    reader = _BodyReader(_ChunkDecoder(True), sunk.append, lambda text, recv_ns: ones.append((text, recv_ns)))
+    reader.feed(b": opened\n")
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"%s"}}]}\n\n'
+    before = time.monotonic_ns()
+    reader.feed(event % b"a")
+    reader.feed(event % b"b" + event % b"c")
+    logprob = b'"logprobs":{"content":[{"token":"d","logprob":-1}]}'
+    reader.feed(b'data: {"choices":[{"index":0,"delta":{"content":"d"},' + logprob + b"}]}\n\n")
+    assert [text for text, _ in ones] == ["a"] and before <= ones[0][1] <= time.monotonic_ns()
+    assert [t.texts for t in sunk] == [["b", "c"], ["d"]] and sunk[1].logprobs == [-1.0]
+    assert reader.decoder.tokens == 4

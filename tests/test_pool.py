@@ -17,7 +17,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from stages.ingest.openai_client import TokenEvent
+from stages.ingest.openai_client import TokenEvent, Tokens, UpstreamError
 from stages.ingest.pool import MAX_MODELS_BODY, PoolPolicy, UpstreamConfig, UpstreamPool
 from stages.ingest.upstream_server import UpstreamServer, UpstreamServerConfig
 
@@ -688,3 +688,102 @@ def test_a_long_model_list_in_many_reads_is_read_whole():
 
     healthy, reported = run(scenario())
     assert healthy and len(reported) == 1024 and reported[0] == "model-0"
+
+
+# --------------------------------------------------------------------------- the one-token sink
+# Each upstream here paced by the server (``servers`` gives tokens_per_s to the pool, whose own
+# rate is checked): reads of one token each, so the one-token way is taken where it may be.
+
+
+@contextlib.asynccontextmanager
+async def paced(*upstreams: dict) -> AsyncIterator[UpstreamPool]:
+    """A pool over one paced embedded upstream per entry of ``upstreams`` (server keys, and its
+    pool-side keys under "pool")."""
+    started, configs = [], []
+    try:
+        for i, entry in enumerate(upstreams):
+            server_keys = {k: v for k, v in entry.items() if k != "pool"}
+            started.append(UpstreamServer(UpstreamServerConfig(**{"tokens_per_s": 250.0, **server_keys})))
+            configs.append(UpstreamConfig(f"u{i}", await started[-1].start(), **entry.get("pool", {})))
+        async with pool_of(configs, strategy="round_robin", mid_stream="reissue") as pool:
+            yield pool
+    finally:
+        for server in started:
+            await server.stop()
+
+
+async def relayed(pool: UpstreamPool, body: dict, **kw) -> tuple[list[tuple[str, str]], str]:
+    """``pool.relay`` with both sinks, as ingest calls it: each token with the sink that got it,
+    and how the stream ended (its finish reason or its error)."""
+    got: list[tuple[str, str]] = []
+
+    def sink(tokens: Tokens) -> None:
+        got.extend((text, "tokens") for text in tokens.texts)
+
+    def one(text: str, recv_ns: int) -> None:
+        got.append((text, "one"))
+
+    try:
+        end = await pool.relay(body, sink, one_token=one, **kw)
+    except UpstreamError as err:
+        return got, str(err)
+    return got, end.finish_reason
+
+
+def test_the_usual_reads_go_to_the_one_token_sink_after_the_first():
+    """The first token takes the checked way (time to first token, the whole-stream deadline);
+    the reads after it, one plain token each, the one-token sink; the tokens are the stream's."""
+    body = {**CHAT, "max_tokens": 30}
+
+    async def scenario():
+        async with paced({}) as pool:
+            return await collect(pool, body), await relayed(pool, body), by_name(pool)["u0"]
+
+    events, (got, ending), snap = run(scenario())
+    assert [text for text, _ in got] == texts(events) and len(got) == 30
+    ways = [way for _, way in got]
+    assert ways[0] == "tokens" and "one" in ways
+    assert ending == "length" and snap["outstanding"] == 0
+
+
+def test_an_upstream_ignoring_max_tokens_is_cut_at_it_on_the_one_token_way():
+    async def flood(resp: web.StreamResponse) -> None:
+        for i in range(40):
+            await resp.write(token_chunk(f"t{i} "))
+            await asyncio.sleep(0.004)  # a read a token
+        await resp.write(b"data: [DONE]\n\n")
+
+    async def scenario():
+        async with hostile(flood) as up, pool_of([up]) as pool:
+            return await relayed(pool, {**CHAT, "max_tokens": 16})
+
+    got, ending = run(scenario())
+    assert [text for text, _ in got] == [f"t{i} " for i in range(16)]
+    assert "more than max_tokens (16)" in ending
+
+
+def test_a_reissue_checks_every_token_also_with_a_one_token_sink():
+    """Tokens kept for a reissue, and those replayed, never take the unchecked way."""
+    body = {**CHAT, "max_tokens": 20}
+
+    async def scenario():
+        async with paced({}) as pool:
+            expected = await collect(pool, body)
+        async with paced({"faults": "disconnect_after=5"}, {}) as pool:
+            return expected, await relayed(pool, body, deterministic=True), by_name(pool)["u0"]
+
+    expected, (got, ending), failed = run(scenario())
+    assert [text for text, _ in got] == texts(expected) and len(got) == 20 and ending == "length"
+    assert {way for _, way in got} == {"tokens"} and failed["failures"] >= 1
+
+
+def test_an_upstream_token_rate_holds_on_the_one_token_way():
+    async def scenario():
+        async with paced({"tokens_per_s": 400.0, "pool": {"tokens_per_s": 100}}) as pool:
+            began = time.monotonic()
+            got, ending = await relayed(pool, {**CHAT, "max_tokens": 150, "ignore_eos": True})
+            return got, ending, time.monotonic() - began
+
+    got, ending, elapsed = run(scenario())
+    assert len(got) == 150 and ending == "length"
+    assert 0.45 <= elapsed < 3.0  # a burst of 100 tokens, then 50 at 100 per second

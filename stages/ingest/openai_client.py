@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover - a build without a compiler
 
 __all__ = [
     "ENDPOINTS",
+    "OneToken",
     "StreamEnd",
     "TokenEvent",
     "TokenSink",
@@ -145,6 +146,11 @@ class Tokens:
         kinds = None if self.kinds is None else self.kinds[skip:]
         return Tokens(self.texts[skip:], self.ids[skip:], self.logprobs[skip:], self.tops[skip:], self.recv_ns, kinds)
 
+    @staticmethod
+    def single(text: str, recv_ns: int) -> Tokens:
+        """One content token with no id, logprob or alternatives: the usual read's."""
+        return Tokens([text], [None], [math.nan], [()], recv_ns)
+
     def upto(self, n: int) -> Tokens:
         """The first ``n`` of these tokens."""
         kinds = None if self.kinds is None else self.kinds[:n]
@@ -162,6 +168,9 @@ class StreamEnd:
 
 # Called with each read's tokens; returns None, or an awaitable the reader awaits before reading on.
 TokenSink = Callable[[Tokens], Awaitable[None] | None]
+# The same for the usual read at model speed, one content token with no id, logprob or
+# alternatives: its text and receive time, without a Tokens (what that costs is per token).
+OneToken = Callable[[str, int], Awaitable[None] | None]
 
 
 async def wait_both(first: Awaitable[None], second: Awaitable[None]) -> None:
@@ -277,14 +286,16 @@ async def relay_completion(
     body: dict,
     sink: TokenSink,
     *,
+    one_token: OneToken | None = None,
     endpoint: str = "chat",
     headers: dict | None = None,
     connect_timeout_s: float = 5,
     idle_timeout_s: float = 60,
 ) -> StreamEnd:
-    """Stream one request: ``sink`` gets the tokens of each read; returns how it ended. Every
-    upstream failure raises :class:`UpstreamError` (``before_first_token`` tells whether ``sink``
-    got a token: a reasoning model's thinking and a tool call's pieces come as tokens too)."""
+    """Stream one request: ``sink`` gets the tokens of each read (``one_token``, where given,
+    those of a read of one plain content token); returns how it ended. Every upstream failure
+    raises :class:`UpstreamError` (``before_first_token`` tells whether a sink got a token: a
+    reasoning model's thinking and a tool call's pieces come as tokens too)."""
     if endpoint not in ENDPOINTS:
         raise ValueError(f"endpoint must be one of {sorted(ENDPOINTS)}, not {endpoint!r}")
     url = base_url.rstrip("/") + ENDPOINTS[endpoint]
@@ -293,7 +304,7 @@ async def relay_completion(
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=idle_timeout_s)
     request_headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **(headers or {})}
     decoder = _ChunkDecoder(chat=endpoint == "chat")
-    reader = _BodyReader(decoder, sink)
+    reader = _BodyReader(decoder, sink, one_token)
     payload = orjson.dumps({**body, "stream": True})
     if url.startswith("http://"):  # the fast path: a bare protocol, no aiohttp per read
         try:
@@ -460,17 +471,21 @@ def _snippet(text: str) -> str:
 
 class _BodyReader:
     """SSE and JSON of one response, a read at a time: each read's events decoded into one
-    :class:`Tokens` handed to the sink. ``feed`` returns the sink's awaitable or raises
-    :class:`UpstreamError`; ``complete`` once ``[DONE]`` came (``end`` then says how the stream
-    ended)."""
+    :class:`Tokens` handed to the sink, or, for a read of one plain content token, its text to
+    ``one_token``. ``feed`` returns the sink's awaitable or raises :class:`UpstreamError`;
+    ``complete`` once ``[DONE]`` came (``end`` then says how the stream ended)."""
 
-    __slots__ = ("complete", "decoder", "end", "parser", "sink")
+    __slots__ = ("complete", "decoder", "end", "one_token", "parser", "sink")
 
-    def __init__(self, decoder: _ChunkDecoder, sink: TokenSink) -> None:
+    def __init__(self, decoder: _ChunkDecoder, sink: TokenSink, one_token: OneToken | None = None) -> None:
         self.decoder, self.sink = decoder, sink
+        self.one_token = one_token or self._as_tokens
         self.parser = SSEParser(stop_at_unknown=True, max_event=MAX_EVENT_BYTES)
         self.end: StreamEnd | None = None
         self.complete = False
+
+    def _as_tokens(self, text: str, recv_ns: int) -> Awaitable[None] | None:
+        return self.sink(Tokens.single(text, recv_ns))
 
     def feed(self, chunk: bytes) -> Awaitable[None] | None:
         parser, decoder = self.parser, self.decoder
@@ -479,7 +494,7 @@ class _BodyReader:
             text = usual_token(chunk, decoder.chat, MAX_EVENT_BYTES)
             if text is not None:
                 decoder.tokens += 1
-                return self.sink(Tokens([text], [None], [math.nan], [()], time.monotonic_ns()))
+                return self.one_token(text, time.monotonic_ns())
         plain = parser.feed_plain(chunk)  # the usual read: complete data-only events, bytes kept
         if plain is None:
             return self._feed_events(chunk)

@@ -11,6 +11,7 @@ Rules and measurements: docs/upstreams.md.
         async for event in events:
             ...
     end = await pool.relay(body, sink)   # the fast path: sink(tokens) per read; UpstreamError
+    end = await pool.relay(body, sink, one_token=one)   # and one(text, recv_ns) per one-token read
     await pool.close()
 """
 
@@ -31,6 +32,7 @@ from engine.protocol.requests import MAX_TOKENS_LIMIT
 from engine.telemetry import Telemetry
 from engine.upstreams import UpstreamEntry as UpstreamConfig  # one definition with the config's [[upstreams]]
 from stages.ingest.openai_client import (
+    OneToken,
     StreamEnd,
     TokenEvent,
     Tokens,
@@ -232,10 +234,17 @@ class UpstreamPool:
     # ------------------------------------------------------------------ one request
 
     async def relay(
-        self, body: dict, sink: TokenSink, *, endpoint: str = "chat", deterministic: bool = False
+        self,
+        body: dict,
+        sink: TokenSink,
+        *,
+        one_token: OneToken | None = None,
+        endpoint: str = "chat",
+        deterministic: bool = False,
     ) -> StreamEnd:
         """Stream ``body`` from the pool: ``sink`` gets each read's new tokens (an awaitable it
-        returns is awaited before reading on); returns how the stream ended, or raises
+        returns is awaited before reading on), ``one_token`` where given those of a read of one
+        plain content token (relay_completion's); returns how the stream ended, or raises
         :class:`UpstreamError` with the message that ends it once retries and failover are spent.
         Cancel it to stop: the upstream response is closed and the slot freed."""
         reissue = deterministic and self.policy.mid_stream == "reissue"
@@ -248,7 +257,7 @@ class UpstreamPool:
             try:
                 upstream = await self._acquire(model, tried)
                 tried.add(upstream)
-                return await self._attempt(upstream, body, endpoint, progress, sink)
+                return await self._attempt(upstream, body, endpoint, progress, sink, one_token)
             except UpstreamError as err:
                 if err.local and time.monotonic() < give_up_at:
                     # no descriptor for a connection: wait, as for a slot, until a stream ends (its
@@ -281,7 +290,13 @@ class UpstreamPool:
         return base * random.uniform(0.5, 1.0)
 
     async def _attempt(
-        self, upstream: _Upstream, body: dict, endpoint: str, progress: _Progress, sink: TokenSink
+        self,
+        upstream: _Upstream,
+        body: dict,
+        endpoint: str,
+        progress: _Progress,
+        sink: TokenSink,
+        one_token: OneToken | None,
     ) -> StreamEnd:
         """One request to ``upstream``, holding its slot (taken by :meth:`_acquire`) until it ends
         whichever way. The first ``progress.sent`` tokens were delivered by an earlier attempt:
@@ -295,14 +310,18 @@ class UpstreamPool:
         # the usual stream: nothing to keep for a reissue, no token rate of the upstream's to take
         unchecked = progress.texts is None and upstream.token_bucket is None
 
+        def fresh_one(text: str, recv_ns: int) -> Awaitable[None] | None:
+            """The usual read, one plain token: passed on as it is while nothing needs checking."""
+            nonlocal seen
+            if unchecked and seen > skip and progress.sent < limit:
+                seen += 1
+                progress.sent += 1
+                upstream.last_token_ns = recv_ns  # passive health: a stream delivering proves it up
+                return one_token(text, recv_ns)
+            return fresh(Tokens.single(text, recv_ns))
+
         def fresh(tokens: Tokens) -> Awaitable[None] | None:
             nonlocal seen
-            n = len(tokens.texts)
-            if unchecked and seen > skip and progress.sent + n <= limit:  # the usual read: passed on as it is
-                seen += n
-                progress.sent += n
-                upstream.last_token_ns = tokens.recv_ns  # passive health: a stream delivering proves it up
-                return sink(tokens)
             if seen == 0:
                 upstream.record_latency(ttft := time.monotonic() - began)
                 self.telemetry.observe("neuralpipe_time_to_first_token_seconds", ttft, upstream=upstream.cfg.name)
@@ -333,6 +352,7 @@ class UpstreamPool:
                     upstream.cfg.base_url,
                     body,
                     fresh,
+                    one_token=fresh_one if one_token is not None else None,
                     endpoint=endpoint,
                     headers=upstream.headers,
                     connect_timeout_s=policy.connect_timeout_s,

@@ -72,6 +72,10 @@ class RowTooLarge(Exception):
     """A row whose text cannot fit the ring's record: its stream ends with this error."""
 
 
+def _too_large(size: int, max_text: int) -> RowTooLarge:
+    return RowTooLarge(f"upstream sent a token of {size} bytes; at most {max_text} fit a row")
+
+
 def latency_figures(samples_ns: np.ndarray) -> dict[str, float]:
     """``latency_p50_us`` and ``latency_p99_us`` of ``samples_ns`` (none when empty): the samples
     at those ranks (numpy's "lower" percentiles), by one partition, in O(n). Every heartbeat asks:
@@ -268,29 +272,9 @@ class Ingest(AsyncStage):
         rows, next_seq, room, counts = self.rows, self.next_seq, self.room, self.counts
         append, max_text, batch_rows = rows.append, rows.max_text, rows.batch_rows
 
-        def sink(tokens: Tokens) -> Awaitable[None] | None:
-            """One read's tokens straight into the row columns (the usual read, one token, without
-            a list per column). Cancelling the stream cancels the read, so the upstream sees its
-            response closed."""
-            texts = tokens.texts
-            n = len(texts)
-            first = next_seq[sid] == 1  # the stream's first token (seq 0 is its START row)
-            if n == 1:
-                text = texts[0].encode()
-                if len(text) > max_text:
-                    raise RowTooLarge(f"upstream sent a token of {len(text)} bytes; at most {max_text} fit a row")
-                token_id = tokens.ids[0]
-                seq = next_seq[sid]
-                next_seq[sid] = seq + 1
-                if token_id is None:  # no vocabulary id from the upstream: the stable hash of the token's bytes
-                    token_id = stable_token_id(text)
-                # TOKEN, or a piece of a reasoning model's thinking or of a tool call
-                kind = tokens.kinds[0] if tokens.kinds else _TOKEN
-                append(sid, seq, kind, token_id, tokens.logprobs[0], tokens.recv_ns, text)
-                if tokens.tops[0]:  # top logprobs asked for: kept aside, by row
-                    rows.tops[(sid, seq)] = tokens.tops[0]
-            else:
-                self._add_tokens(sid, tokens)
+        def added(n: int, first: bool) -> Awaitable[None] | None:
+            """After a read's rows: the batch's flush, the client's tokens, the ring's room.
+            Cancelling the stream cancels the read, so the upstream sees its response closed."""
             counts["tokens"] += n
             if first or self.flush_timer is None or len(rows.stream_id) >= batch_rows:  # else: nothing to do yet
                 self._rows_added(first)
@@ -300,8 +284,24 @@ class Ingest(AsyncStage):
             # back-pressure from a full ring reaches the upstream read
             return room.wait() if throttle is None else wait_both(throttle, room.wait())
 
+        def sink(tokens: Tokens) -> Awaitable[None] | None:
+            first = next_seq[sid] == 1  # the stream's first token (seq 0 is its START row)
+            self._add_tokens(sid, tokens)
+            return added(len(tokens.texts), first)
+
+        def one_token(text: str, recv_ns: int) -> Awaitable[None] | None:
+            """The usual read: one content token, straight into the row columns."""
+            data = text.encode()
+            if len(data) > max_text:
+                raise _too_large(len(data), max_text)
+            seq = next_seq[sid]
+            next_seq[sid] = seq + 1
+            # no vocabulary id from the upstream: the stable hash of the token's bytes
+            append(sid, seq, _TOKEN, stable_token_id(data), math.nan, recv_ns, data)
+            return added(1, seq == 1)
+
         try:
-            end = await self.pool.relay(body, sink, endpoint=endpoint, deterministic=deterministic)
+            end = await self.pool.relay(body, sink, one_token=one_token, endpoint=endpoint, deterministic=deterministic)
         except UpstreamError as err:
             self.counts["errors"] += 1
             message = str(err)
@@ -321,7 +321,7 @@ class Ingest(AsyncStage):
         texts = [text.encode() for text in tokens.texts]
         longest = max(map(len, texts))
         if longest > self.rows.max_text:
-            raise RowTooLarge(f"upstream sent a token of {longest} bytes; at most {self.rows.max_text} fit a row")
+            raise _too_large(longest, self.rows.max_text)
         ids = tokens.ids
         if None in ids:  # no vocabulary id from the upstream: the stable hash of the token's bytes
             ids = [stable_token_id(text) if i is None else i for i, text in zip(ids, texts, strict=True)]
