@@ -18,6 +18,10 @@ class StreamTable:
         """``array``: ``(slots, 1 + W)`` uint64, as a predecessor left it (zeros when new)."""
         self.array = array
         self.rows = array.view(np.ndarray)  # a plain view: a memmap's own indexing goes through Python
+        # the same memory as one flat run of words, for updates a few words at a time: a
+        # memoryview's item costs less than a numpy call's set-up
+        self._words = memoryview(self.rows).cast("B").cast("Q")
+        self._width = self.rows.shape[1]
         self.slot_of: dict[int, int] = {}
         used = self.rows[:, 0] != 0
         # what a predecessor left open: stream id -> its values; their slots stay taken until
@@ -57,12 +61,15 @@ class StreamTable:
     def set(self, sid: int, *values: int) -> None:
         self.rows[self.slot_of[sid], 1:] = values
 
-    def advance_many(self, sids: list[int], column: int, values: list[int] | np.ndarray) -> None:
-        """Raise value ``column`` (0-based, after the id) of each of ``sids`` to the matching
-        ``values`` entry, in one numpy call; a stream listed more than once keeps the highest
-        (a record's rows of one stream, in any order)."""
-        slots = np.fromiter(map(self.slot_of.__getitem__, sids), np.intp, len(sids))
-        np.maximum.at(self.rows[:, 1 + column], slots, values)
+    def advance_past(self, sids: list[int], column: int, seqs: list[int]) -> None:
+        """Raise value ``column`` (0-based, after the id) of each of ``sids`` to one past the
+        matching ``seqs`` entry (the next seq after a committed row); a stream listed more than
+        once keeps the highest (a record's rows of one stream, in any order)."""
+        words, slot_of, width = self._words, self.slot_of, self._width
+        for sid, seq in zip(sids, seqs, strict=True):
+            at = slot_of[sid] * width + 1 + column
+            if words[at] <= seq:
+                words[at] = seq + 1
 
     def values(self, sid: int) -> np.ndarray:
         return self.rows[self.slot_of[sid], 1:]

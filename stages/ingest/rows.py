@@ -67,7 +67,7 @@ class Committed:
     """What one written record held, for the writer's bookkeeping."""
 
     stream_id: list[int]  # of each row
-    next_seq: np.ndarray  # u8: each row's seq + 1
+    seq: list[int]  # of each row
     ended: list[int]  # the streams whose END or ERROR row it held
     token_recv_ns: list[int]  # receive times of its TOKEN rows
 
@@ -167,17 +167,16 @@ class RowBuffer:
         if top is not None:
             encode_tops(extra_column(view, n, directory, "top"), top)
         fill(view, offsets, (sids, seqs, kinds, token_ids, logprobs, recv_ns, texts))
-        next_seq = np.frombuffer(view, np.uint64, n, offsets[1]) + 1  # seq + 1, from the record
         view.release()
         self.out.commit(RECORD_TYPE)
         if self.tops:
             for key in zip(sids, seqs, strict=True):
                 self.tops.pop(key, None)
         if not specials:
-            return Committed(sids, next_seq, [], recv_ns)
+            return Committed(sids, seqs, [], recv_ns)
         ended = [sid for sid, kind in zip(sids, kinds, strict=True) if kind in (_END, _ERROR)]
         received = [ns for ns, kind in zip(recv_ns, kinds, strict=True) if kind not in (_START, _END, _ERROR)]
-        return Committed(sids, next_seq, ended, received)
+        return Committed(sids, seqs, ended, received)
 
     def _take(self, n: int) -> tuple[list, list, list, list, list, list, list[bytes]]:
         """Remove the first ``n`` rows and return their columns."""

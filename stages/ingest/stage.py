@@ -468,8 +468,8 @@ class Ingest(AsyncStage):
 
     def _committed(self, committed: Committed) -> None:
         """Record in the restart-surviving table how far each stream of a committed batch got:
-        one numpy call for all of them, then the streams the batch ended free their slots."""
-        self.active.advance_many(committed.stream_id, 0, committed.next_seq)
+        then the streams the batch ended free their slots."""
+        self.active.advance_past(committed.stream_id, 0, committed.seq)
         for sid in committed.ended:
             self._free(sid)
 
