@@ -138,15 +138,23 @@ _ITEMSIZES = tuple(np.dtype(dtype).itemsize for _, dtype in BASE_COLUMNS)
 _U8, _I8, _U4, _F4 = (_DTYPES[code] for code in ("u8", "i8", "u4", "f4"))
 
 
-@functools.lru_cache(maxsize=1 << 14)  # every encode and decode asks; batches repeat their sizes
-def _base_offsets(rows: int, text_bytes: int) -> tuple[tuple[int, ...], int]:
-    """Offsets of the base columns and of the text arena, and the end of the arena."""
+@functools.lru_cache(maxsize=1 << 12)  # every encode and decode asks; batches repeat their row counts
+def _column_offsets(rows: int) -> tuple[int, ...]:
+    """Offsets of the base columns and of the text arena."""
     offsets, at = [], COLUMNS_OFFSET
     for itemsize in _ITEMSIZES:
         offsets.append(at)
         at = _align8(at + rows * itemsize)
     offsets.append(at)  # text arena
-    return tuple(offsets), _align8(at + text_bytes)
+    return tuple(offsets)
+
+
+def _base_offsets(rows: int, text_bytes: int) -> tuple[tuple[int, ...], int]:
+    """Offsets of the base columns and of the text arena, and the end of the arena. (Cached by
+    row count alone: the text's size differs from record to record, so a cache keyed on it
+    missed nearly every time.)"""
+    offsets = _column_offsets(rows)
+    return offsets, _align8(offsets[-1] + text_bytes)
 
 
 def batch_size(rows: int, text_bytes: int, extra: tuple[ExtraColumn, ...] = ()) -> int:
@@ -217,12 +225,16 @@ def write_header(
     the columns itself (ingest's compiled fill)."""
     if len(extra) > MAX_EXTRA:
         raise BatchError(f"{len(extra)} extra columns; a batch has room for {MAX_EXTRA}")
-    entries, directory, need = _extra_layout(rows, text_bytes, extra)
+    offsets, need = _base_offsets(rows, text_bytes)
+    if extra:
+        entries, directory, need = _extra_layout(rows, text_bytes, extra)
     if len(buf) < need:
         raise BatchError(f"buffer of {len(buf)} bytes too small for a batch needing {need}")
     _FIXED.pack_into(buf, 0, MAGIC, VERSION, len(extra), rows, text_bytes)
+    if not extra:
+        return offsets, _NO_EXTRA
     buf[DIRECTORY_OFFSET : DIRECTORY_OFFSET + len(entries)] = entries
-    return _base_offsets(rows, text_bytes)[0], directory
+    return offsets, directory
 
 
 def extra_column(buf: memoryview, rows: int, directory: dict[str, tuple[str, int, int]], name: str) -> np.ndarray:
@@ -231,6 +243,9 @@ def extra_column(buf: memoryview, rows: int, directory: dict[str, tuple[str, int
     dtype, width, offset = directory[name]
     column = np.frombuffer(buf, _DTYPES[dtype], rows * width, offset)
     return column.reshape(rows, width) if width > 1 else column
+
+
+_NO_EXTRA: dict[str, tuple[str, int, int]] = {}  # the directory of a batch without extra columns (never changed)
 
 
 @functools.lru_cache(maxsize=1 << 10)  # a stage writes the same columns batch after batch
@@ -265,6 +280,8 @@ class TokenBatch:
         _, at = _base_offsets(rows, text_bytes)
         if at > len(buf):
             raise BatchError(f"batch of {rows} rows and {text_bytes} text bytes overruns its {len(buf)}-byte record")
+        if not n_extra:
+            return BatchColumns(buf, rows, text_bytes, _NO_EXTRA)
         raw = bytes(buf[DIRECTORY_OFFSET : DIRECTORY_OFFSET + n_extra * _ENTRY.size])
         return BatchColumns(buf, rows, text_bytes, _read_directory(raw, rows, len(buf)))
 

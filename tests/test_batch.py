@@ -222,6 +222,27 @@ def test_row_classes_by_kind_whatever_the_column_dtype(dtype: str) -> None:
     assert known_rows(kinds).tolist() == [v in (1, 2, 3, 4, 5, 6) for v in values]
 
 
+@pytest.mark.parametrize("extra", [(), EXTRA])
+def test_records_that_differ_only_in_their_texts_size_share_one_cached_layout(extra):
+    """The layouts were cached by (rows, text bytes): a record's text size differs from the last
+    one's nearly every time, so every encode and decode missed and built its offsets anew. Now
+    by row count: texts of 100 sizes, one entry; each record still laid out right."""
+    from shm import batch
+
+    batch._column_offsets.cache_clear()
+    for text_bytes in range(100):
+        buf = memoryview(bytearray(batch_size(27, text_bytes, extra)))
+        columns = write_batch(buf, 27, text_bytes, extra)
+        columns.text[:] = 7
+        columns.seq[:] = np.arange(27)
+        del columns
+        decoded = TokenBatch.decode(buf)
+        assert decoded.seq.tolist() == list(range(27)) and bytes(decoded.text) == b"\x07" * text_bytes
+        assert set(decoded.extra) == {c.name for c in extra}
+        del decoded
+    assert batch._column_offsets.cache_info().currsize == 1
+
+
 def test_write_header_lays_out_what_write_batch_does_and_says_where_each_column_lies():
     """For a writer that fills the columns without views (ingest's compiled fill): each base column
     written through its offset lands where write_batch's view of it lies."""
