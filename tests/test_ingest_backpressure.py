@@ -49,3 +49,26 @@ def test_a_pause_longer_than_the_idle_timeout_loses_no_stream(start_engine):
     finally:
         done.set()
         reader.join(10)
+
+
+def test_the_rooms_attribute_follows_its_event():
+    """Every read checks ``open`` instead of calling ``is_set``: the two never disagree, and a
+    stream waiting for room wakes when it is set."""
+    import asyncio
+
+    from stages.ingest.stage import _Room
+
+    async def scenario() -> list:
+        room = _Room()
+        seen = [(room.open, room.is_set())]
+        room.clear()
+        seen.append((room.open, room.is_set()))
+        waiter = asyncio.ensure_future(room.wait())
+        await asyncio.sleep(0)
+        seen.append(waiter.done())
+        room.set()
+        await asyncio.wait_for(waiter, 5)
+        seen.append((room.open, room.is_set()))
+        return seen
+
+    assert asyncio.run(scenario()) == [(True, True), (False, False), False, (True, True)]

@@ -149,16 +149,18 @@ class RowBuffer:
         text_bytes = sum(map(len, islice(self.text, n)))
         top = self._top_rows(n) if self.tops else None
         extra = (top.column,) if top is not None else ()
-        while batch_size(n, text_bytes, extra) > self.out.max_record:  # large texts: fewer rows
+        size = batch_size(n, text_bytes, extra)
+        while size > self.out.max_record:  # large texts: fewer rows
             if n == 1 and top is not None:  # a row whose text leaves no room for its alternatives: without them
                 top, extra = None, ()
-                continue
-            n //= 2
-            text_bytes = sum(map(len, islice(self.text, n)))
-            if top is not None:
-                top = self._top_rows(n)
-                extra = (top.column,) if top is not None else ()
-        view = self.out.try_claim(batch_size(n, text_bytes, extra))
+            else:
+                n //= 2
+                text_bytes = sum(map(len, islice(self.text, n)))
+                if top is not None:
+                    top = self._top_rows(n)
+                    extra = (top.column,) if top is not None else ()
+            size = batch_size(n, text_bytes, extra)
+        view = self.out.try_claim(size)
         if view is None:
             return None
         sids, seqs, kinds, token_ids, logprobs, recv_ns, texts = self._take(n)

@@ -72,6 +72,25 @@ class RowTooLarge(Exception):
     """A row whose text cannot fit the ring's record: its stream ends with this error."""
 
 
+class _Room(asyncio.Event):
+    """Room for more rows (set at first): an Event whose state is also an attribute, ``open``,
+    which every read of every stream checks (``is_set`` is a Python call)."""
+
+    open = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.set()
+
+    def set(self) -> None:
+        self.open = True
+        super().set()
+
+    def clear(self) -> None:
+        self.open = False
+        super().clear()
+
+
 def _too_large(size: int, max_text: int) -> RowTooLarge:
     return RowTooLarge(f"upstream sent a token of {size} bytes; at most {max_text} fit a row")
 
@@ -108,8 +127,7 @@ class Ingest(AsyncStage):
         self.flush_soon = False  # flush_timer is a call_soon, not the window's timer
         self.last_write = -math.inf  # time.monotonic() of the last record written (the loop clock is in whole ms)
         self.wake_flusher = asyncio.Event()
-        self.room = asyncio.Event()
-        self.room.set()
+        self.room = _Room()
         self.failed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.tasks: dict[int, asyncio.Task] = {}
         self.owners: dict[int, str] = {}  # stream id -> its cancel token, which only its submitter was told
@@ -279,7 +297,7 @@ class Ingest(AsyncStage):
             if first or self.flush_timer is None or len(rows.stream_id) >= batch_rows:  # else: nothing to do yet
                 self._rows_added(first)
             throttle = credit.take(n)
-            if room.is_set():
+            if room.open:
                 return throttle
             # back-pressure from a full ring reaches the upstream read
             return room.wait() if throttle is None else wait_both(throttle, room.wait())
