@@ -38,5 +38,7 @@ def test_bench_ingest_quick_json():
         assert row["overall_tokens_per_s"] > 0
     assert [r["streams"] for r in result["paced"]] == [100]
     assert all(r["latency_p99_us"] >= r["latency_p50_us"] > 0 for r in result["paced"])
+    assert result["cpu_runs"] == [result["cpu"]] and result["cpu"]["ingest_cpu_us_per_token"] > 0  # --quick: one run
+    assert result["settings"]["heartbeat_s"] == 0.5  # the engine's default: what a deployment pays
     assert result["sink"]["gaps"] == 0 and result["sink"]["duplicates"] == 0
     assert {t["target"] for t in result["targets"]} and all(isinstance(t["met"], bool) for t in result["targets"])
