@@ -82,3 +82,97 @@ def test_sse_parser_limit_stops_an_event_of_many_data_lines():
     unlimited = SSEParser()
     unlimited.feed(b"data: " + b"y" * 5000 + b"\n")
     assert [e.data for e in unlimited.feed(b"\n")] == ["y" * 5000]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("size", [100_000, 65_536])
+def test_a_token_too_large_for_a_row_in_one_read_ends_its_stream(tmp_path, instance, size):
+    """The read at model speed (one event, one plain token) goes to the stage's one-token sink,
+    which refuses a token larger than a row as the Tokens way does: the stream ends with an error
+    row that names the size, the row before it kept. The upstream here shares ingest's event loop,
+    so its event is in the socket whole when ingest reads: one read. (65,536 bytes fit a row.)"""
+    import asyncio
+    import io
+
+    import orjson
+    import uvloop
+    from aiohttp import web
+    from shm_helpers import make_ring
+    from test_ingest_rows import read_rows
+
+    from engine.logs import JsonLogger
+    from engine.stage import WorkerContext
+    from shm.batch import Kind
+    from shm.ring import Consumer, Producer
+    from stages.ingest.stage import Ingest
+
+    def event(text: str) -> bytes:
+        return b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": text}}]}) + b"\n\n"
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(event("first"))
+        await asyncio.sleep(0.05)  # each event a read of its own
+        await resp.write(event("x" * size))
+        await asyncio.sleep(0.05)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": []})
+
+    name = f"{instance}-ingest-out"
+    with make_ring(name, 1 << 20):
+        producer, consumer = Producer.attach(name), Consumer.attach(name)
+
+        async def main() -> dict:
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", chat)
+            app.router.add_get("/v1/models", models)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            url = "http://{}:{}".format(*runner.addresses[0][:2])
+            ctx = WorkerContext(
+                name="ingest",
+                params={"upstreams": [{"name": "up", "base_url": url}], "cache": ""},
+                inputs=[],
+                outputs=[producer],
+                log=JsonLogger("ingest", "info", io.BytesIO()),
+                runtime_dir=str(tmp_path),
+                state_dir=str(tmp_path),
+                incarnation=1,
+            )
+            stage = Ingest()
+            try:
+                await stage.setup(ctx)
+                run = asyncio.create_task(stage.run(ctx))
+                body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+                assert stage._handle(b"client", orjson.dumps({"type": "submit", "body": body}))["type"] == "accepted"
+                deadline = asyncio.get_running_loop().time() + 20
+                while stage.counts["completed"] + stage.counts["errors"] == 0:
+                    assert asyncio.get_running_loop().time() < deadline, "the stream did not end"
+                    await asyncio.sleep(0.01)
+                await stage._flush_all()
+                run.cancel()
+                return dict(stage.counts)
+            finally:
+                stage.close()
+                await runner.cleanup()
+
+        try:
+            counts = uvloop.run(main())
+            rows = [row for record in read_rows(consumer) for row in record]
+        finally:
+            producer.close()
+            consumer.close()
+    kinds = [row[2] for row in rows]
+    if size > 65_536:
+        assert counts["errors"] == 1 and counts["completed"] == 0
+        assert kinds == [Kind.START, Kind.TOKEN, Kind.ERROR] and rows[1][6] == "first"
+        assert rows[2][6] == f"upstream sent a token of {size} bytes; at most 65536 fit a row"
+    else:
+        assert counts["completed"] == 1 and kinds == [Kind.START, Kind.TOKEN, Kind.TOKEN, Kind.END]
+        assert len(rows[2][6]) == size
