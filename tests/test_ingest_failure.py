@@ -28,27 +28,31 @@ from stages.ingest.stage import Ingest
 from stages.ingest.upstream_server import UpstreamServer, UpstreamServerConfig
 
 
+def ingest_context(tmp_path, producer: Producer, url: str, **params) -> WorkerContext:
+    """What the runtime hands an ingest stage run in the test's process: ``url`` its one upstream,
+    ``producer`` its output ring, no cache."""
+    return WorkerContext(
+        name="ingest",
+        params={"upstreams": [{"name": "up", "base_url": url}], "cache": "", **params},
+        inputs=[],
+        outputs=[producer],
+        log=JsonLogger("ingest", "info", io.BytesIO()),
+        runtime_dir=str(tmp_path),
+        state_dir=str(tmp_path),
+        incarnation=1,
+    )
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("batch_rows", [1, 64])  # 1: the stream task writes (full batch); 64: the flusher does
 def test_a_failed_write_ends_the_run(tmp_path, instance, batch_rows):
     name = f"{instance}-ingest-out"
     with make_ring(name, 1 << 20):
         producer = Producer.attach(name)
-        log = io.BytesIO()
 
         async def main() -> BaseException | None:
             server = UpstreamServer(UpstreamServerConfig(tokens_per_s=50))
-            url = await server.start()
-            ctx = WorkerContext(
-                name="ingest",
-                params={"upstreams": [{"name": "up", "base_url": url}], "cache": "", "batch_rows": batch_rows},
-                inputs=[],
-                outputs=[producer],
-                log=JsonLogger("ingest", "info", log),
-                runtime_dir=str(tmp_path),
-                state_dir=str(tmp_path),
-                incarnation=1,
-            )
+            ctx = ingest_context(tmp_path, producer, await server.start(), batch_rows=batch_rows)
             stage = Ingest()
             try:
                 await stage.setup(ctx)

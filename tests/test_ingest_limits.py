@@ -92,16 +92,14 @@ def test_a_token_too_large_for_a_row_in_one_read_ends_its_stream(tmp_path, insta
     row that names the size, the row before it kept. The upstream here shares ingest's event loop,
     so its event is in the socket whole when ingest reads: one read. (65,536 bytes fit a row.)"""
     import asyncio
-    import io
 
     import orjson
     import uvloop
-    from aiohttp import web
     from shm_helpers import make_ring
+    from test_ingest_failure import ingest_context
     from test_ingest_rows import read_rows
+    from test_pool import hostile
 
-    from engine.logs import JsonLogger
-    from engine.stage import WorkerContext
     from shm.batch import Kind
     from shm.ring import Consumer, Producer
     from stages.ingest.stage import Ingest
@@ -109,58 +107,35 @@ def test_a_token_too_large_for_a_row_in_one_read_ends_its_stream(tmp_path, insta
     def event(text: str) -> bytes:
         return b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": text}}]}) + b"\n\n"
 
-    async def chat(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
+    async def answer(resp) -> None:
         await resp.write(event("first"))
         await asyncio.sleep(0.05)  # each event a read of its own
         await resp.write(event("x" * size))
         await asyncio.sleep(0.05)
         await resp.write(b"data: [DONE]\n\n")
-        return resp
-
-    async def models(_: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": []})
 
     name = f"{instance}-ingest-out"
     with make_ring(name, 1 << 20):
         producer, consumer = Producer.attach(name), Consumer.attach(name)
 
         async def main() -> dict:
-            app = web.Application()
-            app.router.add_post("/v1/chat/completions", chat)
-            app.router.add_get("/v1/models", models)
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-            url = "http://{}:{}".format(*runner.addresses[0][:2])
-            ctx = WorkerContext(
-                name="ingest",
-                params={"upstreams": [{"name": "up", "base_url": url}], "cache": ""},
-                inputs=[],
-                outputs=[producer],
-                log=JsonLogger("ingest", "info", io.BytesIO()),
-                runtime_dir=str(tmp_path),
-                state_dir=str(tmp_path),
-                incarnation=1,
-            )
-            stage = Ingest()
-            try:
-                await stage.setup(ctx)
-                run = asyncio.create_task(stage.run(ctx))
-                body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
-                assert stage._handle(b"client", orjson.dumps({"type": "submit", "body": body}))["type"] == "accepted"
-                deadline = asyncio.get_running_loop().time() + 20
-                while stage.counts["completed"] + stage.counts["errors"] == 0:
-                    assert asyncio.get_running_loop().time() < deadline, "the stream did not end"
-                    await asyncio.sleep(0.01)
-                await stage._flush_all()
-                run.cancel()
-                return dict(stage.counts)
-            finally:
-                stage.close()
-                await runner.cleanup()
+            async with hostile(answer) as up:
+                stage = Ingest()
+                try:
+                    await stage.setup(ingest_context(tmp_path, producer, up.base_url))
+                    run = asyncio.create_task(stage.run(stage.ctx))
+                    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+                    submit = orjson.dumps({"type": "submit", "body": body})
+                    assert stage._handle(b"client", submit)["type"] == "accepted"
+                    deadline = asyncio.get_running_loop().time() + 20
+                    while stage.counts["completed"] + stage.counts["errors"] == 0:
+                        assert asyncio.get_running_loop().time() < deadline, "the stream did not end"
+                        await asyncio.sleep(0.01)
+                    await stage._flush_all()
+                    run.cancel()
+                    return dict(stage.counts)
+                finally:
+                    stage.close()
 
         try:
             counts = uvloop.run(main())
