@@ -5,8 +5,18 @@ sharing a table slot and republished rows."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from engine.protocol import seqtable
 from engine.protocol.seqtable import SLOTS, SeqTable
+
+
+@pytest.fixture(params=[0, seqtable.SMALL, 1 << 20], ids=["numpy", "as-built", "row-by-row"])
+def small(request, monkeypatch) -> int:
+    """Each test runs with every batch admitted by numpy, as built (row by row up to SMALL rows),
+    and every batch row by row: the paths must agree with the reference and so with each other."""
+    monkeypatch.setattr(seqtable, "SMALL", request.param)
+    return request.param
 
 
 def reference(state: dict[int, int], sids: list[int], seqs: list[int], drop_seen: bool) -> tuple[list[bool], int]:
@@ -25,7 +35,7 @@ def reference(state: dict[int, int], sids: list[int], seqs: list[int], drop_seen
     return fresh, gaps
 
 
-def test_admit_matches_a_per_row_reference_on_random_batches():
+def test_admit_matches_a_per_row_reference_on_random_batches(small):
     rng = np.random.default_rng(7)
     table, state = SeqTable(), {}
     streams = [1, 2, 3, 4 + SLOTS, 4, 99]  # 4 and 4 + SLOTS share a slot
@@ -53,7 +63,7 @@ def test_admit_matches_a_per_row_reference_on_random_batches():
             assert table.next_of(sid) == state[sid]
 
 
-def test_admit_of_rows_of_distinct_streams_matches_the_reference():
+def test_admit_of_rows_of_distinct_streams_matches_the_reference(small):
     """Records of the paced load: tens of rows, each of another stream (the vectorised path for
     rows of distinct streams), some repeated or ahead of their stream's next seq, some republished."""
     rng = np.random.default_rng(11)

@@ -14,7 +14,9 @@ import numpy as np
 from engine.protocol.wire import stream_order
 
 SLOTS = 1 << 16
-SMALL = 8  # rows up to which a batch is admitted row by row: numpy's ~15 calls cost more (paced loads)
+# rows up to which a batch is admitted row by row: numpy's ~10-15 calls cost more (paced loads;
+# hot, the two are even at ~30 rows, and in a worker numpy's set-up costs several times its hot figure)
+SMALL = 32
 CLOSED = np.uint64(1 << 62)  # the next seq of a stream that has ended: every later row of it is dropped
 
 
@@ -25,6 +27,10 @@ class SeqTable:
         self.state = np.zeros((SLOTS, 2), np.uint64) if table is None else table
         # a plain view: a memmap's own indexing goes through Python (several µs a call)
         self.table = self.state.view(np.ndarray)
+        # the same memory as one run of words (slot i: words 2i, 2i + 1), for a few rows at a time:
+        # a memoryview's item costs a fraction of a numpy call, whose set-up in a worker between
+        # records costs several times its hot figure
+        self._words = memoryview(self.table).cast("B").cast("Q")
         self.slots = len(self.table)
         self.modulus = np.uint64(self.slots)  # a numpy scalar: ``sids % slots`` then stays unsigned
 
@@ -92,15 +98,15 @@ class SeqTable:
     def _admit_small(self, sids: list[int], seqs: list[int], drop_seen: bool) -> tuple[np.ndarray, int]:
         """:meth:`admit` of a few rows in plain Python, with the same outcome: each stream's floor
         is its next seq before the batch, and its new next is past its last fresh row."""
-        table, slots = self.table, self.slots
+        words, slots = self._words, self.slots
         floors: dict[int, int] = {}
         kept: dict[int, int] = {}
         last: dict[int, int] = {}
         fresh = []
         for sid, seq in zip(sids, seqs, strict=True):
             if sid not in floors:
-                owner, nxt = table[sid % slots].tolist()
-                floors[sid] = nxt if owner == sid + 1 else 0
+                at = sid % slots * 2
+                floors[sid] = words[at + 1] if words[at] == sid + 1 else 0
             keep = seq >= floors[sid] or not drop_seen
             fresh.append(keep)
             if keep:
@@ -111,7 +117,8 @@ class SeqTable:
             if sid in kept:
                 gaps += max(0, last[sid] + 1 - floor - kept[sid])
                 floor = max(floor, last[sid] + 1)
-            table[sid % slots] = (sid + 1, floor)
+            at = sid % slots * 2
+            words[at], words[at + 1] = sid + 1, floor
         return np.array(fresh, bool), gaps
 
     def _admit_rows(
