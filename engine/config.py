@@ -442,6 +442,7 @@ class Config(_Model):
             self._check_carries_a_row(ring)
         self._check_param_overrides()
         self._check_gateway()
+        self._check_cache_names()
         return self
 
     def _gateway_workers(self) -> list[str]:
@@ -474,6 +475,34 @@ class Config(_Model):
                     f" ({needed:,}): ingest would refuse requests the gateway takes; raise it, or leave"
                     " it out (it follows the gateway)",
                 )
+
+    def _cache_workers(self) -> list[str]:
+        return [name for name, worker in self.workers.items() if worker.stage == STAGE_ALIASES["cache"]]
+
+    def _default_cache(self) -> str:
+        """The cache worker an ingest asks when its params name none: the one named "cache" (the
+        default topology's), else the topology's only one; none ("", no lookups) when it has none
+        (before, ingest retried a socket that never came, 100 times a second) or several."""
+        caches = self._cache_workers()
+        if "cache" in caches:
+            return "cache"
+        return caches[0] if len(caches) == 1 else ""
+
+    def _check_cache_names(self) -> None:
+        """An ingest's ``cache`` set to a name that is no cache worker of this topology: no socket
+        of that name ever appears, so every lookup would be skipped, silently (a typo turned the
+        cache off). Left out, it follows the topology (worker_params)."""
+        caches = self._cache_workers()
+        for name, worker in self.workers.items():
+            if worker.stage != STAGE_ALIASES["ingest"]:
+                continue
+            own, override = worker.params.get("cache"), self.params.get(name, {}).get("cache")
+            cache = override if override is not None else own
+            if cache is None or cache == "" or cache in caches or not isinstance(cache, str):
+                continue  # a value of another type: the params check names it
+            key = ("params", name) if override is not None else ("workers", name, "params")
+            known = f"the cache workers: {', '.join(caches)}" if caches else "this topology has no cache worker"
+            raise _KeyedError((*key, "cache"), f'no cache worker named {cache!r} ({known}); "" turns lookups off')
 
     def _gateway_body_bytes(self) -> int:
         """The largest body a gateway of this topology takes (an invalid value: the params check names it)."""
@@ -536,6 +565,8 @@ class Config(_Model):
             params.setdefault("state_dir", state_dir_path(self.engine.instance, self.engine.state_dir or None))
         if worker.stage == STAGE_ALIASES["ingest"] and self.upstreams and "upstreams" not in params:
             params["upstreams"] = [u.model_dump(mode="json") for u in self.upstreams]  # as TOML gives them
+        if worker.stage == STAGE_ALIASES["ingest"] and "cache" not in params:
+            params["cache"] = self._default_cache()
         if worker.stage == STAGE_ALIASES["ingest"] and "max_request_bytes" not in params:
             # what a gateway lets through, ingest takes: a submit is the body and a little more
             needed = self._gateway_body_bytes() + SUBMIT_OVERHEAD

@@ -412,3 +412,25 @@ def test_an_ingest_worker_with_its_own_upstreams_keeps_them(write):
 )
 def test_bad_upstreams_name_the_key(write, text, expected):
     assert expected in error_of(write(text))
+
+
+def test_an_ingest_asks_the_topologys_cache_and_a_cache_name_that_is_none_is_refused(write):
+    """Ingest's ``cache`` named the worker "cache" whatever the topology: a typo, or a topology
+    without that worker, skipped every lookup silently (and retried the missing socket every 10 ms)."""
+    assert load_config(env=NO_ENV).worker_params("ingest")["cache"] == "cache"
+    ingest = '[workers.ingest]\nstage = "ingest"\noutputs = ["r"]\n'
+    sink = '[workers.sink]\nstage = "verify"\ninputs = ["r"]\n'
+    no_cache = load_config(write(ingest + sink), env=NO_ENV)
+    assert no_cache.worker_params("ingest")["cache"] == ""  # nothing to ask
+    kv = ingest.replace('["r"]', '["a"]') + '[workers.kv]\nstage = "cache"\ninputs = ["a"]\noutputs = ["r"]\n' + sink
+    assert load_config(write(kv), env=NO_ENV).worker_params("ingest")["cache"] == "kv"  # its only cache
+    typo = kv.replace('outputs = ["a"]\n', 'outputs = ["a"]\nparams.cache = "kb"\n', 1)
+    assert error_of(write(typo)).endswith(
+        "workers.ingest.params.cache: no cache worker named 'kb' (the cache workers: kv); \"\" turns lookups off"
+    )
+    override = kv + '[params.ingest]\ncache = "cahce"\n'
+    assert "params.ingest.cache: no cache worker named 'cahce'" in error_of(write(override))
+    off = ingest + sink + '[params.ingest]\ncache = ""\n'
+    assert load_config(write(off), env=NO_ENV).worker_params("ingest")["cache"] == ""
+    none = ingest.replace('outputs = ["r"]\n', 'outputs = ["r"]\nparams.cache = "cache"\n') + sink
+    assert "this topology has no cache worker" in error_of(write(none))
