@@ -13,8 +13,9 @@ Params (all optional; a bad value is refused at start with the key named, ``stag
     client_requests_per_s, client_burst, client_tokens_per_s, client_burst_tokens, queue_bound
                      rate limits per client
     max_streams      concurrent streams (4096, 1..2**20); one more is rejected ("at capacity")
-    cache            name of the cache worker to ask before going upstream ("cache"; "" disables;
-                     no lookup while its socket does not exist; docs/cache.md)
+    cache            name of the cache worker to ask before going upstream (left out: the
+                     topology's, engine/config.py; "" disables; no lookup while its socket does
+                     not exist; docs/cache.md)
     cache_policy     which requests are cacheable: "deterministic" (temperature 0 or a seed), "all", "off"
 
 Rows: one START row (text: JSON {model, cached, cache_key}), one TOKEN row per token, then one END
