@@ -298,10 +298,10 @@ def measure(settings: Settings, progress: bool) -> dict[str, Any]:
     unpaced, sink_unpaced = run_engine(0.0, list(settings.unpaced), unpaced_run, progress, settings)
     rate = settings.paced[0][1]  # the upstream's pace is per engine: every paced load uses the first's
     paced, sink_paced = run_engine(rate, list(settings.paced), paced_run, progress, settings, settings.decode_steps)
-    streams, rate, tokens = settings.cpu
-    warm_up = (streams, rate, max(tokens // 5, 1))  # the streams' connections made, the code paths run once
+    streams, cpu_rate, tokens = settings.cpu
+    warm_up = (streams, cpu_rate, max(tokens // 5, 1))  # the streams' connections made, the code paths run once
     runs = [warm_up] + [settings.cpu] * settings.cpu_runs
-    cpu, sink_cpu = run_engine(rate, runs, paced_run, progress, settings, settings.decode_steps)
+    cpu, sink_cpu = run_engine(cpu_rate, runs, paced_run, progress, settings, settings.decode_steps)
     cpu = cpu[1:]
     median = sorted(cpu, key=lambda row: row["ingest_cpu_us_per_token"])[len(cpu) // 2]
     sink = _sum_counts(sink_unpaced, sink_paced, sink_cpu)

@@ -3,12 +3,23 @@ its own stream with an error; ingest neither wedges nor restarts, and the rows s
 
 from __future__ import annotations
 
+import asyncio
+
+import orjson
 import pytest
+import uvloop
 from engine_harness import Engine, wait_for
+from shm_helpers import make_ring
+from test_ingest_failure import ingest_context
+from test_ingest_rows import read_rows
+from test_pool import hostile
 
 from engine.clients.requests import RequestClient
 from engine.protocol.requests import ingest_endpoint
+from shm.batch import Kind
+from shm.ring import Consumer, Producer
 from stages.ingest.sse import SSEParser
+from stages.ingest.stage import Ingest
 
 CONFIG = """
 [engine]
@@ -91,18 +102,6 @@ def test_a_token_too_large_for_a_row_in_one_read_ends_its_stream(tmp_path, insta
     which refuses a token larger than a row as the Tokens way does: the stream ends with an error
     row that names the size, the row before it kept. The upstream here shares ingest's event loop,
     so its event is in the socket whole when ingest reads: one read. (65,536 bytes fit a row.)"""
-    import asyncio
-
-    import orjson
-    import uvloop
-    from shm_helpers import make_ring
-    from test_ingest_failure import ingest_context
-    from test_ingest_rows import read_rows
-    from test_pool import hostile
-
-    from shm.batch import Kind
-    from shm.ring import Consumer, Producer
-    from stages.ingest.stage import Ingest
 
     def event(text: str) -> bytes:
         return b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": text}}]}) + b"\n\n"
