@@ -39,12 +39,15 @@ class Job:
     api: str = "chat"  # or "responses": OpenAI's Responses API (POST /responses)
 
 
-class _Tally:
+class Tally:
     """What the requests of one job saw."""
 
-    def __init__(self) -> None:
+    def __init__(self, streams: int) -> None:
+        self.streams = streams
         self.ttft_ns: list[int] = []
         self.latency_ns: list[int] = []
+        self.received_ns: list[int] = []  # when each token of latency_ns came
+        self.started_ns: list[int] = []  # when each stream's first request had its first token
         self.requests = self.cache_hits = self.error_count = 0
         self.errors: list[str] = []
 
@@ -53,12 +56,21 @@ class _Tally:
         if len(self.errors) < MAX_ERRORS_KEPT:
             self.errors.append(text)
 
+    def steady_latency_ns(self) -> list[int]:
+        """The latency of the tokens that came once every stream had its first token: the load's
+        steady state, without the start of every stream at once (none if a stream never had one)."""
+        if len(self.started_ns) < self.streams:
+            return []
+        settled = max(self.started_ns)
+        return [ns for ns, at in zip(self.latency_ns, self.received_ns, strict=True) if at >= settled]
+
     def result(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
             "tokens": len(self.latency_ns),
             "ttft_ns": self.ttft_ns,
             "latency_ns": self.latency_ns,
+            "steady_latency_ns": self.steady_latency_ns(),
             "cache_hits": self.cache_hits,
             "error_count": self.error_count,
             "errors": self.errors,
@@ -91,7 +103,7 @@ def _response_texts(event: bytes) -> tuple[str | None, str | None]:
     return (body.get("delta") or None) if body.get("type") == "response.output_text.delta" else None, None
 
 
-async def _one(session: aiohttp.ClientSession, job: Job, body: bytes, tally: _Tally) -> None:
+async def _one(session: aiohttp.ClientSession, job: Job, body: bytes, tally: Tally, opens_stream: bool) -> None:
     tally.requests += 1
     began = time.monotonic_ns()
     first = True
@@ -120,13 +132,16 @@ async def _one(session: aiohttp.ClientSession, job: Job, body: bytes, tally: _Ta
                     return
                 if first and stamps:
                     tally.ttft_ns.append(now - began)
+                    if opens_stream:
+                        tally.started_ns.append(now)
                     first = False
                 tally.latency_ns.extend(now - stamp for stamp in stamps)
+                tally.received_ns.extend([now] * len(stamps))
     if first:
         tally.error("stream ended without a token")
 
 
-async def _stream(session: aiohttp.ClientSession, job: Job, index: int, tally: _Tally) -> None:
+async def _stream(session: aiohttp.ClientSession, job: Job, index: int, tally: Tally) -> None:
     await asyncio.sleep(index * job.spread_s / job.streams)
     for round_ in range(job.rounds):
         prompt = f"gateway bench {job.tag} stream {index} round {round_}"
@@ -136,13 +151,13 @@ async def _stream(session: aiohttp.ClientSession, job: Job, index: int, tally: _
             body = {"model": job.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": job.tokens}
         body |= {"stream": True, **job.extra}
         try:
-            await _one(session, job, orjson.dumps(body), tally)
+            await _one(session, job, orjson.dumps(body), tally, opens_stream=round_ == 0)
         except (TimeoutError, aiohttp.ClientError) as exc:
             tally.error(f"{type(exc).__name__}: {exc}")
 
 
 async def _run(job: Job) -> dict[str, Any]:
-    tally = _Tally()
+    tally = Tally(job.streams)
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=READ_TIMEOUT_S)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:

@@ -12,6 +12,7 @@ import urllib.request
 import orjson
 import pytest
 
+from bench.gateway_load import Tally
 from stages.ingest.upstream_server import UpstreamServerConfig, serve_in_process
 
 
@@ -34,6 +35,15 @@ def test_upstream_stamps_each_token_with_its_send_time():
     stamps = [int(t) for t in texts if t]  # the role chunk's "" and the finish chunk's None carry none
     assert len(stamps) == 5 and all(t.endswith(" ") for t in texts if t)
     assert began <= stamps[0] <= stamps[-1] <= ended and stamps == sorted(stamps)
+
+
+def test_steady_state_is_what_came_once_every_stream_had_its_first_token():
+    tally = Tally(streams=2)
+    tally.latency_ns, tally.received_ns = [50, 60, 70, 80], [100, 200, 300, 400]
+    tally.started_ns = [100, 300]  # the second stream's first token came at 300
+    assert tally.steady_latency_ns() == [70, 80]
+    tally.started_ns = [100]  # a stream that never had a token: no steady state
+    assert tally.steady_latency_ns() == []
 
 
 def _quick(*args: str) -> dict:
@@ -62,6 +72,8 @@ def test_bench_gateway_quick_json():
         assert row["requests"] == {1: 2, 10: 10}[row["streams"]]  # QUICK: 1 stream x 2 requests, 10 x 1
         assert 0 < row["token_p50_us"] <= row["token_p99_us"] <= row["token_p999_us"]
         assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"]
+        assert 0 < row["steady_tokens"] <= row["tokens"]
+        assert 0 < row["token_steady_p50_us"] <= row["token_steady_p99_us"]
         assert {"added_token_p50_us", "added_token_p99_us", "added_ttft_p50_ms", "proxy_cpu_us_per_token"} <= set(row)
     direct, gateway = rows[2], rows[3]
     assert direct["proxy_cpu_us_per_token"] == 0 and direct["added_token_p99_us"] == 0
@@ -73,8 +85,9 @@ def test_bench_gateway_quick_json():
     assert result["ratios"] == []  # no LiteLLM in a quick run
     assert set(gateway["engine_path"]) >= {"to_broadcast_p50_us", "gateway_worker_p50_us", "gateway_worker_p99_us"}
     assert gateway["engine_path"]["tokens"] == gateway["tokens"]  # the tap saw every token the client got
-    assert [t["met"] for t in result["targets"]][2:] == [None, None, None, None]  # LiteLLM's ratios
-    assert all(isinstance(t["met"], bool) for t in result["targets"][:2])
+    assert [t["met"] for t in result["targets"]][3:] == [None, None, None, None]  # LiteLLM's ratios
+    assert all(isinstance(t["met"], bool) for t in result["targets"][:3])
+    assert result["targets"][1]["value"] == gateway["added_steady_p99_us"]
 
 
 @pytest.mark.timeout(150)
