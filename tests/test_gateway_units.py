@@ -14,6 +14,7 @@ import numpy as np
 from engine.clients.consumer import RESYNC_S
 from engine.clients.requests_async import Submitted
 from engine.protocol import wire
+from stages.gateway import follower as follower_module
 from stages.gateway.budget import Budget
 from stages.gateway.completions import Ask, Choice, Choices, Completions
 from stages.gateway.follower import PINNED_BATCHES, BroadcastFollower, Inbox
@@ -368,6 +369,39 @@ def test_tokens_go_straight_to_the_socket_only_when_they_follow_on_and_the_clien
     ):
         done, next_seq, counted, delivered, _, written = attempt(transport, message)
         assert (done, next_seq, counted, delivered) == (False, 3, 0, 0) and not written
+
+
+def test_rows_kept_for_unregistered_streams_are_bounded_in_bytes(tmp_path):
+    """While submits are in flight the follower keeps the rows of streams that start meanwhile
+    (one of them may be the submitted one). Under a steady stream of submits some is always in
+    flight, so other clients' streams were kept up to ten seconds, bounded in streams and messages
+    but not in bytes: an upstream sending tokens of 64 KiB could make the gateway hold gigabytes.
+    The oldest streams kept go first once their rows pass ORPHAN_BYTES; the newest stay."""
+    S, T = wire.START, wire.TOKEN
+    start = '{"model": "m", "cached": false}'
+    big = "x" * 60_000
+    batches = [_batch([(100 + i, 0, S, start), *[(100 + i, 1 + k, T, big) for k in range(8)]], i) for i in range(40)]
+
+    async def run() -> tuple:
+        follower = BroadcastFollower(str(tmp_path))
+        try:
+            follower.core.feed([b"", b'{"type":"batches_end","first":0,"next":0,"epoch":1}', b""], False)
+            with follower.expecting_one():
+                for frames in batches:
+                    follower.core.feed(frames, True)
+                    follower._deliver()
+                kept = sorted(follower.orphans)
+                held = sum(len(t) for entry in follower.orphans.values() for m in entry.messages for t in m.text)
+                counted = follower.orphan_bytes
+                inbox = follower.register(139)  # the newest: its rows are all there
+            return kept, held, counted, follower.counts["orphans_dropped"], [(m.type, m.seq) for m in inbox.messages]
+        finally:
+            await follower.close()
+
+    kept, held, counted, dropped, handed = asyncio.run(run())
+    assert held <= counted <= follower_module.ORPHAN_BYTES < 40 * 8 * 60_000
+    assert dropped > 0 and kept == list(range(140 - len(kept), 140))
+    assert handed == [("start", (0, 0)), ("tokens", (1, 8))]
 
 
 def test_while_a_submit_is_in_flight_only_streams_that_start_meanwhile_are_kept(tmp_path):

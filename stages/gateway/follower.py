@@ -39,6 +39,10 @@ DRAIN_LIMIT = 1000  # messages read per socket per wake-up: then the others' tur
 ORPHAN_STREAMS = 4096  # streams whose rows came before their accepted reply was read
 ORPHAN_TTL_S = 10.0
 ORPHAN_MESSAGES = 10_000  # kept per such stream; beyond, it is dropped (then lost: an explicit error)
+# every such stream's kept messages together (texts, columns and a little for the objects); past
+# it the oldest streams go: the newest is the likeliest to be the submit awaiting its reply
+ORPHAN_BYTES = 8 << 20
+_MESSAGE_OVERHEAD = 256
 # runs of tokens an inbox keeps with their whole batch (every stream's rows) when its request
 # reads columns; past them a run waiting takes a copy of its own rows' columns (Inbox.put)
 PINNED_BATCHES = 8
@@ -253,7 +257,8 @@ class BroadcastFollower:
         self.core = ConsumerCore(self._send, stream, encoding="binary")
         self.inboxes: dict[int, Inbox] = {}
         self.expecting = 0  # submits whose accepted reply has not been read yet
-        self.orphans: OrderedDict[int, tuple[float, list[wire.Message]]] = OrderedDict()
+        self.orphans: OrderedDict[int, _Kept] = OrderedDict()
+        self.orphan_bytes = 0  # what self.orphans holds, by _message_bytes
         self.listeners: set[Callable[[wire.Batch | wire.Message], None]] = set()
         self.counts = {"orphans_dropped": 0}
         self.columns: frozenset[str] = frozenset()  # the appended columns (compute's) batches carry
@@ -300,6 +305,7 @@ class BroadcastFollower:
             self.expecting -= 1
             if not self.expecting:  # each submit's stream is registered by now: the rest are others'
                 self.orphans.clear()
+                self.orphan_bytes = 0
 
     def register(self, stream_id: int, inbox: Inbox | None = None) -> Inbox:
         """``stream_id``'s messages from now on (and any kept for it) into ``inbox`` (shared by
@@ -307,7 +313,8 @@ class BroadcastFollower:
         inbox = self.inboxes[stream_id] = inbox or Inbox()
         kept = self.orphans.pop(stream_id, None)
         if kept is not None:
-            for message in kept[1]:
+            self.orphan_bytes -= kept.bytes
+            for message in kept.messages:
                 inbox.put(message)
         return inbox
 
@@ -411,20 +418,48 @@ class BroadcastFollower:
                 self._keep_orphan(message, now)
 
     def _keep_orphan(self, message: wire.Message, now: float) -> None:
+        size = _message_bytes(message)
         while self.orphans:
-            sid, (since, _) = next(iter(self.orphans.items()))
-            if now - since < ORPHAN_TTL_S and len(self.orphans) < ORPHAN_STREAMS:
+            sid, oldest = next(iter(self.orphans.items()))
+            if (
+                now - oldest.since < ORPHAN_TTL_S
+                and len(self.orphans) < ORPHAN_STREAMS
+                and self.orphan_bytes + size <= ORPHAN_BYTES
+            ):
                 break
-            del self.orphans[sid]
-            self.counts["orphans_dropped"] += 1
-        kept = self.orphans.get(message.stream)
-        if kept is None:
-            kept = self.orphans[message.stream] = (now, [])
-        elif len(kept[1]) >= ORPHAN_MESSAGES:
-            del self.orphans[message.stream]
+            self._drop_orphan(sid)
+        if size > ORPHAN_BYTES:  # more than all of them may hold
             self.counts["orphans_dropped"] += 1
             return
-        kept[1].append(message)
+        kept = self.orphans.get(message.stream)
+        if kept is None:
+            kept = self.orphans[message.stream] = _Kept(now)
+        elif len(kept.messages) >= ORPHAN_MESSAGES:
+            self._drop_orphan(message.stream)
+            return
+        kept.messages.append(message)
+        kept.bytes += size
+        self.orphan_bytes += size
+
+    def _drop_orphan(self, stream_id: int) -> None:
+        self.orphan_bytes -= self.orphans.pop(stream_id).bytes
+        self.counts["orphans_dropped"] += 1
+
+
+class _Kept:
+    """The messages kept for a stream nobody has registered yet."""
+
+    __slots__ = ("bytes", "messages", "since")
+
+    def __init__(self, since: float) -> None:
+        self.since = since
+        self.messages: list[wire.Message] = []
+        self.bytes = 0
+
+
+def _message_bytes(message: wire.Message) -> int:
+    """What keeping ``message`` holds, near enough: its texts, its columns, its objects."""
+    return _MESSAGE_OVERHEAD + sum(map(len, message.text)) + sum(values.nbytes for values in message.columns.values())
 
 
 def _one_run(kinds: np.ndarray, rows: list[int]) -> str | None:
