@@ -426,7 +426,7 @@ def measure(settings: Settings, progress: bool) -> dict[str, Any]:
 
 
 ERROR_SAMPLES = 5
-SUMMED = ("requests", "tokens", "tokens_expected", "errors", "cache_hits", "count")
+SUMMED = ("requests", "tokens", "tokens_expected", "steady_tokens", "errors", "cache_hits", "count")
 
 
 def _medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ import urllib.request
 import orjson
 import pytest
 
+from bench.gateway import _medians
 from bench.gateway_load import Tally
 from stages.ingest.upstream_server import UpstreamServerConfig, serve_in_process
 
@@ -44,6 +45,15 @@ def test_steady_state_is_what_came_once_every_stream_had_its_first_token():
     assert tally.steady_latency_ns() == [70, 80]
     tally.started_ns = [100]  # a stream that never had a token: no steady state
     assert tally.steady_latency_ns() == []
+
+
+def test_a_load_repeated_counts_every_repeat_s_tokens_and_takes_the_median_figures():
+    rows = [
+        {"target": "gateway", "streams": 100, "repeat": i, "tokens": 10, "steady_tokens": n, "token_steady_p99_us": p}
+        for i, (n, p) in enumerate(((7, 3.0), (8, 1.0), (9, 2.0)))
+    ]
+    (merged,) = _medians(rows)
+    assert merged["tokens"] == 30 and merged["steady_tokens"] == 24 and merged["token_steady_p99_us"] == 2.0
 
 
 def _quick(*args: str) -> dict:
