@@ -49,6 +49,17 @@ def test_key_ignores_what_cannot_change_the_tokens_and_canonicalises():
     assert cache_key(CHAT, "chat") != cache_key(CHAT, "completions")
 
 
+def test_key_of_a_body_with_any_json_number_is_made():
+    """An integral float was written as the integer whatever its size: 1e19 or 1e300 became an
+    integer no JSON encoder here writes (orjson: 64 bits), and the request failed in ingest
+    (``TypeError: Integer exceeds 64-bit range``, a 503) though any field may hold such a number."""
+    for huge in (1.8446744073709552e19, -1e19, 1e300, 2.0**53 + 2):
+        key = cache_key({**CHAT, "temperature": 0, "response_format": huge})
+        assert len(key) == 32 and key != cache_key(CHAT)
+    # integral floats that are exact integers are still one key with the integer
+    assert cache_key({**CHAT, "seed": 2.0**53}) == cache_key({**CHAT, "seed": 2**53})
+
+
 def test_key_names_the_producer_so_another_upstream_never_gets_its_answer():
     llama = producer_id([{"base_url": "http://127.0.0.1:8080", "models": ["tiny"]}])
     embedded = producer_id([{"embedded": ["neuralpipe-echo"]}])

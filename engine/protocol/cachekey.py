@@ -10,8 +10,9 @@ The key is the BLAKE2b-128 hex digest of a canonical JSON form of ``(producer, e
 - every body field counts, except those that cannot change the generated tokens (``IGNORED``:
   ``stream``, ``stream_options``, ``user``, ``metadata``, ``store``); an unknown sampling field
   (``top_k``, ``min_p``, ``ignore_eos`` ...) therefore separates keys rather than colliding them;
-- object keys are sorted; an integral float is written as the integer (``0.0`` and ``0`` are one
-  key: JSON does not tell them apart);
+- object keys are sorted; an integral float up to 2**53 in size is written as the integer (``0.0``
+  and ``0`` are one key: JSON does not tell them apart); a larger one stays a float (an integer
+  that large is no exact double, and orjson writes integers of 64 bits at most);
 - a chat message whose content is a list of only text parts counts as the joined string (OpenAI
   treats the two forms the same).
 
@@ -29,6 +30,7 @@ from typing import Any
 import orjson
 
 POLICIES = ("deterministic", "all", "off")
+EXACT = 2**53  # the integers a double holds exactly
 IGNORED = frozenset({"stream", "stream_options", "user", "metadata", "store"})
 
 
@@ -50,7 +52,7 @@ def cacheable(body: dict[str, Any], policy: str) -> bool:
 
 
 def _canonical(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float) and value.is_integer() and -EXACT <= value <= EXACT:
         return int(value)
     if isinstance(value, dict):
         return {k: _canonical(v) for k, v in value.items()}
