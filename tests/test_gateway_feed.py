@@ -8,10 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import types
+import uuid
 
 import aiohttp
 import numpy as np
+import pytest
 from aiohttp import web
+from gateway_harness import GatewayEngine, default_topology
 
 from engine.protocol import wire
 from stages.gateway.feed import CLOSE_TOO_SLOW, FeedHub
@@ -34,7 +37,7 @@ def batch(i: int) -> wire.Batch:
 
 async def scenario() -> tuple[list[int], int | None, str, dict]:
     follower = types.SimpleNamespace(listeners=set())
-    hub = FeedHub(follower, "/nonexistent", bound=16)
+    hub = FeedHub(follower, "/nonexistent", bound=16, max_stream_feeds=1)
     app = web.Application()
 
     async def feed(request: web.Request) -> web.WebSocketResponse:
@@ -83,3 +86,44 @@ def test_a_slow_browser_is_dropped_and_never_slows_the_others():
     assert close_code in (CLOSE_TOO_SLOW, None) and counts["feeds_dropped"] == 1
     if close_code == CLOSE_TOO_SLOW:  # its close frame got through (else it was cut: nothing read)
         assert "too slow: more than 16 messages queued" in reason
+
+
+async def open_stream_feeds(url: str, count: int) -> tuple[int, list[int], dict, int]:
+    """Open ``count`` feeds of one stream each at once; then one more, and another after one closed.
+    Returns how many opened, the two late answers' statuses, the refusal's error and the feeds open."""
+    feed_url = url.replace("http://", "ws://") + "/feed"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        feeds = await asyncio.gather(*(session.ws_connect(f"{feed_url}?stream={i}") for i in range(count)))
+        late = []
+        try:
+            await session.ws_connect(f"{feed_url}?stream={count}")
+        except aiohttp.WSServerHandshakeError as exc:
+            late.append(exc.status)
+        async with session.get(f"{url}/feed?stream={count}", headers={"Upgrade": "websocket"}) as refused:
+            error = (await refused.json())["error"]
+        await feeds[0].close()
+        again = await asyncio.wait_for(session.ws_connect(f"{feed_url}?stream={count}"), 10)
+        late.append(101)
+        still_open = sum(not feed.closed for feed in feeds)
+        for feed in (*feeds, again):
+            await feed.close()
+        return len(feeds), late, error, still_open
+
+
+@pytest.mark.timeout(120)
+def test_feeds_of_one_stream_are_bounded_and_refused_past_it_before_the_upgrade(tmp_path):
+    """Each feed of one stream has a subscription of its own (two ZeroMQ sockets): past ~510 of them
+    the gateway's ZeroMQ context (1,023 sockets by default) had no room, and each further feed was
+    upgraded to a WebSocket that then failed (`ZMQError: Too many open files`, logged as a handler
+    failure). Now the gateway makes room for `max_stream_feeds` of them and refuses one more with a
+    503 before the upgrade; one closed, the next is taken."""
+    engine = GatewayEngine(tmp_path, default_topology(gateway="max_stream_feeds = 600"), "sf" + uuid.uuid4().hex[:8])
+    try:
+        engine.start()
+        opened, late, error, still_open = asyncio.run(open_stream_feeds(engine.url, 600))
+        handler_failures = engine.log().count("gateway_handler_failed")
+    finally:
+        engine.stop()
+    assert opened == 600 and still_open == 599 and handler_failures == 0
+    assert late == [503, 101]
+    assert error["code"] == "gateway_busy" and "max_stream_feeds (600)" in error["message"]

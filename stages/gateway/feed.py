@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import zmq
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from engine.protocol import wire
+from engine.protocol.openai_errors import ApiError
 from stages.gateway.follower import BroadcastFollower
 
 PING_S = 20.0  # WebSocket pings: a dead browser is noticed, proxies keep the socket
@@ -65,12 +67,14 @@ class Feed:
 class FeedHub:
     """Every-stream feeds share the gateway's follower: each batch is encoded once, for all."""
 
-    def __init__(self, follower: BroadcastFollower, runtime_dir: str, bound: int) -> None:
+    def __init__(self, follower: BroadcastFollower, runtime_dir: str, bound: int, max_stream_feeds: int) -> None:
         self.follower = follower
         self.runtime_dir = runtime_dir
         self.bound = bound
+        self.max_stream_feeds = max_stream_feeds
+        self.stream_feeds = 0  # feeds of one stream open, each with a follower of its own
         self.feeds: set[Feed] = set()
-        self.counts = {"feeds": 0, "feeds_dropped": 0}
+        self.counts = {"feeds": 0, "feeds_dropped": 0, "feeds_refused": 0}
         follower.listeners.add(self._batch)
 
     def _batch(self, batch: wire.Batch | wire.Message) -> None:
@@ -81,15 +85,36 @@ class FeedHub:
             feed.offer(text)
 
     async def serve(self, request: web.Request, stream: int | None) -> web.WebSocketResponse:
+        own = None if stream is None else self._stream_follower(stream)  # refused before the upgrade
+        try:
+            return await self._serve(request, own)
+        finally:
+            if own is not None:
+                self.stream_feeds -= 1
+                await own.close()
+
+    def _stream_follower(self, stream: int) -> BroadcastFollower:
+        if self.stream_feeds >= self.max_stream_feeds:
+            raise self._refused(f"max_stream_feeds ({self.max_stream_feeds}) feeds of one stream are open")
+        try:
+            follower = BroadcastFollower(self.runtime_dir, stream)
+        except zmq.ZMQError as exc:  # the process's descriptors ran out, say
+            raise self._refused(f"no room for another feed of one stream ({exc})") from None
+        self.stream_feeds += 1
+        return follower
+
+    def _refused(self, why: str) -> ApiError:
+        self.counts["feeds_refused"] += 1
+        return ApiError(503, f"{why}; ?stream=all has no such bound", "server_error", "gateway_busy", retry_after="1")
+
+    async def _serve(self, request: web.Request, own: BroadcastFollower | None) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(heartbeat=PING_S, max_msg_size=4096)
         await ws.prepare(request)
         feed = Feed(ws, self.bound)
         self.counts["feeds"] += 1
-        own = None
-        if stream is None:
+        if own is None:
             self.feeds.add(feed)
         else:
-            own = BroadcastFollower(self.runtime_dir, stream)
             own.listeners.add(lambda message: _one_stream(feed, message))
             own.start()
         loop = asyncio.get_running_loop()
@@ -107,8 +132,6 @@ class FeedHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             self.feeds.discard(feed)
-            if own is not None:
-                await own.close()
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
                 await sender

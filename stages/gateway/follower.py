@@ -46,6 +46,8 @@ _MESSAGE_OVERHEAD = 256
 # runs of tokens an inbox keeps with their whole batch (every stream's rows) when its request
 # reads columns; past them a run waiting takes a copy of its own rows' columns (Inbox.put)
 PINNED_BATCHES = 8
+SOCKETS = 2  # a follower's ZeroMQ sockets (SUB and DEALER), all on zmq.Context.instance()
+SOCKETS_SPARE = 16  # the context's room beyond the followers reserved
 
 
 class Inbox:
@@ -249,7 +251,11 @@ class BroadcastFollower:
         self.sub.connect(endpoint(runtime_dir, worker, "binary"))
         self.sub.setsockopt(zmq.SUBSCRIBE, wire.ALL_TOPIC if stream is None else wire.topic(stream))
         self.sub.setsockopt(zmq.SUBSCRIBE, wire.HEARTBEAT_TOPIC)
-        self.snap = ctx.socket(zmq.DEALER)
+        try:
+            self.snap = ctx.socket(zmq.DEALER)
+        except zmq.ZMQError:  # no room for it: the subscription goes too
+            self.sub.close(0)
+            raise
         self.snap.setsockopt(zmq.LINGER, 0)
         self.snap.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         self.snap.connect(endpoint(runtime_dir, worker, "snapshot"))
@@ -266,6 +272,12 @@ class BroadcastFollower:
         # a bug in reading or routing: the gateway fails on it (stage.py), so the supervisor restarts
         # it; a follower that stopped reading would hold every stream open, silent, for good
         self.failure: Exception | None = None
+
+    @staticmethod
+    def reserve(followers: int) -> None:
+        """Room in the followers' ZeroMQ context for ``followers`` of them at once (libzmq's default
+        of 1,023 sockets held ~510). Before the context's first socket: libzmq sizes it then."""
+        zmq.Context.instance().set(zmq.MAX_SOCKETS, SOCKETS * followers + SOCKETS_SPARE)
 
     # ---- lifetime ---------------------------------------------------------------------------
 

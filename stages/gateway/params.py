@@ -75,6 +75,9 @@ class GatewayParams(StageParams):
     # what /v1/models lists and a request's model is checked against; empty: asked from ingest
     models: list[str] = Field(default_factory=list, max_length=MAX_MODEL_NAMES)
     feed_queue: IntIn(1, 1_000_000) = 1000  # broadcast messages queued per browser feed before it is dropped
+    # browser feeds of one stream open at once (each its own subscription: two ZeroMQ sockets, four
+    # descriptors); beyond: 503 before the upgrade. Feeds of every stream share one and are not counted
+    max_stream_feeds: IntIn(1, 65536) = 256
     max_connections: IntIn(1, 1 << 20) = 4096  # open requests and feeds at once; beyond: 503
     # a connection must complete a request head this soon after it opens or its last answer ends
     # (slow-header clients; idle keep-alive connections are closed as late)

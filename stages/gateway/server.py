@@ -79,7 +79,7 @@ class GatewayServer:
             params.max_total_backlog,
             params.max_total_whole_bytes,
         )
-        self.hub = FeedHub(follower, ctx.runtime_dir, params.feed_queue)
+        self.hub = FeedHub(follower, ctx.runtime_dir, params.feed_queue, params.max_stream_feeds)
         self.health = EngineHealth(ctx.runtime_dir)
         self.open = 0  # requests and feeds in progress
         self.counts = {"requests": 0, "refused_busy": 0, "errors": 0}

@@ -60,6 +60,7 @@ class Gateway(AsyncStage):
         self.requests.start()
         self.inflight = InFlight(ctx, params.max_connections)
         await self._cancel_left_open()
+        BroadcastFollower.reserve(1 + params.max_stream_feeds)  # this one and each feed of one stream
         self.follower = BroadcastFollower(ctx.runtime_dir)
         self.follower.start()
         for _ in range(int(FOLLOW_WAIT_S / 0.05)):
