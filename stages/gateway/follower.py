@@ -431,6 +431,12 @@ class BroadcastFollower:
 
     def _keep_orphan(self, message: wire.Message, now: float) -> None:
         size = _message_bytes(message)
+        if size > ORPHAN_BYTES:  # more than all of them may hold: its stream goes, the others stay
+            if message.stream in self.orphans:
+                self._drop_orphan(message.stream)
+            else:
+                self.counts["orphans_dropped"] += 1
+            return
         while self.orphans:
             sid, oldest = next(iter(self.orphans.items()))
             if (
@@ -440,9 +446,6 @@ class BroadcastFollower:
             ):
                 break
             self._drop_orphan(sid)
-        if size > ORPHAN_BYTES:  # more than all of them may hold
-            self.counts["orphans_dropped"] += 1
-            return
         kept = self.orphans.get(message.stream)
         if kept is None:
             kept = self.orphans[message.stream] = _Kept(now)
