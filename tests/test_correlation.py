@@ -3,7 +3,9 @@ answer to the next call (it once made ``submit`` return the previous request's s
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 
 import orjson
 import pytest
@@ -11,6 +13,7 @@ import zmq
 
 from engine.clients.correlation import split_request
 from engine.clients.requests import RequestClient
+from engine.clients.requests_async import AsyncRequestClient
 from engine.protocol.requests import RequestError
 
 
@@ -81,5 +84,108 @@ def test_a_rejection_still_reaches_the_caller(tmp_path) -> None:
             router.send_multipart([*envelope, orjson.dumps({"type": "rejected", "reason": "no active stream 5"})])
             sender.join(5)
         assert [str(e) for e in raised] == ["no active stream 5"]
+    finally:
+        router.close(0)
+
+
+@pytest.fixture
+def refusing_endpoint():
+    """A CURVE server's tcp endpoint: a client without keys fails the handshake, and libzmq then
+    drops its DEALER's only pipe, so a blocking send waits for ever (it once wedged the caller)."""
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    public, secret = zmq.curve_keypair()
+    router.curve_server, router.curve_publickey, router.curve_secretkey = True, public, secret
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    yield f"tcp://127.0.0.1:{port}"
+    router.close(0)
+
+
+@pytest.mark.timeout(30)
+def test_a_call_that_cannot_be_sent_times_out(refusing_endpoint) -> None:
+    with RequestClient(refusing_endpoint, timeout_s=0.3) as client:
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(TimeoutError, match=r"ingest did not answer 'submit' within 0\.3 s"):
+                client.submit({"messages": [{"role": "user", "content": "hi"}]})
+            assert time.monotonic() - started < 2
+
+
+@pytest.mark.timeout(30)
+def test_an_async_call_that_cannot_be_sent_times_out(refusing_endpoint) -> None:
+    async def calls() -> None:
+        client = AsyncRequestClient(refusing_endpoint, timeout_s=0.3)
+        client.start()
+        try:
+            for _ in range(3):
+                with pytest.raises(TimeoutError, match=r"ingest did not answer 'submit' within 0\.3 s"):
+                    await asyncio.wait_for(client.submit({"messages": [{"role": "user", "content": "hi"}]}), 2)
+        finally:
+            await client.close()
+
+    asyncio.run(calls())
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_submit_carries_the_deadline_its_client_waits_until(tmp_path, kind) -> None:
+    endpoint = f"ipc://{tmp_path}/r.sock"
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(endpoint)
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    sent = time.monotonic_ns()
+
+    async def submit_async() -> None:
+        client = AsyncRequestClient(endpoint, timeout_s=0.5)
+        client.start()
+        try:
+            with pytest.raises(TimeoutError):
+                await client.submit(body)
+        finally:
+            await client.close()
+
+    try:
+        if kind == "sync":
+            with RequestClient(endpoint, timeout_s=0.5) as client, pytest.raises(TimeoutError):
+                client.submit(body)
+        else:
+            asyncio.run(submit_async())
+        assert router.poll(1000)
+        _, request = split_request(router.recv_multipart())
+        deadline = orjson.loads(request)["deadline_ns"]
+        assert sent + 0.5e9 <= deadline <= time.monotonic_ns()
+    finally:
+        router.close(0)
+
+
+@pytest.mark.timeout(30)
+def test_a_stream_accepted_after_its_submit_timed_out_is_cancelled(tmp_path) -> None:
+    """Ingest read the submit before its deadline, but the reply came after the caller gave up:
+    nobody follows that stream, so the client cancels it with the token the late reply carried."""
+    endpoint = f"ipc://{tmp_path}/r.sock"
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(endpoint)
+
+    async def late() -> dict:
+        client = AsyncRequestClient(endpoint, timeout_s=0.2)
+        client.start()
+        try:
+            with pytest.raises(TimeoutError):
+                await client.submit({"messages": [{"role": "user", "content": "hi"}]})
+            envelope, _ = split_request(router.recv_multipart())
+            accepted = {"type": "accepted", "stream_id": 42, "cancel_token": "t0k"}
+            router.send_multipart([*envelope, orjson.dumps(accepted)])
+            for _ in range(100):
+                if router.poll(0):
+                    return orjson.loads(split_request(router.recv_multipart())[1])
+                await asyncio.sleep(0.02)
+            raise AssertionError("no cancel came for the stream accepted late")
+        finally:
+            await client.close()
+
+    try:
+        assert asyncio.run(late()) == {"type": "cancel", "stream_id": 42, "token": "t0k"}
     finally:
         router.close(0)

@@ -25,7 +25,7 @@ from test_broadcast import (
     sub_socket,
 )
 
-from engine.clients.consumer import StreamConsumer
+from engine.clients.consumer import ASK_TIMEOUT_S, StreamConsumer
 from engine.config import ConfigError, load_config
 from engine.keys import ClientKeys, KeysDir, load_client_keys
 from engine.protocol import wire
@@ -160,6 +160,29 @@ def test_stream_consumer_reads_an_engine_over_curve_tcp(start_engine, tmp_path):
     finally:
         anonymous.close()
     assert engine.worker("broadcast")["restarts"] == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_consumer_the_snapshot_router_refuses_returns_at_its_idle_timeout():
+    """Without keys against a CURVE snapshot ROUTER the handshake fails and libzmq drops the
+    DEALER's only pipe: the consumer's next request for the stream (its retry after
+    ASK_TIMEOUT_S, or its very first one) blocked in send for ever."""
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    public, secret = zmq.curve_keypair()
+    router.curve_server, router.curve_publickey, router.curve_secretkey = True, public, secret
+    router.setsockopt(zmq.LINGER, 0)
+    snap = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+    try:
+        consumer = StreamConsumer(f"tcp://127.0.0.1:{_free_port()}", snap, stream=1)
+        try:
+            started = time.monotonic()
+            assert list(consumer.messages(idle_timeout_s=ASK_TIMEOUT_S + 1)) == []
+            assert time.monotonic() - started < ASK_TIMEOUT_S + 3
+            assert consumer.counts["snapshots"] >= 2  # it asked again, and went on
+        finally:
+            consumer.close()
+    finally:
+        router.close(0)
 
 
 # ---- refusing tcp beyond loopback without CURVE ---------------------------------------------------

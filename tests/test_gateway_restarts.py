@@ -12,7 +12,7 @@ import uuid
 
 import openai
 import pytest
-from gateway_harness import GatewayEngine, default_topology
+from gateway_harness import GatewayEngine, default_topology, serving
 
 MODEL = "neuralpipe-echo"
 TOKENS = 60
@@ -103,3 +103,39 @@ def test_a_killed_gateway_is_restarted_cancels_what_it_left_open_and_serves_agai
             assert time.monotonic() < deadline, "the gateway did not come back"
             time.sleep(0.2)
     assert answer.usage.completion_tokens == 3
+
+
+@pytest.fixture(scope="module")
+def impatient(tmp_path_factory):
+    """A gateway that waits 0.3 s for ingest to take a request (submit_timeout_s)."""
+    yield from serving(tmp_path_factory, "impatient", default_topology(gateway="submit_timeout_s = 0.3"))
+
+
+@pytest.mark.timeout(60)
+def test_requests_refused_while_ingest_stalled_start_nothing_once_it_resumes(impatient):
+    """Each request got its 503 while ingest was stalled (stopped here, as a long pause would);
+    their submits waited in the sockets meanwhile, and ingest once started every one of them when
+    it resumed: streams and upstream requests nobody followed, a stampede after any hiccup."""
+    client = openai.OpenAI(base_url=impatient.url, api_key="unused", max_retries=0, timeout=10)
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "stall"}], "max_tokens": 5}
+    assert client.chat.completions.create(**ask).usage.completion_tokens == 5  # connected before the stall
+    deadline = time.monotonic() + 10
+    while (before := impatient.stats("ingest"))["completed"] < 1:  # the heartbeat that counted it
+        assert time.monotonic() < deadline, before
+        time.sleep(0.05)
+    ingest = worker_pid(impatient, "ingest")
+    os.kill(ingest, signal.SIGSTOP)  # under the heartbeat timeout: not taken for a hung worker
+    try:
+        for _ in range(3):
+            with pytest.raises(openai.APIStatusError, match="did not take the request in time") as refused:
+                client.chat.completions.create(**ask)
+            assert refused.value.status_code == 503
+    finally:
+        os.kill(ingest, signal.SIGCONT)
+    assert client.chat.completions.create(**ask).usage.completion_tokens == 5
+    deadline = time.monotonic() + 20
+    while (stats := impatient.stats("ingest"))["accepted"] + stats.get("expired", 0) < before["accepted"] + 4:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.05)
+    assert stats["accepted"] - before["accepted"] == 1, stats
+    assert stats.get("expired", 0) - before.get("expired", 0) == 3, stats

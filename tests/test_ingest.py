@@ -125,6 +125,35 @@ def test_over_limit_requests_queue_then_are_rejected(engine):
             c.submit(chat("one too many"))
 
 
+@pytest.mark.timeout(60)
+def test_a_submit_read_after_its_client_gave_up_starts_no_stream(engine):
+    """Submits wait in the sockets while ingest is stalled (stopped here, as a long GC pause or a
+    swapped-out process would); their clients time out meanwhile. Read later, each once started a
+    stream (and an upstream request) that nobody followed; now one past its deadline is dropped."""
+    e = engine(config())
+    pid = e.worker("ingest")["pid"]
+
+    def all_three_read() -> dict | None:
+        stats = stage_stats(e, "ingest")
+        return stats if stats["accepted"] + stats.get("expired", 0) >= 3 else None
+
+    with RequestClient(ingest_endpoint(e.info()["runtime_dir"]), timeout_s=0.15) as c, client(e) as patient:
+        for connected in (c, patient):  # before the stall (a message to a peer not yet greeted dies with its socket)
+            with pytest.raises(RequestError, match="no active stream"):
+                connected.cancel(1)
+        os.kill(pid, signal.SIGSTOP)  # under the heartbeat timeout: not taken for a hung worker
+        try:
+            for i in range(2):
+                with pytest.raises(TimeoutError):
+                    c.submit(chat(f"given up {i}"))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        patient.submit(chat("still waited for"))
+        stats = wait_for(all_three_read, 20, "the three submits read")
+    assert (stats["accepted"], stats.get("expired")) == (1, 2), stats
+    assert e.worker("ingest")["restarts"] == 0
+
+
 @pytest.mark.timeout(90)
 def test_killed_ingest_ends_open_streams_with_an_explicit_error(engine):
     e = engine(config(rate=20))

@@ -101,3 +101,12 @@ def test_model_and_client_names_are_bounded():
         parse_request(frame(type="submit", body={**CHAT, "model": "m" * 300_000}))
     with pytest.raises(RequestError, match="client: longer than 256 bytes"):
         parse_request(frame(type="submit", body=CHAT, client="c" * 257))
+
+
+def test_a_submit_may_carry_the_deadline_its_client_waits_until():
+    """``deadline_ns``: CLOCK_MONOTONIC ns, the instant the submitter stops waiting for the reply
+    (ingest starts no stream for a submit it reads after it: docs/request-protocol.md)."""
+    assert parse_request(frame(type="submit", body=CHAT, deadline_ns=5))["deadline_ns"] == 5
+    for bad in (-1, 2**63, True, 1.5, "5", None):
+        with pytest.raises(RequestError, match=r"deadline_ns: must be an integer in 0\.\.9223372036854775807"):
+            parse_request(frame(type="submit", body=CHAT, deadline_ns=bad))

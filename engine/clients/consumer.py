@@ -34,6 +34,7 @@ open stream ends with an explicit error ("engine unreachable"), counted in ``unr
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
@@ -454,7 +455,13 @@ class StreamConsumer(ConsumerCore):
         self.poller = zmq.Poller()
         self.poller.register(self.sub, zmq.POLLIN)
         self.poller.register(self.snap, zmq.POLLIN)
-        super().__init__(self.snap.send, stream, encoding, engine_timeout_s)
+        super().__init__(self._send_ask, stream, encoding, engine_timeout_s)
+
+    def _send_ask(self, frame: bytes) -> None:
+        """Never blocks: with no pipe to the snapshot ROUTER (one that refused the CURVE handshake
+        drops it) a request is not sent, and asked again after ASK_TIMEOUT_S."""
+        with contextlib.suppress(zmq.Again):
+            self.snap.send(frame, zmq.NOBLOCK)
 
     @classmethod
     def for_engine(

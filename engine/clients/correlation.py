@@ -65,21 +65,30 @@ class CorrelatedDealer:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.RECONNECT_IVL, 10)  # a restarted server is found within 10 ms, not 100
         self._sock.setsockopt(zmq.IDENTITY, (identity or f"{name}-client-{os.getpid()}-{next(_names)}").encode())
+        # a send waits no longer than a call: with no pipe to send on (a peer that refused the
+        # handshake drops it; a full queue to a stalled one) it would wait for ever
+        self._sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout_s * 1000)))
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
         tag = b"%d" % next(self._ids)
-        self._sock.send_multipart(call_frames(tag, request))
         deadline = time.monotonic() + self.timeout_s
+        try:
+            self._sock.send_multipart(call_frames(tag, request))
+        except zmq.Again:
+            raise self._timeout(request) from None
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0 or not self._sock.poll(left_ms):
-                raise TimeoutError(f"{self.name} did not answer {request.get('type')!r} within {self.timeout_s:g} s")
+                raise self._timeout(request)
             reply = split_reply(self._sock.recv_multipart())
             if reply is not None and reply[0] == tag:
                 return decode_reply(reply[1], self.name)
             # a reply to a call that timed out earlier: not ours
+
+    def _timeout(self, request: dict[str, Any]) -> TimeoutError:
+        return TimeoutError(f"{self.name} did not answer {request.get('type')!r} within {self.timeout_s:g} s")
 
     def close(self) -> None:
         self._sock.close(0)

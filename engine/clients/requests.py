@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -38,7 +39,8 @@ class RequestClient:
         return reply
 
     def submit(self, body: dict[str, Any], endpoint: str = "chat", client: str | None = None) -> int:
-        msg: dict[str, Any] = {"type": "submit", "body": body, "endpoint": endpoint}
+        deadline_ns = time.monotonic_ns() + int(self._dealer.timeout_s * 1e9)  # ingest starts nothing later
+        msg: dict[str, Any] = {"type": "submit", "body": body, "endpoint": endpoint, "deadline_ns": deadline_ns}
         if client:
             msg["client"] = client
         reply = self._call(msg)

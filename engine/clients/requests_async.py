@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,8 @@ class AsyncRequestClient:
         self._ids = itertools.count(1)
         self._waiting: dict[bytes, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
-        self.counts = {"calls": 0, "timeouts": 0, "late_replies": 0, "malformed": 0}
+        self._late_cancels: set[asyncio.Task] = set()
+        self.counts = {"calls": 0, "timeouts": 0, "late_replies": 0, "cancelled_late": 0, "malformed": 0}
 
     def start(self) -> None:
         self._reader = asyncio.get_running_loop().create_task(self._read())
@@ -58,8 +60,9 @@ class AsyncRequestClient:
         reply = self._waiting[tag] = asyncio.get_running_loop().create_future()
         self.counts["calls"] += 1
         try:
-            await self._sock.send_multipart(call_frames(tag, request))
-            answer = await asyncio.wait_for(reply, self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):  # the send too: it waits while there is no pipe
+                await self._sock.send_multipart(call_frames(tag, request))
+                answer = await reply
         except TimeoutError:
             self.counts["timeouts"] += 1
             raise TimeoutError(f"ingest did not answer {request.get('type')!r} within {self.timeout_s:g} s") from None
@@ -70,7 +73,8 @@ class AsyncRequestClient:
         return answer
 
     async def submit(self, body: dict[str, Any], endpoint: str = "chat", client: str | None = None) -> Submitted:
-        msg: dict[str, Any] = {"type": "submit", "body": body, "endpoint": endpoint}
+        deadline_ns = time.monotonic_ns() + int(self.timeout_s * 1e9)  # ingest starts nothing later
+        msg: dict[str, Any] = {"type": "submit", "body": body, "endpoint": endpoint, "deadline_ns": deadline_ns}
         if client:
             msg["client"] = client
         reply = await self.call(msg)
@@ -85,6 +89,8 @@ class AsyncRequestClient:
             waiter = self._waiting.get(reply[0]) if reply is not None else None
             if waiter is None or waiter.done():
                 self.counts["late_replies"] += 1  # its call timed out, or not a correlated reply
+                if reply is not None:
+                    self._cancel_unfollowed(reply[1])
                 continue
             try:
                 waiter.set_result(decode_reply(reply[1], "ingest"))
@@ -92,7 +98,28 @@ class AsyncRequestClient:
                 self.counts["malformed"] += 1
                 waiter.set_exception(exc)
 
+    def _cancel_unfollowed(self, raw: bytes) -> None:
+        """A stream accepted after its submit timed out: nobody follows it, so it is cancelled
+        (ingest read the submit just before its deadline_ns; the reply came too late)."""
+        try:
+            reply = decode_reply(raw, "ingest")
+            if reply.get("type") != "accepted":
+                return
+            stream = Submitted(int(reply["stream_id"]), str(reply["cancel_token"]))
+        except (ValueError, KeyError, TypeError):
+            return  # not JSON, or not an acceptance
+        self.counts["cancelled_late"] += 1
+        task = asyncio.get_running_loop().create_task(self._cancel_quietly(stream))
+        self._late_cancels.add(task)
+        task.add_done_callback(self._late_cancels.discard)
+
+    async def _cancel_quietly(self, stream: Submitted) -> None:
+        with contextlib.suppress(RequestError, TimeoutError, ValueError, ConnectionError):
+            await self.cancel(stream.stream_id, stream.cancel_token)
+
     async def close(self) -> None:
+        for task in list(self._late_cancels):
+            task.cancel()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -4,12 +4,15 @@ engine/clients/requests.py).
 The ingest worker binds a ROUTER at ``ipc://<runtime dir>/<instance>/ingest.sock``. A client
 connects a DEALER and sends one JSON object per frame:
 
-    submit  {body, endpoint?, client?}   -> accepted {stream_id, cancel_token} | rejected {reason}
-    cancel  {stream_id, token}           -> cancelled {stream_id} | rejected {reason}
+    submit  {body, endpoint?, client?, deadline_ns?} -> accepted {stream_id, cancel_token} | rejected {reason}
+    cancel  {stream_id, token}                       -> cancelled {stream_id} | rejected {reason}
 
 ``body`` is an OpenAI chat/completions request body (``stream`` is forced on); ``endpoint`` is
 "chat" (default) or "completions"; ``client`` names the client identity for rate limits (default:
-the DEALER's identity). The stream id is assigned at once, before any upstream is contacted.
+the DEALER's identity); ``deadline_ns`` (CLOCK_MONOTONIC, the same clock in every process of the
+host) is when the client stops waiting for the reply: a submit read at or after it is rejected as
+``expired`` and starts nothing (it waited in the sockets while ingest was stalled, and nobody would
+follow its stream). The stream id is assigned at once, before any upstream is contacted.
 A stream is cancelled with the ``cancel_token`` its ``accepted`` reply carried (only its submitter
 was told it) or with the engine's operator token (engine/tokens.py; docs/security.md).
 """
@@ -93,6 +96,18 @@ def validate_body(body: Any, endpoint: str) -> dict[str, Any]:
     return {**body, "stream": True}
 
 
+def _check_count(msg: dict[str, Any], key: str) -> None:
+    """``msg[key]`` is an integer in 0..2**63-1 (a stream id, a clock's nanoseconds)."""
+    value = msg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_STREAM_ID:
+        raise RequestError(f"{key}: must be an integer in 0..{MAX_STREAM_ID}")
+
+
+def expired(msg: dict[str, Any], now_ns: int) -> bool:
+    """Whether a parsed submit was read at or after its client's ``deadline_ns``."""
+    return now_ns >= msg.get("deadline_ns", now_ns + 1)
+
+
 def parse_request(frame: bytes, limit: int = MAX_REQUEST_BYTES) -> dict[str, Any]:
     """Decode and validate one request frame of at most ``limit`` bytes; raises :class:`RequestError`."""
     msg = load_object(frame, limit, "request", RequestError)
@@ -105,11 +120,11 @@ def parse_request(frame: bytes, limit: int = MAX_REQUEST_BYTES) -> dict[str, Any
             raise RequestError("client: must be a string")
         if len(msg.get("client", "").encode()) > MAX_CLIENT_BYTES:
             raise RequestError(f"client: longer than {MAX_CLIENT_BYTES} bytes")
+        if "deadline_ns" in msg:
+            _check_count(msg, "deadline_ns")
         return msg
     if kind == "cancel":
-        sid = msg.get("stream_id")
-        if isinstance(sid, bool) or not isinstance(sid, int) or not 0 <= sid <= MAX_STREAM_ID:
-            raise RequestError(f"stream_id: must be an integer in 0..{MAX_STREAM_ID}")
+        _check_count(msg, "stream_id")
         if not isinstance(msg.get("token", ""), str):
             raise RequestError("token: must be a string")
         return msg

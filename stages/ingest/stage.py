@@ -47,7 +47,7 @@ from engine.clients.cache import CacheLookup
 from engine.clients.correlation import split_request
 from engine.protocol.cache import socket_path
 from engine.protocol.cachekey import is_deterministic, key_for, producer_id
-from engine.protocol.requests import RequestError, parse_request
+from engine.protocol.requests import RequestError, expired, parse_request
 from engine.protocol.rows import End, Start, end_text, start_text
 from engine.protocol.streamtable import StreamTable
 from engine.protocol.tokens import LOOKUP, OPERATOR
@@ -139,7 +139,7 @@ class Ingest(AsyncStage):
         self.latency_figures_at = 0
         self.latency_pending: list[tuple[int, list[int]]] = []  # (commit time, its tokens' receive times)
         self.counts = {
-            **dict.fromkeys(("accepted", "rejected", "tokens", "errors", "completed", "cancelled"), 0),
+            **dict.fromkeys(("accepted", "rejected", "expired", "tokens", "errors", "completed", "cancelled"), 0),
         }
         self._init_state(params.max_streams)
         self.request_buckets = KeyedBuckets(params.client_requests_per_s, params.client_burst)
@@ -229,6 +229,9 @@ class Ingest(AsyncStage):
                 return {"type": "rejected", "reason": f"no active stream {sid} submitted by this client"}
             task.cancel()
             return {"type": "cancelled", "stream_id": msg["stream_id"]}
+        if expired(msg, time.monotonic_ns()):  # its client gave up on it while it waited to be read
+            self.counts["expired"] += 1
+            return {"type": "rejected", "reason": "expired: read after the client's deadline_ns; nothing started"}
         if self.ctx.draining:
             return self._reject("ingest is draining: not accepting new requests")
         if self.active.full:  # global admission: every slot holds a stream not yet ended
