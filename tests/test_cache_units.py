@@ -125,7 +125,7 @@ def test_the_byte_budget_bounds_the_memory_the_entries_hold(tokens):
 
     rows = stream_rows(1, "k", tokens)
     batch = make_batch(rows, COLUMNS)
-    limit = 2 << 20
+    limit = 1 << 20
     gc.collect()
     tracemalloc.start()
     try:
