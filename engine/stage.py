@@ -50,6 +50,8 @@ class WorkerContext:
     runtime_dir: str
     state_dir: str
     incarnation: int
+    # the supervisor kills this worker as hung after this long without its heartbeat, then restarts it
+    hang_timeout_s: float = 2.0
     draining: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     # metrics, recorded once per record (never per token) and sent with each heartbeat

@@ -204,6 +204,7 @@ class Supervisor:
             state_dir=self.dir.state,
             supervisor_pid=os.getpid(),
             heartbeat_interval_s=self.cfg.engine.heartbeat_interval_s,
+            heartbeat_timeout_s=self.cfg.engine.heartbeat_timeout_s,
             log_level=self.cfg.engine.log_level,
             params=self.params[name],
             cpus=tuple(wcfg.cpus),

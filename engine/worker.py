@@ -67,6 +67,7 @@ class WorkerSpec:
     incarnation: int = 0
     token: str = ""  # this spawn's secret: its control identity (control.worker_identity)
     heartbeat_interval_s: float = 0.5
+    heartbeat_timeout_s: float = 2.0  # the supervisor kills a worker silent this long as hung
     log_level: str = "info"
     # as the supervisor validated them (engine.validated.ValidatedParams), or a dict the stage validates
     params: ValidatedParams | dict[str, Any] = field(default_factory=dict)
@@ -121,6 +122,7 @@ class _Runtime:
             runtime_dir=spec.runtime_dir,
             state_dir=spec.state_dir,
             incarnation=spec.incarnation,
+            hang_timeout_s=spec.heartbeat_timeout_s,
         )
         self.next_heartbeat = 0.0
 

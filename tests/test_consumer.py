@@ -13,7 +13,7 @@ import pytest
 import zmq
 from engine_harness import wait_for
 
-from engine.clients.consumer import StreamConsumer
+from engine.clients.consumer import ConsumerCore, StreamConsumer
 from engine.protocol import wire
 
 EPOCH = 77
@@ -284,7 +284,8 @@ def test_joined_only_once_the_start_is_known_and_a_live_message_came(broadcast):
         end_marker(router, identity, type="batches_end", epoch=EPOCH, first=0, next=4, more=False)
         wait_for(lambda: c._pump() or c.expected == 4, 5, "the start position")
         assert not c.joined  # the subscription may not be in place yet: what is published now may be dropped
-        wait_for(lambda: pub.send_multipart(wire.encode_heartbeat(1, 0, EPOCH, 4, 1.0)) or c.join(0.05), 5, "joined")
+        heartbeat = wire.encode_heartbeat(1, 0, EPOCH, 4, 1.0, 2.0)
+        wait_for(lambda: pub.send_multipart(heartbeat) or c.join(0.05), 5, "joined")
         assert c.joined
 
 
@@ -293,7 +294,7 @@ def test_a_heartbeat_ahead_of_the_last_batch_shows_it_was_lost(broadcast):
     c, _ = started(broadcast)
     with c:
         c._accept_batch(wire.decode(batch(10, [(1, 0, S, START_TEXT)])))
-        c._heartbeat(orjson.loads(wire.encode_heartbeat(1, 1, EPOCH, 12, 1.0)[1]))
+        c._heartbeat(orjson.loads(wire.encode_heartbeat(1, 1, EPOCH, 12, 1.0, 2.0)[1]))
         identity, ask = request(router)
         assert ask["from"] == 11
         router.send_multipart([identity, *batch(11, [(1, 1, T, "a")])])
@@ -328,7 +329,7 @@ def test_live_batches_and_heartbeats_through_the_socket(broadcast):
     pub, _ = broadcast
     c, _ = started(broadcast, position=0)
     with c:
-        wait_for(lambda: pub.send_multipart(list(wire.encode_heartbeat(1, 0, EPOCH, 0, 1.0))) or c._pump()
+        wait_for(lambda: pub.send_multipart(list(wire.encode_heartbeat(1, 0, EPOCH, 0, 1.0, 2.0))) or c._pump()
                  or (c.heartbeat_s == 1.0 and c.last_heard > 0), 5, "a heartbeat")  # fmt: skip
         for at in range(3):
             pub.send_multipart(batch(at, [(5, at, T, f"r{at}")]))
@@ -386,3 +387,24 @@ def test_malformed_messages_raise_a_wire_error_naming_the_problem():
     head = orjson.loads(good[1]) | {"rows": 5}
     with pytest.raises(wire.WireError, match="holds 1 values"):
         wire.decode([good[0], orjson.dumps(head), good[2]])
+
+
+@pytest.mark.parametrize(
+    ("hang_timeout_s", "gives_up_after_s"),
+    [(8.0, 13.0), (2, 7.0), (0.0, 5.0), (True, 5.0), (-1.0, 5.0), ("8", 5.0), (1e9, 5.0), (None, 5.0)],
+)
+def test_the_engine_timeout_waits_out_the_broadcasts_hang_timeout(hang_timeout_s, gives_up_after_s):
+    """A broadcast stalled under its supervisor's hang timeout resumes and loses nothing; one past it
+    is restarted and publishes what its predecessor had not released. A consumer that gave up after a
+    fixed 5 s ended streams the engine then delivered (tests/test_gateway_restarts.py). It now waits
+    the hang timeout its heartbeats announce, and 5 s more; a value that is no such time is ignored."""
+    core = ConsumerCore(lambda frame: None, stream=7)
+    head = orjson.loads(wire.encode_heartbeat(1, 1, EPOCH, 0, 1.0, 2.0)[1]) | {"hang_timeout_s": hang_timeout_s}
+    core._heartbeat(head)
+    heard = core.last_heard
+    core.tick(heard + gives_up_after_s - 0.1)
+    assert core.counts["unreachable"] == 0 and not core.ready
+    core.tick(heard + gives_up_after_s)
+    assert [m.header["reason"] for m in core.ready] == [
+        f"engine unreachable: nothing from the broadcast for {gives_up_after_s:g} s"
+    ]

@@ -29,7 +29,10 @@ requests through a callback), so an event loop can drive it as well: :class:`Str
 that core over blocking sockets.
 
 Both: when nothing (not even a heartbeat) comes from the broadcast for ``engine_timeout_s``, every
-open stream ends with an explicit error ("engine unreachable"), counted in ``unreachable``.
+open stream ends with an explicit error ("engine unreachable"), counted in ``unreachable``. By
+default that is the broadcast's hang timeout (its heartbeats say it: how long it may be silent
+before the supervisor restarts it) and MIN_ENGINE_TIMEOUT_S more, at least three heartbeat periods:
+a stalled or restarting broadcast loses nothing, and giving up sooner lost streams it delivered.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ from shm.batch import ending_rows
 RESYNC_S = 1.0  # one stream: silent this long before its end, it is asked for again
 ASK_TIMEOUT_S = 2.0  # a snapshot request unanswered this long is sent again
 MAX_FRUITLESS_ASKS = 5  # answers in a row that did not close a hole: what is missing is lost
-MIN_ENGINE_TIMEOUT_S = 5.0  # a restarting broadcast is silent for a second or two: no false alarm
+MIN_ENGINE_TIMEOUT_S = 5.0  # beyond the hang timeout: a restarting broadcast is silent for a second or two
+MAX_HANG_TIMEOUT_S = 3600.0  # the most of an announced hang timeout a consumer waits for
 RECONNECT_IVL_MS = 10  # how soon a socket retries a restarted broadcast's endpoint
 MAX_HELD = 10_000  # batches kept ahead of a hole (more are dropped: the repair fetches them)
 _FINISHED_KEPT = 100_000  # ended streams remembered, so a late duplicate does not restart one
@@ -103,6 +107,7 @@ class ConsumerCore:
         self.encoding = encoding
         self.engine_timeout_s = engine_timeout_s
         self.heartbeat_s = 1.0  # until the broadcast announces its own
+        self.hang_timeout_s = 0.0  # likewise: its supervisor's hang timeout
         self.last_heard = time.monotonic()
         self.heard_live = False  # a live message came: this consumer's subscription is in place
         self.counts = dict.fromkeys(
@@ -179,6 +184,9 @@ class ConsumerCore:
         interval = head.get("interval_s")
         if isinstance(interval, int | float) and 0 < interval < 3600:
             self.heartbeat_s = float(interval)
+        hang = head.get("hang_timeout_s")
+        if isinstance(hang, int | float) and not isinstance(hang, bool) and 0 <= hang <= MAX_HANG_TIMEOUT_S:
+            self.hang_timeout_s = float(hang)
         if self.only is None and self._same_epoch(head.get("epoch"), head.get("next")) and self.expected is not None:
             nxt = head.get("next")
             if isinstance(nxt, int) and nxt > self.expected and not self.held and self.asked_at is None:
@@ -319,7 +327,7 @@ class ConsumerCore:
         )
 
     def _check_engine(self, now: float) -> None:
-        timeout = self.engine_timeout_s or max(3 * self.heartbeat_s, MIN_ENGINE_TIMEOUT_S)
+        timeout = self.engine_timeout_s or max(3 * self.heartbeat_s, self.hang_timeout_s + MIN_ENGINE_TIMEOUT_S)
         if now - self.last_heard >= timeout:
             self.last_heard = now
             self._end_open(f"engine unreachable: nothing from the broadcast for {timeout:g} s")

@@ -16,7 +16,7 @@ and ``type``:
 - topic = a stream id as 16 hex digits, type start | tokens | reasoning | tool_calls | end | error:
   that stream's rows (``stream``, ``seq`` [first, last]), published only while someone subscribed
   to that topic.
-- topic ``heartbeat``: ``time_ns``, ``active_streams``, ``epoch``, ``next``, ``interval_s``.
+- topic ``heartbeat``: ``time_ns``, ``active_streams``, ``epoch``, ``next``, ``interval_s``, ``hang_timeout_s``.
 
 Both sides use this module, so the format is written once.
 """
@@ -332,9 +332,13 @@ def _directory(
     return tuple(described), at
 
 
-def encode_heartbeat(now_ns: int, active_streams: int, epoch: int, next_position: int, interval_s: float) -> tuple:
+def encode_heartbeat(
+    now_ns: int, active_streams: int, epoch: int, next_position: int, interval_s: float, hang_timeout_s: float
+) -> tuple:
+    """``hang_timeout_s``: how long the broadcast may be silent before its supervisor kills it as
+    hung and starts another (consumers wait that, and a restart's time, before giving up)."""
     head = {"v": VERSION, "type": "heartbeat", "time_ns": now_ns, "active_streams": active_streams}
-    head |= {"epoch": epoch, "next": next_position, "interval_s": interval_s}
+    head |= {"epoch": epoch, "next": next_position, "interval_s": interval_s, "hang_timeout_s": hang_timeout_s}
     return HEARTBEAT_TOPIC, orjson.dumps(head), b""
 
 

@@ -216,7 +216,12 @@ class Broadcast(Stage):
     def _heartbeat(self, now: float) -> None:
         self.last_heartbeat = now
         frames = wire.encode_heartbeat(
-            time.monotonic_ns(), len(self.open_streams), self.epoch, self.next_position, self.heartbeat_s
+            time.monotonic_ns(),
+            len(self.open_streams),
+            self.epoch,
+            self.next_position,
+            self.heartbeat_s,
+            self.ctx.hang_timeout_s,
         )
         for pub in self.publishers:
             _send(pub.sock, frames)
