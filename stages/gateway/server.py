@@ -336,6 +336,8 @@ class GatewayServer:
             "feeds_open": len(self.hub.feeds),
             **self.follower.counts,
             **{f"broadcast_{k}": v for k, v in self.follower.core.counts.items()},
+            # its calls to ingest: timeouts, late replies, streams accepted too late and so cancelled
+            **{f"requests_{k}": v for k, v in self.completions.requests.counts.items()},
         }
 
 
