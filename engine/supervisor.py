@@ -48,6 +48,9 @@ from shm.segment import NoSharedMemory
 EXIT_OK = 0
 EXIT_ESCALATED = 3
 STARTUP_GRACE_S = 10.0  # a fresh worker imports its stage before its first heartbeat
+# a turn of the loop may take this much longer than its poll's timeout; beyond, the supervisor was
+# not running (stopped, paused, descheduled) and the time is not charged to its workers' heartbeats
+TURN_SLACK_S = 0.25
 STDERR = 2  # where every process of the engine logs (a detached engine's: <base>/<instance>.log)
 _EGRESS_KEYS = ("messages", "gaps", "duplicates", "batches", "batches_within_budget")
 _RECEIVED = {**control.WORKER_TO_SUPERVISOR, **control.CLIENT_REQUESTS}
@@ -314,14 +317,14 @@ class Supervisor:
 
     def _loop(self) -> None:
         interval = self.cfg.engine.health_interval_s
-        next_health = time.monotonic()
+        next_health = checked = time.monotonic()
         while not self.stopping:
             now = time.monotonic()
             if now >= next_health:
                 self._health_tick(now)
                 next_health = now + interval
-            timeout = min(next_health, self._next_timer(now)) - time.monotonic()
-            events = dict(self.poller.poll(max(0, int(timeout * 1000) + 1)))
+            timeout = max(0.0, min(next_health, self._next_timer(now)) - time.monotonic())
+            events = dict(self.poller.poll(int(timeout * 1000) + 1))
             if self._wake_r.fileno() in events:
                 with contextlib.suppress(BlockingIOError):
                     self._wake_r.recv(4096)
@@ -329,9 +332,21 @@ class Supervisor:
                 self._handle_messages()
             self._reap()
             now = time.monotonic()
+            self._excuse_stall(now, now - checked - timeout - TURN_SLACK_S)
             self._kill_overdue(now)
             self._check_heartbeats(now)
             self._restart_due(now)
+            checked = now
+
+    def _excuse_stall(self, now: float, stalled_s: float) -> None:
+        """The supervisor was not running for ``stalled_s`` (when > 0): its workers went on, their
+        heartbeats wait in its socket, unread. Judged by its clock at once, every worker was
+        hung: that time is added to each one's last heartbeat instead."""
+        if stalled_s <= 0:
+            return
+        self.log.warning("supervisor_stalled", stalled_s=round(stalled_s, 3))
+        for h in self.workers.values():
+            h.last_heartbeat = min(now, h.last_heartbeat + stalled_s)
 
     def _next_timer(self, now: float) -> float:
         """The next moment a heartbeat may be overdue or a back-off ends."""
