@@ -1,13 +1,14 @@
 """Chaos by stalls: workers of a gateway engine stopped (SIGSTOP) and resumed at random while
 clients stream chat completions through the gateway. A stall is what a long GC pause, a swapped-out
-or descheduled process or a debugger looks like: nothing dies, everything waits. Kills are
-tests/test_chaos.py's; this is the other way a worker fails.
+or descheduled process or a debugger looks like: nothing dies, everything waits. The supervisor
+is stalled too, for up to 7 s: past the hang timeout, yet no worker may be taken for hung. Kills
+are tests/test_chaos.py's; this is the other way a worker fails.
 
 The promise: every request ends as OpenAI's streams end, whole (every token, usage, [DONE]), or
 with an explicit error (here only a 503 when ingest did not take it within submit_timeout_s); no
 stream is started that no client follows (a submit ingest reads after the gateway gave up starts
 nothing; one accepted too late is cancelled); nothing is restarted (every stall is under the hang
-timeout). Two defects were found this way (tests/test_gateway_restarts.py).
+timeout). Three defects were found this way (tests/test_gateway_restarts.py, test_supervisor.py).
 
 The default run stalls for STALL_SECONDS (15); `NEURALPIPE_STALL_SECONDS=300 pytest
 tests/test_stall_chaos.py` is the long run.
@@ -30,10 +31,12 @@ from engine_harness import wait_for
 from gateway_harness import GatewayEngine, default_topology, serving
 
 SECONDS = float(os.environ.get("NEURALPIPE_STALL_SECONDS", "15"))
-VICTIMS = ("ingest", "compute", "cache", "broadcast", "gateway")
+WORKERS = ("ingest", "compute", "cache", "broadcast", "gateway")
+VICTIMS = (*WORKERS, "supervisor")
 CLIENTS = 20
 TOKENS = 20
 LONGEST_STALL_S = 2.5  # under the harness's 5 s hang timeout: never taken for a hung worker
+LONGEST_SUPERVISOR_STALL_S = 7.0  # past it: the time the supervisor did not run is not its workers'
 SEED = 20261204
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120 + 2 * SECONDS)]
@@ -97,10 +100,11 @@ async def clients(url: str, stop: threading.Event) -> collections.Counter:
 
 def stall_at_random(engine: GatewayEngine, stop: threading.Event, stalls: list[tuple[str, float]]) -> None:
     rng = random.Random(SEED)
-    pids = {w["name"]: w["pid"] for w in engine.status()["workers"]}
+    pids = {w["name"]: w["pid"] for w in engine.status()["workers"]} | {"supervisor": engine.pid}
     deadline = time.monotonic() + SECONDS
     while time.monotonic() < deadline:
-        victim, pause = rng.choice(VICTIMS), rng.uniform(0.05, LONGEST_STALL_S)
+        victim = rng.choice(VICTIMS)
+        pause = rng.uniform(0.05, LONGEST_SUPERVISOR_STALL_S if victim == "supervisor" else LONGEST_STALL_S)
         os.kill(pids[victim], signal.SIGSTOP)
         try:
             time.sleep(pause)  # the stall itself
@@ -123,7 +127,7 @@ def test_random_stalls_under_load_lose_nothing_and_start_nothing_unfollowed(engi
     assert not chaos.is_alive()
     assert set(endings) <= {"complete", "503 engine_unavailable"}, (endings, stalls)
     assert endings["complete"] > CLIENTS, endings  # the load went on between the stalls
-    assert {w["name"]: w["restarts"] for w in engine.status()["workers"]} == dict.fromkeys(VICTIMS, 0)
+    assert {w["name"]: w["restarts"] for w in engine.status()["workers"]} == dict.fromkeys(WORKERS, 0)
 
     def settled() -> tuple[dict, dict] | None:  # ingest and the gateway, from heartbeats after the load
         ingest, gateway = engine.stats("ingest"), engine.stats("gateway")
