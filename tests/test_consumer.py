@@ -402,9 +402,27 @@ def test_the_engine_timeout_waits_out_the_broadcasts_hang_timeout(hang_timeout_s
     head = orjson.loads(wire.encode_heartbeat(1, 1, EPOCH, 0, 1.0, 2.0)[1]) | {"hang_timeout_s": hang_timeout_s}
     core._heartbeat(head)
     heard = core.last_heard
+    for t in np.arange(0.25, gives_up_after_s - 0.1, 0.25):  # ticking as a running consumer does
+        core.tick(heard + t)
     core.tick(heard + gives_up_after_s - 0.1)
     assert core.counts["unreachable"] == 0 and not core.ready
     core.tick(heard + gives_up_after_s)
     assert [m.header["reason"] for m in core.ready] == [
         f"engine unreachable: nothing from the broadcast for {gives_up_after_s:g} s"
     ]
+
+
+def test_time_the_consumer_was_not_running_is_not_the_engines_silence():
+    """A consumer process stopped for 20 s (a suspended laptop, a debugger, SIGSTOP) resumes with the
+    broadcast's messages of that time still unread in its socket: judged by its clock at once, the
+    engine had been silent for 20 s and every open stream ended "unreachable". Silence is counted
+    only while the consumer ran (ticks come every RESYNC_S / 4); a dead engine is still noticed."""
+    core = ConsumerCore(lambda frame: None, stream=7)
+    core._heartbeat(orjson.loads(wire.encode_heartbeat(1, 1, EPOCH, 0, 1.0, 2.0)[1]))
+    start = core.last_heard
+    core.tick(start + 0.25)
+    core.tick(start + 20.25)  # the first tick after the stall: nothing read yet
+    assert core.counts["unreachable"] == 0 and not core.ready
+    for t in np.arange(20.5, 27.5, 0.25):  # resumed, and truly silent: 7 s of its own time
+        core.tick(start + t)
+    assert core.counts["unreachable"] == 1

@@ -33,6 +33,7 @@ open stream ends with an explicit error ("engine unreachable"), counted in ``unr
 default that is the broadcast's hang timeout (its heartbeats say it: how long it may be silent
 before the supervisor restarts it) and MIN_ENGINE_TIMEOUT_S more, at least three heartbeat periods:
 a stalled or restarting broadcast loses nothing, and giving up sooner lost streams it delivered.
+Silence is counted only while the consumer runs (TICK_GAP_S).
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ from shm.batch import ending_rows
 RESYNC_S = 1.0  # one stream: silent this long before its end, it is asked for again
 ASK_TIMEOUT_S = 2.0  # a snapshot request unanswered this long is sent again
 MAX_FRUITLESS_ASKS = 5  # answers in a row that did not close a hole: what is missing is lost
+# ticks come every RESYNC_S / 4; a longer gap is time the consumer did not run (stopped, suspended,
+# not pumped), which is not the engine's silence: its messages of that time may wait unread
+TICK_GAP_S = 1.0
 MIN_ENGINE_TIMEOUT_S = 5.0  # beyond the hang timeout: a restarting broadcast is silent for a second or two
 MAX_HANG_TIMEOUT_S = 3600.0  # the most of an announced hang timeout a consumer waits for
 RECONNECT_IVL_MS = 10  # how soon a socket retries a restarted broadcast's endpoint
@@ -108,7 +112,7 @@ class ConsumerCore:
         self.engine_timeout_s = engine_timeout_s
         self.heartbeat_s = 1.0  # until the broadcast announces its own
         self.hang_timeout_s = 0.0  # likewise: its supervisor's hang timeout
-        self.last_heard = time.monotonic()
+        self.last_heard = self.ticked_at = time.monotonic()
         self.heard_live = False  # a live message came: this consumer's subscription is in place
         self.counts = dict.fromkeys(
             ("messages", "batches", "duplicates", "gaps", "snapshots", "malformed", "lost_streams", "unreachable"), 0
@@ -161,6 +165,10 @@ class ConsumerCore:
     def tick(self, now: float) -> None:
         """The timers: repeat unanswered requests, ask again for a silent stream, notice an
         engine gone silent. Call it every RESYNC_S / 4 or so."""
+        not_running = now - self.ticked_at - TICK_GAP_S
+        if not_running > 0:
+            self.last_heard = min(now, self.last_heard + not_running)
+        self.ticked_at = now
         if self.only is None:
             self._repair(now)
         else:
