@@ -10,7 +10,7 @@ stream is started that no client follows (a submit ingest reads after the gatewa
 nothing; one accepted too late is cancelled); nothing is restarted (every stall is under the hang
 timeout). Three defects were found this way (tests/test_gateway_restarts.py, test_supervisor.py).
 
-The default run stalls for STALL_SECONDS (15); `NEURALPIPE_STALL_SECONDS=300 pytest
+The default run stalls for SECONDS (10); `NEURALPIPE_STALL_SECONDS=300 pytest
 tests/test_stall_chaos.py` is the long run.
 """
 
@@ -30,7 +30,7 @@ import pytest
 from engine_harness import wait_for
 from gateway_harness import GatewayEngine, default_topology, serving
 
-SECONDS = float(os.environ.get("NEURALPIPE_STALL_SECONDS", "15"))
+SECONDS = float(os.environ.get("NEURALPIPE_STALL_SECONDS", "10"))
 WORKERS = ("ingest", "compute", "cache", "broadcast", "gateway")
 VICTIMS = (*WORKERS, "supervisor")
 CLIENTS = 20
