@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import os
-import time
 from collections import OrderedDict
 from typing import Any
 
 from engine.clients.correlation import CorrelatedDealer
-from engine.protocol.requests import MAX_CANCEL_TOKENS, RequestError
+from engine.protocol.requests import MAX_CANCEL_TOKENS, RequestError, submit_message
 
 
 class RequestClient:
@@ -39,11 +38,7 @@ class RequestClient:
         return reply
 
     def submit(self, body: dict[str, Any], endpoint: str = "chat", client: str | None = None) -> int:
-        deadline_ns = time.monotonic_ns() + int(self._dealer.timeout_s * 1e9)  # ingest starts nothing later
-        msg: dict[str, Any] = {"type": "submit", "body": body, "endpoint": endpoint, "deadline_ns": deadline_ns}
-        if client:
-            msg["client"] = client
-        reply = self._call(msg)
+        reply = self._call(submit_message(body, endpoint, client, self._dealer.timeout_s))
         sid = int(reply["stream_id"])
         self._cancel_tokens[sid] = str(reply.get("cancel_token", ""))
         if len(self._cancel_tokens) > MAX_CANCEL_TOKENS:

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +22,7 @@ import zmq
 import zmq.asyncio
 
 from engine.clients.correlation import call_frames, decode_reply, split_reply
-from engine.protocol.requests import RequestError
+from engine.protocol.requests import RequestError, submit_message
 
 _names = itertools.count()
 
@@ -73,11 +72,7 @@ class AsyncRequestClient:
         return answer
 
     async def submit(self, body: dict[str, Any], endpoint: str = "chat", client: str | None = None) -> Submitted:
-        deadline_ns = time.monotonic_ns() + int(self.timeout_s * 1e9)  # ingest starts nothing later
-        msg: dict[str, Any] = {"type": "submit", "body": body, "endpoint": endpoint, "deadline_ns": deadline_ns}
-        if client:
-            msg["client"] = client
-        reply = await self.call(msg)
+        reply = await self.call(submit_message(body, endpoint, client, self.timeout_s))
         return Submitted(int(reply["stream_id"]), str(reply.get("cancel_token", "")))
 
     async def cancel(self, stream_id: int, token: str) -> None:

@@ -19,6 +19,7 @@ was told it) or with the engine's operator token (engine/tokens.py; docs/securit
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from engine.protocol.control import load_object
@@ -94,6 +95,14 @@ def validate_body(body: Any, endpoint: str) -> dict[str, Any]:
     _check_number(body, "top_p", 0, 1)
     _check_number(body, "top_logprobs", 0, 20, integer=True)
     return {**body, "stream": True}
+
+
+def submit_message(body: dict[str, Any], endpoint: str, client: str | None, wait_s: float) -> dict[str, Any]:
+    """A submit whose client waits ``wait_s`` for the reply: its ``deadline_ns`` is that much from now."""
+    msg = {"type": "submit", "body": body, "endpoint": endpoint, "deadline_ns": time.monotonic_ns() + int(wait_s * 1e9)}
+    if client:
+        msg["client"] = client
+    return msg
 
 
 def _check_count(msg: dict[str, Any], key: str) -> None:
