@@ -54,6 +54,13 @@ def follow_ends(runtime_dir: str, ended: dict, joined: Any, done: Any) -> None:
                     ended[message.stream] = (message.type, str(message.header.get("reason", "")))
 
 
+def first_end(consumer: Any, sid: int) -> Any:
+    """Stream ``sid``'s end or error message from a wildcard StreamConsumer (None after 10 s
+    without a message): it returns at the end, not after an idle wait."""
+    ends = (m for m in consumer.messages(idle_timeout_s=10) if m.stream == sid and m.type in ("end", "error"))
+    return next(ends, None)
+
+
 def alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie waiting for its parent, or init, to reap it is dead)."""
     try:

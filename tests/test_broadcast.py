@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 import pytest
 import zmq
-from engine_harness import chat, full_config, wait_for
+from engine_harness import chat, first_end, full_config, wait_for
 
 from engine.clients.consumer import StreamConsumer
 from engine.clients.requests import RequestClient
@@ -187,21 +187,26 @@ def test_a_joined_consumer_gets_a_stream_submitted_after_even_one_that_ends_at_o
 
 @pytest.mark.timeout(90)
 def test_a_paused_broadcast_still_tells_its_consumers_it_is_alive(start_engine):
-    """Consumers end every open stream ("engine unreachable") once the broadcast is silent for a few
-    heartbeat periods (5 s at least). `neuralpipe pause broadcast` used to silence it: a pause of 5 s
-    ended every gateway stream. Paused, it publishes nothing, but its heartbeats go on."""
+    """Consumers end every open stream ("engine unreachable") once the broadcast is silent for their
+    engine timeout. `neuralpipe pause broadcast` used to silence it: a pause longer than that ended
+    every gateway stream. Paused, it publishes nothing, but its heartbeats go on: a consumer whose
+    timeout is 2 s keeps its stream through a 3 s pause, and the stream ends whole after it."""
     engine = start_engine(full_config(rate=20))
     rd = engine.info()["runtime_dir"]
     cli = [sys.executable, "-m", "engine.cli"]
-    with StreamConsumer.for_engine(rd) as consumer, RequestClient(ingest_endpoint(rd)) as client:
+    with (
+        StreamConsumer.for_engine(rd, engine_timeout_s=2.0) as consumer,
+        RequestClient(ingest_endpoint(rd)) as client,
+    ):
         assert consumer.join(10)
-        sid = client.submit(chat("held by a paused broadcast", max_tokens=300, temperature=0.9))
+        # 2 s of tokens: the end waits in the paused broadcast, so the stream is open throughout
+        sid = client.submit(chat("held by a paused broadcast", max_tokens=40, temperature=0.9))
         wait_for(lambda: any(m.stream == sid for m in consumer.messages(idle_timeout_s=0.5)), 10, "the stream")
         subprocess.run([*cli, "pause", "broadcast"], env=engine.env(), capture_output=True, timeout=20, check=True)
         paused_at = time.monotonic()
         wait_for(lambda: engine.worker("broadcast")["state"] == "paused", 10, "the broadcast paused")
         heard = []
-        while time.monotonic() - paused_at < 7:  # past the consumer's 5 s: it must keep hearing
+        while time.monotonic() - paused_at < 3:  # past the consumer's 2 s: it must keep hearing
             heard += [m.type for m in consumer.messages(idle_timeout_s=0.5)]
         subprocess.run([*cli, "resume", "broadcast"], env=engine.env(), capture_output=True, timeout=20, check=True)
         kinds = follow(consumer, sid)
@@ -221,10 +226,10 @@ def test_a_stream_still_open_when_the_engine_stops_ends_saying_so(start_engine):
         sid = client.submit(chat("open when the engine stops", max_tokens=300, temperature=0.9))
         wait_for(lambda: any(m.stream == sid for m in consumer.messages(idle_timeout_s=0.5)), 10, "the stream")
         engine.proc.send_signal(signal.SIGTERM)
-        ends = [m for m in consumer.messages(idle_timeout_s=10) if m.stream == sid and m.type in ("end", "error")]
+        ending = first_end(consumer, sid)
     assert engine.wait_exit(30) == 0
-    assert [m.type for m in ends] == ["error"], ends
-    assert ends[0].header["reason"].startswith("engine stopping"), ends[0].header
+    assert ending is not None and ending.type == "error", ending
+    assert ending.header["reason"].startswith("engine stopping"), ending.header
 
 
 @pytest.mark.timeout(90)
