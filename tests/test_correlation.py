@@ -159,6 +159,23 @@ def test_a_submit_carries_the_deadline_its_client_waits_until(tmp_path, kind) ->
         router.close(0)
 
 
+def _accept_late_then_take_the_cancel(router: zmq.Socket) -> dict:
+    """Answer the submit that waits in ``router`` (its caller gave up on it) with an acceptance; the
+    first request after it that is not a submit (the cancel), or {} when none came within 3 s."""
+    envelope, _ = split_request(router.recv_multipart())
+    accepted = {"type": "accepted", "stream_id": 42, "cancel_token": "t0k"}
+    router.send_multipart([*envelope, orjson.dumps(accepted)])
+    deadline = time.monotonic() + 3
+    while router.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+        request = orjson.loads(split_request(router.recv_multipart())[1])
+        if request["type"] != "submit":
+            return request
+    return {}
+
+
+CANCEL_42 = {"type": "cancel", "stream_id": 42, "token": "t0k"}
+
+
 @pytest.mark.timeout(30)
 def test_a_stream_accepted_after_its_submit_timed_out_is_cancelled(tmp_path) -> None:
     """Ingest read the submit before its deadline, but the reply came after the caller gave up:
@@ -174,18 +191,39 @@ def test_a_stream_accepted_after_its_submit_timed_out_is_cancelled(tmp_path) -> 
         try:
             with pytest.raises(TimeoutError):
                 await client.submit({"messages": [{"role": "user", "content": "hi"}]})
-            envelope, _ = split_request(router.recv_multipart())
-            accepted = {"type": "accepted", "stream_id": 42, "cancel_token": "t0k"}
-            router.send_multipart([*envelope, orjson.dumps(accepted)])
-            for _ in range(100):
-                if router.poll(0):
-                    return orjson.loads(split_request(router.recv_multipart())[1])
-                await asyncio.sleep(0.02)
-            raise AssertionError("no cancel came for the stream accepted late")
+            return await asyncio.to_thread(_accept_late_then_take_the_cancel, router)
         finally:
             await client.close()
 
     try:
-        assert asyncio.run(late()) == {"type": "cancel", "stream_id": 42, "token": "t0k"}
+        assert asyncio.run(late()) == CANCEL_42
     finally:
         router.close(0)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("then", ["call", "close"])
+def test_the_sync_client_cancels_a_stream_accepted_after_its_submit_timed_out(tmp_path, then) -> None:
+    """The synchronous client too (the CLI's submit, the demo): the late acceptance is read by its
+    next call, or by ``close`` (which waits briefly for the replies of calls that timed out)."""
+    endpoint = f"ipc://{tmp_path}/r.sock"
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(endpoint)
+    client = RequestClient(endpoint, timeout_s=0.2)
+    taken: list[dict] = []
+    try:
+        with pytest.raises(TimeoutError):
+            client.submit({"messages": [{"role": "user", "content": "hi"}]})
+        server = threading.Thread(target=lambda: taken.append(_accept_late_then_take_the_cancel(router)))
+        server.start()
+        if then == "call":
+            with pytest.raises(TimeoutError):  # the server answers nothing more
+                client.submit({"messages": [{"role": "user", "content": "next"}]})
+        else:
+            client.close()
+        server.join(10)
+    finally:
+        client.close()
+        router.close(0)
+    assert taken == [CANCEL_42]
