@@ -6,9 +6,11 @@ replaced by batches made here (the live feed over a real engine: tests/test_gate
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import types
 import uuid
+from collections.abc import AsyncIterator
 
 import aiohttp
 import numpy as np
@@ -17,7 +19,7 @@ from aiohttp import web
 from gateway_harness import GatewayEngine, default_topology
 
 from engine.protocol import wire
-from stages.gateway.feed import CLOSE_TOO_SLOW, FeedHub
+from stages.gateway.feed import CLOSE_NO_INPUT, CLOSE_TOO_SLOW, FeedHub
 
 BATCHES = 300
 ROW_TEXT = "x" * 32_768  # 300 batches of ~32 KiB: ~10 MB, more than the sockets buffer between the two
@@ -35,9 +37,11 @@ def batch(i: int) -> wire.Batch:
     return wire.Batch(1, i, i + 1, columns, wire.Texts.from_list([ROW_TEXT]))
 
 
-async def scenario() -> tuple[list[int], int | None, str, dict]:
+@contextlib.asynccontextmanager
+async def hub_server(bound: int = 16) -> AsyncIterator[tuple[FeedHub, types.SimpleNamespace, str]]:
+    """A FeedHub behind a real aiohttp server: (the hub, its stand-in follower, the feed's URL)."""
     follower = types.SimpleNamespace(listeners=set())
-    hub = FeedHub(follower, "/nonexistent", bound=16, max_stream_feeds=1)
+    hub = FeedHub(follower, "/nonexistent", bound=bound, max_stream_feeds=1)
     app = web.Application()
 
     async def feed(request: web.Request) -> web.WebSocketResponse:
@@ -48,36 +52,43 @@ async def scenario() -> tuple[list[int], int | None, str, dict]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/feed"
     try:
-        async with aiohttp.ClientSession() as session:
-            slow = await session.ws_connect(url, max_msg_size=0)
-            fast = await session.ws_connect(url, max_msg_size=0)
-            while len(hub.feeds) < 2:
-                await asyncio.sleep(0.01)
-            seqs: list[int] = []
-
-            async def read_fast() -> None:
-                while len(seqs) < BATCHES:
-                    message = json.loads((await fast.receive(timeout=20)).data)
-                    seqs.append(message["payload"]["seq"][0])
-
-            reading = asyncio.create_task(read_fast())
-            for i in range(BATCHES):
-                for listener in tuple(follower.listeners):
-                    listener(batch(i))
-                await asyncio.sleep(0.002)  # at about the pace the fast browser reads
-            await asyncio.wait_for(reading, 30)
-            while True:  # now the slow one reads: what was sent before the drop, then the close
-                message = await slow.receive(timeout=10)
-                if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                    break
-            close_code, reason = slow.close_code, str(message.extra or "")
-            await fast.close()
-            await slow.close()
-        return seqs, close_code, reason, dict(hub.counts)
+        yield hub, follower, f"http://127.0.0.1:{runner.addresses[0][1]}/feed"
     finally:
         await runner.cleanup()
+
+
+def publish(follower: types.SimpleNamespace, message: wire.Batch) -> None:
+    for listener in tuple(follower.listeners):
+        listener(message)
+
+
+async def scenario() -> tuple[list[int], int | None, str, dict]:
+    async with hub_server() as (hub, follower, url), aiohttp.ClientSession() as session:
+        slow = await session.ws_connect(url, max_msg_size=0)
+        fast = await session.ws_connect(url, max_msg_size=0)
+        while len(hub.feeds) < 2:
+            await asyncio.sleep(0.01)
+        seqs: list[int] = []
+
+        async def read_fast() -> None:
+            while len(seqs) < BATCHES:
+                message = json.loads((await fast.receive(timeout=20)).data)
+                seqs.append(message["payload"]["seq"][0])
+
+        reading = asyncio.create_task(read_fast())
+        for i in range(BATCHES):
+            publish(follower, batch(i))
+            await asyncio.sleep(0.002)  # at about the pace the fast browser reads
+        await asyncio.wait_for(reading, 30)
+        while True:  # now the slow one reads: what was sent before the drop, then the close
+            message = await slow.receive(timeout=10)
+            if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                break
+        close_code, reason = slow.close_code, str(message.extra or "")
+        await fast.close()
+        await slow.close()
+        return seqs, close_code, reason, dict(hub.counts)
 
 
 def test_a_slow_browser_is_dropped_and_never_slows_the_others():
@@ -86,6 +97,31 @@ def test_a_slow_browser_is_dropped_and_never_slows_the_others():
     assert close_code in (CLOSE_TOO_SLOW, None) and counts["feeds_dropped"] == 1
     if close_code == CLOSE_TOO_SLOW:  # its close frame got through (else it was cut: nothing read)
         assert "too slow: more than 16 messages queued" in reason
+
+
+@pytest.mark.timeout(30)
+def test_a_browser_that_sends_messages_is_closed_and_the_others_served():
+    """The feed carries the broadcast one way. A client that sent on it was read and ignored
+    without bound: four of them sending as fast as they could took ~0.9 of a core in the gateway
+    and doubled every other client's stream time. Its first message now closes it (1008)."""
+
+    async def talk() -> tuple[int | None, str, int, dict]:
+        async with hub_server() as (hub, follower, url), aiohttp.ClientSession() as session:
+            talker = await session.ws_connect(url)
+            quiet = await session.ws_connect(url)
+            await talker.send_str("hello")
+            closing = await talker.receive(timeout=5)
+            while len(hub.feeds) > 1:  # its handler ends a moment after the close
+                await asyncio.sleep(0.01)
+            publish(follower, batch(7))
+            seq = json.loads((await quiet.receive(timeout=5)).data)["payload"]["seq"][0]
+            await quiet.close()
+            return talker.close_code, str(closing.extra or ""), seq, dict(hub.counts)
+
+    close_code, reason, seq, counts = asyncio.run(talk())
+    assert close_code == CLOSE_NO_INPUT == 1008
+    assert "the feed takes no messages" in reason
+    assert seq == 7 and counts["feeds_closed_for_input"] == 1
 
 
 async def open_stream_feeds(url: str, count: int) -> tuple[int, list[int], dict, int]:

@@ -23,6 +23,9 @@ from stages.gateway.follower import BroadcastFollower
 PING_S = 20.0  # WebSocket pings: a dead browser is noticed, proxies keep the socket
 CLOSE_GRACE_S = 2.0  # a dropped browser's close frame waits this long behind what it has not read
 CLOSE_TOO_SLOW = WSCloseCode.TRY_AGAIN_LATER  # 1013
+CLOSE_NO_INPUT = WSCloseCode.POLICY_VIOLATION  # 1008: the feed is one way
+NO_INPUT_REASON = b"the feed takes no messages; it only sends"
+NO_INPUT_CLOSE_S = 0.25  # how long such a browser's close frame is waited for
 
 
 def feed_text(frames: tuple[bytes, bytes, bytes]) -> str:
@@ -74,7 +77,7 @@ class FeedHub:
         self.max_stream_feeds = max_stream_feeds
         self.stream_feeds = 0  # feeds of one stream open, each with a follower of its own
         self.feeds: set[Feed] = set()
-        self.counts = {"feeds": 0, "feeds_dropped": 0, "feeds_refused": 0}
+        self.counts = {"feeds": 0, "feeds_dropped": 0, "feeds_refused": 0, "feeds_closed_for_input": 0}
         follower.listeners.add(self._batch)
 
     def _batch(self, batch: wire.Batch | wire.Message) -> None:
@@ -121,7 +124,9 @@ class FeedHub:
         sender, reader = loop.create_task(feed.send()), loop.create_task(_drain(ws))
         try:
             await asyncio.wait({reader, sender, feed.gone}, return_when=asyncio.FIRST_COMPLETED)
-            if feed.dropped and not sender.done():  # its close frame queues behind what it has not read
+            if reader.done() and not reader.cancelled() and reader.exception() is None and reader.result():
+                await self._close_for_input(ws, sender)
+            elif feed.dropped and not sender.done():  # its close frame queues behind what it has not read
                 try:
                     await asyncio.wait_for(asyncio.shield(sender), CLOSE_GRACE_S)
                 except TimeoutError:
@@ -139,6 +144,18 @@ class FeedHub:
                 self.counts["feeds_dropped"] += 1
         return ws
 
+    async def _close_for_input(self, ws: web.WebSocketResponse, sender: asyncio.Task) -> None:
+        """A browser sent a message: the feed is one way, and reading what it sends without bound
+        would let one client take the gateway's loop from all the others."""
+        self.counts["feeds_closed_for_input"] += 1
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
+            await sender
+        # close() reads on until the browser's own close frame: what a flooding client sends is
+        # read for NO_INPUT_CLOSE_S at most, then its connection is closed
+        with contextlib.suppress(ConnectionResetError, TimeoutError):
+            await asyncio.wait_for(ws.close(code=CLOSE_NO_INPUT, message=NO_INPUT_REASON), NO_INPUT_CLOSE_S)
+
 
 def _one_stream(feed: Feed, message: wire.Batch | wire.Message) -> None:
     if isinstance(message, wire.Message):
@@ -147,7 +164,11 @@ def _one_stream(feed: Feed, message: wire.Batch | wire.Message) -> None:
             feed.offer(None)
 
 
-async def _drain(ws: web.WebSocketResponse) -> None:
+async def _drain(ws: web.WebSocketResponse) -> bool:
+    """Wait for the browser's close (False) or its first message (True: the feed takes none)."""
     async for message in ws:
+        if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            return True
         if message.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
-            return
+            return False
+    return False
