@@ -8,6 +8,8 @@ from importlib.metadata import entry_points
 
 import click
 
+from engine.clients import FIRST_MESSAGE_WAIT_S
+
 PLUGINS = "neuralpipe.commands"  # entry points of other installed packages: bench's ``neuralpipe bench``
 
 
@@ -271,7 +273,7 @@ def demo(path: str | None, prompts: int, max_tokens: int) -> None:
     "--wait",
     "wait_s",
     type=click.FloatRange(0, min_open=True),
-    default=30.0,
+    default=FIRST_MESSAGE_WAIT_S,
     show_default=True,
     help="With --stream: give up when nothing of the stream came within this many seconds.",
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import types
 import uuid
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from aiohttp import web
 from gateway_harness import GatewayEngine, default_topology
 
 from engine.protocol import wire
-from stages.gateway.feed import CLOSE_NO_INPUT, CLOSE_TOO_SLOW, FeedHub
+from stages.gateway.feed import CLOSE_NO_INPUT, CLOSE_NO_SUCH_STREAM, CLOSE_TOO_SLOW, FeedHub
 
 BATCHES = 300
 ROW_TEXT = "x" * 32_768  # 300 batches of ~32 KiB: ~10 MB, more than the sockets buffer between the two
@@ -38,14 +39,15 @@ def batch(i: int) -> wire.Batch:
 
 
 @contextlib.asynccontextmanager
-async def hub_server(bound: int = 16) -> AsyncIterator[tuple[FeedHub, types.SimpleNamespace, str]]:
-    """A FeedHub behind a real aiohttp server: (the hub, its stand-in follower, the feed's URL)."""
+async def hub_server(bound: int = 16, **options) -> AsyncIterator[tuple[FeedHub, types.SimpleNamespace, str]]:
+    """A FeedHub behind a real aiohttp server: (the hub, its stand-in follower, the feed's URL).
+    A feed of one stream (``?stream=N``) follows a runtime directory with no engine in it."""
     follower = types.SimpleNamespace(listeners=set())
-    hub = FeedHub(follower, "/nonexistent", bound=bound, max_stream_feeds=1)
+    hub = FeedHub(follower, "/nonexistent", bound=bound, max_stream_feeds=1, **options)
     app = web.Application()
 
     async def feed(request: web.Request) -> web.WebSocketResponse:
-        return await hub.serve(request, None)
+        return await hub.serve(request, int(request.query["stream"]) if "stream" in request.query else None)
 
     app.router.add_get("/feed", feed)
     runner = web.AppRunner(app)
@@ -175,3 +177,29 @@ def test_feeds_of_one_stream_are_bounded_and_refused_past_it_before_the_upgrade(
     assert opened == 600 and still_open == 599 and handler_failures == 0
     assert late == [503, 101]
     assert error["code"] == "gateway_busy" and "max_stream_feeds (600)" in error["message"]
+
+
+@pytest.mark.timeout(30)
+def test_a_feed_of_a_stream_that_never_comes_is_closed_saying_so():
+    """A feed of one stream the broadcast has nothing of (no such stream, or one retained no
+    longer) waited in silence for good, holding one of the max_stream_feeds slots: that many of
+    them refused every other feed of one stream. Now it is closed after ``stream_wait_s`` with a
+    reason that names the stream, and its slot is free again."""
+
+    async def unheard() -> tuple[float, int | None, str, dict]:
+        async with hub_server(stream_wait_s=0.5) as (hub, _, url), aiohttp.ClientSession() as session:
+            started = time.monotonic()
+            ws = await session.ws_connect(f"{url}?stream=987654321")
+            closing = await ws.receive(timeout=10)
+            waited = time.monotonic() - started
+            while hub.stream_feeds:  # its handler ends a moment after the close
+                await asyncio.sleep(0.01)
+            again = await session.ws_connect(f"{url}?stream=1")  # the slot (max_stream_feeds = 1) is free
+            await again.close()
+            return waited, ws.close_code, str(closing.extra or ""), dict(hub.counts)
+
+    waited, close_code, reason, counts = asyncio.run(unheard())
+    assert 0.5 <= waited < 5
+    assert close_code == CLOSE_NO_SUCH_STREAM == 4404
+    assert "nothing of stream 987654321 within 0.5 s" in reason, reason
+    assert counts["feeds_unheard"] == 1

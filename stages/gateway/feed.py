@@ -16,6 +16,7 @@ import contextlib
 import zmq
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from engine.clients import FIRST_MESSAGE_WAIT_S
 from engine.protocol import wire
 from engine.protocol.openai_errors import ApiError
 from stages.gateway.follower import BroadcastFollower
@@ -26,6 +27,8 @@ CLOSE_TOO_SLOW = WSCloseCode.TRY_AGAIN_LATER  # 1013
 CLOSE_NO_INPUT = WSCloseCode.POLICY_VIOLATION  # 1008: the feed is one way
 NO_INPUT_REASON = b"the feed takes no messages; it only sends"
 NO_INPUT_CLOSE_S = 0.25  # how long such a browser's close frame is waited for
+CLOSE_NO_SUCH_STREAM = 4404  # (private use, RFC 6455 7.4.2) nothing of the stream came
+COUNTS = ("feeds", "feeds_dropped", "feeds_refused", "feeds_closed_for_input", "feeds_unheard")
 
 
 def feed_text(frames: tuple[bytes, bytes, bytes]) -> str:
@@ -44,6 +47,8 @@ class Feed:
         self.queue: asyncio.Queue[str | None] = asyncio.Queue(bound)
         self.dropped = False
         self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # set when dropped
+        self.heard = False  # a feed of one stream: something of it came
+        self.unheard_reason = ""  # set when nothing of it came in time: the close's reason
 
     def offer(self, text: str | None) -> None:
         """Queue ``text`` (None: the end); a full queue drops this browser."""
@@ -63,21 +68,38 @@ class Feed:
         if self.dropped:
             reason = f"too slow: more than {self.bound} messages queued; reconnect"
             await self.ws.close(code=CLOSE_TOO_SLOW, message=reason.encode()[:120])
+        elif self.unheard_reason:
+            await self.ws.close(code=CLOSE_NO_SUCH_STREAM, message=self.unheard_reason.encode()[:120])
         else:
             await self.ws.close()
+
+    def end_unheard(self, stream: int, waited_s: float) -> None:
+        """Nothing of the stream came within ``waited_s``: end the feed, saying so."""
+        if not self.heard and not self.dropped:
+            self.unheard_reason = f"nothing of stream {stream} within {waited_s:g} s: no such stream, or not retained"
+            self.offer(None)
 
 
 class FeedHub:
     """Every-stream feeds share the gateway's follower: each batch is encoded once, for all."""
 
-    def __init__(self, follower: BroadcastFollower, runtime_dir: str, bound: int, max_stream_feeds: int) -> None:
+    def __init__(
+        self,
+        follower: BroadcastFollower,
+        runtime_dir: str,
+        bound: int,
+        max_stream_feeds: int,
+        stream_wait_s: float = FIRST_MESSAGE_WAIT_S,
+    ) -> None:
+        """``stream_wait_s``: a feed of one stream of which nothing came this long is closed."""
         self.follower = follower
         self.runtime_dir = runtime_dir
         self.bound = bound
         self.max_stream_feeds = max_stream_feeds
+        self.stream_wait_s = stream_wait_s
         self.stream_feeds = 0  # feeds of one stream open, each with a follower of its own
         self.feeds: set[Feed] = set()
-        self.counts = {"feeds": 0, "feeds_dropped": 0, "feeds_refused": 0, "feeds_closed_for_input": 0}
+        self.counts = dict.fromkeys(COUNTS, 0)
         follower.listeners.add(self._batch)
 
     def _batch(self, batch: wire.Batch | wire.Message) -> None:
@@ -90,7 +112,7 @@ class FeedHub:
     async def serve(self, request: web.Request, stream: int | None) -> web.WebSocketResponse:
         own = None if stream is None else self._stream_follower(stream)  # refused before the upgrade
         try:
-            return await self._serve(request, own)
+            return await self._serve(request, own, stream)
         finally:
             if own is not None:
                 self.stream_feeds -= 1
@@ -110,17 +132,21 @@ class FeedHub:
         self.counts["feeds_refused"] += 1
         return ApiError(503, f"{why}; ?stream=all has no such bound", "server_error", "gateway_busy", retry_after="1")
 
-    async def _serve(self, request: web.Request, own: BroadcastFollower | None) -> web.WebSocketResponse:
+    async def _serve(
+        self, request: web.Request, own: BroadcastFollower | None, stream: int | None
+    ) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(heartbeat=PING_S, max_msg_size=4096)
         await ws.prepare(request)
         feed = Feed(ws, self.bound)
         self.counts["feeds"] += 1
+        loop = asyncio.get_running_loop()
+        unheard = None
         if own is None:
             self.feeds.add(feed)
         else:
             own.listeners.add(lambda message: _one_stream(feed, message))
             own.start()
-        loop = asyncio.get_running_loop()
+            unheard = loop.call_later(self.stream_wait_s, feed.end_unheard, stream, self.stream_wait_s)
         sender, reader = loop.create_task(feed.send()), loop.create_task(_drain(ws))
         try:
             await asyncio.wait({reader, sender, feed.gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -133,6 +159,10 @@ class FeedHub:
                     if request.transport is not None:
                         request.transport.abort()  # a browser that reads nothing: cut, not waited for
         finally:
+            if unheard is not None:
+                unheard.cancel()
+            if feed.unheard_reason:
+                self.counts["feeds_unheard"] += 1
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
@@ -159,6 +189,7 @@ class FeedHub:
 
 def _one_stream(feed: Feed, message: wire.Batch | wire.Message) -> None:
     if isinstance(message, wire.Message):
+        feed.heard = True
         feed.offer(feed_text(wire.encode_message(message, "json")))
         if message.type in ("end", "error"):
             feed.offer(None)

@@ -14,8 +14,8 @@ Stats (with every heartbeat): ``url`` (the /v1 base URL clients use: ``neuralpip
 shows it as gateway.url), requests, open, active_streams, backlog (tokens waiting for slow
 streaming clients), whole_bytes (whole answers being collected, estimated JSON), submitted,
 completed, failed, cancelled, too_slow, send_timeouts, cache_hits, tokens, feeds, feeds_open,
-feeds_dropped, feeds_refused, feeds_closed_for_input, refused_busy, errors, and the broadcast
-follower's counts (``broadcast_gaps``, ``broadcast_lost_streams``, ...).
+feeds_dropped, feeds_refused, feeds_closed_for_input, feeds_unheard, refused_busy, errors, and
+the broadcast follower's counts (``broadcast_gaps``, ``broadcast_lost_streams``, ...).
 """
 
 from __future__ import annotations
