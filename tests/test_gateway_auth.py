@@ -69,6 +69,19 @@ def test_no_key_or_a_wrong_key_is_401_and_a_good_one_works(keyed):
     assert answer.usage.completion_tokens == 5
 
 
+def test_two_authorization_headers_are_refused_whichever_comes_first(keyed):
+    """The first of two Authorization headers was taken and the other ignored: a proxy in front
+    that checks the last one (or adds its own) and the gateway then judged different credentials."""
+    good = make_key(keyed, "twice")
+    for pair in ((good, "np-wrong-key"), ("np-wrong-key", good), (good, good)):
+        headers = httpx.Headers([("Authorization", f"Bearer {key}") for key in pair])
+        answer = httpx.get(keyed.url + "/models", headers=headers)
+        assert answer.status_code == 401, (pair == (good, good), answer.text)
+        error = answer.json()["error"]
+        assert error["code"] == "invalid_api_key" and "more than one Authorization header" in error["message"]
+        assert good not in answer.text
+
+
 def test_a_key_over_its_rate_gets_429_with_retry_after_and_usage_is_in_the_ledger(keyed):
     client = openai.OpenAI(base_url=keyed.url, api_key=make_key(keyed, "bob", "--rpm", "3"), max_retries=0, timeout=30)
     for _ in range(3):

@@ -152,6 +152,9 @@ class GatewayServer:
 
     def _principal(self, request: web.Request, query_token: bool = False):
         authorization = request.headers.get("Authorization")
+        if len(request.headers.getall("Authorization", ())) > 1 and self.gate.mode != "off":
+            # which one counts? a proxy in front may have checked (or added) another than the first
+            raise ApiError(401, "more than one Authorization header: send exactly one", code="invalid_api_key")
         if authorization is None and query_token and "access_token" in request.query:
             authorization = "Bearer " + request.query["access_token"]  # browsers cannot set headers on a WebSocket
         try:
