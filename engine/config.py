@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from engine.files import UnusableFile, read_regular_file
 from engine.keys import exposed_without_curve
 from engine.listen import exposed_without_auth
 from engine.notify import MAX_WEBHOOKS, check_webhook_url
@@ -646,14 +647,18 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
         raise ConfigError([_message(error, source, from_env) for error in exc.errors()]) from None
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config with hundreds of upstreams is a few KB
+
+
 def _read_toml(path: str) -> dict[str, Any]:
     import tomllib
 
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(read_regular_file(path, MAX_CONFIG_BYTES).decode())
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except UnusableFile as exc:
+        raise ConfigError([str(exc)]) from None
     except tomllib.TOMLDecodeError as exc:  # its message ends with "(at line L, column C)"
         raise ConfigError([f"{path}: TOML syntax error: {exc}"]) from None
     except RecursionError:  # tomllib recurses per level of nested arrays and inline tables

@@ -326,6 +326,18 @@ def test_corrupt_or_foreign_snapshot_raises_a_named_error(tmp_path, damage, mess
         read_snapshot(str(path))
 
 
+@pytest.mark.timeout(20)
+def test_a_snapshot_path_that_is_no_regular_file_is_refused_at_once(tmp_path):
+    """``params.snapshot_path`` naming a FIFO blocked the cache at start for good; a device such
+    as /dev/zero was read until memory ran out."""
+    fifo = tmp_path / "c.snapshot"
+    os.mkfifo(fifo)
+    with pytest.raises(SnapshotError, match="not a regular file but a FIFO"):
+        read_snapshot(str(fifo))
+    with pytest.raises(SnapshotError, match="not a regular file but a character device"):
+        read_snapshot("/dev/zero")
+
+
 def test_a_snapshot_row_of_an_unknown_kind_is_refused_naming_it(tmp_path):
     """Checksummed, yet not rows this engine writes: a kind 9 would reach every stage on replay."""
     path = str(tmp_path / "c.snapshot")

@@ -3,9 +3,13 @@ problem, never a traceback."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from engine.config import ConfigError, load_config
+from engine.config import MAX_CONFIG_BYTES, ConfigError, load_config
 
 
 def test_a_5000_deep_toml_is_a_clear_error(tmp_path):
@@ -31,3 +35,35 @@ def test_a_valid_metrics_host_loads(tmp_path, host):
     path = tmp_path / "engine.toml"
     path.write_text(f'[engine]\nmetrics_host = "{host}"\n')
     assert load_config(str(path), env={}).engine.metrics_host == host
+
+
+def _fifo(tmp_path) -> str:
+    path = str(tmp_path / "engine.toml")
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("kind", "problem"),
+    [("fifo", "not a regular file but a FIFO"), ("device", "not a regular file but a character device")],
+)
+def test_a_config_that_is_no_regular_file_is_refused_at_once(tmp_path, kind, problem):
+    """A FIFO blocked the reader for good (``neuralpipe run`` hung before saying anything), and
+    /dev/zero was read until memory ran out (a MemoryError traceback)."""
+    path = _fifo(tmp_path) if kind == "fifo" else "/dev/zero"
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "config", "show", "--config", path],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert done.returncode != 0 and problem in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_a_config_over_its_size_limit_is_refused(tmp_path):
+    path = tmp_path / "engine.toml"
+    path.write_text("# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    with pytest.raises(ConfigError, match=f"larger than {MAX_CONFIG_BYTES} bytes"):
+        load_config(str(path), env={})

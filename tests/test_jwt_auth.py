@@ -20,7 +20,7 @@ from jwt.algorithms import OKPAlgorithm, RSAAlgorithm
 
 from engine.auth.errors import AuthError
 from engine.auth.gate import Gate
-from engine.auth.jwtauth import JwtConfigError, JwtVerifier
+from engine.auth.jwtauth import JwtConfigError, JwtVerifier, read_secret_file
 from engine.auth.limits import Limits
 
 SECRET = "s" * 40
@@ -226,6 +226,26 @@ def test_a_broken_rotated_jwks_is_reported_once_and_the_keys_before_it_stay(tmp_
     token = jwt.encode(_claims(aud=None, iss=None), fresh, algorithm="RS256", headers={"kid": "new"})
     assert verifier.verify(token).name == "alice"
     assert len(errors) == 1
+
+
+@pytest.mark.timeout(20)
+def test_a_jwks_replaced_by_a_fifo_keeps_the_keys_before_it_and_never_blocks(tmp_path, rsa_key):
+    """The reload opened the file on the gateway's event loop: a FIFO there (or a secret file that
+    is one at start) blocked it for good, and the supervisor restarted a gateway that blocked again."""
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [_public_jwk(rsa_key, "old")]}))
+    errors: list[str] = []
+    verifier = JwtVerifier(None, str(path), on_error=errors.append)
+    token = jwt.encode(_claims(aud=None, iss=None), rsa_key, algorithm="RS256", headers={"kid": "old"})
+    path.unlink()
+    os.mkfifo(path)
+    verifier._jwks_checked = float("-inf")  # as if the recheck interval had passed
+    assert verifier.verify(token).name == "alice"
+    assert len(errors) == 1 and "not a regular file but a FIFO" in errors[0], errors
+    with pytest.raises(JwtConfigError, match="not a regular file but a FIFO"):
+        JwtVerifier(None, str(path))
+    with pytest.raises(JwtConfigError, match="not a regular file but a FIFO"):
+        read_secret_file(str(path))
 
 
 def test_the_gate_reports_a_broken_rotated_jwks(tmp_path, rsa_key):

@@ -35,6 +35,7 @@ from engine.auth.errors import AuthConfigError, AuthError
 from engine.auth.keystore import MAX_SUBJECT_BYTES, valid_subject
 from engine.auth.limits import Limits
 from engine.auth.principal import Principal
+from engine.files import UnusableFile, read_regular_file
 
 HMAC_ALGORITHM = "HS256"
 JWKS_ALGORITHMS = ("RS256", "EdDSA")
@@ -54,13 +55,11 @@ class JwtConfigError(AuthConfigError):
 def _read_bounded(path: str, what: str, name: str) -> bytes:
     """The bytes of a key file, at most MAX_JWKS_BYTES; JwtConfigError naming ``what`` otherwise."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_JWKS_BYTES + 1)
+        return read_regular_file(path, MAX_JWKS_BYTES)
     except OSError as exc:
         raise JwtConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
-    if len(data) > MAX_JWKS_BYTES:
-        raise JwtConfigError(f"{path}: {name} larger than {MAX_JWKS_BYTES} bytes")
-    return data
+    except UnusableFile as exc:
+        raise JwtConfigError(f"{name}: {exc}") from None
 
 
 def read_secret_file(path: str) -> str:

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 import numpy as np
 import orjson
 
+from engine.files import UnusableFile, read_regular_file
 from shm.batch import KINDS, BatchError, ExtraColumn
 from stages.cache.stream import BASE_ARRAYS, StoredStream
 
@@ -95,8 +96,10 @@ def with_suppressed_unlink(path: str) -> None:
 
 def read_snapshot(path: str) -> list[tuple[str, float, StoredStream]]:
     """The entries of the snapshot at ``path`` (least recently used first); SnapshotError if unusable."""
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        data = read_regular_file(path)
+    except UnusableFile as exc:
+        raise SnapshotError(str(exc)) from None
     if len(data) < _HEADER.size:
         raise SnapshotError(f"{path}: {len(data)} bytes, shorter than a snapshot header")
     magic, version, _, meta_len, body_len, digest = _HEADER.unpack_from(data)
