@@ -22,7 +22,16 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from engine.files import UnusableFile, read_regular_file
 from engine.keys import exposed_without_curve
@@ -393,6 +402,9 @@ def _default_workers() -> dict[str, WorkerConfig]:
 
 
 class Config(_Model):
+    # key path -> the environment variable that set it (load_config): a stage's params checked
+    # later (check_stage_params) blame the variable, not the file
+    _from_env: dict[tuple[str, str], str] = PrivateAttr(default_factory=dict)
     engine: EngineConfig = EngineConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     notify: NotifyConfig = NotifyConfig()
@@ -641,7 +653,9 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
     data = _read_toml(path) if path is not None else {}
     from_env = _apply_env(data, os.environ if env is None else env)
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
+        cfg._from_env = from_env
+        return cfg
     except ValidationError as exc:
         source = path if path is not None else "defaults"
         raise ConfigError([_message(error, source, from_env) for error in exc.errors()]) from None
@@ -823,7 +837,8 @@ def check_stage_params(cfg: Config, source: str = "config") -> dict[str, Any]:
                 where = ("params", name) if loc and loc[0] in cfg.params.get(name, {}) else ("workers", name, "params")
                 if loc and loc[0] in cfg.gateway and name in cfg._gateway_workers():
                     where = ("gateway",)
-                problems.append(f"{source}: {_key_path((*where, *loc))}: {reason}")
+                key = (*where, *loc)
+                problems.append(f"{cfg._from_env.get(key[:2], source)}: {_key_path(key)}: {reason}")
     if problems:
         raise ConfigError(problems)
     return handed

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from engine.config import MAX_CONFIG_BYTES, ConfigError, load_config
+from engine.config import MAX_CONFIG_BYTES, ConfigError, check_stage_params, load_config
 
 
 def test_a_5000_deep_toml_is_a_clear_error(tmp_path):
@@ -67,3 +67,15 @@ def test_a_config_over_its_size_limit_is_refused(tmp_path):
     path.write_text("# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
     with pytest.raises(ConfigError, match=f"larger than {MAX_CONFIG_BYTES} bytes"):
         load_config(str(path), env={})
+
+
+def test_a_bad_value_from_the_environment_is_blamed_on_its_variable_not_the_file(tmp_path):
+    """A stage's params checked after load (the gateway's listen) were blamed on the file, whose own
+    value was fine, or on "defaults" without one."""
+    path = tmp_path / "engine.toml"
+    path.write_text('[gateway]\nlisten = "127.0.0.1:8080"\n')
+    for given in (str(path), None):
+        cfg = load_config(given, env={"NEURALPIPE_GATEWAY_LISTEN": "nohost"})
+        with pytest.raises(ConfigError) as info:
+            check_stage_params(cfg, given or "defaults")
+        assert str(info.value).startswith("NEURALPIPE_GATEWAY_LISTEN: gateway.listen: must be host:port"), info.value
