@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from importlib.metadata import entry_points
 
 import click
 
 from engine.clients import FIRST_MESSAGE_WAIT_S
+from engine.protocol.requests import MAX_STREAM_ID, MAX_TOKENS_LIMIT
 
 PLUGINS = "neuralpipe.commands"  # entry points of other installed packages: bench's ``neuralpipe bench``
 
@@ -265,7 +267,9 @@ def demo(path: str | None, prompts: int, max_tokens: int) -> None:
 
 
 @main.command()
-@click.option("--stream", "stream_id", type=int, help="Only this stream (and return when it ends).")
+@click.option(
+    "--stream", "stream_id", type=click.IntRange(0, MAX_STREAM_ID), help="Only this stream (and return when it ends)."
+)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--config", "path", type=click.Path(exists=True, dir_okay=False), help="TOML config file.")
 @click.option("--instance", help="Engine instance id (default: the only one running).")
@@ -299,11 +303,24 @@ def _write(text: str) -> None:
     click.echo(text, nl=False)
 
 
+def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """click's FloatRange lets NaN through (no comparison with it fails); JSON would carry it as null."""
+    if value is not None and math.isnan(value):
+        raise click.BadParameter("must be a number, not NaN")
+    return value
+
+
 @main.command()
 @click.argument("prompt")
 @click.option("--model", default="", help="Model name to route by (default: any upstream's).")
-@click.option("--max-tokens", type=int, default=64, show_default=True)
-@click.option("--temperature", type=float, default=None, help="Sampling temperature (0 = deterministic).")
+@click.option("--max-tokens", type=click.IntRange(1, MAX_TOKENS_LIMIT), default=64, show_default=True)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(0, 2),
+    callback=_not_nan,
+    default=None,
+    help="Sampling temperature (0 = deterministic).",
+)
 @click.option(
     "--reasoning-effort",
     type=click.Choice(["none", "minimal", "low", "medium", "high"]),

@@ -3,6 +3,7 @@ how the stream ended, an empty prompt is refused."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -52,11 +53,42 @@ def test_an_empty_prompt_is_refused(start_engine):
     assert done.returncode == 2 and "the prompt is empty" in done.stderr
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--max-tokens", str(2**64)), ("--max-tokens", "0"), ("--temperature", "nan"), ("--temperature", "inf")],
+)
+def test_submit_refuses_a_number_out_of_range_before_sending_it(tmp_path, option, value):
+    """2**64 tokens was a TypeError traceback (JSON has no such integer); NaN and infinity were sent
+    as null, so the request ran at the default temperature, not the one asked for. Refused before
+    looking for an engine (none runs under this runtime directory)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "submit", "numbers", option, value],
+        env=dict(os.environ, NEURALPIPE_RUNTIME_DIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert done.returncode == 2 and f"Invalid value for '{option}'" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
 def test_tail_of_an_unknown_stream_ends_with_an_error_instead_of_hanging(start_engine):
     engine = start_engine(full_config())
     done = cli(engine, "tail", "--stream", "987654321", "--wait", "2")
     assert done.returncode == 1
     assert "nothing of stream 987654321 reached the broadcast within 2 s" in done.stderr
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("stream", ["-1", str(2**64)])
+def test_tail_of_a_stream_id_no_stream_can_have_is_refused_at_once(stream):
+    """-1 waited the whole --wait for a stream that cannot exist; 2**64 was a TypeError traceback."""
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "tail", "--stream", stream], capture_output=True, text=True, timeout=20
+    )
+    assert done.returncode == 2 and "Invalid value for '--stream'" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
 
 
 def test_tail_of_a_finished_stream_prints_it_whole(start_engine):
