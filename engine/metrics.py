@@ -14,11 +14,15 @@ by Prometheus for the scrape target. The list of metrics is in docs/observabilit
 from __future__ import annotations
 
 import re
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -32,6 +36,8 @@ from engine.health import WORKER_STATES, Pas, RingSample, WorkerSample
 from engine.telemetry import METRICS, Values
 from shm.ring import RingHeader
 
+MAX_METRICS_CLIENTS = 16  # connections to /metrics served at once (a thread each); more are closed
+METRICS_CLIENT_TIMEOUT_S = 10.0  # a connection that sends no request (or takes no answer) this long is closed
 SUBSCORES = ("integrity", "stability", "symmetry", "consistency")
 
 # (name, help, unit, value) of each per-ring metric; counters are the ring header's own totals.
@@ -119,7 +125,7 @@ class EngineMetrics:
         if self._server is not None:
             raise RuntimeError("metrics server already running")
         try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+            self._server, self._thread = _start_bounded_server(host, port, self.registry)
         except OSError as exc:  # errno 98 (in use), 99 (not an address of this host), ...
             raise OSError(
                 exc.errno,
@@ -231,3 +237,51 @@ class EngineMetrics:
         for name in SUBSCORES:
             sub.add_metric([self.instance, name], getattr(pas, name))
         yield from (score, sub)
+
+
+class _Handler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log on the supervisor's stderr."""
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """prometheus_client's server (a thread per connection), with at most MAX_METRICS_CLIENTS
+    connections served at once: one more is closed at once, so idle connections cannot grow the
+    supervisor's threads without bound (each also closed after METRICS_CLIENT_TIMEOUT_S)."""
+
+    def server_activate(self) -> None:
+        self.slots = threading.BoundedSemaphore(MAX_METRICS_CLIENTS)
+        super().server_activate()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()  # no thread started to release it
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+def _start_bounded_server(host: str, port: int, registry: CollectorRegistry) -> tuple[_BoundedServer, threading.Thread]:
+    """Serve ``registry`` on (host, port) from a daemon thread, as prometheus_client's
+    start_http_server does, with the bounds of :class:`_BoundedServer`."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+    class Server(_BoundedServer):
+        address_family = family
+
+    class Handler(_Handler):
+        timeout = METRICS_CLIENT_TIMEOUT_S  # read at each start (the socket's timeout per connection)
+
+    server = make_server(sockaddr[0], port, make_wsgi_app(registry), Server, handler_class=Handler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    return server, thread

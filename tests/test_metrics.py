@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import threading
 import urllib.request
 
 import pytest
+from engine_harness import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine import metrics as metrics_module
 from engine.health import WORKER_STATES, EgressSample, HealthMonitor, RingSample, WorkerSample
 from engine.metrics import EngineMetrics
 from shm.naming import segment_name
@@ -156,6 +160,40 @@ def test_serve_over_http(instance: str, snapshot) -> None:
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
     metrics.close()  # closing twice is harmless
+
+
+def _threads() -> int:
+    return threading.active_count()
+
+
+@pytest.mark.timeout(60)
+def test_idle_connections_are_bounded_and_closed(instance: str, snapshot, monkeypatch) -> None:
+    """Each connection to /metrics held a thread of the supervisor for as long as it stayed open,
+    sending nothing: a local user could grow its threads without bound. Now at most
+    MAX_METRICS_CLIENTS are served at once (more are closed at once) and a connection that sends no
+    request within METRICS_CLIENT_TIMEOUT_S is closed; a scrape then works again."""
+    monkeypatch.setattr(metrics_module, "METRICS_CLIENT_TIMEOUT_S", 2.0)
+    bound = metrics_module.MAX_METRICS_CLIENTS
+    metrics = EngineMetrics(instance)
+    metrics.update(*snapshot)
+    port = metrics.serve("127.0.0.1", 0)
+    held, extra = [], []
+    try:
+        before = _threads()
+        for n in range(1, bound + 1):  # one at a time: each accepted before the next connects
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            wait_for(lambda n=n: _threads() >= before + n, 10, f"connection {n} served")
+        for _ in range(4):
+            extra.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        assert [sock.recv(1) for sock in extra] == [b""] * 4  # closed at once: no slot
+        assert _threads() == before + bound
+        assert [sock.recv(1) for sock in held] == [b""] * bound  # closed by the timeout
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            assert response.read() == metrics.render()
+    finally:
+        for sock in held + extra:
+            sock.close()
+        metrics.close()
 
 
 def test_promtool_accepts_the_exposition(instance: str, snapshot) -> None:
