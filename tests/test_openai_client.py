@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import math
 import socket
 import time
@@ -538,3 +539,48 @@ def test_a_json_answer_to_a_streaming_request_is_an_error():
     events = run(scenario())
     check_shape(events, "error")
     assert events[-1].error.startswith("HTTP 200 without a stream")
+
+
+@contextlib.asynccontextmanager
+async def gzipping(always: bool) -> AsyncIterator[str]:
+    """A server that compresses its stream with gzip, as a proxy in front of a model server may
+    (RFC 9110: a request without Accept-Encoding accepts any coding): unless the request asked
+    for identity, or whatever it asked (``always``)."""
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        body = chat_chunk({"role": "assistant", "content": "hi"}) + chat_chunk({}, "stop") + DONE
+        if always or request.headers.get("Accept-Encoding", "").strip().lower() != "identity":
+            headers = {"Content-Type": "text/event-stream", "Content-Encoding": "gzip"}
+            return web.Response(body=gzip.compress(body), headers=headers)
+        return web.Response(body=body, headers={"Content-Type": "text/event-stream"})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("always", [False, True])
+def test_a_compressed_stream_is_never_read_as_text(always):
+    """The plain-HTTP path sent no Accept-Encoding, so a compressing proxy could gzip the stream,
+    and its bytes were parsed as SSE ("garbage line" at best). It asks for identity now, and a
+    body compressed anyway is an error naming its Content-Encoding."""
+
+    async def scenario():
+        async with gzipping(always) as url:
+            return await collect(url, CHAT)
+
+    events = run(scenario())
+    if always:
+        check_shape(events, "error")
+        assert "Content-Encoding 'gzip'" in events[-1].error, events[-1].error
+    else:
+        check_shape(events, "end")
+        assert [e.text for e in tokens(events)] == ["hi"]

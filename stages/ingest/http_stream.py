@@ -54,11 +54,18 @@ class HttpError(Exception):
     bytes of its ``body``."""
 
     def __init__(
-        self, status: int, reason: str, content_type: str, body: bytes, retry_after: str | None = None
+        self,
+        status: int,
+        reason: str,
+        content_type: str,
+        body: bytes,
+        retry_after: str | None = None,
+        content_encoding: str = "",
     ) -> None:
         super().__init__(f"HTTP {status} {reason}")
         self.status, self.reason, self.content_type, self.body = status, reason, content_type, body
         self.retry_after = retry_after  # the Retry-After header, as sent
+        self.content_encoding = content_encoding  # a coding other than identity: the body is not text
 
 
 class TransportError(Exception):
@@ -233,6 +240,7 @@ class _Stream(asyncio.Protocol):
         self.sized = False  # Content-Length or Transfer-Encoding: else the body ends at the close
         self.reason = ""
         self.content_type = ""
+        self.content_encoding = ""  # a coding other than identity
         self.retry_after: str | None = None
         self.error: HttpError | None = None  # a response that is not a stream: its body is collected
         self.pieces: list[bytes] = []  # the body bytes of the read being parsed
@@ -311,12 +319,16 @@ class _Stream(asyncio.Protocol):
             self.retry_after = value.decode("latin-1")
         elif name in (b"content-length", b"transfer-encoding"):
             self.sized = True
+        elif name == b"content-encoding":
+            coding = value.decode("latin-1").strip().lower()
+            self.content_encoding = "" if coding == "identity" else coding
 
     def on_headers_complete(self) -> None:
         self.head_done = True
         status = self.parser.get_status_code()
-        if status != 200 or self.content_type == "application/json":  # an error, or a server that ignored stream
-            self.error = HttpError(status, self.reason, self.content_type, b"", self.retry_after)
+        # an error, a server that ignored stream, or a body compressed though identity was asked
+        if status != 200 or self.content_type == "application/json" or self.content_encoding:
+            self.error = HttpError(status, self.reason, self.content_type, b"", self.retry_after, self.content_encoding)
 
     def on_body(self, body: bytes) -> None:
         self.pieces.append(body)

@@ -302,7 +302,14 @@ async def relay_completion(
     # sock_read bounds every wait for bytes, the response headers included: an idle timeout that
     # a keep-alive comment resets, and no limit on how long a healthy stream may run.
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=idle_timeout_s)
-    request_headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **(headers or {})}
+    # identity: the plain path reads the body as it comes (a request without Accept-Encoding
+    # accepts any coding, so a compressing proxy could gzip the stream)
+    request_headers = {
+        "Content-Type": "application/json",
+        "Accept": "text/event-stream",
+        "Accept-Encoding": "identity",
+        **(headers or {}),
+    }
     decoder = _ChunkDecoder(chat=endpoint == "chat")
     reader = _BodyReader(decoder, sink, one_token)
     payload = orjson.dumps({**body, "stream": True})
@@ -320,6 +327,8 @@ async def relay_completion(
             err.before_first_token = decoder.tokens == 0
             raise
         except http_stream.HttpError as err:
+            if err.content_encoding:
+                raise _encoded_error(err.status, err.reason, err.content_encoding) from None
             raise _status_error(err.status, err.reason, err.content_type, err.body, err.retry_after) from None
         except http_stream.TransportError as err:
             raise _connection_error(err, url, connect_timeout_s, idle_timeout_s, decoder) from None
@@ -441,6 +450,13 @@ def _status_error(
     if status in (429, 503):
         err.retry_after_s = retry_after_s(retry_after)
     return err
+
+
+def _encoded_error(status: int, reason: str, coding: str) -> UpstreamError:
+    """A response whose body is compressed though the request asked for ``identity``: not read."""
+    head = f"HTTP {status} {reason}".rstrip()
+    message = f"{head} with a body in Content-Encoding {coding[:40]!r} (Accept-Encoding: identity was asked)"
+    return UpstreamError(message, retryable=status != 200 and _retryable_status(status), status=status)
 
 
 def _body_message(raw: bytes) -> str:
