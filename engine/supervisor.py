@@ -559,6 +559,8 @@ class Supervisor:
                     self._refuse(identity, f"{msg['type']} refused: not a worker of this engine")
                     continue
                 self._on_worker_message(handle, msg)
+            elif time.monotonic_ns() >= msg.get("deadline_ns", 1 << 63):
+                self._expired(identity, msg)
             elif msg["type"] == "status":
                 self._send(identity, "status", **self.status())
             elif msg["type"] == "shutdown":
@@ -567,6 +569,17 @@ class Supervisor:
                 self.stopping = True
             elif msg["type"] in ("pause", "resume"):
                 self._forward(identity, msg)
+
+    def _expired(self, client: bytes, msg: dict[str, Any]) -> None:
+        """A client's request read after its deadline (this supervisor was stalled): its client
+        has reported a failure and gone, so it is not carried out."""
+        late_ms = (time.monotonic_ns() - msg["deadline_ns"]) / 1e6
+        self.log.warning(
+            "control_request_expired", request=msg["type"], client=control.excerpt(client), late_ms=round(late_ms, 1)
+        )
+        self._send(
+            client, "error", message=f"{msg['type']} read {late_ms:.0f} ms after its client's deadline: not done"
+        )
 
     def _forward(self, client: bytes, msg: dict[str, Any]) -> None:
         """Pass a client's pause/resume to the named worker."""

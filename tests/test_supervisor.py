@@ -15,6 +15,7 @@ import pytest
 import zmq
 from engine_harness import Engine, pipeline_config, wait_for
 
+from engine.clients.supervisor import request
 from engine.launcher import process_gone as pid_gone
 from shm.registry import list_segments
 
@@ -112,6 +113,36 @@ def test_a_stalled_supervisor_does_not_take_its_workers_for_hung(engine_factory)
     assert all(w["restarts"] == 0 for w in engine.status()["workers"])
     assert '"event":"worker_hung"' not in engine.log()
     assert '"event":"supervisor_stalled"' in engine.log()
+    assert engine.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_command_read_after_its_clients_deadline_is_not_carried_out(engine_factory):
+    """A client that gave up on a command (its timeout passed: it reported a failure) must not
+    see it carried out later: a pause would stall every stream through that worker, a shutdown
+    stop the engine, each after its user saw it fail. A supervisor whose loop is held up while its
+    ZeroMQ I/O thread goes on receiving reads commands late; each carries its client's deadline
+    (CLOCK_MONOTONIC) and one read after it is refused. Sent here with a deadline already past,
+    as such a read sees it."""
+    engine = engine_factory(pipeline_config(rate=5000)).start()
+    control_endpoint = engine.info()["control"]
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(control_endpoint)
+    try:
+        replies = []
+        for command, fields in (("pause", {"worker": "relay"}), ("shutdown", {})):
+            sock.send(orjson.dumps({"type": command, "deadline_ns": time.monotonic_ns() - 1, **fields}))
+            assert sock.poll(5000)
+            replies.append(orjson.loads(sock.recv()))
+    finally:
+        sock.close(0)
+    assert [r["type"] for r in replies] == ["error", "error"], replies
+    assert all("after its client's deadline: not done" in r["message"] for r in replies), replies
+    assert engine.log().count('"event":"control_request_expired"') == 2
+    assert engine.worker("relay")["state"] == "running" and engine.proc.poll() is None
+    request(control_endpoint, "pause", worker="relay")  # in time: carried out
+    wait_for(lambda: engine.worker("relay")["state"] == "paused", 10, "paused in time")
     assert engine.stop() == 0
 
 

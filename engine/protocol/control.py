@@ -39,6 +39,8 @@ Client -> supervisor, answered on the same socket:
     pause      {worker}    -> ack {} ; forwarded to the worker (resume likewise)
     resume     {worker}    -> ack {}
     (a request the supervisor cannot serve is answered error {message})
+    Each may carry deadline_ns (CLOCK_MONOTONIC, when its client stops waiting): read after it,
+    it is answered error and not carried out.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def _stats(value: Any) -> str | None:
     return None
 
 
-Schema = Mapping[str, Check]  # field -> check; every field required, no other field allowed
+Schema = Mapping[str, Check]  # field -> check; every field required (but OPTIONAL_FIELDS), no other allowed
 _WORKER = {"worker": _text(MAX_NAME)}
 
 WORKER_TO_SUPERVISOR: Mapping[str, Schema] = {
@@ -120,11 +122,15 @@ SUPERVISOR_TO_WORKER: Mapping[str, Schema] = {
     "resume": {},
     "drain": {},
 }
+# a client's request may carry the CLOCK_MONOTONIC time it stops waiting for the reply: read after
+# it, the request is refused, not carried out (its client reported a failure already)
+_DEADLINE = {"deadline_ns": _int(0)}
+OPTIONAL_FIELDS = frozenset(_DEADLINE)
 CLIENT_REQUESTS: Mapping[str, Schema] = {
-    "status": {},
-    "shutdown": {},
-    "pause": {"worker": _text(MAX_NAME)},
-    "resume": {"worker": _text(MAX_NAME)},
+    "status": _DEADLINE,
+    "shutdown": _DEADLINE,
+    "pause": {"worker": _text(MAX_NAME), **_DEADLINE},
+    "resume": {"worker": _text(MAX_NAME), **_DEADLINE},
 }
 # a client trusts its own supervisor's replies: only their type is checked
 REPLIES: Mapping[str, Schema | None] = {"status": None, "ack": None, "error": None}
@@ -179,7 +185,7 @@ def decode(frame: bytes, allowed: Mapping[str, Schema | None]) -> dict[str, Any]
         problem = check(value)
         if problem is not None:
             raise ProtocolError(f"{msg_type} message: {name} {problem} (got {excerpt(value)})")
-    missing = [name for name in schema if name not in msg]
+    missing = [name for name in schema if name not in msg and name not in OPTIONAL_FIELDS]
     if missing:
         raise ProtocolError(f"{msg_type} message: missing {', '.join(missing)}")
     return msg
