@@ -158,12 +158,12 @@ def status(path: str | None, instance: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def stop(path: str | None, instance: str | None, timeout: float, as_json: bool) -> None:
     """Drain and stop a running engine; returns once its supervisor has exited."""
-    from engine.clients.supervisor import request
+    from engine.clients.supervisor import SHUTDOWN_TIMEOUT_S, request
     from engine.launcher import wait_exit
 
     info = _engine(path, instance)
     try:
-        request(info["control"], "shutdown")
+        request(info["control"], "shutdown", timeout_s=SHUTDOWN_TIMEOUT_S)
     except TimeoutError as exc:
         raise click.ClickException(str(exc)) from None
     stopped = wait_exit(info["pid"], timeout)

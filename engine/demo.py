@@ -18,7 +18,7 @@ import numpy as np
 
 from engine.clients.consumer import StreamConsumer
 from engine.clients.requests import RequestClient
-from engine.clients.supervisor import request
+from engine.clients.supervisor import SHUTDOWN_TIMEOUT_S, request
 from engine.config import Config
 from engine.launcher import launch_detached, wait_exit
 from engine.protocol import wire
@@ -51,7 +51,7 @@ def run_demo(cfg: Config, config_path: str | None, prompts: int, max_tokens: int
     try:
         return _show(info, prompts, max_tokens, write)
     finally:
-        request(info["control"], "shutdown")
+        request(info["control"], "shutdown", timeout_s=SHUTDOWN_TIMEOUT_S)
         stopped = wait_exit(info["pid"], 30)
         write(f"engine {info['instance']} {'stopped' if stopped else 'did not stop within 30 s'}\n")
 

@@ -35,6 +35,11 @@ def find_engine(base: str, instance: str | None = None) -> dict[str, Any]:
     return running[0]
 
 
+# how long a stop waits for the supervisor to read it: a request read after its client's deadline
+# is not carried out, and a stop is still wanted from a supervisor whose loop is held up a while
+SHUTDOWN_TIMEOUT_S = 15.0
+
+
 def request(endpoint: str, msg_type: str, timeout_s: float = 3.0, **fields: Any) -> dict[str, Any]:
     """Send one request to the supervisor's control ROUTER and return its reply."""
     ctx = zmq.Context.instance()
