@@ -559,7 +559,7 @@ class Supervisor:
                     self._refuse(identity, f"{msg['type']} refused: not a worker of this engine")
                     continue
                 self._on_worker_message(handle, msg)
-            elif time.monotonic_ns() >= msg.get("deadline_ns", 1 << 63):
+            elif control.expired(msg, time.monotonic_ns()):
                 self._expired(identity, msg)
             elif msg["type"] == "status":
                 self._send(identity, "status", **self.status())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from typing import Any
 
 import zmq
@@ -48,8 +47,8 @@ def request(endpoint: str, msg_type: str, timeout_s: float = 3.0, **fields: Any)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(endpoint)
-        deadline_ns = time.monotonic_ns() + int(timeout_s * 1e9)  # read later, it is not carried out
-        sock.send(control.encode(msg_type, deadline_ns=deadline_ns, **fields))
+        # read after its deadline, it is not carried out
+        sock.send(control.encode(msg_type, deadline_ns=control.deadline_after(timeout_s), **fields))
         if not sock.poll(int(timeout_s * 1000)):
             raise TimeoutError(f"supervisor at {endpoint} did not answer {msg_type!r} within {timeout_s:g} s")
         return control.decode(sock.recv(), control.REPLIES)

@@ -45,6 +45,7 @@ Client -> supervisor, answered on the same socket:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -151,6 +152,17 @@ def encode(msg_type: str, **fields: Any) -> bytes:
     if msg_type not in ALL_TYPES:
         raise ProtocolError(f"unknown control message type {excerpt(msg_type)}")
     return orjson.dumps({"type": msg_type, **fields})
+
+
+def deadline_after(wait_s: float) -> int:
+    """The ``deadline_ns`` of a request whose client waits ``wait_s`` for the reply (CLOCK_MONOTONIC,
+    system-wide: the server reads the same clock)."""
+    return time.monotonic_ns() + int(wait_s * 1e9)
+
+
+def expired(msg: dict[str, Any], now_ns: int) -> bool:
+    """Whether a parsed request was read at or after its client's ``deadline_ns`` (none: never)."""
+    return now_ns >= msg.get("deadline_ns", now_ns + 1)
 
 
 def load_object(frame: bytes, max_bytes: int, what: str, error: type[ValueError]) -> dict[str, Any]:

@@ -19,10 +19,9 @@ was told it) or with the engine's operator token (engine/tokens.py; docs/securit
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from engine.protocol.control import load_object
+from engine.protocol.control import deadline_after, load_object
 from engine.protocol.endpoints import endpoint
 
 # A request's bytes: ingest's ``max_request_bytes`` (this by default), the one bound on its size; a
@@ -99,7 +98,7 @@ def validate_body(body: Any, endpoint: str) -> dict[str, Any]:
 
 def submit_message(body: dict[str, Any], endpoint: str, client: str | None, wait_s: float) -> dict[str, Any]:
     """A submit whose client waits ``wait_s`` for the reply: its ``deadline_ns`` is that much from now."""
-    msg = {"type": "submit", "body": body, "endpoint": endpoint, "deadline_ns": time.monotonic_ns() + int(wait_s * 1e9)}
+    msg = {"type": "submit", "body": body, "endpoint": endpoint, "deadline_ns": deadline_after(wait_s)}
     if client:
         msg["client"] = client
     return msg
@@ -110,11 +109,6 @@ def _check_count(msg: dict[str, Any], key: str) -> None:
     value = msg.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_STREAM_ID:
         raise RequestError(f"{key}: must be an integer in 0..{MAX_STREAM_ID}")
-
-
-def expired(msg: dict[str, Any], now_ns: int) -> bool:
-    """Whether a parsed submit was read at or after its client's ``deadline_ns``."""
-    return now_ns >= msg.get("deadline_ns", now_ns + 1)
 
 
 def parse_request(frame: bytes, limit: int = MAX_REQUEST_BYTES) -> dict[str, Any]:

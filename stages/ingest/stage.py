@@ -47,7 +47,8 @@ from engine.clients.cache import CacheLookup
 from engine.clients.correlation import split_request
 from engine.protocol.cache import socket_path
 from engine.protocol.cachekey import is_deterministic, key_for, producer_id
-from engine.protocol.requests import RequestError, expired, parse_request
+from engine.protocol.control import expired
+from engine.protocol.requests import RequestError, parse_request
 from engine.protocol.rows import End, Start, end_text, start_text
 from engine.protocol.streamtable import StreamTable
 from engine.protocol.tokens import LOOKUP, OPERATOR
